@@ -1,0 +1,184 @@
+//! The local real cluster's services answer as the rest of the suite expects: JetStream stores
+//! and hands back a message, mailpit accepts SMTP and shows it over its API, jaeger accepts an
+//! OTLP span and shows it over its query API. Run after `e2e/local-cluster up` (`make test`).
+
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, consumer::pull, stream};
+use futures::StreamExt;
+use kubemail_e2e::local_env::LocalEnv;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+
+fn unique(prefix: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    format!("{prefix}{}{nanos}", std::process::id())
+}
+
+#[tokio::test]
+async fn jetstream_publish_with_ack_is_consumed_back() {
+    let env = LocalEnv::load().expect("local cluster env");
+    let client = async_nats::connect(&env.nats_url).await.expect("connect to NATS");
+    let js = jetstream::new(client);
+    let name = unique("E2E_SMOKE_");
+    let subject = format!("e2e.smoke.{name}");
+    let s = js
+        .create_stream(stream::Config {
+            name: name.clone(),
+            subjects: vec![subject.clone()],
+            storage: stream::StorageType::File,
+            retention: stream::RetentionPolicy::WorkQueue,
+            ..Default::default()
+        })
+        .await
+        .expect("create stream");
+    let ack = js
+        .publish(subject.clone(), "hello jetstream".into())
+        .await
+        .expect("publish")
+        .await
+        .expect("publish ack");
+    assert_eq!(ack.stream, name);
+    let consumer = s
+        .create_consumer(pull::Config {
+            durable_name: Some("smoke".into()),
+            ..Default::default()
+        })
+        .await
+        .expect("create consumer");
+    let mut batch = consumer
+        .fetch()
+        .max_messages(1)
+        .expires(Duration::from_secs(5))
+        .messages()
+        .await
+        .expect("fetch");
+    let msg = batch
+        .next()
+        .await
+        .expect("one message within 5s")
+        .expect("message");
+    assert_eq!(&msg.payload[..], b"hello jetstream");
+    msg.ack().await.expect("ack");
+    js.delete_stream(&name).await.expect("delete stream");
+}
+
+/// Reads one SMTP reply (all continuation lines) and returns its code.
+async fn reply(r: &mut BufReader<tokio::net::tcp::OwnedReadHalf>) -> u16 {
+    let mut code = 0;
+    loop {
+        let mut line = String::new();
+        let n = tokio::time::timeout(Duration::from_secs(10), r.read_line(&mut line))
+            .await
+            .expect("reply within 10s")
+            .expect("read reply");
+        assert!(n > 3, "connection closed or short reply: {line:?}");
+        code = line[..3].parse().expect("numeric reply code");
+        if line.as_bytes()[3] == b' ' {
+            return code;
+        }
+    }
+}
+
+#[tokio::test]
+async fn mailpit_accepts_smtp_and_shows_the_message_in_its_api() {
+    let env = LocalEnv::load().expect("local cluster env");
+    let subject = unique("local-cluster smoke ");
+    let stream = TcpStream::connect(&env.mailpit_smtp).await.expect("connect to mailpit");
+    let (rd, mut wr) = stream.into_split();
+    let mut rd = BufReader::new(rd);
+    assert_eq!(reply(&mut rd).await, 220);
+    for (cmd, want) in [
+        ("EHLO e2e.test\r\n", 250),
+        ("MAIL FROM:<smoke@e2e.test>\r\n", 250),
+        ("RCPT TO:<carol@remote.test>\r\n", 250),
+        ("DATA\r\n", 354),
+    ] {
+        wr.write_all(cmd.as_bytes()).await.expect("write");
+        assert_eq!(reply(&mut rd).await, want, "reply to {cmd:?}");
+    }
+    let body = format!("Subject: {subject}\r\nFrom: smoke@e2e.test\r\nTo: carol@remote.test\r\n\r\nhello\r\n.\r\n");
+    wr.write_all(body.as_bytes()).await.expect("write body");
+    assert_eq!(reply(&mut rd).await, 250);
+    wr.write_all(b"QUIT\r\n").await.expect("quit");
+
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let found: serde_json::Value = http
+            .get(format!("{}/api/v1/search", env.mailpit_api))
+            .query(&[("query", format!("subject:\"{subject}\""))])
+            .send()
+            .await
+            .expect("mailpit search")
+            .json()
+            .await
+            .expect("mailpit json");
+        if found["messages_count"].as_u64() == Some(1) {
+            assert_eq!(found["messages"][0]["Subject"], subject.as_str());
+            assert_eq!(found["messages"][0]["To"][0]["Address"], "carol@remote.test");
+            return;
+        }
+        assert!(Instant::now() < deadline, "mailpit never showed {subject:?}: {found}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test]
+async fn jaeger_shows_a_span_sent_to_the_otlp_endpoint() {
+    let env = LocalEnv::load().expect("local cluster env");
+    let otlp_http = env.var("JAEGER_OTLP_HTTP").expect("JAEGER_OTLP_HTTP in env").to_string();
+    let service = unique("e2e-smoke-");
+    let trace_id = uuid::Uuid::new_v4().simple().to_string();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_nanos();
+    // OTLP/HTTP JSON (opentelemetry-proto's JSON mapping): ids are hex strings.
+    let payload = serde_json::json!({
+        "resourceSpans": [{
+            "resource": {"attributes": [{"key": "service.name", "value": {"stringValue": service}}]},
+            "scopeSpans": [{
+                "scope": {"name": "kubemail-e2e"},
+                "spans": [{
+                    "traceId": trace_id,
+                    "spanId": "00f067aa0ba902b7",
+                    "name": "smoke-span",
+                    "kind": 1,
+                    "startTimeUnixNano": (now - 1_000_000).to_string(),
+                    "endTimeUnixNano": now.to_string(),
+                }]
+            }]
+        }]
+    });
+    let http = reqwest::Client::new();
+    let res = http
+        .post(format!("{otlp_http}/v1/traces"))
+        .json(&payload)
+        .send()
+        .await
+        .expect("OTLP export");
+    assert!(res.status().is_success(), "OTLP export refused: {}", res.status());
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let res = http
+            .get(format!("{}/api/traces/{trace_id}", env.jaeger_api))
+            .send()
+            .await
+            .expect("jaeger query");
+        if res.status().is_success() {
+            let body: serde_json::Value = res.json().await.expect("jaeger json");
+            let spans = &body["data"][0]["spans"];
+            if spans.as_array().is_some_and(|s| !s.is_empty()) {
+                assert_eq!(spans[0]["operationName"], "smoke-span");
+                return;
+            }
+        }
+        assert!(Instant::now() < deadline, "jaeger never showed trace {trace_id}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
