@@ -182,3 +182,33 @@ async fn jaeger_shows_a_span_sent_to_the_otlp_endpoint() {
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
 }
+
+#[test]
+fn dns_server_serves_the_test_zones() {
+    let env = LocalEnv::load().expect("local cluster env");
+    let server = env.var("DNS_SERVER").expect("DNS_SERVER in env").to_string();
+    let (host, port) = server.rsplit_once(':').expect("host:port");
+    // dnspython (from e2e/tools/requirements.txt) as an independent resolver.
+    let script = r#"
+import sys, dns.resolver
+r = dns.resolver.Resolver(configure=False)
+r.nameservers = [sys.argv[1]]; r.port = int(sys.argv[2]); r.lifetime = 5
+print(sorted(str(x) for x in r.resolve("remote.test", "MX")))
+print(sorted(str(x) for x in r.resolve("mx.remote.test", "A")))
+print(sorted(x.to_text() for x in r.resolve("_dmarc.example.test", "TXT")))
+"#;
+    let out = std::process::Command::new("python3")
+        .args(["-c", script, host, port])
+        .output()
+        .expect("run python3 (the e2e venv must be on PATH)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "dns query failed: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines[0], "['10 mx.remote.test.']");
+    assert_eq!(lines[1], "['127.0.0.1']");
+    assert!(lines[2].contains("v=DMARC1; p=reject"), "{}", lines[2]);
+}

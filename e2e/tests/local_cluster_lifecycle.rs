@@ -84,6 +84,7 @@ fn down_leaves_no_process_of_ours_running() {
         "NATS_MONITOR_PORT",
         "MAILPIT_SMTP_PORT",
         "MAILPIT_HTTP_PORT",
+        "DNS_PORT",
         "OTLP_GRPC_PORT",
         "OTLP_HTTP_PORT",
         "JAEGER_QUERY_PORT",
@@ -105,6 +106,7 @@ fn down_leaves_no_process_of_ours_running() {
         "node-agent",
         "nats-server",
         "mailpit",
+        "dns",
         "jaeger",
     ];
     for name in expected {
