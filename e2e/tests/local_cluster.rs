@@ -21,7 +21,9 @@ fn unique(prefix: &str) -> String {
 #[tokio::test]
 async fn jetstream_publish_with_ack_is_consumed_back() {
     let env = LocalEnv::load().expect("local cluster env");
-    let client = async_nats::connect(&env.nats_url).await.expect("connect to NATS");
+    let client = async_nats::connect(&env.nats_url)
+        .await
+        .expect("connect to NATS");
     let js = jetstream::new(client);
     let name = unique("E2E_SMOKE_");
     let subject = format!("e2e.smoke.{name}");
@@ -68,7 +70,6 @@ async fn jetstream_publish_with_ack_is_consumed_back() {
 
 /// Reads one SMTP reply (all continuation lines) and returns its code.
 async fn reply(r: &mut BufReader<tokio::net::tcp::OwnedReadHalf>) -> u16 {
-    let mut code = 0;
     loop {
         let mut line = String::new();
         let n = tokio::time::timeout(Duration::from_secs(10), r.read_line(&mut line))
@@ -76,7 +77,7 @@ async fn reply(r: &mut BufReader<tokio::net::tcp::OwnedReadHalf>) -> u16 {
             .expect("reply within 10s")
             .expect("read reply");
         assert!(n > 3, "connection closed or short reply: {line:?}");
-        code = line[..3].parse().expect("numeric reply code");
+        let code: u16 = line[..3].parse().expect("numeric reply code");
         if line.as_bytes()[3] == b' ' {
             return code;
         }
@@ -87,7 +88,9 @@ async fn reply(r: &mut BufReader<tokio::net::tcp::OwnedReadHalf>) -> u16 {
 async fn mailpit_accepts_smtp_and_shows_the_message_in_its_api() {
     let env = LocalEnv::load().expect("local cluster env");
     let subject = unique("local-cluster smoke ");
-    let stream = TcpStream::connect(&env.mailpit_smtp).await.expect("connect to mailpit");
+    let stream = TcpStream::connect(&env.mailpit_smtp)
+        .await
+        .expect("connect to mailpit");
     let (rd, mut wr) = stream.into_split();
     let mut rd = BufReader::new(rd);
     assert_eq!(reply(&mut rd).await, 220);
@@ -100,7 +103,9 @@ async fn mailpit_accepts_smtp_and_shows_the_message_in_its_api() {
         wr.write_all(cmd.as_bytes()).await.expect("write");
         assert_eq!(reply(&mut rd).await, want, "reply to {cmd:?}");
     }
-    let body = format!("Subject: {subject}\r\nFrom: smoke@e2e.test\r\nTo: carol@remote.test\r\n\r\nhello\r\n.\r\n");
+    let body = format!(
+        "Subject: {subject}\r\nFrom: smoke@e2e.test\r\nTo: carol@remote.test\r\n\r\nhello\r\n.\r\n"
+    );
     wr.write_all(body.as_bytes()).await.expect("write body");
     assert_eq!(reply(&mut rd).await, 250);
     wr.write_all(b"QUIT\r\n").await.expect("quit");
@@ -119,10 +124,16 @@ async fn mailpit_accepts_smtp_and_shows_the_message_in_its_api() {
             .expect("mailpit json");
         if found["messages_count"].as_u64() == Some(1) {
             assert_eq!(found["messages"][0]["Subject"], subject.as_str());
-            assert_eq!(found["messages"][0]["To"][0]["Address"], "carol@remote.test");
+            assert_eq!(
+                found["messages"][0]["To"][0]["Address"],
+                "carol@remote.test"
+            );
             return;
         }
-        assert!(Instant::now() < deadline, "mailpit never showed {subject:?}: {found}");
+        assert!(
+            Instant::now() < deadline,
+            "mailpit never showed {subject:?}: {found}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
@@ -130,7 +141,10 @@ async fn mailpit_accepts_smtp_and_shows_the_message_in_its_api() {
 #[tokio::test]
 async fn jaeger_shows_a_span_sent_to_the_otlp_endpoint() {
     let env = LocalEnv::load().expect("local cluster env");
-    let otlp_http = env.var("JAEGER_OTLP_HTTP").expect("JAEGER_OTLP_HTTP in env").to_string();
+    let otlp_http = env
+        .var("JAEGER_OTLP_HTTP")
+        .expect("JAEGER_OTLP_HTTP in env")
+        .to_string();
     let service = unique("e2e-smoke-");
     let trace_id = uuid::Uuid::new_v4().simple().to_string();
     let now = std::time::SystemTime::now()
@@ -161,7 +175,11 @@ async fn jaeger_shows_a_span_sent_to_the_otlp_endpoint() {
         .send()
         .await
         .expect("OTLP export");
-    assert!(res.status().is_success(), "OTLP export refused: {}", res.status());
+    assert!(
+        res.status().is_success(),
+        "OTLP export refused: {}",
+        res.status()
+    );
 
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
@@ -178,7 +196,10 @@ async fn jaeger_shows_a_span_sent_to_the_otlp_endpoint() {
                 return;
             }
         }
-        assert!(Instant::now() < deadline, "jaeger never showed trace {trace_id}");
+        assert!(
+            Instant::now() < deadline,
+            "jaeger never showed trace {trace_id}"
+        );
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
 }
@@ -186,7 +207,10 @@ async fn jaeger_shows_a_span_sent_to_the_otlp_endpoint() {
 #[test]
 fn dns_server_serves_the_test_zones() {
     let env = LocalEnv::load().expect("local cluster env");
-    let server = env.var("DNS_SERVER").expect("DNS_SERVER in env").to_string();
+    let server = env
+        .var("DNS_SERVER")
+        .expect("DNS_SERVER in env")
+        .to_string();
     let (host, port) = server.rsplit_once(':').expect("host:port");
     // dnspython (from e2e/tools/requirements.txt) as an independent resolver.
     let script = r#"

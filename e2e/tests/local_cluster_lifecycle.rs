@@ -37,8 +37,16 @@ fn recorded_pids(state: &Path) -> Vec<(String, i32)> {
     };
     dir.filter_map(Result::ok)
         .filter_map(|e| {
-            let name = e.file_name().to_string_lossy().trim_end_matches(".pid").to_string();
-            let pid = std::fs::read_to_string(e.path()).ok()?.trim().parse().ok()?;
+            let name = e
+                .file_name()
+                .to_string_lossy()
+                .trim_end_matches(".pid")
+                .to_string();
+            let pid = std::fs::read_to_string(e.path())
+                .ok()?
+                .trim()
+                .parse()
+                .ok()?;
             Some((name, pid))
         })
         .collect()
@@ -73,7 +81,8 @@ fn processes_referring_to(needle: &str) -> Vec<String> {
 
 #[test]
 fn down_leaves_no_process_of_ours_running() {
-    let state: PathBuf = std::env::temp_dir().join(format!("kubemail-lifecycle-{}", std::process::id()));
+    let state: PathBuf =
+        std::env::temp_dir().join(format!("kubemail-lifecycle-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&state);
     let names = [
         "ETCD_PORT",
@@ -127,5 +136,9 @@ fn down_leaves_no_process_of_ours_running() {
     }
     let left = processes_referring_to(&state.to_string_lossy());
     assert!(left.is_empty(), "processes left after down: {left:#?}");
-    assert!(!state.exists(), "state dir {} left after down", state.display());
+    assert!(
+        !state.exists(),
+        "state dir {} left after down",
+        state.display()
+    );
 }
