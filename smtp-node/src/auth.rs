@@ -1,0 +1,497 @@
+//! Submission users and the limits around them: who may log in (users files of
+//! `user:password-hash`, argon2 PHC or bcrypt), the per-IP brake on failed logins that survives
+//! reconnects, which sender addresses a user may use (its own domain), and each user's message
+//! rate (the domain's `messagesPerMinutePerUser`).
+//!
+//! Passwords are checked by the `argon2` and `bcrypt` crates on a blocking thread (they are
+//! deliberately slow). An unknown user is checked against a dummy hash, so unknown user and
+//! wrong password cost the same time and get the same reply. Nothing here logs a password.
+//!
+//! The counters are per node. Several replicas each apply them, so the cluster-wide rate is at
+//! most `replicas` times the configured one.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::num::NonZeroU32;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultKeyedRateLimiter, Quota};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::NodeConfig;
+
+/// How often users files are checked for changes and idle rate-limit entries dropped.
+pub const USERS_RELOAD_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Why a users file could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum UsersFileError {
+    #[error("cannot read users file {path}")]
+    ReadUsersFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("users file {path} line {line}: {reason}")]
+    ParseUsersLine {
+        path: PathBuf,
+        line: usize,
+        reason: String,
+    },
+}
+
+/// A logged-in user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthenticatedUser {
+    /// Full address, lower case, e.g. `alice@example.test`.
+    pub name: String,
+    /// The domain the user belongs to (a configured domain).
+    pub domain: String,
+}
+
+impl AuthenticatedUser {
+    /// Whether this user may use `domain` as the sender domain (`553 5.7.1` otherwise).
+    pub fn may_send_as(&self, domain: &str) -> bool {
+        domain.eq_ignore_ascii_case(&self.domain)
+    }
+}
+
+/// Result of a login attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuthOutcome {
+    Success(AuthenticatedUser),
+    /// Wrong user or password: `535 5.7.8`.
+    Failure,
+    /// Too many recent failures from this IP: `454 4.7.0`, credentials not checked.
+    RateLimited,
+}
+
+struct UsersSource {
+    domain: String,
+    path: PathBuf,
+    stamp: Option<(SystemTime, u64)>,
+}
+
+/// Users, login throttling and per-user message rates.
+pub struct Authenticator {
+    sources: Mutex<Vec<UsersSource>>,
+    users: RwLock<HashMap<String, UserEntry>>,
+    failures: DefaultKeyedRateLimiter<IpAddr>,
+    blocked: Mutex<HashMap<IpAddr, Instant>>,
+    message_rates: HashMap<String, DefaultKeyedRateLimiter<String>>,
+}
+
+#[derive(Clone)]
+struct UserEntry {
+    domain: String,
+    hash: Arc<str>,
+}
+
+impl std::fmt::Debug for UserEntry {
+    // The hash stays out of debug output (and so out of logs).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UserEntry")
+            .field("domain", &self.domain)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Authenticator {
+    /// Loads every domain's users file. A missing or malformed file is an error here, at
+    /// start-up; later reloads keep the old users when a new file is broken.
+    pub fn load(config: &NodeConfig) -> Result<Self, UsersFileError> {
+        let mut sources = Vec::new();
+        let mut users = HashMap::new();
+        for domain in &config.domains {
+            if let Some(path) = &domain.users_file {
+                let stamp = stamp(path);
+                users.extend(read_users_file(path, &domain.name)?);
+                sources.push(UsersSource {
+                    domain: domain.name.clone(),
+                    path: path.clone(),
+                    stamp,
+                });
+            }
+        }
+        let per_ip =
+            NonZeroU32::new(config.auth.failures_per_ip_per_minute).unwrap_or(NonZeroU32::MIN);
+        let message_rates = config
+            .domains
+            .iter()
+            .map(|d| {
+                let n = NonZeroU32::new(d.limits.messages_per_minute_per_user)
+                    .unwrap_or(NonZeroU32::MIN);
+                (
+                    d.name.clone(),
+                    DefaultKeyedRateLimiter::keyed(Quota::per_minute(n)),
+                )
+            })
+            .collect();
+        Ok(Self {
+            sources: Mutex::new(sources),
+            users: RwLock::new(users),
+            failures: DefaultKeyedRateLimiter::keyed(Quota::per_minute(per_ip)),
+            blocked: Mutex::new(HashMap::new()),
+            message_rates,
+        })
+    }
+
+    /// Number of users known.
+    pub fn user_count(&self) -> usize {
+        self.users.read().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Checks a login. Records failures against `ip`.
+    pub async fn authenticate(&self, ip: IpAddr, username: &str, password: &str) -> AuthOutcome {
+        if self.is_blocked(ip) {
+            return AuthOutcome::RateLimited;
+        }
+        let key = username.trim().to_ascii_lowercase();
+        let entry = self
+            .users
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+            .cloned();
+        let hash = entry
+            .as_ref()
+            .map(|e| e.hash.clone())
+            .unwrap_or_else(|| dummy_hash().clone());
+        let password = password.to_owned();
+        let valid = tokio::task::spawn_blocking(move || verify_password(&password, &hash))
+            .await
+            .unwrap_or(false);
+        match entry {
+            Some(entry) if valid => AuthOutcome::Success(AuthenticatedUser {
+                name: key,
+                domain: entry.domain,
+            }),
+            _ => {
+                self.record_failure(ip);
+                AuthOutcome::Failure
+            }
+        }
+    }
+
+    /// Takes one message from the user's per-minute budget; false when it is used up
+    /// (`451 4.7.1`).
+    pub fn allow_message(&self, user: &AuthenticatedUser) -> bool {
+        match self.message_rates.get(&user.domain) {
+            Some(limiter) => limiter.check_key(&user.name).is_ok(),
+            None => true,
+        }
+    }
+
+    fn is_blocked(&self, ip: IpAddr) -> bool {
+        let mut blocked = self.blocked.lock().unwrap_or_else(|e| e.into_inner());
+        match blocked.get(&ip) {
+            Some(until) if *until > Instant::now() => true,
+            Some(_) => {
+                blocked.remove(&ip);
+                false
+            }
+            None => false,
+        }
+    }
+
+    fn record_failure(&self, ip: IpAddr) {
+        if let Err(not_until) = self.failures.check_key(&ip) {
+            let wait = not_until.wait_time_from(DefaultClock::default().now());
+            self.blocked
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(ip, Instant::now() + wait);
+        }
+    }
+
+    /// Re-reads users files that changed. A broken file keeps that domain's previous users.
+    pub fn reload_if_changed(&self) -> Vec<UsersFileError> {
+        let mut errors = Vec::new();
+        let mut sources = self.sources.lock().unwrap_or_else(|e| e.into_inner());
+        for source in sources.iter_mut() {
+            let now = stamp(&source.path);
+            if now.is_none() || now == source.stamp {
+                continue;
+            }
+            source.stamp = now;
+            match read_users_file(&source.path, &source.domain) {
+                Ok(fresh) => {
+                    let mut users = self.users.write().unwrap_or_else(|e| e.into_inner());
+                    users.retain(|_, u| u.domain != source.domain);
+                    users.extend(fresh);
+                    tracing::info!(domain = %source.domain, "reloaded users file");
+                }
+                Err(e) => errors.push(e),
+            }
+        }
+        errors
+    }
+
+    /// Reloads users files and prunes rate-limit state until `cancel` fires.
+    pub async fn watch(self: Arc<Self>, cancel: CancellationToken) {
+        let mut ticker = tokio::time::interval(USERS_RELOAD_INTERVAL);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = ticker.tick() => {}
+            }
+            for error in self.reload_if_changed() {
+                tracing::error!(%error, "users file changed but cannot be loaded; keeping the previous users");
+            }
+            self.failures.retain_recent();
+            for limiter in self.message_rates.values() {
+                limiter.retain_recent();
+            }
+        }
+    }
+}
+
+/// Hashes a password as an argon2id PHC string (for `smtp-node hash-password`).
+pub fn hash_password(password: &str) -> Result<String, argon2::password_hash::Error> {
+    let salt_bytes: [u8; 16] = rand::random();
+    let salt = SaltString::encode_b64(&salt_bytes)?;
+    Ok(argon2::Argon2::default()
+        .hash_password(password.as_bytes(), &salt)?
+        .to_string())
+}
+
+fn verify_password(password: &str, hash: &str) -> bool {
+    if hash.starts_with("$argon2") {
+        match PasswordHash::new(hash) {
+            Ok(parsed) => argon2::Argon2::default()
+                .verify_password(password.as_bytes(), &parsed)
+                .is_ok(),
+            Err(_) => false,
+        }
+    } else if is_bcrypt(hash) {
+        bcrypt::verify(password, hash).unwrap_or(false)
+    } else {
+        false
+    }
+}
+
+fn is_bcrypt(hash: &str) -> bool {
+    ["$2a$", "$2b$", "$2x$", "$2y$"]
+        .iter()
+        .any(|p| hash.starts_with(p))
+}
+
+/// A valid argon2 hash of a random password: checked for unknown users so that they take as
+/// long as known ones.
+fn dummy_hash() -> &'static Arc<str> {
+    static DUMMY: OnceLock<Arc<str>> = OnceLock::new();
+    DUMMY.get_or_init(|| {
+        let password: [u8; 16] = rand::random();
+        let salt_bytes: [u8; 16] = rand::random();
+        let hash = SaltString::encode_b64(&salt_bytes)
+            .ok()
+            .and_then(|salt| {
+                argon2::Argon2::default()
+                    .hash_password(&password, &salt)
+                    .ok()
+                    .map(|h| h.to_string())
+            })
+            .unwrap_or_default();
+        Arc::from(hash)
+    })
+}
+
+fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok()?, m.len()))
+}
+
+fn read_users_file(
+    path: &Path,
+    domain: &str,
+) -> Result<HashMap<String, UserEntry>, UsersFileError> {
+    let text = std::fs::read_to_string(path).map_err(|source| UsersFileError::ReadUsersFile {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse_users(&text, domain).map_err(|(line, reason)| UsersFileError::ParseUsersLine {
+        path: path.to_owned(),
+        line,
+        reason,
+    })
+}
+
+/// Parses `user:hash` lines; `#` comments and blank lines are skipped. A bare user name is
+/// taken to be in `domain`; a full address must be in `domain`.
+fn parse_users(text: &str, domain: &str) -> Result<HashMap<String, UserEntry>, (usize, String)> {
+    let mut users = HashMap::new();
+    for (i, raw) in text.lines().enumerate() {
+        let line_no = i + 1;
+        let line = raw.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        // The hash contains no ':' in either format, so split at the last one (a quoted local
+        // part could contain ':').
+        let Some((user, hash)) = line.rsplit_once(':') else {
+            return Err((line_no, "expected user:hash".to_owned()));
+        };
+        let user = user.trim().to_ascii_lowercase();
+        let hash = hash.trim();
+        let name = match user.rsplit_once('@') {
+            Some((local, d)) if d.eq_ignore_ascii_case(domain) && !local.is_empty() => user.clone(),
+            Some(_) => {
+                return Err((
+                    line_no,
+                    format!("user {user:?} is not in domain {domain:?}"),
+                ));
+            }
+            None if !user.is_empty() => format!("{user}@{domain}"),
+            None => return Err((line_no, "empty user name".to_owned())),
+        };
+        let known = if hash.starts_with("$argon2") {
+            PasswordHash::new(hash).is_ok()
+        } else {
+            is_bcrypt(hash) && hash.len() == 60
+        };
+        if !known {
+            // Never echo the hash itself into logs.
+            return Err((
+                line_no,
+                format!("the hash of {name:?} is neither an argon2 PHC string nor a bcrypt hash"),
+            ));
+        }
+        users.insert(
+            name,
+            UserEntry {
+                domain: domain.to_owned(),
+                hash: Arc::from(hash),
+            },
+        );
+    }
+    Ok(users)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LOCAL: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+
+    fn authenticator(users: &str, failures_per_minute: u32) -> (Authenticator, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("users");
+        std::fs::write(&path, users).unwrap();
+        let yaml = format!(
+            r#"
+hostname: mx.example.test
+listeners: [ {{ name: mx, kind: mx, address: "127.0.0.1:2525" }} ]
+domains:
+  - {{ name: example.test, usersFile: {:?}, limits: {{ messagesPerMinutePerUser: 2 }} }}
+auth: {{ failuresPerIpPerMinute: {failures_per_minute} }}
+"#,
+            path
+        );
+        let config = NodeConfig::from_yaml(&yaml).unwrap();
+        (Authenticator::load(&config).unwrap(), dir)
+    }
+
+    #[tokio::test]
+    async fn argon2_and_bcrypt_users_log_in() {
+        let argon = hash_password("wonderland").unwrap();
+        let bcrypt = bcrypt::hash("looking-glass", 4).unwrap();
+        let (auth, _dir) = authenticator(
+            &format!("# users\nalice@example.test:{argon}\n\ncarol:{bcrypt}\n"),
+            10,
+        );
+        assert_eq!(auth.user_count(), 2);
+        let ok = auth
+            .authenticate(LOCAL, "Alice@Example.test", "wonderland")
+            .await;
+        assert_eq!(
+            ok,
+            AuthOutcome::Success(AuthenticatedUser {
+                name: "alice@example.test".into(),
+                domain: "example.test".into()
+            })
+        );
+        assert!(matches!(
+            auth.authenticate(LOCAL, "carol@example.test", "looking-glass")
+                .await,
+            AuthOutcome::Success(_)
+        ));
+        assert_eq!(
+            auth.authenticate(LOCAL, "alice@example.test", "wrong")
+                .await,
+            AuthOutcome::Failure
+        );
+        assert_eq!(
+            auth.authenticate(LOCAL, "nobody@example.test", "wonderland")
+                .await,
+            AuthOutcome::Failure
+        );
+    }
+
+    #[tokio::test]
+    async fn failures_per_ip_are_throttled() {
+        let argon = hash_password("pw").unwrap();
+        let (auth, _dir) = authenticator(&format!("alice:{argon}\n"), 2);
+        for _ in 0..3 {
+            assert_eq!(
+                auth.authenticate(LOCAL, "alice", "bad").await,
+                AuthOutcome::Failure
+            );
+        }
+        // Budget of 2 used up: even the right password is not checked now.
+        assert_eq!(
+            auth.authenticate(LOCAL, "alice@example.test", "pw").await,
+            AuthOutcome::RateLimited
+        );
+        let other: IpAddr = "127.0.0.2".parse().unwrap();
+        assert!(matches!(
+            auth.authenticate(other, "alice@example.test", "pw").await,
+            AuthOutcome::Success(_)
+        ));
+    }
+
+    #[tokio::test]
+    async fn message_rate_and_sender_domain() {
+        let argon = hash_password("pw").unwrap();
+        let (auth, _dir) = authenticator(&format!("alice:{argon}\n"), 5);
+        let AuthOutcome::Success(user) = auth.authenticate(LOCAL, "alice@example.test", "pw").await
+        else {
+            panic!("login failed");
+        };
+        assert!(user.may_send_as("EXAMPLE.test"));
+        assert!(!user.may_send_as("example.test.evil"));
+        assert!(auth.allow_message(&user));
+        assert!(auth.allow_message(&user));
+        assert!(
+            !auth.allow_message(&user),
+            "third message in a minute over a limit of 2"
+        );
+    }
+
+    #[test]
+    fn malformed_lines_are_reported_without_the_hash() {
+        let err = parse_users("alice:plaintext-password\n", "example.test").unwrap_err();
+        assert_eq!(err.0, 1);
+        assert!(!err.1.contains("plaintext-password"), "{}", err.1);
+        let err = parse_users("bob@other.test:$2b$04$x\n", "example.test").unwrap_err();
+        assert!(err.1.contains("not in domain"), "{}", err.1);
+        assert!(parse_users("no-colon\n", "example.test").is_err());
+    }
+
+    #[test]
+    fn reload_picks_up_changes() {
+        let argon = hash_password("pw").unwrap();
+        let (auth, dir) = authenticator(&format!("alice:{argon}\n"), 5);
+        std::fs::write(
+            dir.path().join("users"),
+            format!("alice:{argon}\nbob@example.test:{argon}\n"),
+        )
+        .unwrap();
+        assert!(auth.reload_if_changed().is_empty());
+        assert_eq!(auth.user_count(), 2);
+    }
+}

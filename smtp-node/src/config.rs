@@ -1,0 +1,984 @@
+//! The node's configuration: the one definition of the contract between the operator (which
+//! renders this type into a ConfigMap) and the SMTP node (which reads it).
+//!
+//! The file is YAML (JSON is accepted too, being a subset). Field names are camelCase and unknown
+//! fields are refused, so a typo is an error rather than a silently ignored setting.
+//!
+//! Value formats:
+//! * durations ([`HumanDuration`]) are humantime strings (`"30s"`, `"5m"`, `"1h 30m"`) or an
+//!   integer number of seconds;
+//! * sizes ([`ByteSize`]) are an integer number of bytes or a string with a binary (`Ki`, `Mi`,
+//!   `Gi`) or decimal (`K`, `M`, `G`) suffix, as in Kubernetes quantities (`"25Mi"`);
+//! * relative file paths are resolved against the directory of the config file
+//!   ([`NodeConfig::load`]).
+//!
+//! [`NodeConfig::validate`] checks everything that can be checked without touching the network
+//! and reports every problem at once, each with the path of the offending field.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Environment variable that overrides the default NATS URL.
+pub const NATS_URL_ENV: &str = "NATS_URL";
+/// NATS URL used when neither the config nor `NATS_URL` name one.
+pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
+/// Default message size limit: 25 MiB, what large providers accept.
+pub const DEFAULT_MAX_MESSAGE_SIZE: u64 = 25 * 1024 * 1024;
+/// RFC 5321 4.5.3.1.8: a server MUST be able to take at least 100 recipients.
+pub const DEFAULT_MAX_RECIPIENTS: u32 = 100;
+/// Hard ceiling for `maxMessageSize`: bodies are held in memory while received.
+pub const MAX_MESSAGE_SIZE_CEILING: u64 = 1024 * 1024 * 1024;
+
+/// Why a config file could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}")]
+    ReadConfigFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot parse config file {path}: {source}")]
+    ParseConfigFile {
+        path: PathBuf,
+        #[source]
+        source: serde_yaml::Error,
+    },
+    #[error("invalid config:\n  - {}", .0.join("\n  - "))]
+    Invalid(Vec<String>),
+}
+
+/// The whole configuration of one SMTP node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Fully qualified host name: used in the greeting, the EHLO reply and `Received` headers.
+    pub hostname: String,
+    /// SMTP listeners (at least one).
+    pub listeners: Vec<ListenerConfig>,
+    /// Certificate and key for STARTTLS and implicit TLS. Required when any listener uses TLS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsConfig>,
+    /// The JetStream queue.
+    #[serde(default)]
+    pub nats: NatsConfig,
+    /// Mail domains this node serves: local recipients (MX) and submission users.
+    #[serde(default)]
+    pub domains: Vec<DomainConfig>,
+    /// Per-phase timeouts (RFC 5321 4.5.3.2).
+    #[serde(default)]
+    pub timeouts: Timeouts,
+    /// Minimum DATA/BDAT transfer rate in bytes per second; slower clients are disconnected
+    /// with `421 4.4.2`. Each read earns `bytes / minDataRate` seconds of extra time, never more
+    /// than `timeouts.dataBlock` in total (Postfix `smtpd_min_data_rate`). 0 disables the check.
+    #[serde(default = "default_min_data_rate")]
+    pub min_data_rate: u64,
+    /// Concurrent SMTP connections over all listeners; more get `421 4.7.0`.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: u32,
+    /// Concurrent SMTP connections from one client IP; more get `421 4.7.0`.
+    #[serde(default = "default_max_connections_per_ip")]
+    pub max_connections_per_ip: u32,
+    /// Failed commands (syntax, sequence, unknown, refused) before `421 4.7.0` and disconnect.
+    #[serde(default = "default_max_errors_per_session")]
+    pub max_errors_per_session: u32,
+    /// Authentication limits.
+    #[serde(default)]
+    pub auth: AuthConfig,
+    /// The HTTP endpoint for `/healthz`, `/readyz` and `/metrics`.
+    #[serde(default)]
+    pub admin: AdminConfig,
+    /// Graceful shutdown.
+    #[serde(default)]
+    pub shutdown: ShutdownConfig,
+}
+
+/// One SMTP listener.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ListenerConfig {
+    /// Unique name (used in logs and metrics), e.g. `mx`, `submission`, `submissions`.
+    pub name: String,
+    /// What the listener is for.
+    pub kind: ListenerKind,
+    /// Socket address to bind, e.g. `0.0.0.0:25` or `[::]:587`.
+    pub address: SocketAddr,
+    /// Expect a PROXY protocol v1 or v2 header on every connection and use the client address
+    /// it carries for policy and logs. Only enable behind a load balancer that sends it.
+    #[serde(default)]
+    pub proxy_protocol: bool,
+    /// What to do with a bare CR or LF in commands and message data.
+    #[serde(default)]
+    pub bare_line_endings: BareLineEndings,
+    /// Require STARTTLS before MAIL (and before AUTH). Default: true for `submission`, false for
+    /// `mx`. Always satisfied on `implicitTls`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub require_tls: Option<bool>,
+}
+
+/// The role of a listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum ListenerKind {
+    /// Port 25: inbound mail for local domains, no AUTH, STARTTLS offered.
+    Mx,
+    /// Port 587: authenticated submission after STARTTLS.
+    Submission,
+    /// Port 465: authenticated submission over implicit TLS (RFC 8314).
+    ImplicitTls,
+}
+
+/// Handling of bare CR / bare LF (SMTP smuggling defence). In every mode only
+/// `<CRLF>.<CRLF>` ends DATA.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum BareLineEndings {
+    /// Refuse the command or the message with a 5xx; nothing of that transaction is queued.
+    #[default]
+    Reject,
+    /// Accept and rewrite bare line endings to CRLF before queueing.
+    Normalize,
+}
+
+/// TLS certificate files (PEM). They are re-read when they change.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Certificate chain, leaf first.
+    pub cert_file: PathBuf,
+    /// Private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
+    /// How often to check the files for changes.
+    #[serde(default = "default_tls_reload_interval")]
+    pub reload_interval: HumanDuration,
+}
+
+/// The JetStream queue.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NatsConfig {
+    /// Server URL(s), comma separated. Default: `$NATS_URL`, else `nats://127.0.0.1:4222`.
+    #[serde(default = "default_nats_url")]
+    pub url: String,
+    /// Stream holding the queue.
+    #[serde(default = "default_stream")]
+    pub stream: String,
+    /// Queue subjects are `<subjectPrefix>.<domain>`.
+    #[serde(default = "default_subject_prefix")]
+    pub subject_prefix: String,
+    /// NATS credentials file (JWT + NKey), if the server requires one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_file: Option<PathBuf>,
+    /// How long to wait for the JetStream acknowledgement before answering `451 4.3.0`.
+    #[serde(default = "default_publish_timeout")]
+    pub publish_timeout: HumanDuration,
+    /// Stream and object store replicas (1 on a laptop, 3 in production).
+    #[serde(default = "default_replicas")]
+    pub replicas: u32,
+    /// Stream size limit; when full, publishes fail and clients get `452 4.3.1`. Unset: no
+    /// limit other than the server's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_bytes: Option<ByteSize>,
+    /// Window within which a repeated `Nats-Msg-Id` is dropped as a duplicate.
+    #[serde(default = "default_duplicate_window")]
+    pub duplicate_window: HumanDuration,
+    /// Object store bucket for bodies too large to publish inline.
+    #[serde(default = "default_body_bucket")]
+    pub body_bucket: String,
+    /// Bodies larger than this (or than the server's max payload minus headroom for headers)
+    /// go to the object store.
+    #[serde(default = "default_inline_body_limit")]
+    pub inline_body_limit: ByteSize,
+}
+
+/// A mail domain served by this node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DomainConfig {
+    /// The domain, lower case, no trailing dot (e.g. `example.com`).
+    pub name: String,
+    /// Recipients that exist: local parts (`bob`) or full addresses (`bob@example.com`).
+    /// Matched case-insensitively.
+    #[serde(default)]
+    pub recipients: Vec<String>,
+    /// Accept every local part of this domain.
+    #[serde(default)]
+    pub catch_all: bool,
+    /// Submission users: one `user:hash` per line, user being `name` or `name@domain`, hash an
+    /// argon2 PHC string or a bcrypt hash. Re-read when it changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub users_file: Option<PathBuf>,
+    /// Limits for this domain.
+    #[serde(default)]
+    pub limits: DomainLimits,
+}
+
+/// Per-domain limits.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DomainLimits {
+    /// Largest message accepted (SIZE), default 25 MiB.
+    #[serde(default = "default_max_message_size")]
+    pub max_message_size: ByteSize,
+    /// Recipients per message; more get `452 4.5.3`.
+    #[serde(default = "default_max_recipients")]
+    pub max_recipients: u32,
+    /// Messages an authenticated user may submit per minute; more get `451 4.7.1`.
+    #[serde(default = "default_messages_per_minute")]
+    pub messages_per_minute_per_user: u32,
+}
+
+/// Per-phase timeouts. RFC 5321 4.5.3.2 gives the client-side values; the server uses them as
+/// follows.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Timeouts {
+    /// After the 220 greeting: time for the first command to arrive (4.5.3.2.1, 5 min).
+    #[serde(default = "default_five_minutes")]
+    pub greeting: HumanDuration,
+    /// Time for each complete command line to arrive (4.5.3.2.7, 5 min). The deadline covers
+    /// the whole line, so trickling one byte at a time does not extend it.
+    #[serde(default = "default_five_minutes")]
+    pub command: HumanDuration,
+    /// After `354`: time for the first message bytes to arrive (4.5.3.2.4, 2 min).
+    #[serde(default = "default_two_minutes")]
+    pub data_init: HumanDuration,
+    /// During DATA/BDAT: longest wait for more bytes (4.5.3.2.5, 3 min).
+    #[serde(default = "default_three_minutes")]
+    pub data_block: HumanDuration,
+    /// After the end of data: the longest the server spends queueing before it answers
+    /// (the client waits 10 min, 4.5.3.2.6); on expiry the reply is `451 4.3.0`.
+    #[serde(default = "default_ten_minutes")]
+    pub data_termination: HumanDuration,
+    /// TLS handshake (STARTTLS and implicit TLS) and PROXY header.
+    #[serde(default = "default_tls_handshake")]
+    pub tls_handshake: HumanDuration,
+}
+
+/// Authentication limits.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Failed AUTH attempts in one session before `421 4.7.0` and disconnect.
+    #[serde(default = "default_auth_failures_per_session")]
+    pub max_failures_per_session: u32,
+    /// Failed AUTH attempts per client IP per minute, over all sessions; above it AUTH gets
+    /// `454 4.7.0` until the rate falls.
+    #[serde(default = "default_auth_failures_per_ip")]
+    pub failures_per_ip_per_minute: u32,
+}
+
+/// The HTTP admin endpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Address for `/healthz`, `/readyz`, `/metrics`.
+    #[serde(default = "default_admin_address")]
+    pub address: SocketAddr,
+}
+
+/// Graceful shutdown.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ShutdownConfig {
+    /// After SIGTERM, how long open transactions may take to finish before the node exits.
+    #[serde(default = "default_drain_timeout")]
+    pub drain_timeout: HumanDuration,
+}
+
+impl NodeConfig {
+    /// Reads, parses and validates a config file. Relative paths inside it are resolved
+    /// against the file's directory.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadConfigFile {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut config = Self::from_yaml(&text).map_err(|source| ConfigError::ParseConfigFile {
+            path: path.to_owned(),
+            source,
+        })?;
+        let base = path.parent().unwrap_or_else(|| Path::new("."));
+        config.resolve_paths(base);
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses YAML without validating or resolving paths.
+    pub fn from_yaml(text: &str) -> Result<Self, serde_yaml::Error> {
+        serde_yaml::from_str(text)
+    }
+
+    /// Makes every relative path absolute against `base`.
+    pub fn resolve_paths(&mut self, base: &Path) {
+        let resolve = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        if let Some(tls) = &mut self.tls {
+            resolve(&mut tls.cert_file);
+            resolve(&mut tls.key_file);
+        }
+        if let Some(creds) = &mut self.nats.credentials_file {
+            resolve(creds);
+        }
+        for domain in &mut self.domains {
+            if let Some(users) = &mut domain.users_file {
+                resolve(users);
+            }
+        }
+    }
+
+    /// Checks the invariants serde cannot express; reports all problems at once.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut errors = Vec::new();
+        if let Err(e) = validate_domain_name(&self.hostname) {
+            errors.push(format!("hostname: {e}"));
+        }
+        if self.listeners.is_empty() {
+            errors.push("listeners: at least one listener is required".to_owned());
+        }
+        let mut names = HashSet::new();
+        let mut addresses = HashSet::new();
+        for (i, l) in self.listeners.iter().enumerate() {
+            if l.name.is_empty()
+                || !l
+                    .name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            {
+                errors.push(format!(
+                    "listeners[{i}].name: {:?} must be non-empty and use only letters, digits, '-' and '_'",
+                    l.name
+                ));
+            }
+            if !names.insert(l.name.as_str()) {
+                errors.push(format!("listeners[{i}].name: duplicate name {:?}", l.name));
+            }
+            if !addresses.insert(l.address) {
+                errors.push(format!(
+                    "listeners[{i}].address: {} is used by another listener",
+                    l.address
+                ));
+            }
+            if l.address == self.admin.address {
+                errors.push(format!(
+                    "listeners[{i}].address: {} is also the admin address",
+                    l.address
+                ));
+            }
+            if self.tls.is_none() && l.requires_tls() {
+                let why = if l.kind == ListenerKind::ImplicitTls {
+                    "kind implicitTls"
+                } else {
+                    "requireTls (the default for submission)"
+                };
+                errors.push(format!(
+                    "listeners[{i}]: {why} needs a tls section (certFile, keyFile)"
+                ));
+            }
+        }
+        if let Some(tls) = &self.tls
+            && tls.reload_interval.0.is_zero()
+        {
+            errors.push("tls.reloadInterval: must be greater than 0".to_owned());
+        }
+        self.validate_nats(&mut errors);
+        let mut domain_names = HashSet::new();
+        for (i, d) in self.domains.iter().enumerate() {
+            if let Err(e) = validate_domain_name(&d.name) {
+                errors.push(format!("domains[{i}].name: {e}"));
+            }
+            if !domain_names.insert(d.name.as_str()) {
+                errors.push(format!("domains[{i}].name: duplicate domain {:?}", d.name));
+            }
+            for (j, r) in d.recipients.iter().enumerate() {
+                let local = match r.rsplit_once('@') {
+                    Some((local, domain)) => {
+                        if !domain.eq_ignore_ascii_case(&d.name) {
+                            errors.push(format!(
+                                "domains[{i}].recipients[{j}]: {r:?} is not in domain {:?}",
+                                d.name
+                            ));
+                        }
+                        local
+                    }
+                    None => r.as_str(),
+                };
+                if local.is_empty()
+                    || local.len() > 64
+                    || local.bytes().any(|b| b <= b' ' || b == b'@' || b == 0x7f)
+                {
+                    errors.push(format!(
+                        "domains[{i}].recipients[{j}]: {r:?} is not a valid local part (1-64 printable characters, no spaces)"
+                    ));
+                }
+            }
+            let limits = &d.limits;
+            if limits.max_message_size.0 < 1024
+                || limits.max_message_size.0 > MAX_MESSAGE_SIZE_CEILING
+            {
+                errors.push(format!(
+                    "domains[{i}].limits.maxMessageSize: {} must be between 1Ki and 1Gi",
+                    limits.max_message_size.0
+                ));
+            }
+            if limits.max_recipients == 0 {
+                errors.push(format!(
+                    "domains[{i}].limits.maxRecipients: must be at least 1"
+                ));
+            }
+            if limits.messages_per_minute_per_user == 0 {
+                errors.push(format!(
+                    "domains[{i}].limits.messagesPerMinutePerUser: must be at least 1"
+                ));
+            }
+        }
+        let timeouts = [
+            ("greeting", &self.timeouts.greeting),
+            ("command", &self.timeouts.command),
+            ("dataInit", &self.timeouts.data_init),
+            ("dataBlock", &self.timeouts.data_block),
+            ("dataTermination", &self.timeouts.data_termination),
+            ("tlsHandshake", &self.timeouts.tls_handshake),
+        ];
+        for (name, t) in timeouts {
+            if t.0.is_zero() {
+                errors.push(format!("timeouts.{name}: must be greater than 0"));
+            }
+        }
+        if self.max_connections == 0 {
+            errors.push("maxConnections: must be at least 1".to_owned());
+        }
+        if self.max_connections_per_ip == 0 || self.max_connections_per_ip > self.max_connections {
+            errors.push(format!(
+                "maxConnectionsPerIp: {} must be between 1 and maxConnections ({})",
+                self.max_connections_per_ip, self.max_connections
+            ));
+        }
+        if self.max_errors_per_session == 0 {
+            errors.push("maxErrorsPerSession: must be at least 1".to_owned());
+        }
+        if self.auth.max_failures_per_session == 0 {
+            errors.push("auth.maxFailuresPerSession: must be at least 1".to_owned());
+        }
+        if self.auth.failures_per_ip_per_minute == 0 {
+            errors.push("auth.failuresPerIpPerMinute: must be at least 1".to_owned());
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(errors))
+        }
+    }
+
+    fn validate_nats(&self, errors: &mut Vec<String>) {
+        let nats = &self.nats;
+        if nats.url.trim().is_empty() {
+            errors.push("nats.url: must not be empty".to_owned());
+        }
+        let name_ok = |s: &str| {
+            !s.is_empty()
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        };
+        if !name_ok(&nats.stream) {
+            errors.push(format!(
+                "nats.stream: {:?} must use only letters, digits, '-' and '_'",
+                nats.stream
+            ));
+        }
+        if !name_ok(&nats.body_bucket) {
+            errors.push(format!(
+                "nats.bodyBucket: {:?} must use only letters, digits, '-' and '_'",
+                nats.body_bucket
+            ));
+        }
+        let prefix_ok = !nats.subject_prefix.is_empty()
+            && nats.subject_prefix.split('.').all(|token| {
+                !token.is_empty()
+                    && token
+                        .bytes()
+                        .all(|b| b.is_ascii_graphic() && b != b'*' && b != b'>')
+            });
+        if !prefix_ok {
+            errors.push(format!(
+                "nats.subjectPrefix: {:?} must be dot-separated non-empty tokens without wildcards",
+                nats.subject_prefix
+            ));
+        }
+        if nats.publish_timeout.0.is_zero() {
+            errors.push("nats.publishTimeout: must be greater than 0".to_owned());
+        }
+        if nats.duplicate_window.0.is_zero() {
+            errors.push("nats.duplicateWindow: must be greater than 0".to_owned());
+        }
+        if !(1..=5).contains(&nats.replicas) {
+            errors.push(format!("nats.replicas: {} must be 1 to 5", nats.replicas));
+        }
+        if nats.inline_body_limit.0 < 1024 {
+            errors.push("nats.inlineBodyLimit: must be at least 1Ki".to_owned());
+        }
+    }
+
+    /// The configured domain with this name (ASCII case-insensitive).
+    pub fn domain(&self, name: &str) -> Option<&DomainConfig> {
+        self.domains
+            .iter()
+            .find(|d| d.name.eq_ignore_ascii_case(name))
+    }
+
+    /// The largest message any domain accepts: what EHLO advertises as SIZE.
+    pub fn max_message_size(&self) -> u64 {
+        self.domains
+            .iter()
+            .map(|d| d.limits.max_message_size.0)
+            .max()
+            .unwrap_or(DEFAULT_MAX_MESSAGE_SIZE)
+    }
+}
+
+impl ListenerConfig {
+    /// Whether STARTTLS must precede MAIL and AUTH on this listener.
+    pub fn requires_tls(&self) -> bool {
+        match self.kind {
+            ListenerKind::Mx => self.require_tls.unwrap_or(false),
+            ListenerKind::Submission => self.require_tls.unwrap_or(true),
+            ListenerKind::ImplicitTls => true,
+        }
+    }
+
+    /// Whether clients must authenticate before MAIL (submission ports).
+    pub fn requires_auth(&self) -> bool {
+        self.kind != ListenerKind::Mx
+    }
+}
+
+impl DomainConfig {
+    /// Whether `local_part` is a recipient of this domain.
+    pub fn has_recipient(&self, local_part: &str) -> bool {
+        self.catch_all
+            || self.recipients.iter().any(|r| {
+                let local = r.rsplit_once('@').map_or(r.as_str(), |(l, _)| l);
+                local.eq_ignore_ascii_case(local_part)
+            })
+    }
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        Self {
+            url: default_nats_url(),
+            stream: default_stream(),
+            subject_prefix: default_subject_prefix(),
+            credentials_file: None,
+            publish_timeout: default_publish_timeout(),
+            replicas: default_replicas(),
+            max_bytes: None,
+            duplicate_window: default_duplicate_window(),
+            body_bucket: default_body_bucket(),
+            inline_body_limit: default_inline_body_limit(),
+        }
+    }
+}
+
+impl Default for DomainLimits {
+    fn default() -> Self {
+        Self {
+            max_message_size: default_max_message_size(),
+            max_recipients: default_max_recipients(),
+            messages_per_minute_per_user: default_messages_per_minute(),
+        }
+    }
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            greeting: default_five_minutes(),
+            command: default_five_minutes(),
+            data_init: default_two_minutes(),
+            data_block: default_three_minutes(),
+            data_termination: default_ten_minutes(),
+            tls_handshake: default_tls_handshake(),
+        }
+    }
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            max_failures_per_session: default_auth_failures_per_session(),
+            failures_per_ip_per_minute: default_auth_failures_per_ip(),
+        }
+    }
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            address: default_admin_address(),
+        }
+    }
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        Self {
+            drain_timeout: default_drain_timeout(),
+        }
+    }
+}
+
+/// A duration written the human way (`"5m"`, `"30s"`) or as integer seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct HumanDuration(pub Duration);
+
+impl HumanDuration {
+    pub const fn from_secs(secs: u64) -> Self {
+        Self(Duration::from_secs(secs))
+    }
+}
+
+impl Serialize for HumanDuration {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(self.0).to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Seconds(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Seconds(s) => Ok(Self(Duration::from_secs(s))),
+            Raw::Text(t) => humantime::parse_duration(t.trim())
+                .map(Self)
+                .map_err(|e| serde::de::Error::custom(format!("invalid duration {t:?}: {e}"))),
+        }
+    }
+}
+
+impl JsonSchema for HumanDuration {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "HumanDuration".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "description": "A duration: a humantime string such as \"30s\", \"5m\", \"1h 30m\", or integer seconds.",
+            "anyOf": [
+                { "type": "string" },
+                { "type": "integer", "minimum": 0 }
+            ]
+        })
+    }
+}
+
+/// A size in bytes, written as an integer or with a suffix (`"25Mi"`, `"512Ki"`, `"1M"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ByteSize(pub u64);
+
+impl FromStr for ByteSize {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let (digits, suffix) = s.split_at(split);
+        let number: u64 = digits
+            .parse()
+            .map_err(|_| format!("invalid size {s:?}: expected digits then an optional unit"))?;
+        let factor: u64 = match suffix.trim() {
+            "" => 1,
+            "K" | "k" => 1_000,
+            "M" => 1_000_000,
+            "G" => 1_000_000_000,
+            "Ki" => 1 << 10,
+            "Mi" => 1 << 20,
+            "Gi" => 1 << 30,
+            other => {
+                return Err(format!(
+                    "invalid size {s:?}: unknown unit {other:?} (use K, M, G, Ki, Mi or Gi)"
+                ));
+            }
+        };
+        number
+            .checked_mul(factor)
+            .map(Self)
+            .ok_or_else(|| format!("invalid size {s:?}: too large"))
+    }
+}
+
+impl fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+impl Serialize for ByteSize {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Bytes(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Bytes(b) => Ok(Self(b)),
+            Raw::Text(t) => t.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+impl JsonSchema for ByteSize {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "ByteSize".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "description": "A size in bytes: an integer, or a string with a unit K, M, G, Ki, Mi or Gi (\"25Mi\").",
+            "anyOf": [
+                { "type": "integer", "minimum": 0 },
+                { "type": "string", "pattern": "^[0-9]+(K|k|M|G|Ki|Mi|Gi)?$" }
+            ]
+        })
+    }
+}
+
+/// Checks an RFC 1035 host/domain name the way the node compares them: lower case, LDH labels,
+/// no trailing dot.
+pub fn validate_domain_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 253 {
+        return Err(format!("{name:?} must be 1 to 253 characters"));
+    }
+    if name.ends_with('.') {
+        return Err(format!("{name:?} must not end with a dot"));
+    }
+    for label in name.split('.') {
+        let ok = !label.is_empty()
+            && label.len() <= 63
+            && !label.starts_with('-')
+            && !label.ends_with('-')
+            && label
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        if !ok {
+            return Err(format!(
+                "{name:?} is not a lower-case domain name (labels of a-z, 0-9 and '-', 1-63 characters)"
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn default_nats_url() -> String {
+    std::env::var(NATS_URL_ENV)
+        .ok()
+        .filter(|u| !u.trim().is_empty())
+        .unwrap_or_else(|| DEFAULT_NATS_URL.to_owned())
+}
+fn default_stream() -> String {
+    "KUBEMAIL".to_owned()
+}
+fn default_subject_prefix() -> String {
+    "kubemail.queue".to_owned()
+}
+fn default_body_bucket() -> String {
+    "KUBEMAIL_BODIES".to_owned()
+}
+fn default_publish_timeout() -> HumanDuration {
+    HumanDuration::from_secs(10)
+}
+// NATS' own default; our publisher does not retry on its own, so 2 min covers its horizon.
+fn default_duplicate_window() -> HumanDuration {
+    HumanDuration::from_secs(120)
+}
+fn default_replicas() -> u32 {
+    1
+}
+// Well under the NATS default max_payload of 1 MiB, leaving room for envelope headers.
+fn default_inline_body_limit() -> ByteSize {
+    ByteSize(512 * 1024)
+}
+fn default_max_message_size() -> ByteSize {
+    ByteSize(DEFAULT_MAX_MESSAGE_SIZE)
+}
+fn default_max_recipients() -> u32 {
+    DEFAULT_MAX_RECIPIENTS
+}
+fn default_messages_per_minute() -> u32 {
+    60
+}
+fn default_five_minutes() -> HumanDuration {
+    HumanDuration::from_secs(5 * 60)
+}
+fn default_two_minutes() -> HumanDuration {
+    HumanDuration::from_secs(2 * 60)
+}
+fn default_three_minutes() -> HumanDuration {
+    HumanDuration::from_secs(3 * 60)
+}
+fn default_ten_minutes() -> HumanDuration {
+    HumanDuration::from_secs(10 * 60)
+}
+fn default_tls_handshake() -> HumanDuration {
+    HumanDuration::from_secs(60)
+}
+fn default_tls_reload_interval() -> HumanDuration {
+    HumanDuration::from_secs(5)
+}
+// Postfix smtpd_min_data_rate.
+fn default_min_data_rate() -> u64 {
+    500
+}
+fn default_max_connections() -> u32 {
+    1000
+}
+// Postfix smtpd_client_connection_count_limit.
+fn default_max_connections_per_ip() -> u32 {
+    50
+}
+// Postfix smtpd_hard_error_limit.
+fn default_max_errors_per_session() -> u32 {
+    20
+}
+fn default_auth_failures_per_session() -> u32 {
+    3
+}
+fn default_auth_failures_per_ip() -> u32 {
+    10
+}
+fn default_admin_address() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 8080))
+}
+fn default_drain_timeout() -> HumanDuration {
+    HumanDuration::from_secs(30)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+hostname: mx.example.test
+listeners:
+  - { name: mx, kind: mx, address: "127.0.0.1:2525" }
+domains:
+  - name: example.test
+    recipients: [bob, "postmaster@example.test"]
+"#;
+
+    #[test]
+    fn minimal_config_gets_rfc_defaults() {
+        let c = NodeConfig::from_yaml(MINIMAL).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.timeouts.command.0, Duration::from_secs(300));
+        assert_eq!(c.timeouts.data_init.0, Duration::from_secs(120));
+        assert_eq!(c.timeouts.data_block.0, Duration::from_secs(180));
+        assert_eq!(c.timeouts.data_termination.0, Duration::from_secs(600));
+        assert_eq!(c.domains[0].limits.max_message_size.0, 25 * 1024 * 1024);
+        assert_eq!(c.domains[0].limits.max_recipients, 100);
+        assert_eq!(c.nats.stream, "KUBEMAIL");
+        assert_eq!(c.listeners[0].bare_line_endings, BareLineEndings::Reject);
+        assert!(!c.listeners[0].requires_tls());
+        assert!(c.domains[0].has_recipient("BOB"));
+        assert!(c.domains[0].has_recipient("postmaster"));
+        assert!(!c.domains[0].has_recipient("alice"));
+    }
+
+    #[test]
+    fn sizes_and_durations_accept_units() {
+        let yaml = format!(
+            "{MINIMAL}    limits: {{ maxMessageSize: 10Mi }}\ntimeouts: {{ command: 90s, dataBlock: 2m, greeting: 30 }}\n"
+        );
+        let c = NodeConfig::from_yaml(&yaml).unwrap();
+        assert_eq!(c.domains[0].limits.max_message_size.0, 10 << 20);
+        assert_eq!(c.timeouts.command.0, Duration::from_secs(90));
+        assert_eq!(c.timeouts.data_block.0, Duration::from_secs(120));
+        assert_eq!(c.timeouts.greeting.0, Duration::from_secs(30));
+        assert_eq!("1M".parse::<ByteSize>().unwrap().0, 1_000_000);
+        assert!("12Xi".parse::<ByteSize>().is_err());
+        assert!("99999999999999999999Gi".parse::<ByteSize>().is_err());
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let yaml = format!("{MINIMAL}maxConnection: 5\n");
+        let err = NodeConfig::from_yaml(&yaml).unwrap_err().to_string();
+        assert!(err.contains("maxConnection"), "{err}");
+    }
+
+    #[test]
+    fn validate_reports_every_problem_with_its_path() {
+        let yaml = r#"
+hostname: "MX.Example.test."
+listeners:
+  - { name: sub, kind: submission, address: "127.0.0.1:2587" }
+  - { name: sub, kind: mx, address: "127.0.0.1:2587" }
+domains:
+  - { name: example.test, recipients: ["bob@other.test"], limits: { maxRecipients: 0 } }
+maxConnectionsPerIp: 0
+"#;
+        let err = NodeConfig::from_yaml(yaml)
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        for needle in [
+            "hostname:",
+            "listeners[0]: requireTls (the default for submission) needs a tls section",
+            "listeners[1].name: duplicate",
+            "listeners[1].address",
+            "recipients[0]",
+            "maxRecipients",
+            "maxConnectionsPerIp",
+        ] {
+            assert!(err.contains(needle), "missing {needle:?} in:\n{err}");
+        }
+    }
+
+    #[test]
+    fn relative_paths_resolve_against_the_config_directory() {
+        let yaml = format!(
+            "{MINIMAL}    usersFile: users\ntls: {{ certFile: c.pem, keyFile: /abs/k.pem }}\n"
+        );
+        let mut c = NodeConfig::from_yaml(&yaml).unwrap();
+        c.resolve_paths(Path::new("/etc/kubemail"));
+        let tls = c.tls.as_ref().unwrap();
+        assert_eq!(tls.cert_file, Path::new("/etc/kubemail/c.pem"));
+        assert_eq!(tls.key_file, Path::new("/abs/k.pem"));
+        assert_eq!(
+            c.domains[0].users_file.as_deref(),
+            Some(Path::new("/etc/kubemail/users"))
+        );
+    }
+
+    #[test]
+    fn serialises_back_to_an_equal_config() {
+        let c = NodeConfig::from_yaml(MINIMAL).unwrap();
+        let text = serde_yaml::to_string(&c).unwrap();
+        assert_eq!(NodeConfig::from_yaml(&text).unwrap(), c);
+        let schema = serde_json::to_string(&schemars::schema_for!(NodeConfig)).unwrap();
+        assert!(schema.contains("maxConnectionsPerIp"));
+    }
+}

@@ -1,0 +1,911 @@
+//! The SMTP / LMTP client the delivery workers speak to remote MX hosts, relays and inbound
+//! targets.
+//!
+//! One [`SmtpClient`] is one connection: greeting, EHLO (LHLO for LMTP; HELO when a plain
+//! SMTP server refuses EHLO), STARTTLS when offered or required, AUTH PLAIN/LOGIN for relays,
+//! then any number of transactions ([`SmtpClient::send`]) until it is closed. Behaviour that
+//! matters for safety:
+//!
+//! * **Timeouts per phase** (RFC 5321 4.5.3.2): greeting 5 min, MAIL and RCPT 5 min each,
+//!   DATA initiation 2 min, each data write 3 min, the reply after the final dot 10 min
+//!   (all configurable, [`ClientTimeouts`]).
+//! * **Replies are untrusted** ([`super::reply`]): a malformed, endless or mixed-code reply
+//!   is a temporary error of that host, never a panic.
+//! * **STARTTLS** (RFC 3207): after `220` to STARTTLS nothing may be buffered; plaintext
+//!   bytes that arrived with the `220` would otherwise be read as the post-TLS EHLO reply
+//!   (catalogue TLS-CLI-01, response injection), so the connection is dropped. EHLO is sent
+//!   again inside TLS and the old capabilities are forgotten. When TLS is required and not
+//!   offered, refused or failing, the host is given up (deferred), never used in plaintext
+//!   (TLS-CLI-02/03). Credentials are sent only inside TLS (TLS-CLI-05).
+//! * **PIPELINING** (RFC 2920): MAIL, every RCPT and DATA go out in one write; the replies
+//!   are read in order.
+//! * **SIZE / 8BITMIME / SMTPUTF8**: a message larger than the advertised SIZE, 8-bit data
+//!   to a server without 8BITMIME, or an internationalised envelope to a server without
+//!   SMTPUTF8 fails permanently instead of being sent in a form the server did not agree to
+//!   (an 8-bit body cannot be downgraded without breaking its DKIM signature).
+//! * **Data transparency**: the message is written with CRLF line endings only (a stray
+//!   bare CR or LF becomes CRLF) and every line starting with `.` is dot-stuffed, so nothing
+//!   in the message can end the data early downstream (catalogue SMUG-OUT-01/02).
+//! * **Results per recipient**: RCPT replies decide for each recipient; the reply after the
+//!   data decides for all accepted ones (LMTP: one reply per accepted recipient, RFC 2033).
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use base64::Engine as _;
+use bytes::{Buf as _, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+
+use super::config::ClientTimeouts;
+use super::mx::Target;
+use super::outcome::{Diagnostic, RecipientOutcome};
+use super::reply::{ReplyError, parse_reply};
+use super::tls::{ClientTls, server_name};
+use crate::protocol::{EnhancedCode, Reply};
+
+/// Size of one read from the socket.
+const READ_CHUNK: usize = 8 * 1024;
+/// Size of one write of message data; each write gets the `dataBlock` timeout.
+const WRITE_CHUNK: usize = 64 * 1024;
+
+/// Protocol spoken on the connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Smtp,
+    /// RFC 2033: LHLO instead of EHLO, one reply per recipient after the data.
+    Lmtp,
+}
+
+/// How the connection uses TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsPolicy {
+    /// Never start TLS.
+    None,
+    /// STARTTLS when offered; continue in plaintext when it is not.
+    Opportunistic,
+    /// STARTTLS must succeed.
+    Required,
+    /// TLS from the first byte (RFC 8314, port 465).
+    Implicit,
+}
+
+/// Credentials for AUTH. `Debug` does not show the password.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    pub username: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("username", &self.username)
+            .field("password", &"<redacted>")
+            .finish()
+    }
+}
+
+/// Everything needed to open a connection.
+pub struct ConnectOptions<'a> {
+    pub target: &'a Target,
+    /// Our host name, sent in EHLO.
+    pub helo: &'a str,
+    pub protocol: Protocol,
+    pub tls: TlsPolicy,
+    /// Verify the certificate (for `Required` and `Implicit`); opportunistic TLS never
+    /// verifies.
+    pub verify_certificate: bool,
+    pub credentials: Option<&'a Credentials>,
+    pub timeouts: &'a ClientTimeouts,
+    pub tls_config: &'a ClientTls,
+}
+
+/// Why a connection or a command failed. Every variant is temporary for the message: the
+/// next host is tried, and the recipients are deferred when none is left.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot connect to {addr}: {source}")]
+    Connect {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("timed out waiting for the {phase} reply")]
+    Timeout { phase: &'static str },
+    #[error("connection lost during {phase}: {source}")]
+    Io {
+        phase: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("connection closed by the server during {phase}")]
+    Closed { phase: &'static str },
+    #[error("invalid reply during {phase}: {source}")]
+    BadReply {
+        phase: &'static str,
+        #[source]
+        source: ReplyError,
+    },
+    #[error("{phase} refused: {reply}")]
+    Rejected { phase: &'static str, reply: Reply },
+    #[error("TLS handshake failed: {0}")]
+    Tls(String),
+    #[error("TLS is required but {0}")]
+    TlsUnavailable(String),
+    #[error("the server sent plaintext after its STARTTLS reply (response injection)")]
+    StartTlsInjection,
+    #[error("authentication failed: {0}")]
+    Auth(String),
+}
+
+impl ClientError {
+    /// The diagnostic for deferring recipients because of this error.
+    pub fn diagnostic(&self, remote_mta: &str) -> Diagnostic {
+        let status = match self {
+            Self::Connect { .. } => EnhancedCode(4, 4, 1),
+            Self::Timeout { .. } | Self::Io { .. } | Self::Closed { .. } => EnhancedCode(4, 4, 2),
+            Self::BadReply { .. } => EnhancedCode(4, 5, 0),
+            Self::Rejected { reply, .. } => {
+                let e = super::reply::status_of(reply);
+                // A session-level refusal of one host is temporary for the message.
+                EnhancedCode(4, e.1, e.2)
+            }
+            Self::Tls(_) | Self::StartTlsInjection => EnhancedCode(4, 7, 5),
+            Self::TlsUnavailable(_) => EnhancedCode(4, 7, 10),
+            Self::Auth(_) => EnhancedCode(4, 7, 8),
+        };
+        let mut d = Diagnostic::local(status, self.to_string());
+        if let Self::Rejected { reply, .. } = self {
+            d.reply = Some(reply.clone());
+            d.text = String::new();
+        }
+        d.remote_mta = Some(remote_mta.to_owned());
+        d
+    }
+}
+
+/// The ESMTP extensions the server announced.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Capabilities {
+    pub esmtp: bool,
+    pub pipelining: bool,
+    /// `SIZE n`; `Some(0)` means "no fixed limit" (RFC 1870).
+    pub size: Option<u64>,
+    pub eight_bit_mime: bool,
+    pub smtputf8: bool,
+    pub starttls: bool,
+    pub auth: Vec<String>,
+}
+
+impl Capabilities {
+    /// Parses the lines of an EHLO/LHLO reply (the first line is the greeting).
+    pub fn parse(reply: &Reply) -> Self {
+        let mut caps = Self {
+            esmtp: true,
+            ..Self::default()
+        };
+        for line in reply.lines.iter().skip(1) {
+            let mut words = line.split_whitespace();
+            let Some(keyword) = words.next() else { continue };
+            let keyword = keyword.to_ascii_uppercase();
+            match keyword.as_str() {
+                "PIPELINING" => caps.pipelining = true,
+                "SIZE" => caps.size = Some(words.next().and_then(|n| n.parse().ok()).unwrap_or(0)),
+                "8BITMIME" => caps.eight_bit_mime = true,
+                "SMTPUTF8" => caps.smtputf8 = true,
+                "STARTTLS" => caps.starttls = true,
+                "AUTH" => caps.auth.extend(words.map(|w| w.to_ascii_uppercase())),
+                // Pre-RFC 4954 servers announce `AUTH=PLAIN LOGIN`.
+                k if k.starts_with("AUTH=") => {
+                    caps.auth.push(k["AUTH=".len()..].to_owned());
+                    caps.auth.extend(words.map(|w| w.to_ascii_uppercase()));
+                }
+                _ => {}
+            }
+        }
+        caps.auth.sort();
+        caps.auth.dedup();
+        caps
+    }
+}
+
+/// One message to send.
+#[derive(Debug, Clone, Copy)]
+pub struct Outgoing<'a> {
+    /// Reverse path without brackets; empty for the null sender.
+    pub mail_from: &'a str,
+    pub recipients: &'a [String],
+    /// The message: CRLF line endings, not dot-stuffed.
+    pub body: &'a [u8],
+    /// `BODY=8BITMIME` was declared at acceptance.
+    pub eight_bit: bool,
+    /// `SMTPUTF8` was declared at acceptance.
+    pub smtputf8: bool,
+}
+
+/// A plaintext or TLS stream.
+enum Io {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+    /// Transient state while upgrading to TLS.
+    Gone,
+}
+
+impl AsyncRead for Io {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            Io::Gone => Poll::Ready(Err(std::io::ErrorKind::NotConnected.into())),
+        }
+    }
+}
+
+impl AsyncWrite for Io {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            Io::Gone => Poll::Ready(Err(std::io::ErrorKind::NotConnected.into())),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_flush(cx),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            Io::Gone => Poll::Ready(Ok(())),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            Io::Gone => Poll::Ready(Ok(())),
+        }
+    }
+}
+
+/// One connection to an SMTP or LMTP server.
+pub struct SmtpClient {
+    io: Io,
+    rbuf: BytesMut,
+    caps: Capabilities,
+    target: Target,
+    protocol: Protocol,
+    helo: String,
+    timeouts: ClientTimeouts,
+    tls: Option<crate::tls::TlsInfo>,
+    /// Messages sent (for the reuse limit).
+    messages: u32,
+    /// False after an error left the session in an unknown state.
+    usable: bool,
+}
+
+impl SmtpClient {
+    /// Connects, reads the greeting, says EHLO, starts TLS and authenticates as `options`
+    /// say.
+    #[tracing::instrument(skip_all, fields(host = %options.target.host, addr = %options.target.addr))]
+    pub async fn connect(options: &ConnectOptions<'_>) -> Result<Self, ClientError> {
+        let t = options.timeouts;
+        let addr = options.target.addr;
+        let tcp = tokio::time::timeout(t.connect.0, TcpStream::connect(addr))
+            .await
+            .map_err(|_| ClientError::Timeout { phase: "connect" })?
+            .map_err(|source| ClientError::Connect { addr, source })?;
+        let _ = tcp.set_nodelay(true);
+        let mut client = Self {
+            io: Io::Plain(tcp),
+            rbuf: BytesMut::with_capacity(READ_CHUNK),
+            caps: Capabilities::default(),
+            target: options.target.clone(),
+            protocol: options.protocol,
+            helo: options.helo.to_owned(),
+            timeouts: t.clone(),
+            tls: None,
+            messages: 0,
+            usable: true,
+        };
+        if options.tls == TlsPolicy::Implicit {
+            client.start_tls(options, true).await?;
+        }
+        let greeting = client.read_reply(t.greeting.0, "greeting").await?;
+        if greeting.code != 220 {
+            return Err(ClientError::Rejected {
+                phase: "greeting",
+                reply: greeting,
+            });
+        }
+        client.hello().await?;
+        match options.tls {
+            TlsPolicy::Opportunistic if client.caps.starttls => {
+                client.starttls(options).await?;
+            }
+            TlsPolicy::Required if client.caps.starttls => {
+                client.starttls(options).await?;
+            }
+            TlsPolicy::Required => {
+                return Err(ClientError::TlsUnavailable(
+                    "the server does not offer STARTTLS".to_owned(),
+                ));
+            }
+            _ => {}
+        }
+        if let Some(credentials) = options.credentials {
+            client.authenticate(credentials).await?;
+        }
+        tracing::debug!(tls = client.tls.is_some(), pipelining = client.caps.pipelining, "connected");
+        Ok(client)
+    }
+
+    /// The announced extensions.
+    pub fn capabilities(&self) -> &Capabilities {
+        &self.caps
+    }
+
+    /// The host this connection goes to.
+    pub fn target(&self) -> &Target {
+        &self.target
+    }
+
+    /// TLS details when TLS is active.
+    pub fn tls_info(&self) -> Option<&crate::tls::TlsInfo> {
+        self.tls.as_ref()
+    }
+
+    /// Whether the connection can carry another transaction.
+    pub fn is_usable(&self) -> bool {
+        self.usable
+    }
+
+    /// Messages sent over this connection.
+    pub fn messages_sent(&self) -> u32 {
+        self.messages
+    }
+
+    /// RSET: checks that a reused connection still works and clears any state.
+    pub async fn reset(&mut self) -> Result<(), ClientError> {
+        let reply = self.command("RSET", self.timeouts.command.0, "RSET").await?;
+        if reply.code == 250 {
+            Ok(())
+        } else {
+            self.usable = false;
+            Err(ClientError::Rejected { phase: "RSET", reply })
+        }
+    }
+
+    /// QUIT and close; errors are irrelevant at this point.
+    pub async fn quit(mut self) {
+        if self.usable {
+            let limit = self.timeouts.command.0.min(Duration::from_secs(10));
+            let _ = self.command("QUIT", limit, "QUIT").await;
+        }
+        let _ = self.io.shutdown().await;
+    }
+
+    /// Sends one message. `Err` means nothing was committed (the transaction failed before
+    /// the data was sent): try another host. `Ok` has one outcome per recipient, in order.
+    pub async fn send(&mut self, msg: &Outgoing<'_>) -> Result<Vec<RecipientOutcome>, ClientError> {
+        let host = self.target.host.clone();
+        if let Some(refusal) = self.refuse_unsupported(msg) {
+            return Ok(msg
+                .recipients
+                .iter()
+                .map(|_| RecipientOutcome::Failed(refusal.clone()))
+                .collect());
+        }
+        let mail = self.mail_command(msg);
+        let rcpts: Vec<String> = msg.recipients.iter().map(|r| format!("RCPT TO:<{r}>")).collect();
+
+        let (mail_reply, rcpt_replies, data_reply) = if self.caps.pipelining {
+            let mut batch = String::new();
+            batch.push_str(&mail);
+            batch.push_str("\r\n");
+            for r in &rcpts {
+                batch.push_str(r);
+                batch.push_str("\r\n");
+            }
+            batch.push_str("DATA\r\n");
+            self.write_all(batch.as_bytes(), self.timeouts.mail.0, "MAIL").await?;
+            let mail_reply = self.read_reply(self.timeouts.mail.0, "MAIL").await?;
+            let mut rcpt_replies = Vec::with_capacity(rcpts.len());
+            for _ in &rcpts {
+                rcpt_replies.push(self.read_reply(self.timeouts.rcpt.0, "RCPT").await?);
+            }
+            let data_reply = self.read_reply(self.timeouts.data_init.0, "DATA").await?;
+            (mail_reply, rcpt_replies, Some(data_reply))
+        } else {
+            let mail_reply = self.command(&mail, self.timeouts.mail.0, "MAIL").await?;
+            let mut rcpt_replies = Vec::new();
+            if mail_reply.code == 250 {
+                for r in &rcpts {
+                    rcpt_replies.push(self.command(r, self.timeouts.rcpt.0, "RCPT").await?);
+                }
+            }
+            let any_accepted = rcpt_replies.iter().any(|r| (200..300).contains(&r.code));
+            let data_reply = if any_accepted {
+                Some(self.command("DATA", self.timeouts.data_init.0, "DATA").await?)
+            } else {
+                None
+            };
+            (mail_reply, rcpt_replies, data_reply)
+        };
+
+        if mail_reply.code != 250 {
+            self.abandon_transaction(data_reply.as_ref()).await;
+            if mail_reply.is_permanent() {
+                let d = Diagnostic::from_reply(mail_reply, Some(host));
+                return Ok(msg.recipients.iter().map(|_| RecipientOutcome::Failed(d.clone())).collect());
+            }
+            return Err(ClientError::Rejected {
+                phase: "MAIL",
+                reply: mail_reply,
+            });
+        }
+
+        // Per-recipient results of RCPT; accepted ones wait for the data reply.
+        let mut outcomes: Vec<Option<RecipientOutcome>> = rcpt_replies
+            .into_iter()
+            .map(|reply| {
+                if (200..300).contains(&reply.code) {
+                    None
+                } else if reply.code == 552 {
+                    // RFC 5321 4.5.3.1.10: "552 too many recipients" is to be treated as
+                    // temporary (catalogue DUR-13).
+                    Some(RecipientOutcome::Deferred(Diagnostic::from_reply(reply, Some(host.clone()))))
+                } else {
+                    Some(RecipientOutcome::from_reply(reply, &host))
+                }
+            })
+            .collect();
+        let accepted: Vec<usize> = outcomes
+            .iter()
+            .enumerate()
+            .filter(|(_, o)| o.is_none())
+            .map(|(i, _)| i)
+            .collect();
+        if accepted.is_empty() {
+            self.abandon_transaction(data_reply.as_ref()).await;
+            return Ok(outcomes.into_iter().map(|o| o.unwrap_or_else(|| unreachable_outcome(&host))).collect());
+        }
+        let Some(data_reply) = data_reply else {
+            return Err(ClientError::Closed { phase: "DATA" });
+        };
+        if data_reply.code != 354 {
+            let outcome = if data_reply.is_permanent() {
+                RecipientOutcome::Failed(Diagnostic::from_reply(data_reply, Some(host.clone())))
+            } else {
+                RecipientOutcome::Deferred(Diagnostic::from_reply(data_reply, Some(host.clone())))
+            };
+            for &i in &accepted {
+                outcomes[i] = Some(outcome.clone());
+            }
+            let _ = self.reset().await;
+            return Ok(outcomes.into_iter().map(|o| o.unwrap_or_else(|| unreachable_outcome(&host))).collect());
+        }
+
+        // From here the message may reach the recipients: errors no longer mean "try
+        // another host" (that could deliver twice) but "deferred, unknown state".
+        let final_replies = self.transmit_data(msg.body, accepted.len()).await;
+        self.messages += 1;
+        match final_replies {
+            Ok(replies) => {
+                for (&i, reply) in accepted.iter().zip(replies) {
+                    outcomes[i] = Some(RecipientOutcome::from_reply(reply, &host));
+                }
+            }
+            Err(e) => {
+                self.usable = false;
+                tracing::warn!(error = %e, "connection failed after the data was sent; the message may have been delivered");
+                let d = e.diagnostic(&host);
+                for &i in &accepted {
+                    if outcomes[i].is_none() {
+                        outcomes[i] = Some(RecipientOutcome::Deferred(d.clone()));
+                    }
+                }
+            }
+        }
+        Ok(outcomes.into_iter().map(|o| o.unwrap_or_else(|| unreachable_outcome(&host))).collect())
+    }
+
+    /// A reason not to send `msg` to this server at all, or `None`.
+    fn refuse_unsupported(&self, msg: &Outgoing<'_>) -> Option<Diagnostic> {
+        let host = Some(self.target.host.clone());
+        let needs_utf8 = msg.smtputf8 || !msg.mail_from.is_ascii() || msg.recipients.iter().any(|r| !r.is_ascii());
+        if needs_utf8 && !self.caps.smtputf8 {
+            let mut d = Diagnostic::local(
+                EnhancedCode(5, 6, 7),
+                "the server does not support SMTPUTF8, which this message needs (RFC 6531)",
+            );
+            d.remote_mta = host;
+            return Some(d);
+        }
+        let eight_bit = msg.eight_bit || !msg.body.is_ascii();
+        if eight_bit && !self.caps.eight_bit_mime {
+            let mut d = Diagnostic::local(
+                EnhancedCode(5, 6, 3),
+                "the server does not support 8BITMIME and the message has 8-bit content",
+            );
+            d.remote_mta = host;
+            return Some(d);
+        }
+        if let Some(limit) = self.caps.size.filter(|l| *l > 0) {
+            if msg.body.len() as u64 > limit {
+                let mut d = Diagnostic::local(
+                    EnhancedCode(5, 3, 4),
+                    format!("message size {} exceeds the server's limit of {limit} bytes", msg.body.len()),
+                );
+                d.remote_mta = host;
+                return Some(d);
+            }
+        }
+        None
+    }
+
+    fn mail_command(&self, msg: &Outgoing<'_>) -> String {
+        let mut mail = format!("MAIL FROM:<{}>", msg.mail_from);
+        if self.caps.size.is_some() {
+            mail.push_str(&format!(" SIZE={}", msg.body.len()));
+        }
+        if (msg.eight_bit || !msg.body.is_ascii()) && self.caps.eight_bit_mime {
+            mail.push_str(" BODY=8BITMIME");
+        }
+        let needs_utf8 = msg.smtputf8 || !msg.mail_from.is_ascii() || msg.recipients.iter().any(|r| !r.is_ascii());
+        if needs_utf8 && self.caps.smtputf8 {
+            mail.push_str(" SMTPUTF8");
+        }
+        mail
+    }
+
+    /// Gets the session back to a clean state after a transaction that will not send data:
+    /// a pipelined DATA that got 354 anyway is ended with an empty message's dot (RFC 2920
+    /// 3.1), then RSET.
+    async fn abandon_transaction(&mut self, data_reply: Option<&Reply>) {
+        if data_reply.is_some_and(|r| r.code == 354) {
+            let ok = self.write_all(b".\r\n", self.timeouts.data_block.0, "DATA").await.is_ok()
+                && self.read_reply(self.timeouts.data_termination.0, "end of data").await.is_ok();
+            if !ok {
+                self.usable = false;
+                return;
+            }
+        }
+        if self.reset().await.is_err() {
+            self.usable = false;
+        }
+    }
+
+    /// Writes the message and reads the reply (SMTP) or replies (LMTP, one per accepted
+    /// recipient).
+    async fn transmit_data(&mut self, body: &[u8], accepted: usize) -> Result<Vec<Reply>, ClientError> {
+        let wire = encode_data(body);
+        for chunk in wire.chunks(WRITE_CHUNK) {
+            self.write_all(chunk, self.timeouts.data_block.0, "DATA").await?;
+        }
+        let n = match self.protocol {
+            Protocol::Smtp => 1,
+            Protocol::Lmtp => accepted,
+        };
+        let mut replies = Vec::with_capacity(n);
+        for _ in 0..n {
+            replies.push(self.read_reply(self.timeouts.data_termination.0, "end of data").await?);
+        }
+        if self.protocol == Protocol::Smtp {
+            let reply = replies.pop().unwrap_or_else(|| Reply::plain(451, "no reply"));
+            replies = vec![reply; accepted];
+        }
+        Ok(replies)
+    }
+
+    /// EHLO (LHLO), with a HELO fallback for plain SMTP servers.
+    async fn hello(&mut self) -> Result<(), ClientError> {
+        let verb = match self.protocol {
+            Protocol::Smtp => "EHLO",
+            Protocol::Lmtp => "LHLO",
+        };
+        let reply = self
+            .command(&format!("{verb} {}", self.helo), self.timeouts.command.0, "EHLO")
+            .await?;
+        if reply.code == 250 {
+            self.caps = Capabilities::parse(&reply);
+            return Ok(());
+        }
+        if self.protocol == Protocol::Smtp && reply.is_permanent() {
+            let helo = self
+                .command(&format!("HELO {}", self.helo), self.timeouts.command.0, "HELO")
+                .await?;
+            if helo.code == 250 {
+                self.caps = Capabilities::default();
+                return Ok(());
+            }
+            return Err(ClientError::Rejected { phase: "HELO", reply: helo });
+        }
+        Err(ClientError::Rejected { phase: "EHLO", reply })
+    }
+
+    async fn starttls(&mut self, options: &ConnectOptions<'_>) -> Result<(), ClientError> {
+        let reply = self.command("STARTTLS", self.timeouts.command.0, "STARTTLS").await?;
+        if reply.code != 220 {
+            if options.tls == TlsPolicy::Required {
+                return Err(ClientError::TlsUnavailable(format!("STARTTLS was refused: {reply}")));
+            }
+            // Opportunistic: carry on in plaintext, as if STARTTLS had not been offered.
+            tracing::info!(%reply, "STARTTLS refused; continuing without TLS");
+            return Ok(());
+        }
+        if !self.rbuf.is_empty() {
+            self.usable = false;
+            return Err(ClientError::StartTlsInjection);
+        }
+        let verify = options.tls == TlsPolicy::Required && options.verify_certificate;
+        self.start_tls(options, verify).await?;
+        // RFC 3207 4.2: forget everything learned before TLS and say EHLO again.
+        self.caps = Capabilities::default();
+        self.hello().await
+    }
+
+    async fn start_tls(&mut self, options: &ConnectOptions<'_>, verify: bool) -> Result<(), ClientError> {
+        let verify = verify && options.verify_certificate;
+        let Io::Plain(tcp) = std::mem::replace(&mut self.io, Io::Gone) else {
+            return Err(ClientError::Tls("TLS is already active".to_owned()));
+        };
+        let connector = TlsConnector::from(options.tls_config.config(verify));
+        let name = server_name(&self.target.host, self.target.addr.ip());
+        let stream = tokio::time::timeout(self.timeouts.command.0, connector.connect(name, tcp))
+            .await
+            .map_err(|_| ClientError::Timeout { phase: "TLS handshake" })?
+            .map_err(|e| ClientError::Tls(e.to_string()))?;
+        let (_, conn) = stream.get_ref();
+        self.tls = Some(crate::tls::TlsInfo {
+            version: conn
+                .protocol_version()
+                .and_then(|v| v.as_str())
+                .unwrap_or("TLS")
+                .to_owned(),
+            cipher: conn
+                .negotiated_cipher_suite()
+                .and_then(|c| c.suite().as_str())
+                .unwrap_or("unknown")
+                .to_owned(),
+        });
+        self.io = Io::Tls(Box::new(stream));
+        Ok(())
+    }
+
+    async fn authenticate(&mut self, credentials: &Credentials) -> Result<(), ClientError> {
+        if self.tls.is_none() {
+            return Err(ClientError::Auth("refusing to send credentials without TLS".to_owned()));
+        }
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let timeout = self.timeouts.command.0;
+        let reply = if self.caps.auth.iter().any(|m| m == "PLAIN") {
+            let token = b64.encode(format!("\0{}\0{}", credentials.username, credentials.password));
+            self.command(&format!("AUTH PLAIN {token}"), timeout, "AUTH").await?
+        } else if self.caps.auth.iter().any(|m| m == "LOGIN") {
+            let r = self.command("AUTH LOGIN", timeout, "AUTH").await?;
+            if r.code != 334 {
+                return Err(ClientError::Auth(r.to_string()));
+            }
+            let r = self.command(&b64.encode(&credentials.username), timeout, "AUTH").await?;
+            if r.code != 334 {
+                return Err(ClientError::Auth(r.to_string()));
+            }
+            self.command(&b64.encode(&credentials.password), timeout, "AUTH").await?
+        } else {
+            return Err(ClientError::Auth(format!(
+                "the server offers no usable mechanism (offered: {})",
+                self.caps.auth.join(" ")
+            )));
+        };
+        if reply.code == 235 {
+            Ok(())
+        } else {
+            Err(ClientError::Auth(reply.to_string()))
+        }
+    }
+
+    /// Writes one command line and reads its reply.
+    async fn command(&mut self, line: &str, timeout: Duration, phase: &'static str) -> Result<Reply, ClientError> {
+        let mut bytes = Vec::with_capacity(line.len() + 2);
+        bytes.extend_from_slice(line.as_bytes());
+        bytes.extend_from_slice(b"\r\n");
+        self.write_all(&bytes, timeout, phase).await?;
+        self.read_reply(timeout, phase).await
+    }
+
+    async fn write_all(&mut self, bytes: &[u8], timeout: Duration, phase: &'static str) -> Result<(), ClientError> {
+        let result = tokio::time::timeout(timeout, async {
+            self.io.write_all(bytes).await?;
+            self.io.flush().await
+        })
+        .await;
+        match result {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(source)) => {
+                self.usable = false;
+                Err(ClientError::Io { phase, source })
+            }
+            Err(_) => {
+                self.usable = false;
+                Err(ClientError::Timeout { phase })
+            }
+        }
+    }
+
+    /// Reads one complete reply within `timeout`.
+    async fn read_reply(&mut self, timeout: Duration, phase: &'static str) -> Result<Reply, ClientError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            match parse_reply(&self.rbuf) {
+                Ok(Some((reply, used))) => {
+                    self.rbuf.advance(used);
+                    if reply.code == 421 {
+                        // RFC 5321 3.8: the server is closing the channel.
+                        self.usable = false;
+                    }
+                    return Ok(reply);
+                }
+                Ok(None) => {}
+                Err(source) => {
+                    self.usable = false;
+                    return Err(ClientError::BadReply { phase, source });
+                }
+            }
+            self.rbuf.reserve(READ_CHUNK);
+            let read = tokio::time::timeout_at(deadline, self.io.read_buf(&mut self.rbuf)).await;
+            match read {
+                Ok(Ok(0)) => {
+                    self.usable = false;
+                    return Err(ClientError::Closed { phase });
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(source)) => {
+                    self.usable = false;
+                    return Err(ClientError::Io { phase, source });
+                }
+                Err(_) => {
+                    self.usable = false;
+                    return Err(ClientError::Timeout { phase });
+                }
+            }
+        }
+    }
+}
+
+/// Every accepted recipient gets an outcome before the result is returned; this fills the
+/// impossible gap without a panic.
+fn unreachable_outcome(host: &str) -> RecipientOutcome {
+    let mut d = Diagnostic::local(EnhancedCode(4, 3, 0), "internal error: recipient without a result");
+    d.remote_mta = Some(host.to_owned());
+    RecipientOutcome::Deferred(d)
+}
+
+/// The message as DATA sends it: CRLF line endings only (a bare CR or LF becomes CRLF), every
+/// line starting with `.` stuffed with another `.`, a final CRLF if missing, and the
+/// terminating `.<CRLF>`. For messages that already have CRLF endings this is exactly
+/// [`crate::protocol::dot_stuff`].
+pub fn encode_data(body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(body.len() + body.len() / 64 + 5);
+    let mut at_line_start = true;
+    let mut i = 0;
+    while i < body.len() {
+        let b = body[i];
+        match b {
+            b'\r' => {
+                out.extend_from_slice(b"\r\n");
+                // A CRLF pair is one line ending; a bare CR is one too.
+                if body.get(i + 1) == Some(&b'\n') {
+                    i += 1;
+                }
+                at_line_start = true;
+            }
+            b'\n' => {
+                out.extend_from_slice(b"\r\n");
+                at_line_start = true;
+            }
+            _ => {
+                if at_line_start && b == b'.' {
+                    out.push(b'.');
+                }
+                out.push(b);
+                at_line_start = false;
+            }
+        }
+        i += 1;
+    }
+    if !at_line_start {
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b".\r\n");
+    out
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests may unwrap (see notes/common.md)
+mod tests {
+    use super::*;
+    use crate::protocol::dot_stuff;
+
+    #[test]
+    fn encode_matches_dot_stuff_for_crlf_messages() {
+        for msg in [
+            &b""[..],
+            b"a\r\n",
+            b"Subject: x\r\n\r\n.\r\n..\r\n.x\r\nend",
+            b".\r\n",
+            b"no newline",
+        ] {
+            assert_eq!(encode_data(msg), dot_stuff(msg), "{:?}", String::from_utf8_lossy(msg));
+        }
+    }
+
+    #[test]
+    fn encode_normalises_bare_line_endings_so_nothing_ends_the_data_early() {
+        // Every smuggling sequence of the catalogue (2.1) must come out as one message
+        // whose only end-of-data is the final one.
+        let cases: [&[u8]; 6] = [
+            b"a\n.\nb\r\n",
+            b"a\r.\rb\r\n",
+            b"a\r\n.\nb\r\n",
+            b"a\n.\r\nb\r\n",
+            b"a\r\n.\r\r\nb\r\n",
+            b"a\r\n.\rMAIL FROM:<x@y>\r\n",
+        ];
+        for body in cases {
+            let wire = encode_data(body);
+            let text = String::from_utf8_lossy(&wire);
+            assert_eq!(text.matches("\r\n.\r\n").count(), 1, "{text:?}");
+            assert!(wire.ends_with(b"\r\n.\r\n"), "{text:?}");
+            // No bare CR or LF remains.
+            for (i, &b) in wire.iter().enumerate() {
+                if b == b'\n' {
+                    assert_eq!(wire[i - 1], b'\r', "{text:?}");
+                }
+                if b == b'\r' {
+                    assert_eq!(wire.get(i + 1), Some(&b'\n'), "{text:?}");
+                }
+            }
+        }
+        assert_eq!(encode_data(b"a\n.\nb"), b"a\r\n..\r\nb\r\n.\r\n");
+    }
+
+    #[test]
+    fn capabilities_from_ehlo() {
+        let reply = Reply::multiline(
+            250,
+            None,
+            vec![
+                "mx.test greets you".into(),
+                "PIPELINING".into(),
+                "SIZE 10240000".into(),
+                "8bitmime".into(),
+                "AUTH PLAIN login".into(),
+                "AUTH=LOGIN".into(),
+                "STARTTLS".into(),
+                "SMTPUTF8".into(),
+                "".into(),
+            ],
+        );
+        let c = Capabilities::parse(&reply);
+        assert!(c.pipelining && c.eight_bit_mime && c.starttls && c.smtputf8 && c.esmtp);
+        assert_eq!(c.size, Some(10_240_000));
+        assert_eq!(c.auth, vec!["LOGIN", "PLAIN"]);
+        let bare = Capabilities::parse(&Reply::multiline(250, None, vec!["x".into(), "SIZE".into()]));
+        assert_eq!(bare.size, Some(0));
+        assert!(!bare.pipelining);
+    }
+
+    #[test]
+    fn credentials_are_not_debug_printed() {
+        let c = Credentials {
+            username: "u".into(),
+            password: "hunter2".into(),
+        };
+        assert!(!format!("{c:?}").contains("hunter2"));
+    }
+}

@@ -1,0 +1,201 @@
+//! The durable JetStream pull consumer of a MailDomain and the loop that pulls from it.
+//!
+//! Every replica of a domain uses the same durable consumer (`kubemail-<domain with dots as
+//! dashes>`, the name the operator's finalizer deletes), filtered on the domain's subject, so
+//! the server hands each queue entry to one worker at a time and adding replicas adds
+//! delivery capacity. Settings (catalogue JS-CFG-06..09): explicit acks, a finite
+//! `max_deliver` (poison messages, see [`super::worker`]), a bounded `max_ack_pending`, and
+//! an `ack_wait` that a long delivery extends with progress acks.
+//!
+//! The loop only asks for as many entries as it has free delivery slots, so no entry waits
+//! in a local buffer while its ack wait runs out (which would redeliver it to another
+//! worker in parallel).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer, pull};
+use futures::StreamExt as _;
+use tokio::sync::Semaphore;
+
+use super::DeliveryContext;
+use super::config::ConsumerConfig;
+use crate::config::NatsConfig;
+
+/// How long one pull request waits for entries before it is renewed.
+const PULL_EXPIRES: Duration = Duration::from_secs(5);
+/// Longest pause between attempts to set up the consumer or to pull after errors.
+const RETRY_MAX: Duration = Duration::from_secs(10);
+
+/// Why the consumer could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum ConsumerError {
+    #[error("cannot look up stream {stream}: {source}")]
+    GetStream {
+        stream: String,
+        #[source]
+        source: async_nats::jetstream::context::GetStreamError,
+    },
+    #[error("cannot create consumer {name}: {source}")]
+    CreateConsumer {
+        name: String,
+        #[source]
+        source: async_nats::jetstream::stream::ConsumerError,
+    },
+}
+
+/// The durable consumer name of `domain`.
+pub fn consumer_name(domain: &str) -> String {
+    format!("kubemail-{}", domain.to_ascii_lowercase().replace('.', "-"))
+}
+
+/// The queue subject of `domain`.
+pub fn subject(nats: &NatsConfig, domain: &str) -> String {
+    format!("{}.{}", nats.subject_prefix, domain.to_ascii_lowercase())
+}
+
+/// The consumer configuration of `domain`.
+pub fn consumer_config(nats: &NatsConfig, domain: &str, config: &ConsumerConfig) -> pull::Config {
+    let name = consumer_name(domain);
+    pull::Config {
+        durable_name: Some(name.clone()),
+        name: Some(name),
+        description: Some(format!("kubemail delivery workers of {domain}")),
+        filter_subject: subject(nats, domain),
+        deliver_policy: DeliverPolicy::All,
+        ack_policy: AckPolicy::Explicit,
+        ack_wait: config.ack_wait.0,
+        max_deliver: i64::from(config.max_deliver),
+        max_ack_pending: i64::from(config.max_ack_pending),
+        ..Default::default()
+    }
+}
+
+/// Creates the consumer, or updates it to the current settings.
+pub async fn ensure_consumer(
+    js: &async_nats::jetstream::Context,
+    nats: &NatsConfig,
+    domain: &str,
+    config: &ConsumerConfig,
+) -> Result<PullConsumer, ConsumerError> {
+    let stream = js
+        .get_stream(&nats.stream)
+        .await
+        .map_err(|source| ConsumerError::GetStream {
+            stream: nats.stream.clone(),
+            source,
+        })?;
+    stream
+        .create_consumer(consumer_config(nats, domain, config))
+        .await
+        .map_err(|source| ConsumerError::CreateConsumer {
+            name: consumer_name(domain),
+            source,
+        })
+}
+
+/// Pulls entries of `domain` and hands each to [`super::worker::handle`], until the node
+/// stops.
+pub async fn run(ctx: Arc<DeliveryContext>, domain: String) {
+    let stop = ctx.shutdown.stop_token().clone();
+    let slots = Arc::new(Semaphore::new(ctx.config.concurrency.max(1) as usize));
+    let mut delay = Duration::from_millis(200);
+    'setup: loop {
+        let consumer = loop {
+            match ensure_consumer(&ctx.js, &ctx.nats, &domain, &ctx.config.consumer).await {
+                Ok(c) => {
+                    tracing::info!(%domain, consumer = %consumer_name(&domain), "delivery consumer ready");
+                    break c;
+                }
+                Err(error) => {
+                    tracing::warn!(%domain, %error, "cannot set up the delivery consumer; retrying");
+                }
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(delay) => {}
+            }
+            delay = (delay * 2).min(RETRY_MAX);
+        };
+        delay = Duration::from_millis(200);
+        loop {
+            // Wait for at least one free slot, then ask for as many entries as are free.
+            let first = tokio::select! {
+                _ = stop.cancelled() => return,
+                permit = slots.clone().acquire_owned() => match permit {
+                    Ok(p) => p,
+                    Err(_) => return,
+                },
+            };
+            let mut permits = vec![first];
+            while let Ok(p) = slots.clone().try_acquire_owned() {
+                permits.push(p);
+            }
+            let batch = consumer
+                .batch()
+                .max_messages(permits.len())
+                .expires(PULL_EXPIRES)
+                .messages()
+                .await;
+            let mut batch = match batch {
+                Ok(b) => b,
+                Err(error) => {
+                    tracing::warn!(%domain, %error, "pull request failed");
+                    drop(permits);
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                    delay = (delay * 2).min(RETRY_MAX);
+                    continue 'setup;
+                }
+            };
+            loop {
+                let next = tokio::select! {
+                    // Entries of an unfinished pull come back after their ack wait.
+                    _ = stop.cancelled() => return,
+                    next = batch.next() => next,
+                };
+                match next {
+                    None => break,
+                    Some(Ok(message)) => {
+                        let Some(permit) = permits.pop() else {
+                            // More than asked for cannot happen; nak so another worker gets it.
+                            let _ = message.ack_with(async_nats::jetstream::AckKind::Nak(None)).await;
+                            continue;
+                        };
+                        let ctx = ctx.clone();
+                        let domain = domain.clone();
+                        ctx.shutdown.tracker().spawn(async move {
+                            super::worker::handle(&ctx, &domain, message).await;
+                            drop(permit);
+                        });
+                    }
+                    Some(Err(error)) => {
+                        tracing::warn!(%domain, %error, "pulling entries failed");
+                        tokio::time::sleep(delay.min(Duration::from_secs(1))).await;
+                        break;
+                    }
+                }
+            }
+            delay = Duration::from_millis(200);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn consumer_settings_bound_redelivery_and_backlog() {
+        let nats = NatsConfig::default();
+        let c = consumer_config(&nats, "Mail.Example.com", &ConsumerConfig::default());
+        assert_eq!(c.durable_name.as_deref(), Some("kubemail-mail-example-com"));
+        assert_eq!(c.filter_subject, "kubemail.queue.mail.example.com");
+        assert_eq!(c.ack_policy, AckPolicy::Explicit, "JS-CFG-06");
+        assert!(c.max_deliver > 0, "JS-CFG-07: finite max_deliver");
+        assert!(c.max_ack_pending > 0, "JS-CFG-08: bounded");
+        assert_eq!(c.ack_wait, Duration::from_secs(30));
+    }
+}

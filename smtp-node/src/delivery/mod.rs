@@ -1,0 +1,162 @@
+//! The sending side: delivery workers that take queue entries from JetStream and deliver
+//! them to inbound targets, relays and remote MX hosts, retrying and bouncing as needed.
+//!
+//! * [`consumer`]: the per-domain durable pull consumer and the pull loop;
+//! * [`worker`]: one entry from pull to ack: route, deliver, decide, republish, bounce;
+//! * [`route`]: which destination each recipient goes to;
+//! * [`mx`]: MX resolution and ordering; [`address_policy`]: which addresses may be reached;
+//! * [`client`]: the SMTP/LMTP client; [`reply`]: reply parsing; [`tls`]: client TLS;
+//! * [`relay`]: smarthosts; [`limits`]: per-destination connection caps and reuse;
+//! * [`outcome`]: typed results and the entry decision; [`retry`]: the schedule;
+//! * [`dsn`]: bounces and delay notices; [`entry`]: the entry headers and retry state;
+//! * [`config`]: the delivery settings; [`metrics`]: counters and latencies.
+
+pub mod address_policy;
+pub mod client;
+pub mod config;
+pub mod consumer;
+pub mod dsn;
+pub mod entry;
+pub mod limits;
+pub mod metrics;
+pub mod mx;
+pub mod outcome;
+pub mod relay;
+pub mod reply;
+pub mod retry;
+pub mod route;
+pub mod tls;
+pub mod worker;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use async_nats::jetstream::object_store::ObjectStore;
+
+use self::address_policy::AddressPolicy;
+use self::config::DeliveryConfig;
+use self::limits::ConnectionPool;
+use self::relay::Relay;
+use self::route::{DomainRouting, RoutingTable};
+use self::tls::ClientTls;
+use crate::config::NatsConfig;
+use crate::dkim::DkimSigner;
+use crate::dns::Resolver;
+use crate::shutdown::Shutdown;
+
+/// Why delivery could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartDeliveryError {
+    #[error("invalid network in delivery.allowedNetworks/blockedNetworks: {0}")]
+    Networks(String),
+    #[error("cannot set up outbound TLS")]
+    Tls(#[from] tls::ClientTlsError),
+}
+
+/// What the delivery side needs from the node configuration.
+#[derive(Debug, Clone)]
+pub struct DeliverySettings {
+    /// Our host name: EHLO name, `Reporting-MTA` of DSNs.
+    pub hostname: String,
+    pub delivery: DeliveryConfig,
+    pub nats: NatsConfig,
+    /// Our domains with their inbound targets and relays.
+    pub domains: Vec<DomainRouting>,
+}
+
+/// Everything a worker uses, shared by all workers of the node.
+pub struct DeliveryContext {
+    pub hostname: String,
+    pub config: DeliveryConfig,
+    pub nats: NatsConfig,
+    pub routing: RoutingTable,
+    pub relays: HashMap<String, Relay>,
+    pub resolver: Arc<dyn Resolver>,
+    pub policy: AddressPolicy,
+    pub tls: ClientTls,
+    pub pool: Arc<ConnectionPool>,
+    pub signer: Option<Arc<DkimSigner>>,
+    pub js: async_nats::jetstream::Context,
+    pub shutdown: Shutdown,
+    bodies: Mutex<HashMap<String, ObjectStore>>,
+}
+
+impl DeliveryContext {
+    /// Builds the context; touches no network.
+    pub fn new(
+        settings: DeliverySettings,
+        client: async_nats::Client,
+        resolver: Arc<dyn Resolver>,
+        signer: Option<Arc<DkimSigner>>,
+        shutdown: Shutdown,
+    ) -> Result<Self, StartDeliveryError> {
+        let d = &settings.delivery;
+        let policy = AddressPolicy::new(&d.allowed_networks, &d.blocked_networks)
+            .map_err(StartDeliveryError::Networks)?;
+        let tls = ClientTls::new(d.tls.extra_ca_file.as_deref())?;
+        let relays = settings
+            .domains
+            .iter()
+            .filter_map(|dom| {
+                dom.relay
+                    .clone()
+                    .map(|r| (dom.name.to_ascii_lowercase(), Relay::new(r)))
+            })
+            .collect();
+        let mut js = async_nats::jetstream::new(client);
+        js.set_timeout(settings.nats.publish_timeout.0);
+        Ok(Self {
+            hostname: settings.hostname,
+            pool: Arc::new(ConnectionPool::new(d.connections.clone())),
+            config: settings.delivery,
+            nats: settings.nats,
+            routing: RoutingTable::new(settings.domains.clone()),
+            relays,
+            resolver,
+            policy,
+            tls,
+            signer,
+            js,
+            shutdown,
+            bodies: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The object store `bucket`, opened once.
+    pub(crate) async fn object_store(
+        &self,
+        bucket: &str,
+    ) -> Result<ObjectStore, async_nats::jetstream::context::ObjectStoreError> {
+        if let Some(store) = self
+            .bodies
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(bucket)
+        {
+            return Ok(store.clone());
+        }
+        let store = self.js.get_object_store(bucket).await?;
+        self.bodies
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(bucket.to_owned(), store.clone());
+        Ok(store)
+    }
+}
+
+/// Starts one pull loop per domain and the connection reaper; they run until the node's
+/// stop signal. Returns the tasks' handles.
+pub fn start(ctx: Arc<DeliveryContext>, domains: &[String]) -> Vec<tokio::task::JoinHandle<()>> {
+    let mut tasks = Vec::new();
+    if !ctx.config.enabled {
+        tracing::info!("delivery is disabled on this node");
+        return tasks;
+    }
+    tasks.push(tokio::spawn(
+        ctx.pool.clone().run_reaper(ctx.shutdown.stop_token().clone()),
+    ));
+    for domain in domains {
+        tasks.push(tokio::spawn(consumer::run(ctx.clone(), domain.clone())));
+    }
+    tasks
+}

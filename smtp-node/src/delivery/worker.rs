@@ -1,0 +1,687 @@
+//! One queue entry, from pull to acknowledgement.
+//!
+//! 1. Read the envelope and retry state from the headers ([`DeliveryEntry`]). Unusable
+//!    headers: log, count, `term` (there is no sender to tell).
+//! 2. Not due yet (`Kubemail-Not-Before` in the future): `nak` with the remaining delay.
+//! 3. **Poison check**: if this is the second-to-last delivery JetStream will make
+//!    (`max_deliver`), earlier workers died or panicked on this entry every time (a retry is
+//!    a new entry, so only crashes and restarts count). It is not attempted again: every
+//!    recipient fails with `5.3.0`, the sender gets a bounce, the entry is termed. The last
+//!    delivery stays spare in case queueing that bounce fails.
+//! 4. Otherwise attempt delivery in one `tracing` span that carries the acceptance's
+//!    `traceparent`: load the body (inline or from the object store), group recipients by
+//!    route, deliver the groups in parallel, one outcome per recipient. While this runs a
+//!    progress ack goes out every third of `ackWait`, so a slow remote (up to 10 minutes
+//!    for the final reply) never makes the server hand the entry to another worker. A panic
+//!    is caught at this boundary and the entry is nak'd (and counts towards the poison
+//!    limit).
+//! 5. Decide with [`outcome::plan`]: queue the bounce for failed recipients (never for a
+//!    null sender), the optional delay notice, republish the deferred recipients with their
+//!    retry time, then ack (or term when everything failed) and delete a large body from the
+//!    object store once no recipient is left. Every publish comes before the ack, so a crash
+//!    repeats work but never loses a recipient.
+
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::time::{Duration, Instant, SystemTime};
+
+use async_nats::jetstream::{AckKind, Message};
+use bytes::Bytes;
+use futures::FutureExt as _;
+use tokio::io::AsyncReadExt as _;
+use tracing::Instrument as _;
+
+use super::DeliveryContext;
+use super::client::{ClientError, ConnectOptions, Credentials, Outgoing, Protocol, SmtpClient, TlsPolicy};
+use super::config::{ForwardProtocol, InboundTls, MxTlsPolicy};
+use super::consumer::subject;
+use super::dsn::{self, DsnInput, DsnKind};
+use super::entry::DeliveryEntry;
+use super::limits::Checkout;
+use super::metrics::{self, DomainLabels};
+use super::mx::{self, Target};
+use super::outcome::{self, Diagnostic, Disposition, PlanInput, RecipientOutcome};
+use super::relay;
+use super::route::Route;
+use crate::protocol::EnhancedCode;
+use crate::queue::Direction;
+
+/// An entry that comes back this much before its retry time is attempted anyway.
+const NOT_BEFORE_SLACK: Duration = Duration::from_millis(250);
+/// Publishes (retries, DSNs) are tried this often before the entry is nak'd.
+const PUBLISH_ATTEMPTS: u32 = 5;
+/// First pause between publish attempts; doubled each time.
+const PUBLISH_BACKOFF: Duration = Duration::from_millis(200);
+/// Longest delay of a nak after a local failure (NATS trouble, a panic).
+const LOCAL_FAILURE_RETRY: Duration = Duration::from_secs(30);
+
+/// Handles one entry pulled from `domain`'s consumer.
+pub async fn handle(ctx: &DeliveryContext, domain: &str, message: Message) {
+    let delivered = message.info().map(|i| i.delivered).unwrap_or(1).max(1) as u32;
+    let entry = match message
+        .headers
+        .as_ref()
+        .ok_or(super::entry::EntryError::Missing("headers"))
+        .and_then(DeliveryEntry::from_headers)
+    {
+        Ok(e) => e,
+        Err(error) => {
+            tracing::error!(%domain, %error, subject = %message.subject, "dropping a queue entry with unusable headers");
+            metrics::global()
+                .malformed
+                .get_or_create(&DomainLabels {
+                    domain: domain.to_owned(),
+                })
+                .inc();
+            ack(&message, AckKind::Term).await;
+            return;
+        }
+    };
+    if let Some(not_before) = entry.not_before {
+        if let Ok(wait) = not_before.duration_since(SystemTime::now()) {
+            if wait > NOT_BEFORE_SLACK {
+                ack(&message, AckKind::Nak(Some(wait))).await;
+                return;
+            }
+        }
+    }
+    let span = tracing::info_span!(
+        "delivery_attempt",
+        queue_id = %entry.queue_id,
+        %domain,
+        traceparent = entry.traceparent.as_deref().unwrap_or(""),
+        message_id = entry.message_id.as_deref().unwrap_or(""),
+        attempt = entry.attempts + 1,
+        delivery = delivered,
+        recipients = entry.recipients.len(),
+    );
+    process(ctx, domain, &message, entry, delivered).instrument(span).await;
+}
+
+async fn process(ctx: &DeliveryContext, domain: &str, message: &Message, entry: DeliveryEntry, delivered: u32) {
+    let started = Instant::now();
+    let max_deliver = ctx.config.consumer.max_deliver.max(2);
+    let (body, outcomes) = if delivered + 1 >= max_deliver {
+        tracing::error!(delivered, max_deliver, "entry failed on every delivery so far; bouncing it instead of trying again");
+        metrics::global()
+            .poison
+            .get_or_create(&DomainLabels {
+                domain: domain.to_owned(),
+            })
+            .inc();
+        let body = with_progress(ctx, message, load_body(ctx, message, &entry)).await.and_then(Result::ok);
+        let d = Diagnostic::local(
+            EnhancedCode(5, 3, 0),
+            format!("delivery was interrupted {} times (the delivery worker failed); giving up", delivered - 1),
+        );
+        let outcomes = entry
+            .recipients
+            .iter()
+            .map(|r| (r.clone(), RecipientOutcome::Failed(d.clone())))
+            .collect();
+        (body, outcomes)
+    } else {
+        let attempt = AssertUnwindSafe(attempt(ctx, message, &entry)).catch_unwind();
+        let abort = ctx.shutdown.abort_token().clone();
+        let result = tokio::select! {
+            r = with_progress(ctx, message, attempt) => r,
+            _ = abort.cancelled() => {
+                tracing::warn!("shutting down during a delivery; the entry goes back to the queue");
+                ack(message, AckKind::Nak(None)).await;
+                return;
+            }
+        };
+        match result {
+            Some(Ok(done)) => done,
+            Some(Err(_panic)) => {
+                tracing::error!("delivery attempt panicked; the entry will be retried");
+                ack(message, AckKind::Nak(Some(local_retry(ctx)))).await;
+                return;
+            }
+            None => return,
+        }
+    };
+    metrics::global()
+        .attempt_seconds
+        .get_or_create(&DomainLabels {
+            domain: domain.to_owned(),
+        })
+        .observe(started.elapsed().as_secs_f64());
+    let finish = finish(ctx, domain, message, &entry, body, outcomes);
+    let _ = with_progress(ctx, message, finish).await;
+}
+
+/// Runs `work`, sending a progress ack every third of the ack wait; `None` never happens
+/// unless the future itself does not complete (kept for clarity of intent).
+async fn with_progress<T>(ctx: &DeliveryContext, message: &Message, work: impl Future<Output = T>) -> Option<T> {
+    let period = (ctx.config.consumer.ack_wait.0 / 3).max(Duration::from_millis(100));
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tokio::pin!(work);
+    loop {
+        tokio::select! {
+            result = &mut work => return Some(result),
+            _ = tick.tick() => {
+                if let Err(error) = message.ack_with(AckKind::Progress).await {
+                    tracing::debug!(%error, "progress ack failed");
+                }
+            }
+        }
+    }
+}
+
+/// One attempt: the body (if it could be read) and one outcome per recipient.
+async fn attempt(
+    ctx: &DeliveryContext,
+    message: &Message,
+    entry: &DeliveryEntry,
+) -> (Option<Bytes>, Vec<(String, RecipientOutcome)>) {
+    let body = match load_body(ctx, message, entry).await {
+        Ok(b) => b,
+        Err(BodyError::Missing(what)) => {
+            tracing::error!(%what, "message body is missing from the queue store");
+            let d = Diagnostic::local(EnhancedCode(5, 3, 0), "the message body was lost from the queue store");
+            return (None, all(&entry.recipients, RecipientOutcome::Failed(d)));
+        }
+        Err(BodyError::Unavailable(what)) => {
+            tracing::warn!(%what, "cannot read the message body now");
+            let d = Diagnostic::local(EnhancedCode(4, 3, 0), format!("cannot read the message body: {what}"));
+            return (None, all(&entry.recipients, RecipientOutcome::Deferred(d)));
+        }
+    };
+    let groups = ctx.routing.group(entry.direction, &entry.domain, &entry.recipients);
+    let deliveries = groups
+        .iter()
+        .map(|(route, rcpts)| deliver_group(ctx, entry, route, rcpts, &body));
+    let results = futures::future::join_all(deliveries).await;
+    (Some(body), results.into_iter().flatten().collect())
+}
+
+#[derive(Debug)]
+enum BodyError {
+    Missing(String),
+    Unavailable(String),
+}
+
+async fn load_body(ctx: &DeliveryContext, message: &Message, entry: &DeliveryEntry) -> Result<Bytes, BodyError> {
+    let Some(reference) = &entry.body_ref else {
+        return Ok(message.payload.clone());
+    };
+    let Some((bucket, name)) = reference.split_once('/') else {
+        return Err(BodyError::Missing(format!("invalid body reference {reference:?}")));
+    };
+    let store = ctx
+        .object_store(bucket)
+        .await
+        .map_err(|e| BodyError::Unavailable(format!("object store {bucket}: {e}")))?;
+    let mut object = match store.get(name).await {
+        Ok(o) => o,
+        Err(e) if e.kind() == async_nats::jetstream::object_store::GetErrorKind::NotFound => {
+            return Err(BodyError::Missing(reference.clone()));
+        }
+        Err(e) => return Err(BodyError::Unavailable(format!("{reference}: {e}"))),
+    };
+    let mut body = Vec::with_capacity(entry.body_size.unwrap_or(0).min(64 << 20) as usize);
+    object
+        .read_to_end(&mut body)
+        .await
+        .map_err(|e| BodyError::Unavailable(format!("{reference}: {e}")))?;
+    Ok(Bytes::from(body))
+}
+
+fn all(recipients: &[String], outcome: RecipientOutcome) -> Vec<(String, RecipientOutcome)> {
+    recipients.iter().map(|r| (r.clone(), outcome.clone())).collect()
+}
+
+/// Delivers one group of recipients that share a route.
+async fn deliver_group(
+    ctx: &DeliveryContext,
+    entry: &DeliveryEntry,
+    route: &Route,
+    rcpts: &[String],
+    body: &Bytes,
+) -> Vec<(String, RecipientOutcome)> {
+    let deferred = |status: EnhancedCode, text: String| {
+        all(rcpts, RecipientOutcome::Deferred(Diagnostic::local(status, text)))
+    };
+    let route_span = tracing::debug_span!("route", %route);
+    async {
+        match route {
+            Route::Unroutable {
+                status,
+                text,
+                permanent,
+            } => {
+                let d = Diagnostic::local(EnhancedCode(status.0, status.1, status.2), text.clone());
+                all(rcpts, if *permanent { RecipientOutcome::Failed(d) } else { RecipientOutcome::Deferred(d) })
+            }
+            Route::Mx { domain } => {
+                let targets = match mx::resolve_targets(ctx.resolver.as_ref(), domain, ctx.config.mx_port, &ctx.policy).await {
+                    Ok(t) => t,
+                    Err(e) => {
+                        tracing::info!(%domain, error = %e, "no MX target");
+                        let d = Diagnostic::local(e.status().1, e.to_string());
+                        return all(rcpts, if e.is_permanent() { RecipientOutcome::Failed(d) } else { RecipientOutcome::Deferred(d) });
+                    }
+                };
+                let (tls, verify) = match ctx.config.tls.mx {
+                    MxTlsPolicy::Opportunistic => (TlsPolicy::Opportunistic, false),
+                    MxTlsPolicy::Required => (TlsPolicy::Required, true),
+                };
+                send_via(ctx, entry, route, &targets, Protocol::Smtp, tls, verify, None, rcpts, body).await
+            }
+            Route::Relay { domain } => {
+                let Some(relay) = ctx.relays.get(domain) else {
+                    return deferred(EnhancedCode(4, 3, 5), format!("no relay is configured for {domain}"));
+                };
+                let credentials = match relay.credentials() {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::error!(relay = %relay.config.name, error = %e, "cannot read relay credentials");
+                        return deferred(EnhancedCode(4, 3, 5), "relay credentials are not readable".to_owned());
+                    }
+                };
+                let targets = match relay.targets().await {
+                    Ok(t) if !t.is_empty() => t,
+                    Ok(_) => return deferred(EnhancedCode(4, 4, 3), format!("relay host {} has no address", relay.config.host)),
+                    Err(e) => return deferred(EnhancedCode(4, 4, 3), format!("cannot resolve relay host {}: {e}", relay.config.host)),
+                };
+                relay.wait_for_turn().await;
+                let verify = relay.config.verify_certificate;
+                send_via(ctx, entry, route, &targets, Protocol::Smtp, relay.tls_policy(), verify, credentials.as_ref(), rcpts, body).await
+            }
+            Route::Inbound { domain } => {
+                let Some(target) = ctx.routing.domain(domain).and_then(|d| d.inbound.clone()) else {
+                    return deferred(EnhancedCode(4, 3, 5), format!("no inbound target is configured for {domain}"));
+                };
+                let targets = match relay::resolve_configured(&target.host, target.port).await {
+                    Ok(t) if !t.is_empty() => t,
+                    Ok(_) => return deferred(EnhancedCode(4, 4, 3), format!("inbound target {} has no address", target.host)),
+                    Err(e) => return deferred(EnhancedCode(4, 4, 3), format!("cannot resolve inbound target {}: {e}", target.host)),
+                };
+                let protocol = match target.protocol {
+                    ForwardProtocol::Lmtp => Protocol::Lmtp,
+                    ForwardProtocol::Smtp => Protocol::Smtp,
+                };
+                let (tls, verify) = match target.tls {
+                    InboundTls::Opportunistic => (TlsPolicy::Opportunistic, false),
+                    InboundTls::Required => (TlsPolicy::Required, true),
+                    InboundTls::None => (TlsPolicy::None, false),
+                };
+                send_via(ctx, entry, route, &targets, protocol, tls, verify, None, rcpts, body).await
+            }
+        }
+    }
+    .instrument(route_span)
+    .await
+}
+
+/// Sends to the first target that takes the transaction; reuses an idle connection to the
+/// same destination first. Recipients are deferred with the last error when no target
+/// works.
+#[allow(clippy::too_many_arguments)]
+async fn send_via(
+    ctx: &DeliveryContext,
+    entry: &DeliveryEntry,
+    route: &Route,
+    targets: &[Target],
+    protocol: Protocol,
+    tls: TlsPolicy,
+    verify_certificate: bool,
+    credentials: Option<&Credentials>,
+    rcpts: &[String],
+    body: &Bytes,
+) -> Vec<(String, RecipientOutcome)> {
+    let outgoing = Outgoing {
+        mail_from: &entry.mail_from,
+        recipients: rcpts,
+        body,
+        eight_bit: entry.eight_bit,
+        smtputf8: entry.smtputf8,
+    };
+    let zip = |outcomes: Vec<RecipientOutcome>| -> Vec<(String, RecipientOutcome)> {
+        rcpts.iter().cloned().zip(outcomes).collect()
+    };
+    let mut last: Option<Diagnostic> = None;
+    let permit = match ctx.pool.checkout(route).await {
+        Checkout::Reused(mut client, permit) => {
+            if client.reset().await.is_ok() {
+                match client.send(&outgoing).await {
+                    Ok(outcomes) => {
+                        log_outcomes(client.target(), rcpts, &outcomes, true);
+                        ctx.pool.checkin(route, client, permit).await;
+                        return zip(outcomes);
+                    }
+                    Err(e) => {
+                        tracing::info!(host = %client.target().host, error = %e, "reused connection failed");
+                        last = Some(e.diagnostic(&client.target().host));
+                        client.quit().await;
+                    }
+                }
+            } else {
+                client.quit().await;
+            }
+            permit
+        }
+        Checkout::Fresh(permit) => permit,
+    };
+    for target in targets {
+        let options = ConnectOptions {
+            target,
+            helo: &ctx.hostname,
+            protocol,
+            tls,
+            verify_certificate,
+            credentials,
+            timeouts: &ctx.config.timeouts,
+            tls_config: &ctx.tls,
+        };
+        let mut client = match connect(&options).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::info!(host = %target.host, addr = %target.addr, error = %e, "cannot use host");
+                last = Some(e.diagnostic(&target.host));
+                continue;
+            }
+        };
+        match client.send(&outgoing).await {
+            Ok(outcomes) => {
+                log_outcomes(target, rcpts, &outcomes, false);
+                ctx.pool.checkin(route, client, permit).await;
+                return zip(outcomes);
+            }
+            Err(e) => {
+                tracing::info!(host = %target.host, addr = %target.addr, error = %e, "transaction failed; trying the next host");
+                last = Some(e.diagnostic(&target.host));
+                client.quit().await;
+            }
+        }
+    }
+    drop(permit);
+    let d = last.unwrap_or_else(|| Diagnostic::local(EnhancedCode(4, 4, 1), "no host could be reached"));
+    all(rcpts, RecipientOutcome::Deferred(d))
+}
+
+/// Connects; for opportunistic TLS a failed handshake is retried once in plaintext (the
+/// handshake failing is no reason to keep the mail back when plaintext was acceptable).
+async fn connect(options: &ConnectOptions<'_>) -> Result<SmtpClient, ClientError> {
+    match SmtpClient::connect(options).await {
+        Err(ClientError::Tls(reason)) if options.tls == TlsPolicy::Opportunistic => {
+            tracing::info!(host = %options.target.host, %reason, "opportunistic TLS failed; retrying without TLS");
+            let plain = ConnectOptions {
+                tls: TlsPolicy::None,
+                ..*options
+            };
+            SmtpClient::connect(&plain).await
+        }
+        other => other,
+    }
+}
+
+fn log_outcomes(target: &Target, rcpts: &[String], outcomes: &[RecipientOutcome], reused: bool) {
+    for (rcpt, outcome) in rcpts.iter().zip(outcomes) {
+        match outcome {
+            RecipientOutcome::Delivered { reply, .. } => {
+                tracing::info!(recipient = %rcpt, host = %target.host, addr = %target.addr, reused, reply = %reply, "delivered");
+            }
+            RecipientOutcome::Deferred(d) => {
+                tracing::info!(recipient = %rcpt, host = %target.host, reason = %d.summary(), "deferred");
+            }
+            RecipientOutcome::Failed(d) => {
+                tracing::info!(recipient = %rcpt, host = %target.host, reason = %d.summary(), "failed");
+            }
+        }
+    }
+}
+
+/// Acts on the outcomes: bounce, delay notice, republish, ack.
+async fn finish(
+    ctx: &DeliveryContext,
+    domain: &str,
+    message: &Message,
+    entry: &DeliveryEntry,
+    body: Option<Bytes>,
+    outcomes: Vec<(String, RecipientOutcome)>,
+) {
+    let now = SystemTime::now();
+    let plan = outcome::plan(
+        outcomes,
+        PlanInput {
+            retry: &ctx.config.retry,
+            accepted_at: entry.accepted_at,
+            now,
+            null_sender: entry.is_null_sender(),
+            delay_warned: entry.delay_warned,
+            jitter: rand::random::<f64>(),
+        },
+    );
+    let m = metrics::global();
+    m.count(domain, "delivered", plan.delivered.len());
+    m.count(domain, "deferred", plan.deferred.len());
+    for (rcpt, d) in &plan.failed {
+        tracing::warn!(recipient = %rcpt, reason = %d.summary(), bounce = plan.bounce, "delivery failed permanently");
+    }
+    if plan.bounce {
+        m.count(domain, "bounced", plan.failed.len());
+        let lifetime = super::retry::lifetime(&ctx.config.retry, false);
+        if let Err(error) = publish_dsn(ctx, entry, DsnKind::Failure, &plan.failed, body.as_deref(), Some(entry.accepted_at + lifetime)).await {
+            tracing::error!(%error, "cannot queue the bounce; the entry will be retried");
+            ack(message, AckKind::Nak(Some(local_retry(ctx)))).await;
+            return;
+        }
+    } else {
+        // A null sender: nobody to tell (a bounce is never bounced).
+        m.count(domain, "dropped", plan.failed.len());
+    }
+    let mut delay_warned = entry.delay_warned;
+    if plan.delay_notice {
+        let until = entry.accepted_at + super::retry::lifetime(&ctx.config.retry, false);
+        match publish_dsn(ctx, entry, DsnKind::Delay, &plan.deferred, body.as_deref(), Some(until)).await {
+            Ok(()) => delay_warned = true,
+            Err(error) => tracing::warn!(%error, "cannot queue the delay notice; will try at the next attempt"),
+        }
+    }
+    match plan.disposition {
+        Disposition::Deferred { retry_after, retry_at } => {
+            let next = DeliveryEntry {
+                recipients: plan.deferred.iter().map(|(r, _)| r.clone()).collect(),
+                attempts: entry.attempts + 1,
+                not_before: Some(retry_at),
+                last_error: plan.deferred.first().map(|(_, d)| d.summary()),
+                delay_warned,
+                ..entry.clone()
+            };
+            let msg_id = format!("{}.a{}", entry.entry_id(), next.attempts);
+            let headers = next.to_headers(&msg_id);
+            if let Err(error) = publish(ctx, &entry.domain, headers, message.payload.clone()).await {
+                tracing::error!(%error, "cannot queue the retry; the entry will be retried as a whole");
+                ack(message, AckKind::Nak(Some(local_retry(ctx)))).await;
+                return;
+            }
+            tracing::info!(remaining = next.recipients.len(), retry_in = ?retry_after, "deferred");
+            confirm_ack(message, AckKind::Ack).await;
+        }
+        Disposition::Done => {
+            if confirm_ack(message, AckKind::Ack).await {
+                delete_body(ctx, entry).await;
+            }
+        }
+        Disposition::Failed => {
+            if confirm_ack(message, AckKind::Term).await {
+                delete_body(ctx, entry).await;
+            }
+        }
+    }
+}
+
+/// Queues a DSN about `recipients` to the entry's sender, DKIM-signed for the entry's
+/// domain when keys are configured.
+async fn publish_dsn(
+    ctx: &DeliveryContext,
+    entry: &DeliveryEntry,
+    kind: DsnKind,
+    recipients: &[(String, Diagnostic)],
+    original: Option<&[u8]>,
+    retry_until: Option<SystemTime>,
+) -> Result<(), PublishError> {
+    let now = SystemTime::now();
+    let unique = uuid::Uuid::now_v7().simple().to_string();
+    let dsn = dsn::build(&DsnInput {
+        kind,
+        reporting_mta: &ctx.hostname,
+        from_domain: &entry.domain,
+        to: &entry.mail_from,
+        queue_id: &entry.queue_id,
+        envid: entry.dsn_envid.as_deref(),
+        ret: entry.dsn_ret.as_deref(),
+        arrival: entry.accepted_at,
+        now,
+        recipients,
+        retry_until,
+        original,
+        original_message_id: entry.message_id.as_deref(),
+        size_limit: usize::try_from(ctx.config.bounce_size_limit.0).unwrap_or(usize::MAX),
+        unique: &unique,
+    });
+    let mut message = dsn.message;
+    if let Some(signer) = &ctx.signer {
+        match signer.sign(&message, Some(&entry.domain)) {
+            Ok(Some(headers)) => {
+                let mut signed = headers.into_bytes();
+                signed.extend_from_slice(&message);
+                message = signed;
+            }
+            Ok(None) => {}
+            Err(error) => tracing::warn!(%error, "cannot DKIM-sign the DSN; sending it unsigned"),
+        }
+    }
+    let dsn_entry = DeliveryEntry {
+        queue_id: unique,
+        mail_from: String::new(),
+        recipients: vec![entry.mail_from.clone()],
+        direction: Direction::Outbound,
+        domain: entry.domain.clone(),
+        accepted_at: now,
+        message_id: Some(dsn.message_id),
+        traceparent: entry.traceparent.clone(),
+        auth_user: None,
+        client_ip: None,
+        helo: None,
+        eight_bit: dsn.eight_bit,
+        smtputf8: false,
+        dsn_envid: None,
+        dsn_ret: None,
+        body_ref: None,
+        body_size: Some(message.len() as u64),
+        attempts: 0,
+        not_before: None,
+        last_error: None,
+        delay_warned: false,
+    };
+    let tag = match kind {
+        DsnKind::Failure => "bounce",
+        DsnKind::Delay => "delay",
+    };
+    // Deterministic, so a repeated publish of the same report is dropped as a duplicate.
+    let msg_id = format!("{}.{tag}{}", entry.entry_id(), entry.attempts);
+    publish(ctx, &entry.domain, dsn_entry.to_headers(&msg_id), Bytes::from(message)).await?;
+    metrics::global()
+        .dsns
+        .get_or_create(&metrics::DomainResultLabels {
+            domain: entry.domain.clone(),
+            result: match kind {
+                DsnKind::Failure => "failure",
+                DsnKind::Delay => "delay",
+            },
+        })
+        .inc();
+    tracing::info!(kind = tag, to = %entry.mail_from, recipients = recipients.len(), "queued a delivery status notification");
+    Ok(())
+}
+
+/// Why a publish failed after every attempt.
+#[derive(Debug, thiserror::Error)]
+#[error("publishing to the queue failed {attempts} times: {last}")]
+pub struct PublishError {
+    attempts: u32,
+    last: String,
+}
+
+/// Publishes to `domain`'s subject and waits for the acknowledgement, with a few retries.
+async fn publish(
+    ctx: &DeliveryContext,
+    domain: &str,
+    headers: async_nats::HeaderMap,
+    payload: Bytes,
+) -> Result<(), PublishError> {
+    let subject = subject(&ctx.nats, domain);
+    let mut pause = PUBLISH_BACKOFF;
+    let mut last = String::new();
+    for attempt in 1..=PUBLISH_ATTEMPTS {
+        let result = async {
+            ctx.js
+                .publish_with_headers(subject.clone(), headers.clone(), payload.clone())
+                .await
+                .map_err(|e| e.to_string())?
+                .await
+                .map_err(|e| e.to_string())
+        }
+        .await;
+        match result {
+            Ok(ack) => {
+                tracing::debug!(sequence = ack.sequence, duplicate = ack.duplicate, "published");
+                return Ok(());
+            }
+            Err(e) => {
+                tracing::warn!(attempt, error = %e, "publish failed");
+                last = e;
+            }
+        }
+        if attempt < PUBLISH_ATTEMPTS {
+            tokio::time::sleep(pause).await;
+            pause *= 2;
+        }
+    }
+    Err(PublishError {
+        attempts: PUBLISH_ATTEMPTS,
+        last,
+    })
+}
+
+/// Removes the large body of an entry whose last recipient is done. A failure leaves an
+/// orphan object (space, not mail) and is only logged.
+async fn delete_body(ctx: &DeliveryContext, entry: &DeliveryEntry) {
+    let Some((bucket, name)) = entry.body_ref.as_deref().and_then(|r| r.split_once('/')) else {
+        return;
+    };
+    match ctx.object_store(bucket).await {
+        Ok(store) => {
+            if let Err(error) = store.delete(name).await {
+                tracing::warn!(%error, object = %name, "cannot delete the message body object");
+            }
+        }
+        Err(error) => tracing::warn!(%error, "cannot open the body bucket to delete a body"),
+    }
+}
+
+fn local_retry(ctx: &DeliveryContext) -> Duration {
+    ctx.config.retry.min_backoff.0.min(LOCAL_FAILURE_RETRY)
+}
+
+async fn ack(message: &Message, kind: AckKind) {
+    if let Err(error) = message.ack_with(kind).await {
+        tracing::warn!(%error, "acknowledgement failed; the entry will come back after the ack wait");
+    }
+}
+
+/// Acks and waits for the server's confirmation, so that "done" is really recorded before
+/// the next step (deleting a body object: an entry that may come back still needs it).
+async fn confirm_ack(message: &Message, kind: AckKind) -> bool {
+    match message.double_ack_with(kind).await {
+        Ok(()) => true,
+        Err(error) => {
+            tracing::warn!(%error, "acknowledgement not confirmed; the entry may be delivered again after the ack wait");
+            false
+        }
+    }
+}

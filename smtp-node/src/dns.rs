@@ -1,0 +1,623 @@
+//! DNS as the delivery side needs it, behind the [`Resolver`] seam: MX, address and TXT
+//! lookups with the distinctions an MTA acts on (NXDOMAIN bounces, "no records" falls back to
+//! the implicit MX, anything else is temporary).
+//!
+//! * [`HickoryResolver`]: the real implementation, hickory-resolver 0.26 with configurable
+//!   nameservers (address and port, so tests and a local cluster can point it at their own
+//!   DNS server) or the system's `/etc/resolv.conf`. It also hands out the same resolver as a
+//!   `mail_auth::MessageAuthenticator` for SPF/DKIM/DMARC ([`crate::authres`]).
+//! * [`ZoneResolver`]: a test double that answers from zone-file text (the subset of RFC 1035
+//!   master file syntax that test zones use), plus a `SERVFAIL` pseudo-type to simulate a
+//!   broken zone. Unit tests use it; integration tests run a real DNS server (knotd) instead.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+
+use futures::future::BoxFuture;
+use hickory_resolver::TokioResolver;
+use hickory_resolver::config::{
+    ConnectionConfig, LookupIpStrategy, NameServerConfig, ResolveHosts, ResolverConfig,
+    ResolverOpts,
+};
+use hickory_resolver::net::NetError;
+use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use hickory_resolver::proto::rr::{RData, RecordType};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::config::HumanDuration;
+
+/// Longest CNAME chain the zone double follows (real resolvers use similar small limits).
+const MAX_CNAME_CHAIN: usize = 8;
+
+/// Resolver settings (the `dns` section of the node config).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DnsConfig {
+    /// Nameservers as `ip:port` (e.g. `10.96.0.10:53`, `127.0.0.1:5353`). Empty: the system
+    /// configuration (`/etc/resolv.conf`).
+    #[serde(default)]
+    pub nameservers: Vec<SocketAddr>,
+    /// Timeout of one query.
+    #[serde(default = "default_dns_timeout")]
+    pub timeout: HumanDuration,
+    /// Attempts per query before the lookup counts as failed (temporary).
+    #[serde(default = "default_dns_attempts")]
+    pub attempts: u32,
+}
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        Self {
+            nameservers: Vec::new(),
+            timeout: default_dns_timeout(),
+            attempts: default_dns_attempts(),
+        }
+    }
+}
+
+// resolv.conf defaults (timeout:5, attempts:2).
+fn default_dns_timeout() -> HumanDuration {
+    HumanDuration::from_secs(5)
+}
+fn default_dns_attempts() -> u32 {
+    2
+}
+
+/// One MX record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MxRecord {
+    pub preference: u16,
+    /// The exchange, lower case, without the trailing dot; empty for the null MX `.`
+    /// (RFC 7505).
+    pub exchange: String,
+}
+
+/// Why a lookup gave no answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DnsError {
+    /// The name does not exist (NXDOMAIN): a permanent condition for mail routing.
+    #[error("{name}: no such domain (NXDOMAIN)")]
+    NxDomain { name: String },
+    /// SERVFAIL, timeout, refused, network trouble: try again later.
+    #[error("{name}: temporary DNS failure: {reason}")]
+    Temporary { name: String, reason: String },
+}
+
+impl DnsError {
+    pub fn is_nx_domain(&self) -> bool {
+        matches!(self, Self::NxDomain { .. })
+    }
+}
+
+/// The DNS lookups delivery needs. `Ok(vec![])` means the name exists but has no record of
+/// that type (NODATA).
+pub trait Resolver: Send + Sync + 'static {
+    /// MX records of `domain`.
+    fn mx<'a>(&'a self, domain: &'a str) -> BoxFuture<'a, Result<Vec<MxRecord>, DnsError>>;
+    /// IPv4 and IPv6 addresses of `host` (A before AAAA).
+    fn ips<'a>(&'a self, host: &'a str) -> BoxFuture<'a, Result<Vec<IpAddr>, DnsError>>;
+    /// TXT records of `name`, each with its character-strings concatenated.
+    fn txt<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Vec<String>, DnsError>>;
+}
+
+/// The real resolver (hickory-resolver).
+#[derive(Clone)]
+pub struct HickoryResolver {
+    inner: TokioResolver,
+}
+
+/// Why the resolver could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildResolverError {
+    #[error("cannot read the system DNS configuration: {0}")]
+    ReadSystemConfig(#[source] NetError),
+    #[error("cannot build the DNS resolver: {0}")]
+    Build(#[source] NetError),
+}
+
+impl HickoryResolver {
+    /// Builds a resolver for `config`: its nameservers (UDP with TCP fallback) or, when none
+    /// are given, the system's.
+    pub fn new(config: &DnsConfig) -> Result<Self, BuildResolverError> {
+        let (resolver_config, mut opts) = if config.nameservers.is_empty() {
+            hickory_resolver::system_conf::read_system_conf()
+                .map_err(BuildResolverError::ReadSystemConfig)?
+        } else {
+            let servers = config
+                .nameservers
+                .iter()
+                .map(|addr| {
+                    let mut udp = ConnectionConfig::udp();
+                    udp.port = addr.port();
+                    let mut tcp = ConnectionConfig::tcp();
+                    tcp.port = addr.port();
+                    NameServerConfig::new(addr.ip(), true, vec![udp, tcp])
+                })
+                .collect();
+            (
+                ResolverConfig::from_name_servers(servers),
+                ResolverOpts::default(),
+            )
+        };
+        opts.timeout = config.timeout.0;
+        opts.attempts = config.attempts.max(1) as usize;
+        // Mail routing must follow the DNS only: /etc/hosts entries such as "localhost" must
+        // not become delivery targets.
+        opts.use_hosts_file = ResolveHosts::Never;
+        opts.ip_strategy = LookupIpStrategy::Ipv4AndIpv6;
+        opts.try_tcp_on_error = true;
+        let inner =
+            TokioResolver::builder_with_config(resolver_config, TokioRuntimeProvider::default())
+                .with_options(opts)
+                .build()
+                .map_err(BuildResolverError::Build)?;
+        Ok(Self { inner })
+    }
+
+    /// The same resolver, as mail-auth's authenticator (SPF, DKIM, DMARC lookups).
+    pub fn authenticator(&self) -> mail_auth::MessageAuthenticator {
+        mail_auth::MessageAuthenticator(self.inner.clone())
+    }
+}
+
+/// `name` as an absolute name, so no search domain is ever appended.
+fn fqdn(name: &str) -> String {
+    if name.ends_with('.') {
+        name.to_owned()
+    } else {
+        format!("{name}.")
+    }
+}
+
+fn classify(name: &str, error: &NetError) -> Option<DnsError> {
+    if error.is_nx_domain() {
+        Some(DnsError::NxDomain {
+            name: name.to_owned(),
+        })
+    } else if error.is_no_records_found() {
+        None
+    } else {
+        Some(DnsError::Temporary {
+            name: name.to_owned(),
+            reason: error.to_string(),
+        })
+    }
+}
+
+impl Resolver for HickoryResolver {
+    fn mx<'a>(&'a self, domain: &'a str) -> BoxFuture<'a, Result<Vec<MxRecord>, DnsError>> {
+        Box::pin(async move {
+            match self.inner.lookup(fqdn(domain), RecordType::MX).await {
+                Ok(lookup) => Ok(lookup
+                    .answers()
+                    .iter()
+                    .filter_map(|r| match &r.data {
+                        RData::MX(mx) => Some(MxRecord {
+                            preference: mx.preference,
+                            exchange: normalise_name(&mx.exchange.to_ascii()),
+                        }),
+                        _ => None,
+                    })
+                    .collect()),
+                Err(e) => classify(domain, &e).map_or(Ok(Vec::new()), Err),
+            }
+        })
+    }
+
+    fn ips<'a>(&'a self, host: &'a str) -> BoxFuture<'a, Result<Vec<IpAddr>, DnsError>> {
+        Box::pin(async move {
+            match self.inner.lookup_ip(fqdn(host)).await {
+                Ok(lookup) => Ok(lookup.iter().collect()),
+                Err(e) => classify(host, &e).map_or(Ok(Vec::new()), Err),
+            }
+        })
+    }
+
+    fn txt<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Vec<String>, DnsError>> {
+        Box::pin(async move {
+            match self.inner.lookup(fqdn(name), RecordType::TXT).await {
+                Ok(lookup) => Ok(lookup
+                    .answers()
+                    .iter()
+                    .filter_map(|r| match &r.data {
+                        RData::TXT(txt) => Some(
+                            txt.txt_data
+                                .iter()
+                                .map(|s| String::from_utf8_lossy(s).into_owned())
+                                .collect::<String>(),
+                        ),
+                        _ => None,
+                    })
+                    .collect()),
+                Err(e) => classify(name, &e).map_or(Ok(Vec::new()), Err),
+            }
+        })
+    }
+}
+
+/// Lower case, no trailing dot ("." itself becomes the empty string).
+fn normalise_name(name: &str) -> String {
+    name.trim_end_matches('.').to_ascii_lowercase()
+}
+
+/// A record of the zone double.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum ZoneRecord {
+    A(IpAddr),
+    Mx(MxRecord),
+    Txt(String),
+    Cname(String),
+    /// Pseudo-record: every lookup of this name fails temporarily.
+    ServFail,
+}
+
+/// Why zone text could not be parsed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("zone line {line}: {reason}")]
+pub struct ZoneParseError {
+    pub line: usize,
+    pub reason: String,
+}
+
+/// A resolver answering from zone-file text; for unit tests.
+///
+/// Supported syntax: `$ORIGIN`, `$TTL` (ignored), `@`, relative and absolute owner names, a
+/// blank owner (repeat the previous one), optional TTL and class `IN`, the types `A`, `AAAA`,
+/// `MX`, `TXT` (one or more quoted strings), `CNAME`, and the pseudo-type `SERVFAIL`;
+/// comments after `;`. Names are case-insensitive.
+#[derive(Debug, Clone, Default)]
+pub struct ZoneResolver {
+    records: HashMap<String, Vec<ZoneRecord>>,
+}
+
+impl ZoneResolver {
+    /// Parses zone text.
+    pub fn from_zone(text: &str) -> Result<Self, ZoneParseError> {
+        let mut records: HashMap<String, Vec<ZoneRecord>> = HashMap::new();
+        let mut origin = String::new();
+        let mut previous_owner: Option<String> = None;
+        for (index, raw) in text.lines().enumerate() {
+            let line = index + 1;
+            let err = |reason: String| ZoneParseError { line, reason };
+            let content = strip_comment(raw);
+            if content.trim().is_empty() {
+                continue;
+            }
+            let tokens = tokenize(content).map_err(err)?;
+            let Some(first) = tokens.first() else {
+                continue;
+            };
+            if first.eq_ignore_ascii_case("$ORIGIN") {
+                let name = tokens
+                    .get(1)
+                    .ok_or_else(|| err("$ORIGIN needs a name".into()))?;
+                origin = normalise_name(name);
+                continue;
+            }
+            if first.starts_with('$') {
+                continue;
+            }
+            let starts_blank = raw.starts_with([' ', '\t']);
+            let mut rest: &[String] = &tokens;
+            let owner = if starts_blank {
+                previous_owner
+                    .clone()
+                    .ok_or_else(|| err("record without an owner name".into()))?
+            } else {
+                rest = &tokens[1..];
+                absolute(first, &origin)
+            };
+            previous_owner = Some(owner.clone());
+            // Optional TTL and class, in either order.
+            while let Some(t) = rest.first() {
+                if t.bytes().all(|b| b.is_ascii_digit()) || t.eq_ignore_ascii_case("IN") {
+                    rest = &rest[1..];
+                } else {
+                    break;
+                }
+            }
+            let kind = rest
+                .first()
+                .ok_or_else(|| err("missing record type".into()))?
+                .to_ascii_uppercase();
+            let data = &rest[1..];
+            let need = |n: usize| {
+                if data.len() < n {
+                    Err(err(format!("{kind} needs {n} data field(s)")))
+                } else {
+                    Ok(())
+                }
+            };
+            let record = match kind.as_str() {
+                "A" | "AAAA" => {
+                    need(1)?;
+                    let ip: IpAddr = data[0]
+                        .parse()
+                        .map_err(|_| err(format!("invalid address {:?}", data[0])))?;
+                    if (kind == "A") != ip.is_ipv4() {
+                        return Err(err(format!("{kind} record with address {ip}")));
+                    }
+                    ZoneRecord::A(ip)
+                }
+                "MX" => {
+                    need(2)?;
+                    let preference = data[0]
+                        .parse()
+                        .map_err(|_| err(format!("invalid MX preference {:?}", data[0])))?;
+                    let exchange = if data[1] == "." {
+                        String::new()
+                    } else {
+                        absolute(&data[1], &origin)
+                    };
+                    ZoneRecord::Mx(MxRecord {
+                        preference,
+                        exchange,
+                    })
+                }
+                "TXT" => {
+                    need(1)?;
+                    ZoneRecord::Txt(data.concat())
+                }
+                "CNAME" => {
+                    need(1)?;
+                    ZoneRecord::Cname(absolute(&data[0], &origin))
+                }
+                "SERVFAIL" => ZoneRecord::ServFail,
+                // Other types (SOA, NS, ...) do not matter to mail routing.
+                _ => continue,
+            };
+            records.entry(owner).or_default().push(record);
+        }
+        Ok(Self { records })
+    }
+
+    /// The records of `name` after following CNAMEs, or the lookup error.
+    fn resolve(&self, name: &str) -> Result<&[ZoneRecord], DnsError> {
+        let mut current = normalise_name(name);
+        for _ in 0..MAX_CNAME_CHAIN {
+            let Some(records) = self.records.get(&current) else {
+                return Err(DnsError::NxDomain {
+                    name: name.to_owned(),
+                });
+            };
+            if records.contains(&ZoneRecord::ServFail) {
+                return Err(DnsError::Temporary {
+                    name: name.to_owned(),
+                    reason: "SERVFAIL".into(),
+                });
+            }
+            match records.iter().find_map(|r| match r {
+                ZoneRecord::Cname(target) => Some(target.clone()),
+                _ => None,
+            }) {
+                Some(target) => current = target,
+                None => return Ok(records),
+            }
+        }
+        Err(DnsError::Temporary {
+            name: name.to_owned(),
+            reason: "CNAME chain too long".into(),
+        })
+    }
+}
+
+impl Resolver for ZoneResolver {
+    fn mx<'a>(&'a self, domain: &'a str) -> BoxFuture<'a, Result<Vec<MxRecord>, DnsError>> {
+        let result = self.resolve(domain).map(|records| {
+            records
+                .iter()
+                .filter_map(|r| match r {
+                    ZoneRecord::Mx(mx) => Some(mx.clone()),
+                    _ => None,
+                })
+                .collect()
+        });
+        Box::pin(async move { result })
+    }
+
+    fn ips<'a>(&'a self, host: &'a str) -> BoxFuture<'a, Result<Vec<IpAddr>, DnsError>> {
+        let result = self.resolve(host).map(|records| {
+            let mut ips: Vec<IpAddr> = records
+                .iter()
+                .filter_map(|r| match r {
+                    ZoneRecord::A(ip) => Some(*ip),
+                    _ => None,
+                })
+                .collect();
+            // A before AAAA, like the real resolver's strategy.
+            ips.sort_by_key(|ip| ip.is_ipv6());
+            ips
+        });
+        Box::pin(async move { result })
+    }
+
+    fn txt<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Vec<String>, DnsError>> {
+        let result = self.resolve(name).map(|records| {
+            records
+                .iter()
+                .filter_map(|r| match r {
+                    ZoneRecord::Txt(t) => Some(t.clone()),
+                    _ => None,
+                })
+                .collect()
+        });
+        Box::pin(async move { result })
+    }
+}
+
+/// Everything before a `;` that is not inside quotes.
+fn strip_comment(line: &str) -> &str {
+    let mut quoted = false;
+    let mut escaped = false;
+    for (i, c) in line.char_indices() {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' => escaped = true,
+            '"' => quoted = !quoted,
+            ';' if !quoted => return &line[..i],
+            _ => {}
+        }
+    }
+    line
+}
+
+/// Splits on white space; a quoted string is one token without its quotes (`\"` and `\\`
+/// unescaped).
+fn tokenize(line: &str) -> Result<Vec<String>, String> {
+    let mut tokens = Vec::new();
+    let mut chars = line.chars().peekable();
+    while let Some(&c) = chars.peek() {
+        if c.is_whitespace() {
+            chars.next();
+        } else if c == '"' {
+            chars.next();
+            let mut s = String::new();
+            loop {
+                match chars.next() {
+                    None => return Err("unterminated quoted string".into()),
+                    Some('"') => break,
+                    Some('\\') => {
+                        if let Some(n) = chars.next() {
+                            s.push(n);
+                        }
+                    }
+                    Some(other) => s.push(other),
+                }
+            }
+            tokens.push(s);
+        } else {
+            let mut s = String::new();
+            while let Some(&c) = chars.peek() {
+                if c.is_whitespace() {
+                    break;
+                }
+                s.push(c);
+                chars.next();
+            }
+            tokens.push(s);
+        }
+    }
+    Ok(tokens)
+}
+
+/// An owner or target name made absolute against `origin`, normalised.
+fn absolute(name: &str, origin: &str) -> String {
+    if name == "@" {
+        origin.to_owned()
+    } else if name.ends_with('.') {
+        normalise_name(name)
+    } else if origin.is_empty() {
+        normalise_name(name)
+    } else {
+        format!("{}.{}", name.to_ascii_lowercase(), origin)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests may unwrap (see notes/common.md)
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    const ZONE: &str = r#"
+$ORIGIN remote.test.
+$TTL 300
+@        IN MX 20 backup      ; lower priority
+@        IN MX 10 mx1.remote.test.
+         IN TXT "v=spf1 " "ip4:192.0.2.1 -all"
+mx1      300 IN A 127.0.0.1
+         AAAA ::1
+backup   A 192.0.2.25
+alias    CNAME mx1
+null.test.  MX 0 .
+broken.test. SERVFAIL
+text.test. TXT "a;b \"q\""
+"#;
+
+    fn zone() -> ZoneResolver {
+        ZoneResolver::from_zone(ZONE).unwrap()
+    }
+
+    #[tokio::test]
+    async fn answers_mx_a_aaaa_txt_and_follows_cnames() {
+        let z = zone();
+        let mut mx = z.mx("Remote.Test").await.unwrap();
+        mx.sort_by_key(|m| m.preference);
+        assert_eq!(
+            mx,
+            vec![
+                MxRecord {
+                    preference: 10,
+                    exchange: "mx1.remote.test".into()
+                },
+                MxRecord {
+                    preference: 20,
+                    exchange: "backup.remote.test".into()
+                },
+            ]
+        );
+        assert_eq!(
+            z.ips("mx1.remote.test").await.unwrap(),
+            vec![
+                "127.0.0.1".parse::<IpAddr>().unwrap(),
+                "::1".parse().unwrap()
+            ]
+        );
+        assert_eq!(
+            z.ips("alias.remote.test.").await.unwrap(),
+            z.ips("mx1.remote.test").await.unwrap()
+        );
+        assert_eq!(
+            z.txt("remote.test").await.unwrap(),
+            vec!["v=spf1 ip4:192.0.2.1 -all".to_owned()]
+        );
+        assert_eq!(
+            z.txt("text.test").await.unwrap(),
+            vec!["a;b \"q\"".to_owned()]
+        );
+    }
+
+    #[tokio::test]
+    async fn distinguishes_nodata_nxdomain_servfail_and_null_mx() {
+        let z = zone();
+        assert_eq!(z.mx("mx1.remote.test").await.unwrap(), vec![], "NODATA");
+        assert!(z.mx("nope.test").await.unwrap_err().is_nx_domain());
+        assert!(matches!(
+            z.ips("broken.test").await.unwrap_err(),
+            DnsError::Temporary { .. }
+        ));
+        assert_eq!(
+            z.mx("null.test").await.unwrap(),
+            vec![MxRecord {
+                preference: 0,
+                exchange: String::new()
+            }]
+        );
+    }
+
+    #[test]
+    fn reports_bad_lines() {
+        let e = ZoneResolver::from_zone("x.test. A 999.1.1.1\n").unwrap_err();
+        assert_eq!(e.line, 1);
+        assert!(ZoneResolver::from_zone("x.test. AAAA 127.0.0.1").is_err());
+        assert!(ZoneResolver::from_zone("x.test. MX ten mx").is_err());
+        assert!(ZoneResolver::from_zone("x.test. TXT \"open").is_err());
+        assert!(
+            ZoneResolver::from_zone("  A 127.0.0.1").is_err(),
+            "no owner yet"
+        );
+    }
+
+    #[test]
+    fn config_defaults_and_nameserver_ports() {
+        let c: DnsConfig =
+            serde_yaml::from_str("nameservers: [\"127.0.0.1:5353\"]\ntimeout: 2s\n").unwrap();
+        assert_eq!(c.nameservers[0].port(), 5353);
+        assert_eq!(c.timeout.0, Duration::from_secs(2));
+        assert_eq!(c.attempts, 2);
+        // Building with explicit nameservers touches no system file and no network.
+        HickoryResolver::new(&c).unwrap();
+    }
+}

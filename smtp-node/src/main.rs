@@ -1,0 +1,143 @@
+//! `smtp-node`: parse arguments, set up logging, run the node, map the exit code.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use kubemail_smtp_node::config::NodeConfig;
+use kubemail_smtp_node::shutdown::{self, Shutdown};
+use kubemail_smtp_node::{auth, node, telemetry};
+
+/// kubemail SMTP node: receives mail and queues it in NATS JetStream.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// Configuration file (YAML) to run with.
+    #[arg(long, env = "SMTP_NODE_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Validate a configuration file (and the certificate and users files it names), then exit.
+    CheckConfig {
+        /// The file to check.
+        #[arg(env = "SMTP_NODE_CONFIG", value_name = "FILE")]
+        file: PathBuf,
+    },
+    /// Read a password from standard input and print its argon2 hash for a users file.
+    HashPassword,
+    /// Print the JSON schema of the configuration file.
+    ConfigSchema,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match args.command {
+        Some(Command::CheckConfig { file }) => check_config(&file),
+        Some(Command::HashPassword) => hash_password(),
+        Some(Command::ConfigSchema) => {
+            let schema = schemars::schema_for!(NodeConfig);
+            match serde_json::to_string_pretty(&schema) {
+                Ok(text) => {
+                    println!("{text}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        None => match args.config {
+            Some(file) => run(&file),
+            None => {
+                eprintln!("error: --config FILE (or SMTP_NODE_CONFIG) is required; see --help");
+                ExitCode::from(2)
+            }
+        },
+    }
+}
+
+fn check_config(file: &std::path::Path) -> ExitCode {
+    let result = NodeConfig::load(file)
+        .map_err(anyhow::Error::from)
+        .and_then(|config| node::check(&config).map_err(anyhow::Error::from));
+    match result {
+        Ok(()) => {
+            println!("{}: ok", file.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn hash_password() -> ExitCode {
+    let mut password = String::new();
+    if let Err(e) = std::io::stdin().read_to_string(&mut password) {
+        eprintln!("error: cannot read the password from stdin: {e}");
+        return ExitCode::FAILURE;
+    }
+    let password = password.trim_end_matches(['\r', '\n']);
+    match auth::hash_password(password) {
+        Ok(hash) => {
+            println!("{hash}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(file: &std::path::Path) -> ExitCode {
+    telemetry::init();
+    let config = match NodeConfig::load(file) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        let shutdown = Shutdown::new();
+        let stopper = shutdown.clone();
+        tokio::spawn(async move {
+            if let Err(e) = shutdown::signal().await {
+                // Without signal handling the node can only be killed; keep serving.
+                tracing::error!(error = %e, "cannot listen for signals");
+                std::future::pending::<()>().await;
+            }
+            tracing::info!("shutdown signal received");
+            stopper.stop();
+        });
+        node::run(config, shutdown).await
+    });
+    // Tasks still running (a session stuck past the abort grace) are dropped here.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let e = anyhow::Error::from(e);
+            tracing::error!("{e:#}");
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

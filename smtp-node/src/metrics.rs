@@ -1,0 +1,184 @@
+//! Prometheus metrics of the SMTP node, served as text on `/metrics` by [`crate::admin`].
+//!
+//! One process-wide [`Metrics`] (like a `static` registry) so that every layer can count
+//! without threading a handle through each call. Label values are small closed sets (listener
+//! names from the config, reply classes, fixed reasons), never addresses or user input.
+
+use std::sync::OnceLock;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Labels naming a listener.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabels {
+    pub listener: String,
+}
+
+/// Labels naming a listener and a reason.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub listener: String,
+    pub reason: &'static str,
+}
+
+/// Labels for SMTP replies.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReplyLabels {
+    pub listener: String,
+    /// `2xx`, `3xx`, `4xx` or `5xx`.
+    pub class: &'static str,
+}
+
+/// Labels for an outcome.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
+}
+
+/// Every metric the node exports.
+pub struct Metrics {
+    registry: Registry,
+    pub connections: Family<ListenerLabels, Counter>,
+    pub connections_refused: Family<ReasonLabels, Counter>,
+    pub sessions_active: Family<ListenerLabels, Gauge>,
+    pub replies: Family<ReplyLabels, Counter>,
+    pub messages_accepted: Family<ListenerLabels, Counter>,
+    pub messages_rejected: Family<ReasonLabels, Counter>,
+    pub message_bytes: Counter,
+    pub auth: Family<ResultLabels, Counter>,
+    pub queue_publish: Family<ResultLabels, Counter>,
+    pub queue_publish_seconds: Histogram,
+    pub nats_connected: Gauge,
+    pub tls_reload_failures: Counter,
+}
+
+/// The process-wide metrics.
+pub fn global() -> &'static Metrics {
+    static METRICS: OnceLock<Metrics> = OnceLock::new();
+    METRICS.get_or_init(Metrics::new)
+}
+
+impl Metrics {
+    fn new() -> Self {
+        let mut registry = Registry::with_prefix("kubemail_smtp");
+        let m = Self {
+            connections: Family::default(),
+            connections_refused: Family::default(),
+            sessions_active: Family::default(),
+            replies: Family::default(),
+            messages_accepted: Family::default(),
+            messages_rejected: Family::default(),
+            message_bytes: Counter::default(),
+            auth: Family::default(),
+            queue_publish: Family::default(),
+            // 1 ms .. ~16 s: a publish on loopback takes about a millisecond, a timeout many seconds.
+            queue_publish_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
+            nats_connected: Gauge::default(),
+            tls_reload_failures: Counter::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "connections",
+            "SMTP connections accepted",
+            m.connections.clone(),
+        );
+        registry.register(
+            "connections_refused",
+            "SMTP connections refused at connect (limits, shutdown, PROXY errors)",
+            m.connections_refused.clone(),
+        );
+        registry.register(
+            "sessions_active",
+            "SMTP sessions in progress",
+            m.sessions_active.clone(),
+        );
+        registry.register("replies", "SMTP replies sent by class", m.replies.clone());
+        registry.register(
+            "messages_accepted",
+            "Messages queued and answered with 250",
+            m.messages_accepted.clone(),
+        );
+        registry.register(
+            "messages_rejected",
+            "Transactions refused at end of data, by reason",
+            m.messages_rejected.clone(),
+        );
+        registry.register(
+            "message_bytes",
+            "Bytes of accepted messages",
+            m.message_bytes.clone(),
+        );
+        registry.register("auth", "AUTH attempts by result", m.auth.clone());
+        registry.register(
+            "queue_publish",
+            "JetStream publishes by result",
+            m.queue_publish.clone(),
+        );
+        registry.register(
+            "queue_publish_seconds",
+            "Time from end of data to JetStream acknowledgement",
+            m.queue_publish_seconds.clone(),
+        );
+        registry.register(
+            "nats_connected",
+            "1 when the NATS connection is up",
+            m.nats_connected.clone(),
+        );
+        registry.register(
+            "tls_reload_failures",
+            "Certificate changes that could not be loaded",
+            m.tls_reload_failures.clone(),
+        );
+        Self { registry, ..m }
+    }
+
+    /// The text exposition format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    /// Counts a reply by its class.
+    pub fn reply(&self, listener: &str, code: u16) {
+        let class = match code / 100 {
+            2 => "2xx",
+            3 => "3xx",
+            4 => "4xx",
+            _ => "5xx",
+        };
+        self.replies
+            .get_or_create(&ReplyLabels {
+                listener: listener.to_owned(),
+                class,
+            })
+            .inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encodes_registered_metrics() {
+        let m = global();
+        m.reply("mx", 250);
+        m.auth
+            .get_or_create(&ResultLabels { result: "success" })
+            .inc();
+        let text = m.encode();
+        assert!(
+            text.contains("kubemail_smtp_replies_total{listener=\"mx\",class=\"2xx\"}"),
+            "{text}"
+        );
+        assert!(text.contains("kubemail_smtp_auth_total"), "{text}");
+        assert!(text.contains("# EOF"), "{text}");
+    }
+}

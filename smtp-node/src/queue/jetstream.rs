@@ -1,0 +1,383 @@
+//! The real [`Queue`]: NATS JetStream through async-nats.
+//!
+//! The node starts even while NATS is down (a liveness probe must not restart pods because
+//! the queue is away): the client keeps reconnecting in the background, a setup task creates
+//! or checks the stream and the body bucket once connected, and until both are done
+//! `/readyz` fails and every DATA gets `451 4.3.0`. A publish is only attempted while the
+//! connection is up; otherwise the client would buffer it and send it after a reconnect, long
+//! after the client was told `451` (a certain duplicate when it retries).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::context::PublishErrorKind;
+use async_nats::jetstream::object_store::ObjectStore;
+use async_nats::jetstream::{self, ErrorCode};
+use async_nats::{HeaderMap, connection::State};
+use futures::future::BoxFuture;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use super::stream::{ensure_body_bucket, ensure_queue_stream};
+use super::{EnqueueError, Queue, QueuedMessage, headers, rfc3339};
+use crate::config::NatsConfig;
+use crate::metrics::{self, ResultLabels};
+
+/// Room left for NATS headers (envelope with up to a few hundred recipients) when deciding
+/// whether a body fits into one message of the server's `max_payload`.
+const HEADER_HEADROOM: usize = 64 * 1024;
+
+/// Longest pause between two stream setup attempts while NATS is unreachable.
+const SETUP_RETRY_MAX: Duration = Duration::from_secs(10);
+
+/// JetStream error codes that mean "no room": the client should try again later (452 4.3.1).
+const FULL_CODES: [ErrorCode; 5] = [
+    ErrorCode::STREAM_STORE_FAILED,
+    ErrorCode::STORAGE_RESOURCES_EXCEEDED,
+    ErrorCode::INSUFFICIENT_RESOURCES,
+    ErrorCode::ACCOUNT_RESOURCES_EXCEEDED,
+    ErrorCode::MEMORY_RESOURCES_EXCEEDED,
+];
+
+/// Why the NATS client could not be created.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("cannot read NATS credentials file {path}")]
+    ReadCredentials {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot connect to NATS at {url}: {source}")]
+    Connect {
+        url: String,
+        #[source]
+        source: async_nats::ConnectError,
+    },
+}
+
+/// The JetStream-backed queue.
+pub struct JetStreamQueue {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    nats: NatsConfig,
+    bodies: OnceLock<ObjectStore>,
+    set_up: AtomicBool,
+    redo_setup: Notify,
+}
+
+impl JetStreamQueue {
+    /// Creates the client. Returns at once; the connection is made (and re-made) in the
+    /// background. Call [`JetStreamQueue::run_setup`] to create the stream.
+    pub async fn connect(nats: &NatsConfig) -> Result<Arc<Self>, ConnectError> {
+        let options = match &nats.credentials_file {
+            Some(path) => async_nats::ConnectOptions::with_credentials_file(path)
+                .await
+                .map_err(|source| ConnectError::ReadCredentials {
+                    path: path.clone(),
+                    source,
+                })?,
+            None => async_nats::ConnectOptions::new(),
+        };
+        let client = options
+            .name("kubemail-smtp-node")
+            .retry_on_initial_connect()
+            .connection_timeout(Duration::from_secs(5))
+            .event_callback(|event| async move {
+                match event {
+                    async_nats::Event::Connected => {
+                        metrics::global().nats_connected.set(1);
+                        tracing::info!("connected to NATS");
+                    }
+                    async_nats::Event::Disconnected => {
+                        metrics::global().nats_connected.set(0);
+                        tracing::warn!("disconnected from NATS");
+                    }
+                    other => tracing::info!(event = %other, "NATS event"),
+                }
+            })
+            .connect(nats.url.as_str())
+            .await
+            .map_err(|source| ConnectError::Connect {
+                url: nats.url.clone(),
+                source,
+            })?;
+        let mut js = jetstream::new(client.clone());
+        js.set_timeout(nats.publish_timeout.0);
+        Ok(Arc::new(Self {
+            client,
+            js,
+            nats: nats.clone(),
+            bodies: OnceLock::new(),
+            set_up: AtomicBool::new(false),
+            redo_setup: Notify::new(),
+        }))
+    }
+
+    /// Creates or checks the stream and the body bucket, retrying until it works or `cancel`
+    /// fires. An incompatible existing stream is logged and retried (an operator can fix it
+    /// without restarting the node).
+    ///
+    /// Runs until `cancel`: when a publish finds no stream (a NATS server that lost its
+    /// store), the setup is done again.
+    pub async fn run_setup(self: Arc<Self>, cancel: CancellationToken) {
+        loop {
+            let mut delay = Duration::from_millis(200);
+            while !self.set_up.load(Ordering::Acquire) {
+                if self.client.connection_state() == State::Connected {
+                    match self.setup_once().await {
+                        Ok(()) => {
+                            self.set_up.store(true, Ordering::Release);
+                            tracing::info!(stream = %self.nats.stream, bucket = %self.nats.body_bucket, "queue ready");
+                            break;
+                        }
+                        Err(error) => tracing::error!(%error, "queue setup failed; retrying"),
+                    }
+                }
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(SETUP_RETRY_MAX);
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = self.redo_setup.notified() => {}
+            }
+        }
+    }
+
+    async fn setup_once(&self) -> Result<(), super::stream::SetupError> {
+        ensure_queue_stream(&self.js, &self.nats).await?;
+        let bucket = ensure_body_bucket(&self.js, &self.nats).await?;
+        let _ = self.bodies.set(bucket);
+        Ok(())
+    }
+
+    /// The NATS client (for tests and the delivery side).
+    pub fn client(&self) -> &async_nats::Client {
+        &self.client
+    }
+
+    /// Largest body published inline; larger ones go to the object store.
+    fn inline_limit(&self) -> usize {
+        let server = self
+            .client
+            .server_info()
+            .max_payload
+            .saturating_sub(HEADER_HEADROOM);
+        let configured = usize::try_from(self.nats.inline_body_limit.0).unwrap_or(usize::MAX);
+        configured.min(server)
+    }
+
+    #[tracing::instrument(skip_all, fields(queue_id = %entry.envelope.queue_id, domain = %entry.envelope.domain, size = entry.body.len()))]
+    async fn publish(&self, entry: &QueuedMessage) -> Result<(), EnqueueError> {
+        let env = &entry.envelope;
+        let entry_id = env.entry_id();
+        let mut h = envelope_headers(entry);
+        let payload = if entry.body.len() > self.inline_limit() {
+            let store = self
+                .bodies
+                .get()
+                .ok_or_else(|| EnqueueError::Unavailable("body bucket not set up".to_owned()))?;
+            let mut reader: &[u8] = &entry.body;
+            store
+                .put(entry_id.as_str(), &mut reader)
+                .await
+                .map_err(|e| classify(&e, "store body"))?;
+            h.insert(
+                headers::BODY_REF,
+                format!("{}/{}", self.nats.body_bucket, entry_id),
+            );
+            bytes::Bytes::new()
+        } else {
+            entry.body.clone()
+        };
+        let subject = format!("{}.{}", self.nats.subject_prefix, env.domain);
+        let ack = self
+            .js
+            .publish_with_headers(subject, h, payload)
+            .await
+            .map_err(|e| classify(&e, "publish"))?
+            .await
+            .map_err(|e| {
+                if e.kind() == PublishErrorKind::StreamNotFound {
+                    tracing::error!(stream = %self.nats.stream, "queue stream missing; setting it up again");
+                    self.set_up.store(false, Ordering::Release);
+                    self.redo_setup.notify_one();
+                }
+                classify(&e, "wait for acknowledgement")
+            })?;
+        tracing::debug!(stream = %ack.stream, sequence = ack.sequence, duplicate = ack.duplicate, "queued");
+        Ok(())
+    }
+}
+
+impl Queue for JetStreamQueue {
+    fn enqueue(&self, entries: Vec<QueuedMessage>) -> BoxFuture<'_, Result<(), EnqueueError>> {
+        Box::pin(async move {
+            let started = Instant::now();
+            let result = async {
+                if self.client.connection_state() != State::Connected {
+                    return Err(EnqueueError::Unavailable(
+                        "not connected to NATS".to_owned(),
+                    ));
+                }
+                if !self.set_up.load(Ordering::Acquire) {
+                    return Err(EnqueueError::Unavailable(
+                        "queue stream not set up yet".to_owned(),
+                    ));
+                }
+                for entry in &entries {
+                    self.publish(entry).await?;
+                }
+                Ok(())
+            }
+            .await;
+            let m = metrics::global();
+            m.queue_publish_seconds
+                .observe(started.elapsed().as_secs_f64());
+            let label = match &result {
+                Ok(()) => "ok",
+                Err(EnqueueError::Full(_)) => "full",
+                Err(EnqueueError::Unavailable(_)) => "unavailable",
+            };
+            m.queue_publish
+                .get_or_create(&ResultLabels { result: label })
+                .inc();
+            result
+        })
+    }
+
+    fn is_ready(&self) -> bool {
+        self.set_up.load(Ordering::Acquire) && self.client.connection_state() == State::Connected
+    }
+}
+
+/// The NATS headers of one entry (see the module doc of [`super`]).
+pub fn envelope_headers(entry: &QueuedMessage) -> HeaderMap {
+    let env = &entry.envelope;
+    let mut h = HeaderMap::new();
+    h.insert(headers::NATS_MSG_ID, env.entry_id());
+    h.insert(headers::QUEUE_ID, env.queue_id.to_string());
+    h.insert(headers::MAIL_FROM, format!("<{}>", clean(&env.mail_from)));
+    // One header holding a JSON array: repeated NATS headers are collapsed by some client
+    // code paths (async-nats' direct get keeps only the last), and JSON is unambiguous for
+    // any address, quoted local parts included.
+    let rcpts = serde_json::to_string(&env.recipients).unwrap_or_else(|_| "[]".to_owned());
+    h.insert(headers::RCPT_TO, clean(&rcpts));
+    h.insert(headers::DIRECTION, env.direction.as_str());
+    h.insert(headers::DOMAIN, env.domain.clone());
+    h.insert(headers::ACCEPTED_AT, rfc3339(env.accepted_at));
+    if let Some(id) = &env.message_id {
+        h.insert(headers::MESSAGE_ID, clean(id));
+    }
+    if let Some(tp) = &env.traceparent {
+        h.insert(headers::TRACEPARENT, clean(tp));
+    }
+    if let Some(user) = &env.auth_user {
+        h.insert(headers::AUTH_USER, clean(user));
+    }
+    h.insert(headers::CLIENT_IP, env.client_ip.to_string());
+    h.insert(headers::HELO, clean(&env.helo));
+    if env.eight_bit {
+        h.insert(headers::BODY_TYPE, "8BITMIME");
+    }
+    if env.smtputf8 {
+        h.insert(headers::SMTPUTF8, "true");
+    }
+    if let Some(envid) = &env.dsn_envid {
+        h.insert(headers::DSN_ENVID, clean(envid));
+    }
+    if let Some(ret) = &env.dsn_ret {
+        h.insert(headers::DSN_RET, clean(ret));
+    }
+    h.insert(headers::BODY_SIZE, entry.body.len().to_string());
+    h
+}
+
+/// Header values must not contain control characters (they would break the NATS framing).
+/// Input reaching here has passed the SMTP parser; this is a second line of defence.
+fn clean(value: &str) -> String {
+    value
+        .chars()
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
+}
+
+/// Maps an async-nats error to the reply class: "no room" is `452`, everything else `451`.
+fn classify(error: &(dyn std::error::Error + 'static), action: &str) -> EnqueueError {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    let mut text = String::new();
+    while let Some(e) = source {
+        if let Some(js) = e.downcast_ref::<jetstream::Error>()
+            && FULL_CODES.contains(&js.error_code())
+        {
+            return EnqueueError::Full(format!("{action}: {js}"));
+        }
+        text.push_str(&e.to_string());
+        text.push_str(": ");
+        source = e.source();
+    }
+    let lower = text.to_ascii_lowercase();
+    if lower.contains("maximum bytes")
+        || lower.contains("maximum messages")
+        || lower.contains("insufficient")
+    {
+        return EnqueueError::Full(format!("{action}: {text}"));
+    }
+    EnqueueError::Unavailable(format!("{action}: {}", text.trim_end_matches(": ")))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{IpAddr, Ipv4Addr};
+    use std::time::SystemTime;
+
+    use super::*;
+    use crate::queue::{Direction, Envelope, QueueId};
+
+    #[test]
+    fn headers_carry_the_envelope() {
+        let entry = QueuedMessage {
+            envelope: Envelope {
+                queue_id: QueueId::new(),
+                mail_from: String::new(),
+                recipients: vec!["bob@example.test".into(), "postmaster@example.test".into()],
+                domain: "example.test".into(),
+                direction: Direction::Inbound,
+                accepted_at: SystemTime::UNIX_EPOCH,
+                message_id: Some("<x@y>".into()),
+                traceparent: None,
+                auth_user: None,
+                client_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+                helo: "client\r\nInjected: x".into(),
+                eight_bit: true,
+                smtputf8: false,
+                dsn_envid: None,
+                dsn_ret: None,
+            },
+            body: bytes::Bytes::from_static(b"Subject: x\r\n\r\nhi\r\n"),
+        };
+        let h = envelope_headers(&entry);
+        assert_eq!(h.get(headers::MAIL_FROM).unwrap().as_str(), "<>");
+        assert_eq!(
+            h.get(headers::RCPT_TO).unwrap().as_str(),
+            r#"["bob@example.test","postmaster@example.test"]"#
+        );
+        assert_eq!(
+            h.get(headers::NATS_MSG_ID).unwrap().as_str(),
+            format!("{}.example.test", entry.envelope.queue_id)
+        );
+        assert_eq!(
+            h.get(headers::ACCEPTED_AT).unwrap().as_str(),
+            "1970-01-01T00:00:00Z"
+        );
+        assert_eq!(
+            h.get(headers::HELO).unwrap().as_str(),
+            "client??Injected: x"
+        );
+        assert_eq!(h.get(headers::BODY_TYPE).unwrap().as_str(), "8BITMIME");
+    }
+}

@@ -1,0 +1,176 @@
+//! The accept loop of one listener (mini-redis style): take a node-wide connection slot,
+//! read the PROXY header when configured, take a slot for the client IP, then run the session
+//! as a task the shutdown tracker waits for.
+//!
+//! Over a cap the client gets `421 4.7.0` and the connection is closed. On the implicit-TLS
+//! port nothing is written before TLS, so an over-cap connection is just closed (a handshake
+//! per refused connection would be the costliest answer under a flood).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tracing::Instrument;
+
+use super::prefixed::PrefixedStream;
+use super::{BoundListener, ConnectionInfo, ServerContext};
+use crate::config::{ListenerConfig, ListenerKind};
+use crate::metrics::{self, ListenerLabels, ReasonLabels};
+use crate::protocol::{EnhancedCode, Reply};
+
+/// Longest pause after failing `accept()` (for example out of file descriptors).
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// Time allowed to write a refusal before closing.
+const REFUSAL_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Accepts connections until shutdown.
+pub async fn accept_loop(bound: BoundListener, ctx: Arc<ServerContext>) {
+    let BoundListener { config, socket } = bound;
+    let stop = ctx.shutdown.stop_token().clone();
+    let mut backoff = Duration::from_millis(10);
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.cancelled() => break,
+            r = socket.accept() => r,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(x) => {
+                backoff = Duration::from_millis(10);
+                x
+            }
+            Err(error) => {
+                tracing::warn!(listener = %config.name, %error, "accept failed");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        metrics::global()
+            .connections
+            .get_or_create(&ListenerLabels {
+                listener: config.name.clone(),
+            })
+            .inc();
+        let Some(permit) = ctx.limits.try_total() else {
+            refused(&config, "max_connections");
+            tracing::warn!(listener = %config.name, %peer, "maxConnections reached; refusing");
+            ctx.shutdown
+                .tracker()
+                .spawn(refuse(tcp, config.clone(), ctx.config.hostname.clone()));
+            continue;
+        };
+        let ctx2 = ctx.clone();
+        let config2 = config.clone();
+        ctx.shutdown.tracker().spawn(async move {
+            handle_connection(tcp, peer, config2, ctx2).await;
+            drop(permit);
+        });
+    }
+    tracing::info!(listener = %config.name, "stopped accepting");
+}
+
+async fn handle_connection(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    listener: Arc<ListenerConfig>,
+    ctx: Arc<ServerContext>,
+) {
+    let local = tcp.local_addr().unwrap_or(listener.address);
+    let mut stream = PrefixedStream::new(tcp);
+    let remote = if listener.proxy_protocol {
+        let timeout = ctx.config.timeouts.tls_handshake.0;
+        match super::proxy::read_proxy_header(&mut stream, timeout).await {
+            Ok(Some(source)) => source,
+            Ok(None) => peer,
+            Err(error) => {
+                refused(&listener, "proxy_header");
+                tracing::warn!(listener = %listener.name, %peer, %error, "bad PROXY header; closing");
+                return;
+            }
+        }
+    } else {
+        peer
+    };
+    let Some(_slot) = ctx.limits.try_ip(remote.ip()) else {
+        refused(&listener, "max_connections_per_ip");
+        tracing::warn!(listener = %listener.name, remote_ip = %remote.ip(), "maxConnectionsPerIp reached; refusing");
+        refuse_stream(stream, &listener, &ctx.config.hostname).await;
+        return;
+    };
+    let conn = ConnectionInfo {
+        session_id: ctx.next_session_id(),
+        remote,
+        local,
+        listener: listener.clone(),
+    };
+    let span = tracing::info_span!(
+        "session",
+        id = conn.session_id,
+        listener = %listener.name,
+        remote_ip = %remote.ip(),
+        remote_port = remote.port(),
+    );
+    let active = metrics::global()
+        .sessions_active
+        .get_or_create(&ListenerLabels {
+            listener: listener.name.clone(),
+        })
+        .clone();
+    active.inc();
+    async {
+        tracing::debug!("connected");
+        match listener.kind {
+            ListenerKind::ImplicitTls => {
+                crate::session::serve_implicit_tls(stream, conn, ctx).await
+            }
+            ListenerKind::Mx | ListenerKind::Submission => {
+                crate::session::serve(stream, conn, ctx).await
+            }
+        }
+        tracing::debug!("disconnected");
+    }
+    .instrument(span)
+    .await;
+    active.dec();
+}
+
+fn refused(listener: &ListenerConfig, reason: &'static str) {
+    metrics::global()
+        .connections_refused
+        .get_or_create(&ReasonLabels {
+            listener: listener.name.clone(),
+            reason,
+        })
+        .inc();
+}
+
+fn too_many_connections(hostname: &str) -> Vec<u8> {
+    Reply::new(
+        421,
+        EnhancedCode(4, 7, 0),
+        format!("{hostname} Too many connections, try again later"),
+    )
+    .to_bytes(true)
+}
+
+async fn refuse(tcp: TcpStream, listener: Arc<ListenerConfig>, hostname: String) {
+    refuse_stream(PrefixedStream::new(tcp), &listener, &hostname).await;
+}
+
+async fn refuse_stream(
+    mut stream: PrefixedStream<TcpStream>,
+    listener: &ListenerConfig,
+    hostname: &str,
+) {
+    if listener.kind != ListenerKind::ImplicitTls {
+        let reply = too_many_connections(hostname);
+        let _ = tokio::time::timeout(REFUSAL_WRITE_TIMEOUT, async {
+            let _ = stream.write_all(&reply).await;
+            let _ = stream.shutdown().await;
+        })
+        .await;
+    }
+}

@@ -1,0 +1,124 @@
+//! Listeners and the shared state of every session: binding the configured sockets, the
+//! accept loops with their connection caps ([`listener`]), PROXY protocol ([`proxy`]) and
+//! the hand-over of each connection to [`crate::session`].
+
+pub mod limits;
+pub mod listener;
+pub mod prefixed;
+pub mod proxy;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tokio::net::TcpListener;
+
+use crate::auth::Authenticator;
+use crate::config::{ListenerConfig, NodeConfig};
+use crate::queue::Queue;
+use crate::shutdown::Shutdown;
+use crate::tls::TlsServer;
+use limits::ConnectionLimits;
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot bind listener {name} to {address}")]
+    BindListener {
+        name: String,
+        address: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What every session shares.
+pub struct ServerContext {
+    pub config: Arc<NodeConfig>,
+    /// `None` when no certificate is configured: STARTTLS is then not offered.
+    pub tls: Option<TlsServer>,
+    pub auth: Arc<Authenticator>,
+    pub queue: Arc<dyn Queue>,
+    pub shutdown: Shutdown,
+    pub limits: ConnectionLimits,
+    next_session: AtomicU64,
+}
+
+impl ServerContext {
+    pub fn new(
+        config: Arc<NodeConfig>,
+        tls: Option<TlsServer>,
+        auth: Arc<Authenticator>,
+        queue: Arc<dyn Queue>,
+        shutdown: Shutdown,
+    ) -> Arc<Self> {
+        let limits = ConnectionLimits::new(config.max_connections, config.max_connections_per_ip);
+        Arc::new(Self {
+            config,
+            tls,
+            auth,
+            queue,
+            shutdown,
+            limits,
+            next_session: AtomicU64::new(1),
+        })
+    }
+
+    /// A short id for logs, unique within this process.
+    pub fn next_session_id(&self) -> u64 {
+        self.next_session.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// The addresses of one connection.
+#[derive(Debug, Clone)]
+pub struct ConnectionInfo {
+    pub session_id: u64,
+    /// The client: from the PROXY header when the listener uses it, else the socket peer.
+    pub remote: SocketAddr,
+    pub local: SocketAddr,
+    pub listener: Arc<ListenerConfig>,
+}
+
+/// A bound listener socket with its settings.
+pub struct BoundListener {
+    pub config: Arc<ListenerConfig>,
+    pub socket: TcpListener,
+}
+
+impl BoundListener {
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.socket.local_addr()
+    }
+}
+
+/// Binds every configured listener (all or nothing).
+pub async fn bind_listeners(config: &NodeConfig) -> Result<Vec<BoundListener>, ServerError> {
+    let mut bound = Vec::with_capacity(config.listeners.len());
+    for l in &config.listeners {
+        let socket =
+            TcpListener::bind(l.address)
+                .await
+                .map_err(|source| ServerError::BindListener {
+                    name: l.name.clone(),
+                    address: l.address,
+                    source,
+                })?;
+        tracing::info!(listener = %l.name, kind = ?l.kind, address = %l.address, "listening");
+        bound.push(BoundListener {
+            config: Arc::new(l.clone()),
+            socket,
+        });
+    }
+    Ok(bound)
+}
+
+/// Runs the accept loops until shutdown stops them. Sessions keep running in the shutdown
+/// tracker; wait for them with [`Shutdown::drain`].
+pub async fn run(listeners: Vec<BoundListener>, ctx: Arc<ServerContext>) {
+    let mut loops = tokio::task::JoinSet::new();
+    for l in listeners {
+        loops.spawn(listener::accept_loop(l, ctx.clone()));
+    }
+    while loops.join_next().await.is_some() {}
+}

@@ -1,0 +1,220 @@
+//! DATA, and the end of every transaction (DATA or the last BDAT chunk): add our headers,
+//! hand the message to the queue, and answer `250` only once the queue acknowledged it.
+//!
+//! End-of-data detection, dot-unstuffing, line and size limits and the bare CR/LF policy are
+//! [`crate::protocol::DataReceiver`]'s; the receiver reads to the real `<CRLF>.<CRLF>` even
+//! after a violation, so the session stays in step and nothing of a refused message is
+//! queued.
+
+use std::time::SystemTime;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tracing::Instrument;
+
+use super::message::{ReceivedInfo, header_value, new_message_id, received_header};
+use super::{End, Next, Session, Transaction};
+use crate::metrics::{self, ListenerLabels, ReasonLabels};
+use crate::protocol::{BodyType, DataProgress, DataReceiver, EnhancedCode, MAX_TEXT_LINE, Reply};
+use crate::queue::{Direction, EnqueueError, Envelope, QueuedMessage};
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
+    pub(super) async fn handle_data(&mut self) -> Result<Next, End> {
+        match &self.tx {
+            None => {
+                self.error_reply(Reply::bad_sequence("Need MAIL before DATA"))?;
+                return Ok(Next::Continue);
+            }
+            Some(tx) if tx.bdat.is_some() => {
+                self.error_reply(Reply::bad_sequence("DATA after BDAT"))?;
+                return Ok(Next::Continue);
+            }
+            Some(tx) if tx.recipients.is_empty() => {
+                self.error_reply(Reply::bad_sequence("Need RCPT before DATA"))?;
+                return Ok(Next::Continue);
+            }
+            Some(_) => {}
+        }
+        self.reply(Reply::start_mail_input());
+        let mut receiver =
+            DataReceiver::new(self.bare_eol_policy(), self.size_limit(), MAX_TEXT_LINE);
+        let mut budget = self.data_budget(self.ctx.config.timeouts.data_init.0);
+        loop {
+            if receiver.feed(&mut self.rbuf) == DataProgress::Done {
+                break;
+            }
+            self.fill_data(&mut budget).await?;
+        }
+        match receiver.finish() {
+            Ok(body) => self.complete_transaction(body).await,
+            Err(error) => {
+                self.reject_message(error.reply(), reason_of(&error));
+                Ok(Next::Continue)
+            }
+        }
+    }
+
+    /// Refuses the message of the current transaction (after its data was read) and resets.
+    pub(super) fn reject_message(&mut self, reply: Reply, reason: &'static str) {
+        if let Some(tx) = &self.tx {
+            tx.span
+                .in_scope(|| tracing::info!(reason, code = reply.code, "message refused"));
+        }
+        metrics::global()
+            .messages_rejected
+            .get_or_create(&ReasonLabels {
+                listener: self.conn.listener.name.clone(),
+                reason,
+            })
+            .inc();
+        self.reset_transaction();
+        self.reply(reply);
+    }
+
+    /// Queues the complete message and answers. The transaction ends either way.
+    pub(super) async fn complete_transaction(&mut self, body: Bytes) -> Result<Next, End> {
+        let Some(tx) = self.tx.take() else {
+            self.reply(Reply::bad_sequence("No transaction"));
+            return Ok(Next::Continue);
+        };
+        let span = tx.span.clone();
+        let entries = self.build_entries(&tx, body);
+        let size = entries.first().map_or(0, |e| e.body.len());
+        let limit = self.ctx.config.timeouts.data_termination.0;
+        let queue = self.ctx.queue.clone();
+        let result = tokio::time::timeout(limit, queue.enqueue(entries))
+            .instrument(span.clone())
+            .await
+            .unwrap_or_else(|_| Err(EnqueueError::Unavailable("timed out".to_owned())));
+        let listener = self.conn.listener.name.clone();
+        match result {
+            Ok(()) => {
+                let m = metrics::global();
+                m.messages_accepted
+                    .get_or_create(&ListenerLabels { listener })
+                    .inc();
+                m.message_bytes.inc_by(size as u64);
+                span.in_scope(|| tracing::info!(size, recipients = tx.recipients.len(), "queued"));
+                self.reply(Reply::ok(format!("Ok: queued as {}", tx.queue_id)));
+            }
+            Err(error) => {
+                span.in_scope(|| tracing::warn!(%error, "queueing failed"));
+                let (reply, reason) = match error {
+                    EnqueueError::Full(_) => (
+                        Reply::new(
+                            452,
+                            EnhancedCode(4, 3, 1),
+                            "Insufficient system storage, try again later",
+                        ),
+                        "queue_full",
+                    ),
+                    EnqueueError::Unavailable(_) => (
+                        Reply::local_error("Queue unavailable, try again later"),
+                        "queue_unavailable",
+                    ),
+                };
+                self.tx = Some(tx);
+                self.reject_message(reply, reason);
+            }
+        }
+        Ok(Next::Continue)
+    }
+
+    /// The queue entries of a transaction: one outbound entry on the user's domain, or one
+    /// inbound entry per recipient domain (see [`crate::queue`]).
+    fn build_entries(&self, tx: &Transaction, body: Bytes) -> Vec<QueuedMessage> {
+        let config = &self.ctx.config;
+        let submission = self.user.is_some();
+        let single = (tx.recipients.len() == 1).then(|| tx.recipients[0].to_string());
+        let received = received_header(&ReceivedInfo {
+            helo: self.helo.as_ref().map_or("unknown", |h| h.name.as_str()),
+            client_ip: self.conn.remote.ip(),
+            hostname: &config.hostname,
+            esmtp: self.esmtp(),
+            authenticated: submission,
+            smtputf8: tx.params.smtputf8,
+            tls: self.tls.as_ref(),
+            queue_id: tx.queue_id.as_str(),
+            single_recipient: single.as_deref(),
+            date: SystemTime::now(),
+        });
+        let mut message_id = header_value(&body, "Message-ID");
+        let mut full = BytesMut::with_capacity(received.len() + body.len() + 64);
+        full.extend_from_slice(received.as_bytes());
+        if submission && message_id.is_none() {
+            let id = new_message_id(&config.hostname);
+            full.extend_from_slice(format!("Message-ID: {id}\r\n").as_bytes());
+            message_id = Some(id);
+        }
+        full.extend_from_slice(&body);
+        let full = full.freeze();
+        if let Some(id) = &message_id {
+            tx.span.record("message_id", id.as_str());
+        }
+
+        let base = Envelope {
+            queue_id: tx.queue_id.clone(),
+            mail_from: tx.from.to_string(),
+            recipients: Vec::new(),
+            domain: String::new(),
+            direction: Direction::Inbound,
+            accepted_at: SystemTime::now(),
+            message_id,
+            traceparent: Some(tx.traceparent.clone()),
+            auth_user: self.user.as_ref().map(|u| u.name.clone()),
+            client_ip: self.conn.remote.ip(),
+            helo: self
+                .helo
+                .as_ref()
+                .map(|h| h.name.clone())
+                .unwrap_or_default(),
+            eight_bit: tx.params.body == Some(BodyType::EightBitMime),
+            smtputf8: tx.params.smtputf8,
+            dsn_envid: tx.params.envid.clone(),
+            dsn_ret: tx.params.ret.clone(),
+        };
+        let all: Vec<String> = tx.recipients.iter().map(|r| r.to_string()).collect();
+        if let Some(user) = &self.user {
+            return vec![QueuedMessage {
+                envelope: Envelope {
+                    recipients: all,
+                    domain: user.domain.clone(),
+                    direction: Direction::Outbound,
+                    ..base
+                },
+                body: full,
+            }];
+        }
+        // Inbound: group by recipient domain, in order of first appearance.
+        let mut groups: Vec<(String, Vec<String>)> = Vec::new();
+        for r in &tx.recipients {
+            let domain = r.domain().to_owned();
+            match groups.iter_mut().find(|(d, _)| *d == domain) {
+                Some((_, list)) => list.push(r.to_string()),
+                None => groups.push((domain, vec![r.to_string()])),
+            }
+        }
+        groups
+            .into_iter()
+            .map(|(domain, recipients)| QueuedMessage {
+                envelope: Envelope {
+                    recipients,
+                    domain,
+                    ..base.clone()
+                },
+                body: full.clone(),
+            })
+            .collect()
+    }
+}
+
+/// Metric label for a refused message.
+pub(super) fn reason_of(error: &crate::protocol::DataError) -> &'static str {
+    use crate::protocol::DataError;
+    match error {
+        DataError::BareLineEnding => "bare_line_ending",
+        DataError::LineTooLong => "line_too_long",
+        DataError::TooLarge => "too_large",
+        DataError::Incomplete => "incomplete",
+    }
+}
