@@ -17,7 +17,7 @@ build:
 	cargo build --workspace --bins
 
 demo: setup build ## bring the local cluster up and leave it running
-	e2e/local-cluster up
+	e2e/local-cluster up || { e2e/local-cluster down; exit 1; }
 	@echo
 	@echo "local cluster is up:  . .kubemail-local/env   (stop it with: e2e/local-cluster down)"
 
@@ -27,7 +27,7 @@ lint:
 
 # Every test, against the real components; the cluster is stopped even when tests fail.
 test: setup build
-	e2e/local-cluster up
+	e2e/local-cluster up || { e2e/local-cluster down; exit 1; }
 	set +e; set -a; . .kubemail-local/env; set +a; \
 	cargo test --workspace --no-fail-fast -- --test-threads=4 2>&1 | tee "$(KUBEMAIL_CACHE)/last-test.log"; \
 	rc=$${PIPESTATUS[0]}; \
