@@ -27,6 +27,9 @@ use serde::{Deserialize, Serialize};
 
 /// Environment variable that overrides the default NATS URL.
 pub const NATS_URL_ENV: &str = "NATS_URL";
+/// Environment variable that gives the default nameservers (`ip:port`, comma separated), as
+/// the local cluster exports it.
+pub const DNS_SERVER_ENV: &str = "DNS_SERVER";
 /// NATS URL used when neither the config nor `NATS_URL` name one.
 pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
 /// Default message size limit: 25 MiB, what large providers accept.
@@ -98,6 +101,15 @@ pub struct NodeConfig {
     /// Graceful shutdown.
     #[serde(default)]
     pub shutdown: ShutdownConfig,
+    /// The DNS resolver for MX delivery and inbound SPF/DKIM/DMARC checks.
+    #[serde(default)]
+    pub dns: DnsConfig,
+    /// Delivery workers: retries, timeouts, connection limits, outbound TLS.
+    #[serde(default)]
+    pub delivery: DeliveryConfig,
+    /// SPF, DKIM and DMARC checks of mail arriving on MX listeners.
+    #[serde(default)]
+    pub inbound_auth: InboundAuthConfig,
 }
 
 /// One SMTP listener.
@@ -218,6 +230,17 @@ pub struct DomainConfig {
     /// Limits for this domain.
     #[serde(default)]
     pub limits: DomainLimits,
+    /// Where mail for this domain's recipients is delivered (LMTP or SMTP). Unset: mail for
+    /// it is accepted and queued but waits (deferred) until a target is configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inbound: Option<InboundTarget>,
+    /// Smarthost for this domain's outbound mail. Unset: direct delivery to the recipients'
+    /// MX hosts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay: Option<RelayConfig>,
+    /// DKIM keys that sign this domain's outbound mail at acceptance.
+    #[serde(default, skip_serializing_if = "DkimConfig::is_empty")]
+    pub dkim: DkimConfig,
 }
 
 /// Per-domain limits.
@@ -293,6 +316,310 @@ pub struct ShutdownConfig {
     pub drain_timeout: HumanDuration,
 }
 
+/// Resolver settings (the `dns` section of the node config).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DnsConfig {
+    /// Nameservers as `ip:port` (e.g. `10.96.0.10:53`, `127.0.0.1:5353`). Default:
+    /// `$DNS_SERVER` when set (comma separated), else empty. Empty: the system configuration
+    /// (`/etc/resolv.conf`).
+    #[serde(default = "default_nameservers")]
+    pub nameservers: Vec<SocketAddr>,
+    /// Timeout of one query.
+    #[serde(default = "default_dns_timeout")]
+    pub timeout: HumanDuration,
+    /// Attempts per query before the lookup counts as failed (temporary).
+    #[serde(default = "default_dns_attempts")]
+    pub attempts: u32,
+}
+
+/// The node-wide delivery settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DeliveryConfig {
+    /// Run delivery workers on this node. A node with `false` only receives.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Messages this node delivers at the same time, per domain consumer.
+    #[serde(default = "default_concurrency")]
+    pub concurrency: u32,
+    /// TCP port of remote MX hosts (25; tests point it at a local fake MX).
+    #[serde(default = "default_mx_port")]
+    pub mx_port: u16,
+    /// Networks (CIDR) delivery may connect to although they are in a blocked range
+    /// (loopback, private, link-local, ...). Only for tests and special set-ups:
+    /// `["127.0.0.0/8"]` lets a test MX on loopback receive mail.
+    #[serde(default)]
+    pub allowed_networks: Vec<String>,
+    /// More networks (CIDR) delivery must never connect to, e.g. the cluster's pod and service
+    /// ranges when they are public addresses.
+    #[serde(default)]
+    pub blocked_networks: Vec<String>,
+    /// Retry schedule and queue lifetime.
+    #[serde(default)]
+    pub retry: RetryConfig,
+    /// SMTP client timeouts (RFC 5321 4.5.3.2).
+    #[serde(default)]
+    pub timeouts: ClientTimeouts,
+    /// Connection reuse and per-destination limits.
+    #[serde(default)]
+    pub connections: ConnectionConfig,
+    /// TLS towards remote MX hosts.
+    #[serde(default)]
+    pub tls: OutboundTlsConfig,
+    /// The JetStream consumer each domain's workers share.
+    #[serde(default)]
+    pub consumer: ConsumerConfig,
+    /// Largest part of the original message quoted in a bounce (Postfix `bounce_size_limit`);
+    /// larger originals are returned as headers only.
+    #[serde(default = "default_bounce_size_limit")]
+    pub bounce_size_limit: ByteSize,
+}
+
+/// When to try again and when to give up.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RetryConfig {
+    /// Shortest wait before a retry (Postfix `minimal_backoff_time`, 300 s).
+    #[serde(default = "default_min_backoff")]
+    pub min_backoff: HumanDuration,
+    /// Longest wait between retries (Postfix `maximal_backoff_time`, 4000 s).
+    #[serde(default = "default_max_backoff")]
+    pub max_backoff: HumanDuration,
+    /// How long a message may stay queued before it is returned to the sender (RFC 5321
+    /// 4.5.4.1: at least 4-5 days).
+    #[serde(default = "default_lifetime")]
+    pub lifetime: HumanDuration,
+    /// The same for bounces (null sender), which are dropped, not bounced, when it ends.
+    #[serde(default = "default_lifetime")]
+    pub bounce_lifetime: HumanDuration,
+    /// Send the sender one "delayed" notice when a message is still queued after this long.
+    /// Unset: never (Postfix `delay_warning_time` 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delay_warning: Option<HumanDuration>,
+}
+
+/// SMTP client timeouts; RFC 5321 4.5.3.2 gives the minimums for the SMTP phases.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ClientTimeouts {
+    /// TCP connect (Postfix `smtp_connect_timeout`, 30 s).
+    #[serde(default = "default_connect")]
+    pub connect: HumanDuration,
+    /// Initial 220 greeting (4.5.3.2.1, 5 min).
+    #[serde(default = "default_five_minutes")]
+    pub greeting: HumanDuration,
+    /// EHLO/LHLO, STARTTLS, AUTH, RSET replies and the TLS handshake (Postfix
+    /// `smtp_helo_timeout`, 5 min).
+    #[serde(default = "default_five_minutes")]
+    pub command: HumanDuration,
+    /// MAIL reply (4.5.3.2.2, 5 min).
+    #[serde(default = "default_five_minutes")]
+    pub mail: HumanDuration,
+    /// Each RCPT reply (4.5.3.2.3, 5 min).
+    #[serde(default = "default_five_minutes")]
+    pub rcpt: HumanDuration,
+    /// DATA initiation, waiting for 354 (4.5.3.2.4, 2 min).
+    #[serde(default = "default_two_minutes")]
+    pub data_init: HumanDuration,
+    /// Each write of message data (4.5.3.2.5, 3 min).
+    #[serde(default = "default_three_minutes")]
+    pub data_block: HumanDuration,
+    /// Reply after the final dot (4.5.3.2.6, 10 min).
+    #[serde(default = "default_ten_minutes")]
+    pub data_termination: HumanDuration,
+}
+
+/// Connection reuse and per-destination concurrency.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ConnectionConfig {
+    /// Connections this node keeps open to one destination (a recipient domain, a relay or
+    /// an inbound target) at the same time (Postfix
+    /// `default_destination_concurrency_limit`, 20).
+    #[serde(default = "default_per_destination")]
+    pub per_destination: u32,
+    /// How long an idle connection is kept for reuse (Postfix
+    /// `smtp_connection_cache_time_limit`, 2 s; a little longer suits a queue that pulls in
+    /// batches).
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout: HumanDuration,
+    /// Messages sent over one connection before it is closed (Postfix
+    /// `smtp_connection_reuse_count_limit`, 0 = unlimited; a bound spreads load after DNS
+    /// changes).
+    #[serde(default = "default_max_messages_per_connection")]
+    pub max_messages_per_connection: u32,
+}
+
+/// TLS policy towards MX hosts (relays and inbound targets have their own).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OutboundTlsConfig {
+    /// `opportunistic` (default): STARTTLS when offered, without certificate verification,
+    /// plaintext when not offered or when the handshake fails (RFC 7435; what MTAs do without
+    /// MTA-STS or DANE). `required`: STARTTLS with a verified certificate, else defer.
+    #[serde(default)]
+    pub mx: MxTlsPolicy,
+    /// Extra CA certificates (PEM) trusted in addition to the Mozilla roots, for relays and
+    /// verified MX connections (a private smarthost CA, or a test CA).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub extra_ca_file: Option<PathBuf>,
+}
+
+/// How MX connections use TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum MxTlsPolicy {
+    #[default]
+    Opportunistic,
+    Required,
+}
+
+/// The durable JetStream pull consumer of a domain, shared by all its replicas.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ConsumerConfig {
+    /// Time the server waits for an acknowledgement before redelivering. Workers send
+    /// progress acknowledgements every third of it while a delivery runs, so a long delivery
+    /// keeps its message; a crashed worker's messages come back after this long.
+    #[serde(default = "default_ack_wait")]
+    pub ack_wait: HumanDuration,
+    /// Deliveries of one queue entry before the server stops (JetStream `max_deliver`, at
+    /// least 4). A retry is a new entry, so this counts interrupted attempts (crashes,
+    /// restarts) and a retry's one early pull; an entry that reaches its second-to-last
+    /// delivery is bounced instead of attempted (a poison message), the last one stays spare.
+    #[serde(default = "default_max_deliver")]
+    pub max_deliver: u32,
+    /// Entries handed out and not yet acknowledged, over all replicas. Deferred entries wait
+    /// for their retry time as pending entries, so this bounds the deferred queue that is
+    /// being timed (Postfix `qmgr_message_active_limit`, 20000).
+    #[serde(default = "default_max_ack_pending")]
+    pub max_ack_pending: u32,
+}
+
+/// Where mail for a local domain's recipients goes (the `inbound.forward` of a MailDomain).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct InboundTarget {
+    /// Host name (resolved with the system resolver: it is usually a cluster service) or IP.
+    pub host: String,
+    pub port: u16,
+    /// `lmtp` (RFC 2033, one reply per recipient after the data) or `smtp`.
+    #[serde(default)]
+    pub protocol: ForwardProtocol,
+    /// STARTTLS towards the target: `opportunistic` (default), `required` or `none`.
+    #[serde(default)]
+    pub tls: InboundTls,
+}
+
+/// Protocol spoken to an inbound target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum ForwardProtocol {
+    #[default]
+    Lmtp,
+    Smtp,
+}
+
+/// TLS towards an inbound target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum InboundTls {
+    #[default]
+    Opportunistic,
+    Required,
+    None,
+}
+
+/// An outbound smarthost (a rendered `Relay` resource).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RelayConfig {
+    /// Name used in logs and metrics (the Relay resource's name).
+    #[serde(default = "default_relay_name")]
+    pub name: String,
+    pub host: String,
+    #[serde(default = "default_relay_port")]
+    pub port: u16,
+    /// `startTlsRequired` (default), `implicit` (TLS from the first byte, port 465) or
+    /// `opportunistic`. Credentials are only ever sent inside verified TLS.
+    #[serde(default)]
+    pub tls: RelayTls,
+    /// Verify the relay's certificate (Mozilla roots plus `delivery.tls.extraCaFile`).
+    #[serde(default = "default_true")]
+    pub verify_certificate: bool,
+    /// SMTP AUTH credentials (PLAIN, else LOGIN).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<RelayAuth>,
+    /// Messages per second this node sends through the relay. Unset: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub messages_per_second: Option<u32>,
+}
+
+/// TLS mode of a relay connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum RelayTls {
+    #[default]
+    StartTlsRequired,
+    Implicit,
+    Opportunistic,
+}
+
+/// Relay credentials, read from files (a mounted Secret with keys `username` and
+/// `password`), never written inline.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RelayAuth {
+    pub username_file: PathBuf,
+    pub password_file: PathBuf,
+}
+
+/// DKIM signing keys of a domain. Every key signs (typically one RSA and one Ed25519).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DkimConfig {
+    #[serde(default)]
+    pub keys: Vec<DkimKeyConfig>,
+}
+
+/// One DKIM key.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DkimKeyConfig {
+    /// The selector (`s=`), published at `<selector>._domainkey.<domain>`.
+    pub selector: String,
+    /// Private key, PEM: PKCS#8 (RSA of at least 2048 bits, or Ed25519) or PKCS#1 RSA. The
+    /// algorithm follows from the key.
+    pub key_file: PathBuf,
+}
+
+/// Checks of mail arriving on the MX port (SPF, DKIM, DMARC).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct InboundAuthConfig {
+    /// Evaluate SPF, DKIM and DMARC and add an `Authentication-Results` header.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// `record` (default): only record the DMARC result. `enforce`: refuse a message that
+    /// fails DMARC of a sender domain whose policy is `reject`, with `550 5.7.1` at the end
+    /// of data (`quarantine` is recorded only: the node has no quarantine).
+    #[serde(default)]
+    pub dmarc: DmarcMode,
+    /// Time for all lookups of one message; when it runs out the results say `temperror`.
+    #[serde(default = "default_auth_timeout")]
+    pub timeout: HumanDuration,
+}
+
+/// What to do with a DMARC failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum DmarcMode {
+    #[default]
+    Record,
+    Enforce,
+}
+
 impl NodeConfig {
     /// Reads, parses and validates a config file. Relative paths inside it are resolved
     /// against the file's directory.
@@ -330,9 +657,19 @@ impl NodeConfig {
         if let Some(creds) = &mut self.nats.credentials_file {
             resolve(creds);
         }
+        if let Some(ca) = &mut self.delivery.tls.extra_ca_file {
+            resolve(ca);
+        }
         for domain in &mut self.domains {
             if let Some(users) = &mut domain.users_file {
                 resolve(users);
+            }
+            if let Some(auth) = domain.relay.as_mut().and_then(|r| r.auth.as_mut()) {
+                resolve(&mut auth.username_file);
+                resolve(&mut auth.password_file);
+            }
+            for key in &mut domain.dkim.keys {
+                resolve(&mut key.key_file);
             }
         }
     }
@@ -441,6 +778,49 @@ impl NodeConfig {
                     "domains[{i}].limits.messagesPerMinutePerUser: must be at least 1"
                 ));
             }
+            if let Some(target) = &d.inbound {
+                if target.host.trim().is_empty() {
+                    errors.push(format!("domains[{i}].inbound.host: must not be empty"));
+                }
+                if target.port == 0 {
+                    errors.push(format!("domains[{i}].inbound.port: must not be 0"));
+                }
+            }
+            if let Some(relay) = &d.relay {
+                relay.validate(&format!("domains[{i}].relay"), &mut errors);
+            }
+            let mut selectors = HashSet::new();
+            for (j, key) in d.dkim.keys.iter().enumerate() {
+                let ok = !key.selector.is_empty()
+                    && key.selector.split('.').all(|label| {
+                        !label.is_empty()
+                            && label
+                                .bytes()
+                                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                    });
+                if !ok {
+                    errors.push(format!(
+                        "domains[{i}].dkim.keys[{j}].selector: {:?} must be DNS labels (letters, digits, '-', '_')",
+                        key.selector
+                    ));
+                }
+                if !selectors.insert(key.selector.as_str()) {
+                    errors.push(format!(
+                        "domains[{i}].dkim.keys[{j}].selector: duplicate selector {:?}",
+                        key.selector
+                    ));
+                }
+            }
+        }
+        self.delivery.validate(&mut errors);
+        if self.dns.attempts == 0 {
+            errors.push("dns.attempts: must be at least 1".to_owned());
+        }
+        if self.dns.timeout.0.is_zero() {
+            errors.push("dns.timeout: must be greater than 0".to_owned());
+        }
+        if self.inbound_auth.timeout.0.is_zero() {
+            errors.push("inboundAuth.timeout: must be greater than 0".to_owned());
         }
         let timeouts = [
             ("greeting", &self.timeouts.greeting),
@@ -638,6 +1018,183 @@ impl Default for ShutdownConfig {
     }
 }
 
+impl Default for DnsConfig {
+    fn default() -> Self {
+        Self {
+            nameservers: default_nameservers(),
+            timeout: default_dns_timeout(),
+            attempts: default_dns_attempts(),
+        }
+    }
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            concurrency: default_concurrency(),
+            mx_port: default_mx_port(),
+            allowed_networks: Vec::new(),
+            blocked_networks: Vec::new(),
+            retry: RetryConfig::default(),
+            timeouts: ClientTimeouts::default(),
+            connections: ConnectionConfig::default(),
+            tls: OutboundTlsConfig::default(),
+            consumer: ConsumerConfig::default(),
+            bounce_size_limit: default_bounce_size_limit(),
+        }
+    }
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self {
+            min_backoff: default_min_backoff(),
+            max_backoff: default_max_backoff(),
+            lifetime: default_lifetime(),
+            bounce_lifetime: default_lifetime(),
+            delay_warning: None,
+        }
+    }
+}
+
+impl Default for ClientTimeouts {
+    fn default() -> Self {
+        Self {
+            connect: default_connect(),
+            greeting: default_five_minutes(),
+            command: default_five_minutes(),
+            mail: default_five_minutes(),
+            rcpt: default_five_minutes(),
+            data_init: default_two_minutes(),
+            data_block: default_three_minutes(),
+            data_termination: default_ten_minutes(),
+        }
+    }
+}
+
+impl Default for ConnectionConfig {
+    fn default() -> Self {
+        Self {
+            per_destination: default_per_destination(),
+            idle_timeout: default_idle_timeout(),
+            max_messages_per_connection: default_max_messages_per_connection(),
+        }
+    }
+}
+
+impl Default for ConsumerConfig {
+    fn default() -> Self {
+        Self {
+            ack_wait: default_ack_wait(),
+            max_deliver: default_max_deliver(),
+            max_ack_pending: default_max_ack_pending(),
+        }
+    }
+}
+
+impl Default for InboundAuthConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            dmarc: DmarcMode::Record,
+            timeout: default_auth_timeout(),
+        }
+    }
+}
+
+impl DeliveryConfig {
+    /// Checks what serde cannot; each problem is reported with its field path.
+    pub fn validate(&self, errors: &mut Vec<String>) {
+        if self.concurrency == 0 {
+            errors.push("delivery.concurrency: must be at least 1".to_owned());
+        }
+        if self.mx_port == 0 {
+            errors.push("delivery.mxPort: must not be 0".to_owned());
+        }
+        for (field, list) in [
+            ("allowedNetworks", &self.allowed_networks),
+            ("blockedNetworks", &self.blocked_networks),
+        ] {
+            for (i, net) in list.iter().enumerate() {
+                if let Err(e) = crate::delivery::address_policy::Network::parse(net) {
+                    errors.push(format!("delivery.{field}[{i}]: {e}"));
+                }
+            }
+        }
+        let r = &self.retry;
+        if r.min_backoff.0.is_zero() {
+            errors.push("delivery.retry.minBackoff: must be greater than 0".to_owned());
+        }
+        if r.max_backoff < r.min_backoff {
+            errors.push("delivery.retry.maxBackoff: must not be less than minBackoff".to_owned());
+        }
+        if r.lifetime.0.is_zero() || r.bounce_lifetime.0.is_zero() {
+            errors
+                .push("delivery.retry.lifetime/bounceLifetime: must be greater than 0".to_owned());
+        }
+        if self.connections.per_destination == 0 {
+            errors.push("delivery.connections.perDestination: must be at least 1".to_owned());
+        }
+        let c = &self.consumer;
+        // Progress acknowledgements go out every third of ackWait; below a second that is a
+        // flood of acks for nothing.
+        if c.ack_wait.0 < std::time::Duration::from_secs(1) {
+            errors.push("delivery.consumer.ackWait: must be at least 1s".to_owned());
+        }
+        // A retry's early pull, one real attempt, the poison bounce and a spare.
+        if c.max_deliver < 4 {
+            errors.push("delivery.consumer.maxDeliver: must be at least 4".to_owned());
+        }
+        if c.max_ack_pending == 0 {
+            errors.push("delivery.consumer.maxAckPending: must be at least 1".to_owned());
+        }
+        let t = &self.timeouts;
+        for (name, value) in [
+            ("connect", t.connect),
+            ("greeting", t.greeting),
+            ("command", t.command),
+            ("mail", t.mail),
+            ("rcpt", t.rcpt),
+            ("dataInit", t.data_init),
+            ("dataBlock", t.data_block),
+            ("dataTermination", t.data_termination),
+        ] {
+            if value.0.is_zero() {
+                errors.push(format!("delivery.timeouts.{name}: must be greater than 0"));
+            }
+        }
+    }
+}
+
+impl DkimConfig {
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+}
+
+impl RelayConfig {
+    /// Checks a relay's settings; `path` names it in messages.
+    pub fn validate(&self, path: &str, errors: &mut Vec<String>) {
+        if self.host.trim().is_empty() {
+            errors.push(format!("{path}.host: must not be empty"));
+        }
+        if self.port == 0 {
+            errors.push(format!("{path}.port: must not be 0"));
+        }
+        if self.messages_per_second == Some(0) {
+            errors.push(format!(
+                "{path}.messagesPerSecond: must be at least 1 (or unset)"
+            ));
+        }
+        if self.auth.is_some() && self.tls == RelayTls::Opportunistic {
+            errors.push(format!(
+                "{path}.tls: opportunistic TLS cannot carry credentials; use startTlsRequired or implicit"
+            ));
+        }
+    }
+}
+
 /// A duration written the human way (`"5m"`, `"30s"`) or as integer seconds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct HumanDuration(pub Duration);
@@ -791,6 +1348,26 @@ pub fn validate_domain_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
+fn default_nameservers() -> Vec<SocketAddr> {
+    parse_nameservers(&std::env::var(DNS_SERVER_ENV).unwrap_or_default())
+}
+
+/// `ip:port` or `ip` (port 53) entries separated by commas or spaces; invalid ones are
+/// skipped (the variable is a convenience for local runs, not the contract).
+fn parse_nameservers(text: &str) -> Vec<SocketAddr> {
+    text.split([',', ' '])
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .filter_map(|t| {
+            t.parse::<SocketAddr>().ok().or_else(|| {
+                t.parse::<std::net::IpAddr>()
+                    .ok()
+                    .map(|ip| SocketAddr::new(ip, 53))
+            })
+        })
+        .collect()
+}
+
 fn default_nats_url() -> String {
     std::env::var(NATS_URL_ENV)
         .ok()
@@ -873,6 +1450,69 @@ fn default_admin_address() -> SocketAddr {
 }
 fn default_drain_timeout() -> HumanDuration {
     HumanDuration::from_secs(30)
+}
+
+// resolv.conf defaults (timeout:5, attempts:2).
+fn default_dns_timeout() -> HumanDuration {
+    HumanDuration::from_secs(5)
+}
+fn default_dns_attempts() -> u32 {
+    2
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_concurrency() -> u32 {
+    16
+}
+fn default_mx_port() -> u16 {
+    25
+}
+// Postfix bounce_size_limit.
+fn default_bounce_size_limit() -> ByteSize {
+    ByteSize(50_000)
+}
+fn default_min_backoff() -> HumanDuration {
+    HumanDuration::from_secs(300)
+}
+fn default_max_backoff() -> HumanDuration {
+    HumanDuration::from_secs(4000)
+}
+fn default_lifetime() -> HumanDuration {
+    HumanDuration::from_secs(5 * 24 * 3600)
+}
+fn default_connect() -> HumanDuration {
+    HumanDuration::from_secs(30)
+}
+fn default_per_destination() -> u32 {
+    20
+}
+fn default_idle_timeout() -> HumanDuration {
+    HumanDuration::from_secs(10)
+}
+fn default_max_messages_per_connection() -> u32 {
+    100
+}
+// The JetStream default.
+fn default_ack_wait() -> HumanDuration {
+    HumanDuration::from_secs(30)
+}
+fn default_max_deliver() -> u32 {
+    10
+}
+fn default_max_ack_pending() -> u32 {
+    20_000
+}
+fn default_relay_name() -> String {
+    "relay".to_owned()
+}
+// RFC 6409 submission port, what smarthosts offer.
+fn default_relay_port() -> u16 {
+    587
+}
+fn default_auth_timeout() -> HumanDuration {
+    HumanDuration::from_secs(20)
 }
 
 #[cfg(test)]
@@ -980,5 +1620,121 @@ maxConnectionsPerIp: 0
         assert_eq!(NodeConfig::from_yaml(&text).unwrap(), c);
         let schema = serde_json::to_string(&schemars::schema_for!(NodeConfig)).unwrap();
         assert!(schema.contains("maxConnectionsPerIp"));
+    }
+
+    #[test]
+    fn nameservers_from_the_environment_format() {
+        assert_eq!(
+            parse_nameservers("127.0.0.1:15353, 10.0.0.1 bogus [::1]:5353"),
+            vec![
+                "127.0.0.1:15353".parse::<SocketAddr>().unwrap(),
+                "10.0.0.1:53".parse().unwrap(),
+                "[::1]:5353".parse().unwrap(),
+            ]
+        );
+        assert!(parse_nameservers("").is_empty());
+    }
+
+    #[test]
+    fn delivery_sections_parse_validate_and_resolve_paths() {
+        let yaml = format!(
+            r#"{MINIMAL}    inbound: {{ host: dovecot.mail.svc, port: 24 }}
+    relay:
+      host: smtp.relay.test
+      auth: {{ usernameFile: relay/username, passwordFile: relay/password }}
+      messagesPerSecond: 5
+    dkim:
+      keys:
+        - {{ selector: k1-rsa, keyFile: dkim/rsa.pem }}
+        - {{ selector: k1-ed, keyFile: /abs/ed.pem }}
+dns: {{ nameservers: ["127.0.0.1:5353"], timeout: 2s }}
+delivery:
+  mxPort: 2525
+  allowedNetworks: ["127.0.0.0/8"]
+  retry: {{ minBackoff: 1s, maxBackoff: 2s, lifetime: 1m }}
+  tls: {{ extraCaFile: ca.pem }}
+inboundAuth: {{ dmarc: enforce }}
+"#
+        );
+        let mut c = NodeConfig::from_yaml(&yaml).unwrap();
+        c.validate().unwrap();
+        c.resolve_paths(Path::new("/etc/kubemail"));
+        let d = &c.domains[0];
+        let inbound = d.inbound.as_ref().unwrap();
+        assert_eq!(
+            (inbound.port, inbound.protocol),
+            (24, ForwardProtocol::Lmtp)
+        );
+        let relay = d.relay.as_ref().unwrap();
+        assert_eq!((relay.port, relay.tls), (587, RelayTls::StartTlsRequired));
+        assert_eq!(
+            relay.auth.as_ref().unwrap().password_file,
+            Path::new("/etc/kubemail/relay/password")
+        );
+        assert_eq!(
+            d.dkim.keys[0].key_file,
+            Path::new("/etc/kubemail/dkim/rsa.pem")
+        );
+        assert_eq!(d.dkim.keys[1].key_file, Path::new("/abs/ed.pem"));
+        assert_eq!(
+            c.delivery.tls.extra_ca_file.as_deref(),
+            Some(Path::new("/etc/kubemail/ca.pem"))
+        );
+        assert_eq!(c.dns.nameservers[0].port(), 5353);
+        assert_eq!(c.inbound_auth.dmarc, DmarcMode::Enforce);
+        let text = serde_yaml::to_string(&c).unwrap();
+        assert_eq!(NodeConfig::from_yaml(&text).unwrap(), c, "round trip");
+
+        let bad = yaml
+            .replace("k1-ed", "k1-rsa")
+            .replace("port: 24", "port: 0");
+        let err = NodeConfig::from_yaml(&bad)
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("dkim.keys[1].selector: duplicate"), "{err}");
+        assert!(err.contains("domains[0].inbound.port"), "{err}");
+    }
+
+    #[test]
+    fn defaults_follow_rfc_5321_and_postfix() {
+        let c: DeliveryConfig = serde_yaml::from_str("{}").unwrap();
+        assert_eq!(c, DeliveryConfig::default());
+        assert_eq!(c.mx_port, 25);
+        assert_eq!(c.retry.min_backoff.0, Duration::from_secs(300));
+        assert_eq!(c.retry.lifetime.0, Duration::from_secs(432_000));
+        assert_eq!(c.timeouts.data_init.0, Duration::from_secs(120));
+        assert_eq!(c.timeouts.data_termination.0, Duration::from_secs(600));
+        assert_eq!(c.tls.mx, MxTlsPolicy::Opportunistic);
+        let mut errors = Vec::new();
+        c.validate(&mut errors);
+        assert!(errors.is_empty(), "{errors:?}");
+    }
+
+    #[test]
+    fn validation_names_fields() {
+        let c: DeliveryConfig = serde_yaml::from_str(
+            "concurrency: 0\nallowedNetworks: [\"127.0.0.0/33\"]\nretry: { minBackoff: 10s, maxBackoff: 5s }\nconsumer: { maxDeliver: 1 }\n",
+        )
+        .unwrap();
+        let mut errors = Vec::new();
+        c.validate(&mut errors);
+        let text = errors.join("\n");
+        for needle in [
+            "delivery.concurrency",
+            "delivery.allowedNetworks[0]",
+            "delivery.retry.maxBackoff",
+            "delivery.consumer.maxDeliver",
+        ] {
+            assert!(text.contains(needle), "missing {needle} in {text}");
+        }
+        let relay: RelayConfig = serde_yaml::from_str(
+            "host: smtp.example.net\ntls: opportunistic\nauth: { usernameFile: u, passwordFile: p }\n",
+        )
+        .unwrap();
+        let mut errors = Vec::new();
+        relay.validate("domains[0].relay", &mut errors);
+        assert!(errors[0].contains("domains[0].relay.tls"), "{errors:?}");
     }
 }

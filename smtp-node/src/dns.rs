@@ -11,8 +11,9 @@
 //!   broken zone. Unit tests use it; integration tests run a real DNS server (knotd) instead.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 
+pub use crate::config::DnsConfig;
 use futures::future::BoxFuture;
 use hickory_resolver::TokioResolver;
 use hickory_resolver::config::{
@@ -22,47 +23,9 @@ use hickory_resolver::config::{
 use hickory_resolver::net::NetError;
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::proto::rr::{RData, RecordType};
-use schemars::JsonSchema;
-use serde::{Deserialize, Serialize};
-
-use crate::config::HumanDuration;
 
 /// Longest CNAME chain the zone double follows (real resolvers use similar small limits).
 const MAX_CNAME_CHAIN: usize = 8;
-
-/// Resolver settings (the `dns` section of the node config).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct DnsConfig {
-    /// Nameservers as `ip:port` (e.g. `10.96.0.10:53`, `127.0.0.1:5353`). Empty: the system
-    /// configuration (`/etc/resolv.conf`).
-    #[serde(default)]
-    pub nameservers: Vec<SocketAddr>,
-    /// Timeout of one query.
-    #[serde(default = "default_dns_timeout")]
-    pub timeout: HumanDuration,
-    /// Attempts per query before the lookup counts as failed (temporary).
-    #[serde(default = "default_dns_attempts")]
-    pub attempts: u32,
-}
-
-impl Default for DnsConfig {
-    fn default() -> Self {
-        Self {
-            nameservers: Vec::new(),
-            timeout: default_dns_timeout(),
-            attempts: default_dns_attempts(),
-        }
-    }
-}
-
-// resolv.conf defaults (timeout:5, attempts:2).
-fn default_dns_timeout() -> HumanDuration {
-    HumanDuration::from_secs(5)
-}
-fn default_dns_attempts() -> u32 {
-    2
-}
 
 /// One MX record.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -263,7 +226,8 @@ pub struct ZoneParseError {
 /// A resolver answering from zone-file text; for unit tests.
 ///
 /// Supported syntax: `$ORIGIN`, `$TTL` (ignored), `@`, relative and absolute owner names, a
-/// blank owner (repeat the previous one), optional TTL and class `IN`, the types `A`, `AAAA`,
+/// blank owner (repeat the previous one), optional TTL and class `IN`, parentheses within
+/// one line, the types `A`, `AAAA`,
 /// `MX`, `TXT` (one or more quoted strings), `CNAME`, and the pseudo-type `SERVFAIL`;
 /// comments after `;`. Names are case-insensitive.
 #[derive(Debug, Clone, Default)]
@@ -468,7 +432,9 @@ fn tokenize(line: &str) -> Result<Vec<String>, String> {
     let mut tokens = Vec::new();
     let mut chars = line.chars().peekable();
     while let Some(&c) = chars.peek() {
-        if c.is_whitespace() {
+        // Parentheses group a record over several tokens (RFC 1035 5.1); on one line
+        // they are just separators.
+        if c.is_whitespace() || c == '(' || c == ')' {
             chars.next();
         } else if c == '"' {
             chars.next();
@@ -489,7 +455,7 @@ fn tokenize(line: &str) -> Result<Vec<String>, String> {
         } else {
             let mut s = String::new();
             while let Some(&c) = chars.peek() {
-                if c.is_whitespace() {
+                if c.is_whitespace() || c == '(' || c == ')' {
                     break;
                 }
                 s.push(c);
@@ -505,9 +471,7 @@ fn tokenize(line: &str) -> Result<Vec<String>, String> {
 fn absolute(name: &str, origin: &str) -> String {
     if name == "@" {
         origin.to_owned()
-    } else if name.ends_with('.') {
-        normalise_name(name)
-    } else if origin.is_empty() {
+    } else if name.ends_with('.') || origin.is_empty() {
         normalise_name(name)
     } else {
         format!("{}.{}", name.to_ascii_lowercase(), origin)
@@ -534,6 +498,7 @@ alias    CNAME mx1
 null.test.  MX 0 .
 broken.test. SERVFAIL
 text.test. TXT "a;b \"q\""
+long.test. IN TXT ( "first " "second" )
 "#;
 
     fn zone() -> ZoneResolver {
@@ -576,6 +541,10 @@ text.test. TXT "a;b \"q\""
         assert_eq!(
             z.txt("text.test").await.unwrap(),
             vec!["a;b \"q\"".to_owned()]
+        );
+        assert_eq!(
+            z.txt("long.test").await.unwrap(),
+            vec!["first second".to_owned()]
         );
     }
 

@@ -1,5 +1,6 @@
-//! kubemail SMTP node: receives mail on the MX, submission and implicit-TLS ports and puts
-//! every accepted message durably into NATS JetStream before answering `250`.
+//! kubemail SMTP node: receives mail on the MX, submission and implicit-TLS ports, puts every
+//! accepted message durably into NATS JetStream before answering `250`, and delivers it from
+//! there to inbound targets, relays and remote MX hosts.
 //!
 //! The crate is laid out by responsibility (the folder tree is the architecture):
 //! * [`config`]: the node configuration type, shared with the operator (which renders it);
@@ -9,12 +10,19 @@
 //! * [`tls`]: rustls configuration with certificate reload;
 //! * [`auth`]: submission users, login throttling, sender and rate policy;
 //! * [`queue`]: the queue contract and its JetStream implementation;
+//! * [`delivery`]: the sending side: workers, routing, MX, the SMTP client, retries, DSNs;
+//! * [`dkim`]: DKIM signing at acceptance; [`authres`]: SPF/DKIM/DMARC of inbound mail;
+//! * [`dns`]: the resolver seam (hickory-resolver and a zone-text test double);
 //! * [`node`]: start-up and shutdown of the whole node;
 //! * [`admin`], [`metrics`], [`telemetry`], [`shutdown`]: operations.
 
 pub mod admin;
 pub mod auth;
+pub mod authres;
 pub mod config;
+pub mod delivery;
+pub mod dkim;
+pub mod dns;
 pub mod metrics;
 pub mod node;
 pub mod protocol;

@@ -9,7 +9,7 @@ use kubemail_smtp_node::config::NodeConfig;
 use kubemail_smtp_node::shutdown::{self, Shutdown};
 use kubemail_smtp_node::{auth, node, telemetry};
 
-/// kubemail SMTP node: receives mail and queues it in NATS JetStream.
+/// kubemail SMTP node: receives mail, queues it in NATS JetStream and delivers it.
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Args {

@@ -134,6 +134,7 @@ impl Metrics {
             "Certificate changes that could not be loaded",
             m.tls_reload_failures.clone(),
         );
+        crate::delivery::metrics::global().register(&mut registry);
         Self { registry, ..m }
     }
 

@@ -1,5 +1,6 @@
-//! Start-up and shutdown of a whole node: load certificates and users, connect the queue,
-//! bind every socket, serve until asked to stop, then drain.
+//! Start-up and shutdown of a whole node: load certificates, users and DKIM keys, connect the
+//! queue, start the delivery workers, bind every socket, serve until asked to stop, then
+//! drain (sessions finish their transactions, workers finish their deliveries).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,9 +9,13 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, Readiness};
 use crate::auth::Authenticator;
+use crate::authres::InboundVerifier;
 use crate::config::NodeConfig;
+use crate::delivery::{DeliveryContext, DeliverySettings};
+use crate::dkim::DkimSigner;
+use crate::dns::HickoryResolver;
 use crate::queue::jetstream::JetStreamQueue;
-use crate::server::{self, ServerContext};
+use crate::server::{self, MessageChecks, ServerContext};
 use crate::shutdown::Shutdown;
 use crate::tls::TlsServer;
 
@@ -30,6 +35,12 @@ pub enum NodeError {
     StartServer(#[from] server::ServerError),
     #[error("admin endpoint")]
     Admin(#[from] admin::AdminError),
+    #[error("cannot load the DKIM keys")]
+    LoadDkim(#[from] crate::dkim::DkimError),
+    #[error("cannot set up the DNS resolver")]
+    BuildResolver(#[from] crate::dns::BuildResolverError),
+    #[error("cannot set up delivery")]
+    StartDelivery(#[from] crate::delivery::StartDeliveryError),
 }
 
 /// Checks everything `check-config` can check without the network: the config itself
@@ -39,7 +50,17 @@ pub fn check(config: &NodeConfig) -> Result<(), NodeError> {
         TlsServer::load(tls)?;
     }
     Authenticator::load(config)?;
+    load_dkim(config)?;
+    crate::delivery::tls::ClientTls::new(config.delivery.tls.extra_ca_file.as_deref())
+        .map_err(crate::delivery::StartDeliveryError::from)?;
     Ok(())
+}
+
+/// The DKIM keys of every domain; `None` when no domain has one.
+fn load_dkim(config: &NodeConfig) -> Result<Option<Arc<DkimSigner>>, NodeError> {
+    let signer = DkimSigner::load(config.domains.iter().map(|d| (d.name.as_str(), &d.dkim)))?;
+    tracing::info!(keys = ?signer, "DKIM keys loaded");
+    Ok((!signer.is_empty()).then(|| Arc::new(signer)))
 }
 
 /// Runs the node until `shutdown` is stopped (by the caller, on SIGTERM), then drains open
@@ -62,8 +83,28 @@ pub async fn run(config: NodeConfig, shutdown: Shutdown) -> Result<(), NodeError
     let auth = Arc::new(Authenticator::load(&config)?);
     tokio::spawn(auth.clone().watch(background.clone()));
 
+    let dkim = load_dkim(&config)?;
+    let resolver = HickoryResolver::new(&config.dns)?;
+    let inbound_auth = config.inbound_auth.enabled.then(|| {
+        Arc::new(InboundVerifier::new(
+            resolver.authenticator(),
+            &config.hostname,
+            config.inbound_auth.clone(),
+        ))
+    });
+
     let queue = JetStreamQueue::connect(&config.nats).await?;
     tokio::spawn(queue.clone().run_setup(background.clone()));
+
+    let delivery = DeliveryContext::new(
+        DeliverySettings::from_config(&config),
+        queue.client().clone(),
+        Arc::new(resolver),
+        dkim.clone(),
+        shutdown.clone(),
+    )?;
+    let domains: Vec<String> = config.domains.iter().map(|d| d.name.clone()).collect();
+    crate::delivery::start(Arc::new(delivery), &domains);
 
     let listeners = server::bind_listeners(&config).await?;
     let admin_socket = admin::bind(config.admin.address).await?;
@@ -71,11 +112,19 @@ pub async fn run(config: NodeConfig, shutdown: Shutdown) -> Result<(), NodeError
     readiness.set_listeners_bound();
     let admin_task = tokio::spawn(admin::serve(admin_socket, readiness, background.clone()));
 
-    let ctx = ServerContext::new(config.clone(), tls, auth, queue.clone(), shutdown.clone());
+    let checks = MessageChecks { dkim, inbound_auth };
+    let ctx = ServerContext::with_checks(
+        config.clone(),
+        tls,
+        auth,
+        queue.clone(),
+        shutdown.clone(),
+        checks,
+    );
     tracing::info!(hostname = %config.hostname, "smtp node started");
     server::run(listeners, ctx).await;
 
-    tracing::info!(drain = ?config.shutdown.drain_timeout.0, "draining sessions");
+    tracing::info!(drain = ?config.shutdown.drain_timeout.0, "draining sessions and deliveries");
     let drained = shutdown.drain(config.shutdown.drain_timeout.0).await;
     if !drained {
         tracing::warn!("some sessions did not end in time");

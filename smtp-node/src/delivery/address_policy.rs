@@ -165,11 +165,11 @@ impl AddressPolicy {
         }
         // IPv4-mapped (::ffff:a.b.c.d) and NAT64 (64:ff9b::a.b.c.d) addresses reach the
         // embedded IPv4 address: judge that one too.
-        if let IpAddr::V6(v6) = ip {
-            if let Some(v4) = embedded_ipv4(v6) {
-                self.check(IpAddr::V4(v4))
-                    .map_err(|r| Refused { ip, ..r })?;
-            }
+        if let IpAddr::V6(v6) = ip
+            && let Some(v4) = embedded_ipv4(v6)
+        {
+            self.check(IpAddr::V4(v4))
+                .map_err(|r| Refused { ip, ..r })?;
         }
         match self.blocked.iter().find(|(n, _)| n.contains(ip)) {
             Some((n, reason)) => Err(Refused {

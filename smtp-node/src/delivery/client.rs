@@ -41,11 +41,11 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
-use super::config::ClientTimeouts;
 use super::mx::Target;
 use super::outcome::{Diagnostic, RecipientOutcome};
 use super::reply::{ReplyError, parse_reply};
 use super::tls::{ClientTls, server_name};
+use crate::config::ClientTimeouts;
 use crate::protocol::{EnhancedCode, Reply};
 
 /// Size of one read from the socket.
@@ -191,7 +191,9 @@ impl Capabilities {
         };
         for line in reply.lines.iter().skip(1) {
             let mut words = line.split_whitespace();
-            let Some(keyword) = words.next() else { continue };
+            let Some(keyword) = words.next() else {
+                continue;
+            };
             let keyword = keyword.to_ascii_uppercase();
             match keyword.as_str() {
                 "PIPELINING" => caps.pipelining = true,
@@ -237,7 +239,11 @@ enum Io {
 }
 
 impl AsyncRead for Io {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
             Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
             Io::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
@@ -247,7 +253,11 @@ impl AsyncRead for Io {
 }
 
 impl AsyncWrite for Io {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
         match self.get_mut() {
             Io::Plain(s) => Pin::new(s).poll_write(cx, buf),
             Io::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
@@ -340,7 +350,11 @@ impl SmtpClient {
         if let Some(credentials) = options.credentials {
             client.authenticate(credentials).await?;
         }
-        tracing::debug!(tls = client.tls.is_some(), pipelining = client.caps.pipelining, "connected");
+        tracing::debug!(
+            tls = client.tls.is_some(),
+            pipelining = client.caps.pipelining,
+            "connected"
+        );
         Ok(client)
     }
 
@@ -371,12 +385,17 @@ impl SmtpClient {
 
     /// RSET: checks that a reused connection still works and clears any state.
     pub async fn reset(&mut self) -> Result<(), ClientError> {
-        let reply = self.command("RSET", self.timeouts.command.0, "RSET").await?;
+        let reply = self
+            .command("RSET", self.timeouts.command.0, "RSET")
+            .await?;
         if reply.code == 250 {
             Ok(())
         } else {
             self.usable = false;
-            Err(ClientError::Rejected { phase: "RSET", reply })
+            Err(ClientError::Rejected {
+                phase: "RSET",
+                reply,
+            })
         }
     }
 
@@ -393,15 +412,19 @@ impl SmtpClient {
     /// the data was sent): try another host. `Ok` has one outcome per recipient, in order.
     pub async fn send(&mut self, msg: &Outgoing<'_>) -> Result<Vec<RecipientOutcome>, ClientError> {
         let host = self.target.host.clone();
-        if let Some(refusal) = self.refuse_unsupported(msg) {
+        if let Some(refusal) = refusal(&self.caps, &self.target.host, msg) {
             return Ok(msg
                 .recipients
                 .iter()
                 .map(|_| RecipientOutcome::Failed(refusal.clone()))
                 .collect());
         }
-        let mail = self.mail_command(msg);
-        let rcpts: Vec<String> = msg.recipients.iter().map(|r| format!("RCPT TO:<{r}>")).collect();
+        let mail = mail_command(&self.caps, msg);
+        let rcpts: Vec<String> = msg
+            .recipients
+            .iter()
+            .map(|r| format!("RCPT TO:<{r}>"))
+            .collect();
 
         let (mail_reply, rcpt_replies, data_reply) = if self.caps.pipelining {
             let mut batch = String::new();
@@ -412,7 +435,8 @@ impl SmtpClient {
                 batch.push_str("\r\n");
             }
             batch.push_str("DATA\r\n");
-            self.write_all(batch.as_bytes(), self.timeouts.mail.0, "MAIL").await?;
+            self.write_all(batch.as_bytes(), self.timeouts.mail.0, "MAIL")
+                .await?;
             let mail_reply = self.read_reply(self.timeouts.mail.0, "MAIL").await?;
             let mut rcpt_replies = Vec::with_capacity(rcpts.len());
             for _ in &rcpts {
@@ -430,7 +454,10 @@ impl SmtpClient {
             }
             let any_accepted = rcpt_replies.iter().any(|r| (200..300).contains(&r.code));
             let data_reply = if any_accepted {
-                Some(self.command("DATA", self.timeouts.data_init.0, "DATA").await?)
+                Some(
+                    self.command("DATA", self.timeouts.data_init.0, "DATA")
+                        .await?,
+                )
             } else {
                 None
             };
@@ -441,7 +468,11 @@ impl SmtpClient {
             self.abandon_transaction(data_reply.as_ref()).await;
             if mail_reply.is_permanent() {
                 let d = Diagnostic::from_reply(mail_reply, Some(host));
-                return Ok(msg.recipients.iter().map(|_| RecipientOutcome::Failed(d.clone())).collect());
+                return Ok(msg
+                    .recipients
+                    .iter()
+                    .map(|_| RecipientOutcome::Failed(d.clone()))
+                    .collect());
             }
             return Err(ClientError::Rejected {
                 phase: "MAIL",
@@ -458,7 +489,10 @@ impl SmtpClient {
                 } else if reply.code == 552 {
                     // RFC 5321 4.5.3.1.10: "552 too many recipients" is to be treated as
                     // temporary (catalogue DUR-13).
-                    Some(RecipientOutcome::Deferred(Diagnostic::from_reply(reply, Some(host.clone()))))
+                    Some(RecipientOutcome::Deferred(Diagnostic::from_reply(
+                        reply,
+                        Some(host.clone()),
+                    )))
                 } else {
                     Some(RecipientOutcome::from_reply(reply, &host))
                 }
@@ -472,7 +506,10 @@ impl SmtpClient {
             .collect();
         if accepted.is_empty() {
             self.abandon_transaction(data_reply.as_ref()).await;
-            return Ok(outcomes.into_iter().map(|o| o.unwrap_or_else(|| unreachable_outcome(&host))).collect());
+            return Ok(outcomes
+                .into_iter()
+                .map(|o| o.unwrap_or_else(|| unreachable_outcome(&host)))
+                .collect());
         }
         let Some(data_reply) = data_reply else {
             return Err(ClientError::Closed { phase: "DATA" });
@@ -487,7 +524,10 @@ impl SmtpClient {
                 outcomes[i] = Some(outcome.clone());
             }
             let _ = self.reset().await;
-            return Ok(outcomes.into_iter().map(|o| o.unwrap_or_else(|| unreachable_outcome(&host))).collect());
+            return Ok(outcomes
+                .into_iter()
+                .map(|o| o.unwrap_or_else(|| unreachable_outcome(&host)))
+                .collect());
         }
 
         // From here the message may reach the recipients: errors no longer mean "try
@@ -511,56 +551,10 @@ impl SmtpClient {
                 }
             }
         }
-        Ok(outcomes.into_iter().map(|o| o.unwrap_or_else(|| unreachable_outcome(&host))).collect())
-    }
-
-    /// A reason not to send `msg` to this server at all, or `None`.
-    fn refuse_unsupported(&self, msg: &Outgoing<'_>) -> Option<Diagnostic> {
-        let host = Some(self.target.host.clone());
-        let needs_utf8 = msg.smtputf8 || !msg.mail_from.is_ascii() || msg.recipients.iter().any(|r| !r.is_ascii());
-        if needs_utf8 && !self.caps.smtputf8 {
-            let mut d = Diagnostic::local(
-                EnhancedCode(5, 6, 7),
-                "the server does not support SMTPUTF8, which this message needs (RFC 6531)",
-            );
-            d.remote_mta = host;
-            return Some(d);
-        }
-        let eight_bit = msg.eight_bit || !msg.body.is_ascii();
-        if eight_bit && !self.caps.eight_bit_mime {
-            let mut d = Diagnostic::local(
-                EnhancedCode(5, 6, 3),
-                "the server does not support 8BITMIME and the message has 8-bit content",
-            );
-            d.remote_mta = host;
-            return Some(d);
-        }
-        if let Some(limit) = self.caps.size.filter(|l| *l > 0) {
-            if msg.body.len() as u64 > limit {
-                let mut d = Diagnostic::local(
-                    EnhancedCode(5, 3, 4),
-                    format!("message size {} exceeds the server's limit of {limit} bytes", msg.body.len()),
-                );
-                d.remote_mta = host;
-                return Some(d);
-            }
-        }
-        None
-    }
-
-    fn mail_command(&self, msg: &Outgoing<'_>) -> String {
-        let mut mail = format!("MAIL FROM:<{}>", msg.mail_from);
-        if self.caps.size.is_some() {
-            mail.push_str(&format!(" SIZE={}", msg.body.len()));
-        }
-        if (msg.eight_bit || !msg.body.is_ascii()) && self.caps.eight_bit_mime {
-            mail.push_str(" BODY=8BITMIME");
-        }
-        let needs_utf8 = msg.smtputf8 || !msg.mail_from.is_ascii() || msg.recipients.iter().any(|r| !r.is_ascii());
-        if needs_utf8 && self.caps.smtputf8 {
-            mail.push_str(" SMTPUTF8");
-        }
-        mail
+        Ok(outcomes
+            .into_iter()
+            .map(|o| o.unwrap_or_else(|| unreachable_outcome(&host)))
+            .collect())
     }
 
     /// Gets the session back to a clean state after a transaction that will not send data:
@@ -568,8 +562,14 @@ impl SmtpClient {
     /// 3.1), then RSET.
     async fn abandon_transaction(&mut self, data_reply: Option<&Reply>) {
         if data_reply.is_some_and(|r| r.code == 354) {
-            let ok = self.write_all(b".\r\n", self.timeouts.data_block.0, "DATA").await.is_ok()
-                && self.read_reply(self.timeouts.data_termination.0, "end of data").await.is_ok();
+            let ok = self
+                .write_all(b".\r\n", self.timeouts.data_block.0, "DATA")
+                .await
+                .is_ok()
+                && self
+                    .read_reply(self.timeouts.data_termination.0, "end of data")
+                    .await
+                    .is_ok();
             if !ok {
                 self.usable = false;
                 return;
@@ -582,10 +582,15 @@ impl SmtpClient {
 
     /// Writes the message and reads the reply (SMTP) or replies (LMTP, one per accepted
     /// recipient).
-    async fn transmit_data(&mut self, body: &[u8], accepted: usize) -> Result<Vec<Reply>, ClientError> {
+    async fn transmit_data(
+        &mut self,
+        body: &[u8],
+        accepted: usize,
+    ) -> Result<Vec<Reply>, ClientError> {
         let wire = encode_data(body);
         for chunk in wire.chunks(WRITE_CHUNK) {
-            self.write_all(chunk, self.timeouts.data_block.0, "DATA").await?;
+            self.write_all(chunk, self.timeouts.data_block.0, "DATA")
+                .await?;
         }
         let n = match self.protocol {
             Protocol::Smtp => 1,
@@ -593,10 +598,15 @@ impl SmtpClient {
         };
         let mut replies = Vec::with_capacity(n);
         for _ in 0..n {
-            replies.push(self.read_reply(self.timeouts.data_termination.0, "end of data").await?);
+            replies.push(
+                self.read_reply(self.timeouts.data_termination.0, "end of data")
+                    .await?,
+            );
         }
         if self.protocol == Protocol::Smtp {
-            let reply = replies.pop().unwrap_or_else(|| Reply::plain(451, "no reply"));
+            let reply = replies
+                .pop()
+                .unwrap_or_else(|| Reply::plain(451, "no reply"));
             replies = vec![reply; accepted];
         }
         Ok(replies)
@@ -609,7 +619,11 @@ impl SmtpClient {
             Protocol::Lmtp => "LHLO",
         };
         let reply = self
-            .command(&format!("{verb} {}", self.helo), self.timeouts.command.0, "EHLO")
+            .command(
+                &format!("{verb} {}", self.helo),
+                self.timeouts.command.0,
+                "EHLO",
+            )
             .await?;
         if reply.code == 250 {
             self.caps = Capabilities::parse(&reply);
@@ -617,22 +631,36 @@ impl SmtpClient {
         }
         if self.protocol == Protocol::Smtp && reply.is_permanent() {
             let helo = self
-                .command(&format!("HELO {}", self.helo), self.timeouts.command.0, "HELO")
+                .command(
+                    &format!("HELO {}", self.helo),
+                    self.timeouts.command.0,
+                    "HELO",
+                )
                 .await?;
             if helo.code == 250 {
                 self.caps = Capabilities::default();
                 return Ok(());
             }
-            return Err(ClientError::Rejected { phase: "HELO", reply: helo });
+            return Err(ClientError::Rejected {
+                phase: "HELO",
+                reply: helo,
+            });
         }
-        Err(ClientError::Rejected { phase: "EHLO", reply })
+        Err(ClientError::Rejected {
+            phase: "EHLO",
+            reply,
+        })
     }
 
     async fn starttls(&mut self, options: &ConnectOptions<'_>) -> Result<(), ClientError> {
-        let reply = self.command("STARTTLS", self.timeouts.command.0, "STARTTLS").await?;
+        let reply = self
+            .command("STARTTLS", self.timeouts.command.0, "STARTTLS")
+            .await?;
         if reply.code != 220 {
             if options.tls == TlsPolicy::Required {
-                return Err(ClientError::TlsUnavailable(format!("STARTTLS was refused: {reply}")));
+                return Err(ClientError::TlsUnavailable(format!(
+                    "STARTTLS was refused: {reply}"
+                )));
             }
             // Opportunistic: carry on in plaintext, as if STARTTLS had not been offered.
             tracing::info!(%reply, "STARTTLS refused; continuing without TLS");
@@ -649,7 +677,11 @@ impl SmtpClient {
         self.hello().await
     }
 
-    async fn start_tls(&mut self, options: &ConnectOptions<'_>, verify: bool) -> Result<(), ClientError> {
+    async fn start_tls(
+        &mut self,
+        options: &ConnectOptions<'_>,
+        verify: bool,
+    ) -> Result<(), ClientError> {
         let verify = verify && options.verify_certificate;
         let Io::Plain(tcp) = std::mem::replace(&mut self.io, Io::Gone) else {
             return Err(ClientError::Tls("TLS is already active".to_owned()));
@@ -658,7 +690,9 @@ impl SmtpClient {
         let name = server_name(&self.target.host, self.target.addr.ip());
         let stream = tokio::time::timeout(self.timeouts.command.0, connector.connect(name, tcp))
             .await
-            .map_err(|_| ClientError::Timeout { phase: "TLS handshake" })?
+            .map_err(|_| ClientError::Timeout {
+                phase: "TLS handshake",
+            })?
             .map_err(|e| ClientError::Tls(e.to_string()))?;
         let (_, conn) = stream.get_ref();
         self.tls = Some(crate::tls::TlsInfo {
@@ -679,23 +713,32 @@ impl SmtpClient {
 
     async fn authenticate(&mut self, credentials: &Credentials) -> Result<(), ClientError> {
         if self.tls.is_none() {
-            return Err(ClientError::Auth("refusing to send credentials without TLS".to_owned()));
+            return Err(ClientError::Auth(
+                "refusing to send credentials without TLS".to_owned(),
+            ));
         }
         let b64 = base64::engine::general_purpose::STANDARD;
         let timeout = self.timeouts.command.0;
         let reply = if self.caps.auth.iter().any(|m| m == "PLAIN") {
-            let token = b64.encode(format!("\0{}\0{}", credentials.username, credentials.password));
-            self.command(&format!("AUTH PLAIN {token}"), timeout, "AUTH").await?
+            let token = b64.encode(format!(
+                "\0{}\0{}",
+                credentials.username, credentials.password
+            ));
+            self.command(&format!("AUTH PLAIN {token}"), timeout, "AUTH")
+                .await?
         } else if self.caps.auth.iter().any(|m| m == "LOGIN") {
             let r = self.command("AUTH LOGIN", timeout, "AUTH").await?;
             if r.code != 334 {
                 return Err(ClientError::Auth(r.to_string()));
             }
-            let r = self.command(&b64.encode(&credentials.username), timeout, "AUTH").await?;
+            let r = self
+                .command(&b64.encode(&credentials.username), timeout, "AUTH")
+                .await?;
             if r.code != 334 {
                 return Err(ClientError::Auth(r.to_string()));
             }
-            self.command(&b64.encode(&credentials.password), timeout, "AUTH").await?
+            self.command(&b64.encode(&credentials.password), timeout, "AUTH")
+                .await?
         } else {
             return Err(ClientError::Auth(format!(
                 "the server offers no usable mechanism (offered: {})",
@@ -710,7 +753,12 @@ impl SmtpClient {
     }
 
     /// Writes one command line and reads its reply.
-    async fn command(&mut self, line: &str, timeout: Duration, phase: &'static str) -> Result<Reply, ClientError> {
+    async fn command(
+        &mut self,
+        line: &str,
+        timeout: Duration,
+        phase: &'static str,
+    ) -> Result<Reply, ClientError> {
         let mut bytes = Vec::with_capacity(line.len() + 2);
         bytes.extend_from_slice(line.as_bytes());
         bytes.extend_from_slice(b"\r\n");
@@ -718,7 +766,12 @@ impl SmtpClient {
         self.read_reply(timeout, phase).await
     }
 
-    async fn write_all(&mut self, bytes: &[u8], timeout: Duration, phase: &'static str) -> Result<(), ClientError> {
+    async fn write_all(
+        &mut self,
+        bytes: &[u8],
+        timeout: Duration,
+        phase: &'static str,
+    ) -> Result<(), ClientError> {
         let result = tokio::time::timeout(timeout, async {
             self.io.write_all(bytes).await?;
             self.io.flush().await
@@ -738,7 +791,11 @@ impl SmtpClient {
     }
 
     /// Reads one complete reply within `timeout`.
-    async fn read_reply(&mut self, timeout: Duration, phase: &'static str) -> Result<Reply, ClientError> {
+    async fn read_reply(
+        &mut self,
+        timeout: Duration,
+        phase: &'static str,
+    ) -> Result<Reply, ClientError> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             match parse_reply(&self.rbuf) {
@@ -777,10 +834,70 @@ impl SmtpClient {
     }
 }
 
+/// A reason not to send `msg` to a server with `caps` at all (it would have to be changed
+/// in a way the server did not agree to), or `None`.
+pub fn refusal(caps: &Capabilities, host: &str, msg: &Outgoing<'_>) -> Option<Diagnostic> {
+    let refuse = |status: EnhancedCode, text: String| {
+        let mut d = Diagnostic::local(status, text);
+        d.remote_mta = Some(host.to_owned());
+        Some(d)
+    };
+    if needs_smtputf8(msg) && !caps.smtputf8 {
+        return refuse(
+            EnhancedCode(5, 6, 7),
+            "the server does not support SMTPUTF8, which this message needs (RFC 6531)".to_owned(),
+        );
+    }
+    if is_eight_bit(msg) && !caps.eight_bit_mime {
+        return refuse(
+            EnhancedCode(5, 6, 3),
+            "the server does not support 8BITMIME and the message has 8-bit content".to_owned(),
+        );
+    }
+    if let Some(limit) = caps.size.filter(|l| *l > 0)
+        && msg.body.len() as u64 > limit
+    {
+        return refuse(
+            EnhancedCode(5, 3, 4),
+            format!(
+                "message size {} exceeds the server's limit of {limit} bytes",
+                msg.body.len()
+            ),
+        );
+    }
+    None
+}
+
+/// The MAIL command for `msg`, with the parameters the server announced support for.
+pub fn mail_command(caps: &Capabilities, msg: &Outgoing<'_>) -> String {
+    let mut mail = format!("MAIL FROM:<{}>", msg.mail_from);
+    if caps.size.is_some() {
+        mail.push_str(&format!(" SIZE={}", msg.body.len()));
+    }
+    if is_eight_bit(msg) && caps.eight_bit_mime {
+        mail.push_str(" BODY=8BITMIME");
+    }
+    if needs_smtputf8(msg) && caps.smtputf8 {
+        mail.push_str(" SMTPUTF8");
+    }
+    mail
+}
+
+fn needs_smtputf8(msg: &Outgoing<'_>) -> bool {
+    msg.smtputf8 || !msg.mail_from.is_ascii() || msg.recipients.iter().any(|r| !r.is_ascii())
+}
+
+fn is_eight_bit(msg: &Outgoing<'_>) -> bool {
+    msg.eight_bit || !msg.body.is_ascii()
+}
+
 /// Every accepted recipient gets an outcome before the result is returned; this fills the
 /// impossible gap without a panic.
 fn unreachable_outcome(host: &str) -> RecipientOutcome {
-    let mut d = Diagnostic::local(EnhancedCode(4, 3, 0), "internal error: recipient without a result");
+    let mut d = Diagnostic::local(
+        EnhancedCode(4, 3, 0),
+        "internal error: recipient without a result",
+    );
     d.remote_mta = Some(host.to_owned());
     RecipientOutcome::Deferred(d)
 }
@@ -828,8 +945,313 @@ pub fn encode_data(body: &[u8]) -> Vec<u8> {
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // tests may unwrap (see notes/common.md)
 mod tests {
+    use tokio::io::AsyncBufReadExt as _;
+    use tokio::net::TcpListener;
+
     use super::*;
     use crate::protocol::dot_stuff;
+
+    /// A one-connection scripted SMTP server on loopback: sends `greeting`, then answers each
+    /// command line with `respond(line)` (`None` closes); after a `354` it collects message
+    /// data up to the dot and answers with `respond(".")`. Returns everything it received.
+    async fn fake_server(
+        greeting: &'static str,
+        respond: fn(&str) -> Option<String>,
+    ) -> (SocketAddr, tokio::task::JoinHandle<Vec<String>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            let (read, mut write) = stream.into_split();
+            let mut lines = tokio::io::BufReader::new(read).lines();
+            let mut seen = Vec::new();
+            write.write_all(greeting.as_bytes()).await.unwrap();
+            let mut in_data = false;
+            while let Ok(Some(line)) = lines.next_line().await {
+                seen.push(line.clone());
+                // In the data only the final dot gets an answer.
+                if in_data && line != "." {
+                    continue;
+                }
+                let key = if in_data { "." } else { line.as_str() };
+                match respond(key) {
+                    Some(reply) => {
+                        in_data = reply.starts_with("354");
+                        if write.write_all(reply.as_bytes()).await.is_err() {
+                            break;
+                        }
+                    }
+                    None => break,
+                }
+            }
+            seen
+        });
+        (addr, task)
+    }
+
+    fn target(addr: SocketAddr) -> Target {
+        Target {
+            host: "mx.fake.test".into(),
+            addr,
+        }
+    }
+
+    fn timeouts() -> ClientTimeouts {
+        let five = crate::config::HumanDuration::from_secs(5);
+        ClientTimeouts {
+            connect: five,
+            greeting: five,
+            command: five,
+            mail: five,
+            rcpt: five,
+            data_init: five,
+            data_block: five,
+            data_termination: five,
+        }
+    }
+
+    async fn connect_to(
+        addr: SocketAddr,
+        protocol: Protocol,
+        tls: TlsPolicy,
+        credentials: Option<&Credentials>,
+    ) -> Result<SmtpClient, ClientError> {
+        let target = target(addr);
+        let timeouts = timeouts();
+        let tls_config = ClientTls::new(None).unwrap();
+        SmtpClient::connect(&ConnectOptions {
+            target: &target,
+            helo: "mx.example.test",
+            protocol,
+            tls,
+            verify_certificate: true,
+            credentials,
+            timeouts: &timeouts,
+            tls_config: &tls_config,
+        })
+        .await
+    }
+
+    fn message<'a>(rcpts: &'a [String], body: &'a [u8]) -> Outgoing<'a> {
+        Outgoing {
+            mail_from: "alice@example.test",
+            recipients: rcpts,
+            body,
+            eight_bit: false,
+            smtputf8: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn pipelined_transaction_with_results_per_recipient() {
+        let (addr, server) = fake_server("220 fake ESMTP\r\n", |line| {
+            Some(match line {
+                l if l.starts_with("EHLO") => {
+                    "250-fake\r\n250-PIPELINING\r\n250 SIZE 100000\r\n".into()
+                }
+                l if l.starts_with("MAIL") => "250 2.1.0 ok\r\n".into(),
+                "RCPT TO:<carol@remote.test>" => "250 2.1.5 ok\r\n".into(),
+                l if l.starts_with("RCPT") => "550 5.1.1 no such user\r\n".into(),
+                "DATA" => "354 go\r\n".into(),
+                "." => "250 2.0.0 queued\r\n".into(),
+                "QUIT" => "221 bye\r\n".into(),
+                _ => "500 what\r\n".into(),
+            })
+        })
+        .await;
+        let mut client = connect_to(addr, Protocol::Smtp, TlsPolicy::Opportunistic, None)
+            .await
+            .unwrap();
+        assert!(client.capabilities().pipelining);
+        let rcpts = vec![
+            "carol@remote.test".to_owned(),
+            "nobody@remote.test".to_owned(),
+        ];
+        let outcomes = client
+            .send(&message(&rcpts, b"Subject: x\r\n\r\n.dot\r\n"))
+            .await
+            .unwrap();
+        assert_eq!(outcomes[0].label(), "delivered");
+        let RecipientOutcome::Failed(d) = &outcomes[1] else {
+            panic!("{outcomes:?}")
+        };
+        assert_eq!(d.status, EnhancedCode(5, 1, 1));
+        assert!(client.is_usable());
+        client.quit().await;
+        let seen = server.await.unwrap();
+        assert!(
+            seen.contains(&"MAIL FROM:<alice@example.test> SIZE=20".to_owned()),
+            "{seen:?}"
+        );
+        assert!(seen.contains(&"..dot".to_owned()), "dot-stuffed: {seen:?}");
+    }
+
+    #[tokio::test]
+    async fn lmtp_reports_each_recipient_after_the_data() {
+        let (addr, _server) = fake_server("220 lmtp\r\n", |line| {
+            Some(match line {
+                l if l.starts_with("LHLO") => "250-lmtp\r\n250 8BITMIME\r\n".into(),
+                l if l.starts_with("MAIL") || l.starts_with("RCPT") => "250 ok\r\n".into(),
+                "DATA" => "354 go\r\n".into(),
+                "." => "250 2.0.0 delivered\r\n452 4.2.2 mailbox full\r\n".into(),
+                _ => "221 bye\r\n".into(),
+            })
+        })
+        .await;
+        let mut client = connect_to(addr, Protocol::Lmtp, TlsPolicy::None, None)
+            .await
+            .unwrap();
+        let rcpts = vec![
+            "bob@example.test".to_owned(),
+            "full@example.test".to_owned(),
+        ];
+        let outcomes = client
+            .send(&message(&rcpts, b"Subject: x\r\n\r\nhi\r\n"))
+            .await
+            .unwrap();
+        let labels: Vec<&str> = outcomes.iter().map(RecipientOutcome::label).collect();
+        assert_eq!(labels, ["delivered", "deferred"]);
+    }
+
+    #[tokio::test]
+    async fn starttls_response_injection_is_refused() {
+        // Catalogue TLS-CLI-01: plaintext "EHLO reply" lines sent with the 220.
+        let (addr, _server) = fake_server("220 fake ESMTP\r\n", |line| {
+            Some(match line {
+                l if l.starts_with("EHLO") => "250-fake\r\n250 STARTTLS\r\n".into(),
+                "STARTTLS" => "220 go ahead\r\n250-injected\r\n250 AUTH PLAIN\r\n".into(),
+                _ => "500 what\r\n".into(),
+            })
+        })
+        .await;
+        let err = connect_to(addr, Protocol::Smtp, TlsPolicy::Opportunistic, None)
+            .await
+            .err()
+            .unwrap();
+        assert!(matches!(err, ClientError::StartTlsInjection), "{err}");
+    }
+
+    #[tokio::test]
+    async fn required_tls_without_starttls_defers_and_never_sends_credentials() {
+        // Catalogue TLS-CLI-02/03/05: a server hiding STARTTLS gets neither mail nor secrets.
+        let (addr, server) = fake_server("220 fake ESMTP\r\n", |line| {
+            Some(match line {
+                l if l.starts_with("EHLO") => "250-fake\r\n250 AUTH PLAIN LOGIN\r\n".into(),
+                _ => "500 what\r\n".into(),
+            })
+        })
+        .await;
+        let err = connect_to(addr, Protocol::Smtp, TlsPolicy::Required, None)
+            .await
+            .err()
+            .unwrap();
+        assert!(matches!(err, ClientError::TlsUnavailable(_)), "{err}");
+        assert_eq!(err.diagnostic("mx.fake.test").status.0, 4, "temporary");
+        drop(server);
+
+        let (addr, server) = fake_server("220 fake ESMTP\r\n", |line| {
+            Some(match line {
+                l if l.starts_with("EHLO") => "250-fake\r\n250 AUTH PLAIN LOGIN\r\n".into(),
+                _ => "500 what\r\n".into(),
+            })
+        })
+        .await;
+        let creds = Credentials {
+            username: "u".into(),
+            password: "secret".into(),
+        };
+        let err = connect_to(addr, Protocol::Smtp, TlsPolicy::Opportunistic, Some(&creds))
+            .await
+            .err()
+            .unwrap();
+        assert!(matches!(err, ClientError::Auth(_)), "{err}");
+        let seen = server.await.unwrap();
+        assert!(seen.iter().all(|l| !l.starts_with("AUTH")), "{seen:?}");
+    }
+
+    #[tokio::test]
+    async fn odd_greetings_and_garbage_are_temporary_errors() {
+        // Catalogue TLS-CLI-04.
+        for greeting in [
+            "554 go away\r\n",
+            "421 busy\r\n",
+            "hello there\r\n",
+            "220-a\r\n221 b\r\n",
+        ] {
+            let greeting: &'static str = Box::leak(greeting.to_owned().into_boxed_str());
+            let (addr, _server) = fake_server(greeting, |_| None).await;
+            let err = connect_to(addr, Protocol::Smtp, TlsPolicy::Opportunistic, None)
+                .await
+                .err()
+                .unwrap();
+            let d = err.diagnostic("mx.fake.test");
+            assert_eq!(d.status.0, 4, "{greeting:?}: {err}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_server_closing_mid_transaction_is_an_error_not_a_panic() {
+        let (addr, _server) = fake_server("220 fake ESMTP\r\n", |line| match line {
+            l if l.starts_with("EHLO") => Some("250-fake\r\n250 PIPELINING\r\n".into()),
+            l if l.starts_with("MAIL") => Some("250 ok\r\n".into()),
+            // RCPT: the server goes away without a word.
+            _ => None,
+        })
+        .await;
+        let mut client = connect_to(addr, Protocol::Smtp, TlsPolicy::Opportunistic, None)
+            .await
+            .unwrap();
+        let rcpts = vec!["carol@remote.test".to_owned()];
+        let err = client.send(&message(&rcpts, b"x\r\n")).await.err().unwrap();
+        assert!(
+            matches!(err, ClientError::Closed { .. } | ClientError::Io { .. }),
+            "{err}"
+        );
+        assert!(!client.is_usable());
+    }
+
+    #[test]
+    fn size_8bitmime_and_smtputf8_are_respected() {
+        let caps = Capabilities {
+            esmtp: true,
+            size: Some(10),
+            ..Capabilities::default()
+        };
+        let rcpts = vec!["carol@remote.test".to_owned()];
+        let ascii = message(&rcpts, b"short");
+        assert!(refusal(&caps, "mx", &ascii).is_none());
+        assert_eq!(
+            mail_command(&caps, &ascii),
+            "MAIL FROM:<alice@example.test> SIZE=5"
+        );
+        let big = message(&rcpts, b"more than ten bytes");
+        assert_eq!(
+            refusal(&caps, "mx", &big).unwrap().status,
+            EnhancedCode(5, 3, 4)
+        );
+        let eight = message(&rcpts, "caf\u{e9}".as_bytes());
+        assert_eq!(
+            refusal(&caps, "mx", &eight).unwrap().status,
+            EnhancedCode(5, 6, 3)
+        );
+        let intl = vec!["j\u{f6}rg@remote.test".to_owned()];
+        let utf8 = message(&intl, b"x");
+        assert_eq!(
+            refusal(&caps, "mx", &utf8).unwrap().status,
+            EnhancedCode(5, 6, 7)
+        );
+        let capable = Capabilities {
+            esmtp: true,
+            eight_bit_mime: true,
+            smtputf8: true,
+            ..Capabilities::default()
+        };
+        assert!(refusal(&capable, "mx", &utf8).is_none());
+        assert_eq!(
+            mail_command(&capable, &message(&intl, "caf\u{e9}".as_bytes())),
+            "MAIL FROM:<alice@example.test> BODY=8BITMIME SMTPUTF8"
+        );
+    }
 
     #[test]
     fn encode_matches_dot_stuff_for_crlf_messages() {
@@ -840,7 +1262,12 @@ mod tests {
             b".\r\n",
             b"no newline",
         ] {
-            assert_eq!(encode_data(msg), dot_stuff(msg), "{:?}", String::from_utf8_lossy(msg));
+            assert_eq!(
+                encode_data(msg),
+                dot_stuff(msg),
+                "{:?}",
+                String::from_utf8_lossy(msg)
+            );
         }
     }
 
@@ -895,7 +1322,11 @@ mod tests {
         assert!(c.pipelining && c.eight_bit_mime && c.starttls && c.smtputf8 && c.esmtp);
         assert_eq!(c.size, Some(10_240_000));
         assert_eq!(c.auth, vec!["LOGIN", "PLAIN"]);
-        let bare = Capabilities::parse(&Reply::multiline(250, None, vec!["x".into(), "SIZE".into()]));
+        let bare = Capabilities::parse(&Reply::multiline(
+            250,
+            None,
+            vec!["x".into(), "SIZE".into()],
+        ));
         assert_eq!(bare.size, Some(0));
         assert!(!bare.pipelining);
     }

@@ -19,7 +19,7 @@ use futures::StreamExt as _;
 use tokio::sync::Semaphore;
 
 use super::DeliveryContext;
-use super::config::ConsumerConfig;
+use crate::config::ConsumerConfig;
 use crate::config::NatsConfig;
 
 /// How long one pull request waits for entries before it is renewed.
@@ -161,20 +161,30 @@ pub async fn run(ctx: Arc<DeliveryContext>, domain: String) {
                     Some(Ok(message)) => {
                         let Some(permit) = permits.pop() else {
                             // More than asked for cannot happen; nak so another worker gets it.
-                            let _ = message.ack_with(async_nats::jetstream::AckKind::Nak(None)).await;
+                            let _ = message
+                                .ack_with(async_nats::jetstream::AckKind::Nak(None))
+                                .await;
                             continue;
                         };
+                        let tracker = ctx.shutdown.tracker().clone();
                         let ctx = ctx.clone();
                         let domain = domain.clone();
-                        ctx.shutdown.tracker().spawn(async move {
+                        tracker.spawn(async move {
                             super::worker::handle(&ctx, &domain, message).await;
                             drop(permit);
                         });
                     }
                     Some(Err(error)) => {
+                        // The consumer may be gone (deleted, or the stream was recreated):
+                        // set it up again after a pause.
                         tracing::warn!(%domain, %error, "pulling entries failed");
-                        tokio::time::sleep(delay.min(Duration::from_secs(1))).await;
-                        break;
+                        drop(permits);
+                        tokio::select! {
+                            _ = stop.cancelled() => return,
+                            _ = tokio::time::sleep(delay) => {}
+                        }
+                        delay = (delay * 2).min(RETRY_MAX);
+                        continue 'setup;
                     }
                 }
             }

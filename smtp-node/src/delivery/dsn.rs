@@ -71,18 +71,31 @@ pub fn build(input: &DsnInput<'_>) -> Dsn {
         DsnKind::Failure => "Undelivered Mail Returned to Sender",
         DsnKind::Delay => "Delayed Mail (still being retried)",
     };
-    push_line(&mut m, &format!("From: Mail Delivery System <MAILER-DAEMON@{}>", ascii(input.from_domain)));
+    push_line(
+        &mut m,
+        &format!(
+            "From: Mail Delivery System <MAILER-DAEMON@{}>",
+            ascii(input.from_domain)
+        ),
+    );
     push_line(&mut m, &format!("To: <{}>", ascii(input.to)));
     push_line(&mut m, &format!("Subject: {subject}"));
     push_line(&mut m, &format!("Date: {}", rfc5322_date(input.now)));
     push_line(&mut m, &format!("Message-ID: {message_id}"));
-    if let Some(id) = input.original_message_id.map(ascii).filter(|id| id.starts_with('<') && id.ends_with('>')) {
+    if let Some(id) = input
+        .original_message_id
+        .map(ascii)
+        .filter(|id| id.starts_with('<') && id.ends_with('>'))
+    {
         push_line(&mut m, &format!("In-Reply-To: {id}"));
         push_line(&mut m, &format!("References: {id}"));
     }
     push_line(&mut m, "Auto-Submitted: auto-replied");
     push_line(&mut m, "MIME-Version: 1.0");
-    push_line(&mut m, "Content-Type: multipart/report; report-type=delivery-status;");
+    push_line(
+        &mut m,
+        "Content-Type: multipart/report; report-type=delivery-status;",
+    );
     push_line(&mut m, &format!("\tboundary=\"{boundary}\""));
     push_line(&mut m, "");
     push_line(&mut m, "This is a MIME-encapsulated message.");
@@ -93,28 +106,49 @@ pub fn build(input: &DsnInput<'_>) -> Dsn {
     push_line(&mut m, "Content-Description: Notification");
     push_line(&mut m, "Content-Type: text/plain; charset=us-ascii");
     push_line(&mut m, "");
-    push_line(&mut m, &format!("This is the mail system at host {}.", ascii(input.reporting_mta)));
+    push_line(
+        &mut m,
+        &format!(
+            "This is the mail system at host {}.",
+            ascii(input.reporting_mta)
+        ),
+    );
     push_line(&mut m, "");
     match input.kind {
         DsnKind::Failure => {
-            push_line(&mut m, "Your message could not be delivered to one or more recipients.");
+            push_line(
+                &mut m,
+                "Your message could not be delivered to one or more recipients.",
+            );
             push_line(&mut m, "It is attached below. The mail system said:");
         }
         DsnKind::Delay => {
-            push_line(&mut m, "Your message could not be delivered yet to one or more recipients.");
+            push_line(
+                &mut m,
+                "Your message could not be delivered yet to one or more recipients.",
+            );
             match input.retry_until {
                 Some(t) => push_line(
                     &mut m,
-                    &format!("The mail system keeps trying until {}; you need not resend it.", rfc5322_date(t)),
+                    &format!(
+                        "The mail system keeps trying until {}; you need not resend it.",
+                        rfc5322_date(t)
+                    ),
                 ),
-                None => push_line(&mut m, "The mail system keeps trying; you need not resend it."),
+                None => push_line(
+                    &mut m,
+                    "The mail system keeps trying; you need not resend it.",
+                ),
             }
             push_line(&mut m, "The mail system said:");
         }
     }
     push_line(&mut m, "");
     for (rcpt, d) in input.recipients {
-        push_line(&mut m, &format!("<{}>: {}", ascii(rcpt), ascii(&d.summary())));
+        push_line(
+            &mut m,
+            &format!("<{}>: {}", ascii(rcpt), ascii(&d.summary())),
+        );
     }
     push_line(&mut m, "");
 
@@ -123,12 +157,21 @@ pub fn build(input: &DsnInput<'_>) -> Dsn {
     push_line(&mut m, "Content-Description: Delivery report");
     push_line(&mut m, "Content-Type: message/delivery-status");
     push_line(&mut m, "");
-    push_line(&mut m, &format!("Reporting-MTA: dns; {}", ascii(input.reporting_mta)));
-    push_line(&mut m, &format!("X-Kubemail-Queue-ID: {}", ascii(input.queue_id)));
+    push_line(
+        &mut m,
+        &format!("Reporting-MTA: dns; {}", ascii(input.reporting_mta)),
+    );
+    push_line(
+        &mut m,
+        &format!("X-Kubemail-Queue-ID: {}", ascii(input.queue_id)),
+    );
     if let Some(envid) = input.envid {
         push_line(&mut m, &format!("Original-Envelope-Id: {}", ascii(envid)));
     }
-    push_line(&mut m, &format!("Arrival-Date: {}", rfc5322_date(input.arrival)));
+    push_line(
+        &mut m,
+        &format!("Arrival-Date: {}", rfc5322_date(input.arrival)),
+    );
     let action = match input.kind {
         DsnKind::Failure => "failed",
         DsnKind::Delay => "delayed",
@@ -141,8 +184,14 @@ pub fn build(input: &DsnInput<'_>) -> Dsn {
         if let Some(host) = &d.remote_mta {
             push_line(&mut m, &format!("Remote-MTA: dns; {}", ascii(host)));
         }
-        push_line(&mut m, &format!("Diagnostic-Code: {}", ascii(&d.diagnostic_code())));
-        push_line(&mut m, &format!("Last-Attempt-Date: {}", rfc5322_date(input.now)));
+        push_line(
+            &mut m,
+            &format!("Diagnostic-Code: {}", ascii(&d.diagnostic_code())),
+        );
+        push_line(
+            &mut m,
+            &format!("Last-Attempt-Date: {}", rfc5322_date(input.now)),
+        );
         if let (DsnKind::Delay, Some(t)) = (input.kind, input.retry_until) {
             push_line(&mut m, &format!("Will-Retry-Until: {}", rfc5322_date(t)));
         }
@@ -168,7 +217,11 @@ pub fn build(input: &DsnInput<'_>) -> Dsn {
             &mut part,
             &format!(
                 "Content-Description: {}",
-                if headers_only { "Message Headers" } else { "Undelivered Message" }
+                if headers_only {
+                    "Message Headers"
+                } else {
+                    "Undelivered Message"
+                }
             ),
         );
         push_line(&mut part, &format!("Content-Type: {content_type}"));
@@ -252,7 +305,11 @@ mod tests {
         ]
     }
 
-    fn input<'a>(kind: DsnKind, recipients: &'a [(String, Diagnostic)], original: Option<&'a [u8]>) -> DsnInput<'a> {
+    fn input<'a>(
+        kind: DsnKind,
+        recipients: &'a [(String, Diagnostic)],
+        original: Option<&'a [u8]>,
+    ) -> DsnInput<'a> {
         DsnInput {
             kind,
             reporting_mta: "mx.example.test",
@@ -307,12 +364,20 @@ mod tests {
         let mut i = input(DsnKind::Failure, &rcpts, Some(ORIGINAL));
         i.ret = Some("HDRS");
         let text = String::from_utf8(build(&i).message).unwrap();
-        assert!(text.contains("Content-Type: text/rfc822-headers\r\n\r\nFrom: alice@example.test\r\n"), "{text}");
+        assert!(
+            text.contains("Content-Type: text/rfc822-headers\r\n\r\nFrom: alice@example.test\r\n"),
+            "{text}"
+        );
         assert!(!text.contains("Hello."), "{text}");
         let mut i = input(DsnKind::Failure, &rcpts, Some(ORIGINAL));
         i.size_limit = 10;
-        assert!(!String::from_utf8(build(&i).message).unwrap().contains("Hello."));
-        let text = String::from_utf8(build(&input(DsnKind::Delay, &rcpts, Some(ORIGINAL))).message).unwrap();
+        assert!(
+            !String::from_utf8(build(&i).message)
+                .unwrap()
+                .contains("Hello.")
+        );
+        let text = String::from_utf8(build(&input(DsnKind::Delay, &rcpts, Some(ORIGINAL))).message)
+            .unwrap();
         assert!(text.contains("Action: delayed\r\n"), "{text}");
         assert!(text.contains("Will-Retry-Until: "), "{text}");
         assert!(text.contains("Subject: Delayed Mail"), "{text}");
@@ -325,7 +390,9 @@ mod tests {
         let original = "Subject: caf\u{e9}\r\n\r\nna\u{ef}ve\r\n".as_bytes();
         let dsn = build(&input(DsnKind::Failure, &rcpts, Some(original)));
         assert!(dsn.eight_bit);
-        assert!(String::from_utf8_lossy(&dsn.message).contains("Content-Transfer-Encoding: 8bit\r\n"));
+        assert!(
+            String::from_utf8_lossy(&dsn.message).contains("Content-Transfer-Encoding: 8bit\r\n")
+        );
         let dsn = build(&input(DsnKind::Failure, &rcpts, None));
         let text = String::from_utf8(dsn.message).unwrap();
         assert!(!text.contains("message/rfc822"));

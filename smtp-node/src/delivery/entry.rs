@@ -79,14 +79,7 @@ impl DeliveryEntry {
         let required = |name: &'static str| get(name).ok_or(EntryError::Missing(name));
         let queue_id = required(headers::QUEUE_ID)?;
         let mail_from = unbracket(&required(headers::MAIL_FROM)?);
-        let recipients: Vec<String> = h
-            .get_all(headers::RCPT_TO)
-            .map(|v| unbracket(v.as_str()))
-            .filter(|r| !r.is_empty())
-            .collect();
-        if recipients.is_empty() {
-            return Err(EntryError::Missing(headers::RCPT_TO));
-        }
+        let recipients = parse_recipients(h)?;
         let direction = match required(headers::DIRECTION)?.as_str() {
             "inbound" => Direction::Inbound,
             "outbound" => Direction::Outbound,
@@ -150,9 +143,8 @@ impl DeliveryEntry {
         h.insert(headers::NATS_MSG_ID, clean(msg_id));
         h.insert(headers::QUEUE_ID, clean(&self.queue_id));
         h.insert(headers::MAIL_FROM, format!("<{}>", clean(&self.mail_from)));
-        for r in &self.recipients {
-            h.append(headers::RCPT_TO, format!("<{}>", clean(r)));
-        }
+        let rcpts = serde_json::to_string(&self.recipients).unwrap_or_else(|_| "[]".to_owned());
+        h.insert(headers::RCPT_TO, clean(&rcpts));
         h.insert(headers::DIRECTION, self.direction.as_str());
         h.insert(headers::DOMAIN, clean(&self.domain));
         h.insert(headers::ACCEPTED_AT, rfc3339(self.accepted_at));
@@ -194,6 +186,29 @@ impl DeliveryEntry {
         }
         h
     }
+}
+
+/// The recipients: one `Kubemail-Rcpt-To` header holding a JSON array (the contract), or,
+/// tolerated for entries written by hand, repeated `<addr>` values.
+fn parse_recipients(h: &HeaderMap) -> Result<Vec<String>, EntryError> {
+    let values: Vec<&str> = h
+        .get_all(headers::RCPT_TO)
+        .map(|v| v.as_str().trim())
+        .collect();
+    let recipients: Vec<String> = match values.as_slice() {
+        [json] if json.starts_with('[') => {
+            serde_json::from_str::<Vec<String>>(json).map_err(|_| EntryError::Invalid {
+                name: headers::RCPT_TO,
+                value: (*json).to_owned(),
+            })?
+        }
+        list => list.iter().map(|v| unbracket(v)).collect(),
+    };
+    let recipients: Vec<String> = recipients.into_iter().filter(|r| !r.is_empty()).collect();
+    if recipients.is_empty() {
+        return Err(EntryError::Missing(headers::RCPT_TO));
+    }
+    Ok(recipients)
 }
 
 fn unbracket(v: &str) -> String {
@@ -292,7 +307,7 @@ mod tests {
             DeliveryEntry::from_headers(&h).unwrap_err(),
             EntryError::Missing(headers::RCPT_TO)
         );
-        h.insert(headers::RCPT_TO, "<b@x.test>");
+        h.insert(headers::RCPT_TO, "[\"b@x.test\", \"\\\"a b\\\"@x.test\"]");
         h.insert(headers::DIRECTION, "sideways");
         assert!(matches!(
             DeliveryEntry::from_headers(&h).unwrap_err(),
@@ -305,5 +320,14 @@ mod tests {
         h.insert(headers::ACCEPTED_AT, "2026-11-27T23:59:01Z");
         let e = DeliveryEntry::from_headers(&h).unwrap();
         assert!(e.is_null_sender());
+        assert_eq!(e.recipients, ["b@x.test", "\"a b\"@x.test"]);
+        h.insert(headers::RCPT_TO, "<legacy@x.test>");
+        h.append(headers::RCPT_TO, "<second@x.test>");
+        assert_eq!(
+            DeliveryEntry::from_headers(&h).unwrap().recipients,
+            ["legacy@x.test", "second@x.test"]
+        );
+        h.insert(headers::RCPT_TO, "[not json");
+        assert!(DeliveryEntry::from_headers(&h).is_err());
     }
 }

@@ -17,13 +17,13 @@ use std::time::{Duration, Instant};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 use super::client::SmtpClient;
-use super::config::ConnectionConfig;
 use super::route::Route;
+use crate::config::ConnectionConfig;
 
 /// The connection a delivery starts with.
 pub enum Checkout {
     /// An idle connection to reuse (check it with RSET first).
-    Reused(SmtpClient, OwnedSemaphorePermit),
+    Reused(Box<SmtpClient>, OwnedSemaphorePermit),
     /// Permission to open a new connection.
     Fresh(OwnedSemaphorePermit),
 }
@@ -76,15 +76,15 @@ impl ConnectionPool {
         let dest = self.destination(route);
         loop {
             if let Some(idle) = take_idle(&dest) {
-                return Checkout::Reused(idle.client, idle.permit);
+                return Checkout::Reused(Box::new(idle.client), idle.permit);
             }
             let notified = dest.returned.notified();
             tokio::select! {
                 permit = dest.permits.clone().acquire_owned() => {
                     match permit {
                         Ok(p) => return Checkout::Fresh(p),
-                        // The semaphore is never closed; if it were, wait for an idle one.
-                        Err(_) => notified.await,
+                        // The semaphore is never closed; should it be, do not spin.
+                        Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
                     }
                 }
                 _ = notified => {}
@@ -138,7 +138,8 @@ impl ConnectionPool {
                 .idle
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let (old, keep): (Vec<Idle>, Vec<Idle>) = idle.drain(..).partition(|i| i.since.elapsed() >= age);
+            let (old, keep): (Vec<Idle>, Vec<Idle>) =
+                idle.drain(..).partition(|i| i.since.elapsed() >= age);
             *idle = keep;
             expired.extend(old);
         }
@@ -190,13 +191,23 @@ mod tests {
             idle_timeout: HumanDuration::from_secs(1),
             max_messages_per_connection: 10,
         }));
-        let a = Route::Mx { domain: "a.test".into() };
-        let b = Route::Mx { domain: "b.test".into() };
-        let Checkout::Fresh(p1) = pool.checkout(&a).await else { panic!() };
-        let Checkout::Fresh(_p2) = pool.checkout(&a).await else { panic!() };
+        let a = Route::Mx {
+            domain: "a.test".into(),
+        };
+        let b = Route::Mx {
+            domain: "b.test".into(),
+        };
+        let Checkout::Fresh(p1) = pool.checkout(&a).await else {
+            panic!()
+        };
+        let Checkout::Fresh(_p2) = pool.checkout(&a).await else {
+            panic!()
+        };
         assert_eq!(pool.open_connections(&a), 2);
         // A third checkout for `a` waits; `b` is independent.
-        let Checkout::Fresh(_b1) = pool.checkout(&b).await else { panic!() };
+        let Checkout::Fresh(_b1) = pool.checkout(&b).await else {
+            panic!()
+        };
         let waiting = {
             let pool = pool.clone();
             let a = a.clone();
@@ -205,6 +216,11 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(!waiting.is_finished(), "the third connection must wait");
         drop(p1);
-        assert!(tokio::time::timeout(Duration::from_secs(5), waiting).await.unwrap().unwrap());
+        assert!(
+            tokio::time::timeout(Duration::from_secs(5), waiting)
+                .await
+                .unwrap()
+                .unwrap()
+        );
     }
 }

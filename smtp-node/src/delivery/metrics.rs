@@ -123,6 +123,9 @@ mod tests {
             text.contains("kubemail_smtp_delivery_recipients_total{domain=\"example.test\",result=\"delivered\"} 2"),
             "{text}"
         );
-        assert!(text.contains("kubemail_smtp_delivery_attempt_seconds_bucket"), "{text}");
+        assert!(
+            text.contains("kubemail_smtp_delivery_attempt_seconds_bucket"),
+            "{text}"
+        );
     }
 }

@@ -9,11 +9,10 @@
 //! * [`relay`]: smarthosts; [`limits`]: per-destination connection caps and reuse;
 //! * [`outcome`]: typed results and the entry decision; [`retry`]: the schedule;
 //! * [`dsn`]: bounces and delay notices; [`entry`]: the entry headers and retry state;
-//! * [`config`]: the delivery settings; [`metrics`]: counters and latencies.
+//! * [`metrics`]: counters and latencies. The settings are in [`crate::config`].
 
 pub mod address_policy;
 pub mod client;
-pub mod config;
 pub mod consumer;
 pub mod dsn;
 pub mod entry;
@@ -34,11 +33,11 @@ use std::sync::{Arc, Mutex};
 use async_nats::jetstream::object_store::ObjectStore;
 
 use self::address_policy::AddressPolicy;
-use self::config::DeliveryConfig;
 use self::limits::ConnectionPool;
 use self::relay::Relay;
 use self::route::{DomainRouting, RoutingTable};
 use self::tls::ClientTls;
+use crate::config::DeliveryConfig;
 use crate::config::NatsConfig;
 use crate::dkim::DkimSigner;
 use crate::dns::Resolver;
@@ -62,6 +61,26 @@ pub struct DeliverySettings {
     pub nats: NatsConfig,
     /// Our domains with their inbound targets and relays.
     pub domains: Vec<DomainRouting>,
+}
+
+impl DeliverySettings {
+    /// The delivery view of the node configuration.
+    pub fn from_config(config: &crate::config::NodeConfig) -> Self {
+        Self {
+            hostname: config.hostname.clone(),
+            delivery: config.delivery.clone(),
+            nats: config.nats.clone(),
+            domains: config
+                .domains
+                .iter()
+                .map(|d| DomainRouting {
+                    name: d.name.clone(),
+                    inbound: d.inbound.clone(),
+                    relay: d.relay.clone(),
+                })
+                .collect(),
+        }
+    }
 }
 
 /// Everything a worker uses, shared by all workers of the node.
@@ -153,7 +172,9 @@ pub fn start(ctx: Arc<DeliveryContext>, domains: &[String]) -> Vec<tokio::task::
         return tasks;
     }
     tasks.push(tokio::spawn(
-        ctx.pool.clone().run_reaper(ctx.shutdown.stop_token().clone()),
+        ctx.pool
+            .clone()
+            .run_reaper(ctx.shutdown.stop_token().clone()),
     ));
     for domain in domains {
         tasks.push(tokio::spawn(consumer::run(ctx.clone(), domain.clone())));

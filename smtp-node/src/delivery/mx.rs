@@ -184,13 +184,13 @@ pub async fn resolve_targets(
     if !targets.is_empty() {
         return Ok(targets);
     }
-    if let Some(first) = refused {
-        if !any_temporary {
-            return Err(MxError::Refused {
-                domain: domain.to_owned(),
-                first,
-            });
-        }
+    if let Some(first) = refused
+        && !any_temporary
+    {
+        return Err(MxError::Refused {
+            domain: domain.to_owned(),
+            first,
+        });
     }
     Err(MxError::NoAddress {
         domain: domain.to_owned(),

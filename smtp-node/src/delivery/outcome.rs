@@ -15,9 +15,9 @@
 
 use std::time::{Duration, SystemTime};
 
-use super::config::RetryConfig;
 use super::reply::status_of;
 use super::retry::{self, RetryDecision};
+use crate::config::RetryConfig;
 use crate::protocol::{EnhancedCode, Reply};
 
 /// Why a recipient was not delivered (yet): what goes into logs, retry headers and DSNs.
@@ -282,18 +282,27 @@ mod tests {
         assert_eq!(ok().label(), "delivered");
         assert_eq!(temp().label(), "deferred");
         assert_eq!(perm().label(), "failed");
-        let RecipientOutcome::Failed(d) = perm() else { panic!() };
+        let RecipientOutcome::Failed(d) = perm() else {
+            panic!()
+        };
         assert_eq!(d.diagnostic_code(), "smtp; 550 5.1.1 no such user");
         assert_eq!(d.summary(), "mx.remote.test said: 550 5.1.1 no such user");
         let d = Diagnostic::local(EnhancedCode(4, 4, 1), "connection refused\r\nInjected: x");
-        assert_eq!(d.diagnostic_code(), "x-kubemail; connection refused  Injected: x");
+        assert_eq!(
+            d.diagnostic_code(),
+            "x-kubemail; connection refused  Injected: x"
+        );
     }
 
     #[test]
     fn mixed_outcomes_retry_only_the_deferred_and_bounce_the_failed() {
         let retry = RetryConfig::default();
         let p = plan(
-            outcomes(vec![("a@r.test", ok()), ("b@r.test", temp()), ("c@r.test", perm())]),
+            outcomes(vec![
+                ("a@r.test", ok()),
+                ("b@r.test", temp()),
+                ("c@r.test", perm()),
+            ]),
             input(&retry, 60, false),
         );
         assert_eq!(p.delivered, vec!["a@r.test"]);
@@ -316,7 +325,10 @@ mod tests {
         let p = plan(outcomes(vec![("a@r.test", ok())]), input(&retry, 1, false));
         assert_eq!(p.disposition, Disposition::Done);
         assert!(!p.bounce);
-        let p = plan(outcomes(vec![("a@r.test", perm())]), input(&retry, 1, false));
+        let p = plan(
+            outcomes(vec![("a@r.test", perm())]),
+            input(&retry, 1, false),
+        );
         assert_eq!(p.disposition, Disposition::Failed);
         assert!(p.bounce);
         let p = plan(outcomes(vec![("a@r.test", perm())]), input(&retry, 1, true));
@@ -335,12 +347,20 @@ mod tests {
             input(&retry, 100, false),
         );
         assert!(p.deferred.is_empty());
-        assert_eq!(p.disposition, Disposition::Done, "b was delivered, a is reported");
+        assert_eq!(
+            p.disposition,
+            Disposition::Done,
+            "b was delivered, a is reported"
+        );
         assert!(p.bounce);
         let (_, d) = &p.failed[0];
         assert_eq!(d.status, EnhancedCode(4, 4, 7));
         assert!(d.text.contains("450 4.2.0 mailbox busy"), "{}", d.text);
-        assert_eq!(d.diagnostic_code(), "smtp; 450 4.2.0 mailbox busy", "last remote reply");
+        assert_eq!(
+            d.diagnostic_code(),
+            "smtp; 450 4.2.0 mailbox busy",
+            "last remote reply"
+        );
     }
 
     #[test]
@@ -349,7 +369,10 @@ mod tests {
             delay_warning: Some(HumanDuration::from_secs(50)),
             ..RetryConfig::default()
         };
-        let p = plan(outcomes(vec![("a@r.test", temp())]), input(&retry, 60, false));
+        let p = plan(
+            outcomes(vec![("a@r.test", temp())]),
+            input(&retry, 60, false),
+        );
         assert!(p.delay_notice);
         let mut i = input(&retry, 60, false);
         i.delay_warned = true;

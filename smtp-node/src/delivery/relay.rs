@@ -14,8 +14,8 @@ use std::path::Path;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 
 use super::client::{Credentials, TlsPolicy};
-use super::config::{RelayAuth, RelayConfig, RelayTls};
 use super::mx::Target;
+use crate::config::{RelayAuth, RelayConfig, RelayTls};
 
 /// Why relay credentials could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -123,7 +123,11 @@ mod tests {
         for _ in 0..15 {
             r.wait_for_turn().await;
         }
-        assert!(start.elapsed() >= Duration::from_millis(400), "{:?}", start.elapsed());
+        assert!(
+            start.elapsed() >= Duration::from_millis(400),
+            "{:?}",
+            start.elapsed()
+        );
         assert_eq!(r.tls_policy(), TlsPolicy::Implicit);
         assert_eq!(r.targets().await.unwrap()[0].addr.port(), 2525);
     }
@@ -141,7 +145,10 @@ mod tests {
             }),
         );
         let c = r.credentials().unwrap().unwrap();
-        assert_eq!((c.username.as_str(), c.password.as_str()), ("user@example.test", "s3cret"));
+        assert_eq!(
+            (c.username.as_str(), c.password.as_str()),
+            ("user@example.test", "s3cret")
+        );
         assert!(relay(None, None).credentials().unwrap().is_none());
         let missing = relay(
             None,

@@ -157,7 +157,9 @@ pub fn status_of(reply: &Reply) -> EnhancedCode {
 mod tests {
     use super::*;
 
-    fn parse_all(input: &[u8]) -> Result<Option<(Reply, usize)>, ReplyError> {
+    type Parsed = Result<Option<(Reply, usize)>, ReplyError>;
+
+    fn parse_all(input: &[u8]) -> Parsed {
         parse_reply(input)
     }
 
@@ -173,7 +175,7 @@ mod tests {
                 used,
             )))
         };
-        let cases: Vec<(&[u8], Result<Option<(Reply, usize)>, ReplyError>)> = vec![
+        let cases: Vec<(&[u8], Parsed)> = vec![
             (
                 b"220 mx.test ESMTP\r\n",
                 ok(220, None, &["mx.test ESMTP"], 19),

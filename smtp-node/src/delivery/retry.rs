@@ -13,7 +13,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use super::config::RetryConfig;
+use crate::config::RetryConfig;
 
 /// Share of the wait added at random (0.1 = up to 10 %).
 const JITTER: f64 = 0.1;

@@ -12,7 +12,7 @@
 
 use std::collections::HashMap;
 
-use super::config::{InboundTarget, RelayConfig};
+use crate::config::{InboundTarget, RelayConfig};
 use crate::protocol::EnhancedCode;
 use crate::queue::Direction;
 
@@ -163,7 +163,7 @@ impl RoutingTable {
 #[allow(clippy::unwrap_used)] // tests may unwrap (see notes/common.md)
 mod tests {
     use super::*;
-    use crate::delivery::config::{ForwardProtocol, InboundTls, RelayTls};
+    use crate::config::{ForwardProtocol, InboundTls, RelayTls};
 
     fn target() -> InboundTarget {
         InboundTarget {

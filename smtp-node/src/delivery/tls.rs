@@ -172,9 +172,21 @@ mod tests {
     #[test]
     fn server_names_for_hosts_and_literals() {
         let ip = "192.0.2.1".parse().unwrap();
-        assert!(matches!(server_name("mx.example.test", ip), ServerName::DnsName(_)));
-        assert!(matches!(server_name("[192.0.2.7]", ip), ServerName::IpAddress(_)));
-        assert!(matches!(server_name("[IPv6:2001:db8::1]", ip), ServerName::IpAddress(_)));
-        assert!(matches!(server_name("127.0.0.1", ip), ServerName::IpAddress(_)));
+        assert!(matches!(
+            server_name("mx.example.test", ip),
+            ServerName::DnsName(_)
+        ));
+        assert!(matches!(
+            server_name("[192.0.2.7]", ip),
+            ServerName::IpAddress(_)
+        ));
+        assert!(matches!(
+            server_name("[IPv6:2001:db8::1]", ip),
+            ServerName::IpAddress(_)
+        ));
+        assert!(matches!(
+            server_name("127.0.0.1", ip),
+            ServerName::IpAddress(_)
+        ));
     }
 }

@@ -3,11 +3,11 @@
 //! 1. Read the envelope and retry state from the headers ([`DeliveryEntry`]). Unusable
 //!    headers: log, count, `term` (there is no sender to tell).
 //! 2. Not due yet (`Kubemail-Not-Before` in the future): `nak` with the remaining delay.
-//! 3. **Poison check**: if this is the second-to-last delivery JetStream will make
-//!    (`max_deliver`), earlier workers died or panicked on this entry every time (a retry is
-//!    a new entry, so only crashes and restarts count). It is not attempted again: every
-//!    recipient fails with `5.3.0`, the sender gets a bounce, the entry is termed. The last
-//!    delivery stays spare in case queueing that bounce fails.
+//! 3. **Poison check** ([`is_poison`]): if this is the second-to-last delivery JetStream
+//!    will make (`max_deliver`), earlier workers died or panicked on this entry every time (a
+//!    retry is a new entry, so only crashes, restarts and a retry's one early pull count). It
+//!    is not attempted again: every recipient fails with `5.3.0`, the sender gets a bounce,
+//!    the entry is termed. The last delivery stays spare in case queueing that bounce fails.
 //! 4. Otherwise attempt delivery in one `tracing` span that carries the acceptance's
 //!    `traceparent`: load the body (inline or from the object store), group recipients by
 //!    route, deliver the groups in parallel, one outcome per recipient. While this runs a
@@ -32,8 +32,9 @@ use tokio::io::AsyncReadExt as _;
 use tracing::Instrument as _;
 
 use super::DeliveryContext;
-use super::client::{ClientError, ConnectOptions, Credentials, Outgoing, Protocol, SmtpClient, TlsPolicy};
-use super::config::{ForwardProtocol, InboundTls, MxTlsPolicy};
+use super::client::{
+    ClientError, ConnectOptions, Credentials, Outgoing, Protocol, SmtpClient, TlsPolicy,
+};
 use super::consumer::subject;
 use super::dsn::{self, DsnInput, DsnKind};
 use super::entry::DeliveryEntry;
@@ -43,6 +44,7 @@ use super::mx::{self, Target};
 use super::outcome::{self, Diagnostic, Disposition, PlanInput, RecipientOutcome};
 use super::relay;
 use super::route::Route;
+use crate::config::{ForwardProtocol, InboundTls, MxTlsPolicy};
 use crate::protocol::EnhancedCode;
 use crate::queue::Direction;
 
@@ -77,13 +79,12 @@ pub async fn handle(ctx: &DeliveryContext, domain: &str, message: Message) {
             return;
         }
     };
-    if let Some(not_before) = entry.not_before {
-        if let Ok(wait) = not_before.duration_since(SystemTime::now()) {
-            if wait > NOT_BEFORE_SLACK {
-                ack(&message, AckKind::Nak(Some(wait))).await;
-                return;
-            }
-        }
+    if let Some(not_before) = entry.not_before
+        && let Ok(wait) = not_before.duration_since(SystemTime::now())
+        && wait > NOT_BEFORE_SLACK
+    {
+        ack(&message, AckKind::Nak(Some(wait))).await;
+        return;
     }
     let span = tracing::info_span!(
         "delivery_attempt",
@@ -95,24 +96,41 @@ pub async fn handle(ctx: &DeliveryContext, domain: &str, message: Message) {
         delivery = delivered,
         recipients = entry.recipients.len(),
     );
-    process(ctx, domain, &message, entry, delivered).instrument(span).await;
+    process(ctx, domain, &message, entry, delivered)
+        .instrument(span)
+        .await;
 }
 
-async fn process(ctx: &DeliveryContext, domain: &str, message: &Message, entry: DeliveryEntry, delivered: u32) {
+async fn process(
+    ctx: &DeliveryContext,
+    domain: &str,
+    message: &Message,
+    entry: DeliveryEntry,
+    delivered: u32,
+) {
     let started = Instant::now();
-    let max_deliver = ctx.config.consumer.max_deliver.max(2);
-    let (body, outcomes) = if delivered + 1 >= max_deliver {
-        tracing::error!(delivered, max_deliver, "entry failed on every delivery so far; bouncing it instead of trying again");
+    let max_deliver = ctx.config.consumer.max_deliver;
+    let (body, outcomes) = if is_poison(delivered, max_deliver) {
+        tracing::error!(
+            delivered,
+            max_deliver,
+            "entry failed on every delivery so far; bouncing it instead of trying again"
+        );
         metrics::global()
             .poison
             .get_or_create(&DomainLabels {
                 domain: domain.to_owned(),
             })
             .inc();
-        let body = with_progress(ctx, message, load_body(ctx, message, &entry)).await.and_then(Result::ok);
+        let body = with_progress(ctx, message, load_body(ctx, message, &entry))
+            .await
+            .ok();
         let d = Diagnostic::local(
             EnhancedCode(5, 3, 0),
-            format!("delivery was interrupted {} times (the delivery worker failed); giving up", delivered - 1),
+            format!(
+                "delivery was interrupted {} times (the delivery worker failed); giving up",
+                delivered - 1
+            ),
         );
         let outcomes = entry
             .recipients
@@ -132,13 +150,12 @@ async fn process(ctx: &DeliveryContext, domain: &str, message: &Message, entry: 
             }
         };
         match result {
-            Some(Ok(done)) => done,
-            Some(Err(_panic)) => {
+            Ok(done) => done,
+            Err(_panic) => {
                 tracing::error!("delivery attempt panicked; the entry will be retried");
                 ack(message, AckKind::Nak(Some(local_retry(ctx)))).await;
                 return;
             }
-            None => return,
         }
     };
     metrics::global()
@@ -148,19 +165,32 @@ async fn process(ctx: &DeliveryContext, domain: &str, message: &Message, entry: 
         })
         .observe(started.elapsed().as_secs_f64());
     let finish = finish(ctx, domain, message, &entry, body, outcomes);
-    let _ = with_progress(ctx, message, finish).await;
+    with_progress(ctx, message, finish).await;
 }
 
-/// Runs `work`, sending a progress ack every third of the ack wait; `None` never happens
-/// unless the future itself does not complete (kept for clarity of intent).
-async fn with_progress<T>(ctx: &DeliveryContext, message: &Message, work: impl Future<Output = T>) -> Option<T> {
+/// Whether delivery `delivered` (1-based) of an entry is the one to give up on: the
+/// second-to-last JetStream will make, leaving the last one spare in case queueing the bounce
+/// fails. Earlier deliveries were attempts that never finished (a crash, a kill, a panic)
+/// or, for a retry, the one early pull that is nak'd until its time; with the minimum
+/// `maxDeliver` of 4 every entry gets at least one real attempt.
+pub fn is_poison(delivered: u32, max_deliver: u32) -> bool {
+    delivered.saturating_add(1) >= max_deliver
+}
+
+/// Runs `work`, sending a progress ack every third of the ack wait so the server keeps the
+/// entry with this worker however long the work takes.
+async fn with_progress<T>(
+    ctx: &DeliveryContext,
+    message: &Message,
+    work: impl Future<Output = T>,
+) -> T {
     let period = (ctx.config.consumer.ack_wait.0 / 3).max(Duration::from_millis(100));
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(work);
     loop {
         tokio::select! {
-            result = &mut work => return Some(result),
+            result = &mut work => return result,
             _ = tick.tick() => {
                 if let Err(error) = message.ack_with(AckKind::Progress).await {
                     tracing::debug!(%error, "progress ack failed");
@@ -180,16 +210,24 @@ async fn attempt(
         Ok(b) => b,
         Err(BodyError::Missing(what)) => {
             tracing::error!(%what, "message body is missing from the queue store");
-            let d = Diagnostic::local(EnhancedCode(5, 3, 0), "the message body was lost from the queue store");
+            let d = Diagnostic::local(
+                EnhancedCode(5, 3, 0),
+                "the message body was lost from the queue store",
+            );
             return (None, all(&entry.recipients, RecipientOutcome::Failed(d)));
         }
         Err(BodyError::Unavailable(what)) => {
             tracing::warn!(%what, "cannot read the message body now");
-            let d = Diagnostic::local(EnhancedCode(4, 3, 0), format!("cannot read the message body: {what}"));
+            let d = Diagnostic::local(
+                EnhancedCode(4, 3, 0),
+                format!("cannot read the message body: {what}"),
+            );
             return (None, all(&entry.recipients, RecipientOutcome::Deferred(d)));
         }
     };
-    let groups = ctx.routing.group(entry.direction, &entry.domain, &entry.recipients);
+    let groups = ctx
+        .routing
+        .group(entry.direction, &entry.domain, &entry.recipients);
     let deliveries = groups
         .iter()
         .map(|(route, rcpts)| deliver_group(ctx, entry, route, rcpts, &body));
@@ -203,12 +241,18 @@ enum BodyError {
     Unavailable(String),
 }
 
-async fn load_body(ctx: &DeliveryContext, message: &Message, entry: &DeliveryEntry) -> Result<Bytes, BodyError> {
+async fn load_body(
+    ctx: &DeliveryContext,
+    message: &Message,
+    entry: &DeliveryEntry,
+) -> Result<Bytes, BodyError> {
     let Some(reference) = &entry.body_ref else {
         return Ok(message.payload.clone());
     };
     let Some((bucket, name)) = reference.split_once('/') else {
-        return Err(BodyError::Missing(format!("invalid body reference {reference:?}")));
+        return Err(BodyError::Missing(format!(
+            "invalid body reference {reference:?}"
+        )));
     };
     let store = ctx
         .object_store(bucket)
@@ -230,7 +274,10 @@ async fn load_body(ctx: &DeliveryContext, message: &Message, entry: &DeliveryEnt
 }
 
 fn all(recipients: &[String], outcome: RecipientOutcome) -> Vec<(String, RecipientOutcome)> {
-    recipients.iter().map(|r| (r.clone(), outcome.clone())).collect()
+    recipients
+        .iter()
+        .map(|r| (r.clone(), outcome.clone()))
+        .collect()
 }
 
 /// Delivers one group of recipients that share a route.
@@ -241,79 +288,166 @@ async fn deliver_group(
     rcpts: &[String],
     body: &Bytes,
 ) -> Vec<(String, RecipientOutcome)> {
+    deliver_route(ctx, entry, route, rcpts, body)
+        .instrument(tracing::debug_span!("route", %route))
+        .await
+}
+
+async fn deliver_route(
+    ctx: &DeliveryContext,
+    entry: &DeliveryEntry,
+    route: &Route,
+    rcpts: &[String],
+    body: &Bytes,
+) -> Vec<(String, RecipientOutcome)> {
     let deferred = |status: EnhancedCode, text: String| {
-        all(rcpts, RecipientOutcome::Deferred(Diagnostic::local(status, text)))
+        all(
+            rcpts,
+            RecipientOutcome::Deferred(Diagnostic::local(status, text)),
+        )
     };
-    let route_span = tracing::debug_span!("route", %route);
-    async {
-        match route {
-            Route::Unroutable {
-                status,
-                text,
-                permanent,
-            } => {
-                let d = Diagnostic::local(EnhancedCode(status.0, status.1, status.2), text.clone());
-                all(rcpts, if *permanent { RecipientOutcome::Failed(d) } else { RecipientOutcome::Deferred(d) })
-            }
-            Route::Mx { domain } => {
-                let targets = match mx::resolve_targets(ctx.resolver.as_ref(), domain, ctx.config.mx_port, &ctx.policy).await {
-                    Ok(t) => t,
-                    Err(e) => {
-                        tracing::info!(%domain, error = %e, "no MX target");
-                        let d = Diagnostic::local(e.status().1, e.to_string());
-                        return all(rcpts, if e.is_permanent() { RecipientOutcome::Failed(d) } else { RecipientOutcome::Deferred(d) });
-                    }
-                };
-                let (tls, verify) = match ctx.config.tls.mx {
-                    MxTlsPolicy::Opportunistic => (TlsPolicy::Opportunistic, false),
-                    MxTlsPolicy::Required => (TlsPolicy::Required, true),
-                };
-                send_via(ctx, entry, route, &targets, Protocol::Smtp, tls, verify, None, rcpts, body).await
-            }
-            Route::Relay { domain } => {
-                let Some(relay) = ctx.relays.get(domain) else {
-                    return deferred(EnhancedCode(4, 3, 5), format!("no relay is configured for {domain}"));
-                };
-                let credentials = match relay.credentials() {
-                    Ok(c) => c,
-                    Err(e) => {
-                        tracing::error!(relay = %relay.config.name, error = %e, "cannot read relay credentials");
-                        return deferred(EnhancedCode(4, 3, 5), "relay credentials are not readable".to_owned());
-                    }
-                };
-                let targets = match relay.targets().await {
-                    Ok(t) if !t.is_empty() => t,
-                    Ok(_) => return deferred(EnhancedCode(4, 4, 3), format!("relay host {} has no address", relay.config.host)),
-                    Err(e) => return deferred(EnhancedCode(4, 4, 3), format!("cannot resolve relay host {}: {e}", relay.config.host)),
-                };
-                relay.wait_for_turn().await;
-                let verify = relay.config.verify_certificate;
-                send_via(ctx, entry, route, &targets, Protocol::Smtp, relay.tls_policy(), verify, credentials.as_ref(), rcpts, body).await
-            }
-            Route::Inbound { domain } => {
-                let Some(target) = ctx.routing.domain(domain).and_then(|d| d.inbound.clone()) else {
-                    return deferred(EnhancedCode(4, 3, 5), format!("no inbound target is configured for {domain}"));
-                };
-                let targets = match relay::resolve_configured(&target.host, target.port).await {
-                    Ok(t) if !t.is_empty() => t,
-                    Ok(_) => return deferred(EnhancedCode(4, 4, 3), format!("inbound target {} has no address", target.host)),
-                    Err(e) => return deferred(EnhancedCode(4, 4, 3), format!("cannot resolve inbound target {}: {e}", target.host)),
-                };
-                let protocol = match target.protocol {
-                    ForwardProtocol::Lmtp => Protocol::Lmtp,
-                    ForwardProtocol::Smtp => Protocol::Smtp,
-                };
-                let (tls, verify) = match target.tls {
-                    InboundTls::Opportunistic => (TlsPolicy::Opportunistic, false),
-                    InboundTls::Required => (TlsPolicy::Required, true),
-                    InboundTls::None => (TlsPolicy::None, false),
-                };
-                send_via(ctx, entry, route, &targets, protocol, tls, verify, None, rcpts, body).await
-            }
+    match route {
+        Route::Unroutable {
+            status,
+            text,
+            permanent,
+        } => {
+            let d = Diagnostic::local(EnhancedCode(status.0, status.1, status.2), text.clone());
+            all(
+                rcpts,
+                if *permanent {
+                    RecipientOutcome::Failed(d)
+                } else {
+                    RecipientOutcome::Deferred(d)
+                },
+            )
+        }
+        Route::Mx { domain } => {
+            let targets = match mx::resolve_targets(
+                ctx.resolver.as_ref(),
+                domain,
+                ctx.config.mx_port,
+                &ctx.policy,
+            )
+            .await
+            {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::info!(%domain, error = %e, "no MX target");
+                    let d = Diagnostic::local(e.status().1, e.to_string());
+                    return all(
+                        rcpts,
+                        if e.is_permanent() {
+                            RecipientOutcome::Failed(d)
+                        } else {
+                            RecipientOutcome::Deferred(d)
+                        },
+                    );
+                }
+            };
+            let (tls, verify) = match ctx.config.tls.mx {
+                MxTlsPolicy::Opportunistic => (TlsPolicy::Opportunistic, false),
+                MxTlsPolicy::Required => (TlsPolicy::Required, true),
+            };
+            send_via(
+                ctx,
+                entry,
+                route,
+                &targets,
+                Protocol::Smtp,
+                tls,
+                verify,
+                None,
+                rcpts,
+                body,
+            )
+            .await
+        }
+        Route::Relay { domain } => {
+            let Some(relay) = ctx.relays.get(domain) else {
+                return deferred(
+                    EnhancedCode(4, 3, 5),
+                    format!("no relay is configured for {domain}"),
+                );
+            };
+            let credentials = match relay.credentials() {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::error!(relay = %relay.config.name, error = %e, "cannot read relay credentials");
+                    return deferred(
+                        EnhancedCode(4, 3, 5),
+                        "relay credentials are not readable".to_owned(),
+                    );
+                }
+            };
+            let targets = match relay.targets().await {
+                Ok(t) if !t.is_empty() => t,
+                Ok(_) => {
+                    return deferred(
+                        EnhancedCode(4, 4, 3),
+                        format!("relay host {} has no address", relay.config.host),
+                    );
+                }
+                Err(e) => {
+                    return deferred(
+                        EnhancedCode(4, 4, 3),
+                        format!("cannot resolve relay host {}: {e}", relay.config.host),
+                    );
+                }
+            };
+            relay.wait_for_turn().await;
+            let verify = relay.config.verify_certificate;
+            send_via(
+                ctx,
+                entry,
+                route,
+                &targets,
+                Protocol::Smtp,
+                relay.tls_policy(),
+                verify,
+                credentials.as_ref(),
+                rcpts,
+                body,
+            )
+            .await
+        }
+        Route::Inbound { domain } => {
+            let Some(target) = ctx.routing.domain(domain).and_then(|d| d.inbound.clone()) else {
+                return deferred(
+                    EnhancedCode(4, 3, 5),
+                    format!("no inbound target is configured for {domain}"),
+                );
+            };
+            let targets = match relay::resolve_configured(&target.host, target.port).await {
+                Ok(t) if !t.is_empty() => t,
+                Ok(_) => {
+                    return deferred(
+                        EnhancedCode(4, 4, 3),
+                        format!("inbound target {} has no address", target.host),
+                    );
+                }
+                Err(e) => {
+                    return deferred(
+                        EnhancedCode(4, 4, 3),
+                        format!("cannot resolve inbound target {}: {e}", target.host),
+                    );
+                }
+            };
+            let protocol = match target.protocol {
+                ForwardProtocol::Lmtp => Protocol::Lmtp,
+                ForwardProtocol::Smtp => Protocol::Smtp,
+            };
+            let (tls, verify) = match target.tls {
+                InboundTls::Opportunistic => (TlsPolicy::Opportunistic, false),
+                InboundTls::Required => (TlsPolicy::Required, true),
+                InboundTls::None => (TlsPolicy::None, false),
+            };
+            send_via(
+                ctx, entry, route, &targets, protocol, tls, verify, None, rcpts, body,
+            )
+            .await
         }
     }
-    .instrument(route_span)
-    .await
 }
 
 /// Sends to the first target that takes the transaction; reuses an idle connection to the
@@ -349,7 +483,7 @@ async fn send_via(
                 match client.send(&outgoing).await {
                     Ok(outcomes) => {
                         log_outcomes(client.target(), rcpts, &outcomes, true);
-                        ctx.pool.checkin(route, client, permit).await;
+                        ctx.pool.checkin(route, *client, permit).await;
                         return zip(outcomes);
                     }
                     Err(e) => {
@@ -398,7 +532,8 @@ async fn send_via(
         }
     }
     drop(permit);
-    let d = last.unwrap_or_else(|| Diagnostic::local(EnhancedCode(4, 4, 1), "no host could be reached"));
+    let d = last
+        .unwrap_or_else(|| Diagnostic::local(EnhancedCode(4, 4, 1), "no host could be reached"));
     all(rcpts, RecipientOutcome::Deferred(d))
 }
 
@@ -463,8 +598,16 @@ async fn finish(
     }
     if plan.bounce {
         m.count(domain, "bounced", plan.failed.len());
-        let lifetime = super::retry::lifetime(&ctx.config.retry, false);
-        if let Err(error) = publish_dsn(ctx, entry, DsnKind::Failure, &plan.failed, body.as_deref(), Some(entry.accepted_at + lifetime)).await {
+        if let Err(error) = publish_dsn(
+            ctx,
+            entry,
+            DsnKind::Failure,
+            &plan.failed,
+            body.as_deref(),
+            None,
+        )
+        .await
+        {
             tracing::error!(%error, "cannot queue the bounce; the entry will be retried");
             ack(message, AckKind::Nak(Some(local_retry(ctx)))).await;
             return;
@@ -476,13 +619,27 @@ async fn finish(
     let mut delay_warned = entry.delay_warned;
     if plan.delay_notice {
         let until = entry.accepted_at + super::retry::lifetime(&ctx.config.retry, false);
-        match publish_dsn(ctx, entry, DsnKind::Delay, &plan.deferred, body.as_deref(), Some(until)).await {
+        match publish_dsn(
+            ctx,
+            entry,
+            DsnKind::Delay,
+            &plan.deferred,
+            body.as_deref(),
+            Some(until),
+        )
+        .await
+        {
             Ok(()) => delay_warned = true,
-            Err(error) => tracing::warn!(%error, "cannot queue the delay notice; will try at the next attempt"),
+            Err(error) => {
+                tracing::warn!(%error, "cannot queue the delay notice; will try at the next attempt")
+            }
         }
     }
     match plan.disposition {
-        Disposition::Deferred { retry_after, retry_at } => {
+        Disposition::Deferred {
+            retry_after,
+            retry_at,
+        } => {
             let next = DeliveryEntry {
                 recipients: plan.deferred.iter().map(|(r, _)| r.clone()).collect(),
                 attempts: entry.attempts + 1,
@@ -493,7 +650,8 @@ async fn finish(
             };
             let msg_id = format!("{}.a{}", entry.entry_id(), next.attempts);
             let headers = next.to_headers(&msg_id);
-            if let Err(error) = publish(ctx, &entry.domain, headers, message.payload.clone()).await {
+            if let Err(error) = publish(ctx, &entry.domain, headers, message.payload.clone()).await
+            {
                 tracing::error!(%error, "cannot queue the retry; the entry will be retried as a whole");
                 ack(message, AckKind::Nak(Some(local_retry(ctx)))).await;
                 return;
@@ -584,7 +742,13 @@ async fn publish_dsn(
     };
     // Deterministic, so a repeated publish of the same report is dropped as a duplicate.
     let msg_id = format!("{}.{tag}{}", entry.entry_id(), entry.attempts);
-    publish(ctx, &entry.domain, dsn_entry.to_headers(&msg_id), Bytes::from(message)).await?;
+    publish(
+        ctx,
+        &entry.domain,
+        dsn_entry.to_headers(&msg_id),
+        Bytes::from(message),
+    )
+    .await?;
     metrics::global()
         .dsns
         .get_or_create(&metrics::DomainResultLabels {
@@ -629,7 +793,11 @@ async fn publish(
         .await;
         match result {
             Ok(ack) => {
-                tracing::debug!(sequence = ack.sequence, duplicate = ack.duplicate, "published");
+                tracing::debug!(
+                    sequence = ack.sequence,
+                    duplicate = ack.duplicate,
+                    "published"
+                );
                 return Ok(());
             }
             Err(e) => {
@@ -683,5 +851,22 @@ async fn confirm_ack(message: &Message, kind: AckKind) -> bool {
             tracing::warn!(%error, "acknowledgement not confirmed; the entry may be delivered again after the ack wait");
             false
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn poison_after_the_second_to_last_delivery() {
+        // maxDeliver 4: attempts on deliveries 1 and 2, give up on 3, 4 is spare.
+        assert!(!is_poison(1, 4));
+        assert!(!is_poison(2, 4));
+        assert!(is_poison(3, 4));
+        assert!(is_poison(4, 4));
+        // The default of 10 allows 8 interrupted attempts.
+        assert!(!is_poison(8, 10));
+        assert!(is_poison(9, 10));
     }
 }

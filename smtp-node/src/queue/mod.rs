@@ -36,6 +36,15 @@
 //! an empty payload, `Kubemail-Body-Ref: <bucket>/<object name>` and `Kubemail-Body-Size`.
 //! The object is written (and acknowledged) before the entry, so an entry never refers to a
 //! missing body. The delivery side deletes the object after the last recipient is done.
+//!
+//! **Delivery state** (written by [`crate::delivery`], see `delivery::entry`). Each MailDomain
+//! has one durable pull consumer, `kubemail-<domain with dots as dashes>`, filtered on its
+//! subject. After an attempt the recipients still to deliver are republished as a new entry
+//! with the same queue id, acceptance time and body (or body reference), plus
+//! `Kubemail-Attempts`, `Kubemail-Not-Before` (RFC 3339), `Kubemail-Last-Error` and
+//! `Kubemail-Delay-Warned`, and `Nats-Msg-Id` = `<queue id>.<domain>.a<attempts>`; then the
+//! old entry is acked. Bounces and delay notices are ordinary outbound entries with the null
+//! sender `<>` on the same subject (`Nats-Msg-Id` `<entry id>.bounce<n>` / `.delay<n>`).
 
 pub mod jetstream;
 pub mod memory;

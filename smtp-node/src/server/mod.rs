@@ -14,7 +14,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::net::TcpListener;
 
 use crate::auth::Authenticator;
+use crate::authres::InboundVerifier;
 use crate::config::{ListenerConfig, NodeConfig};
+use crate::dkim::DkimSigner;
 use crate::queue::Queue;
 use crate::shutdown::Shutdown;
 use crate::tls::TlsServer;
@@ -32,6 +34,15 @@ pub enum ServerError {
     },
 }
 
+/// Checks and changes applied to every message at the end of data.
+#[derive(Default)]
+pub struct MessageChecks {
+    /// Signs submitted mail of our domains.
+    pub dkim: Option<Arc<DkimSigner>>,
+    /// Evaluates SPF/DKIM/DMARC of mail arriving on MX listeners.
+    pub inbound_auth: Option<Arc<InboundVerifier>>,
+}
+
 /// What every session shares.
 pub struct ServerContext {
     pub config: Arc<NodeConfig>,
@@ -41,6 +52,7 @@ pub struct ServerContext {
     pub queue: Arc<dyn Queue>,
     pub shutdown: Shutdown,
     pub limits: ConnectionLimits,
+    pub checks: MessageChecks,
     next_session: AtomicU64,
 }
 
@@ -52,6 +64,18 @@ impl ServerContext {
         queue: Arc<dyn Queue>,
         shutdown: Shutdown,
     ) -> Arc<Self> {
+        Self::with_checks(config, tls, auth, queue, shutdown, MessageChecks::default())
+    }
+
+    /// A context whose sessions also DKIM-sign and check mail as `checks` say.
+    pub fn with_checks(
+        config: Arc<NodeConfig>,
+        tls: Option<TlsServer>,
+        auth: Arc<Authenticator>,
+        queue: Arc<dyn Queue>,
+        shutdown: Shutdown,
+        checks: MessageChecks,
+    ) -> Arc<Self> {
         let limits = ConnectionLimits::new(config.max_connections, config.max_connections_per_ip);
         Arc::new(Self {
             config,
@@ -60,6 +84,7 @@ impl ServerContext {
             queue,
             shutdown,
             limits,
+            checks,
             next_session: AtomicU64::new(1),
         })
     }

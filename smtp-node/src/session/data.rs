@@ -1,5 +1,7 @@
-//! DATA, and the end of every transaction (DATA or the last BDAT chunk): add our headers,
-//! hand the message to the queue, and answer `250` only once the queue acknowledged it.
+//! DATA, and the end of every transaction (DATA or the last BDAT chunk): check inbound mail
+//! (SPF/DKIM/DMARC into `Authentication-Results`, DMARC enforcement), add our headers,
+//! DKIM-sign submitted mail, hand the message to the queue, and answer `250` only once the
+//! queue acknowledged it.
 //!
 //! End-of-data detection, dot-unstuffing, line and size limits and the bare CR/LF policy are
 //! [`crate::protocol::DataReceiver`]'s; the receiver reads to the real `<CRLF>.<CRLF>` even
@@ -14,6 +16,7 @@ use tracing::Instrument;
 
 use super::message::{ReceivedInfo, header_value, new_message_id, received_header};
 use super::{End, Next, Session, Transaction};
+use crate::config::ListenerKind;
 use crate::metrics::{self, ListenerLabels, ReasonLabels};
 use crate::protocol::{BodyType, DataProgress, DataReceiver, EnhancedCode, MAX_TEXT_LINE, Reply};
 use crate::queue::{Direction, EnqueueError, Envelope, QueuedMessage};
@@ -78,6 +81,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             return Ok(Next::Continue);
         };
         let span = tx.span.clone();
+        let body = match self.check_inbound(&tx, body).instrument(span.clone()).await {
+            Ok(body) => body,
+            Err(reply) => {
+                self.tx = Some(tx);
+                self.reject_message(reply, "dmarc_reject");
+                return Ok(Next::Continue);
+            }
+        };
         let entries = self.build_entries(&tx, body);
         let size = entries.first().map_or(0, |e| e.body.len());
         let limit = self.ctx.config.timeouts.data_termination.0;
@@ -120,6 +131,41 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         Ok(Next::Continue)
     }
 
+    /// For mail arriving on an MX listener: removes `Authentication-Results` headers that
+    /// claim to be ours, evaluates SPF, DKIM and DMARC, and adds our own header. `Err` is the
+    /// refusal when DMARC is enforced and fails with a `reject` policy.
+    async fn check_inbound(&self, tx: &Transaction, body: Bytes) -> Result<Bytes, Reply> {
+        let Some(verifier) = self.ctx.checks.inbound_auth.clone() else {
+            return Ok(body);
+        };
+        if self.user.is_some() || self.conn.listener.kind != ListenerKind::Mx || !verifier.enabled()
+        {
+            return Ok(body);
+        }
+        let hostname = &self.ctx.config.hostname;
+        let body = crate::authres::strip_forged(&body, hostname);
+        let mail_from = tx.from.to_string();
+        let helo = self.helo.as_ref().map_or("", |h| h.name.as_str());
+        let verdict = verifier
+            .verify(
+                &body,
+                crate::authres::Transaction {
+                    client_ip: self.conn.remote.ip(),
+                    helo,
+                    mail_from: &mail_from,
+                },
+            )
+            .await;
+        tracing::info!(dmarc = verdict.dmarc, "inbound authentication checked");
+        if let Some(reply) = verdict.reject {
+            return Err(reply);
+        }
+        let mut out = BytesMut::with_capacity(verdict.header.len() + body.len());
+        out.extend_from_slice(verdict.header.as_bytes());
+        out.extend_from_slice(&body);
+        Ok(out.freeze())
+    }
+
     /// The queue entries of a transaction: one outbound entry on the user's domain, or one
     /// inbound entry per recipient domain (see [`crate::queue`]).
     fn build_entries(&self, tx: &Transaction, body: Bytes) -> Vec<QueuedMessage> {
@@ -147,7 +193,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             message_id = Some(id);
         }
         full.extend_from_slice(&body);
-        let full = full.freeze();
+        let full = match (&self.user, &self.ctx.checks.dkim) {
+            (Some(user), Some(signer)) => sign(signer, full, &user.domain, &tx.span),
+            _ => full.freeze(),
+        };
         if let Some(id) = &message_id {
             tx.span.record("message_id", id.as_str());
         }
@@ -205,6 +254,32 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 body: full.clone(),
             })
             .collect()
+    }
+}
+
+/// Puts DKIM signatures in front of a submitted message. A signing failure (a broken key)
+/// is logged and the message goes out unsigned: that hurts its reception, losing it would be
+/// worse.
+fn sign(
+    signer: &crate::dkim::DkimSigner,
+    message: BytesMut,
+    user_domain: &str,
+    span: &tracing::Span,
+) -> Bytes {
+    match signer.sign(&message, Some(user_domain)) {
+        Ok(Some(headers)) => {
+            let mut signed = BytesMut::with_capacity(headers.len() + message.len());
+            signed.extend_from_slice(headers.as_bytes());
+            signed.extend_from_slice(&message);
+            signed.freeze()
+        }
+        Ok(None) => message.freeze(),
+        Err(error) => {
+            span.in_scope(
+                || tracing::error!(%error, "DKIM signing failed; queueing the message unsigned"),
+            );
+            message.freeze()
+        }
     }
 }
 

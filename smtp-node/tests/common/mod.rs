@@ -260,6 +260,10 @@ impl Node {
             }],
             "admin": { "address": ports.admin.to_string() },
             "shutdown": { "drainTimeout": "10s" },
+            // The receiving-side tests read entries back from the stream: no worker may take
+            // them, and no check may reach out to a DNS server.
+            "delivery": { "enabled": false },
+            "inboundAuth": { "enabled": false },
         });
         customize(&mut config);
         let config_path = dir.path().join("config.yaml");

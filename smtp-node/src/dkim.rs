@@ -1,0 +1,510 @@
+//! DKIM signing of outbound mail (RFC 6376, RFC 8463) with mail-auth.
+//!
+//! Mail whose author domain (the `From:` header) is one of ours is signed at acceptance,
+//! before it is queued, with every key configured for that domain — typically one
+//! RSA-SHA256 key of 2048 bits or more (ring refuses smaller ones) and one Ed25519-SHA256 key
+//! (RFC 8463; a second signature, since many verifiers still lack Ed25519). When the author
+//! domain is not ours, the envelope sender's domain signs instead (it still builds that
+//! domain's reputation). Choices, following catalogue 6.2:
+//!
+//! * `c=relaxed/relaxed`: survives the header re-folding and whitespace changes common in
+//!   transit;
+//! * signed headers: From, To, Cc, Subject, Date, Message-ID, MIME-Version, Content-Type,
+//!   Content-Transfer-Encoding, Reply-To, In-Reply-To, References. Each name listed is also
+//!   signed when absent (mail-auth lists missing names in `h=`), so adding one later breaks
+//!   the signature, and From is listed twice (over-signing, RFC 6376 8.15): a second From
+//!   added in transit cannot pass;
+//! * no `l=` body length (appended-content attacks, RFC 6376 8.2);
+//! * keys are PKCS#8 PEM (or PKCS#1 for RSA) files, normally a mounted Secret; they are never
+//!   logged.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use base64::Engine as _;
+use mail_auth::common::crypto::{DkimKey, Ed25519Key, RsaKey, Sha256};
+use mail_auth::common::headers::HeaderWriter as _;
+use mail_auth::dkim::{Canonicalization, Done};
+use rustls_pki_types::PrivateKeyDer;
+use rustls_pki_types::pem::PemObject as _;
+
+use crate::config::DkimConfig;
+
+/// The headers signed, From twice (over-signing).
+pub const SIGNED_HEADERS: [&str; 13] = [
+    "From",
+    "From",
+    "To",
+    "Cc",
+    "Subject",
+    "Date",
+    "Message-ID",
+    "MIME-Version",
+    "Content-Type",
+    "Content-Transfer-Encoding",
+    "Reply-To",
+    "In-Reply-To",
+    "References",
+];
+
+/// Why DKIM keys could not be loaded or a message signed.
+#[derive(Debug, thiserror::Error)]
+pub enum DkimError {
+    #[error("cannot read DKIM key file {path}: {source}")]
+    ReadKey {
+        path: PathBuf,
+        #[source]
+        source: rustls_pki_types::pem::Error,
+    },
+    #[error(
+        "DKIM key file {path} is not a usable RSA (2048 bits or more) or Ed25519 private key: {reason}"
+    )]
+    ParseKey { path: PathBuf, reason: String },
+    #[error("invalid DKIM selector {selector:?} for {domain}: use letters, digits, '-' and '.'")]
+    InvalidSelector { domain: String, selector: String },
+    #[error("cannot DKIM-sign for {domain} with selector {selector}: {reason}")]
+    Sign {
+        domain: String,
+        selector: String,
+        reason: String,
+    },
+}
+
+/// The algorithm of a key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Algorithm {
+    RsaSha256,
+    Ed25519Sha256,
+}
+
+impl Algorithm {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::RsaSha256 => "rsa-sha256",
+            Self::Ed25519Sha256 => "ed25519-sha256",
+        }
+    }
+}
+
+struct Key {
+    selector: String,
+    algorithm: Algorithm,
+    signer: mail_auth::dkim::DkimSigner<DkimKey, Done>,
+}
+
+/// The signing keys of our domains.
+#[derive(Default)]
+pub struct DkimSigner {
+    domains: HashMap<String, Vec<Key>>,
+}
+
+impl std::fmt::Debug for DkimSigner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut m = f.debug_map();
+        for (domain, keys) in &self.domains {
+            let list: Vec<String> = keys
+                .iter()
+                .map(|k| format!("{} ({})", k.selector, k.algorithm.as_str()))
+                .collect();
+            m.entry(domain, &list);
+        }
+        m.finish()
+    }
+}
+
+impl DkimSigner {
+    /// Loads every domain's keys.
+    pub fn load<'a>(
+        domains: impl IntoIterator<Item = (&'a str, &'a DkimConfig)>,
+    ) -> Result<Self, DkimError> {
+        let mut map: HashMap<String, Vec<Key>> = HashMap::new();
+        for (domain, config) in domains {
+            let domain = domain.to_ascii_lowercase();
+            for k in &config.keys {
+                if k.selector.is_empty()
+                    || !k
+                        .selector
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
+                {
+                    return Err(DkimError::InvalidSelector {
+                        domain,
+                        selector: k.selector.clone(),
+                    });
+                }
+                let (key, algorithm) = load_key(&k.key_file)?;
+                let signer = mail_auth::dkim::DkimSigner::from_key(key)
+                    .domain(domain.clone())
+                    .selector(k.selector.clone())
+                    .headers(SIGNED_HEADERS)
+                    .header_canonicalization(Canonicalization::Relaxed)
+                    .body_canonicalization(Canonicalization::Relaxed);
+                map.entry(domain.clone()).or_default().push(Key {
+                    selector: k.selector.clone(),
+                    algorithm,
+                    signer,
+                });
+            }
+        }
+        Ok(Self { domains: map })
+    }
+
+    /// Whether any key is configured.
+    pub fn is_empty(&self) -> bool {
+        self.domains.is_empty()
+    }
+
+    /// The domain that signs `message`: the `From:` domain if it has keys, else
+    /// `envelope_domain` if it has keys.
+    pub fn signing_domain<'a>(
+        &'a self,
+        message: &[u8],
+        envelope_domain: Option<&str>,
+    ) -> Option<&'a str> {
+        let candidates = [
+            author_domain(message),
+            envelope_domain.map(str::to_ascii_lowercase),
+        ];
+        candidates
+            .into_iter()
+            .flatten()
+            .find_map(|d| self.domains.get_key_value(&d).map(|(k, _)| k.as_str()))
+    }
+
+    /// The `DKIM-Signature` header fields (CRLF-terminated) to put in front of `message`,
+    /// one per key of the signing domain; `None` when no domain of ours signs it.
+    pub fn sign(
+        &self,
+        message: &[u8],
+        envelope_domain: Option<&str>,
+    ) -> Result<Option<String>, DkimError> {
+        let Some(domain) = self.signing_domain(message, envelope_domain) else {
+            return Ok(None);
+        };
+        let Some(keys) = self.domains.get(domain) else {
+            return Ok(None);
+        };
+        let mut headers = String::new();
+        for key in keys {
+            // mail-auth parses the header section itself; a panic on odd input must not take
+            // the session down with it.
+            let result =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| key.signer.sign(message)));
+            let signature = match result {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    return Err(DkimError::Sign {
+                        domain: domain.to_owned(),
+                        selector: key.selector.clone(),
+                        reason: e.to_string(),
+                    });
+                }
+                Err(_) => {
+                    return Err(DkimError::Sign {
+                        domain: domain.to_owned(),
+                        selector: key.selector.clone(),
+                        reason: "the signer panicked".to_owned(),
+                    });
+                }
+            };
+            headers.push_str(&signature.to_header());
+        }
+        Ok(Some(headers))
+    }
+}
+
+/// Reads a private key and tells its algorithm.
+pub fn load_key(path: &Path) -> Result<(DkimKey, Algorithm), DkimError> {
+    let der = PrivateKeyDer::from_pem_file(path).map_err(|source| DkimError::ReadKey {
+        path: path.to_owned(),
+        source,
+    })?;
+    let parse_err = |reason: String| DkimError::ParseKey {
+        path: path.to_owned(),
+        reason,
+    };
+    match der {
+        PrivateKeyDer::Pkcs8(pkcs8) => {
+            match RsaKey::<Sha256>::from_key_der(PrivateKeyDer::Pkcs8(pkcs8.clone_key())) {
+                Ok(rsa) => Ok((DkimKey::Rsa(rsa), Algorithm::RsaSha256)),
+                Err(rsa_err) => {
+                    Ed25519Key::from_pkcs8_maybe_unchecked_der(pkcs8.secret_pkcs8_der())
+                        .map(|ed| (DkimKey::Ed25519(ed), Algorithm::Ed25519Sha256))
+                        .map_err(|ed_err| {
+                            parse_err(format!("not RSA ({rsa_err}), not Ed25519 ({ed_err})"))
+                        })
+                }
+            }
+        }
+        PrivateKeyDer::Pkcs1(pkcs1) => RsaKey::<Sha256>::from_key_der(PrivateKeyDer::Pkcs1(pkcs1))
+            .map(|rsa| (DkimKey::Rsa(rsa), Algorithm::RsaSha256))
+            .map_err(|e| parse_err(e.to_string())),
+        other => Err(parse_err(format!("unsupported key format {other:?}"))),
+    }
+}
+
+/// The DNS TXT record value for the public half of a key file:
+/// `v=DKIM1; k=rsa; p=<SubjectPublicKeyInfo>` or `v=DKIM1; k=ed25519; p=<raw 32 bytes>`
+/// (RFC 8463 4.2: the raw key, not an SPKI).
+pub fn dns_txt_record(path: &Path) -> Result<String, DkimError> {
+    let (key, _) = load_key(path)?;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    Ok(match key {
+        DkimKey::Rsa(rsa) => format!(
+            "v=DKIM1; k=rsa; p={}",
+            b64.encode(rsa_spki(&rsa.public_key()))
+        ),
+        DkimKey::Ed25519(ed) => format!("v=DKIM1; k=ed25519; p={}", b64.encode(ed.public_key())),
+    })
+}
+
+/// Wraps a PKCS#1 `RSAPublicKey` in a `SubjectPublicKeyInfo` (what `openssl rsa -pubout`
+/// writes and every verifier reads).
+fn rsa_spki(pkcs1: &[u8]) -> Vec<u8> {
+    // AlgorithmIdentifier { rsaEncryption (1.2.840.113549.1.1.1), NULL }
+    const ALGORITHM: [u8; 15] = [
+        0x30, 0x0d, 0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01, 0x05, 0x00,
+    ];
+    let mut bit_string = vec![0x00];
+    bit_string.extend_from_slice(pkcs1);
+    let mut inner = ALGORITHM.to_vec();
+    inner.extend(der_tlv(0x03, &bit_string));
+    der_tlv(0x30, &inner)
+}
+
+fn der_tlv(tag: u8, content: &[u8]) -> Vec<u8> {
+    let mut out = vec![tag];
+    let len = content.len();
+    if len < 0x80 {
+        out.push(len as u8);
+    } else {
+        let bytes: Vec<u8> = len
+            .to_be_bytes()
+            .into_iter()
+            .skip_while(|b| *b == 0)
+            .collect();
+        out.push(0x80 | bytes.len() as u8);
+        out.extend(bytes);
+    }
+    out.extend_from_slice(content);
+    out
+}
+
+/// The domain of the first address in the first `From:` header, lower case.
+pub fn author_domain(message: &[u8]) -> Option<String> {
+    let value = header_value(message, "From")?;
+    // `Name <local@domain>` or `local@domain (comment)`.
+    let addr = match (value.rfind('<'), value.rfind('>')) {
+        (Some(start), Some(end)) if start < end => &value[start + 1..end],
+        _ => value.as_str(),
+    };
+    let domain = addr.rsplit_once('@')?.1;
+    let domain: String = domain
+        .chars()
+        .take_while(|c| c.is_ascii_alphanumeric() || *c == '.' || *c == '-')
+        .collect::<String>()
+        .trim_end_matches('.')
+        .to_ascii_lowercase();
+    (!domain.is_empty()).then_some(domain)
+}
+
+/// The unfolded value of the first `name` header in the header section.
+fn header_value(message: &[u8], name: &str) -> Option<String> {
+    let end = memchr::memmem::find(message, b"\r\n\r\n").map_or(message.len(), |e| e + 2);
+    let headers = &message[..end];
+    let mut lines = headers.split(|&b| b == b'\n').peekable();
+    while let Some(line) = lines.next() {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let Some(colon) = line.iter().position(|&b| b == b':') else {
+            continue;
+        };
+        if !line[..colon]
+            .trim_ascii()
+            .eq_ignore_ascii_case(name.as_bytes())
+        {
+            continue;
+        }
+        let mut value = line[colon + 1..].to_vec();
+        while let Some(next) = lines.peek() {
+            if next.first().is_some_and(|b| *b == b' ' || *b == b'\t') {
+                value.push(b' ');
+                let next = next.strip_suffix(b"\r").unwrap_or(next);
+                value.extend_from_slice(next.trim_ascii());
+                lines.next();
+            } else {
+                break;
+            }
+        }
+        return Some(String::from_utf8_lossy(value.trim_ascii()).into_owned());
+    }
+    None
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests may unwrap (see notes/common.md)
+mod tests {
+    use super::*;
+    use crate::config::DkimKeyConfig;
+
+    /// RFC 8463 Appendix A test key (RFC 8032 7.1 test 1) as PKCS#8 v1.
+    fn rfc8463_key_pem() -> String {
+        let seed = base64::engine::general_purpose::STANDARD
+            .decode("nWGxne/9WmC6hEr0kuwsxERJxWl7MmkZcDusAxyuf2A=")
+            .unwrap();
+        let mut der = vec![
+            0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22,
+            0x04, 0x20,
+        ];
+        der.extend(seed);
+        let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+        format!("-----BEGIN PRIVATE KEY-----\n{b64}\n-----END PRIVATE KEY-----\n")
+    }
+
+    fn signer_with_ed25519(dir: &Path) -> DkimSigner {
+        let path = dir.join("ed.pem");
+        std::fs::write(&path, rfc8463_key_pem()).unwrap();
+        let config = DkimConfig {
+            keys: vec![DkimKeyConfig {
+                selector: "brisbane".into(),
+                key_file: path,
+            }],
+        };
+        DkimSigner::load([("football.example.com", &config)]).unwrap()
+    }
+
+    const MESSAGE: &str = "From: Joe SixPack <joe@football.example.com>\r\nTo: Suzie Q <suzie@shopping.example.net>\r\nSubject: Is dinner ready?\r\nDate: Fri, 11 Jul 2003 21:00:37 -0700 (PDT)\r\nMessage-ID: <20030712040037.46341.5F8J@football.example.com>\r\n\r\nHi.\r\n\r\nWe lost the game.  Are you hungry yet?\r\n\r\nJoe.\r\n";
+
+    #[test]
+    fn signs_with_the_rfc_8463_key_and_the_expected_tags() {
+        let dir = tempfile::tempdir().unwrap();
+        let signer = signer_with_ed25519(dir.path());
+        let header = signer.sign(MESSAGE.as_bytes(), None).unwrap().unwrap();
+        let unfolded = header.replace("\r\n", "").replace(['\t', ' '], "");
+        assert!(header.starts_with("DKIM-Signature:"), "{header}");
+        assert!(unfolded.contains("a=ed25519-sha256"), "{header}");
+        assert!(unfolded.contains("c=relaxed/relaxed"), "{header}");
+        assert!(unfolded.contains("d=football.example.com"), "{header}");
+        assert!(unfolded.contains("s=brisbane"), "{header}");
+        // RFC 8463 A.3 body hash of this body (catalogue DKIM-KAT-06).
+        assert!(
+            unfolded.contains("bh=2jUSOH9NhtVGCQWNr9BrIAPreKQjO6Sn7XIkfJVOzv8="),
+            "{header}"
+        );
+        assert!(!unfolded.contains(";l="), "no body length tag: {header}");
+        let h = unfolded
+            .split(";h=")
+            .nth(1)
+            .unwrap()
+            .split(';')
+            .next()
+            .unwrap()
+            .to_ascii_lowercase();
+        assert_eq!(h.matches("from").count(), 2, "From is over-signed: {h}");
+        assert!(
+            h.contains("cc") && h.contains("mime-version"),
+            "absent headers are signed too: {h}"
+        );
+        assert!(header.ends_with("\r\n"));
+        assert_eq!(
+            dns_txt_record(&dir.path().join("ed.pem")).unwrap(),
+            "v=DKIM1; k=ed25519; p=11qYAYKxCrfVS/7TyWQHOg7hcvPapiMlrwIaaPcHURo="
+        );
+    }
+
+    #[test]
+    fn signs_only_for_our_domains() {
+        let dir = tempfile::tempdir().unwrap();
+        let signer = signer_with_ed25519(dir.path());
+        let other = MESSAGE.replace("joe@football.example.com", "joe@elsewhere.test");
+        assert!(signer.sign(other.as_bytes(), None).unwrap().is_none());
+        assert!(
+            signer
+                .sign(other.as_bytes(), Some("Football.Example.com"))
+                .unwrap()
+                .is_some(),
+            "the envelope domain signs when the author domain is not ours"
+        );
+        assert_eq!(
+            signer.signing_domain(MESSAGE.as_bytes(), Some("x.test")),
+            Some("football.example.com")
+        );
+    }
+
+    #[test]
+    fn author_domain_forms() {
+        let cases = [
+            ("From: a@Example.TEST\r\n\r\n", Some("example.test")),
+            ("From: \"A, B\" <a@x.test>\r\n\r\n", Some("x.test")),
+            ("From: a@x.test (Alice)\r\n\r\n", Some("x.test")),
+            (
+                "Subject: s\r\nFrom:\r\n <a@folded.test>\r\n\r\n",
+                Some("folded.test"),
+            ),
+            ("Subject: s\r\n\r\nFrom: a@body.test\r\n", None),
+            ("From: nobody\r\n\r\n", None),
+        ];
+        for (msg, want) in cases {
+            assert_eq!(author_domain(msg.as_bytes()).as_deref(), want, "{msg:?}");
+        }
+    }
+
+    #[test]
+    fn refuses_bad_keys_and_selectors() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bad.pem");
+        std::fs::write(
+            &path,
+            "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+        )
+        .unwrap();
+        let config = DkimConfig {
+            keys: vec![DkimKeyConfig {
+                selector: "s".into(),
+                key_file: path.clone(),
+            }],
+        };
+        assert!(matches!(
+            DkimSigner::load([("x.test", &config)]),
+            Err(DkimError::ParseKey { .. })
+        ));
+        let config = DkimConfig {
+            keys: vec![DkimKeyConfig {
+                selector: "bad selector".into(),
+                key_file: path,
+            }],
+        };
+        assert!(matches!(
+            DkimSigner::load([("x.test", &config)]),
+            Err(DkimError::InvalidSelector { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn dev_zone_publishes_the_dev_keys() {
+        use crate::dns::{Resolver as _, ZoneResolver};
+        let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+        let zone = std::fs::read_to_string(examples.join("dev-dkim.zone")).unwrap();
+        let zone = ZoneResolver::from_zone(&format!("$ORIGIN example.test.\n{zone}")).unwrap();
+        for (selector, file, kind) in [
+            ("dev-rsa", "dev-dkim-rsa.pem", "k=rsa"),
+            ("dev-ed", "dev-dkim-ed25519.pem", "k=ed25519"),
+        ] {
+            let want = dns_txt_record(&examples.join(file)).unwrap();
+            assert!(want.contains(kind), "{want}");
+            let published = zone
+                .txt(&format!("{selector}._domainkey.example.test"))
+                .await
+                .unwrap();
+            assert_eq!(published, vec![want], "{selector}");
+        }
+    }
+
+    #[test]
+    fn spki_wrapping_matches_der_lengths() {
+        let wrapped = rsa_spki(&[0x30, 0x03, 0x02, 0x01, 0x05]);
+        assert_eq!(wrapped[0], 0x30);
+        assert_eq!(wrapped[1] as usize, wrapped.len() - 2);
+        let long = der_tlv(0x04, &[0u8; 300]);
+        assert_eq!(&long[..4], &[0x04, 0x82, 0x01, 0x2c]);
+    }
+}
