@@ -1,0 +1,314 @@
+//! The controllers and what they share: the [`Context`] (client, event recorder, metrics,
+//! settings, caches), the reconcile [`Error`], condition bookkeeping, and [`run`], which runs
+//! both controllers until told to stop (the leader elector decides when).
+
+pub mod mail_domain;
+pub mod relay;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::NamespaceResourceScope;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::jiff::Timestamp;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::{Api, Client, Resource};
+use tokio_util::sync::CancellationToken;
+
+use self::mail_domain::build::BuildConfig;
+use crate::metrics::Metrics;
+use crate::timestamps::UnixSeconds;
+use crate::users::UsersCache;
+
+/// The one field manager of every server-side apply.
+pub const FIELD_MANAGER: &str = "kubemail-operator";
+/// `app.kubernetes.io/managed-by` on everything the operator makes.
+pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
+pub const MANAGED_BY: &str = "kubemail-operator";
+/// How long a CRD lookup is trusted before asking the API server again.
+const CRD_CACHE_TTL: Duration = Duration::from_secs(10);
+
+/// Operator settings the controllers use.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Watch only this namespace; `None`: all namespaces.
+    pub watch_namespace: Option<String>,
+    /// The operator's own namespace: the CA Secret lives there.
+    pub operator_namespace: String,
+    /// Name of the CA Secret.
+    pub ca_secret_name: String,
+    /// Lifetime of operator-issued certificates.
+    pub certificate_validity: Duration,
+    /// Reconcile every domain at least this often.
+    pub resync: Duration,
+    /// Deadline of NATS calls (finalizer).
+    pub nats_timeout: Duration,
+    /// Deadline of a status patch.
+    pub status_patch_timeout: Duration,
+    /// Deadline of a Relay probe.
+    pub probe_timeout: Duration,
+    /// EHLO name of Relay probes.
+    pub probe_ehlo_name: String,
+    /// What shapes the children.
+    pub build: BuildConfig,
+}
+
+/// Shared by every reconcile.
+pub struct Context {
+    pub client: Client,
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+    pub config: Config,
+    pub users_cache: UsersCache,
+    pub backoff: Backoff,
+    crds: Mutex<HashMap<String, (bool, Instant)>>,
+}
+
+/// Why a reconcile failed. Every message names the action that failed, never a secret.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("object has no namespace")]
+    MissingNamespace,
+    #[error("cannot read {kind} {name}")]
+    ReadObject {
+        kind: &'static str,
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("cannot apply {kind} {name}")]
+    ApplyChild {
+        kind: String,
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("cannot delete {kind} {name}")]
+    DeleteChild {
+        kind: String,
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("cannot patch the status of {name}")]
+    PatchStatus {
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("the status patch of {0} timed out")]
+    PatchStatusTimedOut(String),
+    #[error("cannot provision the DKIM keys")]
+    ProvisionDkim(#[source] crate::dkim::DkimError),
+    #[error("cannot issue the TLS certificate")]
+    IssueCertificate(#[source] crate::certs::CertError),
+    #[error("cannot create the CA Secret {name}")]
+    CreateCa {
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error(
+        "the CA Secret {0} has no usable tls.crt and tls.key; fix or delete it (a new CA will be made)"
+    )]
+    InvalidCa(String),
+    #[error("cannot render the submission users")]
+    RenderUsers(#[source] crate::users::UsersError),
+    #[error("cannot build the children")]
+    Build(#[source] mail_domain::build::BuildError),
+    #[error("cannot delete the JetStream consumer")]
+    DeleteConsumer(#[source] crate::queue::QueueError),
+    #[error("{0}")]
+    CleanupPending(String),
+    #[error("the {0} task panicked")]
+    BlockingTaskFailed(&'static str),
+    #[error("finalizer failed")]
+    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+}
+
+impl Error {
+    /// The `error` label of the failure metric.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Self::MissingNamespace => "missing_namespace",
+            Self::ReadObject { .. } => "read_object",
+            Self::ApplyChild { .. } => "apply_child",
+            Self::DeleteChild { .. } => "delete_child",
+            Self::PatchStatus { .. } | Self::PatchStatusTimedOut(_) => "patch_status",
+            Self::ProvisionDkim(_) => "provision_dkim",
+            Self::IssueCertificate(_) | Self::CreateCa { .. } | Self::InvalidCa(_) => "certificate",
+            Self::RenderUsers(_) => "render_users",
+            Self::Build(_) => "build",
+            Self::DeleteConsumer(_) => "delete_consumer",
+            Self::CleanupPending(_) => "cleanup_pending",
+            Self::BlockingTaskFailed(_) => "blocking_task",
+            Self::Finalizer(inner) => match inner.as_ref() {
+                kube::runtime::finalizer::Error::ApplyFailed(e)
+                | kube::runtime::finalizer::Error::CleanupFailed(e) => e.metric_label(),
+                _ => "finalizer",
+            },
+        }
+    }
+}
+
+/// An error with its causes, `a: b: c`, for logs, conditions and events.
+pub fn chain(error: &dyn std::error::Error) -> String {
+    let mut out = error.to_string();
+    let mut source = error.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+/// Per-object exponential retry delays: 5 s doubling up to 5 min, reset on success.
+#[derive(Default)]
+pub struct Backoff {
+    attempts: Mutex<HashMap<String, u32>>,
+}
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_secs(5);
+    const MAX: Duration = Duration::from_secs(300);
+
+    pub fn next(&self, key: &str) -> Duration {
+        let mut attempts = self.attempts.lock().unwrap_or_else(|e| e.into_inner());
+        let n = attempts.entry(key.to_owned()).or_insert(0);
+        let delay = Self::FIRST
+            .saturating_mul(2u32.saturating_pow(*n))
+            .min(Self::MAX);
+        *n = n.saturating_add(1);
+        delay
+    }
+
+    pub fn reset(&self, key: &str) {
+        self.attempts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(key);
+    }
+}
+
+impl Context {
+    pub fn new(client: Client, config: Config, metrics: Arc<Metrics>, instance: String) -> Self {
+        let recorder = Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: FIELD_MANAGER.to_owned(),
+                instance: Some(instance),
+            },
+        );
+        Self {
+            client,
+            recorder,
+            metrics,
+            config,
+            users_cache: UsersCache::default(),
+            backoff: Backoff::default(),
+            crds: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Whether a CRD is installed and established (cached briefly).
+    pub async fn crd_installed(&self, name: &str) -> Result<bool, Error> {
+        {
+            let crds = self.crds.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some((present, at)) = crds.get(name)
+                && at.elapsed() < CRD_CACHE_TTL
+            {
+                return Ok(*present);
+            }
+        }
+        let api: Api<CustomResourceDefinition> = Api::all(self.client.clone());
+        let crd = api
+            .get_opt(name)
+            .await
+            .map_err(|source| Error::ReadObject {
+                kind: "CustomResourceDefinition",
+                name: name.to_owned(),
+                source,
+            })?;
+        let established = crd
+            .and_then(|c| c.status)
+            .and_then(|s| s.conditions)
+            .is_some_and(|cs| {
+                cs.iter()
+                    .any(|c| c.type_ == "Established" && c.status == "True")
+            });
+        self.crds
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.to_owned(), (established, Instant::now()));
+        Ok(established)
+    }
+}
+
+/// An API for `K` in one namespace or all.
+pub fn api_for<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+where
+    K: Resource<Scope = NamespaceResourceScope>,
+    K::DynamicType: Default,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// A condition of `type_`, keeping the previous `lastTransitionTime` while the status holds.
+pub fn condition(
+    previous: &[Condition],
+    type_: &str,
+    ok: bool,
+    reason: &str,
+    message: String,
+    generation: Option<i64>,
+    now: UnixSeconds,
+) -> Condition {
+    condition_with(
+        previous,
+        type_,
+        if ok { "True" } else { "False" },
+        reason,
+        message,
+        generation,
+        now,
+    )
+}
+
+/// Like [`condition`], with any status (`True`, `False`, `Unknown`).
+pub fn condition_with(
+    previous: &[Condition],
+    type_: &str,
+    status: &str,
+    reason: &str,
+    message: String,
+    generation: Option<i64>,
+    now: UnixSeconds,
+) -> Condition {
+    let last_transition_time = previous
+        .iter()
+        .find(|c| c.type_ == type_ && c.status == status)
+        .map(|c| c.last_transition_time.clone())
+        .unwrap_or_else(|| Time(Timestamp::from_second(now).unwrap_or(Timestamp::UNIX_EPOCH)));
+    Condition {
+        type_: type_.to_owned(),
+        status: status.to_owned(),
+        reason: reason.to_owned(),
+        message,
+        observed_generation: generation,
+        last_transition_time,
+    }
+}
+
+/// Runs both controllers until `stop` fires.
+pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
+    tokio::join!(
+        mail_domain::run(ctx.clone(), stop.clone()),
+        relay::run(ctx, stop),
+    );
+}

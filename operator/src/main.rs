@@ -1,0 +1,28 @@
+//! `kubemail-operator`: parse the flags, set up logging, run, map the exit code.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use kubemail_operator::args::Args;
+use kubemail_operator::{controller, runtime, telemetry};
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    telemetry::init(args.log_format);
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(runtime::run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let message = controller::chain(&e);
+            tracing::error!(error = %message, "operator failed");
+            eprintln!("error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,236 @@
+//! Wiring of the operator process: the Kubernetes client, the admin endpoint, leader election
+//! and the controllers, and graceful shutdown.
+//!
+//! ```text
+//!            SIGTERM/SIGINT ─► shutdown ─┬─► controllers stop (in-flight reconciles finish)
+//!                                        ├─► Lease released (a follower takes over at once)
+//!                                        └─► admin endpoint stops
+//! Lease held ─► controllers run ; Lease lost ─► controllers stop, campaign again
+//! ```
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Api, Client, Config};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::admin::AdminServer;
+use crate::args::Args;
+use crate::controller::mail_domain::build::BuildConfig;
+use crate::controller::{self, Context};
+use crate::leader::{LeaderElector, LeaseConfig};
+use crate::metrics::Metrics;
+
+/// How often to look for the CRDs while they are not installed.
+const CRD_POLL: Duration = Duration::from_secs(5);
+/// Deadline of NATS calls in the finalizer.
+const NATS_TIMEOUT: Duration = Duration::from_secs(10);
+/// Deadline of a status patch (linkerd's policy controller uses the same order of magnitude).
+const STATUS_PATCH_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why the operator could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("cannot read kubeconfig {0}")]
+    ReadKubeconfig(String, #[source] kube::config::KubeconfigError),
+    #[error("cannot load the client configuration")]
+    LoadConfig(#[source] kube::config::KubeconfigError),
+    #[error("cannot infer the client configuration")]
+    InferConfig(#[source] kube::config::InferConfigError),
+    #[error("cannot create the Kubernetes client")]
+    CreateClient(#[source] kube::Error),
+    #[error(transparent)]
+    Admin(#[from] crate::admin::AdminError),
+    #[error("cannot listen for signals")]
+    Signals(#[source] std::io::Error),
+}
+
+/// Runs the operator until SIGTERM or SIGINT.
+pub async fn run(args: Args) -> Result<(), RunError> {
+    let shutdown = CancellationToken::new();
+    spawn_signal_handler(shutdown.clone())?;
+    run_until(args, shutdown).await
+}
+
+/// Runs the operator until `shutdown` fires.
+pub async fn run_until(args: Args, shutdown: CancellationToken) -> Result<(), RunError> {
+    let client = client(args.kubeconfig.as_deref()).await?;
+    let metrics = Arc::new(Metrics::new());
+    let admin = AdminServer::bind(args.admin_address, metrics.clone()).await?;
+    if let Some(addr) = admin.local_addr() {
+        tracing::info!(address = %addr, "admin endpoint listening");
+    }
+    let admin_stop = CancellationToken::new();
+    let admin_task = tokio::spawn(admin.serve(admin_stop.clone()));
+
+    let identity = args.identity.clone().unwrap_or_else(default_identity);
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        controller::Config {
+            watch_namespace: args.watch_namespace.clone(),
+            operator_namespace: args.namespace.clone(),
+            ca_secret_name: args.ca_secret.clone(),
+            certificate_validity: args.certificate_validity,
+            resync: args.resync,
+            nats_timeout: NATS_TIMEOUT,
+            status_patch_timeout: STATUS_PATCH_TIMEOUT,
+            probe_timeout: args.probe_timeout,
+            probe_ehlo_name: identity.clone(),
+            build: BuildConfig {
+                node_image: args.node_image.clone(),
+                listen_host: args.node_listen_host.clone(),
+                nats_url: args.nats_url.clone(),
+                nats_stream: args.nats_stream.clone(),
+                nats_subject_prefix: args.nats_subject_prefix.clone(),
+            },
+        },
+        metrics.clone(),
+        identity.clone(),
+    ));
+
+    if wait_for_crds(&client, &shutdown).await {
+        let (leading_tx, mut leading) = watch::channel(false);
+        let lease_stop = CancellationToken::new();
+        let elector = LeaderElector::new(
+            client,
+            LeaseConfig {
+                namespace: args.namespace.clone(),
+                name: args.lease_name.clone(),
+                identity: identity.clone(),
+                lease_duration: args.lease_duration,
+                renew_deadline: args.lease_renew_deadline,
+                retry_period: args.lease_retry_period,
+            },
+        );
+        let elector_task = tokio::spawn(elector.run(leading_tx, lease_stop.clone()));
+        tracing::info!(%identity, lease = %args.lease_name, namespace = %args.namespace, "campaigning for the leader lease");
+
+        'campaign: loop {
+            // Wait for the Lease.
+            while !*leading.borrow_and_update() {
+                tokio::select! {
+                    () = shutdown.cancelled() => break 'campaign,
+                    changed = leading.changed() => if changed.is_err() { break 'campaign },
+                }
+            }
+            metrics.set_leader(true);
+            tracing::info!("leading: starting the controllers");
+            let stop = CancellationToken::new();
+            let controllers = tokio::spawn(controller::run(ctx.clone(), stop.clone()));
+            let stopping = tokio::select! {
+                () = shutdown.cancelled() => true,
+                () = lost(&mut leading) => false,
+            };
+            stop.cancel();
+            let _ = controllers.await;
+            metrics.set_leader(false);
+            if stopping {
+                break;
+            }
+            tracing::warn!("lost the leader lease: controllers stopped, campaigning again");
+        }
+        // The controllers have stopped: now the Lease may go to the next replica.
+        lease_stop.cancel();
+        let _ = elector_task.await;
+    }
+
+    admin_stop.cancel();
+    match admin_task.await {
+        Ok(result) => result?,
+        Err(_) => tracing::warn!("the admin endpoint task panicked"),
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn lost(leading: &mut watch::Receiver<bool>) {
+    loop {
+        if !*leading.borrow_and_update() {
+            return;
+        }
+        if leading.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Waits until the MailDomain and Relay CRDs are established; `false` on shutdown.
+async fn wait_for_crds(client: &Client, shutdown: &CancellationToken) -> bool {
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let mut warned = false;
+    loop {
+        let mut missing = Vec::new();
+        for (_, crd) in crate::crd::crds() {
+            let name = crd.metadata.name.clone().unwrap_or_default();
+            let established = api
+                .get_opt(&name)
+                .await
+                .ok()
+                .flatten()
+                .and_then(|c| c.status)
+                .and_then(|s| s.conditions)
+                .is_some_and(|cs| {
+                    cs.iter()
+                        .any(|c| c.type_ == "Established" && c.status == "True")
+                });
+            if !established {
+                missing.push(name);
+            }
+        }
+        if missing.is_empty() {
+            return true;
+        }
+        if !warned {
+            tracing::warn!(
+                missing = %missing.join(", "),
+                "waiting for the CRDs; install them with: kubectl apply --server-side -f crds/"
+            );
+            warned = true;
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return false,
+            () = tokio::time::sleep(CRD_POLL) => {}
+        }
+    }
+}
+
+async fn client(kubeconfig: Option<&str>) -> Result<Client, RunError> {
+    let config = match kubeconfig {
+        // A single file; a `:`-separated list is KUBECONFIG's own syntax, left to `infer`.
+        Some(path) if !path.is_empty() && !path.contains(':') => {
+            let kc = Kubeconfig::read_from(path)
+                .map_err(|e| RunError::ReadKubeconfig(path.to_owned(), e))?;
+            Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+                .await
+                .map_err(RunError::LoadConfig)?
+        }
+        _ => Config::infer().await.map_err(RunError::InferConfig)?,
+    };
+    Client::try_from(config).map_err(RunError::CreateClient)
+}
+
+fn default_identity() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "kubemail-operator".to_owned());
+    // Two processes on one host (tests, a restart overlapping the old one) stay distinct.
+    format!("{host}-{:08x}", rand::random::<u32>())
+}
+
+fn spawn_signal_handler(shutdown: CancellationToken) -> Result<(), RunError> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).map_err(RunError::Signals)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(RunError::Signals)?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+        }
+        shutdown.cancel();
+    });
+    Ok(())
+}
