@@ -58,6 +58,11 @@ pub struct Args {
     #[arg(long, env = "KUBEMAIL_NODE_LISTEN_HOST", default_value = "0.0.0.0")]
     pub node_listen_host: String,
 
+    /// Start the SMTP nodes with `--listen-ip $(POD_IP)`, for clusters whose pods share one
+    /// network namespace (kubemail's local test cluster). Not needed in real clusters.
+    #[arg(long, env = "KUBEMAIL_NODE_BIND_POD_IP")]
+    pub node_bind_pod_ip: bool,
+
     /// NATS URL, used by the nodes and by the operator's finalizer.
     #[arg(long, env = "NATS_URL", default_value = "nats://nats:4222")]
     pub nats_url: String,
@@ -91,7 +96,7 @@ pub struct Args {
     pub probe_timeout: Duration,
 
     /// Log format.
-    #[arg(long, env = "KUBEMAIL_LOG_FORMAT", value_enum, default_value = "text")]
+    #[arg(long, env = "KUBEMAIL_LOG_FORMAT", value_enum, default_value = "auto")]
     pub log_format: LogFormat,
 }
 

@@ -8,7 +8,6 @@ use kubemail_operator::{controller, runtime, telemetry};
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    telemetry::init(args.log_format);
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -16,7 +15,15 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(runtime::run(args)) {
+    // The OTLP exporter runs on the runtime, so telemetry starts inside its context.
+    let telemetry = {
+        let _context = rt.enter();
+        telemetry::init(args.log_format)
+    };
+    let result = rt.block_on(runtime::run(args));
+    // Sends the spans still queued while the runtime (the exporter's home) is still up.
+    telemetry.shutdown();
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             let message = controller::chain(&e);

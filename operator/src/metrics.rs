@@ -1,11 +1,15 @@
 //! Prometheus metrics of the operator (prometheus-client, OpenMetrics text on `/metrics`):
-//! reconcile runs, failures by error kind, reconcile durations, and whether this replica leads.
+//! reconcile runs, failures by error kind, reconcile durations, whether this replica leads, the
+//! ready SMTP node pods of each MailDomain (for a "no ready nodes" alert) and the trace spans
+//! the OTLP exporter sent or dropped.
 //!
 //! ```text
 //! kubemail_operator_reconciles_total{controller="maildomain"}
 //! kubemail_operator_reconcile_errors_total{controller="maildomain",error="apply_child"}
 //! kubemail_operator_reconcile_duration_seconds_bucket{controller="maildomain",le="..."}
 //! kubemail_operator_leader
+//! kubemail_operator_maildomain_ready_replicas{namespace="mail",maildomain="example-com"}
+//! kubemail_operator_otel_spans_dropped_total{reason="export_failed"}
 //! ```
 
 use std::time::Instant;
@@ -21,6 +25,13 @@ use prometheus_client::registry::{Registry, Unit};
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ControllerLabels {
     pub controller: String,
+}
+
+/// Labels naming a MailDomain.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DomainLabels {
+    pub namespace: String,
+    pub maildomain: String,
 }
 
 /// Labels of the failure counter.
@@ -39,6 +50,7 @@ pub struct Metrics {
     failures: Family<ErrorLabels, Counter>,
     duration: HistogramFamily,
     leader: Gauge,
+    ready_replicas: Family<DomainLabels, Gauge>,
 }
 
 /// Observes one reconcile's duration when dropped.
@@ -67,6 +79,7 @@ impl Metrics {
         let duration: HistogramFamily =
             Family::new_with_constructor(reconcile_histogram as fn() -> Histogram);
         let leader = Gauge::default();
+        let ready_replicas = Family::<DomainLabels, Gauge>::default();
         registry.register("reconciles", "Reconcile runs", reconciles.clone());
         registry.register(
             "reconcile_errors",
@@ -84,12 +97,19 @@ impl Metrics {
             "1 while this replica holds the leader lease and runs the controllers",
             leader.clone(),
         );
+        registry.register(
+            "maildomain_ready_replicas",
+            "Ready SMTP node pods of each MailDomain, as last reconciled (leader only)",
+            ready_replicas.clone(),
+        );
+        crate::telemetry::export_metrics().register(&mut registry);
         Self {
             registry,
             reconciles,
             failures,
             duration,
             leader,
+            ready_replicas,
         }
     }
 
@@ -118,6 +138,24 @@ impl Metrics {
     /// Records whether this replica leads.
     pub fn set_leader(&self, leading: bool) {
         self.leader.set(i64::from(leading));
+    }
+
+    /// Records the ready node pods of a MailDomain.
+    pub fn set_ready_replicas(&self, namespace: &str, maildomain: &str, ready: i32) {
+        self.ready_replicas
+            .get_or_create(&DomainLabels {
+                namespace: namespace.to_owned(),
+                maildomain: maildomain.to_owned(),
+            })
+            .set(i64::from(ready));
+    }
+
+    /// Drops the series of a deleted MailDomain.
+    pub fn forget_domain(&self, namespace: &str, maildomain: &str) {
+        self.ready_replicas.remove(&DomainLabels {
+            namespace: namespace.to_owned(),
+            maildomain: maildomain.to_owned(),
+        });
     }
 
     /// OpenMetrics text of every metric.
@@ -159,5 +197,17 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("kubemail_operator_leader 1"), "{text}");
+        m.set_ready_replicas("mail", "example-com", 2);
+        let text = m.encode();
+        assert!(
+            text.contains("kubemail_operator_maildomain_ready_replicas{namespace=\"mail\",maildomain=\"example-com\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("kubemail_operator_otel_spans_dropped_total"),
+            "{text}"
+        );
+        m.forget_domain("mail", "example-com");
+        assert!(!m.encode().contains("maildomain=\"example-com\""));
     }
 }

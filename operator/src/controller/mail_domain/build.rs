@@ -133,6 +133,9 @@ pub struct BuildConfig {
     pub node_image: String,
     /// Address the node binds (`0.0.0.0` in a pod with its own network namespace).
     pub listen_host: String,
+    /// Start nodes with `--listen-ip $(POD_IP)`: for clusters whose pods share one network
+    /// namespace (the local process-kubelet cluster), so replicas do not fight over ports.
+    pub bind_pod_ip: bool,
     /// NATS URL(s) the nodes use.
     pub nats_url: String,
     /// JetStream stream of the queue.
@@ -678,10 +681,17 @@ fn deployment(
         name: "smtp-node".to_owned(),
         image: Some(config.node_image.clone()),
         image_pull_policy: Some("IfNotPresent".to_owned()),
-        args: Some(vec![
-            "--config".to_owned(),
-            format!("{CONFIG_DIR}/{NODE_CONFIG_KEY}"),
-        ]),
+        args: Some({
+            let mut args = vec![
+                "--config".to_owned(),
+                format!("{CONFIG_DIR}/{NODE_CONFIG_KEY}"),
+            ];
+            if config.bind_pod_ip {
+                // Expanded by the kubelet from the container's POD_IP env var.
+                args.extend(["--listen-ip".to_owned(), "$(POD_IP)".to_owned()]);
+            }
+            args
+        }),
         env: Some(vec![
             field_env("POD_IP", "status.podIP"),
             field_env("POD_NAME", "metadata.name"),
@@ -843,6 +853,7 @@ mod tests {
         BuildConfig {
             node_image: "kubemail/smtp-node:0.1.0".into(),
             listen_host: "0.0.0.0".into(),
+            bind_pod_ip: false,
             nats_url: "nats://nats.kubemail-system:4222".into(),
             nats_stream: "KUBEMAIL".into(),
             nats_subject_prefix: "kubemail.queue".into(),
@@ -1132,6 +1143,37 @@ mod tests {
                 .iter()
                 .any(|r| r.value.contains("include:sendgrid.net"))
         );
+    }
+
+    #[test]
+    fn bind_pod_ip_starts_nodes_on_their_pod_ip_without_changing_the_config() {
+        let md = md(FULL);
+        let v = validate(&md, &refs()).unwrap();
+        let cfg = BuildConfig {
+            bind_pod_ip: true,
+            ..config()
+        };
+        let c = build(&md, &v, &provisioned(true), &observed(), &cfg, NOW).unwrap();
+        let pod = c
+            .deployment
+            .spec
+            .as_ref()
+            .unwrap()
+            .template
+            .spec
+            .as_ref()
+            .unwrap();
+        assert_eq!(
+            pod.containers[0].args.as_ref().unwrap(),
+            &[
+                "--config",
+                "/etc/kubemail/config/node.yaml",
+                "--listen-ip",
+                "$(POD_IP)"
+            ]
+        );
+        let (_, _, plain) = full();
+        assert_eq!(c.checksum, plain.checksum, "the node config is the same");
     }
 
     #[test]

@@ -151,8 +151,22 @@ pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
 }
 
 /// One reconcile of one MailDomain.
-#[instrument(skip(md, ctx), fields(namespace = field::Empty, name = %md.name_any(), domain = %md.spec.domain))]
+// Each reconcile is the root of a trace of its own (not a child of the controller's
+// long-lived span), with its trace id in every log line.
+#[instrument(
+    parent = None,
+    skip(md, ctx),
+    fields(
+        otel.name = "maildomain.reconcile",
+        controller = CONTROLLER,
+        namespace = field::Empty,
+        name = %md.name_any(),
+        domain = %md.spec.domain,
+        trace_id = field::Empty,
+    )
+)]
 pub async fn reconcile(md: Arc<MailDomain>, ctx: Arc<Context>) -> Result<Action, Error> {
+    crate::telemetry::record_trace_id();
     let _timer = ctx.metrics.reconcile_started(CONTROLLER);
     let ns = md.namespace().ok_or(Error::MissingNamespace)?;
     tracing::Span::current().record("namespace", field::display(&ns));
@@ -242,7 +256,13 @@ async fn run_pipeline(
         },
         now,
     );
+    let ready_replicas = new_status.ready_replicas;
     status::publish(ctx, md, new_status, events).await?;
+    ctx.metrics.set_ready_replicas(
+        &md.namespace().unwrap_or_default(),
+        &md.name_any(),
+        ready_replicas,
+    );
 
     // Wake up for the next scheduled change (key rotation, certificate renewal), at the
     // latest after the resync interval.
@@ -348,6 +368,7 @@ async fn cleanup(md: &MailDomain, ctx: &Context) -> Result<Action, Error> {
                 "cleaned up the JetStream consumer"
             );
             ctx.users_cache.forget(&format!("{ns}/{name}"));
+            ctx.metrics.forget_domain(&ns, &name);
             Ok(Action::await_change())
         }
         Err(e) => {

@@ -105,8 +105,20 @@ pub fn validate(
     Ok(format!("credentials from Secret {name}"))
 }
 
-#[instrument(skip(relay, ctx), fields(namespace = field::Empty, name = %relay.name_any()))]
+// A trace of its own per reconcile, like the MailDomain controller's.
+#[instrument(
+    parent = None,
+    skip(relay, ctx),
+    fields(
+        otel.name = "relay.reconcile",
+        controller = CONTROLLER,
+        namespace = field::Empty,
+        name = %relay.name_any(),
+        trace_id = field::Empty,
+    )
+)]
 async fn reconcile(relay: Arc<Relay>, ctx: Arc<Context>) -> Result<Action, Error> {
+    crate::telemetry::record_trace_id();
     let _timer = ctx.metrics.reconcile_started(CONTROLLER);
     let ns = relay.namespace().ok_or(Error::MissingNamespace)?;
     tracing::Span::current().record("namespace", field::display(&ns));
