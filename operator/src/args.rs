@@ -63,6 +63,11 @@ pub struct Args {
     #[arg(long, env = "KUBEMAIL_NODE_BIND_POD_IP")]
     pub node_bind_pod_ip: bool,
 
+    /// YAML file merged into every rendered SMTP node config (site-wide node settings such as
+    /// `dns`, `delivery`, `timeouts`); it may not set `domains`, which come from each MailDomain.
+    #[arg(long, env = "KUBEMAIL_NODE_CONFIG_OVERLAY", value_name = "FILE")]
+    pub node_config_overlay: Option<std::path::PathBuf>,
+
     /// NATS URL, used by the nodes and by the operator's finalizer.
     #[arg(long, env = "NATS_URL", default_value = "nats://nats:4222")]
     pub nats_url: String,

@@ -46,6 +46,11 @@ pub enum RunError {
     Admin(#[from] crate::admin::AdminError),
     #[error("cannot listen for signals")]
     Signals(#[source] std::io::Error),
+    #[error("cannot load the node config overlay {0}")]
+    LoadNodeOverlay(
+        String,
+        #[source] crate::controller::mail_domain::build::OverlayError,
+    ),
 }
 
 /// Runs the operator until SIGTERM or SIGINT.
@@ -57,6 +62,13 @@ pub async fn run(args: Args) -> Result<(), RunError> {
 
 /// Runs the operator until `shutdown` fires.
 pub async fn run_until(args: Args, shutdown: CancellationToken) -> Result<(), RunError> {
+    let node_overlay = match &args.node_config_overlay {
+        Some(path) => Some(
+            crate::controller::mail_domain::build::load_node_overlay(path)
+                .map_err(|e| RunError::LoadNodeOverlay(path.display().to_string(), e))?,
+        ),
+        None => None,
+    };
     let client = client(args.kubeconfig.as_deref()).await?;
     let metrics = Arc::new(Metrics::new());
     let admin = AdminServer::bind(args.admin_address, metrics.clone()).await?;
@@ -83,6 +95,7 @@ pub async fn run_until(args: Args, shutdown: CancellationToken) -> Result<(), Ru
                 node_image: args.node_image.clone(),
                 listen_host: args.node_listen_host.clone(),
                 bind_pod_ip: args.node_bind_pod_ip,
+                node_overlay,
                 nats_url: args.nats_url.clone(),
                 nats_stream: args.nats_stream.clone(),
                 nats_subject_prefix: args.nats_subject_prefix.clone(),

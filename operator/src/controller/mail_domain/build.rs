@@ -136,6 +136,8 @@ pub struct BuildConfig {
     /// Start nodes with `--listen-ip $(POD_IP)`: for clusters whose pods share one network
     /// namespace (the local process-kubelet cluster), so replicas do not fight over ports.
     pub bind_pod_ip: bool,
+    /// Site-wide settings merged into every node config (see [`load_node_overlay`]).
+    pub node_overlay: Option<serde_json::Value>,
     /// NATS URL(s) the nodes use.
     pub nats_url: String,
     /// JetStream stream of the queue.
@@ -542,6 +544,9 @@ pub fn node_config(
         },
         "admin": { "address": format!("{host}:{ADMIN_PORT}") },
     });
+    if let Some(overlay) = &config.node_overlay {
+        merge_json(&mut value, overlay);
+    }
     match &v.relay {
         RelayResolution::Direct => {}
         RelayResolution::Resolved { name, spec, .. } => {
@@ -573,7 +578,7 @@ pub fn node_config(
         // Outbound mail must not go direct when a relay was asked for: accept and queue it,
         // deliver nothing until the Relay is usable.
         RelayResolution::NotFound { .. } | RelayResolution::NotReady { .. } => {
-            value["delivery"] = json!({ "enabled": false });
+            value["delivery"]["enabled"] = json!(false);
         }
     }
     value["domains"] = json!([domain]);
@@ -582,6 +587,52 @@ pub fn node_config(
     node.validate()
         .map_err(|e| BuildError::NodeConfig(e.to_string()))?;
     Ok((value, node))
+}
+
+/// Why a node config overlay file was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum OverlayError {
+    #[error("cannot read it")]
+    Read(#[source] std::io::Error),
+    #[error("it is not valid YAML")]
+    Parse(#[source] serde_yaml::Error),
+    #[error("it must be a YAML mapping of node config fields")]
+    NotAMapping,
+    #[error("it may not set `{0}`: that comes from each MailDomain and the operator's flags")]
+    ReservedField(&'static str),
+}
+
+/// Reads the site-wide node config overlay (`--node-config-overlay`). Fields that each
+/// MailDomain or the operator's flags own are refused here, at start-up, rather than silently
+/// overridden; everything else is checked by the node's own validation when rendered.
+pub fn load_node_overlay(path: &std::path::Path) -> Result<serde_json::Value, OverlayError> {
+    let text = std::fs::read_to_string(path).map_err(OverlayError::Read)?;
+    parse_node_overlay(&text)
+}
+
+fn parse_node_overlay(text: &str) -> Result<serde_json::Value, OverlayError> {
+    let value: serde_json::Value = serde_yaml::from_str(text).map_err(OverlayError::Parse)?;
+    let serde_json::Value::Object(map) = &value else {
+        return Err(OverlayError::NotAMapping);
+    };
+    for reserved in ["domains", "hostname", "listeners", "tls", "nats"] {
+        if map.contains_key(reserved) {
+            return Err(OverlayError::ReservedField(reserved));
+        }
+    }
+    Ok(value)
+}
+
+/// Deep merge: objects merge key by key, anything else in `overlay` replaces `base`.
+fn merge_json(base: &mut serde_json::Value, overlay: &serde_json::Value) {
+    match (base, overlay) {
+        (serde_json::Value::Object(b), serde_json::Value::Object(o)) => {
+            for (k, v) in o {
+                merge_json(b.entry(k.clone()).or_insert(serde_json::Value::Null), v);
+            }
+        }
+        (b, o) => *b = o.clone(),
+    }
 }
 
 fn deployment(
@@ -854,6 +905,7 @@ mod tests {
             node_image: "kubemail/smtp-node:0.1.0".into(),
             listen_host: "0.0.0.0".into(),
             bind_pod_ip: false,
+            node_overlay: None,
             nats_url: "nats://nats.kubemail-system:4222".into(),
             nats_stream: "KUBEMAIL".into(),
             nats_subject_prefix: "kubemail.queue".into(),
@@ -1143,6 +1195,45 @@ mod tests {
                 .iter()
                 .any(|r| r.value.contains("include:sendgrid.net"))
         );
+    }
+
+    #[test]
+    fn node_overlay_merges_site_settings_and_refuses_domain_owned_fields() {
+        let overlay = parse_node_overlay(
+            "dns: {nameservers: ['127.0.0.1:15353']}\ndelivery: {mxPort: 1025, allowedNetworks: ['127.0.0.0/8']}\n",
+        )
+        .unwrap();
+        let md = md(FULL);
+        let v = validate(&md, &refs()).unwrap();
+        let cfg = BuildConfig {
+            node_overlay: Some(overlay),
+            ..config()
+        };
+        let c = build(&md, &v, &provisioned(true), &observed(), &cfg, NOW).unwrap();
+        let node = NodeConfig::from_yaml(&data_text(&c.node_config, NODE_CONFIG_KEY)).unwrap();
+        assert_eq!(node.delivery.mx_port, 1025);
+        assert_eq!(node.dns.nameservers.len(), 1);
+        assert_eq!(node.domains[0].name, "example.com");
+        let (_, _, plain) = full();
+        assert_ne!(
+            c.checksum, plain.checksum,
+            "an overlay change rolls the nodes"
+        );
+
+        assert!(matches!(
+            parse_node_overlay("domains: []"),
+            Err(OverlayError::ReservedField("domains"))
+        ));
+        assert!(matches!(
+            parse_node_overlay("- 1"),
+            Err(OverlayError::NotAMapping)
+        ));
+        // A field the node does not know is refused by the node's own schema at build time.
+        let cfg = BuildConfig {
+            node_overlay: Some(parse_node_overlay("noSuchField: 1").unwrap()),
+            ..config()
+        };
+        assert!(build(&md, &v, &provisioned(true), &observed(), &cfg, NOW).is_err());
     }
 
     #[test]
