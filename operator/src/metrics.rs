@@ -8,7 +8,7 @@
 //! kubemail_operator_reconcile_errors_total{controller="maildomain",error="apply_child"}
 //! kubemail_operator_reconcile_duration_seconds_bucket{controller="maildomain",le="..."}
 //! kubemail_operator_leader
-//! kubemail_operator_maildomain_ready_replicas{namespace="mail",maildomain="example-com"}
+//! kubemail_operator_maildomain_ready_replicas{maildomain_namespace="mail",maildomain="example-com"}
 //! kubemail_operator_otel_spans_dropped_total{reason="export_failed"}
 //! ```
 
@@ -27,10 +27,11 @@ pub struct ControllerLabels {
     pub controller: String,
 }
 
-/// Labels naming a MailDomain.
+/// Labels naming a MailDomain. Not `namespace`: Prometheus gives the scraped pod's namespace
+/// that name, and would rename ours to `exported_namespace`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DomainLabels {
-    pub namespace: String,
+    pub maildomain_namespace: String,
     pub maildomain: String,
 }
 
@@ -144,7 +145,7 @@ impl Metrics {
     pub fn set_ready_replicas(&self, namespace: &str, maildomain: &str, ready: i32) {
         self.ready_replicas
             .get_or_create(&DomainLabels {
-                namespace: namespace.to_owned(),
+                maildomain_namespace: namespace.to_owned(),
                 maildomain: maildomain.to_owned(),
             })
             .set(i64::from(ready));
@@ -153,7 +154,7 @@ impl Metrics {
     /// Drops the series of a deleted MailDomain.
     pub fn forget_domain(&self, namespace: &str, maildomain: &str) {
         self.ready_replicas.remove(&DomainLabels {
-            namespace: namespace.to_owned(),
+            maildomain_namespace: namespace.to_owned(),
             maildomain: maildomain.to_owned(),
         });
     }
@@ -200,7 +201,7 @@ mod tests {
         m.set_ready_replicas("mail", "example-com", 2);
         let text = m.encode();
         assert!(
-            text.contains("kubemail_operator_maildomain_ready_replicas{namespace=\"mail\",maildomain=\"example-com\"} 2"),
+            text.contains("kubemail_operator_maildomain_ready_replicas{maildomain_namespace=\"mail\",maildomain=\"example-com\"} 2"),
             "{text}"
         );
         assert!(

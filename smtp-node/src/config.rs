@@ -305,6 +305,9 @@ pub struct AdminConfig {
     /// Address for `/healthz`, `/readyz`, `/metrics`.
     #[serde(default = "default_admin_address")]
     pub address: SocketAddr,
+    /// How often the queue depth and age metrics are read from JetStream.
+    #[serde(default = "default_queue_sample_interval")]
+    pub queue_sample_interval: HumanDuration,
 }
 
 /// Graceful shutdown.
@@ -674,6 +677,15 @@ impl NodeConfig {
         }
     }
 
+    /// Moves every listener and the admin endpoint to `ip`, keeping their ports: for pods that
+    /// share one network namespace (the local cluster), each binding its own pod IP.
+    pub fn bind_to(&mut self, ip: std::net::IpAddr) {
+        for listener in &mut self.listeners {
+            listener.address.set_ip(ip);
+        }
+        self.admin.address.set_ip(ip);
+    }
+
     /// Checks the invariants serde cannot express; reports all problems at once.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut errors = Vec::new();
@@ -1006,6 +1018,7 @@ impl Default for AdminConfig {
     fn default() -> Self {
         Self {
             address: default_admin_address(),
+            queue_sample_interval: default_queue_sample_interval(),
         }
     }
 }
@@ -1448,6 +1461,10 @@ fn default_auth_failures_per_ip() -> u32 {
 fn default_admin_address() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], 8080))
 }
+/// A common Prometheus scrape interval: fresher samples would not be seen.
+fn default_queue_sample_interval() -> HumanDuration {
+    HumanDuration::from_secs(15)
+}
 fn default_drain_timeout() -> HumanDuration {
     HumanDuration::from_secs(30)
 }
@@ -1736,5 +1753,18 @@ inboundAuth: {{ dmarc: enforce }}
         let mut errors = Vec::new();
         relay.validate("domains[0].relay", &mut errors);
         assert!(errors[0].contains("domains[0].relay.tls"), "{errors:?}");
+    }
+
+    #[test]
+    fn bind_to_moves_listeners_and_admin_keeping_ports() {
+        let mut c = NodeConfig::from_yaml(MINIMAL).unwrap();
+        let ports: Vec<u16> = c.listeners.iter().map(|l| l.address.port()).collect();
+        let ip: std::net::IpAddr = "127.1.0.7".parse().unwrap();
+        c.bind_to(ip);
+        assert!(c.listeners.iter().all(|l| l.address.ip() == ip));
+        let after: Vec<u16> = c.listeners.iter().map(|l| l.address.port()).collect();
+        assert_eq!(ports, after);
+        assert_eq!(c.admin.address.ip(), ip);
+        c.validate().unwrap();
     }
 }

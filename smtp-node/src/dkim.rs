@@ -190,6 +190,15 @@ impl DkimSigner {
             // the session down with it.
             let result =
                 std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| key.signer.sign(message)));
+            let signed = matches!(result, Ok(Ok(_)));
+            crate::metrics::global()
+                .dkim_signatures
+                .get_or_create(&crate::metrics::DkimLabels {
+                    domain: domain.to_owned(),
+                    algorithm: key.algorithm.as_str(),
+                    result: if signed { "signed" } else { "failed" },
+                })
+                .inc();
             let signature = match result {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {

@@ -1,4 +1,5 @@
-//! `smtp-node`: parse arguments, set up logging, run the node, map the exit code.
+//! `smtp-node`: parse arguments, set up logging and tracing, run the node, flush the traces,
+//! map the exit code.
 
 use std::io::Read;
 use std::path::PathBuf;
@@ -7,7 +8,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use kubemail_smtp_node::config::NodeConfig;
 use kubemail_smtp_node::shutdown::{self, Shutdown};
-use kubemail_smtp_node::{auth, node, telemetry};
+use kubemail_smtp_node::{auth, metrics, node, telemetry};
 
 /// kubemail SMTP node: receives mail, queues it in NATS JetStream and delivers it.
 #[derive(Parser, Debug)]
@@ -16,6 +17,11 @@ struct Args {
     /// Configuration file (YAML) to run with.
     #[arg(long, env = "SMTP_NODE_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
+
+    /// Bind every listener and the admin endpoint to this IP instead of the config's host part
+    /// (ports unchanged). For pods that share a network namespace, e.g. `--listen-ip $(POD_IP)`.
+    #[arg(long, env = "SMTP_NODE_LISTEN_IP", value_name = "IP")]
+    listen_ip: Option<std::net::IpAddr>,
 
     #[command(subcommand)]
     command: Option<Command>,
@@ -54,7 +60,7 @@ fn main() -> ExitCode {
             }
         }
         None => match args.config {
-            Some(file) => run(&file),
+            Some(file) => run(&file, args.listen_ip),
             None => {
                 eprintln!("error: --config FILE (or SMTP_NODE_CONFIG) is required; see --help");
                 ExitCode::from(2)
@@ -98,11 +104,17 @@ fn hash_password() -> ExitCode {
     }
 }
 
-fn run(file: &std::path::Path) -> ExitCode {
-    telemetry::init();
+fn run(file: &std::path::Path, listen_ip: Option<std::net::IpAddr>) -> ExitCode {
+    let log_format = telemetry::LogFormat::from_env();
     let config = match NodeConfig::load(file) {
-        Ok(c) => c,
+        Ok(mut c) => {
+            if let Some(ip) = listen_ip {
+                c.bind_to(ip);
+            }
+            c
+        }
         Err(e) => {
+            telemetry::init_logs(log_format);
             tracing::error!("{e}");
             eprintln!("error: {e}");
             return ExitCode::FAILURE;
@@ -114,6 +126,18 @@ fn run(file: &std::path::Path) -> ExitCode {
             eprintln!("error: cannot start the async runtime: {e}");
             return ExitCode::FAILURE;
         }
+    };
+    // The OTLP exporter runs on the runtime, so telemetry starts inside its context.
+    let telemetry = {
+        let _context = runtime.enter();
+        let domains: Vec<String> = config.domains.iter().map(|d| d.name.clone()).collect();
+        telemetry::init(telemetry::Settings {
+            service_name: "kubemail-smtp-node",
+            service_version: env!("CARGO_PKG_VERSION"),
+            attributes: telemetry::node_attributes(&domains),
+            log_format,
+            export_metrics: metrics::global().otel.clone(),
+        })
     };
     let result = runtime.block_on(async {
         let shutdown = Shutdown::new();
@@ -129,13 +153,17 @@ fn run(file: &std::path::Path) -> ExitCode {
         });
         node::run(config, shutdown).await
     });
+    let result = result.map_err(anyhow::Error::from);
+    if let Err(e) = &result {
+        tracing::error!("{e:#}");
+    }
+    // Sends the spans still queued (the exporter runs on the runtime, which is still up).
+    telemetry.shutdown();
     // Tasks still running (a session stuck past the abort grace) are dropped here.
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            let e = anyhow::Error::from(e);
-            tracing::error!("{e:#}");
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }

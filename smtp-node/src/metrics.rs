@@ -40,6 +40,34 @@ pub struct ResultLabels {
     pub result: &'static str,
 }
 
+/// Labels of a TLS handshake.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TlsLabels {
+    /// `server` (clients connecting to us) or `client` (our deliveries).
+    pub side: &'static str,
+    /// The negotiated version (`TLSv1.3`, `TLSv1.2`), `none` when the handshake failed.
+    pub version: String,
+    /// `ok` or `failed`.
+    pub result: &'static str,
+}
+
+/// Labels of a DKIM signature.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DkimLabels {
+    /// The signing domain (one of ours).
+    pub domain: String,
+    /// `rsa-sha256` or `ed25519-sha256`.
+    pub algorithm: &'static str,
+    /// `signed` or `failed`.
+    pub result: &'static str,
+}
+
+/// A MailDomain (from the config).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DomainLabels {
+    pub domain: String,
+}
+
 /// Every metric the node exports.
 pub struct Metrics {
     registry: Registry,
@@ -55,6 +83,14 @@ pub struct Metrics {
     pub queue_publish_seconds: Histogram,
     pub nats_connected: Gauge,
     pub tls_reload_failures: Counter,
+    pub tls_handshakes: Family<TlsLabels, Counter>,
+    pub dkim_signatures: Family<DkimLabels, Counter>,
+    /// Entries in the queue per domain, sampled from JetStream ([`crate::queue::sampler`]).
+    pub queue_messages: Family<DomainLabels, Gauge>,
+    /// Age (since first acceptance) of the entry at the head of each domain's queue.
+    pub queue_oldest_age_seconds: Family<DomainLabels, Gauge>,
+    /// Spans exported and dropped by the OTLP exporter ([`crate::telemetry::export`]).
+    pub otel: crate::telemetry::ExportMetrics,
 }
 
 /// The process-wide metrics.
@@ -80,6 +116,11 @@ impl Metrics {
             queue_publish_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
             nats_connected: Gauge::default(),
             tls_reload_failures: Counter::default(),
+            tls_handshakes: Family::default(),
+            dkim_signatures: Family::default(),
+            queue_messages: Family::default(),
+            queue_oldest_age_seconds: Family::default(),
+            otel: crate::telemetry::ExportMetrics::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -134,6 +175,27 @@ impl Metrics {
             "Certificate changes that could not be loaded",
             m.tls_reload_failures.clone(),
         );
+        registry.register(
+            "tls_handshakes",
+            "TLS handshakes by side (server, client), negotiated version and result",
+            m.tls_handshakes.clone(),
+        );
+        registry.register(
+            "dkim_signatures",
+            "DKIM signatures made, by signing domain, algorithm and result",
+            m.dkim_signatures.clone(),
+        );
+        registry.register(
+            "queue_messages",
+            "Queue entries waiting per domain (sampled from JetStream)",
+            m.queue_messages.clone(),
+        );
+        registry.register(
+            "queue_oldest_message_age_seconds",
+            "Seconds since the entry at the head of the domain's queue was first accepted (sampled)",
+            m.queue_oldest_age_seconds.clone(),
+        );
+        m.otel.register(&mut registry);
         crate::delivery::metrics::global().register(&mut registry);
         Self { registry, ..m }
     }
@@ -144,6 +206,17 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+
+    /// Counts a TLS handshake; `version` is `None` when it failed.
+    pub fn tls_handshake(&self, side: &'static str, version: Option<&str>) {
+        self.tls_handshakes
+            .get_or_create(&TlsLabels {
+                side,
+                version: version.unwrap_or("none").to_owned(),
+                result: if version.is_some() { "ok" } else { "failed" },
+            })
+            .inc();
     }
 
     /// Counts a reply by its class.

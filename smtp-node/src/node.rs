@@ -105,6 +105,13 @@ pub async fn run(config: NodeConfig, shutdown: Shutdown) -> Result<(), NodeError
     )?;
     let domains: Vec<String> = config.domains.iter().map(|d| d.name.clone()).collect();
     crate::delivery::start(Arc::new(delivery), &domains);
+    tokio::spawn(crate::queue::sampler::run(
+        queue.jetstream().clone(),
+        config.nats.clone(),
+        domains.clone(),
+        config.admin.queue_sample_interval.0,
+        background.clone(),
+    ));
 
     let listeners = server::bind_listeners(&config).await?;
     let admin_socket = admin::bind(config.admin.address).await?;

@@ -125,17 +125,22 @@ impl TlsServer {
 
 /// TLS details of a finished handshake.
 pub fn connection_info(conn: &rustls::ServerConnection) -> TlsInfo {
-    let version = match conn.protocol_version() {
-        Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3".to_owned(),
-        Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2".to_owned(),
-        Some(other) => format!("{other:?}"),
-        None => "unknown".to_owned(),
-    };
+    let version = version_name(conn.protocol_version());
     let cipher = conn
         .negotiated_cipher_suite()
         .map(|s| format!("{:?}", s.suite()))
         .unwrap_or_else(|| "unknown".to_owned());
     TlsInfo { version, cipher }
+}
+
+/// The name of a TLS version as used in `Received` headers and metrics (`TLSv1.3`).
+pub fn version_name(version: Option<rustls::ProtocolVersion>) -> String {
+    match version {
+        Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3".to_owned(),
+        Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2".to_owned(),
+        Some(other) => format!("{other:?}"),
+        None => "unknown".to_owned(),
+    }
 }
 
 struct Loaded {

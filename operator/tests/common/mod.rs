@@ -255,6 +255,8 @@ impl Operator {
             "1s",
             "--probe-timeout",
             "5s",
+            // The local cluster's pods share one network namespace: each node binds its pod IP.
+            "--node-bind-pod-ip",
         ])
         .args(&opts.extra_args)
         .env("RUST_LOG", "info,kube_runtime=warn,kube_client=warn")

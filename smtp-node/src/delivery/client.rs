@@ -40,6 +40,7 @@ use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, Re
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
+use tracing::Instrument as _;
 
 use super::mx::Target;
 use super::outcome::{Diagnostic, RecipientOutcome};
@@ -301,7 +302,11 @@ pub struct SmtpClient {
 impl SmtpClient {
     /// Connects, reads the greeting, says EHLO, starts TLS and authenticates as `options`
     /// say.
-    #[tracing::instrument(skip_all, fields(host = %options.target.host, addr = %options.target.addr))]
+    #[tracing::instrument(
+        name = "smtp.client.connect",
+        skip_all,
+        fields(otel.kind = "client", host = %options.target.host, addr = %options.target.addr)
+    )]
     pub async fn connect(options: &ConnectOptions<'_>) -> Result<Self, ClientError> {
         let t = options.timeouts;
         let addr = options.target.addr;
@@ -410,6 +415,11 @@ impl SmtpClient {
 
     /// Sends one message. `Err` means nothing was committed (the transaction failed before
     /// the data was sent): try another host. `Ok` has one outcome per recipient, in order.
+    #[tracing::instrument(
+        name = "smtp.client.send",
+        skip_all,
+        fields(otel.kind = "client", host = %self.target.host, recipients = msg.recipients.len())
+    )]
     pub async fn send(&mut self, msg: &Outgoing<'_>) -> Result<Vec<RecipientOutcome>, ClientError> {
         let host = self.target.host.clone();
         if let Some(refusal) = refusal(&self.caps, &self.target.host, msg) {
@@ -677,7 +687,28 @@ impl SmtpClient {
         self.hello().await
     }
 
+    #[tracing::instrument(
+        name = "smtp.client.tls",
+        skip_all,
+        fields(verify, tls.protocol.version = tracing::field::Empty, tls.cipher = tracing::field::Empty)
+    )]
     async fn start_tls(
+        &mut self,
+        options: &ConnectOptions<'_>,
+        verify: bool,
+    ) -> Result<(), ClientError> {
+        let result = self.handshake(options, verify).await;
+        let version = self.tls.as_ref().map(|t| t.version.as_str());
+        crate::metrics::global().tls_handshake("client", version.filter(|_| result.is_ok()));
+        if let (Ok(()), Some(tls)) = (&result, &self.tls) {
+            let span = tracing::Span::current();
+            span.record("tls.protocol.version", tls.version.as_str());
+            span.record("tls.cipher", tls.cipher.as_str());
+        }
+        result
+    }
+
+    async fn handshake(
         &mut self,
         options: &ConnectOptions<'_>,
         verify: bool,
@@ -696,11 +727,7 @@ impl SmtpClient {
             .map_err(|e| ClientError::Tls(e.to_string()))?;
         let (_, conn) = stream.get_ref();
         self.tls = Some(crate::tls::TlsInfo {
-            version: conn
-                .protocol_version()
-                .and_then(|v| v.as_str())
-                .unwrap_or("TLS")
-                .to_owned(),
+            version: crate::tls::version_name(conn.protocol_version()),
             cipher: conn
                 .negotiated_cipher_suite()
                 .and_then(|c| c.suite().as_str())
@@ -790,8 +817,37 @@ impl SmtpClient {
         }
     }
 
-    /// Reads one complete reply within `timeout`.
+    /// Reads one complete reply within `timeout`, in a span of its own (the phase and the
+    /// code: never the command line, which may carry credentials).
     async fn read_reply(
+        &mut self,
+        timeout: Duration,
+        phase: &'static str,
+    ) -> Result<Reply, ClientError> {
+        let span = tracing::info_span!(
+            "smtp.client.reply",
+            smtp.phase = phase,
+            smtp.reply_code = tracing::field::Empty,
+            smtp.reply = tracing::field::Empty,
+            error = tracing::field::Empty,
+        );
+        let result = self
+            .read_reply_inner(timeout, phase)
+            .instrument(span.clone())
+            .await;
+        match &result {
+            Ok(reply) => {
+                span.record("smtp.reply_code", i64::from(reply.code));
+                span.record("smtp.reply", first_line(reply).as_str());
+            }
+            Err(e) => {
+                span.record("error", e.to_string().as_str());
+            }
+        }
+        result
+    }
+
+    async fn read_reply_inner(
         &mut self,
         timeout: Duration,
         phase: &'static str,
@@ -832,6 +888,15 @@ impl SmtpClient {
             }
         }
     }
+}
+
+/// The first line of a reply (code, enhanced code, text), as a span shows it.
+fn first_line(reply: &Reply) -> String {
+    let text = reply.to_string();
+    let line = text.lines().next().unwrap_or_default();
+    // A reply line is at most 512 octets (RFC 5321 4.5.3.1.5); a hostile server may send
+    // more, which a span attribute does not need.
+    line.chars().take(200).collect()
 }
 
 /// A reason not to send `msg` to a server with `caps` at all (it would have to be changed

@@ -1,7 +1,11 @@
-//! Delivery metrics: recipients by result, attempt latency, DSNs and poison messages, per
-//! MailDomain (a label from the config, never from mail).
+//! Delivery metrics: recipients by result, attempt latency, retries, DSNs and poison
+//! messages, per MailDomain (a label from the config), and recipients by result per remote
+//! domain — the one label that comes from mail, so it is bounded: the first
+//! [`MAX_REMOTE_DOMAINS`] distinct domains a process sees get their own series, later ones
+//! are counted as `other`.
 
-use std::sync::OnceLock;
+use std::collections::HashSet;
+use std::sync::{Mutex, OnceLock};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -22,6 +26,19 @@ pub struct DomainResultLabels {
     pub result: &'static str,
 }
 
+/// A domain, a remote (recipient) domain and a result.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RemoteLabels {
+    pub domain: String,
+    pub remote_domain: String,
+    pub result: &'static str,
+}
+
+/// Distinct remote domains with a series of their own, per process. Enough for the
+/// destinations that matter (the big mailbox providers and regular partners) while keeping
+/// the series count of a bulk sender bounded.
+pub const MAX_REMOTE_DOMAINS: usize = 200;
+
 type HistogramFamily = Family<DomainLabels, Histogram, fn() -> Histogram>;
 
 /// The delivery side's metrics.
@@ -37,6 +54,11 @@ pub struct DeliveryMetrics {
     pub poison: Family<DomainLabels, Counter>,
     /// Entries whose headers were unusable (dropped with an error log).
     pub malformed: Family<DomainLabels, Counter>,
+    /// Entries republished for a later attempt (recipients deferred).
+    pub retries: Family<DomainLabels, Counter>,
+    /// Recipients by result and remote domain.
+    pub remote: Family<RemoteLabels, Counter>,
+    remote_domains: Mutex<HashSet<String>>,
 }
 
 fn attempt_histogram() -> Histogram {
@@ -52,6 +74,9 @@ impl DeliveryMetrics {
             dsns: Family::default(),
             poison: Family::default(),
             malformed: Family::default(),
+            retries: Family::default(),
+            remote: Family::default(),
+            remote_domains: Mutex::new(HashSet::new()),
         }
     }
 
@@ -82,6 +107,70 @@ impl DeliveryMetrics {
             "Queue entries dropped because their headers were unusable",
             self.malformed.clone(),
         );
+        registry.register(
+            "delivery_retries",
+            "Queue entries republished for a later attempt because recipients were deferred",
+            self.retries.clone(),
+        );
+        registry.register(
+            "delivery_remote_recipients",
+            "Recipients by delivery result and recipient domain (bounded; later domains count as other)",
+            self.remote.clone(),
+        );
+    }
+
+    /// Creates the series of `domain` at zero, so that they exist (for rates and alerts)
+    /// before the first delivery.
+    pub fn init_domain(&self, domain: &str) {
+        let labels = DomainLabels {
+            domain: domain.to_owned(),
+        };
+        for result in ["delivered", "deferred", "bounced", "dropped"] {
+            let _ = self.recipients.get_or_create(&DomainResultLabels {
+                domain: domain.to_owned(),
+                result,
+            });
+        }
+        for kind in ["failure", "delay"] {
+            let _ = self.dsns.get_or_create(&DomainResultLabels {
+                domain: domain.to_owned(),
+                result: kind,
+            });
+        }
+        let _ = self.poison.get_or_create(&labels);
+        let _ = self.malformed.get_or_create(&labels);
+        let _ = self.retries.get_or_create(&labels);
+        let _ = self.attempt_seconds.get_or_create(&labels);
+    }
+
+    /// Counts one recipient's result under its (bounded) remote domain.
+    pub fn count_remote(&self, domain: &str, recipient: &str, result: &'static str) {
+        let remote = recipient
+            .rsplit_once('@')
+            .map_or("", |(_, d)| d)
+            .to_ascii_lowercase();
+        let remote_domain = self.bounded_remote(remote);
+        self.remote
+            .get_or_create(&RemoteLabels {
+                domain: domain.to_owned(),
+                remote_domain,
+                result,
+            })
+            .inc();
+    }
+
+    fn bounded_remote(&self, remote: String) -> String {
+        let Ok(mut seen) = self.remote_domains.lock() else {
+            return "other".to_owned();
+        };
+        if seen.contains(&remote) {
+            return remote;
+        }
+        if seen.len() < MAX_REMOTE_DOMAINS {
+            seen.insert(remote.clone());
+            return remote;
+        }
+        "other".to_owned()
     }
 
     pub fn count(&self, domain: &str, result: &'static str, n: usize) {
@@ -127,5 +216,25 @@ mod tests {
             text.contains("kubemail_smtp_delivery_attempt_seconds_bucket"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn remote_domains_are_bounded() {
+        let m = DeliveryMetrics::new();
+        for i in 0..MAX_REMOTE_DOMAINS + 5 {
+            m.count_remote("example.test", &format!("a@d{i}.test"), "delivered");
+        }
+        m.count_remote("example.test", "b@D0.TEST", "delivered");
+        let get = |remote: &str| {
+            m.remote
+                .get_or_create(&RemoteLabels {
+                    domain: "example.test".into(),
+                    remote_domain: remote.into(),
+                    result: "delivered",
+                })
+                .get()
+        };
+        assert_eq!(get("d0.test"), 2);
+        assert_eq!(get("other"), 5);
     }
 }

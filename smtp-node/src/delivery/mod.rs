@@ -167,6 +167,9 @@ impl DeliveryContext {
 /// stop signal. Returns the tasks' handles.
 pub fn start(ctx: Arc<DeliveryContext>, domains: &[String]) -> Vec<tokio::task::JoinHandle<()>> {
     let mut tasks = Vec::new();
+    for domain in domains {
+        metrics::global().init_domain(domain);
+    }
     if !ctx.config.enabled {
         tracing::info!("delivery is disabled on this node");
         return tasks;

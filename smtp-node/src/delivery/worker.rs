@@ -8,8 +8,10 @@
 //!    retry is a new entry, so only crashes, restarts and a retry's one early pull count). It
 //!    is not attempted again: every recipient fails with `5.3.0`, the sender gets a bounce,
 //!    the entry is termed. The last delivery stays spare in case queueing that bounce fails.
-//! 4. Otherwise attempt delivery in one `tracing` span that carries the acceptance's
-//!    `traceparent`: load the body (inline or from the object store), group recipients by
+//! 4. Otherwise attempt delivery in one `delivery.attempt` span whose OpenTelemetry parent
+//!    is the entry's `traceparent` (the accepting transaction's span; see
+//!    [`crate::telemetry`]), so every attempt, on any pod and however late, joins the
+//!    message's trace: load the body (inline or from the object store), group recipients by
 //!    route, deliver the groups in parallel, one outcome per recipient. While this runs a
 //!    progress ack goes out every third of `ackWait`, so a slow remote (up to 10 minutes
 //!    for the final reply) never makes the server hand the entry to another worker. A panic
@@ -47,6 +49,7 @@ use super::route::Route;
 use crate::config::{ForwardProtocol, InboundTls, MxTlsPolicy};
 use crate::protocol::EnhancedCode;
 use crate::queue::Direction;
+use crate::telemetry::propagation;
 
 /// An entry that comes back this much before its retry time is attempted anyway.
 const NOT_BEFORE_SLACK: Duration = Duration::from_millis(250);
@@ -86,16 +89,30 @@ pub async fn handle(ctx: &DeliveryContext, domain: &str, message: Message) {
         ack(&message, AckKind::Nak(Some(wait))).await;
         return;
     }
+    // A child of the message's transaction span, wherever and whenever it runs: the
+    // entry's `traceparent` is its parent (see `crate::telemetry`).
     let span = tracing::info_span!(
-        "delivery_attempt",
+        parent: None,
+        "delivery.attempt",
+        otel.kind = "consumer",
         queue_id = %entry.queue_id,
-        %domain,
-        traceparent = entry.traceparent.as_deref().unwrap_or(""),
+        trace_id = tracing::field::Empty,
         message_id = entry.message_id.as_deref().unwrap_or(""),
+        %domain,
         attempt = entry.attempts + 1,
         delivery = delivered,
         recipients = entry.recipients.len(),
+        delivery.outcome = tracing::field::Empty,
+        delivery.delivered = tracing::field::Empty,
+        delivery.deferred = tracing::field::Empty,
+        delivery.failed = tracing::field::Empty,
+        delivery.bounce = tracing::field::Empty,
+        delivery.retry_in_seconds = tracing::field::Empty,
+        delivery.last_error = tracing::field::Empty,
     );
+    let traceparent = entry.traceparent.as_deref();
+    propagation::set_remote_parent(&span, traceparent);
+    propagation::record_trace_id(&span, traceparent.and_then(propagation::trace_id_of));
     process(ctx, domain, &message, entry, delivered)
         .instrument(span)
         .await;
@@ -289,7 +306,11 @@ async fn deliver_group(
     body: &Bytes,
 ) -> Vec<(String, RecipientOutcome)> {
     deliver_route(ctx, entry, route, rcpts, body)
-        .instrument(tracing::debug_span!("route", %route))
+        .instrument(tracing::info_span!(
+            "delivery.route",
+            %route,
+            recipients = rcpts.len()
+        ))
         .await
 }
 
@@ -323,14 +344,31 @@ async fn deliver_route(
             )
         }
         Route::Mx { domain } => {
-            let targets = match mx::resolve_targets(
+            let lookup = tracing::info_span!(
+                "delivery.mx_lookup",
+                %domain,
+                mx.targets = tracing::field::Empty,
+                error = tracing::field::Empty,
+            );
+            let resolved = mx::resolve_targets(
                 ctx.resolver.as_ref(),
                 domain,
                 ctx.config.mx_port,
                 &ctx.policy,
             )
-            .await
-            {
+            .instrument(lookup.clone())
+            .await;
+            match &resolved {
+                Ok(t) => {
+                    let hosts: Vec<String> =
+                        t.iter().map(|t| format!("{} {}", t.host, t.addr)).collect();
+                    lookup.record("mx.targets", hosts.join(", ").as_str());
+                }
+                Err(e) => {
+                    lookup.record("error", e.to_string().as_str());
+                }
+            }
+            let targets = match resolved {
                 Ok(t) => t,
                 Err(e) => {
                     tracing::info!(%domain, error = %e, "no MX target");
@@ -593,6 +631,20 @@ async fn finish(
     let m = metrics::global();
     m.count(domain, "delivered", plan.delivered.len());
     m.count(domain, "deferred", plan.deferred.len());
+    for rcpt in &plan.delivered {
+        m.count_remote(domain, rcpt, "delivered");
+    }
+    for (rcpt, _) in &plan.deferred {
+        m.count_remote(domain, rcpt, "deferred");
+    }
+    for (rcpt, _) in &plan.failed {
+        m.count_remote(
+            domain,
+            rcpt,
+            if plan.bounce { "bounced" } else { "dropped" },
+        );
+    }
+    record_outcome(&tracing::Span::current(), &plan);
     for (rcpt, d) in &plan.failed {
         tracing::warn!(recipient = %rcpt, reason = %d.summary(), bounce = plan.bounce, "delivery failed permanently");
     }
@@ -656,6 +708,12 @@ async fn finish(
                 ack(message, AckKind::Nak(Some(local_retry(ctx)))).await;
                 return;
             }
+            m.retries
+                .get_or_create(&DomainLabels {
+                    domain: domain.to_owned(),
+                })
+                .inc();
+            tracing::Span::current().record("delivery.retry_in_seconds", retry_after.as_secs());
             tracing::info!(remaining = next.recipients.len(), retry_in = ?retry_after, "deferred");
             confirm_ack(message, AckKind::Ack).await;
         }
@@ -669,6 +727,27 @@ async fn finish(
                 delete_body(ctx, entry).await;
             }
         }
+    }
+}
+
+/// Records the attempt's result on its span: what a reader of the trace looks for first.
+fn record_outcome(span: &tracing::Span, plan: &outcome::Plan) {
+    let (delivered, deferred, failed) =
+        (plan.delivered.len(), plan.deferred.len(), plan.failed.len());
+    let outcome = match (delivered > 0, deferred > 0, failed > 0) {
+        (true, false, false) => "delivered",
+        (false, true, false) => "deferred",
+        (false, false, true) => "failed",
+        (false, false, false) => "none",
+        _ => "partial",
+    };
+    span.record("delivery.outcome", outcome);
+    span.record("delivery.delivered", delivered);
+    span.record("delivery.deferred", deferred);
+    span.record("delivery.failed", failed);
+    span.record("delivery.bounce", plan.bounce);
+    if let Some((_, d)) = plan.deferred.first().or(plan.failed.first()) {
+        span.record("delivery.last_error", d.summary().as_str());
     }
 }
 
@@ -721,7 +800,8 @@ async fn publish_dsn(
         domain: entry.domain.clone(),
         accepted_at: now,
         message_id: Some(dsn.message_id),
-        traceparent: entry.traceparent.clone(),
+        // The report continues the message's trace below the attempt that produced it.
+        traceparent: Some(propagation::traceparent(&tracing::Span::current())),
         auth_user: None,
         client_ip: None,
         helo: None,
@@ -772,6 +852,11 @@ pub struct PublishError {
 }
 
 /// Publishes to `domain`'s subject and waits for the acknowledgement, with a few retries.
+#[tracing::instrument(
+    name = "queue.publish",
+    skip_all,
+    fields(otel.kind = "producer", messaging.system = "nats", messaging.destination.name = %subject(&ctx.nats, domain))
+)]
 async fn publish(
     ctx: &DeliveryContext,
     domain: &str,

@@ -160,6 +160,11 @@ impl JetStreamQueue {
         &self.client
     }
 
+    /// The JetStream context (for the queue metrics sampler).
+    pub fn jetstream(&self) -> &jetstream::Context {
+        &self.js
+    }
+
     /// Largest body published inline; larger ones go to the object store.
     fn inline_limit(&self) -> usize {
         let server = self
@@ -171,7 +176,18 @@ impl JetStreamQueue {
         configured.min(server)
     }
 
-    #[tracing::instrument(skip_all, fields(queue_id = %entry.envelope.queue_id, domain = %entry.envelope.domain, size = entry.body.len()))]
+    #[tracing::instrument(
+        name = "queue.publish",
+        skip_all,
+        fields(
+            otel.kind = "producer",
+            messaging.system = "nats",
+            messaging.destination.name = %format_args!("{}.{}", self.nats.subject_prefix, entry.envelope.domain),
+            queue_id = %entry.envelope.queue_id,
+            domain = %entry.envelope.domain,
+            size = entry.body.len(),
+        )
+    )]
     async fn publish(&self, entry: &QueuedMessage) -> Result<(), EnqueueError> {
         let env = &entry.envelope;
         let entry_id = env.entry_id();

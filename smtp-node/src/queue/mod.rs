@@ -24,7 +24,9 @@
 //! null sender, else `<addr>`), `Kubemail-Rcpt-To` (a JSON array of the recipient addresses,
 //! e.g. `["bob@example.com","carol@example.com"]`),
 //! `Kubemail-Direction` (`inbound`/`outbound`), `Kubemail-Domain`, `Kubemail-Queue-Id`,
-//! `Kubemail-Accepted-At` (RFC 3339, UTC), `Kubemail-Message-Id`, `traceparent` (W3C),
+//! `Kubemail-Accepted-At` (RFC 3339, UTC), `Kubemail-Message-Id`, `traceparent` (W3C trace
+//! context of the accepting `smtp.transaction` span, the parent of every delivery attempt;
+//! kept unchanged by retries, while a DSN entry carries the failing attempt's context),
 //! optional `Kubemail-Auth-User`, `Kubemail-Client-Ip`, `Kubemail-Helo`, `Kubemail-Body-Type`
 //! (`8BITMIME`), `Kubemail-Smtputf8`, `Kubemail-Dsn-Envid`, `Kubemail-Dsn-Ret`, and
 //! `Nats-Msg-Id` = `<queue id>.<domain>` so a repeated publish is dropped by the server.
@@ -48,6 +50,7 @@
 
 pub mod jetstream;
 pub mod memory;
+pub mod sampler;
 pub mod stream;
 
 use std::fmt;
@@ -137,7 +140,7 @@ pub struct Envelope {
     pub accepted_at: SystemTime,
     /// The `Message-ID` header value, if the message has one.
     pub message_id: Option<String>,
-    /// W3C trace context of the transaction.
+    /// W3C trace context of the transaction's span (see [`crate::telemetry`]).
     pub traceparent: Option<String>,
     pub auth_user: Option<String>,
     pub client_ip: IpAddr,

@@ -106,13 +106,19 @@ async fn handle_connection(
         local,
         listener: listener.clone(),
     };
+    // Each session is a trace of its own; the transactions in it start their own traces
+    // linked to it (see `crate::telemetry`).
     let span = tracing::info_span!(
-        "session",
+        parent: None,
+        "smtp.session",
+        otel.kind = "server",
         id = conn.session_id,
         listener = %listener.name,
         remote_ip = %remote.ip(),
         remote_port = remote.port(),
+        trace_id = tracing::field::Empty,
     );
+    crate::telemetry::propagation::record_trace_id(&span, None);
     let active = metrics::global()
         .sessions_active
         .get_or_create(&ListenerLabels {
@@ -166,6 +172,7 @@ async fn refuse_stream(
     hostname: &str,
 ) {
     if listener.kind != ListenerKind::ImplicitTls {
+        metrics::global().reply(&listener.name, 421);
         let reply = too_many_connections(hostname);
         let _ = tokio::time::timeout(REFUSAL_WRITE_TIMEOUT, async {
             let _ = stream.write_all(&reply).await;

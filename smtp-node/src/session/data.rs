@@ -60,6 +60,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// Refuses the message of the current transaction (after its data was read) and resets.
     pub(super) fn reject_message(&mut self, reply: Reply, reason: &'static str) {
         if let Some(tx) = &self.tx {
+            record_envelope(&tx.span, tx);
+            tx.span.record("smtp.reply_code", i64::from(reply.code));
+            tx.span.record("smtp.outcome", reason);
             tx.span
                 .in_scope(|| tracing::info!(reason, code = reply.code, "message refused"));
         }
@@ -81,6 +84,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             return Ok(Next::Continue);
         };
         let span = tx.span.clone();
+        record_envelope(&span, &tx);
+        span.record("smtp.message_size", body.len());
         let body = match self.check_inbound(&tx, body).instrument(span.clone()).await {
             Ok(body) => body,
             Err(reply) => {
@@ -105,6 +110,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     .get_or_create(&ListenerLabels { listener })
                     .inc();
                 m.message_bytes.inc_by(size as u64);
+                span.record("smtp.reply_code", 250);
+                span.record("smtp.outcome", "queued");
                 span.in_scope(|| tracing::info!(size, recipients = tx.recipients.len(), "queued"));
                 self.reply(Reply::ok(format!("Ok: queued as {}", tx.queue_id)));
             }
@@ -146,6 +153,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let body = crate::authres::strip_forged(&body, hostname);
         let mail_from = tx.from.to_string();
         let helo = self.helo.as_ref().map_or("", |h| h.name.as_str());
+        let check = tracing::info_span!("inbound.auth_check", dmarc = tracing::field::Empty);
         let verdict = verifier
             .verify(
                 &body,
@@ -155,7 +163,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     mail_from: &mail_from,
                 },
             )
+            .instrument(check.clone())
             .await;
+        check.record("dmarc", verdict.dmarc);
         tracing::info!(dmarc = verdict.dmarc, "inbound authentication checked");
         if let Some(reply) = verdict.reject {
             return Err(reply);
@@ -181,6 +191,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             smtputf8: tx.params.smtputf8,
             tls: self.tls.as_ref(),
             queue_id: tx.queue_id.as_str(),
+            trace_id: crate::telemetry::propagation::trace_id_of(&tx.traceparent),
             single_recipient: single.as_deref(),
             date: SystemTime::now(),
         });
@@ -257,6 +268,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     }
 }
 
+/// Most recipients named in a span attribute (the count is always there).
+const SPAN_RECIPIENTS: usize = 20;
+
+/// Records the envelope on the transaction's span.
+fn record_envelope(span: &tracing::Span, tx: &Transaction) {
+    let mut rcpts: Vec<String> = tx
+        .recipients
+        .iter()
+        .take(SPAN_RECIPIENTS)
+        .map(|r| r.to_string())
+        .collect();
+    if tx.recipients.len() > SPAN_RECIPIENTS {
+        rcpts.push("...".to_owned());
+    }
+    span.record("smtp.rcpt_count", tx.recipients.len());
+    span.record("smtp.rcpt_to", rcpts.join(",").as_str());
+}
+
 /// Puts DKIM signatures in front of a submitted message. A signing failure (a broken key)
 /// is logged and the message goes out unsigned: that hurts its reception, losing it would be
 /// worse.
@@ -266,6 +295,7 @@ fn sign(
     user_domain: &str,
     span: &tracing::Span,
 ) -> Bytes {
+    let _signing = tracing::info_span!(parent: span, "dkim.sign", domain = user_domain).entered();
     match signer.sign(&message, Some(user_domain)) {
         Ok(Some(headers)) => {
             let mut signed = BytesMut::with_capacity(headers.len() + message.len());

@@ -9,6 +9,7 @@ use super::{End, Next, Session, Transaction};
 use crate::metrics::{self, ResultLabels};
 use crate::protocol::{BodyType, EnhancedCode, MailParams, Reply, ReversePath};
 use crate::queue::QueueId;
+use crate::telemetry::propagation as telemetry;
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     pub(super) fn handle_mail(
@@ -82,13 +83,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
         }
         let queue_id = QueueId::new();
-        let traceparent = new_traceparent();
-        let span = tracing::info_span!(
-            "transaction",
-            queue_id = %queue_id,
-            trace_id = &traceparent[3..35],
-            message_id = tracing::field::Empty,
-        );
+        let span = self.transaction_span(&queue_id, &from);
+        let traceparent = telemetry::traceparent(&span);
+        telemetry::record_trace_id(&span, telemetry::trace_id_of(&traceparent));
         span.in_scope(|| tracing::debug!(from = %from, "mail from"));
         self.tx = Some(Transaction {
             queue_id,
@@ -104,10 +101,35 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     }
 }
 
-/// A fresh W3C trace context (`00-<trace id>-<span id>-01`) for a message: the root of the
-/// message's trace, carried in the queue entry to the delivery attempts.
-fn new_traceparent() -> String {
-    let trace: u128 = rand::random::<u128>().max(1);
-    let span: u64 = rand::random::<u64>().max(1);
-    format!("00-{trace:032x}-{span:016x}-01")
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
+    /// The span of a new transaction: the root of the message's trace, linked to the
+    /// session's span (see [`crate::telemetry`]). It repeats the session facts (client,
+    /// HELO, TLS, authenticated user id — never a credential) so the message's trace reads
+    /// on its own; the rest is recorded when the transaction ends.
+    fn transaction_span(&self, queue_id: &QueueId, from: &ReversePath) -> tracing::Span {
+        let session = tracing::Span::current();
+        let span = tracing::info_span!(
+            "smtp.transaction",
+            otel.kind = "server",
+            queue_id = %queue_id,
+            trace_id = tracing::field::Empty,
+            message_id = tracing::field::Empty,
+            smtp.listener = %self.conn.listener.name,
+            client.address = %self.conn.remote.ip(),
+            smtp.helo = self.helo.as_ref().map_or("", |h| h.name.as_str()),
+            smtp.mail_from = %from,
+            smtp.rcpt_count = tracing::field::Empty,
+            smtp.rcpt_to = tracing::field::Empty,
+            smtp.message_size = tracing::field::Empty,
+            smtp.reply_code = tracing::field::Empty,
+            smtp.outcome = tracing::field::Empty,
+            tls.protocol.version = self.tls.as_ref().map_or("none", |t| t.version.as_str()),
+            enduser.id = tracing::field::Empty,
+        );
+        if let Some(user) = &self.user {
+            span.record("enduser.id", user.name.as_str());
+        }
+        telemetry::start_linked_trace(&span, &session);
+        span
+    }
 }

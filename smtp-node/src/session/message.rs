@@ -1,5 +1,6 @@
 //! What the node adds to a message at the end of DATA: the `Received` trace header
-//! (RFC 5321 4.4, with-protocol names of RFC 3848, TLS details in a comment) and, on
+//! (RFC 5321 4.4, with-protocol names of RFC 3848; the OpenTelemetry trace id and the TLS
+//! details in comments) and, on
 //! submission, a `Message-ID` when the client sent none (RFC 6409 8.3).
 
 use std::net::IpAddr;
@@ -17,6 +18,9 @@ pub struct ReceivedInfo<'a> {
     pub smtputf8: bool,
     pub tls: Option<&'a TlsInfo>,
     pub queue_id: &'a str,
+    /// The message's trace id, shown as a `(trace <id>)` comment so that whoever holds the
+    /// message can find its trace (see [`crate::telemetry`]).
+    pub trace_id: Option<&'a str>,
     /// Named in a `for` clause only when there is exactly one (RFC 5321 7.2: a list of all
     /// recipients would disclose Bcc recipients).
     pub single_recipient: Option<&'a str>,
@@ -54,6 +58,9 @@ pub fn received_header(info: &ReceivedInfo<'_>) -> String {
         protocol,
         info.queue_id
     );
+    if let Some(trace) = info.trace_id {
+        h.push_str(&format!("\r\n\t(trace {})", sanitize(trace)));
+    }
     if let Some(tls) = info.tls {
         h.push_str(&format!(
             "\r\n\t(using {} with cipher {})",
@@ -154,12 +161,13 @@ mod tests {
             smtputf8: false,
             tls: Some(&tls),
             queue_id: "abc",
+            trace_id: Some("0af7651916cd43dd8448eb211c80319c"),
             single_recipient: Some("bob@example.test"),
             date: SystemTime::UNIX_EPOCH + Duration::from_secs(86400),
         });
         assert_eq!(
             h,
-            "Received: from client.test ([192.0.2.1])\r\n\tby mx.example.test (kubemail) with ESMTPSA id abc\r\n\t(using TLSv1.3 with cipher TLS13_AES_128_GCM_SHA256)\r\n\tfor <bob@example.test>;\r\n\tFri, 02 Jan 1970 00:00:00 +0000\r\n"
+            "Received: from client.test ([192.0.2.1])\r\n\tby mx.example.test (kubemail) with ESMTPSA id abc\r\n\t(trace 0af7651916cd43dd8448eb211c80319c)\r\n\t(using TLSv1.3 with cipher TLS13_AES_128_GCM_SHA256)\r\n\tfor <bob@example.test>;\r\n\tFri, 02 Jan 1970 00:00:00 +0000\r\n"
         );
     }
 

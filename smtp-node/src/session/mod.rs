@@ -60,7 +60,8 @@ struct Transaction {
     from: ReversePath,
     params: MailParams,
     recipients: Vec<Address>,
-    /// W3C trace context of this message.
+    /// W3C trace context of `span`: the root of this message's trace, written into the
+    /// queue entry and (its trace id) into our `Received` header.
     traceparent: String,
     span: tracing::Span,
     /// BDAT chunks received so far (`None` until the first BDAT).

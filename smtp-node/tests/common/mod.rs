@@ -204,6 +204,8 @@ pub struct Node {
     pub nats_url: String,
     pub dir: tempfile::TempDir,
     pub config_path: PathBuf,
+    /// Extra environment of the process (OpenTelemetry settings, `LOG_FORMAT`, ...).
+    env: Vec<(String, String)>,
 }
 
 impl Node {
@@ -213,6 +215,17 @@ impl Node {
     pub fn start_with(
         nats_url: &str,
         wait_ready: bool,
+        customize: impl FnOnce(&mut serde_json::Value),
+    ) -> Self {
+        Self::start_with_env(nats_url, wait_ready, &[], customize)
+    }
+
+    /// Like [`Node::start_with`], with extra environment variables for the process. Without
+    /// them a node exports no traces, even when the test's environment names a collector.
+    pub fn start_with_env(
+        nats_url: &str,
+        wait_ready: bool,
+        env: &[(&str, &str)],
         customize: impl FnOnce(&mut serde_json::Value),
     ) -> Self {
         let id = format!(
@@ -281,6 +294,10 @@ impl Node {
             nats_url: nats_url.to_owned(),
             dir,
             config_path,
+            env: env
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
         };
         node.spawn(wait_ready);
         node
@@ -298,6 +315,10 @@ impl Node {
             .arg(&self.config_path)
             .env("RUST_LOG", "debug,async_nats=info")
             .env_remove("LOG_FORMAT")
+            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+            .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+            .env_remove("OTEL_SERVICE_NAME")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)

@@ -1,0 +1,147 @@
+//! Queue depth and age per MailDomain for `/metrics`, sampled from JetStream every
+//! `admin.queueSampleInterval` (default 15 s, a common Prometheus scrape interval).
+//!
+//! * `kubemail_smtp_queue_messages{domain}`: entries on the domain's subject (the stream's
+//!   per-subject count: waiting, in delivery, and waiting for a retry);
+//! * `kubemail_smtp_queue_oldest_message_age_seconds{domain}`: now minus the
+//!   `Kubemail-Accepted-At` of the entry at the head of the subject (the one enqueued or
+//!   re-enqueued longest ago), 0 when the queue is empty. A retry is re-enqueued after each
+//!   attempt, so this is the age of the longest-waiting entry rather than a scan of all of
+//!   them; it rises steadily when delivery stops or a destination keeps deferring.
+//!
+//! Every replica of a domain samples the same stream and reports the same values: alert on
+//! `max by (domain)`. A failed sample (NATS away) keeps the previous values and is logged at
+//! debug level (the `nats_connected` gauge already says NATS is away).
+
+use std::time::{Duration, SystemTime};
+
+use async_nats::jetstream;
+use futures::StreamExt as _;
+use time::format_description::well_known::Rfc3339;
+use tokio_util::sync::CancellationToken;
+
+use super::headers;
+use crate::config::NatsConfig;
+use crate::metrics::{self, DomainLabels};
+
+/// One sample of a domain's queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueSample {
+    pub messages: u64,
+    /// Acceptance time of the head entry; `None` when the queue is empty.
+    pub head_accepted_at: Option<SystemTime>,
+}
+
+/// Samples every domain until `cancel` fires.
+pub async fn run(
+    js: jetstream::Context,
+    nats: NatsConfig,
+    domains: Vec<String>,
+    interval: Duration,
+    cancel: CancellationToken,
+) {
+    // Present (as 0) from the start, so dashboards and alerts see the series.
+    for domain in &domains {
+        publish(
+            domain,
+            QueueSample {
+                messages: 0,
+                head_accepted_at: None,
+            },
+            SystemTime::now(),
+        );
+    }
+    let mut tick = tokio::time::interval(interval.max(Duration::from_secs(1)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        for domain in &domains {
+            match sample(&js, &nats, domain).await {
+                Ok(s) => publish(domain, s, SystemTime::now()),
+                Err(error) => tracing::debug!(%domain, %error, "cannot sample the queue"),
+            }
+        }
+    }
+}
+
+/// Reads the depth and head entry of `domain`'s subject.
+pub async fn sample(
+    js: &jetstream::Context,
+    nats: &NatsConfig,
+    domain: &str,
+) -> Result<QueueSample, String> {
+    let subject = crate::delivery::consumer::subject(nats, domain);
+    let stream = js
+        .get_stream_no_info(&nats.stream)
+        .await
+        .map_err(|e| format!("stream {}: {e}", nats.stream))?;
+    let mut subjects = stream
+        .info_with_subjects(&subject)
+        .await
+        .map_err(|e| format!("stream info: {e}"))?;
+    let mut messages = 0u64;
+    while let Some(item) = subjects.next().await {
+        let (name, count) = item.map_err(|e| format!("subject counts: {e}"))?;
+        if name == subject {
+            messages = count as u64;
+        }
+    }
+    if messages == 0 {
+        return Ok(QueueSample {
+            messages,
+            head_accepted_at: None,
+        });
+    }
+    let head = stream
+        .get_first_raw_message_by_subject(&subject, 1)
+        .await
+        .map_err(|e| format!("head of {subject}: {e}"))?;
+    let accepted = head
+        .headers
+        .get(headers::ACCEPTED_AT)
+        .and_then(|v| time::OffsetDateTime::parse(v.as_str().trim(), &Rfc3339).ok())
+        .unwrap_or(head.time);
+    Ok(QueueSample {
+        messages,
+        head_accepted_at: Some(SystemTime::from(accepted)),
+    })
+}
+
+fn publish(domain: &str, s: QueueSample, now: SystemTime) {
+    let m = metrics::global();
+    let labels = DomainLabels {
+        domain: domain.to_owned(),
+    };
+    m.queue_messages
+        .get_or_create(&labels)
+        .set(i64::try_from(s.messages).unwrap_or(i64::MAX));
+    m.queue_oldest_age_seconds
+        .get_or_create(&labels)
+        .set(age_seconds(s.head_accepted_at, now));
+}
+
+/// Whole seconds from `accepted` to `now`; 0 for an empty queue or a clock behind.
+fn age_seconds(accepted: Option<SystemTime>, now: SystemTime) -> i64 {
+    accepted
+        .and_then(|t| now.duration_since(t).ok())
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn age_is_whole_seconds_and_never_negative() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1000);
+        assert_eq!(age_seconds(None, now), 0);
+        assert_eq!(
+            age_seconds(Some(now - Duration::from_millis(90_500)), now),
+            90
+        );
+        assert_eq!(age_seconds(Some(now + Duration::from_secs(5)), now), 0);
+    }
+}
