@@ -68,6 +68,10 @@ pub struct Args {
     #[arg(long, env = "KUBEMAIL_NODE_CONFIG_OVERLAY", value_name = "FILE")]
     pub node_config_overlay: Option<std::path::PathBuf>,
 
+    /// OTLP (gRPC) endpoint the SMTP nodes export their traces to; absent: nodes export nothing.
+    #[arg(long, env = "KUBEMAIL_NODE_OTLP_ENDPOINT", value_name = "URL")]
+    pub node_otlp_endpoint: Option<String>,
+
     /// NATS URL, used by the nodes and by the operator's finalizer.
     #[arg(long, env = "NATS_URL", default_value = "nats://nats:4222")]
     pub nats_url: String,

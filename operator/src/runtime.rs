@@ -96,6 +96,7 @@ pub async fn run_until(args: Args, shutdown: CancellationToken) -> Result<(), Ru
                 listen_host: args.node_listen_host.clone(),
                 bind_pod_ip: args.node_bind_pod_ip,
                 node_overlay,
+                otlp_endpoint: args.node_otlp_endpoint.clone(),
                 nats_url: args.nats_url.clone(),
                 nats_stream: args.nats_stream.clone(),
                 nats_subject_prefix: args.nats_subject_prefix.clone(),

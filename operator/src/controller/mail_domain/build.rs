@@ -138,6 +138,8 @@ pub struct BuildConfig {
     pub bind_pod_ip: bool,
     /// Site-wide settings merged into every node config (see [`load_node_overlay`]).
     pub node_overlay: Option<serde_json::Value>,
+    /// OTLP endpoint passed to the nodes as `OTEL_EXPORTER_OTLP_ENDPOINT`.
+    pub otlp_endpoint: Option<String>,
     /// NATS URL(s) the nodes use.
     pub nats_url: String,
     /// JetStream stream of the queue.
@@ -743,16 +745,28 @@ fn deployment(
             }
             args
         }),
-        env: Some(vec![
-            field_env("POD_IP", "status.podIP"),
-            field_env("POD_NAME", "metadata.name"),
-            field_env("POD_NAMESPACE", "metadata.namespace"),
-            EnvVar {
-                name: kubemail_smtp_node::telemetry::LOG_FORMAT_ENV.to_owned(),
-                value: Some("json".to_owned()),
-                ..Default::default()
-            },
-        ]),
+        env: Some({
+            let mut env = vec![
+                field_env("POD_IP", "status.podIP"),
+                field_env("POD_NAME", "metadata.name"),
+                field_env("POD_NAMESPACE", "metadata.namespace"),
+                EnvVar {
+                    name: kubemail_smtp_node::telemetry::LOG_FORMAT_ENV.to_owned(),
+                    value: Some("json".to_owned()),
+                    ..Default::default()
+                },
+            ];
+            if let Some(endpoint) = &config.otlp_endpoint {
+                let var = |name: &str, value: &str| EnvVar {
+                    name: name.to_owned(),
+                    value: Some(value.to_owned()),
+                    ..Default::default()
+                };
+                env.push(var("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint));
+                env.push(var("OTEL_SERVICE_NAME", "kubemail-smtp-node"));
+            }
+            env
+        }),
         ports: Some(vec![
             port("smtp", SMTP_PORT),
             port("submission", SUBMISSION_PORT),
@@ -906,6 +920,7 @@ mod tests {
             listen_host: "0.0.0.0".into(),
             bind_pod_ip: false,
             node_overlay: None,
+            otlp_endpoint: None,
             nats_url: "nats://nats.kubemail-system:4222".into(),
             nats_stream: "KUBEMAIL".into(),
             nats_subject_prefix: "kubemail.queue".into(),
@@ -1234,6 +1249,44 @@ mod tests {
             ..config()
         };
         assert!(build(&md, &v, &provisioned(true), &observed(), &cfg, NOW).is_err());
+    }
+
+    #[test]
+    fn nodes_get_the_otlp_endpoint_when_one_is_configured() {
+        let env_of = |c: &Children| {
+            let pod = c
+                .deployment
+                .spec
+                .as_ref()
+                .unwrap()
+                .template
+                .spec
+                .as_ref()
+                .unwrap();
+            pod.containers[0].env.clone().unwrap()
+        };
+        let (_, v, plain) = full();
+        assert!(env_of(&plain).iter().all(|e| !e.name.starts_with("OTEL_")));
+        let md = md(FULL);
+        let cfg = BuildConfig {
+            otlp_endpoint: Some("http://otel-collector.observability:4317".into()),
+            ..config()
+        };
+        let c = build(&md, &v, &provisioned(true), &observed(), &cfg, NOW).unwrap();
+        let env = env_of(&c);
+        let get = |n: &str| {
+            env.iter()
+                .find(|e| e.name == n)
+                .and_then(|e| e.value.clone())
+        };
+        assert_eq!(
+            get("OTEL_EXPORTER_OTLP_ENDPOINT").as_deref(),
+            Some("http://otel-collector.observability:4317")
+        );
+        assert_eq!(
+            get("OTEL_SERVICE_NAME").as_deref(),
+            Some("kubemail-smtp-node")
+        );
     }
 
     #[test]
