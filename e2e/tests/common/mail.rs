@@ -1,0 +1,94 @@
+//! Helpers for the chart and mail-cluster tests: finding the pinned tools (helm, kubectl,
+//! python3 from the peers' venv) and running them with a clear failure when they are missing.
+
+#![allow(dead_code)] // each test binary uses its own subset
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use kubemail_e2e::local_env::workspace_root;
+
+/// Finds `name` in the peers' venv or the pinned tool directories of the kubemail cache
+/// (`$KUBEMAIL_CACHE/{venv-*/bin,tools/*}`, default `~/.cache/kubemail`), else on PATH: the
+/// pinned versions first, and `python3` is the venv's (with dkimpy), not the system's.
+/// Panics with what to run when it is nowhere: a missing tool is a failure, never a skip.
+pub fn tool(name: &str) -> PathBuf {
+    let path_dirs = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .unwrap_or_default();
+    let cache = std::env::var_os("KUBEMAIL_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/kubemail")))
+        .unwrap_or_else(|| PathBuf::from("/root/.cache/kubemail"));
+    let mut cache_dirs: Vec<PathBuf> = std::fs::read_dir(&cache)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("venv-"))
+        })
+        .map(|p| p.join("bin"))
+        .collect();
+    cache_dirs.extend(
+        std::fs::read_dir(cache.join("tools"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path()),
+    );
+    cache_dirs
+        .iter()
+        .chain(path_dirs.iter())
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "{name} not found under {} nor on PATH; run `make setup` (or e2e/tools/setup.sh) \
+                 and put the tool dirs on PATH (`. .kubemail-local/env`)",
+                cache.display()
+            )
+        })
+}
+
+/// A PATH with every pinned tool directory and the venv first, so scripts that call `helm`
+/// or `python3` get the pinned ones.
+pub fn tools_path() -> String {
+    let mut dirs: Vec<PathBuf> = ["helm", "kubectl", "python3"]
+        .iter()
+        .map(|t| tool(t).parent().map(Path::to_path_buf).unwrap_or_default())
+        .collect();
+    if let Some(p) = std::env::var_os("PATH") {
+        dirs.extend(std::env::split_paths(&p));
+    }
+    std::env::join_paths(dirs)
+        .map(|p| p.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// Runs `program args` in the workspace root and returns its output (it may have failed).
+pub fn run(program: &Path, args: &[&str]) -> Output {
+    Command::new(program)
+        .args(args)
+        .current_dir(workspace_root())
+        .env("PATH", tools_path())
+        .output()
+        .unwrap_or_else(|e| panic!("run {}: {e}", program.display()))
+}
+
+/// Runs and requires success; returns stdout. Panics with the command, status and stderr.
+pub fn run_ok(program: &Path, args: &[&str]) -> String {
+    let out = run(program, args);
+    assert!(
+        out.status.success(),
+        "`{} {}` failed ({}):\nstdout:\n{}\nstderr:\n{}",
+        program.display(),
+        args.join(" "),
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
