@@ -77,16 +77,28 @@ for v in json.load(sys.stdin).get("Dkim-Signature", []):
     print("DKIM-Signature:", v[:150] + ("..." if len(v) > 150 else ""))'
 
 step "trace"
-echo "Jaeger: $JAEGER_API/search?service=kubemail-smtp-node   (the message: session, queue, delivery)"
-echo "        $JAEGER_API/search?service=kubemail-operator    (reconciles)"
-services=$(curl -fsS --max-time 5 "$JAEGER_API/api/services" || echo '{}')
-for svc in kubemail-smtp-node kubemail-operator; do
-  if grep -q "\"$svc\"" <<<"$services"; then
-    echo "  $svc: traces present"
+# Our Received header carries the message's trace id: "... id <queue id> (trace <32 hex>) ...".
+trace=$(curl -fsS "$MAILPIT_API/api/v1/message/$id/raw" | grep -o '(trace [0-9a-f]\{32\})' | head -1 | tr -d '()' | cut -d' ' -f2 || true)
+if [ -n "$trace" ]; then
+  echo "the message's trace (from its Received header): $JAEGER_API/trace/$trace"
+  found=""
+  for _ in $(seq 1 20); do   # spans are exported in batches: allow a few seconds
+    if curl -fsS --max-time 5 "$JAEGER_API/api/traces/$trace" >/dev/null 2>&1; then found=1; break; fi
+    sleep 1
+  done
+  if [ -n "$found" ]; then
+    curl -fsS "$JAEGER_API/api/traces/$trace" | python3 -c '
+import json, sys
+spans = json.load(sys.stdin)["data"][0]["spans"]
+names = sorted({s["operationName"] for s in spans})
+print("  %d spans: %s" % (len(spans), ", ".join(names)))'
   else
-    echo "  $svc: no traces in Jaeger yet (does it get OTEL_EXPORTER_OTLP_ENDPOINT?)"
+    echo "  not in Jaeger yet; look again in a few seconds"
   fi
-done
+else
+  echo "no trace id in the Received header"
+fi
+echo "all node traces: $JAEGER_API/search?service=kubemail-smtp-node; reconciles: $JAEGER_API/search?service=kubemail-operator"
 
 step "DNS records to publish for example.test (status.dnsRecords)"
 kubectl -n "$ns" get maildomain "$md" \
