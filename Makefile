@@ -8,7 +8,7 @@ KUBEMAIL_CACHE ?= $(HOME)/.cache/kubemail
 CARGO_TARGET_DIR ?= $(KUBEMAIL_CACHE)/target
 export KUBEMAIL_CACHE CARGO_TARGET_DIR
 
-.PHONY: setup build demo test test-unit lint down status
+.PHONY: setup build demo test test-unit lint down status bench fuzz hostile
 
 setup: ## install Debian/Python peers and build the pinned Go tools (cached)
 	e2e/tools/setup.sh
@@ -16,8 +16,9 @@ setup: ## install Debian/Python peers and build the pinned Go tools (cached)
 build:
 	cargo build --workspace --bins
 
-demo: setup build ## bring the local cluster up and leave it running
+demo: setup build ## bring the local cluster up, install kubemail, send a message; leave it running
 	e2e/local-cluster up || { e2e/local-cluster down; exit 1; }
+	e2e/demo/run.sh
 	@echo
 	@echo "local cluster is up:  . .kubemail-local/env   (stop it with: e2e/local-cluster down)"
 
@@ -33,6 +34,27 @@ test: setup build
 	rc=$${PIPESTATUS[0]}; \
 	e2e/local-cluster down; \
 	e2e/tools/summary.sh "$(KUBEMAIL_CACHE)/last-test.log"; \
+	exit $$rc
+
+# kubemail against Postfix on this machine, same run, alternating: BENCHMARKS.md and
+# bench-results.json (about 10 minutes; BENCH_ARGS=--smoke for a short harness check).
+bench: setup
+	e2e/bench/run.sh $(BENCH_ARGS)
+
+# Long fuzzing of the SMTP node's parsers with libFuzzer on stable Rust (smtp-node/fuzz):
+# FUZZ_SECONDS per target (default 120), FUZZ_JOBS targets at once; prints the executions.
+fuzz:
+	e2e/hostile/fuzz.sh $(FUZZ_TARGETS)
+
+# The hostile-input suite, long versions (HOSTILE_LONG=1): TLS scan, fault injection, abuse,
+# fuzz short runs, and the cases that are known findings (ignored in `make test`). Ends with
+# one line "N passed, N failed, N skipped".
+hostile: setup build
+	set +e; export PATH="$$(ls -d $(KUBEMAIL_CACHE)/tools/*/ 2>/dev/null | tr '\n' ':')$$PATH"; \
+	HOSTILE_LONG=1 cargo test -p kubemail-e2e --no-fail-fast --test 'hostile_*' -- \
+	  --include-ignored --nocapture --test-threads=1 2>&1 | tee "$(KUBEMAIL_CACHE)/last-hostile.log"; \
+	rc=$${PIPESTATUS[0]}; \
+	e2e/tools/summary.sh "$(KUBEMAIL_CACHE)/last-hostile.log"; \
 	exit $$rc
 
 test-unit:

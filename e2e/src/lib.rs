@@ -2,4 +2,6 @@
 //! pods as local processes, and shared test helpers.
 
 pub mod agent;
+pub mod bench;
+pub mod hostile;
 pub mod local_env;

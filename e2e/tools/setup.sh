@@ -121,7 +121,7 @@ build_tools() {
   log "go tools ready in $((SECONDS - t0))s under $TOOLS"
 }
 
-APT_PACKAGES=(swaks libnet-ssleay-perl libio-socket-ssl-perl postfix openssl python3-venv curl iproute2 procps knot)
+APT_PACKAGES=(swaks libnet-ssleay-perl libio-socket-ssl-perl postfix openssl python3-venv curl iproute2 procps knot testssl.sh)
 install_apt() {
   local missing=() p
   for p in "${APT_PACKAGES[@]}"; do

@@ -168,7 +168,9 @@ impl InboundVerifier {
 /// Removes `Authentication-Results` header fields whose authserv-id is `hostname` from the
 /// header section of `message` (RFC 8601 5: they would be forged claims of ours).
 pub fn strip_forged(message: &[u8], hostname: &str) -> Vec<u8> {
-    let header_end = memchr::memmem::find(message, b"\r\n\r\n").map_or(message.len(), |e| e + 2);
+    // The same header/body split as the rest of the session: a message that starts with the
+    // blank line has no headers, so nothing in its body can be taken for one.
+    let header_end = crate::session::message::header_section(message).len();
     let (headers, body) = message.split_at(header_end);
     let mut out = Vec::with_capacity(message.len());
     let mut skipping = false;

@@ -97,7 +97,15 @@ impl JetStreamQueue {
                     other => tracing::info!(event = %other, "NATS event"),
                 }
             })
-            .connect(nats.url.as_str())
+            // `nats.url` may list several servers ("nats://a:4222,nats://b:4222"); the client
+            // parses a plain string as one URL, so hand it the list.
+            .connect(
+                nats.url
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|u| !u.is_empty())
+                    .collect::<Vec<_>>(),
+            )
             .await
             .map_err(|source| ConnectError::Connect {
                 url: nats.url.clone(),

@@ -86,6 +86,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let span = tx.span.clone();
         record_envelope(&span, &tx);
         span.record("smtp.message_size", body.len());
+        if super::message::received_count(&body) > super::message::MAX_RECEIVED_HEADERS {
+            self.tx = Some(tx);
+            self.reject_message(
+                Reply::new(
+                    554,
+                    EnhancedCode(5, 4, 6),
+                    "Too many hops: routing loop detected",
+                ),
+                "mail_loop",
+            );
+            return Ok(Next::Continue);
+        }
         let body = match self.check_inbound(&tx, body).instrument(span.clone()).await {
             Ok(body) => body,
             Err(reply) => {

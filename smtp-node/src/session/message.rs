@@ -111,7 +111,21 @@ pub fn header_value(message: &[u8], name: &str) -> Option<String> {
 }
 
 /// The header section: everything before the first empty line (or the whole message).
-fn header_section(message: &[u8]) -> &[u8] {
+/// RFC 5321 §6.3: counting `Received:` fields is the loop test MTAs use; the RFC asks for a
+/// large limit ("at least 100"). A message that already passed this many hops is looping.
+pub const MAX_RECEIVED_HEADERS: usize = 100;
+
+/// Number of `Received:` header fields (the hop count) of a message.
+pub fn received_count(message: &[u8]) -> usize {
+    header_section(message)
+        .split(|&b| b == b'\n')
+        .filter(|line| line.len() > 9 && line[..9].eq_ignore_ascii_case(b"received:"))
+        .count()
+}
+
+/// The header section including its final CRLF; empty when the message starts with the blank
+/// line (no headers at all).
+pub fn header_section(message: &[u8]) -> &[u8] {
     if message.starts_with(b"\r\n") {
         return &[];
     }
@@ -178,5 +192,13 @@ mod tests {
         let msg = b"Subject: hi\r\n\r\nMessage-ID: <body@x>\r\n";
         assert_eq!(header_value(msg, "Message-ID"), None);
         assert_eq!(header_value(b"\r\nMessage-ID: <x>\r\n", "Message-ID"), None);
+    }
+
+    #[test]
+    fn received_count_counts_only_header_fields() {
+        let msg =
+            b"Received: a\r\nreceived: b\r\n\tcontinued\r\nSubject: x\r\n\r\nReceived: in body\r\n";
+        assert_eq!(received_count(msg), 2);
+        assert_eq!(received_count(b"\r\nReceived: body only\r\n"), 0);
     }
 }

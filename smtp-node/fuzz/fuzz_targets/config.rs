@@ -1,0 +1,4 @@
+//! libFuzzer entry point of the `config` target (see `kubemail_fuzz`).
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| kubemail_fuzz::config(data));
