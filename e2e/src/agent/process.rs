@@ -116,6 +116,10 @@ pub struct Launched {
     pub started_at: Timestamp,
 }
 
+/// Where a container's volume sources are staged inside its mount namespace (a tmpfs that
+/// exists only there; the empty directory on the host is its mount point).
+const STAGE_DIR: &str = "/run/kubemail-agent-stage";
+
 /// Single-quotes `s` for a POSIX shell.
 pub fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
@@ -133,7 +137,26 @@ pub fn launch_script(tools: &HostTools, spec: &LaunchSpec) -> String {
             "if [ -d {d} ]; then {mount} -t tmpfs -o size=64k,mode=0700 kubemail-mask {d}; fi"
         ));
     }
-    for m in &spec.mounts {
+    // Every source is first bound into a private staging tmpfs, and the targets are bound from
+    // there: a mountPath such as `/tmp` must not hide the sources of later binds when the
+    // agent's state dir lives below it (a clone under /tmp).
+    let stage = |i: usize| shell_quote(&format!("{STAGE_DIR}/{i}"));
+    if !spec.mounts.is_empty() {
+        lines.push(format!("{mkdir} -p -- {}", shell_quote(STAGE_DIR)));
+        lines.push(format!(
+            "{mount} -t tmpfs -o size=64k,mode=0700 kubemail-stage {}",
+            shell_quote(STAGE_DIR)
+        ));
+    }
+    for (i, m) in spec.mounts.iter().enumerate() {
+        if m.is_file {
+            lines.push(format!(": > {}", stage(i)));
+        } else {
+            lines.push(format!("{mkdir} -p -- {}", stage(i)));
+        }
+        lines.push(format!("{mount} --bind -- {} {}", q(&m.source), stage(i)));
+    }
+    for (i, m) in spec.mounts.iter().enumerate() {
         let target = shell_quote(&m.target);
         if m.is_file {
             let parent = Path::new(&m.target).parent().unwrap_or(Path::new("/"));
@@ -144,7 +167,7 @@ pub fn launch_script(tools: &HostTools, spec: &LaunchSpec) -> String {
         } else {
             lines.push(format!("{mkdir} -p -- {target}"));
         }
-        lines.push(format!("{mount} --bind -- {} {target}", q(&m.source)));
+        lines.push(format!("{mount} --bind -- {} {target}", stage(i)));
     }
     // Read-only remounts come after every bind so a nested mountPath can still be created.
     for m in spec.mounts.iter().filter(|m| m.read_only) {
@@ -428,10 +451,16 @@ mod tests {
         let script = launch_script(&fake_tools(), &spec(mounts, Some("/work")));
         let expected = [
             "set -e",
+            "'/bin/mkdir' -p -- '/run/kubemail-agent-stage'",
+            "'/bin/mount' -t tmpfs -o size=64k,mode=0700 kubemail-stage '/run/kubemail-agent-stage'",
+            "'/bin/mkdir' -p -- '/run/kubemail-agent-stage/0'",
+            "'/bin/mount' --bind -- '/s/cfg' '/run/kubemail-agent-stage/0'",
+            ": > '/run/kubemail-agent-stage/1'",
+            r"'/bin/mount' --bind -- '/s/it'\''s' '/run/kubemail-agent-stage/1'",
             "'/bin/mkdir' -p -- '/etc/my cfg'",
-            "'/bin/mount' --bind -- '/s/cfg' '/etc/my cfg'",
+            "'/bin/mount' --bind -- '/run/kubemail-agent-stage/0' '/etc/my cfg'",
             "if [ ! -e '/etc/app/c.yaml' ]; then '/bin/mkdir' -p -- '/etc/app'; : > '/etc/app/c.yaml'; fi",
-            r"'/bin/mount' --bind -- '/s/it'\''s' '/etc/app/c.yaml'",
+            "'/bin/mount' --bind -- '/run/kubemail-agent-stage/1' '/etc/app/c.yaml'",
             "'/bin/mount' -o remount,bind,ro -- '/etc/my cfg'",
             "'/bin/hostname' 'web-1'",
             "'/bin/mkdir' -p -- '/work'",
