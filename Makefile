@@ -30,10 +30,12 @@ lint:
 test: setup build
 	e2e/local-cluster up || { e2e/local-cluster down; exit 1; }
 	set +e; set -a; . .kubemail-local/env; set +a; \
-	cargo test --workspace --no-fail-fast -- --test-threads=4 2>&1 | tee "$(KUBEMAIL_CACHE)/last-test.log"; \
+	log=$$(mktemp -t kubemail-test.XXXXXX); \
+	cargo test --workspace --no-fail-fast -- --test-threads=4 2>&1 | tee "$$log"; \
 	rc=$${PIPESTATUS[0]}; \
 	e2e/local-cluster down; \
-	e2e/tools/summary.sh "$(KUBEMAIL_CACHE)/last-test.log"; \
+	e2e/tools/summary.sh "$$log"; \
+	rm -f "$$log"; \
 	exit $$rc
 
 # kubemail against Postfix on this machine, same run, alternating: BENCHMARKS.md and
