@@ -2,18 +2,11 @@
 //! ports) leaves no process of ours behind: every recorded pid is gone, and no process anywhere
 //! still refers to the instance's state directory.
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use kubemail_e2e::local_env::workspace_root;
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
+use kubemail_test_support::ports::free_port;
 
 fn local_cluster(state: &Path, ports: &[(&str, u16)], verb: &str) -> std::process::Output {
     let mut cmd = Command::new(workspace_root().join("e2e/local-cluster"));

@@ -1,7 +1,7 @@
 //! Child processes of the hostile cases: finding tools and the `smtp-node` binary, free
 //! loopback ports, waiting for a port, killing on drop, and reading a process's memory.
 
-use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Child;
 use std::sync::Arc;
@@ -66,34 +66,7 @@ pub fn smtp_node_dir() -> PathBuf {
         .join("smtp-node")
 }
 
-/// A free port on 127.0.0.1 (bound and released; the race with other tests is small, and
-/// servers that lose it are restarted on another port by their starters).
-pub fn free_port() -> u16 {
-    free_ports::<1>()[0]
-}
-
-/// `N` distinct free loopback ports, held together while chosen.
-pub fn free_ports<const N: usize>() -> [u16; N] {
-    let listeners: Vec<TcpListener> = (0..N)
-        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind a free loopback port"))
-        .collect();
-    std::array::from_fn(|i| listeners[i].local_addr().expect("local addr").port())
-}
-
-/// A port free on every one of `ips` (for several fake MX hosts on one `mxPort`).
-pub fn free_port_on(ips: &[IpAddr]) -> u16 {
-    for _ in 0..50 {
-        let port = free_port();
-        let held: Vec<_> = ips
-            .iter()
-            .map(|ip| TcpListener::bind(SocketAddr::new(*ip, port)))
-            .collect();
-        if held.iter().all(Result::is_ok) {
-            return port;
-        }
-    }
-    panic!("no port free on all of {ips:?}");
-}
+pub use kubemail_test_support::ports::{free_port, free_port_on, free_ports};
 
 /// Waits until `addr` accepts a connection; panics when `child` exits first or after `limit`.
 pub fn wait_for_port(addr: SocketAddr, what: &str, child: &mut Child, limit: Duration) {

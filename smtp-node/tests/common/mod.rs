@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 use std::io::{BufRead, Read as _, Write as _};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -41,18 +41,7 @@ pub fn require_tool(name: &str) -> PathBuf {
     );
 }
 
-/// A free loopback port (bound and released; the tiny race is acceptable in tests).
-pub fn free_port() -> u16 {
-    free_ports::<1>()[0]
-}
-
-/// `N` distinct free loopback ports: all are held open together while being chosen.
-pub fn free_ports<const N: usize>() -> [u16; N] {
-    let listeners: Vec<TcpListener> = (0..N)
-        .map(|_| TcpListener::bind("127.0.0.1:0").expect("free port"))
-        .collect();
-    std::array::from_fn(|i| listeners[i].local_addr().expect("local addr").port())
-}
+pub use kubemail_test_support::ports::{free_port, free_ports};
 
 fn examples_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("examples")

@@ -10,7 +10,7 @@ pub mod nats;
 pub mod postfix;
 pub mod sink;
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Child;
 use std::sync::Mutex;
@@ -96,8 +96,6 @@ pub fn stop_all() {
 pub enum PeerError {
     #[error("`{tool}` not found ({hint})")]
     ToolMissing { tool: String, hint: &'static str },
-    #[error("cannot find a free loopback port")]
-    FreePort(#[source] std::io::Error),
     #[error("cannot write {path}")]
     WriteFile {
         path: PathBuf,
@@ -135,11 +133,10 @@ pub fn find_tool(
         })
 }
 
-/// A free loopback port (bound and released; another process could take it in between, which
-/// the start-up check would then report).
+/// A free loopback port below the ephemeral range (see `kubemail_test_support::ports`), so
+/// the peers' own outgoing connections cannot take it before the peer binds it.
 pub fn free_port() -> Result<u16, PeerError> {
-    let l = TcpListener::bind("127.0.0.1:0").map_err(PeerError::FreePort)?;
-    Ok(l.local_addr().map_err(PeerError::FreePort)?.port())
+    Ok(kubemail_test_support::ports::free_port())
 }
 
 /// `127.0.0.1:port`.

@@ -1,0 +1,5 @@
+//! Helpers shared by the test harnesses of every kubemail crate. It depends on nothing of
+//! kubemail, so `smtp-node`'s integration tests can use it without a dependency cycle through
+//! the `e2e` crate.
+
+pub mod ports;
