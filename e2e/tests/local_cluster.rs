@@ -6,9 +6,8 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer::pull, stream};
 use futures::StreamExt;
+use kubemail_e2e::hostile::smtp::Smtp;
 use kubemail_e2e::local_env::LocalEnv;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::TcpStream;
 
 fn unique(prefix: &str) -> String {
     let nanos = std::time::SystemTime::now()
@@ -68,47 +67,26 @@ async fn jetstream_publish_with_ack_is_consumed_back() {
     js.delete_stream(&name).await.expect("delete stream");
 }
 
-/// Reads one SMTP reply (all continuation lines) and returns its code.
-async fn reply(r: &mut BufReader<tokio::net::tcp::OwnedReadHalf>) -> u16 {
-    loop {
-        let mut line = String::new();
-        let n = tokio::time::timeout(Duration::from_secs(10), r.read_line(&mut line))
-            .await
-            .expect("reply within 10s")
-            .expect("read reply");
-        assert!(n > 3, "connection closed or short reply: {line:?}");
-        let code: u16 = line[..3].parse().expect("numeric reply code");
-        if line.as_bytes()[3] == b' ' {
-            return code;
-        }
-    }
-}
-
 #[tokio::test]
 async fn mailpit_accepts_smtp_and_shows_the_message_in_its_api() {
     let env = LocalEnv::load().expect("local cluster env");
     let subject = unique("local-cluster smoke ");
-    let stream = TcpStream::connect(&env.mailpit_smtp)
+    let addr = env.mailpit_smtp.parse().expect("MAILPIT_SMTP is host:port");
+    let mut smtp = Smtp::connect(addr, "mailpit")
         .await
         .expect("connect to mailpit");
-    let (rd, mut wr) = stream.into_split();
-    let mut rd = BufReader::new(rd);
-    assert_eq!(reply(&mut rd).await, 220);
-    for (cmd, want) in [
-        ("EHLO e2e.test\r\n", 250),
-        ("MAIL FROM:<smoke@e2e.test>\r\n", 250),
-        ("RCPT TO:<carol@remote.test>\r\n", 250),
-        ("DATA\r\n", 354),
-    ] {
-        wr.write_all(cmd.as_bytes()).await.expect("write");
-        assert_eq!(reply(&mut rd).await, want, "reply to {cmd:?}");
-    }
-    let body = format!(
-        "Subject: {subject}\r\nFrom: smoke@e2e.test\r\nTo: carol@remote.test\r\n\r\nhello\r\n.\r\n"
+    smtp.greeting("220").await;
+    smtp.expect("EHLO e2e.test", "250").await;
+    let body =
+        format!("Subject: {subject}\r\nFrom: smoke@e2e.test\r\nTo: carol@remote.test\r\n\r\nhello");
+    let reply = smtp
+        .send_mail("smoke@e2e.test", "carol@remote.test", &body)
+        .await;
+    assert!(
+        reply.as_deref().is_some_and(|r| r.starts_with("250")),
+        "mailpit refused the message: {reply:?}"
     );
-    wr.write_all(body.as_bytes()).await.expect("write body");
-    assert_eq!(reply(&mut rd).await, 250);
-    wr.write_all(b"QUIT\r\n").await.expect("quit");
+    smtp.expect("QUIT", "221").await;
 
     let http = reqwest::Client::new();
     let deadline = Instant::now() + Duration::from_secs(10);
