@@ -143,6 +143,17 @@ async fn auth_session(
     label: &str,
     passwords: &[&str],
 ) -> Vec<Option<String>> {
+    auth_session_as(addr, source, label, USER, passwords).await
+}
+
+/// As [`auth_session`], logging in as `user`.
+async fn auth_session_as(
+    addr: SocketAddr,
+    source: IpAddr,
+    label: &str,
+    user: &str,
+    passwords: &[&str],
+) -> Vec<Option<String>> {
     let mut c = SmtpTls::connect_tls(source, addr, label)
         .await
         .expect("TLS");
@@ -152,7 +163,7 @@ async fn auth_session(
     for p in passwords {
         let r = c
             .cmd(
-                &format!("AUTH PLAIN {}", auth_plain(USER, p)),
+                &format!("AUTH PLAIN {}", auth_plain(user, p)),
                 Duration::from_secs(30),
             )
             .await;
@@ -255,41 +266,107 @@ fn auth_brute_force_rate_limit_and_lockout() {
     case.pass("535s, 421 in-session, then 454 across reconnects (right password too); 127.0.0.4 still authenticates");
 }
 
-/// FINDING F3: the AUTH failure limit is per client IP only (and per node, in memory). A
-/// distributed guesser that stays under the per-IP limit on each of many addresses is never
-/// slowed down for the targeted user (catalogue AUTH-06: "Also a per-username limit, to stop
-/// distributed guessing ... counters are cluster-wide").
+/// AUTH-06b (was finding F3): the AUTH failure limit was per client IP only (and per node, in
+/// memory), so a guesser that stays under the per-IP limit on each of many addresses was
+/// never slowed down for the targeted user (catalogue AUTH-06: "Also a per-username limit, to
+/// stop distributed guessing ... counters are cluster-wide"). Now `auth.failuresPerUser`
+/// counts a user name's failures over all addresses and all nodes sharing the NATS server.
 #[test]
-#[ignore = "finding F3: no per-username AUTH failure limit; distributed guessing from many IPs is never throttled"]
 fn auth_distributed_guessing_is_throttled_per_user() {
     let case = Case::begin(
         "AUTH-06b",
-        "one user guessed from 8 addresses (127.0.0.10-17), 4 wrong passwords each, under the per-IP limit of 5",
-        "after many failures for one user, further attempts for that user get 454 4.7.0 from any address",
+        "one user guessed from 8 addresses (127.0.0.10-17), 4 wrong passwords each (under the per-IP limit of 5), alternately on two nodes sharing one NATS (replicas of one MailDomain)",
+        "535 5.7.8 for the first failuresPerUser (10) failures over both nodes, then 454 4.7.0 for that user from any address on either node, even with the right password; another user name still gets 535",
     );
     let nats = Nats::single(NatsOptions::default());
-    let node = Node::start(&nats.url(), |c, _| {
-        c["auth"] = json!({ "maxFailuresPerSession": 5, "failuresPerIpPerMinute": 5 });
+    let auth = json!({
+        "maxFailuresPerSession": 5,
+        "failuresPerIpPerMinute": 5,
+        "failuresPerUser": 10,
+        "failuresPerUserWindow": "1h",
+    });
+    let a = Node::start(&nats.url(), |c, _| c["auth"] = auth.clone());
+    // The second replica shares the first one's stream and subjects, as the operator renders
+    // them for one MailDomain, and so its failure stream.
+    let b = Node::start(&nats.url(), |c, _| {
+        c["auth"] = auth.clone();
+        c["nats"]["stream"] = json!(a.stream);
+        c["nats"]["subjectPrefix"] = json!(a.subject_prefix);
+        c["nats"]["bodyBucket"] = json!(a.bucket);
     });
     let rt = runtime();
-    let addr = node.ports.implicit_tls;
+    let failure_stream = format!("{}_AUTH_FAILURES", a.stream);
+    rt.block_on(async {
+        let js = async_nats::jetstream::new(
+            async_nats::connect(nats.url())
+                .await
+                .expect("connect to NATS"),
+        );
+        // Failures before it exists would be counted by each node on its own only.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while js.get_stream(&failure_stream).await.is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "stream {failure_stream} not created within 20 s"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
     let mut all = Vec::new();
     for i in 10..18u8 {
+        let node = if i % 2 == 0 { &a } else { &b };
         let r = rt.block_on(auth_session(
-            addr,
+            node.ports.implicit_tls,
             ip(i),
             &format!("guesser-{i}"),
             &["a1", "a2", "a3", "a4"],
         ));
         all.extend(codes(&r));
     }
-    case.note(format!("32 guesses: {all:?}"));
-    let throttled = all.iter().filter(|c| c.starts_with("454")).count();
+    case.note(format!("32 guesses, alternating nodes by address: {all:?}"));
+    let right: Vec<Vec<String>> = [(&a, 18u8), (&b, 19)]
+        .into_iter()
+        .map(|(node, last)| {
+            codes(&rt.block_on(auth_session(
+                node.ports.implicit_tls,
+                ip(last),
+                "right-password",
+                &[PASSWORD],
+            )))
+        })
+        .collect();
+    case.note(format!(
+        "the right password from 127.0.0.18 (node A) and 127.0.0.19 (node B): {right:?}"
+    ));
+    let other = codes(&rt.block_on(auth_session_as(
+        b.ports.implicit_tls,
+        ip(20),
+        "other-user",
+        "mallory@example.test",
+        &["m1"],
+    )));
+    case.note(format!("another user name from 127.0.0.20: {other:?}"));
+
+    assert_eq!(all.len(), 32, "{all:?}");
     assert!(
-        throttled > 0,
-        "32 failures for {USER} from 8 addresses: none throttled"
+        all[..10].iter().all(|c| c.starts_with("535 5.7.8")),
+        "the first 10 failures over both nodes must be answered 535 5.7.8: {all:?}"
     );
-    case.pass(format!("{throttled} throttled"));
+    assert!(
+        all[10..].iter().all(|c| c.starts_with("454 4.7.0")),
+        "after 10 failures of {USER} every further attempt must get 454 4.7.0: {all:?}"
+    );
+    assert!(
+        right
+            .iter()
+            .all(|r| r.first().is_some_and(|c| c.starts_with("454 4.7.0"))),
+        "the lockout must hold for the right password, on both nodes: {right:?}"
+    );
+    assert!(
+        other.first().is_some_and(|c| c.starts_with("535 5.7.8")),
+        "another user name must not be locked out: {other:?}"
+    );
+    case.pass("10 guesses spread over 8 addresses and 2 nodes, then 454 for that user everywhere (right password too); another name unaffected");
 }
 
 /// DOS-04/05: slowloris in the command phase and in DATA.

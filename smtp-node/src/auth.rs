@@ -1,13 +1,15 @@
 //! Submission users and the limits around them: who may log in (users files of
 //! `user:password-hash`, argon2 PHC or bcrypt), the per-IP brake on failed logins that survives
-//! reconnects, which sender addresses a user may use (its own domain), and each user's message
+//! reconnects, the per-user one ([`crate::auth_limits`]) that stops guessing spread over many
+//! addresses, which sender addresses a user may use (its own domain), and each user's message
 //! rate (the domain's `messagesPerMinutePerUser`).
 //!
 //! Passwords are checked by the `argon2` and `bcrypt` crates on a blocking thread (they are
 //! deliberately slow). An unknown user is checked against a dummy hash, so unknown user and
 //! wrong password cost the same time and get the same reply. Nothing here logs a password.
 //!
-//! The counters are per node. Several replicas each apply them, so the cluster-wide rate is at
+//! The per-user failure limit is cluster-wide (JetStream). The per-IP and message-rate
+//! counters are per node: several replicas each apply them, so their cluster-wide rate is at
 //! most `replicas` times the configured one.
 
 use std::collections::HashMap;
@@ -22,14 +24,18 @@ use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota};
 use tokio_util::sync::CancellationToken;
 
+use crate::auth_limits::{SharedFailures, UserFailureLimit, UsernameKeyError};
 use crate::config::NodeConfig;
 
 /// How often users files are checked for changes and idle rate-limit entries dropped.
 pub const USERS_RELOAD_INTERVAL: Duration = Duration::from_secs(5);
 
-/// Why a users file could not be loaded.
+/// Why a users file (or the key that hides user names in the shared failure counter) could
+/// not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum UsersFileError {
+    #[error("cannot load auth.usernameKeyFile")]
+    LoadUsernameKey(#[from] UsernameKeyError),
     #[error("cannot read users file {path}")]
     ReadUsersFile {
         path: PathBuf,
@@ -66,8 +72,17 @@ pub enum AuthOutcome {
     Success(AuthenticatedUser),
     /// Wrong user or password: `535 5.7.8`.
     Failure,
-    /// Too many recent failures from this IP: `454 4.7.0`, credentials not checked.
-    RateLimited,
+    /// Too many recent failures: `454 4.7.0`, credentials not checked.
+    RateLimited(LimitedBy),
+}
+
+/// Which failure limit refused a login.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitedBy {
+    /// `auth.failuresPerIpPerMinute`: this client address failed too often.
+    ClientIp,
+    /// `auth.failuresPerUser`: this user name failed too often, from anywhere.
+    User,
 }
 
 struct UsersSource {
@@ -82,6 +97,7 @@ pub struct Authenticator {
     users: RwLock<HashMap<String, UserEntry>>,
     failures: DefaultKeyedRateLimiter<IpAddr>,
     blocked: Mutex<HashMap<IpAddr, Instant>>,
+    per_user: UserFailureLimit,
     message_rates: HashMap<String, DefaultKeyedRateLimiter<String>>,
 }
 
@@ -136,6 +152,7 @@ impl Authenticator {
             users: RwLock::new(users),
             failures: DefaultKeyedRateLimiter::keyed(Quota::per_minute(per_ip)),
             blocked: Mutex::new(HashMap::new()),
+            per_user: UserFailureLimit::new(&config.auth)?,
             message_rates,
         })
     }
@@ -145,12 +162,25 @@ impl Authenticator {
         self.users.read().unwrap_or_else(|e| e.into_inner()).len()
     }
 
-    /// Checks a login. Records failures against `ip`.
+    /// Counts failed logins per user name in `shared` (all nodes) from now on, besides this
+    /// node's own count.
+    pub fn attach_shared_failures(&self, shared: Arc<dyn SharedFailures>) {
+        self.per_user.attach_shared(shared);
+    }
+
+    /// Checks a login. Records failures against `ip` and against the user name.
     pub async fn authenticate(&self, ip: IpAddr, username: &str, password: &str) -> AuthOutcome {
         if self.is_blocked(ip) {
-            return AuthOutcome::RateLimited;
+            return AuthOutcome::RateLimited(LimitedBy::ClientIp);
         }
         let key = username.trim().to_ascii_lowercase();
+        // Known or not, every name is limited alike: the replies tell nothing about which
+        // names exist.
+        let tag = self.per_user.tag(&key);
+        if self.per_user.is_locked(tag).await {
+            tracing::debug!(user_tag = %tag, "user name over its failure limit");
+            return AuthOutcome::RateLimited(LimitedBy::User);
+        }
         let entry = self
             .users
             .read()
@@ -172,6 +202,7 @@ impl Authenticator {
             }),
             _ => {
                 self.record_failure(ip);
+                self.per_user.record_failure(tag).await;
                 AuthOutcome::Failure
             }
         }
@@ -244,6 +275,7 @@ impl Authenticator {
                 tracing::error!(%error, "users file changed but cannot be loaded; keeping the previous users");
             }
             self.failures.retain_recent();
+            self.per_user.prune();
             for limiter in self.message_rates.values() {
                 limiter.retain_recent();
             }
@@ -379,6 +411,15 @@ mod tests {
     const LOCAL: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
 
     fn authenticator(users: &str, failures_per_minute: u32) -> (Authenticator, tempfile::TempDir) {
+        authenticator_with(
+            users,
+            &format!("{{ failuresPerIpPerMinute: {failures_per_minute} }}"),
+        )
+    }
+
+    /// An authenticator for `users` (a users file of example.test) with `auth` as the YAML
+    /// of the config's `auth` section.
+    fn authenticator_with(users: &str, auth: &str) -> (Authenticator, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("users");
         std::fs::write(&path, users).unwrap();
@@ -388,7 +429,7 @@ hostname: mx.example.test
 listeners: [ {{ name: mx, kind: mx, address: "127.0.0.1:2525" }} ]
 domains:
   - {{ name: example.test, usersFile: {:?}, limits: {{ messagesPerMinutePerUser: 2 }} }}
-auth: {{ failuresPerIpPerMinute: {failures_per_minute} }}
+auth: {auth}
 "#,
             path
         );
@@ -445,13 +486,69 @@ auth: {{ failuresPerIpPerMinute: {failures_per_minute} }}
         // Budget of 2 used up: even the right password is not checked now.
         assert_eq!(
             auth.authenticate(LOCAL, "alice@example.test", "pw").await,
-            AuthOutcome::RateLimited
+            AuthOutcome::RateLimited(LimitedBy::ClientIp)
         );
         let other: IpAddr = "127.0.0.2".parse().unwrap();
         assert!(matches!(
             auth.authenticate(other, "alice@example.test", "pw").await,
             AuthOutcome::Success(_)
         ));
+    }
+
+    #[tokio::test]
+    async fn failures_per_user_are_throttled_from_any_address() {
+        let argon = hash_password("pw").unwrap();
+        let (auth, _dir) = authenticator_with(
+            &format!("alice:{argon}\nbob:{argon}\n"),
+            "{ failuresPerIpPerMinute: 100, failuresPerUser: 3, failuresPerUserWindow: 1h }",
+        );
+        for i in 1..=3u8 {
+            let ip = IpAddr::from([127, 0, 0, i]);
+            assert_eq!(
+                auth.authenticate(ip, "alice@example.test", "bad").await,
+                AuthOutcome::Failure,
+                "guess from 127.0.0.{i}"
+            );
+        }
+        // From a fourth address, with the right password and another spelling: refused
+        // without a password check, while another user logs in.
+        let fresh = IpAddr::from([127, 0, 0, 9]);
+        assert_eq!(
+            auth.authenticate(fresh, " ALICE@example.test", "pw").await,
+            AuthOutcome::RateLimited(LimitedBy::User)
+        );
+        assert!(matches!(
+            auth.authenticate(fresh, "bob@example.test", "pw").await,
+            AuthOutcome::Success(_)
+        ));
+        // Unknown names reach the same limit, so the replies do not tell them apart.
+        for _ in 0..3 {
+            assert_eq!(
+                auth.authenticate(fresh, "nobody@example.test", "x").await,
+                AuthOutcome::Failure
+            );
+        }
+        assert_eq!(
+            auth.authenticate(fresh, "nobody@example.test", "x").await,
+            AuthOutcome::RateLimited(LimitedBy::User)
+        );
+    }
+
+    #[test]
+    fn a_short_username_key_is_refused_at_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("key");
+        std::fs::write(&key, "short").unwrap();
+        let yaml = format!(
+            r#"
+hostname: mx.example.test
+listeners: [ {{ name: mx, kind: mx, address: "127.0.0.1:2525" }} ]
+auth: {{ usernameKeyFile: {key:?} }}
+"#
+        );
+        let config = NodeConfig::from_yaml(&yaml).unwrap();
+        let err = Authenticator::load(&config).err().unwrap();
+        assert!(matches!(err, UsersFileError::LoadUsernameKey(_)), "{err:?}");
     }
 
     #[tokio::test]

@@ -38,6 +38,13 @@ pub const DEFAULT_MAX_MESSAGE_SIZE: u64 = 25 * 1024 * 1024;
 pub const DEFAULT_MAX_RECIPIENTS: u32 = 100;
 /// Hard ceiling for `maxMessageSize`: bodies are held in memory while received.
 pub const MAX_MESSAGE_SIZE_CEILING: u64 = 1024 * 1024 * 1024;
+/// Ceiling for `auth.failuresPerUser`: each user name keeps up to that many failure times
+/// (in memory and in the shared stream), so the limit bounds their size.
+pub const MAX_AUTH_FAILURES_PER_USER: u32 = 1000;
+/// Shortest `auth.failuresPerUserWindow`; NATS refuses a stream `max_age` under 100 ms.
+const MIN_AUTH_FAILURE_WINDOW: Duration = Duration::from_secs(1);
+/// Longest `auth.failuresPerUserWindow`: a lockout measured in weeks is a typo, not a policy.
+const MAX_AUTH_FAILURE_WINDOW: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// Why a config file could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -293,9 +300,36 @@ pub struct AuthConfig {
     #[serde(default = "default_auth_failures_per_session")]
     pub max_failures_per_session: u32,
     /// Failed AUTH attempts per client IP per minute, over all sessions; above it AUTH gets
-    /// `454 4.7.0` until the rate falls.
+    /// `454 4.7.0` until the rate falls. Counted by each node on its own.
     #[serde(default = "default_auth_failures_per_ip")]
     pub failures_per_ip_per_minute: u32,
+    /// Failed AUTH attempts for one user name within `failuresPerUserWindow`, from any client
+    /// address, counted over every node with the same NATS server, `nats.stream` and
+    /// `nats.subjectPrefix` (all replicas of a MailDomain). Once that many failed, every AUTH for the user name gets
+    /// `454 4.7.0` from any address, even with the right password, until the oldest of those
+    /// failures is older than the window. This stops guessing spread over many addresses,
+    /// which the per-IP limit cannot see. The price: someone who guesses often enough keeps
+    /// that user from logging in, so keep it well above what a client with a stale password
+    /// causes. Unknown user names are counted like real ones, so the replies do not tell them
+    /// apart; a successful login does not clear earlier failures. 1 to 1000.
+    ///
+    /// The shared counter is the JetStream stream `<nats.stream>_AUTH_FAILURES` (subjects
+    /// `<nats.subjectPrefix>-auth-failures.<keyed hash of the user name>`, no password, no
+    /// plain user name), created by the node; nodes sharing it should use the same window and
+    /// limit, as the stream keeps those of the node that set it up last. While NATS cannot
+    /// answer, logins are not refused for that reason: each node then counts only its own
+    /// failures.
+    #[serde(default = "default_auth_failures_per_user")]
+    pub failures_per_user: u32,
+    /// The sliding window of `failuresPerUser`, 1 s to 7 days.
+    #[serde(default = "default_auth_failures_per_user_window")]
+    pub failures_per_user_window: HumanDuration,
+    /// A file of at least 16 secret bytes (the same on every node) that keys the hash of user
+    /// names in the shared counter, so that whoever can read the NATS stream cannot test
+    /// guessed names against it. Unset: a built-in key, which keeps names out of plain sight
+    /// only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username_key_file: Option<PathBuf>,
 }
 
 /// The HTTP admin endpoint.
@@ -663,6 +697,9 @@ impl NodeConfig {
         if let Some(ca) = &mut self.delivery.tls.extra_ca_file {
             resolve(ca);
         }
+        if let Some(key) = &mut self.auth.username_key_file {
+            resolve(key);
+        }
         for domain in &mut self.domains {
             if let Some(users) = &mut domain.users_file {
                 resolve(users);
@@ -865,6 +902,19 @@ impl NodeConfig {
         if self.auth.failures_per_ip_per_minute == 0 {
             errors.push("auth.failuresPerIpPerMinute: must be at least 1".to_owned());
         }
+        if !(1..=MAX_AUTH_FAILURES_PER_USER).contains(&self.auth.failures_per_user) {
+            errors.push(format!(
+                "auth.failuresPerUser: {} must be between 1 and {MAX_AUTH_FAILURES_PER_USER}",
+                self.auth.failures_per_user
+            ));
+        }
+        let window = self.auth.failures_per_user_window.0;
+        if !(MIN_AUTH_FAILURE_WINDOW..=MAX_AUTH_FAILURE_WINDOW).contains(&window) {
+            errors.push(format!(
+                "auth.failuresPerUserWindow: {} must be between 1s and 7days",
+                humantime::format_duration(window)
+            ));
+        }
         if errors.is_empty() {
             Ok(())
         } else {
@@ -1010,6 +1060,9 @@ impl Default for AuthConfig {
         Self {
             max_failures_per_session: default_auth_failures_per_session(),
             failures_per_ip_per_minute: default_auth_failures_per_ip(),
+            failures_per_user: default_auth_failures_per_user(),
+            failures_per_user_window: default_auth_failures_per_user_window(),
+            username_key_file: None,
         }
     }
 }
@@ -1458,6 +1511,14 @@ fn default_auth_failures_per_session() -> u32 {
 fn default_auth_failures_per_ip() -> u32 {
     10
 }
+// Twenty guesses an hour per user (480 a day) from the whole internet, while a phone retrying
+// a stale password every few minutes stays under it.
+fn default_auth_failures_per_user() -> u32 {
+    20
+}
+fn default_auth_failures_per_user_window() -> HumanDuration {
+    HumanDuration::from_secs(3600)
+}
 fn default_admin_address() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], 8080))
 }
@@ -1612,6 +1673,35 @@ maxConnectionsPerIp: 0
         ] {
             assert!(err.contains(needle), "missing {needle:?} in:\n{err}");
         }
+    }
+
+    #[test]
+    fn auth_limits_have_defaults_and_bounds() {
+        let c = NodeConfig::from_yaml(MINIMAL).unwrap();
+        assert_eq!(c.auth.failures_per_user, 20);
+        assert_eq!(c.auth.failures_per_user_window.0, Duration::from_secs(3600));
+        assert_eq!(c.auth.username_key_file, None);
+        let yaml = format!(
+            "{MINIMAL}auth: {{ failuresPerUser: 0, failuresPerUserWindow: 500ms, usernameKeyFile: k }}\n"
+        );
+        let mut c = NodeConfig::from_yaml(&yaml).unwrap();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("auth.failuresPerUser: 0"), "{err}");
+        assert!(err.contains("auth.failuresPerUserWindow: 500ms"), "{err}");
+        c.resolve_paths(Path::new("/etc/kubemail"));
+        assert_eq!(
+            c.auth.username_key_file.as_deref(),
+            Some(Path::new("/etc/kubemail/k"))
+        );
+        let yaml =
+            format!("{MINIMAL}auth: {{ failuresPerUser: 1001, failuresPerUserWindow: 8d }}\n");
+        let err = NodeConfig::from_yaml(&yaml)
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("failuresPerUser: 1001"), "{err}");
+        assert!(err.contains("failuresPerUserWindow: 8days"), "{err}");
     }
 
     #[test]

@@ -8,7 +8,8 @@
 //! * [`session`]: the per-connection state machine, one file per verb;
 //! * [`server`]: listeners, accept loops, connection caps, PROXY protocol, implicit TLS;
 //! * [`tls`]: rustls configuration with certificate reload;
-//! * [`auth`]: submission users, login throttling, sender and rate policy;
+//! * [`auth`]: submission users, login throttling, sender and rate policy; [`auth_limits`]:
+//!   the cluster-wide per-user limit on failed logins;
 //! * [`queue`]: the queue contract and its JetStream implementation;
 //! * [`delivery`]: the sending side: workers, routing, MX, the SMTP client, retries, DSNs;
 //! * [`dkim`]: DKIM signing at acceptance; [`authres`]: SPF/DKIM/DMARC of inbound mail;
@@ -18,6 +19,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod auth_limits;
 pub mod authres;
 pub mod config;
 pub mod delivery;

@@ -9,6 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, Readiness};
 use crate::auth::Authenticator;
+use crate::auth_limits::JetStreamFailures;
 use crate::authres::InboundVerifier;
 use crate::config::NodeConfig;
 use crate::delivery::{DeliveryContext, DeliverySettings};
@@ -95,6 +96,10 @@ pub async fn run(config: NodeConfig, shutdown: Shutdown) -> Result<(), NodeError
 
     let queue = JetStreamQueue::connect(&config.nats).await?;
     tokio::spawn(queue.clone().run_setup(background.clone()));
+    // Failed logins per user name are counted cluster-wide over the same connection.
+    let auth_failures = JetStreamFailures::new(queue.client().clone(), &config.nats, &config.auth);
+    tokio::spawn(auth_failures.clone().run_setup(background.clone()));
+    auth.attach_shared_failures(auth_failures);
 
     let delivery = DeliveryContext::new(
         DeliverySettings::from_config(&config),

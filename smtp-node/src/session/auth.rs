@@ -2,15 +2,16 @@
 //!
 //! Refused before TLS where the listener requires it (`530 5.7.0`, credentials not looked
 //! at), after a successful AUTH and inside a transaction (`503 5.5.1`), and while the client
-//! IP is over its failure budget (`454 4.7.0`). A failure is `535 5.7.8`; after
-//! `auth.maxFailuresPerSession` failures the session ends with `421 4.7.0`. Neither the
-//! payload nor the password is ever logged, and neither counts as a protocol error.
+//! IP or the user name is over its failure budget (`454 4.7.0`, the password not checked). A
+//! failure is `535 5.7.8`; after `auth.maxFailuresPerSession` failures the session ends with
+//! `421 4.7.0`. Neither the payload, the password nor a user name that failed is ever logged,
+//! and none counts as a protocol error.
 
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::io::SaslLine;
 use super::{End, Next, Session};
-use crate::auth::AuthOutcome;
+use crate::auth::{AuthOutcome, LimitedBy};
 use crate::metrics::{self, ResultLabels};
 use crate::protocol::{
     EnhancedCode, Reply, SaslError, decode_login_step, decode_plain, login_challenge_password,
@@ -89,13 +90,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 self.reply(Reply::auth_succeeded());
                 Ok(Next::Continue)
             }
-            AuthOutcome::RateLimited => {
-                m.auth
-                    .get_or_create(&ResultLabels {
-                        result: "rate_limited",
-                    })
-                    .inc();
-                tracing::warn!("authentication rate limit for this client IP");
+            AuthOutcome::RateLimited(by) => {
+                // The client-IP label keeps its old name; the per-user limit gets its own.
+                let (result, scope) = match by {
+                    LimitedBy::ClientIp => ("rate_limited", "client IP"),
+                    LimitedBy::User => ("user_rate_limited", "user name"),
+                };
+                m.auth.get_or_create(&ResultLabels { result }).inc();
+                tracing::warn!("authentication failure limit reached for this {scope}");
                 self.reply(Reply::new(
                     454,
                     EnhancedCode(4, 7, 0),
