@@ -21,6 +21,29 @@ use sha2::{Digest, Sha256};
 /// Key of the users file in the rendered Secret.
 pub const USERS_FILE_KEY: &str = "users";
 
+/// Key of the node's user-name hashing secret in the rendered Secret (`auth.usernameKeyFile`:
+/// the per-user AUTH failure count in JetStream is kept under an HMAC of the name).
+pub const USERNAME_KEY_KEY: &str = "username-key";
+
+/// Random bytes in a new user-name key (hex-encoded in the Secret; the node needs >= 16).
+const USERNAME_KEY_BYTES: usize = 32;
+
+/// The user-name key kept in `previous` (the rendered Secret's value), or a new random one.
+/// Kept across reconciles and operator restarts so the cluster-wide failure counts survive.
+pub fn username_key(previous: Option<&str>) -> String {
+    match previous.map(str::trim) {
+        Some(k)
+            if k.len() >= 2 * USERNAME_KEY_BYTES && k.bytes().all(|b| b.is_ascii_hexdigit()) =>
+        {
+            k.to_owned()
+        }
+        _ => {
+            let bytes: [u8; USERNAME_KEY_BYTES] = rand::random();
+            bytes.iter().map(|b| format!("{b:02x}")).collect()
+        }
+    }
+}
+
 /// Why the users could not be rendered.
 #[derive(Debug, thiserror::Error)]
 pub enum UsersError {
@@ -190,6 +213,21 @@ fn parse_users_file(text: &str) -> BTreeMap<String, String> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn the_username_key_is_kept_once_made_and_remade_when_unusable() {
+        let first = username_key(None);
+        assert_eq!(first.len(), 64);
+        assert!(first.bytes().all(|b| b.is_ascii_hexdigit()));
+        assert_ne!(first, username_key(None), "random, not a constant");
+        assert_eq!(username_key(Some(&first)), first);
+        assert_eq!(username_key(Some(&format!("{first}\n"))), first);
+        for bad in ["", "short", &"zz".repeat(32)] {
+            let made = username_key(Some(bad));
+            assert_ne!(made, bad);
+            assert_eq!(made.len(), 64);
+        }
+    }
     use k8s_openapi::ByteString;
 
     use super::*;

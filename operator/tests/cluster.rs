@@ -1231,6 +1231,8 @@ async fn an_invalid_reference_is_reported_and_recovers_once_fixed() {
     .await;
     let hashed: Secret = get(&client, n, "fixme-users-hashed").await;
     let first = text(&hashed, "users");
+    let username_key = text(&hashed, "username-key");
+    assert_eq!(username_key.len(), 64, "a 32-byte hex user-name key");
     let carol = first
         .lines()
         .find(|l| l.starts_with("carol@fixme.example:$argon2id$"))
@@ -1271,6 +1273,12 @@ async fn an_invalid_reference_is_reported_and_recovers_once_fixed() {
     assert!(
         second.contains(&carol),
         "carol's hash must not change:\n{first}\n{second}"
+    );
+    let rerendered = secrets.get("fixme-users-hashed").await.unwrap();
+    assert_eq!(
+        text(&rerendered, "username-key"),
+        username_key,
+        "the user-name key (and with it the shared AUTH failure counts) survives a re-render"
     );
     let after = wait_for(
         "the pods' config checksum to follow",

@@ -64,6 +64,7 @@ fn check(spec: &str, addresses: &[&str], tamper: bool) -> (bool, String) {
             issued: None,
         },
         users_file: None,
+        username_key: None,
     };
     let observed = Observed {
         addresses: addresses

@@ -52,7 +52,7 @@ use crate::crd::relay::RelayTls;
 use crate::dkim::{self, STATE_ANNOTATION};
 use crate::dns_records::{self, DnsInputs};
 use crate::timestamps::UnixSeconds;
-use crate::users::USERS_FILE_KEY;
+use crate::users::{USERNAME_KEY_KEY, USERS_FILE_KEY};
 
 /// Pod template annotation whose change rolls the pods: a digest of everything the node reads
 /// only at start-up.
@@ -384,14 +384,23 @@ pub fn build(
         (TlsSource::OperatorCa, TlsMaterial::CertManager { .. }) => (None, None),
     };
 
-    let users_secret = p.users_file.as_ref().map(|text| Secret {
-        metadata: meta(names::users_secret(&v.name)),
-        type_: Some("Opaque".to_owned()),
-        data: Some(BTreeMap::from([(
+    let users_secret = p.users_file.as_ref().map(|text| {
+        let mut data = BTreeMap::from([(
             USERS_FILE_KEY.to_owned(),
             ByteString(text.clone().into_bytes()),
-        )])),
-        ..Default::default()
+        )]);
+        if let Some(key) = &p.username_key {
+            data.insert(
+                USERNAME_KEY_KEY.to_owned(),
+                ByteString(key.clone().into_bytes()),
+            );
+        }
+        Secret {
+            metadata: meta(names::users_secret(&v.name)),
+            type_: Some("Opaque".to_owned()),
+            data: Some(data),
+            ..Default::default()
+        }
     });
 
     let grace = i64::try_from(node.shutdown.drain_timeout.0.as_secs()).unwrap_or(i64::MAX / 2)
@@ -546,6 +555,10 @@ pub fn node_config(
         },
         "admin": { "address": format!("{host}:{ADMIN_PORT}") },
     });
+    if has_users {
+        // Set before the overlay, so a site-wide `auth` section can still choose its own key.
+        value["auth"] = json!({ "usernameKeyFile": format!("{USERS_DIR}/{USERNAME_KEY_KEY}") });
+    }
     if let Some(overlay) = &config.node_overlay {
         merge_json(&mut value, overlay);
     }
@@ -1002,6 +1015,7 @@ mod tests {
                 issued: None,
             },
             users_file: users.then(|| "alice@example.com:$argon2id$x\n".to_owned()),
+            username_key: users.then(|| "ab".repeat(32)),
         }
     }
 
@@ -1570,9 +1584,15 @@ mod tests {
         let tls_data = tls.data.as_ref().unwrap();
         assert_eq!(tls_data["tls.crt"].0, b"LEAF");
         assert_eq!(tls_data["ca.crt"].0, b"CA");
+        let users = c.users_secret.as_ref().unwrap().data.as_ref().unwrap();
+        assert_eq!(users["users"].0, b"alice@example.com:$argon2id$x\n");
+        assert_eq!(users["username-key"].0, "ab".repeat(32).as_bytes());
+        let node: NodeConfig =
+            serde_yaml::from_str(&data_text(&c.node_config, "node.yaml")).unwrap();
         assert_eq!(
-            c.users_secret.as_ref().unwrap().data.as_ref().unwrap()["users"].0,
-            b"alice@example.com:$argon2id$x\n"
+            node.auth.username_key_file.as_deref(),
+            Some(std::path::Path::new("/etc/kubemail/users/username-key")),
+            "the node hashes user names with the key the Secret mounts"
         );
     }
 

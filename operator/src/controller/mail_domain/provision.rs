@@ -1,6 +1,7 @@
 //! Provision: the key material a MailDomain needs before its children can be built: DKIM keys
 //! (kept, made or retired per the rotation plan), the TLS certificate (kept until renewal, or
-//! issued by the operator's CA, which is created on first use) and the rendered users file.
+//! issued by the operator's CA, which is created on first use), the rendered users file and the
+//! key that hashes user names in the nodes' shared AUTH failure count (made once, then kept).
 //!
 //! This is where randomness and CPU-heavy work live (RSA key generation, argon2), on blocking
 //! threads. The only cluster write is creating the shared CA Secret once; everything else is
@@ -19,7 +20,7 @@ use crate::certs::{self, CaBundle, IssuedCert, RenewReason, TLS_CERT_KEY, TLS_KE
 use crate::controller::{Context, Error, MANAGED_BY, MANAGED_BY_LABEL};
 use crate::dkim::{self, DkimKeys, PrivateKeyPem};
 use crate::timestamps::UnixSeconds;
-use crate::users::{self, USERS_FILE_KEY, UsersCache};
+use crate::users::{self, USERNAME_KEY_KEY, USERS_FILE_KEY, UsersCache};
 
 /// The material the children are built from.
 #[derive(Debug, Clone)]
@@ -28,6 +29,8 @@ pub struct Provisioned {
     pub tls: TlsMaterial,
     /// The rendered users file, when the domain has submission users.
     pub users_file: Option<String>,
+    /// The key of the node's per-user AUTH failure count (hex), with the users file.
+    pub username_key: Option<String>,
 }
 
 /// The certificate of the domain.
@@ -81,10 +84,19 @@ pub async fn provision(
         None => None,
         Some(source) => Some(render_users(&ctx.users_cache, v, refs, source.clone()).await?),
     };
+    let username_key = users_file.as_ref().map(|_| {
+        users::username_key(
+            refs.users_rendered
+                .as_ref()
+                .and_then(|s| secret_text(s, USERNAME_KEY_KEY))
+                .as_deref(),
+        )
+    });
     Ok(Provisioned {
         dkim,
         tls,
         users_file,
+        username_key,
     })
 }
 
