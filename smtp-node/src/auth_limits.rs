@@ -396,6 +396,7 @@ impl UserFailureLimit {
     }
 
     fn shared_failed(&self, error: &SharedCounterError) {
+        crate::metrics::global().auth_shared_counter_errors.inc();
         let mut health = self.health();
         health.skip_until = Some(Instant::now() + SHARED_RETRY_AFTER);
         if !health.degraded {

@@ -79,6 +79,9 @@ pub struct Metrics {
     pub messages_rejected: Family<ReasonLabels, Counter>,
     pub message_bytes: Counter,
     pub auth: Family<ResultLabels, Counter>,
+    /// Calls to the cluster-wide per-user AUTH failure count ([`crate::auth_limits`]) that
+    /// failed; while it fails each node limits only the failures it saw itself.
+    pub auth_shared_counter_errors: Counter,
     pub queue_publish: Family<ResultLabels, Counter>,
     pub queue_publish_seconds: Histogram,
     pub nats_connected: Gauge,
@@ -111,6 +114,7 @@ impl Metrics {
             messages_rejected: Family::default(),
             message_bytes: Counter::default(),
             auth: Family::default(),
+            auth_shared_counter_errors: Counter::default(),
             queue_publish: Family::default(),
             // 1 ms .. ~16 s: a publish on loopback takes about a millisecond, a timeout many seconds.
             queue_publish_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
@@ -155,6 +159,11 @@ impl Metrics {
             m.message_bytes.clone(),
         );
         registry.register("auth", "AUTH attempts by result", m.auth.clone());
+        registry.register(
+            "auth_shared_counter_errors",
+            "Failed calls to the cluster-wide per-user AUTH failure count in JetStream",
+            m.auth_shared_counter_errors.clone(),
+        );
         registry.register(
             "queue_publish",
             "JetStream publishes by result",

@@ -142,4 +142,14 @@ async fn without_nats_the_right_password_works_and_each_node_still_limits() {
         ["535 5.7.8 Authentication credentials invalid"; 3]
     );
     assert!(replies[3].starts_with("454 4.7.0"), "{replies:?}");
+    // The lost counter shows in the metrics, not only in the log.
+    let metrics = common::http_get(node.ports.admin, "/metrics");
+    let errors = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("kubemail_smtp_auth_shared_counter_errors_total "))
+        .and_then(|v| v.trim().parse::<f64>().ok());
+    assert!(
+        errors.is_some_and(|n| n >= 1.0),
+        "kubemail_smtp_auth_shared_counter_errors_total: {errors:?}"
+    );
 }
