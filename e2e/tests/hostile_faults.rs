@@ -8,8 +8,8 @@
 //! node's stream with 3 replicas, and `sync_interval: always` on every server (fsync before
 //! each acknowledgement).
 //!
-//! Not here: the operator killed during reconcile (needs the operator's test harness; see the
-//! suite's report).
+//! Not here: the operator killed during reconcile and during deletion; that needs the
+//! operator's test harness and lives in `operator/tests/crash_reconcile.rs`.
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};

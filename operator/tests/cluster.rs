@@ -14,6 +14,9 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer, stream};
+use common::maildomain::{
+    apply_md, assert_owned, condition, md_api, secret_data, text, wait_condition,
+};
 use common::{
     Operator, OperatorOptions, TEST_MANAGER, TestNamespace, client, delete_stream, install_crds,
     nats_url, wait_for,
@@ -36,27 +39,6 @@ use serde_json::{Value, json};
 const READY_TIMEOUT: Duration = Duration::from_secs(180);
 const CHILDREN_TIMEOUT: Duration = Duration::from_secs(60);
 
-fn md_api(client: &Client, ns: &str) -> Api<MailDomain> {
-    Api::namespaced(client.clone(), ns)
-}
-
-async fn apply_md(client: &Client, ns: &str, name: &str, spec: Value) {
-    let obj = json!({
-        "apiVersion": "kubemail.io/v1alpha1",
-        "kind": "MailDomain",
-        "metadata": { "name": name },
-        "spec": spec,
-    });
-    md_api(client, ns)
-        .patch(
-            name,
-            &PatchParams::apply(TEST_MANAGER).force(),
-            &Patch::Apply(&obj),
-        )
-        .await
-        .unwrap_or_else(|e| panic!("apply MailDomain {name}: {e}"));
-}
-
 async fn secret(client: &Client, ns: &str, name: &str, data: &[(&str, &str)]) {
     let s = Secret {
         metadata: ObjectMeta {
@@ -78,47 +60,6 @@ async fn secret(client: &Client, ns: &str, name: &str, data: &[(&str, &str)]) {
         )
         .await
         .unwrap_or_else(|e| panic!("apply Secret {name}: {e}"));
-}
-
-fn condition<'a>(
-    md: &'a MailDomain,
-    type_: &str,
-) -> Option<&'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
-    md.status
-        .as_ref()?
-        .conditions
-        .iter()
-        .find(|c| c.type_ == type_)
-}
-
-async fn wait_condition(
-    client: &Client,
-    ns: &str,
-    name: &str,
-    type_: &str,
-    status: &str,
-    timeout: Duration,
-    op: &Operator,
-) -> MailDomain {
-    let api = md_api(client, ns);
-    let start = std::time::Instant::now();
-    loop {
-        let md = api.get_opt(name).await.ok().flatten();
-        if let Some(md) = &md
-            && condition(md, type_).is_some_and(|c| c.status == status)
-            && md.status.as_ref().and_then(|s| s.observed_generation) == md.metadata.generation
-        {
-            return md.clone();
-        }
-        if start.elapsed() > timeout {
-            panic!(
-                "timed out after {timeout:?} waiting for MailDomain {ns}/{name} {type_}={status}; status:\n{}\n(is the smtp-node binary built? cargo build -p kubemail-smtp-node)\noperator logs:\n{}",
-                serde_yaml::to_string(&md.and_then(|m| m.status)).unwrap_or_default(),
-                op.logs()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
 }
 
 /// resourceVersions of every child plus the MailDomain's status.
@@ -188,32 +129,6 @@ async fn poke_and_wait(client: &Client, ns: &str, name: &str, op: &Operator, rou
     .await;
     // Let a reconcile in flight finish (and anything it triggers).
     tokio::time::sleep(Duration::from_secs(3)).await;
-}
-
-fn secret_data(s: &Secret) -> BTreeMap<String, Vec<u8>> {
-    s.data
-        .clone()
-        .unwrap_or_default()
-        .into_iter()
-        .map(|(k, v)| (k, v.0))
-        .collect()
-}
-
-fn text(s: &Secret, key: &str) -> String {
-    String::from_utf8(secret_data(s).remove(key).unwrap_or_default()).unwrap_or_default()
-}
-
-fn assert_owned(meta: &ObjectMeta, md: &MailDomain, what: &str) {
-    let owners = meta.owner_references.clone().unwrap_or_default();
-    assert!(
-        owners
-            .iter()
-            .any(|o| Some(&o.uid) == md.metadata.uid.as_ref()
-                && o.controller == Some(true)
-                && o.block_owner_deletion == Some(true)),
-        "{what} must be controlled by MailDomain {}: {owners:?}",
-        md.name_any()
-    );
 }
 
 async fn get<K>(client: &Client, ns: &str, name: &str) -> K
