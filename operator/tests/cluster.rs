@@ -10,12 +10,11 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer, stream};
 use common::maildomain::{
-    apply_md, assert_owned, condition, md_api, secret_data, text, wait_condition,
+    apply_md, assert_owned, condition, md_api, secret_data, snapshot, text, wait_condition,
 };
 use common::{
     Operator, OperatorOptions, TEST_MANAGER, TestNamespace, client, delete_stream, install_crds,
@@ -30,7 +29,7 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::api::{
     ApiResource, DeleteParams, DynamicObject, ObjectMeta, Patch, PatchParams, PostParams,
 };
-use kube::{Api, Client, Resource, ResourceExt};
+use kube::{Api, Client, Resource};
 use kubemail_operator::certs;
 use kubemail_operator::crd::{MailDomain, Relay};
 use kubemail_smtp_node::config::NodeConfig;
@@ -60,52 +59,6 @@ async fn secret(client: &Client, ns: &str, name: &str, data: &[(&str, &str)]) {
         )
         .await
         .unwrap_or_else(|e| panic!("apply Secret {name}: {e}"));
-}
-
-/// resourceVersions of every child plus the MailDomain's status.
-async fn snapshot(client: &Client, ns: &str, name: &str) -> BTreeMap<String, String> {
-    let mut out = BTreeMap::new();
-    for cm in Api::<ConfigMap>::namespaced(client.clone(), ns)
-        .list(&Default::default())
-        .await
-        .unwrap()
-    {
-        out.insert(
-            format!("ConfigMap/{}", cm.name_any()),
-            cm.resource_version().unwrap_or_default(),
-        );
-    }
-    for s in Api::<Secret>::namespaced(client.clone(), ns)
-        .list(&Default::default())
-        .await
-        .unwrap()
-    {
-        out.insert(
-            format!("Secret/{}", s.name_any()),
-            s.resource_version().unwrap_or_default(),
-        );
-    }
-    let d = Api::<Deployment>::namespaced(client.clone(), ns)
-        .get(name)
-        .await
-        .unwrap();
-    out.insert(
-        "Deployment".into(),
-        d.resource_version().unwrap_or_default(),
-    );
-    let s = Api::<Service>::namespaced(client.clone(), ns)
-        .get(name)
-        .await
-        .unwrap();
-    out.insert("Service".into(), s.resource_version().unwrap_or_default());
-    let p = Api::<PodDisruptionBudget>::namespaced(client.clone(), ns)
-        .get(name)
-        .await
-        .unwrap();
-    out.insert("PDB".into(), p.resource_version().unwrap_or_default());
-    let md = md_api(client, ns).get(name).await.unwrap();
-    out.insert("status".into(), serde_json::to_string(&md.status).unwrap());
-    out
 }
 
 /// Makes the operator reconcile the domain again and waits until it has.

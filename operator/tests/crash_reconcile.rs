@@ -28,7 +28,8 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer, stream};
 use common::maildomain::{
-    apply_md, assert_owned, condition, md_api, secret_data, text, wait_condition_by,
+    ROOT_CA_CONFIG_MAP, apply_md, assert_owned, condition, md_api, secret_data, snapshot, text,
+    wait_condition_by,
 };
 use common::{
     Operator, OperatorOptions, TestNamespace, client, delete_stream, install_crds, nats_url,
@@ -75,9 +76,6 @@ const DOMAIN: &str = "crash.example";
 const USERS_SOURCE: &str = "crash-users";
 /// The operator's CA Secret (its `--ca-secret` default) in its namespace, here the test's.
 const CA: &str = "kubemail-ca";
-/// Published by the root-CA publisher of kube-controller-manager in every namespace.
-const ROOT_CA_CONFIG_MAP: &str = "kube-root-ca.crt";
-
 /// Where the first operator dies.
 enum KillPoint {
     /// A ResourceQuota refuses the write of `refused`: the operator has written everything
@@ -581,7 +579,7 @@ async fn killed_during_first_reconcile(prefix: &str, point: KillPoint) {
         || async { (third.is_leader() && completed_reconciles(&third) >= 1.0).then_some(()) },
     )
     .await;
-    assert_unchanged(&settled, &snapshot(&client, n).await);
+    assert_unchanged(&settled, &snapshot(&client, n, NAME).await);
     assert_unchanged(&settled, &settled_snapshot(&client, n).await);
     for op in [&leader, &standby, &third] {
         assert!(
@@ -877,94 +875,6 @@ async fn verify_converged(client: &Client, ns: &str, md: &MailDomain, crash: &Cr
     );
 }
 
-/// What must not change when an operator restarts after convergence: resourceVersions of the
-/// objects nobody else writes, generations of the ones whose status controllers update, the
-/// ReplicaSets and the MailDomain's status.
-async fn snapshot(client: &Client, ns: &str) -> BTreeMap<String, String> {
-    let mut out = BTreeMap::new();
-    for s in Api::<Secret>::namespaced(client.clone(), ns)
-        .list(&Default::default())
-        .await
-        .unwrap()
-    {
-        out.insert(
-            format!("Secret/{}", s.name_any()),
-            s.resource_version().unwrap_or_default(),
-        );
-    }
-    for c in Api::<ConfigMap>::namespaced(client.clone(), ns)
-        .list(&Default::default())
-        .await
-        .unwrap()
-    {
-        if c.name_any() != ROOT_CA_CONFIG_MAP {
-            out.insert(
-                format!("ConfigMap/{}", c.name_any()),
-                c.resource_version().unwrap_or_default(),
-            );
-        }
-    }
-    for s in Api::<Service>::namespaced(client.clone(), ns)
-        .list(&Default::default())
-        .await
-        .unwrap()
-    {
-        out.insert(
-            format!("Service/{}", s.name_any()),
-            s.resource_version().unwrap_or_default(),
-        );
-    }
-    for d in Api::<Deployment>::namespaced(client.clone(), ns)
-        .list(&Default::default())
-        .await
-        .unwrap()
-    {
-        let checksum = d
-            .spec
-            .as_ref()
-            .and_then(|s| s.template.metadata.as_ref())
-            .and_then(|m| m.annotations.as_ref())
-            .and_then(|a| a.get("kubemail.io/config-checksum"))
-            .cloned()
-            .unwrap_or_default();
-        out.insert(
-            format!("Deployment/{}", d.name_any()),
-            format!(
-                "generation {:?}, checksum {checksum}",
-                d.metadata.generation
-            ),
-        );
-    }
-    for p in Api::<PodDisruptionBudget>::namespaced(client.clone(), ns)
-        .list(&Default::default())
-        .await
-        .unwrap()
-    {
-        out.insert(
-            format!("PodDisruptionBudget/{}", p.name_any()),
-            format!("generation {:?}", p.metadata.generation),
-        );
-    }
-    let replica_sets: Vec<String> = Api::<ReplicaSet>::namespaced(client.clone(), ns)
-        .list(&Default::default())
-        .await
-        .unwrap()
-        .iter()
-        .map(ResourceExt::name_any)
-        .collect();
-    out.insert("ReplicaSets".into(), replica_sets.join(","));
-    let md = md_api(client, ns).get(NAME).await.unwrap();
-    out.insert(
-        "MailDomain".into(),
-        format!(
-            "generation {:?}, status {}",
-            md.metadata.generation,
-            serde_json::to_string(&md.status).unwrap()
-        ),
-    );
-    out
-}
-
 /// Fails with the entries of `after` that differ from `before`.
 fn assert_unchanged(before: &BTreeMap<String, String>, after: &BTreeMap<String, String>) {
     let keys: BTreeSet<&String> = before.keys().chain(after.keys()).collect();
@@ -989,10 +899,10 @@ fn assert_unchanged(before: &BTreeMap<String, String>, after: &BTreeMap<String, 
 /// A snapshot that stayed the same for a while (controllers of the cluster have caught up).
 async fn settled_snapshot(client: &Client, ns: &str) -> BTreeMap<String, String> {
     let start = Instant::now();
-    let mut last = snapshot(client, ns).await;
+    let mut last = snapshot(client, ns, NAME).await;
     loop {
         tokio::time::sleep(Duration::from_secs(2)).await;
-        let now = snapshot(client, ns).await;
+        let now = snapshot(client, ns, NAME).await;
         if now == last {
             return now;
         }

@@ -4,7 +4,9 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::api::{ObjectMeta, Patch, PatchParams};
 use kube::{Api, Client, ResourceExt};
@@ -12,6 +14,9 @@ use kubemail_operator::crd::MailDomain;
 use serde_json::{Value, json};
 
 use super::{Operator, TEST_MANAGER};
+
+/// The ConfigMap Kubernetes puts in every namespace (not the operator's).
+pub const ROOT_CA_CONFIG_MAP: &str = "kube-root-ca.crt";
 
 pub fn md_api(client: &Client, ns: &str) -> Api<MailDomain> {
     Api::namespaced(client.clone(), ns)
@@ -115,4 +120,92 @@ pub fn assert_owned(meta: &ObjectMeta, md: &MailDomain, what: &str) {
         "{what} must be controlled by MailDomain {} alone: {owners:?}",
         md.name_any()
     );
+}
+
+/// What must not change when an operator restarts after convergence: resourceVersions of the
+/// objects nobody else writes, generations of the ones whose status controllers update, the
+/// ReplicaSets and MailDomain `name`'s generation and status.
+pub async fn snapshot(client: &Client, ns: &str, name: &str) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    for s in Api::<Secret>::namespaced(client.clone(), ns)
+        .list(&Default::default())
+        .await
+        .unwrap()
+    {
+        out.insert(
+            format!("Secret/{}", s.name_any()),
+            s.resource_version().unwrap_or_default(),
+        );
+    }
+    for c in Api::<ConfigMap>::namespaced(client.clone(), ns)
+        .list(&Default::default())
+        .await
+        .unwrap()
+    {
+        if c.name_any() != ROOT_CA_CONFIG_MAP {
+            out.insert(
+                format!("ConfigMap/{}", c.name_any()),
+                c.resource_version().unwrap_or_default(),
+            );
+        }
+    }
+    for s in Api::<Service>::namespaced(client.clone(), ns)
+        .list(&Default::default())
+        .await
+        .unwrap()
+    {
+        out.insert(
+            format!("Service/{}", s.name_any()),
+            s.resource_version().unwrap_or_default(),
+        );
+    }
+    for d in Api::<Deployment>::namespaced(client.clone(), ns)
+        .list(&Default::default())
+        .await
+        .unwrap()
+    {
+        let checksum = d
+            .spec
+            .as_ref()
+            .and_then(|s| s.template.metadata.as_ref())
+            .and_then(|m| m.annotations.as_ref())
+            .and_then(|a| a.get("kubemail.io/config-checksum"))
+            .cloned()
+            .unwrap_or_default();
+        out.insert(
+            format!("Deployment/{}", d.name_any()),
+            format!(
+                "generation {:?}, checksum {checksum}",
+                d.metadata.generation
+            ),
+        );
+    }
+    for p in Api::<PodDisruptionBudget>::namespaced(client.clone(), ns)
+        .list(&Default::default())
+        .await
+        .unwrap()
+    {
+        out.insert(
+            format!("PodDisruptionBudget/{}", p.name_any()),
+            format!("generation {:?}", p.metadata.generation),
+        );
+    }
+    let replica_sets: Vec<String> = Api::<ReplicaSet>::namespaced(client.clone(), ns)
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .iter()
+        .map(ResourceExt::name_any)
+        .collect();
+    out.insert("ReplicaSets".into(), replica_sets.join(","));
+    let md = md_api(client, ns).get(name).await.unwrap();
+    out.insert(
+        "MailDomain".into(),
+        format!(
+            "generation {:?}, status {}",
+            md.metadata.generation,
+            serde_json::to_string(&md.status).unwrap()
+        ),
+    );
+    out
 }
