@@ -243,14 +243,23 @@ raised to the benchmark's connection count and the per-user message rate limit l
 system instance untouched): the per-client anvil limits set to 0 (one client address generates \
 all the load), `default_process_limit` = connections + 100, the same ECDSA certificate, \
 `smtpd_tls_security_level = may`, no TLS session cache. Both log one line or more per message.
+- **One benchmark at a time**: `e2e/bench/run.sh --scenarios idle` (or `accept`, `relay`, \
+`latency`, `tls`; comma separated), with `--repetitions 1`, `--idle-connections N`, \
+`--idle-postfix-connections N` to make it shorter, and `--markdown FILE --json FILE` to leave this \
+report alone (`target/release/bench --help` lists the rest).
+- **Microbenchmarks** (criterion, not part of this run): `cargo bench -p kubemail-smtp-node` runs \
+`smtp-node/benches/protocol.rs` (command framing and parsing of a pipelined batch; end-of-data \
+scanning with dot-unstuffing of 5 KiB, 100 KiB and 1 MiB messages, whole and cut into 16 KiB and \
+1460-byte reads) and `smtp-node/benches/dkim.rs` (signing a 10 KiB message with Ed25519 and with \
+RSA-2048); `--bench protocol` or a filter such as `-- data/` runs a part. Criterion keeps its \
+history and reports in `criterion/` of the cargo target directory.
 
 ";
 
 const NOT_COVERED: &str = "\
 ## Not covered here
 
-- Criterion microbenchmarks (SMTP parser, DKIM signing, enqueue path) belong in `smtp-node/benches/` \
-and are not part of this run.
+- A microbenchmark of the enqueue path (building the JetStream message with its headers).
 - Postfix with DKIM (OpenDKIM milter) in the relay benchmark; Exim and Haraka as further peers.
 - JetStream R3 (three servers) and sharded streams; kill -9 durability checks under load.
 ";

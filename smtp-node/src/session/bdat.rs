@@ -90,7 +90,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
         let body = std::mem::take(&mut chunks.body).freeze();
         match check_bdat_message(body, self.bare_eol_policy(), MAX_TEXT_LINE) {
-            Ok(message) => self.complete_transaction(message).await,
+            // Boxed for the reason given at the DATA call site.
+            Ok(message) => Box::pin(self.complete_transaction(message)).await,
             Err(error) => {
                 self.reject_message(error.reply(), super::data::reason_of(&error));
                 Ok(Next::Continue)

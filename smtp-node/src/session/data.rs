@@ -49,7 +49,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             self.fill_data(&mut budget).await?;
         }
         match receiver.finish() {
-            Ok(body) => self.complete_transaction(body).await,
+            // Boxed: inbound checks and the queue publish make this the largest future of a
+            // session; inline, every idle session's task would carry its space (issue 8).
+            Ok(body) => Box::pin(self.complete_transaction(body)).await,
             Err(error) => {
                 self.reject_message(error.reply(), reason_of(&error));
                 Ok(Next::Continue)

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 
@@ -12,8 +12,15 @@ use super::{End, Session};
 use crate::metrics;
 use crate::protocol::{LineEvent, MAX_AUTH_LINE, Reply};
 
-/// Free buffer space requested before each read.
-const READ_CHUNK: usize = 16 * 1024;
+/// Free buffer space requested before a read of message data (DATA, BDAT): large reads keep
+/// the reads per message few.
+const DATA_READ_CHUNK: usize = 16 * 1024;
+/// Free buffer space requested before a read of commands. A command line is at most 512
+/// octets (RFC 5321 4.5.3.1.4) and a pipelined MAIL/RCPT/DATA group is usually smaller; longer
+/// input (ESMTP parameters, SASL responses, many pipelined RCPTs) grows the buffer read by
+/// read. This is what an idle session holds, so it is kept small: with 10,000 idle
+/// connections every KiB here is 10 MiB.
+const COMMAND_READ_CHUNK: usize = 512;
 /// Longest time to spend closing a connection (TLS close_notify, FIN).
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -50,6 +57,18 @@ impl DataBudget {
         let earned = Duration::from_secs_f64(bytes as f64 / self.rate as f64);
         self.remaining = (self.remaining.saturating_sub(waited) + earned).min(self.cap);
     }
+}
+
+/// What a read is for: decides the buffer space requested and whether a shutdown ends the
+/// wait at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ReadFor {
+    /// A command between transactions, or a SASL response: shutdown ends the wait.
+    IdleCommand,
+    /// A command inside a mail transaction: shutdown lets it finish (until the drain deadline).
+    Command,
+    /// Message data (DATA, BDAT), inside a transaction.
+    Data,
 }
 
 /// What ended a wait for input.
@@ -143,8 +162,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     }
                 };
             }
-            let idle = self.tx.is_none();
-            self.fill(deadline, idle).await?;
+            let purpose = if self.tx.is_none() {
+                ReadFor::IdleCommand
+            } else {
+                ReadFor::Command
+            };
+            self.fill(deadline, purpose).await?;
         }
     }
 
@@ -159,14 +182,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     LineEvent::BareLf | LineEvent::BareCr => SaslLine::Bad,
                 });
             }
-            self.fill(deadline, true).await?;
+            self.fill(deadline, ReadFor::IdleCommand).await?;
         }
     }
 
     /// Reads more message bytes under the data-rate budget.
     pub(super) async fn fill_data(&mut self, budget: &mut DataBudget) -> Result<usize, End> {
         let started = Instant::now();
-        let n = self.fill(started + budget.remaining, false).await?;
+        let n = self.fill(started + budget.remaining, ReadFor::Data).await?;
         budget.spend(started.elapsed(), n);
         Ok(n)
     }
@@ -181,12 +204,33 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         )
     }
 
+    /// Gives back the buffers a finished exchange made grow, before a session waits for its
+    /// next command with nothing buffered: a message transfer leaves a 16 KiB read buffer and
+    /// an EHLO reply a few hundred bytes of write buffer, and an idle session should hold
+    /// neither (memory per idle connection, issue 8). Both are allocated again on demand.
+    pub(super) fn release_buffers(&mut self) {
+        if self.rbuf.is_empty() {
+            self.rbuf = BytesMut::new();
+        }
+        if self.wbuf.is_empty() {
+            self.wbuf = Vec::new();
+        }
+    }
+
     /// Flushes replies, then reads more bytes into the buffer. On the deadline the client gets
-    /// `421 4.4.2`; on shutdown `421 4.3.0` (when `idle`, already on the first signal, else
-    /// only when the drain deadline aborts open sessions).
-    async fn fill(&mut self, deadline: Instant, idle: bool) -> Result<usize, End> {
+    /// `421 4.4.2`; on shutdown `421 4.3.0` (between transactions already on the first signal,
+    /// else only when the drain deadline aborts open sessions).
+    async fn fill(&mut self, deadline: Instant, purpose: ReadFor) -> Result<usize, End> {
         self.flush().await?;
-        self.rbuf.reserve(READ_CHUNK);
+        let chunk = match purpose {
+            ReadFor::Data => DATA_READ_CHUNK,
+            ReadFor::IdleCommand | ReadFor::Command => {
+                self.release_buffers();
+                COMMAND_READ_CHUNK
+            }
+        };
+        self.rbuf.reserve(chunk);
+        let idle = purpose == ReadFor::IdleCommand;
         let stop = self.ctx.shutdown.stop_token().clone();
         let abort = self.ctx.shutdown.abort_token().clone();
         let wake = tokio::select! {

@@ -98,7 +98,10 @@ impl From<std::io::Error> for End {
 
 /// One SMTP session over `S`.
 pub(crate) struct Session<S> {
-    stream: S,
+    /// Boxed: a TLS stream is about 1.3 KB, and the future that serves a connection reserves
+    /// space for its TLS session whether or not the client starts TLS; behind a box, a
+    /// plaintext connection does not pay for it (memory per idle connection, issue 8).
+    stream: Box<S>,
     rbuf: BytesMut,
     wbuf: Vec<u8>,
     lines: LineReader,
@@ -117,9 +120,10 @@ pub(crate) struct Session<S> {
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     fn new(stream: S, conn: ConnectionInfo, ctx: Arc<ServerContext>, tls: Option<TlsInfo>) -> Self {
         Self {
-            stream,
-            rbuf: BytesMut::with_capacity(4096),
-            wbuf: Vec::with_capacity(1024),
+            stream: Box::new(stream),
+            // Allocated on first use and sized by what is read (see `io::fill`).
+            rbuf: BytesMut::new(),
+            wbuf: Vec::new(),
             lines: LineReader::new(),
             ctx,
             conn,
@@ -145,7 +149,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let outcome = self.command_loop().await;
         let flushed = self.flush().await;
         match outcome {
-            Ok(Next::StartTls(rest)) if flushed.is_ok() => return Some(rest),
+            Ok(Next::StartTls(rest)) if flushed.is_ok() => {
+                // The caller keeps what is left of this session (its stream) for the whole TLS
+                // session: free the buffers now, and hand over the read-ahead (usually empty)
+                // in an allocation of its own rather than one that pins the read buffer.
+                let rest = BytesMut::from(&rest[..]);
+                self.release_buffers();
+                return Some(rest);
+            }
             Ok(_) => {}
             Err(End::PeerClosed) => tracing::debug!("client closed the connection"),
             Err(End::Io(error)) => tracing::debug!(%error, "connection error"),
@@ -195,8 +206,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             Command::Helo(name) => self.handle_ehlo(name, false),
             Command::Mail { from, params } => self.handle_mail(from, params),
             Command::Rcpt { to, params } => self.handle_rcpt(to, params),
-            Command::Data => self.handle_data().await,
-            Command::Bdat { size, last } => self.handle_bdat(size, last).await,
+            // The verbs that wait for more input or for other tasks run boxed, so that the
+            // future of an idle session stays small (issue 8: memory per idle connection).
+            Command::Data => Box::pin(self.handle_data()).await,
+            Command::Bdat { size, last } => Box::pin(self.handle_bdat(size, last)).await,
             Command::Rset => {
                 self.reset_transaction();
                 self.reply(Reply::ok("Ok"));
@@ -229,7 +242,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             Command::Auth {
                 mechanism,
                 initial_response,
-            } => self.handle_auth(mechanism, initial_response).await,
+            } => Box::pin(self.handle_auth(mechanism, initial_response)).await,
         }
     }
 
