@@ -149,7 +149,7 @@ fn run(file: &std::path::Path, listen_ip: Option<std::net::IpAddr>) -> ExitCode 
                 std::future::pending::<()>().await;
             }
             tracing::info!("shutdown signal received");
-            stopper.stop();
+            stopper.stop_gracefully().await;
         });
         node::run(config, shutdown).await
     });

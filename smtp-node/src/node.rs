@@ -120,7 +120,7 @@ pub async fn run(config: NodeConfig, shutdown: Shutdown) -> Result<(), NodeError
 
     let listeners = server::bind_listeners(&config).await?;
     let admin_socket = admin::bind(config.admin.address).await?;
-    let readiness = Readiness::new(queue.clone(), shutdown.stop_token().clone());
+    let readiness = Readiness::new(queue.clone(), shutdown.accept_token().clone());
     readiness.set_listeners_bound();
     let admin_task = tokio::spawn(admin::serve(admin_socket, readiness, background.clone()));
 

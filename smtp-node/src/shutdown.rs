@@ -1,7 +1,8 @@
 //! Graceful shutdown: one signal fanned out to every task, and a tracker to wait for them.
 //!
 //! Two phases, as an MTA needs them:
-//! 1. **stop** (SIGTERM): listeners close, idle sessions answer `421 4.3.0` and end, sessions in
+//! 1. **stop** (SIGTERM): listeners close first (so a client that saw a `421` can rely on new
+//!    connections being refused), then idle sessions answer `421 4.3.0` and end, sessions in
 //!    a transaction may finish it (the client gets its `250`), delivery stops pulling;
 //! 2. **abort** (the drain deadline passed): the remaining sessions answer `421 4.3.0` without
 //!    queueing anything more and close.
@@ -13,13 +14,18 @@ use tokio_util::task::TaskTracker;
 
 /// After the abort signal, how long tasks get to write their 421 and close.
 const ABORT_GRACE: Duration = Duration::from_secs(5);
+/// How long a graceful stop waits for the accept loops to drop their sockets before it
+/// signals the sessions anyway (they end at their next poll; this only bounds a stuck loop).
+const LISTENER_CLOSE_WAIT: Duration = Duration::from_secs(1);
 
 /// Shutdown signals and the set of tasks that must end before the process exits.
 #[derive(Clone, Default)]
 pub struct Shutdown {
+    accept: CancellationToken,
     stop: CancellationToken,
     abort: CancellationToken,
     tracker: TaskTracker,
+    listeners: TaskTracker,
 }
 
 impl Shutdown {
@@ -27,7 +33,12 @@ impl Shutdown {
         Self::default()
     }
 
-    /// Fires when the node should stop taking new work.
+    /// Fires when the listeners should close (first thing on SIGTERM; readiness follows it).
+    pub fn accept_token(&self) -> &CancellationToken {
+        &self.accept
+    }
+
+    /// Fires when the node should stop taking new work, after the listeners closed.
     pub fn stop_token(&self) -> &CancellationToken {
         &self.stop
     }
@@ -46,15 +57,35 @@ impl Shutdown {
         &self.tracker
     }
 
-    /// Starts phase 1.
+    /// Tracks the accept loops, so that a graceful stop knows when their sockets are closed.
+    pub fn listeners(&self) -> &TaskTracker {
+        &self.listeners
+    }
+
+    /// Starts phase 1 at once, listeners and sessions together.
     pub fn stop(&self) {
+        self.accept.cancel();
+        self.stop.cancel();
+    }
+
+    /// Starts phase 1 in order: closes the listeners, waits (bounded) until every accept loop
+    /// has dropped its socket, then stops the sessions and workers. What SIGTERM does.
+    pub async fn stop_gracefully(&self) {
+        self.accept.cancel();
+        self.listeners.close();
+        if tokio::time::timeout(LISTENER_CLOSE_WAIT, self.listeners.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("accept loops did not stop in time; stopping sessions anyway");
+        }
         self.stop.cancel();
     }
 
     /// Runs both phases: stop, wait up to `drain` for the tracked tasks, then abort and wait a
     /// little more. Returns whether every task ended in time.
     pub async fn drain(&self, drain: Duration) -> bool {
-        self.stop.cancel();
+        self.stop();
         self.tracker.close();
         if tokio::time::timeout(drain, self.tracker.wait())
             .await

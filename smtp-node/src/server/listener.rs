@@ -28,7 +28,7 @@ const REFUSAL_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Accepts connections until shutdown.
 pub async fn accept_loop(bound: BoundListener, ctx: Arc<ServerContext>) {
     let BoundListener { config, socket } = bound;
-    let stop = ctx.shutdown.stop_token().clone();
+    let stop = ctx.shutdown.accept_token().clone();
     let mut backoff = Duration::from_millis(10);
     loop {
         let accepted = tokio::select! {

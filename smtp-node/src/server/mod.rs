@@ -141,9 +141,14 @@ pub async fn bind_listeners(config: &NodeConfig) -> Result<Vec<BoundListener>, S
 /// Runs the accept loops until shutdown stops them. Sessions keep running in the shutdown
 /// tracker; wait for them with [`Shutdown::drain`].
 pub async fn run(listeners: Vec<BoundListener>, ctx: Arc<ServerContext>) {
-    let mut loops = tokio::task::JoinSet::new();
+    // Tracked, so that a graceful stop waits for every socket to be closed before it tells the
+    // sessions (see `Shutdown::stop_gracefully`).
+    let loops = ctx.shutdown.listeners().clone();
+    let mut handles = Vec::with_capacity(listeners.len());
     for l in listeners {
-        loops.spawn(listener::accept_loop(l, ctx.clone()));
+        handles.push(loops.spawn(listener::accept_loop(l, ctx.clone())));
     }
-    while loops.join_next().await.is_some() {}
+    for handle in handles {
+        let _ = handle.await;
+    }
 }
