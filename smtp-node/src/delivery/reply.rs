@@ -95,7 +95,9 @@ fn with_enhanced_code(code: u16, lines: Vec<String>) -> Reply {
     let enhanced = lines
         .first()
         .and_then(|l| parse_enhanced(l))
-        .filter(|(e, _)| e.0 == class && (2..=5).contains(&class))
+        // RFC 3463 2.: the class is 2, 4 or 5 only; "354 3.0.0" is text, not a status (found
+        // by the hostile suite's reply fuzzer: a DSN must never carry `Status: 3.0.0`).
+        .filter(|(e, _)| e.0 == class && matches!(class, 2 | 4 | 5))
         .map(|(e, _)| e);
     let lines = match enhanced {
         Some(e) => lines
@@ -199,6 +201,8 @@ mod tests {
             ),
             // Class mismatch: the "enhanced code" is just text.
             (b"250 5.1.1 odd\r\n", ok(250, None, &["5.1.1 odd"], 15)),
+            // No enhanced class 3 (RFC 3463): the text stays text.
+            (b"354 3.0.0 go\r\n", ok(354, None, &["3.0.0 go"], 14)),
             (b"250\r\n", ok(250, None, &[""], 5)),
             (b"354 go ahead\n", ok(354, None, &["go ahead"], 13)),
             (
