@@ -32,7 +32,6 @@
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -44,10 +43,10 @@ use async_nats::jetstream::{self, ErrorCode};
 use futures::future::BoxFuture;
 use ring::hmac;
 use serde::Deserialize;
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{AuthConfig, NatsConfig};
+use crate::queue::setup::StreamSetup;
 
 /// Longest a login waits for the shared counter before going on without it. NATS answers in
 /// about a millisecond when healthy; a second means it is in trouble.
@@ -65,8 +64,6 @@ pub const LOCAL_MAX_FAILURES: usize = 50_000;
 pub const SHARED_MAX_FAILURES: i64 = 1_000_000;
 /// Shortest secret accepted in `auth.usernameKeyFile` (128 bits).
 pub const MIN_KEY_LEN: usize = 16;
-/// Longest pause between two stream setup attempts while NATS is unreachable.
-const SETUP_RETRY_MAX: Duration = Duration::from_secs(30);
 /// The HMAC key when no key file is configured. Not secret: it keeps user names out of plain
 /// sight in the stream, nothing more.
 const BUILTIN_KEY: &[u8] = b"kubemail auth failure counter v1";
@@ -418,8 +415,7 @@ pub struct JetStreamFailures {
     js: jetstream::Context,
     config: stream::Config,
     subject_prefix: String,
-    set_up: AtomicBool,
-    redo_setup: Notify,
+    setup: StreamSetup,
 }
 
 impl JetStreamFailures {
@@ -433,40 +429,27 @@ impl JetStreamFailures {
             js,
             config: failure_stream_config(nats, auth),
             subject_prefix: failure_subject_prefix(nats),
-            set_up: AtomicBool::new(false),
-            redo_setup: Notify::new(),
+            setup: StreamSetup::new(),
         })
     }
 
     /// Creates the stream or brings it to this node's settings, retrying while NATS is away,
     /// and again whenever a request finds the stream gone. Runs until `cancel`.
     pub async fn run_setup(self: Arc<Self>, cancel: CancellationToken) {
-        loop {
-            let mut delay = Duration::from_millis(200);
-            while !self.set_up.load(Ordering::Acquire) {
-                if self.client.connection_state() == State::Connected {
-                    match self.js.create_or_update_stream(self.config.clone()).await {
-                        Ok(_) => {
-                            self.set_up.store(true, Ordering::Release);
-                            tracing::info!(stream = %self.config.name, "AUTH failure stream ready");
-                            break;
-                        }
-                        Err(error) => {
-                            tracing::error!(stream = %self.config.name, %error, "AUTH failure stream setup failed; retrying (failed logins are limited per node until then)");
-                        }
-                    }
-                }
-                tokio::select! {
-                    _ = cancel.cancelled() => return,
-                    _ = tokio::time::sleep(delay) => {}
-                }
-                delay = (delay * 2).min(SETUP_RETRY_MAX);
-            }
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                _ = self.redo_setup.notified() => {}
-            }
-        }
+        self.setup
+            .run(
+                &self.client,
+                &cancel,
+                || async {
+                    self.js
+                        .create_or_update_stream(self.config.clone())
+                        .await
+                        .map(drop)
+                },
+                || tracing::info!(stream = %self.config.name, "AUTH failure stream ready"),
+                |error| tracing::error!(stream = %self.config.name, %error, "AUTH failure stream setup failed; retrying (failed logins are limited per node until then)"),
+            )
+            .await;
     }
 
     fn subject(&self, user: UserTag) -> String {
@@ -477,7 +460,7 @@ impl JetStreamFailures {
         if self.client.connection_state() != State::Connected {
             return Err(SharedCounterError::NotConnected);
         }
-        if !self.set_up.load(Ordering::Acquire) {
+        if !self.setup.is_done() {
             return Err(SharedCounterError::NotSetUp);
         }
         Ok(())
@@ -485,8 +468,7 @@ impl JetStreamFailures {
 
     fn stream_lost(&self) {
         tracing::error!(stream = %self.config.name, "AUTH failure stream missing; setting it up again");
-        self.set_up.store(false, Ordering::Release);
-        self.redo_setup.notify_one();
+        self.setup.lost();
     }
 }
 

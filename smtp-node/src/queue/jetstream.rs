@@ -7,7 +7,6 @@
 //! connection is up; otherwise the client would buffer it and send it after a reconnect, long
 //! after the client was told `451` (a certain duplicate when it retries).
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -16,9 +15,9 @@ use async_nats::jetstream::object_store::ObjectStore;
 use async_nats::jetstream::{self, ErrorCode};
 use async_nats::{HeaderMap, connection::State};
 use futures::future::BoxFuture;
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use super::setup::StreamSetup;
 use super::stream::{ensure_body_bucket, ensure_queue_stream};
 use super::{EnqueueError, Queue, QueuedMessage, headers, rfc3339};
 use crate::config::NatsConfig;
@@ -27,9 +26,6 @@ use crate::metrics::{self, ResultLabels};
 /// Room left for NATS headers (envelope with up to a few hundred recipients) when deciding
 /// whether a body fits into one message of the server's `max_payload`.
 const HEADER_HEADROOM: usize = 64 * 1024;
-
-/// Longest pause between two stream setup attempts while NATS is unreachable.
-const SETUP_RETRY_MAX: Duration = Duration::from_secs(10);
 
 /// JetStream error codes that mean "no room": the client should try again later (452 4.3.1).
 const FULL_CODES: [ErrorCode; 5] = [
@@ -63,8 +59,7 @@ pub struct JetStreamQueue {
     js: jetstream::Context,
     nats: NatsConfig,
     bodies: OnceLock<ObjectStore>,
-    set_up: AtomicBool,
-    redo_setup: Notify,
+    setup: StreamSetup,
 }
 
 impl JetStreamQueue {
@@ -118,8 +113,7 @@ impl JetStreamQueue {
             js,
             nats: nats.clone(),
             bodies: OnceLock::new(),
-            set_up: AtomicBool::new(false),
-            redo_setup: Notify::new(),
+            setup: StreamSetup::new(),
         }))
     }
 
@@ -130,30 +124,15 @@ impl JetStreamQueue {
     /// Runs until `cancel`: when a publish finds no stream (a NATS server that lost its
     /// store), the setup is done again.
     pub async fn run_setup(self: Arc<Self>, cancel: CancellationToken) {
-        loop {
-            let mut delay = Duration::from_millis(200);
-            while !self.set_up.load(Ordering::Acquire) {
-                if self.client.connection_state() == State::Connected {
-                    match self.setup_once().await {
-                        Ok(()) => {
-                            self.set_up.store(true, Ordering::Release);
-                            tracing::info!(stream = %self.nats.stream, bucket = %self.nats.body_bucket, "queue ready");
-                            break;
-                        }
-                        Err(error) => tracing::error!(%error, "queue setup failed; retrying"),
-                    }
-                }
-                tokio::select! {
-                    _ = cancel.cancelled() => return,
-                    _ = tokio::time::sleep(delay) => {}
-                }
-                delay = (delay * 2).min(SETUP_RETRY_MAX);
-            }
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                _ = self.redo_setup.notified() => {}
-            }
-        }
+        self.setup
+            .run(
+                &self.client,
+                &cancel,
+                || self.setup_once(),
+                || tracing::info!(stream = %self.nats.stream, bucket = %self.nats.body_bucket, "queue ready"),
+                |error| tracing::error!(%error, "queue setup failed; retrying"),
+            )
+            .await;
     }
 
     async fn setup_once(&self) -> Result<(), super::stream::SetupError> {
@@ -228,8 +207,7 @@ impl JetStreamQueue {
             .map_err(|e| {
                 if e.kind() == PublishErrorKind::StreamNotFound {
                     tracing::error!(stream = %self.nats.stream, "queue stream missing; setting it up again");
-                    self.set_up.store(false, Ordering::Release);
-                    self.redo_setup.notify_one();
+                    self.setup.lost();
                 }
                 classify(&e, "wait for acknowledgement")
             })?;
@@ -248,7 +226,7 @@ impl Queue for JetStreamQueue {
                         "not connected to NATS".to_owned(),
                     ));
                 }
-                if !self.set_up.load(Ordering::Acquire) {
+                if !self.setup.is_done() {
                     return Err(EnqueueError::Unavailable(
                         "queue stream not set up yet".to_owned(),
                     ));
@@ -275,7 +253,7 @@ impl Queue for JetStreamQueue {
     }
 
     fn is_ready(&self) -> bool {
-        self.set_up.load(Ordering::Acquire) && self.client.connection_state() == State::Connected
+        self.setup.is_done() && self.client.connection_state() == State::Connected
     }
 }
 

@@ -51,6 +51,7 @@
 pub mod jetstream;
 pub mod memory;
 pub mod sampler;
+pub mod setup;
 pub mod stream;
 
 use std::fmt;
