@@ -14,7 +14,8 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::events::{Recorder, Reporter};
-use kube::{Api, Client, Resource};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::{Api, Client, Resource, ResourceExt};
 use tokio_util::sync::CancellationToken;
 
 use self::mail_domain::build::BuildConfig;
@@ -257,6 +258,28 @@ where
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
     }
+}
+
+/// The objects in `store`, in `changed`'s namespace, that `refers` says point at `changed`
+/// (given by name): what a watch of a referenced kind (a Relay, a Secret) maps an event to.
+pub fn referrers<K, S>(
+    store: &Store<K>,
+    changed: &S,
+    refers: impl Fn(&K, &str) -> bool,
+) -> Vec<ObjectRef<K>>
+where
+    K: Resource + Clone + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+    S: Resource,
+{
+    let namespace = changed.namespace();
+    let name = changed.name_any();
+    store
+        .state()
+        .into_iter()
+        .filter(|obj| obj.namespace() == namespace && refers(obj, &name))
+        .map(|obj| ObjectRef::from_obj(&*obj))
+        .collect()
 }
 
 /// A condition of `type_`, keeping the previous `lastTransitionTime` while the status holds.

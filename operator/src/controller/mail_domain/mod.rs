@@ -28,14 +28,13 @@ use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{DeleteParams, DynamicObject, ListParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
-use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Api, Resource, ResourceExt};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, field, info_span, instrument};
 
 use self::build::{Observed, load_balancer_addresses};
-use crate::controller::{Context, Error, api_for};
+use crate::controller::{Context, Error, api_for, referrers};
 use crate::crd::mail_domain::MailDomain;
 use crate::crd::relay::Relay;
 use crate::queue;
@@ -95,17 +94,9 @@ pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
             api_for::<Relay>(&client, ns.as_deref()),
             watcher::Config::default(),
             move |relay: Relay| {
-                let relay_ns = relay.namespace();
-                let name = relay.name_any();
-                relay_store
-                    .state()
-                    .into_iter()
-                    .filter(|md| {
-                        md.namespace() == relay_ns
-                            && md.spec.relay_ref.as_ref().is_some_and(|r| r.name == name)
-                    })
-                    .map(|md| ObjectRef::from_obj(&*md))
-                    .collect::<Vec<_>>()
+                referrers(&relay_store, &relay, |md: &MailDomain, name| {
+                    md.spec.relay_ref.as_ref().is_some_and(|r| r.name == name)
+                })
             },
         )
         // Secrets: the ones a domain owns (DKIM, TLS, users) and the ones it refers to (the
@@ -114,28 +105,20 @@ pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
             api_for::<Secret>(&client, ns.as_deref()),
             watcher::Config::default(),
             move |secret: Secret| {
-                let secret_ns = secret.namespace();
-                let name = secret.name_any();
                 let owners: Vec<String> = secret
                     .owner_references()
                     .iter()
                     .filter(|o| o.kind == "MailDomain" && o.controller == Some(true))
                     .map(|o| o.name.clone())
                     .collect();
-                secret_store
-                    .state()
-                    .into_iter()
-                    .filter(|md| {
-                        md.namespace() == secret_ns
-                            && (owners.contains(&md.name_any())
-                                || md
-                                    .spec
-                                    .submission
-                                    .as_ref()
-                                    .is_some_and(|s| s.users_secret_ref.name == name))
-                    })
-                    .map(|md| ObjectRef::from_obj(&*md))
-                    .collect::<Vec<_>>()
+                referrers(&secret_store, &secret, |md: &MailDomain, name| {
+                    owners.contains(&md.name_any())
+                        || md
+                            .spec
+                            .submission
+                            .as_ref()
+                            .is_some_and(|s| s.users_secret_ref.name == name)
+                })
             },
         )
         .graceful_shutdown_on(stop.cancelled_owned())

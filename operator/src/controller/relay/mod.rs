@@ -17,14 +17,15 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType};
-use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, field, info_span, instrument};
 
-use crate::controller::{Context, Error, FIELD_MANAGER, api_for, condition, condition_with};
+use crate::controller::{
+    Context, Error, FIELD_MANAGER, api_for, condition, condition_with, referrers,
+};
 use crate::crd::relay::{ProbeResult, Relay, RelayStatus};
 use crate::timestamps::{self, UnixSeconds, parse_duration, parse_rfc3339, rfc3339};
 
@@ -45,20 +46,12 @@ pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
             api_for::<Secret>(&client, ns.as_deref()),
             watcher::Config::default(),
             move |secret: Secret| {
-                let secret_ns = secret.namespace();
-                let name = secret.name_any();
-                store
-                    .state()
-                    .into_iter()
-                    .filter(|r| {
-                        r.namespace() == secret_ns
-                            && r.spec
-                                .auth
-                                .as_ref()
-                                .is_some_and(|a| a.secret_ref.name == name)
-                    })
-                    .map(|r| ObjectRef::from_obj(&*r))
-                    .collect::<Vec<_>>()
+                referrers(&store, &secret, |r: &Relay, name| {
+                    r.spec
+                        .auth
+                        .as_ref()
+                        .is_some_and(|a| a.secret_ref.name == name)
+                })
             },
         )
         .graceful_shutdown_on(stop.cancelled_owned())
