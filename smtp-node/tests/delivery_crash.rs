@@ -9,20 +9,11 @@ mod delivery_support;
 
 use std::time::Duration;
 
-use common::{Nats, Node};
+use common::{Nats, Node, queue_is_empty, unique};
 use delivery_support::{
     Knot, Setup, Sink, configure, counter, example_zone, log, metrics, remote_zone, submit,
     wait_until,
 };
-
-fn unique(tag: &str) -> String {
-    format!("{tag}-{}", uuid::Uuid::new_v4().simple())
-}
-
-fn queue_is_empty(node: &Node) -> bool {
-    tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(node.messages()))
-        .is_empty()
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_worker_killed_mid_delivery_loses_nothing() {

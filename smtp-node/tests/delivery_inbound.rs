@@ -9,13 +9,9 @@ mod delivery_support;
 
 use std::time::Duration;
 
-use common::{Nats, Node, smtplib};
+use common::{Nats, Node, smtplib, unique};
 use delivery_support::{Knot, Mailpit, Setup, configure, example_zone, remote_zone};
 use serde_json::json;
-
-fn unique(tag: &str) -> String {
-    format!("{tag}-{}", uuid::Uuid::new_v4().simple())
-}
 
 /// A zone whose owner says: no host may send for me, reject what fails.
 fn forged_zone() -> (&'static str, String) {

@@ -8,15 +8,11 @@ mod delivery_support;
 
 use std::time::Duration;
 
-use common::{Nats, Node};
+use common::{Nats, Node, unique};
 use delivery_support::{
     Knot, Mailpit, Setup, Sink, configure, counter, dkim_verify, example_zone, log, metrics,
     parse_dsn, remote_zone, submit, wait_until,
 };
-
-fn unique(tag: &str) -> String {
-    format!("{tag}-{}", uuid::Uuid::new_v4().simple())
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn submitted_mail_reaches_the_remote_mx_with_two_valid_dkim_signatures() {

@@ -9,16 +9,12 @@ mod delivery_support;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{Nats, Node};
+use common::{Nats, Node, unique};
 use delivery_support::{
     Knot, Mailpit, Setup, Sink, configure, counter, example_zone, log, metrics, remote_zone,
     submit, wait_until,
 };
 use serde_json::json;
-
-fn unique(tag: &str) -> String {
-    format!("{tag}-{}", uuid::Uuid::new_v4().simple())
-}
 
 /// A test CA and a relay certificate for 127.0.0.1 signed by it; returns the CA file, the
 /// certificate file and the key file.

@@ -8,15 +8,11 @@ mod delivery_support;
 
 use std::time::Duration;
 
-use common::{Nats, Node};
+use common::{Nats, Node, queue_is_empty, unique};
 use delivery_support::{
     Knot, Setup, Sink, configure, counter, dkim_verify, example_zone, metrics, parse_dsn,
     remote_zone, submit, wait_until,
 };
-
-fn unique(tag: &str) -> String {
-    format!("{tag}-{}", uuid::Uuid::new_v4().simple())
-}
 
 const DELIVERED: &str =
     "kubemail_smtp_delivery_recipients_total{domain=\"example.test\",result=\"delivered\"}";
@@ -28,11 +24,6 @@ const BOUNCED: &str =
     "kubemail_smtp_delivery_recipients_total{domain=\"example.test\",result=\"bounced\"}";
 const FAILURE_DSNS: &str =
     "kubemail_smtp_delivery_dsns_total{domain=\"example.test\",result=\"failure\"}";
-
-fn queue_is_empty(node: &Node) -> bool {
-    tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(node.messages()))
-        .is_empty()
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_remote_answering_4xx_then_250_gets_the_message_once() {

@@ -12,7 +12,7 @@ mod delivery_support;
 
 use std::time::Duration;
 
-use common::{Nats, Node, RawTcp, free_port};
+use common::{Nats, Node, RawTcp, free_port, unique};
 use delivery_support::{
     Knot, Mailpit, Setup, Sink, configure, counter, example_zone, log, metrics, remote_zone,
     submit, wait_until,
@@ -23,10 +23,6 @@ const DELIVERED: &str =
     "kubemail_smtp_delivery_recipients_total{domain=\"example.test\",result=\"delivered\"}";
 const DEFERRED: &str =
     "kubemail_smtp_delivery_recipients_total{domain=\"example.test\",result=\"deferred\"}";
-
-fn unique(tag: &str) -> String {
-    format!("{tag}-{}", uuid::Uuid::new_v4().simple())
-}
 
 /// A variable of the local cluster's env file; fails with what to do when it is missing.
 fn cluster_env(name: &str) -> String {

@@ -3,3 +3,4 @@
 //! the `e2e` crate.
 
 pub mod ports;
+pub mod smtp_sink;

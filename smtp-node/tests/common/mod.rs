@@ -43,6 +43,17 @@ pub fn require_tool(name: &str) -> PathBuf {
 
 pub use kubemail_test_support::ports::{free_port, free_ports};
 
+/// `tag` with a random suffix, for names that must not meet those of another test or run.
+pub fn unique(tag: &str) -> String {
+    format!("{tag}-{}", uuid::Uuid::new_v4().simple())
+}
+
+/// Whether the node's stream holds no entry (from a test on a multi-threaded runtime).
+pub fn queue_is_empty(node: &Node) -> bool {
+    tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(node.messages()))
+        .is_empty()
+}
+
 fn examples_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("examples")
 }

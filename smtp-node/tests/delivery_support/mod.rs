@@ -400,23 +400,12 @@ impl Sink {
 
     /// The transactions it completed (dump files: envelope as `X-` lines, then the message).
     pub fn transactions(&self) -> Vec<String> {
-        let mut out = Vec::new();
-        if let Ok(entries) = std::fs::read_dir(self.dir.path().join("dumps")) {
-            for e in entries.flatten() {
-                if let Ok(text) = std::fs::read_to_string(e.path()) {
-                    out.push(text);
-                }
-            }
-        }
-        out
+        kubemail_test_support::smtp_sink::transactions(&self.dir.path().join("dumps"))
     }
 
     /// How many completed transactions contain `needle`.
     pub fn count(&self, needle: &str) -> usize {
-        self.transactions()
-            .iter()
-            .filter(|t| t.contains(needle))
-            .count()
+        kubemail_test_support::smtp_sink::count(&self.dir.path().join("dumps"), needle)
     }
 }
 
