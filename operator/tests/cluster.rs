@@ -12,13 +12,14 @@ mod common;
 
 use std::time::Duration;
 
-use async_nats::jetstream::{self, consumer, stream};
+use async_nats::jetstream::consumer;
 use common::maildomain::{
-    apply_md, assert_owned, condition, md_api, secret_data, snapshot, text, wait_condition,
+    apply_md, assert_owned, condition, ensure_delivery_consumer, md_api, secret_data, snapshot,
+    text, wait_condition,
 };
 use common::{
     Operator, OperatorOptions, TEST_MANAGER, TestNamespace, client, delete_stream, install_crds,
-    nats_url, wait_for,
+    wait_for,
 };
 use k8s_openapi::ByteString;
 use k8s_openapi::api::apps::v1::Deployment;
@@ -297,28 +298,8 @@ async fn maildomain_reconciles_into_ready_children_idempotently_scales_and_is_fi
     );
 
     // Deleting runs the finalizer (the JetStream consumer goes) and the children are collected.
-    let js = jetstream::new(async_nats::connect(nats_url()).await.expect("NATS"));
-    let stream = js
-        .get_or_create_stream(stream::Config {
-            name: ns.nats_stream(),
-            subjects: vec![format!("{}.>", ns.subject_prefix())],
-            retention: stream::RetentionPolicy::WorkQueue,
-            ..Default::default()
-        })
-        .await
-        .expect("stream");
     // The node's delivery workers may have made it already; make sure it is there.
-    stream
-        .get_or_create_consumer(
-            "kubemail-example-com",
-            consumer::pull::Config {
-                durable_name: Some("kubemail-example-com".into()),
-                filter_subject: format!("{}.example.com", ns.subject_prefix()),
-                ..Default::default()
-            },
-        )
-        .await
-        .expect("consumer");
+    let js = ensure_delivery_consumer(&ns, "example.com").await;
     md_api(&client, n)
         .delete("example-com", &DeleteParams::default())
         .await

@@ -26,14 +26,13 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::{self, consumer, stream};
+use async_nats::jetstream::consumer;
 use common::maildomain::{
-    ROOT_CA_CONFIG_MAP, apply_md, assert_owned, condition, md_api, secret_data, snapshot, text,
-    wait_condition_by,
+    ROOT_CA_CONFIG_MAP, apply_md, assert_owned, condition, ensure_delivery_consumer, md_api,
+    secret_data, snapshot, text, wait_condition_by,
 };
 use common::{
-    Operator, OperatorOptions, TestNamespace, client, delete_stream, install_crds, nats_url,
-    wait_for,
+    Operator, OperatorOptions, TestNamespace, client, delete_stream, install_crds, wait_for,
 };
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::ByteString;
@@ -233,27 +232,7 @@ async fn killed_during_deletion_a_successor_finishes_the_cleanup() {
     .await;
 
     // The consumer the nodes' delivery workers would have made.
-    let js = jetstream::new(async_nats::connect(nats_url()).await.expect("NATS"));
-    let stream = js
-        .get_or_create_stream(stream::Config {
-            name: ns.nats_stream(),
-            subjects: vec![format!("{}.>", ns.subject_prefix())],
-            retention: stream::RetentionPolicy::WorkQueue,
-            ..Default::default()
-        })
-        .await
-        .expect("stream");
-    stream
-        .get_or_create_consumer(
-            &consumer_name(DOMAIN),
-            consumer::pull::Config {
-                durable_name: Some(consumer_name(DOMAIN)),
-                filter_subject: format!("{}.{DOMAIN}", ns.subject_prefix()),
-                ..Default::default()
-            },
-        )
-        .await
-        .expect("consumer");
+    let js = ensure_delivery_consumer(&ns, DOMAIN).await;
     let consumer_exists = || async {
         js.get_consumer_from_stream::<consumer::pull::Config, _, _>(
             consumer_name(DOMAIN),

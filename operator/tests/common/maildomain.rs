@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use async_nats::jetstream::{self, consumer, stream};
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
@@ -11,9 +12,10 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::api::{ObjectMeta, Patch, PatchParams};
 use kube::{Api, Client, ResourceExt};
 use kubemail_operator::crd::MailDomain;
+use kubemail_operator::queue::consumer_name;
 use serde_json::{Value, json};
 
-use super::{Operator, TEST_MANAGER};
+use super::{Operator, TEST_MANAGER, TestNamespace, nats_url};
 
 /// The ConfigMap Kubernetes puts in every namespace (not the operator's).
 pub const ROOT_CA_CONFIG_MAP: &str = "kube-root-ca.crt";
@@ -208,4 +210,32 @@ pub async fn snapshot(client: &Client, ns: &str, name: &str) -> BTreeMap<String,
         ),
     );
     out
+}
+
+/// Creates (or finds) the test namespace's queue stream and `domain`'s durable consumer, as the
+/// nodes' delivery workers would, so a test can watch the finalizer delete it. Returns the
+/// JetStream context to look for it afterwards.
+pub async fn ensure_delivery_consumer(ns: &TestNamespace, domain: &str) -> jetstream::Context {
+    let js = jetstream::new(async_nats::connect(nats_url()).await.expect("NATS"));
+    let stream = js
+        .get_or_create_stream(stream::Config {
+            name: ns.nats_stream(),
+            subjects: vec![format!("{}.>", ns.subject_prefix())],
+            retention: stream::RetentionPolicy::WorkQueue,
+            ..Default::default()
+        })
+        .await
+        .expect("stream");
+    stream
+        .get_or_create_consumer(
+            &consumer_name(domain),
+            consumer::pull::Config {
+                durable_name: Some(consumer_name(domain)),
+                filter_subject: format!("{}.{domain}", ns.subject_prefix()),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("consumer");
+    js
 }
