@@ -29,6 +29,7 @@ use rustls_pki_types::PrivateKeyDer;
 use rustls_pki_types::pem::PemObject as _;
 
 use crate::config::DkimConfig;
+use crate::session::message::header_value;
 
 /// The headers signed, From twice (over-signing).
 pub const SIGNED_HEADERS: [&str; 13] = [
@@ -315,38 +316,6 @@ pub fn author_domain(message: &[u8]) -> Option<String> {
         .trim_end_matches('.')
         .to_ascii_lowercase();
     (!domain.is_empty()).then_some(domain)
-}
-
-/// The unfolded value of the first `name` header in the header section.
-fn header_value(message: &[u8], name: &str) -> Option<String> {
-    let end = memchr::memmem::find(message, b"\r\n\r\n").map_or(message.len(), |e| e + 2);
-    let headers = &message[..end];
-    let mut lines = headers.split(|&b| b == b'\n').peekable();
-    while let Some(line) = lines.next() {
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
-        let Some(colon) = line.iter().position(|&b| b == b':') else {
-            continue;
-        };
-        if !line[..colon]
-            .trim_ascii()
-            .eq_ignore_ascii_case(name.as_bytes())
-        {
-            continue;
-        }
-        let mut value = line[colon + 1..].to_vec();
-        while let Some(next) = lines.peek() {
-            if next.first().is_some_and(|b| *b == b' ' || *b == b'\t') {
-                value.push(b' ');
-                let next = next.strip_suffix(b"\r").unwrap_or(next);
-                value.extend_from_slice(next.trim_ascii());
-                lines.next();
-            } else {
-                break;
-            }
-        }
-        return Some(String::from_utf8_lossy(value.trim_ascii()).into_owned());
-    }
-    None
 }
 
 #[cfg(test)]

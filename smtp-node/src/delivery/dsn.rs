@@ -14,6 +14,7 @@ use std::time::SystemTime;
 
 use super::outcome::Diagnostic;
 use crate::queue::rfc3339;
+use crate::session::message::header_section;
 
 /// Which notification.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -258,18 +259,6 @@ fn ascii(s: &str) -> String {
             _ => '?',
         })
         .collect()
-}
-
-/// The header section of a message including its final CRLF (the whole message if it has
-/// no body).
-fn header_section(message: &[u8]) -> &[u8] {
-    if message.starts_with(b"\r\n") {
-        return &[];
-    }
-    match memchr::memmem::find(message, b"\r\n\r\n") {
-        Some(end) => &message[..end + 2],
-        None => message,
-    }
 }
 
 /// RFC 5322 date in UTC.
