@@ -1,7 +1,6 @@
 //! Child processes of the hostile cases: finding tools and the `smtp-node` binary, free
 //! loopback ports, waiting for a port, killing on drop, and reading a process's memory.
 
-use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Child;
 use std::sync::Arc;
@@ -67,36 +66,7 @@ pub fn smtp_node_dir() -> PathBuf {
 }
 
 pub use kubemail_test_support::ports::{free_port, free_port_on, free_ports};
-
-/// Waits until `addr` accepts a connection; panics when `child` exits first or after `limit`.
-pub fn wait_for_port(addr: SocketAddr, what: &str, child: &mut Child, limit: Duration) {
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
-            return;
-        }
-        if let Ok(Some(status)) = child.try_wait() {
-            panic!("{what} exited with {status} before listening on {addr}");
-        }
-        std::thread::sleep(Duration::from_millis(25));
-    }
-    panic!("{what} did not listen on {addr} within {limit:?}");
-}
-
-/// Polls `check` every 50 ms until it gives `Some`, or panics after `limit` naming `what`.
-pub fn wait_until<T>(limit: Duration, what: &str, mut check: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(v) = check() {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {limit:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
+pub use kubemail_test_support::wait::{wait_for_port, wait_until};
 
 /// A child process that is killed (SIGKILL) and reaped when dropped.
 pub struct Proc {

@@ -4,3 +4,4 @@
 
 pub mod ports;
 pub mod smtp_sink;
+pub mod wait;

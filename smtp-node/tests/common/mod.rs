@@ -42,6 +42,10 @@ pub fn require_tool(name: &str) -> PathBuf {
 }
 
 pub use kubemail_test_support::ports::{free_port, free_ports};
+pub use kubemail_test_support::wait::wait_for_port;
+
+/// How long a server the tests start may take to listen.
+pub const START_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// `tag` with a random suffix, for names that must not meet those of another test or run.
 pub fn unique(tag: &str) -> String {
@@ -56,20 +60,6 @@ pub fn queue_is_empty(node: &Node) -> bool {
 
 fn examples_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("examples")
-}
-
-fn wait_for_port(port: u16, what: &str, child: &mut Child) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline {
-        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return;
-        }
-        if let Ok(Some(status)) = child.try_wait() {
-            panic!("{what} exited with {status} before listening on {port}");
-        }
-        std::thread::sleep(Duration::from_millis(25));
-    }
-    panic!("{what} did not listen on port {port} within 20 s");
 }
 
 /// A nats-server with JetStream on a free port and its own store directory.
@@ -146,7 +136,12 @@ impl Nats {
                 .spawn()
                 .expect("spawn nats-server")
         };
-        wait_for_port(self.port, "nats-server", &mut child);
+        wait_for_port(
+            loopback(self.port),
+            "nats-server",
+            &mut child,
+            START_TIMEOUT,
+        );
         self._stdin = child.stdin.take();
         self.child = Some(child);
     }
@@ -324,7 +319,7 @@ impl Node {
             .stderr(log)
             .spawn()
             .expect("spawn smtp-node");
-        wait_for_port(self.ports.mx.port(), "smtp-node", &mut child);
+        wait_for_port(self.ports.mx, "smtp-node", &mut child, START_TIMEOUT);
         self.child = Some(child);
         if wait_ready {
             self.wait_ready(Duration::from_secs(30));
@@ -411,7 +406,7 @@ impl Drop for Node {
     }
 }
 
-fn loopback(port: u16) -> SocketAddr {
+pub fn loopback(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
 

@@ -14,7 +14,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::common::{PASSWORD, USER, free_port, require_tool, smtplib};
+use crate::common::{
+    PASSWORD, START_TIMEOUT, USER, free_port, loopback, require_tool, smtplib, wait_for_port,
+};
+pub use kubemail_test_support::wait::wait_until;
 
 /// The node's host name in the test config (`tests/common`).
 pub const HOSTNAME: &str = "mx.example.test";
@@ -25,22 +28,6 @@ fn examples_dir() -> PathBuf {
 
 fn clients_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients")
-}
-
-/// Polls `check` every 50 ms until it returns `Some`, or panics after `limit` with `what`
-/// and the last state `describe` gives.
-pub fn wait_until<T>(limit: Duration, what: &str, mut check: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(v) = check() {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {limit:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// Spawns a server on a free port, retrying with another port when it exits early (another
@@ -71,20 +58,6 @@ fn wait_for_tcp_or_exit(port: u16, what: &str, child: &mut Child) -> bool {
         }
         if TcpStream::connect(("127.0.0.1", port)).is_ok() {
             return true;
-        }
-        std::thread::sleep(Duration::from_millis(25));
-    }
-    panic!("{what} did not listen on port {port} within 20 s");
-}
-
-fn wait_for_tcp(port: u16, what: &str, child: &mut Child) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline {
-        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return;
-        }
-        if let Ok(Some(status)) = child.try_wait() {
-            panic!("{what} exited with {status} before listening on {port}");
         }
         std::thread::sleep(Duration::from_millis(25));
     }
@@ -267,7 +240,12 @@ impl Mailpit {
                 .expect("spawn mailpit")
         });
         let smtp_port = smtp.get();
-        wait_for_tcp(smtp_port, "mailpit (SMTP)", &mut child);
+        wait_for_port(
+            loopback(smtp_port),
+            "mailpit (SMTP)",
+            &mut child,
+            START_TIMEOUT,
+        );
         Self {
             child: Some(child),
             smtp_port,
@@ -394,7 +372,7 @@ impl Sink {
         kill(&mut self.child);
         let template = format!("{}/msg.", self.dir.path().join("dumps").display());
         let mut child = sink_command(&template, options, self.port);
-        wait_for_tcp(self.port, "smtp-sink", &mut child);
+        wait_for_port(loopback(self.port), "smtp-sink", &mut child, START_TIMEOUT);
         self.child = Some(child);
     }
 
