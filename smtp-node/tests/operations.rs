@@ -97,12 +97,24 @@ async fn connection_caps_answer_421() {
     // Three open: the node-wide cap refuses anyone.
     let mut c1 = connect_from([127, 0, 0, 3], node.ports.mx).await;
     c1.expect("421 4.7.0").await;
-    // Closing one frees a slot.
+    // Closing one frees a slot once the node has ended that session.
     a1.cmd("QUIT", "221").await;
+    assert!(a1.closed(Duration::from_secs(5)).await);
     drop(a1);
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let mut c2 = connect_from([127, 0, 0, 3], node.ports.mx).await;
-    c2.expect("220").await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut c2 = connect_from([127, 0, 0, 3], node.ports.mx).await;
+        let reply = c2.reply().await;
+        if reply.starts_with("220") {
+            break;
+        }
+        assert!(reply.starts_with("421 4.7.0"), "{reply}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the slot of a closed session was not freed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let metrics = http_get(node.ports.admin, "/metrics");
     assert!(
         metrics.contains("reason=\"max_connections_per_ip\""),

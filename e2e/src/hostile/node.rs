@@ -144,7 +144,9 @@ impl Node {
             .stderr(log)
             .spawn()
             .expect("spawn smtp-node");
-        wait_for_port(self.ports.mx, "smtp-node", &mut child, START_TIMEOUT);
+        // The admin port is bound after the SMTP listeners; probing it leaves no probe session
+        // holding a connection slot.
+        wait_for_port(self.ports.admin, "smtp-node", &mut child, START_TIMEOUT);
         self.proc = Some(Proc::new(child, "smtp-node"));
         if wait_ready {
             self.wait_ready(START_TIMEOUT);

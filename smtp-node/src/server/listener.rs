@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
 use tracing::Instrument;
 
 use super::prefixed::PrefixedStream;
@@ -64,10 +65,9 @@ pub async fn accept_loop(bound: BoundListener, ctx: Arc<ServerContext>) {
         };
         let ctx2 = ctx.clone();
         let config2 = config.clone();
-        ctx.shutdown.tracker().spawn(async move {
-            handle_connection(tcp, peer, config2, ctx2).await;
-            drop(permit);
-        });
+        ctx.shutdown
+            .tracker()
+            .spawn(handle_connection(tcp, peer, config2, ctx2, permit));
     }
     tracing::info!(listener = %config.name, "stopped accepting");
 }
@@ -77,6 +77,7 @@ async fn handle_connection(
     peer: SocketAddr,
     listener: Arc<ListenerConfig>,
     ctx: Arc<ServerContext>,
+    permit: OwnedSemaphorePermit,
 ) {
     let local = tcp.local_addr().unwrap_or(listener.address);
     let mut stream = PrefixedStream::new(tcp);
@@ -95,6 +96,9 @@ async fn handle_connection(
         peer
     };
     let Some(_slot) = ctx.limits.try_ip(remote.ip()) else {
+        // The node-wide slot is given back before the client can read the refusal, so a client
+        // that saw this 421 finds the slot free.
+        drop(permit);
         refused(&listener, "max_connections_per_ip");
         tracing::warn!(listener = %listener.name, remote_ip = %remote.ip(), "maxConnectionsPerIp reached; refusing");
         refuse_stream(stream, &listener, &ctx.config.hostname).await;
@@ -141,6 +145,7 @@ async fn handle_connection(
     .instrument(span)
     .await;
     active.dec();
+    drop(permit);
 }
 
 fn refused(listener: &ListenerConfig, reason: &'static str) {

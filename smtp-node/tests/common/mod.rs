@@ -319,7 +319,9 @@ impl Node {
             .stderr(log)
             .spawn()
             .expect("spawn smtp-node");
-        wait_for_port(self.ports.mx, "smtp-node", &mut child, START_TIMEOUT);
+        // The admin port is bound after the SMTP listeners. Probing it rather than an SMTP port
+        // leaves no probe session holding a connection slot when the test starts.
+        wait_for_port(self.ports.admin, "smtp-node", &mut child, START_TIMEOUT);
         self.child = Some(child);
         if wait_ready {
             self.wait_ready(Duration::from_secs(30));

@@ -141,7 +141,9 @@ impl Kubemail {
             .stderr(log)
             .spawn()
             .map_err(spawn_error)?;
-        wait_for_port(mx.port(), "smtp-node", Some(&mut child), START_TIMEOUT)?;
+        // The admin port is bound after the SMTP listeners; probing it leaves no probe session
+        // in the measured node.
+        wait_for_port(admin.port(), "smtp-node", Some(&mut child), START_TIMEOUT)?;
         let mut node = Self {
             child: ManagedChild::new(child, "smtp-node"),
             mx,
