@@ -629,8 +629,7 @@ async fn finish(
         },
     );
     let m = metrics::global();
-    m.count(domain, "delivered", plan.delivered.len());
-    m.count(domain, "deferred", plan.deferred.len());
+    // Per remote domain first: whoever saw the per-domain totals move finds these moved too.
     for rcpt in &plan.delivered {
         m.count_remote(domain, rcpt, "delivered");
     }
@@ -644,6 +643,8 @@ async fn finish(
             if plan.bounce { "bounced" } else { "dropped" },
         );
     }
+    m.count(domain, "delivered", plan.delivered.len());
+    m.count(domain, "deferred", plan.deferred.len());
     record_outcome(&tracing::Span::current(), &plan);
     for (rcpt, d) in &plan.failed {
         tracing::warn!(recipient = %rcpt, reason = %d.summary(), bounce = plan.bounce, "delivery failed permanently");
