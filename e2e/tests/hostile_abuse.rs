@@ -660,10 +660,10 @@ fn mx_pointing_at_loopback_is_refused() {
     ));
 }
 
-/// FINDING F4 (LOOP-01): the node has no hop-count limit. A message that already carries
-/// more `Received:` headers than any sane path (Postfix `hopcount_limit` 50; RFC 5321 §6.3
-/// suggests a threshold of 100) is accepted and queued again, so a forwarding loop between
-/// two MTAs never ends. Expected: `554 5.4.6` (routing loop detected) at the end of DATA.
+/// LOOP-01 (was finding F4, fixed): the node had no hop-count limit. A message that already
+/// carried more `Received:` headers than any sane path (Postfix `hopcount_limit` 50; RFC 5321
+/// §6.3 suggests a threshold of 100) was accepted and queued again, so a forwarding loop
+/// between two MTAs never ended. Now: `554 5.4.6` (routing loop detected) at the end of DATA.
 #[test]
 fn mail_loop_is_refused_at_the_hop_limit() {
     let case = Case::begin(

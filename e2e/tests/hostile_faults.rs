@@ -841,12 +841,12 @@ fn nats_store_limit_reached() {
     case.pass("refused with 4xx at the store limit; every 250 is stored");
 }
 
-/// FINDING F2: `nats.url` is documented as "Server URL(s), comma separated", but the node
-/// hands the string to `async_nats::connect(&str)`, which parses exactly one URL: with
-/// `nats://a:4222,nats://b:4222` the node never connects ("failed to parse server or server
-/// list: NATS server URL is invalid: invalid port number") and a production config that
-/// lists the three servers of an R3 cluster gives a node that cannot queue anything. Fix:
-/// split on ',' and pass a `Vec<ServerAddr>` (or document a single seed URL).
+/// Was finding F2 (fixed): `nats.url` is documented as "Server URL(s), comma separated", but
+/// the node handed the string to `async_nats::connect(&str)`, which parses exactly one URL:
+/// with `nats://a:4222,nats://b:4222` the node never connected ("failed to parse server or
+/// server list: NATS server URL is invalid: invalid port number"), so a config listing the
+/// three servers of an R3 cluster gave a node that could not queue anything. The node now
+/// splits the list and connects with every address.
 #[test]
 fn node_accepts_the_documented_comma_separated_nats_url() {
     let case = Case::begin(
