@@ -428,8 +428,10 @@ mod tests {
     #[tokio::test]
     async fn http_and_tcp_probes_against_a_real_socket() {
         let ip = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1));
-        let listener = TcpListener::bind((ip, 0)).await.unwrap();
-        let port = listener.local_addr().unwrap().port();
+        // A port below the ephemeral range: once the listener is dropped, no outgoing
+        // connection (not even the probe's own, as a TCP self-connect) can be using it.
+        let port = kubemail_test_support::ports::free_port();
+        let listener = TcpListener::bind((ip, port)).await.unwrap();
         let mut t = target(ip);
         t.named_ports.insert("http".into(), port);
         let http = probe(json!({"httpGet": {"path": "/healthz", "port": "http"}}));

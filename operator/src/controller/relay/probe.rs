@@ -219,10 +219,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_closed_port_is_unreachable() {
-        let port = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            l.local_addr().unwrap().port()
-        };
+        // Below the ephemeral range: no outgoing connection (not even this one, as a TCP
+        // self-connect) can be using it.
+        let port = kubemail_test_support::ports::free_port();
         let o = probe(
             "127.0.0.1",
             port,
