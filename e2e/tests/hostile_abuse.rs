@@ -284,6 +284,9 @@ fn auth_distributed_guessing_is_throttled_per_user() {
         "failuresPerIpPerMinute": 5,
         "failuresPerUser": 10,
         "failuresPerUserWindow": "1h",
+        // The counts below are exact only if no look-up gives up on NATS, whose store
+        // fsyncs every write while the flood cases of this binary load the machine.
+        "sharedCounterTimeout": "10s",
     });
     let a = Node::start(&nats.url(), |c, _| c["auth"] = auth.clone());
     // The second replica shares the first one's stream and subjects, as the operator renders
@@ -445,8 +448,10 @@ fn slowloris_clients_are_dropped() {
             .is_some_and(|r| r.starts_with("421 4.4.2")),
         "trickled command not cut off: {cmd_result:?}"
     );
+    // 3 s deadline; the margin is for a loaded machine. A first complete line would take
+    // 12.8 s and be answered with 250, not 421.
     assert!(
-        cmd_time < Duration::from_secs(8),
+        cmd_time < Duration::from_secs(12),
         "command deadline not enforced ({cmd_time:?})"
     );
     assert!(
@@ -455,8 +460,9 @@ fn slowloris_clients_are_dropped() {
             .is_some_and(|r| r.starts_with("421 4.4.2")),
         "trickled DATA not cut off: {data_result:?}"
     );
+    // Without the floor the trickle would go on to the test's own limit (20 s or more).
     assert!(
-        data_time < Duration::from_secs(10),
+        data_time < Duration::from_secs(15),
         "data-rate floor not enforced ({data_time:?})"
     );
     case.pass(format!(

@@ -23,7 +23,8 @@
 //! answers or not, so it also answers without a round trip for users it already saw locked.
 //! After an error
 //! the shared counter is left alone for [`SHARED_RETRY_AFTER`], so an unhealthy NATS costs a
-//! login at most one [`SHARED_COUNTER_TIMEOUT`] now and then, not on every attempt.
+//! login at most one `auth.sharedCounterTimeout` (1 s by default; NATS answers in about a
+//! millisecond when healthy) now and then, not on every attempt.
 //!
 //! The check and the record are not atomic: attempts for one user that are in flight on
 //! several nodes at the same moment may each pass the check, so the limit can be overshot by
@@ -48,9 +49,6 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{AuthConfig, NatsConfig};
 use crate::queue::setup::StreamSetup;
 
-/// Longest a login waits for the shared counter before going on without it. NATS answers in
-/// about a millisecond when healthy; a second means it is in trouble.
-pub const SHARED_COUNTER_TIMEOUT: Duration = Duration::from_secs(1);
 /// After the shared counter failed, how long logins use only the local one before trying it
 /// again.
 pub const SHARED_RETRY_AFTER: Duration = Duration::from_secs(5);
@@ -287,6 +285,7 @@ pub struct UserFailureLimit {
     limit: u64,
     local: LocalFailures,
     shared: OnceLock<Arc<dyn SharedFailures>>,
+    shared_timeout: Duration,
     shared_health: Mutex<SharedHealth>,
 }
 
@@ -317,6 +316,7 @@ impl UserFailureLimit {
                 LOCAL_MAX_FAILURES,
             ),
             shared: OnceLock::new(),
+            shared_timeout: auth.shared_counter_timeout.0,
             shared_health: Mutex::new(SharedHealth::default()),
         }
     }
@@ -340,7 +340,7 @@ impl UserFailureLimit {
         let Some(shared) = self.usable_shared() else {
             return false;
         };
-        match tokio::time::timeout(SHARED_COUNTER_TIMEOUT, shared.count(user)).await {
+        match tokio::time::timeout(self.shared_timeout, shared.count(user)).await {
             Ok(Ok(n)) => {
                 self.shared_ok();
                 n >= self.limit
@@ -350,7 +350,7 @@ impl UserFailureLimit {
                 false
             }
             Err(_) => {
-                self.shared_failed(&SharedCounterError::TimedOut(SHARED_COUNTER_TIMEOUT));
+                self.shared_failed(&SharedCounterError::TimedOut(self.shared_timeout));
                 false
             }
         }
@@ -362,10 +362,10 @@ impl UserFailureLimit {
         let Some(shared) = self.usable_shared() else {
             return;
         };
-        match tokio::time::timeout(SHARED_COUNTER_TIMEOUT, shared.record(user)).await {
+        match tokio::time::timeout(self.shared_timeout, shared.record(user)).await {
             Ok(Ok(())) => self.shared_ok(),
             Ok(Err(error)) => self.shared_failed(&error),
-            Err(_) => self.shared_failed(&SharedCounterError::TimedOut(SHARED_COUNTER_TIMEOUT)),
+            Err(_) => self.shared_failed(&SharedCounterError::TimedOut(self.shared_timeout)),
         }
     }
 
@@ -423,7 +423,7 @@ impl JetStreamFailures {
     /// create the stream; until it exists, every call answers [`SharedCounterError::NotSetUp`].
     pub fn new(client: async_nats::Client, nats: &NatsConfig, auth: &AuthConfig) -> Arc<Self> {
         let mut js = jetstream::new(client.clone());
-        js.set_timeout(SHARED_COUNTER_TIMEOUT);
+        js.set_timeout(auth.shared_counter_timeout.0);
         Arc::new(Self {
             client,
             js,
@@ -783,13 +783,16 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn hung_shared_counter_costs_one_timeout_then_is_skipped() {
-        let limit =
-            UserFailureLimit::with_tagger(&auth_config(5, HOUR), UserTagger::new(BUILTIN_KEY));
+        let config = AuthConfig {
+            shared_counter_timeout: HumanDuration(Duration::from_millis(2500)),
+            ..auth_config(5, HOUR)
+        };
+        let limit = UserFailureLimit::with_tagger(&config, UserTagger::new(BUILTIN_KEY));
         limit.attach_shared(Arc::new(Hung));
         let alice = limit.tag("alice@example.test");
         let t = tokio::time::Instant::now();
         assert!(!limit.is_locked(alice).await);
-        assert_eq!(t.elapsed(), SHARED_COUNTER_TIMEOUT);
+        assert_eq!(t.elapsed(), Duration::from_millis(2500));
         // Within the retry pause nothing waits for it.
         let t = tokio::time::Instant::now();
         limit.record_failure(alice).await;

@@ -45,6 +45,9 @@ pub const MAX_AUTH_FAILURES_PER_USER: u32 = 1000;
 const MIN_AUTH_FAILURE_WINDOW: Duration = Duration::from_secs(1);
 /// Longest `auth.failuresPerUserWindow`: a lockout measured in weeks is a typo, not a policy.
 const MAX_AUTH_FAILURE_WINDOW: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Range of `auth.sharedCounterTimeout`: every AUTH may wait that long for NATS.
+const MIN_SHARED_COUNTER_TIMEOUT: Duration = Duration::from_millis(100);
+const MAX_SHARED_COUNTER_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Why a config file could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -324,6 +327,12 @@ pub struct AuthConfig {
     /// The sliding window of `failuresPerUser`, 1 s to 7 days.
     #[serde(default = "default_auth_failures_per_user_window")]
     pub failures_per_user_window: HumanDuration,
+    /// Longest an AUTH waits for the shared counter (one look-up, and one write after a
+    /// failure) before going on with this node's own count; NATS then gets 5 s of rest
+    /// before it is asked again. 100 ms to 30 s; raise it when NATS is far away or its
+    /// store fsyncs every write on slow disks.
+    #[serde(default = "default_auth_shared_counter_timeout")]
+    pub shared_counter_timeout: HumanDuration,
     /// A file of at least 16 secret bytes (the same on every node) that keys the hash of user
     /// names in the shared counter, so that whoever can read the NATS stream cannot test
     /// guessed names against it. Unset: a built-in key, which keeps names out of plain sight
@@ -915,6 +924,13 @@ impl NodeConfig {
                 humantime::format_duration(window)
             ));
         }
+        let timeout = self.auth.shared_counter_timeout.0;
+        if !(MIN_SHARED_COUNTER_TIMEOUT..=MAX_SHARED_COUNTER_TIMEOUT).contains(&timeout) {
+            errors.push(format!(
+                "auth.sharedCounterTimeout: {} must be between 100ms and 30s",
+                humantime::format_duration(timeout)
+            ));
+        }
         if errors.is_empty() {
             Ok(())
         } else {
@@ -1062,6 +1078,7 @@ impl Default for AuthConfig {
             failures_per_ip_per_minute: default_auth_failures_per_ip(),
             failures_per_user: default_auth_failures_per_user(),
             failures_per_user_window: default_auth_failures_per_user_window(),
+            shared_counter_timeout: default_auth_shared_counter_timeout(),
             username_key_file: None,
         }
     }
@@ -1519,6 +1536,9 @@ fn default_auth_failures_per_user() -> u32 {
 fn default_auth_failures_per_user_window() -> HumanDuration {
     HumanDuration::from_secs(3600)
 }
+fn default_auth_shared_counter_timeout() -> HumanDuration {
+    HumanDuration::from_secs(1)
+}
 fn default_admin_address() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], 8080))
 }
@@ -1681,20 +1701,23 @@ maxConnectionsPerIp: 0
         assert_eq!(c.auth.failures_per_user, 20);
         assert_eq!(c.auth.failures_per_user_window.0, Duration::from_secs(3600));
         assert_eq!(c.auth.username_key_file, None);
+        assert_eq!(c.auth.shared_counter_timeout.0, Duration::from_secs(1));
         let yaml = format!(
-            "{MINIMAL}auth: {{ failuresPerUser: 0, failuresPerUserWindow: 500ms, usernameKeyFile: k }}\n"
+            "{MINIMAL}auth: {{ failuresPerUser: 0, failuresPerUserWindow: 500ms, usernameKeyFile: k, sharedCounterTimeout: 10ms }}\n"
         );
         let mut c = NodeConfig::from_yaml(&yaml).unwrap();
         let err = c.validate().unwrap_err().to_string();
         assert!(err.contains("auth.failuresPerUser: 0"), "{err}");
         assert!(err.contains("auth.failuresPerUserWindow: 500ms"), "{err}");
+        assert!(err.contains("auth.sharedCounterTimeout: 10ms"), "{err}");
         c.resolve_paths(Path::new("/etc/kubemail"));
         assert_eq!(
             c.auth.username_key_file.as_deref(),
             Some(Path::new("/etc/kubemail/k"))
         );
-        let yaml =
-            format!("{MINIMAL}auth: {{ failuresPerUser: 1001, failuresPerUserWindow: 8d }}\n");
+        let yaml = format!(
+            "{MINIMAL}auth: {{ failuresPerUser: 1001, failuresPerUserWindow: 8d, sharedCounterTimeout: 31s }}\n"
+        );
         let err = NodeConfig::from_yaml(&yaml)
             .unwrap()
             .validate()
@@ -1702,6 +1725,7 @@ maxConnectionsPerIp: 0
             .to_string();
         assert!(err.contains("failuresPerUser: 1001"), "{err}");
         assert!(err.contains("failuresPerUserWindow: 8days"), "{err}");
+        assert!(err.contains("sharedCounterTimeout: 31s"), "{err}");
     }
 
     #[test]
