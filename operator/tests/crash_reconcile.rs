@@ -56,8 +56,8 @@ use kubemail_operator::queue::consumer_name;
 use kubemail_smtp_node::config::NodeConfig;
 use serde_json::json;
 
-/// The harness starts every operator with `--lease-duration 4s`.
-const LEASE_DURATION: Duration = Duration::from_secs(4);
+/// The harness starts every operator with `--lease-duration 6s`.
+const LEASE_DURATION: Duration = Duration::from_secs(6);
 /// A successor stamps `acquireTime` before it reads the Lease, and it started counting when it
 /// first saw the dead leader's last renewal: allow it that much ahead of a full lease.
 const LEASE_CLOCK_SLACK: Duration = Duration::from_secs(1);

@@ -14,15 +14,10 @@ use std::time::Duration;
 
 use common::{Nats, Node, RawTcp, free_port, unique};
 use delivery_support::{
-    Knot, Mailpit, Setup, Sink, configure, counter, example_zone, log, metrics, remote_zone,
-    submit, wait_until,
+    DEFERRED, DELIVERED, Knot, Mailpit, Setup, Sink, configure, counter, example_zone, log,
+    metrics, remote_zone, submit, wait_until,
 };
 use serde_json::{Value, json};
-
-const DELIVERED: &str =
-    "kubemail_smtp_delivery_recipients_total{domain=\"example.test\",result=\"delivered\"}";
-const DEFERRED: &str =
-    "kubemail_smtp_delivery_recipients_total{domain=\"example.test\",result=\"deferred\"}";
 
 /// A variable of the local cluster's env file; fails with what to do when it is missing.
 fn cluster_env(name: &str) -> String {

@@ -37,10 +37,11 @@ impl Knot {
             d = d.display()
         );
         let parent = [("test", String::new())];
-        for (origin, records) in parent
+        let zones: Vec<_> = parent
             .iter()
             .chain(zones.iter().filter(|(o, _)| *o != "test"))
-        {
+            .collect();
+        for (origin, records) in &zones {
             let text = format!(
                 "$ORIGIN {origin}.\n$TTL 5\n@ IN SOA ns.{origin}. hostmaster.{origin}. 1 3600 600 86400 5\n\
                  @ IN NS ns.{origin}.\nns IN A 127.0.0.1\n{records}\n"
@@ -64,7 +65,8 @@ impl Knot {
             let mut proc = Proc::new(child, "knotd");
             let deadline = Instant::now() + Duration::from_secs(20);
             while Instant::now() < deadline && proc.running() {
-                if query_soa(port, "test") {
+                // Listening does not mean every zone is loaded: each must answer.
+                if zones.iter().all(|(origin, _)| query_soa(port, origin)) {
                     return Self {
                         _proc: proc,
                         port,

@@ -248,11 +248,12 @@ impl Operator {
             &opts.nats_stream,
             "--nats-subject-prefix",
             &opts.subject_prefix,
-            // Short lease timings keep the leader tests quick.
+            // Short lease timings keep the leader tests quick; a leader still survives two
+            // lease updates in a row that time out on a loaded machine.
             "--lease-duration",
-            "4s",
+            "6s",
             "--lease-renew-deadline",
-            "3s",
+            "4500ms",
             "--lease-retry-period",
             "1s",
             "--probe-timeout",

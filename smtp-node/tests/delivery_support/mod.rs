@@ -100,10 +100,11 @@ impl Knot {
         // for `_dmarc.test`), and an authoritative server refuses names outside its zones,
         // which would turn every DMARC result into a temporary error.
         let parent = [("test", String::new())];
-        let zones = parent
+        let zones: Vec<_> = parent
             .iter()
-            .chain(zones.iter().filter(|(o, _)| *o != "test"));
-        for (origin, records) in zones {
+            .chain(zones.iter().filter(|(o, _)| *o != "test"))
+            .collect();
+        for (origin, records) in &zones {
             let text = format!(
                 "$ORIGIN {origin}.\n$TTL 5\n@ IN SOA ns.{origin}. hostmaster.{origin}. 1 3600 600 86400 5\n@ IN NS ns.{origin}.\nns IN A 127.0.0.1\n{records}\n"
             );
@@ -130,10 +131,12 @@ impl Knot {
             port,
             dir,
         };
-        // TCP listening does not mean the zones are loaded: wait for an answer.
-        let first = "test";
+        // TCP listening does not mean the zones are loaded: wait for an answer from each.
         wait_until(Duration::from_secs(20), "knotd to serve its zones", || {
-            knot.query_soa(first).then_some(())
+            zones
+                .iter()
+                .all(|(origin, _)| knot.query_soa(origin))
+                .then_some(())
         });
         knot
     }
@@ -551,6 +554,13 @@ pub fn log(node: &crate::common::Node) -> String {
     }
     out
 }
+
+/// The recipients of `example.test` delivered so far (a counter line of `/metrics`).
+pub const DELIVERED: &str =
+    "kubemail_smtp_delivery_recipients_total{domain=\"example.test\",result=\"delivered\"}";
+/// The recipients of `example.test` deferred so far.
+pub const DEFERRED: &str =
+    "kubemail_smtp_delivery_recipients_total{domain=\"example.test\",result=\"deferred\"}";
 
 /// The node's `/metrics` text.
 pub fn metrics(node: &crate::common::Node) -> String {
