@@ -600,7 +600,7 @@ fn mx_pointing_at_loopback_is_refused() {
         },
     );
     std::thread::sleep(Duration::from_secs(2));
-    let delivered = node.counter_with(prefix, "result=\"delivered\"");
+    let delivered = node.delivered();
     let connections: Vec<usize> = listeners.iter().map(Silent::accepted).collect();
     let log = node.log();
     let refusals: Vec<&str> = log

@@ -532,13 +532,7 @@ fn node_sigkilled_mid_delivery() {
     wait_until(
         Duration::from_secs(40),
         "redelivery after the crash",
-        || {
-            (node.counter_with(
-                "kubemail_smtp_delivery_recipients_total",
-                "result=\"delivered\"",
-            ) >= 1.0)
-                .then_some(())
-        },
+        || (node.delivered() >= 1.0).then_some(()),
     );
     let delivered = sink.count(&format!("Subject: {token}"));
     assert!(delivered >= 1, "the remote has no copy of {token}");
@@ -591,13 +585,7 @@ fn remote_drops_connection_after_final_dot() {
     wait_until(
         Duration::from_secs(40),
         "delivery after the remote recovered",
-        || {
-            (node.counter_with(
-                "kubemail_smtp_delivery_recipients_total",
-                "result=\"delivered\"",
-            ) >= 1.0)
-                .then_some(())
-        },
+        || (node.delivered() >= 1.0).then_some(()),
     );
     let delivered = sink.count(&format!("Subject: {token}"));
     assert!(delivered >= 1, "the remote has no copy of {token}");

@@ -225,6 +225,14 @@ impl Node {
             .sum()
     }
 
+    /// Recipients this node process has delivered (over all domains).
+    pub fn delivered(&self) -> f64 {
+        self.counter_with(
+            "kubemail_smtp_delivery_recipients_total",
+            "result=\"delivered\"",
+        )
+    }
+
     /// Sum of the metric lines that start with `prefix` and contain `label` (e.g.
     /// `result="deferred"`).
     pub fn counter_with(&self, prefix: &str, label: &str) -> f64 {
