@@ -3,7 +3,6 @@
 //! options (`-q .` drops the connection after the final dot, `-W cmd:delay` stalls a reply),
 //! and a silent server that accepts connections and never speaks. All on 127.x addresses.
 
-use std::io::Write as _;
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -28,31 +27,10 @@ impl Knot {
         let knotd = require_tool("knotd");
         let dir = tempfile::tempdir().expect("tempdir");
         let d = dir.path();
-        std::fs::create_dir_all(d.join("zones")).expect("zones dir");
-        std::fs::create_dir_all(d.join("db")).expect("db dir");
-        let mut conf = format!(
-            "server:\n  listen: 127.0.0.1@PORT\n  rundir: {d}\ndatabase:\n  storage: {d}/db\n\
-             template:\n  - id: default\n    storage: {d}/zones\n    file: \"%s.zone\"\n    \
-             zonefile-sync: -1\n    journal-content: none\nlog:\n  - target: stderr\n    any: warning\nzone:\n",
-            d = d.display()
-        );
-        let parent = [("test", String::new())];
-        let zones: Vec<_> = parent
-            .iter()
-            .chain(zones.iter().filter(|(o, _)| *o != "test"))
-            .collect();
-        for (origin, records) in &zones {
-            let text = format!(
-                "$ORIGIN {origin}.\n$TTL 5\n@ IN SOA ns.{origin}. hostmaster.{origin}. 1 3600 600 86400 5\n\
-                 @ IN NS ns.{origin}.\nns IN A 127.0.0.1\n{records}\n"
-            );
-            std::fs::write(d.join(format!("zones/{origin}.zone")), text).expect("zone file");
-            conf.push_str(&format!("  - domain: {origin}\n"));
-        }
+        let prepared = kubemail_test_support::knot::prepare(d, zones);
         for _ in 0..5 {
             let port = free_port();
-            std::fs::write(d.join("knot.conf"), conf.replace("PORT", &port.to_string()))
-                .expect("knot.conf");
+            std::fs::write(d.join("knot.conf"), prepared.config(port)).expect("knot.conf");
             let log = std::fs::File::create(d.join("knot.log")).expect("knot log");
             let child = Command::new(&knotd)
                 .arg("-c")
@@ -65,8 +43,7 @@ impl Knot {
             let mut proc = Proc::new(child, "knotd");
             let deadline = Instant::now() + Duration::from_secs(20);
             while Instant::now() < deadline && proc.running() {
-                // Listening does not mean every zone is loaded: each must answer.
-                if zones.iter().all(|(origin, _)| query_soa(port, origin)) {
+                if prepared.serves_all(port) {
                     return Self {
                         _proc: proc,
                         port,
@@ -86,28 +63,6 @@ impl Knot {
     pub fn addr(&self) -> String {
         format!("127.0.0.1:{}", self.port)
     }
-}
-
-/// Whether the server on `port` answers an SOA query for `zone` over TCP.
-fn query_soa(port: u16, zone: &str) -> bool {
-    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
-        return false;
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-    let mut q = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
-    for label in zone.split('.') {
-        q.push(u8::try_from(label.len()).unwrap_or(63));
-        q.extend_from_slice(label.as_bytes());
-    }
-    q.extend_from_slice(&[0, 0, 6, 0, 1]);
-    let mut msg = u16::try_from(q.len()).unwrap_or(0).to_be_bytes().to_vec();
-    msg.extend(q);
-    if s.write_all(&msg).is_err() {
-        return false;
-    }
-    let mut reply = [0u8; 512];
-    let n = std::io::Read::read(&mut s, &mut reply).unwrap_or(0);
-    n > 12 && reply[5] & 0x0f == 0 && u16::from_be_bytes([reply[8], reply[9]]) > 0
 }
 
 // ---- smtp-sink ----------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 //! kubemail, so `smtp-node`'s integration tests can use it without a dependency cycle through
 //! the `e2e` crate.
 
+pub mod knot;
 pub mod ports;
 pub mod smtp_sink;
 pub mod wait;

@@ -89,33 +89,10 @@ impl Knot {
             "/usr/sbin/knotd is missing: the delivery tests need Knot DNS (Debian package knot)"
         );
         let dir = tempfile::tempdir().expect("tempdir");
-        std::fs::create_dir_all(dir.path().join("zones")).expect("zones dir");
-        std::fs::create_dir_all(dir.path().join("db")).expect("db dir");
-        let mut zone_conf = String::new();
-        let mut conf = format!(
-            "server:\n  listen: 127.0.0.1@PORT\n  rundir: {d}\ndatabase:\n  storage: {d}/db\ntemplate:\n  - id: default\n    storage: {d}/zones\n    file: \"%s.zone\"\n    zonefile-sync: -1\n    journal-content: none\nlog:\n  - target: stderr\n    any: warning\nzone:\n",
-            d = dir.path().display()
-        );
-        // Also serve the parent `test.`: resolvers walk up the tree (DMARC's tree walk asks
-        // for `_dmarc.test`), and an authoritative server refuses names outside its zones,
-        // which would turn every DMARC result into a temporary error.
-        let parent = [("test", String::new())];
-        let zones: Vec<_> = parent
-            .iter()
-            .chain(zones.iter().filter(|(o, _)| *o != "test"))
-            .collect();
-        for (origin, records) in &zones {
-            let text = format!(
-                "$ORIGIN {origin}.\n$TTL 5\n@ IN SOA ns.{origin}. hostmaster.{origin}. 1 3600 600 86400 5\n@ IN NS ns.{origin}.\nns IN A 127.0.0.1\n{records}\n"
-            );
-            std::fs::write(dir.path().join(format!("zones/{origin}.zone")), text)
-                .expect("zone file");
-            zone_conf.push_str(&format!("  - domain: {origin}\n"));
-        }
-        conf.push_str(&zone_conf);
+        let prepared = kubemail_test_support::knot::prepare(dir.path(), zones);
         let conf_path = dir.path().join("knot.conf");
         let (child, port) = spawn_on_free_port("knotd", |port| {
-            std::fs::write(&conf_path, conf.replace("PORT", &port.to_string())).expect("knot.conf");
+            std::fs::write(&conf_path, prepared.config(port)).expect("knot.conf");
             let log = std::fs::File::create(dir.path().join("knot.log")).expect("knot log");
             Command::new(&knotd)
                 .arg("-c")
@@ -131,12 +108,8 @@ impl Knot {
             port,
             dir,
         };
-        // TCP listening does not mean the zones are loaded: wait for an answer from each.
         wait_until(Duration::from_secs(20), "knotd to serve its zones", || {
-            zones
-                .iter()
-                .all(|(origin, _)| knot.query_soa(origin))
-                .then_some(())
+            prepared.serves_all(knot.port).then_some(())
         });
         knot
     }
@@ -144,29 +117,6 @@ impl Knot {
     /// `ip:port` for configs and dnspython.
     pub fn addr(&self) -> String {
         format!("127.0.0.1:{}", self.port)
-    }
-
-    /// Whether knotd answers an SOA query for `zone` (over TCP, a minimal DNS message).
-    fn query_soa(&self, zone: &str) -> bool {
-        let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) else {
-            return false;
-        };
-        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-        let mut q = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
-        for label in zone.split('.') {
-            q.push(label.len() as u8);
-            q.extend_from_slice(label.as_bytes());
-        }
-        q.extend_from_slice(&[0, 0, 6, 0, 1]);
-        let mut msg = (q.len() as u16).to_be_bytes().to_vec();
-        msg.extend(q);
-        if s.write_all(&msg).is_err() {
-            return false;
-        }
-        let mut reply = [0u8; 512];
-        let n = std::io::Read::read(&mut s, &mut reply).unwrap_or(0);
-        // RCODE 0 and at least one answer.
-        n > 12 && reply[5] & 0x0f == 0 && u16::from_be_bytes([reply[8], reply[9]]) > 0
     }
 }
 
