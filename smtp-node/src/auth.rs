@@ -1,10 +1,11 @@
 //! Submission users and the limits around them: who may log in (users files of
-//! `user:password-hash`, argon2 PHC or bcrypt), the per-IP brake on failed logins that survives
+//! `user:password-hash`, argon2 PHC or bcrypt, in the format of
+//! [`users_file`](crate::config::users_file)), the per-IP brake on failed logins that survives
 //! reconnects, the per-user one ([`crate::auth_limits`]) that stops guessing spread over many
 //! addresses, which sender addresses a user may use (its own domain), and each user's message
 //! rate (the domain's `messagesPerMinutePerUser`).
 //!
-//! Passwords are checked by the `argon2` and `bcrypt` crates on a blocking thread (they are
+//! Passwords are checked by [`users_file::verify_password`] on a blocking thread (they are
 //! deliberately slow). An unknown user is checked against a dummy hash, so unknown user and
 //! wrong password cost the same time and get the same reply. Nothing here logs a password.
 //!
@@ -19,13 +20,17 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota};
 use tokio_util::sync::CancellationToken;
 
 use crate::auth_limits::{SharedFailures, UserFailureLimit, UsernameKeyError};
 use crate::config::NodeConfig;
+use crate::config::users_file::{self, verify_password};
+
+/// Hashes a password for a users file (`smtp-node hash-password`); the format is
+/// [`users_file`]'s, shared with the operator.
+pub use crate::config::users_file::hash_password;
 
 /// How often users files are checked for changes and idle rate-limit entries dropped.
 pub const USERS_RELOAD_INTERVAL: Duration = Duration::from_secs(5);
@@ -283,53 +288,14 @@ impl Authenticator {
     }
 }
 
-/// Hashes a password as an argon2id PHC string (for `smtp-node hash-password`).
-pub fn hash_password(password: &str) -> Result<String, argon2::password_hash::Error> {
-    let salt_bytes: [u8; 16] = rand::random();
-    let salt = SaltString::encode_b64(&salt_bytes)?;
-    Ok(argon2::Argon2::default()
-        .hash_password(password.as_bytes(), &salt)?
-        .to_string())
-}
-
-fn verify_password(password: &str, hash: &str) -> bool {
-    if hash.starts_with("$argon2") {
-        match PasswordHash::new(hash) {
-            Ok(parsed) => argon2::Argon2::default()
-                .verify_password(password.as_bytes(), &parsed)
-                .is_ok(),
-            Err(_) => false,
-        }
-    } else if is_bcrypt(hash) {
-        bcrypt::verify(password, hash).unwrap_or(false)
-    } else {
-        false
-    }
-}
-
-fn is_bcrypt(hash: &str) -> bool {
-    ["$2a$", "$2b$", "$2x$", "$2y$"]
-        .iter()
-        .any(|p| hash.starts_with(p))
-}
-
 /// A valid argon2 hash of a random password: checked for unknown users so that they take as
 /// long as known ones.
 fn dummy_hash() -> &'static Arc<str> {
     static DUMMY: OnceLock<Arc<str>> = OnceLock::new();
     DUMMY.get_or_init(|| {
         let password: [u8; 16] = rand::random();
-        let salt_bytes: [u8; 16] = rand::random();
-        let hash = SaltString::encode_b64(&salt_bytes)
-            .ok()
-            .and_then(|salt| {
-                argon2::Argon2::default()
-                    .hash_password(&password, &salt)
-                    .ok()
-                    .map(|h| h.to_string())
-            })
-            .unwrap_or_default();
-        Arc::from(hash)
+        let password: String = password.iter().map(|b| format!("{b:02x}")).collect();
+        Arc::from(hash_password(&password).unwrap_or_default())
     })
 }
 
@@ -353,55 +319,20 @@ fn read_users_file(
     })
 }
 
-/// Parses `user:hash` lines; `#` comments and blank lines are skipped. A bare user name is
-/// taken to be in `domain`; a full address must be in `domain`.
+/// Parses a users file ([`users_file::parse`]) into the users of `domain`; an error is the
+/// line number and what is wrong with it (never the hash).
 fn parse_users(text: &str, domain: &str) -> Result<HashMap<String, UserEntry>, (usize, String)> {
-    let mut users = HashMap::new();
-    for (i, raw) in text.lines().enumerate() {
-        let line_no = i + 1;
-        let line = raw.trim();
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        // The hash contains no ':' in either format, so split at the last one (a quoted local
-        // part could contain ':').
-        let Some((user, hash)) = line.rsplit_once(':') else {
-            return Err((line_no, "expected user:hash".to_owned()));
-        };
-        let user = user.trim().to_ascii_lowercase();
-        let hash = hash.trim();
-        let name = match user.rsplit_once('@') {
-            Some((local, d)) if d.eq_ignore_ascii_case(domain) && !local.is_empty() => user.clone(),
-            Some(_) => {
-                return Err((
-                    line_no,
-                    format!("user {user:?} is not in domain {domain:?}"),
-                ));
-            }
-            None if !user.is_empty() => format!("{user}@{domain}"),
-            None => return Err((line_no, "empty user name".to_owned())),
-        };
-        let known = if hash.starts_with("$argon2") {
-            PasswordHash::new(hash).is_ok()
-        } else {
-            is_bcrypt(hash) && hash.len() == 60
-        };
-        if !known {
-            // Never echo the hash itself into logs.
-            return Err((
-                line_no,
-                format!("the hash of {name:?} is neither an argon2 PHC string nor a bcrypt hash"),
-            ));
-        }
-        users.insert(
-            name,
-            UserEntry {
+    let users = users_file::parse(text, domain).map_err(|e| (e.line, e.problem.to_string()))?;
+    Ok(users
+        .into_iter()
+        .map(|user| {
+            let entry = UserEntry {
                 domain: domain.to_owned(),
-                hash: Arc::from(hash),
-            },
-        );
-    }
-    Ok(users)
+                hash: Arc::from(user.hash),
+            };
+            (user.name, entry)
+        })
+        .collect())
 }
 
 #[cfg(test)]

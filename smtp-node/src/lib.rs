@@ -3,7 +3,8 @@
 //! there to inbound targets, relays and remote MX hosts.
 //!
 //! The crate is laid out by responsibility (the folder tree is the architecture):
-//! * [`config`]: the node configuration type, shared with the operator (which renders it);
+//! * [`config`]: the node configuration, the `kubemail-config` crate shared with the operator
+//!   (which renders it);
 //! * [`protocol`]: the sans-IO SMTP wire syntax (commands, replies, DATA/BDAT framing);
 //! * [`session`]: the per-connection state machine, one file per verb;
 //! * [`server`]: listeners, accept loops, connection caps, PROXY protocol, implicit TLS;
@@ -15,13 +16,13 @@
 //! * [`dkim`]: DKIM signing at acceptance; [`authres`]: SPF/DKIM/DMARC of inbound mail;
 //! * [`dns`]: the resolver seam (hickory-resolver and a zone-text test double);
 //! * [`node`]: start-up and shutdown of the whole node;
-//! * [`admin`], [`metrics`], [`telemetry`], [`shutdown`]: operations.
+//! * [`admin`], [`metrics`], [`telemetry`] (the `kubemail-telemetry` crate), [`shutdown`]:
+//!   operations.
 
 pub mod admin;
 pub mod auth;
 pub mod auth_limits;
 pub mod authres;
-pub mod config;
 pub mod delivery;
 pub mod dkim;
 pub mod dns;
@@ -32,5 +33,9 @@ pub mod queue;
 pub mod server;
 pub mod session;
 pub mod shutdown;
-pub mod telemetry;
 pub mod tls;
+
+// The configuration and the telemetry set-up are crates of their own (the operator uses them
+// too); these keep their `crate::config::…` and `kubemail_smtp_node::telemetry::…` paths.
+pub use kubemail_config as config;
+pub use kubemail_telemetry as telemetry;

@@ -1,0 +1,334 @@
+//! `domains`: the mail domains a node serves, with everything that is per domain: recipients,
+//! submission users, limits, the inbound target (LMTP or SMTP), the relay for outbound mail and
+//! the DKIM keys that sign it.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::units::ByteSize;
+
+/// Default message size limit: 25 MiB, what large providers accept.
+pub const DEFAULT_MAX_MESSAGE_SIZE: u64 = 25 * 1024 * 1024;
+/// RFC 5321 4.5.3.1.8: a server MUST be able to take at least 100 recipients.
+pub const DEFAULT_MAX_RECIPIENTS: u32 = 100;
+/// Hard ceiling for `maxMessageSize`: bodies are held in memory while received.
+pub const MAX_MESSAGE_SIZE_CEILING: u64 = 1024 * 1024 * 1024;
+
+/// A mail domain served by this node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DomainConfig {
+    /// The domain, lower case, no trailing dot (e.g. `example.com`).
+    pub name: String,
+    /// Recipients that exist: local parts (`bob`) or full addresses (`bob@example.com`).
+    /// Matched case-insensitively.
+    #[serde(default)]
+    pub recipients: Vec<String>,
+    /// Accept every local part of this domain.
+    #[serde(default)]
+    pub catch_all: bool,
+    /// Submission users: one `user:hash` per line, user being `name` or `name@domain`, hash an
+    /// argon2 PHC string or a bcrypt hash. Re-read when it changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub users_file: Option<PathBuf>,
+    /// Limits for this domain.
+    #[serde(default)]
+    pub limits: DomainLimits,
+    /// Where mail for this domain's recipients is delivered (LMTP or SMTP). Unset: mail for
+    /// it is accepted and queued but waits (deferred) until a target is configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inbound: Option<InboundTarget>,
+    /// Smarthost for this domain's outbound mail. Unset: direct delivery to the recipients'
+    /// MX hosts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay: Option<RelayConfig>,
+    /// DKIM keys that sign this domain's outbound mail at acceptance.
+    #[serde(default, skip_serializing_if = "DkimConfig::is_empty")]
+    pub dkim: DkimConfig,
+}
+
+/// Per-domain limits.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DomainLimits {
+    /// Largest message accepted (SIZE), default 25 MiB.
+    #[serde(default = "default_max_message_size")]
+    pub max_message_size: ByteSize,
+    /// Recipients per message; more get `452 4.5.3`.
+    #[serde(default = "default_max_recipients")]
+    pub max_recipients: u32,
+    /// Messages an authenticated user may submit per minute; more get `451 4.7.1`.
+    #[serde(default = "default_messages_per_minute")]
+    pub messages_per_minute_per_user: u32,
+}
+
+/// Where mail for a local domain's recipients goes (the `inbound.forward` of a MailDomain).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct InboundTarget {
+    /// Host name (resolved with the system resolver: it is usually a cluster service) or IP.
+    pub host: String,
+    pub port: u16,
+    /// `lmtp` (RFC 2033, one reply per recipient after the data) or `smtp`.
+    #[serde(default)]
+    pub protocol: ForwardProtocol,
+    /// STARTTLS towards the target: `opportunistic` (default), `required` or `none`.
+    #[serde(default)]
+    pub tls: InboundTls,
+}
+
+/// Protocol spoken to an inbound target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum ForwardProtocol {
+    #[default]
+    Lmtp,
+    Smtp,
+}
+
+/// TLS towards an inbound target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum InboundTls {
+    #[default]
+    Opportunistic,
+    Required,
+    None,
+}
+
+/// An outbound smarthost (a rendered `Relay` resource).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RelayConfig {
+    /// Name used in logs and metrics (the Relay resource's name).
+    #[serde(default = "default_relay_name")]
+    pub name: String,
+    pub host: String,
+    #[serde(default = "default_relay_port")]
+    pub port: u16,
+    /// `startTlsRequired` (default), `implicit` (TLS from the first byte, port 465) or
+    /// `opportunistic`. Credentials are only ever sent inside verified TLS.
+    #[serde(default)]
+    pub tls: RelayTls,
+    /// Verify the relay's certificate (Mozilla roots plus `delivery.tls.extraCaFile`).
+    #[serde(default = "crate::default_true")]
+    pub verify_certificate: bool,
+    /// SMTP AUTH credentials (PLAIN, else LOGIN).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<RelayAuth>,
+    /// Messages per second this node sends through the relay. Unset: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub messages_per_second: Option<u32>,
+}
+
+/// TLS mode of a relay connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum RelayTls {
+    #[default]
+    StartTlsRequired,
+    Implicit,
+    Opportunistic,
+}
+
+/// Relay credentials, read from files (a mounted Secret with keys `username` and
+/// `password`), never written inline.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RelayAuth {
+    pub username_file: PathBuf,
+    pub password_file: PathBuf,
+}
+
+/// DKIM signing keys of a domain. Every key signs (typically one RSA and one Ed25519).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DkimConfig {
+    #[serde(default)]
+    pub keys: Vec<DkimKeyConfig>,
+}
+
+/// One DKIM key.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DkimKeyConfig {
+    /// The selector (`s=`), published at `<selector>._domainkey.<domain>`.
+    pub selector: String,
+    /// Private key, PEM: PKCS#8 (RSA of at least 2048 bits, or Ed25519) or PKCS#1 RSA. The
+    /// algorithm follows from the key.
+    pub key_file: PathBuf,
+}
+
+impl DomainConfig {
+    /// Whether `local_part` is a recipient of this domain.
+    pub fn has_recipient(&self, local_part: &str) -> bool {
+        self.catch_all
+            || self.recipients.iter().any(|r| {
+                let local = r.rsplit_once('@').map_or(r.as_str(), |(l, _)| l);
+                local.eq_ignore_ascii_case(local_part)
+            })
+    }
+
+    /// Checks this domain's settings; `path` names it in messages (`domains[0]`).
+    pub fn validate(&self, path: &str, errors: &mut Vec<String>) {
+        if let Err(e) = validate_domain_name(&self.name) {
+            errors.push(format!("{path}.name: {e}"));
+        }
+        for (j, r) in self.recipients.iter().enumerate() {
+            let local = match r.rsplit_once('@') {
+                Some((local, domain)) => {
+                    if !domain.eq_ignore_ascii_case(&self.name) {
+                        errors.push(format!(
+                            "{path}.recipients[{j}]: {r:?} is not in domain {:?}",
+                            self.name
+                        ));
+                    }
+                    local
+                }
+                None => r.as_str(),
+            };
+            if local.is_empty()
+                || local.len() > 64
+                || local.bytes().any(|b| b <= b' ' || b == b'@' || b == 0x7f)
+            {
+                errors.push(format!(
+                    "{path}.recipients[{j}]: {r:?} is not a valid local part (1-64 printable characters, no spaces)"
+                ));
+            }
+        }
+        let limits = &self.limits;
+        if limits.max_message_size.0 < 1024 || limits.max_message_size.0 > MAX_MESSAGE_SIZE_CEILING
+        {
+            errors.push(format!(
+                "{path}.limits.maxMessageSize: {} must be between 1Ki and 1Gi",
+                limits.max_message_size.0
+            ));
+        }
+        if limits.max_recipients == 0 {
+            errors.push(format!("{path}.limits.maxRecipients: must be at least 1"));
+        }
+        if limits.messages_per_minute_per_user == 0 {
+            errors.push(format!(
+                "{path}.limits.messagesPerMinutePerUser: must be at least 1"
+            ));
+        }
+        if let Some(target) = &self.inbound {
+            if target.host.trim().is_empty() {
+                errors.push(format!("{path}.inbound.host: must not be empty"));
+            }
+            if target.port == 0 {
+                errors.push(format!("{path}.inbound.port: must not be 0"));
+            }
+        }
+        if let Some(relay) = &self.relay {
+            relay.validate(&format!("{path}.relay"), errors);
+        }
+        let mut selectors = HashSet::new();
+        for (j, key) in self.dkim.keys.iter().enumerate() {
+            let ok = !key.selector.is_empty()
+                && key.selector.split('.').all(|label| {
+                    !label.is_empty()
+                        && label
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                });
+            if !ok {
+                errors.push(format!(
+                    "{path}.dkim.keys[{j}].selector: {:?} must be DNS labels (letters, digits, '-', '_')",
+                    key.selector
+                ));
+            }
+            if !selectors.insert(key.selector.as_str()) {
+                errors.push(format!(
+                    "{path}.dkim.keys[{j}].selector: duplicate selector {:?}",
+                    key.selector
+                ));
+            }
+        }
+    }
+}
+
+impl Default for DomainLimits {
+    fn default() -> Self {
+        Self {
+            max_message_size: default_max_message_size(),
+            max_recipients: default_max_recipients(),
+            messages_per_minute_per_user: default_messages_per_minute(),
+        }
+    }
+}
+
+impl DkimConfig {
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+}
+
+impl RelayConfig {
+    /// Checks a relay's settings; `path` names it in messages.
+    pub fn validate(&self, path: &str, errors: &mut Vec<String>) {
+        if self.host.trim().is_empty() {
+            errors.push(format!("{path}.host: must not be empty"));
+        }
+        if self.port == 0 {
+            errors.push(format!("{path}.port: must not be 0"));
+        }
+        if self.messages_per_second == Some(0) {
+            errors.push(format!(
+                "{path}.messagesPerSecond: must be at least 1 (or unset)"
+            ));
+        }
+        if self.auth.is_some() && self.tls == RelayTls::Opportunistic {
+            errors.push(format!(
+                "{path}.tls: opportunistic TLS cannot carry credentials; use startTlsRequired or implicit"
+            ));
+        }
+    }
+}
+
+/// Checks an RFC 1035 host/domain name the way the node compares them: lower case, LDH labels,
+/// no trailing dot.
+pub fn validate_domain_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 253 {
+        return Err(format!("{name:?} must be 1 to 253 characters"));
+    }
+    if name.ends_with('.') {
+        return Err(format!("{name:?} must not end with a dot"));
+    }
+    for label in name.split('.') {
+        let ok = !label.is_empty()
+            && label.len() <= 63
+            && !label.starts_with('-')
+            && !label.ends_with('-')
+            && label
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        if !ok {
+            return Err(format!(
+                "{name:?} is not a lower-case domain name (labels of a-z, 0-9 and '-', 1-63 characters)"
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn default_max_message_size() -> ByteSize {
+    ByteSize(DEFAULT_MAX_MESSAGE_SIZE)
+}
+fn default_max_recipients() -> u32 {
+    DEFAULT_MAX_RECIPIENTS
+}
+fn default_messages_per_minute() -> u32 {
+    60
+}
+
+fn default_relay_name() -> String {
+    "relay".to_owned()
+}
+// RFC 6409 submission port, what smarthosts offer.
+fn default_relay_port() -> u16 {
+    587
+}

@@ -1,0 +1,160 @@
+//! `nats`: the JetStream connection, the queue stream and the object store for large bodies.
+
+use std::path::PathBuf;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::units::{ByteSize, HumanDuration};
+
+/// Environment variable that overrides the default NATS URL.
+pub const NATS_URL_ENV: &str = "NATS_URL";
+
+/// NATS URL used when neither the config nor `NATS_URL` name one.
+pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
+
+/// The JetStream queue.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NatsConfig {
+    /// Server URL(s), comma separated. Default: `$NATS_URL`, else `nats://127.0.0.1:4222`.
+    #[serde(default = "default_nats_url")]
+    pub url: String,
+    /// Stream holding the queue.
+    #[serde(default = "default_stream")]
+    pub stream: String,
+    /// Queue subjects are `<subjectPrefix>.<domain>`.
+    #[serde(default = "default_subject_prefix")]
+    pub subject_prefix: String,
+    /// NATS credentials file (JWT + NKey), if the server requires one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_file: Option<PathBuf>,
+    /// How long to wait for the JetStream acknowledgement before answering `451 4.3.0`.
+    #[serde(default = "default_publish_timeout")]
+    pub publish_timeout: HumanDuration,
+    /// Stream and object store replicas (1 on a laptop, 3 in production).
+    #[serde(default = "default_replicas")]
+    pub replicas: u32,
+    /// Stream size limit; when full, publishes fail and clients get `452 4.3.1`. Unset: no
+    /// limit other than the server's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_bytes: Option<ByteSize>,
+    /// Window within which a repeated `Nats-Msg-Id` is dropped as a duplicate.
+    #[serde(default = "default_duplicate_window")]
+    pub duplicate_window: HumanDuration,
+    /// Object store bucket for bodies too large to publish inline.
+    #[serde(default = "default_body_bucket")]
+    pub body_bucket: String,
+    /// Bodies larger than this (or than the server's max payload minus headroom for headers)
+    /// go to the object store.
+    #[serde(default = "default_inline_body_limit")]
+    pub inline_body_limit: ByteSize,
+}
+
+/// The built-in defaults, without looking at the environment: what the operator renders
+/// must not depend on where the operator runs.
+impl Default for NatsConfig {
+    fn default() -> Self {
+        Self {
+            url: DEFAULT_NATS_URL.to_owned(),
+            stream: default_stream(),
+            subject_prefix: default_subject_prefix(),
+            credentials_file: None,
+            publish_timeout: default_publish_timeout(),
+            replicas: default_replicas(),
+            max_bytes: None,
+            duplicate_window: default_duplicate_window(),
+            body_bucket: default_body_bucket(),
+            inline_body_limit: default_inline_body_limit(),
+        }
+    }
+}
+
+impl NatsConfig {
+    /// What a config file without a `nats` section means: the defaults, with `$NATS_URL`.
+    pub fn from_env() -> Self {
+        Self {
+            url: default_nats_url(),
+            ..Self::default()
+        }
+    }
+
+    pub(crate) fn validate(&self, errors: &mut Vec<String>) {
+        let nats = self;
+        if nats.url.trim().is_empty() {
+            errors.push("nats.url: must not be empty".to_owned());
+        }
+        let name_ok = |s: &str| {
+            !s.is_empty()
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        };
+        if !name_ok(&nats.stream) {
+            errors.push(format!(
+                "nats.stream: {:?} must use only letters, digits, '-' and '_'",
+                nats.stream
+            ));
+        }
+        if !name_ok(&nats.body_bucket) {
+            errors.push(format!(
+                "nats.bodyBucket: {:?} must use only letters, digits, '-' and '_'",
+                nats.body_bucket
+            ));
+        }
+        let prefix_ok = !nats.subject_prefix.is_empty()
+            && nats.subject_prefix.split('.').all(|token| {
+                !token.is_empty()
+                    && token
+                        .bytes()
+                        .all(|b| b.is_ascii_graphic() && b != b'*' && b != b'>')
+            });
+        if !prefix_ok {
+            errors.push(format!(
+                "nats.subjectPrefix: {:?} must be dot-separated non-empty tokens without wildcards",
+                nats.subject_prefix
+            ));
+        }
+        if nats.publish_timeout.0.is_zero() {
+            errors.push("nats.publishTimeout: must be greater than 0".to_owned());
+        }
+        if nats.duplicate_window.0.is_zero() {
+            errors.push("nats.duplicateWindow: must be greater than 0".to_owned());
+        }
+        if !(1..=5).contains(&nats.replicas) {
+            errors.push(format!("nats.replicas: {} must be 1 to 5", nats.replicas));
+        }
+        if nats.inline_body_limit.0 < 1024 {
+            errors.push("nats.inlineBodyLimit: must be at least 1Ki".to_owned());
+        }
+    }
+}
+
+fn default_nats_url() -> String {
+    std::env::var(NATS_URL_ENV)
+        .ok()
+        .filter(|u| !u.trim().is_empty())
+        .unwrap_or_else(|| DEFAULT_NATS_URL.to_owned())
+}
+fn default_stream() -> String {
+    "KUBEMAIL".to_owned()
+}
+fn default_subject_prefix() -> String {
+    "kubemail.queue".to_owned()
+}
+fn default_body_bucket() -> String {
+    "KUBEMAIL_BODIES".to_owned()
+}
+fn default_publish_timeout() -> HumanDuration {
+    HumanDuration::from_secs(10)
+}
+// NATS' own default; our publisher does not retry on its own, so 2 min covers its horizon.
+fn default_duplicate_window() -> HumanDuration {
+    HumanDuration::from_secs(120)
+}
+fn default_replicas() -> u32 {
+    1
+}
+// Well under the NATS default max_payload of 1 MiB, leaving room for envelope headers.
+fn default_inline_body_limit() -> ByteSize {
+    ByteSize(512 * 1024)
+}
