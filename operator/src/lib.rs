@@ -12,9 +12,9 @@
 //!                                                            └─ queue.rs  JetStream consumer cleanup
 //! ```
 //!
-//! The node's configuration type comes from the `kubemail-smtp-node` crate
-//! (`smtp-node/src/config.rs`): the operator renders that very type, so there is one
-//! definition of the contract.
+//! The node's configuration type comes from the `kubemail-config` crate
+//! (`smtp-node/crates/config/`), which the node reads its file with: the operator renders that
+//! very type, so there is one definition of the contract.
 
 pub mod admin;
 pub mod args;

@@ -1,4 +1,4 @@
-//! Logging and tracing of the operator: the node's set-up ([`kubemail_smtp_node::telemetry`])
+//! Logging and tracing of the operator: the node's set-up ([`kubemail_telemetry`])
 //! with the operator's name. Logs go to stderr as text or JSON (`--log-format`, default
 //! `auto`: JSON when `LOG_FORMAT=json` or inside Kubernetes, text otherwise), filtered by
 //! `RUST_LOG` (default `info`). Traces are exported over OTLP/gRPC when
@@ -9,9 +9,9 @@
 
 use std::sync::OnceLock;
 
-use kubemail_smtp_node::telemetry as node_telemetry;
-pub use kubemail_smtp_node::telemetry::Telemetry;
-use kubemail_smtp_node::telemetry::{ExportMetrics, Settings};
+use kubemail_telemetry as node_telemetry;
+pub use kubemail_telemetry::Telemetry;
+use kubemail_telemetry::{ExportMetrics, Settings};
 
 /// Log line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

@@ -2,10 +2,11 @@
 //! user names, values passwords or argon2/bcrypt hashes) to the node's users file
 //! (`user@domain:hash` per line, the format `smtp-node` reads).
 //!
-//! Plain passwords are hashed with argon2 through the node's own `hash_password`, so both sides
-//! agree on the format. A hash is salted at random, so hashing again on every reconcile would
-//! change the file each time, churn the config checksum and roll the pods for nothing: a
-//! password whose previous hash still verifies keeps that hash. Verifying is slow on purpose
+//! The file's format, the hashing of plain passwords (argon2) and the check of a previous hash
+//! come from [`kubemail_config::users_file`], which the node reads the file with, so both sides
+//! agree. A hash is salted at random, so hashing again on every reconcile would change the
+//! file each time, churn the config checksum and roll the pods for nothing: a password whose
+//! previous hash still verifies keeps that hash. Verifying is slow on purpose
 //! (argon2), so the rendered file is also cached in memory per source Secret version.
 //! Nothing here logs a password or a hash.
 
@@ -13,9 +14,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::sync::Mutex;
 
-use argon2::password_hash::{PasswordHash, PasswordVerifier};
 use k8s_openapi::api::core::v1::Secret;
 use kube::ResourceExt;
+use kubemail_config::users_file::{self, HashScheme};
 use sha2::{Digest, Sha256};
 
 /// Key of the users file in the rendered Secret.
@@ -126,18 +127,13 @@ pub fn render(
             Credential::Hash(h) => h.clone(),
             Credential::Password(p) => match previous.get(user) {
                 Some(old) if verifies(p, old) => old.clone(),
-                _ => kubemail_smtp_node::auth::hash_password(p).map_err(|e| {
-                    UsersError::HashPassword {
-                        user: user.clone(),
-                        reason: e.to_string(),
-                    }
+                _ => users_file::hash_password(p).map_err(|e| UsersError::HashPassword {
+                    user: user.clone(),
+                    reason: e.to_string(),
                 })?,
             },
         };
-        out.push_str(user);
-        out.push(':');
-        out.push_str(&hash);
-        out.push('\n');
+        out.push_str(&users_file::format_line(user, &hash));
     }
     Ok(out)
 }
@@ -185,29 +181,21 @@ impl UsersCache {
 }
 
 fn is_hash(text: &str) -> bool {
-    text.starts_with("$argon2")
-        || ["$2a$", "$2b$", "$2x$", "$2y$"]
-            .iter()
-            .any(|p| text.starts_with(p))
+    HashScheme::of(text).is_some()
 }
 
+/// Whether `hash`, from the previous file, is the operator's own hash of `password`. Only
+/// argon2 hashes are the operator's: a bcrypt hash came from the Secret as it was.
 fn verifies(password: &str, hash: &str) -> bool {
-    if !hash.starts_with("$argon2") {
-        return false;
-    }
-    PasswordHash::new(hash).is_ok_and(|parsed| {
-        argon2::Argon2::default()
-            .verify_password(password.as_bytes(), &parsed)
-            .is_ok()
-    })
+    HashScheme::of(hash) == Some(HashScheme::Argon2) && users_file::verify_password(password, hash)
 }
 
+/// The previous file's hashes by user; lines that do not parse are left out (the file is
+/// rendered again from the Secret in any case).
 fn parse_users_file(text: &str) -> BTreeMap<String, String> {
-    text.lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .filter_map(|l| l.rsplit_once(':'))
-        .map(|(u, h)| (u.trim().to_owned(), h.trim().to_owned()))
+    users_file::entries(text)
+        .filter_map(Result::ok)
+        .map(|entry| (entry.user.to_owned(), entry.hash.to_owned()))
         .collect()
 }
 

@@ -31,9 +31,9 @@ use kube::api::{
     ApiResource, DeleteParams, DynamicObject, ObjectMeta, Patch, PatchParams, PostParams,
 };
 use kube::{Api, Client, Resource};
+use kubemail_config::NodeConfig;
 use kubemail_operator::certs;
 use kubemail_operator::crd::{MailDomain, Relay};
-use kubemail_smtp_node::config::NodeConfig;
 use serde_json::{Value, json};
 
 const READY_TIMEOUT: Duration = Duration::from_secs(180);

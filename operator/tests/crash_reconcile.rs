@@ -47,13 +47,13 @@ use kube::api::{DeleteParams, ObjectMeta, PostParams};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event, watcher as watch_objects};
 use kube::{Api, Client, Resource, ResourceExt};
+use kubemail_config::NodeConfig;
 use kubemail_operator::certs;
 use kubemail_operator::controller::mail_domain::FINALIZER;
-use kubemail_operator::controller::mail_domain::build::selector_labels;
+use kubemail_operator::controller::mail_domain::names::selector_labels;
 use kubemail_operator::crd::MailDomain;
 use kubemail_operator::dkim::{self, KeyRecord, PrivateKeyPem, STATE_ANNOTATION};
 use kubemail_operator::queue::consumer_name;
-use kubemail_smtp_node::config::NodeConfig;
 use serde_json::json;
 
 /// The harness starts every operator with `--lease-duration 6s`.

@@ -11,8 +11,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use kubemail_operator::certs;
-use kubemail_operator::controller::mail_domain::build::{self, BuildConfig, Observed, ZONE_KEY};
+use kubemail_operator::controller::mail_domain::build::{self, BuildConfig, Observed};
 use kubemail_operator::controller::mail_domain::dereference::Dereferenced;
+use kubemail_operator::controller::mail_domain::names::ZONE_KEY;
 use kubemail_operator::controller::mail_domain::provision::{Provisioned, TlsMaterial};
 use kubemail_operator::controller::mail_domain::validate::validate;
 use kubemail_operator::crd::MailDomain;

@@ -15,8 +15,9 @@ use kube::{Api, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use super::build::{self, Children, names};
+use super::build::Children;
 use super::dereference::Dereferenced;
+use super::names::{self, certificate_resource, dns_endpoint_resource};
 use crate::controller::{Context, Error, FIELD_MANAGER};
 use crate::crd::mail_domain::MailDomain;
 
@@ -44,7 +45,7 @@ pub async fn apply(
     if let Some(tls) = &children.tls_secret {
         ssa(&secrets, tls).await?;
     }
-    let certificates = build::certificate_resource();
+    let certificates = certificate_resource();
     match &children.certificate {
         Some(cert) => {
             ssa_dynamic(ctx, &ns, &certificates, cert).await?;
@@ -73,7 +74,7 @@ pub async fn apply(
     }
     ssa(&config_maps, &children.dns_config).await?;
     if let Some(endpoint) = &children.dns_endpoint {
-        ssa_dynamic(ctx, &ns, &build::dns_endpoint_resource(), endpoint).await?;
+        ssa_dynamic(ctx, &ns, &dns_endpoint_resource(), endpoint).await?;
     }
     let service = ssa(
         &Api::<Service>::namespaced(client.clone(), &ns),

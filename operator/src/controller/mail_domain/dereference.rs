@@ -6,7 +6,7 @@ use k8s_openapi::api::core::v1::{Secret, Service};
 use kube::api::DynamicObject;
 use kube::{Api, ResourceExt};
 
-use super::build::{self, names};
+use super::names::{self, certificate_resource};
 use crate::controller::{Context, Error};
 use crate::crd::mail_domain::MailDomain;
 use crate::crd::relay::Relay;
@@ -79,7 +79,7 @@ pub async fn dereference(ctx: &Context, md: &MailDomain) -> Result<Dereferenced,
     let cert_manager_installed = ctx.crd_installed(CERT_MANAGER_CRD).await?;
     let external_dns_installed = ctx.crd_installed(EXTERNAL_DNS_CRD).await?;
     let certificate = if cert_manager_installed {
-        Api::<DynamicObject>::namespaced_with(client.clone(), &ns, &build::certificate_resource())
+        Api::<DynamicObject>::namespaced_with(client.clone(), &ns, &certificate_resource())
             .get_opt(&names::certificate(&name))
             .await
             .map_err(|source| Error::ReadObject {

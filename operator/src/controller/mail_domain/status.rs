@@ -14,7 +14,8 @@ use kube::runtime::events::{Event, EventType};
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 
-use super::build::{Children, Observed, names};
+use super::build::{Children, Observed};
+use super::names;
 use super::provision::{Provisioned, TlsMaterial};
 use super::validate::{Invalid, RelayResolution, ValidatedDomain};
 use crate::controller::{Context, Error, FIELD_MANAGER, condition};

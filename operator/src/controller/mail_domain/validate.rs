@@ -9,7 +9,7 @@
 use std::time::Duration;
 
 use kube::ResourceExt;
-use kubemail_smtp_node::config::{ByteSize, MAX_MESSAGE_SIZE_CEILING, validate_domain_name};
+use kubemail_config::{ByteSize, MAX_MESSAGE_SIZE_CEILING, validate_domain_name};
 
 use super::dereference::Dereferenced;
 use crate::crd::mail_domain::{
@@ -205,9 +205,9 @@ pub fn validate(md: &MailDomain, refs: &Dereferenced) -> Result<ValidatedDomain,
             let secret_name = sub.users_secret_ref.name.clone();
             let own = md.name_any();
             let reserved = [
-                super::build::names::users_secret(&own),
-                super::build::names::dkim_secret(&own),
-                super::build::names::tls_secret(&own),
+                super::names::users_secret(&own),
+                super::names::dkim_secret(&own),
+                super::names::tls_secret(&own),
             ];
             if reserved.contains(&secret_name) {
                 return Err(Invalid::new(

@@ -394,7 +394,11 @@ domains:
         let built = NodeConfig::new("mx.example.test".into(), parsed.listeners.clone());
         assert_eq!(built, parsed);
         let text = serde_yaml::to_string(&built).unwrap();
-        assert_eq!(NodeConfig::from_yaml(&text).unwrap(), built, "written out, read back");
+        assert_eq!(
+            NodeConfig::from_yaml(&text).unwrap(),
+            built,
+            "written out, read back"
+        );
     }
 
     #[test]
