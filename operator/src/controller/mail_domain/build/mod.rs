@@ -16,9 +16,9 @@
 //!                         └─ DNSEndpoint example-com         external-dns, if its CRD exists
 //! ```
 //!
-//! One file per kind of child: [`config`] (the node configuration), [`secrets`],
-//! [`deployment`] (and the PDB), [`service`], [`dns`]. Their names, labels and mount paths are
-//! in [`names`](super::names), which every step of the pipeline shares.
+//! One file per kind of child: [`config`] (the node configuration), `secrets.rs`,
+//! `deployment.rs` (and the PDB), `service.rs`, `dns.rs`. Their names, labels and mount paths
+//! are in [`names`], which every step of the pipeline shares.
 
 pub mod config;
 mod deployment;
