@@ -90,6 +90,6 @@ mod rfc3339;
 pub use entry::{Direction, EntryError, Notice, QueueEntry, QueueId};
 pub use names::{
     DEFAULT_BODY_BUCKET, DEFAULT_STREAM, DEFAULT_SUBJECT_PREFIX, body_ref, consumer_name,
-    legacy_consumer_name, split_body_ref, subject,
+    is_legacy_consumer, legacy_consumer_name, split_body_ref, subject,
 };
 pub use rfc3339::{parse_rfc3339, rfc3339};

@@ -67,6 +67,27 @@ pub fn legacy_consumer_name(domain: &str) -> String {
     )
 }
 
+/// Whether a consumer named `name` that filters exactly `filters` is the consumer an earlier
+/// version made for `domain` on the stream of subject prefix `prefix`: the legacy name (where
+/// it differs from the current one) and the domain's subject as its only filter. Only such a
+/// consumer may be deleted on upgrade or by the finalizer: the legacy scheme gave
+/// `mail.corp.com` and `mail-corp.com` the same name, and the other domain's consumer must
+/// survive.
+pub fn is_legacy_consumer(name: &str, filters: &[&str], prefix: &str, domain: &str) -> bool {
+    name == legacy_consumer_name(domain)
+        && name != consumer_name(domain)
+        && filters == [subject(prefix, domain).as_str()]
+}
+
+/// Every filter subject of a consumer, however its configuration spells them (one
+/// `filter_subject` or a list).
+pub fn consumer_filters(config: &async_nats::jetstream::consumer::Config) -> Vec<&str> {
+    std::iter::once(config.filter_subject.as_str())
+        .filter(|f| !f.is_empty())
+        .chain(config.filter_subjects.iter().map(String::as_str))
+        .collect()
+}
+
 /// The `Kubemail-Body-Ref` value of a body stored as `object` in `bucket`.
 pub fn body_ref(bucket: &str, object: &str) -> String {
     format!("{bucket}/{object}")
@@ -110,6 +131,51 @@ mod tests {
         );
         assert_eq!(split_body_ref("no-slash"), None);
         assert_eq!(split_body_ref("/object"), None);
+    }
+
+    #[test]
+    fn only_the_domains_own_legacy_consumer_is_legacy() {
+        let p = "kubemail.queue";
+        let legacy = "kubemail-mail-corp-com";
+        assert!(is_legacy_consumer(
+            legacy,
+            &["kubemail.queue.mail.corp.com"],
+            p,
+            "mail.corp.com"
+        ));
+        // The same legacy name, but the other domain's consumer.
+        assert!(!is_legacy_consumer(
+            legacy,
+            &["kubemail.queue.mail-corp.com"],
+            p,
+            "mail.corp.com"
+        ));
+        assert!(!is_legacy_consumer(legacy, &[], p, "mail.corp.com"));
+        assert!(!is_legacy_consumer(
+            legacy,
+            &["kubemail.queue.mail.corp.com", "kubemail.queue.x"],
+            p,
+            "mail.corp.com"
+        ));
+        assert!(!is_legacy_consumer(
+            legacy,
+            &["other.prefix.mail.corp.com"],
+            p,
+            "mail.corp.com"
+        ));
+        assert!(!is_legacy_consumer(
+            "kubemail-mail_corp_com",
+            &["kubemail.queue.mail.corp.com"],
+            p,
+            "mail.corp.com"
+        ));
+        // A domain without dots: one name in both schemes, never "legacy".
+        assert!(!is_legacy_consumer(
+            "kubemail-localhost",
+            &["kubemail.queue.localhost"],
+            p,
+            "localhost"
+        ));
     }
 
     #[test]
