@@ -447,7 +447,7 @@ async fn helm_installed_kubemail_serves_signs_scales_survives_pod_loss_and_unins
     );
 
     // --- deleting the MailDomain removes its children and its queue consumer -----------------
-    let consumer = format!("kubemail-{}", DOMAIN.replace('.', "-"));
+    let consumer = kubemail_queue::consumer_name(DOMAIN);
     let nats = async_nats::connect(&env.nats_url)
         .await
         .expect("connect to NATS");

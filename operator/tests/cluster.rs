@@ -319,7 +319,7 @@ async fn maildomain_reconciles_into_ready_children_idempotently_scales_and_is_fi
     .await;
     let consumer = js
         .get_consumer_from_stream::<consumer::pull::Config, _, _>(
-            "kubemail-example-com",
+            kubemail_operator::queue::consumer_name("example.com"),
             ns.nats_stream(),
         )
         .await;

@@ -1,12 +1,17 @@
 //! Durable enqueue, end to end: a `250` means the message is in the JetStream stream, byte
 //! for byte with its envelope; no `250` without the queue; large messages through the object
-//! store; stream settings that never drop mail.
+//! store; stream settings that never drop mail; a delivery consumer of the legacy name is
+//! replaced on upgrade without losing an entry, and never one that is not the domain's own.
 
 mod common;
+mod delivery_support;
 
 use std::time::Duration;
 
+use async_nats::jetstream::consumer::{AckPolicy, pull};
 use common::*;
+use delivery_support::{Knot, Setup, Sink, configure, example_zone, log, wait_until};
+use futures::StreamExt as _;
 use serde_json::json;
 
 const MESSAGE: &str = "From: someone@remote.test\r\nTo: bob@example.test\r\nSubject: durable\r\n\r\nline one\r\n.leading dot\r\n\r\nlast line\r\n";
@@ -303,4 +308,190 @@ async fn full_stream_gives_452() {
         assert!(reply.starts_with("250"), "{reply}");
     }
     assert!(saw_full, "a full stream must refuse with 452 4.3.1");
+}
+
+/// The consumer name of earlier versions for example.test (dots as dashes).
+const LEGACY_CONSUMER: &str = "kubemail-example-test";
+
+/// Creates a consumer on `node`'s stream the way an earlier version did: durable, explicit
+/// acks, filtered on `filter`.
+async fn create_old_consumer(node: &Node, filter: &str) {
+    let js = async_nats::jetstream::new(
+        async_nats::connect(&node.nats_url)
+            .await
+            .expect("connect to nats"),
+    );
+    let stream = js.get_stream(&node.stream).await.expect("the stream");
+    let config = pull::Config {
+        durable_name: Some(LEGACY_CONSUMER.to_owned()),
+        filter_subject: filter.to_owned(),
+        ack_policy: AckPolicy::Explicit,
+        ack_wait: Duration::from_secs(120),
+        ..Default::default()
+    };
+    stream
+        .create_consumer(config)
+        .await
+        .expect("create the old consumer");
+}
+
+/// The filter subject of consumer `name` on `node`'s stream; `None` when it does not exist.
+async fn consumer_filter(node: &Node, name: &str) -> Option<String> {
+    let js = async_nats::jetstream::new(
+        async_nats::connect(&node.nats_url)
+            .await
+            .expect("connect to nats"),
+    );
+    let stream = js.get_stream(&node.stream).await.expect("the stream");
+    match stream.consumer_info(name).await {
+        Ok(info) => Some(info.config.filter_subject.clone()),
+        Err(e) => {
+            assert_eq!(
+                e.kind(),
+                async_nats::jetstream::context::ConsumerInfoErrorKind::NotFound,
+                "{e}"
+            );
+            None
+        }
+    }
+}
+
+/// Turns the receiving-only `node` into one that delivers example.test's mail to `sink`,
+/// and restarts it: the same stream, now with this version's delivery workers.
+fn restart_delivering(node: &mut Node, knot: &Knot, sink: &Sink) {
+    let text = std::fs::read_to_string(&node.config_path).expect("read config");
+    let mut config: serde_json::Value = serde_yaml::from_str(&text).expect("config yaml");
+    configure(
+        &mut config,
+        &Setup {
+            dns: knot,
+            mx_port: sink.port,
+            inbound_port: Some(sink.port),
+            allow_loopback: true,
+            dkim: false,
+            inbound_auth: None,
+        },
+    );
+    std::fs::write(
+        &node.config_path,
+        serde_yaml::to_string(&config).expect("config yaml"),
+    )
+    .expect("write config");
+    node.restart();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn entries_of_a_legacy_consumer_are_all_delivered_after_the_upgrade() {
+    let nats = Nats::start();
+    let knot = Knot::start(&[example_zone()]);
+    let sink = Sink::start(&[]);
+    // Mail queued while an earlier version served the domain.
+    let mut node = Node::start(&nats.url());
+    let tag = unique("upgrade");
+    let mut c = RawTcp::connect(node.ports.mx).await;
+    c.expect("220").await;
+    c.cmd("EHLO client.test", "250").await;
+    const QUEUED: usize = 6;
+    for i in 0..QUEUED {
+        let body = format!("Subject: {tag} #{i}.\r\n\r\nqueued before the upgrade");
+        let reply =
+            send_message(&mut c, "a@remote.test", "bob@example.test", body.as_bytes()).await;
+        assert!(reply.starts_with("250 2.0.0"), "{reply}");
+    }
+    c.cmd("QUIT", "221").await;
+    let filter = format!("{}.example.test", node.subject_prefix);
+    create_old_consumer(&node, &filter).await;
+    // An old worker took two entries and died before acknowledging them.
+    let js = async_nats::jetstream::new(async_nats::connect(&node.nats_url).await.unwrap());
+    let consumer: async_nats::jetstream::consumer::PullConsumer = js
+        .get_stream(&node.stream)
+        .await
+        .unwrap()
+        .get_consumer(LEGACY_CONSUMER)
+        .await
+        .unwrap();
+    let mut batch = consumer
+        .batch()
+        .max_messages(2)
+        .expires(Duration::from_secs(5))
+        .messages()
+        .await
+        .unwrap();
+    let mut taken = 0;
+    while let Some(m) = batch.next().await {
+        m.unwrap();
+        taken += 1;
+    }
+    assert_eq!(
+        taken, 2,
+        "the old consumer holds two unacknowledged entries"
+    );
+
+    restart_delivering(&mut node, &knot, &sink);
+    wait_until(
+        Duration::from_secs(60),
+        "every queued entry delivered",
+        || {
+            (0..QUEUED)
+                .all(|i| sink.count(&format!("Subject: {tag} #{i}.")) > 0)
+                .then_some(())
+        },
+    );
+    wait_until(Duration::from_secs(15), "an empty queue", || {
+        queue_is_empty(&node).then_some(())
+    });
+    assert_eq!(
+        consumer_filter(&node, LEGACY_CONSUMER).await,
+        None,
+        "the legacy consumer is gone"
+    );
+    assert_eq!(
+        consumer_filter(&node, &kubemail_queue::consumer_name("example.test")).await,
+        Some(filter),
+        "this version's consumer took its place"
+    );
+    assert!(
+        log(&node).contains("replaced the consumer of the legacy name"),
+        "{}",
+        log(&node)
+    );
+    for i in 0..QUEUED {
+        assert_eq!(
+            sink.count(&format!("Subject: {tag} #{i}.")),
+            1,
+            "entry {i} delivered once"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_legacy_named_consumer_that_is_not_the_domains_own_is_never_deleted() {
+    let nats = Nats::start();
+    let knot = Knot::start(&[example_zone()]);
+    let sink = Sink::start(&[]);
+    let mut node = Node::start(&nats.url());
+    // The legacy name, but filtering every subject of the stream (overlapping ours).
+    let everything = format!("{}.>", node.subject_prefix);
+    create_old_consumer(&node, &everything).await;
+
+    restart_delivering(&mut node, &knot, &sink);
+    wait_until(
+        Duration::from_secs(30),
+        "the node to report that it cannot set up its consumer",
+        || {
+            log(&node)
+                .contains("cannot set up the delivery consumer")
+                .then_some(())
+        },
+    );
+    assert!(log(&node).contains("leaving it alone"), "{}", log(&node));
+    assert_eq!(
+        consumer_filter(&node, LEGACY_CONSUMER).await,
+        Some(everything),
+        "the foreign consumer survives"
+    );
+    assert_eq!(
+        consumer_filter(&node, &kubemail_queue::consumer_name("example.test")).await,
+        None
+    );
 }

@@ -1,11 +1,21 @@
 //! The durable JetStream pull consumer of a MailDomain and the loop that pulls from it.
 //!
-//! Every replica of a domain uses the same durable consumer (`kubemail-<domain with dots as
-//! dashes>`, the name the operator's finalizer deletes), filtered on the domain's subject, so
-//! the server hands each queue entry to one worker at a time and adding replicas adds
-//! delivery capacity. Settings (catalogue JS-CFG-06..09): explicit acks, a finite
-//! `max_deliver` (poison messages, see [`super::worker`]), a bounded `max_ack_pending`, and
-//! an `ack_wait` that a long delivery extends with progress acks.
+//! Every replica of a domain uses the same durable consumer
+//! ([`kubemail_queue::consumer_name`], which the operator's finalizer deletes), filtered on
+//! the domain's subject, so the server hands each queue entry to one worker at a time and
+//! adding replicas adds delivery capacity. Settings (catalogue JS-CFG-06..09): explicit acks,
+//! a finite `max_deliver` (poison messages, see [`super::worker`]), a bounded
+//! `max_ack_pending`, and an `ack_wait` that a long delivery extends with progress acks.
+//!
+//! **Upgrade from the legacy name.** Earlier versions named the consumer
+//! [`kubemail_queue::legacy_consumer_name`] (dots as dashes, which let two domains share a
+//! name). A work-queue stream refuses a second consumer whose filter overlaps, so creating
+//! ours fails while that one exists. Then, and only if the overlapping consumer is the legacy
+//! name of this domain with exactly this domain's subject as its filter, it is deleted and
+//! ours created: work-queue retention keeps every unacknowledged entry in the stream, so the
+//! new consumer delivers all of them (an entry in flight at an old node at that moment may
+//! be delivered twice, never lost). Any other overlapping consumer is left alone and the
+//! error reported.
 //!
 //! The loop only asks for as many entries as it has free delivery slots, so no entry waits
 //! in a local buffer while its ack wait runs out (which would redeliver it to another
@@ -14,8 +24,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use async_nats::jetstream::ErrorCode;
 use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer, pull};
+use async_nats::jetstream::context::ConsumerInfoErrorKind;
+use async_nats::jetstream::stream::{ConsumerErrorKind, Stream};
 use futures::StreamExt as _;
+use kubemail_queue::names::consumer_filters;
+use kubemail_queue::{consumer_name, is_legacy_consumer, legacy_consumer_name, subject};
 use tokio::sync::Semaphore;
 
 use super::DeliveryContext;
@@ -42,16 +57,18 @@ pub enum ConsumerError {
         #[source]
         source: async_nats::jetstream::stream::ConsumerError,
     },
-}
-
-/// The durable consumer name of `domain`.
-pub fn consumer_name(domain: &str) -> String {
-    format!("kubemail-{}", domain.to_ascii_lowercase().replace('.', "-"))
-}
-
-/// The queue subject of `domain`.
-pub fn subject(nats: &NatsConfig, domain: &str) -> String {
-    format!("{}.{}", nats.subject_prefix, domain.to_ascii_lowercase())
+    #[error("cannot inspect the legacy consumer {name}: {source}")]
+    InspectLegacyConsumer {
+        name: String,
+        #[source]
+        source: async_nats::jetstream::context::ConsumerInfoError,
+    },
+    #[error("cannot delete the legacy consumer {name}: {source}")]
+    DeleteLegacyConsumer {
+        name: String,
+        #[source]
+        source: async_nats::jetstream::stream::ConsumerError,
+    },
 }
 
 /// The consumer configuration of `domain`.
@@ -61,7 +78,7 @@ pub fn consumer_config(nats: &NatsConfig, domain: &str, config: &ConsumerConfig)
         durable_name: Some(name.clone()),
         name: Some(name),
         description: Some(format!("kubemail delivery workers of {domain}")),
-        filter_subject: subject(nats, domain),
+        filter_subject: subject(&nats.subject_prefix, domain),
         deliver_policy: DeliverPolicy::All,
         ack_policy: AckPolicy::Explicit,
         ack_wait: config.ack_wait.0,
@@ -71,7 +88,8 @@ pub fn consumer_config(nats: &NatsConfig, domain: &str, config: &ConsumerConfig)
     }
 }
 
-/// Creates the consumer, or updates it to the current settings.
+/// Creates the consumer, or updates it to the current settings; replaces this domain's
+/// consumer of the legacy name (see the module doc).
 pub async fn ensure_consumer(
     js: &async_nats::jetstream::Context,
     nats: &NatsConfig,
@@ -85,13 +103,95 @@ pub async fn ensure_consumer(
             stream: nats.stream.clone(),
             source,
         })?;
+    let create_error = |source| ConsumerError::CreateConsumer {
+        name: consumer_name(domain),
+        source,
+    };
+    match stream
+        .create_consumer(consumer_config(nats, domain, config))
+        .await
+    {
+        Ok(consumer) => return Ok(consumer),
+        Err(error) if overlaps(&error) => {
+            if !remove_legacy_consumer(&stream, nats, domain).await? {
+                return Err(create_error(error));
+            }
+        }
+        Err(error) => return Err(create_error(error)),
+    }
     stream
         .create_consumer(consumer_config(nats, domain, config))
         .await
-        .map_err(|source| ConsumerError::CreateConsumer {
-            name: consumer_name(domain),
-            source,
-        })
+        .map_err(create_error)
+}
+
+/// Whether creating a consumer failed because another one on the work-queue stream filters
+/// an overlapping subject.
+fn overlaps(error: &async_nats::jetstream::stream::ConsumerError) -> bool {
+    matches!(
+        error.kind(),
+        ConsumerErrorKind::JetStream(e)
+            if e.error_code() == ErrorCode::CONSUMER_WQ_CONSUMER_NOT_UNIQUE
+    )
+}
+
+/// Deletes the consumer an earlier version made for `domain`, if it exists under the legacy
+/// name with exactly the domain's subject as its only filter. Returns whether it was
+/// deleted (or vanished meanwhile, as when another replica deleted it first).
+async fn remove_legacy_consumer(
+    stream: &Stream,
+    nats: &NatsConfig,
+    domain: &str,
+) -> Result<bool, ConsumerError> {
+    let legacy = legacy_consumer_name(domain);
+    if legacy == consumer_name(domain) {
+        // A domain without dots has one name in both schemes: nothing to replace.
+        return Ok(false);
+    }
+    let info = match stream.consumer_info(&legacy).await {
+        Ok(info) => info,
+        Err(e) if e.kind() == ConsumerInfoErrorKind::NotFound => return Ok(false),
+        Err(source) => {
+            return Err(ConsumerError::InspectLegacyConsumer {
+                name: legacy,
+                source,
+            });
+        }
+    };
+    let config = &info.config;
+    let filters = consumer_filters(config);
+    if !is_legacy_consumer(&info.name, &filters, &nats.subject_prefix, domain) {
+        tracing::warn!(
+            %domain,
+            consumer = %info.name,
+            ?filters,
+            "a consumer of the legacy name filters other subjects; leaving it alone"
+        );
+        return Ok(false);
+    }
+    match stream.delete_consumer(&legacy).await {
+        Ok(_) => {}
+        Err(e)
+            if matches!(
+                e.kind(),
+                ConsumerErrorKind::JetStream(js) if js.error_code() == ErrorCode::CONSUMER_NOT_FOUND
+            ) => {}
+        Err(source) => {
+            return Err(ConsumerError::DeleteLegacyConsumer {
+                name: legacy,
+                source,
+            });
+        }
+    }
+    tracing::info!(
+        %domain,
+        legacy = %legacy,
+        consumer = %consumer_name(domain),
+        pending = info.num_pending,
+        unacknowledged = info.num_ack_pending,
+        "replaced the consumer of the legacy name; its entries stay in the stream for the new one"
+    );
+    Ok(true)
 }
 
 /// Pulls entries of `domain` and hands each to [`super::worker::handle`], until the node
@@ -201,7 +301,7 @@ mod tests {
     fn consumer_settings_bound_redelivery_and_backlog() {
         let nats = NatsConfig::default();
         let c = consumer_config(&nats, "Mail.Example.com", &ConsumerConfig::default());
-        assert_eq!(c.durable_name.as_deref(), Some("kubemail-mail-example-com"));
+        assert_eq!(c.durable_name.as_deref(), Some("kubemail-mail_example_com"));
         assert_eq!(c.filter_subject, "kubemail.queue.mail.example.com");
         assert_eq!(c.ack_policy, AckPolicy::Explicit, "JS-CFG-06");
         assert!(c.max_deliver > 0, "JS-CFG-07: finite max_deliver");

@@ -8,14 +8,16 @@
 //! * [`client`]: the SMTP/LMTP client; [`reply`]: reply parsing; [`tls`]: client TLS;
 //! * [`relay`]: smarthosts; [`limits`]: per-destination connection caps and reuse;
 //! * [`outcome`]: typed results and the entry decision; [`retry`]: the schedule;
-//! * [`dsn`]: bounces and delay notices; [`entry`]: the entry headers and retry state;
+//! * [`dsn`]: bounces and delay notices;
 //! * [`metrics`]: counters and latencies. The settings are in [`crate::config`].
+//!
+//! Entries are read and written with the queue contract's one codec,
+//! [`kubemail_queue::QueueEntry`] (envelope and retry state in the entry's headers).
 
 pub mod address_policy;
 pub mod client;
 pub mod consumer;
 pub mod dsn;
-pub mod entry;
 pub mod limits;
 pub mod metrics;
 pub mod mx;

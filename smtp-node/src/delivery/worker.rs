@@ -1,6 +1,6 @@
 //! One queue entry, from pull to acknowledgement.
 //!
-//! 1. Read the envelope and retry state from the headers ([`DeliveryEntry`]). Unusable
+//! 1. Read the envelope and retry state from the headers ([`QueueEntry`]). Unusable
 //!    headers: log, count, `term` (there is no sender to tell).
 //! 2. Not due yet (`Kubemail-Not-Before` in the future): `nak` with the remaining delay.
 //! 3. **Poison check** ([`is_poison`]): if this is the second-to-last delivery JetStream
@@ -37,9 +37,7 @@ use super::DeliveryContext;
 use super::client::{
     ClientError, ConnectOptions, Credentials, Outgoing, Protocol, SmtpClient, TlsPolicy,
 };
-use super::consumer::subject;
 use super::dsn::{self, DsnInput, DsnKind};
-use super::entry::DeliveryEntry;
 use super::limits::Checkout;
 use super::metrics::{self, DomainLabels};
 use super::mx::{self, Target};
@@ -48,7 +46,7 @@ use super::relay;
 use super::route::Route;
 use crate::config::{ForwardProtocol, InboundTls, MxTlsPolicy};
 use crate::protocol::EnhancedCode;
-use crate::queue::Direction;
+use crate::queue::{Direction, EntryError, Notice, QueueEntry, QueueId};
 use crate::telemetry::propagation;
 
 /// An entry that comes back this much before its retry time is attempted anyway.
@@ -66,8 +64,8 @@ pub async fn handle(ctx: &DeliveryContext, domain: &str, message: Message) {
     let entry = match message
         .headers
         .as_ref()
-        .ok_or(super::entry::EntryError::Missing("headers"))
-        .and_then(DeliveryEntry::from_headers)
+        .ok_or(EntryError::Missing("headers"))
+        .and_then(QueueEntry::from_headers)
     {
         Ok(e) => e,
         Err(error) => {
@@ -122,7 +120,7 @@ async fn process(
     ctx: &DeliveryContext,
     domain: &str,
     message: &Message,
-    entry: DeliveryEntry,
+    entry: QueueEntry,
     delivered: u32,
 ) {
     let started = Instant::now();
@@ -221,7 +219,7 @@ async fn with_progress<T>(
 async fn attempt(
     ctx: &DeliveryContext,
     message: &Message,
-    entry: &DeliveryEntry,
+    entry: &QueueEntry,
 ) -> (Option<Bytes>, Vec<(String, RecipientOutcome)>) {
     let body = match load_body(ctx, message, entry).await {
         Ok(b) => b,
@@ -261,12 +259,12 @@ enum BodyError {
 async fn load_body(
     ctx: &DeliveryContext,
     message: &Message,
-    entry: &DeliveryEntry,
+    entry: &QueueEntry,
 ) -> Result<Bytes, BodyError> {
     let Some(reference) = &entry.body_ref else {
         return Ok(message.payload.clone());
     };
-    let Some((bucket, name)) = reference.split_once('/') else {
+    let Some((bucket, name)) = kubemail_queue::split_body_ref(reference) else {
         return Err(BodyError::Missing(format!(
             "invalid body reference {reference:?}"
         )));
@@ -300,7 +298,7 @@ fn all(recipients: &[String], outcome: RecipientOutcome) -> Vec<(String, Recipie
 /// Delivers one group of recipients that share a route.
 async fn deliver_group(
     ctx: &DeliveryContext,
-    entry: &DeliveryEntry,
+    entry: &QueueEntry,
     route: &Route,
     rcpts: &[String],
     body: &Bytes,
@@ -316,7 +314,7 @@ async fn deliver_group(
 
 async fn deliver_route(
     ctx: &DeliveryContext,
-    entry: &DeliveryEntry,
+    entry: &QueueEntry,
     route: &Route,
     rcpts: &[String],
     body: &Bytes,
@@ -494,7 +492,7 @@ async fn deliver_route(
 #[allow(clippy::too_many_arguments)]
 async fn send_via(
     ctx: &DeliveryContext,
-    entry: &DeliveryEntry,
+    entry: &QueueEntry,
     route: &Route,
     targets: &[Target],
     protocol: Protocol,
@@ -612,7 +610,7 @@ async fn finish(
     ctx: &DeliveryContext,
     domain: &str,
     message: &Message,
-    entry: &DeliveryEntry,
+    entry: &QueueEntry,
     body: Option<Bytes>,
     outcomes: Vec<(String, RecipientOutcome)>,
 ) {
@@ -693,7 +691,7 @@ async fn finish(
             retry_after,
             retry_at,
         } => {
-            let next = DeliveryEntry {
+            let next = QueueEntry {
                 recipients: plan.deferred.iter().map(|(r, _)| r.clone()).collect(),
                 attempts: entry.attempts + 1,
                 not_before: Some(retry_at),
@@ -701,8 +699,7 @@ async fn finish(
                 delay_warned,
                 ..entry.clone()
             };
-            let msg_id = format!("{}.a{}", entry.entry_id(), next.attempts);
-            let headers = next.to_headers(&msg_id);
+            let headers = next.to_headers(&next.msg_id());
             if let Err(error) = publish(ctx, &entry.domain, headers, message.payload.clone()).await
             {
                 tracing::error!(%error, "cannot queue the retry; the entry will be retried as a whole");
@@ -756,20 +753,20 @@ fn record_outcome(span: &tracing::Span, plan: &outcome::Plan) {
 /// domain when keys are configured.
 async fn publish_dsn(
     ctx: &DeliveryContext,
-    entry: &DeliveryEntry,
+    entry: &QueueEntry,
     kind: DsnKind,
     recipients: &[(String, Diagnostic)],
     original: Option<&[u8]>,
     retry_until: Option<SystemTime>,
 ) -> Result<(), PublishError> {
     let now = SystemTime::now();
-    let unique = uuid::Uuid::now_v7().simple().to_string();
+    let unique = QueueId::new();
     let dsn = dsn::build(&DsnInput {
         kind,
         reporting_mta: &ctx.hostname,
         from_domain: &entry.domain,
         to: &entry.mail_from,
-        queue_id: &entry.queue_id,
+        queue_id: entry.queue_id.as_str(),
         envid: entry.dsn_envid.as_deref(),
         ret: entry.dsn_ret.as_deref(),
         arrival: entry.accepted_at,
@@ -779,7 +776,7 @@ async fn publish_dsn(
         original,
         original_message_id: entry.message_id.as_deref(),
         size_limit: usize::try_from(ctx.config.bounce_size_limit.0).unwrap_or(usize::MAX),
-        unique: &unique,
+        unique: unique.as_str(),
     });
     let mut message = dsn.message;
     if let Some(signer) = &ctx.signer {
@@ -793,7 +790,7 @@ async fn publish_dsn(
             Err(error) => tracing::warn!(%error, "cannot DKIM-sign the DSN; sending it unsigned"),
         }
     }
-    let dsn_entry = DeliveryEntry {
+    let dsn_entry = QueueEntry {
         queue_id: unique,
         mail_from: String::new(),
         recipients: vec![entry.mail_from.clone()],
@@ -817,12 +814,12 @@ async fn publish_dsn(
         last_error: None,
         delay_warned: false,
     };
-    let tag = match kind {
-        DsnKind::Failure => "bounce",
-        DsnKind::Delay => "delay",
+    let (notice, tag) = match kind {
+        DsnKind::Failure => (Notice::Bounce, "bounce"),
+        DsnKind::Delay => (Notice::Delay, "delay"),
     };
     // Deterministic, so a repeated publish of the same report is dropped as a duplicate.
-    let msg_id = format!("{}.{tag}{}", entry.entry_id(), entry.attempts);
+    let msg_id = entry.notice_msg_id(notice);
     publish(
         ctx,
         &entry.domain,
@@ -856,7 +853,7 @@ pub struct PublishError {
 #[tracing::instrument(
     name = "queue.publish",
     skip_all,
-    fields(otel.kind = "producer", messaging.system = "nats", messaging.destination.name = %subject(&ctx.nats, domain))
+    fields(otel.kind = "producer", messaging.system = "nats", messaging.destination.name = %kubemail_queue::subject(&ctx.nats.subject_prefix, domain))
 )]
 async fn publish(
     ctx: &DeliveryContext,
@@ -864,7 +861,7 @@ async fn publish(
     headers: async_nats::HeaderMap,
     payload: Bytes,
 ) -> Result<(), PublishError> {
-    let subject = subject(&ctx.nats, domain);
+    let subject = kubemail_queue::subject(&ctx.nats.subject_prefix, domain);
     let mut pause = PUBLISH_BACKOFF;
     let mut last = String::new();
     for attempt in 1..=PUBLISH_ATTEMPTS {
@@ -904,8 +901,12 @@ async fn publish(
 
 /// Removes the large body of an entry whose last recipient is done. A failure leaves an
 /// orphan object (space, not mail) and is only logged.
-async fn delete_body(ctx: &DeliveryContext, entry: &DeliveryEntry) {
-    let Some((bucket, name)) = entry.body_ref.as_deref().and_then(|r| r.split_once('/')) else {
+async fn delete_body(ctx: &DeliveryContext, entry: &QueueEntry) {
+    let Some((bucket, name)) = entry
+        .body_ref
+        .as_deref()
+        .and_then(kubemail_queue::split_body_ref)
+    else {
         return;
     };
     match ctx.object_store(bucket).await {

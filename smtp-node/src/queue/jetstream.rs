@@ -10,16 +10,16 @@
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+use async_nats::connection::State;
 use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::object_store::ObjectStore;
 use async_nats::jetstream::{self, ErrorCode};
-use async_nats::{HeaderMap, connection::State};
 use futures::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
 
 use super::setup::StreamSetup;
 use super::stream::{ensure_body_bucket, ensure_queue_stream};
-use super::{EnqueueError, Queue, QueuedMessage, headers, rfc3339};
+use super::{EnqueueError, Queue, QueuedMessage};
 use crate::config::NatsConfig;
 use crate::metrics::{self, ResultLabels};
 
@@ -169,38 +169,35 @@ impl JetStreamQueue {
         fields(
             otel.kind = "producer",
             messaging.system = "nats",
-            messaging.destination.name = %format_args!("{}.{}", self.nats.subject_prefix, entry.envelope.domain),
-            queue_id = %entry.envelope.queue_id,
-            domain = %entry.envelope.domain,
-            size = entry.body.len(),
+            messaging.destination.name = %kubemail_queue::subject(&self.nats.subject_prefix, &message.entry.domain),
+            queue_id = %message.entry.queue_id,
+            domain = %message.entry.domain,
+            size = message.body.len(),
         )
     )]
-    async fn publish(&self, entry: &QueuedMessage) -> Result<(), EnqueueError> {
-        let env = &entry.envelope;
-        let entry_id = env.entry_id();
-        let mut h = envelope_headers(entry);
-        let payload = if entry.body.len() > self.inline_limit() {
+    async fn publish(&self, message: &QueuedMessage) -> Result<(), EnqueueError> {
+        let mut entry = message.entry.clone();
+        entry.body_size = Some(message.body.len() as u64);
+        let payload = if message.body.len() > self.inline_limit() {
             let store = self
                 .bodies
                 .get()
                 .ok_or_else(|| EnqueueError::Unavailable("body bucket not set up".to_owned()))?;
-            let mut reader: &[u8] = &entry.body;
+            let object = entry.body_object_name();
+            let mut reader: &[u8] = &message.body;
             store
-                .put(entry_id.as_str(), &mut reader)
+                .put(object.as_str(), &mut reader)
                 .await
                 .map_err(|e| classify(&e, "store body"))?;
-            h.insert(
-                headers::BODY_REF,
-                format!("{}/{}", self.nats.body_bucket, entry_id),
-            );
+            entry.body_ref = Some(kubemail_queue::body_ref(&self.nats.body_bucket, &object));
             bytes::Bytes::new()
         } else {
-            entry.body.clone()
+            message.body.clone()
         };
-        let subject = format!("{}.{}", self.nats.subject_prefix, env.domain);
+        let subject = kubemail_queue::subject(&self.nats.subject_prefix, &entry.domain);
         let ack = self
             .js
-            .publish_with_headers(subject, h, payload)
+            .publish_with_headers(subject, entry.to_headers(&entry.msg_id()), payload)
             .await
             .map_err(|e| classify(&e, "publish"))?
             .await
@@ -257,57 +254,6 @@ impl Queue for JetStreamQueue {
     }
 }
 
-/// The NATS headers of one entry (see the module doc of [`super`]).
-pub fn envelope_headers(entry: &QueuedMessage) -> HeaderMap {
-    let env = &entry.envelope;
-    let mut h = HeaderMap::new();
-    h.insert(headers::NATS_MSG_ID, env.entry_id());
-    h.insert(headers::QUEUE_ID, env.queue_id.to_string());
-    h.insert(headers::MAIL_FROM, format!("<{}>", clean(&env.mail_from)));
-    // One header holding a JSON array: repeated NATS headers are collapsed by some client
-    // code paths (async-nats' direct get keeps only the last), and JSON is unambiguous for
-    // any address, quoted local parts included.
-    let rcpts = serde_json::to_string(&env.recipients).unwrap_or_else(|_| "[]".to_owned());
-    h.insert(headers::RCPT_TO, clean(&rcpts));
-    h.insert(headers::DIRECTION, env.direction.as_str());
-    h.insert(headers::DOMAIN, env.domain.clone());
-    h.insert(headers::ACCEPTED_AT, rfc3339(env.accepted_at));
-    if let Some(id) = &env.message_id {
-        h.insert(headers::MESSAGE_ID, clean(id));
-    }
-    if let Some(tp) = &env.traceparent {
-        h.insert(headers::TRACEPARENT, clean(tp));
-    }
-    if let Some(user) = &env.auth_user {
-        h.insert(headers::AUTH_USER, clean(user));
-    }
-    h.insert(headers::CLIENT_IP, env.client_ip.to_string());
-    h.insert(headers::HELO, clean(&env.helo));
-    if env.eight_bit {
-        h.insert(headers::BODY_TYPE, "8BITMIME");
-    }
-    if env.smtputf8 {
-        h.insert(headers::SMTPUTF8, "true");
-    }
-    if let Some(envid) = &env.dsn_envid {
-        h.insert(headers::DSN_ENVID, clean(envid));
-    }
-    if let Some(ret) = &env.dsn_ret {
-        h.insert(headers::DSN_RET, clean(ret));
-    }
-    h.insert(headers::BODY_SIZE, entry.body.len().to_string());
-    h
-}
-
-/// Header values must not contain control characters (they would break the NATS framing).
-/// Input reaching here has passed the SMTP parser; this is a second line of defence.
-fn clean(value: &str) -> String {
-    value
-        .chars()
-        .map(|c| if c.is_control() { '?' } else { c })
-        .collect()
-}
-
 /// Maps an async-nats error to the reply class: "no room" is `452`, everything else `451`.
 fn classify(error: &(dyn std::error::Error + 'static), action: &str) -> EnqueueError {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
@@ -330,56 +276,4 @@ fn classify(error: &(dyn std::error::Error + 'static), action: &str) -> EnqueueE
         return EnqueueError::Full(format!("{action}: {text}"));
     }
     EnqueueError::Unavailable(format!("{action}: {}", text.trim_end_matches(": ")))
-}
-
-#[cfg(test)]
-mod tests {
-    use std::net::{IpAddr, Ipv4Addr};
-    use std::time::SystemTime;
-
-    use super::*;
-    use crate::queue::{Direction, Envelope, QueueId};
-
-    #[test]
-    fn headers_carry_the_envelope() {
-        let entry = QueuedMessage {
-            envelope: Envelope {
-                queue_id: QueueId::new(),
-                mail_from: String::new(),
-                recipients: vec!["bob@example.test".into(), "postmaster@example.test".into()],
-                domain: "example.test".into(),
-                direction: Direction::Inbound,
-                accepted_at: SystemTime::UNIX_EPOCH,
-                message_id: Some("<x@y>".into()),
-                traceparent: None,
-                auth_user: None,
-                client_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
-                helo: "client\r\nInjected: x".into(),
-                eight_bit: true,
-                smtputf8: false,
-                dsn_envid: None,
-                dsn_ret: None,
-            },
-            body: bytes::Bytes::from_static(b"Subject: x\r\n\r\nhi\r\n"),
-        };
-        let h = envelope_headers(&entry);
-        assert_eq!(h.get(headers::MAIL_FROM).unwrap().as_str(), "<>");
-        assert_eq!(
-            h.get(headers::RCPT_TO).unwrap().as_str(),
-            r#"["bob@example.test","postmaster@example.test"]"#
-        );
-        assert_eq!(
-            h.get(headers::NATS_MSG_ID).unwrap().as_str(),
-            format!("{}.example.test", entry.envelope.queue_id)
-        );
-        assert_eq!(
-            h.get(headers::ACCEPTED_AT).unwrap().as_str(),
-            "1970-01-01T00:00:00Z"
-        );
-        assert_eq!(
-            h.get(headers::HELO).unwrap().as_str(),
-            "client??Injected: x"
-        );
-        assert_eq!(h.get(headers::BODY_TYPE).unwrap().as_str(), "8BITMIME");
-    }
 }

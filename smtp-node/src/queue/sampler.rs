@@ -17,10 +17,9 @@ use std::time::{Duration, SystemTime};
 
 use async_nats::jetstream;
 use futures::StreamExt as _;
-use time::format_description::well_known::Rfc3339;
 use tokio_util::sync::CancellationToken;
 
-use super::headers;
+use super::{headers, parse_rfc3339};
 use crate::config::NatsConfig;
 use crate::metrics::{self, DomainLabels};
 
@@ -73,7 +72,7 @@ pub async fn sample(
     nats: &NatsConfig,
     domain: &str,
 ) -> Result<QueueSample, String> {
-    let subject = crate::delivery::consumer::subject(nats, domain);
+    let subject = kubemail_queue::subject(&nats.subject_prefix, domain);
     let stream = js
         .get_stream_no_info(&nats.stream)
         .await
@@ -102,11 +101,11 @@ pub async fn sample(
     let accepted = head
         .headers
         .get(headers::ACCEPTED_AT)
-        .and_then(|v| time::OffsetDateTime::parse(v.as_str().trim(), &Rfc3339).ok())
-        .unwrap_or(head.time);
+        .and_then(|v| parse_rfc3339(v.as_str()))
+        .unwrap_or_else(|| SystemTime::from(head.time));
     Ok(QueueSample {
         messages,
-        head_accepted_at: Some(SystemTime::from(accepted)),
+        head_accepted_at: Some(accepted),
     })
 }
 

@@ -19,7 +19,7 @@ use super::{End, Next, Session, Transaction};
 use crate::config::ListenerKind;
 use crate::metrics::{self, ListenerLabels, ReasonLabels};
 use crate::protocol::{BodyType, DataProgress, DataReceiver, EnhancedCode, MAX_TEXT_LINE, Reply};
-use crate::queue::{Direction, EnqueueError, Envelope, QueuedMessage};
+use crate::queue::{Direction, EnqueueError, QueueEntry, QueuedMessage};
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     pub(super) async fn handle_data(&mut self) -> Result<Next, End> {
@@ -226,31 +226,33 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             tx.span.record("message_id", id.as_str());
         }
 
-        let base = Envelope {
+        let base = QueueEntry {
             queue_id: tx.queue_id.clone(),
             mail_from: tx.from.to_string(),
             recipients: Vec::new(),
-            domain: String::new(),
             direction: Direction::Inbound,
+            domain: String::new(),
             accepted_at: SystemTime::now(),
             message_id,
             traceparent: Some(tx.traceparent.clone()),
             auth_user: self.user.as_ref().map(|u| u.name.clone()),
-            client_ip: self.conn.remote.ip(),
-            helo: self
-                .helo
-                .as_ref()
-                .map(|h| h.name.clone())
-                .unwrap_or_default(),
+            client_ip: Some(self.conn.remote.ip()),
+            helo: self.helo.as_ref().map(|h| h.name.clone()),
             eight_bit: tx.params.body == Some(BodyType::EightBitMime),
             smtputf8: tx.params.smtputf8,
             dsn_envid: tx.params.envid.clone(),
             dsn_ret: tx.params.ret.clone(),
+            body_ref: None,
+            body_size: None,
+            attempts: 0,
+            not_before: None,
+            last_error: None,
+            delay_warned: false,
         };
         let all: Vec<String> = tx.recipients.iter().map(|r| r.to_string()).collect();
         if let Some(user) = &self.user {
             return vec![QueuedMessage {
-                envelope: Envelope {
+                entry: QueueEntry {
                     recipients: all,
                     domain: user.domain.clone(),
                     direction: Direction::Outbound,
@@ -259,7 +261,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 body: full,
             }];
         }
-        // Inbound: group by recipient domain, in order of first appearance.
+        // Inbound: group by recipient domain (lower case already), in order of first
+        // appearance.
         let mut groups: Vec<(String, Vec<String>)> = Vec::new();
         for r in &tx.recipients {
             let domain = r.domain().to_owned();
@@ -271,7 +274,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         groups
             .into_iter()
             .map(|(domain, recipients)| QueuedMessage {
-                envelope: Envelope {
+                entry: QueueEntry {
                     recipients,
                     domain,
                     ..base.clone()

@@ -162,11 +162,11 @@ async fn mx_accepts_local_mail_and_queues_it() {
     let r = c.expect("250 2.0.0 Ok: queued as ").await;
     let entries = c.queue.entries();
     assert_eq!(entries.len(), 2, "one entry per local domain");
-    assert!(r.contains(entries[0].envelope.queue_id.as_str()));
-    assert_eq!(entries[0].envelope.domain, "example.test");
-    assert_eq!(entries[0].envelope.recipients, ["Bob@example.test"]);
-    assert_eq!(entries[1].envelope.domain, "other.test");
-    assert_eq!(entries[0].envelope.direction, Direction::Inbound);
+    assert!(r.contains(entries[0].entry.queue_id.as_str()));
+    assert_eq!(entries[0].entry.domain, "example.test");
+    assert_eq!(entries[0].entry.recipients, ["Bob@example.test"]);
+    assert_eq!(entries[1].entry.domain, "other.test");
+    assert_eq!(entries[0].entry.direction, Direction::Inbound);
     let body = String::from_utf8(entries[0].body.to_vec()).unwrap();
     assert!(
         body.starts_with("Received: from client.test ([192.0.2.7])"),
@@ -307,7 +307,7 @@ async fn bare_line_endings_are_refused_and_nothing_is_smuggled() {
             // NUL is content, not a line ending: one message, with the "smuggled" text as body.
             assert!(r.starts_with("250 2.0.0"), "{ending:?}: {r}");
             assert_eq!(entries.len(), 1);
-            assert_eq!(entries[0].envelope.mail_from, "a@remote.test");
+            assert_eq!(entries[0].entry.mail_from, "a@remote.test");
         } else {
             assert!(r.starts_with("550 5.6.0"), "{ending:?}: {r}");
             assert!(
@@ -430,9 +430,9 @@ async fn submission_requires_auth_and_own_sender_domain() {
     c.send(b"Subject: out\r\n\r\nhi\r\n.\r\n").await;
     c.expect("250 2.0.0").await;
     let e = &c.queue.entries()[0];
-    assert_eq!(e.envelope.direction, Direction::Outbound);
-    assert_eq!(e.envelope.domain, "example.test");
-    assert_eq!(e.envelope.auth_user.as_deref(), Some("alice@example.test"));
+    assert_eq!(e.entry.direction, Direction::Outbound);
+    assert_eq!(e.entry.domain, "example.test");
+    assert_eq!(e.entry.auth_user.as_deref(), Some("alice@example.test"));
     let body = String::from_utf8(e.body.to_vec()).unwrap();
     assert!(
         body.contains("\r\nMessage-ID: <"),

@@ -1,0 +1,29 @@
+//! Names of the NATS headers of a queue entry (what each carries: the crate doc).
+
+// The envelope, written when the message is accepted.
+pub const QUEUE_ID: &str = "Kubemail-Queue-Id";
+pub const MAIL_FROM: &str = "Kubemail-Mail-From";
+pub const RCPT_TO: &str = "Kubemail-Rcpt-To";
+pub const DIRECTION: &str = "Kubemail-Direction";
+pub const DOMAIN: &str = "Kubemail-Domain";
+pub const ACCEPTED_AT: &str = "Kubemail-Accepted-At";
+pub const MESSAGE_ID: &str = "Kubemail-Message-Id";
+pub const TRACEPARENT: &str = "traceparent";
+pub const AUTH_USER: &str = "Kubemail-Auth-User";
+pub const CLIENT_IP: &str = "Kubemail-Client-Ip";
+pub const HELO: &str = "Kubemail-Helo";
+pub const BODY_TYPE: &str = "Kubemail-Body-Type";
+pub const SMTPUTF8: &str = "Kubemail-Smtputf8";
+pub const DSN_ENVID: &str = "Kubemail-Dsn-Envid";
+pub const DSN_RET: &str = "Kubemail-Dsn-Ret";
+pub const BODY_REF: &str = "Kubemail-Body-Ref";
+pub const BODY_SIZE: &str = "Kubemail-Body-Size";
+
+// The delivery state, written when an entry is republished after an attempt.
+pub const ATTEMPTS: &str = "Kubemail-Attempts";
+pub const NOT_BEFORE: &str = "Kubemail-Not-Before";
+pub const LAST_ERROR: &str = "Kubemail-Last-Error";
+pub const DELAY_WARNED: &str = "Kubemail-Delay-Warned";
+
+/// JetStream's de-duplication id.
+pub const NATS_MSG_ID: &str = "Nats-Msg-Id";

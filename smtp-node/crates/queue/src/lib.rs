@@ -1,0 +1,95 @@
+//! The queue contract of kubemail: what an accepted message looks like in the durable queue,
+//! written by the SMTP session and by the delivery workers, read by the delivery workers, and
+//! named alike by the node and the operator. This crate doc is the one description of it;
+//! [`QueueEntry`] is its one codec and [`names`] derives every name from it.
+//!
+//! # Stream
+//! One JetStream stream (`nats.stream`, default [`DEFAULT_STREAM`]) with file storage,
+//! work-queue retention, `discard: new` (a full stream refuses new mail, which the client sees
+//! as `452 4.3.1`, instead of silently dropping queued mail), no `max_age` (mail never expires
+//! inside NATS; the 5-day lifetime is the delivery side's business) and a duplicate window
+//! for `Nats-Msg-Id`. The node creates and checks it (`kubemail_smtp_node::queue::stream`).
+//!
+//! # Subjects
+//! [`subject`]: `<nats.subjectPrefix>.<lower-cased domain>` (default
+//! `kubemail.queue.example.com`), one per MailDomain, so each MailDomain's durable consumer
+//! filters exactly its own subject. Valid domain names are lower case already; both sides
+//! lower-case anyway, so an entry can never land on a subject no consumer reads.
+//! * *outbound* (authenticated submission on 587/465): the authenticated user's domain, which
+//!   is also the sender's domain (a user may only send as its own domain). One entry carries
+//!   every recipient; local recipients among them are routed inbound by the worker;
+//! * *inbound* (the MX port, unauthenticated, local recipients only): the recipient's domain.
+//!   A transaction with recipients in several local domains becomes one entry per domain, each
+//!   with that domain's recipients; all of them are acknowledged before the `250`.
+//!
+//! # Entry
+//! The payload is the message as received (with our `Received` header, and a `Message-ID`
+//! added on submission when missing), CRLF line endings, no dot-stuffing. The NATS headers
+//! (names in [`headers`]) carry the envelope:
+//! * always: `Kubemail-Queue-Id`, `Kubemail-Mail-From` (`<>` for the null sender, else
+//!   `<addr>`), `Kubemail-Rcpt-To` (one JSON array of the recipient addresses, e.g.
+//!   `["bob@example.com","carol@example.com"]`: repeated NATS headers are collapsed by some
+//!   client code paths, and JSON is unambiguous for any address, quoted local parts
+//!   included), `Kubemail-Direction` (`inbound`/`outbound`), `Kubemail-Domain` (lower case),
+//!   `Kubemail-Accepted-At` (RFC 3339, UTC, see [`rfc3339`]) and `Nats-Msg-Id`;
+//! * when present: `Kubemail-Message-Id`, `traceparent` (W3C trace context of the accepting
+//!   `smtp.transaction` span, the parent of every delivery attempt; kept unchanged by
+//!   retries, while a DSN entry carries the failing attempt's context), `Kubemail-Auth-User`,
+//!   `Kubemail-Client-Ip`, `Kubemail-Helo`, `Kubemail-Body-Type` (`8BITMIME`),
+//!   `Kubemail-Smtputf8` (`true`), `Kubemail-Dsn-Envid`, `Kubemail-Dsn-Ret`,
+//!   `Kubemail-Body-Ref`, `Kubemail-Body-Size` (octets of the body, inline or stored).
+//!
+//! An optional header is written only when its value is present and not empty, and read back
+//! as absent when it is missing or empty. Values never contain control characters (they would
+//! break the NATS framing: the writer replaces them with `?`) nor surrounding white space
+//! (the NATS wire format drops it). Unknown headers are ignored, so a newer writer may add
+//! some.
+//!
+//! # Large bodies
+//! NATS refuses messages above the server's `max_payload` (1 MiB by default). A body larger
+//! than `nats.inlineBodyLimit` (or than `max_payload` minus 64 KiB of header room) is first
+//! stored in the JetStream object store bucket `nats.bodyBucket` (default
+//! [`DEFAULT_BODY_BUCKET`]) under [`QueueEntry::body_object_name`] (`<queue id>.<domain>`);
+//! the queue entry then has an empty payload and `Kubemail-Body-Ref: <bucket>/<object name>`
+//! ([`body_ref`]). The object is written (and acknowledged) before the entry, so an entry
+//! never refers to a missing body. The delivery side deletes the object after the last
+//! recipient is done.
+//!
+//! # Delivery state
+//! Each MailDomain has one durable pull consumer, [`consumer_name`], filtered on its
+//! subject, shared by every replica of the domain. Per-recipient state lives in the entry
+//! itself: after an attempt, recipients that were delivered or failed are done; the others
+//! are *republished* as a new entry that carries only them, the same queue id, acceptance
+//! time and body (or body reference), and these headers:
+//! * `Kubemail-Attempts`: attempts made so far (absent: none);
+//! * `Kubemail-Not-Before`: RFC 3339 time of the next attempt (an entry pulled earlier is
+//!   nak'd with the remaining delay);
+//! * `Kubemail-Last-Error`: the last temporary error, for logs;
+//! * `Kubemail-Delay-Warned` (`true`): a "delayed" DSN was sent already.
+//!
+//! Only then is the old entry acked (publish-then-ack: a crash in between can repeat an
+//! attempt, never lose a recipient). A recipient that got the message is never in a later
+//! entry, so it is never sent again by a retry; the remaining duplicate window is a crash
+//! between the remote `250` and the ack.
+//!
+//! # Message ids
+//! `Nats-Msg-Id` makes a repeated publish (a retry after a lost acknowledgement) a no-op:
+//! * a new entry: `<queue id>.<domain>` ([`QueueEntry::entry_id`]);
+//! * a retry: `<queue id>.<domain>.a<attempts>` ([`QueueEntry::msg_id`] gives both);
+//! * bounces and delay notices are ordinary outbound entries with the null sender `<>` on
+//!   the same subject and a queue id of their own; their id derives from the entry they
+//!   report on, `<queue id>.<domain>.bounce<attempts>` / `.delay<attempts>`
+//!   ([`QueueEntry::notice_msg_id`]), so the same report is queued once.
+
+pub mod headers;
+pub mod names;
+
+mod entry;
+mod rfc3339;
+
+pub use entry::{Direction, EntryError, Notice, QueueEntry, QueueId};
+pub use names::{
+    DEFAULT_BODY_BUCKET, DEFAULT_STREAM, DEFAULT_SUBJECT_PREFIX, body_ref, consumer_name,
+    is_legacy_consumer, legacy_consumer_name, split_body_ref, subject,
+};
+pub use rfc3339::{parse_rfc3339, rfc3339};

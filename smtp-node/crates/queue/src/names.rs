@@ -1,0 +1,268 @@
+//! Every name the queue contract derives from a MailDomain: its subject, its durable
+//! consumer, and the reference to a stored body; plus the defaults of the shared names.
+//!
+//! **Consumer names are collision-free.** A consumer name is one NATS name token (no `.`,
+//! `*`, `>`, white space or path separator) and becomes a directory name in the JetStream
+//! file store. The domain is lower-cased and every `.` becomes `_`: valid domain names
+//! consist of LDH labels (letters, digits, `-`) and never contain `_`, so this is injective
+//! (`mail.corp.com` → `kubemail-mail_corp_com`, `mail-corp.com` → `kubemail-mail-corp-com`).
+//! Names are kept to [`MAX_CONSUMER_NAME_LEN`] bytes: a domain whose name would be longer
+//! gets the first [`HASHED_PREFIX_LEN`] bytes of its encoding, a `-` and the SHA-256 of the
+//! lower-cased domain in hex. Two such names are equal only for a SHA-256 collision
+//! (collision-resistant, not injective by construction); such a name never equals a name of
+//! the short form, because its last `_`-separated part is at least 65 bytes long (`-` plus 64
+//! hex digits) or starts with `-`, while every label of a valid domain has 1-63 bytes and
+//! starts with a letter or digit.
+
+use sha2::{Digest as _, Sha256};
+
+/// The default stream (`nats.stream`).
+pub const DEFAULT_STREAM: &str = "KUBEMAIL";
+/// The default subject prefix (`nats.subjectPrefix`).
+pub const DEFAULT_SUBJECT_PREFIX: &str = "kubemail.queue";
+/// The default object store bucket of large bodies (`nats.bodyBucket`).
+pub const DEFAULT_BODY_BUCKET: &str = "KUBEMAIL_BODIES";
+
+/// Longest consumer name: well below the 255 bytes a file name may have, since the name is a
+/// directory of the JetStream file store.
+pub const MAX_CONSUMER_NAME_LEN: usize = 200;
+/// Readable part of a hashed consumer name: what is left of [`MAX_CONSUMER_NAME_LEN`] after
+/// the prefix, a `-` and 64 hex digits.
+pub const HASHED_PREFIX_LEN: usize = MAX_CONSUMER_NAME_LEN - CONSUMER_PREFIX.len() - 1 - 64;
+
+const CONSUMER_PREFIX: &str = "kubemail-";
+
+/// The queue subject of `domain`: `<prefix>.<lower-cased domain>`.
+pub fn subject(prefix: &str, domain: &str) -> String {
+    format!("{prefix}.{}", domain.to_ascii_lowercase())
+}
+
+/// The durable consumer of `domain` (a valid domain name, any case): `kubemail-` and the
+/// domain with dots as underscores, hashed when long (see the module doc).
+pub fn consumer_name(domain: &str) -> String {
+    let domain = domain.to_ascii_lowercase();
+    let encoded = domain.replace('.', "_");
+    if CONSUMER_PREFIX.len() + encoded.len() <= MAX_CONSUMER_NAME_LEN {
+        return format!("{CONSUMER_PREFIX}{encoded}");
+    }
+    let mut readable = String::with_capacity(HASHED_PREFIX_LEN);
+    for c in encoded.chars() {
+        if readable.len() + c.len_utf8() > HASHED_PREFIX_LEN {
+            break;
+        }
+        readable.push(c);
+    }
+    let digest = Sha256::digest(domain.as_bytes());
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    format!("{CONSUMER_PREFIX}{readable}-{hex}")
+}
+
+/// The consumer name of earlier versions, `kubemail-` and the domain with dots as dashes
+/// (`mail.corp.com` and `mail-corp.com` both gave `kubemail-mail-corp-com`). Only for
+/// finding and removing such a consumer on upgrade.
+pub fn legacy_consumer_name(domain: &str) -> String {
+    format!(
+        "{CONSUMER_PREFIX}{}",
+        domain.to_ascii_lowercase().replace('.', "-")
+    )
+}
+
+/// Whether a consumer named `name` that filters exactly `filters` is the consumer an earlier
+/// version made for `domain` on the stream of subject prefix `prefix`: the legacy name (where
+/// it differs from the current one) and the domain's subject as its only filter. Only such a
+/// consumer may be deleted on upgrade or by the finalizer: the legacy scheme gave
+/// `mail.corp.com` and `mail-corp.com` the same name, and the other domain's consumer must
+/// survive.
+pub fn is_legacy_consumer(name: &str, filters: &[&str], prefix: &str, domain: &str) -> bool {
+    name == legacy_consumer_name(domain)
+        && name != consumer_name(domain)
+        && filters == [subject(prefix, domain).as_str()]
+}
+
+/// Every filter subject of a consumer, however its configuration spells them (one
+/// `filter_subject` or a list).
+pub fn consumer_filters(config: &async_nats::jetstream::consumer::Config) -> Vec<&str> {
+    std::iter::once(config.filter_subject.as_str())
+        .filter(|f| !f.is_empty())
+        .chain(config.filter_subjects.iter().map(String::as_str))
+        .collect()
+}
+
+/// The `Kubemail-Body-Ref` value of a body stored as `object` in `bucket`.
+pub fn body_ref(bucket: &str, object: &str) -> String {
+    format!("{bucket}/{object}")
+}
+
+/// Bucket and object name of a `Kubemail-Body-Ref` value. Bucket names have no `/`, so the
+/// first one separates them.
+pub fn split_body_ref(reference: &str) -> Option<(&str, &str)> {
+    reference
+        .split_once('/')
+        .filter(|(bucket, object)| !bucket.is_empty() && !object.is_empty())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    #[test]
+    fn names_of_a_domain() {
+        assert_eq!(
+            subject("kubemail.queue", "Mail.Example.com"),
+            "kubemail.queue.mail.example.com"
+        );
+        assert_eq!(consumer_name("mail.corp.com"), "kubemail-mail_corp_com");
+        assert_eq!(consumer_name("mail-corp.com"), "kubemail-mail-corp_com");
+        assert_eq!(consumer_name("Example.COM"), "kubemail-example_com");
+        assert_eq!(
+            legacy_consumer_name("Mail.Corp.com"),
+            "kubemail-mail-corp-com"
+        );
+        assert_eq!(
+            body_ref("KUBEMAIL_BODIES", "q1.example.com"),
+            "KUBEMAIL_BODIES/q1.example.com"
+        );
+        assert_eq!(
+            split_body_ref("B/q1.example.com"),
+            Some(("B", "q1.example.com"))
+        );
+        assert_eq!(split_body_ref("no-slash"), None);
+        assert_eq!(split_body_ref("/object"), None);
+    }
+
+    #[test]
+    fn only_the_domains_own_legacy_consumer_is_legacy() {
+        let p = "kubemail.queue";
+        let legacy = "kubemail-mail-corp-com";
+        assert!(is_legacy_consumer(
+            legacy,
+            &["kubemail.queue.mail.corp.com"],
+            p,
+            "mail.corp.com"
+        ));
+        // The same legacy name, but the other domain's consumer.
+        assert!(!is_legacy_consumer(
+            legacy,
+            &["kubemail.queue.mail-corp.com"],
+            p,
+            "mail.corp.com"
+        ));
+        assert!(!is_legacy_consumer(legacy, &[], p, "mail.corp.com"));
+        assert!(!is_legacy_consumer(
+            legacy,
+            &["kubemail.queue.mail.corp.com", "kubemail.queue.x"],
+            p,
+            "mail.corp.com"
+        ));
+        assert!(!is_legacy_consumer(
+            legacy,
+            &["other.prefix.mail.corp.com"],
+            p,
+            "mail.corp.com"
+        ));
+        assert!(!is_legacy_consumer(
+            "kubemail-mail_corp_com",
+            &["kubemail.queue.mail.corp.com"],
+            p,
+            "mail.corp.com"
+        ));
+        // A domain without dots: one name in both schemes, never "legacy".
+        assert!(!is_legacy_consumer(
+            "kubemail-localhost",
+            &["kubemail.queue.localhost"],
+            p,
+            "localhost"
+        ));
+    }
+
+    #[test]
+    fn long_domains_get_a_readable_prefix_and_a_hash() {
+        // 253 bytes, the longest valid domain name.
+        let label = "a".repeat(63);
+        let longest = format!("{label}.{label}.{label}.{}", "c".repeat(61));
+        assert_eq!(longest.len(), 253);
+        let name = consumer_name(&longest);
+        assert_eq!(name.len(), MAX_CONSUMER_NAME_LEN);
+        assert!(name.starts_with(&format!("kubemail-{label}_{}", &label[..10])));
+        let hex = name.rsplit('-').next().unwrap();
+        assert_eq!(hex.len(), 64);
+        assert!(hex.bytes().all(|b| b.is_ascii_hexdigit()));
+        // The longest domain that keeps the plain form: 191 bytes.
+        let plain = format!("{label}.{label}.{}", "b".repeat(63));
+        assert_eq!(plain.len(), 191);
+        assert_eq!(consumer_name(&plain).len(), 200);
+        assert!(!consumer_name(&plain).contains('.'));
+        let hashed = format!("{plain}x");
+        assert_ne!(consumer_name(&hashed), consumer_name(&plain));
+        assert_eq!(consumer_name(&hashed).len(), 200);
+    }
+
+    /// A valid domain name (`validate_domain_name` of the node configuration): 1-253 bytes of
+    /// LDH labels of 1-63 bytes, no `-` at either end of a label. Labels from a tiny
+    /// alphabet make near-collisions (`a-b.c` / `a.b-c`) frequent; long labels make the
+    /// hashed form occur.
+    fn domain() -> impl Strategy<Value = String> {
+        let label = prop_oneof![
+            "[ab]",
+            "[ab][ab-]{0,3}[ab]",
+            "[a-z0-9][a-z0-9-]{0,8}[a-z0-9]",
+            "[a-z0-9][a-z0-9-]{40,61}[a-z0-9]",
+        ];
+        proptest::collection::vec(label, 1..8)
+            .prop_map(|labels| labels.join("."))
+            .prop_filter("at most 253 bytes", |d| d.len() <= 253)
+    }
+
+    /// Whether `name` is a usable NATS consumer name: one subject token, file-system safe.
+    fn valid_nats_name(name: &str) -> bool {
+        !name.is_empty()
+            && name.len() <= MAX_CONSUMER_NAME_LEN
+            && !name
+                .chars()
+                .any(|c| c.is_whitespace() || c.is_control() || ".*>/\\".contains(c))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1000))]
+
+        #[test]
+        fn consumer_names_are_injective_and_valid(
+            domains in proptest::collection::hash_set(domain(), 1..40)
+        ) {
+            let mut names = std::collections::HashSet::new();
+            for d in &domains {
+                let name = consumer_name(d);
+                prop_assert!(valid_nats_name(&name), "{:?} -> {:?}", d, name);
+                let rest = name.strip_prefix("kubemail-").unwrap();
+                if d.len() + "kubemail-".len() <= MAX_CONSUMER_NAME_LEN {
+                    // The short form decodes back to the domain: injective by construction.
+                    prop_assert_eq!(&rest.replace('_', "."), d);
+                } else {
+                    // The hashed form's last part is no label of a valid domain.
+                    let last = rest.rsplit('_').next().unwrap();
+                    prop_assert!(last.len() > 63 || last.starts_with('-'), "{:?}", name);
+                }
+                names.insert(name);
+            }
+            prop_assert_eq!(names.len(), domains.len());
+        }
+
+        #[test]
+        fn dots_and_dashes_never_meet(labels in proptest::collection::vec("[a-z0-9]{1,20}", 2..6)) {
+            // The collision of the legacy scheme: the same labels joined by "." and by "-".
+            let dotted = labels.join(".");
+            let dashed = labels.join("-");
+            prop_assert_eq!(legacy_consumer_name(&dotted), legacy_consumer_name(&dashed));
+            prop_assert_ne!(consumer_name(&dotted), consumer_name(&dashed));
+        }
+
+        #[test]
+        fn case_does_not_matter(d in domain()) {
+            prop_assert_eq!(consumer_name(&d.to_ascii_uppercase()), consumer_name(&d));
+            prop_assert_eq!(subject("p", &d.to_ascii_uppercase()), subject("p", &d));
+        }
+    }
+}
