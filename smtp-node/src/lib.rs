@@ -4,7 +4,9 @@
 //!
 //! The crate is laid out by responsibility (the folder tree is the architecture):
 //! * [`config`]: the node configuration type, shared with the operator (which renders it);
-//! * [`protocol`]: the sans-IO SMTP wire syntax (commands, replies, DATA/BDAT framing);
+//! * [`protocol`]: the sans-IO SMTP wire syntax of both directions, the crate
+//!   `kubemail-smtp-protocol` (commands, replies, DATA/BDAT framing; the client's reply and
+//!   capability parsing and command and DATA encoding);
 //! * [`session`]: the per-connection state machine, one file per verb;
 //! * [`server`]: listeners, accept loops, connection caps, PROXY protocol, implicit TLS;
 //! * [`tls`]: rustls configuration with certificate reload;
@@ -27,10 +29,13 @@ pub mod dkim;
 pub mod dns;
 pub mod metrics;
 pub mod node;
-pub mod protocol;
 pub mod queue;
 pub mod server;
 pub mod session;
 pub mod shutdown;
 pub mod telemetry;
 pub mod tls;
+
+// The wire format is a crate of its own (sans-IO, shared with the operator's relay probe); the
+// old module path stays so that the benches, the e2e harnesses and the fuzz crate keep working.
+pub use kubemail_smtp_protocol as protocol;
