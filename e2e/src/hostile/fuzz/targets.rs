@@ -445,7 +445,10 @@ pub fn reply(input: &[u8]) {
         .map(<[u8]>::len)
         .max()
         .unwrap_or(0);
-    assert!(longest_line <= MAX_REPLY_LINE, "line of {longest_line} bytes");
+    assert!(
+        longest_line <= MAX_REPLY_LINE,
+        "line of {longest_line} bytes"
+    );
     assert!((100..=599).contains(&reply.code), "code {}", reply.code);
     assert!(!reply.lines.is_empty());
     for line in &reply.lines {
