@@ -14,6 +14,8 @@
 //!   the cluster-wide per-user limit on failed logins;
 //! * [`queue`]: the queue contract and its JetStream implementation;
 //! * [`delivery`]: the sending side: workers, routing, MX, the SMTP client, retries, DSNs;
+//! * [`message`]: the message header helpers both sides use (header lookup, the header
+//!   section, the hop count; the Received, Message-ID and Date builders);
 //! * [`dkim`]: DKIM signing at acceptance; [`authres`]: SPF/DKIM/DMARC of inbound mail;
 //! * [`dns`]: the resolver seam (hickory-resolver and a zone-text test double);
 //! * [`node`]: start-up and shutdown of the whole node;
@@ -27,6 +29,7 @@ pub mod config;
 pub mod delivery;
 pub mod dkim;
 pub mod dns;
+pub mod message;
 pub mod metrics;
 pub mod node;
 pub mod queue;

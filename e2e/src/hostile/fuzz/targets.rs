@@ -519,13 +519,13 @@ pub fn config(input: &[u8]) {
 const HOSTNAME: &str = "mx.example.test";
 
 /// What the node does with a received message before queueing it (the header scans of
-/// `session::message` and `authres`, and mail-auth's parser that the inbound checks run):
+/// `message` and `authres`, and mail-auth's parser that the inbound checks run):
 /// no panic on known crash inputs of mail crates (mail-parser #21/#145/#155, mailparse
 /// #41/#130), and stripping forged `Authentication-Results` is idempotent and leaves the
 /// body alone.
 pub fn message(input: &[u8]) {
     use kubemail_smtp_node::authres::strip_forged;
-    use kubemail_smtp_node::session::message::header_value;
+    use kubemail_smtp_node::message::header_value;
 
     // The node only ever holds messages with CRLF line endings (DATA and BDAT refuse or
     // normalise bare CR/LF), so that is what its header scans get.
