@@ -90,7 +90,7 @@ fn every_target_has_a_test_here() {
 /// searching for CRLF CRLF only. A message whose header section is empty (it starts with CRLF)
 /// was scanned as all headers, and body lines that looked like our Authentication-Results were
 /// deleted from the accepted body (changing content and breaking its DKIM body hash). It now
-/// uses `session::message`'s `header_section`, which handles the leading CRLF.
+/// uses `message`'s `header_section`, which handles the leading CRLF.
 #[test]
 fn finding_forged_header_stripping_keeps_the_body() {
     use kubemail_smtp_node::authres::strip_forged;

@@ -11,8 +11,8 @@ use std::hint::black_box;
 use bytes::BytesMut;
 use criterion::{BatchSize, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use kubemail_smtp_node::protocol::{
-    BareEolPolicy, DataProgress, DataReceiver, LineReader, MAX_AUTH_LINE, MAX_TEXT_LINE, dot_stuff,
-    parse_command,
+    BareEolPolicy, DataProgress, DataReceiver, LineReader, MAX_AUTH_LINE, MAX_TEXT_LINE,
+    encode_data, parse_command,
 };
 
 /// Message size limit given to the receiver: larger than every body here, so nothing is
@@ -48,7 +48,7 @@ fn message(size: usize) -> (Vec<u8>, Vec<u8>) {
             );
         }
     }
-    let wire = dot_stuff(&stored);
+    let wire = encode_data(&stored);
     (stored, wire)
 }
 

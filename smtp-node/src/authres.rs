@@ -170,7 +170,7 @@ impl InboundVerifier {
 pub fn strip_forged(message: &[u8], hostname: &str) -> Vec<u8> {
     // The same header/body split as the rest of the session: a message that starts with the
     // blank line has no headers, so nothing in its body can be taken for one.
-    let header_end = crate::session::message::header_section(message).len();
+    let header_end = crate::message::header_section(message).len();
     let (headers, body) = message.split_at(header_end);
     let mut out = Vec::with_capacity(message.len());
     let mut skipping = false;

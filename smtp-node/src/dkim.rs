@@ -25,11 +25,12 @@ use base64::Engine as _;
 use mail_auth::common::crypto::{DkimKey, Ed25519Key, RsaKey, Sha256};
 use mail_auth::common::headers::HeaderWriter as _;
 use mail_auth::dkim::{Canonicalization, Done};
+use mail_parser::{HeaderName, HeaderValue, MessageParser};
 use rustls_pki_types::PrivateKeyDer;
 use rustls_pki_types::pem::PemObject as _;
 
 use crate::config::DkimConfig;
-use crate::session::message::header_value;
+use crate::message::header_section;
 
 /// The headers signed, From twice (over-signing).
 pub const SIGNED_HEADERS: [&str; 13] = [
@@ -300,22 +301,53 @@ fn der_tlv(tag: u8, content: &[u8]) -> Vec<u8> {
     out
 }
 
-/// The domain of the first address in the first `From:` header, lower case.
+/// The author domain of `message` (RFC 7489 §3.1.1: the domain of the `From:` header's
+/// address), lower case and without a trailing dot; `None` when the message has no single one.
+///
+/// The `From:` field is parsed with mail-parser (RFC 5322 §3.4 address syntax), so display
+/// names with `<` or `@`, comments, quoted strings, encoded words and groups cannot make us
+/// take a domain from anything but the mailbox itself. RFC 5322 §3.6 allows one `From:` field
+/// with one or more mailboxes; DKIM and DMARC want a single author. We take the domain when
+/// there is exactly one field and every mailbox in it (a list or the members of groups) has
+/// that same domain; two `From:` fields, mailboxes of different domains, or a mailbox without
+/// a usable domain give `None`, and the envelope domain decides instead (RFC 7489 §6.6.1 lets
+/// receivers reject such mail, so no author domain of ours should vouch for it).
 pub fn author_domain(message: &[u8]) -> Option<String> {
-    let value = header_value(message, "From")?;
-    // `Name <local@domain>` or `local@domain (comment)`.
-    let addr = match (value.rfind('<'), value.rfind('>')) {
-        (Some(start), Some(end)) if start < end => &value[start + 1..end],
-        _ => value.as_str(),
+    // The same header/body split as the rest of the node: nothing in the body is a header.
+    let parsed = MessageParser::new().parse_headers(header_section(message))?;
+    let mut fields = parsed.header_values(HeaderName::From);
+    let (Some(HeaderValue::Address(from)), None) = (fields.next(), fields.next()) else {
+        return None;
     };
-    let domain = addr.rsplit_once('@')?.1;
-    let domain: String = domain
-        .chars()
-        .take_while(|c| c.is_ascii_alphanumeric() || *c == '.' || *c == '-')
-        .collect::<String>()
-        .trim_end_matches('.')
-        .to_ascii_lowercase();
-    (!domain.is_empty()).then_some(domain)
+    let mut domains = from.iter().map(|mailbox| {
+        let address = mailbox.address.as_deref()?;
+        mailbox_domain(address)
+    });
+    let first = domains.next()??;
+    for domain in domains {
+        if domain.as_deref() != Some(first.as_str()) {
+            return None;
+        }
+    }
+    Some(first)
+}
+
+/// The domain of `local@domain` as a DNS name we could hold keys for: letters, digits, `-`
+/// and `.`, lower case, one trailing dot dropped. Address literals and anything else: `None`,
+/// and so is an address with no local part or a second `@`: mail-parser runs the pieces of a
+/// malformed field together (`Evil <a@evil.test> <a@good.test>` gives
+/// `a@evil.testa@good.test`), and no domain of such a field is the author's.
+fn mailbox_domain(address: &str) -> Option<String> {
+    let (local, domain) = address.split_once('@')?;
+    if local.is_empty() || domain.contains('@') {
+        return None;
+    }
+    let domain = domain.strip_suffix('.').unwrap_or(domain);
+    let valid = !domain.is_empty()
+        && domain
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+    valid.then(|| domain.to_ascii_lowercase())
 }
 
 #[cfg(test)]
@@ -424,6 +456,60 @@ mod tests {
         for (msg, want) in cases {
             assert_eq!(author_domain(msg.as_bytes()).as_deref(), want, "{msg:?}");
         }
+    }
+
+    #[test]
+    fn author_domain_of_hostile_from_headers() {
+        let cases = [
+            // Display names, comments and quoted strings that look like addresses.
+            (
+                "From: \"Evil <a@evil.test>\" <a@good.test>",
+                Some("good.test"),
+            ),
+            ("From: Evil <a@evil.test> <a@good.test>", None),
+            ("From: \"a@evil.test\" <a@good.test>", Some("good.test")),
+            ("From: a@good.test (x <b@evil.test>)", Some("good.test")),
+            ("From: (x <b@evil.test>) a@good.test", Some("good.test")),
+            (
+                "From: \"x\\\" <b@evil.test>\" <a@good.test>",
+                Some("good.test"),
+            ),
+            (
+                "From: =?utf-8?q?a=40evil.test?= <a@good.test>",
+                Some("good.test"),
+            ),
+            // mail-parser takes a quoted local part with `@` for a display name and leaves no
+            // local part: too odd to vouch for.
+            ("From: \"quoted@evil.test\"@good.test", None),
+            // Malformed fields whose pieces mail-parser runs together.
+            ("From: <a@good.test> <b@evil.test>", None),
+            ("From: x <a@good.test>, y", None),
+            // A phrase before the angle address is a display name, whatever it looks like.
+            ("From: a@good.test <b@evil.test>", Some("evil.test")),
+            // Groups and lists: one author domain or none.
+            ("From: Team: a@good.test, b@Good.Test.;", Some("good.test")),
+            ("From: Team: a@good.test, b@evil.test;", None),
+            ("From: a@good.test, b@evil.test", None),
+            ("From: a@good.test, <b@good.test>", Some("good.test")),
+            ("From: undisclosed-recipients:;", None),
+            // Two From fields: no single author.
+            ("From: a@good.test\r\nFrom: b@good.test", None),
+            // No domain we could sign for.
+            ("From: <a@[192.0.2.1]>", None),
+            ("From: <a@>", None),
+            ("From: a@b\u{e4}d.test", None),
+            ("From:", None),
+        ];
+        for (headers, want) in cases {
+            let msg = format!("{headers}\r\nSubject: s\r\n\r\nFrom: b@body.test\r\n");
+            assert_eq!(
+                author_domain(msg.as_bytes()).as_deref(),
+                want,
+                "{headers:?}"
+            );
+        }
+        // A message that starts with the blank line has no header, whatever its body says.
+        assert_eq!(author_domain(b"\r\nFrom: a@body.test\r\n"), None);
     }
 
     #[test]

@@ -5,7 +5,9 @@
 //! The crate is laid out by responsibility (the folder tree is the architecture):
 //! * [`config`]: the node configuration, the `kubemail-config` crate shared with the operator
 //!   (which renders it);
-//! * [`protocol`]: the sans-IO SMTP wire syntax (commands, replies, DATA/BDAT framing);
+//! * [`protocol`]: the sans-IO SMTP wire syntax of both directions, the crate
+//!   `kubemail-smtp-protocol` (commands, replies, DATA/BDAT framing; the client's reply and
+//!   capability parsing and command and DATA encoding);
 //! * [`session`]: the per-connection state machine, one file per verb;
 //! * [`server`]: listeners, accept loops, connection caps, PROXY protocol, implicit TLS;
 //! * [`tls`]: rustls configuration with certificate reload;
@@ -13,6 +15,8 @@
 //!   the cluster-wide per-user limit on failed logins;
 //! * [`queue`]: the queue contract and its JetStream implementation;
 //! * [`delivery`]: the sending side: workers, routing, MX, the SMTP client, retries, DSNs;
+//! * [`message`]: the message header helpers both sides use (header lookup, the header
+//!   section, the hop count; the Received, Message-ID and Date builders);
 //! * [`dkim`]: DKIM signing at acceptance; [`authres`]: SPF/DKIM/DMARC of inbound mail;
 //! * [`dns`]: the resolver seam (hickory-resolver and a zone-text test double);
 //! * [`node`]: start-up and shutdown of the whole node;
@@ -26,16 +30,18 @@ pub mod authres;
 pub mod delivery;
 pub mod dkim;
 pub mod dns;
+pub mod message;
 pub mod metrics;
 pub mod node;
-pub mod protocol;
 pub mod queue;
 pub mod server;
 pub mod session;
 pub mod shutdown;
 pub mod tls;
 
-// The configuration and the telemetry set-up are crates of their own (the operator uses them
-// too); these keep their `crate::config::…` and `kubemail_smtp_node::telemetry::…` paths.
+// The configuration, the telemetry set-up and the wire format are crates of their own (the
+// operator uses them too); these keep their old module paths, so `crate::config::…` and the
+// benches, e2e harnesses and fuzz crate (`kubemail_smtp_node::protocol::…`) keep working.
 pub use kubemail_config as config;
+pub use kubemail_smtp_protocol as protocol;
 pub use kubemail_telemetry as telemetry;

@@ -9,8 +9,8 @@
 //! * **Timeouts per phase** (RFC 5321 4.5.3.2): greeting 5 min, MAIL and RCPT 5 min each,
 //!   DATA initiation 2 min, each data write 3 min, the reply after the final dot 10 min
 //!   (all configurable, [`ClientTimeouts`]).
-//! * **Replies are untrusted** ([`super::reply`]): a malformed, endless or mixed-code reply
-//!   is a temporary error of that host, never a panic.
+//! * **Replies are untrusted** ([`crate::protocol::client::reply`]): a malformed, endless or
+//!   mixed-code reply is a temporary error of that host, never a panic.
 //! * **STARTTLS** (RFC 3207): after `220` to STARTTLS nothing may be buffered; plaintext
 //!   bytes that arrived with the `220` would otherwise be read as the post-TLS EHLO reply
 //!   (catalogue TLS-CLI-01, response injection), so the connection is dropped. EHLO is sent
@@ -28,13 +28,15 @@
 //!   in the message can end the data early downstream (catalogue SMUG-OUT-01/02).
 //! * **Results per recipient**: RCPT replies decide for each recipient; the reply after the
 //!   data decides for all accepted ones (LMTP: one reply per accepted recipient, RFC 2033).
+//!
+//! The wire syntax (reply parsing, EHLO capabilities, command and DATA encoding) is the sans-IO
+//! [`crate::protocol::client`]; this module owns the socket, the timeouts and the decisions.
 
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use base64::Engine as _;
 use bytes::{Buf as _, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, ReadBuf};
 use tokio::net::TcpStream;
@@ -44,10 +46,12 @@ use tracing::Instrument as _;
 
 use super::mx::Target;
 use super::outcome::{Diagnostic, RecipientOutcome};
-use super::reply::{ReplyError, parse_reply};
 use super::tls::{ClientTls, server_name};
 use crate::config::ClientTimeouts;
-use crate::protocol::{EnhancedCode, Reply};
+use crate::protocol::client::{
+    Capabilities, ClientCommand, EncodeError, ReplyError, encode_data, parse_reply, status_of,
+};
+use crate::protocol::{BodyType, EnhancedCode, MailParams, RcptParams, Reply};
 
 /// Size of one read from the socket.
 const READ_CHUNK: usize = 8 * 1024;
@@ -132,6 +136,12 @@ pub enum ClientError {
         #[source]
         source: ReplyError,
     },
+    #[error("cannot write the {phase} command: {source}")]
+    Encode {
+        phase: &'static str,
+        #[source]
+        source: EncodeError,
+    },
     #[error("{phase} refused: {reply}")]
     Rejected { phase: &'static str, reply: Reply },
     #[error("TLS handshake failed: {0}")]
@@ -151,8 +161,10 @@ impl ClientError {
             Self::Connect { .. } => EnhancedCode(4, 4, 1),
             Self::Timeout { .. } | Self::Io { .. } | Self::Closed { .. } => EnhancedCode(4, 4, 2),
             Self::BadReply { .. } => EnhancedCode(4, 5, 0),
+            // Our own host name does not fit in a command: a configuration error (X.3.5).
+            Self::Encode { .. } => EnhancedCode(4, 3, 5),
             Self::Rejected { reply, .. } => {
-                let e = super::reply::status_of(reply);
+                let e = status_of(reply);
                 // A session-level refusal of one host is temporary for the message.
                 EnhancedCode(4, e.1, e.2)
             }
@@ -167,53 +179,6 @@ impl ClientError {
         }
         d.remote_mta = Some(remote_mta.to_owned());
         d
-    }
-}
-
-/// The ESMTP extensions the server announced.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Capabilities {
-    pub esmtp: bool,
-    pub pipelining: bool,
-    /// `SIZE n`; `Some(0)` means "no fixed limit" (RFC 1870).
-    pub size: Option<u64>,
-    pub eight_bit_mime: bool,
-    pub smtputf8: bool,
-    pub starttls: bool,
-    pub auth: Vec<String>,
-}
-
-impl Capabilities {
-    /// Parses the lines of an EHLO/LHLO reply (the first line is the greeting).
-    pub fn parse(reply: &Reply) -> Self {
-        let mut caps = Self {
-            esmtp: true,
-            ..Self::default()
-        };
-        for line in reply.lines.iter().skip(1) {
-            let mut words = line.split_whitespace();
-            let Some(keyword) = words.next() else {
-                continue;
-            };
-            let keyword = keyword.to_ascii_uppercase();
-            match keyword.as_str() {
-                "PIPELINING" => caps.pipelining = true,
-                "SIZE" => caps.size = Some(words.next().and_then(|n| n.parse().ok()).unwrap_or(0)),
-                "8BITMIME" => caps.eight_bit_mime = true,
-                "SMTPUTF8" => caps.smtputf8 = true,
-                "STARTTLS" => caps.starttls = true,
-                "AUTH" => caps.auth.extend(words.map(|w| w.to_ascii_uppercase())),
-                // Pre-RFC 4954 servers announce `AUTH=PLAIN LOGIN`.
-                k if k.starts_with("AUTH=") => {
-                    caps.auth.push(k["AUTH=".len()..].to_owned());
-                    caps.auth.extend(words.map(|w| w.to_ascii_uppercase()));
-                }
-                _ => {}
-            }
-        }
-        caps.auth.sort();
-        caps.auth.dedup();
-        caps
     }
 }
 
@@ -391,7 +356,7 @@ impl SmtpClient {
     /// RSET: checks that a reused connection still works and clears any state.
     pub async fn reset(&mut self) -> Result<(), ClientError> {
         let reply = self
-            .command("RSET", self.timeouts.command.0, "RSET")
+            .command(&ClientCommand::Rset, self.timeouts.command.0, "RSET")
             .await?;
         if reply.code == 250 {
             Ok(())
@@ -408,7 +373,7 @@ impl SmtpClient {
     pub async fn quit(mut self) {
         if self.usable {
             let limit = self.timeouts.command.0.min(Duration::from_secs(10));
-            let _ = self.command("QUIT", limit, "QUIT").await;
+            let _ = self.command(&ClientCommand::Quit, limit, "QUIT").await;
         }
         let _ = self.io.shutdown().await;
     }
@@ -429,24 +394,30 @@ impl SmtpClient {
                 .map(|_| RecipientOutcome::Failed(refusal.clone()))
                 .collect());
         }
-        let mail = mail_command(&self.caps, msg);
-        let rcpts: Vec<String> = msg
-            .recipients
-            .iter()
-            .map(|r| format!("RCPT TO:<{r}>"))
-            .collect();
+        let (mail, rcpts) = match envelope_commands(&self.caps, msg) {
+            Ok(lines) => lines,
+            Err(mut d) => {
+                d.remote_mta = Some(host);
+                return Ok(msg
+                    .recipients
+                    .iter()
+                    .map(|_| RecipientOutcome::Failed(d.clone()))
+                    .collect());
+            }
+        };
 
         let (mail_reply, rcpt_replies, data_reply) = if self.caps.pipelining {
-            let mut batch = String::new();
-            batch.push_str(&mail);
-            batch.push_str("\r\n");
+            let mut batch = mail;
             for r in &rcpts {
-                batch.push_str(r);
-                batch.push_str("\r\n");
+                batch.extend_from_slice(r);
             }
-            batch.push_str("DATA\r\n");
-            self.write_all(batch.as_bytes(), self.timeouts.mail.0, "MAIL")
-                .await?;
+            ClientCommand::Data
+                .encode(&mut batch)
+                .map_err(|source| ClientError::Encode {
+                    phase: "DATA",
+                    source,
+                })?;
+            self.write_all(&batch, self.timeouts.mail.0, "MAIL").await?;
             let mail_reply = self.read_reply(self.timeouts.mail.0, "MAIL").await?;
             let mut rcpt_replies = Vec::with_capacity(rcpts.len());
             for _ in &rcpts {
@@ -455,17 +426,17 @@ impl SmtpClient {
             let data_reply = self.read_reply(self.timeouts.data_init.0, "DATA").await?;
             (mail_reply, rcpt_replies, Some(data_reply))
         } else {
-            let mail_reply = self.command(&mail, self.timeouts.mail.0, "MAIL").await?;
+            let mail_reply = self.line(&mail, self.timeouts.mail.0, "MAIL").await?;
             let mut rcpt_replies = Vec::new();
             if mail_reply.code == 250 {
                 for r in &rcpts {
-                    rcpt_replies.push(self.command(r, self.timeouts.rcpt.0, "RCPT").await?);
+                    rcpt_replies.push(self.line(r, self.timeouts.rcpt.0, "RCPT").await?);
                 }
             }
             let any_accepted = rcpt_replies.iter().any(|r| (200..300).contains(&r.code));
             let data_reply = if any_accepted {
                 Some(
-                    self.command("DATA", self.timeouts.data_init.0, "DATA")
+                    self.command(&ClientCommand::Data, self.timeouts.data_init.0, "DATA")
                         .await?,
                 )
             } else {
@@ -573,7 +544,7 @@ impl SmtpClient {
     async fn abandon_transaction(&mut self, data_reply: Option<&Reply>) {
         if data_reply.is_some_and(|r| r.code == 354) {
             let ok = self
-                .write_all(b".\r\n", self.timeouts.data_block.0, "DATA")
+                .write_all(&encode_data(&[]), self.timeouts.data_block.0, "DATA")
                 .await
                 .is_ok()
                 && self
@@ -624,16 +595,13 @@ impl SmtpClient {
 
     /// EHLO (LHLO), with a HELO fallback for plain SMTP servers.
     async fn hello(&mut self) -> Result<(), ClientError> {
-        let verb = match self.protocol {
-            Protocol::Smtp => "EHLO",
-            Protocol::Lmtp => "LHLO",
+        let helo = self.helo.clone();
+        let hello = match self.protocol {
+            Protocol::Smtp => ClientCommand::Ehlo(&helo),
+            Protocol::Lmtp => ClientCommand::Lhlo(&helo),
         };
         let reply = self
-            .command(
-                &format!("{verb} {}", self.helo),
-                self.timeouts.command.0,
-                "EHLO",
-            )
+            .command(&hello, self.timeouts.command.0, "EHLO")
             .await?;
         if reply.code == 250 {
             self.caps = Capabilities::parse(&reply);
@@ -641,11 +609,7 @@ impl SmtpClient {
         }
         if self.protocol == Protocol::Smtp && reply.is_permanent() {
             let helo = self
-                .command(
-                    &format!("HELO {}", self.helo),
-                    self.timeouts.command.0,
-                    "HELO",
-                )
+                .command(&ClientCommand::Helo(&helo), self.timeouts.command.0, "HELO")
                 .await?;
             if helo.code == 250 {
                 self.caps = Capabilities::default();
@@ -664,7 +628,11 @@ impl SmtpClient {
 
     async fn starttls(&mut self, options: &ConnectOptions<'_>) -> Result<(), ClientError> {
         let reply = self
-            .command("STARTTLS", self.timeouts.command.0, "STARTTLS")
+            .command(
+                &ClientCommand::StartTls,
+                self.timeouts.command.0,
+                "STARTTLS",
+            )
             .await?;
         if reply.code != 220 {
             if options.tls == TlsPolicy::Required {
@@ -744,28 +712,27 @@ impl SmtpClient {
                 "refusing to send credentials without TLS".to_owned(),
             ));
         }
-        let b64 = base64::engine::general_purpose::STANDARD;
         let timeout = self.timeouts.command.0;
-        let reply = if self.caps.auth.iter().any(|m| m == "PLAIN") {
-            let token = b64.encode(format!(
-                "\0{}\0{}",
-                credentials.username, credentials.password
-            ));
-            self.command(&format!("AUTH PLAIN {token}"), timeout, "AUTH")
-                .await?
-        } else if self.caps.auth.iter().any(|m| m == "LOGIN") {
-            let r = self.command("AUTH LOGIN", timeout, "AUTH").await?;
-            if r.code != 334 {
-                return Err(ClientError::Auth(r.to_string()));
-            }
+        let reply = if self.caps.offers_auth("PLAIN") {
+            let plain = ClientCommand::AuthPlain {
+                username: &credentials.username,
+                password: &credentials.password,
+            };
+            self.command(&plain, timeout, "AUTH").await?
+        } else if self.caps.offers_auth("LOGIN") {
             let r = self
-                .command(&b64.encode(&credentials.username), timeout, "AUTH")
+                .command(&ClientCommand::AuthLogin, timeout, "AUTH")
                 .await?;
             if r.code != 334 {
                 return Err(ClientError::Auth(r.to_string()));
             }
-            self.command(&b64.encode(&credentials.password), timeout, "AUTH")
-                .await?
+            let username = ClientCommand::AuthLoginResponse(&credentials.username);
+            let r = self.command(&username, timeout, "AUTH").await?;
+            if r.code != 334 {
+                return Err(ClientError::Auth(r.to_string()));
+            }
+            let password = ClientCommand::AuthLoginResponse(&credentials.password);
+            self.command(&password, timeout, "AUTH").await?
         } else {
             return Err(ClientError::Auth(format!(
                 "the server offers no usable mechanism (offered: {})",
@@ -779,17 +746,27 @@ impl SmtpClient {
         }
     }
 
-    /// Writes one command line and reads its reply.
+    /// Writes one command and reads its reply.
     async fn command(
         &mut self,
-        line: &str,
+        command: &ClientCommand<'_>,
         timeout: Duration,
         phase: &'static str,
     ) -> Result<Reply, ClientError> {
-        let mut bytes = Vec::with_capacity(line.len() + 2);
-        bytes.extend_from_slice(line.as_bytes());
-        bytes.extend_from_slice(b"\r\n");
-        self.write_all(&bytes, timeout, phase).await?;
+        let line = command
+            .to_bytes()
+            .map_err(|source| ClientError::Encode { phase, source })?;
+        self.line(&line, timeout, phase).await
+    }
+
+    /// Writes one encoded command line and reads its reply.
+    async fn line(
+        &mut self,
+        line: &[u8],
+        timeout: Duration,
+        phase: &'static str,
+    ) -> Result<Reply, ClientError> {
+        self.write_all(line, timeout, phase).await?;
         self.read_reply(timeout, phase).await
     }
 
@@ -933,19 +910,47 @@ pub fn refusal(caps: &Capabilities, host: &str, msg: &Outgoing<'_>) -> Option<Di
     None
 }
 
-/// The MAIL command for `msg`, with the parameters the server announced support for.
-pub fn mail_command(caps: &Capabilities, msg: &Outgoing<'_>) -> String {
-    let mut mail = format!("MAIL FROM:<{}>", msg.mail_from);
-    if caps.size.is_some() {
-        mail.push_str(&format!(" SIZE={}", msg.body.len()));
+/// The MAIL parameters for `msg`, as far as the server announced support for them.
+pub fn mail_params(caps: &Capabilities, msg: &Outgoing<'_>) -> MailParams {
+    MailParams {
+        size: caps.size.map(|_| msg.body.len() as u64),
+        body: (is_eight_bit(msg) && caps.eight_bit_mime).then_some(BodyType::EightBitMime),
+        smtputf8: needs_smtputf8(msg) && caps.smtputf8,
+        ..MailParams::default()
     }
-    if is_eight_bit(msg) && caps.eight_bit_mime {
-        mail.push_str(" BODY=8BITMIME");
+}
+
+/// The MAIL line and one RCPT line per recipient, encoded; or, when an envelope address cannot
+/// be written as a command (it would inject one: only a queue entry that did not come through
+/// our own parser can have such an address), the permanent failure of the whole message.
+fn envelope_commands(
+    caps: &Capabilities,
+    msg: &Outgoing<'_>,
+) -> Result<(Vec<u8>, Vec<Vec<u8>>), Diagnostic> {
+    let fail = |status: EnhancedCode, e: EncodeError| Diagnostic::local(status, e.to_string());
+    let params = mail_params(caps, msg);
+    let mail = ClientCommand::Mail {
+        from: msg.mail_from,
+        params: &params,
     }
-    if needs_smtputf8(msg) && caps.smtputf8 {
-        mail.push_str(" SMTPUTF8");
-    }
-    mail
+    .to_bytes()
+    // RFC 3463: X.1.7 bad sender's mailbox address syntax.
+    .map_err(|e| fail(EnhancedCode(5, 1, 7), e))?;
+    let no_params = RcptParams::default();
+    let rcpts = msg
+        .recipients
+        .iter()
+        .map(|to| {
+            ClientCommand::Rcpt {
+                to,
+                params: &no_params,
+            }
+            .to_bytes()
+            // RFC 3463: X.1.3 bad destination mailbox address syntax.
+            .map_err(|e| fail(EnhancedCode(5, 1, 3), e))
+        })
+        .collect::<Result<_, _>>()?;
+    Ok((mail, rcpts))
 }
 
 fn needs_smtputf8(msg: &Outgoing<'_>) -> bool {
@@ -967,46 +972,6 @@ fn unreachable_outcome(host: &str) -> RecipientOutcome {
     RecipientOutcome::Deferred(d)
 }
 
-/// The message as DATA sends it: CRLF line endings only (a bare CR or LF becomes CRLF), every
-/// line starting with `.` stuffed with another `.`, a final CRLF if missing, and the
-/// terminating `.<CRLF>`. For messages that already have CRLF endings this is exactly
-/// [`crate::protocol::dot_stuff`].
-pub fn encode_data(body: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(body.len() + body.len() / 64 + 5);
-    let mut at_line_start = true;
-    let mut i = 0;
-    while i < body.len() {
-        let b = body[i];
-        match b {
-            b'\r' => {
-                out.extend_from_slice(b"\r\n");
-                // A CRLF pair is one line ending; a bare CR is one too.
-                if body.get(i + 1) == Some(&b'\n') {
-                    i += 1;
-                }
-                at_line_start = true;
-            }
-            b'\n' => {
-                out.extend_from_slice(b"\r\n");
-                at_line_start = true;
-            }
-            _ => {
-                if at_line_start && b == b'.' {
-                    out.push(b'.');
-                }
-                out.push(b);
-                at_line_start = false;
-            }
-        }
-        i += 1;
-    }
-    if !at_line_start {
-        out.extend_from_slice(b"\r\n");
-    }
-    out.extend_from_slice(b".\r\n");
-    out
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // tests may unwrap (see notes/common.md)
 mod tests {
@@ -1014,7 +979,6 @@ mod tests {
     use tokio::net::TcpListener;
 
     use super::*;
-    use crate::protocol::dot_stuff;
 
     /// A one-connection scripted SMTP server on loopback: sends `greeting`, then answers each
     /// command line with `respond(line)` (`None` closes); after a `354` it collects message
@@ -1275,6 +1239,46 @@ mod tests {
         assert!(!client.is_usable());
     }
 
+    /// The MAIL line the client writes for `msg`, without its CRLF.
+    fn mail_command(caps: &Capabilities, msg: &Outgoing<'_>) -> String {
+        let (mail, _) = envelope_commands(caps, msg).unwrap();
+        String::from_utf8(mail).unwrap().trim_end().to_owned()
+    }
+
+    #[tokio::test]
+    async fn an_envelope_address_that_would_inject_a_command_fails_before_anything_is_sent() {
+        let (addr, server) = fake_server("220 fake ESMTP\r\n", |line| {
+            Some(match line {
+                l if l.starts_with("EHLO") => "250-fake\r\n250 PIPELINING\r\n".into(),
+                "QUIT" => "221 bye\r\n".into(),
+                _ => "250 ok\r\n".into(),
+            })
+        })
+        .await;
+        let mut client = connect_to(addr, Protocol::Smtp, TlsPolicy::Opportunistic, None)
+            .await
+            .unwrap();
+        let rcpts = vec![
+            "carol@remote.test".to_owned(),
+            "bob@remote.test>\r\nRCPT TO:<victim@elsewhere.test".to_owned(),
+        ];
+        let outcomes = client.send(&message(&rcpts, b"x\r\n")).await.unwrap();
+        for outcome in &outcomes {
+            let RecipientOutcome::Failed(d) = outcome else {
+                panic!("{outcomes:?}")
+            };
+            assert_eq!(d.status, EnhancedCode(5, 1, 3));
+        }
+        assert!(client.is_usable());
+        client.quit().await;
+        let seen = server.await.unwrap();
+        assert!(
+            seen.iter()
+                .all(|l| !l.starts_with("MAIL") && !l.starts_with("RCPT")),
+            "{seen:?}"
+        );
+    }
+
     #[test]
     fn size_8bitmime_and_smtputf8_are_respected() {
         let caps = Capabilities {
@@ -1316,84 +1320,6 @@ mod tests {
             mail_command(&capable, &message(&intl, "caf\u{e9}".as_bytes())),
             "MAIL FROM:<alice@example.test> BODY=8BITMIME SMTPUTF8"
         );
-    }
-
-    #[test]
-    fn encode_matches_dot_stuff_for_crlf_messages() {
-        for msg in [
-            &b""[..],
-            b"a\r\n",
-            b"Subject: x\r\n\r\n.\r\n..\r\n.x\r\nend",
-            b".\r\n",
-            b"no newline",
-        ] {
-            assert_eq!(
-                encode_data(msg),
-                dot_stuff(msg),
-                "{:?}",
-                String::from_utf8_lossy(msg)
-            );
-        }
-    }
-
-    #[test]
-    fn encode_normalises_bare_line_endings_so_nothing_ends_the_data_early() {
-        // Every smuggling sequence of the catalogue (2.1) must come out as one message
-        // whose only end-of-data is the final one.
-        let cases: [&[u8]; 6] = [
-            b"a\n.\nb\r\n",
-            b"a\r.\rb\r\n",
-            b"a\r\n.\nb\r\n",
-            b"a\n.\r\nb\r\n",
-            b"a\r\n.\r\r\nb\r\n",
-            b"a\r\n.\rMAIL FROM:<x@y>\r\n",
-        ];
-        for body in cases {
-            let wire = encode_data(body);
-            let text = String::from_utf8_lossy(&wire);
-            assert_eq!(text.matches("\r\n.\r\n").count(), 1, "{text:?}");
-            assert!(wire.ends_with(b"\r\n.\r\n"), "{text:?}");
-            // No bare CR or LF remains.
-            for (i, &b) in wire.iter().enumerate() {
-                if b == b'\n' {
-                    assert_eq!(wire[i - 1], b'\r', "{text:?}");
-                }
-                if b == b'\r' {
-                    assert_eq!(wire.get(i + 1), Some(&b'\n'), "{text:?}");
-                }
-            }
-        }
-        assert_eq!(encode_data(b"a\n.\nb"), b"a\r\n..\r\nb\r\n.\r\n");
-    }
-
-    #[test]
-    fn capabilities_from_ehlo() {
-        let reply = Reply::multiline(
-            250,
-            None,
-            vec![
-                "mx.test greets you".into(),
-                "PIPELINING".into(),
-                "SIZE 10240000".into(),
-                "8bitmime".into(),
-                "AUTH PLAIN login".into(),
-                "AUTH=LOGIN".into(),
-                "STARTTLS".into(),
-                "SMTPUTF8".into(),
-                "".into(),
-            ],
-        );
-        let c = Capabilities::parse(&reply);
-        assert!(c.pipelining && c.eight_bit_mime && c.starttls && c.smtputf8 && c.esmtp);
-        assert_eq!(c.size, Some(10_240_000));
-        assert_eq!(c.auth, vec!["LOGIN", "PLAIN"]);
-        let bare = Capabilities::parse(&Reply::multiline(
-            250,
-            None,
-            vec!["x".into(), "SIZE".into()],
-        ));
-        assert_eq!(bare.size, Some(0));
-        assert!(!bare.pipelining);
     }
 
     #[test]

@@ -13,8 +13,7 @@
 use std::time::SystemTime;
 
 use super::outcome::Diagnostic;
-use crate::queue::rfc3339;
-use crate::session::message::header_section;
+use crate::message::{header_section, rfc5322_date};
 
 /// Which notification.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -259,13 +258,6 @@ fn ascii(s: &str) -> String {
             _ => '?',
         })
         .collect()
-}
-
-/// RFC 5322 date in UTC.
-fn rfc5322_date(t: SystemTime) -> String {
-    let t = time::OffsetDateTime::from(t);
-    t.format(&time::format_description::well_known::Rfc2822)
-        .unwrap_or_else(|_| rfc3339(SystemTime::from(t)))
 }
 
 #[cfg(test)]

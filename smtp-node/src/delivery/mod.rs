@@ -5,7 +5,8 @@
 //! * [`worker`]: one entry from pull to ack: route, deliver, decide, republish, bounce;
 //! * [`route`]: which destination each recipient goes to;
 //! * [`mx`]: MX resolution and ordering; [`address_policy`]: which addresses may be reached;
-//! * [`client`]: the SMTP/LMTP client; [`reply`]: reply parsing; [`tls`]: client TLS;
+//! * [`client`]: the SMTP/LMTP client (its wire syntax is [`crate::protocol::client`]);
+//!   [`tls`]: client TLS;
 //! * [`relay`]: smarthosts; [`limits`]: per-destination connection caps and reuse;
 //! * [`outcome`]: typed results and the entry decision; [`retry`]: the schedule;
 //! * [`dsn`]: bounces and delay notices;
@@ -23,7 +24,6 @@ pub mod metrics;
 pub mod mx;
 pub mod outcome;
 pub mod relay;
-pub mod reply;
 pub mod retry;
 pub mod route;
 pub mod tls;

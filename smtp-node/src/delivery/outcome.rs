@@ -15,9 +15,9 @@
 
 use std::time::{Duration, SystemTime};
 
-use super::reply::status_of;
 use super::retry::{self, RetryDecision};
 use crate::config::RetryConfig;
+use crate::protocol::client::status_of;
 use crate::protocol::{EnhancedCode, Reply};
 
 /// Why a recipient was not delivered (yet): what goes into logs, retry headers and DSNs.

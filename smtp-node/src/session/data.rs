@@ -14,9 +14,9 @@ use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::Instrument;
 
-use super::message::{ReceivedInfo, header_value, new_message_id, received_header};
 use super::{End, Next, Session, Transaction};
 use crate::config::ListenerKind;
+use crate::message::{ReceivedInfo, header_value, new_message_id, received_header};
 use crate::metrics::{self, ListenerLabels, ReasonLabels};
 use crate::protocol::{BodyType, DataProgress, DataReceiver, EnhancedCode, MAX_TEXT_LINE, Reply};
 use crate::queue::{Direction, EnqueueError, QueueEntry, QueuedMessage};
@@ -88,7 +88,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let span = tx.span.clone();
         record_envelope(&span, &tx);
         span.record("smtp.message_size", body.len());
-        if super::message::received_count(&body) > super::message::MAX_RECEIVED_HEADERS {
+        if crate::message::received_count(&body) > crate::message::MAX_RECEIVED_HEADERS {
             self.tx = Some(tx);
             self.reject_message(
                 Reply::new(

@@ -3,7 +3,7 @@
 //!
 //! Layout: [`io`] reads lines and data under timeouts and shutdown, writes replies;
 //! one file per verb ([`ehlo`], [`mail`], [`rcpt`], [`data`], [`bdat`], [`auth`],
-//! [`starttls`]); [`message`] builds the headers added at the end of data.
+//! [`starttls`]); the headers added at the end of data come from [`crate::message`].
 //!
 //! State: `helo` (none until HELO/EHLO), `user` (after AUTH), `tx` (a mail transaction after
 //! MAIL, holding its recipients), `tls` (set on a TLS stream). STARTTLS ends a plaintext
@@ -22,7 +22,6 @@ mod data;
 mod ehlo;
 mod io;
 mod mail;
-pub mod message;
 mod rcpt;
 mod starttls;
 #[cfg(test)]

@@ -16,18 +16,19 @@
 //! | `data` | `DataReceiver` (DATA end-of-data, unstuffing) | same result however the input is split; agrees with a reference model of RFC 5321 §4.1.1.4; stored message re-stuffs to itself |
 //! | `address` | `parse_forward_path` / `parse_reverse_path` | display form re-parses to the same address; length limits; no control characters |
 //! | `auth` | `decode_plain` / `decode_login_step` | no NUL in fields; password never in `Debug` output |
-//! | `reply` | the delivery client's `parse_reply` | incremental (a prefix is "need more"); bounded; our own serialisation re-parses to the same reply |
+//! | `reply` | the client side's `parse_reply` (delivery client, relay probe) | incremental (a prefix is "need more"); bounded in bytes and line length; our own serialisation re-parses to the same reply |
 //! | `config` | `NodeConfig::from_yaml` + `validate` | YAML and JSON round trips give the same config (the operator renders it) |
 //! | `message` | header scans at ingest + mail-auth's parser | forged-header stripping is idempotent; known crash inputs of mail crates |
 
 use bytes::BytesMut;
 use kubemail_smtp_node::config::{ByteSize, NodeConfig};
-use kubemail_smtp_node::delivery::client::Capabilities;
-use kubemail_smtp_node::delivery::reply::{MAX_REPLY_BYTES, parse_reply, status_of};
+use kubemail_smtp_node::protocol::client::{
+    Capabilities, MAX_REPLY_BYTES, MAX_REPLY_LINE, encode_data, parse_reply, status_of,
+};
 use kubemail_smtp_node::protocol::{
     BareEolPolicy, Command, DataError, DataProgress, DataReceiver, LineEvent, LineReader,
     MAX_DOMAIN, MAX_ESMTP_COMMAND_LINE, MAX_LOCAL_PART, MAX_PATH, ReversePath, decode_login_step,
-    decode_plain, dot_stuff, parse_command, parse_forward_path, parse_reverse_path,
+    decode_plain, parse_command, parse_forward_path, parse_reverse_path,
 };
 
 /// A fuzz target: panics on a violated property.
@@ -317,19 +318,13 @@ fn check_stored(stored: &[u8]) {
         !has_bare_eol(stored),
         "stored message has a bare CR or LF: {stored:?}"
     );
-    let wire = dot_stuff(stored);
+    let wire = encode_data(stored);
     let again = receive(BareEolPolicy::Reject, u64::MAX, usize::MAX, &[&wire]);
     assert_eq!(again.consumed, wire.len(), "re-stuffed message ends early");
     assert_eq!(
         again.result,
         Some(Ok(stored.to_vec())),
         "re-stuffing changed it"
-    );
-    // The delivery client's encoder must agree with dot_stuff for CRLF-only messages.
-    assert_eq!(
-        kubemail_smtp_node::delivery::client::encode_data(stored),
-        wire,
-        "client DATA encoding differs from dot_stuff"
     );
 }
 
@@ -431,8 +426,8 @@ pub fn auth(input: &[u8]) {
 
 // ---- reply --------------------------------------------------------------------------------
 
-/// The delivery client's reply parser (FUZZ-05, TLS-CLI-04): bounded, incremental, and our
-/// own serialisation of a parsed reply parses back to the same reply.
+/// The client side's reply parser (FUZZ-05, TLS-CLI-04): bounded, incremental, and our own
+/// serialisation of a parsed reply parses back to the same reply.
 pub fn reply(input: &[u8]) {
     let Ok(parsed) = parse_reply(input) else {
         return;
@@ -445,6 +440,15 @@ pub fn reply(input: &[u8]) {
         return;
     };
     assert!(used > 0 && used <= input.len() && used <= MAX_REPLY_BYTES);
+    let longest_line = input[..used]
+        .split_inclusive(|&b| b == b'\n')
+        .map(<[u8]>::len)
+        .max()
+        .unwrap_or(0);
+    assert!(
+        longest_line <= MAX_REPLY_LINE,
+        "line of {longest_line} bytes"
+    );
     assert!((100..=599).contains(&reply.code), "code {}", reply.code);
     assert!(!reply.lines.is_empty());
     for line in &reply.lines {
@@ -515,13 +519,13 @@ pub fn config(input: &[u8]) {
 const HOSTNAME: &str = "mx.example.test";
 
 /// What the node does with a received message before queueing it (the header scans of
-/// `session::message` and `authres`, and mail-auth's parser that the inbound checks run):
+/// `message` and `authres`, and mail-auth's parser that the inbound checks run):
 /// no panic on known crash inputs of mail crates (mail-parser #21/#145/#155, mailparse
 /// #41/#130), and stripping forged `Authentication-Results` is idempotent and leaves the
 /// body alone.
 pub fn message(input: &[u8]) {
     use kubemail_smtp_node::authres::strip_forged;
-    use kubemail_smtp_node::session::message::header_value;
+    use kubemail_smtp_node::message::header_value;
 
     // The node only ever holds messages with CRLF line endings (DATA and BDAT refuse or
     // normalise bare CR/LF), so that is what its header scans get.

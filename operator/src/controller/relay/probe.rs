@@ -3,18 +3,23 @@
 //! step has the probe's deadline. The TLS handshake itself is not performed (the operator
 //! holds no trust store for arbitrary relays), and for `Implicit` TLS only the TCP connect is
 //! checked; the node's delivery client verifies certificates when it sends.
+//!
+//! The wire syntax is the node's own, from `kubemail-smtp-protocol`: the same reply parser
+//! (bounded in line length, line count and size, so a hostile relay cannot make the operator
+//! buffer without end) and the same EHLO capability parser as the delivery client, so the probe
+//! and the node never disagree on whether a relay offers STARTTLS.
 
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use kubemail_smtp_protocol::Reply;
+use kubemail_smtp_protocol::client::{Capabilities, ClientCommand, parse_reply};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::crd::relay::RelayTls;
 
-/// RFC 5321 4.5.3.1.5: a reply line is at most 512 octets; allow slack for odd servers.
-const MAX_REPLY_LINE: usize = 2048;
-/// More continuation lines than any real EHLO reply has.
-const MAX_REPLY_LINES: usize = 64;
+/// Size of one read from the socket.
+const READ_CHUNK: usize = 4096;
 
 /// What the probe found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -61,27 +66,26 @@ async fn probe_inner(host: &str, port: u16, tls: RelayTls, ehlo_name: &str) -> P
             ),
         };
     }
-    let (read, mut write) = stream.into_split();
-    let mut reader = BufReader::new(read);
-    match read_reply(&mut reader).await {
-        Ok((220, _)) => {}
-        Ok((code, text)) => return fail(format!("{host}:{port} greeted with {code} {text}")),
+    let (mut read, mut write) = stream.into_split();
+    let mut buf = Vec::new();
+    match read_reply(&mut read, &mut buf).await {
+        Ok(reply) if reply.code == 220 => {}
+        Ok(reply) => return fail(format!("{host}:{port} greeted with {reply}")),
         Err(e) => return fail(format!("no SMTP greeting from {host}:{port}: {e}")),
     }
-    if let Err(e) = write
-        .write_all(format!("EHLO {ehlo_name}\r\n").as_bytes())
-        .await
-    {
+    let ehlo = match ClientCommand::Ehlo(ehlo_name).to_bytes() {
+        Ok(line) => line,
+        Err(e) => return fail(format!("cannot send EHLO to {host}:{port}: {e}")),
+    };
+    if let Err(e) = write.write_all(&ehlo).await {
         return fail(format!("cannot send EHLO to {host}:{port}: {e}"));
     }
-    let capabilities = match read_reply(&mut reader).await {
-        Ok((250, lines)) => lines,
-        Ok((code, text)) => return fail(format!("{host}:{port} answered EHLO with {code} {text}")),
+    let capabilities = match read_reply(&mut read, &mut buf).await {
+        Ok(reply) if reply.code == 250 => Capabilities::parse(&reply),
+        Ok(reply) => return fail(format!("{host}:{port} answered EHLO with {reply}")),
         Err(e) => return fail(format!("no EHLO reply from {host}:{port}: {e}")),
     };
-    let starttls = capabilities
-        .split('\n')
-        .any(|l| l.trim().eq_ignore_ascii_case("STARTTLS"));
+    let starttls = capabilities.starttls;
     let outcome = if tls == RelayTls::StartTlsRequired {
         if !starttls {
             ProbeOutcome {
@@ -92,17 +96,17 @@ async fn probe_inner(host: &str, port: u16, tls: RelayTls, ehlo_name: &str) -> P
                 ),
             }
         } else {
-            let _ = write.write_all(b"STARTTLS\r\n").await;
-            match read_reply(&mut reader).await {
-                Ok((220, _)) => ProbeOutcome {
+            let _ = write.write_all(&command(&ClientCommand::StartTls)).await;
+            match read_reply(&mut read, &mut buf).await {
+                Ok(reply) if reply.code == 220 => ProbeOutcome {
                     reachable: true,
                     starttls,
                     message: format!("{host}:{port} answered EHLO and accepted STARTTLS"),
                 },
-                Ok((code, text)) => ProbeOutcome {
+                Ok(reply) => ProbeOutcome {
                     reachable: false,
                     starttls,
-                    message: format!("{host}:{port} refused STARTTLS: {code} {text}"),
+                    message: format!("{host}:{port} refused STARTTLS: {reply}"),
                 },
                 Err(e) => fail(format!("no STARTTLS reply from {host}:{port}: {e}")),
             }
@@ -123,41 +127,38 @@ async fn probe_inner(host: &str, port: u16, tls: RelayTls, ehlo_name: &str) -> P
     };
     // After an accepted STARTTLS the server waits for a TLS ClientHello; closing is fine.
     if !(outcome.reachable && tls == RelayTls::StartTlsRequired) {
-        let _ = write.write_all(b"QUIT\r\n").await;
+        let _ = write.write_all(&command(&ClientCommand::Quit)).await;
     }
     outcome
 }
 
-/// Reads one (possibly multi-line) reply: its code and its text lines joined by `\n`.
-async fn read_reply<R: tokio::io::AsyncBufRead + Unpin>(
+/// Reads one (possibly multi-line) reply. `buf` holds bytes read but not yet used, and keeps
+/// whatever follows the reply. The parser bounds the buffer, and the caller the time.
+async fn read_reply<R: AsyncRead + Unpin>(
     reader: &mut R,
-) -> Result<(u16, String), String> {
-    let mut text = Vec::new();
-    for _ in 0..MAX_REPLY_LINES {
-        let mut line = Vec::new();
-        let n = (&mut *reader)
-            .take(MAX_REPLY_LINE as u64)
-            .read_until(b'\n', &mut line)
-            .await
-            .map_err(|e| e.to_string())?;
+    buf: &mut Vec<u8>,
+) -> Result<Reply, String> {
+    loop {
+        match parse_reply(buf) {
+            Ok(Some((reply, used))) => {
+                buf.drain(..used);
+                return Ok(reply);
+            }
+            Ok(None) => {}
+            Err(e) => return Err(e.to_string()),
+        }
+        let mut chunk = [0u8; READ_CHUNK];
+        let n = reader.read(&mut chunk).await.map_err(|e| e.to_string())?;
         if n == 0 {
             return Err("connection closed".to_owned());
         }
-        let line = String::from_utf8_lossy(&line);
-        let line = line.trim_end_matches(['\r', '\n']);
-        if line.len() < 3 {
-            return Err(format!("malformed reply line {line:?}"));
-        }
-        let code: u16 = line[..3]
-            .parse()
-            .map_err(|_| format!("malformed reply line {line:?}"))?;
-        let rest = line.get(4..).unwrap_or_default();
-        text.push(rest.to_owned());
-        if line.as_bytes().get(3) != Some(&b'-') {
-            return Ok((code, text.join("\n")));
-        }
+        buf.extend_from_slice(&chunk[..n]);
     }
-    Err("reply too long".to_owned())
+}
+
+/// A command without arguments as a line; these cannot fail to encode.
+fn command(command: &ClientCommand<'_>) -> Vec<u8> {
+    command.to_bytes().unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -232,5 +233,73 @@ mod tests {
         .await;
         assert!(!o.reachable, "{o:?}");
         assert!(o.message.contains("cannot connect"), "{o:?}");
+    }
+
+    /// A relay that greets with `greeting` and then holds the connection open.
+    async fn greeting_server(greeting: Vec<u8>) -> u16 {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let _ = s.write_all(&greeting).await;
+            let mut buf = [0u8; 512];
+            // Hold the connection until the probe closes it.
+            while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
+        });
+        port
+    }
+
+    #[tokio::test]
+    async fn hostile_greetings_fail_fast_instead_of_waiting_for_the_deadline() {
+        let endless_line = [&b"220 "[..], &[b'x'; 8192]].concat();
+        let mixed = b"220-relay.test\r\n554 no\r\n".to_vec();
+        let refused = b"554 5.7.1 go away\r\n".to_vec();
+        for (greeting, want) in [
+            (endless_line, "reply line longer than"),
+            (mixed, "different codes"),
+            (refused, "greeted with 554 5.7.1 go away"),
+        ] {
+            let port = greeting_server(greeting).await;
+            let started = std::time::Instant::now();
+            let o = probe(
+                "127.0.0.1",
+                port,
+                RelayTls::Opportunistic,
+                "op.test",
+                Duration::from_secs(30),
+            )
+            .await;
+            assert!(!o.reachable, "{o:?}");
+            assert!(o.message.contains(want), "{want}: {o:?}");
+            assert!(started.elapsed() < Duration::from_secs(10), "{o:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn starttls_is_found_the_way_the_delivery_client_finds_it() {
+        // Lower case and a multi-line reply split across reads: still offered.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            s.write_all(b"220 relay.test ESMTP\r\n").await.unwrap();
+            let mut buf = [0u8; 512];
+            let _ = s.read(&mut buf).await.unwrap();
+            s.write_all(b"250-relay.test\r\n250-start").await.unwrap();
+            s.flush().await.unwrap();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            s.write_all(b"tls\r\n250 SIZE 100\r\n").await.unwrap();
+            while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
+        });
+        let o = probe(
+            "127.0.0.1",
+            port,
+            RelayTls::Opportunistic,
+            "op.test",
+            Duration::from_secs(5),
+        )
+        .await;
+        assert!(o.reachable && o.starttls, "{o:?}");
+        assert!(o.message.contains("STARTTLS offered"), "{o:?}");
     }
 }

@@ -190,11 +190,11 @@ impl fmt::Display for BodyType {
 }
 
 /// RFC 3461 §4.4: "The ENVID ... MUST NOT exceed 100 characters" (xtext-encoded).
-const MAX_ENVID: usize = 100;
+pub(crate) const MAX_ENVID: usize = 100;
 /// RFC 3461 §4.2: the ORCPT value "MUST NOT exceed 500 characters".
-const MAX_ORCPT: usize = 500;
+pub(crate) const MAX_ORCPT: usize = 500;
 /// RFC 4954 §5: the AUTH= parameter adds at most 500 characters to MAIL.
-const MAX_AUTH_PARAM: usize = 500;
+pub(crate) const MAX_AUTH_PARAM: usize = 500;
 /// RFC 1870 §3: size-value ::= 1*20DIGIT.
 const MAX_SIZE_DIGITS: usize = 20;
 /// RFC 4422 §3.1: a SASL mechanism name is 1 to 20 characters.
@@ -517,7 +517,7 @@ fn parse_decimal(s: &str) -> Option<u64> {
 
 /// xtext = *( xchar / hexchar ) (RFC 3461 §4): printable ASCII except "+" and "=", or "+"
 /// followed by two hex digits (upper case per the RFC; lower case tolerated).
-fn is_xtext(s: &str) -> bool {
+pub(crate) fn is_xtext(s: &str) -> bool {
     let b = s.as_bytes();
     let mut i = 0;
     while i < b.len() {
@@ -538,7 +538,7 @@ fn is_xtext(s: &str) -> bool {
 }
 
 /// NOTIFY = "NEVER" / 1#( "SUCCESS" / "FAILURE" / "DELAY" ) without repeats (RFC 3461 §4.1).
-fn is_valid_notify(v: &str) -> bool {
+pub(crate) fn is_valid_notify(v: &str) -> bool {
     if v == "NEVER" {
         return true;
     }
@@ -553,7 +553,7 @@ fn is_valid_notify(v: &str) -> bool {
 }
 
 /// ORCPT = addr-type ";" xtext, addr-type = atom (RFC 3461 §4.2).
-fn is_valid_orcpt(v: &str) -> bool {
+pub(crate) fn is_valid_orcpt(v: &str) -> bool {
     match v.split_once(';') {
         Some((addr_type, addr)) => {
             !addr_type.is_empty()
@@ -568,7 +568,7 @@ fn is_valid_orcpt(v: &str) -> bool {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)] // tests may unwrap (see notes/common.md)
+#[allow(clippy::unwrap_used)] // tests may unwrap
 mod tests {
     use super::*;
 

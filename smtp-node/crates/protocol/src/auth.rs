@@ -124,7 +124,7 @@ fn decode(b64: &str) -> Result<Vec<u8>, SaslError> {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)] // tests may unwrap (see notes/common.md)
+#[allow(clippy::unwrap_used)] // tests may unwrap
 mod tests {
     use super::*;
 

@@ -18,9 +18,10 @@
 //! **Invariant for the stored message** (tested): it contains only CRLF line endings, and it is
 //! *unstuffed*, so it may contain a line that is exactly `.` (e.g. from `\n.\n` under
 //! Normalize). That is safe only because every writer of the message to an SMTP peer (our
-//! delivery client) dot-stuffs every line that starts with `.`; re-stuffing the stored message
-//! and appending `.<CRLF>` reproduces exactly one message with the same content. Nothing that
-//! the client sent can therefore become an end-of-data downstream.
+//! delivery client, through [`crate::client::encode_data`]) dot-stuffs every line that starts
+//! with `.`; re-stuffing the stored message and appending `.<CRLF>` reproduces exactly one
+//! message with the same content. Nothing that the client sent can therefore become an
+//! end-of-data downstream.
 //!
 //! * **Line length**: a stored line longer than `max_line - 2` octets (RFC 5321 §4.5.3.1.6:
 //!   1000 octets including CRLF, not counting the stuffing dot) gives
@@ -326,29 +327,8 @@ impl DataReceiver {
     }
 }
 
-/// Dot-stuffs a stored message for sending with DATA: every line starting with `.` gets one
-/// more, and `.<CRLF>` is appended (after a CRLF if the message does not end with one). The
-/// message must have CRLF line endings only (what [`DataReceiver`] stores). Used by tests here
-/// to check the stored-message invariant; the delivery client uses the same rule.
-pub fn dot_stuff(message: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(message.len() + message.len() / 64 + 5);
-    let mut at_line_start = true;
-    for &b in message {
-        if at_line_start && b == b'.' {
-            out.push(b'.');
-        }
-        out.push(b);
-        at_line_start = b == b'\n';
-    }
-    if !message.is_empty() && !message.ends_with(b"\r\n") {
-        out.extend_from_slice(b"\r\n");
-    }
-    out.extend_from_slice(b".\r\n");
-    out
-}
-
 #[cfg(test)]
-#[allow(clippy::unwrap_used)] // tests may unwrap (see notes/common.md)
+#[allow(clippy::unwrap_used)] // tests may unwrap
 mod tests {
     use super::*;
 
@@ -812,15 +792,6 @@ mod tests {
         }
     }
 
-    #[test]
-    fn dot_stuffing() {
-        assert_eq!(dot_stuff(b""), b".\r\n");
-        assert_eq!(dot_stuff(b"a\r\n"), b"a\r\n.\r\n");
-        assert_eq!(dot_stuff(b".\r\n..x\r\n"), b"..\r\n...x\r\n.\r\n");
-        assert_eq!(dot_stuff(b"a"), b"a\r\n.\r\n");
-        assert_eq!(dot_stuff(b".a"), b"..a\r\n.\r\n");
-    }
-
     /// FUZZ-04: the fast scanner agrees with the reference model on random streams drawn from
     /// the characters that matter (CR, LF, dot, NUL, text), under both policies and small
     /// limits, whatever the split. Also checks the stored-message invariant: only CRLF endings,
@@ -828,7 +799,7 @@ mod tests {
     #[test]
     fn agrees_with_reference_model_on_random_streams() {
         let alphabet = b"\r\n.\r\n.a\0b";
-        let mut rng = crate::protocol::robustness_tests::XorShift(0x9e37_79b9_7f4a_7c15);
+        let mut rng = crate::robustness_tests::XorShift(0x9e37_79b9_7f4a_7c15);
         for round in 0..4000 {
             let len = rng.below(40);
             let mut input: Vec<u8> = (0..len)
@@ -879,7 +850,7 @@ mod tests {
             }
         }
         assert!(message.is_empty() || message.ends_with(b"\r\n"));
-        let wire = dot_stuff(message);
+        let wire = crate::client::encode_data(message);
         let (again, left, _) = run(&[&wire], Reject, BIG, usize::MAX);
         assert_eq!(again, ok(message), "re-stuffed message does not round-trip");
         assert!(left.is_empty(), "re-stuffed message ends early: {wire:?}");

@@ -1,9 +1,12 @@
-//! Sans-IO SMTP protocol layer: bytes in, typed values out.
+//! kubemail's SMTP wire format, sans-IO: bytes in, typed values out, in both directions.
 //!
 //! Everything here is pure and synchronous (no tokio, no sockets, no clock), so that it can be
-//! unit-tested with tables of vectors and fed arbitrary bytes by a fuzzer. The session state
-//! machine (`crate::session`) owns the I/O and the policy decisions (which domains are local,
-//! whether AUTH is allowed, which reply to send when); this module owns the wire syntax:
+//! unit-tested with tables of vectors and fed arbitrary bytes by a fuzzer. The node's session
+//! state machine and delivery client, and the operator's relay probe, own the I/O and the
+//! policy decisions (which domains are local, whether AUTH is allowed, which reply to send
+//! when, what a reply means for a message); this crate owns the wire syntax.
+//!
+//! The server side (what a server reads and writes):
 //!
 //! * [`mod@line`]: command line framing (CRLF only, length limits, resynchronisation),
 //! * [`command`]: RFC 5321 §4.1 command grammar and ESMTP parameters,
@@ -11,12 +14,16 @@
 //! * [`data`]: DATA end-of-data scanning and dot-unstuffing (the SMTP smuggling defence),
 //! * [`bdat`]: CHUNKING (RFC 3030) chunk reading and line-ending checks,
 //! * [`auth`]: SASL PLAIN / LOGIN decoding (RFC 4954, RFC 4616),
-//! * [`reply`]: reply serialisation with enhanced status codes (RFC 2034, RFC 3463),
+//! * [`mod@reply`]: reply serialisation with enhanced status codes (RFC 2034, RFC 3463),
 //! * [`proxy`]: HAProxy PROXY protocol v1/v2 headers.
+//!
+//! The client side, [`client`] (what a client reads and writes): reply parsing, EHLO/LHLO
+//! capabilities, command encoding and DATA encoding (dot-stuffing).
 
 pub mod address;
 pub mod auth;
 pub mod bdat;
+pub mod client;
 pub mod command;
 pub mod data;
 pub mod line;
@@ -32,8 +39,11 @@ pub use auth::{
     login_challenge_username,
 };
 pub use bdat::{BdatReceiver, check_bdat_message};
+pub use client::{
+    Capabilities, ClientCommand, EncodeError, ReplyError, encode_data, parse_reply, status_of,
+};
 pub use command::{BodyType, Command, CommandError, MailParams, RcptParams, parse_command};
-pub use data::{BareEolPolicy, DataError, DataProgress, DataReceiver, dot_stuff};
+pub use data::{BareEolPolicy, DataError, DataProgress, DataReceiver};
 pub use line::{LineEvent, LineReader};
 pub use proxy::{ProxyError, ProxyHeader, parse_proxy_header};
 pub use reply::{EnhancedCode, Reply};

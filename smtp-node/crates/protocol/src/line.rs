@@ -104,7 +104,7 @@ impl LineReader {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)] // tests may unwrap (see notes/common.md)
+#[allow(clippy::unwrap_used)] // tests may unwrap
 mod tests {
     use super::*;
 
@@ -287,11 +287,11 @@ mod tests {
         let long = "A".repeat(1000);
         let mut buf = BytesMut::from(format!("{long}\r\n{long}\r\n").as_bytes());
         assert_eq!(
-            reader.next_line(&mut buf, super::super::MAX_AUTH_LINE),
+            reader.next_line(&mut buf, crate::MAX_AUTH_LINE),
             Some(line(&long))
         );
         assert_eq!(
-            reader.next_line(&mut buf, super::super::MAX_COMMAND_LINE),
+            reader.next_line(&mut buf, crate::MAX_COMMAND_LINE),
             Some(LineEvent::TooLong)
         );
         assert!(buf.is_empty());

@@ -123,7 +123,7 @@ pub fn check_bdat_message(
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)] // tests may unwrap (see notes/common.md)
+#[allow(clippy::unwrap_used)] // tests may unwrap
 mod tests {
     use super::*;
     use BareEolPolicy::{Normalize, Reject};

@@ -1,7 +1,13 @@
-//! What the node adds to a message at the end of DATA: the `Received` trace header
-//! (RFC 5321 4.4, with-protocol names of RFC 3848; the OpenTelemetry trace id and the TLS
-//! details in comments) and, on
-//! submission, a `Message-ID` when the client sent none (RFC 6409 8.3).
+//! Message header helpers of both sides of the node, so that neither reaches into the other:
+//! the receiving side ([`crate::session`]) adds the `Received` trace header (RFC 5321 4.4,
+//! with-protocol names of RFC 3848; the OpenTelemetry trace id and the TLS details in
+//! comments) and, on submission, a `Message-ID` when the client sent none (RFC 6409 8.3), and
+//! counts hops; the sending side ([`crate::dkim`], [`crate::authres`],
+//! [`crate::delivery::dsn`]) finds the header section and dates its notices.
+//!
+//! These are byte scans on purpose: they run on every accepted message and need one field or
+//! the header/body split, not a parsed message. Where a header's *content* has structure that
+//! matters (the `From:` address of [`crate::dkim::author_domain`]), mail-parser reads it.
 
 use std::net::IpAddr;
 use std::time::SystemTime;
@@ -110,7 +116,6 @@ pub fn header_value(message: &[u8], name: &str) -> Option<String> {
     None
 }
 
-/// The header section: everything before the first empty line (or the whole message).
 /// RFC 5321 §6.3: counting `Received:` fields is the loop test MTAs use; the RFC asks for a
 /// large limit ("at least 100"). A message that already passed this many hops is looping.
 pub const MAX_RECEIVED_HEADERS: usize = 100;

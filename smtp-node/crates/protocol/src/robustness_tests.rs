@@ -175,3 +175,54 @@ fn replies_never_contain_injected_lines() {
         );
     }
 }
+
+#[test]
+fn client_side_never_panics_and_never_injects() {
+    let no_mail_params = MailParams::default();
+    let no_rcpt_params = RcptParams::default();
+    for input in inputs() {
+        // Replies: no panic, and what parses used no more than it was given.
+        for prefix in [&b""[..], b"250-", b"250 "] {
+            let joined = [prefix, &input].concat();
+            if let Ok(Some((reply, used))) = parse_reply(&joined) {
+                assert!(used <= joined.len());
+                let _ = Capabilities::parse(&reply);
+            }
+        }
+        let text = String::from_utf8_lossy(&input);
+        // Commands: whatever is written is one line, ending in its only CRLF.
+        let commands = [
+            ClientCommand::Ehlo(&text),
+            ClientCommand::Mail {
+                from: &text,
+                params: &no_mail_params,
+            },
+            ClientCommand::Rcpt {
+                to: &text,
+                params: &no_rcpt_params,
+            },
+            ClientCommand::AuthPlain {
+                username: &text,
+                password: &text,
+            },
+            ClientCommand::AuthLoginResponse(&text),
+        ];
+        for command in commands {
+            if let Ok(wire) = command.to_bytes() {
+                let body = &wire[..wire.len() - 2];
+                assert!(wire.ends_with(b"\r\n"), "{command:?}");
+                assert!(
+                    !body.contains(&b'\r') && !body.contains(&b'\n') && !body.contains(&0),
+                    "{command:?}: {wire:?}"
+                );
+            }
+        }
+        // DATA: the encoded message ends exactly at its end, on a strict receiver.
+        let wire = encode_data(&input);
+        let mut rx = DataReceiver::new(BareEolPolicy::Reject, u64::MAX, usize::MAX);
+        let mut buf = BytesMut::from(&wire[..]);
+        assert_eq!(rx.feed(&mut buf), DataProgress::Done, "{input:?}");
+        assert!(buf.is_empty(), "the data ended early: {input:?}");
+        assert!(rx.finish().is_ok(), "{input:?}");
+    }
+}
