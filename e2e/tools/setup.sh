@@ -121,7 +121,8 @@ build_tools() {
   log "go tools ready in $((SECONDS - t0))s under $TOOLS"
 }
 
-APT_PACKAGES=(swaks libnet-ssleay-perl libio-socket-ssl-perl postfix openssl python3-venv curl iproute2 procps knot testssl.sh)
+# binutils (objcopy) packs the images, skopeo inspects them in the tests and pushes them.
+APT_PACKAGES=(swaks libnet-ssleay-perl libio-socket-ssl-perl postfix openssl python3-venv curl iproute2 procps knot testssl.sh binutils skopeo)
 install_apt() {
   local missing=() p
   for p in "${APT_PACKAGES[@]}"; do
