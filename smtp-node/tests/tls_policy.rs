@@ -364,3 +364,55 @@ async fn requiretls_is_never_delivered_without_verified_tls_and_a_server_that_of
         "the message went out without TLS"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn our_own_policy_is_served_over_https_to_an_independent_client() {
+    let ca = TestCa::new();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (cert, key) = ca.leaf_files(&["mx.example.test", "mta-sts.example.test"], dir.path());
+    let https = common::free_port();
+    let policy = "version: STSv1\r\nmode: testing\r\nmx: mx.example.test\r\nmax_age: 604800\r\n";
+    let nats = Nats::start();
+    let node = Node::start_with(&nats.url(), true, |c| {
+        c["tls"] = json!({ "certFile": cert, "keyFile": key });
+        c["mtaStsServer"] = json!({ "address": format!("127.0.0.1:{https}") });
+        c["domains"][0]["mtaStsPolicy"] = json!(policy);
+    });
+    let curl = |host: &str| {
+        std::process::Command::new(common::require_tool("curl"))
+            .args(["--silent", "--show-error", "--include", "--max-time", "10"])
+            .arg("--cacert")
+            .arg(&ca.ca_file)
+            .args(["--resolve", &format!("{host}:{https}:127.0.0.1")])
+            .arg(format!("https://{host}:{https}/.well-known/mta-sts.txt"))
+            .output()
+            .expect("run curl")
+    };
+    let out = curl("mta-sts.example.test");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        node.log()
+    );
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(
+        text.to_ascii_lowercase()
+            .contains("content-type: text/plain"),
+        "{text}"
+    );
+    assert!(text.ends_with(policy), "{text:?}");
+    // The policy parses, with our MX, by the same rules senders apply.
+    let body = text.rsplit("\r\n\r\n").next().unwrap_or_default();
+    let parsed =
+        kubemail_smtp_node::delivery::policy::mta_sts::Policy::parse(body).expect("policy");
+    assert!(parsed.matches("mx.example.test"));
+    // Another name gets no certificate: the handshake fails.
+    let other = curl("mta-sts.other.test");
+    assert!(
+        !other.status.success(),
+        "{}",
+        String::from_utf8_lossy(&other.stdout)
+    );
+}
