@@ -228,18 +228,15 @@ async fn smtp(tcp: TcpStream, options: MxOptions, store: Arc<Mutex<Vec<Received>
     {
         return;
     }
-    match session(&mut plain, &options, false, &store).await {
-        Some(true) => {
-            let Some(config) = options.tls.clone() else {
-                return;
-            };
-            let Ok(tls) = TlsAcceptor::from(config).accept(plain.into_inner()).await else {
-                return;
-            };
-            let mut tls = BufReader::new(tls);
-            let _ = session(&mut tls, &options, true, &store).await;
-        }
-        _ => {}
+    if session(&mut plain, &options, false, &store).await == Some(true) {
+        let Some(config) = options.tls.clone() else {
+            return;
+        };
+        let Ok(tls) = TlsAcceptor::from(config).accept(plain.into_inner()).await else {
+            return;
+        };
+        let mut tls = BufReader::new(tls);
+        let _ = session(&mut tls, &options, true, &store).await;
     }
 }
 

@@ -235,12 +235,18 @@ mod tests {
                 // DANE-EE checks neither the name nor the issuer.
                 dane(
                     &tls,
-                    &[r.clone()],
+                    std::slice::from_ref(&r),
                     &[leaf.clone(), ca.clone()],
                     &["nowhere.test"],
                 )
                 .unwrap_or_else(|e| panic!("3 {selector} {matching}: {e}"));
-                let e = dane(&tls, &[r], &[other.clone()], &["mx.remote.test"]).unwrap_err();
+                let e = dane(
+                    &tls,
+                    &[r],
+                    std::slice::from_ref(&other),
+                    &["mx.remote.test"],
+                )
+                .unwrap_err();
                 assert_eq!(e.result, ResultType::ValidationFailure);
             }
         }
@@ -254,15 +260,21 @@ mod tests {
         let ta = record(2, 1, 1, &ca);
         dane(
             &tls,
-            &[ta.clone()],
+            std::slice::from_ref(&ta),
             &certs,
             &["mx.remote.test", "remote.test"],
         )
         .unwrap();
-        let e = dane(&tls, &[ta.clone()], &certs, &["other.test"]).unwrap_err();
+        let e = dane(&tls, std::slice::from_ref(&ta), &certs, &["other.test"]).unwrap_err();
         assert_eq!(e.result, ResultType::CertificateHostMismatch, "{e}");
         // The TA must be in the chain the server sent.
-        let e = dane(&tls, &[ta], &[leaf.clone()], &["mx.remote.test"]).unwrap_err();
+        let e = dane(
+            &tls,
+            &[ta],
+            std::slice::from_ref(&leaf),
+            &["mx.remote.test"],
+        )
+        .unwrap_err();
         assert_eq!(e.result, ResultType::ValidationFailure, "{e}");
         // A leaf record used as DANE-TA is no trust anchor of anything else.
         let (_, other_ca) = chain(&["x.test"]);
@@ -282,7 +294,13 @@ mod tests {
         let (leaf, ca) = chain(&["mx.remote.test"]);
         let pkix_ee = record(1, 0, 1, &leaf);
         assert!(!is_usable(&pkix_ee));
-        dane(&tls, &[pkix_ee], &[leaf.clone()], &["mx.remote.test"]).unwrap();
+        dane(
+            &tls,
+            &[pkix_ee],
+            std::slice::from_ref(&leaf),
+            &["mx.remote.test"],
+        )
+        .unwrap();
         // The test CA is not among the Mozilla roots.
         let e = webpki(&tls, &[leaf, ca], "mx.remote.test").unwrap_err();
         assert_eq!(e.result, ResultType::CertificateNotTrusted, "{e}");
