@@ -21,7 +21,7 @@
 //! * [`dns`]: the resolver seam (hickory-resolver and a zone-text test double), with the
 //!   DNSSEC status DANE needs;
 //! * [`mta_sts_server`]: the HTTPS listener serving our own domains' MTA-STS policies;
-//! * [`node`]: start-up and shutdown of the whole node;
+//! * [`node`]: start-up and shutdown of the whole node; [`clock`]: the wall clock as a seam;
 //! * [`admin`], [`metrics`], [`telemetry`] (the `kubemail-telemetry` crate), [`shutdown`]:
 //!   operations.
 
@@ -29,6 +29,7 @@ pub mod admin;
 pub mod auth;
 pub mod auth_limits;
 pub mod authres;
+pub mod clock;
 pub mod delivery;
 pub mod dkim;
 pub mod dns;

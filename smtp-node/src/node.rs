@@ -11,6 +11,7 @@ use crate::admin::{self, Readiness};
 use crate::auth::Authenticator;
 use crate::auth_limits::JetStreamFailures;
 use crate::authres::InboundVerifier;
+use crate::clock::Clock;
 use crate::config::NodeConfig;
 use crate::delivery::{DeliveryContext, DeliverySettings};
 use crate::dkim::DkimSigner;
@@ -71,8 +72,13 @@ fn load_dkim(config: &NodeConfig) -> Result<Option<Arc<DkimSigner>>, NodeError> 
 }
 
 /// Runs the node until `shutdown` is stopped (by the caller, on SIGTERM), then drains open
-/// sessions for up to `shutdown.drainTimeout`.
-pub async fn run(config: NodeConfig, shutdown: Shutdown) -> Result<(), NodeError> {
+/// sessions for up to `shutdown.drainTimeout`. `clock` is the wall clock of what is dated by
+/// calendar day (TLS-RPT).
+pub async fn run(
+    config: NodeConfig,
+    shutdown: Shutdown,
+    clock: Arc<dyn Clock>,
+) -> Result<(), NodeError> {
     let config = Arc::new(config);
     let background = CancellationToken::new();
 
@@ -118,6 +124,7 @@ pub async fn run(config: NodeConfig, shutdown: Shutdown) -> Result<(), NodeError
         Arc::new(resolver),
         dkim.clone(),
         shutdown.clone(),
+        clock,
     )?;
     let domains: Vec<String> = config.domains.iter().map(|d| d.name.clone()).collect();
     crate::delivery::start(Arc::new(delivery), &domains);

@@ -9,6 +9,17 @@
 //! * REQUIRETLS: offered and taken only over TLS; a message with it reaches a server that
 //!   offers REQUIRETLS over verified TLS (and is passed on with REQUIRETLS), and bounces with
 //!   5.7.30 / 5.7.10 instead of going to a server without REQUIRETLS or without TLS.
+//! * DANE against zones Knot signed, validated from a trust anchor made of `test.`'s key:
+//!   DANE-EE and DANE-TA records that match deliver to MX hosts no CA vouches for; a record
+//!   that does not match, or a stripped STARTTLS, defers and nothing reaches the MX, not even
+//!   in cleartext; expired signatures, a zone re-signed with another key and a DS that matches
+//!   no key are bogus (deferred), never insecure; an unsigned zone is insecure and its TLSA
+//!   records are ignored (opportunistic TLS as before).
+//! * TLS-RPT: two nodes' sessions of one (injected) day add up to one RFC 8460 report at the
+//!   `rua` mailbox, sent by one of two competing nodes the next day; Python's `jsonschema`
+//!   validates it against the checked-in schema and its counts are the sessions the MX saw.
+//! * Our own MTA-STS policy is fetched over HTTPS by curl and resolved by
+//!   postfix-mta-sts-resolver, an independent MTA-STS implementation, as valid and naming our MX.
 
 mod common;
 mod delivery_support;
@@ -16,12 +27,16 @@ mod tls_support;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{Nats, Node, PASSWORD, RawTcp, USER, smtplib, unique};
-use delivery_support::{Knot, Setup, Sink, configure, counter, example_zone, metrics, submit};
-use serde_json::json;
-use tls_support::{MxOptions, MxPeer, PolicyServer, TestCa, starttls_stripper};
+use delivery_support::{
+    Dnssec, Knot, Setup, Sink, configure, counter, dkim_verify, example_zone, metrics, run_python,
+    sink_message, submit,
+};
+use serde_json::{Value, json};
+use tls_support::{MxOptions, MxPeer, PolicyServer, TestCa, sha256_hex, starttls_stripper};
 
 fn ip(last: u8) -> IpAddr {
     IpAddr::from([127, 0, 0, last])
@@ -60,6 +75,10 @@ fn node_config(
             inbound_auth: None,
         },
     );
+    tls_config(c, ca, https_port);
+}
+
+fn tls_config(c: &mut serde_json::Value, ca: &TestCa, https_port: u16) {
     c["delivery"]["tls"] = json!({
         "extraCaFile": ca.ca_file,
         "mtaSts": { "httpsPort": https_port, "fetchTimeout": "10s" },
@@ -102,7 +121,7 @@ async fn mta_sts_enforce_refuses_bad_mx_hosts_testing_delivers_and_one_fetch_ser
     let port = common::free_port();
     let good = |name: &str| MxOptions {
         tls: Some(ca.server_config(&[name])),
-        requiretls: false,
+        ..MxOptions::default()
     };
     let ok = MxPeer::start(ip(11), port, good("mx.ok.test")).await;
     let unlisted = MxPeer::start(ip(12), port, good("mx.unlisted.test")).await;
@@ -254,6 +273,7 @@ async fn requiretls_is_never_delivered_without_verified_tls_and_a_server_that_of
         MxOptions {
             tls: Some(ca.server_config(&["mx.rt-ok.test"])),
             requiretls: true,
+            ..MxOptions::default()
         },
     )
     .await;
@@ -262,19 +282,11 @@ async fn requiretls_is_never_delivered_without_verified_tls_and_a_server_that_of
         port,
         MxOptions {
             tls: Some(ca.server_config(&["mx.rt-noext.test"])),
-            requiretls: false,
+            ..MxOptions::default()
         },
     )
     .await;
-    let plain = MxPeer::start(
-        ip(23),
-        port,
-        MxOptions {
-            tls: None,
-            requiretls: false,
-        },
-    )
-    .await;
+    let plain = MxPeer::start(ip(23), port, MxOptions::default()).await;
     let server = PolicyServer::start(
         &ca,
         HashMap::from([
@@ -372,6 +384,9 @@ async fn our_own_policy_is_served_over_https_to_an_independent_client() {
     let (cert, key) = ca.leaf_files(&["mx.example.test", "mta-sts.example.test"], dir.path());
     let https = common::free_port();
     let policy = "version: STSv1\r\nmode: testing\r\nmx: mx.example.test\r\nmax_age: 604800\r\n";
+    let (example, mut records) = example_zone();
+    records.push_str("_mta-sts IN TXT \"v=STSv1; id=20261127T000000\"\nmta-sts IN A 127.0.0.1\n");
+    let knot = Knot::start(&[(example, records), ("other.test", String::new())]);
     let nats = Nats::start();
     let node = Node::start_with(&nats.url(), true, |c| {
         c["tls"] = json!({ "certFile": cert, "keyFile": key });
@@ -403,11 +418,24 @@ async fn our_own_policy_is_served_over_https_to_an_independent_client() {
         "{text}"
     );
     assert!(text.ends_with(policy), "{text:?}");
-    // The policy parses, with our MX, by the same rules senders apply.
-    let body = text.rsplit("\r\n\r\n").next().unwrap_or_default();
-    let parsed =
-        kubemail_smtp_node::delivery::policy::mta_sts::Policy::parse(body).expect("policy");
-    assert!(parsed.matches("mx.example.test"));
+    // An independent MTA-STS implementation finds the TXT record, fetches the policy and takes
+    // it as valid, naming our MX.
+    let verdict = resolve_with_postfix_mta_sts_resolver(&knot, https, &ca, "example.test");
+    assert_eq!(verdict["status"], "VALID", "{verdict}\n{}", node.log());
+    assert_eq!(verdict["id"], "20261127T000000");
+    assert_eq!(verdict["policy"]["version"], "STSv1", "{verdict}");
+    assert_eq!(verdict["policy"]["mode"], "testing", "{verdict}");
+    assert_eq!(verdict["policy"]["max_age"], 604800, "{verdict}");
+    assert_eq!(
+        verdict["policy"]["mx"],
+        json!(["mx.example.test"]),
+        "{verdict}"
+    );
+    // Without the TXT record it finds no policy: the verdict above came from our server.
+    assert_eq!(
+        resolve_with_postfix_mta_sts_resolver(&knot, https, &ca, "other.test")["status"],
+        "NONE"
+    );
     // Another name gets no certificate: the handshake fails.
     let other = curl("mta-sts.other.test");
     assert!(
@@ -415,4 +443,458 @@ async fn our_own_policy_is_served_over_https_to_an_independent_client() {
         "{}",
         String::from_utf8_lossy(&other.stdout)
     );
+}
+
+/// A zone for DANE: MX `mx.<domain>` at 127.0.0.`last` with `tlsa` records for port `port`.
+fn dane_zone(
+    domain: &'static str,
+    last: u8,
+    port: u16,
+    tlsa: &str,
+    dnssec: Dnssec,
+) -> (&'static str, String, Dnssec) {
+    (
+        domain,
+        format!("@ IN MX 10 mx\nmx IN A 127.0.0.{last}\n_{port}._tcp.mx IN TLSA {tlsa}\n"),
+        dnssec,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dane_delivers_on_matching_tlsa_defers_on_mismatch_and_bogus_and_ignores_unsigned_zones() {
+    // A CA nobody trusts (no extraCaFile): only DANE can vouch for its certificates.
+    let private = TestCa::new();
+    let port = common::free_port();
+    let ee = private.dane_leaf(&["mx.dane-ee.test"], false);
+    let ta = private.dane_leaf(&["mx.dane-ta.test"], true);
+    let mismatch = private.dane_leaf(&["mx.dane-mismatch.test"], false);
+    let stripped = private.dane_leaf(&["mx.dane-strip.test"], false);
+    // The MX hosts of the bogus zones present the certificate their TLSA records name, so
+    // reading a bogus answer as secure would deliver, and reading it as insecure would too.
+    let broken = private.dane_leaf(&["mx.broken.test"], false);
+    let unsigned = private.dane_leaf(&["mx.unsigned.test"], false);
+    let nobody = private.dane_leaf(&["nobody.test"], false);
+    let ee_311 = |spki: &[u8]| format!("3 1 1 {}", sha256_hex(spki));
+
+    let peer = |leaf: &tls_support::DaneLeaf| MxOptions {
+        tls: Some(leaf.config.clone()),
+        ..MxOptions::default()
+    };
+    let ee_mx = MxPeer::start(ip(41), port, peer(&ee)).await;
+    let ta_mx = MxPeer::start(ip(42), port, peer(&ta)).await;
+    let mismatch_mx = MxPeer::start(ip(43), port, peer(&mismatch)).await;
+    let behind_stripper = MxPeer::start(ip(45), port, peer(&stripped)).await;
+    starttls_stripper(SocketAddr::new(ip(44), port), behind_stripper.addr).await;
+    let expired_mx = MxPeer::start(ip(46), port, peer(&broken)).await;
+    let resigned_mx = MxPeer::start(ip(47), port, peer(&broken)).await;
+    let wrong_ds_mx = MxPeer::start(ip(48), port, peer(&broken)).await;
+    let unsigned_mx = MxPeer::start(ip(49), port, peer(&unsigned)).await;
+
+    let (example, example_records) = example_zone();
+    let knot = Knot::start_signed(&[
+        (example, example_records, Dnssec::Unsigned),
+        dane_zone("dane-ee.test", 41, port, &ee_311(&ee.spki), Dnssec::Signed),
+        dane_zone(
+            "dane-ta.test",
+            42,
+            port,
+            &format!("2 0 1 {}", sha256_hex(private.cert_der().as_ref())),
+            Dnssec::Signed,
+        ),
+        dane_zone(
+            "dane-mismatch.test",
+            43,
+            port,
+            &ee_311(&nobody.spki),
+            Dnssec::Signed,
+        ),
+        dane_zone(
+            "dane-strip.test",
+            44,
+            port,
+            &ee_311(&stripped.spki),
+            Dnssec::Signed,
+        ),
+        dane_zone(
+            "expired.test",
+            46,
+            port,
+            &ee_311(&broken.spki),
+            Dnssec::Expired,
+        ),
+        dane_zone(
+            "resigned.test",
+            47,
+            port,
+            &ee_311(&broken.spki),
+            Dnssec::Resigned,
+        ),
+        dane_zone(
+            "wrongds.test",
+            48,
+            port,
+            &ee_311(&broken.spki),
+            Dnssec::WrongDs,
+        ),
+        // TLSA records that match nothing: in an unsigned zone they must not count.
+        dane_zone(
+            "unsigned.test",
+            49,
+            port,
+            &ee_311(&nobody.spki),
+            Dnssec::Unsigned,
+        ),
+    ]);
+    let nats = Nats::start();
+    let node = Node::start_with(&nats.url(), true, |c| {
+        configure(
+            c,
+            &Setup {
+                dns: &knot,
+                mx_port: port,
+                inbound_port: None,
+                allow_loopback: true,
+                dkim: false,
+                inbound_auth: None,
+            },
+        );
+        c["delivery"]["tls"] = json!({
+            "dane": { "enabled": true, "trustAnchorFile": knot.trust_anchor_file },
+        });
+    });
+
+    let subject = unique("dane");
+    let domains = [
+        "dane-ee",
+        "dane-ta",
+        "dane-mismatch",
+        "dane-strip",
+        "expired",
+        "resigned",
+        "wrongds",
+        "unsigned",
+    ];
+    for domain in domains {
+        submit(
+            node.ports.submission,
+            &[&format!("carol@{domain}.test")],
+            &format!("{subject} {domain}"),
+            "Hello over DANE.",
+        );
+    }
+    wait_for(
+        "DANE-EE, DANE-TA and the unsigned domain delivered",
+        Duration::from_secs(30),
+        || {
+            ee_mx.received().len() == 1
+                && ta_mx.received().len() == 1
+                && unsigned_mx.received().len() == 1
+        },
+    )
+    .await;
+    for (what, mx) in [
+        ("DANE-EE", &ee_mx),
+        ("DANE-TA", &ta_mx),
+        ("unsigned", &unsigned_mx),
+    ] {
+        let got = &mx.received()[0];
+        assert!(got.tls && got.data.contains(&subject), "{what}: {got:?}");
+    }
+
+    let error = last_error(&node, "carol@dane-mismatch.test", Duration::from_secs(30)).await;
+    assert!(
+        error.contains("TLS policy not met")
+            && error.contains("no TLSA record of the host matches its certificate chain"),
+        "{error}"
+    );
+    let error = last_error(&node, "carol@dane-strip.test", Duration::from_secs(30)).await;
+    assert!(error.contains("does not offer STARTTLS"), "{error}");
+    for domain in ["expired", "resigned", "wrongds"] {
+        let error = last_error(
+            &node,
+            &format!("carol@{domain}.test"),
+            Duration::from_secs(30),
+        )
+        .await;
+        assert!(
+            error.contains(&format!("the MX records of {domain}.test are DNSSEC-bogus")),
+            "{domain}: {error}"
+        );
+    }
+    // A few retries later (backoff 1-2 s) still nothing went out, TLS or cleartext.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    for (what, mx) in [
+        ("mismatching TLSA", &mismatch_mx),
+        ("STARTTLS stripped", &behind_stripper),
+        ("expired signatures", &expired_mx),
+        ("re-signed zone", &resigned_mx),
+        ("DS of no key", &wrong_ds_mx),
+    ] {
+        assert!(
+            mx.received().is_empty(),
+            "{what}: the MX got mail: {:?}",
+            mx.received()
+        );
+    }
+    assert!(
+        mismatch_mx.sessions() >= 2,
+        "the mismatching MX was retried, not dropped"
+    );
+
+    let m = metrics(&node);
+    let tlsa = |result: &str| {
+        counter(
+            &m,
+            &format!(
+                "kubemail_smtp_tls_policy_results_total{{policy=\"tlsa\",result=\"{result}\"}}"
+            ),
+        )
+    };
+    assert_eq!(tlsa("success"), 2.0, "{m}");
+    assert!(tlsa("validation-failure") >= 1.0, "{m}");
+    assert!(tlsa("starttls-not-supported") >= 1.0, "{m}");
+    assert!(tlsa("dnssec-invalid") >= 3.0, "{m}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tls_rpt_one_report_of_a_days_sessions_reaches_the_rua_mailbox_valid_and_exact() {
+    let ca = TestCa::new();
+    // A CA with the trusted CA's name but its own key, as an attacker would make.
+    let impostor = TestCa::new();
+    // reports.test's MX, where the rua mailbox is; the recipient domain's MX shares its port.
+    let mailbox = Sink::start(&[]);
+    let port = mailbox.port;
+    let options = |tls: Option<Arc<rustls::ServerConfig>>| MxOptions {
+        tls,
+        one_message_per_session: true,
+        ..MxOptions::default()
+    };
+    let mx = MxPeer::start(
+        ip(31),
+        port,
+        options(Some(ca.server_config(&["mx.rpt.test"]))),
+    )
+    .await;
+    let policy_text = policy("testing", "mx.rpt.test");
+    let server = PolicyServer::start(
+        &ca,
+        HashMap::from([("mta-sts.rpt.test".to_owned(), policy_text.clone())]),
+    )
+    .await;
+    let knot = Knot::start(&[
+        example_zone(),
+        (
+            "rpt.test",
+            "@ IN MX 10 mx\nmx IN A 127.0.0.31\n_mta-sts IN TXT \"v=STSv1; id=1\"\nmta-sts IN A 127.0.0.1\n\
+             _smtp._tls IN TXT \"v=TLSRPTv1; rua=mailto:tls-reports@reports.test\"\n"
+                .to_owned(),
+        ),
+        (
+            "reports.test",
+            "@ IN MX 10 mx\nmx IN A 127.0.0.1\n".to_owned(),
+        ),
+    ]);
+    let nats = Nats::start();
+    let start_node = |clock: &str, check_interval: &str| {
+        Node::start_with_env(
+            &nats.url(),
+            true,
+            &[("SMTP_NODE_CLOCK_START", clock)],
+            |c| {
+                configure(
+                    c,
+                    &Setup {
+                        dns: &knot,
+                        mx_port: port,
+                        inbound_port: None,
+                        allow_loopback: true,
+                        dkim: true,
+                        inbound_auth: None,
+                    },
+                );
+                tls_config(c, &ca, server.port);
+                c["delivery"]["tls"]["reports"] = json!({ "checkInterval": check_interval });
+            },
+        )
+    };
+
+    // 27 November: two nodes deliver to rpt.test (MTA-STS testing), one message per session,
+    // while its MX changes what it offers.
+    let day = "2026-11-27T12:00:00Z";
+    let nodes = [start_node(day, "1h"), start_node(day, "1h")];
+    let subject = unique("tlsrpt");
+    let mut sent = 0;
+    let mut sessions = HashMap::new();
+    let phases = [
+        (
+            "success",
+            options(Some(ca.server_config(&["mx.rpt.test"]))),
+            3,
+        ),
+        (
+            "certificate-host-mismatch",
+            options(Some(ca.server_config(&["other.test"]))),
+            2,
+        ),
+        (
+            "certificate-not-trusted",
+            options(Some(impostor.server_config(&["mx.rpt.test"]))),
+            1,
+        ),
+        ("starttls-not-supported", options(None), 1),
+    ];
+    for (outcome, offer, count) in phases {
+        mx.set_options(offer);
+        let before = mx.sessions();
+        for _ in 0..count {
+            let node = &nodes[sent % 2];
+            sent += 1;
+            submit(
+                node.ports.submission,
+                &["carol@rpt.test"],
+                &format!("{subject} {sent}"),
+                "Hello.",
+            );
+            wait_for(
+                &format!("message {sent} ({outcome}) delivered"),
+                Duration::from_secs(30),
+                || mx.received().len() == sent,
+            )
+            .await;
+        }
+        sessions.insert(outcome, mx.sessions() - before);
+    }
+    assert_eq!(
+        sessions,
+        HashMap::from([
+            ("success", 3),
+            ("certificate-host-mismatch", 2),
+            ("certificate-not-trusted", 1),
+            ("starttls-not-supported", 1),
+        ]),
+        "one session per message"
+    );
+    drop(nodes);
+
+    // 28 November: two other nodes look for the finished day every second; one sends.
+    let next_day = "2026-11-28T00:00:05Z";
+    let reporters = [start_node(next_day, "1s"), start_node(next_day, "1s")];
+    let dump = delivery_support::wait_until(
+        Duration::from_secs(30),
+        "the TLS report at the rua mailbox",
+        || {
+            mailbox
+                .transactions()
+                .into_iter()
+                .find(|t| t.contains("application/tlsrpt+gzip"))
+        },
+    );
+    // Several more checks on both nodes: still one report.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(mailbox.count("application/tlsrpt+gzip"), 1, "one report");
+    let sent_by: Vec<f64> = reporters
+        .iter()
+        .map(|n| {
+            counter(
+                &metrics(n),
+                "kubemail_smtp_tls_reports_total{result=\"sent\"}",
+            )
+        })
+        .collect();
+    assert_eq!(sent_by.iter().sum::<f64>(), 1.0, "{sent_by:?}");
+
+    assert!(dump.contains("X-Mail-Args: <>\n"), "null sender: {dump}");
+    assert!(
+        dump.contains("X-Rcpt-Args: <tls-reports@reports.test>\n"),
+        "{dump}"
+    );
+    let raw = sink_message(&dump);
+    let schema = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data/rfc8460-report.schema.json");
+    let checked = run_python("tlsrpt_report.py", &[&schema.display().to_string()], &raw);
+    eprintln!("the report as Python sees it: {checked:#}");
+    assert_eq!(checked["errors"], json!([]), "schema violations");
+    assert_eq!(checked["content_type"], "multipart/report");
+    assert_eq!(checked["report_type"], "tlsrpt");
+    assert_eq!(checked["headers"]["TLS-Report-Domain"], "rpt.test");
+    assert_eq!(
+        checked["headers"]["TLS-Report-Submitter"],
+        "mx.example.test"
+    );
+    assert!(
+        checked["filename"].as_str().is_some_and(|f| f
+            .starts_with("mx.example.test!rpt.test!1795737600!1795823999!")
+            && f.ends_with(".json.gz")),
+        "{checked}"
+    );
+    let verdicts = dkim_verify(&raw, &knot);
+    assert!(
+        !verdicts.is_empty()
+            && verdicts
+                .iter()
+                .all(|v| v["ok"] == true && v["d"] == "example.test"),
+        "{verdicts:?}"
+    );
+
+    let report = &checked["report"];
+    assert_eq!(report["organization-name"], "example.test");
+    assert_eq!(report["contact-info"], "postmaster@example.test");
+    assert_eq!(
+        report["date-range"],
+        json!({ "start-datetime": "2026-11-27T00:00:00Z", "end-datetime": "2026-11-27T23:59:59Z" })
+    );
+    let policies = report["policies"].as_array().expect("policies");
+    assert_eq!(policies.len(), 1, "{report:#}");
+    let p = &policies[0];
+    assert_eq!(
+        p["policy"],
+        json!({
+            "policy-type": "sts",
+            "policy-domain": "rpt.test",
+            "policy-string": policy_text.trim_end().split("\r\n").collect::<Vec<_>>(),
+            "mx-host": ["mx.rpt.test"],
+        })
+    );
+    assert_eq!(
+        p["summary"],
+        json!({ "total-successful-session-count": 3, "total-failure-session-count": 4 })
+    );
+    let mut failures: HashMap<String, u64> = HashMap::new();
+    for d in p["failure-details"].as_array().expect("failure details") {
+        assert_eq!(d["receiving-mx-hostname"], "mx.rpt.test", "{d}");
+        assert_eq!(d["receiving-ip"], "127.0.0.31", "{d}");
+        *failures
+            .entry(d["result-type"].as_str().unwrap_or_default().to_owned())
+            .or_default() += d["failed-session-count"].as_u64().unwrap_or(0);
+    }
+    assert_eq!(
+        failures,
+        HashMap::from([
+            ("certificate-host-mismatch".to_owned(), 2),
+            ("certificate-not-trusted".to_owned(), 1),
+            ("starttls-not-supported".to_owned(), 1),
+        ])
+    );
+}
+
+/// postfix-mta-sts-resolver's verdict on `domain`'s MTA-STS policy.
+fn resolve_with_postfix_mta_sts_resolver(
+    knot: &Knot,
+    https_port: u16,
+    ca: &TestCa,
+    domain: &str,
+) -> Value {
+    run_python(
+        "mta_sts_resolve.py",
+        &[
+            "--dns",
+            &knot.addr(),
+            "--https-port",
+            &https_port.to_string(),
+            "--ca",
+            &ca.ca_file.display().to_string(),
+            domain,
+        ],
+        b"",
+    )
 }

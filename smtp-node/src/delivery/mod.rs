@@ -41,6 +41,7 @@ use self::limits::ConnectionPool;
 use self::relay::Relay;
 use self::route::{DomainRouting, RoutingTable};
 use self::tls::ClientTls;
+use crate::clock::Clock;
 use crate::config::DeliveryConfig;
 use crate::config::NatsConfig;
 use crate::dkim::DkimSigner;
@@ -109,13 +110,14 @@ pub struct DeliveryContext {
 }
 
 impl DeliveryContext {
-    /// Builds the context; touches no network.
+    /// Builds the context; touches no network. `clock` dates the TLS-RPT results and reports.
     pub fn new(
         settings: DeliverySettings,
         client: async_nats::Client,
         resolver: Arc<dyn Resolver>,
         signer: Option<Arc<DkimSigner>>,
         shutdown: Shutdown,
+        clock: Arc<dyn Clock>,
     ) -> Result<Self, StartDeliveryError> {
         let d = &settings.delivery;
         let policy = AddressPolicy::new(&d.allowed_networks, &d.blocked_networks)
@@ -143,7 +145,7 @@ impl DeliveryContext {
         let tlsrpt = Arc::new(policy::tlsrpt::TlsRpt::new(
             d.tls.reports.clone(),
             js.clone(),
-            Arc::new(policy::tlsrpt::SystemClock),
+            clock,
         ));
         Ok(Self {
             hostname: settings.hostname,

@@ -1,8 +1,9 @@
 //! Real TLS peers for the outbound TLS policy tests, all on loopback: a test CA (rcgen) whose
-//! certificate the node trusts through `delivery.tls.extraCaFile`; an HTTPS MTA-STS policy
+//! certificate the node trusts through `delivery.tls.extraCaFile` (or, for DANE, a CA it does
+//! not trust, with the TLSA association data of its certificates); an HTTPS MTA-STS policy
 //! server that counts its fetches; small SMTP MX peers with STARTTLS (and optionally
-//! REQUIRETLS) that record what they receive; and a man in the middle that strips STARTTLS
-//! from the EHLO reply. Each peer binds its own 127.0.0.x address on a shared port, since
+//! REQUIRETLS) that record what they receive and count their sessions, and whose offer can be
+//! changed while they run; and a man in the middle that strips STARTTLS from the EHLO reply. Each peer binds its own 127.0.0.x address on a shared port, since
 //! the node sends to every MX on `delivery.mxPort`. Tasks end with the test's runtime.
 
 #![allow(dead_code)]
@@ -10,8 +11,12 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use rcgen::PublicKeyData as _;
+use sha2::{Digest as _, Sha256};
 
 use rustls::ServerConfig;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
@@ -21,7 +26,8 @@ use tokio::io::{
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
-/// A test certificate authority.
+/// A test certificate authority. Every one has the same name, so a second one is an impostor
+/// of the first: its certificates name a trusted issuer that did not sign them.
 pub struct TestCa {
     issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
     pub cert_pem: String,
@@ -80,16 +86,64 @@ impl TestCa {
     /// A TLS server configuration with a leaf for `names`.
     pub fn server_config(&self, names: &[&str]) -> Arc<ServerConfig> {
         let (chain, key) = self.leaf(names);
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut config = ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .expect("versions")
-            .with_no_client_auth()
-            .with_single_cert(chain, key)
-            .expect("server config");
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
-        Arc::new(config)
+        server_config(chain, key)
     }
+
+    /// A leaf for `names` served with this CA's certificate after it (a DANE-TA server must
+    /// send its trust anchor, RFC 7671 5.2.2), and the leaf's SubjectPublicKeyInfo.
+    pub fn dane_leaf(&self, names: &[&str], with_ca: bool) -> DaneLeaf {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let params = rcgen::CertificateParams::new(
+            names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>(),
+        )
+        .expect("params");
+        let cert = params.signed_by(&key, &self.issuer).expect("leaf");
+        let mut chain = vec![cert.der().clone()];
+        if with_ca {
+            chain.push(self.cert_der());
+        }
+        DaneLeaf {
+            config: server_config(
+                chain,
+                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+            ),
+            spki: key.subject_public_key_info(),
+        }
+    }
+
+    /// This CA's certificate, DER.
+    pub fn cert_der(&self) -> CertificateDer<'static> {
+        rustls_pki_types::pem::PemObject::from_pem_slice(self.cert_pem.as_bytes()).expect("CA PEM")
+    }
+}
+
+/// A server configuration and the SPKI of its leaf.
+pub struct DaneLeaf {
+    pub config: Arc<ServerConfig>,
+    pub spki: Vec<u8>,
+}
+
+/// Lower-case hex SHA-256 of `bytes`: TLSA matching type 1 (RFC 6698 2.1.3).
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn server_config(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> Arc<ServerConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .expect("server config");
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Arc::new(config)
 }
 
 /// An HTTPS server for MTA-STS policies: host name → policy text; counts requests per host.
@@ -181,14 +235,19 @@ pub struct Received {
 pub struct MxPeer {
     pub addr: SocketAddr,
     pub received: Arc<Mutex<Vec<Received>>>,
+    options: Arc<Mutex<MxOptions>>,
+    sessions: Arc<AtomicUsize>,
 }
 
 /// What an MX peer offers.
-#[derive(Clone)]
+#[derive(Clone, Default)]
 pub struct MxOptions {
     /// STARTTLS with this configuration; `None`: no STARTTLS.
     pub tls: Option<Arc<ServerConfig>>,
     pub requiretls: bool,
+    /// Close the connection after each message, so every message is a session of its own
+    /// (the client cannot reuse the connection).
+    pub one_message_per_session: bool,
 }
 
 impl MxPeer {
@@ -196,9 +255,14 @@ impl MxPeer {
         let listener = TcpListener::bind((ip, port)).await.expect("bind MX peer");
         let received = Arc::new(Mutex::new(Vec::new()));
         let store = received.clone();
+        let options = Arc::new(Mutex::new(options));
+        let current = options.clone();
+        let sessions = Arc::new(AtomicUsize::new(0));
+        let count = sessions.clone();
         tokio::spawn(async move {
             while let Ok((tcp, _)) = listener.accept().await {
-                let options = options.clone();
+                count.fetch_add(1, Ordering::SeqCst);
+                let options = current.lock().expect("lock").clone();
                 let store = store.clone();
                 tokio::spawn(async move {
                     let _ =
@@ -210,11 +274,23 @@ impl MxPeer {
         Self {
             addr: SocketAddr::new(ip, port),
             received,
+            options,
+            sessions,
         }
     }
 
     pub fn received(&self) -> Vec<Received> {
         self.received.lock().expect("lock").clone()
+    }
+
+    /// What sessions from now on are offered.
+    pub fn set_options(&self, options: MxOptions) {
+        *self.options.lock().expect("lock") = options;
+    }
+
+    /// How many connections it has accepted.
+    pub fn sessions(&self) -> usize {
+        self.sessions.load(Ordering::SeqCst)
     }
 }
 
@@ -293,6 +369,11 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
                 data,
                 tls,
             });
+            if options.one_message_per_session {
+                io.get_mut().write_all(b"250 2.0.0 queued\r\n").await.ok()?;
+                let _ = io.get_mut().shutdown().await;
+                return Some(false);
+            }
             "250 2.0.0 queued\r\n".to_owned()
         } else if upper == "QUIT" {
             io.get_mut().write_all(b"221 bye\r\n").await.ok()?;

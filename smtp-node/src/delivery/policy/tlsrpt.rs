@@ -11,8 +11,8 @@
 //!   aggregates the day's results per recipient domain and policy and queues one report mail
 //!   per `mailto:` address: a `multipart/report; report-type="tlsrpt"` message with the gzip'd
 //!   JSON (RFC 8460 4.4, 5.3), from the sending domain with the null sender, DKIM-signed like
-//!   a DSN, through the ordinary queue. The clock is a [`Clock`], so tests can move to the next
-//!   day.
+//!   a DSN, through the ordinary queue. The clock is a [`Clock`], so tests (and drills, with
+//!   `smtp-node --clock-start`) can move to the next day.
 //! * **Metrics**: `kubemail_smtp_tls_policy_results_total{policy, result}` and
 //!   `kubemail_smtp_tls_reports_total{result}`.
 
@@ -31,6 +31,7 @@ use time::OffsetDateTime;
 use tokio::sync::OnceCell;
 
 use super::{PolicyType, ReportPolicy, ResultType};
+use crate::clock::Clock;
 use crate::config::TlsRptConfig;
 use crate::dkim::DkimSigner;
 use crate::dns::Resolver;
@@ -40,20 +41,6 @@ use crate::queue::{Direction, QueueEntry, QueueId};
 const RESULTS_MAX_AGE: Duration = Duration::from_secs(3 * 86_400);
 /// Most results read for one day's report of one sending domain.
 const MAX_RESULTS_PER_DAY: u64 = 1_000_000;
-
-/// The time, injectable.
-pub trait Clock: Send + Sync + 'static {
-    fn now(&self) -> SystemTime;
-}
-
-/// The system clock.
-pub struct SystemClock;
-
-impl Clock for SystemClock {
-    fn now(&self) -> SystemTime {
-        SystemTime::now()
-    }
-}
 
 /// One recorded session outcome.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

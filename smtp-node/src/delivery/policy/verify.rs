@@ -183,7 +183,12 @@ fn webpki_failure(error: &rustls::Error, what: &str) -> TlsFailure {
             CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
                 ResultType::CertificateExpired
             }
-            CertificateError::UnknownIssuer => ResultType::CertificateNotTrusted,
+            // RFC 8460 4.3.1: no trusted root CA for the chain. A chain that names a trusted
+            // CA whose key did not sign it (an impostor CA with the trusted one's name) has
+            // no trusted root either, not a generic validation failure.
+            CertificateError::UnknownIssuer | CertificateError::BadSignature => {
+                ResultType::CertificateNotTrusted
+            }
             _ => ResultType::ValidationFailure,
         },
         _ => ResultType::ValidationFailure,
@@ -194,6 +199,8 @@ fn webpki_failure(error: &rustls::Error, what: &str) -> TlsFailure {
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
+    use base64::Engine as _;
+
     use super::*;
 
     /// A CA and a leaf for `names` signed by it, as DER.
@@ -302,7 +309,22 @@ mod tests {
         )
         .unwrap();
         // The test CA is not among the Mozilla roots.
-        let e = webpki(&tls, &[leaf, ca], "mx.remote.test").unwrap_err();
+        let e = webpki(&tls, &[leaf.clone(), ca.clone()], "mx.remote.test").unwrap_err();
+        assert_eq!(e.result, ResultType::CertificateNotTrusted, "{e}");
+
+        // Trusting that CA, a chain from another CA with the same name is not trusted either.
+        let dir = tempfile::tempdir().unwrap();
+        let ca_file = dir.path().join("ca.pem");
+        let pem = base64::engine::general_purpose::STANDARD.encode(ca.as_ref());
+        std::fs::write(
+            &ca_file,
+            format!("-----BEGIN CERTIFICATE-----\n{pem}\n-----END CERTIFICATE-----\n"),
+        )
+        .unwrap();
+        let tls = ClientTls::new(Some(&ca_file)).unwrap();
+        webpki(&tls, std::slice::from_ref(&leaf), "mx.remote.test").unwrap();
+        let (impostor_leaf, _) = chain(&["mx.remote.test"]);
+        let e = webpki(&tls, &[impostor_leaf], "mx.remote.test").unwrap_err();
         assert_eq!(e.result, ResultType::CertificateNotTrusted, "{e}");
     }
 }
