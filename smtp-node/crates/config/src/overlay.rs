@@ -16,7 +16,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Deserializer};
 
 use crate::{
-    AdminConfig, AuthConfig, ByteSize, ClientTimeouts, ConnectionConfig, ConsumerConfig,
+    AdminConfig, AuthConfig, ByteSize, ClassificationRule, EventsConfig, SuppressionConfig, ClientTimeouts, ConnectionConfig, ConsumerConfig,
     DaneConfig, DeliveryConfig, DmarcMode, DnsConfig, HumanDuration, InboundAuthConfig,
     MtaStsConfig, MxTlsPolicy, NodeConfig, OutboundTlsConfig, RetryConfig, ShutdownConfig,
     Timeouts, TlsPolicyOverride, TlsRptConfig,
@@ -87,6 +87,7 @@ overlay! {
             dns: DnsOverlay,
             delivery: DeliveryOverlay,
             inbound_auth: InboundAuthOverlay,
+            events: EventsOverlay,
         }
         keep { hostname, listeners, tls, nats, domains, mta_sts_server }
     }
@@ -138,6 +139,32 @@ overlay! {
     /// Overlay of [`DnsConfig`].
     DnsOverlay => DnsConfig {
         set { nameservers: Vec<SocketAddr>, timeout: HumanDuration, attempts: u32 }
+    }
+}
+
+overlay! {
+    /// Overlay of [`EventsConfig`].
+    EventsOverlay => EventsConfig {
+        set {
+            enabled: bool,
+            max_age: HumanDuration,
+            max_bytes: ByteSize,
+            publish_timeout: HumanDuration,
+            classification: Vec<ClassificationRule>,
+        }
+        merge { suppression: SuppressionOverlay }
+    }
+}
+
+overlay! {
+    /// Overlay of [`SuppressionConfig`].
+    SuppressionOverlay => SuppressionConfig {
+        set {
+            enabled: bool,
+            expire_after: HumanDuration,
+            refuse_at_rcpt: bool,
+            refuse_text: String,
+        }
     }
 }
 

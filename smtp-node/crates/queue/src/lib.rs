@@ -83,8 +83,10 @@
 //!   report on, `<queue id>.<domain>.bounce<attempts>` / `.delay<attempts>`
 //!   ([`QueueEntry::notice_msg_id`]), so the same report is queued once.
 
+pub mod events;
 pub mod headers;
 pub mod names;
+pub mod suppression;
 
 mod entry;
 mod rfc3339;

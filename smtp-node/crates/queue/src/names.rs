@@ -46,6 +46,11 @@ pub const TLSRPT_STREAM: &str = "KUBEMAIL_TLSRPT";
 /// token>.>` and the bucket's JetStream API calls as for [`MTA_STS_CACHE_BUCKET`].
 pub const TLSRPT_CLAIMS_BUCKET: &str = "KUBEMAIL_TLSRPT_CLAIMS";
 
+// The delivery events stream and the suppression bucket are described (contents,
+// credentials) with their codecs; their names are part of this list all the same.
+pub use crate::events::{EVENTS_STREAM, EVENTS_SUBJECTS, event_subject, events_domain_filter};
+pub use crate::suppression::{SUPPRESSION_BUCKET, suppression_key};
+
 /// A domain as one subject token: lower case, dots as `_` (injective for valid domain
 /// names, which have no `_`; see the module doc).
 pub fn domain_token(domain: &str) -> String {
