@@ -10,6 +10,7 @@
 //!   [`tls`]: client TLS;
 //! * [`relay`]: smarthosts; [`limits`]: per-destination connection caps and reuse;
 //! * [`outcome`]: typed results and the entry decision; [`retry`]: the schedule;
+//!   [`classify`]: the bounce class of a failure;
 //! * [`dsn`]: bounces and delay notices;
 //! * [`metrics`]: counters and latencies. The settings are in [`crate::config`].
 //!
@@ -17,6 +18,7 @@
 //! [`kubemail_queue::QueueEntry`] (envelope and retry state in the entry's headers).
 
 pub mod address_policy;
+pub mod classify;
 pub mod client;
 pub mod consumer;
 pub mod dsn;
