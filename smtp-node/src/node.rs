@@ -126,8 +126,15 @@ pub async fn run(
         shutdown.clone(),
         clock,
     )?;
+    let delivery = Arc::new(delivery);
+    queue.attach_events(delivery.events.clone());
     let domains: Vec<String> = config.domains.iter().map(|d| d.name.clone()).collect();
-    crate::delivery::start(Arc::new(delivery), &domains);
+    tokio::spawn(delivery.suppression.clone().run_sampler(
+        domains.clone(),
+        config.admin.queue_sample_interval.0,
+        background.clone(),
+    ));
+    crate::delivery::start(delivery.clone(), &domains);
     tokio::spawn(crate::queue::sampler::run(
         queue.jetstream().clone(),
         config.nats.clone(),

@@ -68,6 +68,8 @@ pub struct DeliverySettings {
     pub nats: NatsConfig,
     /// Our domains with their inbound targets and relays.
     pub domains: Vec<DomainRouting>,
+    /// Delivery events, classification rules and the suppression list.
+    pub events: crate::config::EventsConfig,
 }
 
 impl DeliverySettings {
@@ -86,6 +88,7 @@ impl DeliverySettings {
                     relay: d.relay.clone(),
                 })
                 .collect(),
+            events: config.events.clone(),
         }
     }
 }
@@ -108,6 +111,10 @@ pub struct DeliveryContext {
     pub policies: policy::Policies,
     /// TLS-RPT results and reports.
     pub tlsrpt: Arc<policy::tlsrpt::TlsRpt>,
+    /// Delivery events and the bounce classifier.
+    pub events: Arc<crate::events::Events>,
+    /// The domains' suppression lists.
+    pub suppression: Arc<crate::suppression::Suppression>,
     bodies: Mutex<HashMap<String, ObjectStore>>,
 }
 
@@ -149,7 +156,18 @@ impl DeliveryContext {
             js.clone(),
             clock,
         ));
+        let events = Arc::new(crate::events::Events::new(
+            js.clone(),
+            settings.hostname.clone(),
+            settings.events.clone(),
+        ));
+        let suppression = Arc::new(crate::suppression::Suppression::new(
+            js.clone(),
+            settings.events.suppression.clone(),
+        ));
         Ok(Self {
+            events,
+            suppression,
             hostname: settings.hostname,
             pool: Arc::new(ConnectionPool::new(d.connections.clone())),
             config: settings.delivery,
@@ -196,6 +214,7 @@ pub fn start(ctx: Arc<DeliveryContext>, domains: &[String]) -> Vec<tokio::task::
     let mut tasks = Vec::new();
     for domain in domains {
         metrics::global().init_domain(domain);
+        crate::events::metrics::global().init_domain(domain);
     }
     if !ctx.config.enabled {
         tracing::info!("delivery is disabled on this node");

@@ -47,6 +47,7 @@ use super::policy::{Check, MessageTls, Planned, ReportPolicy, ResultType};
 use super::relay;
 use super::route::Route;
 use crate::config::{ForwardProtocol, InboundTls};
+use crate::events;
 use crate::protocol::EnhancedCode;
 use crate::queue::{Direction, EntryError, Notice, QueueEntry, QueueId};
 use crate::telemetry::propagation;
@@ -127,7 +128,7 @@ async fn process(
 ) {
     let started = Instant::now();
     let max_deliver = ctx.config.consumer.max_deliver;
-    let (body, outcomes) = if is_poison(delivered, max_deliver) {
+    let (body, outcomes, suppressed) = if is_poison(delivered, max_deliver) {
         tracing::error!(
             delivered,
             max_deliver,
@@ -154,9 +155,11 @@ async fn process(
             .iter()
             .map(|r| (r.clone(), RecipientOutcome::Failed(d.clone())))
             .collect();
-        (body, outcomes)
+        (body, outcomes, Vec::new())
     } else {
-        let attempt = AssertUnwindSafe(attempt(ctx, message, &entry)).catch_unwind();
+        // Suppressed recipients are not attempted; they fail with the list's reason.
+        let (to_attempt, suppressed) = ctx.suppression.split(&entry).await;
+        let attempt = AssertUnwindSafe(attempt(ctx, message, &to_attempt)).catch_unwind();
         let abort = ctx.shutdown.abort_token().clone();
         let result = tokio::select! {
             r = with_progress(ctx, message, attempt) => r,
@@ -167,7 +170,14 @@ async fn process(
             }
         };
         match result {
-            Ok(done) => done,
+            Ok((body, mut outcomes)) => {
+                outcomes.extend(
+                    suppressed
+                        .iter()
+                        .map(|(r, found)| (r.clone(), crate::suppression::outcome(found))),
+                );
+                (body, outcomes, suppressed)
+            }
             Err(_panic) => {
                 tracing::error!("delivery attempt panicked; the entry will be retried");
                 ack(message, AckKind::Nak(Some(local_retry(ctx)))).await;
@@ -181,7 +191,7 @@ async fn process(
             domain: domain.to_owned(),
         })
         .observe(started.elapsed().as_secs_f64());
-    let finish = finish(ctx, domain, message, &entry, body, outcomes);
+    let finish = finish(ctx, domain, message, &entry, body, outcomes, &suppressed);
     with_progress(ctx, message, finish).await;
 }
 
@@ -551,8 +561,13 @@ async fn send_via(
         smtputf8: entry.smtputf8,
         require_tls: entry.require_tls,
     };
-    let zip = |outcomes: Vec<RecipientOutcome>| -> Vec<(String, RecipientOutcome)> {
-        rcpts.iter().cloned().zip(outcomes).collect()
+    let zip = |outcomes: Vec<RecipientOutcome>, client: &SmtpClient| {
+        let peer = peer_of(client);
+        rcpts
+            .iter()
+            .cloned()
+            .zip(outcomes.into_iter().map(|o| o.with_peer(&peer)))
+            .collect::<Vec<(String, RecipientOutcome)>>()
     };
     // REQUIRETLS is a relaying matter (RFC 8689 4.2); the final hop to our own store is not.
     let require_tls = entry.require_tls && !matches!(route, Route::Inbound { .. });
@@ -571,8 +586,9 @@ async fn send_via(
                 match client.send(&outgoing).await {
                     Ok(outcomes) => {
                         log_outcomes(client.target(), rcpts, &outcomes, true);
+                        let outcomes = zip(outcomes, &client);
                         ctx.pool.checkin(route, *client, permit).await;
-                        return zip(outcomes);
+                        return outcomes;
                     }
                     Err(e) => {
                         tracing::info!(host = %client.target().host, error = %e, "reused connection failed");
@@ -671,8 +687,9 @@ async fn send_via(
         match client.send(&outgoing).await {
             Ok(outcomes) => {
                 log_outcomes(target, rcpts, &outcomes, false);
+                let outcomes = zip(outcomes, &client);
                 ctx.pool.checkin(route, client, permit).await;
-                return zip(outcomes);
+                return outcomes;
             }
             Err(e) => {
                 tracing::info!(host = %target.host, addr = %target.addr, error = %e, "transaction failed; trying the next host");
@@ -693,6 +710,16 @@ async fn send_via(
             });
             all(rcpts, RecipientOutcome::Deferred(d))
         }
+    }
+}
+
+/// The connection's remote side, for events.
+fn peer_of(client: &SmtpClient) -> outcome::Peer {
+    outcome::Peer {
+        host: client.target().host.clone(),
+        ip: Some(client.target().addr.ip()),
+        tls: client.tls_info().cloned(),
+        verified: client.is_verified(),
     }
 }
 
@@ -778,8 +805,10 @@ async fn finish(
     entry: &QueueEntry,
     body: Option<Bytes>,
     outcomes: Vec<(String, RecipientOutcome)>,
+    suppressed: &[(String, kubemail_queue::suppression::SuppressionEntry)],
 ) {
     let now = SystemTime::now();
+    let delivered_info = events::attempt::delivered_of(&outcomes);
     let plan = outcome::plan(
         outcomes,
         PlanInput {
@@ -809,6 +838,14 @@ async fn finish(
     m.count(domain, "delivered", plan.delivered.len());
     m.count(domain, "deferred", plan.deferred.len());
     record_outcome(&tracing::Span::current(), &plan);
+    let mut batch = events::Batch::new(&ctx.events, entry, now);
+    events::attempt::record(ctx, &mut batch, entry, &delivered_info, &plan, suppressed).await;
+    if entry.direction == Direction::Inbound
+        && entry.attempts == 0
+        && let Some(body) = &body
+    {
+        batch.extend(events::inbound::events(ctx, entry, body).await);
+    }
     for (rcpt, d) in &plan.failed {
         tracing::warn!(recipient = %rcpt, reason = %d.summary(), bounce = plan.bounce, "delivery failed permanently");
     }
@@ -828,6 +865,9 @@ async fn finish(
             ack(message, AckKind::Nak(Some(local_retry(ctx)))).await;
             return;
         }
+        for (rcpt, _) in &plan.failed {
+            batch.dsn_sent(rcpt, "failure");
+        }
     } else {
         // A null sender: nobody to tell (a bounce is never bounced).
         m.count(domain, "dropped", plan.failed.len());
@@ -845,12 +885,19 @@ async fn finish(
         )
         .await
         {
-            Ok(()) => delay_warned = true,
+            Ok(()) => {
+                delay_warned = true;
+                for (rcpt, _) in &plan.deferred {
+                    batch.dsn_sent(rcpt, "delay");
+                }
+            }
             Err(error) => {
                 tracing::warn!(%error, "cannot queue the delay notice; will try at the next attempt")
             }
         }
     }
+    // Before the ack: a crash from here on repeats the events (same ids), never loses them.
+    batch.publish().await;
     match plan.disposition {
         Disposition::Deferred {
             retry_after,

@@ -60,6 +60,8 @@ pub struct JetStreamQueue {
     nats: NatsConfig,
     bodies: OnceLock<ObjectStore>,
     setup: StreamSetup,
+    /// Publishes the `received` events of accepted messages (set once at start-up).
+    events: OnceLock<Arc<crate::events::Events>>,
 }
 
 impl JetStreamQueue {
@@ -114,6 +116,7 @@ impl JetStreamQueue {
             nats: nats.clone(),
             bodies: OnceLock::new(),
             setup: StreamSetup::new(),
+            events: OnceLock::new(),
         }))
     }
 
@@ -161,6 +164,11 @@ impl JetStreamQueue {
             .saturating_sub(HEADER_HEADROOM);
         let configured = usize::try_from(self.nats.inline_body_limit.0).unwrap_or(usize::MAX);
         configured.min(server)
+    }
+
+    /// Publishes a `received` event per recipient of every accepted entry from now on.
+    pub fn attach_events(&self, events: Arc<crate::events::Events>) {
+        let _ = self.events.set(events);
     }
 
     #[tracing::instrument(
@@ -230,6 +238,15 @@ impl Queue for JetStreamQueue {
                 }
                 for entry in &entries {
                     self.publish(entry).await?;
+                }
+                // Before the 250, bounded by the events' publish timeout: a delivery of the
+                // entry cannot overtake its `received` event.
+                if let Some(events) = self.events.get() {
+                    let list = entries
+                        .iter()
+                        .flat_map(|e| crate::events::received(events.hostname(), &e.entry))
+                        .collect();
+                    events.publish(list).await;
                 }
                 Ok(())
             }
