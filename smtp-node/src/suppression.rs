@@ -65,7 +65,9 @@ impl Suppression {
                 None
             }
             Err(_) => {
-                tracing::warn!("suppression list did not open in time; sending as if it were empty");
+                tracing::warn!(
+                    "suppression list did not open in time; sending as if it were empty"
+                );
                 None
             }
         }
@@ -75,11 +77,8 @@ impl Suppression {
     /// read in time).
     pub async fn lookup(&self, domain: &str, address: &str) -> Option<SuppressionEntry> {
         let list = self.list().await?;
-        match tokio::time::timeout(
-            LOOKUP_TIMEOUT,
-            list.get(domain, address, SystemTime::now()),
-        )
-        .await
+        match tokio::time::timeout(LOOKUP_TIMEOUT, list.get(domain, address, SystemTime::now()))
+            .await
         {
             Ok(Ok(entry)) => entry,
             Ok(Err(error)) => {

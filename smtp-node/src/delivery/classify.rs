@@ -112,8 +112,7 @@ impl Classifier {
     pub fn classify(&self, code: Option<u16>, status: EnhancedCode, text: &str) -> BounceClass {
         let status_text = format!("{}.{}.{}", status.0, status.1, status.2);
         for (re, prefix, class) in &self.extra {
-            if prefix.as_deref().is_none_or(|p| status_text.starts_with(p)) && re.is_match(text)
-            {
+            if prefix.as_deref().is_none_or(|p| status_text.starts_with(p)) && re.is_match(text) {
                 return *class;
             }
         }
@@ -135,11 +134,9 @@ impl Classifier {
     /// recipient keeps its last reply), else our own status and text.
     pub fn diagnostic(&self, d: &Diagnostic) -> BounceClass {
         match &d.reply {
-            Some(reply) => self.classify(
-                Some(reply.code),
-                status_of(reply),
-                &reply.lines.join(" "),
-            ),
+            Some(reply) => {
+                self.classify(Some(reply.code), status_of(reply), &reply.lines.join(" "))
+            }
             None => self.classify(None, d.status, &d.text),
         }
     }

@@ -67,7 +67,9 @@ pub fn parse(message: &[u8], hostname: &str) -> Option<Report> {
     let parsed = MessageParser::default().parse(message)?;
     let ct = parsed.content_type()?;
     if !ct.ctype().eq_ignore_ascii_case("multipart")
-        || !ct.subtype().is_some_and(|s| s.eq_ignore_ascii_case("report"))
+        || !ct
+            .subtype()
+            .is_some_and(|s| s.eq_ignore_ascii_case("report"))
     {
         return None;
     }
@@ -149,7 +151,8 @@ pub fn parse(message: &[u8], hostname: &str) -> Option<Report> {
                 original_queue_id: queue_id,
                 original_message_id: message_id,
                 reporter: field(fields, "reported-domain").or_else(|| field(fields, "user-agent")),
-                feedback_type: field(fields, "feedback-type").map(|f| f.trim().to_ascii_lowercase()),
+                feedback_type: field(fields, "feedback-type")
+                    .map(|f| f.trim().to_ascii_lowercase()),
                 recipients: vec![ReportedRecipient {
                     address,
                     action: None,
@@ -267,7 +270,9 @@ fn correlate(original: &[u8], hostname: &str) -> Option<(String, Option<String>,
         .and_then(|a| {
             let mut all = a.iter();
             let first = all.next()?;
-            all.next().is_none().then(|| first.address().map(str::to_owned))?
+            all.next()
+                .is_none()
+                .then(|| first.address().map(str::to_owned))?
         })
         .map(|a| a.to_ascii_lowercase());
     let explicit = parsed
@@ -421,10 +426,9 @@ mod tests {
         assert_eq!(rcpt.action.as_deref(), Some("failed"));
         assert_eq!(rcpt.status, Some(EnhancedCode(5, 1, 1)));
         assert!(
-            rcpt.diagnostic
-                .as_deref()
-                .unwrap()
-                .starts_with("550 5.1.1 <bob@remote.test>: Recipient address rejected: User unknown"),
+            rcpt.diagnostic.as_deref().unwrap().starts_with(
+                "550 5.1.1 <bob@remote.test>: Recipient address rejected: User unknown"
+            ),
             "{:?}",
             rcpt.diagnostic
         );

@@ -16,10 +16,10 @@ use std::path::PathBuf;
 use serde::{Deserialize, Deserializer};
 
 use crate::{
-    AdminConfig, AuthConfig, ByteSize, ClassificationRule, EventsConfig, SuppressionConfig, ClientTimeouts, ConnectionConfig, ConsumerConfig,
-    DaneConfig, DeliveryConfig, DmarcMode, DnsConfig, HumanDuration, InboundAuthConfig,
-    MtaStsConfig, MxTlsPolicy, NodeConfig, OutboundTlsConfig, RetryConfig, ShutdownConfig,
-    Timeouts, TlsPolicyOverride, TlsRptConfig,
+    AdminConfig, AuthConfig, ByteSize, ClassificationRule, ClientTimeouts, ConnectionConfig,
+    ConsumerConfig, DaneConfig, DeliveryConfig, DmarcMode, DnsConfig, EventsConfig, HumanDuration,
+    InboundAuthConfig, MtaStsConfig, MxTlsPolicy, NodeConfig, OutboundTlsConfig, RetryConfig,
+    ShutdownConfig, SuppressionConfig, Timeouts, TlsPolicyOverride, TlsRptConfig,
 };
 
 /// Declares the overlay of one config section: a struct with an `Option` of every field, and

@@ -202,10 +202,7 @@ impl SuppressionList {
         };
         let value = serde_json::to_vec(entry).map_err(|e| write(Box::new(e)))?;
         self.store
-            .put(
-                suppression_key(&entry.domain, &entry.address),
-                value.into(),
-            )
+            .put(suppression_key(&entry.domain, &entry.address), value.into())
             .await
             .map_err(|e| write(Box::new(e)))?;
         Ok(())
@@ -297,8 +294,13 @@ mod tests {
         assert_eq!(e.address, "bob@r.test");
         assert!(!e.is_expired(now));
         assert!(e.is_expired(now + Duration::from_secs(60)));
-        let manual =
-            SuppressionEntry::new("example.com", "x@r.test", SuppressionReason::Manual, now, None);
+        let manual = SuppressionEntry::new(
+            "example.com",
+            "x@r.test",
+            SuppressionReason::Manual,
+            now,
+            None,
+        );
         assert!(!manual.is_expired(now + Duration::from_secs(10 * 365 * 86_400)));
     }
 }
