@@ -166,7 +166,11 @@ pub async fn run(
     readiness.set_listeners_bound();
     let admin_task = tokio::spawn(admin::serve(admin_socket, readiness, background.clone()));
 
-    let checks = MessageChecks { dkim, inbound_auth };
+    let checks = MessageChecks {
+        dkim,
+        inbound_auth,
+        suppression: Some(delivery.suppression.clone()),
+    };
     let ctx = ServerContext::with_checks(
         config.clone(),
         tls,

@@ -361,3 +361,75 @@ async fn inbound_dsn_and_feedback_report_become_events_of_the_original_message()
         },
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn submission_can_refuse_a_suppressed_recipient_at_rcpt() {
+    let nats = Nats::start();
+    let knot = Knot::start(&[example_zone(), remote_zone("127.0.0.1")]);
+    let mx = ScriptedMx::start(json!({}));
+    let node = Node::start_with(&nats.url(), true, |c| {
+        configure(
+            c,
+            &Setup {
+                dns: &knot,
+                mx_port: mx.port,
+                inbound_port: None,
+                allow_loopback: true,
+                dkim: false,
+                inbound_auth: None,
+            },
+        );
+        c["events"] = json!({ "suppression": {
+            "refuseAtRcpt": true,
+            "refuseText": "suppressed: this address bounced or complained"
+        }});
+    });
+    // A manual entry through the library API (what the CLI and the operator use).
+    let client = async_nats::connect(nats.url()).await.expect("connect");
+    let js = async_nats::jetstream::new(client);
+    let list = SuppressionList::open(&js).await.expect("bucket");
+    let entry = kubemail_queue::suppression::SuppressionEntry::new(
+        "example.test",
+        "Blocked@Remote.test",
+        SuppressionReason::Manual,
+        SystemTime::now(),
+        None,
+    );
+    list.put(&entry).await.expect("put");
+
+    let steps = common::smtplib(
+        node.ports.submission,
+        "starttls",
+        json!([
+            ["login", common::USER, PASSWORD],
+            ["mail", "alice@example.test"],
+            ["rcpt", "blocked@remote.test"],
+            ["rcpt", "ok@remote.test"],
+            ["quit"]
+        ]),
+    );
+    let rcpts: Vec<&common::Step> = steps.iter().filter(|s| s.op == "rcpt").collect();
+    assert_eq!(rcpts[0].code, 550, "{steps:?}");
+    assert!(
+        rcpts[0].msg.contains("suppressed: this address bounced"),
+        "{steps:?}"
+    );
+    assert_eq!(rcpts[1].code, 250, "{steps:?}");
+
+    // Removed by hand, the address is accepted again.
+    list.remove("example.test", "blocked@remote.test")
+        .await
+        .expect("remove");
+    let steps = common::smtplib(
+        node.ports.submission,
+        "starttls",
+        json!([
+            ["login", common::USER, PASSWORD],
+            ["mail", "alice@example.test"],
+            ["rcpt", "blocked@remote.test"],
+            ["quit"]
+        ]),
+    );
+    let rcpt = steps.iter().find(|s| s.op == "rcpt").expect("rcpt step");
+    assert_eq!(rcpt.code, 250, "{steps:?}");
+}
