@@ -1,9 +1,12 @@
 //! The controllers and what they share: the [`Context`] (client, event recorder, metrics,
 //! settings, caches), the reconcile [`Error`], condition bookkeeping, and [`run`], which runs
-//! both controllers until told to stop (the leader elector decides when).
+//! every controller (MailDomain, Relay, EventSink, Suppression) until told to stop (the leader
+//! elector decides when).
 
+pub mod event_sink;
 pub mod mail_domain;
 pub mod relay;
+pub mod suppression;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -64,6 +67,8 @@ pub struct Context {
     pub config: Config,
     pub users_cache: UsersCache,
     pub backoff: Backoff,
+    /// The webhook dispatchers of EventSinks.
+    pub sinks: event_sink::Dispatchers,
     crds: Mutex<HashMap<String, (bool, Instant)>>,
 }
 
@@ -123,6 +128,12 @@ pub enum Error {
     DeleteConsumer(#[source] crate::queue::QueueError),
     #[error("{0}")]
     CleanupPending(String),
+    #[error("cannot {action} in NATS")]
+    Nats {
+        action: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error("the {0} task panicked")]
     BlockingTaskFailed(&'static str),
     #[error("finalizer failed")]
@@ -144,6 +155,7 @@ impl Error {
             Self::Build(_) => "build",
             Self::DeleteConsumer(_) => "delete_consumer",
             Self::CleanupPending(_) => "cleanup_pending",
+            Self::Nats { .. } => "nats",
             Self::BlockingTaskFailed(_) => "blocking_task",
             Self::Finalizer(inner) => match inner.as_ref() {
                 kube::runtime::finalizer::Error::ApplyFailed(e)
@@ -210,6 +222,7 @@ impl Context {
             config,
             users_cache: UsersCache::default(),
             backoff: Backoff::default(),
+            sinks: event_sink::Dispatchers::default(),
             crds: Mutex::new(HashMap::new()),
         }
     }
@@ -245,6 +258,31 @@ impl Context {
             .unwrap_or_else(|e| e.into_inner())
             .insert(name.to_owned(), (established, Instant::now()));
         Ok(established)
+    }
+}
+
+/// Waits until the CRD `name` is installed (checking every minute), so a controller of an
+/// optional resource does not fail its watch on a cluster whose CRDs predate it. False when
+/// `stop` fired first.
+pub async fn wait_for_crd(ctx: &Context, name: &str, stop: &CancellationToken) -> bool {
+    let mut logged = false;
+    loop {
+        match ctx.crd_installed(name).await {
+            Ok(true) => return true,
+            Ok(false) if !logged => {
+                tracing::warn!(
+                    crd = name,
+                    "CRD not installed; its controller waits for it (apply crds/ from this release)"
+                );
+                logged = true;
+            }
+            Ok(false) => {}
+            Err(e) => tracing::debug!(error = %chain(&e), "cannot look up a CRD"),
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return false,
+            _ = tokio::time::sleep(Duration::from_secs(60)) => {}
+        }
     }
 }
 
@@ -328,10 +366,12 @@ pub fn condition_with(
     }
 }
 
-/// Runs both controllers until `stop` fires.
+/// Runs every controller until `stop` fires.
 pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
     tokio::join!(
         mail_domain::run(ctx.clone(), stop.clone()),
-        relay::run(ctx, stop),
+        relay::run(ctx.clone(), stop.clone()),
+        event_sink::run(ctx.clone(), stop.clone()),
+        suppression::run(ctx, stop),
     );
 }
