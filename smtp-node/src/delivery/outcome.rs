@@ -31,8 +31,9 @@ pub struct Diagnostic {
     pub text: String,
     /// The host that answered (DSN `Remote-MTA`).
     pub remote_mta: Option<String>,
-    /// The connection the reply came on, when there was one (for events).
-    pub peer: Option<Peer>,
+    /// The connection the reply came on, when there was one (for events; boxed to keep
+    /// results small).
+    pub peer: Option<Box<Peer>>,
 }
 
 /// The server a delivery talked to: what events say about the remote side.
@@ -71,7 +72,7 @@ impl Diagnostic {
 
     /// The same diagnostic, on `peer`'s connection.
     pub fn with_peer(mut self, peer: Peer) -> Self {
-        self.peer = Some(peer);
+        self.peer = Some(Box::new(peer));
         self
     }
 
@@ -137,7 +138,7 @@ pub enum RecipientOutcome {
         reply: Reply,
         remote_mta: String,
         /// The connection, when known (for events).
-        peer: Option<Peer>,
+        peer: Option<Box<Peer>>,
     },
     Deferred(Diagnostic),
     Failed(Diagnostic),
@@ -167,7 +168,7 @@ impl RecipientOutcome {
             } => Self::Delivered {
                 reply,
                 remote_mta,
-                peer: Some(peer.clone()),
+                peer: Some(Box::new(peer.clone())),
             },
             Self::Deferred(d) => Self::Deferred(d.with_peer(peer.clone())),
             Self::Failed(d) => Self::Failed(d.with_peer(peer.clone())),

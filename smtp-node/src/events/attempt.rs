@@ -18,7 +18,7 @@ pub struct DeliveredInfo {
     pub recipient: String,
     pub reply: String,
     pub mx: String,
-    pub peer: Option<Peer>,
+    pub peer: Option<Box<Peer>>,
 }
 
 /// The delivered recipients' replies and connections, before the plan consumes them.
@@ -54,7 +54,7 @@ pub async fn record(
     let m = super::metrics::global();
     let domain = entry.domain.as_str();
     for d in delivered {
-        batch.delivered(&d.recipient, &d.reply, d.peer.as_ref(), &d.mx);
+        batch.delivered(&d.recipient, &d.reply, d.peer.as_deref(), &d.mx);
     }
     let retry_at = match plan.disposition {
         Disposition::Deferred { retry_at, .. } => Some(retry_at),

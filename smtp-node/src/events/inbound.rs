@@ -95,10 +95,10 @@ pub fn parse(message: &[u8], hostname: &str) -> Option<Report> {
             | "message/global"
             | "text/rfc822-headers"
             | "message/global-headers"
-            | "message/rfc822-headers" => {
-                if original.is_none() {
-                    original = Some(part.contents().to_vec());
-                }
+            | "message/rfc822-headers"
+                if original.is_none() =>
+            {
+                original = Some(part.contents().to_vec());
             }
             _ => {}
         }

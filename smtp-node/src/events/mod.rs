@@ -270,7 +270,7 @@ impl<'a> Batch<'a> {
         retry_at: Option<SystemTime>,
     ) -> String {
         let mut data = self.data(recipient);
-        data.remote = remote_info(d.peer.as_ref(), d.remote_mta.as_deref());
+        data.remote = remote_info(d.peer.as_deref(), d.remote_mta.as_deref());
         data.reply = Some(d.summary());
         data.status = Some(d.status.to_string());
         data.bounce_class = Some(class);
