@@ -135,6 +135,46 @@ async fn a_hard_bounce_suppresses_the_address_and_the_next_message_is_not_attemp
         1.0
     );
 
+    // The dashboard's bounce row and the alerts query series this node exports.
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let dashboard: Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("charts/kubemail/dashboards/kubemail.json"))
+            .expect("dashboard"),
+    )
+    .expect("dashboard JSON");
+    let mut queries: Vec<String> = dashboard["panels"]
+        .as_array()
+        .expect("panels")
+        .iter()
+        .filter(|p| p["id"].as_i64().is_some_and(|id| id >= 27))
+        .flat_map(|p| p["targets"].as_array().cloned().unwrap_or_default())
+        .filter_map(|t| t["expr"].as_str().map(str::to_owned))
+        .collect();
+    let rules = std::fs::read_to_string(root.join("charts/kubemail/templates/prometheusrule.yaml"))
+        .expect("rules");
+    for alert in ["KubemailBounceClassSpike", "KubemailEventsDropped"] {
+        let at = rules.find(alert).expect("alert");
+        queries.push(rules[at..].chars().take(700).collect());
+    }
+    assert!(queries.len() >= 10, "{queries:?}");
+    for q in &queries {
+        for name in q
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .filter(|w| w.starts_with("kubemail_smtp_"))
+        {
+            assert!(
+                m.lines().any(|l| l.starts_with(name)),
+                "{name} (queried by the dashboard or an alert) is not exported: {q}"
+            );
+        }
+    }
+    for class in ["invalid-recipient", "mailbox-full", "rate-limited", "other"] {
+        assert!(
+            m.contains(&format!("class=\"{class}\"")),
+            "{class} series exist from the start"
+        );
+    }
+
     // Every event is a valid CloudEvent and carries nothing secret.
     let all = events(&url).await;
     let types: Vec<&str> = all.iter().filter_map(|e| e["type"].as_str()).collect();
