@@ -122,6 +122,7 @@ pub struct WebhookSpec {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SecretKeyRef {
+    /// Name of the Secret.
     #[schemars(length(min = 1, max = 253))]
     pub name: String,
     /// The key holding the signing key.

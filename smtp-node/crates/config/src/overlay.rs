@@ -316,6 +316,27 @@ mod tests {
     }
 
     #[test]
+    fn a_site_adds_classification_rules_and_suppression_settings() {
+        let overlay = NodeConfigOverlay::from_yaml(
+            "events: {classification: [{pattern: '(?i)quota', class: mailbox-full}], suppression: {refuseAtRcpt: true}}\n",
+        )
+        .unwrap();
+        let mut merged = config();
+        overlay.apply_to(&mut merged);
+        assert_eq!(merged.events.classification.len(), 1);
+        assert_eq!(
+            merged.events.classification[0].class,
+            crate::BounceClass::MailboxFull
+        );
+        assert!(merged.events.suppression.refuse_at_rcpt);
+        assert_eq!(
+            merged.events.suppression.expire_after,
+            config().events.suppression.expire_after,
+            "unset fields keep their value"
+        );
+    }
+
+    #[test]
     fn every_section_and_list_can_be_set_and_null_unsets_optional_fields() {
         let overlay = NodeConfigOverlay::from_yaml(
             r#"
