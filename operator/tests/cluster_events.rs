@@ -288,6 +288,44 @@ async fn event_sink_health_and_suppressions() {
         "the event stays for when it is resumed"
     );
 
+    // Without a webhook: a durable consumer for a client of one's own.
+    apply(
+        &client,
+        n,
+        "EventSink",
+        "raw",
+        json!({ "mailDomainRef": { "name": "md" }, "types": ["bounced"] }),
+    )
+    .await;
+    let consumer = wait_for("the raw sink's consumer", TIMEOUT, || async {
+        let sink = Api::<EventSink>::namespaced(client.clone(), n)
+            .get("raw")
+            .await
+            .ok()?;
+        let status = sink.status?;
+        let ready = status
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == "True" && c.reason == "ConsumerReady");
+        ready.then_some(status.consumer?)
+    })
+    .await;
+    publish_event(&js, &domain, "frank@remote.test").await;
+    let stream = js.get_stream(EVENTS_STREAM).await.unwrap();
+    let pull: async_nats::jetstream::consumer::PullConsumer =
+        stream.get_consumer(&consumer).await.unwrap();
+    let mut batch = pull
+        .fetch()
+        .max_messages(1)
+        .expires(Duration::from_secs(10))
+        .messages()
+        .await
+        .unwrap();
+    let message = futures::StreamExt::next(&mut batch).await.unwrap().unwrap();
+    let event: CloudEvent = serde_json::from_slice(&message.payload).unwrap();
+    assert_eq!(event.subject.as_deref(), Some("frank@remote.test"));
+    message.ack().await.unwrap();
+
     // Suppression: on the list while the object exists.
     apply(
         &client,
