@@ -473,3 +473,64 @@ async fn submission_can_refuse_a_suppressed_recipient_at_rcpt() {
     let rcpt = steps.iter().find(|s| s.op == "rcpt").expect("rcpt step");
     assert_eq!(rcpt.code, 250, "{steps:?}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_recipient_that_keeps_deferring_expires_with_the_class_of_its_last_reply() {
+    let nats = Nats::start();
+    let knot = Knot::start(&[example_zone(), remote_zone("127.0.0.1")]);
+    let mx = ScriptedMx::start(json!({ "rcpt": { "slow@remote.test": [
+        "451 4.7.0 [TSS04] Messages from 127.0.0.1 temporarily deferred due to unexpected volume or user complaints"
+    ] } }));
+    let node = Node::start_with(&nats.url(), true, |c| {
+        configure(
+            c,
+            &Setup {
+                dns: &knot,
+                mx_port: mx.port,
+                inbound_port: Some(mx.port),
+                allow_loopback: true,
+                dkim: false,
+                inbound_auth: None,
+            },
+        );
+        c["delivery"]["retry"]["lifetime"] = json!("4s");
+    });
+    let url = nats.url();
+    submit(
+        node.ports.submission,
+        &["slow@remote.test"],
+        &unique("expiry"),
+        "Hi.",
+    );
+    let expired = wait_for_event(&url, "expired", "slow@remote.test", |_| true);
+    assert_eq!(expired["data"]["bounceClass"], "rate-limited", "{expired}");
+    assert_eq!(expired["data"]["status"], "4.4.7");
+    let queue_id = expired["data"]["queueId"].clone();
+    let kinds: Vec<String> = events(&url)
+        .await
+        .into_iter()
+        .filter(|e| e["subject"] == "slow@remote.test" && e["data"]["queueId"] == queue_id)
+        .filter_map(|e| e["type"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(
+        kinds.first().map(String::as_str),
+        Some("io.kubemail.delivery.received")
+    );
+    assert!(
+        kinds.iter().any(|k| k == "io.kubemail.delivery.deferred"),
+        "{kinds:?}"
+    );
+    assert_eq!(
+        kinds
+            .iter()
+            .filter(|k| *k == "io.kubemail.delivery.expired")
+            .count(),
+        1,
+        "{kinds:?}"
+    );
+    // The sender is told, and an expiry suppresses nothing.
+    wait_for_event(&url, "dsn_sent", "slow@remote.test", |e| {
+        e["data"]["queueId"] == queue_id
+    });
+    assert!(suppression(&url, "slow@remote.test").await.is_none());
+}
