@@ -209,8 +209,19 @@ async fn a_hard_bounce_suppresses_the_address_and_the_next_message_is_not_attemp
 async fn mailbox_full_is_deferred_then_delivered_in_order() {
     let nats = Nats::start();
     let knot = Knot::start(&[example_zone(), remote_zone("127.0.0.1")]);
-    let mx =
-        ScriptedMx::start(json!({ "rcpt": { "full@remote.test": [OVER_QUOTA, "250 2.1.5 OK"] } }));
+    // With STARTTLS, so the delivered event names the connection's TLS.
+    let certs = tempfile::tempdir().expect("tempdir");
+    let cert = rcgen::generate_simple_self_signed(vec!["mx.remote.test".to_owned()]).expect("cert");
+    std::fs::write(certs.path().join("cert.pem"), cert.cert.pem()).expect("cert");
+    std::fs::write(
+        certs.path().join("key.pem"),
+        cert.signing_key.serialize_pem(),
+    )
+    .expect("key");
+    let mx = ScriptedMx::start(json!({
+        "rcpt": { "full@remote.test": [OVER_QUOTA, "250 2.1.5 OK"] },
+        "tls": { "cert": certs.path().join("cert.pem"), "key": certs.path().join("key.pem") }
+    }));
     let node = start(&knot, &nats, &mx);
     let url = nats.url();
 
@@ -223,6 +234,16 @@ async fn mailbox_full_is_deferred_then_delivered_in_order() {
     let delivered = wait_for_event(&url, "delivered", "full@remote.test", |_| true);
     assert_eq!(delivered["data"]["remote"]["ip"], "127.0.0.1");
     assert_eq!(delivered["data"]["attempt"], 2);
+    let tls = &delivered["data"]["remote"]["tls"];
+    assert!(
+        tls["version"].as_str().unwrap_or("").starts_with("TLSv1."),
+        "{delivered}"
+    );
+    assert!(
+        tls["cipher"].as_str().is_some_and(|c| !c.is_empty()),
+        "{delivered}"
+    );
+    assert_eq!(tls["verified"], false, "opportunistic TLS does not verify");
     let queue_id = delivered["data"]["queueId"].clone();
     let sequence: Vec<Value> = events(&url)
         .await

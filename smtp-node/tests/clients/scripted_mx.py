@@ -4,7 +4,8 @@
 
 SCRIPT: {"greeting": "421 4.7.0 ...",            (optional: answer every connection with
                                                   this line and close, instead of aiosmtpd)
-         "rcpt": {"addr": ["452 4.2.2 ...", "250 OK"], ...}}
+         "rcpt": {"addr": ["452 4.2.2 ...", "250 OK"], ...},
+         "tls": {"cert": "cert.pem", "key": "key.pem"}}   (optional: offer STARTTLS)
 Each recipient's replies are used in order, one per RCPT TO for that address; the last one
 repeats. Recipients not listed get "250 OK". aiosmtpd (an independent SMTP server) speaks
 the protocol; LOG gets one JSON line per event: {"event": "connect"}, {"event": "rcpt",
@@ -14,6 +15,7 @@ Listens on 127.0.0.1 only.
 
 import asyncio
 import json
+import ssl
 import sys
 
 from aiosmtpd.controller import Controller
@@ -66,8 +68,12 @@ def main():
             )
             return "250 2.0.0 OK queued"
 
+    tls_context = None
+    if script.get("tls"):
+        tls_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        tls_context.load_cert_chain(script["tls"]["cert"], script["tls"]["key"])
     controller = Controller(Handler(), hostname="127.0.0.1", port=port,
-                            server_hostname="mx.remote.test")
+                            server_hostname="mx.remote.test", tls_context=tls_context)
     controller.start()
     try:
         asyncio.run(asyncio.Event().wait())
