@@ -94,7 +94,8 @@ pub async fn run(config: NodeConfig, shutdown: Shutdown) -> Result<(), NodeError
         ))
     });
 
-    let queue = JetStreamQueue::connect(&config.nats).await?;
+    let domains: Vec<String> = config.domains.iter().map(|d| d.name.clone()).collect();
+    let queue = JetStreamQueue::connect(&config.nats, &domains).await?;
     tokio::spawn(queue.clone().run_setup(background.clone()));
     // Failed logins per user name are counted cluster-wide over the same connection.
     let auth_failures = JetStreamFailures::new(queue.client().clone(), &config.nats, &config.auth);
@@ -108,7 +109,6 @@ pub async fn run(config: NodeConfig, shutdown: Shutdown) -> Result<(), NodeError
         dkim.clone(),
         shutdown.clone(),
     )?;
-    let domains: Vec<String> = config.domains.iter().map(|d| d.name.clone()).collect();
     crate::delivery::start(Arc::new(delivery), &domains);
     tokio::spawn(crate::queue::sampler::run(
         queue.jetstream().clone(),
