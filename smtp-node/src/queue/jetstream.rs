@@ -214,14 +214,56 @@ impl JetStreamQueue {
             .map_err(|e| classify(&e, "publish"))?
             .await
             .map_err(|e| {
-                if e.kind() == PublishErrorKind::StreamNotFound {
+                (
+                    e.kind() == PublishErrorKind::StreamNotFound,
+                    classify(&e, "wait for acknowledgement"),
+                )
+            });
+        let ack = match ack {
+            Ok(ack) => ack,
+            Err((no_stream, error)) => {
+                // "No stream" is also what a replicated stream answers while it elects a new
+                // leader: set up again only when the server says the stream is gone.
+                if no_stream && self.stream_gone().await {
                     tracing::error!(stream = %self.nats.stream, "queue stream missing; setting it up again");
                     self.setup.lost();
                 }
-                classify(&e, "wait for acknowledgement")
-            })?;
+                return Err(error);
+            }
+        };
         tracing::debug!(stream = %ack.stream, sequence = ack.sequence, duplicate = ack.duplicate, "queued");
         Ok(())
+    }
+}
+
+impl JetStreamQueue {
+    /// Whether the server says the queue stream does not exist (not merely unreachable or
+    /// without a leader). A node that may not read the stream (`nats.manageStreams: false`)
+    /// asks for its first domain's consumer instead, which exists only on the stream.
+    async fn stream_gone(&self) -> bool {
+        use async_nats::jetstream::context::GetStreamErrorKind;
+        use async_nats::jetstream::stream::ConsumerErrorKind;
+        if self.nats.manage_streams {
+            return matches!(
+                self.js.get_stream(&self.nats.stream).await.map_err(|e| e.kind()),
+                Err(GetStreamErrorKind::JetStream(e)) if e.error_code() == ErrorCode::STREAM_NOT_FOUND
+            );
+        }
+        let Some(domain) = self.domains.first() else {
+            return false;
+        };
+        matches!(
+            self.js
+                .get_consumer_from_stream::<async_nats::jetstream::consumer::pull::Config, _, _>(
+                    kubemail_queue::consumer_name(domain),
+                    &self.nats.stream,
+                )
+                .await
+                .map_err(|e| e.kind()),
+            Err(ConsumerErrorKind::JetStream(e))
+                if e.error_code() == ErrorCode::STREAM_NOT_FOUND
+                    || e.error_code() == ErrorCode::CONSUMER_NOT_FOUND
+        )
     }
 }
 

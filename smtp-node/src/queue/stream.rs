@@ -51,6 +51,8 @@ pub enum SetupError {
         "stream {stream} exists with {what}; it cannot be changed in place: delete it or set nats.stream to another name"
     )]
     IncompatibleStream { stream: String, what: String },
+    #[error("stream {stream} has no leader yet")]
+    NoLeader { stream: String },
     #[error("cannot create object store bucket {bucket}: {source}")]
     CreateBucket {
         bucket: String,
@@ -131,6 +133,25 @@ pub async fn ensure_queue_stream(js: &Context, nats: &NatsConfig) -> Result<(), 
                 tracing::info!(stream = %desired.name, "updated queue stream settings");
             }
         }
+    }
+    // A replicated stream takes a moment after creation (or a server's loss) to elect its
+    // leader; publishes meanwhile find no stream. Not ready until it has one.
+    let mut stream =
+        js.get_stream(&desired.name)
+            .await
+            .map_err(|source| SetupError::GetStream {
+                stream: desired.name.clone(),
+                source,
+            })?;
+    let led = stream
+        .info()
+        .await
+        .map(|i| i.cluster.as_ref().is_none_or(|c| c.leader.is_some()))
+        .unwrap_or(false);
+    if !led {
+        return Err(SetupError::NoLeader {
+            stream: desired.name,
+        });
     }
     Ok(())
 }
