@@ -331,14 +331,35 @@ pub async fn ensure_domain(
         }
     }
     let bucket = streams::body_bucket_config(nats, domain);
-    if js.get_object_store(&bucket.bucket).await.is_err() {
-        let name = bucket.bucket.clone();
-        js.create_object_store(bucket)
-            .await
-            .map_err(|source| ManageError::Bucket {
-                bucket: name,
-                source,
-            })?;
+    let bucket_stream = format!("OBJ_{}", bucket.bucket);
+    match js.get_stream(&bucket_stream).await {
+        Ok(mut existing) => {
+            // Follow the replica count like the queue stream (R1 -> R3 in place).
+            let config = existing
+                .info()
+                .await
+                .map(|i| i.config.clone())
+                .unwrap_or_else(|_| existing.cached_info().config.clone());
+            if config.num_replicas.max(1) != bucket.num_replicas.max(1) {
+                let mut update = config;
+                update.num_replicas = bucket.num_replicas;
+                js.update_stream(update)
+                    .await
+                    .map_err(|source| ManageError::UpdateStream {
+                        stream: bucket_stream,
+                        source,
+                    })?;
+            }
+        }
+        Err(_) => {
+            let name = bucket.bucket.clone();
+            js.create_object_store(bucket)
+                .await
+                .map_err(|source| ManageError::Bucket {
+                    bucket: name,
+                    source,
+                })?;
+        }
     }
     Ok(())
 }

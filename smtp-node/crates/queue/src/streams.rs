@@ -75,7 +75,7 @@ pub fn body_bucket_config(nats: &NatsConfig, domain: &str) -> object_store::Conf
 
 /// The durable pull consumer of `domain` (catalogue JS-CFG-06..09): explicit acks, a finite
 /// `max_deliver`, a bounded `max_ack_pending`, an `ack_wait` that workers extend with
-/// progress acks.
+/// progress acks, and the stream's replica count (`num_replicas: 0`).
 pub fn consumer_config(nats: &NatsConfig, domain: &str, config: &ConsumerConfig) -> pull::Config {
     let name = consumer_name(domain);
     pull::Config {
@@ -88,6 +88,10 @@ pub fn consumer_config(nats: &NatsConfig, domain: &str, config: &ConsumerConfig)
         ack_wait: config.ack_wait.0,
         max_deliver: i64::from(config.max_deliver),
         max_ack_pending: i64::from(config.max_ack_pending),
+        // 0: as many copies of its state as the stream has, following the stream when its
+        // replica count changes (an R1 consumer on a lost server would stop delivery although
+        // the R3 stream survived).
+        num_replicas: 0,
         ..Default::default()
     }
 }
