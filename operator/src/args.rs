@@ -120,9 +120,19 @@ pub struct Args {
     #[arg(long, env = "KUBEMAIL_NATS_ACCOUNT_SECRET", value_name = "NAME")]
     pub nats_account_secret: Option<String>,
 
-    /// The chart's bundled NATS: create the trust chain in --nats-account-secret when it is
-    /// missing, and issue the NATS server certificate into --nats-tls-secret from the
-    /// operator's CA.
+    /// Directory holding the account keys as files (`account.pub`, `signing-key.nk`), e.g. a
+    /// mounted Secret; instead of --nats-account-secret. Read at every use.
+    #[arg(
+        long,
+        env = "KUBEMAIL_NATS_ACCOUNT_DIR",
+        value_name = "DIR",
+        conflicts_with = "nats_account_secret"
+    )]
+    pub nats_account_dir: Option<std::path::PathBuf>,
+
+    /// The chart's bundled NATS: create the trust chain in --nats-account-secret (when set)
+    /// if it is missing, and issue the NATS server certificate into --nats-tls-secret from
+    /// the operator's CA (when --nats-server-names are given).
     #[arg(long, env = "KUBEMAIL_NATS_BOOTSTRAP")]
     pub nats_bootstrap: bool,
 

@@ -118,16 +118,19 @@ pub fn issue_leaf(
     now: UnixSeconds,
     validity: Duration,
 ) -> Result<IssuedCert, CertError> {
-    issue_server_certificate(ca, &[hostname.to_owned()], now, validity)
+    issue_server_certificate(ca, &[hostname.to_owned()], now, validity, false)
 }
 
 /// Issues a server certificate for several names (DNS names, or IP addresses where a name
-/// parses as one; the first is the common name), valid for `validity` from `now`.
+/// parses as one; the first is the common name), valid for `validity` from `now`. With
+/// `client_auth` it may also authenticate as a client (NATS routes: each server presents it
+/// to the other).
 pub fn issue_server_certificate(
     ca: &CaBundle,
     names: &[String],
     now: UnixSeconds,
     validity: Duration,
+    client_auth: bool,
 ) -> Result<IssuedCert, CertError> {
     let ca_key = KeyPair::from_pem(ca.key_pem.expose()).map_err(CertError::ReadCa)?;
     let issuer = Issuer::from_ca_cert_pem(&ca.cert_pem, ca_key).map_err(CertError::ReadCa)?;
@@ -142,6 +145,11 @@ pub fn issue_server_certificate(
     params.distinguished_name = dn;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    if client_auth {
+        params
+            .extended_key_usages
+            .push(ExtendedKeyUsagePurpose::ClientAuth);
+    }
     params.use_authority_key_identifier_extension = true;
     let not_before = now - CLOCK_SKEW_ALLOWANCE;
     let not_after = now + crate::timestamps::seconds(validity);

@@ -50,8 +50,6 @@ pub enum RunError {
     ReadNatsCa(String, #[source] std::io::Error),
     #[error("--network-policy-metrics-from is not a JSON list of NetworkPolicy peers")]
     MetricsFrom(#[source] serde_json::Error),
-    #[error("--nats-bootstrap needs --nats-account-secret")]
-    BootstrapWithoutAccount,
     #[error("cannot load the node config overlay {0}")]
     LoadNodeOverlay(
         String,
@@ -182,9 +180,6 @@ fn nats_settings(args: &Args) -> Result<crate::nats::NatsSettings, RunError> {
         ),
         None => None,
     };
-    if args.nats_bootstrap && args.nats_account_secret.is_none() {
-        return Err(RunError::BootstrapWithoutAccount);
-    }
     let network_policy = if args.network_policy {
         let labels = args
             .network_policy_nats_labels
@@ -208,6 +203,7 @@ fn nats_settings(args: &Args) -> Result<crate::nats::NatsSettings, RunError> {
         url: args.nats_url.clone(),
         ca_pem,
         account_secret: args.nats_account_secret.clone(),
+        account_dir: args.nats_account_dir.clone(),
         bootstrap: args.nats_bootstrap.then(|| crate::nats::Bootstrap {
             tls_secret: args.nats_tls_secret.clone(),
             server_names: args.nats_server_names.clone(),

@@ -44,6 +44,7 @@ impl SecureNats {
             &["127.0.0.1".to_owned(), "localhost".to_owned()],
             now,
             Duration::from_secs(3600),
+            true,
         )
         .unwrap();
         let dir = tempfile::tempdir().unwrap().keep();
@@ -512,7 +513,7 @@ async fn upgrading_the_stream_from_r1_to_r3_keeps_every_queued_entry() {
                             "KUBEMAIL",
                         )
                         .await
-                        .map(|mut c| c.cached_info().clone());
+                        .map(|c| c.cached_info().clone());
                     let logs: Vec<String> = nats
                         .cluster
                         .servers

@@ -28,6 +28,8 @@ pub struct NatsSettings {
     /// Secret (operator namespace) holding the account keys; `None`: NATS without
     /// authentication (the nodes then manage the JetStream objects themselves).
     pub account_secret: Option<String>,
+    /// Directory with the account keys as files, instead of `account_secret`.
+    pub account_dir: Option<std::path::PathBuf>,
     /// The bundled NATS: the operator makes the trust chain and the server certificate.
     pub bootstrap: Option<Bootstrap>,
     /// Lifetime of the nodes' user JWTs (renewed at half).
@@ -44,7 +46,8 @@ pub struct Bootstrap {
     /// Secret (operator namespace) the NATS pods mount `tls.crt`/`tls.key`/`ca.crt` from.
     pub tls_secret: String,
     /// Names in the server certificate: the Service and each pod's name under the headless
-    /// Service (clients and routes verify them).
+    /// Service (clients and routes verify them). Empty: the operator issues no certificate
+    /// (cert-manager does).
     pub server_names: Vec<String>,
     /// Lifetime of the server certificate (renewed at two thirds).
     pub certificate_validity: Duration,
@@ -66,7 +69,7 @@ impl NatsSettings {
     /// Whether NATS is authenticated: the operator manages the JetStream objects and mints
     /// the nodes' credentials.
     pub fn authenticated(&self) -> bool {
-        self.account_secret.is_some()
+        self.account_secret.is_some() || self.account_dir.is_some()
     }
 
     /// Whether the NATS connections use TLS (a CA is configured or the operator's is used).
@@ -78,9 +81,10 @@ impl NatsSettings {
 /// How to reach NATS now (see [`Context::nats_access`]).
 pub async fn access(ctx: &Context) -> Result<NatsAccess, Error> {
     let settings = &ctx.config.nats;
-    let account = match &settings.account_secret {
-        Some(name) => Some(account_keys(ctx, name).await?),
-        None => None,
+    let account = match (&settings.account_secret, &settings.account_dir) {
+        (Some(name), _) => Some(account_keys(ctx, name).await?),
+        (None, Some(dir)) => Some(account_keys_from_dir(dir)?),
+        (None, None) => None,
     };
     Ok(NatsAccess {
         url: settings.url.clone(),
@@ -101,6 +105,19 @@ pub async fn ca_pem(ctx: &Context) -> Result<Option<String>, Error> {
                 .cert_pem,
         ),
         (None, None) => None,
+    })
+}
+
+/// The account keys from files in `dir`.
+fn account_keys_from_dir(dir: &std::path::Path) -> Result<AccountKeys, Error> {
+    let data: BTreeMap<String, Vec<u8>> =
+        [super::trust::ACCOUNT_KEY, super::trust::SIGNING_KEY_KEY]
+            .into_iter()
+            .filter_map(|k| std::fs::read(dir.join(k)).ok().map(|v| (k.to_owned(), v)))
+            .collect();
+    AccountKeys::from_secret_data(&data).map_err(|source| Error::NatsAccount {
+        name: dir.display().to_string(),
+        source,
     })
 }
 
@@ -133,8 +150,7 @@ async fn account_keys(ctx: &Context, name: &str) -> Result<AccountKeys, Error> {
 /// certificate is due for renewal. Idempotent; run by the leader only.
 pub async fn bootstrap(ctx: &Context, now: UnixSeconds) -> Result<Option<UnixSeconds>, Error> {
     let settings = &ctx.config.nats;
-    let (Some(bootstrap), Some(account_secret)) = (&settings.bootstrap, &settings.account_secret)
-    else {
+    let Some(bootstrap) = &settings.bootstrap else {
         return Ok(None);
     };
     let ns = &ctx.config.operator_namespace;
@@ -151,7 +167,9 @@ pub async fn bootstrap(ctx: &Context, now: UnixSeconds) -> Result<Option<UnixSec
                 })
         }
     };
-    if read(account_secret.clone()).await?.is_none() {
+    if let Some(account_secret) = &settings.account_secret
+        && read(account_secret.clone()).await?.is_none()
+    {
         let trust = Trust::generate();
         let data = trust
             .secret_data(now)
@@ -163,6 +181,10 @@ pub async fn bootstrap(ctx: &Context, now: UnixSeconds) -> Result<Option<UnixSec
         tracing::info!(secret = %format!("{ns}/{account_secret}"), "created the NATS trust chain (operator, system account, kubemail account)");
     }
 
+    if bootstrap.server_names.is_empty() {
+        // The certificate comes from elsewhere (cert-manager).
+        return Ok(None);
+    }
     let ca = crate::controller::mail_domain::provision::ensure_ca(ctx, now).await?;
     let existing = read(bootstrap.tls_secret.clone()).await?;
     let stored = existing
@@ -191,6 +213,7 @@ pub async fn bootstrap(ctx: &Context, now: UnixSeconds) -> Result<Option<UnixSec
         &bootstrap.server_names,
         now,
         bootstrap.certificate_validity,
+        true,
     )
     .map_err(Error::IssueCertificate)?;
     let data = BTreeMap::from([
