@@ -16,6 +16,8 @@
 mod cluster;
 #[path = "common/mail.rs"]
 mod mail;
+#[path = "common/queue_security.rs"]
+mod queue_security;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -354,6 +356,9 @@ async fn helm_installed_kubemail_serves_signs_scales_survives_pod_loss_and_unins
         "inbound mail has no Authentication-Results header: {headers}"
     );
     eprintln!("[inbound] Authentication-Results: {ar}");
+
+    // --- queue security: the domain's NATS credentials reach its queue only ----------------
+    queue_security::check(&env, &client, &n, MD, DOMAIN, &stream, &format!("kmcl.{n}")).await;
 
     // --- scale 1 -> 3: three serving nodes, each accepts mail --------------------------------
     patch_replicas(&mds, 3).await;
