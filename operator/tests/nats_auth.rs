@@ -7,6 +7,9 @@
 //! creating, deleting or purging streams, deleting consumers. Clients without credentials,
 //! with expired credentials or without TLS are refused.
 
+// Test helpers panic on purpose: a failed step is a failed test.
+#![allow(clippy::unwrap_used)]
+
 use std::collections::HashMap;
 use std::io::{BufRead as _, BufReader, Write as _};
 use std::sync::{Arc, Mutex};

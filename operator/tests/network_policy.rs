@@ -5,6 +5,9 @@
 //! are allowed; every other way to NATS, to the nodes' admin port, and out of the node pods
 //! is denied.
 
+// Test helpers panic on purpose: a failed step is a failed test.
+#![allow(clippy::unwrap_used)]
+
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::Command;

@@ -6,6 +6,9 @@
 //! the node answers `451` only while the stream has no quorum (the leader election after the
 //! kill, and while two of three servers are down), never `250` then.
 
+// Test helpers panic on purpose: a failed step is a failed test.
+#![allow(clippy::unwrap_used)]
+
 mod common;
 mod delivery_support;
 

@@ -12,9 +12,20 @@ use kubemail_e2e::local_env::LocalEnv;
 
 /// Checks everything above for the MailDomain `md` (domain `domain`) of namespace `ns`, whose
 /// queue is `stream` with subjects under `prefix`.
-pub async fn check(env: &LocalEnv, client: &kube::Client, ns: &str, md: &str, domain: &str, stream: &str, prefix: &str) {
+pub async fn check(
+    env: &LocalEnv,
+    client: &kube::Client,
+    ns: &str,
+    md: &str,
+    domain: &str,
+    stream: &str,
+    prefix: &str,
+) {
     let urls: Vec<String> = env.nats_url.split(',').map(str::to_owned).collect();
-    let ca = env.var("NATS_CA").expect("NATS_CA in the env file").to_owned();
+    let ca = env
+        .var("NATS_CA")
+        .expect("NATS_CA in the env file")
+        .to_owned();
 
     // A client without credentials cannot connect.
     let anonymous = async_nats::ConnectOptions::new()
@@ -23,12 +34,17 @@ pub async fn check(env: &LocalEnv, client: &kube::Client, ns: &str, md: &str, do
         .connection_timeout(Duration::from_secs(5))
         .connect(urls.clone())
         .await;
-    assert!(anonymous.is_err(), "a client without credentials connected to NATS");
+    assert!(
+        anonymous.is_err(),
+        "a client without credentials connected to NATS"
+    );
 
     // NATS demands TLS: a plaintext client is never served.
     let first = urls[0].rsplit("//").next().unwrap().to_owned();
     let stream_tcp = std::net::TcpStream::connect(&first).unwrap();
-    stream_tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    stream_tcp
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
     let mut reader = BufReader::new(stream_tcp.try_clone().unwrap());
     let mut info = String::new();
     reader.read_line(&mut info).unwrap();
@@ -37,7 +53,10 @@ pub async fn check(env: &LocalEnv, client: &kube::Client, ns: &str, md: &str, do
     let _ = writer.write_all(b"CONNECT {\"verbose\":false}\r\nPING\r\n");
     let mut rest = String::new();
     let _ = std::io::Read::read_to_string(&mut reader, &mut rest);
-    assert!(!rest.contains("PONG"), "NATS served a plaintext client: {rest}");
+    assert!(
+        !rest.contains("PONG"),
+        "NATS served a plaintext client: {rest}"
+    );
 
     // The domain's own credentials, from the Secret the operator owns in the domain's namespace.
     let secret = Api::<Secret>::namespaced(client.clone(), ns)
@@ -87,10 +106,13 @@ pub async fn check(env: &LocalEnv, client: &kube::Client, ns: &str, md: &str, do
     let forged = js
         .publish(kubemail_queue::subject(prefix, other), "forged".into())
         .await;
-    assert!(match forged {
-        Ok(ack) => ack.await.is_err(),
-        Err(_) => true,
-    }, "publishing to another domain's queue");
+    assert!(
+        match forged {
+            Ok(ack) => ack.await.is_err(),
+            Err(_) => true,
+        },
+        "publishing to another domain's queue"
+    );
     assert!(
         js.get_consumer_from_stream::<async_nats::jetstream::consumer::pull::Config, _, _>(
             kubemail_queue::consumer_name(other),
@@ -105,7 +127,10 @@ pub async fn check(env: &LocalEnv, client: &kube::Client, ns: &str, md: &str, do
             .is_err()
     );
     let mut snoop = nats.subscribe(format!("{prefix}.>")).await.unwrap();
-    assert!(js.delete_stream(stream).await.is_err(), "deleting the queue stream");
+    assert!(
+        js.delete_stream(stream).await.is_err(),
+        "deleting the queue stream"
+    );
     let purge = nats
         .request(format!("$JS.API.STREAM.PURGE.{stream}"), "{}".into())
         .await;
@@ -113,7 +138,10 @@ pub async fn check(env: &LocalEnv, client: &kube::Client, ns: &str, md: &str, do
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let wanted = [
         format!("Publish to \"{}\"", kubemail_queue::subject(prefix, other)),
-        format!("CONSUMER.INFO.{stream}.{}", kubemail_queue::consumer_name(other)),
+        format!(
+            "CONSUMER.INFO.{stream}.{}",
+            kubemail_queue::consumer_name(other)
+        ),
         format!("Subscription to \"{prefix}.>\""),
         format!("STREAM.DELETE.{stream}"),
         format!("STREAM.PURGE.{stream}"),
@@ -122,7 +150,10 @@ pub async fn check(env: &LocalEnv, client: &kube::Client, ns: &str, md: &str, do
         let got = errors.lock().unwrap().clone();
         let missing: Vec<&String> = wanted
             .iter()
-            .filter(|w| !got.iter().any(|e| e.contains("Permissions Violation") && e.contains(w.as_str())))
+            .filter(|w| {
+                !got.iter()
+                    .any(|e| e.contains("Permissions Violation") && e.contains(w.as_str()))
+            })
             .collect();
         if missing.is_empty() {
             break;
@@ -134,9 +165,12 @@ pub async fn check(env: &LocalEnv, client: &kube::Client, ns: &str, md: &str, do
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(
-        tokio::time::timeout(Duration::from_millis(500), futures::StreamExt::next(&mut snoop))
-            .await
-            .is_err(),
+        tokio::time::timeout(
+            Duration::from_millis(500),
+            futures::StreamExt::next(&mut snoop)
+        )
+        .await
+        .is_err(),
         "queue traffic reached a subscription these credentials may not have"
     );
     eprintln!("[queue security] own credentials only; no credentials and plaintext refused");
