@@ -261,7 +261,15 @@ impl Operator {
             // The local cluster's pods share one network namespace: each node binds its pod IP.
             "--node-bind-pod-ip",
         ])
-        .args(nats_security_args())
+        // A test that sets its own NATS security flags (the bundled-NATS bootstrap) gets
+        // none of the local cluster's.
+        .args(
+            if opts.extra_args.iter().any(|a| a.starts_with("--nats-")) {
+                Vec::new()
+            } else {
+                nats_security_args()
+            },
+        )
         .args(&opts.extra_args)
         .env("RUST_LOG", "info,kube_runtime=warn,kube_client=warn")
         .env("KUBEMAIL_LOG_FORMAT", "text")
