@@ -45,12 +45,15 @@ pub enum NodeError {
 }
 
 /// Checks everything `check-config` can check without the network: the config itself
-/// (already validated by [`NodeConfig::load`]), the certificate and key, the users files.
+/// (already validated by [`NodeConfig::load`]), the certificate and key, the users files, the
+/// NATS credentials and CA files.
 pub fn check(config: &NodeConfig) -> Result<(), NodeError> {
     if let Some(tls) = &config.tls {
         TlsServer::load(tls)?;
     }
     Authenticator::load(config)?;
+    crate::queue::connect::options(&config.nats, "check-config")
+        .map_err(crate::queue::jetstream::ConnectError::from)?;
     load_dkim(config)?;
     crate::delivery::tls::ClientTls::new(config.delivery.tls.extra_ca_file.as_deref())
         .map_err(crate::delivery::StartDeliveryError::from)?;
