@@ -82,7 +82,7 @@ impl RenewReason {
         match self {
             Self::Missing => "no certificate yet",
             Self::Unreadable => "the stored certificate cannot be read",
-            Self::HostnameChanged => "the host name changed",
+            Self::HostnameChanged => "the host name (or the MTA-STS policy host) changed",
             Self::CaChanged => "the operator CA changed",
             Self::DueForRenewal => "two thirds of its lifetime have passed",
         }
@@ -118,7 +118,18 @@ pub fn issue_leaf(
     now: UnixSeconds,
     validity: Duration,
 ) -> Result<IssuedCert, CertError> {
-    issue_server_certificate(ca, &[hostname.to_owned()], now, validity, false)
+    issue_leaf_for(ca, &[hostname.to_owned()], now, validity)
+}
+
+/// Issues a server certificate for `names` (the first is also the common name: the node's
+/// host name; then `mta-sts.<domain>` when the domain publishes MTA-STS).
+pub fn issue_leaf_for(
+    ca: &CaBundle,
+    names: &[String],
+    now: UnixSeconds,
+    validity: Duration,
+) -> Result<IssuedCert, CertError> {
+    issue_server_certificate(ca, names, now, validity, false)
 }
 
 /// Issues a server certificate for several names (DNS names, or IP addresses where a name
@@ -208,6 +219,16 @@ pub fn renewal(
     hostname: &str,
     now: UnixSeconds,
 ) -> Option<RenewReason> {
+    renewal_for(leaf, stored_present, &[hostname.to_owned()], now)
+}
+
+/// [`renewal`] for a certificate that must carry exactly `names`.
+pub fn renewal_for(
+    leaf: Option<&LeafInfo>,
+    stored_present: bool,
+    names: &[String],
+    now: UnixSeconds,
+) -> Option<RenewReason> {
     let Some(leaf) = leaf else {
         return Some(if stored_present {
             RenewReason::Unreadable
@@ -217,7 +238,7 @@ pub fn renewal(
     };
     if !leaf.signed_by_ca {
         Some(RenewReason::CaChanged)
-    } else if leaf.dns_names.len() != 1 || leaf.dns_names[0] != hostname {
+    } else if leaf.dns_names != names {
         Some(RenewReason::HostnameChanged)
     } else if now >= renew_after(leaf.not_before, leaf.not_after) {
         Some(RenewReason::DueForRenewal)

@@ -17,8 +17,9 @@ use serde::{Deserialize, Deserializer};
 
 use crate::{
     AdminConfig, AuthConfig, ByteSize, ClientTimeouts, ConnectionConfig, ConsumerConfig,
-    DeliveryConfig, DmarcMode, DnsConfig, HumanDuration, InboundAuthConfig, MxTlsPolicy,
-    NodeConfig, OutboundTlsConfig, RetryConfig, ShutdownConfig, Timeouts,
+    DaneConfig, DeliveryConfig, DmarcMode, DnsConfig, HumanDuration, InboundAuthConfig,
+    MtaStsConfig, MxTlsPolicy, NodeConfig, OutboundTlsConfig, RetryConfig, ShutdownConfig,
+    Timeouts, TlsPolicyOverride, TlsRptConfig,
 };
 
 /// Declares the overlay of one config section: a struct with an `Option` of every field, and
@@ -87,7 +88,7 @@ overlay! {
             delivery: DeliveryOverlay,
             inbound_auth: InboundAuthOverlay,
         }
-        keep { hostname, listeners, tls, nats, domains }
+        keep { hostname, listeners, tls, nats, domains, mta_sts_server }
     }
 }
 
@@ -204,7 +205,14 @@ overlay! {
 overlay! {
     /// Overlay of [`OutboundTlsConfig`].
     OutboundTlsOverlay => OutboundTlsConfig {
-        set { mx: MxTlsPolicy, extra_ca_file: Option<PathBuf> }
+        set {
+            mx: MxTlsPolicy,
+            extra_ca_file: Option<PathBuf>,
+            mta_sts: MtaStsConfig,
+            dane: DaneConfig,
+            policies: Vec<TlsPolicyOverride>,
+            reports: TlsRptConfig,
+        }
     }
 }
 

@@ -40,7 +40,9 @@
 //!   retries, while a DSN entry carries the failing attempt's context), `Kubemail-Auth-User`,
 //!   `Kubemail-Client-Ip`, `Kubemail-Helo`, `Kubemail-Body-Type` (`8BITMIME`),
 //!   `Kubemail-Smtputf8` (`true`), `Kubemail-Dsn-Envid`, `Kubemail-Dsn-Ret`,
-//!   `Kubemail-Body-Ref`, `Kubemail-Body-Size` (octets of the body, inline or stored).
+//!   `Kubemail-Body-Ref`, `Kubemail-Body-Size` (octets of the body, inline or stored),
+//!   `Kubemail-Require-Tls` (`true`: REQUIRETLS, RFC 8689), `Kubemail-Tls-Optional` (`true`:
+//!   the message says `TLS-Required: No` and carries no REQUIRETLS).
 //!
 //! An optional header is written only when its value is present and not empty, and read back
 //! as absent when it is missing or empty. Values never contain control characters (they would
@@ -95,9 +97,11 @@ mod rfc3339;
 
 pub use entry::{Direction, EntryError, Notice, QueueEntry, QueueId};
 pub use names::{
-    DEFAULT_BODY_BUCKET, DEFAULT_STREAM, DEFAULT_SUBJECT_PREFIX, auth_failure_stream,
-    auth_failure_subject_prefix, auth_failure_subjects, body_bucket, body_ref, consumer_name,
-    inbox_prefix, is_legacy_consumer, legacy_consumer_name, split_body_ref, subject,
+    DEFAULT_BODY_BUCKET, DEFAULT_STREAM, DEFAULT_SUBJECT_PREFIX, MTA_STS_CACHE_BUCKET,
+    TLSRPT_CLAIMS_BUCKET, TLSRPT_STREAM, auth_failure_stream, auth_failure_subject_prefix,
+    auth_failure_subjects, body_bucket, body_ref, consumer_name, domain_token, inbox_prefix,
+    is_legacy_consumer, legacy_consumer_name, split_body_ref, subject, tlsrpt_claim_key,
+    tlsrpt_day_filter, tlsrpt_subject,
 };
 pub use permissions::{Permissions, QueueNames, node_permissions};
 pub use rfc3339::{parse_rfc3339, rfc3339};
