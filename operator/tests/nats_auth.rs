@@ -234,10 +234,74 @@ async fn a_domains_credentials_reach_its_own_queue_objects_and_nothing_else() {
         .await
         .expect("the failure count");
     assert_eq!(reply["state"]["subjects"][&failure], 1);
+    // Allowed: the delivery side's TLS policy objects, as the node uses them.
+    let cache = js
+        .get_key_value(kubemail_queue::MTA_STS_CACHE_BUCKET)
+        .await
+        .expect("the shared MTA-STS cache");
+    cache
+        .put("remote.example", "{}".into())
+        .await
+        .expect("cache a policy");
+    assert!(cache.get("remote.example").await.unwrap().is_some());
+    let token = kubemail_queue::domain_token(A);
+    js.publish(
+        format!("kubemail.tlsrpt.{token}.2026-12-06.remote_example"),
+        "{}".into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .expect("record a TLS-RPT result of the domain");
+    let results = js
+        .get_stream(kubemail_queue::TLSRPT_STREAM)
+        .await
+        .expect("the TLS-RPT stream");
+    let mut ordered = results
+        .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig {
+            filter_subject: kubemail_queue::tlsrpt_day_filter(A, "2026-12-06"),
+            ..Default::default()
+        })
+        .await
+        .expect("an ordered consumer on the domain's results");
+    assert_eq!(ordered.info().await.unwrap().num_pending, 1);
+    let mut read = ordered.messages().await.unwrap();
+    assert!(
+        read.next().await.unwrap().is_ok(),
+        "read the domain's result"
+    );
+    let claims = js
+        .get_key_value(kubemail_queue::TLSRPT_CLAIMS_BUCKET)
+        .await
+        .expect("the claims bucket");
+    claims
+        .create(
+            &kubemail_queue::tlsrpt_claim_key(A, "2026-12-06"),
+            "claimed".into(),
+        )
+        .await
+        .expect("claim the domain's report");
     assert!(
         errors.lock().unwrap().is_empty(),
         "nothing allowed was refused: {:?}",
         errors.lock().unwrap()
+    );
+    // Denied: another domain's TLS-RPT results and claims.
+    let other_result = format!(
+        "kubemail.tlsrpt.{}.2026-12-06.remote_example",
+        kubemail_queue::domain_token(B)
+    );
+    let _ = js.publish(other_result.clone(), "{}".into()).await;
+    violation(&errors, &other_result).await;
+    assert!(
+        claims
+            .create(
+                &kubemail_queue::tlsrpt_claim_key(B, "2026-12-06"),
+                "claimed".into()
+            )
+            .await
+            .is_err(),
+        "claiming another domain's report"
     );
 
     // Denied: the other domain's subject; nothing is stored there.

@@ -82,6 +82,12 @@ pub enum ManageError {
         #[source]
         source: async_nats::jetstream::context::CreateObjectStoreError,
     },
+    #[error("cannot create key-value bucket {bucket}")]
+    KeyValue {
+        bucket: String,
+        #[source]
+        source: async_nats::jetstream::context::CreateKeyValueError,
+    },
     #[error("NATS did not answer within {0:?}")]
     TimedOut(Duration),
 }
@@ -163,6 +169,7 @@ impl NatsAccess {
             js.set_timeout(self.timeout);
             ensure_queue_stream(&js, nats).await?;
             ensure_failure_stream(&js, nats, auth).await?;
+            ensure_tls_policy_objects(&js, nats).await?;
             for domain in domains {
                 ensure_domain(&js, nats, domain, consumer).await?;
             }
@@ -276,6 +283,34 @@ pub async fn ensure_failure_stream(
     let config = streams::failure_stream_config(nats, auth);
     let name = config.name.clone();
     js.create_or_update_stream(config)
+        .await
+        .map(drop)
+        .map_err(|source| ManageError::CreateStream {
+            stream: name,
+            source,
+        })
+}
+
+/// Creates the delivery side's TLS-policy objects (MTA-STS cache, TLS-RPT results and claims)
+/// when missing: the nodes may use them but not create them.
+pub async fn ensure_tls_policy_objects(
+    js: &jetstream::Context,
+    nats: &NatsConfig,
+) -> Result<(), ManageError> {
+    for kv in [
+        streams::mta_sts_cache_config(nats.replicas),
+        streams::tlsrpt_claims_config(nats.replicas),
+    ] {
+        if js.get_key_value(&kv.bucket).await.is_err() {
+            let bucket = kv.bucket.clone();
+            js.create_key_value(kv)
+                .await
+                .map_err(|source| ManageError::KeyValue { bucket, source })?;
+        }
+    }
+    let results = streams::tlsrpt_stream_config(nats.replicas);
+    let name = results.name.clone();
+    js.get_or_create_stream(results)
         .await
         .map(drop)
         .map_err(|source| ManageError::CreateStream {

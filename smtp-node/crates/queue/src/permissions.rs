@@ -12,6 +12,13 @@
 //! * publish its AUTH failures (`<prefix>-auth-failures.<domain>.*`) and read the failure
 //!   stream's per-subject counts (`STREAM.INFO`: counts of keyed hashes, never names).
 //!
+//! For the delivery side's TLS policy (their names in [`crate::names`]):
+//! * the cluster-wide MTA-STS policy cache (`$KV.KUBEMAIL_MTA_STS.>`, read and write: it holds
+//!   remote domains' public policies, shared by every node);
+//! * its domains' TLS-RPT results (`kubemail.tlsrpt.<domain token>.>`) and report claims
+//!   (`$KV.KUBEMAIL_TLSRPT_CLAIMS.<domain token>.>`), the results stream's info and the ordered
+//!   consumer that reads a day's results.
+//!
 //! Plus subscribing to its own reply inbox ([`inbox_prefix`]`.>`): JetStream answers every
 //! request there. Everything else is denied by omission: no stream create, update, delete
 //! or purge of the queue stream, no consumer create or delete, no other domain's subject,
@@ -93,6 +100,32 @@ pub fn node_permissions<S: AsRef<str>>(names: &QueueNames, domains: &[S]) -> Per
             "{}.*",
             auth_failure_subject_prefix(&names.subject_prefix, domain)
         ));
+    }
+    let kv = |bucket: &str, keys: &str, publish: &mut Vec<String>| {
+        let stream = format!("KV_{bucket}");
+        publish.push(format!("$KV.{bucket}.{keys}"));
+        publish.push(format!("$JS.API.STREAM.INFO.{stream}"));
+        publish.push(format!("$JS.API.STREAM.MSG.GET.{stream}"));
+        publish.push(format!("$JS.API.DIRECT.GET.{stream}.$KV.{bucket}.{keys}"));
+    };
+    kv(crate::MTA_STS_CACHE_BUCKET, ">", &mut publish);
+    let tlsrpt = crate::TLSRPT_STREAM;
+    publish.push(format!("$JS.API.STREAM.INFO.{tlsrpt}"));
+    publish.push(format!("$JS.API.CONSUMER.CREATE.{tlsrpt}"));
+    publish.push(format!("$JS.API.CONSUMER.CREATE.{tlsrpt}.>"));
+    // The ordered consumer's own calls (its name is random, made per read).
+    for api in ["CONSUMER.INFO", "CONSUMER.MSG.NEXT", "CONSUMER.DELETE"] {
+        publish.push(format!("$JS.API.{api}.{tlsrpt}.>"));
+    }
+    publish.push(format!("$JS.FC.{tlsrpt}.>"));
+    for domain in domains {
+        let token = crate::domain_token(domain.as_ref());
+        publish.push(format!("kubemail.tlsrpt.{token}.>"));
+        kv(
+            crate::TLSRPT_CLAIMS_BUCKET,
+            &format!("{token}.>"),
+            &mut publish,
+        );
     }
     publish.sort();
     publish.dedup();

@@ -12,8 +12,8 @@
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
-use async_nats::jetstream::object_store;
 use async_nats::jetstream::stream::{self, DiscardPolicy, RetentionPolicy, StorageType};
+use async_nats::jetstream::{kv, object_store};
 use kubemail_config::{AuthConfig, ConsumerConfig, NatsConfig};
 
 use crate::names::{
@@ -119,6 +119,52 @@ pub fn failure_stream_config(nats: &NatsConfig, auth: &AuthConfig) -> stream::Co
         // No message ids are sent; the smallest window keeps the server's dedupe table small.
         duplicate_window: window.min(Duration::from_secs(1)),
         num_replicas: nats.replicas as usize,
+        ..Default::default()
+    }
+}
+
+/// How long TLS-RPT session results are kept: the day itself, the day its report is sent,
+/// and a spare.
+pub const TLSRPT_RESULTS_MAX_AGE: Duration = Duration::from_secs(3 * 86_400);
+
+/// The objects below serve the delivery side's TLS policy; `replicas` is the operator's
+/// `nats.replicas` (a node that makes them itself uses 1, as before).
+///
+/// The cluster-wide cache of remote domains' MTA-STS policies
+/// ([`crate::MTA_STS_CACHE_BUCKET`]).
+pub fn mta_sts_cache_config(replicas: u32) -> kv::Config {
+    kv::Config {
+        bucket: crate::MTA_STS_CACHE_BUCKET.to_owned(),
+        description: "MTA-STS policies of remote domains (RFC 8461)".to_owned(),
+        history: 1,
+        max_value_size: 128 * 1024,
+        storage: StorageType::File,
+        num_replicas: replicas as usize,
+        ..Default::default()
+    }
+}
+
+/// The stream of TLS-RPT session results ([`crate::TLSRPT_STREAM`]).
+pub fn tlsrpt_stream_config(replicas: u32) -> stream::Config {
+    stream::Config {
+        name: crate::TLSRPT_STREAM.to_owned(),
+        subjects: vec!["kubemail.tlsrpt.>".to_owned()],
+        max_age: TLSRPT_RESULTS_MAX_AGE,
+        storage: StorageType::File,
+        num_replicas: replicas as usize,
+        ..Default::default()
+    }
+}
+
+/// The bucket of TLS-RPT report claims ([`crate::TLSRPT_CLAIMS_BUCKET`]).
+pub fn tlsrpt_claims_config(replicas: u32) -> kv::Config {
+    kv::Config {
+        bucket: crate::TLSRPT_CLAIMS_BUCKET.to_owned(),
+        description: "TLS-RPT report claims (RFC 8460)".to_owned(),
+        history: 1,
+        max_age: Duration::from_secs(7 * 86_400),
+        storage: StorageType::File,
+        num_replicas: replicas as usize,
         ..Default::default()
     }
 }
