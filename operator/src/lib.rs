@@ -26,6 +26,7 @@ pub mod dns_records;
 pub mod events;
 pub mod leader;
 pub mod metrics;
+pub mod nats;
 pub mod queue;
 pub mod runtime;
 pub mod telemetry;
