@@ -8,7 +8,8 @@
 //!   our own diagnostics), an inbound DSN saying the same, and a complaint add an entry that
 //!   expires after `events.suppression.expireAfter`;
 //! * submission may refuse a suppressed recipient at `RCPT TO` (`refuseAtRcpt`);
-//! * a sampler keeps `kubemail_smtp_suppression_entries{domain}` current.
+//! * a sampler keeps `kubemail_smtp_suppression_entries{domain}` current (keys under the
+//!   domain's prefix: expired entries count until they are removed).
 //!
 //! The list is advisory for availability: when it cannot be read in time, mail is sent as if
 //! it were empty (logged), rather than held back.
@@ -183,15 +184,14 @@ impl Suppression {
                 continue;
             };
             for domain in &domains {
-                let now = SystemTime::now();
-                match tokio::time::timeout(interval, list.list(domain, now)).await {
-                    Ok(Ok(entries)) => {
+                match tokio::time::timeout(interval, list.count(domain)).await {
+                    Ok(Ok(n)) => {
                         crate::events::metrics::global()
                             .suppression_entries
                             .get_or_create(&crate::events::metrics::DomainLabels {
                                 domain: domain.to_ascii_lowercase(),
                             })
-                            .set(i64::try_from(entries.len()).unwrap_or(i64::MAX));
+                            .set(i64::try_from(n).unwrap_or(i64::MAX));
                     }
                     Ok(Err(error)) => tracing::debug!(%error, "cannot sample the suppression list"),
                     Err(_) => tracing::debug!("sampling the suppression list timed out"),

@@ -263,8 +263,10 @@ async fn apply(sink: &EventSink, ctx: &Arc<Context>, ns: &str) -> Result<Action,
         _ if paused_before => None,
         _ => {
             ctx.sinks.stop(&uid);
+            let access = ctx.nats_access().await?;
             Some(start(
                 ctx,
+                access,
                 &uid,
                 version,
                 resolved.subscription.clone(),
@@ -374,6 +376,7 @@ async fn resolve(
 /// Starts a dispatcher that restarts itself after failures until stopped or gone.
 fn start(
     ctx: &Arc<Context>,
+    access: crate::nats::NatsAccess,
     uid: &str,
     version: String,
     subscription: Subscription,
@@ -381,13 +384,12 @@ fn start(
 ) -> Health {
     let stop = CancellationToken::new();
     let health = SharedHealth::default();
-    let url = ctx.config.build.nats_url.clone();
     let task_stop = stop.clone();
     let task_health = health.clone();
     tracing::info!(consumer = %subscription.consumer, url = %target.url, "starting the webhook dispatcher");
     tokio::spawn(async move {
         loop {
-            let result = match async_nats::connect(url.as_str()).await {
+            let result = match access.connect().await {
                 Ok(client) => {
                     dispatcher::run(
                         async_nats::jetstream::new(client),
@@ -531,19 +533,14 @@ pub fn compute_status(
     }
 }
 
-/// A JetStream context on the operator's NATS, connected within the NATS deadline.
+/// A JetStream context on the operator's NATS (its credentials and TLS), within the NATS
+/// deadline.
 pub async fn connect(ctx: &Context) -> Result<async_nats::jetstream::Context, Error> {
-    let url = ctx.config.build.nats_url.clone();
-    let client = tokio::time::timeout(ctx.config.nats_timeout, async_nats::connect(url.as_str()))
-        .await
-        .map_err(|_| Error::Nats {
-            action: "connect",
-            source: format!("{url} did not answer in time").into(),
-        })?
-        .map_err(|source| Error::Nats {
-            action: "connect",
-            source: Box::new(source),
-        })?;
+    let access = ctx.nats_access().await?;
+    let client = access.connect().await.map_err(|source| Error::Nats {
+        action: "connect",
+        source: Box::new(source),
+    })?;
     let mut js = async_nats::jetstream::new(client);
     js.set_timeout(ctx.config.nats_timeout);
     Ok(js)

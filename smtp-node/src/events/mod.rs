@@ -16,12 +16,11 @@ pub mod attempt;
 pub mod inbound;
 pub mod metrics;
 
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
-use async_nats::jetstream::{self, stream};
+use async_nats::jetstream;
 use kubemail_queue::events::{
-    CloudEvent, EVENTS_STREAM, EVENTS_SUBJECTS, EventData, EventType, RemoteInfo, TlsDetails,
-    event_subject,
+    CloudEvent, EventData, EventType, RemoteInfo, TlsDetails, event_subject,
 };
 
 use crate::config::{BounceClass, EventsConfig};
@@ -29,9 +28,6 @@ use crate::delivery::classify::Classifier;
 use crate::delivery::outcome::{Diagnostic, Peer};
 use crate::queue::{Direction, QueueEntry};
 use crate::telemetry::propagation;
-
-/// How long the stream keeps a `Nats-Msg-Id` to drop a repeated event.
-const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 
 /// The node's event publisher, shared by the session and every delivery worker.
 pub struct Events {
@@ -134,17 +130,13 @@ impl Events {
     async fn ensure_stream(&self) -> Result<(), String> {
         self.stream
             .get_or_try_init(|| async {
-                let config = stream::Config {
-                    name: EVENTS_STREAM.to_owned(),
-                    subjects: vec![EVENTS_SUBJECTS.to_owned()],
-                    retention: stream::RetentionPolicy::Limits,
-                    discard: stream::DiscardPolicy::Old,
-                    max_age: self.config.max_age.0,
-                    max_bytes: i64::try_from(self.config.max_bytes.0).unwrap_or(i64::MAX),
-                    duplicate_window: DUPLICATE_WINDOW,
-                    storage: stream::StorageType::File,
-                    ..Default::default()
-                };
+                // Looked up first: with operator-managed JetStream objects the node may only
+                // read the stream's info, and the operator has made it.
+                let config = kubemail_queue::streams::events_stream_config(
+                    1,
+                    self.config.max_age.0,
+                    self.config.max_bytes.0,
+                );
                 self.js
                     .get_or_create_stream(config)
                     .await

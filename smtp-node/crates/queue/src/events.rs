@@ -10,11 +10,11 @@
 //! can take one domain ([`events_domain_filter`]) or one type of every domain
 //! (`kubemail.events.*.bounced`).
 //!
-//! **Credentials.** A node of domain `d` needs: publish on `kubemail.events.<d token>.>`;
-//! `$JS.API.STREAM.INFO.KUBEMAIL_EVENTS` and `$JS.API.STREAM.CREATE.KUBEMAIL_EVENTS` (it
-//! creates the stream when missing), and the publish acknowledgements on `_INBOX.>`. The
-//! dispatcher of event sinks (the operator) needs `$JS.API.CONSUMER.*.KUBEMAIL_EVENTS.>`,
-//! `$JS.API.CONSUMER.MSG.NEXT.KUBEMAIL_EVENTS.>` and `$JS.ACK.KUBEMAIL_EVENTS.>`.
+//! **Credentials** ([`crate::permissions`]). A node of domain `d` publishes on
+//! `kubemail.events.<d token>.>` and reads the stream's info; it never creates the stream
+//! when the operator manages the JetStream objects ([`crate::streams::events_stream_config`],
+//! made by the operator with the default limits and `nats.replicas`). The operator's event
+//! sink dispatcher creates one durable consumer per sink and acknowledges what it delivered.
 //!
 //! # Guarantee
 //! At least once: the delivery worker publishes an attempt's events and waits (at most

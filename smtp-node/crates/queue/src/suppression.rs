@@ -3,21 +3,20 @@
 //! adds entries, the operator reconciles `Suppression` objects, the CLI lists and removes).
 //!
 //! # Bucket
-//! [`SUPPRESSION_BUCKET`] (`KUBEMAIL_SUPPRESSION`), history 1, file storage. Key:
-//! [`suppression_key`] = `<domain token>.<encoded address>`: the sending domain as
-//! [`domain_token`], then the lower-cased address with every byte other than ASCII letters,
-//! digits, `-`, `_` and `.` written as `=XX` (hex), which is injective and keeps the key
-//! within the KV key alphabet (`bob+x@r.test` → `bob=2bx=40r.test`). Value: JSON of a
-//! [`SuppressionEntry`]. An entry past its `expiresAt` counts as absent (and is removed by
-//! whoever notices it); the bucket itself has no `max_age`, so manual entries without expiry
-//! stay.
+//! [`SUPPRESSION_BUCKET`] (`KUBEMAIL_SUPPRESSION`, [`crate::streams::suppression_bucket_config`]),
+//! history 1, file storage. Key: [`suppression_key`] = `<domain token>.<hex SHA-256 of the
+//! lower-cased address>`: the sending domain as [`domain_token`], and a hash, so that the key
+//! names (which a stream's info can list) reveal no address. Value: JSON of a
+//! [`SuppressionEntry`], which holds the address. An entry past its `expiresAt` counts as
+//! absent; the bucket has no `max_age`, so manual entries without expiry stay. A removal
+//! purges the key's messages, so the number of keys under a domain's prefix is the size of its
+//! list (expired entries included until removed).
 //!
-//! **Credentials.** A node of domain `d` needs `$KV.KUBEMAIL_SUPPRESSION.<d token>.>`
-//! (publish and subscribe), `$JS.API.STREAM.INFO.KV_KUBEMAIL_SUPPRESSION`,
-//! `$JS.API.STREAM.CREATE.KV_KUBEMAIL_SUPPRESSION` and
-//! `$JS.API.DIRECT.GET.KV_KUBEMAIL_SUPPRESSION.$KV.KUBEMAIL_SUPPRESSION.<d token>.>` (and
-//! `$JS.API.STREAM.MSG.GET.KV_KUBEMAIL_SUPPRESSION`), so it reads and writes only its own
-//! domain's entries.
+//! **Credentials** ([`crate::permissions::node_permissions`]). A node of domain `d` may
+//! publish to `$KV.KUBEMAIL_SUPPRESSION.<d token>.>` (add entries), read the bucket's stream
+//! info, and read entries only through `$JS.API.DIRECT.GET.KV_KUBEMAIL_SUPPRESSION.
+//! $KV.KUBEMAIL_SUPPRESSION.<d token>.>`: its own domain's entries, nothing of another's.
+//! Listing and removing are for the operator and tools with the operator's access.
 
 use std::time::{Duration, SystemTime};
 
@@ -111,16 +110,15 @@ impl SuppressionEntry {
 
 /// The KV key of `address` in `domain`'s list (see the module doc).
 pub fn suppression_key(domain: &str, address: &str) -> String {
-    let mut key = domain_token(domain);
-    key.push('.');
-    for b in address.to_ascii_lowercase().bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.') {
-            key.push(char::from(b));
-        } else {
-            key.push_str(&format!("={b:02x}"));
-        }
-    }
-    key
+    use sha2::{Digest as _, Sha256};
+    let digest = Sha256::digest(address.to_ascii_lowercase().as_bytes());
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    format!("{}.{hex}", domain_token(domain))
+}
+
+/// The filter of every key of `domain`'s list.
+pub fn suppression_domain_filter(domain: &str) -> String {
+    format!("$KV.{SUPPRESSION_BUCKET}.{}.>", domain_token(domain))
 }
 
 /// Why the suppression list could not be read or written.
@@ -151,27 +149,48 @@ pub enum SuppressionError {
 /// The suppression list of every domain, over the KV bucket.
 #[derive(Clone)]
 pub struct SuppressionList {
+    js: jetstream::Context,
     store: kv::Store,
 }
 
 impl SuppressionList {
-    /// Opens the bucket, creating it when missing.
+    /// Opens the bucket, creating it (one replica) when missing and allowed.
     pub async fn open(js: &jetstream::Context) -> Result<Self, SuppressionError> {
         let store = match js.get_key_value(SUPPRESSION_BUCKET).await {
             Ok(store) => store,
             Err(_) => js
-                .create_key_value(kv::Config {
-                    bucket: SUPPRESSION_BUCKET.to_owned(),
-                    description: "kubemail suppression lists".to_owned(),
-                    history: 1,
-                    max_value_size: 16 * 1024,
-                    storage: jetstream::stream::StorageType::File,
-                    ..Default::default()
-                })
+                .create_key_value(crate::streams::suppression_bucket_config(1))
                 .await
                 .map_err(|e| SuppressionError::OpenBucket(Box::new(e)))?,
         };
-        Ok(Self { store })
+        Ok(Self {
+            js: js.clone(),
+            store,
+        })
+    }
+
+    /// How many keys `domain`'s list has (live and expired entries), from the stream's
+    /// per-subject counts: what a node may read without listing addresses.
+    pub async fn count(&self, domain: &str) -> Result<u64, SuppressionError> {
+        let list_error = |e: Box<dyn std::error::Error + Send + Sync>| SuppressionError::List {
+            domain: domain.to_owned(),
+            source: e,
+        };
+        let stream = self
+            .js
+            .get_stream(format!("KV_{SUPPRESSION_BUCKET}"))
+            .await
+            .map_err(|e| list_error(Box::new(e)))?;
+        let mut subjects = stream
+            .info_with_subjects(suppression_domain_filter(domain))
+            .await
+            .map_err(|e| list_error(Box::new(e)))?;
+        let mut n = 0;
+        while let Some(subject) = subjects.next().await {
+            subject.map_err(|e| list_error(Box::new(e)))?;
+            n += 1;
+        }
+        Ok(n)
     }
 
     /// The live entry of `address` in `domain`'s list; an expired one counts as absent.
@@ -208,15 +227,27 @@ impl SuppressionList {
         Ok(())
     }
 
-    /// Removes `address` from `domain`'s list (nothing happens when it is not there).
+    /// Removes `address` from `domain`'s list (nothing happens when it is not there): every
+    /// message of its key is purged, so no marker is left to count.
     pub async fn remove(&self, domain: &str, address: &str) -> Result<(), SuppressionError> {
-        self.store
-            .purge(suppression_key(domain, address))
+        let write = |e: Box<dyn std::error::Error + Send + Sync>| SuppressionError::Write {
+            address: address.to_owned(),
+            source: e,
+        };
+        let stream = self
+            .js
+            .get_stream(format!("KV_{SUPPRESSION_BUCKET}"))
             .await
-            .map_err(|e| SuppressionError::Write {
-                address: address.to_owned(),
-                source: Box::new(e),
-            })
+            .map_err(|e| write(Box::new(e)))?;
+        stream
+            .purge()
+            .filter(format!(
+                "$KV.{SUPPRESSION_BUCKET}.{}",
+                suppression_key(domain, address)
+            ))
+            .await
+            .map_err(|e| write(Box::new(e)))?;
+        Ok(())
     }
 
     /// Every live entry of `domain`'s list, sorted by address.
@@ -264,20 +295,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn keys_are_injective_and_in_the_kv_alphabet() {
+    fn keys_name_the_domain_and_hide_the_address() {
+        let key = suppression_key("Example.COM", "Bob+x@R.test");
+        assert_eq!(key, suppression_key("example.com", "bob+x@r.test"));
+        assert!(key.starts_with("example_com."), "{key}");
+        assert_eq!(key.len(), "example_com.".len() + 64);
+        assert!(!key.contains("bob"), "{key}");
+        assert_ne!(key, suppression_key("example.com", "carol@r.test"));
+        assert_ne!(key, suppression_key("example.org", "bob+x@r.test"));
         assert_eq!(
-            suppression_key("Example.COM", "Bob+x@R.test"),
-            "example_com.bob=2bx=40r.test"
-        );
-        assert_ne!(
-            suppression_key("example.com", "a=40b@r.test"),
-            suppression_key("example.com", "a@b@r.test")
-        );
-        let key = suppression_key("example.com", "\"odd person\"@r.test");
-        assert!(
-            key.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-_.=".contains(&b)),
-            "{key}"
+            suppression_domain_filter("example.com"),
+            "$KV.KUBEMAIL_SUPPRESSION.example_com.>"
         );
     }
 
