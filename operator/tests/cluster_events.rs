@@ -21,7 +21,7 @@ use std::time::{Duration, SystemTime};
 
 use common::maildomain::apply_md;
 use common::{
-    Operator, OperatorOptions, TEST_MANAGER, TestNamespace, client, install_crds, nats_url,
+    Operator, OperatorOptions, TEST_MANAGER, TestNamespace, client, install_crds, nats_connect,
     wait_for,
 };
 use k8s_openapi::ByteString;
@@ -86,7 +86,8 @@ impl Drop for Receiver {
 }
 
 async fn jetstream() -> async_nats::jetstream::Context {
-    let js = async_nats::jetstream::new(async_nats::connect(nats_url()).await.unwrap());
+    let js =
+        async_nats::jetstream::new(nats_connect().await.expect("connect to the cluster's NATS"));
     // The stream as a node creates it.
     js.get_or_create_stream(async_nats::jetstream::stream::Config {
         name: EVENTS_STREAM.to_owned(),
