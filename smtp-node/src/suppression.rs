@@ -101,8 +101,17 @@ impl Suppression {
         }
         let mut keep = Vec::with_capacity(entry.recipients.len());
         let mut suppressed = Vec::new();
-        for rcpt in &entry.recipients {
-            match self.lookup(&entry.domain, rcpt).await {
+        // One lookup per recipient, all at once: a message to many recipients waits for one
+        // round trip, not one each.
+        let found = futures::future::join_all(
+            entry
+                .recipients
+                .iter()
+                .map(|rcpt| self.lookup(&entry.domain, rcpt)),
+        )
+        .await;
+        for (rcpt, found) in entry.recipients.iter().zip(found) {
+            match found {
                 Some(found) => suppressed.push((rcpt.clone(), found)),
                 None => keep.push(rcpt.clone()),
             }
