@@ -19,6 +19,7 @@
 //!   section, the hop count; the Received, Message-ID and Date builders);
 //! * [`dkim`]: DKIM signing at acceptance; [`authres`]: SPF/DKIM/DMARC of inbound mail;
 //! * [`dns`]: the resolver seam (hickory-resolver and a zone-text test double);
+//! * [`memory`]: the node-wide budget of message bytes in memory;
 //! * [`node`]: start-up and shutdown of the whole node;
 //! * [`admin`], [`metrics`], [`telemetry`] (the `kubemail-telemetry` crate), [`shutdown`]:
 //!   operations.
@@ -30,6 +31,7 @@ pub mod authres;
 pub mod delivery;
 pub mod dkim;
 pub mod dns;
+pub mod memory;
 pub mod message;
 pub mod metrics;
 pub mod node;

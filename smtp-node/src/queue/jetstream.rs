@@ -6,20 +6,30 @@
 //! `/readyz` fails and every DATA gets `451 4.3.0`. A publish is only attempted while the
 //! connection is up; otherwise the client would buffer it and send it after a reconnect, long
 //! after the client was told `451` (a certain duplicate when it retries).
+//!
+//! An enqueue stores large bodies in the object store first (in the session's task), then
+//! hands its entries to the [`commit`](super::commit) task, which publishes them with the
+//! entries of other sessions in one atomic batch. Body objects that no entry refers to are
+//! removed: at once when the entry is known not to be stored, or to be a duplicate of one
+//! that is (its body is another object); otherwise, when the outcome is unknown (a timeout, a
+//! crash), by the [`sweeper`](super::sweeper). An object whose entry is stored is marked so
+//! (object metadata), so the sweeper need not look for it.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use async_nats::connection::State;
-use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::object_store::ObjectStore;
 use async_nats::jetstream::{self, ErrorCode};
 use futures::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
+use super::commit::{Committer, Outgoing, Stored};
 use super::setup::StreamSetup;
 use super::stream::{ensure_body_bucket, ensure_queue_stream};
-use super::{EnqueueError, Queue, QueuedMessage};
+use super::{EnqueueError, Queue, QueuedMessage, sweeper};
 use crate::config::NatsConfig;
 use crate::metrics::{self, ResultLabels};
 
@@ -59,7 +69,10 @@ pub struct JetStreamQueue {
     js: jetstream::Context,
     nats: NatsConfig,
     bodies: OnceLock<ObjectStore>,
-    setup: StreamSetup,
+    setup: Arc<StreamSetup>,
+    /// Whether the stream takes atomic batches (known after set-up).
+    atomic: Arc<AtomicBool>,
+    committer: Committer,
 }
 
 impl JetStreamQueue {
@@ -108,12 +121,17 @@ impl JetStreamQueue {
             })?;
         let mut js = jetstream::new(client.clone());
         js.set_timeout(nats.publish_timeout.0);
+        let setup = Arc::new(StreamSetup::new());
+        let atomic = Arc::new(AtomicBool::new(false));
+        let committer = Committer::start(client.clone(), js.clone(), atomic.clone(), setup.clone());
         Ok(Arc::new(Self {
             client,
             js,
             nats: nats.clone(),
             bodies: OnceLock::new(),
-            setup: StreamSetup::new(),
+            setup,
+            atomic,
+            committer,
         }))
     }
 
@@ -136,10 +154,26 @@ impl JetStreamQueue {
     }
 
     async fn setup_once(&self) -> Result<(), super::stream::SetupError> {
-        ensure_queue_stream(&self.js, &self.nats).await?;
+        let atomic = ensure_queue_stream(&self.js, &self.nats).await?;
+        if !atomic {
+            tracing::warn!(stream = %self.nats.stream, "the stream takes no atomic batches (nats-server before 2.12?): every message is its own write");
+        }
+        self.atomic.store(atomic, Ordering::Relaxed);
         let bucket = ensure_body_bucket(&self.js, &self.nats).await?;
         let _ = self.bodies.set(bucket);
         Ok(())
+    }
+
+    /// Removes body objects no entry refers to, every `interval`, until `cancel`.
+    pub async fn run_sweeper(self: Arc<Self>, interval: Duration, cancel: CancellationToken) {
+        sweeper::run(
+            &self.js,
+            &self.nats,
+            || self.bodies.get().cloned(),
+            interval,
+            &cancel,
+        )
+        .await;
     }
 
     /// The NATS client (for tests and the delivery side).
@@ -163,53 +197,122 @@ impl JetStreamQueue {
         configured.min(server)
     }
 
-    #[tracing::instrument(
-        name = "queue.publish",
-        skip_all,
-        fields(
-            otel.kind = "producer",
-            messaging.system = "nats",
-            messaging.destination.name = %kubemail_queue::subject(&self.nats.subject_prefix, &message.entry.domain),
-            queue_id = %message.entry.queue_id,
-            domain = %message.entry.domain,
-            size = message.body.len(),
-        )
-    )]
-    async fn publish(&self, message: &QueuedMessage) -> Result<(), EnqueueError> {
-        let mut entry = message.entry.clone();
-        entry.body_size = Some(message.body.len() as u64);
-        let payload = if message.body.len() > self.inline_limit() {
+    /// The NATS message of one entry; a large body goes to the object store first (its
+    /// object name is returned with the message).
+    async fn prepare(
+        &self,
+        message: QueuedMessage,
+    ) -> Result<(Outgoing, Option<String>), EnqueueError> {
+        let QueuedMessage {
+            mut entry,
+            body,
+            msg_id,
+        } = message;
+        entry.body_size = Some(body.len() as u64);
+        let (payload, object) = if body.len() > self.inline_limit() {
             let store = self
                 .bodies
                 .get()
                 .ok_or_else(|| EnqueueError::Unavailable("body bucket not set up".to_owned()))?;
             let object = entry.body_object_name();
-            let mut reader: &[u8] = &message.body;
+            let mut reader: &[u8] = &body;
             store
                 .put(object.as_str(), &mut reader)
                 .await
                 .map_err(|e| classify(&e, "store body"))?;
             entry.body_ref = Some(kubemail_queue::body_ref(&self.nats.body_bucket, &object));
-            bytes::Bytes::new()
+            (bytes::Bytes::new(), Some(object))
         } else {
-            message.body.clone()
+            (body, None)
         };
-        let subject = kubemail_queue::subject(&self.nats.subject_prefix, &entry.domain);
-        let ack = self
-            .js
-            .publish_with_headers(subject, entry.to_headers(&entry.msg_id()), payload)
-            .await
-            .map_err(|e| classify(&e, "publish"))?
-            .await
-            .map_err(|e| {
-                if e.kind() == PublishErrorKind::StreamNotFound {
-                    tracing::error!(stream = %self.nats.stream, "queue stream missing; setting it up again");
-                    self.setup.lost();
+        let outgoing = Outgoing {
+            subject: kubemail_queue::subject(&self.nats.subject_prefix, &entry.domain),
+            headers: entry.to_headers(&msg_id),
+            payload,
+        };
+        Ok((outgoing, object))
+    }
+
+    /// Publishes the entries of one transaction; `Ok` once every one is stored.
+    async fn publish(&self, entries: Vec<QueuedMessage>) -> Result<(), EnqueueError> {
+        if self.client.connection_state() != State::Connected {
+            return Err(EnqueueError::Unavailable(
+                "not connected to NATS".to_owned(),
+            ));
+        }
+        if !self.setup.is_done() {
+            return Err(EnqueueError::Unavailable(
+                "queue stream not set up yet".to_owned(),
+            ));
+        }
+        let mut outgoing = Vec::with_capacity(entries.len());
+        let mut objects = Vec::with_capacity(entries.len());
+        for entry in entries {
+            match self.prepare(entry).await {
+                Ok((message, object)) => {
+                    outgoing.push(message);
+                    objects.push(object);
                 }
-                classify(&e, "wait for acknowledgement")
-            })?;
-        tracing::debug!(stream = %ack.stream, sequence = ack.sequence, duplicate = ack.duplicate, "queued");
-        Ok(())
+                Err(error) => {
+                    self.forget_bodies(objects.into_iter().flatten().collect());
+                    return Err(error);
+                }
+            }
+        }
+        // The committer's own waits are bounded by the publish timeout; this bounds the
+        // queueing in front of it too.
+        let limit = self.nats.publish_timeout.0 * 2;
+        let outcomes = self.committer.commit(outgoing, limit).await;
+        let mut first_error = None;
+        let mut orphans = Vec::new();
+        let mut stored = Vec::new();
+        for (outcome, object) in outcomes.into_iter().zip(objects) {
+            match outcome {
+                // The stream had the entry already: it refers to the first attempt's body.
+                Ok(Stored { duplicate: true }) => orphans.extend(object),
+                Ok(Stored { duplicate: false }) => stored.extend(object),
+                Err(failure) => {
+                    if !failure.maybe_stored {
+                        orphans.extend(object);
+                    }
+                    first_error.get_or_insert(failure.error);
+                }
+            }
+        }
+        self.forget_bodies(orphans);
+        self.mark_bodies(stored);
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// Deletes body objects no entry refers to (in the background: the client's answer does
+    /// not wait for it; what fails here is left to the sweeper).
+    fn forget_bodies(&self, objects: Vec<String>) {
+        let Some(store) = self.bodies.get().cloned() else {
+            return;
+        };
+        if objects.is_empty() {
+            return;
+        }
+        tokio::spawn(async move {
+            for object in objects {
+                sweeper::delete_orphan(&store, &object).await;
+            }
+        });
+    }
+
+    /// Marks body objects whose entry is stored, so the sweeper leaves them alone.
+    fn mark_bodies(&self, objects: Vec<String>) {
+        let Some(store) = self.bodies.get().cloned() else {
+            return;
+        };
+        if objects.is_empty() {
+            return;
+        }
+        tokio::spawn(async move {
+            for object in objects {
+                sweeper::mark_referenced(&store, &object).await;
+            }
+        });
     }
 }
 
@@ -217,23 +320,20 @@ impl Queue for JetStreamQueue {
     fn enqueue(&self, entries: Vec<QueuedMessage>) -> BoxFuture<'_, Result<(), EnqueueError>> {
         Box::pin(async move {
             let started = Instant::now();
-            let result = async {
-                if self.client.connection_state() != State::Connected {
-                    return Err(EnqueueError::Unavailable(
-                        "not connected to NATS".to_owned(),
-                    ));
-                }
-                if !self.setup.is_done() {
-                    return Err(EnqueueError::Unavailable(
-                        "queue stream not set up yet".to_owned(),
-                    ));
-                }
-                for entry in &entries {
-                    self.publish(entry).await?;
-                }
-                Ok(())
-            }
-            .await;
+            let span = match entries.first() {
+                Some(first) => tracing::info_span!(
+                    "queue.publish",
+                    otel.kind = "producer",
+                    messaging.system = "nats",
+                    messaging.destination.name = %kubemail_queue::subject(&self.nats.subject_prefix, &first.entry.domain),
+                    messaging.batch.message_count = entries.len(),
+                    queue_id = %first.entry.queue_id,
+                    domain = %first.entry.domain,
+                    size = first.body.len(),
+                ),
+                None => tracing::Span::none(),
+            };
+            let result = self.publish(entries).instrument(span).await;
             let m = metrics::global();
             m.queue_publish_seconds
                 .observe(started.elapsed().as_secs_f64());
@@ -255,7 +355,7 @@ impl Queue for JetStreamQueue {
 }
 
 /// Maps an async-nats error to the reply class: "no room" is `452`, everything else `451`.
-fn classify(error: &(dyn std::error::Error + 'static), action: &str) -> EnqueueError {
+pub(super) fn classify(error: &(dyn std::error::Error + 'static), action: &str) -> EnqueueError {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
     let mut text = String::new();
     while let Some(e) = source {

@@ -18,7 +18,7 @@ use serde::{Deserialize, Deserializer};
 use crate::{
     AdminConfig, AuthConfig, ByteSize, ClientTimeouts, ConnectionConfig, ConsumerConfig,
     DeliveryConfig, DmarcMode, DnsConfig, HumanDuration, InboundAuthConfig, MxTlsPolicy,
-    NodeConfig, OutboundTlsConfig, RetryConfig, ShutdownConfig, Timeouts,
+    NodeConfig, NodeLimits, OutboundTlsConfig, RetryConfig, ShutdownConfig, Timeouts,
 };
 
 /// Declares the overlay of one config section: a struct with an `Option` of every field, and
@@ -86,6 +86,7 @@ overlay! {
             dns: DnsOverlay,
             delivery: DeliveryOverlay,
             inbound_auth: InboundAuthOverlay,
+            limits: LimitsOverlay,
         }
         keep { hostname, listeners, tls, nats, domains }
     }
@@ -222,6 +223,17 @@ overlay! {
     }
 }
 
+overlay! {
+    /// Overlay of [`NodeLimits`].
+    LimitsOverlay => NodeLimits {
+        set {
+            message_bytes_in_memory: Option<ByteSize>,
+            memory_wait: HumanDuration,
+            stream_bodies_above: ByteSize,
+        }
+    }
+}
+
 impl NodeConfigOverlay {
     /// Parses an overlay from YAML (or JSON). Errors name the offending field.
     pub fn from_yaml(text: &str) -> Result<Self, serde_yaml::Error> {
@@ -299,6 +311,7 @@ delivery:
   consumer: { maxDeliver: 6 }
   retry: { delayWarning: 4h }
 inboundAuth: { dmarc: enforce }
+limits: { messageBytesInMemory: 256Mi }
 "#,
         )
         .unwrap();
@@ -326,6 +339,12 @@ inboundAuth: { dmarc: enforce }
         assert_eq!(c.delivery.retry.max_backoff.0, Duration::from_secs(7200));
         assert_eq!(c.inbound_auth.dmarc, DmarcMode::Enforce);
         assert!(c.inbound_auth.enabled);
+        assert_eq!(c.limits.message_bytes_in_memory, Some(ByteSize(256 << 20)));
+        assert_eq!(
+            c.limits.memory_wait,
+            NodeLimits::default().memory_wait,
+            "kept"
+        );
         c.validate().unwrap();
     }
 
