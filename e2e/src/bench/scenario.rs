@@ -176,7 +176,10 @@ pub struct IdleParams {
 /// Everything a full run does.
 #[derive(Debug, Clone, Serialize)]
 pub struct Params {
+    /// Repetitions per system of the TLS churn benchmark.
     pub repetitions: u32,
+    /// Repetitions per system of the headline benchmarks (accept-and-queue, relay).
+    pub headline_repetitions: u32,
     pub accept: LoadParams,
     pub relay: LoadParams,
     pub latency: LatencyParams,
@@ -189,6 +192,7 @@ impl Params {
     pub fn full() -> Self {
         Self {
             repetitions: 3,
+            headline_repetitions: 5,
             accept: LoadParams {
                 sessions: 100,
                 messages: 15_000,
@@ -232,6 +236,7 @@ impl Params {
     pub fn smoke() -> Self {
         Self {
             repetitions: 1,
+            headline_repetitions: 1,
             accept: LoadParams {
                 messages: 2_000,
                 warmup: 200,
@@ -318,6 +323,8 @@ pub struct Measurement {
     pub load: Option<LoadReport>,
     pub idle: Option<IdleResult>,
     pub notes: Vec<String>,
+    /// Busy loops running beside the benchmark (`--background-load`); 0 for the idle run.
+    pub background_load: u32,
 }
 
 impl Measurement {
@@ -339,6 +346,7 @@ impl Measurement {
             load: None,
             idle: None,
             notes: Vec::new(),
+            background_load: 0,
         }
     }
 

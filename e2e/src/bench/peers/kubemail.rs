@@ -130,7 +130,7 @@ impl Kubemail {
             what: "smtp-node".to_owned(),
             source,
         };
-        let mut child = Command::new(&opts.binary)
+        let mut child = super::server_command(&opts.binary)
             .arg("--config")
             .arg(&config_path)
             .env_remove("RUST_LOG")
