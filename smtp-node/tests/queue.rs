@@ -6,6 +6,7 @@
 mod common;
 mod delivery_support;
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::{AckPolicy, pull};
@@ -503,5 +504,137 @@ async fn a_legacy_named_consumer_that_is_not_the_domains_own_is_never_deleted() 
     assert_eq!(
         consumer_filter(&node, &kubemail_queue::consumer_name("example.test")).await,
         None
+    );
+}
+
+/// One client of the group-commit durability test: sends `count` messages tagged
+/// `gc-<client>-<n>` as fast as it is answered, then, once `retry` is set, sends every message
+/// that did not get a `250` again, the same octets, until it does (a real client's retry).
+/// Returns (token, replies in order) per message.
+async fn group_commit_client(
+    addr: std::net::SocketAddr,
+    client: usize,
+    count: usize,
+    retry: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Vec<(String, Vec<String>)> {
+    use std::sync::atomic::Ordering;
+    let message = |token: &str| {
+        format!("From: load@remote.test\r\nSubject: {token}\r\n\r\nbody of {token}\r\n")
+            .into_bytes()
+    };
+    let mut c: Option<RawTcp> = None;
+    let mut out: Vec<(String, Vec<String>)> = Vec::new();
+    let attempt = async |c: &mut Option<RawTcp>, body: &[u8]| -> String {
+        if c.is_none() {
+            let mut fresh = RawTcp::connect(addr).await;
+            fresh.expect("220").await;
+            fresh.cmd("EHLO client.test", "250").await;
+            *c = Some(fresh);
+        }
+        let conn = c.as_mut().expect("connected");
+        conn.cmd("MAIL FROM:<load@remote.test>", "250").await;
+        conn.cmd("RCPT TO:<bob@example.test>", "250").await;
+        conn.cmd("DATA", "354").await;
+        conn.send(body).await;
+        conn.send(b".\r\n").await;
+        match conn.reply_within(Duration::from_secs(30)).await {
+            Some(r) => r,
+            None => {
+                *c = None;
+                "lost".to_owned()
+            }
+        }
+    };
+    for n in 0..count {
+        let token = format!("gc-{client}-{n}");
+        let reply = attempt(&mut c, &message(&token)).await;
+        out.push((token, vec![reply]));
+    }
+    while !retry.load(Ordering::Relaxed) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    for (token, replies) in &mut out {
+        while !replies.last().is_some_and(|r| r.starts_with("250")) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{token} never accepted: {replies:?}"
+            );
+            let reply = attempt(&mut c, &message(token)).await;
+            if !reply.starts_with("250") {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            replies.push(reply);
+        }
+    }
+    out
+}
+
+/// Group commit under a crash: many sessions' entries travel in atomic batches; nats-server is
+/// SIGKILLed while batches are in flight and started again. Every message answered `250` is in
+/// the stream afterwards, and every message that was refused (`451`) or lost its connection
+/// and was then sent again is in it exactly once, also when the server had stored it before
+/// the kill (its retry carries the same `Nats-Msg-Id`).
+#[tokio::test]
+async fn nats_killed_mid_batch_keeps_every_250_and_duplicates_no_retry() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let mut nats = Nats::start();
+    let node = Node::start_with(&nats.url(), true, |c| {
+        c["nats"]["publishTimeout"] = json!("2s");
+    });
+    let retry = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..40)
+        .map(|k| tokio::spawn(group_commit_client(node.ports.mx, k, 40, retry.clone())))
+        .collect();
+    // Let the batches flow, then kill the server under them.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    nats.stop();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    nats.restart();
+    retry.store(true, Ordering::Relaxed);
+    let mut results = Vec::new();
+    for c in clients {
+        results.extend(c.await.expect("client task"));
+    }
+    let accepted_first_time = results
+        .iter()
+        .filter(|(_, r)| r[0].starts_with("250"))
+        .count();
+    let retried = results.iter().filter(|(_, r)| r.len() > 1).count();
+    assert!(
+        retried > 0,
+        "the kill must have refused some messages: {accepted_first_time} accepted at once"
+    );
+    let entries = node.messages().await;
+    let mut per_token: HashMap<String, usize> = HashMap::new();
+    for e in &entries {
+        let body = e.body_str();
+        let token = body
+            .lines()
+            .find_map(|l| l.strip_prefix("Subject: "))
+            .expect("subject")
+            .to_owned();
+        *per_token.entry(token).or_default() += 1;
+    }
+    for (token, replies) in &results {
+        assert_eq!(
+            per_token.get(token).copied().unwrap_or(0),
+            1,
+            "{token} must be in the stream exactly once (replies {replies:?})"
+        );
+    }
+    assert_eq!(entries.len(), results.len(), "nothing else in the stream");
+    // The entries did travel in groups: fewer commits than messages.
+    let metrics = http_get(node.ports.admin, "/metrics");
+    let commits: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("kubemail_smtp_queue_commit_messages_count "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("commit histogram");
+    assert!(
+        commits < results.len() as f64,
+        "{commits} commits for {} messages",
+        results.len()
     );
 }

@@ -753,3 +753,120 @@ fn opt(v: Option<f64>, decimals: usize) -> String {
 fn met(ok: bool) -> &'static str {
     if ok { "met" } else { "not met" }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::runner::RunMeta;
+    use crate::bench::scenario::Params;
+
+    fn row(system: System, rep: u32, rate: f64, background_load: u32) -> Measurement {
+        Measurement {
+            scenario: ScenarioId::AcceptAndQueue,
+            system,
+            variant: "100 sessions".to_owned(),
+            repetition: rep,
+            outcome: Outcome::Ok,
+            msgs_per_sec: Some(rate),
+            latency: None,
+            txn_latency: None,
+            cpu_us_per_msg: None,
+            cpu_us_per_msg_by_role: BTreeMap::new(),
+            peak_rss_kib: None,
+            peak_pss_kib: None,
+            verified: None,
+            load: None,
+            idle: None,
+            notes: Vec::new(),
+            background_load,
+        }
+    }
+
+    fn results(busy: bool, measurements: Vec<Measurement>) -> BenchResults {
+        BenchResults {
+            meta: RunMeta {
+                date_utc: "2026-12-06 00:00:00".to_owned(),
+                cpu_model: "test".to_owned(),
+                cpus: 2,
+                memory_gib: 1.0,
+                kernel: "6".to_owned(),
+                load_at_start: [if busy { 2.3 } else { 0.2 }, 0.0, 0.0],
+                load_at_end: [0.0; 3],
+                busy,
+                smoke: false,
+                commit: "abc".to_owned(),
+                smtp_node_version: "x".to_owned(),
+                nats_server_version: "x".to_owned(),
+                postfix_version: "x".to_owned(),
+                work_dir_mount: "x".to_owned(),
+                open_files_limit: 1024,
+                duration_secs: 60.0,
+                cpu_pinning: "load generator and smtp-sink on CPU 0; servers under test on CPU 1"
+                    .to_owned(),
+                background_load: 2,
+                load_at_background_start: Some([2.1, 1.0, 0.5]),
+            },
+            params: Params::full(),
+            measurements,
+        }
+    }
+
+    /// Repetition r: Postfix 1000 + 100 r msg/s, kubemail (sync always) 3 × 1000 + 200 r.
+    fn runs(background_load: u32) -> Vec<Measurement> {
+        (0..5)
+            .flat_map(|r| {
+                let r_f = f64::from(r);
+                [
+                    row(System::Postfix, r, 1000.0 + 100.0 * r_f, background_load),
+                    row(
+                        System::KubemailSyncAlways,
+                        r,
+                        3000.0 + 200.0 * r_f,
+                        background_load,
+                    ),
+                ]
+            })
+            .collect()
+    }
+
+    #[test]
+    fn each_repetition_is_compared_with_the_postfix_run_next_to_it() {
+        let mut ms = runs(0);
+        ms.extend(runs(2).into_iter().map(|mut m| {
+            m.msgs_per_sec = m.msgs_per_sec.map(|r| r / 2.0);
+            m
+        }));
+        let md = markdown(&results(false, ms));
+        // Repetition 4: 3800 / 1400.
+        assert!(md.contains("| 4 | 1400 | 3800 | 2.71× |"), "{md}");
+        assert!(md.contains("| 0 | 1000 | 3000 | 3.00× |"), "{md}");
+        // Ratios 3.00, 2.91, 2.83, 2.77, 2.71: median 2.83, below the 3× target.
+        assert!(
+            md.contains("per repetition: median 2.83×, spread 2.71–3.00× over 5 repetitions, target ≥ 3×: **not met**"),
+            "{md}"
+        );
+        assert!(md.contains("### The same beside 2 busy loops"), "{md}");
+        assert!(
+            md.contains("| CPU pinning | load generator and smtp-sink on CPU 0"),
+            "{md}"
+        );
+        assert!(
+            !md.contains("busy machine:"),
+            "an idle run carries no warning"
+        );
+    }
+
+    #[test]
+    fn a_run_started_on_a_busy_machine_says_so_on_every_ratio() {
+        let md = markdown(&results(true, runs(0)));
+        let ratios = md.matches("× (busy machine: load 2.30 at start)").count();
+        // The table's ratio column, the verdict, five repetitions, the per-repetition median.
+        assert!(ratios >= 8, "{ratios} marked ratios in:\n{md}");
+        for line in md
+            .lines()
+            .filter(|l| l.contains('×') && l.contains("/ Postfix"))
+        {
+            assert!(line.contains("busy machine"), "unmarked ratio: {line}");
+        }
+    }
+}

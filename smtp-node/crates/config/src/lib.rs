@@ -465,9 +465,7 @@ maxConnectionsPerIp: 0
         assert_eq!(c.limits, NodeLimits::default());
         assert_eq!(c.limits.message_bytes_in_memory, None, "sized by the node");
         assert_eq!(c.limits.memory_wait.0, Duration::from_secs(10));
-        let yaml = format!(
-            "{MINIMAL}limits: {{ messageBytesInMemory: 16Mi, memoryWait: 0s, streamBodiesAbove: 1Ki }}\n"
-        );
+        let yaml = format!("{MINIMAL}limits: {{ messageBytesInMemory: 16Mi, memoryWait: 0s }}\n");
         let err = NodeConfig::from_yaml(&yaml)
             .unwrap()
             .validate()
@@ -476,7 +474,6 @@ maxConnectionsPerIp: 0
         for needle in [
             "limits.messageBytesInMemory: 16777216 must be at least twice the largest maxMessageSize (26214400)",
             "limits.memoryWait",
-            "limits.streamBodiesAbove",
         ] {
             assert!(err.contains(needle), "missing {needle:?} in:\n{err}");
         }

@@ -28,11 +28,6 @@ pub struct NodeLimits {
     /// How long a session waits for room in `messageBytesInMemory` before it is refused.
     #[serde(default = "default_memory_wait")]
     pub memory_wait: HumanDuration,
-    /// Bodies larger than this are written to the object store while they arrive instead of
-    /// being held whole, when nothing at the end of data needs the whole message (no DKIM
-    /// signing or inbound DKIM/DMARC check applies, one queue entry) and the transfer is DATA.
-    #[serde(default = "default_stream_bodies_above")]
-    pub stream_bodies_above: ByteSize,
 }
 
 impl Default for NodeLimits {
@@ -40,7 +35,6 @@ impl Default for NodeLimits {
         Self {
             message_bytes_in_memory: None,
             memory_wait: default_memory_wait(),
-            stream_bodies_above: default_stream_bodies_above(),
         }
     }
 }
@@ -69,17 +63,9 @@ impl NodeLimits {
                 humantime::format_duration(self.memory_wait.0)
             ));
         }
-        if self.stream_bodies_above.0 < 64 * 1024 {
-            errors.push("limits.streamBodiesAbove: must be at least 64Ki".to_owned());
-        }
     }
 }
 
 fn default_memory_wait() -> HumanDuration {
     HumanDuration::from_secs(10)
-}
-
-// Twice the object store's chunk size: smaller bodies are cheaper held than streamed.
-fn default_stream_bodies_above() -> ByteSize {
-    ByteSize(1 << 20)
 }

@@ -229,7 +229,6 @@ overlay! {
         set {
             message_bytes_in_memory: Option<ByteSize>,
             memory_wait: HumanDuration,
-            stream_bodies_above: ByteSize,
         }
     }
 }
