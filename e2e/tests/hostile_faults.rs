@@ -911,7 +911,7 @@ async fn two_domain_transaction(mx: SocketAddr, token: &str) -> Option<String> {
         return Some(data);
     }
     c.send_quiet(atom_message(token).as_bytes()).await.ok()?;
-    c.send_quiet(b"\r\n.\r\n").await.ok()?;
+    c.send_quiet(b".\r\n").await.ok()?;
     c.reply(Duration::from_secs(30)).await
 }
 
