@@ -29,7 +29,7 @@ use futures::future::BoxFuture;
 use kubemail_smtp_node::auth::Authenticator;
 use kubemail_smtp_node::config::NodeConfig;
 use kubemail_smtp_node::dkim::DkimSigner;
-use kubemail_smtp_node::queue::commit::Outgoing;
+use kubemail_smtp_node::queue::commit::{BATCH_ID, BATCH_SEQUENCE, Outgoing};
 use kubemail_smtp_node::queue::{
     ContentId, Direction, EnqueueError, Queue, QueueEntry, QueueId, QueuedMessage,
 };
@@ -268,14 +268,12 @@ fn enqueue(c: &mut Criterion) {
                 .iter()
                 .enumerate()
                 .map(|(i, e)| {
-                    let mut headers = e.to_headers(&e.entry_id());
-                    headers.insert("Nats-Batch-Id", "0190a1b2c3d4e5f60718293a4b5c6d7e");
-                    headers.insert("Nats-Batch-Sequence", (i + 1).to_string());
-                    Outgoing {
-                        subject: kubemail_queue::subject("kubemail.queue", &e.domain),
-                        headers,
-                        payload: body.clone(),
-                    }
+                    let subject = kubemail_queue::subject("kubemail.queue", &e.domain);
+                    let mut m = Outgoing::new(subject, e.clone(), e.entry_id(), body.clone());
+                    m.headers
+                        .insert(BATCH_ID, "0190a1b2c3d4e5f60718293a4b5c6d7e");
+                    m.headers.insert(BATCH_SEQUENCE, (i + 1).to_string());
+                    m
                 })
                 .collect();
             black_box(batch)

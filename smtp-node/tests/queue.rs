@@ -638,3 +638,109 @@ async fn nats_killed_mid_batch_keeps_every_250_and_duplicates_no_retry() {
         results.len()
     );
 }
+
+/// The sweeper deletes a body object no entry refers to and keeps (and marks) one an entry
+/// refers to, even when its mark is missing (a node that died between the publish and the
+/// mark).
+#[tokio::test]
+async fn the_sweeper_deletes_only_bodies_no_entry_refers_to() {
+    use kubemail_smtp_node::config::NatsConfig;
+    use kubemail_smtp_node::queue::sweeper;
+    use kubemail_smtp_node::queue::{Direction, QueueEntry, QueueId};
+    let nats = Nats::shared();
+    let node = Node::start(&nats.url());
+    let client = async_nats::connect(nats.url()).await.expect("connect");
+    let js = async_nats::jetstream::new(client);
+    let store = js.get_object_store(&node.bucket).await.expect("bucket");
+    let queue_id = QueueId::new();
+    let referenced = format!("{queue_id}.example.test");
+    let orphan = format!("{}.example.test", QueueId::new());
+    for name in [&referenced, &orphan] {
+        let mut body: &[u8] = b"Subject: big\r\n\r\nbody\r\n";
+        store.put(name.as_str(), &mut body).await.expect("put");
+    }
+    let entry = QueueEntry {
+        queue_id,
+        mail_from: "a@remote.test".to_owned(),
+        recipients: vec!["bob@example.test".to_owned()],
+        direction: Direction::Inbound,
+        domain: "example.test".to_owned(),
+        accepted_at: std::time::SystemTime::now(),
+        message_id: None,
+        traceparent: None,
+        auth_user: None,
+        client_ip: None,
+        helo: None,
+        eight_bit: false,
+        smtputf8: false,
+        dsn_envid: None,
+        dsn_ret: None,
+        body_ref: Some(format!("{}/{referenced}", node.bucket)),
+        body_size: Some(22),
+        attempts: 0,
+        not_before: None,
+        last_error: None,
+        delay_warned: false,
+    };
+    // Entries of another domain come first in the stream; the sweeper reads past them.
+    for _ in 0..3 {
+        let mut other = entry.clone();
+        other.domain = "other.test".to_owned();
+        other.body_ref = None;
+        js.publish_with_headers(
+            format!("{}.other.test", node.subject_prefix),
+            other.to_headers(&other.entry_id()),
+            "x".into(),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("ack");
+    }
+    js.publish_with_headers(
+        format!("{}.example.test", node.subject_prefix),
+        entry.to_headers(&entry.entry_id()),
+        bytes::Bytes::new(),
+    )
+    .await
+    .expect("publish")
+    .await
+    .expect("ack");
+    let config = NatsConfig {
+        url: nats.url(),
+        stream: node.stream.clone(),
+        subject_prefix: node.subject_prefix.clone(),
+        body_bucket: node.bucket.clone(),
+        ..NatsConfig::default()
+    };
+    // Younger than the grace period: nothing is touched.
+    let deleted = sweeper::sweep(&js, &config, &store, Duration::from_secs(3600))
+        .await
+        .expect("sweep");
+    assert_eq!(deleted, 0);
+    assert!(store.info(&orphan).await.is_ok_and(|i| !i.deleted));
+    let deleted = sweeper::sweep(&js, &config, &store, Duration::ZERO)
+        .await
+        .expect("sweep");
+    assert_eq!(deleted, 1);
+    assert!(
+        store.info(&orphan).await.is_ok_and(|i| i.deleted),
+        "the orphan is gone"
+    );
+    let kept = store
+        .info(&referenced)
+        .await
+        .expect("the referenced body stays");
+    assert_eq!(
+        kept.description.as_deref(),
+        Some(sweeper::MARK),
+        "and is marked, so later sweeps leave it alone"
+    );
+    let entries = node.messages().await;
+    assert!(
+        entries
+            .iter()
+            .any(|e| e.body_str() == "Subject: big\r\n\r\nbody\r\n"),
+        "the entry still finds its body"
+    );
+}

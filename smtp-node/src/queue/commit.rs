@@ -33,8 +33,8 @@ use futures::StreamExt as _;
 use futures::stream::FuturesUnordered;
 use tokio::sync::{mpsc, oneshot};
 
-use super::EnqueueError;
 use super::setup::StreamSetup;
+use super::{EnqueueError, QueueEntry};
 use crate::metrics;
 
 /// Most messages in one group. nats-server refuses atomic batches of more than 1000.
@@ -48,16 +48,32 @@ pub const MAX_IN_FLIGHT: usize = 2;
 const QUEUE_DEPTH: usize = 4096;
 
 /// JetStream's atomic batch headers (ADR-50).
-const BATCH_ID: &str = "Nats-Batch-Id";
-const BATCH_SEQUENCE: &str = "Nats-Batch-Sequence";
-const BATCH_COMMIT: &str = "Nats-Batch-Commit";
+pub const BATCH_ID: &str = "Nats-Batch-Id";
+pub const BATCH_SEQUENCE: &str = "Nats-Batch-Sequence";
+pub const BATCH_COMMIT: &str = "Nats-Batch-Commit";
 
 /// One NATS message of a queue entry, ready to publish.
 #[derive(Debug, Clone)]
 pub struct Outgoing {
     pub subject: String,
+    /// `entry`'s headers with `msg_id`; a batch adds its own to them.
     pub headers: HeaderMap,
     pub payload: Bytes,
+    /// What the headers are made from, to make them again without the batch's.
+    pub entry: QueueEntry,
+    pub msg_id: String,
+}
+
+impl Outgoing {
+    pub fn new(subject: String, entry: QueueEntry, msg_id: String, payload: Bytes) -> Self {
+        Self {
+            subject,
+            headers: entry.to_headers(&msg_id),
+            payload,
+            entry,
+            msg_id,
+        }
+    }
 }
 
 /// A message the stream holds.
@@ -219,7 +235,7 @@ async fn commit_group(shared: Arc<Shared>, mut group: Vec<Job>) {
             Err(reason) => {
                 tracing::debug!(%reason, messages = total, "atomic batch not committed; publishing one by one");
                 for m in &mut messages {
-                    m.headers = without_batch_headers(&m.headers);
+                    m.headers = m.entry.to_headers(&m.msg_id);
                 }
                 one_by_one(&shared, messages).await
             }
@@ -233,21 +249,6 @@ async fn commit_group(shared: Arc<Shared>, mut group: Vec<Job>) {
         // A session that gave up waiting has dropped its receiver; nothing to tell it.
         let _ = job.reply.send(mine);
     }
-}
-
-/// `headers` without the atomic batch headers.
-fn without_batch_headers(headers: &HeaderMap) -> HeaderMap {
-    let mut out = HeaderMap::new();
-    for (name, values) in headers.iter() {
-        let name_str: &str = name.as_ref();
-        if name_str.starts_with("Nats-Batch-") {
-            continue;
-        }
-        for value in values {
-            out.append(name.clone(), value.clone());
-        }
-    }
-    out
 }
 
 /// Why an atomic batch was not committed (the group is then published one by one).
@@ -273,21 +274,22 @@ async fn atomic_batch(shared: &Shared, messages: &mut [Outgoing]) -> Result<(), 
     let n = messages.len();
     let mut ack = None;
     for (i, m) in messages.iter_mut().enumerate() {
-        m.headers.insert(BATCH_ID, id.as_str());
-        m.headers.insert(BATCH_SEQUENCE, (i + 1).to_string());
-        // The headers stay on `m`: a failed batch strips them and publishes again.
+        // Taken: a failed batch makes the headers again from the entry.
+        let mut headers = std::mem::take(&mut m.headers);
+        headers.insert(BATCH_ID, id.as_str());
+        headers.insert(BATCH_SEQUENCE, (i + 1).to_string());
         if i + 1 < n {
             shared
                 .client
-                .publish_with_headers(m.subject.clone(), m.headers.clone(), m.payload.clone())
+                .publish_with_headers(m.subject.clone(), headers, m.payload.clone())
                 .await
                 .map_err(|e| BatchError::Send(e.to_string()))?;
         } else {
-            m.headers.insert(BATCH_COMMIT, "1");
+            headers.insert(BATCH_COMMIT, "1");
             ack = Some(
                 shared
                     .js
-                    .publish_with_headers(m.subject.clone(), m.headers.clone(), m.payload.clone())
+                    .publish_with_headers(m.subject.clone(), headers, m.payload.clone())
                     .await
                     .map_err(|e| BatchError::Send(e.to_string()))?,
             );

@@ -13,7 +13,7 @@
 //! removed: at once when the entry is known not to be stored, or to be a duplicate of one
 //! that is (its body is another object); otherwise, when the outcome is unknown (a timeout, a
 //! crash), by the [`sweeper`](super::sweeper). An object whose entry is stored is marked so
-//! (object metadata), so the sweeper need not look for it.
+//! (its description), so the sweeper need not look for it.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -225,12 +225,8 @@ impl JetStreamQueue {
         } else {
             (body, None)
         };
-        let outgoing = Outgoing {
-            subject: kubemail_queue::subject(&self.nats.subject_prefix, &entry.domain),
-            headers: entry.to_headers(&msg_id),
-            payload,
-        };
-        Ok((outgoing, object))
+        let subject = kubemail_queue::subject(&self.nats.subject_prefix, &entry.domain);
+        Ok((Outgoing::new(subject, entry, msg_id, payload), object))
     }
 
     /// Publishes the entries of one transaction; `Ok` once every one is stored.

@@ -5,8 +5,9 @@
 //! orphan. Space, not mail: nothing is lost, but nothing would ever delete it.
 //!
 //! * The enqueue deletes its object at once when it knows the entry is not stored (an error
-//!   answer) or is a duplicate, and marks it (object metadata `kubemail-entry: stored`) when
-//!   the entry is stored.
+//!   answer) or is a duplicate, and marks it (the object's description becomes [`MARK`]) when
+//!   the entry is stored. The description, because async-nats rewrites only the name and the
+//!   description of an existing object.
 //! * Everything else is found by the sweeper that every node runs: every `interval` (with a
 //!   random offset, so nodes do not sweep together) it lists the bucket and looks at the
 //!   objects that are unmarked and older than [`GRACE`]. For those it reads the entries of the
@@ -27,9 +28,8 @@ use tokio_util::sync::CancellationToken;
 use crate::config::NatsConfig;
 use crate::metrics;
 
-/// The metadata key (and value) of an object whose entry is stored.
-pub const MARK: &str = "kubemail-entry";
-const MARK_VALUE: &str = "stored";
+/// The description of a body object whose entry is stored.
+pub const MARK: &str = "kubemail: a stored queue entry refers to this body";
 
 /// How old an unmarked object must be before the sweeper looks at it: far longer than any
 /// enqueue can take (the publish timeout, a client's end-of-data wait of 10 minutes).
@@ -67,7 +67,7 @@ pub async fn delete_orphan(store: &ObjectStore, object: &str) {
 pub async fn mark_referenced(store: &ObjectStore, object: &str) {
     let update = UpdateMetadata {
         name: object.to_owned(),
-        metadata: [(MARK.to_owned(), MARK_VALUE.to_owned())].into(),
+        description: Some(MARK.to_owned()),
         ..Default::default()
     };
     if let Err(error) = store.update_metadata(object, update).await {
@@ -151,7 +151,7 @@ fn is_candidate(
     now: time::OffsetDateTime,
     grace: Duration,
 ) -> bool {
-    if info.deleted || info.metadata.get(MARK).is_some_and(|v| v == MARK_VALUE) {
+    if info.deleted || info.description.as_deref() == Some(MARK) {
         return false;
     }
     info.modified
@@ -204,12 +204,8 @@ mod tests {
         let now = time::OffsetDateTime::now_utc();
         object_store::ObjectInfo {
             name: name.to_owned(),
-            description: None,
-            metadata: if marked {
-                [(MARK.to_owned(), MARK_VALUE.to_owned())].into()
-            } else {
-                Default::default()
-            },
+            description: marked.then(|| MARK.to_owned()),
+            metadata: Default::default(),
             headers: None,
             options: None,
             bucket: "B".to_owned(),

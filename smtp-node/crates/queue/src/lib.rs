@@ -55,9 +55,9 @@
 //! the queue entry then has an empty payload and `Kubemail-Body-Ref: <bucket>/<object name>`
 //! ([`body_ref`]). The object is written (and acknowledged) before the entry, so an entry
 //! never refers to a missing body. The delivery side deletes the object after the last
-//! recipient is done. Once its entry is stored, the node marks the object with the metadata
-//! `kubemail-entry: stored`; an unmarked object that is more than an hour old and that no
-//! entry refers to (its entry was never stored) is deleted by the node's sweeper.
+//! recipient is done. Once its entry is stored, the node marks the object (its description
+//! says a stored entry refers to it); an unmarked object that is more than an hour old and
+//! that no entry refers to (its entry was never stored) is deleted by the node's sweeper.
 //!
 //! # Delivery state
 //! Each MailDomain has one durable pull consumer, [`consumer_name`], filtered on its
