@@ -107,7 +107,7 @@ domains:
 inboundAuth: {{ enabled: false }}
 "#,
             users = users_file.display(),
-            key = examples.join("dkim-ed25519.pem").display(),
+            key = examples.join("dev-dkim-ed25519.pem").display(),
         );
         let config = NodeConfig::from_yaml(&yaml).expect("config");
         config.validate().expect("valid config");
@@ -149,8 +149,8 @@ inboundAuth: {{ enabled: false }}
             .expect("write");
         b.until(b"250 ").await;
         if submission {
-            // "\0alice\0secret"
-            b.io.write_all(b"AUTH PLAIN AGFsaWNlAHNlY3JldA==\r\n")
+            // "\0alice@example.test\0secret"
+            b.io.write_all(b"AUTH PLAIN AGFsaWNlQGV4YW1wbGUudGVzdABzZWNyZXQ=\r\n")
                 .await
                 .expect("write");
             b.until(b"235 ").await;

@@ -20,6 +20,7 @@ use futures::future::BoxFuture;
 pub use kubemail_queue::{
     Direction, EntryError, Notice, QueueEntry, QueueId, headers, parse_rfc3339, rfc3339,
 };
+use sha2::{Digest as _, Sha256};
 
 /// One entry handed to the queue: envelope and message bytes. The publisher fills in what
 /// only it knows: `body_size`, and `body_ref` when the body goes to the object store.
@@ -46,11 +47,13 @@ pub struct QueuedMessage {
 /// the next generation and is queued again. What remains: the same content accepted by
 /// another node, or twice at the same moment, within the window, is queued once.
 #[derive(Clone)]
-pub struct ContentId(ring::digest::Context);
+pub struct ContentId(Sha256);
 
 impl ContentId {
     pub fn new(auth_user: Option<&str>, mail_from: &str, params: &[&str], message: &[u8]) -> Self {
-        let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
+        // RustCrypto's SHA-256 uses the CPU's SHA extensions where there are some (about twice
+        // ring's speed here): this digest runs over every accepted message.
+        let mut digest = Sha256::new();
         // Length-prefixed fields: no two envelopes hash the same bytes.
         field(&mut digest, auth_user.unwrap_or("").as_bytes());
         field(&mut digest, mail_from.as_bytes());
@@ -63,9 +66,9 @@ impl ContentId {
 
     /// The transaction's key in [`ContentHistory`].
     pub fn key(&self) -> [u8; 16] {
-        let sum = self.0.clone().finish();
+        let sum = self.0.clone().finalize();
         let mut key = [0u8; 16];
-        key.copy_from_slice(&sum.as_ref()[..16]);
+        key.copy_from_slice(&sum[..16]);
         key
     }
 
@@ -77,10 +80,10 @@ impl ContentId {
         for r in recipients {
             field(&mut digest, r.as_bytes());
         }
-        let sum = digest.finish();
+        let sum = digest.finalize();
         let mut id = String::with_capacity(40 + domain.len());
         id.push('c');
-        for b in &sum.as_ref()[..16] {
+        for b in &sum[..16] {
             id.push(char::from(HEX[usize::from(b >> 4)]));
             id.push(char::from(HEX[usize::from(b & 0xf)]));
         }
@@ -147,8 +150,8 @@ impl ContentHistory {
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
 
-fn field(digest: &mut ring::digest::Context, bytes: &[u8]) {
-    digest.update(&(bytes.len() as u64).to_be_bytes());
+fn field(digest: &mut Sha256, bytes: &[u8]) {
+    digest.update((bytes.len() as u64).to_be_bytes());
     digest.update(bytes);
 }
 

@@ -19,8 +19,10 @@ use crate::memory::{NoRoom, Reservation};
 /// More than this still works, at the price of one copy of the message.
 pub(super) const HEADROOM: usize = 4 * 1024;
 
-/// Message capacity allocated when a transfer starts: most mail is smaller.
-const FIRST_CAPACITY: usize = 64 * 1024;
+/// Message capacity allocated when a transfer starts: one read's worth (the session reads
+/// message data 16 KiB at a time). Larger messages double it as they grow; smaller ones do not
+/// pay (in memory, and against the budget) for room they never use.
+const FIRST_CAPACITY: usize = 16 * 1024;
 
 /// The capacity to start a transfer with, for a message of at most `size_limit` octets.
 pub(super) fn first_capacity(size_limit: u64) -> usize {
