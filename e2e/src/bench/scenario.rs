@@ -475,6 +475,7 @@ impl Env {
                     relay,
                     features: self.features,
                     dns_blackhole: self.dns_blackhole,
+                    synced_writes: durability == Durability::SyncAlways,
                 })?;
                 Ok(Sut {
                     processes: kubemail::processes(node.pid(), nats.pid()),

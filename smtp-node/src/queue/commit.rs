@@ -15,6 +15,11 @@
 //! Each session is answered only from its own entries' outcome, after the server's
 //! acknowledgement of the group that carried them: `250` still means durable.
 //!
+//! With `nats.groupCommit: false` (or a server without atomic batches) the committer still
+//! takes the waiting transactions together, but publishes their entries one by one, the
+//! acknowledgements awaited together: for a server that does not sync each write, where a
+//! batch's staging costs more than it saves.
+//!
 //! When a batch fails (the stream does not allow atomic publishes, a message is a duplicate of
 //! one already stored, too many batches in flight on the server, the connection dropped), the
 //! group is published again message by message, acknowledgements awaited together. That is

@@ -155,10 +155,11 @@ impl JetStreamQueue {
 
     async fn setup_once(&self) -> Result<(), super::stream::SetupError> {
         let atomic = ensure_queue_stream(&self.js, &self.nats).await?;
-        if !atomic {
+        if !atomic && self.nats.group_commit {
             tracing::warn!(stream = %self.nats.stream, "the stream takes no atomic batches (nats-server before 2.12?): every message is its own write");
         }
-        self.atomic.store(atomic, Ordering::Relaxed);
+        self.atomic
+            .store(atomic && self.nats.group_commit, Ordering::Relaxed);
         let bucket = ensure_body_bucket(&self.js, &self.nats).await?;
         let _ = self.bodies.set(bucket);
         Ok(())

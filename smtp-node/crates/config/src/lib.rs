@@ -384,6 +384,7 @@ domains:
         assert_eq!(c.domains[0].limits.max_message_size.0, 25 * 1024 * 1024);
         assert_eq!(c.domains[0].limits.max_recipients, 100);
         assert_eq!(c.nats.stream, "KUBEMAIL");
+        assert!(c.nats.group_commit, "group commit is on unless turned off");
         assert_eq!(c.listeners[0].bare_line_endings, BareLineEndings::Reject);
         assert!(!c.listeners[0].requires_tls());
         assert!(c.domains[0].has_recipient("BOB"));
