@@ -242,7 +242,17 @@ async fn commit_group(shared: Arc<Shared>, mut group: Vec<Job>) {
                 for m in &mut messages {
                     m.headers = m.entry.to_headers(&m.msg_id);
                 }
-                one_by_one(&shared, messages).await
+                let mut outcomes = one_by_one(&shared, messages).await;
+                // A commit that got no answer may have been stored: whatever fails now may
+                // be in the stream all the same.
+                if reason.unknown_outcome() {
+                    for outcome in &mut outcomes {
+                        if let Err(failure) = outcome {
+                            failure.maybe_stored = true;
+                        }
+                    }
+                }
+                outcomes
             }
         }
     } else {
@@ -263,10 +273,21 @@ enum BatchError {
     NotConnected,
     #[error("cannot send: {0}")]
     Send(String),
-    #[error("commit failed: {0}")]
-    Commit(String),
+    #[error("commit failed: {reason}")]
+    Commit {
+        reason: String,
+        /// No answer came (a timeout, a lost connection): the server may have committed it.
+        unknown: bool,
+    },
     #[error("the server committed {got:?} of {sent} messages")]
     Count { sent: usize, got: Option<u64> },
+}
+
+impl BatchError {
+    /// Whether the batch may have been stored although it failed.
+    fn unknown_outcome(&self) -> bool {
+        matches!(self, Self::Commit { unknown: true, .. })
+    }
 }
 
 /// Publishes `messages` as one atomic batch: every message but the last without a reply
@@ -303,7 +324,13 @@ async fn atomic_batch(shared: &Shared, messages: &mut [Outgoing]) -> Result<(), 
     let Some(ack) = ack else {
         return Ok(());
     };
-    let ack = ack.await.map_err(|e| BatchError::Commit(e.to_string()))?;
+    let ack = ack.await.map_err(|e| BatchError::Commit {
+        reason: e.to_string(),
+        unknown: matches!(
+            e.kind(),
+            PublishErrorKind::TimedOut | PublishErrorKind::BrokenPipe
+        ),
+    })?;
     if ack.batch_size != Some(n as u64) {
         return Err(BatchError::Count {
             sent: n,

@@ -10,9 +10,9 @@
 //! An enqueue stores large bodies in the object store first (in the session's task), then
 //! hands its entries to the [`commit`](super::commit) task, which publishes them with the
 //! entries of other sessions in one atomic batch. Body objects that no entry refers to are
-//! removed: at once when the entry is known not to be stored, or to be a duplicate of one
-//! that is (its body is another object); otherwise, when the outcome is unknown (a timeout, a
-//! crash), by the [`sweeper`](super::sweeper). An object whose entry is stored is marked so
+//! removed: at once when the entry is known not to be stored (an error answer, or never
+//! sent, and no earlier batch of it went unanswered); otherwise (a timeout, a crash, an entry
+//! the stream already had) by the [`sweeper`](super::sweeper), which looks at the entries. An object whose entry is stored is marked so
 //! (its description), so the sweeper need not look for it.
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -265,8 +265,11 @@ impl JetStreamQueue {
         let mut stored = Vec::new();
         for (outcome, object) in outcomes.into_iter().zip(objects) {
             match outcome {
-                // The stream had the entry already: it refers to the first attempt's body.
-                Ok(Stored { duplicate: true }) => orphans.extend(object),
+                // The stream had the entry already. Usually that is an earlier attempt's entry,
+                // which refers to that attempt's body and leaves this one an orphan; but it
+                // may be this very entry, stored by a batch whose answer was lost. Only the
+                // sweeper, which reads the entries, can tell.
+                Ok(Stored { duplicate: true }) => {}
                 Ok(Stored { duplicate: false }) => stored.extend(object),
                 Err(failure) => {
                     if !failure.maybe_stored {

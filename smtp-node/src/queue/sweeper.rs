@@ -5,7 +5,7 @@
 //! orphan. Space, not mail: nothing is lost, but nothing would ever delete it.
 //!
 //! * The enqueue deletes its object at once when it knows the entry is not stored (an error
-//!   answer) or is a duplicate, and marks it (the object's description becomes [`MARK`]) when
+//!   answer, or never sent after no unanswered attempt), and marks it (the object's description becomes [`MARK`]) when
 //!   the entry is stored. The description, because async-nats rewrites only the name and the
 //!   description of an existing object.
 //! * Everything else is found by the sweeper that every node runs: every `interval` (with a
