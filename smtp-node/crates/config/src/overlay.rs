@@ -18,8 +18,8 @@ use serde::{Deserialize, Deserializer};
 use crate::{
     AdminConfig, AuthConfig, ByteSize, ClientTimeouts, ConnectionConfig, ConsumerConfig,
     DaneConfig, DeliveryConfig, DmarcMode, DnsConfig, HumanDuration, InboundAuthConfig,
-    MtaStsConfig, MxTlsPolicy, NodeConfig, OutboundTlsConfig, RetryConfig, ShutdownConfig,
-    Timeouts, TlsPolicyOverride, TlsRptConfig,
+    MtaStsConfig, MxTlsPolicy, NodeConfig, NodeLimits, OutboundTlsConfig, RetryConfig,
+    ShutdownConfig, Timeouts, TlsPolicyOverride, TlsRptConfig,
 };
 
 /// Declares the overlay of one config section: a struct with an `Option` of every field, and
@@ -87,6 +87,7 @@ overlay! {
             dns: DnsOverlay,
             delivery: DeliveryOverlay,
             inbound_auth: InboundAuthOverlay,
+            limits: LimitsOverlay,
         }
         keep { hostname, listeners, tls, nats, domains, mta_sts_server }
     }
@@ -230,6 +231,16 @@ overlay! {
     }
 }
 
+overlay! {
+    /// Overlay of [`NodeLimits`].
+    LimitsOverlay => NodeLimits {
+        set {
+            message_bytes_in_memory: Option<ByteSize>,
+            memory_wait: HumanDuration,
+        }
+    }
+}
+
 impl NodeConfigOverlay {
     /// Parses an overlay from YAML (or JSON). Errors name the offending field.
     pub fn from_yaml(text: &str) -> Result<Self, serde_yaml::Error> {
@@ -307,6 +318,7 @@ delivery:
   consumer: { maxDeliver: 6 }
   retry: { delayWarning: 4h }
 inboundAuth: { dmarc: enforce }
+limits: { messageBytesInMemory: 256Mi }
 "#,
         )
         .unwrap();
@@ -334,6 +346,12 @@ inboundAuth: { dmarc: enforce }
         assert_eq!(c.delivery.retry.max_backoff.0, Duration::from_secs(7200));
         assert_eq!(c.inbound_auth.dmarc, DmarcMode::Enforce);
         assert!(c.inbound_auth.enabled);
+        assert_eq!(c.limits.message_bytes_in_memory, Some(ByteSize(256 << 20)));
+        assert_eq!(
+            c.limits.memory_wait,
+            NodeLimits::default().memory_wait,
+            "kept"
+        );
         c.validate().unwrap();
     }
 

@@ -7,11 +7,12 @@
 //! One JetStream stream (`nats.stream`, default [`DEFAULT_STREAM`]) with file storage,
 //! work-queue retention, `discard: new` (a full stream refuses new mail, which the client sees
 //! as `452 4.3.1`, instead of silently dropping queued mail), no `max_age` (mail never expires
-//! inside NATS; the 5-day lifetime is the delivery side's business) and a duplicate window
-//! for `Nats-Msg-Id`, replicated `nats.replicas` times. Whoever manages the JetStream objects
-//! creates and checks it: the operator when NATS is authenticated (the nodes' credentials
-//! may not create streams, see [`permissions`]), else the node
-//! (`kubemail_smtp_node::queue::stream`, `nats.manageStreams`).
+//! inside NATS; the 5-day lifetime is the delivery side's business), a duplicate window
+//! for `Nats-Msg-Id`, atomic batch publishes allowed (`allow_atomic`, nats-server 2.12+: a
+//! node writes the entries of many transactions as one batch, all or none, synced once), and
+//! `nats.replicas` replicas. Whoever manages the JetStream objects creates and checks it: the
+//! operator when NATS is authenticated (the nodes' credentials may not create streams, see
+//! [`permissions`]), else the node (`kubemail_smtp_node::queue::stream`, `nats.manageStreams`).
 //!
 //! # Subjects
 //! [`subject`]: `<nats.subjectPrefix>.<lower-cased domain>` (default
@@ -58,7 +59,9 @@
 //! the queue entry then has an empty payload and `Kubemail-Body-Ref: <bucket>/<object name>`
 //! ([`body_ref`]). The object is written (and acknowledged) before the entry, so an entry
 //! never refers to a missing body. The delivery side deletes the object after the last
-//! recipient is done.
+//! recipient is done. Once its entry is stored, the node marks the object (its description
+//! says a stored entry refers to it); an unmarked object that is more than an hour old and
+//! that no entry refers to (its entry was never stored) is deleted by the node's sweeper.
 //!
 //! # Delivery state
 //! Each MailDomain has one durable pull consumer, [`consumer_name`], filtered on its
@@ -79,8 +82,17 @@
 //!
 //! # Message ids
 //! `Nats-Msg-Id` makes a repeated publish (a retry after a lost acknowledgement) a no-op:
-//! * a new entry: `<queue id>.<domain>` ([`QueueEntry::entry_id`]);
-//! * a retry: `<queue id>.<domain>.a<attempts>` ([`QueueEntry::msg_id`] gives both);
+//! * a new entry: `c<digest>.<domain>`, or `c<digest>-<n>.<domain>` for the n-th repeat,
+//!   where the digest (128 bits of SHA-256, in hex) covers what the client sent: the
+//!   authenticated user, the reverse path, the MAIL parameters that reach the entry, the
+//!   message as received, and the entry's domain and recipients; `n` counts how often the
+//!   accepting node answered `250` to that content within the duplicate window. A client that
+//!   retries a transaction it was told failed (`451`) although the stream had stored it sends
+//!   the same octets again, gets the same id, and the second entry is dropped; a message sent
+//!   again after its `250` is a new one. Entries written by earlier nodes used
+//!   `<queue id>.<domain>`;
+//! * a retry: `<queue id>.<domain>.a<attempts>` ([`QueueEntry::entry_id`] is `<queue id>.<domain>`;
+//!   [`QueueEntry::msg_id`] gives the retry id, or the entry id for no attempt);
 //! * bounces and delay notices are ordinary outbound entries with the null sender `<>` on
 //!   the same subject and a queue id of their own; their id derives from the entry they
 //!   report on, `<queue id>.<domain>.bounce<attempts>` / `.delay<attempts>`

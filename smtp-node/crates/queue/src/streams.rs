@@ -55,6 +55,7 @@ pub fn queue_stream_config(nats: &NatsConfig) -> stream::Config {
         max_message_size: -1,
         duplicate_window: nats.duplicate_window.0,
         num_replicas: nats.replicas as usize,
+        allow_atomic_publish: true,
         ..Default::default()
     }
 }
@@ -174,6 +175,7 @@ pub fn tlsrpt_claims_config(replicas: u32) -> kv::Config {
 /// stored entries to the new peers), or a subject of ours is missing.
 pub fn queue_stream_differs(current: &stream::Config, desired: &stream::Config) -> bool {
     current.discard != desired.discard
+        || current.allow_atomic_publish != desired.allow_atomic_publish
         || current.max_age != desired.max_age
         || current.duplicate_window != desired.duplicate_window
         || current.max_bytes != desired.max_bytes
