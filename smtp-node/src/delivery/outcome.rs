@@ -269,6 +269,7 @@ mod tests {
             now: at(now),
             null_sender,
             delay_warned: false,
+            admin: Default::default(),
             jitter: 0.0,
         }
     }

@@ -986,6 +986,7 @@ async fn publish_dsn(
         not_before: None,
         last_error: None,
         delay_warned: false,
+        admin: Default::default(),
     };
     let (notice, tag) = match kind {
         DsnKind::Failure => (Notice::Bounce, "bounce"),
