@@ -18,8 +18,8 @@ use serde::{Deserialize, Deserializer};
 use crate::{
     AdminConfig, AuthConfig, ByteSize, ClientTimeouts, ConnectionConfig, ConsumerConfig,
     DaneConfig, DeliveryConfig, DmarcMode, DnsConfig, HumanDuration, InboundAuthConfig,
-    MtaStsConfig, MxTlsPolicy, NodeConfig, OutboundTlsConfig, RetryConfig, ShutdownConfig,
-    Timeouts, TlsPolicyOverride, TlsRptConfig,
+    MtaStsConfig, MxTlsPolicy, NodeConfig, OutboundTlsConfig, RetryConfig, ShapingConfig,
+    ShutdownConfig, Timeouts, TlsPolicyOverride, TlsRptConfig,
 };
 
 /// Declares the overlay of one config section: a struct with an `Option` of every field, and
@@ -151,6 +151,8 @@ overlay! {
             allowed_networks: Vec<String>,
             blocked_networks: Vec<String>,
             bounce_size_limit: ByteSize,
+            pause_check_interval: HumanDuration,
+            shaping: ShapingConfig,
         }
         merge {
             retry: RetryOverlay,
@@ -171,6 +173,7 @@ overlay! {
             lifetime: HumanDuration,
             bounce_lifetime: HumanDuration,
             delay_warning: Option<HumanDuration>,
+            intervals: Vec<HumanDuration>,
         }
     }
 }
