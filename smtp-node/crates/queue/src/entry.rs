@@ -104,6 +104,9 @@ pub enum Action {
     Release,
     /// Returned to the sender by the next worker.
     Cancel,
+    /// Put back by a worker to wait for a delivery pause (not an operator's action, but the
+    /// same kind of replacement: same attempts, so it needs an id of its own).
+    Pause,
 }
 
 impl Action {
@@ -113,6 +116,7 @@ impl Action {
             Self::Hold => "hold",
             Self::Release => "release",
             Self::Cancel => "cancel",
+            Self::Pause => "pause",
         }
     }
 }
