@@ -4,5 +4,6 @@
 
 pub mod knot;
 pub mod ports;
+pub mod scripted_sink;
 pub mod smtp_sink;
 pub mod wait;
