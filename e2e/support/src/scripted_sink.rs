@@ -13,6 +13,9 @@ use std::time::{Duration, Instant};
 /// A message the sink accepted.
 #[derive(Debug, Clone)]
 pub struct Received {
+    /// When the MAIL command came.
+    pub started: Instant,
+    /// When the final dot was answered.
     pub at: Instant,
     pub mail_from: String,
     pub recipients: Vec<String>,
@@ -153,6 +156,7 @@ fn serve(stream: TcpStream, state: &State, delay: &Mutex<Duration>) {
         return;
     }
     let mut mail_from = String::new();
+    let mut started = Instant::now();
     let mut recipients = Vec::new();
     loop {
         let mut line = String::new();
@@ -184,6 +188,7 @@ fn serve(stream: TcpStream, state: &State, delay: &Mutex<Duration>) {
                     say("451 4.3.0 Try again later")
                 } else {
                     mail_from = command.clone();
+                    started = Instant::now();
                     recipients.clear();
                     say("250 2.1.0 Ok")
                 }
@@ -215,6 +220,7 @@ fn serve(stream: TcpStream, state: &State, delay: &Mutex<Duration>) {
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .push(Received {
+                        started,
                         at: Instant::now(),
                         mail_from: std::mem::take(&mut mail_from),
                         recipients: std::mem::take(&mut recipients),
