@@ -958,6 +958,9 @@ async fn finish(
             ..entry.clone()
         };
         next.admin.paused_by = None;
+        if let Some((_, d)) = plan.deferred.first() {
+            next.admin.log_attempt(now, &d.summary());
+        }
         if !paused.is_empty() {
             let at = pause::next_check(ctx, &paused, retry_at, now);
             let recipients = next.recipients.clone();

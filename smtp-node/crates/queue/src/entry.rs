@@ -121,9 +121,31 @@ impl Action {
     }
 }
 
-/// What operators and pauses did to an entry; empty (the default) on most entries.
+/// Attempts kept in `Kubemail-Attempt-Log` (the newest).
+pub const MAX_ATTEMPT_LOG: usize = 10;
+/// Characters of a reply kept in the attempt log.
+const MAX_LOGGED_REPLY: usize = 300;
+
+/// One attempt in the attempt log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttemptRecord {
+    pub at: SystemTime,
+    /// What the attempt ended with (the remote's reply or our own diagnostic).
+    pub reply: String,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct AttemptJson {
+    at: String,
+    reply: String,
+}
+
+/// What operators and pauses did to an entry, and its recent attempts; empty (the default)
+/// on a new entry.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct AdminState {
+    /// The last attempts that deferred it (at most [`MAX_ATTEMPT_LOG`], oldest first).
+    pub attempt_log: Vec<AttemptRecord>,
     /// Time spent held or waiting for a pause: added to the lifetime, so mail that was only
     /// held back is never bounced for its age.
     pub suspended: Duration,
@@ -194,6 +216,16 @@ pub struct QueueEntry {
     pub delay_warned: bool,
     /// Holds, pauses and cancellation.
     pub admin: AdminState,
+}
+
+impl AdminState {
+    /// Adds an attempt to the log, dropping the oldest beyond [`MAX_ATTEMPT_LOG`].
+    pub fn log_attempt(&mut self, at: SystemTime, reply: &str) {
+        let reply: String = clean(reply.trim()).chars().take(MAX_LOGGED_REPLY).collect();
+        self.attempt_log.push(AttemptRecord { at, reply });
+        let extra = self.attempt_log.len().saturating_sub(MAX_ATTEMPT_LOG);
+        self.attempt_log.drain(..extra);
+    }
 }
 
 impl QueueEntry {
@@ -326,6 +358,19 @@ impl QueueEntry {
         if a.cancelled {
             h.insert(headers::CANCEL, "bounce");
         }
+        if !a.attempt_log.is_empty() {
+            let log: Vec<AttemptJson> = a
+                .attempt_log
+                .iter()
+                .map(|r| AttemptJson {
+                    at: rfc3339(r.at),
+                    reply: clean(&r.reply),
+                })
+                .collect();
+            if let Ok(json) = serde_json::to_string(&log) {
+                h.insert(headers::ATTEMPT_LOG, json);
+            }
+        }
         h
     }
 
@@ -396,6 +441,20 @@ impl QueueEntry {
                 held_at: get(headers::HELD_AT).and_then(|v| parse_rfc3339(&v)),
                 hold_reason: get(headers::HOLD_REASON),
                 cancelled: get(headers::CANCEL).is_some_and(|v| v == "bounce"),
+                // Informational: an unreadable log is dropped rather than the entry.
+                attempt_log: get(headers::ATTEMPT_LOG)
+                    .and_then(|v| serde_json::from_str::<Vec<AttemptJson>>(&v).ok())
+                    .map(|list| {
+                        list.into_iter()
+                            .filter_map(|r| {
+                                Some(AttemptRecord {
+                                    at: parse_rfc3339(&r.at)?,
+                                    reply: r.reply,
+                                })
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default(),
             },
         })
     }

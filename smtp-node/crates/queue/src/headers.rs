@@ -41,5 +41,8 @@ pub const PAUSED_BY: &str = "Kubemail-Paused-By";
 pub const HELD_AT: &str = "Kubemail-Held-At";
 /// Why it was put on hold, as the operator gave it.
 pub const HOLD_REASON: &str = "Kubemail-Hold-Reason";
+/// The last attempts' results: a JSON array of `{"at": RFC 3339, "reply": text}`, oldest
+/// first, at most [`crate::MAX_ATTEMPT_LOG`] of them.
+pub const ATTEMPT_LOG: &str = "Kubemail-Attempt-Log";
 /// `bounce`: deleted by an operator; the next worker returns it to the sender.
 pub const CANCEL: &str = "Kubemail-Cancel";

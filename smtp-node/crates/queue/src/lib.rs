@@ -70,7 +70,9 @@
 //! * `Kubemail-Delay-Warned` (`true`): a "delayed" DSN was sent already;
 //! * `Kubemail-Suspended`: whole seconds the entry spent held or waiting for a pause, added
 //!   to its lifetime ([`QueueEntry::expires_at`]);
-//! * `Kubemail-Paused-By`: the pause ([`pause::Pause::key`]) the entry waits for.
+//! * `Kubemail-Paused-By`: the pause ([`pause::Pause::key`]) the entry waits for;
+//! * `Kubemail-Attempt-Log`: the last [`MAX_ATTEMPT_LOG`] attempts that deferred it, JSON
+//!   `[{"at": "<RFC 3339>", "reply": "<text>"}]`, for `queue show`.
 //!
 //! Only then is the old entry acked (publish-then-ack: a crash in between can repeat an
 //! attempt, never lose a recipient). A recipient that got the message is never in a later
@@ -119,7 +121,10 @@ pub mod pause;
 mod entry;
 mod rfc3339;
 
-pub use entry::{Action, AdminState, Direction, EntryError, Notice, QueueEntry, QueueId};
+pub use entry::{
+    Action, AdminState, AttemptRecord, Direction, EntryError, MAX_ATTEMPT_LOG, Notice, QueueEntry,
+    QueueId,
+};
 pub use names::{
     DEFAULT_BODY_BUCKET, DEFAULT_STREAM, DEFAULT_SUBJECT_PREFIX, MTA_STS_CACHE_BUCKET,
     PAUSES_BUCKET, SHAPING_BUCKET, SHAPING_LEASES_BUCKET, TLSRPT_CLAIMS_BUCKET, TLSRPT_STREAM,

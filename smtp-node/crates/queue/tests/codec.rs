@@ -218,6 +218,7 @@ fn operators_actions_and_their_state_travel_in_the_entry() {
     );
     assert_eq!(e.notice_msg_id(Notice::Cancel), "q42.example.com.cancel2");
     e.admin = AdminState {
+        attempt_log: Vec::new(),
         suspended: Duration::from_secs(3600),
         paused_by: Some("mail.remote-421".into()),
         held_at: Some(at(1_795_830_000, 0)),
@@ -235,6 +236,23 @@ fn operators_actions_and_their_state_travel_in_the_entry() {
         "2026-11-28T01:40:00Z"
     );
     assert_eq!(h.get(headers::CANCEL).unwrap().as_str(), "bounce");
+    assert_eq!(QueueEntry::from_headers(&h).unwrap(), e);
+    // The attempt log keeps the newest ten, one line each.
+    for i in 0..12u64 {
+        e.admin.log_attempt(
+            at(1_795_830_000 + i, 0),
+            &format!("451 4.7.1 try {i}\r\nlater"),
+        );
+    }
+    assert_eq!(e.admin.attempt_log.len(), 10);
+    assert_eq!(e.admin.attempt_log[0].reply, "451 4.7.1 try 2??later");
+    let h = e.to_headers(&e.msg_id());
+    assert!(
+        h.get(headers::ATTEMPT_LOG)
+            .unwrap()
+            .as_str()
+            .starts_with(r#"[{"at":"2026-11-28T01:40:02Z","reply":"451 4.7.1 try 2??later"}"#)
+    );
     assert_eq!(QueueEntry::from_headers(&h).unwrap(), e);
     // Held and paused time extends the lifetime.
     let lifetime = Duration::from_secs(5 * 86400);
@@ -415,6 +433,7 @@ fn entry() -> impl Strategy<Value = QueueEntry> {
     )
         .prop_map(
             |(suspended, paused_by, held_at, hold_reason, cancelled)| AdminState {
+                attempt_log: Vec::new(),
                 suspended: Duration::from_secs(suspended),
                 paused_by,
                 held_at,
