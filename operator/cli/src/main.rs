@@ -19,6 +19,7 @@ async fn main() -> ExitCode {
     let args = Args::parse();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("KUBEMAIL_LOG")
                 .unwrap_or_else(|_| "kubemail=info,kubectl_kubemail=info,warn".into()),
