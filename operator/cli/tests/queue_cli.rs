@@ -76,8 +76,8 @@ const DOMAINS: [&str; 3] = ["a.test", "b.test", "c.test"];
 /// Entry `i` of a test queue: accepted `i` minutes ago, recipient domain `DOMAINS[i % 3]`;
 /// every 5th deferred after a 421; every 7th held.
 fn entry(i: usize, now: SystemTime) -> (QueueEntry, bool) {
-    let deferred = i % 5 == 0;
-    let held = i % 7 == 0;
+    let deferred = i.is_multiple_of(5);
+    let held = i.is_multiple_of(7);
     let e = QueueEntry {
         queue_id: QueueId::from(format!("q{i:06}")),
         mail_from: format!("sender{}@example.com", i % 4),
