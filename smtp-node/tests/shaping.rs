@@ -220,7 +220,7 @@ async fn a_421_lowers_the_rate_for_every_replica_and_it_recovers() {
     eprintln!("rates after recovery: {restored:?}");
     assert!(
         restored.iter().filter(|r| **r > 0.0).all(|r| *r == 120.0)
-            && restored.iter().any(|r| *r == 120.0),
+            && restored.contains(&120.0),
         "the configured rate is back: {restored:?}"
     );
     assert_eq!(remote.throttled(), 2, "no more 421s");
