@@ -234,7 +234,14 @@ async fn twenty_mib_message_goes_through_the_object_store() {
     let e = &entries[0];
     assert_eq!(
         e.header("Kubemail-Body-Ref"),
-        Some(format!("{}/{}", node.bucket, e.header("Nats-Msg-Id").unwrap()).as_str())
+        Some(
+            format!(
+                "{}/{}",
+                node.body_bucket(),
+                e.header("Nats-Msg-Id").unwrap()
+            )
+            .as_str()
+        )
     );
     let stored = e.body_str();
     let (_, rest) = stored
@@ -282,7 +289,7 @@ async fn stream_settings_never_drop_queued_mail() {
     assert!(config.duplicate_window >= Duration::from_secs(120));
     assert_eq!(config.subjects, [format!("{}.>", node.subject_prefix)]);
     assert!(
-        js.get_object_store(&node.bucket).await.is_ok(),
+        js.get_object_store(node.body_bucket()).await.is_ok(),
         "body bucket exists"
     );
 }

@@ -124,6 +124,17 @@ pub fn markdown(results: &BenchResults) -> String {
                 }
                 md.push('\n');
             }
+            ScenarioId::AcceptR3 => {
+                let _ = writeln!(
+                    md,
+                    "Benchmark 1 (same load) with kubemail on three JetStream servers on this \
+                     machine, the queue stream R3 and `sync_interval: always`: a `250` means the \
+                     message is fsynced on a quorum of two of the three servers (the production \
+                     durability class, surviving the loss of a server). Postfix as in benchmark 1.\n"
+                );
+                throughput_table(&mut md, ms, scenario);
+                md.push('\n');
+            }
             ScenarioId::Relay => {
                 let _ = writeln!(
                     md,
@@ -270,7 +281,10 @@ fn throughput_table(md: &mut String, ms: &[Measurement], scenario: ScenarioId) {
          |---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     let postfix = median_row(ms, scenario, System::Postfix, None).and_then(|r| r.0.msgs_per_sec);
-    for system in System::ALL {
+    for system in System::ALL
+        .into_iter()
+        .chain([System::KubemailR3SyncAlways])
+    {
         for variant in variants(ms, scenario, system) {
             let Some((m, lo, hi, n)) = median_row(ms, scenario, system, Some(&variant)) else {
                 continue;

@@ -258,6 +258,13 @@ async fn run_in(
                 })
                 .await;
             }
+            ScenarioId::AcceptR3 => {
+                let systems = [System::KubemailR3SyncAlways, System::Postfix];
+                for_each_alternating(params.repetitions, &systems, &mut out, |s, rep| {
+                    scenario::accept_and_queue_r3(&env, s, &params.accept, rep)
+                })
+                .await;
+            }
             ScenarioId::Relay => {
                 for_each_alternating(params.repetitions, &System::ALL, &mut out, |s, rep| {
                     scenario::relay(&env, s, &params.relay, rep)

@@ -7,8 +7,9 @@
 //! connection is up; otherwise the client would buffer it and send it after a reconnect, long
 //! after the client was told `451` (a certain duplicate when it retries).
 
-use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant};
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::Instant;
 
 use async_nats::connection::State;
 use async_nats::jetstream::context::PublishErrorKind;
@@ -18,7 +19,7 @@ use futures::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
 
 use super::setup::StreamSetup;
-use super::stream::{ensure_body_bucket, ensure_queue_stream};
+use super::stream::{check_consumer, ensure_body_bucket, ensure_queue_stream, open_body_bucket};
 use super::{EnqueueError, Queue, QueuedMessage};
 use crate::config::NatsConfig;
 use crate::metrics::{self, ResultLabels};
@@ -39,12 +40,8 @@ const FULL_CODES: [ErrorCode; 5] = [
 /// Why the NATS client could not be created.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
-    #[error("cannot read NATS credentials file {path}")]
-    ReadCredentials {
-        path: std::path::PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("cannot set up the NATS connection")]
+    Options(#[from] super::connect::OptionsError),
     #[error("cannot connect to NATS at {url}: {source}")]
     Connect {
         url: String,
@@ -58,27 +55,18 @@ pub struct JetStreamQueue {
     client: async_nats::Client,
     js: jetstream::Context,
     nats: NatsConfig,
-    bodies: OnceLock<ObjectStore>,
+    /// The domains this node serves (lower case): one body bucket each.
+    domains: Vec<String>,
+    bodies: RwLock<HashMap<String, ObjectStore>>,
     setup: StreamSetup,
 }
 
 impl JetStreamQueue {
     /// Creates the client. Returns at once; the connection is made (and re-made) in the
     /// background. Call [`JetStreamQueue::run_setup`] to create the stream.
-    pub async fn connect(nats: &NatsConfig) -> Result<Arc<Self>, ConnectError> {
-        let options = match &nats.credentials_file {
-            Some(path) => async_nats::ConnectOptions::with_credentials_file(path)
-                .await
-                .map_err(|source| ConnectError::ReadCredentials {
-                    path: path.clone(),
-                    source,
-                })?,
-            None => async_nats::ConnectOptions::new(),
-        };
-        let client = options
-            .name("kubemail-smtp-node")
+    pub async fn connect(nats: &NatsConfig, domains: &[String]) -> Result<Arc<Self>, ConnectError> {
+        let client = super::connect::options(nats, "kubemail-smtp-node")?
             .retry_on_initial_connect()
-            .connection_timeout(Duration::from_secs(5))
             .event_callback(|event| async move {
                 match event {
                     async_nats::Event::Connected => {
@@ -112,7 +100,8 @@ impl JetStreamQueue {
             client,
             js,
             nats: nats.clone(),
-            bodies: OnceLock::new(),
+            domains: domains.iter().map(|d| d.to_ascii_lowercase()).collect(),
+            bodies: RwLock::new(HashMap::new()),
             setup: StreamSetup::new(),
         }))
     }
@@ -129,16 +118,30 @@ impl JetStreamQueue {
                 &self.client,
                 &cancel,
                 || self.setup_once(),
-                || tracing::info!(stream = %self.nats.stream, bucket = %self.nats.body_bucket, "queue ready"),
+                || tracing::info!(stream = %self.nats.stream, buckets = %self.nats.body_bucket, managed = self.nats.manage_streams, "queue ready"),
                 |error| tracing::error!(%error, "queue setup failed; retrying"),
             )
             .await;
     }
 
+    /// With `nats.manageStreams`, creates or updates the stream and every domain's body
+    /// bucket; without, only opens what the operator made, so the node is not ready (and
+    /// answers `451`) until the objects exist.
     async fn setup_once(&self) -> Result<(), super::stream::SetupError> {
-        ensure_queue_stream(&self.js, &self.nats).await?;
-        let bucket = ensure_body_bucket(&self.js, &self.nats).await?;
-        let _ = self.bodies.set(bucket);
+        if self.nats.manage_streams {
+            ensure_queue_stream(&self.js, &self.nats).await?;
+        }
+        let mut bodies = HashMap::new();
+        for domain in &self.domains {
+            let bucket = if self.nats.manage_streams {
+                ensure_body_bucket(&self.js, &self.nats, domain).await?
+            } else {
+                check_consumer(&self.js, &self.nats, domain).await?;
+                open_body_bucket(&self.js, &self.nats, domain).await?
+            };
+            bodies.insert(domain.clone(), bucket);
+        }
+        *self.bodies.write().unwrap_or_else(|e| e.into_inner()) = bodies;
         Ok(())
     }
 
@@ -179,17 +182,26 @@ impl JetStreamQueue {
         let mut entry = message.entry.clone();
         entry.body_size = Some(message.body.len() as u64);
         let payload = if message.body.len() > self.inline_limit() {
+            let domain = entry.domain.to_ascii_lowercase();
             let store = self
                 .bodies
-                .get()
-                .ok_or_else(|| EnqueueError::Unavailable("body bucket not set up".to_owned()))?;
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&domain)
+                .cloned()
+                .ok_or_else(|| {
+                    EnqueueError::Unavailable(format!("body bucket of {domain} not set up"))
+                })?;
             let object = entry.body_object_name();
             let mut reader: &[u8] = &message.body;
             store
                 .put(object.as_str(), &mut reader)
                 .await
                 .map_err(|e| classify(&e, "store body"))?;
-            entry.body_ref = Some(kubemail_queue::body_ref(&self.nats.body_bucket, &object));
+            entry.body_ref = Some(kubemail_queue::body_ref(
+                &kubemail_queue::body_bucket(&self.nats.body_bucket, &domain),
+                &object,
+            ));
             bytes::Bytes::new()
         } else {
             message.body.clone()
@@ -202,14 +214,56 @@ impl JetStreamQueue {
             .map_err(|e| classify(&e, "publish"))?
             .await
             .map_err(|e| {
-                if e.kind() == PublishErrorKind::StreamNotFound {
+                (
+                    e.kind() == PublishErrorKind::StreamNotFound,
+                    classify(&e, "wait for acknowledgement"),
+                )
+            });
+        let ack = match ack {
+            Ok(ack) => ack,
+            Err((no_stream, error)) => {
+                // "No stream" is also what a replicated stream answers while it elects a new
+                // leader: set up again only when the server says the stream is gone.
+                if no_stream && self.stream_gone().await {
                     tracing::error!(stream = %self.nats.stream, "queue stream missing; setting it up again");
                     self.setup.lost();
                 }
-                classify(&e, "wait for acknowledgement")
-            })?;
+                return Err(error);
+            }
+        };
         tracing::debug!(stream = %ack.stream, sequence = ack.sequence, duplicate = ack.duplicate, "queued");
         Ok(())
+    }
+}
+
+impl JetStreamQueue {
+    /// Whether the server says the queue stream does not exist (not merely unreachable or
+    /// without a leader). A node that may not read the stream (`nats.manageStreams: false`)
+    /// asks for its first domain's consumer instead, which exists only on the stream.
+    async fn stream_gone(&self) -> bool {
+        use async_nats::jetstream::context::GetStreamErrorKind;
+        use async_nats::jetstream::stream::ConsumerErrorKind;
+        if self.nats.manage_streams {
+            return matches!(
+                self.js.get_stream(&self.nats.stream).await.map_err(|e| e.kind()),
+                Err(GetStreamErrorKind::JetStream(e)) if e.error_code() == ErrorCode::STREAM_NOT_FOUND
+            );
+        }
+        let Some(domain) = self.domains.first() else {
+            return false;
+        };
+        matches!(
+            self.js
+                .get_consumer_from_stream::<async_nats::jetstream::consumer::pull::Config, _, _>(
+                    kubemail_queue::consumer_name(domain),
+                    &self.nats.stream,
+                )
+                .await
+                .map_err(|e| e.kind()),
+            Err(ConsumerErrorKind::JetStream(e))
+                if e.error_code() == ErrorCode::STREAM_NOT_FOUND
+                    || e.error_code() == ErrorCode::CONSUMER_NOT_FOUND
+        )
     }
 }
 

@@ -6,6 +6,7 @@
 //! consumer names) is the crate `kubemail_queue`, whose crate doc is its one description;
 //! its types are re-exported here.
 
+pub mod connect;
 pub mod jetstream;
 pub mod memory;
 pub mod sampler;

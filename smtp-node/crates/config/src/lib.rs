@@ -209,6 +209,9 @@ impl NodeConfig {
         if let Some(creds) = &mut self.nats.credentials_file {
             resolve(creds);
         }
+        if let Some(ca) = &mut self.nats.ca_file {
+            resolve(ca);
+        }
         if let Some(ca) = &mut self.delivery.tls.extra_ca_file {
             resolve(ca);
         }

@@ -8,7 +8,10 @@
 //! work-queue retention, `discard: new` (a full stream refuses new mail, which the client sees
 //! as `452 4.3.1`, instead of silently dropping queued mail), no `max_age` (mail never expires
 //! inside NATS; the 5-day lifetime is the delivery side's business) and a duplicate window
-//! for `Nats-Msg-Id`. The node creates and checks it (`kubemail_smtp_node::queue::stream`).
+//! for `Nats-Msg-Id`, replicated `nats.replicas` times. Whoever manages the JetStream objects
+//! creates and checks it: the operator when NATS is authenticated (the nodes' credentials
+//! may not create streams, see [`permissions`]), else the node
+//! (`kubemail_smtp_node::queue::stream`, `nats.manageStreams`).
 //!
 //! # Subjects
 //! [`subject`]: `<nats.subjectPrefix>.<lower-cased domain>` (default
@@ -50,8 +53,8 @@
 //! # Large bodies
 //! NATS refuses messages above the server's `max_payload` (1 MiB by default). A body larger
 //! than `nats.inlineBodyLimit` (or than `max_payload` minus 64 KiB of header room) is first
-//! stored in the JetStream object store bucket `nats.bodyBucket` (default
-//! [`DEFAULT_BODY_BUCKET`]) under [`QueueEntry::body_object_name`] (`<queue id>.<domain>`);
+//! stored in the domain's JetStream object store bucket [`body_bucket`] (`nats.bodyBucket`,
+//! default [`DEFAULT_BODY_BUCKET`], a `-` and the encoded domain) under [`QueueEntry::body_object_name`] (`<queue id>.<domain>`);
 //! the queue entry then has an empty payload and `Kubemail-Body-Ref: <bucket>/<object name>`
 //! ([`body_ref`]). The object is written (and acknowledged) before the entry, so an entry
 //! never refers to a missing body. The delivery side deletes the object after the last
@@ -114,9 +117,12 @@
 //!   report on, `<queue id>.<domain>.bounce<attempts>` / `.delay<attempts>`
 //!   ([`QueueEntry::notice_msg_id`]), so the same report is queued once.
 
+pub mod credentials;
 pub mod headers;
 pub mod names;
 pub mod pause;
+pub mod permissions;
+pub mod streams;
 
 mod entry;
 mod rfc3339;
@@ -128,8 +134,10 @@ pub use entry::{
 pub use names::{
     DEFAULT_BODY_BUCKET, DEFAULT_STREAM, DEFAULT_SUBJECT_PREFIX, MTA_STS_CACHE_BUCKET,
     PAUSES_BUCKET, SHAPING_BUCKET, SHAPING_LEASES_BUCKET, TLSRPT_CLAIMS_BUCKET, TLSRPT_STREAM,
-    body_ref, consumer_name, domain_token, held_subject, is_held_subject, is_legacy_consumer,
-    legacy_consumer_name, pause_key, split_body_ref, subject, tlsrpt_claim_key, tlsrpt_day_filter,
-    tlsrpt_subject,
+    auth_failure_stream, auth_failure_subject_prefix, auth_failure_subjects, body_bucket,
+    body_ref, consumer_name, domain_token, held_subject, inbox_prefix, is_held_subject,
+    is_legacy_consumer, legacy_consumer_name, pause_key, split_body_ref, subject,
+    tlsrpt_claim_key, tlsrpt_day_filter, tlsrpt_subject,
 };
+pub use permissions::{Permissions, QueueNames, node_permissions};
 pub use rfc3339::{parse_rfc3339, rfc3339};

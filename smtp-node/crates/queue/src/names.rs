@@ -182,21 +182,70 @@ pub fn subject(prefix: &str, domain: &str) -> String {
 /// The durable consumer of `domain` (a valid domain name, any case): `kubemail-` and the
 /// domain with dots as underscores, hashed when long (see the module doc).
 pub fn consumer_name(domain: &str) -> String {
+    domain_name_token(CONSUMER_PREFIX, domain)
+}
+
+/// The object store bucket of `domain`'s large bodies: `<base>-` and the domain encoded as in
+/// [`consumer_name`] (dots as underscores, hashed when long), e.g. `KUBEMAIL_BODIES-example_com`.
+/// Collision-free for the same reason, and one bucket per domain so that a domain's NATS
+/// credentials can be limited to its own bodies.
+pub fn body_bucket(base: &str, domain: &str) -> String {
+    domain_name_token(&format!("{base}-"), domain)
+}
+
+/// The stream of failed AUTH attempts, next to the queue stream `stream`.
+pub fn auth_failure_stream(stream: &str) -> String {
+    format!("{stream}_AUTH_FAILURES")
+}
+
+/// Every subject of the AUTH-failure stream: `<prefix>-auth-failures.>`, next to the queue's
+/// subjects, never under them (`kubemail.queue.>` does not match `kubemail.queue-auth-failures.x`).
+pub fn auth_failure_subjects(prefix: &str) -> String {
+    format!("{prefix}-auth-failures.>")
+}
+
+/// The AUTH-failure subjects of `domain` are `<this>.<user tag>`:
+/// `<prefix>-auth-failures.<lower-cased domain>`. A tag is one token, so `<this>.*` matches
+/// this domain's failures and no other domain's (a domain's tokens are fixed, and another
+/// domain with one more label would need one more token).
+pub fn auth_failure_subject_prefix(prefix: &str, domain: &str) -> String {
+    format!("{prefix}-auth-failures.{}", domain.to_ascii_lowercase())
+}
+
+/// The reply-inbox prefix of the nodes that serve `domains` (`_INBOX_` and 24 hex digits of
+/// the SHA-256 of the sorted, lower-cased, comma-joined domains). Their NATS credentials may
+/// subscribe to `<this>.>` only, so no other tenant's nodes can read their JetStream replies.
+/// Not a secret: the permission is what protects it.
+pub fn inbox_prefix<S: AsRef<str>>(domains: &[S]) -> String {
+    let mut sorted: Vec<String> = domains
+        .iter()
+        .map(|d| d.as_ref().to_ascii_lowercase())
+        .collect();
+    sorted.sort();
+    sorted.dedup();
+    let digest = Sha256::digest(sorted.join(",").as_bytes());
+    let hex: String = digest.iter().take(12).map(|b| format!("{b:02x}")).collect();
+    format!("_INBOX_{hex}")
+}
+
+/// `prefix` and the domain as one NATS name token (see the module doc).
+fn domain_name_token(prefix: &str, domain: &str) -> String {
     let domain = domain.to_ascii_lowercase();
     let encoded = domain.replace('.', "_");
-    if CONSUMER_PREFIX.len() + encoded.len() <= MAX_CONSUMER_NAME_LEN {
-        return format!("{CONSUMER_PREFIX}{encoded}");
+    if prefix.len() + encoded.len() <= MAX_CONSUMER_NAME_LEN {
+        return format!("{prefix}{encoded}");
     }
-    let mut readable = String::with_capacity(HASHED_PREFIX_LEN);
+    let room = MAX_CONSUMER_NAME_LEN.saturating_sub(prefix.len() + 1 + 64);
+    let mut readable = String::with_capacity(room);
     for c in encoded.chars() {
-        if readable.len() + c.len_utf8() > HASHED_PREFIX_LEN {
+        if readable.len() + c.len_utf8() > room {
             break;
         }
         readable.push(c);
     }
     let digest = Sha256::digest(domain.as_bytes());
     let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
-    format!("{CONSUMER_PREFIX}{readable}-{hex}")
+    format!("{prefix}{readable}-{hex}")
 }
 
 /// The consumer name of earlier versions, `kubemail-` and the domain with dots as dashes
@@ -272,6 +321,21 @@ mod tests {
             Some(("B", "q1.example.com"))
         );
         assert_eq!(split_body_ref("no-slash"), None);
+        assert_eq!(
+            body_bucket("KUBEMAIL_BODIES", "Mail.Example.com"),
+            "KUBEMAIL_BODIES-mail_example_com"
+        );
+        assert_ne!(body_bucket("B", "a-b.c"), body_bucket("B", "a.b-c"));
+        assert_eq!(
+            auth_failure_subject_prefix("kubemail.queue", "Example.COM"),
+            "kubemail.queue-auth-failures.example.com"
+        );
+        assert_eq!(
+            inbox_prefix(&["b.example", "A.example"]),
+            inbox_prefix(&["a.example", "b.example", "a.example"])
+        );
+        assert_ne!(inbox_prefix(&["a.example"]), inbox_prefix(&["b.example"]));
+        assert!(inbox_prefix(&["a.example"]).starts_with("_INBOX_"));
         assert_eq!(
             held_subject("kubemail.queue", "Example.COM"),
             "kubemail.queue._held.example.com"

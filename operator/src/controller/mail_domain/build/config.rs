@@ -20,13 +20,14 @@ use kubemail_config::{
 use super::{BuildConfig, BuildError};
 use crate::certs::{TLS_CERT_KEY, TLS_KEY_KEY};
 use crate::controller::mail_domain::names::{
-    ADMIN_PORT, DKIM_DIR, MTA_STS_PORT, RELAY_DIR, SMTP_PORT, SUBMISSION_PORT, SUBMISSIONS_PORT,
-    TLS_DIR, USERS_DIR,
+    ADMIN_PORT, DKIM_DIR, MTA_STS_PORT, NATS_DIR, RELAY_DIR, SMTP_PORT, SUBMISSION_PORT,
+    SUBMISSIONS_PORT, TLS_DIR, USERS_DIR,
 };
 use crate::controller::mail_domain::validate::{Limits, RelayResolution, ValidatedDomain};
 use crate::crd::mail_domain::{ForwardProtocol, ForwardSpec, ForwardTls, TlsPolicyRuleMode};
 use crate::crd::relay::{RelaySpec, RelayTls};
 use crate::dkim;
+use crate::nats::credentials::{CA_KEY, CREDENTIALS_KEY};
 use crate::users::{USERNAME_KEY_KEY, USERS_FILE_KEY};
 
 /// Node config fields each MailDomain and the operator's flags decide; an overlay may not set
@@ -137,8 +138,20 @@ pub fn node_config(
         url: config.nats_url.clone(),
         stream: config.nats_stream.clone(),
         subject_prefix: config.nats_subject_prefix.clone(),
+        replicas: config.nats_replicas,
         ..NatsConfig::default()
     };
+    // Authenticated NATS: the operator mints credentials for the domains these nodes serve
+    // and manages the JetStream objects, which the credentials may not create.
+    if config.nats_auth {
+        node.nats.credentials_file = Some(Path::new(NATS_DIR).join(CREDENTIALS_KEY));
+        node.nats.inbox_prefix = Some(kubemail_queue::inbox_prefix(&[&v.domain]));
+        node.nats.manage_streams = false;
+    }
+    if config.nats_tls {
+        node.nats.ca_file = Some(Path::new(NATS_DIR).join(CA_KEY));
+        node.nats.require_tls = true;
+    }
     node.admin.address = SocketAddr::new(ip, ADMIN_PORT);
     if has_users {
         // Set before the overlay, so a site-wide `auth` section can still choose its own key.

@@ -123,6 +123,10 @@ pub(super) fn deployment(
         mounts.push(mount("relay", RELAY_DIR));
         volumes.push(secret_volume("relay", auth.secret_ref.name.clone()));
     }
+    if config.nats_auth || config.nats_tls {
+        mounts.push(mount("nats", names::NATS_DIR));
+        volumes.push(secret_volume("nats", names::nats_secret(&v.name)));
+    }
     mounts.push(VolumeMount {
         name: "tmp".to_owned(),
         mount_path: "/tmp".to_owned(),

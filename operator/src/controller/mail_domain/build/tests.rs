@@ -36,6 +36,10 @@ pub(super) fn config() -> BuildConfig {
         nats_url: "nats://nats.kubemail-system:4222".into(),
         nats_stream: "KUBEMAIL".into(),
         nats_subject_prefix: "kubemail.queue".into(),
+        nats_replicas: 1,
+        nats_auth: false,
+        nats_tls: false,
+        network_policy: None,
     }
 }
 
@@ -803,6 +807,66 @@ fn invalid_references_and_durations_are_reported_with_a_reason() {
     assert_eq!(
         validate(&short, &refs()).unwrap_err().reason,
         "DkimRotationTooShort"
+    );
+}
+
+#[test]
+fn authenticated_nats_gives_nodes_credentials_tls_and_no_stream_management() {
+    let (_, v, plain) = full();
+    let plain_node: NodeConfig =
+        serde_yaml::from_str(&data_text(&plain.node_config, NODE_CONFIG_KEY)).unwrap();
+    assert!(
+        plain_node.nats.manage_streams,
+        "a bare NATS: the nodes manage"
+    );
+    assert!(plain_node.nats.credentials_file.is_none());
+
+    let md = md(FULL);
+    let cfg = BuildConfig {
+        nats_auth: true,
+        nats_tls: true,
+        nats_replicas: 3,
+        ..config()
+    };
+    let c = build(&md, &v, &provisioned(true), &observed(), &cfg, NOW).unwrap();
+    let node: NodeConfig =
+        serde_yaml::from_str(&data_text(&c.node_config, NODE_CONFIG_KEY)).unwrap();
+    assert!(
+        !node.nats.manage_streams,
+        "the operator manages the JetStream objects"
+    );
+    assert_eq!(node.nats.replicas, 3);
+    assert!(node.nats.require_tls);
+    assert_eq!(
+        node.nats.credentials_file.as_deref(),
+        Some(std::path::Path::new("/etc/kubemail/nats/nats.creds"))
+    );
+    assert_eq!(
+        node.nats.ca_file.as_deref(),
+        Some(std::path::Path::new("/etc/kubemail/nats/ca.crt"))
+    );
+    assert_eq!(
+        node.nats.inbox_prefix.as_deref(),
+        Some(kubemail_queue::inbox_prefix(&[v.domain.as_str()]).as_str())
+    );
+    let pod = c.deployment.spec.unwrap().template.spec.unwrap();
+    let volume = pod
+        .volumes
+        .unwrap()
+        .into_iter()
+        .find(|vol| vol.name == "nats")
+        .unwrap();
+    assert_eq!(
+        volume.secret.unwrap().secret_name.as_deref(),
+        Some("example-com-nats")
+    );
+    assert!(
+        pod.containers[0]
+            .volume_mounts
+            .as_ref()
+            .unwrap()
+            .iter()
+            .any(|m| m.name == "nats" && m.mount_path == "/etc/kubemail/nats")
     );
 }
 
