@@ -41,7 +41,6 @@ fn replicas(
         c["delivery"]["concurrency"] = json!(4);
         c["delivery"]["connections"]["perDestination"] = json!(4);
         c["delivery"]["shaping"] = json!({
-            "leaseTime": "6s",
             "destinations": [rule],
             "backoff": { "recoverAfter": recover_after },
         });
@@ -219,8 +218,7 @@ async fn a_421_lowers_the_rate_for_every_replica_and_it_recovers() {
     let restored: Vec<f64> = nodes.iter().map(|n| rate(n, "remote")).collect();
     eprintln!("rates after recovery: {restored:?}");
     assert!(
-        restored.iter().filter(|r| **r > 0.0).all(|r| *r == 120.0)
-            && restored.contains(&120.0),
+        restored.iter().filter(|r| **r > 0.0).all(|r| *r == 120.0) && restored.contains(&120.0),
         "the configured rate is back: {restored:?}"
     );
     assert_eq!(remote.throttled(), 2, "no more 421s");

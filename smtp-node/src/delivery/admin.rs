@@ -6,13 +6,16 @@
 //! * held entries wait on a subject no consumer reads, so workers never see them;
 //! * retried and released entries are ordinary entries without `Kubemail-Not-Before`;
 //! * an action replaces the entry in the stream. A worker that attempted the old entry
-//!   meanwhile checks, before it republishes the recipients left, that the old entry is
-//!   still there ([`still_queued`]); if not, the operator's replacement stands and nothing is
-//!   republished (so a held message never comes back through a retry).
+//!   meanwhile looks, before it republishes the recipients left, for the action's mark
+//!   ([`replaced_meanwhile`], the queue contract's "Operators' actions"); when it is there,
+//!   the operator's replacement stands and nothing is republished (so a held message never
+//!   comes back through a retry). The mark is in a bucket keyed by domain, so a node needs
+//!   no access to other domains' entries to check it.
 
 use async_nats::jetstream::Message;
-use async_nats::jetstream::stream::LastRawMessageErrorKind;
+use async_nats::jetstream::kv::{Operation, Store};
 use kubemail_queue::QueueEntry;
+use tokio::sync::OnceCell;
 
 use super::DeliveryContext;
 use super::outcome::{Diagnostic, RecipientOutcome};
@@ -33,24 +36,58 @@ pub fn cancelled_outcomes(entry: &QueueEntry) -> Vec<(String, RecipientOutcome)>
         .collect()
 }
 
-/// Whether the stream still holds `message` (no operator replaced or deleted it). When the
-/// answer is unknown (NATS trouble) it is taken as yes: republishing then can at worst repeat
-/// a delivery, never lose a recipient.
-pub async fn still_queued(ctx: &DeliveryContext, message: &Message) -> bool {
+/// The replaced-entry marks ([`kubemail_queue::REPLACED_BUCKET`]), opened on first use.
+#[derive(Default)]
+pub struct ReplacedMarks {
+    store: OnceCell<Store>,
+}
+
+impl ReplacedMarks {
+    async fn store(&self, js: &async_nats::jetstream::Context) -> Option<&Store> {
+        self.store
+            .get_or_try_init(|| async {
+                match js.get_key_value(kubemail_queue::REPLACED_BUCKET).await {
+                    Ok(s) => Ok(s),
+                    // Created by the operator; a node on its own makes it R1.
+                    Err(_) => js
+                        .create_key_value(kubemail_queue::streams::replaced_config(1))
+                        .await
+                        .map_err(|e| e.to_string()),
+                }
+            })
+            .await
+            .map_err(|error| tracing::debug!(%error, "no replaced-entry marks"))
+            .ok()
+    }
+}
+
+/// Whether an operator replaced or deleted `message` while it was attempted (its mark is
+/// set): then the mark is answered with `yielded` and the caller republishes nothing. When the
+/// answer is unknown (NATS trouble) it is no: republishing then can at worst repeat a
+/// delivery, never lose a recipient.
+pub async fn replaced_meanwhile(
+    ctx: &DeliveryContext,
+    message: &Message,
+    entry: &QueueEntry,
+) -> bool {
     let Ok(info) = message.info() else {
-        return true;
+        return false;
     };
-    let sequence = info.stream_sequence;
-    let stream = match ctx.js.get_stream_no_info(&ctx.nats.stream).await {
-        Ok(s) => s,
-        Err(_) => return true,
+    let Some(store) = ctx.replaced.store(&ctx.js).await else {
+        return false;
     };
-    match stream.get_raw_message(sequence).await {
-        Ok(_) => true,
-        Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => false,
-        Err(error) => {
-            tracing::debug!(%error, sequence, "cannot check the entry; assuming it is still queued");
+    let key = kubemail_queue::replaced_key(&entry.domain, info.stream_sequence);
+    match store.entry(&key).await {
+        Ok(Some(mark)) if mark.operation == Operation::Put => {
+            if let Err(error) = store.update(&key, "yielded".into(), mark.revision).await {
+                tracing::debug!(%error, "cannot answer the replaced-entry mark");
+            }
             true
+        }
+        Ok(_) => false,
+        Err(error) => {
+            tracing::debug!(%error, "cannot read the replaced-entry mark; assuming none");
+            false
         }
     }
 }

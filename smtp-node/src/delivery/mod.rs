@@ -127,6 +127,8 @@ pub struct DeliveryContext {
     pub pauses: Arc<pause::Pauses>,
     /// Cluster-wide connection and rate limits.
     pub shaper: Arc<shaping::Shaper>,
+    /// Marks of entries operators replaced.
+    pub replaced: admin::ReplacedMarks,
     retry_by_domain: HashMap<String, RetryConfig>,
     bodies: Mutex<HashMap<String, ObjectStore>>,
 }
@@ -172,12 +174,14 @@ impl DeliveryContext {
         let shaper = shaping::Shaper::new(
             d.shaping.clone(),
             js.clone(),
-            settings.nats.replicas as usize,
+            // Objects a node creates itself are R1, as for the TLS policy cache.
+            1,
             &settings.hostname,
         );
         Ok(Self {
             pauses: pause::Pauses::new(),
             shaper,
+            replaced: admin::ReplacedMarks::default(),
             retry_by_domain: settings.retry_by_domain,
             hostname: settings.hostname,
             pool: Arc::new(ConnectionPool::new(d.connections.clone())),
@@ -245,7 +249,6 @@ pub fn start(ctx: Arc<DeliveryContext>, domains: &[String]) -> Vec<tokio::task::
     ));
     tasks.push(tokio::spawn(pause::run_watch(
         ctx.js.clone(),
-        ctx.nats.replicas as usize,
         ctx.pauses.clone(),
         ctx.shutdown.stop_token().clone(),
     )));

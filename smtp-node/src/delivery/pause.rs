@@ -100,12 +100,11 @@ impl Pauses {
 /// Keeps `pauses` equal to the bucket until `stop` fires.
 pub async fn run_watch(
     js: async_nats::jetstream::Context,
-    replicas: usize,
     pauses: Arc<Pauses>,
     stop: CancellationToken,
 ) {
     loop {
-        match watch_once(&js, replicas, &pauses, &stop).await {
+        match watch_once(&js, &pauses, &stop).await {
             Ok(()) => return,
             Err(error) => tracing::warn!(%error, "watching delivery pauses failed; retrying"),
         }
@@ -118,11 +117,11 @@ pub async fn run_watch(
 
 async fn watch_once(
     js: &async_nats::jetstream::Context,
-    replicas: usize,
     pauses: &Pauses,
     stop: &CancellationToken,
 ) -> Result<(), String> {
-    let store = kubemail_queue_admin::pauses::open_bucket(js, replicas)
+    // The operator creates the bucket; a node on its own (tests, no operator) makes it R1.
+    let store = kubemail_queue_admin::pauses::open_bucket(js, 1)
         .await
         .map_err(|e| e.to_string())?;
     // The watch starts with the current value of every key, then follows changes.

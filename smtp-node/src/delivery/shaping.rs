@@ -11,7 +11,8 @@
 //! **Connections.** A connection needs one of `maxConnections` leases, keys
 //! `<slot>.<destination>` in [`kubemail_queue::SHAPING_LEASES_BUCKET`], taken with a KV
 //! `create` (which fails while another node holds that slot). The bucket's `max_age` is the
-//! lease time; holders renew their leases every third of it (busy and idle connections alike:
+//! lease time ([`kubemail_queue::SHAPING_LEASE_TIME`]); holders renew their leases every
+//! third of it (busy and idle connections alike:
 //! the remote counts open connections), so the slots of a node that died free themselves. A
 //! connection gives its lease back when it closes. This node's own
 //! `connections.perDestination` still applies on top.
@@ -37,7 +38,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use async_nats::jetstream::kv::{self, CreateErrorKind, Store, UpdateErrorKind};
-use async_nats::jetstream::stream::StorageType;
 use kubemail_queue::names::{DestinationKind, backoff_key, destination_token, lease_key, rate_key};
 use kubemail_queue::pause::name_matches;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -55,8 +55,6 @@ const MAX_LEVEL: u32 = 8;
 const DEBOUNCE: Duration = Duration::from_secs(1);
 /// Compare-and-set rounds before giving up on a contended key.
 const CAS_ROUNDS: usize = 50;
-/// How long rate and back-off state is kept without use.
-const STATE_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
 
 /// The shaping destination of a delivery: its name and limits.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -123,7 +121,7 @@ pub struct Shaper {
     policy: Policy,
     config: ShapingConfig,
     js: async_nats::jetstream::Context,
-    replicas: usize,
+    replicas: u32,
     /// Who holds a lease (for people reading the bucket).
     holder: String,
     leases: OnceCell<Store>,
@@ -144,7 +142,7 @@ impl Shaper {
     pub fn new(
         config: ShapingConfig,
         js: async_nats::jetstream::Context,
-        replicas: usize,
+        replicas: u32,
         hostname: &str,
     ) -> Arc<Self> {
         Arc::new(Self {
@@ -152,7 +150,7 @@ impl Shaper {
             policy: Policy::new(config.clone()),
             config,
             js,
-            replicas: replicas.max(1),
+            replicas,
             leases: OnceCell::new(),
             state: OnceCell::new(),
             live: Mutex::new(HashMap::new()),
@@ -345,7 +343,7 @@ impl Shaper {
 
     /// Renews this node's leases every third of the lease time until `stop`.
     pub async fn run_renewal(self: Arc<Self>, stop: CancellationToken) {
-        let period = (self.config.lease_time.0 / 3).max(Duration::from_millis(500));
+        let period = kubemail_queue::SHAPING_LEASE_TIME / 3;
         let mut tick = tokio::time::interval(period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -399,15 +397,7 @@ impl Shaper {
             .get_or_try_init(|| {
                 open(
                     &self.js,
-                    kv::Config {
-                        bucket: kubemail_queue::SHAPING_LEASES_BUCKET.to_owned(),
-                        description: "kubemail connection leases per destination".to_owned(),
-                        history: 1,
-                        max_age: self.config.lease_time.0,
-                        storage: StorageType::Memory,
-                        num_replicas: self.replicas,
-                        ..Default::default()
-                    },
+                    kubemail_queue::streams::shaping_leases_config(self.replicas),
                 )
             })
             .await
@@ -419,15 +409,7 @@ impl Shaper {
             .get_or_try_init(|| {
                 open(
                     &self.js,
-                    kv::Config {
-                        bucket: kubemail_queue::SHAPING_BUCKET.to_owned(),
-                        description: "kubemail rate and back-off state per destination".to_owned(),
-                        history: 1,
-                        max_age: STATE_MAX_AGE,
-                        storage: StorageType::Memory,
-                        num_replicas: self.replicas,
-                        ..Default::default()
-                    },
+                    kubemail_queue::streams::shaping_state_config(self.replicas),
                 )
             })
             .await
@@ -553,7 +535,8 @@ fn busy_diagnostic(busy: &Busy) -> Diagnostic {
     Diagnostic::local(crate::protocol::EnhancedCode(4, 4, 5), busy.to_string())
 }
 
-/// Opens a bucket, creating it when missing (another node may create it at the same time).
+/// Opens a bucket, creating it when missing (another node may create it at the same time;
+/// with the operator's credentials only the operator creates it).
 async fn open(js: &async_nats::jetstream::Context, config: kv::Config) -> Result<Store, String> {
     let name = config.bucket.clone();
     if let Ok(store) = js.get_key_value(&name).await {

@@ -1007,7 +1007,7 @@ async fn republish(
     next: QueueEntry,
     msg_id: &str,
 ) -> bool {
-    if !admin::still_queued(ctx, message).await {
+    if admin::replaced_meanwhile(ctx, message, entry).await {
         tracing::info!(
             "the entry was changed by an operator during the attempt; keeping their version"
         );

@@ -78,10 +78,6 @@ pub struct ShapingConfig {
     /// `connections.perDestination`, no rates, no back-off.
     #[serde(default = "crate::default_true")]
     pub enabled: bool,
-    /// How long a connection lease lives without renewal (holders renew every third of it):
-    /// the slot of a node that died frees itself after this long.
-    #[serde(default = "default_lease_time")]
-    pub lease_time: HumanDuration,
     /// Longest wait for a connection slot or a send time; after it the entry is put back
     /// for a few seconds, without counting an attempt.
     #[serde(default = "default_max_wait")]
@@ -163,7 +159,6 @@ impl Default for ShapingConfig {
     fn default() -> Self {
         Self {
             enabled: true,
-            lease_time: default_lease_time(),
             max_wait: default_max_wait(),
             default: ShapingLimits::default(),
             destinations: Vec::new(),
@@ -566,9 +561,6 @@ impl DeliveryConfig {
 
 impl ShapingConfig {
     fn validate(&self, errors: &mut Vec<String>) {
-        if self.lease_time.0 < Duration::from_secs(3) {
-            errors.push("delivery.shaping.leaseTime: must be at least 3s".to_owned());
-        }
         if self.max_wait.0.is_zero() {
             errors.push("delivery.shaping.maxWait: must be greater than 0".to_owned());
         }
@@ -630,9 +622,6 @@ impl ShapingConfig {
 
 fn default_pause_check_interval() -> HumanDuration {
     HumanDuration::from_secs(60)
-}
-fn default_lease_time() -> HumanDuration {
-    HumanDuration::from_secs(30)
 }
 fn default_max_wait() -> HumanDuration {
     HumanDuration::from_secs(60)

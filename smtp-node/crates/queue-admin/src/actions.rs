@@ -4,17 +4,20 @@
 //!
 //! * The old message is read again right before acting: an entry that a worker took
 //!   meanwhile is reported as gone, not acted on.
-//! * When the old message vanished between the publish and the delete (a worker finished it
-//!   in that moment), the replacement is deleted again: an action never adds a second live
-//!   entry.
+//! * Between the publish and the delete the old entry is marked as replaced
+//!   ([`kubemail_queue::REPLACED_BUCKET`]): a worker attempting it then does not republish it
+//!   and answers the mark with `yielded`. When the old message vanished before the delete
+//!   and no worker yielded (a worker finished it in that moment), the replacement is deleted
+//!   again: an action never adds a second live entry.
 //! * A dry run reads and decides exactly the same way and changes nothing.
 //! * Every change is logged (target `kubemail::audit`) with the actor.
 
 use std::time::{Duration, SystemTime};
 
+use async_nats::jetstream::kv::Store;
 use async_nats::jetstream::stream::LastRawMessageErrorKind;
 use futures::TryStreamExt as _;
-use kubemail_queue::{Action, QueueEntry, held_subject, is_held_subject, subject};
+use kubemail_queue::{Action, QueueEntry, held_subject, is_held_subject, replaced_key, subject};
 use serde::Serialize;
 
 use crate::{AdminError, Filter, Queue};
@@ -193,6 +196,7 @@ impl Queue {
         }
         .await
         .map_err(|reason| AdminError::Publish { sequence, reason })?;
+        let marks = self.mark_replaced(&entry.domain, sequence).await?;
         match self.stream.delete_message(sequence).await {
             Ok(_) => {}
             Err(error) => {
@@ -201,6 +205,11 @@ impl Queue {
                         sequence,
                         source: error,
                     });
+                }
+                if yielded(&marks, &entry.domain, sequence).await {
+                    // A worker attempted it meanwhile and left the entry to our replacement.
+                    tracing::info!(target: "kubemail::audit", actor = %self.actor, action = kind.name(), queue_id = %entry.queue_id, domain = %entry.domain, sequence, new_sequence = ack.sequence, "queue entry changed (a worker yielded it)");
+                    return Ok(outcome(&entry, Result_::Changed, Some(ack.sequence)));
                 }
                 // A worker finished the old entry while we replaced it: take the
                 // replacement back, so the message is not queued twice.
@@ -228,6 +237,7 @@ impl Queue {
     /// Deletes message `sequence` and its stored body; returns true when it was gone
     /// already.
     async fn delete_silently(&self, sequence: u64, entry: &QueueEntry) -> Result<bool, AdminError> {
+        let marks = self.mark_replaced(&entry.domain, sequence).await?;
         if let Err(error) = self.stream.delete_message(sequence).await {
             if self.exists(sequence).await? {
                 return Err(AdminError::DeleteMessage {
@@ -235,7 +245,8 @@ impl Queue {
                     source: error,
                 });
             }
-            return Ok(true);
+            // Gone: finished by a worker, unless it yielded to this delete.
+            return Ok(!yielded(&marks, &entry.domain, sequence).await);
         }
         if let Some((bucket, name)) = entry
             .body_ref
@@ -266,6 +277,29 @@ impl Queue {
         Ok(false)
     }
 
+    /// Marks stream message `sequence` of `domain` as replaced, for a worker attempting it now.
+    async fn mark_replaced(&self, domain: &str, sequence: u64) -> Result<Store, AdminError> {
+        let store = match self.js.get_key_value(kubemail_queue::REPLACED_BUCKET).await {
+            Ok(s) => s,
+            Err(_) => self
+                .js
+                .create_key_value(kubemail_queue::streams::replaced_config(1))
+                .await
+                .map_err(|e| AdminError::Bucket {
+                    bucket: kubemail_queue::REPLACED_BUCKET.to_owned(),
+                    reason: e.to_string(),
+                })?,
+        };
+        store
+            .put(replaced_key(domain, sequence), "replaced".into())
+            .await
+            .map_err(|e| AdminError::Bucket {
+                bucket: kubemail_queue::REPLACED_BUCKET.to_owned(),
+                reason: e.to_string(),
+            })?;
+        Ok(store)
+    }
+
     async fn exists(&self, sequence: u64) -> Result<bool, AdminError> {
         match self.stream.get_raw_message(sequence).await {
             Ok(_) => Ok(true),
@@ -273,6 +307,14 @@ impl Queue {
             Err(source) => Err(AdminError::ReadMessage { sequence, source }),
         }
     }
+}
+
+/// Whether a worker answered the mark of `sequence` with `yielded`.
+async fn yielded(marks: &Store, domain: &str, sequence: u64) -> bool {
+    matches!(
+        marks.get(replaced_key(domain, sequence)).await,
+        Ok(Some(v)) if v.as_ref() == b"yielded"
+    )
 }
 
 /// The replacement for an entry (`None`: delete it silently), the action it records and

@@ -1,37 +1,25 @@
 //! Delivery pauses in the KV bucket [`kubemail_queue::PAUSES_BUCKET`]: the operator writes
-//! one entry per `DeliveryPause`, every node watches the bucket. Both open it with
-//! [`bucket_config`], so whoever comes first creates it the same way.
+//! one entry per `DeliveryPause`, every node watches the bucket. Whoever comes first creates
+//! it from [`kubemail_queue::streams::pauses_config`].
 
 use std::collections::HashMap;
 use std::time::SystemTime;
 
 use async_nats::jetstream::Context;
-use async_nats::jetstream::kv::{self, Store};
-use async_nats::jetstream::stream::StorageType;
+use async_nats::jetstream::kv::Store;
 use futures::TryStreamExt as _;
 use kubemail_queue::PAUSES_BUCKET;
 use kubemail_queue::pause::Pause;
 
 use crate::{AdminError, Filter, Queue, State};
 
-/// The bucket's configuration: one value per key, file storage, `replicas` copies.
-pub fn bucket_config(replicas: usize) -> kv::Config {
-    kv::Config {
-        bucket: PAUSES_BUCKET.to_owned(),
-        description: "kubemail delivery pauses (DeliveryPause resources)".to_owned(),
-        history: 1,
-        storage: StorageType::File,
-        num_replicas: replicas.max(1),
-        ..Default::default()
-    }
-}
-
-/// Opens the pause bucket, creating it when it does not exist.
-pub async fn open_bucket(js: &Context, replicas: usize) -> Result<Store, AdminError> {
+/// Opens the pause bucket, creating it (with `replicas` copies,
+/// [`kubemail_queue::streams::pauses_config`]) when it does not exist.
+pub async fn open_bucket(js: &Context, replicas: u32) -> Result<Store, AdminError> {
     match js.get_key_value(PAUSES_BUCKET).await {
         Ok(store) => Ok(store),
         Err(_) => js
-            .create_key_value(bucket_config(replicas))
+            .create_key_value(kubemail_queue::streams::pauses_config(replicas))
             .await
             .map_err(|e| AdminError::Bucket {
                 bucket: PAUSES_BUCKET.to_owned(),

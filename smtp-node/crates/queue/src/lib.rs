@@ -97,9 +97,13 @@
 //!   `<entry id>.cancel<attempts>`) instead of attempting delivery;
 //! * *delete silently*: the message and its body object are deleted.
 //!
-//! A worker that finds, after an attempt, that its message was deleted meanwhile (an action
-//! ran during the attempt) does not republish its retry: the operator's replacement is the
-//! entry from then on (the recipients of that attempt may get the message again).
+//! An action marks the entry it replaces in [`REPLACED_BUCKET`] ([`replaced_key`]) between
+//! the publish and the delete. A worker that attempted that entry meanwhile finds the mark
+//! before it republishes the recipients left, sets it to `yielded` and does not republish:
+//! the operator's replacement is the entry from then on (the recipients of that attempt may
+//! get the message again). When the delete then finds the entry gone, the action keeps its
+//! replacement if the mark says `yielded`, and takes it back otherwise (a worker finished
+//! the entry first).
 //!
 //! # Pauses and shaping
 //! Delivery pauses are in the KV bucket [`PAUSES_BUCKET`] ([`pause`]). An entry whose
@@ -133,11 +137,11 @@ pub use entry::{
 };
 pub use names::{
     DEFAULT_BODY_BUCKET, DEFAULT_STREAM, DEFAULT_SUBJECT_PREFIX, MTA_STS_CACHE_BUCKET,
-    PAUSES_BUCKET, SHAPING_BUCKET, SHAPING_LEASES_BUCKET, TLSRPT_CLAIMS_BUCKET, TLSRPT_STREAM,
-    auth_failure_stream, auth_failure_subject_prefix, auth_failure_subjects, body_bucket,
-    body_ref, consumer_name, domain_token, held_subject, inbox_prefix, is_held_subject,
-    is_legacy_consumer, legacy_consumer_name, pause_key, split_body_ref, subject,
-    tlsrpt_claim_key, tlsrpt_day_filter, tlsrpt_subject,
+    PAUSES_BUCKET, REPLACED_BUCKET, SHAPING_BUCKET, SHAPING_LEASE_TIME, SHAPING_LEASES_BUCKET,
+    TLSRPT_CLAIMS_BUCKET, TLSRPT_STREAM, auth_failure_stream, auth_failure_subject_prefix,
+    auth_failure_subjects, body_bucket, body_ref, consumer_name, domain_token, held_subject,
+    inbox_prefix, is_held_subject, is_legacy_consumer, legacy_consumer_name, pause_key,
+    replaced_key, split_body_ref, subject, tlsrpt_claim_key, tlsrpt_day_filter, tlsrpt_subject,
 };
 pub use permissions::{Permissions, QueueNames, node_permissions};
 pub use rfc3339::{parse_rfc3339, rfc3339};

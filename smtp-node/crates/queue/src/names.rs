@@ -67,11 +67,8 @@ pub fn is_held_subject(prefix: &str, subject: &str) -> bool {
 
 /// The JetStream KV bucket of delivery pauses (`DeliveryPause` resources), written by the
 /// operator and watched by every node. Key: [`pause_key`]; value: JSON of a
-/// [`crate::pause::Pause`]; history 1, no max age (a pause's expiry is in its value). A node
-/// needs `$KV.KUBEMAIL_PAUSES.>` for subscribe (the watch) and
-/// `$JS.API.STREAM.INFO.KV_KUBEMAIL_PAUSES`, `$JS.API.CONSUMER.CREATE.KV_KUBEMAIL_PAUSES.>`
-/// and the watch's deliver subject `_INBOX.>`; the operator also publish and
-/// `$JS.API.STREAM.CREATE.KV_KUBEMAIL_PAUSES`, `$JS.API.DIRECT.GET.KV_KUBEMAIL_PAUSES.>`.
+/// [`crate::pause::Pause`]; history 1, no max age (a pause's expiry is in its value). Nodes
+/// only read it ([`crate::permissions`]).
 pub const PAUSES_BUCKET: &str = "KUBEMAIL_PAUSES";
 
 /// The key of the pause `name` in `namespace`: `<namespace>.<name>`. A namespace is one DNS
@@ -81,17 +78,30 @@ pub fn pause_key(namespace: &str, name: &str) -> String {
 }
 
 /// The JetStream KV bucket of per-destination connection leases, shared by every node:
-/// key [`lease_key`], value the holder; the bucket's `max_age` is the lease time, holders
-/// renew their leases well within it, so the slot of a crashed node frees itself. Remote
-/// destinations are not tenant data (all tenants share the cluster's addresses, which is
-/// what a receiving MTA limits), so every node uses the whole bucket: `$KV.KUBEMAIL_SHAPING_LEASES.>`
-/// (publish, subscribe) and the bucket's JetStream API calls as for [`MTA_STS_CACHE_BUCKET`].
+/// key [`lease_key`], value the holder; the bucket's `max_age` is [`SHAPING_LEASE_TIME`],
+/// holders renew their leases every third of it, so the slot of a crashed node frees itself.
+/// Remote destinations are not tenant data (all tenants share the cluster's addresses, which
+/// is what a receiving MTA limits), so every node uses the whole bucket.
 pub const SHAPING_LEASES_BUCKET: &str = "KUBEMAIL_SHAPING_LEASES";
+
+/// How long a connection lease lives without renewal.
+pub const SHAPING_LEASE_TIME: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// The JetStream KV bucket of per-destination rate state (the next free send time) and
 /// 421 back-off, shared by every node: keys [`rate_key`] and [`backoff_key`], updated with
-/// compare-and-set. Subjects as for [`SHAPING_LEASES_BUCKET`]: `$KV.KUBEMAIL_SHAPING.>`.
+/// compare-and-set.
 pub const SHAPING_BUCKET: &str = "KUBEMAIL_SHAPING";
+
+/// The JetStream KV bucket where an operator's action marks the queue entry it replaced
+/// ([`replaced_key`]), so that a worker attempting that entry at the same moment does not
+/// republish it (it answers by setting the mark to `yielded`). Kept an hour.
+pub const REPLACED_BUCKET: &str = "KUBEMAIL_REPLACED";
+
+/// The mark of stream message `sequence` of `domain`'s queue: `<domain token>.<sequence>`,
+/// so a node's credentials reach only its own domains' marks.
+pub fn replaced_key(domain: &str, sequence: u64) -> String {
+    format!("{}.{sequence}", domain_token(domain))
+}
 
 /// Connection slot `slot` of `destination` (a [`destination_token`]).
 pub fn lease_key(destination: &str, slot: u32) -> String {
@@ -362,6 +372,7 @@ mod tests {
             "g.gmail"
         );
         assert_eq!(lease_key("g.gmail", 3), "3.g.gmail");
+        assert_eq!(replaced_key("Mail.Example.com", 42), "mail_example_com.42");
         assert_eq!(split_body_ref("/object"), None);
     }
 
