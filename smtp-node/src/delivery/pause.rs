@@ -2,8 +2,9 @@
 //! writes one entry per `DeliveryPause` into [`kubemail_queue::PAUSES_BUCKET`]), which
 //! recipients of an entry they hold back, and how such an entry waits.
 //!
-//! * The bucket is read once before the first pull ([`Pauses::wait_loaded`]), then watched,
-//!   so a change reaches every node within a round trip.
+//! * The bucket is read once before the first pull ([`Pauses::wait_loaded`]), then followed
+//!   with a pull-based ordered consumer (last value per key, then every change), so a change
+//!   reaches every node within a round trip.
 //! * A pause is checked per recipient before any attempt: by recipient domain and sending
 //!   MailDomain, and for pauses that name MX hosts or networks against the resolved
 //!   destination (MX hosts, or the relay's host).
@@ -18,7 +19,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
-use async_nats::jetstream::kv::Operation;
+use async_nats::jetstream::consumer::{DeliverPolicy, pull};
 use futures::StreamExt as _;
 use kubemail_queue::QueueEntry;
 use kubemail_queue::pause::{Host, Pause};
@@ -121,49 +122,78 @@ async fn watch_once(
     stop: &CancellationToken,
 ) -> Result<(), String> {
     // The operator creates the bucket; a node on its own (tests, no operator) makes it R1.
-    let store = kubemail_queue_admin::pauses::open_bucket(js, 1)
+    kubemail_queue_admin::pauses::open_bucket(js, 1)
         .await
         .map_err(|e| e.to_string())?;
-    // The watch starts with the current value of every key, then follows changes.
-    let mut watch = store.watch_all().await.map_err(|e| e.to_string())?;
-    // What the bucket holds now, before the first pull; the watch repeats it harmlessly.
-    let mut keys = store.keys().await.map_err(|e| e.to_string())?;
-    let mut current = HashMap::new();
-    while let Some(key) = keys.next().await {
-        let key = key.map_err(|e| e.to_string())?;
-        if let Some(value) = store.get(&key).await.map_err(|e| e.to_string())? {
-            current.insert(key, value);
-        }
-    }
-    {
-        let mut known: Vec<String> = pauses
-            .by_key
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .keys()
-            .cloned()
-            .collect();
-        known.retain(|k| !current.contains_key(k));
-        for k in known {
-            pauses.set(&k, None);
-        }
-    }
-    for (key, value) in current {
-        pauses.set(&key, decode(&key, &value));
-    }
-    pauses.loaded.send_replace(true);
+    let bucket = kubemail_queue::PAUSES_BUCKET;
+    let stream = js
+        .get_stream(format!("KV_{bucket}"))
+        .await
+        .map_err(|e| e.to_string())?;
+    // A pull-based ordered consumer over the bucket's stream, starting with the last value of
+    // every key (the same as a KV watch, on the pull API the node's credentials allow).
+    let consumer = stream
+        .create_consumer(pull::OrderedConfig {
+            filter_subject: format!("$KV.{bucket}.>"),
+            deliver_policy: DeliverPolicy::LastPerSubject,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut initial = consumer.cached_info().num_pending;
+    let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
+    let mut current: HashMap<String, Option<Pause>> = HashMap::new();
+    let mut loaded = false;
     loop {
-        let entry = tokio::select! {
+        if !loaded && initial == 0 {
+            // Everything the bucket held: forget pauses that are gone, then follow changes.
+            let known: Vec<String> = pauses
+                .by_key
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .keys()
+                .filter(|k| !current.contains_key(*k))
+                .cloned()
+                .collect();
+            for k in known {
+                pauses.set(&k, None);
+            }
+            for (key, pause) in current.drain() {
+                pauses.set(&key, pause);
+            }
+            pauses.loaded.send_replace(true);
+            loaded = true;
+        }
+        let message = tokio::select! {
             _ = stop.cancelled() => return Ok(()),
-            e = watch.next() => e,
+            m = messages.next() => m,
         };
-        let Some(entry) = entry else {
-            return Err("the watch ended".to_owned());
+        let Some(message) = message else {
+            return Err("the pause watch ended".to_owned());
         };
-        let entry = entry.map_err(|e| e.to_string())?;
-        match entry.operation {
-            Operation::Put => pauses.set(&entry.key, decode(&entry.key, &entry.value)),
-            Operation::Delete | Operation::Purge => pauses.set(&entry.key, None),
+        let message = message.map_err(|e| e.to_string())?;
+        let Some(key) = message
+            .subject
+            .strip_prefix(&format!("$KV.{bucket}."))
+            .map(str::to_owned)
+        else {
+            continue;
+        };
+        let deleted = message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get("KV-Operation"))
+            .is_some_and(|op| op.as_str() == "DEL" || op.as_str() == "PURGE");
+        let pause = if deleted {
+            None
+        } else {
+            decode(&key, &message.payload)
+        };
+        if loaded {
+            pauses.set(&key, pause);
+        } else {
+            current.insert(key, pause);
+            initial = message.info().map(|i| i.pending).unwrap_or(0);
         }
     }
 }

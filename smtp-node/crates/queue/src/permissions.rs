@@ -20,8 +20,8 @@
 //!   consumer that reads a day's results.
 //!
 //! For pauses, shaping and operators' actions (names in [`crate::names`]):
-//! * the delivery pauses, read only: the bucket's info, reads and the ordered consumer of a
-//!   watch (`KV_KUBEMAIL_PAUSES`), never `$KV.KUBEMAIL_PAUSES.>` (only the operator writes);
+//! * the delivery pauses, read only: the bucket's info and a pull-based ordered consumer on it
+//!   (`KV_KUBEMAIL_PAUSES`), never `$KV.KUBEMAIL_PAUSES.>` (only the operator writes);
 //! * the cluster-wide connection leases and rate state, read and write
 //!   (`$KV.KUBEMAIL_SHAPING_LEASES.>`, `$KV.KUBEMAIL_SHAPING.>`: remote destinations, shared
 //!   by every tenant like the MTA-STS cache);
@@ -117,26 +117,31 @@ pub fn node_permissions<S: AsRef<str>>(names: &QueueNames, domains: &[S]) -> Per
         publish.push(format!("$JS.API.DIRECT.GET.{stream}.$KV.{bucket}.{keys}"));
     };
     kv(crate::MTA_STS_CACHE_BUCKET, ">", &mut publish);
-    kv(crate::SHAPING_LEASES_BUCKET, ">", &mut publish);
-    kv(crate::SHAPING_BUCKET, ">", &mut publish);
-    // Pauses: read only, and watched with an ordered consumer.
+    // Pauses, shaping and replaced-entry marks: only what their use needs (open the bucket,
+    // direct gets, writes where allowed, the watch's ordered consumer), since every subject
+    // makes the user JWT, sent in the CONNECT line, longer.
+    let lean_kv = |bucket: &str, keys: &str, write: bool, publish: &mut Vec<String>| {
+        let stream = format!("KV_{bucket}");
+        publish.push(format!("$JS.API.STREAM.INFO.{stream}"));
+        publish.push(format!("$JS.API.DIRECT.GET.{stream}.$KV.{bucket}.{keys}"));
+        if write {
+            publish.push(format!("$KV.{bucket}.{keys}"));
+        }
+    };
+    lean_kv(crate::SHAPING_LEASES_BUCKET, ">", true, &mut publish);
+    lean_kv(crate::SHAPING_BUCKET, ">", true, &mut publish);
+    // Pauses: read only, followed with a pull-based ordered consumer.
     let pauses = format!("KV_{}", crate::PAUSES_BUCKET);
     publish.push(format!("$JS.API.STREAM.INFO.{pauses}"));
-    publish.push(format!("$JS.API.STREAM.MSG.GET.{pauses}"));
-    publish.push(format!(
-        "$JS.API.DIRECT.GET.{pauses}.$KV.{}.>",
-        crate::PAUSES_BUCKET
-    ));
     publish.push(format!("$JS.API.CONSUMER.CREATE.{pauses}"));
     for api in [
         "CONSUMER.CREATE",
-        "CONSUMER.INFO",
-        "CONSUMER.DELETE",
         "CONSUMER.MSG.NEXT",
+        "CONSUMER.DELETE",
+        "CONSUMER.INFO",
     ] {
         publish.push(format!("$JS.API.{api}.{pauses}.>"));
     }
-    publish.push(format!("$JS.FC.{pauses}.>"));
     let tlsrpt = crate::TLSRPT_STREAM;
     publish.push(format!("$JS.API.STREAM.INFO.{tlsrpt}"));
     publish.push(format!("$JS.API.CONSUMER.CREATE.{tlsrpt}"));
@@ -154,7 +159,12 @@ pub fn node_permissions<S: AsRef<str>>(names: &QueueNames, domains: &[S]) -> Per
             &format!("{token}.>"),
             &mut publish,
         );
-        kv(crate::REPLACED_BUCKET, &format!("{token}.>"), &mut publish);
+        lean_kv(
+            crate::REPLACED_BUCKET,
+            &format!("{token}.>"),
+            true,
+            &mut publish,
+        );
     }
     publish.sort();
     publish.dedup();
