@@ -2,6 +2,7 @@
 //! settings, caches), the reconcile [`Error`], condition bookkeeping, and [`run`], which runs
 //! both controllers until told to stop (the leader elector decides when).
 
+pub mod delivery_pause;
 pub mod mail_domain;
 pub mod relay;
 
@@ -133,6 +134,8 @@ pub enum Error {
     ManageNats(#[source] crate::nats::ManageError),
     #[error("cannot mint NATS credentials")]
     MintCredentials(#[source] crate::nats::jwt::JwtError),
+    #[error("cannot write the delivery pause")]
+    Pause(#[source] kubemail_queue_admin::AdminError),
     #[error("{0}")]
     CleanupPending(String),
     #[error("the {0} task panicked")]
@@ -158,6 +161,7 @@ impl Error {
             Self::NatsAccount { .. } => "nats_account",
             Self::ManageNats(_) => "manage_nats",
             Self::MintCredentials(_) => "mint_credentials",
+            Self::Pause(_) => "pause",
             Self::CleanupPending(_) => "cleanup_pending",
             Self::BlockingTaskFailed(_) => "blocking_task",
             Self::Finalizer(inner) => match inner.as_ref() {
@@ -350,11 +354,12 @@ pub fn condition_with(
     }
 }
 
-/// Runs both controllers (and, for a bundled NATS, its bootstrap) until `stop` fires.
+/// Runs the controllers (and, for a bundled NATS, its bootstrap) until `stop` fires.
 pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
     tokio::join!(
         mail_domain::run(ctx.clone(), stop.clone()),
         relay::run(ctx.clone(), stop.clone()),
+        delivery_pause::run(ctx.clone(), stop.clone()),
         crate::nats::settings::run_bootstrap(ctx, stop),
     );
 }

@@ -174,7 +174,11 @@ pub struct Plan {
 #[derive(Debug, Clone, Copy)]
 pub struct PlanInput<'a> {
     pub retry: &'a RetryConfig,
+    /// When the message was accepted, moved by the time it spent held or paused: the start
+    /// of its lifetime.
     pub accepted_at: SystemTime,
+    /// The number of this attempt (1 = the first).
+    pub attempt: u32,
     pub now: SystemTime,
     pub null_sender: bool,
     pub delay_warned: bool,
@@ -203,6 +207,7 @@ pub fn plan(outcomes: Vec<(String, RecipientOutcome)>, input: PlanInput<'_>) -> 
             lifetime,
             input.accepted_at,
             input.now,
+            input.attempt,
             input.jitter,
         ) {
             RetryDecision::Expired => {
@@ -269,6 +274,7 @@ mod tests {
             now: at(now),
             null_sender,
             delay_warned: false,
+            attempt: 1,
             jitter: 0.0,
         }
     }

@@ -353,6 +353,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             not_before: None,
             last_error: None,
             delay_warned: false,
+            admin: Default::default(),
         };
         let all: Vec<String> = tx.recipients.iter().map(|r| r.to_string()).collect();
         if let Some(user) = &self.user {

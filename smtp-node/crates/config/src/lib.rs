@@ -50,8 +50,8 @@ use serde::{Deserialize, Serialize};
 pub use crate::admin::AdminConfig;
 pub use crate::auth::{AuthConfig, MAX_AUTH_FAILURES_PER_USER};
 pub use crate::delivery::{
-    ClientTimeouts, ConnectionConfig, ConsumerConfig, DeliveryConfig, MxTlsPolicy,
-    OutboundTlsConfig, RetryConfig,
+    BackoffConfig, ClientTimeouts, ConnectionConfig, ConsumerConfig, DeliveryConfig, MxTlsPolicy,
+    OutboundTlsConfig, RetryConfig, ShapingConfig, ShapingLimits, ShapingRule, builtin_rules,
 };
 pub use crate::dns::{DNS_SERVER_ENV, DnsConfig};
 pub use crate::domain::{

@@ -19,6 +19,7 @@ use crate::{
     AdminConfig, AuthConfig, ByteSize, ClientTimeouts, ConnectionConfig, ConsumerConfig,
     DaneConfig, DeliveryConfig, DmarcMode, DnsConfig, HumanDuration, InboundAuthConfig,
     MtaStsConfig, MxTlsPolicy, NodeConfig, NodeLimits, OutboundTlsConfig, RetryConfig,
+    ShapingConfig,
     ShutdownConfig, Timeouts, TlsPolicyOverride, TlsRptConfig,
 };
 
@@ -152,6 +153,8 @@ overlay! {
             allowed_networks: Vec<String>,
             blocked_networks: Vec<String>,
             bounce_size_limit: ByteSize,
+            pause_check_interval: HumanDuration,
+            shaping: ShapingConfig,
         }
         merge {
             retry: RetryOverlay,
@@ -172,6 +175,7 @@ overlay! {
             lifetime: HumanDuration,
             bounce_lifetime: HumanDuration,
             delay_warning: Option<HumanDuration>,
+            intervals: Vec<HumanDuration>,
         }
     }
 }

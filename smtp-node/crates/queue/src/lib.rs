@@ -73,12 +73,47 @@
 //! * `Kubemail-Not-Before`: RFC 3339 time of the next attempt (an entry pulled earlier is
 //!   nak'd with the remaining delay);
 //! * `Kubemail-Last-Error`: the last temporary error, for logs;
-//! * `Kubemail-Delay-Warned` (`true`): a "delayed" DSN was sent already.
+//! * `Kubemail-Delay-Warned` (`true`): a "delayed" DSN was sent already;
+//! * `Kubemail-Suspended`: whole seconds the entry spent held or waiting for a pause, added
+//!   to its lifetime ([`QueueEntry::expires_at`]);
+//! * `Kubemail-Paused-By`: the pause ([`pause::Pause::key`]) the entry waits for;
+//! * `Kubemail-Attempt-Log`: the last [`MAX_ATTEMPT_LOG`] attempts that deferred it, JSON
+//!   `[{"at": "<RFC 3339>", "reply": "<text>"}]`, for `queue show`.
 //!
 //! Only then is the old entry acked (publish-then-ack: a crash in between can repeat an
 //! attempt, never lose a recipient). A recipient that got the message is never in a later
 //! entry, so it is never sent again by a retry; the remaining duplicate window is a crash
 //! between the remote `250` and the ack.
+//!
+//! # Operators' actions (`kubectl kubemail queue ...`)
+//! An action never changes an entry in place: it publishes the replacement, then deletes the
+//! old message with the stream's message delete API (publish-then-delete, like a retry:
+//! a crash in between leaves a duplicate entry, never a lost one). The replacement's
+//! `Nats-Msg-Id` is [`QueueEntry::action_msg_id`].
+//! * *retry*: the same entry without `Kubemail-Not-Before`, deliverable at once;
+//! * *hold*: the entry moves to [`held_subject`] (`<prefix>._held.<domain>`), which no
+//!   consumer reads, with `Kubemail-Held-At` and `Kubemail-Hold-Reason`;
+//! * *release*: back to the queue subject, deliverable at once, the time held added to
+//!   `Kubemail-Suspended`;
+//! * *delete with a notice*: the entry with `Kubemail-Cancel: bounce`, deliverable at once;
+//!   the next worker bounces every recipient (one DSN, `Nats-Msg-Id`
+//!   `<entry id>.cancel<attempts>`) instead of attempting delivery;
+//! * *delete silently*: the message and its body object are deleted.
+//!
+//! An action marks the entry it replaces in [`REPLACED_BUCKET`] ([`replaced_key`]) between
+//! the publish and the delete. A worker that attempted that entry meanwhile finds the mark
+//! before it republishes the recipients left, sets it to `yielded` and does not republish:
+//! the operator's replacement is the entry from then on (the recipients of that attempt may
+//! get the message again). When the delete then finds the entry gone, the action keeps its
+//! replacement if the mark says `yielded`, and takes it back otherwise (a worker finished
+//! the entry first).
+//!
+//! # Pauses and shaping
+//! Delivery pauses are in the KV bucket [`PAUSES_BUCKET`] ([`pause`]). An entry whose
+//! recipients are paused is not attempted: it is republished unchanged but for
+//! `Kubemail-Paused-By`, a `Kubemail-Not-Before` at the next check and the time added to
+//! `Kubemail-Suspended` (no attempt counted, no bounce). Per-destination connection leases
+//! and rate state are in [`SHAPING_LEASES_BUCKET`] and [`SHAPING_BUCKET`].
 //!
 //! # Message ids
 //! `Nats-Msg-Id` makes a repeated publish (a retry after a lost acknowledgement) a no-op:
@@ -101,19 +136,24 @@
 pub mod credentials;
 pub mod headers;
 pub mod names;
+pub mod pause;
 pub mod permissions;
 pub mod streams;
 
 mod entry;
 mod rfc3339;
 
-pub use entry::{Direction, EntryError, Notice, QueueEntry, QueueId};
+pub use entry::{
+    Action, AdminState, AttemptRecord, Direction, EntryError, MAX_ATTEMPT_LOG, Notice, QueueEntry,
+    QueueId,
+};
 pub use names::{
     DEFAULT_BODY_BUCKET, DEFAULT_STREAM, DEFAULT_SUBJECT_PREFIX, MTA_STS_CACHE_BUCKET,
+    PAUSES_BUCKET, REPLACED_BUCKET, SHAPING_BUCKET, SHAPING_LEASE_TIME, SHAPING_LEASES_BUCKET,
     TLSRPT_CLAIMS_BUCKET, TLSRPT_STREAM, auth_failure_stream, auth_failure_subject_prefix,
-    auth_failure_subjects, body_bucket, body_ref, consumer_name, domain_token, inbox_prefix,
-    is_legacy_consumer, legacy_consumer_name, split_body_ref, subject, tlsrpt_claim_key,
-    tlsrpt_day_filter, tlsrpt_subject,
+    auth_failure_subjects, body_bucket, body_ref, consumer_name, domain_token, held_subject,
+    inbox_prefix, is_held_subject, is_legacy_consumer, legacy_consumer_name, pause_key,
+    replaced_key, split_body_ref, subject, tlsrpt_claim_key, tlsrpt_day_filter, tlsrpt_subject,
 };
 pub use permissions::{Permissions, QueueNames, node_permissions};
 pub use rfc3339::{parse_rfc3339, rfc3339};

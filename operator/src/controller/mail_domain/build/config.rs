@@ -178,6 +178,11 @@ pub fn node_config(
             .transpose()
             .map_err(out_of_range)?,
         relay: None,
+        retry_intervals: v
+            .retry_intervals
+            .iter()
+            .map(|d| kubemail_config::HumanDuration(*d))
+            .collect(),
         mta_sts_policy: v
             .mta_sts
             .as_ref()

@@ -1024,3 +1024,30 @@ fn outbound_tls_policies_reach_the_node_config() {
         ]
     );
 }
+
+#[test]
+fn the_retry_schedule_reaches_the_node_config() {
+    let spec = format!("{FULL}  delivery: {{ retryIntervals: [5m, 1h30m, 4h] }}\n");
+    let m = md(&spec);
+    let v = validate(&m, &refs()).unwrap();
+    let c = build(&m, &v, &provisioned(true), &observed(), &config(), NOW).unwrap();
+    let node = NodeConfig::from_yaml(&data_text(&c.node_config, NODE_CONFIG_KEY)).unwrap();
+    let secs: Vec<u64> = node.domains[0]
+        .retry_intervals
+        .iter()
+        .map(|d| d.0.as_secs())
+        .collect();
+    assert_eq!(secs, [300, 5400, 14400]);
+    // Without the section the node's own schedule applies.
+    let (_, _, plain) = full();
+    let node = NodeConfig::from_yaml(&data_text(&plain.node_config, NODE_CONFIG_KEY)).unwrap();
+    assert!(node.domains[0].retry_intervals.is_empty());
+    let bad = format!("{FULL}  delivery: {{ retryIntervals: [soon] }}\n");
+    let e = validate(&md(&bad), &refs()).unwrap_err();
+    assert_eq!(e.reason, "InvalidDuration");
+    assert!(
+        e.message.contains("spec.delivery.retryIntervals"),
+        "{}",
+        e.message
+    );
+}
