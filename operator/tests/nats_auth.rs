@@ -689,3 +689,134 @@ async fn upgrading_the_stream_from_r1_to_r3_keeps_every_queued_entry() {
         "every entry queued before the upgrade is delivered after losing the old leader"
     );
 }
+
+#[tokio::test]
+async fn node_credentials_watch_pauses_share_shaping_and_answer_only_their_own_marks() {
+    let nats = SecureNats::start(1, "");
+    let config = NatsConfig::default();
+    nats.operator()
+        .ensure(
+            &config,
+            &AuthConfig::default(),
+            &ConsumerConfig::default(),
+            &[A.to_owned(), B.to_owned()],
+        )
+        .await
+        .expect("the operator creates every object, the delivery buckets included");
+    // The operator writes a pause with its own connection.
+    let operator = jetstream::new(nats.operator().connect().await.unwrap());
+    let pauses = operator
+        .get_key_value(kubemail_queue::PAUSES_BUCKET)
+        .await
+        .expect("the pause bucket exists");
+    pauses
+        .put(
+            "mail.remote",
+            r#"{"key":"mail.remote","recipientDomains":["remote.test"]}"#.into(),
+        )
+        .await
+        .expect("the operator may write pauses");
+    // Marks are written by whoever acts on the queue (`kubectl kubemail`), here a broad user.
+    let admin_creds = credentials::mint_user(
+        &nats.keys,
+        "queue-admin",
+        &kubemail_queue::Permissions {
+            publish: vec![">".to_owned()],
+            subscribe: vec![">".to_owned()],
+        },
+        kubemail_operator::timestamps::now(),
+        3600,
+    )
+    .unwrap()
+    .creds;
+    let (admin, _) = nats.node(&admin_creds, &["admin.example"]).await.unwrap();
+    let marks = jetstream::new(admin)
+        .get_key_value(kubemail_queue::REPLACED_BUCKET)
+        .await
+        .expect("the marks bucket exists");
+
+    let (client, errors) = nats
+        .node(&node_creds(&nats.keys, &[A], 3600), &[A])
+        .await
+        .unwrap();
+    let mut js = jetstream::new(client);
+    js.set_timeout(DENIED_WAIT);
+
+    // Pauses: followed with a pull-based ordered consumer (as the nodes do), never written.
+    let stream = js
+        .get_stream(format!("KV_{}", kubemail_queue::PAUSES_BUCKET))
+        .await
+        .expect("a node opens the pause bucket's stream");
+    let follow = stream
+        .create_consumer(jetstream::consumer::pull::OrderedConfig {
+            filter_subject: format!("$KV.{}.>", kubemail_queue::PAUSES_BUCKET),
+            deliver_policy: jetstream::consumer::DeliverPolicy::LastPerSubject,
+            ..Default::default()
+        })
+        .await
+        .expect("a node follows the pauses");
+    let mut messages = follow.messages().await.unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(5), messages.next())
+        .await
+        .unwrap_or_else(|_| panic!("the pauses arrive; errors: {:?}", errors.lock().unwrap()))
+        .expect("a pause")
+        .expect("no error");
+    assert_eq!(first.subject.as_str(), "$KV.KUBEMAIL_PAUSES.mail.remote");
+    js.publish("$KV.KUBEMAIL_PAUSES.mail.forged", "{}".into())
+        .await
+        .unwrap();
+    violation(&errors, "$KV.KUBEMAIL_PAUSES.mail.forged").await;
+
+    // Shaping: leases and rate state, create, update and delete.
+    for bucket in [
+        kubemail_queue::SHAPING_LEASES_BUCKET,
+        kubemail_queue::SHAPING_BUCKET,
+    ] {
+        let kv = js.get_key_value(bucket).await.expect("a shaping bucket");
+        let rev = kv
+            .create("0.d.remote.test", "node".into())
+            .await
+            .expect("create");
+        let rev = kv
+            .update("0.d.remote.test", "node".into(), rev)
+            .await
+            .expect("update");
+        assert!(kv.entry("0.d.remote.test").await.unwrap().is_some());
+        kv.delete_expect_revision("0.d.remote.test", Some(rev))
+            .await
+            .expect("give back");
+    }
+
+    // Replaced-entry marks: its own domain's, not another's.
+    marks
+        .put(kubemail_queue::replaced_key(A, 7), "replaced".into())
+        .await
+        .unwrap();
+    marks
+        .put(kubemail_queue::replaced_key(B, 7), "replaced".into())
+        .await
+        .unwrap();
+    let own = js
+        .get_key_value(kubemail_queue::REPLACED_BUCKET)
+        .await
+        .expect("the marks bucket");
+    let mark = own
+        .entry(kubemail_queue::replaced_key(A, 7))
+        .await
+        .unwrap()
+        .expect("its own domain's mark");
+    own.update(
+        kubemail_queue::replaced_key(A, 7),
+        "yielded".into(),
+        mark.revision,
+    )
+    .await
+    .expect("answer its own mark");
+    assert!(
+        own.put(kubemail_queue::replaced_key(B, 7), "yielded".into())
+            .await
+            .is_err(),
+        "another domain's mark is out of reach"
+    );
+    violation(&errors, "$KV.KUBEMAIL_REPLACED.b_example.7").await;
+}

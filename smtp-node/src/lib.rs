@@ -23,6 +23,7 @@
 //! * [`dkim`]: DKIM signing at acceptance; [`authres`]: SPF/DKIM/DMARC of inbound mail;
 //! * [`dns`]: the resolver seam (hickory-resolver and a zone-text test double), with the
 //!   DNSSEC status DANE needs;
+//! * [`memory`]: the node-wide budget of message bytes in memory;
 //! * [`mta_sts_server`]: the HTTPS listener serving our own domains' MTA-STS policies;
 //! * [`node`]: start-up and shutdown of the whole node; [`clock`]: the wall clock as a seam;
 //! * [`admin`], [`metrics`], [`telemetry`] (the `kubemail-telemetry` crate), [`shutdown`]:
@@ -37,6 +38,7 @@ pub mod delivery;
 pub mod dkim;
 pub mod dns;
 pub mod events;
+pub mod memory;
 pub mod message;
 pub mod metrics;
 pub mod mta_sts_server;

@@ -117,6 +117,11 @@ pub async fn run(
     let domains: Vec<String> = config.domains.iter().map(|d| d.name.clone()).collect();
     let queue = JetStreamQueue::connect(&config.nats, &domains).await?;
     tokio::spawn(queue.clone().run_setup(background.clone()));
+    tokio::spawn(
+        queue
+            .clone()
+            .run_sweeper(crate::queue::sweeper::INTERVAL, background.clone()),
+    );
     // Failed logins per user name are counted cluster-wide over the same connection.
     let auth_failures = JetStreamFailures::new(queue.client().clone(), &config.nats, &config.auth);
     tokio::spawn(auth_failures.clone().run_setup(background.clone()));

@@ -187,7 +187,10 @@ pub struct IdleParams {
 /// Everything a full run does.
 #[derive(Debug, Clone, Serialize)]
 pub struct Params {
+    /// Repetitions per system of the TLS churn benchmark.
     pub repetitions: u32,
+    /// Repetitions per system of the headline benchmarks (accept-and-queue, relay).
+    pub headline_repetitions: u32,
     pub accept: LoadParams,
     pub relay: LoadParams,
     pub latency: LatencyParams,
@@ -200,6 +203,7 @@ impl Params {
     pub fn full() -> Self {
         Self {
             repetitions: 3,
+            headline_repetitions: 5,
             accept: LoadParams {
                 sessions: 100,
                 messages: 15_000,
@@ -243,6 +247,7 @@ impl Params {
     pub fn smoke() -> Self {
         Self {
             repetitions: 1,
+            headline_repetitions: 1,
             accept: LoadParams {
                 messages: 2_000,
                 warmup: 200,
@@ -329,6 +334,8 @@ pub struct Measurement {
     pub load: Option<LoadReport>,
     pub idle: Option<IdleResult>,
     pub notes: Vec<String>,
+    /// Busy loops running beside the benchmark (`--background-load`); 0 for the idle run.
+    pub background_load: u32,
 }
 
 impl Measurement {
@@ -350,6 +357,7 @@ impl Measurement {
             load: None,
             idle: None,
             notes: Vec::new(),
+            background_load: 0,
         }
     }
 
@@ -491,6 +499,7 @@ impl Env {
                     relay,
                     features: self.features,
                     dns_blackhole: self.dns_blackhole,
+                    synced_writes: durability == Durability::SyncAlways,
                 })?;
                 Ok(Sut {
                     processes: kubemail::processes(node.pid(), &nats.pids()),

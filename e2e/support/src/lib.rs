@@ -5,5 +5,6 @@
 pub mod knot;
 pub mod nats;
 pub mod ports;
+pub mod scripted_sink;
 pub mod smtp_sink;
 pub mod wait;

@@ -3,6 +3,7 @@
 //! every controller (MailDomain, Relay, EventSink, Suppression) until told to stop (the leader
 //! elector decides when).
 
+pub mod delivery_pause;
 pub mod event_sink;
 pub mod mail_domain;
 pub mod relay;
@@ -138,6 +139,8 @@ pub enum Error {
     ManageNats(#[source] crate::nats::ManageError),
     #[error("cannot mint NATS credentials")]
     MintCredentials(#[source] crate::nats::jwt::JwtError),
+    #[error("cannot write the delivery pause")]
+    Pause(#[source] kubemail_queue_admin::AdminError),
     #[error("{0}")]
     CleanupPending(String),
     #[error("cannot {action} in NATS")]
@@ -169,6 +172,7 @@ impl Error {
             Self::NatsAccount { .. } => "nats_account",
             Self::ManageNats(_) => "manage_nats",
             Self::MintCredentials(_) => "mint_credentials",
+            Self::Pause(_) => "pause",
             Self::CleanupPending(_) => "cleanup_pending",
             Self::Nats { .. } => "nats",
             Self::BlockingTaskFailed(_) => "blocking_task",
@@ -395,6 +399,7 @@ pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
         relay::run(ctx.clone(), stop.clone()),
         event_sink::run(ctx.clone(), stop.clone()),
         suppression::run(ctx.clone(), stop.clone()),
+        delivery_pause::run(ctx.clone(), stop.clone()),
         crate::nats::settings::run_bootstrap(ctx, stop),
     );
 }

@@ -171,6 +171,7 @@ impl NatsAccess {
             ensure_failure_stream(&js, nats, auth).await?;
             ensure_tls_policy_objects(&js, nats).await?;
             ensure_event_objects(&js, nats).await?;
+            ensure_delivery_buckets(&js, nats).await?;
             for domain in domains {
                 ensure_domain(&js, nats, domain, consumer).await?;
             }
@@ -350,6 +351,23 @@ pub async fn ensure_tls_policy_objects(
             stream: name,
             source,
         })
+}
+
+/// Creates the buckets of delivery pauses, traffic shaping and operators' queue actions when
+/// missing: the nodes may use them but not create them.
+pub async fn ensure_delivery_buckets(
+    js: &jetstream::Context,
+    nats: &NatsConfig,
+) -> Result<(), ManageError> {
+    for kv in streams::delivery_buckets(nats.replicas) {
+        if js.get_key_value(&kv.bucket).await.is_err() {
+            let bucket = kv.bucket.clone();
+            js.create_key_value(kv)
+                .await
+                .map_err(|source| ManageError::KeyValue { bucket, source })?;
+        }
+    }
+    Ok(())
 }
 
 /// Creates or updates `domain`'s consumer, and creates its body bucket when missing.

@@ -58,6 +58,7 @@ pub async fn install_crds(client: &Client) {
         "relays.kubemail.io.yaml",
         "eventsinks.kubemail.io.yaml",
         "suppressions.kubemail.io.yaml",
+        "deliverypauses.kubemail.io.yaml",
     ] {
         let text = std::fs::read_to_string(dir.join(file)).expect("read CRD");
         let crd: CustomResourceDefinition = serde_yaml::from_str(&text).expect("parse CRD");

@@ -39,6 +39,8 @@ use crate::config::NatsConfig;
 
 /// How long one pull request waits for entries before it is renewed.
 const PULL_EXPIRES: Duration = Duration::from_secs(5);
+/// Longest wait for the delivery pauses to be read before pulling anyway.
+const PAUSES_LOAD_LIMIT: Duration = Duration::from_secs(10);
 /// Longest pause between attempts to set up the consumer or to pull after errors.
 const RETRY_MAX: Duration = Duration::from_secs(10);
 
@@ -202,6 +204,8 @@ async fn remove_legacy_consumer(
 /// stops.
 pub async fn run(ctx: Arc<DeliveryContext>, domain: String) {
     let stop = ctx.shutdown.stop_token().clone();
+    // No entry before the pauses in force are known (see `super::pause`).
+    ctx.pauses.wait_loaded(PAUSES_LOAD_LIMIT).await;
     let slots = Arc::new(Semaphore::new(ctx.config.concurrency.max(1) as usize));
     let mut delay = Duration::from_millis(200);
     'setup: loop {

@@ -12,12 +12,15 @@
 //! * [`outcome`]: typed results and the entry decision; [`retry`]: the schedule;
 //!   [`classify`]: the bounce class of a failure;
 //! * [`dsn`]: bounces and delay notices;
+//! * [`admin`]: what operators' actions on the queue mean to a worker; [`pause`]: delivery
+//!   pauses; [`shaping`]: cluster-wide connection and rate limits per destination;
 //! * [`metrics`]: counters and latencies. The settings are in [`crate::config`].
 //!
 //! Entries are read and written with the queue contract's one codec,
 //! [`kubemail_queue::QueueEntry`] (envelope and retry state in the entry's headers).
 
 pub mod address_policy;
+pub mod admin;
 pub mod classify;
 pub mod client;
 pub mod consumer;
@@ -26,10 +29,12 @@ pub mod limits;
 pub mod metrics;
 pub mod mx;
 pub mod outcome;
+pub mod pause;
 pub mod policy;
 pub mod relay;
 pub mod retry;
 pub mod route;
+pub mod shaping;
 pub mod tls;
 pub mod worker;
 
@@ -44,8 +49,7 @@ use self::relay::Relay;
 use self::route::{DomainRouting, RoutingTable};
 use self::tls::ClientTls;
 use crate::clock::Clock;
-use crate::config::DeliveryConfig;
-use crate::config::NatsConfig;
+use crate::config::{DeliveryConfig, NatsConfig, RetryConfig};
 use crate::dkim::DkimSigner;
 use crate::dns::Resolver;
 use crate::shutdown::Shutdown;
@@ -70,6 +74,8 @@ pub struct DeliverySettings {
     pub domains: Vec<DomainRouting>,
     /// Delivery events, classification rules and the suppression list.
     pub events: crate::config::EventsConfig,
+    /// Domains with a retry schedule of their own (`retryIntervals`).
+    pub retry_by_domain: HashMap<String, RetryConfig>,
 }
 
 impl DeliverySettings {
@@ -89,6 +95,17 @@ impl DeliverySettings {
                 })
                 .collect(),
             events: config.events.clone(),
+            retry_by_domain: config
+                .domains
+                .iter()
+                .filter(|d| !d.retry_intervals.is_empty())
+                .map(|d| {
+                    (
+                        d.name.to_ascii_lowercase(),
+                        config.delivery.retry.for_domain(&d.retry_intervals),
+                    )
+                })
+                .collect(),
         }
     }
 }
@@ -115,6 +132,13 @@ pub struct DeliveryContext {
     pub events: Arc<crate::events::Events>,
     /// The domains' suppression lists.
     pub suppression: Arc<crate::suppression::Suppression>,
+    /// Delivery pauses in force.
+    pub pauses: Arc<pause::Pauses>,
+    /// Cluster-wide connection and rate limits.
+    pub shaper: Arc<shaping::Shaper>,
+    /// Marks of entries operators replaced.
+    pub replaced: admin::ReplacedMarks,
+    retry_by_domain: HashMap<String, RetryConfig>,
     bodies: Mutex<HashMap<String, ObjectStore>>,
 }
 
@@ -165,9 +189,20 @@ impl DeliveryContext {
             js.clone(),
             settings.events.suppression.clone(),
         ));
+        let shaper = shaping::Shaper::new(
+            d.shaping.clone(),
+            js.clone(),
+            // Objects a node creates itself are R1, as for the TLS policy cache.
+            1,
+            &settings.hostname,
+        );
         Ok(Self {
             events,
             suppression,
+            pauses: pause::Pauses::new(),
+            shaper,
+            replaced: admin::ReplacedMarks::default(),
+            retry_by_domain: settings.retry_by_domain,
             hostname: settings.hostname,
             pool: Arc::new(ConnectionPool::new(d.connections.clone())),
             config: settings.delivery,
@@ -184,6 +219,14 @@ impl DeliveryContext {
             tlsrpt,
             bodies: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// The retry schedule of `domain`'s entries.
+    pub fn retry_config(&self, domain: &str) -> RetryConfig {
+        self.retry_by_domain
+            .get(&domain.to_ascii_lowercase())
+            .cloned()
+            .unwrap_or_else(|| self.config.retry.clone())
     }
 
     /// The object store `bucket`, opened once.
@@ -224,6 +267,16 @@ pub fn start(ctx: Arc<DeliveryContext>, domains: &[String]) -> Vec<tokio::task::
         ctx.pool
             .clone()
             .run_reaper(ctx.shutdown.stop_token().clone()),
+    ));
+    tasks.push(tokio::spawn(pause::run_watch(
+        ctx.js.clone(),
+        ctx.pauses.clone(),
+        ctx.shutdown.stop_token().clone(),
+    )));
+    tasks.push(tokio::spawn(
+        ctx.shaper
+            .clone()
+            .run_renewal(ctx.shutdown.stop_token().clone()),
     ));
     for domain in domains {
         tasks.push(tokio::spawn(consumer::run(ctx.clone(), domain.clone())));

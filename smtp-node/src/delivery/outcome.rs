@@ -217,7 +217,11 @@ pub struct Plan {
 #[derive(Debug, Clone, Copy)]
 pub struct PlanInput<'a> {
     pub retry: &'a RetryConfig,
+    /// When the message was accepted, moved by the time it spent held or paused: the start
+    /// of its lifetime.
     pub accepted_at: SystemTime,
+    /// The number of this attempt (1 = the first).
+    pub attempt: u32,
     pub now: SystemTime,
     pub null_sender: bool,
     pub delay_warned: bool,
@@ -246,6 +250,7 @@ pub fn plan(outcomes: Vec<(String, RecipientOutcome)>, input: PlanInput<'_>) -> 
             lifetime,
             input.accepted_at,
             input.now,
+            input.attempt,
             input.jitter,
         ) {
             RetryDecision::Expired => {
@@ -312,6 +317,7 @@ mod tests {
             now: at(now),
             null_sender,
             delay_warned: false,
+            attempt: 1,
             jitter: 0.0,
         }
     }

@@ -6,21 +6,33 @@
 //! `/readyz` fails and every DATA gets `451 4.3.0`. A publish is only attempted while the
 //! connection is up; otherwise the client would buffer it and send it after a reconnect, long
 //! after the client was told `451` (a certain duplicate when it retries).
+//!
+//! An enqueue stores large bodies in the object store first (in the session's task), then
+//! hands its entries to the [`commit`](super::commit) task, which publishes them with the
+//! entries of other sessions in one atomic batch. Body objects that no entry refers to are
+//! removed: at once when the entry is known not to be stored (an error answer, or never
+//! sent, and no earlier batch of it went unanswered); otherwise (a timeout, a crash, an entry
+//! the stream already had) by the [`sweeper`](super::sweeper), which looks at the entries. An
+//! object whose entry is stored is marked so (its description), so the sweeper need not look
+//! for it. Once [`JetStreamQueue::attach_events`] was called, the committer publishes the
+//! `received` events of every group it stored before the sessions answer `250`.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use async_nats::connection::State;
-use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::object_store::ObjectStore;
 use async_nats::jetstream::{self, ErrorCode};
 use futures::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
+use super::commit::{Committer, Outgoing, Stored};
 use super::setup::StreamSetup;
 use super::stream::{check_consumer, ensure_body_bucket, ensure_queue_stream, open_body_bucket};
-use super::{EnqueueError, Queue, QueuedMessage};
+use super::{EnqueueError, Queue, QueuedMessage, sweeper};
 use crate::config::NatsConfig;
 use crate::metrics::{self, ResultLabels};
 
@@ -58,9 +70,13 @@ pub struct JetStreamQueue {
     /// The domains this node serves (lower case): one body bucket each.
     domains: Vec<String>,
     bodies: RwLock<HashMap<String, ObjectStore>>,
-    setup: StreamSetup,
-    /// Publishes the `received` events of accepted messages (set once at start-up).
-    events: OnceLock<Arc<crate::events::Events>>,
+    setup: Arc<StreamSetup>,
+    /// Whether the stream takes atomic batches (known after set-up).
+    atomic: Arc<AtomicBool>,
+    committer: Committer,
+    /// Publishes the `received` events of accepted messages (set once at start-up; read by
+    /// the committer).
+    events: Arc<OnceLock<Arc<crate::events::Events>>>,
 }
 
 impl JetStreamQueue {
@@ -98,14 +114,21 @@ impl JetStreamQueue {
             })?;
         let mut js = jetstream::new(client.clone());
         js.set_timeout(nats.publish_timeout.0);
+        let setup = Arc::new(StreamSetup::new());
+        let atomic = Arc::new(AtomicBool::new(false));
+        let events = Arc::new(OnceLock::new());
+        let committer =
+            Committer::start(client.clone(), js.clone(), atomic.clone(), events.clone());
         Ok(Arc::new(Self {
             client,
             js,
             nats: nats.clone(),
             domains: domains.iter().map(|d| d.to_ascii_lowercase()).collect(),
             bodies: RwLock::new(HashMap::new()),
-            setup: StreamSetup::new(),
-            events: OnceLock::new(),
+            setup,
+            atomic,
+            committer,
+            events,
         }))
     }
 
@@ -131,9 +154,19 @@ impl JetStreamQueue {
     /// bucket; without, only opens what the operator made, so the node is not ready (and
     /// answers `451`) until the objects exist.
     async fn setup_once(&self) -> Result<(), super::stream::SetupError> {
-        if self.nats.manage_streams {
-            ensure_queue_stream(&self.js, &self.nats).await?;
-        }
+        let atomic = if self.nats.manage_streams {
+            let atomic = ensure_queue_stream(&self.js, &self.nats).await?;
+            if !atomic && self.nats.group_commit {
+                tracing::warn!(stream = %self.nats.stream, "the stream takes no atomic batches (nats-server before 2.12?): every message is its own write");
+            }
+            atomic
+        } else {
+            // The operator creates the stream with `allow_atomic`; should the server refuse a
+            // batch after all, the committer publishes the group message by message.
+            true
+        };
+        self.atomic
+            .store(atomic && self.nats.group_commit, Ordering::Relaxed);
         let mut bodies = HashMap::new();
         for domain in &self.domains {
             let bucket = if self.nats.manage_streams {
@@ -148,6 +181,41 @@ impl JetStreamQueue {
         Ok(())
     }
 
+    /// Removes body objects no entry refers to, every `interval`, until `cancel`. Only with
+    /// `nats.manageStreams`: reading the entries needs more than a node's own credentials.
+    pub async fn run_sweeper(self: Arc<Self>, interval: Duration, cancel: CancellationToken) {
+        if !self.nats.manage_streams {
+            return;
+        }
+        sweeper::run(
+            &self.js,
+            &self.nats,
+            || self.all_bodies(),
+            interval,
+            &cancel,
+        )
+        .await;
+    }
+
+    /// Every set-up body bucket, by domain.
+    fn all_bodies(&self) -> Vec<(String, ObjectStore)> {
+        self.bodies
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(domain, store)| (domain.clone(), store.clone()))
+            .collect()
+    }
+
+    /// `domain`'s body bucket, once set up.
+    fn bodies_of(&self, domain: &str) -> Option<ObjectStore> {
+        self.bodies
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&domain.to_ascii_lowercase())
+            .cloned()
+    }
+
     /// The NATS client (for tests and the delivery side).
     pub fn client(&self) -> &async_nats::Client {
         &self.client
@@ -156,6 +224,11 @@ impl JetStreamQueue {
     /// The JetStream context (for the queue metrics sampler).
     pub fn jetstream(&self) -> &jetstream::Context {
         &self.js
+    }
+
+    /// Publishes a `received` event per recipient of every accepted entry from now on.
+    pub fn attach_events(&self, events: Arc<crate::events::Events>) {
+        let _ = self.events.set(events);
     }
 
     /// Largest body published inline; larger ones go to the object store.
@@ -169,82 +242,137 @@ impl JetStreamQueue {
         configured.min(server)
     }
 
-    /// Publishes a `received` event per recipient of every accepted entry from now on.
-    pub fn attach_events(&self, events: Arc<crate::events::Events>) {
-        let _ = self.events.set(events);
-    }
-
-    #[tracing::instrument(
-        name = "queue.publish",
-        skip_all,
-        fields(
-            otel.kind = "producer",
-            messaging.system = "nats",
-            messaging.destination.name = %kubemail_queue::subject(&self.nats.subject_prefix, &message.entry.domain),
-            queue_id = %message.entry.queue_id,
-            domain = %message.entry.domain,
-            size = message.body.len(),
-        )
-    )]
-    async fn publish(&self, message: &QueuedMessage) -> Result<(), EnqueueError> {
-        let mut entry = message.entry.clone();
-        entry.body_size = Some(message.body.len() as u64);
-        let payload = if message.body.len() > self.inline_limit() {
-            let domain = entry.domain.to_ascii_lowercase();
-            let store = self
-                .bodies
-                .read()
-                .unwrap_or_else(|e| e.into_inner())
-                .get(&domain)
-                .cloned()
-                .ok_or_else(|| {
-                    EnqueueError::Unavailable(format!("body bucket of {domain} not set up"))
-                })?;
+    /// The NATS message of one entry; a large body goes to the object store first (its
+    /// object name is returned with the message).
+    async fn prepare(
+        &self,
+        message: QueuedMessage,
+    ) -> Result<(Outgoing, Option<(String, String)>), EnqueueError> {
+        let QueuedMessage {
+            mut entry,
+            body,
+            msg_id,
+        } = message;
+        entry.body_size = Some(body.len() as u64);
+        let (payload, object) = if body.len() > self.inline_limit() {
+            let store = self.bodies_of(&entry.domain).ok_or_else(|| {
+                EnqueueError::Unavailable(format!("body bucket of {} not set up", entry.domain))
+            })?;
             let object = entry.body_object_name();
-            let mut reader: &[u8] = &message.body;
+            let mut reader: &[u8] = &body;
             store
                 .put(object.as_str(), &mut reader)
                 .await
                 .map_err(|e| classify(&e, "store body"))?;
             entry.body_ref = Some(kubemail_queue::body_ref(
-                &kubemail_queue::body_bucket(&self.nats.body_bucket, &domain),
+                &kubemail_queue::body_bucket(&self.nats.body_bucket, &entry.domain),
                 &object,
             ));
-            bytes::Bytes::new()
+            (bytes::Bytes::new(), Some((entry.domain.clone(), object)))
         } else {
-            message.body.clone()
+            (body, None)
         };
         let subject = kubemail_queue::subject(&self.nats.subject_prefix, &entry.domain);
-        let ack = self
-            .js
-            .publish_with_headers(subject, entry.to_headers(&entry.msg_id()), payload)
-            .await
-            .map_err(|e| classify(&e, "publish"))?
-            .await
-            .map_err(|e| {
-                (
-                    e.kind() == PublishErrorKind::StreamNotFound,
-                    classify(&e, "wait for acknowledgement"),
-                )
-            });
-        let ack = match ack {
-            Ok(ack) => ack,
-            Err((no_stream, error)) => {
-                // "No stream" is also what a replicated stream answers while it elects a new
-                // leader: set up again only when the server says the stream is gone.
-                if no_stream && self.stream_gone().await {
-                    tracing::error!(stream = %self.nats.stream, "queue stream missing; setting it up again");
-                    self.setup.lost();
-                }
-                return Err(error);
-            }
-        };
-        tracing::debug!(stream = %ack.stream, sequence = ack.sequence, duplicate = ack.duplicate, "queued");
-        Ok(())
+        Ok((Outgoing::new(subject, entry, msg_id, payload), object))
     }
-}
 
-impl JetStreamQueue {
+    /// Publishes the entries of one transaction; `Ok` once every one is stored.
+    async fn publish(&self, entries: Vec<QueuedMessage>) -> Result<(), EnqueueError> {
+        if self.client.connection_state() != State::Connected {
+            return Err(EnqueueError::Unavailable(
+                "not connected to NATS".to_owned(),
+            ));
+        }
+        if !self.setup.is_done() {
+            return Err(EnqueueError::Unavailable(
+                "queue stream not set up yet".to_owned(),
+            ));
+        }
+        let mut outgoing = Vec::with_capacity(entries.len());
+        let mut objects = Vec::with_capacity(entries.len());
+        for entry in entries {
+            match self.prepare(entry).await {
+                Ok((message, object)) => {
+                    outgoing.push(message);
+                    objects.push(object);
+                }
+                Err(error) => {
+                    self.forget_bodies(objects.into_iter().flatten().collect());
+                    return Err(error);
+                }
+            }
+        }
+        // The committer's own waits are bounded by the publish timeout; this bounds the
+        // queueing in front of it too.
+        let limit = self.nats.publish_timeout.0 * 2;
+        let outcomes = self.committer.commit(outgoing, limit).await;
+        let mut first_error = None;
+        let mut no_stream = false;
+        let mut orphans = Vec::new();
+        let mut stored = Vec::new();
+        for (outcome, object) in outcomes.into_iter().zip(objects) {
+            match outcome {
+                // The stream had the entry already. Usually that is an earlier attempt's entry,
+                // which refers to that attempt's body and leaves this one an orphan; but it
+                // may be this very entry, stored by a batch whose answer was lost. Only the
+                // sweeper, which reads the entries, can tell.
+                Ok(Stored { duplicate: true }) => {}
+                Ok(Stored { duplicate: false }) => stored.extend(object),
+                Err(failure) => {
+                    if !failure.maybe_stored {
+                        orphans.extend(object);
+                    }
+                    no_stream |= failure.no_stream;
+                    first_error.get_or_insert(failure.error);
+                }
+            }
+        }
+        self.forget_bodies(orphans);
+        self.mark_bodies(stored);
+        // "No stream" is also what a replicated stream answers while it elects a new leader:
+        // set up again only when the server says the stream is gone.
+        if no_stream && self.stream_gone().await {
+            tracing::error!(stream = %self.nats.stream, "queue stream missing; setting it up again");
+            self.setup.lost();
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// Deletes body objects no entry refers to (in the background: the client's answer does
+    /// not wait for it; what fails here is left to the sweeper).
+    fn forget_bodies(&self, objects: Vec<(String, String)>) {
+        self.per_bucket(objects, |store, object| async move {
+            sweeper::delete_orphan(&store, &object).await;
+        });
+    }
+
+    /// Marks body objects whose entry is stored, so the sweeper leaves them alone.
+    fn mark_bodies(&self, objects: Vec<(String, String)>) {
+        self.per_bucket(objects, |store, object| async move {
+            sweeper::mark_referenced(&store, &object).await;
+        });
+    }
+
+    /// Runs `action` on each `(domain, object)` with the domain's bucket, in the background.
+    fn per_bucket<F, Fut>(&self, objects: Vec<(String, String)>, action: F)
+    where
+        F: Fn(ObjectStore, String) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send,
+    {
+        let work: Vec<(ObjectStore, String)> = objects
+            .into_iter()
+            .filter_map(|(domain, object)| Some((self.bodies_of(&domain)?, object)))
+            .collect();
+        if work.is_empty() {
+            return;
+        }
+        tokio::spawn(async move {
+            for (store, object) in work {
+                action(store, object).await;
+            }
+        });
+    }
+
     /// Whether the server says the queue stream does not exist (not merely unreachable or
     /// without a leader). A node that may not read the stream (`nats.manageStreams: false`)
     /// asks for its first domain's consumer instead, which exists only on the stream.
@@ -279,32 +407,20 @@ impl Queue for JetStreamQueue {
     fn enqueue(&self, entries: Vec<QueuedMessage>) -> BoxFuture<'_, Result<(), EnqueueError>> {
         Box::pin(async move {
             let started = Instant::now();
-            let result = async {
-                if self.client.connection_state() != State::Connected {
-                    return Err(EnqueueError::Unavailable(
-                        "not connected to NATS".to_owned(),
-                    ));
-                }
-                if !self.setup.is_done() {
-                    return Err(EnqueueError::Unavailable(
-                        "queue stream not set up yet".to_owned(),
-                    ));
-                }
-                for entry in &entries {
-                    self.publish(entry).await?;
-                }
-                // Before the 250, bounded by the events' publish timeout: a delivery of the
-                // entry cannot overtake its `received` event.
-                if let Some(events) = self.events.get() {
-                    let list = entries
-                        .iter()
-                        .flat_map(|e| crate::events::received(events.hostname(), &e.entry))
-                        .collect();
-                    events.publish(list).await;
-                }
-                Ok(())
-            }
-            .await;
+            let span = match entries.first() {
+                Some(first) => tracing::info_span!(
+                    "queue.publish",
+                    otel.kind = "producer",
+                    messaging.system = "nats",
+                    messaging.destination.name = %kubemail_queue::subject(&self.nats.subject_prefix, &first.entry.domain),
+                    messaging.batch.message_count = entries.len(),
+                    queue_id = %first.entry.queue_id,
+                    domain = %first.entry.domain,
+                    size = first.body.len(),
+                ),
+                None => tracing::Span::none(),
+            };
+            let result = self.publish(entries).instrument(span).await;
             let m = metrics::global();
             m.queue_publish_seconds
                 .observe(started.elapsed().as_secs_f64());
@@ -326,7 +442,7 @@ impl Queue for JetStreamQueue {
 }
 
 /// Maps an async-nats error to the reply class: "no room" is `452`, everything else `451`.
-fn classify(error: &(dyn std::error::Error + 'static), action: &str) -> EnqueueError {
+pub(super) fn classify(error: &(dyn std::error::Error + 'static), action: &str) -> EnqueueError {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
     let mut text = String::new();
     while let Some(e) = source {

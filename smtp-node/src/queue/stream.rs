@@ -9,7 +9,9 @@
 //!   the message; `discard: old` would delete the oldest queued mail;
 //! * `max_age: 0`: nothing expires inside NATS (the 5-day queue lifetime and its bounce are
 //!   the delivery side's job; an age limit here would lose mail without a bounce);
-//! * a duplicate window for `Nats-Msg-Id`.
+//! * a duplicate window for `Nats-Msg-Id`;
+//! * atomic batch publishes allowed (`allow_atomic`, nats-server 2.12+): the group commit of
+//!   [`super::commit`] writes many sessions' entries as one batch, synced once.
 //!
 //! An existing stream is updated to these settings where NATS allows it; one whose retention
 //! or storage differs (both fixed at creation) is refused with a clear error.
@@ -75,8 +77,9 @@ pub enum SetupError {
 
 pub use kubemail_queue::streams::{body_bucket_config, queue_stream_config};
 
-/// Creates the queue stream, or brings an existing one to the required settings.
-pub async fn ensure_queue_stream(js: &Context, nats: &NatsConfig) -> Result<(), SetupError> {
+/// Creates the queue stream, or brings an existing one to the required settings. Returns
+/// whether the stream takes atomic batches (a server older than 2.12 ignores the setting).
+pub async fn ensure_queue_stream(js: &Context, nats: &NatsConfig) -> Result<bool, SetupError> {
     let desired = queue_stream_config(nats);
     let existing = match js.get_stream(&desired.name).await {
         Ok(mut s) => Some(
@@ -93,15 +96,16 @@ pub async fn ensure_queue_stream(js: &Context, nats: &NatsConfig) -> Result<(), 
             });
         }
     };
-    match existing {
+    let atomic = match existing {
         None => {
-            js.create_stream(desired.clone())
-                .await
-                .map_err(|source| SetupError::CreateStream {
+            let created = js.create_stream(desired.clone()).await.map_err(|source| {
+                SetupError::CreateStream {
                     stream: desired.name.clone(),
                     source,
-                })?;
+                }
+            })?;
             tracing::info!(stream = %desired.name, "created queue stream");
+            created.cached_info().config.allow_atomic_publish
         }
         Some(current) => {
             if current.retention != RetentionPolicy::WorkQueue {
@@ -124,16 +128,20 @@ pub async fn ensure_queue_stream(js: &Context, nats: &NatsConfig) -> Result<(), 
                         update.subjects.push(s.clone());
                     }
                 }
-                js.update_stream(update)
-                    .await
-                    .map_err(|source| SetupError::UpdateStream {
-                        stream: desired.name.clone(),
-                        source,
-                    })?;
+                let updated =
+                    js.update_stream(update)
+                        .await
+                        .map_err(|source| SetupError::UpdateStream {
+                            stream: desired.name.clone(),
+                            source,
+                        })?;
                 tracing::info!(stream = %desired.name, "updated queue stream settings");
+                updated.config.allow_atomic_publish
+            } else {
+                current.allow_atomic_publish
             }
         }
-    }
+    };
     // A replicated stream takes a moment after creation (or a server's loss) to elect its
     // leader; publishes meanwhile find no stream. Not ready until it has one.
     let mut stream =
@@ -153,7 +161,7 @@ pub async fn ensure_queue_stream(js: &Context, nats: &NatsConfig) -> Result<(), 
             stream: desired.name,
         });
     }
-    Ok(())
+    Ok(atomic)
 }
 
 /// Opens `domain`'s body bucket, creating it when missing.
@@ -235,6 +243,7 @@ mod tests {
             "JS-CFG-03"
         );
         assert!(c.duplicate_window >= Duration::from_secs(120), "JS-CFG-04");
+        assert!(c.allow_atomic_publish, "group commit writes atomic batches");
         assert_eq!(c.max_bytes, 1 << 30);
         let b = body_bucket_config(&nats, "example.com");
         assert_eq!(b.bucket, "KUBEMAIL_BODIES-example_com");

@@ -52,6 +52,8 @@ pub struct NodeFeatures {
     pub inbound_auth: bool,
     /// A `dns` section (resolver settings).
     pub dns: bool,
+    /// `nats.groupCommit` (atomic batches of many sessions' entries).
+    pub group_commit: bool,
 }
 
 impl NodeFeatures {
@@ -70,10 +72,17 @@ impl NodeFeatures {
                 reason: e.to_string(),
             })?;
         let has = |key: &str| schema.get("properties").and_then(|p| p.get(key)).is_some();
+        let nats_has = |key: &str| {
+            schema
+                .pointer("/$defs/NatsConfig/properties")
+                .and_then(|p| p.get(key))
+                .is_some()
+        };
         Ok(Self {
             delivery: has("delivery"),
             inbound_auth: has("inboundAuth"),
             dns: has("dns"),
+            group_commit: nats_has("groupCommit"),
         })
     }
 }
@@ -93,6 +102,9 @@ pub struct KubemailOptions {
     pub features: NodeFeatures,
     /// A loopback address where nothing listens, used as the node's DNS server.
     pub dns_blackhole: SocketAddr,
+    /// Whether the JetStream server syncs every write (`sync_interval: always`); without,
+    /// group commit is turned off (`nats.groupCommit: false`): it has no fsync to share.
+    pub synced_writes: bool,
 }
 
 /// A running node.
@@ -132,7 +144,7 @@ impl Kubemail {
             what: "smtp-node".to_owned(),
             source,
         };
-        let mut child = Command::new(&opts.binary)
+        let mut child = super::server_command(&opts.binary)
             .arg("--config")
             .arg(&config_path)
             .env_remove("RUST_LOG")
@@ -265,6 +277,9 @@ fn config_json(
         "admin": { "address": admin.to_string() },
         "shutdown": { "drainTimeout": "5s" },
     });
+    if opts.features.group_commit && !opts.synced_writes {
+        config["nats"]["groupCommit"] = json!(false);
+    }
     if let (Some(relay), Some(submission)) = (&opts.relay, submission) {
         listeners.push(json!({
             "name": "submission", "kind": "submission", "address": submission.to_string(),

@@ -7,13 +7,13 @@
 //!   separate, weaker class.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 
 use serde::Serialize;
 
 use super::{
-    ManagedChild, PeerError, START_TIMEOUT, create_dir, free_port, log_file, wait_for_port,
-    write_file,
+    ManagedChild, PeerError, START_TIMEOUT, create_dir, free_port, log_file, server_command,
+    wait_for_port, write_file,
 };
 
 /// What JetStream promises when it acknowledges a publish.
@@ -53,7 +53,7 @@ impl NatsServer {
         let config_path = dir.join("nats.conf");
         write_file(&config_path, &config)?;
         let log = log_file(&dir.join("nats.log"))?;
-        let mut child = Command::new(binary)
+        let mut child = server_command(binary)
             .arg("-c")
             .arg(&config_path)
             .stdin(Stdio::null())
@@ -108,7 +108,7 @@ impl NatsServer {
             let config_path = dir.join(format!("n{i}.conf"));
             write_file(&config_path, &config)?;
             let log = log_file(&dir.join(format!("n{i}.log")))?;
-            let child = Command::new(binary)
+            let child = server_command(binary)
                 .arg("-c")
                 .arg(&config_path)
                 .stdin(Stdio::null())

@@ -17,10 +17,10 @@
 //!
 //! The modules follow the sections of the file: [`listener`], [`tls`], [`nats`], [`domain`]
 //! (per-domain settings: limits, inbound target, relay, DKIM), [`timeouts`], [`auth`],
-//! [`admin`], [`shutdown`], [`dns`], [`delivery`], [`inbound_auth`] and [`events`]; [`units`] holds the
-//! value formats and [`network`] the CIDR networks of the delivery address policy. Each
-//! section checks its own fields. Two more contracts between the operator and the node live
-//! here: the users file ([`users_file`]) and the site-wide overlay of node settings
+//! [`admin`], [`shutdown`], [`dns`], [`delivery`], [`inbound_auth`], [`limits`] and [`events`];
+//! [`units`] holds the value formats and [`network`] the CIDR networks of the delivery address
+//! policy. Each section checks its own fields. Two more contracts between the operator and the
+//! node live here: the users file ([`users_file`]) and the site-wide overlay of node settings
 //! ([`overlay`]). Every public item is re-exported at the crate root.
 
 pub mod admin;
@@ -30,6 +30,7 @@ pub mod dns;
 pub mod domain;
 pub mod events;
 pub mod inbound_auth;
+pub mod limits;
 pub mod listener;
 pub mod nats;
 pub mod network;
@@ -50,8 +51,8 @@ use serde::{Deserialize, Serialize};
 pub use crate::admin::AdminConfig;
 pub use crate::auth::{AuthConfig, MAX_AUTH_FAILURES_PER_USER};
 pub use crate::delivery::{
-    ClientTimeouts, ConnectionConfig, ConsumerConfig, DeliveryConfig, MxTlsPolicy,
-    OutboundTlsConfig, RetryConfig,
+    BackoffConfig, ClientTimeouts, ConnectionConfig, ConsumerConfig, DeliveryConfig, MxTlsPolicy,
+    OutboundTlsConfig, RetryConfig, ShapingConfig, ShapingLimits, ShapingRule, builtin_rules,
 };
 pub use crate::dns::{DNS_SERVER_ENV, DnsConfig};
 pub use crate::domain::{
@@ -61,6 +62,7 @@ pub use crate::domain::{
 };
 pub use crate::events::{BounceClass, ClassificationRule, EventsConfig, SuppressionConfig};
 pub use crate::inbound_auth::{DmarcMode, InboundAuthConfig};
+pub use crate::limits::{DEFAULT_MESSAGE_BYTES_IN_MEMORY, MIN_MESSAGE_BYTES_IN_MEMORY, NodeLimits};
 pub use crate::listener::{BareLineEndings, ListenerConfig, ListenerKind};
 pub use crate::nats::{DEFAULT_NATS_URL, NATS_URL_ENV, NatsConfig};
 pub use crate::network::Network;
@@ -126,6 +128,9 @@ pub struct NodeConfig {
     /// Failed commands (syntax, sequence, unknown, refused) before `421 4.7.0` and disconnect.
     #[serde(default = "default_max_errors_per_session")]
     pub max_errors_per_session: u32,
+    /// Node-wide limits: message bytes in memory.
+    #[serde(default)]
+    pub limits: NodeLimits,
     /// Authentication limits.
     #[serde(default)]
     pub auth: AuthConfig,
@@ -168,6 +173,7 @@ impl NodeConfig {
             max_connections: default_max_connections(),
             max_connections_per_ip: default_max_connections_per_ip(),
             max_errors_per_session: default_max_errors_per_session(),
+            limits: NodeLimits::default(),
             auth: AuthConfig::default(),
             admin: AdminConfig::default(),
             shutdown: ShutdownConfig::default(),
@@ -342,6 +348,7 @@ impl NodeConfig {
                 ));
             }
         }
+        self.limits.validate(self.max_message_size(), &mut errors);
         if errors.is_empty() {
             Ok(())
         } else {
@@ -413,6 +420,7 @@ domains:
         assert_eq!(c.domains[0].limits.max_message_size.0, 25 * 1024 * 1024);
         assert_eq!(c.domains[0].limits.max_recipients, 100);
         assert_eq!(c.nats.stream, "KUBEMAIL");
+        assert!(c.nats.group_commit, "group commit is on unless turned off");
         assert_eq!(c.listeners[0].bare_line_endings, BareLineEndings::Reject);
         assert!(!c.listeners[0].requires_tls());
         assert!(c.domains[0].has_recipient("BOB"));
@@ -486,6 +494,30 @@ maxConnectionsPerIp: 0
         ] {
             assert!(err.contains(needle), "missing {needle:?} in:\n{err}");
         }
+    }
+
+    #[test]
+    fn the_memory_budget_must_hold_the_largest_message() {
+        let c = NodeConfig::from_yaml(MINIMAL).unwrap();
+        assert_eq!(c.limits, NodeLimits::default());
+        assert_eq!(c.limits.message_bytes_in_memory, None, "sized by the node");
+        assert_eq!(c.limits.memory_wait.0, Duration::from_secs(10));
+        let yaml = format!("{MINIMAL}limits: {{ messageBytesInMemory: 16Mi, memoryWait: 0s }}\n");
+        let err = NodeConfig::from_yaml(&yaml)
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        for needle in [
+            "limits.messageBytesInMemory: 16777216 must be at least twice the largest maxMessageSize (26214400)",
+            "limits.memoryWait",
+        ] {
+            assert!(err.contains(needle), "missing {needle:?} in:\n{err}");
+        }
+        let yaml = format!("{MINIMAL}limits: {{ messageBytesInMemory: 50Mi, memoryWait: 30s }}\n");
+        let c = NodeConfig::from_yaml(&yaml).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.limits.message_bytes_in_memory, Some(ByteSize(50 << 20)));
     }
 
     #[test]

@@ -69,6 +69,13 @@ pub struct NatsConfig {
     /// go to the object store.
     #[serde(default = "default_inline_body_limit")]
     pub inline_body_limit: ByteSize,
+    /// Write the entries of sessions that finish together as one JetStream atomic batch,
+    /// synced once (group commit). It pays where the server syncs every write
+    /// (`sync_interval: always`, the durability the `250` is meant to stand for); a single
+    /// server that does not sync each write only pays for the batch's staging: turn it off
+    /// there.
+    #[serde(default = "crate::default_true")]
+    pub group_commit: bool,
 }
 
 /// The built-in defaults, without looking at the environment: what the operator renders
@@ -90,6 +97,7 @@ impl Default for NatsConfig {
             duplicate_window: default_duplicate_window(),
             body_bucket: default_body_bucket(),
             inline_body_limit: default_inline_body_limit(),
+            group_commit: true,
         }
     }
 }

@@ -50,6 +50,108 @@ pub const TLSRPT_CLAIMS_BUCKET: &str = "KUBEMAIL_TLSRPT_CLAIMS";
 // credentials) with their codecs; their names are part of this list all the same.
 pub use crate::events::{EVENTS_STREAM, EVENTS_SUBJECTS, event_subject, events_domain_filter};
 pub use crate::suppression::{SUPPRESSION_BUCKET, suppression_key};
+/// The subject token that sets held entries apart: `_` never occurs in a domain name, so
+/// `<prefix>._held.<domain>` is no domain's queue subject and no delivery consumer reads it.
+pub const HELD_TOKEN: &str = "_held";
+
+/// The held subject of `domain`: `<prefix>._held.<lower-cased domain>`. Entries put on hold
+/// wait here (in the queue stream, covered by its `<prefix>.>` subjects) until released.
+pub fn held_subject(prefix: &str, domain: &str) -> String {
+    format!("{prefix}.{HELD_TOKEN}.{}", domain.to_ascii_lowercase())
+}
+
+/// Whether `subject` is a held subject under `prefix`.
+pub fn is_held_subject(prefix: &str, subject: &str) -> bool {
+    subject
+        .strip_prefix(prefix)
+        .and_then(|rest| rest.strip_prefix('.'))
+        .and_then(|rest| rest.strip_prefix(HELD_TOKEN))
+        .is_some_and(|rest| rest.starts_with('.'))
+}
+
+/// The JetStream KV bucket of delivery pauses (`DeliveryPause` resources), written by the
+/// operator and watched by every node. Key: [`pause_key`]; value: JSON of a
+/// [`crate::pause::Pause`]; history 1, no max age (a pause's expiry is in its value). Nodes
+/// only read it ([`crate::permissions`]).
+pub const PAUSES_BUCKET: &str = "KUBEMAIL_PAUSES";
+
+/// The key of the pause `name` in `namespace`: `<namespace>.<name>`. A namespace is one DNS
+/// label (no dots), so the first dot separates the two and keys never collide.
+pub fn pause_key(namespace: &str, name: &str) -> String {
+    format!("{namespace}.{name}")
+}
+
+/// The JetStream KV bucket of per-destination connection leases, shared by every node:
+/// key [`lease_key`], value the holder; the bucket's `max_age` is [`SHAPING_LEASE_TIME`],
+/// holders renew their leases every third of it, so the slot of a crashed node frees itself.
+/// Remote destinations are not tenant data (all tenants share the cluster's addresses, which
+/// is what a receiving MTA limits), so every node uses the whole bucket.
+pub const SHAPING_LEASES_BUCKET: &str = "KUBEMAIL_SHAPING_LEASES";
+
+/// How long a connection lease lives without renewal.
+pub const SHAPING_LEASE_TIME: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The JetStream KV bucket of per-destination rate state (the next free send time) and
+/// 421 back-off, shared by every node: keys [`rate_key`] and [`backoff_key`], updated with
+/// compare-and-set.
+pub const SHAPING_BUCKET: &str = "KUBEMAIL_SHAPING";
+
+/// The JetStream KV bucket where an operator's action marks the queue entry it replaced
+/// ([`replaced_key`]), so that a worker attempting that entry at the same moment does not
+/// republish it (it answers by setting the mark to `yielded`). Kept an hour.
+pub const REPLACED_BUCKET: &str = "KUBEMAIL_REPLACED";
+
+/// The mark of stream message `sequence` of `domain`'s queue: `<domain token>.<sequence>`,
+/// so a node's credentials reach only its own domains' marks.
+pub fn replaced_key(domain: &str, sequence: u64) -> String {
+    format!("{}.{sequence}", domain_token(domain))
+}
+
+/// Connection slot `slot` of `destination` (a [`destination_token`]).
+pub fn lease_key(destination: &str, slot: u32) -> String {
+    format!("{slot}.{destination}")
+}
+
+/// The rate state of `destination`.
+pub fn rate_key(destination: &str) -> String {
+    format!("rate.{destination}")
+}
+
+/// The 421 back-off state of `destination`.
+pub fn backoff_key(destination: &str) -> String {
+    format!("backoff.{destination}")
+}
+
+/// A shaping destination as KV key tokens: `d.<domain>` for a recipient domain (or a relay
+/// host), `g.<group>` for a named group of MX hosts. Both lower case; dots stay (valid in
+/// keys), other characters outside `[a-z0-9-_]` become `_`.
+pub fn destination_token(kind: DestinationKind, name: &str) -> String {
+    let name: String = name
+        .to_ascii_lowercase()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '.' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let kind = match kind {
+        DestinationKind::Domain => "d",
+        DestinationKind::Group => "g",
+    };
+    format!("{kind}.{}", name.trim_matches('.'))
+}
+
+/// What a shaping destination is named after.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DestinationKind {
+    /// A recipient domain, a relay or an inbound host.
+    Domain,
+    /// A configured group of MX hosts (e.g. every Gmail MX).
+    Group,
+}
 
 /// A domain as one subject token: lower case, dots as `_` (injective for valid domain
 /// names, which have no `_`; see the module doc).
@@ -248,6 +350,33 @@ mod tests {
         );
         assert_ne!(inbox_prefix(&["a.example"]), inbox_prefix(&["b.example"]));
         assert!(inbox_prefix(&["a.example"]).starts_with("_INBOX_"));
+        assert_eq!(
+            held_subject("kubemail.queue", "Example.COM"),
+            "kubemail.queue._held.example.com"
+        );
+        assert!(is_held_subject(
+            "kubemail.queue",
+            "kubemail.queue._held.example.com"
+        ));
+        assert!(!is_held_subject(
+            "kubemail.queue",
+            "kubemail.queue.example.com"
+        ));
+        assert!(!is_held_subject(
+            "kubemail.queue",
+            "kubemail.queue._heldx.a"
+        ));
+        assert_eq!(pause_key("mail", "gmail-421"), "mail.gmail-421");
+        assert_eq!(
+            destination_token(DestinationKind::Domain, "Remote.Test"),
+            "d.remote.test"
+        );
+        assert_eq!(
+            destination_token(DestinationKind::Group, "gmail"),
+            "g.gmail"
+        );
+        assert_eq!(lease_key("g.gmail", 3), "3.g.gmail");
+        assert_eq!(replaced_key("Mail.Example.com", 42), "mail_example_com.42");
         assert_eq!(split_body_ref("/object"), None);
     }
 

@@ -26,6 +26,14 @@
 //!   token>.>`), read the bucket's info (key counts: keys are hashes) and read its domains'
 //!   entries through subject-scoped direct gets only.
 //!
+//! For pauses, shaping and operators' actions (names in [`crate::names`]):
+//! * the delivery pauses, read only: the bucket's info and a pull-based ordered consumer on it
+//!   (`KV_KUBEMAIL_PAUSES`), never `$KV.KUBEMAIL_PAUSES.>` (only the operator writes);
+//! * the cluster-wide connection leases and rate state, read and write
+//!   (`$KV.KUBEMAIL_SHAPING_LEASES.>`, `$KV.KUBEMAIL_SHAPING.>`: remote destinations, shared
+//!   by every tenant like the MTA-STS cache);
+//! * its domains' replaced-entry marks (`$KV.KUBEMAIL_REPLACED.<domain token>.>`).
+//!
 //! Plus subscribing to its own reply inbox ([`inbox_prefix`]`.>`): JetStream answers every
 //! request there. Everything else is denied by omission: no stream create, update, delete
 //! or purge of the queue stream, no consumer create or delete, no other domain's subject,
@@ -116,6 +124,31 @@ pub fn node_permissions<S: AsRef<str>>(names: &QueueNames, domains: &[S]) -> Per
         publish.push(format!("$JS.API.DIRECT.GET.{stream}.$KV.{bucket}.{keys}"));
     };
     kv(crate::MTA_STS_CACHE_BUCKET, ">", &mut publish);
+    // Pauses, shaping and replaced-entry marks: only what their use needs (open the bucket,
+    // direct gets, writes where allowed, the watch's ordered consumer), since every subject
+    // makes the user JWT, sent in the CONNECT line, longer.
+    let lean_kv = |bucket: &str, keys: &str, write: bool, publish: &mut Vec<String>| {
+        let stream = format!("KV_{bucket}");
+        publish.push(format!("$JS.API.STREAM.INFO.{stream}"));
+        publish.push(format!("$JS.API.DIRECT.GET.{stream}.$KV.{bucket}.{keys}"));
+        if write {
+            publish.push(format!("$KV.{bucket}.{keys}"));
+        }
+    };
+    lean_kv(crate::SHAPING_LEASES_BUCKET, ">", true, &mut publish);
+    lean_kv(crate::SHAPING_BUCKET, ">", true, &mut publish);
+    // Pauses: read only, followed with a pull-based ordered consumer.
+    let pauses = format!("KV_{}", crate::PAUSES_BUCKET);
+    publish.push(format!("$JS.API.STREAM.INFO.{pauses}"));
+    publish.push(format!("$JS.API.CONSUMER.CREATE.{pauses}"));
+    for api in [
+        "CONSUMER.CREATE",
+        "CONSUMER.MSG.NEXT",
+        "CONSUMER.DELETE",
+        "CONSUMER.INFO",
+    ] {
+        publish.push(format!("$JS.API.{api}.{pauses}.>"));
+    }
     let tlsrpt = crate::TLSRPT_STREAM;
     publish.push(format!("$JS.API.STREAM.INFO.{tlsrpt}"));
     publish.push(format!("$JS.API.CONSUMER.CREATE.{tlsrpt}"));
@@ -131,6 +164,12 @@ pub fn node_permissions<S: AsRef<str>>(names: &QueueNames, domains: &[S]) -> Per
         kv(
             crate::TLSRPT_CLAIMS_BUCKET,
             &format!("{token}.>"),
+            &mut publish,
+        );
+        lean_kv(
+            crate::REPLACED_BUCKET,
+            &format!("{token}.>"),
+            true,
             &mut publish,
         );
     }
@@ -155,10 +194,11 @@ pub fn node_permissions<S: AsRef<str>>(names: &QueueNames, domains: &[S]) -> Per
 }
 
 /// The permissions of the operator's own connection: the JetStream API (it creates and
-/// updates the streams, consumers and buckets) and its own replies. It never reads or writes
-/// queue entries. For event sinks it acknowledges events it dispatched (and answers the flow
-/// control of the ordered consumer a listing uses); for `Suppression` objects and tools it
-/// writes suppression entries.
+/// updates the streams, consumers and buckets, and reads queue entries' headers to count
+/// what each delivery pause holds back) and its own replies. It never writes queue entries.
+/// It writes delivery pauses; for event sinks it acknowledges events it dispatched (and
+/// answers the flow control of the ordered consumer a listing uses); for `Suppression` objects
+/// and tools it writes suppression entries.
 pub fn operator_permissions(inbox: &str) -> Permissions {
     let suppression = crate::suppression::SUPPRESSION_BUCKET;
     Permissions {
@@ -167,6 +207,7 @@ pub fn operator_permissions(inbox: &str) -> Permissions {
             format!("$JS.ACK.{}.>", crate::events::EVENTS_STREAM),
             format!("$KV.{suppression}.>"),
             format!("$JS.FC.KV_{suppression}.>"),
+            format!("$KV.{}.>", crate::PAUSES_BUCKET),
         ],
         subscribe: vec![format!("{inbox}.>")],
     }
@@ -193,6 +234,14 @@ mod tests {
             p.publish
                 .contains(&"kubemail.queue-auth-failures.example.com.*".to_owned())
         );
+        assert!(
+            p.publish
+                .contains(&"$KV.KUBEMAIL_REPLACED.example_com.>".to_owned())
+        );
+        assert!(
+            p.publish
+                .contains(&"$KV.KUBEMAIL_SHAPING_LEASES.>".to_owned())
+        );
         assert_eq!(
             p.subscribe,
             vec![format!("{}.>", inbox_prefix(&["example.com"]))]
@@ -206,6 +255,10 @@ mod tests {
                 "{s}"
             );
             assert!(!s.contains("other"), "{s}");
+            assert!(
+                !s.starts_with("$KV.KUBEMAIL_PAUSES"),
+                "nodes never write pauses: {s}"
+            );
             // No wildcard that reaches beyond this domain's names.
             assert!(
                 !s.ends_with("KUBEMAIL.>") && s != "$JS.API.>" && s != ">",

@@ -55,6 +55,7 @@ pub fn queue_stream_config(nats: &NatsConfig) -> stream::Config {
         max_message_size: -1,
         duplicate_window: nats.duplicate_window.0,
         num_replicas: nats.replicas as usize,
+        allow_atomic_publish: true,
         ..Default::default()
     }
 }
@@ -209,11 +210,77 @@ pub fn suppression_bucket_config(replicas: u32) -> kv::Config {
     }
 }
 
+/// The bucket of delivery pauses ([`crate::PAUSES_BUCKET`]).
+pub fn pauses_config(replicas: u32) -> kv::Config {
+    kv::Config {
+        bucket: crate::PAUSES_BUCKET.to_owned(),
+        description: "kubemail delivery pauses (DeliveryPause resources)".to_owned(),
+        history: 1,
+        storage: StorageType::File,
+        num_replicas: replicas.max(1) as usize,
+        ..Default::default()
+    }
+}
+
+/// The bucket of connection leases ([`crate::SHAPING_LEASES_BUCKET`]): memory storage (a
+/// lease outlives no server restart, and need not), entries expire after
+/// [`crate::SHAPING_LEASE_TIME`].
+pub fn shaping_leases_config(replicas: u32) -> kv::Config {
+    kv::Config {
+        bucket: crate::SHAPING_LEASES_BUCKET.to_owned(),
+        description: "kubemail connection leases per destination".to_owned(),
+        history: 1,
+        max_age: crate::SHAPING_LEASE_TIME,
+        storage: StorageType::Memory,
+        num_replicas: replicas.max(1) as usize,
+        ..Default::default()
+    }
+}
+
+/// The bucket of rate and back-off state ([`crate::SHAPING_BUCKET`]), forgotten after a day
+/// without use.
+pub fn shaping_state_config(replicas: u32) -> kv::Config {
+    kv::Config {
+        bucket: crate::SHAPING_BUCKET.to_owned(),
+        description: "kubemail rate and back-off state per destination".to_owned(),
+        history: 1,
+        max_age: Duration::from_secs(86_400),
+        storage: StorageType::Memory,
+        num_replicas: replicas.max(1) as usize,
+        ..Default::default()
+    }
+}
+
+/// The bucket of replaced-entry marks ([`crate::REPLACED_BUCKET`]), kept an hour (longer
+/// than any attempt).
+pub fn replaced_config(replicas: u32) -> kv::Config {
+    kv::Config {
+        bucket: crate::REPLACED_BUCKET.to_owned(),
+        description: "kubemail queue entries replaced by an operator's action".to_owned(),
+        history: 1,
+        max_age: Duration::from_secs(3600),
+        storage: StorageType::File,
+        num_replicas: replicas.max(1) as usize,
+        ..Default::default()
+    }
+}
+
+/// Every KV bucket of the delivery side's pauses, shaping and operators' actions.
+pub fn delivery_buckets(replicas: u32) -> [kv::Config; 4] {
+    [
+        pauses_config(replicas),
+        shaping_leases_config(replicas),
+        shaping_state_config(replicas),
+        replaced_config(replicas),
+    ]
+}
+
 /// Whether an existing queue stream `current` must be updated to `desired`: a setting we own
 /// differs (replicas included: R1 → R3 is an update JetStream makes in place, copying the
 /// stored entries to the new peers), or a subject of ours is missing.
 pub fn queue_stream_differs(current: &stream::Config, desired: &stream::Config) -> bool {
     current.discard != desired.discard
+        || current.allow_atomic_publish != desired.allow_atomic_publish
         || current.max_age != desired.max_age
         || current.duplicate_window != desired.duplicate_window
         || current.max_bytes != desired.max_bytes

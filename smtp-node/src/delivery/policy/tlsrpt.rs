@@ -595,6 +595,7 @@ async fn queue_report(
         not_before: None,
         last_error: None,
         delay_warned: false,
+        admin: Default::default(),
     };
     let msg_id = format!("tlsrpt.{report_id}.{to}");
     let subject = kubemail_queue::subject(ctx.subject_prefix, sending_domain);

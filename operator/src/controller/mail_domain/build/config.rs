@@ -157,6 +157,9 @@ pub fn node_config(
         // Set before the overlay, so a site-wide `auth` section can still choose its own key.
         node.auth.username_key_file = Some(Path::new(USERS_DIR).join(USERNAME_KEY_KEY));
     }
+    // Also before the overlay (a site may size it); the Deployment's memory limit is derived
+    // from what the node config ends up with.
+    node.limits.message_bytes_in_memory = Some(ByteSize(message_memory(v.limits.max_message_size)));
     if let Some(overlay) = &config.node_overlay {
         overlay.apply_to(&mut node);
     }
@@ -175,6 +178,11 @@ pub fn node_config(
             .transpose()
             .map_err(out_of_range)?,
         relay: None,
+        retry_intervals: v
+            .retry_intervals
+            .iter()
+            .map(|d| kubemail_config::HumanDuration(*d))
+            .collect(),
         mta_sts_policy: v
             .mta_sts
             .as_ref()
@@ -249,6 +257,14 @@ pub enum OverlayError {
     ReservedField(&'static str),
     #[error("it is not a valid node config overlay")]
     Invalid(#[source] serde_yaml::Error),
+}
+
+/// Message bytes a node may hold in memory (`limits.messageBytesInMemory`): four of the
+/// domain's largest messages (twice what the node needs for one, whose buffer briefly exists
+/// twice while it grows), and never less than 256 MiB for many ordinary ones at once.
+pub fn message_memory(max_message_size: u64) -> u64 {
+    const FLOOR: u64 = 256 << 20;
+    max_message_size.saturating_mul(4).max(FLOOR)
 }
 
 /// Reads the site-wide node config overlay (`--node-config-overlay`) at start-up. Fields that

@@ -435,6 +435,61 @@ fn bind_pod_ip_starts_nodes_on_their_pod_ip_without_changing_the_config() {
 }
 
 #[test]
+fn the_memory_limit_holds_the_nodes_message_memory_budget() {
+    let (_, _, c) = full();
+    let node = NodeConfig::from_yaml(&data_text(&c.node_config, NODE_CONFIG_KEY)).unwrap();
+    node.validate().unwrap();
+    let budget = node.limits.message_bytes_in_memory.expect("budget set").0;
+    assert!(budget >= 2 * node.max_message_size(), "the node's own rule");
+    let pod = c
+        .deployment
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .as_ref()
+        .unwrap();
+    let limits = pod.containers[0]
+        .resources
+        .as_ref()
+        .unwrap()
+        .limits
+        .as_ref()
+        .unwrap();
+    assert_eq!(
+        limits["memory"].0,
+        format!("{}Mi", (budget >> 20) + 256),
+        "budget plus the rest of the node"
+    );
+    // A site overlay that sizes the budget moves the limit with it.
+    let md = md(FULL);
+    let v = validate(&md, &refs()).unwrap();
+    let cfg = BuildConfig {
+        node_overlay: Some(parse_node_overlay("limits: {messageBytesInMemory: 1Gi}\n").unwrap()),
+        ..config()
+    };
+    let c = build(&md, &v, &provisioned(true), &observed(), &cfg, NOW).unwrap();
+    let pod = c
+        .deployment
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .as_ref()
+        .unwrap();
+    let limits = pod.containers[0]
+        .resources
+        .as_ref()
+        .unwrap()
+        .limits
+        .as_ref()
+        .unwrap();
+    assert_eq!(limits["memory"].0, "1280Mi");
+}
+
+#[test]
 fn deployment_runs_the_node_safely_with_probes_pod_ip_and_a_long_enough_grace() {
     let (_, _, c) = full();
     let spec = c.deployment.spec.as_ref().unwrap();
@@ -967,5 +1022,32 @@ fn outbound_tls_policies_reach_the_node_config() {
                 kubemail_config::TlsPolicyMode::None
             ),
         ]
+    );
+}
+
+#[test]
+fn the_retry_schedule_reaches_the_node_config() {
+    let spec = format!("{FULL}  delivery: {{ retryIntervals: [5m, 1h30m, 4h] }}\n");
+    let m = md(&spec);
+    let v = validate(&m, &refs()).unwrap();
+    let c = build(&m, &v, &provisioned(true), &observed(), &config(), NOW).unwrap();
+    let node = NodeConfig::from_yaml(&data_text(&c.node_config, NODE_CONFIG_KEY)).unwrap();
+    let secs: Vec<u64> = node.domains[0]
+        .retry_intervals
+        .iter()
+        .map(|d| d.0.as_secs())
+        .collect();
+    assert_eq!(secs, [300, 5400, 14400]);
+    // Without the section the node's own schedule applies.
+    let (_, _, plain) = full();
+    let node = NodeConfig::from_yaml(&data_text(&plain.node_config, NODE_CONFIG_KEY)).unwrap();
+    assert!(node.domains[0].retry_intervals.is_empty());
+    let bad = format!("{FULL}  delivery: {{ retryIntervals: [soon] }}\n");
+    let e = validate(&md(&bad), &refs()).unwrap_err();
+    assert_eq!(e.reason, "InvalidDuration");
+    assert!(
+        e.message.contains("spec.delivery.retryIntervals"),
+        "{}",
+        e.message
     );
 }
