@@ -55,9 +55,13 @@ impl SecureNats {
         std::fs::write(&cert, &leaf.cert_pem).unwrap();
         std::fs::write(&key, leaf.key_pem.expose()).unwrap();
         let tls = format!("tls {{\n  cert_file: {cert:?}\n  key_file: {key:?}\n  timeout: 2\n}}\n");
+        // Room for the user JWTs in the CONNECT line, as the chart's nats.conf gives them.
         let cluster = NatsCluster::start(
             servers,
-            &format!("{}\n{tls}", trust.resolver_config(now).unwrap()),
+            &format!(
+                "max_control_line: 65536\n{}\n{tls}",
+                trust.resolver_config(now).unwrap()
+            ),
             jetstream_extra,
         );
         Self {
