@@ -7,6 +7,9 @@
 //! * a `421` greeting → `deferred` (`rate-limited`);
 //! * an inbound DSN and an inbound ARF report about a message we sent become `bounced` and
 //!   `complaint` events linked to the original queue id (and suppression entries);
+//! * a recipient a delivery pause holds back has no attempt event (nor does the suppressed one
+//!   beside it count an attempt); an operator's delete with a notice bounces with `bounced`
+//!   and `dsn_sent` events and suppresses nobody;
 //! * every event validates against the CloudEvents 1.0 JSON schema (jsonschema) and carries
 //!   no secret (no body text, no password).
 
@@ -554,4 +557,131 @@ async fn a_recipient_that_keeps_deferring_expires_with_the_class_of_its_last_rep
         e["data"]["queueId"] == queue_id
     });
     assert!(suppression(&url, "slow@remote.test").await.is_none());
+}
+
+/// The types of the events about `recipient`, in stream order.
+fn types_of(all: &[Value], recipient: &str) -> Vec<String> {
+    all.iter()
+        .filter(|e| e["subject"] == recipient)
+        .filter_map(|e| e["type"].as_str())
+        .map(|t| t.trim_start_matches("io.kubemail.delivery.").to_owned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_paused_recipient_has_no_attempt_event_and_an_operators_delete_bounces_with_events() {
+    use kubemail_queue::pause::Pause;
+    use kubemail_queue_admin::actions::Kind;
+    use kubemail_queue_admin::{Filter, Queue, pauses};
+
+    let nats = Nats::start();
+    let knot = Knot::start(&[example_zone(), remote_zone("127.0.0.1")]);
+    let mx = ScriptedMx::start(json!({}));
+    let node = Node::start_with(&nats.url(), true, |c| {
+        configure(
+            c,
+            &Setup {
+                dns: &knot,
+                mx_port: mx.port,
+                inbound_port: Some(mx.port),
+                allow_loopback: true,
+                dkim: false,
+                inbound_auth: None,
+            },
+        );
+        c["delivery"]["pauseCheckInterval"] = json!("1s");
+    });
+    let url = nats.url();
+    let js = async_nats::jetstream::new(async_nats::connect(&url).await.expect("nats"));
+    let bucket = pauses::open_bucket(&js, 1).await.expect("pause bucket");
+    let pause = Pause {
+        key: "default.remote".into(),
+        reason: Some("remote.test answers 421".into()),
+        recipient_domains: vec!["remote.test".into()],
+        ..Pause::default()
+    };
+    pauses::put(&bucket, &pause).await.expect("write the pause");
+    // A suppressed address beside a paused one: it fails at once, the other waits.
+    let list = SuppressionList::open(&js)
+        .await
+        .expect("suppression bucket");
+    list.put(&kubemail_queue::suppression::SuppressionEntry::new(
+        "example.test",
+        "blocked@remote.test",
+        SuppressionReason::Manual,
+        SystemTime::now(),
+        None,
+    ))
+    .await
+    .expect("suppress");
+    // The node's watch retries every 2 s until the bucket exists.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    submit(
+        node.ports.submission,
+        &["held@remote.test"],
+        &unique("deleted"),
+        "Hi.",
+    );
+    submit(
+        node.ports.submission,
+        &["later@remote.test", "blocked@remote.test"],
+        &unique("resumed"),
+        "Hi.",
+    );
+    let received = wait_for_event(&url, "received", "held@remote.test", |_| true);
+    let queue_id = received["data"]["queueId"].clone();
+    wait_for_event(&url, "received", "later@remote.test", |_| true);
+    wait_for_event(&url, "suppressed", "blocked@remote.test", |_| true);
+    // Several pause checks go by: no attempt, so no attempt event.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let all = events(&url).await;
+    assert_eq!(types_of(&all, "held@remote.test"), ["received"], "{all:?}");
+    assert_eq!(types_of(&all, "later@remote.test"), ["received"], "{all:?}");
+    assert_eq!(mx.rcpt_count("held@remote.test"), 0, "{:?}", mx.log());
+
+    // An operator deletes the first message with a notice: it bounces, with its events.
+    let queue = Queue::open(
+        js.clone(),
+        &node.stream,
+        &node.subject_prefix,
+        "events-test",
+    )
+    .await
+    .expect("queue");
+    let filter = Filter {
+        queue_ids: vec![queue_id.as_str().expect("queue id").to_owned()],
+        ..Filter::default()
+    };
+    let summary = queue
+        .act(&Kind::Delete { notify: true }, filter, false, |_| {})
+        .await
+        .expect("delete");
+    assert_eq!(summary.changed, 1, "{summary:?}");
+    wait_for_event(&url, "bounced", "held@remote.test", |e| {
+        e["data"]["queueId"] == queue_id
+    });
+    wait_for_event(&url, "dsn_sent", "held@remote.test", |e| {
+        e["data"]["queueId"] == queue_id && e["data"]["dsnKind"] == "failure"
+    });
+    assert!(
+        suppression(&url, "held@remote.test").await.is_none(),
+        "an operator's delete suppresses nobody"
+    );
+
+    // The pause ends: the other message goes out on its first attempt (the suppressed
+    // recipient beside it counted no attempt either).
+    pauses::delete(&bucket, "default.remote")
+        .await
+        .expect("end the pause");
+    let delivered = wait_for_event(&url, "delivered", "later@remote.test", |_| true);
+    assert_eq!(delivered["data"]["attempt"], 1, "{delivered}");
+    let all = events(&url).await;
+    assert_eq!(
+        types_of(&all, "later@remote.test"),
+        ["received", "delivered"],
+        "{all:?}"
+    );
+    assert_eq!(mx.rcpt_count("held@remote.test"), 0, "{:?}", mx.log());
+    assert_eq!(mx.rcpt_count("blocked@remote.test"), 0, "{:?}", mx.log());
 }
