@@ -55,6 +55,11 @@ impl Events {
         &self.classifier
     }
 
+    /// Whether events are published at all (`events.enabled`).
+    pub fn enabled(&self) -> bool {
+        self.config.enabled
+    }
+
     /// The node's host name (the events' `source`).
     pub fn hostname(&self) -> &str {
         &self.hostname

@@ -241,7 +241,8 @@ async fn commit_group(shared: Arc<Shared>, mut group: Vec<Job>) {
         .collect();
     let total = messages.len();
     // Made now: the publish paths consume the messages.
-    let received: Vec<Vec<CloudEvent>> = match shared.events.get() {
+    let events = shared.events.get().filter(|e| e.enabled());
+    let received: Vec<Vec<CloudEvent>> = match events {
         Some(events) => messages
             .iter()
             .map(|m| crate::events::received(events.hostname(), &m.entry))
@@ -275,7 +276,7 @@ async fn commit_group(shared: Arc<Shared>, mut group: Vec<Job>) {
     } else {
         one_by_one(&shared, messages).await
     };
-    if let Some(events) = shared.events.get() {
+    if let Some(events) = events {
         // A stored duplicate is a client's retry of an entry we have: its events have the
         // same ids, so the events stream drops them again if it has them.
         let stored = received
