@@ -19,8 +19,7 @@ use crate::{
     AdminConfig, AuthConfig, ByteSize, ClientTimeouts, ConnectionConfig, ConsumerConfig,
     DaneConfig, DeliveryConfig, DmarcMode, DnsConfig, HumanDuration, InboundAuthConfig,
     MtaStsConfig, MxTlsPolicy, NodeConfig, NodeLimits, OutboundTlsConfig, RetryConfig,
-    ShapingConfig,
-    ShutdownConfig, Timeouts, TlsPolicyOverride, TlsRptConfig,
+    ShapingConfig, ShutdownConfig, Timeouts, TlsPolicyOverride, TlsRptConfig,
 };
 
 /// Declares the overlay of one config section: a struct with an `Option` of every field, and
