@@ -29,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, field, info_span, instrument};
 
 use crate::controller::{Context, Error, FIELD_MANAGER, api_for, condition};
+use crate::crd::MailDomain;
 use crate::crd::delivery_pause::{DeliveryPause, DeliveryPauseStatus};
 use crate::timestamps::{self, UnixSeconds, parse_duration, parse_rfc3339, rfc3339};
 
@@ -56,13 +57,66 @@ pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
     .await;
 }
 
+/// What a pause may hold back. The platform team's pauses (in the operator's namespace) reach
+/// every MailDomain; a pause in any other namespace only that namespace's MailDomains, so a
+/// tenant who may create DeliveryPauses cannot stop other tenants' mail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope<'a> {
+    /// Every MailDomain of the cluster.
+    Cluster,
+    /// These domains (`spec.domain` of the MailDomains in the pause's namespace).
+    Namespace(&'a [String]),
+}
+
 /// The pause record of `dp` and its end (Unix seconds); `Err` holds the reason and message
-/// of `Ready=False`. Pure.
+/// of `Ready=False`. A namespace-scoped pause names the sending domains it holds back. Pure.
 pub fn to_pause(
     dp: &DeliveryPause,
+    scope: Scope<'_>,
 ) -> Result<(Pause, Option<UnixSeconds>), (&'static str, String)> {
     let ns = dp.namespace().unwrap_or_default();
     let spec = &dp.spec;
+    let from_domains = match scope {
+        Scope::Cluster => spec.from_domains.clone(),
+        Scope::Namespace(own) => {
+            let outside: Vec<&String> = spec
+                .from_domains
+                .iter()
+                .filter(|p| {
+                    !own.iter()
+                        .any(|d| kubemail_queue::pause::name_matches(p, d))
+                })
+                .collect();
+            if !outside.is_empty() {
+                return Err((
+                    "NotInNamespace",
+                    format!(
+                        "spec.fromDomains {outside:?} match no MailDomain of namespace {ns}; a pause outside the operator's namespace holds back only its own namespace's MailDomains"
+                    ),
+                ));
+            }
+            let held: Vec<String> = own
+                .iter()
+                .filter(|d| {
+                    spec.from_domains.is_empty()
+                        || spec
+                            .from_domains
+                            .iter()
+                            .any(|p| kubemail_queue::pause::name_matches(p, d))
+                })
+                .cloned()
+                .collect();
+            if held.is_empty() {
+                return Err((
+                    "NoMailDomains",
+                    format!(
+                        "namespace {ns} has no MailDomain; a pause outside the operator's namespace holds back only its own namespace's MailDomains"
+                    ),
+                ));
+            }
+            held
+        }
+    };
     let expires = match (&spec.until, &spec.duration) {
         (Some(until), _) => Some(parse_rfc3339(until).ok_or((
             "InvalidUntil",
@@ -86,7 +140,7 @@ pub fn to_pause(
         reason: spec.reason.clone(),
         expires_at: None,
         recipient_domains: spec.recipient_domains.clone(),
-        from_domains: spec.from_domains.clone(),
+        from_domains,
         mx_hosts: spec.mx_hosts.clone(),
         networks: spec.networks.clone(),
     };
@@ -132,9 +186,49 @@ async fn apply(dp: &DeliveryPause, ctx: &Context) -> Result<Action, Error> {
     let now = timestamps::now();
     let previous = dp.status.clone().unwrap_or_default();
     let generation = dp.metadata.generation;
-    let (pause, expires) = match to_pause(dp) {
+    let ns = dp.namespace().ok_or(Error::MissingNamespace)?;
+    let own = if ns == ctx.config.operator_namespace {
+        None
+    } else {
+        let domains: Api<MailDomain> = Api::namespaced(ctx.client.clone(), &ns);
+        let list = domains
+            .list(&Default::default())
+            .await
+            .map_err(|source| Error::ReadObject {
+                kind: "MailDomain",
+                name: format!("list in {ns}"),
+                source,
+            })?;
+        let mut names: Vec<String> = list
+            .items
+            .iter()
+            .map(|md| md.spec.domain.to_ascii_lowercase())
+            .collect();
+        names.sort();
+        names.dedup();
+        Some(names)
+    };
+    let scope = own.as_deref().map_or(Scope::Cluster, Scope::Namespace);
+    let (pause, expires) = match to_pause(dp, scope) {
         Ok(p) => p,
         Err((reason, message)) => {
+            // A record written while the spec (or the namespace's MailDomains) allowed it must
+            // not stay in force.
+            if previous
+                .conditions
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True")
+            {
+                let access = ctx.nats_access().await?;
+                let client = access.connect().await.map_err(Error::ManageNats)?;
+                let js = async_nats::jetstream::new(client);
+                let store = pauses::open_bucket(&js, ctx.config.build.nats_replicas)
+                    .await
+                    .map_err(Error::Pause)?;
+                pauses::delete(&store, &kubemail_queue::pause_key(&ns, &dp.name_any()))
+                    .await
+                    .map_err(Error::Pause)?;
+            }
             let status = DeliveryPauseStatus {
                 observed_generation: generation,
                 expires_at: None,
@@ -151,7 +245,12 @@ async fn apply(dp: &DeliveryPause, ctx: &Context) -> Result<Action, Error> {
                 )],
             };
             publish(ctx, dp, &previous, status).await?;
-            return Ok(Action::await_change());
+            // A MailDomain created later in the namespace changes the answer.
+            return Ok(if own.is_some() {
+                Action::requeue(COUNT_EVERY)
+            } else {
+                Action::await_change()
+            });
         }
     };
     let access = ctx.nats_access().await?;
@@ -343,35 +442,100 @@ mod tests {
 
     #[test]
     fn the_record_names_the_pause_and_its_end() {
-        let (pause, expires) = to_pause(&dp(DeliveryPauseSpec {
-            recipient_domains: vec!["remote.test".into()],
-            duration: Some("2h".into()),
-            reason: Some("421s".into()),
-            ..DeliveryPauseSpec::default()
-        }))
+        let (pause, expires) = to_pause(
+            &dp(DeliveryPauseSpec {
+                recipient_domains: vec!["remote.test".into()],
+                duration: Some("2h".into()),
+                reason: Some("421s".into()),
+                ..DeliveryPauseSpec::default()
+            }),
+            Scope::Cluster,
+        )
         .unwrap_or_else(|e| panic!("{e:?}"));
         assert_eq!(pause.key, "mail.remote-421");
         assert_eq!(expires, Some(1_800_000_000 + 7200));
         assert_eq!(pause.expires_at.as_deref(), Some("2027-01-15T10:00:00Z"));
         assert_eq!(pause.reason.as_deref(), Some("421s"));
-        let (_, until) = to_pause(&dp(DeliveryPauseSpec {
-            mx_hosts: vec!["*.google.com".into()],
-            until: Some("2030-01-01T00:00:00Z".into()),
-            ..DeliveryPauseSpec::default()
-        }))
+        let (_, until) = to_pause(
+            &dp(DeliveryPauseSpec {
+                mx_hosts: vec!["*.google.com".into()],
+                until: Some("2030-01-01T00:00:00Z".into()),
+                ..DeliveryPauseSpec::default()
+            }),
+            Scope::Cluster,
+        )
         .unwrap_or_else(|e| panic!("{e:?}"));
         assert_eq!(until, parse_rfc3339("2030-01-01T00:00:00Z"));
     }
 
     #[test]
     fn invalid_pauses_are_reported() {
-        let empty = to_pause(&dp(DeliveryPauseSpec::default())).unwrap_err();
+        let empty = to_pause(&dp(DeliveryPauseSpec::default()), Scope::Cluster).unwrap_err();
         assert_eq!(empty.0, "InvalidSpec");
-        let bad_net = to_pause(&dp(DeliveryPauseSpec {
-            networks: vec!["10.0.0.0/40".into()],
-            ..DeliveryPauseSpec::default()
-        }))
+        let bad_net = to_pause(
+            &dp(DeliveryPauseSpec {
+                networks: vec!["10.0.0.0/40".into()],
+                ..DeliveryPauseSpec::default()
+            }),
+            Scope::Cluster,
+        )
         .unwrap_err();
         assert!(bad_net.1.contains("10.0.0.0/40"), "{}", bad_net.1);
+    }
+
+    #[test]
+    fn a_tenant_pause_holds_back_only_its_namespace_domains() {
+        let own = ["shop.example".to_owned(), "news.shop.example".to_owned()];
+        // Everything to gmail.com, from this namespace's domains only.
+        let (pause, _) = to_pause(
+            &dp(DeliveryPauseSpec {
+                recipient_domains: vec!["gmail.com".into()],
+                ..DeliveryPauseSpec::default()
+            }),
+            Scope::Namespace(&own),
+        )
+        .unwrap_or_else(|e| panic!("{e:?}"));
+        assert_eq!(pause.from_domains, own);
+        assert!(pause.matches_envelope("shop.example", "gmail.com"));
+        assert!(!pause.matches_envelope("victim.example", "gmail.com"));
+        // A pattern narrows it to the domains it matches.
+        let (pause, _) = to_pause(
+            &dp(DeliveryPauseSpec {
+                from_domains: vec!["*.shop.example".into()],
+                ..DeliveryPauseSpec::default()
+            }),
+            Scope::Namespace(&own),
+        )
+        .unwrap_or_else(|e| panic!("{e:?}"));
+        assert_eq!(pause.from_domains, ["news.shop.example"]);
+        // Another tenant's domain is refused, and so is a namespace without MailDomains.
+        let other = to_pause(
+            &dp(DeliveryPauseSpec {
+                from_domains: vec!["victim.example".into()],
+                ..DeliveryPauseSpec::default()
+            }),
+            Scope::Namespace(&own),
+        )
+        .unwrap_err();
+        assert_eq!(other.0, "NotInNamespace");
+        let none = to_pause(
+            &dp(DeliveryPauseSpec {
+                recipient_domains: vec!["gmail.com".into()],
+                ..DeliveryPauseSpec::default()
+            }),
+            Scope::Namespace(&[]),
+        )
+        .unwrap_err();
+        assert_eq!(none.0, "NoMailDomains");
+        // The platform team's pause reaches every domain.
+        let (pause, _) = to_pause(
+            &dp(DeliveryPauseSpec {
+                recipient_domains: vec!["gmail.com".into()],
+                ..DeliveryPauseSpec::default()
+            }),
+            Scope::Cluster,
+        )
+        .unwrap_or_else(|e| panic!("{e:?}"));
+        assert!(pause.matches_envelope("victim.example", "gmail.com"));
     }
 }

@@ -62,7 +62,9 @@ pub struct DeliveryPauseSpec {
         "spec.recipientDomains must be lower-case domain names such as gmail.com or *.example.com"
     ))]
     pub recipient_domains: Vec<String>,
-    /// MailDomains (their `spec.domain`) whose outgoing mail is paused.
+    /// MailDomains (their `spec.domain`) whose outgoing mail is paused. A pause outside the
+    /// operator's namespace holds back only its own namespace's MailDomains (all of them when
+    /// empty).
     #[serde(default)]
     #[schemars(length(max = 100), inner(length(max = 255)))]
     #[x_kube(validation = Rule::new(NAME_PATTERN_RULE).message(
