@@ -23,6 +23,7 @@ pub mod controller;
 pub mod crd;
 pub mod dkim;
 pub mod dns_records;
+pub mod events;
 pub mod leader;
 pub mod metrics;
 pub mod nats;

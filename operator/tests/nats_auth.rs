@@ -55,9 +55,13 @@ impl SecureNats {
         std::fs::write(&cert, &leaf.cert_pem).unwrap();
         std::fs::write(&key, leaf.key_pem.expose()).unwrap();
         let tls = format!("tls {{\n  cert_file: {cert:?}\n  key_file: {key:?}\n  timeout: 2\n}}\n");
+        // Room for the user JWTs in the CONNECT line, as the chart's nats.conf gives them.
         let cluster = NatsCluster::start(
             servers,
-            &format!("{}\n{tls}", trust.resolver_config(now).unwrap()),
+            &format!(
+                "max_control_line: 65536\n{}\n{tls}",
+                trust.resolver_config(now).unwrap()
+            ),
             jetstream_extra,
         );
         Self {
@@ -281,6 +285,41 @@ async fn a_domains_credentials_reach_its_own_queue_objects_and_nothing_else() {
         )
         .await
         .expect("claim the domain's report");
+    // Allowed: the domain's delivery events and suppression entries, as the node uses them.
+    js.publish(
+        kubemail_queue::events::event_subject(A, kubemail_queue::events::EventType::Delivered),
+        "{}".into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .expect("publish an event of the domain");
+    let suppression = kubemail_queue::suppression::SuppressionList::open(&js)
+        .await
+        .expect("open the suppression bucket the operator made");
+    let entry = kubemail_queue::suppression::SuppressionEntry::new(
+        A,
+        "gone@remote.example",
+        kubemail_queue::suppression::SuppressionReason::Bounce,
+        std::time::SystemTime::now(),
+        None,
+    );
+    suppression
+        .put(&entry)
+        .await
+        .expect("suppress for the domain");
+    let read = suppression
+        .get(A, "gone@remote.example", std::time::SystemTime::now())
+        .await
+        .expect("read the domain's entry");
+    assert_eq!(
+        read.as_ref().map(|e| e.address.as_str()),
+        Some("gone@remote.example")
+    );
+    assert_eq!(
+        suppression.count(A).await.expect("count the domain's keys"),
+        1
+    );
     assert!(
         errors.lock().unwrap().is_empty(),
         "nothing allowed was refused: {:?}",
@@ -302,6 +341,30 @@ async fn a_domains_credentials_reach_its_own_queue_objects_and_nothing_else() {
             .await
             .is_err(),
         "claiming another domain's report"
+    );
+
+    // Denied: another domain's events and suppression entries (write and read).
+    let other_event =
+        kubemail_queue::events::event_subject(B, kubemail_queue::events::EventType::Bounced);
+    let _ = js.publish(other_event.clone(), "{}".into()).await;
+    violation(&errors, &other_event).await;
+    let mut forged = entry.clone();
+    forged.domain = B.to_owned();
+    assert!(
+        suppression.put(&forged).await.is_err(),
+        "writing another domain's list"
+    );
+    violation(
+        &errors,
+        &format!("KUBEMAIL_SUPPRESSION.{}", kubemail_queue::domain_token(B)),
+    )
+    .await;
+    assert!(
+        suppression
+            .get(B, "gone@remote.example", std::time::SystemTime::now())
+            .await
+            .is_err(),
+        "reading another domain's list"
     );
 
     // Denied: the other domain's subject; nothing is stored there.

@@ -124,6 +124,7 @@ inboundAuth: {{ enabled: false }}
             MessageChecks {
                 dkim: Some(Arc::new(dkim)),
                 inbound_auth: None,
+                suppression: None,
             },
         );
         let (client, server) = tokio::io::duplex(1 << 16);
@@ -245,6 +246,7 @@ fn entry(domain: &str) -> QueueEntry {
         delay_warned: false,
         require_tls: false,
         tls_optional: false,
+        admin: Default::default(),
     }
 }
 

@@ -14,7 +14,10 @@
 //! * [`auth`]: submission users, login throttling, sender and rate policy; [`auth_limits`]:
 //!   the cluster-wide per-user limit on failed logins;
 //! * [`queue`]: the queue contract and its JetStream implementation;
-//! * [`delivery`]: the sending side: workers, routing, MX, the SMTP client, retries, DSNs;
+//! * [`delivery`]: the sending side: workers, routing, MX, the SMTP client, retries, DSNs,
+//!   bounce classification;
+//! * [`events`]: delivery events (CloudEvents on their own stream) and inbound DSNs and
+//!   feedback reports; [`suppression`]: the domains' suppression lists;
 //! * [`message`]: the message header helpers both sides use (header lookup, the header
 //!   section, the hop count; the Received, Message-ID and Date builders);
 //! * [`dkim`]: DKIM signing at acceptance; [`authres`]: SPF/DKIM/DMARC of inbound mail;
@@ -34,6 +37,7 @@ pub mod clock;
 pub mod delivery;
 pub mod dkim;
 pub mod dns;
+pub mod events;
 pub mod memory;
 pub mod message;
 pub mod metrics;
@@ -43,6 +47,7 @@ pub mod queue;
 pub mod server;
 pub mod session;
 pub mod shutdown;
+pub mod suppression;
 pub mod tls;
 
 // The configuration, the telemetry set-up and the wire format are crates of their own (the

@@ -232,6 +232,7 @@ impl Metrics {
         );
         m.otel.register(&mut registry);
         crate::delivery::metrics::global().register(&mut registry);
+        crate::events::metrics::global().register(&mut registry);
         Self { registry, ..m }
     }
 

@@ -135,7 +135,14 @@ pub async fn run(
         shutdown.clone(),
         clock,
     )?;
-    crate::delivery::start(Arc::new(delivery), &domains);
+    let delivery = Arc::new(delivery);
+    queue.attach_events(delivery.events.clone());
+    tokio::spawn(delivery.suppression.clone().run_sampler(
+        domains.clone(),
+        config.admin.queue_sample_interval.0,
+        background.clone(),
+    ));
+    crate::delivery::start(delivery.clone(), &domains);
     tokio::spawn(crate::queue::sampler::run(
         queue.jetstream().clone(),
         config.nats.clone(),
@@ -167,7 +174,11 @@ pub async fn run(
     readiness.set_listeners_bound();
     let admin_task = tokio::spawn(admin::serve(admin_socket, readiness, background.clone()));
 
-    let checks = MessageChecks { dkim, inbound_auth };
+    let checks = MessageChecks {
+        dkim,
+        inbound_auth,
+        suppression: Some(delivery.suppression.clone()),
+    };
     let ctx = ServerContext::with_checks(
         config.clone(),
         tls,

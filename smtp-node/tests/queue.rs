@@ -686,6 +686,7 @@ async fn the_sweeper_deletes_only_bodies_no_entry_refers_to() {
         delay_warned: false,
         require_tls: false,
         tls_optional: false,
+        admin: Default::default(),
     };
     // Entries of another domain come first in the stream; the sweeper reads past them.
     for _ in 0..3 {

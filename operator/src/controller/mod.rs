@@ -1,10 +1,13 @@
 //! The controllers and what they share: the [`Context`] (client, event recorder, metrics,
 //! settings, caches), the reconcile [`Error`], condition bookkeeping, and [`run`], which runs
-//! both controllers until told to stop (the leader elector decides when).
+//! every controller (MailDomain, Relay, EventSink, Suppression) until told to stop (the leader
+//! elector decides when).
 
 pub mod delivery_pause;
+pub mod event_sink;
 pub mod mail_domain;
 pub mod relay;
+pub mod suppression;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -67,6 +70,8 @@ pub struct Context {
     pub config: Config,
     pub users_cache: UsersCache,
     pub backoff: Backoff,
+    /// The webhook dispatchers of EventSinks.
+    pub sinks: event_sink::Dispatchers,
     crds: Mutex<HashMap<String, (bool, Instant)>>,
 }
 
@@ -138,6 +143,12 @@ pub enum Error {
     Pause(#[source] kubemail_queue_admin::AdminError),
     #[error("{0}")]
     CleanupPending(String),
+    #[error("cannot {action} in NATS")]
+    Nats {
+        action: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error("the {0} task panicked")]
     BlockingTaskFailed(&'static str),
     #[error("finalizer failed")]
@@ -163,6 +174,7 @@ impl Error {
             Self::MintCredentials(_) => "mint_credentials",
             Self::Pause(_) => "pause",
             Self::CleanupPending(_) => "cleanup_pending",
+            Self::Nats { .. } => "nats",
             Self::BlockingTaskFailed(_) => "blocking_task",
             Self::Finalizer(inner) => match inner.as_ref() {
                 kube::runtime::finalizer::Error::ApplyFailed(e)
@@ -229,6 +241,7 @@ impl Context {
             config,
             users_cache: UsersCache::default(),
             backoff: Backoff::default(),
+            sinks: event_sink::Dispatchers::default(),
             crds: Mutex::new(HashMap::new()),
         }
     }
@@ -271,6 +284,31 @@ impl Context {
             .unwrap_or_else(|e| e.into_inner())
             .insert(name.to_owned(), (established, Instant::now()));
         Ok(established)
+    }
+}
+
+/// Waits until the CRD `name` is installed (checking every minute), so a controller of an
+/// optional resource does not fail its watch on a cluster whose CRDs predate it. False when
+/// `stop` fired first.
+pub async fn wait_for_crd(ctx: &Context, name: &str, stop: &CancellationToken) -> bool {
+    let mut logged = false;
+    loop {
+        match ctx.crd_installed(name).await {
+            Ok(true) => return true,
+            Ok(false) if !logged => {
+                tracing::warn!(
+                    crd = name,
+                    "CRD not installed; its controller waits for it (apply crds/ from this release)"
+                );
+                logged = true;
+            }
+            Ok(false) => {}
+            Err(e) => tracing::debug!(error = %chain(&e), "cannot look up a CRD"),
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return false,
+            _ = tokio::time::sleep(Duration::from_secs(60)) => {}
+        }
     }
 }
 
@@ -354,11 +392,13 @@ pub fn condition_with(
     }
 }
 
-/// Runs the controllers (and, for a bundled NATS, its bootstrap) until `stop` fires.
+/// Runs every controller (and, for a bundled NATS, its bootstrap) until `stop` fires.
 pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
     tokio::join!(
         mail_domain::run(ctx.clone(), stop.clone()),
         relay::run(ctx.clone(), stop.clone()),
+        event_sink::run(ctx.clone(), stop.clone()),
+        suppression::run(ctx.clone(), stop.clone()),
         delivery_pause::run(ctx.clone(), stop.clone()),
         crate::nats::settings::run_bootstrap(ctx, stop),
     );

@@ -1,5 +1,5 @@
-//! The custom resources of kubemail (`kubemail.io/v1alpha1`): [`MailDomain`], [`Relay`] and
-//! [`DeliveryPause`],
+//! The custom resources of kubemail (`kubemail.io/v1alpha1`): [`MailDomain`], [`Relay`],
+//! [`EventSink`], [`Suppression`] and [`DeliveryPause`],
 //! their shared schema pieces (object references, the condition list) and the YAML that
 //! `crdgen` writes into `crds/`.
 //!
@@ -10,8 +10,10 @@
 //! message a person can act on.
 
 pub mod delivery_pause;
+pub mod event_sink;
 pub mod mail_domain;
 pub mod relay;
+pub mod suppression;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
@@ -19,8 +21,10 @@ use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
 use serde::{Deserialize, Serialize};
 
 pub use self::delivery_pause::{DeliveryPause, DeliveryPauseSpec, DeliveryPauseStatus};
+pub use self::event_sink::{EventSink, EventSinkSpec, EventSinkStatus};
 pub use self::mail_domain::{MailDomain, MailDomainSpec, MailDomainStatus};
 pub use self::relay::{Relay, RelaySpec, RelayStatus};
+pub use self::suppression::{Suppression, SuppressionSpec, SuppressionStatus};
 
 /// API group of every kubemail resource.
 pub const GROUP: &str = "kubemail.io";
@@ -69,6 +73,8 @@ pub fn crds() -> Vec<(&'static str, CustomResourceDefinition)> {
         ("deliverypauses.kubemail.io.yaml", DeliveryPause::crd()),
         ("maildomains.kubemail.io.yaml", MailDomain::crd()),
         ("relays.kubemail.io.yaml", Relay::crd()),
+        ("eventsinks.kubemail.io.yaml", EventSink::crd()),
+        ("suppressions.kubemail.io.yaml", Suppression::crd()),
     ]
 }
 

@@ -170,6 +170,7 @@ impl NatsAccess {
             ensure_queue_stream(&js, nats).await?;
             ensure_failure_stream(&js, nats, auth).await?;
             ensure_tls_policy_objects(&js, nats).await?;
+            ensure_event_objects(&js, nats).await?;
             ensure_delivery_buckets(&js, nats).await?;
             for domain in domains {
                 ensure_domain(&js, nats, domain, consumer).await?;
@@ -284,6 +285,38 @@ pub async fn ensure_failure_stream(
     let config = streams::failure_stream_config(nats, auth);
     let name = config.name.clone();
     js.create_or_update_stream(config)
+        .await
+        .map(drop)
+        .map_err(|source| ManageError::CreateStream {
+            stream: name,
+            source,
+        })
+}
+
+/// Creates the delivery events stream and the suppression bucket when missing (the events
+/// stream with the default limits: the nodes' `events.maxAge`/`maxBytes` apply only where
+/// they manage the objects themselves).
+pub async fn ensure_event_objects(
+    js: &jetstream::Context,
+    nats: &NatsConfig,
+) -> Result<(), ManageError> {
+    let bucket = streams::suppression_bucket_config(nats.replicas);
+    if js.get_key_value(&bucket.bucket).await.is_err() {
+        let name = bucket.bucket.clone();
+        js.create_key_value(bucket)
+            .await
+            .map_err(|source| ManageError::KeyValue {
+                bucket: name,
+                source,
+            })?;
+    }
+    let events = streams::events_stream_config(
+        nats.replicas,
+        streams::EVENTS_DEFAULT_MAX_AGE,
+        streams::EVENTS_DEFAULT_MAX_BYTES,
+    );
+    let name = events.name.clone();
+    js.get_or_create_stream(events)
         .await
         .map(drop)
         .map_err(|source| ManageError::CreateStream {

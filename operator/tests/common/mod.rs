@@ -56,6 +56,8 @@ pub async fn install_crds(client: &Client) {
     for file in [
         "maildomains.kubemail.io.yaml",
         "relays.kubemail.io.yaml",
+        "eventsinks.kubemail.io.yaml",
+        "suppressions.kubemail.io.yaml",
         "deliverypauses.kubemail.io.yaml",
     ] {
         let text = std::fs::read_to_string(dir.join(file)).expect("read CRD");

@@ -227,7 +227,8 @@ impl DeliveryMetrics {
             .inc();
     }
 
-    fn bounded_remote(&self, remote: String) -> String {
+    /// `remote` itself while fewer than [`MAX_REMOTE_DOMAINS`] were seen, else `other`.
+    pub fn bounded_remote(&self, remote: String) -> String {
         let Ok(mut seen) = self.remote_domains.lock() else {
             return "other".to_owned();
         };

@@ -10,6 +10,7 @@
 //!   [`tls`]: client TLS;
 //! * [`relay`]: smarthosts; [`limits`]: per-destination connection caps and reuse;
 //! * [`outcome`]: typed results and the entry decision; [`retry`]: the schedule;
+//!   [`classify`]: the bounce class of a failure;
 //! * [`dsn`]: bounces and delay notices;
 //! * [`admin`]: what operators' actions on the queue mean to a worker; [`pause`]: delivery
 //!   pauses; [`shaping`]: cluster-wide connection and rate limits per destination;
@@ -20,6 +21,7 @@
 
 pub mod address_policy;
 pub mod admin;
+pub mod classify;
 pub mod client;
 pub mod consumer;
 pub mod dsn;
@@ -70,6 +72,8 @@ pub struct DeliverySettings {
     pub nats: NatsConfig,
     /// Our domains with their inbound targets and relays.
     pub domains: Vec<DomainRouting>,
+    /// Delivery events, classification rules and the suppression list.
+    pub events: crate::config::EventsConfig,
     /// Domains with a retry schedule of their own (`retryIntervals`).
     pub retry_by_domain: HashMap<String, RetryConfig>,
 }
@@ -90,6 +94,7 @@ impl DeliverySettings {
                     relay: d.relay.clone(),
                 })
                 .collect(),
+            events: config.events.clone(),
             retry_by_domain: config
                 .domains
                 .iter()
@@ -123,6 +128,10 @@ pub struct DeliveryContext {
     pub policies: policy::Policies,
     /// TLS-RPT results and reports.
     pub tlsrpt: Arc<policy::tlsrpt::TlsRpt>,
+    /// Delivery events and the bounce classifier.
+    pub events: Arc<crate::events::Events>,
+    /// The domains' suppression lists.
+    pub suppression: Arc<crate::suppression::Suppression>,
     /// Delivery pauses in force.
     pub pauses: Arc<pause::Pauses>,
     /// Cluster-wide connection and rate limits.
@@ -171,6 +180,15 @@ impl DeliveryContext {
             js.clone(),
             clock,
         ));
+        let events = Arc::new(crate::events::Events::new(
+            js.clone(),
+            settings.hostname.clone(),
+            settings.events.clone(),
+        ));
+        let suppression = Arc::new(crate::suppression::Suppression::new(
+            js.clone(),
+            settings.events.suppression.clone(),
+        ));
         let shaper = shaping::Shaper::new(
             d.shaping.clone(),
             js.clone(),
@@ -179,6 +197,8 @@ impl DeliveryContext {
             &settings.hostname,
         );
         Ok(Self {
+            events,
+            suppression,
             pauses: pause::Pauses::new(),
             shaper,
             replaced: admin::ReplacedMarks::default(),
@@ -237,6 +257,7 @@ pub fn start(ctx: Arc<DeliveryContext>, domains: &[String]) -> Vec<tokio::task::
     let mut tasks = Vec::new();
     for domain in domains {
         metrics::global().init_domain(domain);
+        crate::events::metrics::global().init_domain(domain);
     }
     if !ctx.config.enabled {
         tracing::info!("delivery is disabled on this node");

@@ -31,6 +31,20 @@ pub struct Diagnostic {
     pub text: String,
     /// The host that answered (DSN `Remote-MTA`).
     pub remote_mta: Option<String>,
+    /// The connection the reply came on, when there was one (for events; boxed to keep
+    /// results small).
+    pub peer: Option<Box<Peer>>,
+}
+
+/// The server a delivery talked to: what events say about the remote side.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    pub host: String,
+    pub ip: Option<std::net::IpAddr>,
+    /// TLS of the connection; `None` for plaintext.
+    pub tls: Option<crate::tls::TlsInfo>,
+    /// Whether the server's certificate was verified.
+    pub verified: bool,
 }
 
 impl Diagnostic {
@@ -41,6 +55,7 @@ impl Diagnostic {
             text: String::new(),
             reply: Some(reply),
             remote_mta,
+            peer: None,
         }
     }
 
@@ -51,7 +66,14 @@ impl Diagnostic {
             reply: None,
             text: text.into(),
             remote_mta: None,
+            peer: None,
         }
+    }
+
+    /// The same diagnostic, on `peer`'s connection.
+    pub fn with_peer(mut self, peer: Peer) -> Self {
+        self.peer = Some(Box::new(peer));
+        self
     }
 
     /// The RFC 3464 `Diagnostic-Code` value: `smtp; <reply>` for a remote reply, else
@@ -112,7 +134,12 @@ pub fn one_line(text: &str) -> String {
 /// The result of one delivery attempt for one recipient.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RecipientOutcome {
-    Delivered { reply: Reply, remote_mta: String },
+    Delivered {
+        reply: Reply,
+        remote_mta: String,
+        /// The connection, when known (for events).
+        peer: Option<Box<Peer>>,
+    },
     Deferred(Diagnostic),
     Failed(Diagnostic),
 }
@@ -124,11 +151,27 @@ impl RecipientOutcome {
             Self::Delivered {
                 reply,
                 remote_mta: remote_mta.to_owned(),
+                peer: None,
             }
         } else if reply.is_permanent() {
             Self::Failed(Diagnostic::from_reply(reply, Some(remote_mta.to_owned())))
         } else {
             Self::Deferred(Diagnostic::from_reply(reply, Some(remote_mta.to_owned())))
+        }
+    }
+
+    /// The same outcome, on `peer`'s connection.
+    pub fn with_peer(self, peer: &Peer) -> Self {
+        match self {
+            Self::Delivered {
+                reply, remote_mta, ..
+            } => Self::Delivered {
+                reply,
+                remote_mta,
+                peer: Some(Box::new(peer.clone())),
+            },
+            Self::Deferred(d) => Self::Deferred(d.with_peer(peer.clone())),
+            Self::Failed(d) => Self::Failed(d.with_peer(peer.clone())),
         }
     }
 

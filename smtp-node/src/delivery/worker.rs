@@ -48,6 +48,7 @@ use super::relay;
 use super::route::Route;
 use super::{admin, pause, shaping};
 use crate::config::{ForwardProtocol, InboundTls};
+use crate::events;
 use crate::protocol::EnhancedCode;
 use crate::queue::{Direction, EntryError, Notice, QueueEntry, QueueId};
 use crate::telemetry::propagation;
@@ -130,6 +131,7 @@ async fn process(
     let started = Instant::now();
     let max_deliver = ctx.config.consumer.max_deliver;
     let mut paused = Vec::new();
+    let mut suppressed = Vec::new();
     let (body, outcomes) = if entry.admin.cancelled {
         // Deleted by an operator with a notice: bounce every recipient, attempt nothing.
         let body = with_progress(ctx, message, load_body(ctx, message, &entry))
@@ -165,7 +167,10 @@ async fn process(
             .collect();
         (body, outcomes)
     } else {
-        let attempt = AssertUnwindSafe(attempt(ctx, message, &entry)).catch_unwind();
+        // Suppressed recipients are not attempted; they fail with the list's reason.
+        let (to_attempt, found) = ctx.suppression.split(&entry).await;
+        suppressed = found;
+        let attempt = AssertUnwindSafe(attempt(ctx, message, &to_attempt)).catch_unwind();
         let abort = ctx.shutdown.abort_token().clone();
         let result = tokio::select! {
             r = with_progress(ctx, message, attempt) => r,
@@ -176,8 +181,13 @@ async fn process(
             }
         };
         match result {
-            Ok((body, outcomes, held_back)) => {
+            Ok((body, mut outcomes, held_back)) => {
                 paused = held_back;
+                outcomes.extend(
+                    suppressed
+                        .iter()
+                        .map(|(r, found)| (r.clone(), crate::suppression::outcome(found))),
+                );
                 (body, outcomes)
             }
             Err(_panic) => {
@@ -193,7 +203,16 @@ async fn process(
             domain: domain.to_owned(),
         })
         .observe(started.elapsed().as_secs_f64());
-    let finish = finish(ctx, domain, message, &entry, body, outcomes, paused);
+    let finish = finish(
+        ctx,
+        domain,
+        message,
+        &entry,
+        body,
+        outcomes,
+        paused,
+        &suppressed,
+    );
     with_progress(ctx, message, finish).await;
 }
 
@@ -577,8 +596,13 @@ async fn send_via(
         smtputf8: entry.smtputf8,
         require_tls: entry.require_tls,
     };
-    let zip = |outcomes: Vec<RecipientOutcome>| -> Vec<(String, RecipientOutcome)> {
-        rcpts.iter().cloned().zip(outcomes).collect()
+    let zip = |outcomes: Vec<RecipientOutcome>, client: &SmtpClient| {
+        let peer = peer_of(client);
+        rcpts
+            .iter()
+            .cloned()
+            .zip(outcomes.into_iter().map(|o| o.with_peer(&peer)))
+            .collect::<Vec<(String, RecipientOutcome)>>()
     };
     // REQUIRETLS is a relaying matter (RFC 8689 4.2); the final hop to our own store is not.
     let require_tls = entry.require_tls && !matches!(route, Route::Inbound { .. });
@@ -607,8 +631,9 @@ async fn send_via(
                         log_outcomes(client.target(), rcpts, &outcomes, true);
                         shaping::after(&ctx.shaper, dest, outcomes.iter().filter_map(diagnostic))
                             .await;
+                        let outcomes = zip(outcomes, &client);
                         ctx.pool.checkin(route, *client, permit).await;
-                        return zip(outcomes);
+                        return outcomes;
                     }
                     Err(e) => {
                         tracing::info!(host = %client.target().host, error = %e, "reused connection failed");
@@ -719,8 +744,9 @@ async fn send_via(
             Ok(outcomes) => {
                 log_outcomes(target, rcpts, &outcomes, false);
                 shaping::after(&ctx.shaper, dest, outcomes.iter().filter_map(diagnostic)).await;
+                let outcomes = zip(outcomes, &client);
                 ctx.pool.checkin(route, client, permit).await;
-                return zip(outcomes);
+                return outcomes;
             }
             Err(e) => {
                 tracing::info!(host = %target.host, addr = %target.addr, error = %e, "transaction failed; trying the next host");
@@ -743,6 +769,16 @@ async fn send_via(
             });
             all(rcpts, RecipientOutcome::Deferred(d))
         }
+    }
+}
+
+/// The connection's remote side, for events.
+fn peer_of(client: &SmtpClient) -> outcome::Peer {
+    outcome::Peer {
+        host: client.target().host.clone(),
+        ip: Some(client.target().addr.ip()),
+        tls: client.tls_info().cloned(),
+        verified: client.is_verified(),
     }
 }
 
@@ -828,8 +864,9 @@ fn log_outcomes(target: &Target, rcpts: &[String], outcomes: &[RecipientOutcome]
     }
 }
 
-/// Acts on the outcomes: bounce, delay notice, republish (with the recipients a pause holds
-/// back), ack.
+/// Acts on the outcomes: events, bounce, delay notice, republish (with the recipients a pause
+/// holds back), ack. `outcomes` include the `suppressed` recipients' failures.
+#[allow(clippy::too_many_arguments)]
 async fn finish(
     ctx: &DeliveryContext,
     domain: &str,
@@ -838,6 +875,7 @@ async fn finish(
     body: Option<Bytes>,
     outcomes: Vec<(String, RecipientOutcome)>,
     paused: Vec<pause::Paused>,
+    suppressed: &[(String, kubemail_queue::suppression::SuppressionEntry)],
 ) {
     let now = SystemTime::now();
     if !paused.is_empty() {
@@ -865,6 +903,9 @@ async fn finish(
         .await;
         return;
     }
+    // Suppressed recipients alone are no attempt: the paused rest keeps its attempt count.
+    let attempted = outcomes.len() > suppressed.len();
+    let delivered_info = events::attempt::delivered_of(&outcomes);
     let retry = ctx.retry_config(&entry.domain);
     let plan = outcome::plan(
         outcomes,
@@ -896,6 +937,14 @@ async fn finish(
     m.count(domain, "delivered", plan.delivered.len());
     m.count(domain, "deferred", plan.deferred.len());
     record_outcome(&tracing::Span::current(), &plan);
+    let mut batch = events::Batch::new(&ctx.events, entry, now);
+    events::attempt::record(ctx, &mut batch, entry, &delivered_info, &plan, suppressed).await;
+    if entry.direction == Direction::Inbound
+        && entry.attempts == 0
+        && let Some(body) = &body
+    {
+        batch.extend(events::inbound::events(ctx, entry, body).await);
+    }
     for (rcpt, d) in &plan.failed {
         tracing::warn!(recipient = %rcpt, reason = %d.summary(), bounce = plan.bounce, "delivery failed permanently");
     }
@@ -915,6 +964,9 @@ async fn finish(
             ack(message, AckKind::Nak(Some(local_retry(ctx)))).await;
             return;
         }
+        for (rcpt, _) in &plan.failed {
+            batch.dsn_sent(rcpt, "failure");
+        }
     } else {
         // A null sender: nobody to tell (a bounce is never bounced).
         m.count(domain, "dropped", plan.failed.len());
@@ -932,12 +984,20 @@ async fn finish(
         )
         .await
         {
-            Ok(()) => delay_warned = true,
+            Ok(()) => {
+                delay_warned = true;
+                for (rcpt, _) in &plan.deferred {
+                    batch.dsn_sent(rcpt, "delay");
+                }
+            }
             Err(error) => {
                 tracing::warn!(%error, "cannot queue the delay notice; will try at the next attempt")
             }
         }
     }
+    // Before the republish and the ack: a crash from here on repeats the events (same ids),
+    // never loses them.
+    batch.publish().await;
     let retry_at = match plan.disposition {
         Disposition::Deferred { retry_at, .. } => Some(retry_at),
         Disposition::Done | Disposition::Failed => None,
@@ -947,7 +1007,7 @@ async fn finish(
         recipients.extend(paused.iter().map(|p| p.recipient.clone()));
         let mut next = QueueEntry {
             recipients,
-            attempts: entry.attempts + 1,
+            attempts: entry.attempts + u32::from(attempted),
             not_before: retry_at,
             last_error: plan
                 .deferred
@@ -970,7 +1030,15 @@ async fn finish(
             .not_before
             .and_then(|t| t.duration_since(now).ok())
             .unwrap_or_default();
-        if !republish(ctx, message, entry, next.clone(), &next.msg_id()).await {
+        // Without an attempt the attempt count (and so the usual id) stays the same: the new
+        // entry gets the id a pause's republish gets.
+        let msg_id = if attempted {
+            next.msg_id()
+        } else {
+            let sequence = message.info().map(|i| i.stream_sequence).unwrap_or(0);
+            entry.action_msg_id(Action::Pause, sequence)
+        };
+        if !republish(ctx, message, entry, next.clone(), &msg_id).await {
             return;
         }
         m.retries

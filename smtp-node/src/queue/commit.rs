@@ -13,7 +13,11 @@
 //! under load the groups grow with it.
 //!
 //! Each session is answered only from its own entries' outcome, after the server's
-//! acknowledgement of the group that carried them: `250` still means durable.
+//! acknowledgement of the group that carried them: `250` still means durable. Between the two
+//! the committer publishes the `received` delivery events of the group's stored entries, all
+//! in one go and bounded by `events.publishTimeout` (see [`crate::events::Events::publish`]):
+//! a delivery can then never overtake its `received` event, and the hot path pays one events
+//! round trip per group, not per message.
 //!
 //! With `nats.groupCommit: false` (or a server without atomic batches) the committer still
 //! takes the waiting transactions together, but publishes their entries one by one, the
@@ -26,8 +30,8 @@
 //! safe because every entry carries a `Nats-Msg-Id` that JetStream de-duplicates: whatever
 //! of the batch the server did store is acknowledged as a duplicate.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use async_nats::HeaderMap;
@@ -36,6 +40,7 @@ use async_nats::jetstream::{self, context::PublishErrorKind};
 use bytes::Bytes;
 use futures::StreamExt as _;
 use futures::stream::FuturesUnordered;
+use kubemail_queue::events::CloudEvent;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{EnqueueError, QueueEntry};
@@ -115,6 +120,8 @@ struct Shared {
     js: jetstream::Context,
     /// Whether the stream takes atomic batches (set up with `allow_atomic`).
     atomic: Arc<AtomicBool>,
+    /// Where the `received` events of stored entries go, once the node has attached it.
+    events: Arc<OnceLock<Arc<crate::events::Events>>>,
 }
 
 /// The handle sessions commit through; the task ends when the last handle is dropped.
@@ -124,14 +131,21 @@ pub struct Committer {
 }
 
 impl Committer {
-    /// Starts the committer task. `atomic` says whether groups may go as atomic batches.
+    /// Starts the committer task. `atomic` says whether groups may go as atomic batches;
+    /// `events`, once set, receives the `received` events of every stored group.
     pub fn start(
         client: async_nats::Client,
         js: jetstream::Context,
         atomic: Arc<AtomicBool>,
+        events: Arc<OnceLock<Arc<crate::events::Events>>>,
     ) -> Self {
         let (jobs, rx) = mpsc::channel(QUEUE_DEPTH);
-        let shared = Arc::new(Shared { client, js, atomic });
+        let shared = Arc::new(Shared {
+            client,
+            js,
+            atomic,
+            events,
+        });
         tokio::spawn(run(shared, rx));
         Self { jobs }
     }
@@ -226,6 +240,15 @@ async fn commit_group(shared: Arc<Shared>, mut group: Vec<Job>) {
         .flat_map(|j| std::mem::take(&mut j.messages))
         .collect();
     let total = messages.len();
+    // Made now: the publish paths consume the messages.
+    let events = shared.events.get().filter(|e| e.enabled());
+    let received: Vec<Vec<CloudEvent>> = match events {
+        Some(events) => messages
+            .iter()
+            .map(|m| crate::events::received(events.hostname(), &m.entry))
+            .collect(),
+        None => Vec::new(),
+    };
     metrics::global()
         .queue_commit_messages
         .observe(total as f64);
@@ -253,6 +276,17 @@ async fn commit_group(shared: Arc<Shared>, mut group: Vec<Job>) {
     } else {
         one_by_one(&shared, messages).await
     };
+    if let Some(events) = events {
+        // A stored duplicate is a client's retry of an entry we have: its events have the
+        // same ids, so the events stream drops them again if it has them.
+        let stored = received
+            .into_iter()
+            .zip(&outcomes)
+            .filter(|(_, outcome)| outcome.is_ok())
+            .flat_map(|(events, _)| events)
+            .collect();
+        events.publish(stored).await;
+    }
     let mut outcomes = outcomes.into_iter();
     for job in group {
         let mine: Outcomes = outcomes.by_ref().take(job.count).collect();

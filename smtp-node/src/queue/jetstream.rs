@@ -12,12 +12,14 @@
 //! entries of other sessions in one atomic batch. Body objects that no entry refers to are
 //! removed: at once when the entry is known not to be stored (an error answer, or never
 //! sent, and no earlier batch of it went unanswered); otherwise (a timeout, a crash, an entry
-//! the stream already had) by the [`sweeper`](super::sweeper), which looks at the entries. An object whose entry is stored is marked so
-//! (its description), so the sweeper need not look for it.
+//! the stream already had) by the [`sweeper`](super::sweeper), which looks at the entries. An
+//! object whose entry is stored is marked so (its description), so the sweeper need not look
+//! for it. Once [`JetStreamQueue::attach_events`] was called, the committer publishes the
+//! `received` events of every group it stored before the sessions answer `250`.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use async_nats::connection::State;
@@ -72,6 +74,9 @@ pub struct JetStreamQueue {
     /// Whether the stream takes atomic batches (known after set-up).
     atomic: Arc<AtomicBool>,
     committer: Committer,
+    /// Publishes the `received` events of accepted messages (set once at start-up; read by
+    /// the committer).
+    events: Arc<OnceLock<Arc<crate::events::Events>>>,
 }
 
 impl JetStreamQueue {
@@ -111,7 +116,9 @@ impl JetStreamQueue {
         js.set_timeout(nats.publish_timeout.0);
         let setup = Arc::new(StreamSetup::new());
         let atomic = Arc::new(AtomicBool::new(false));
-        let committer = Committer::start(client.clone(), js.clone(), atomic.clone());
+        let events = Arc::new(OnceLock::new());
+        let committer =
+            Committer::start(client.clone(), js.clone(), atomic.clone(), events.clone());
         Ok(Arc::new(Self {
             client,
             js,
@@ -121,6 +128,7 @@ impl JetStreamQueue {
             setup,
             atomic,
             committer,
+            events,
         }))
     }
 
@@ -216,6 +224,11 @@ impl JetStreamQueue {
     /// The JetStream context (for the queue metrics sampler).
     pub fn jetstream(&self) -> &jetstream::Context {
         &self.js
+    }
+
+    /// Publishes a `received` event per recipient of every accepted entry from now on.
+    pub fn attach_events(&self, events: Arc<crate::events::Events>) {
+        let _ = self.events.set(events);
     }
 
     /// Largest body published inline; larger ones go to the object store.

@@ -42,6 +42,8 @@ pub struct MessageChecks {
     pub dkim: Option<Arc<DkimSigner>>,
     /// Evaluates SPF/DKIM/DMARC of mail arriving on MX listeners.
     pub inbound_auth: Option<Arc<InboundVerifier>>,
+    /// Refuses suppressed recipients at `RCPT TO` on submission (when configured).
+    pub suppression: Option<Arc<crate::suppression::Suppression>>,
 }
 
 /// What every session shares.

@@ -205,7 +205,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             Command::Ehlo(name) => self.handle_ehlo(name, true),
             Command::Helo(name) => self.handle_ehlo(name, false),
             Command::Mail { from, params } => self.handle_mail(from, params),
-            Command::Rcpt { to, params } => self.handle_rcpt(to, params),
+            Command::Rcpt { to, params } => {
+                if let Some(reply) = self.suppression_refusal(&to).await {
+                    self.error_reply(reply)?;
+                    return Ok(Next::Continue);
+                }
+                self.handle_rcpt(to, params)
+            }
             // The verbs that wait for more input or for other tasks run boxed, so that the
             // future of an idle session stays small (issue 8: memory per idle connection).
             Command::Data => Box::pin(self.handle_data()).await,

@@ -8,6 +8,9 @@
 //!   even on a catch-all domain, so none of the classic relay tricks (percent hack, bang
 //!   paths, quoted local parts, source routes, trailing dots) can reach another host: the
 //!   parser already drops source routes and the trailing dot, and we never rewrite `%`/`!`.
+//! * On submission, a recipient on the user's domain's suppression list is refused with
+//!   `550 5.7.1` and `events.suppression.refuseText` when `refuseAtRcpt` is set (otherwise
+//!   the message is accepted and the recipient reported `suppressed` by delivery).
 //! * `RCPT TO:<Postmaster>` (no domain, RFC 5321 4.1.1.3) is the postmaster of the first
 //!   configured domain.
 
@@ -73,6 +76,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         tx.recipients.push(to);
         self.reply(Reply::new(250, EnhancedCode(2, 1, 5), "Ok"));
         Ok(Next::Continue)
+    }
+
+    /// The refusal of a suppressed recipient on submission, when the domain asks for it.
+    pub(super) async fn suppression_refusal(&self, to: &Address) -> Option<Reply> {
+        let settings = &self.ctx.config.events.suppression;
+        if !settings.enabled || !settings.refuse_at_rcpt || self.tx.is_none() {
+            return None;
+        }
+        let domain = self.user_domain()?;
+        let list = self.ctx.checks.suppression.as_ref()?;
+        let address = to.to_string();
+        let found = list.lookup(&domain.name, &address).await?;
+        tracing::info!(recipient = %address, reason = found.reason.as_str(), "suppressed recipient refused at RCPT");
+        Some(Reply::new(
+            550,
+            EnhancedCode(5, 7, 1),
+            settings.refuse_text.clone(),
+        ))
     }
 
     /// Maps the domain-less `<Postmaster>` to the first configured domain.

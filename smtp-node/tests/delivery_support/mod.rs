@@ -556,3 +556,122 @@ pub fn counter(metrics: &str, prefix: &str) -> f64 {
         .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
         .sum()
 }
+
+// ---- scripted MX (aiosmtpd) -----------------------------------------------------------------
+
+/// A remote MX with scripted replies (`tests/clients/scripted_mx.py`, aiosmtpd): per
+/// recipient a list of `RCPT` replies used in order, or one greeting line for every
+/// connection. Its log records every connection, `RCPT` and message.
+pub struct ScriptedMx {
+    child: Option<Child>,
+    pub port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl ScriptedMx {
+    /// Starts the peer with `script` (see the script's doc).
+    pub fn start(script: Value) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let script_path = dir.path().join("script.json");
+        std::fs::write(&script_path, script.to_string()).expect("script");
+        let log_path = dir.path().join("log.jsonl");
+        let python = venv_python();
+        let (child, port) = spawn_on_free_port("scripted MX", |port| {
+            let out = std::fs::File::create(dir.path().join("stderr.log")).expect("log");
+            Command::new(&python)
+                .arg(clients_dir().join("scripted_mx.py"))
+                .arg(port.to_string())
+                .arg(&script_path)
+                .arg(&log_path)
+                .stdin(Stdio::null())
+                .stdout(out.try_clone().expect("log"))
+                .stderr(out)
+                .spawn()
+                .expect("spawn scripted_mx.py")
+        });
+        Self {
+            child: Some(child),
+            port,
+            dir,
+        }
+    }
+
+    /// Every logged event so far.
+    pub fn log(&self) -> Vec<Value> {
+        std::fs::read_to_string(self.dir.path().join("log.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// How often `RCPT TO` named `address`.
+    pub fn rcpt_count(&self, address: &str) -> usize {
+        self.log()
+            .iter()
+            .filter(|e| e["event"] == "rcpt" && e["address"] == address)
+            .count()
+    }
+
+    /// The messages received (`rcpt_tos`, `data`).
+    pub fn messages(&self) -> Vec<Value> {
+        self.log()
+            .into_iter()
+            .filter(|e| e["event"] == "message")
+            .collect()
+    }
+}
+
+impl Drop for ScriptedMx {
+    fn drop(&mut self) {
+        kill(&mut self.child);
+        if std::thread::panicking() {
+            let log =
+                std::fs::read_to_string(self.dir.path().join("stderr.log")).unwrap_or_default();
+            eprintln!("---- scripted MX stderr ----\n{log}");
+        }
+    }
+}
+
+/// Every delivery event in the events stream so far, in stream order.
+pub async fn events(nats_url: &str) -> Vec<Value> {
+    crate::common::read_stream(nats_url, kubemail_queue::names::EVENTS_STREAM, "")
+        .await
+        .into_iter()
+        .filter_map(|m| serde_json::from_slice(&m.body).ok())
+        .collect()
+}
+
+/// Waits for the first event of `kind` (`bounced`, ...) about `recipient` that `accept`
+/// likes.
+pub fn wait_for_event(
+    nats_url: &str,
+    kind: &str,
+    recipient: &str,
+    accept: impl Fn(&Value) -> bool,
+) -> Value {
+    let ty = format!("io.kubemail.delivery.{kind}");
+    wait_until(
+        Duration::from_secs(40),
+        &format!("a {kind} event for {recipient}"),
+        || {
+            let all = tokio::task::block_in_place(|| {
+                tokio::runtime::Handle::current().block_on(events(nats_url))
+            });
+            all.into_iter()
+                .find(|e| e["type"] == ty.as_str() && e["subject"] == recipient && accept(e))
+        },
+    )
+}
+
+/// jsonschema's verdict on each event against the checked-in CloudEvents 1.0 schema.
+pub fn validate_cloudevents(events: &[Value]) -> Vec<Value> {
+    run_python(
+        "validate_cloudevents.py",
+        &[],
+        serde_json::to_string(events).expect("json").as_bytes(),
+    )
+    .as_array()
+    .cloned()
+    .unwrap_or_default()
+}

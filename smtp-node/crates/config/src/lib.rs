@@ -17,10 +17,10 @@
 //!
 //! The modules follow the sections of the file: [`listener`], [`tls`], [`nats`], [`domain`]
 //! (per-domain settings: limits, inbound target, relay, DKIM), [`timeouts`], [`auth`],
-//! [`admin`], [`shutdown`], [`dns`], [`delivery`], [`inbound_auth`] and [`limits`]; [`units`] holds the
-//! value formats and [`network`] the CIDR networks of the delivery address policy. Each
-//! section checks its own fields. Two more contracts between the operator and the node live
-//! here: the users file ([`users_file`]) and the site-wide overlay of node settings
+//! [`admin`], [`shutdown`], [`dns`], [`delivery`], [`inbound_auth`], [`limits`] and [`events`];
+//! [`units`] holds the value formats and [`network`] the CIDR networks of the delivery address
+//! policy. Each section checks its own fields. Two more contracts between the operator and the
+//! node live here: the users file ([`users_file`]) and the site-wide overlay of node settings
 //! ([`overlay`]). Every public item is re-exported at the crate root.
 
 pub mod admin;
@@ -28,6 +28,7 @@ pub mod auth;
 pub mod delivery;
 pub mod dns;
 pub mod domain;
+pub mod events;
 pub mod inbound_auth;
 pub mod limits;
 pub mod listener;
@@ -59,6 +60,7 @@ pub use crate::domain::{
     DomainLimits, ForwardProtocol, InboundTarget, InboundTls, MAX_MESSAGE_SIZE_CEILING, RelayAuth,
     RelayConfig, RelayTls, validate_domain_name,
 };
+pub use crate::events::{BounceClass, ClassificationRule, EventsConfig, SuppressionConfig};
 pub use crate::inbound_auth::{DmarcMode, InboundAuthConfig};
 pub use crate::limits::{DEFAULT_MESSAGE_BYTES_IN_MEMORY, MIN_MESSAGE_BYTES_IN_MEMORY, NodeLimits};
 pub use crate::listener::{BareLineEndings, ListenerConfig, ListenerKind};
@@ -151,6 +153,9 @@ pub struct NodeConfig {
     /// Unset: none is served.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mta_sts_server: Option<MtaStsServerConfig>,
+    /// Delivery events, bounce classification and the suppression list.
+    #[serde(default)]
+    pub events: EventsConfig,
 }
 
 impl NodeConfig {
@@ -176,6 +181,7 @@ impl NodeConfig {
             delivery: DeliveryConfig::default(),
             inbound_auth: InboundAuthConfig::default(),
             mta_sts_server: None,
+            events: EventsConfig::default(),
         }
     }
 
@@ -327,6 +333,7 @@ impl NodeConfig {
             errors.push("maxErrorsPerSession: must be at least 1".to_owned());
         }
         self.auth.validate(&mut errors);
+        self.events.validate(&mut errors);
         if let Some(server) = &self.mta_sts_server {
             if self.tls.is_none() {
                 errors.push(

@@ -16,10 +16,11 @@ use std::path::PathBuf;
 use serde::{Deserialize, Deserializer};
 
 use crate::{
-    AdminConfig, AuthConfig, ByteSize, ClientTimeouts, ConnectionConfig, ConsumerConfig,
-    DaneConfig, DeliveryConfig, DmarcMode, DnsConfig, HumanDuration, InboundAuthConfig,
-    MtaStsConfig, MxTlsPolicy, NodeConfig, NodeLimits, OutboundTlsConfig, RetryConfig,
-    ShapingConfig, ShutdownConfig, Timeouts, TlsPolicyOverride, TlsRptConfig,
+    AdminConfig, AuthConfig, ByteSize, ClassificationRule, ClientTimeouts, ConnectionConfig,
+    ConsumerConfig, DaneConfig, DeliveryConfig, DmarcMode, DnsConfig, EventsConfig, HumanDuration,
+    InboundAuthConfig, MtaStsConfig, MxTlsPolicy, NodeConfig, NodeLimits, OutboundTlsConfig,
+    RetryConfig, ShapingConfig, ShutdownConfig, SuppressionConfig, Timeouts, TlsPolicyOverride,
+    TlsRptConfig,
 };
 
 /// Declares the overlay of one config section: a struct with an `Option` of every field, and
@@ -87,6 +88,7 @@ overlay! {
             dns: DnsOverlay,
             delivery: DeliveryOverlay,
             inbound_auth: InboundAuthOverlay,
+            events: EventsOverlay,
             limits: LimitsOverlay,
         }
         keep { hostname, listeners, tls, nats, domains, mta_sts_server }
@@ -139,6 +141,32 @@ overlay! {
     /// Overlay of [`DnsConfig`].
     DnsOverlay => DnsConfig {
         set { nameservers: Vec<SocketAddr>, timeout: HumanDuration, attempts: u32 }
+    }
+}
+
+overlay! {
+    /// Overlay of [`EventsConfig`].
+    EventsOverlay => EventsConfig {
+        set {
+            enabled: bool,
+            max_age: HumanDuration,
+            max_bytes: ByteSize,
+            publish_timeout: HumanDuration,
+            classification: Vec<ClassificationRule>,
+        }
+        merge { suppression: SuppressionOverlay }
+    }
+}
+
+overlay! {
+    /// Overlay of [`SuppressionConfig`].
+    SuppressionOverlay => SuppressionConfig {
+        set {
+            enabled: bool,
+            expire_after: HumanDuration,
+            refuse_at_rcpt: bool,
+            refuse_text: String,
+        }
     }
 }
 
@@ -299,6 +327,27 @@ mod tests {
         assert_eq!(
             merged, expected,
             "every other field is kept, at every depth"
+        );
+    }
+
+    #[test]
+    fn a_site_adds_classification_rules_and_suppression_settings() {
+        let overlay = NodeConfigOverlay::from_yaml(
+            "events: {classification: [{pattern: '(?i)quota', class: mailbox-full}], suppression: {refuseAtRcpt: true}}\n",
+        )
+        .unwrap();
+        let mut merged = config();
+        overlay.apply_to(&mut merged);
+        assert_eq!(merged.events.classification.len(), 1);
+        assert_eq!(
+            merged.events.classification[0].class,
+            crate::BounceClass::MailboxFull
+        );
+        assert!(merged.events.suppression.refuse_at_rcpt);
+        assert_eq!(
+            merged.events.suppression.expire_after,
+            config().events.suppression.expire_after,
+            "unset fields keep their value"
         );
     }
 

@@ -134,11 +134,13 @@
 //!   ([`QueueEntry::notice_msg_id`]), so the same report is queued once.
 
 pub mod credentials;
+pub mod events;
 pub mod headers;
 pub mod names;
 pub mod pause;
 pub mod permissions;
 pub mod streams;
+pub mod suppression;
 
 mod entry;
 mod rfc3339;

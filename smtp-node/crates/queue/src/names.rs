@@ -46,6 +46,10 @@ pub const TLSRPT_STREAM: &str = "KUBEMAIL_TLSRPT";
 /// token>.>` and the bucket's JetStream API calls as for [`MTA_STS_CACHE_BUCKET`].
 pub const TLSRPT_CLAIMS_BUCKET: &str = "KUBEMAIL_TLSRPT_CLAIMS";
 
+// The delivery events stream and the suppression bucket are described (contents,
+// credentials) with their codecs; their names are part of this list all the same.
+pub use crate::events::{EVENTS_STREAM, EVENTS_SUBJECTS, event_subject, events_domain_filter};
+pub use crate::suppression::{SUPPRESSION_BUCKET, suppression_key};
 /// The subject token that sets held entries apart: `_` never occurs in a domain name, so
 /// `<prefix>._held.<domain>` is no domain's queue subject and no delivery consumer reads it.
 pub const HELD_TOKEN: &str = "_held";

@@ -19,6 +19,13 @@
 //!   (`$KV.KUBEMAIL_TLSRPT_CLAIMS.<domain token>.>`), the results stream's info and the ordered
 //!   consumer that reads a day's results.
 //!
+//! For delivery events and the suppression list:
+//! * publish its domains' events (`kubemail.events.<domain token>.>`) and read the events
+//!   stream's info;
+//! * add entries to its domains' suppression lists (`$KV.KUBEMAIL_SUPPRESSION.<domain
+//!   token>.>`), read the bucket's info (key counts: keys are hashes) and read its domains'
+//!   entries through subject-scoped direct gets only.
+//!
 //! For pauses, shaping and operators' actions (names in [`crate::names`]):
 //! * the delivery pauses, read only: the bucket's info and a pull-based ordered consumer on it
 //!   (`KV_KUBEMAIL_PAUSES`), never `$KV.KUBEMAIL_PAUSES.>` (only the operator writes);
@@ -166,6 +173,18 @@ pub fn node_permissions<S: AsRef<str>>(names: &QueueNames, domains: &[S]) -> Per
             &mut publish,
         );
     }
+    let events = crate::events::EVENTS_STREAM;
+    publish.push(format!("$JS.API.STREAM.INFO.{events}"));
+    let suppression = crate::suppression::SUPPRESSION_BUCKET;
+    publish.push(format!("$JS.API.STREAM.INFO.KV_{suppression}"));
+    for domain in domains {
+        let token = crate::domain_token(domain.as_ref());
+        publish.push(format!("kubemail.events.{token}.>"));
+        publish.push(format!("$KV.{suppression}.{token}.>"));
+        publish.push(format!(
+            "$JS.API.DIRECT.GET.KV_{suppression}.$KV.{suppression}.{token}.>"
+        ));
+    }
     publish.sort();
     publish.dedup();
     Permissions {
@@ -176,12 +195,18 @@ pub fn node_permissions<S: AsRef<str>>(names: &QueueNames, domains: &[S]) -> Per
 
 /// The permissions of the operator's own connection: the JetStream API (it creates and
 /// updates the streams, consumers and buckets, and reads queue entries' headers to count
-/// what each delivery pause holds back), writing delivery pauses, and its own replies. It
-/// never writes queue entries.
+/// what each delivery pause holds back) and its own replies. It never writes queue entries.
+/// It writes delivery pauses; for event sinks it acknowledges events it dispatched (and
+/// answers the flow control of the ordered consumer a listing uses); for `Suppression` objects
+/// and tools it writes suppression entries.
 pub fn operator_permissions(inbox: &str) -> Permissions {
+    let suppression = crate::suppression::SUPPRESSION_BUCKET;
     Permissions {
         publish: vec![
             "$JS.API.>".to_owned(),
+            format!("$JS.ACK.{}.>", crate::events::EVENTS_STREAM),
+            format!("$KV.{suppression}.>"),
+            format!("$JS.FC.KV_{suppression}.>"),
             format!("$KV.{}.>", crate::PAUSES_BUCKET),
         ],
         subscribe: vec![format!("{inbox}.>")],

@@ -170,6 +170,46 @@ pub fn tlsrpt_claims_config(replicas: u32) -> kv::Config {
     }
 }
 
+/// The stream of delivery events ([`crate::events::EVENTS_STREAM`]): limits by age and size
+/// (`events.maxAge`, `events.maxBytes`; the oldest go first) and a duplicate window that drops
+/// a repeated event (same `Nats-Msg-Id`, the event id).
+pub fn events_stream_config(replicas: u32, max_age: Duration, max_bytes: u64) -> stream::Config {
+    stream::Config {
+        name: crate::events::EVENTS_STREAM.to_owned(),
+        description: Some("kubemail delivery events (CloudEvents)".to_owned()),
+        subjects: vec![crate::events::EVENTS_SUBJECTS.to_owned()],
+        retention: RetentionPolicy::Limits,
+        discard: DiscardPolicy::Old,
+        max_age,
+        max_bytes: i64::try_from(max_bytes).unwrap_or(i64::MAX),
+        duplicate_window: EVENTS_DUPLICATE_WINDOW,
+        storage: StorageType::File,
+        num_replicas: replicas as usize,
+        ..Default::default()
+    }
+}
+
+/// How long the events stream remembers an event id to drop a repeat.
+pub const EVENTS_DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
+
+/// The events stream's limits when the node config does not say (`events.maxAge`,
+/// `events.maxBytes`): what the operator creates it with.
+pub const EVENTS_DEFAULT_MAX_AGE: Duration = Duration::from_secs(7 * 86_400);
+pub const EVENTS_DEFAULT_MAX_BYTES: u64 = 1024 * 1024 * 1024;
+
+/// The bucket of every domain's suppression list ([`crate::suppression::SUPPRESSION_BUCKET`]).
+pub fn suppression_bucket_config(replicas: u32) -> kv::Config {
+    kv::Config {
+        bucket: crate::suppression::SUPPRESSION_BUCKET.to_owned(),
+        description: "kubemail suppression lists".to_owned(),
+        history: 1,
+        max_value_size: 16 * 1024,
+        storage: StorageType::File,
+        num_replicas: replicas as usize,
+        ..Default::default()
+    }
+}
+
 /// The bucket of delivery pauses ([`crate::PAUSES_BUCKET`]).
 pub fn pauses_config(replicas: u32) -> kv::Config {
     kv::Config {
