@@ -16,9 +16,11 @@ use k8s_openapi::jiff::Timestamp;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client, Resource, ResourceExt};
+use tokio::sync::{Semaphore, SemaphorePermit};
 use tokio_util::sync::CancellationToken;
 
 use self::mail_domain::build::BuildConfig;
+use crate::crd::mail_domain::MailDomain;
 use crate::metrics::Metrics;
 use crate::timestamps::UnixSeconds;
 use crate::users::UsersCache;
@@ -34,8 +36,10 @@ const CRD_CACHE_TTL: Duration = Duration::from_secs(10);
 /// Operator settings the controllers use.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// Watch only this namespace; `None`: all namespaces.
-    pub watch_namespace: Option<String>,
+    /// Watch only these namespaces; empty: all namespaces.
+    pub watch_namespaces: Vec<String>,
+    /// Reconciles that may run at once, over every controller and namespace.
+    pub reconcile_concurrency: u16,
     /// The operator's own namespace: the CA Secret lives there.
     pub operator_namespace: String,
     /// Name of the CA Secret.
@@ -64,7 +68,52 @@ pub struct Context {
     pub config: Config,
     pub users_cache: UsersCache,
     pub backoff: Backoff,
+    /// Every MailDomain the running controllers see (one store per watched namespace): what
+    /// domain ownership is decided on.
+    pub domains: DomainIndex,
+    /// Bounds the reconciles running at once (see [`Config::reconcile_concurrency`]).
+    reconcile_slots: Semaphore,
     crds: Mutex<HashMap<String, (bool, Instant)>>,
+}
+
+/// The MailDomain reflector stores of the running controllers, one per watched namespace (or
+/// one for all namespaces), read together.
+#[derive(Default)]
+pub struct DomainIndex {
+    stores: Mutex<Vec<Store<MailDomain>>>,
+}
+
+impl DomainIndex {
+    /// Forgets the stores of a previous leadership term.
+    pub fn clear(&self) {
+        self.stores.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+
+    /// Adds the store of one running controller.
+    pub fn add(&self, store: Store<MailDomain>) {
+        self.stores
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(store);
+    }
+
+    /// Every MailDomain of every store, once each store has its first complete list (so a
+    /// claim is never judged against a half-read cluster).
+    pub async fn all(&self) -> Vec<Arc<MailDomain>> {
+        let stores = self
+            .stores
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let mut out = Vec::new();
+        for store in stores {
+            // A store whose writer is gone belongs to a stopped controller: skip it.
+            if store.wait_until_ready().await.is_ok() {
+                out.extend(store.state());
+            }
+        }
+        out
+    }
 }
 
 /// Why a reconcile failed. Every message names the action that failed, never a secret.
@@ -207,10 +256,33 @@ impl Context {
             client,
             recorder,
             metrics,
-            config,
             users_cache: UsersCache::default(),
             backoff: Backoff::default(),
+            domains: DomainIndex::default(),
+            reconcile_slots: Semaphore::new(usize::from(config.reconcile_concurrency.max(1))),
+            config,
             crds: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Waits for one of the reconcile slots; the reconcile runs while the permit lives.
+    pub async fn reconcile_slot(&self) -> Option<SemaphorePermit<'_>> {
+        // The semaphore is never closed, so `None` does not happen; a reconcile without a
+        // permit would only exceed the bound, never stall.
+        self.reconcile_slots.acquire().await.ok()
+    }
+
+    /// The namespaces to watch, each as one controller scope: `[None]` for all namespaces.
+    pub fn scopes(&self) -> Vec<Option<String>> {
+        if self.config.watch_namespaces.is_empty() {
+            vec![None]
+        } else {
+            self.config
+                .watch_namespaces
+                .iter()
+                .cloned()
+                .map(Some)
+                .collect()
         }
     }
 
@@ -246,6 +318,12 @@ impl Context {
             .insert(name.to_owned(), (established, Instant::now()));
         Ok(established)
     }
+}
+
+/// Label selector of every child the operator makes: the watches of ConfigMaps, Deployments,
+/// Services and PDBs list only these, not every such object of the cluster.
+pub fn managed_by_selector() -> String {
+    format!("{MANAGED_BY_LABEL}={MANAGED_BY}")
 }
 
 /// An API for `K` in one namespace or all.
@@ -330,6 +408,7 @@ pub fn condition_with(
 
 /// Runs both controllers until `stop` fires.
 pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
+    ctx.domains.clear();
     tokio::join!(
         mail_domain::run(ctx.clone(), stop.clone()),
         relay::run(ctx, stop),

@@ -30,6 +30,11 @@ const DURATION_RULE: &str = "self.matches('^([0-9]+(d|h|m|s))+$')";
     derive = "PartialEq",
     shortname = "md",
     shortname = "maildomain",
+    scale(
+        spec_replicas_path = ".spec.replicas",
+        status_replicas_path = ".status.replicas",
+        label_selector_path = ".status.selector"
+    ),
     category = "kubemail",
     doc = "A mail domain served by kubemail SMTP nodes.",
     printcolumn(name = "Domain", type_ = "string", json_path = ".spec.domain"),
@@ -71,7 +76,9 @@ pub struct MailDomainSpec {
     ))]
     pub hostname: Option<String>,
 
-    /// Number of SMTP node pods.
+    /// Number of SMTP node pods. Also set through the scale subresource (`kubectl scale
+    /// maildomain/<name> --replicas=N`, a HorizontalPodAutoscaler); scale the MailDomain, not
+    /// its Deployment, which the operator keeps at this number.
     #[serde(default = "default_replicas")]
     #[schemars(range(min = 0, max = 50))]
     pub replicas: i32,
@@ -470,6 +477,13 @@ pub struct MailDomainStatus {
     /// SMTP node pods that are ready.
     #[serde(default)]
     pub ready_replicas: i32,
+    /// SMTP node pods that exist (the scale subresource's `status.replicas`).
+    #[serde(default)]
+    pub replicas: i32,
+    /// Label selector of the domain's pods (the scale subresource's `status.selector`, which
+    /// a HorizontalPodAutoscaler uses to find the pods' metrics).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
     /// DKIM selectors published in DNS.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub selectors: Vec<String>,

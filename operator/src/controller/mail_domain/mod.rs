@@ -7,14 +7,18 @@
 //!                             users file)                      events)
 //! ```
 //!
+//! Before the pipeline, [`ownership`] decides whether this MailDomain is the domain's first
+//! claim; a later claim gets `Ready=False` reason `DomainConflict` and nothing else.
 //! An invalid spec stops after `validate` with `Ready=False` and the reason, and waits for a
 //! change; any other failure is reported on `Ready` and retried with backoff. `Cleanup`
-//! removes the domain's JetStream consumer; owned children go by garbage collection.
+//! removes the domain's JetStream consumer (only the owner's); owned children go by garbage
+//! collection.
 
 pub mod apply;
 pub mod build;
 pub mod dereference;
 pub mod names;
+pub mod ownership;
 pub mod provision;
 pub mod status;
 pub mod validate;
@@ -27,15 +31,16 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{DeleteParams, DynamicObject, ListParams};
+use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Resource, ResourceExt};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, field, info_span, instrument};
 
 use self::build::{Observed, load_balancer_addresses};
-use self::names::selector_labels;
+use self::ownership::Ownership;
 use crate::controller::{Context, Error, api_for, referrers};
 use crate::crd::mail_domain::MailDomain;
 use crate::crd::relay::Relay;
@@ -46,19 +51,42 @@ use crate::timestamps;
 pub const FINALIZER: &str = "maildomains.kubemail.io";
 /// Metric label of this controller.
 pub const CONTROLLER: &str = "maildomain";
+/// How often a claim in conflict looks again whether the earlier claim is gone (its deletion
+/// is not an event of this object).
+const CONFLICT_RECHECK: Duration = Duration::from_secs(15);
 /// While cert-manager has not issued the certificate, look again this often (in case its
 /// Certificate is not watched because cert-manager was installed after the operator started).
 const CERT_MANAGER_POLL_SECONDS: i64 = 30;
 
-/// Runs the MailDomain controller until `stop` fires.
+/// Runs the MailDomain controller until `stop` fires: one controller per watched namespace
+/// (or one for the whole cluster), all feeding the shared [`DomainIndex`].
+///
+/// [`DomainIndex`]: crate::controller::DomainIndex
 pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
+    let scopes = ctx.scopes();
+    futures::future::join_all(
+        scopes
+            .into_iter()
+            .map(|ns| run_in(ctx.clone(), ns, stop.clone())),
+    )
+    .await;
+}
+
+async fn run_in(ctx: Arc<Context>, ns: Option<String>, stop: CancellationToken) {
     let client = ctx.client.clone();
-    let ns = ctx.config.watch_namespace.clone();
     let domains: Api<MailDomain> = api_for(&client, ns.as_deref());
-    let mut controller = Controller::new(domains, watcher::Config::default().any_semantic());
+    let mut controller = Controller::new(domains, watcher::Config::default().any_semantic())
+        .with_config(
+            kube::runtime::controller::Config::default()
+                .concurrency(ctx.config.reconcile_concurrency),
+        );
     let store = controller.store();
+    ctx.domains.add(store.clone());
     let relay_store = store.clone();
     let secret_store = store.clone();
+    // Only the operator's own children are listed and cached, not every ConfigMap, Service,
+    // Deployment or PDB of the namespace.
+    let owned = || watcher::Config::default().labels(&crate::controller::managed_by_selector());
     // cert-manager's Certificate status drives CertificateReady: watch it when cert-manager
     // is installed (a later install is picked up by the periodic resync and the requeue of
     // domains waiting for a certificate).
@@ -72,24 +100,25 @@ pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
             Some(ns) => Api::namespaced_with(client.clone(), ns, &resource),
             None => Api::all_with(client.clone(), &resource),
         };
-        controller = controller.owns_with(api, resource, watcher::Config::default());
+        controller = controller.owns_with(api, resource, owned());
     }
+    // Secrets: the ones a domain owns (DKIM, TLS, users) and the ones it refers to (the
+    // submission users), so an edit of either re-renders the domain. Metadata only: the
+    // operator never holds every Secret's data in memory, and reads a Secret's data only
+    // when a reconcile needs it.
+    let secrets = watcher(
+        api_for::<PartialObjectMeta<Secret>>(&client, ns.as_deref()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .touched_objects();
     controller
-        .owns(
-            api_for::<ConfigMap>(&client, ns.as_deref()),
-            watcher::Config::default(),
-        )
-        .owns(
-            api_for::<Deployment>(&client, ns.as_deref()),
-            watcher::Config::default(),
-        )
-        .owns(
-            api_for::<Service>(&client, ns.as_deref()),
-            watcher::Config::default(),
-        )
+        .owns(api_for::<ConfigMap>(&client, ns.as_deref()), owned())
+        .owns(api_for::<Deployment>(&client, ns.as_deref()), owned())
+        .owns(api_for::<Service>(&client, ns.as_deref()), owned())
         .owns(
             api_for::<PodDisruptionBudget>(&client, ns.as_deref()),
-            watcher::Config::default(),
+            owned(),
         )
         // A Relay change re-renders the domains that send through it.
         .watches(
@@ -101,28 +130,22 @@ pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
                 })
             },
         )
-        // Secrets: the ones a domain owns (DKIM, TLS, users) and the ones it refers to (the
-        // submission users), so an edit of either re-renders the domain.
-        .watches(
-            api_for::<Secret>(&client, ns.as_deref()),
-            watcher::Config::default(),
-            move |secret: Secret| {
-                let owners: Vec<String> = secret
-                    .owner_references()
-                    .iter()
-                    .filter(|o| o.kind == "MailDomain" && o.controller == Some(true))
-                    .map(|o| o.name.clone())
-                    .collect();
-                referrers(&secret_store, &secret, |md: &MailDomain, name| {
-                    owners.contains(&md.name_any())
-                        || md
-                            .spec
-                            .submission
-                            .as_ref()
-                            .is_some_and(|s| s.users_secret_ref.name == name)
-                })
-            },
-        )
+        .watches_stream(secrets, move |secret: PartialObjectMeta<Secret>| {
+            let owners: Vec<String> = secret
+                .owner_references()
+                .iter()
+                .filter(|o| o.kind == "MailDomain" && o.controller == Some(true))
+                .map(|o| o.name.clone())
+                .collect();
+            referrers(&secret_store, &secret, |md: &MailDomain, name| {
+                owners.contains(&md.name_any())
+                    || md
+                        .spec
+                        .submission
+                        .as_ref()
+                        .is_some_and(|s| s.users_secret_ref.name == name)
+            })
+        })
         .graceful_shutdown_on(stop.cancelled_owned())
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
@@ -131,7 +154,7 @@ pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
                 Err(e) => tracing::debug!(error = %e, "reconcile loop"),
             }
         })
-        .instrument(info_span!("maildomains.kubemail.io"))
+        .instrument(info_span!("maildomains.kubemail.io", namespace = ns.as_deref().unwrap_or("*")))
         .await;
 }
 
@@ -152,6 +175,7 @@ pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
 )]
 pub async fn reconcile(md: Arc<MailDomain>, ctx: Arc<Context>) -> Result<Action, Error> {
     crate::telemetry::record_trace_id();
+    let _slot = ctx.reconcile_slot().await;
     let _timer = ctx.metrics.reconcile_started(CONTROLLER);
     let ns = md.namespace().ok_or(Error::MissingNamespace)?;
     tracing::Span::current().record("namespace", field::display(&ns));
@@ -179,6 +203,11 @@ pub fn error_policy(md: Arc<MailDomain>, error: &Error, ctx: Arc<Context>) -> Ac
 
 async fn apply_domain(md: &MailDomain, ctx: &Context) -> Result<Action, Error> {
     let now = timestamps::now();
+    let claims = ctx.domains.all().await;
+    if let Ownership::Conflict { message } = ownership::decide(md, claims.iter().map(AsRef::as_ref))
+    {
+        return report_conflict(ctx, md, &message, now).await;
+    }
     let refs = dereference::dereference(ctx, md).await?;
     let v = match validate::validate(md, &refs) {
         Ok(v) => v,
@@ -289,34 +318,54 @@ async fn report_invalid(
         .map_or_else(Action::await_change, Action::requeue))
 }
 
+/// A later claim of a domain: its own Deployment goes (it has one only if it once owned the
+/// domain, e.g. before the operator watched the earlier claim's namespace), nothing else is
+/// made, and the status says why without naming the other claim.
+async fn report_conflict(
+    ctx: &Context,
+    md: &MailDomain,
+    message: &str,
+    now: timestamps::UnixSeconds,
+) -> Result<Action, Error> {
+    ctx.metrics
+        .reconcile_failed(CONTROLLER, ownership::DOMAIN_CONFLICT);
+    tracing::info!(domain = %md.spec.domain, "the domain is claimed by an earlier MailDomain");
+    let ns = md.namespace().ok_or(Error::MissingNamespace)?;
+    delete_own_deployment(ctx, &ns, &md.name_any()).await?;
+    let (status, events) = status::conflict(md, message, now);
+    status::publish(ctx, md, status, events).await?;
+    Ok(Action::requeue(CONFLICT_RECHECK))
+}
+
+async fn delete_own_deployment(ctx: &Context, ns: &str, name: &str) -> Result<(), Error> {
+    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), ns);
+    match deployments
+        .delete(&names::deployment(name), &DeleteParams::background())
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(source) => Err(Error::DeleteChild {
+            kind: "Deployment".into(),
+            name: names::deployment(name),
+            source,
+        }),
+    }
+}
+
 /// Removes what ownership cannot: the domain's JetStream consumer. The nodes' delivery
 /// workers would create it again, so their Deployment goes first and the consumer only once no
 /// pod of the domain runs any more (until then the finalizer stays and this is retried).
-/// Idempotent, and a no-op when nothing was ever made (an invalid domain).
+/// Idempotent, and a no-op when nothing was ever made (an invalid domain). A claim in
+/// conflict never touches the consumer: it belongs to the domain's owner.
 async fn cleanup(md: &MailDomain, ctx: &Context) -> Result<Action, Error> {
     let ns = md.namespace().ok_or(Error::MissingNamespace)?;
     let name = md.name_any();
+    let claims = ctx.domains.all().await;
+    let owner = ownership::decide(md, claims.iter().map(AsRef::as_ref)) == Ownership::Owner;
     let result = async {
-        let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
-        match deployments
-            .delete(&names::deployment(&name), &DeleteParams::background())
-            .await
-        {
-            Ok(_) => {}
-            Err(kube::Error::Api(s)) if s.code == 404 => {}
-            Err(source) => {
-                return Err(Error::DeleteChild {
-                    kind: "Deployment".into(),
-                    name: names::deployment(&name),
-                    source,
-                });
-            }
-        }
-        let selector = selector_labels(&name)
-            .iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect::<Vec<_>>()
-            .join(",");
+        delete_own_deployment(ctx, &ns, &name).await?;
+        let selector = names::selector_string(&name);
         let pods = Api::<Pod>::namespaced(ctx.client.clone(), &ns)
             .list(&ListParams::default().labels(&selector))
             .await
@@ -331,6 +380,9 @@ async fn cleanup(md: &MailDomain, ctx: &Context) -> Result<Action, Error> {
                 pods.items.len(),
                 queue::consumer_name(&md.spec.domain)
             )));
+        }
+        if !owner {
+            return Ok(false);
         }
         queue::delete_consumer(
             &ctx.config.build.nats_url,
@@ -347,6 +399,7 @@ async fn cleanup(md: &MailDomain, ctx: &Context) -> Result<Action, Error> {
             tracing::info!(
                 consumer = %queue::consumer_name(&md.spec.domain),
                 deleted,
+                owner,
                 "cleaned up the JetStream consumer"
             );
             ctx.users_cache.forget(&format!("{ns}/{name}"));

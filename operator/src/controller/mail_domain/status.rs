@@ -288,6 +288,7 @@ pub fn compute(
 
     let status = deployment.status.clone().unwrap_or_default();
     let ready_replicas = status.ready_replicas.unwrap_or(0);
+    let replicas = status.replicas.unwrap_or(0);
     let updated = status.updated_replicas.unwrap_or(0);
     let rolled_out =
         deployment.metadata.generation.unwrap_or(0) <= status.observed_generation.unwrap_or(0);
@@ -344,6 +345,8 @@ pub fn compute(
         MailDomainStatus {
             observed_generation: generation,
             ready_replicas,
+            replicas,
+            selector: Some(names::selector_string(&v.name)),
             selectors: published,
             signing_selectors: children.signing_selectors.clone(),
             certificate: Some(cert_status),
@@ -362,6 +365,30 @@ pub fn invalid(
     now: UnixSeconds,
 ) -> (MailDomainStatus, Vec<DomainEvent>) {
     not_ready(md, invalid.reason, &invalid.message, now)
+}
+
+/// The status of a later claim of a domain (see [`super::ownership`]): `Ready` false with
+/// reason `DomainConflict`, and nothing that describes served mail (no DNS records, no
+/// selectors, no certificate, no ready pods), since this MailDomain serves none.
+pub fn conflict(
+    md: &MailDomain,
+    message: &str,
+    now: UnixSeconds,
+) -> (MailDomainStatus, Vec<DomainEvent>) {
+    let (status, events) = not_ready(md, super::ownership::DOMAIN_CONFLICT, message, now);
+    let ready = status
+        .conditions
+        .into_iter()
+        .filter(|c| c.type_ == READY)
+        .collect();
+    (
+        MailDomainStatus {
+            observed_generation: status.observed_generation,
+            conditions: ready,
+            ..MailDomainStatus::default()
+        },
+        events,
+    )
 }
 
 /// The status when a reconcile failed half-way (transient): `Ready` false, reason
