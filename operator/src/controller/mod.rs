@@ -86,7 +86,10 @@ pub struct DomainIndex {
 impl DomainIndex {
     /// Forgets the stores of a previous leadership term.
     pub fn clear(&self) {
-        self.stores.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        self.stores
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
     }
 
     /// Adds the store of one running controller.

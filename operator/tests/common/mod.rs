@@ -209,6 +209,8 @@ pub struct OperatorOptions {
     pub nats_stream: String,
     pub subject_prefix: String,
     pub extra_args: Vec<String>,
+    /// Kubeconfig of the operator; `None`: the test's own (`$KUBECONFIG`, cluster admin).
+    pub kubeconfig: Option<String>,
 }
 
 impl OperatorOptions {
@@ -219,6 +221,7 @@ impl OperatorOptions {
             nats_stream: ns.nats_stream(),
             subject_prefix: ns.subject_prefix(),
             extra_args: Vec::new(),
+            kubeconfig: None,
         }
     }
 }
@@ -227,7 +230,10 @@ impl Operator {
     /// Starts `kubemail-operator` watching only the test namespace (which also holds its Lease
     /// and CA) and waits for its admin endpoint.
     pub fn start(opts: &OperatorOptions) -> Self {
-        let kubeconfig = std::env::var("KUBECONFIG").expect("KUBECONFIG");
+        let kubeconfig = opts
+            .kubeconfig
+            .clone()
+            .unwrap_or_else(|| std::env::var("KUBECONFIG").expect("KUBECONFIG"));
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_kubemail-operator"));
         cmd.args([
             "--kubeconfig",

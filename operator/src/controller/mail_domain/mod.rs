@@ -154,7 +154,10 @@ async fn run_in(ctx: Arc<Context>, ns: Option<String>, stop: CancellationToken) 
                 Err(e) => tracing::debug!(error = %e, "reconcile loop"),
             }
         })
-        .instrument(info_span!("maildomains.kubemail.io", namespace = ns.as_deref().unwrap_or("*")))
+        .instrument(info_span!(
+            "maildomains.kubemail.io",
+            namespace = ns.as_deref().unwrap_or("*")
+        ))
         .await;
 }
 

@@ -39,10 +39,7 @@ fn claim_key(md: &MailDomain) -> (bool, Option<&Time>, String, String) {
 /// itself may or may not be among them). Terminating claims still count: the owner's
 /// finalizer is what stops its pods and removes its consumer, and until it is gone nobody
 /// else may start pulling from the domain's subject.
-pub fn decide<'a>(
-    md: &MailDomain,
-    claims: impl IntoIterator<Item = &'a MailDomain>,
-) -> Ownership {
+pub fn decide<'a>(md: &MailDomain, claims: impl IntoIterator<Item = &'a MailDomain>) -> Ownership {
     let uid = md.metadata.uid.as_deref();
     let (namespace, name) = (md.namespace(), md.name_any());
     let earlier = claims.into_iter().any(|other| {

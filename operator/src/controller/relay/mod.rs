@@ -15,9 +15,9 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Patch, PatchParams};
+use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType};
-use kube::core::PartialObjectMeta;
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
@@ -73,7 +73,10 @@ async fn run_in(ctx: Arc<Context>, ns: Option<String>, stop: CancellationToken) 
         .graceful_shutdown_on(stop.cancelled_owned())
         .run(reconcile, error_policy, ctx)
         .for_each(|_| async {})
-        .instrument(info_span!("relays.kubemail.io", namespace = ns.as_deref().unwrap_or("*")))
+        .instrument(info_span!(
+            "relays.kubemail.io",
+            namespace = ns.as_deref().unwrap_or("*")
+        ))
         .await;
 }
 
