@@ -10,7 +10,7 @@
 //!   capability parsing and command and DATA encoding);
 //! * [`session`]: the per-connection state machine, one file per verb;
 //! * [`server`]: listeners, accept loops, connection caps, PROXY protocol, implicit TLS;
-//! * [`tls`]: rustls configuration with certificate reload;
+//! * [`tls`]: rustls configuration with certificate reload and per-domain certificates by SNI;
 //! * [`auth`]: submission users, login throttling, sender and rate policy; [`auth_limits`]:
 //!   the cluster-wide per-user limit on failed logins;
 //! * [`queue`]: the queue contract and its JetStream implementation;
@@ -19,7 +19,8 @@
 //!   section, the hop count; the Received, Message-ID and Date builders);
 //! * [`dkim`]: DKIM signing at acceptance; [`authres`]: SPF/DKIM/DMARC of inbound mail;
 //! * [`dns`]: the resolver seam (hickory-resolver and a zone-text test double);
-//! * [`node`]: start-up and shutdown of the whole node;
+//! * [`node`]: start-up and shutdown of the whole node; [`reload`]: swapping in a changed
+//!   config file's domains without a restart;
 //! * [`admin`], [`metrics`], [`telemetry`] (the `kubemail-telemetry` crate), [`shutdown`]:
 //!   operations.
 
@@ -34,6 +35,7 @@ pub mod message;
 pub mod metrics;
 pub mod node;
 pub mod queue;
+pub mod reload;
 pub mod server;
 pub mod session;
 pub mod shutdown;

@@ -151,7 +151,11 @@ fn run(file: &std::path::Path, listen_ip: Option<std::net::IpAddr>) -> ExitCode 
             tracing::info!("shutdown signal received");
             stopper.stop_gracefully().await;
         });
-        node::run(config, shutdown).await
+        let source = node::ConfigSource {
+            path: file.to_owned(),
+            listen_ip,
+        };
+        node::run_from(config, Some(source), shutdown).await
     });
     let result = result.map_err(anyhow::Error::from);
     if let Err(e) = &result {

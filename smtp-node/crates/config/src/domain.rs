@@ -48,6 +48,24 @@ pub struct DomainConfig {
     /// DKIM keys that sign this domain's outbound mail at acceptance.
     #[serde(default, skip_serializing_if = "DkimConfig::is_empty")]
     pub dkim: DkimConfig,
+    /// This domain's own certificate, served to clients that ask for `hostname` by SNI (a
+    /// node serving many domains); others get the node's `tls` certificate. Re-read when the
+    /// files change, like the node's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<DomainTls>,
+}
+
+/// A domain's certificate, chosen by SNI.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DomainTls {
+    /// The host name clients connect to for this domain (its MX target, e.g. `mx.example.com`),
+    /// matched against the TLS server name indication, case-insensitively.
+    pub hostname: String,
+    /// Certificate chain, leaf first (PEM).
+    pub cert_file: PathBuf,
+    /// Private key (PEM).
+    pub key_file: PathBuf,
 }
 
 /// Per-domain limits.
@@ -225,6 +243,11 @@ impl DomainConfig {
         }
         if let Some(relay) = &self.relay {
             relay.validate(&format!("{path}.relay"), errors);
+        }
+        if let Some(tls) = &self.tls
+            && let Err(e) = validate_domain_name(&tls.hostname)
+        {
+            errors.push(format!("{path}.tls.hostname: {e}"));
         }
         let mut selectors = HashSet::new();
         for (j, key) in self.dkim.keys.iter().enumerate() {

@@ -171,6 +171,7 @@ pub fn node_config(
                 })
                 .collect(),
         },
+        tls: None,
     };
     match &v.relay {
         RelayResolution::Direct => {}
