@@ -14,9 +14,10 @@
 //!
 //! Sessions already open keep the context they started with; nothing is restarted, no socket
 //! closes and no queued entry is touched. A file that does not load (invalid YAML, a key that
-//! cannot be read) changes nothing: the error is logged and counted, and the next change is
-//! tried again. What cannot change at run time (listeners, NATS, the admin endpoint, delivery
-//! settings, connection caps) is kept as started, with a warning that it needs a restart.
+//! cannot be read) changes nothing: the error is logged and counted once, and the file is
+//! tried again at every tick (the files it names may still be arriving). What cannot change at
+//! run time (listeners, NATS, the admin endpoint, delivery settings, connection caps) is kept
+//! as started, with a warning that it needs a restart.
 
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -58,6 +59,9 @@ pub struct Reloader {
     path: PathBuf,
     listen_ip: Option<IpAddr>,
     digest: Option<[u8; 32]>,
+    /// The content that last failed to apply: retried every tick (a file it names may still
+    /// be on its way, e.g. the next volume of a pod), reported once.
+    failed: Option<[u8; 32]>,
     config: Arc<NodeConfig>,
     cell: Arc<ContextCell>,
     delivery: Delivery,
@@ -86,6 +90,7 @@ impl Reloader {
             path,
             listen_ip,
             digest,
+            failed: None,
             config,
             cell,
             delivery,
@@ -113,10 +118,11 @@ impl Reloader {
             if Some(digest) == self.digest {
                 continue;
             }
-            self.digest = Some(digest);
             let started = Instant::now();
             match self.apply() {
                 Ok(applied) => {
+                    self.digest = Some(digest);
+                    self.failed = None;
                     metrics::global().config_reloads.inc();
                     tracing::info!(
                         domains = applied.domains,
@@ -127,8 +133,11 @@ impl Reloader {
                     );
                 }
                 Err(error) => {
-                    metrics::global().config_reload_failures.inc();
-                    tracing::error!(error = %chain(&error), "the changed config cannot be applied; keeping the previous one");
+                    if self.failed != Some(digest) {
+                        self.failed = Some(digest);
+                        metrics::global().config_reload_failures.inc();
+                        tracing::error!(error = %chain(&error), "the changed config cannot be applied; keeping the previous one and trying again");
+                    }
                 }
             }
         }

@@ -3,6 +3,7 @@
 //! both controllers until told to stop (the leader elector decides when).
 
 pub mod mail_domain;
+pub mod mail_pool;
 pub mod relay;
 
 use std::collections::HashMap;
@@ -98,6 +99,17 @@ impl DomainIndex {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push(store);
+    }
+
+    /// Every MailDomain the stores hold now, without waiting (for watch mappers, which must
+    /// not block).
+    pub fn snapshot(&self) -> Vec<Arc<MailDomain>> {
+        self.stores
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .flat_map(|s| s.state())
+            .collect()
     }
 
     /// Every MailDomain of every store, once each store has its first complete list (so a
@@ -414,6 +426,7 @@ pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
     ctx.domains.clear();
     tokio::join!(
         mail_domain::run(ctx.clone(), stop.clone()),
+        mail_pool::run(ctx.clone(), stop.clone()),
         relay::run(ctx, stop),
     );
 }

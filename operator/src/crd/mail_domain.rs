@@ -130,6 +130,25 @@ pub struct MailDomainSpec {
     /// DNS record settings.
     #[serde(default)]
     pub dns: DnsSpec,
+
+    /// Serve the domain on this MailPool's shared nodes instead of a Deployment of its own.
+    /// The pool decides which namespaces may attach (`Accepted` condition); `replicas` and
+    /// `service` are then the pool's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool_ref: Option<PoolRef>,
+}
+
+/// A MailPool, by name and namespace.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PoolRef {
+    /// Name of the MailPool.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// Its namespace; absent: the MailDomain's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63))]
+    pub namespace: Option<String>,
 }
 
 /// The Service exposing ports 25, 465 and 587.
@@ -496,7 +515,8 @@ pub struct MailDomainStatus {
     /// Exactly the DNS records to publish.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub dns_records: Vec<DnsRecord>,
-    /// `Ready`, `DkimKeyReady`, `CertificateReady`, `DnsRecordsReady`, `RelayResolved`.
+    /// `Ready`, `DkimKeyReady`, `CertificateReady`, `DnsRecordsReady`, `RelayResolved`, and
+    /// `Accepted` (whether the MailPool of `spec.poolRef` lets it attach).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "conditions_schema")]
     pub conditions: Vec<Condition>,

@@ -1,4 +1,5 @@
-//! The custom resources of kubemail (`kubemail.io/v1alpha1`): [`MailDomain`] and [`Relay`],
+//! The custom resources of kubemail (`kubemail.io/v1alpha1`): [`MailDomain`], [`MailPool`]
+//! and [`Relay`],
 //! their shared schema pieces (object references, the condition list) and the YAML that
 //! `crdgen` writes into `crds/`.
 //!
@@ -9,6 +10,7 @@
 //! message a person can act on.
 
 pub mod mail_domain;
+pub mod mail_pool;
 pub mod relay;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -17,6 +19,7 @@ use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
 use serde::{Deserialize, Serialize};
 
 pub use self::mail_domain::{MailDomain, MailDomainSpec, MailDomainStatus};
+pub use self::mail_pool::{MailPool, MailPoolSpec, MailPoolStatus};
 pub use self::relay::{Relay, RelaySpec, RelayStatus};
 
 /// API group of every kubemail resource.
@@ -64,6 +67,7 @@ pub(crate) fn conditions_schema(_: &mut SchemaGenerator) -> Schema {
 pub fn crds() -> Vec<(&'static str, CustomResourceDefinition)> {
     vec![
         ("maildomains.kubemail.io.yaml", MailDomain::crd()),
+        ("mailpools.kubemail.io.yaml", MailPool::crd()),
         ("relays.kubemail.io.yaml", Relay::crd()),
     ]
 }

@@ -19,6 +19,7 @@ pub mod build;
 pub mod dereference;
 pub mod names;
 pub mod ownership;
+pub mod pooled;
 pub mod provision;
 pub mod status;
 pub mod validate;
@@ -43,6 +44,7 @@ use self::build::{Observed, load_balancer_addresses};
 use self::ownership::Ownership;
 use crate::controller::{Context, Error, api_for, referrers};
 use crate::crd::mail_domain::MailDomain;
+use crate::crd::mail_pool::MailPool;
 use crate::crd::relay::Relay;
 use crate::queue;
 use crate::timestamps;
@@ -112,7 +114,32 @@ async fn run_in(ctx: Arc<Context>, ns: Option<String>, stop: CancellationToken) 
     )
     .default_backoff()
     .touched_objects();
+    // A pool's status (which domains its nodes serve, ready nodes) drives its domains' Ready;
+    // pools may sit in any watched namespace.
+    let pools = futures::stream::select_all(ctx.scopes().into_iter().map(|scope| {
+        watcher(
+            api_for::<MailPool>(&client, scope.as_deref()),
+            watcher::Config::default(),
+        )
+        .default_backoff()
+        .touched_objects()
+        .boxed()
+    }));
+    let pool_store = store.clone();
     controller
+        .watches_stream(pools, move |pool: MailPool| {
+            let key = (pool.namespace().unwrap_or_default(), pool.name_any());
+            pool_store
+                .state()
+                .into_iter()
+                .filter(|md| {
+                    md.spec.pool_ref.as_ref().is_some_and(|r| {
+                        crate::controller::mail_pool::attach::pool_key(md, r) == key
+                    })
+                })
+                .map(|md| kube::runtime::reflector::ObjectRef::from_obj(&*md))
+                .collect::<Vec<_>>()
+        })
         .owns(api_for::<ConfigMap>(&client, ns.as_deref()), owned())
         .owns(api_for::<Deployment>(&client, ns.as_deref()), owned())
         .owns(api_for::<Service>(&client, ns.as_deref()), owned())
@@ -249,27 +276,56 @@ async fn run_pipeline(
     refs: &dereference::Dereferenced,
     now: timestamps::UnixSeconds,
 ) -> Result<Action, Error> {
+    // A pooled domain: is it allowed on its pool, and where does the pool's Service stand?
+    let pool = match &md.spec.pool_ref {
+        Some(pool_ref) => match pooled::resolve(ctx, md, pool_ref).await? {
+            pooled::Resolved::Accepted(pool) => Some(pool),
+            pooled::Resolved::Refused(decision) => {
+                apply::detach(ctx, md).await?;
+                let (status, events) =
+                    status::not_accepted(md, decision.reason, &decision.message, now);
+                status::publish(ctx, md, status, events).await?;
+                return Ok(Action::requeue(ctx.config.resync));
+            }
+        },
+        None => None,
+    };
     let provisioned = provision::provision(ctx, v, refs, now).await?;
+    let service = match &pool {
+        Some(p) => p.service.as_ref(),
+        None => refs.service.as_ref(),
+    };
     let observed = Observed {
-        addresses: load_balancer_addresses(refs.service.as_ref()),
+        addresses: load_balancer_addresses(service),
         external_dns: refs.external_dns_installed,
     };
     let children = build::build(md, v, &provisioned, &observed, &ctx.config.build, now)
         .map_err(Error::Build)?;
-    let applied = apply::apply(ctx, md, &children, refs).await?;
-    // The Service may have just been created: use the addresses the server reports now.
-    let observed = Observed {
-        addresses: load_balancer_addresses(Some(&applied.service)),
-        ..observed
+    let (deployment, observed) = match &pool {
+        Some(_) => {
+            apply::apply_pooled(ctx, md, &children, refs).await?;
+            (Deployment::default(), observed)
+        }
+        None => {
+            let applied = apply::apply(ctx, md, &children, refs).await?;
+            // The Service may have just been created: use the addresses the server reports now.
+            let observed = Observed {
+                addresses: load_balancer_addresses(Some(&applied.service)),
+                ..observed
+            };
+            (applied.deployment, observed)
+        }
     };
+    let pool_view = pool.as_ref().map(|p| p.view(md));
     let (new_status, events) = status::compute(
         md,
         &status::StatusInputs {
             v,
             provisioned: &provisioned,
             children: &children,
-            deployment: &applied.deployment,
+            deployment: &deployment,
             observed: &observed,
+            pool: pool_view.as_ref(),
         },
         now,
     );
@@ -368,6 +424,20 @@ async fn cleanup(md: &MailDomain, ctx: &Context) -> Result<Action, Error> {
     let owner = ownership::decide(md, claims.iter().map(AsRef::as_ref)) == Ownership::Owner;
     let result = async {
         delete_own_deployment(ctx, &ns, &name).await?;
+        if let Some(pool_ref) = &md.spec.pool_ref {
+            // The pool's nodes pull from the domain's consumer until the pool stops serving
+            // the domain: take it off, and wait for that.
+            apply::detach(ctx, md).await?;
+            if let pooled::Resolved::Accepted(pool) = pooled::resolve(ctx, md, pool_ref).await?
+                && pool.view(md).attached
+            {
+                return Err(Error::CleanupPending(format!(
+                    "waiting for MailPool {} to stop serving the domain before removing the JetStream consumer {}",
+                    pool.view(md).pool,
+                    queue::consumer_name(&md.spec.domain)
+                )));
+            }
+        }
         let selector = names::selector_string(&name);
         let pods = Api::<Pod>::namespaced(ctx.client.clone(), &ns)
             .list(&ListParams::default().labels(&selector))

@@ -177,14 +177,41 @@ fn operator_certificate(
     now: UnixSeconds,
     validity: std::time::Duration,
 ) -> Result<TlsMaterial, Error> {
+    let (leaf, issued) = operator_leaf_with_reason(ca, &v.hostname, existing, now, validity)?;
+    Ok(TlsMaterial::OperatorCa {
+        leaf,
+        ca_cert_pem: ca.cert_pem.clone(),
+        issued,
+    })
+}
+
+/// The certificate for `hostname` from the operator's CA: the one stored in `existing`
+/// (`tls.crt`, `tls.key`) while it needs no renewal, else a new one.
+pub fn operator_leaf(
+    ca: &CaBundle,
+    hostname: &str,
+    existing: Option<&Secret>,
+    now: UnixSeconds,
+    validity: std::time::Duration,
+) -> Result<IssuedCert, Error> {
+    operator_leaf_with_reason(ca, hostname, existing, now, validity).map(|(leaf, _)| leaf)
+}
+
+fn operator_leaf_with_reason(
+    ca: &CaBundle,
+    hostname: &str,
+    existing: Option<&Secret>,
+    now: UnixSeconds,
+    validity: std::time::Duration,
+) -> Result<(IssuedCert, Option<RenewReason>), Error> {
     let stored_cert = existing.and_then(|s| secret_text(s, TLS_CERT_KEY));
     let stored_key = existing.and_then(|s| secret_text(s, TLS_KEY_KEY));
     let info = match (&stored_cert, &stored_key) {
         (Some(cert), Some(_)) => certs::inspect_leaf(cert, &ca.cert_pem),
         _ => None,
     };
-    let reason = certs::renewal(info.as_ref(), stored_cert.is_some(), &v.hostname, now);
-    let (leaf, issued) = match (reason, info, stored_cert, stored_key) {
+    let reason = certs::renewal(info.as_ref(), stored_cert.is_some(), hostname, now);
+    Ok(match (reason, info, stored_cert, stored_key) {
         (None, Some(info), Some(cert), Some(key)) => (
             IssuedCert {
                 cert_pem: cert,
@@ -195,14 +222,9 @@ fn operator_certificate(
             None,
         ),
         (reason, ..) => (
-            certs::issue_leaf(ca, &v.hostname, now, validity).map_err(Error::IssueCertificate)?,
+            certs::issue_leaf(ca, hostname, now, validity).map_err(Error::IssueCertificate)?,
             Some(reason.unwrap_or(RenewReason::Missing)),
         ),
-    };
-    Ok(TlsMaterial::OperatorCa {
-        leaf,
-        ca_cert_pem: ca.cert_pem.clone(),
-        issued,
     })
 }
 

@@ -9,7 +9,7 @@
 //! integers) with `TryFrom`, refusing what the node's types cannot hold.
 
 use std::net::{IpAddr, SocketAddr};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use kubemail_config::{
     ByteSize, DkimConfig, DkimKeyConfig, DomainConfig, DomainLimits, InboundTarget, InboundTls,
@@ -99,12 +99,12 @@ impl TryFrom<&Limits> for DomainLimits {
     }
 }
 
-/// The node configuration of `v`'s nodes. `has_users`: the users Secret is mounted;
-/// `signing`: the DKIM selectors that sign now.
-pub fn node_config(
-    v: &ValidatedDomain,
-    has_users: bool,
-    signing: &[String],
+/// The node-wide part of a node configuration (no domains): listeners on the container
+/// ports, the default certificate in [`TLS_DIR`], NATS, the admin endpoint, the key of the
+/// shared AUTH failure count when `username_key` names it, then the site overlay.
+pub fn base_node_config(
+    hostname: &str,
+    username_key: Option<PathBuf>,
     config: &BuildConfig,
 ) -> Result<NodeConfig, BuildError> {
     let ip: IpAddr = config.listen_host.parse().map_err(|_| {
@@ -122,7 +122,7 @@ pub fn node_config(
         require_tls: None,
     };
     let mut node = NodeConfig::new(
-        v.hostname.clone(),
+        hostname.to_owned(),
         vec![
             listener("mx", ListenerKind::Mx, SMTP_PORT),
             listener("submission", ListenerKind::Submission, SUBMISSION_PORT),
@@ -140,13 +140,27 @@ pub fn node_config(
         ..NatsConfig::default()
     };
     node.admin.address = SocketAddr::new(ip, ADMIN_PORT);
-    if has_users {
-        // Set before the overlay, so a site-wide `auth` section can still choose its own key.
-        node.auth.username_key_file = Some(Path::new(USERS_DIR).join(USERNAME_KEY_KEY));
-    }
+    // Set before the overlay, so a site-wide `auth` section can still choose its own key.
+    node.auth.username_key_file = username_key;
     if let Some(overlay) = &config.node_overlay {
         overlay.apply_to(&mut node);
     }
+    Ok(node)
+}
+
+/// The node configuration of `v`'s nodes. `has_users`: the users Secret is mounted;
+/// `signing`: the DKIM selectors that sign now.
+pub fn node_config(
+    v: &ValidatedDomain,
+    has_users: bool,
+    signing: &[String],
+    config: &BuildConfig,
+) -> Result<NodeConfig, BuildError> {
+    let mut node = base_node_config(
+        &v.hostname,
+        has_users.then(|| Path::new(USERS_DIR).join(USERNAME_KEY_KEY)),
+        config,
+    )?;
 
     let mut domain = DomainConfig {
         name: v.domain.clone(),
