@@ -53,7 +53,7 @@ pub fn nats_url() -> String {
 pub async fn install_crds(client: &Client) {
     let api: Api<CustomResourceDefinition> = Api::all(client.clone());
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds");
-    for file in ["maildomains.kubemail.io.yaml", "relays.kubemail.io.yaml"] {
+    for (file, _) in kubemail_operator::crd::crds() {
         let text = std::fs::read_to_string(dir.join(file)).expect("read CRD");
         let crd: CustomResourceDefinition = serde_yaml::from_str(&text).expect("parse CRD");
         let name = crd.metadata.name.clone().expect("CRD name");
