@@ -146,6 +146,28 @@ impl Smtp {
     }
 }
 
+/// Waits until the pool's node accepts `rcpt` in a new session (its config reloaded with the
+/// domain); how long that took.
+async fn wait_served(mx: SocketAddr, rcpt: &str, op: &Operator) -> Duration {
+    let start = Instant::now();
+    loop {
+        let mut probe = Smtp::connect(mx).await;
+        probe.cmd("EHLO client.test").await;
+        probe.cmd("MAIL FROM:<x@elsewhere.test>").await;
+        let reply = probe.cmd(&format!("RCPT TO:<{rcpt}>")).await;
+        probe.cmd("QUIT").await;
+        if reply.starts_with("250") {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < ATTACH_TIMEOUT,
+            "{rcpt} not served within {ATTACH_TIMEOUT:?}: {reply}\noperator logs:\n{}",
+            op.logs()
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
 async fn label_namespace(client: &Client, ns: &str, key: &str, value: &str) {
     Api::<Namespace>::all(client.clone())
         .patch(
@@ -384,6 +406,12 @@ async fn two_tenants_share_a_pool_each_with_its_own_mail_and_a_domain_attaches_l
     let template = |d: Deployment| serde_json::to_value(d.spec.unwrap().template).unwrap();
     let template_before = template(deployments.get("mailpool-shared").await.unwrap());
 
+    // Ready means the pool's nodes were given the domain; they serve it once they reloaded.
+    for rcpt in ["bob@a-pool.test", "carol@b-pool.test"] {
+        let took = wait_served(mx, rcpt, &op).await;
+        eprintln!("{rcpt} served {took:?} after its MailDomain was Ready");
+    }
+
     // Inbound: each tenant's mail reaches its own target only.
     let mut s = Smtp::connect(mx).await;
     assert!(s.cmd("EHLO client.test").await.starts_with("250"));
@@ -469,22 +497,7 @@ async fn two_tenants_share_a_pool_each_with_its_own_mail_and_a_domain_attaches_l
         tenant_domain("late-pool.test", p, sink_a, false),
     )
     .await;
-    loop {
-        let mut probe = Smtp::connect(mx).await;
-        probe.cmd("EHLO client.test").await;
-        probe.cmd("MAIL FROM:<x@elsewhere.test>").await;
-        let reply = probe.cmd("RCPT TO:<dan@late-pool.test>").await;
-        probe.cmd("QUIT").await;
-        if reply.starts_with("250") {
-            break;
-        }
-        assert!(
-            attached_at.elapsed() < ATTACH_TIMEOUT,
-            "late-pool.test not served {ATTACH_TIMEOUT:?} after it was applied: {reply}\noperator logs:\n{}",
-            op.logs()
-        );
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
+    wait_served(mx, "dan@late-pool.test", &op).await;
     eprintln!(
         "late-pool.test served {:?} after its MailDomain was applied",
         attached_at.elapsed()

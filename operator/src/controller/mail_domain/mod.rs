@@ -127,8 +127,11 @@ async fn run_in(ctx: Arc<Context>, ns: Option<String>, stop: CancellationToken) 
     }));
     let pool_store = store.clone();
     controller
+        // Only the domains whose standing changed: a pool of 500 domains updates its status
+        // often while they attach, and each of those must not reconcile all of them.
         .watches_stream(pools, move |pool: MailPool| {
             let key = (pool.namespace().unwrap_or_default(), pool.name_any());
+            let status = pool.status.clone().unwrap_or_default();
             pool_store
                 .state()
                 .into_iter()
@@ -136,6 +139,20 @@ async fn run_in(ctx: Arc<Context>, ns: Option<String>, stop: CancellationToken) 
                     md.spec.pool_ref.as_ref().is_some_and(|r| {
                         crate::controller::mail_pool::attach::pool_key(md, r) == key
                     })
+                })
+                .filter(|md| {
+                    let (ns, name) = (md.namespace().unwrap_or_default(), md.name_any());
+                    let served = status.ready_replicas > 0
+                        && status
+                            .domains
+                            .iter()
+                            .any(|d| d.namespace == ns && d.name == name);
+                    let ready = md.status.as_ref().is_some_and(|s| {
+                        s.conditions
+                            .iter()
+                            .any(|c| c.type_ == status::READY && c.status == "True")
+                    });
+                    served != ready
                 })
                 .map(|md| kube::runtime::reflector::ObjectRef::from_obj(&*md))
                 .collect::<Vec<_>>()

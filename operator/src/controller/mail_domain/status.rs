@@ -357,7 +357,7 @@ pub fn compute(
             true,
             "Ready",
             format!(
-                "served by MailPool {}: {} of {} SMTP node pods ready",
+                "attached to MailPool {} ({} of {} SMTP node pods ready); its nodes serve the domain once they reload their config, within the kubelet's volume sync (up to about a minute) and a few seconds",
                 p.pool, p.ready_replicas, p.replicas
             ),
         )

@@ -56,6 +56,15 @@ pub fn shard_secret(pool: &str, i: u32) -> String {
     format!("mailpool-{pool}-domains-{i}")
 }
 
+/// The domains a pool's nodes serve, sorted: what the nodes' NATS credentials must cover (one
+/// credential per pool, minted for exactly this list, replaced when it changes; a dedicated
+/// MailDomain's nodes serve its one domain).
+pub fn served_domains(attached: &[crate::crd::mail_pool::AttachedDomain]) -> Vec<String> {
+    let mut domains: Vec<String> = attached.iter().map(|d| d.domain.clone()).collect();
+    domains.sort();
+    domains
+}
+
 /// The shard of `domain`: FNV-1a of its name, so it never moves.
 pub fn shard_of(domain: &str) -> u32 {
     let mut h: u32 = 0x811c_9dc5;

@@ -142,6 +142,8 @@ pub async fn reconcile(pool: Arc<MailPool>, ctx: Arc<Context>) -> Result<Action,
     let domains = attached_domains(&ctx, &pool, &ns).await?;
     tracing::Span::current().record("domains", domains.len());
     let material = pool_material(&ctx, &pool, &ns, now).await?;
+    // Seam for per-pool NATS credentials: they are minted for `contract::served_domains` of
+    // what is built here, and mounted like the default certificate (the node Secret).
     let children = match build::build(&pool, &domains, &material, &ctx.config.build) {
         Ok(c) => c,
         Err(e) => {
