@@ -63,20 +63,27 @@ async fn run_in(ctx: Arc<Context>, ns: Option<String>, stop: CancellationToken) 
     let client = ctx.client.clone();
     let owned = || watcher::Config::default().labels(&crate::controller::managed_by_selector());
     let domain_ctx = ctx.clone();
-    // A MailDomain change (attach, detach, its hand-over rewritten) reconciles its pool.
-    let domains = watcher(
-        api_for::<MailDomain>(&client, ns.as_deref()),
-        watcher::Config::default(),
-    )
-    .default_backoff()
-    .touched_objects();
+    // A MailDomain change (attach, detach, its hand-over rewritten) reconciles its pool; the
+    // domains may live in any watched namespace, not only the pool's.
+    let domains = futures::stream::select_all(ctx.scopes().into_iter().map(|scope| {
+        watcher(
+            api_for::<MailDomain>(&client, scope.as_deref()),
+            watcher::Config::default(),
+        )
+        .default_backoff()
+        .touched_objects()
+        .boxed()
+    }));
     // So does a change of a domain's key material (a renewed certificate, a rotated DKIM key).
-    let secrets = watcher(
-        api_for::<PartialObjectMeta<Secret>>(&client, ns.as_deref()),
-        watcher::Config::default().labels(DOMAIN_LABEL),
-    )
-    .default_backoff()
-    .touched_objects();
+    let secrets = futures::stream::select_all(ctx.scopes().into_iter().map(|scope| {
+        watcher(
+            api_for::<PartialObjectMeta<Secret>>(&client, scope.as_deref()),
+            watcher::Config::default().labels(DOMAIN_LABEL),
+        )
+        .default_backoff()
+        .touched_objects()
+        .boxed()
+    }));
     Controller::new(
         api_for::<MailPool>(&client, ns.as_deref()),
         watcher::Config::default().any_semantic(),
