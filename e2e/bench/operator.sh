@@ -163,12 +163,12 @@ if [ "$mode" = pool ]; then
   if [ -n "$log" ]; then
     reload=$(grep '"config reloaded"' "$log" | python3 -c '
 import json, sys
-rows = [json.loads(l) for l in sys.stdin if l.strip()]
+rows = [json.loads(l) for l in sys.stdin if l.strip().startswith("{")]
 fields = [r.get("fields", r) for r in rows]
 if fields:
     last = fields[-1]
     worst = max(int(f.get("elapsed_ms", 0)) for f in fields)
-    print(f"{len(fields)} reloads; last {last.get("elapsed_ms")} ms for {last.get("domains")} domains; slowest {worst} ms")
+    print("%d reloads; the last took %s ms for %s domains; the slowest %d ms" % (len(fields), last.get("elapsed_ms"), last.get("domains"), worst))
 else:
     print("no reload logged")
 ' 2>/dev/null || echo "log unreadable")
