@@ -31,6 +31,8 @@ pub const FIELD_MANAGER: &str = "kubemail-operator";
 /// `app.kubernetes.io/managed-by` on everything the operator makes.
 pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
 pub const MANAGED_BY: &str = "kubemail-operator";
+/// How long a reconcile waits for the MailDomain stores' first complete lists.
+const STORE_READY_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a CRD lookup is trusted before asking the API server again.
 const CRD_CACHE_TTL: Duration = Duration::from_secs(10);
 
@@ -113,8 +115,10 @@ impl DomainIndex {
     }
 
     /// Every MailDomain of every store, once each store has its first complete list (so a
-    /// claim is never judged against a half-read cluster).
-    pub async fn all(&self) -> Vec<Arc<MailDomain>> {
+    /// claim is never judged against a half-read cluster). A store that has no complete list
+    /// within [`STORE_READY_TIMEOUT`] fails the reconcile (retried with backoff) rather than
+    /// holding it, and its reconcile slot, indefinitely.
+    pub async fn all(&self) -> Result<Vec<Arc<MailDomain>>, Error> {
         let stores = self
             .stores
             .lock()
@@ -122,12 +126,14 @@ impl DomainIndex {
             .clone();
         let mut out = Vec::new();
         for store in stores {
-            // A store whose writer is gone belongs to a stopped controller: skip it.
-            if store.wait_until_ready().await.is_ok() {
-                out.extend(store.state());
+            match tokio::time::timeout(STORE_READY_TIMEOUT, store.wait_until_ready()).await {
+                Ok(Ok(())) => out.extend(store.state()),
+                // A store whose writer is gone belongs to a stopped controller: skip it.
+                Ok(Err(_)) => {}
+                Err(_) => return Err(Error::StoresNotReady),
             }
         }
-        out
+        Ok(out)
     }
 }
 
@@ -189,6 +195,8 @@ pub enum Error {
     CleanupPending(String),
     #[error("the {0} task panicked")]
     BlockingTaskFailed(&'static str),
+    #[error("the MailDomains of the watched namespaces are not all listed yet")]
+    StoresNotReady,
     #[error("finalizer failed")]
     Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
 }
@@ -209,6 +217,7 @@ impl Error {
             Self::DeleteConsumer(_) => "delete_consumer",
             Self::CleanupPending(_) => "cleanup_pending",
             Self::BlockingTaskFailed(_) => "blocking_task",
+            Self::StoresNotReady => "stores_not_ready",
             Self::Finalizer(inner) => match inner.as_ref() {
                 kube::runtime::finalizer::Error::ApplyFailed(e)
                 | kube::runtime::finalizer::Error::CleanupFailed(e) => e.metric_label(),

@@ -250,7 +250,7 @@ pub fn error_policy(md: Arc<MailDomain>, error: &Error, ctx: Arc<Context>) -> Ac
 
 async fn apply_domain(md: &MailDomain, ctx: &Context) -> Result<Action, Error> {
     let now = timestamps::now();
-    let claims = ctx.domains.all().await;
+    let claims = ctx.domains.all().await?;
     if let Ownership::Conflict { message } = ownership::decide(md, claims.iter().map(AsRef::as_ref))
     {
         return report_conflict(ctx, md, &message, now).await;
@@ -437,7 +437,7 @@ async fn delete_own_deployment(ctx: &Context, ns: &str, name: &str) -> Result<()
 async fn cleanup(md: &MailDomain, ctx: &Context) -> Result<Action, Error> {
     let ns = md.namespace().ok_or(Error::MissingNamespace)?;
     let name = md.name_any();
-    let claims = ctx.domains.all().await;
+    let claims = ctx.domains.all().await?;
     let owner = ownership::decide(md, claims.iter().map(AsRef::as_ref)) == Ownership::Owner;
     let result = async {
         delete_own_deployment(ctx, &ns, &name).await?;

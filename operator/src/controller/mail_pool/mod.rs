@@ -269,7 +269,7 @@ async fn attached_domains(
     pool_ns: &str,
 ) -> Result<Vec<PooledDomain>, Error> {
     let pool_name = pool.name_any();
-    let claims = ctx.domains.all().await;
+    let claims = ctx.domains.all().await?;
     let mut labels_of: HashMap<String, BTreeMap<String, String>> = HashMap::new();
     let mut candidates = Vec::new();
     for md in &claims {
