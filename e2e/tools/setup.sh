@@ -116,12 +116,16 @@ build_tools() {
     build_go_install mailpit "$MAILPIT_VERSION" github.com/axllent/mailpit
   have "helm-$HELM_VERSION" || timed "helm-$HELM_VERSION" \
     build_go_install helm "$HELM_VERSION" helm.sh/helm/v3/cmd/helm
+  have "cyclonus-$CYCLONUS_VERSION" || timed "cyclonus-$CYCLONUS_VERSION" \
+    build_go_install cyclonus "$CYCLONUS_VERSION" github.com/mattfenwick/cyclonus/cmd/cyclonus
   have "jaeger-$JAEGER_VERSION" || timed "jaeger-$JAEGER_VERSION" \
     build_go_wrapper jaeger "$JAEGER_VERSION" github.com/jaegertracing/jaeger github.com/jaegertracing/jaeger/cmd/jaeger
   log "go tools ready in $((SECONDS - t0))s under $TOOLS"
 }
 
-APT_PACKAGES=(swaks libnet-ssleay-perl libio-socket-ssl-perl postfix openssl python3-venv curl iproute2 procps knot testssl.sh)
+# binutils (objcopy) packs the images, skopeo inspects them in the tests and pushes them;
+# knot-dnssecutils (kzonesign) signs the DNSSEC test zones.
+APT_PACKAGES=(swaks libnet-ssleay-perl libio-socket-ssl-perl postfix openssl python3-venv curl iproute2 procps knot knot-dnssecutils testssl.sh binutils skopeo)
 install_apt() {
   local missing=() p
   for p in "${APT_PACKAGES[@]}"; do
@@ -143,12 +147,15 @@ install_python() {
   local hash venv
   hash=$(sha256sum "$here/requirements.txt" | cut -c1-12)
   venv=$CACHE/venv-$hash
-  if [ ! -x "$venv/bin/dkimverify" ]; then
+  # The marker is written only after every package installed, so an interrupted install is
+  # redone rather than leaving a venv without some of the peers.
+  if [ ! -f "$venv/.kubemail-complete" ]; then
     local t0=$SECONDS
     rm -rf "$venv"
     python3 -m venv "$venv"
     "$venv/bin/pip" install -q -r "$here/requirements.txt" >"$CACHE/logs/pip.log" 2>&1 \
       || { tail -n 30 "$CACHE/logs/pip.log" >&2; return 1; }
+    touch "$venv/.kubemail-complete"
     log "python peers installed in $((SECONDS - t0))s"
   fi
   echo "$venv"
@@ -170,6 +177,7 @@ NATS_BIN=$TOOLS/nats-server-$NATS_SERVER_VERSION
 MAILPIT_BIN=$TOOLS/mailpit-$MAILPIT_VERSION
 HELM_BIN=$TOOLS/helm-$HELM_VERSION
 JAEGER_BIN=$TOOLS/jaeger-$JAEGER_VERSION
+CYCLONUS_BIN=$TOOLS/cyclonus-$CYCLONUS_VERSION
 PY_VENV=$CACHE/venv-$(sha256sum "$here/requirements.txt" | cut -c1-12)
 ENV
 }

@@ -83,6 +83,10 @@ fn check(spec: &str, addresses: &[&str], tamper: bool) -> (bool, String) {
         nats_url: "nats://127.0.0.1:4222".into(),
         nats_stream: "KUBEMAIL".into(),
         nats_subject_prefix: "kubemail.queue".into(),
+        nats_replicas: 1,
+        nats_auth: false,
+        nats_tls: false,
+        network_policy: None,
     };
     let children = build::build(&md, &v, &p, &observed, &config, now).expect("build");
 
@@ -136,7 +140,7 @@ fn check(spec: &str, addresses: &[&str], tamper: bool) -> (bool, String) {
 const FULL: &str = "  domain: example.com
   spf: { include: [_spf.example.net, spf.protection.example.org], ip4: [198.51.100.0/24] }
   dmarc: { policy: reject, subdomainPolicy: quarantine, rua: 'mailto:dmarc@example.com, https://r.example.com/d', adkim: strict }
-  mtaSts: { mode: enforce, maxAge: 14d }
+  mtaSts: { mode: testing, maxAge: 14d }
   tlsRpt: { rua: 'mailto:tls-reports@example.com' }
 ";
 

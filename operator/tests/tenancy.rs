@@ -20,7 +20,7 @@ use std::time::{Duration, SystemTime};
 use async_nats::jetstream::{self, consumer};
 use common::maildomain::{apply_md, condition, md_api, wait_condition, wait_condition_by};
 use common::{
-    Operator, OperatorOptions, TestNamespace, client, delete_stream, install_crds, nats_url,
+    Operator, OperatorOptions, TestNamespace, client, delete_stream, install_crds, nats_connect,
     wait_for,
 };
 use k8s_openapi::api::apps::v1::Deployment;
@@ -127,6 +127,8 @@ async fn queue_waiting_mail(js: &jetstream::Context, prefix: &str, domain: &str)
         dsn_ret: None,
         body_ref: None,
         body_size: None,
+        require_tls: false,
+        tls_optional: false,
         attempts: 0,
         not_before: Some(SystemTime::now() + Duration::from_secs(86_400)),
         last_error: None,
@@ -177,7 +179,11 @@ async fn a_later_claim_of_a_domain_gets_domain_conflict_makes_nothing_and_leaves
     apply_md(&client, a, "shop", spec.clone()).await;
     wait_condition(&client, a, "shop", "Ready", "True", READY_TIMEOUT, &op).await;
     // The owner's nodes pull from the domain's consumer; a message waits in it.
-    let js = jetstream::new(async_nats::connect(nats_url()).await.unwrap());
+    let js = jetstream::new(
+        nats_connect()
+            .await
+            .expect("connect to the local cluster's NATS"),
+    );
     wait_for(
         "the owner's delivery consumer",
         CHILDREN_TIMEOUT,

@@ -104,6 +104,8 @@ pub struct Authenticator {
     blocked: Mutex<HashMap<IpAddr, Instant>>,
     per_user: UserFailureLimit,
     message_rates: HashMap<String, DefaultKeyedRateLimiter<String>>,
+    /// Our domains (lower case), in config order: where failed logins are counted.
+    domains: Vec<String>,
 }
 
 #[derive(Clone)]
@@ -159,6 +161,11 @@ impl Authenticator {
             blocked: Mutex::new(HashMap::new()),
             per_user: UserFailureLimit::new(&config.auth)?,
             message_rates,
+            domains: config
+                .domains
+                .iter()
+                .map(|d| d.name.to_ascii_lowercase())
+                .collect(),
         })
     }
 
@@ -182,16 +189,17 @@ impl Authenticator {
         // Known or not, every name is limited alike: the replies tell nothing about which
         // names exist.
         let tag = self.per_user.tag(&key);
-        if self.per_user.is_locked(tag).await {
-            tracing::debug!(user_tag = %tag, "user name over its failure limit");
-            return AuthOutcome::RateLimited(LimitedBy::User);
-        }
         let entry = self
             .users
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .get(&key)
             .cloned();
+        let counted_in = self.failure_domain(&key, entry.as_ref());
+        if self.per_user.is_locked(&counted_in, tag).await {
+            tracing::debug!(user_tag = %tag, "user name over its failure limit");
+            return AuthOutcome::RateLimited(LimitedBy::User);
+        }
         let hash = entry
             .as_ref()
             .map(|e| e.hash.clone())
@@ -207,7 +215,7 @@ impl Authenticator {
             }),
             _ => {
                 self.record_failure(ip);
-                self.per_user.record_failure(tag).await;
+                self.per_user.record_failure(&counted_in, tag).await;
                 AuthOutcome::Failure
             }
         }
@@ -220,6 +228,22 @@ impl Authenticator {
             Some(limiter) => limiter.check_key(&user.name).is_ok(),
             None => true,
         }
+    }
+
+    /// The domain whose part of the shared failure log counts a login name: the user's
+    /// domain, else the domain after its `@` when we serve it, else our first domain (a name
+    /// no domain of ours knows can never log in; it is counted all the same, so the replies
+    /// do not tell names apart).
+    fn failure_domain(&self, key: &str, entry: Option<&UserEntry>) -> String {
+        if let Some(entry) = entry {
+            return entry.domain.clone();
+        }
+        if let Some((_, domain)) = key.rsplit_once('@')
+            && self.domains.iter().any(|d| d == domain)
+        {
+            return domain.to_owned();
+        }
+        self.domains.first().cloned().unwrap_or_default()
     }
 
     fn is_blocked(&self, ip: IpAddr) -> bool {

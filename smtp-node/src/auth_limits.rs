@@ -4,8 +4,10 @@
 //! addresses (which the per-IP limit in [`crate::auth`] cannot see) is stopped too.
 //!
 //! The nodes are stateless, so the cluster-wide count lives in NATS JetStream, in a stream of
-//! its own (`<nats.stream>_AUTH_FAILURES`) with one subject per user name and one empty message
-//! per failure. A stream rather than a KV counter because:
+//! its own (`<nats.stream>_AUTH_FAILURES`) with one subject per domain and user name
+//! (`<prefix>-auth-failures.<domain>.<tag>`, so a domain's NATS credentials can add failures
+//! for its own users only) and one empty message per failure. Whoever manages the JetStream
+//! objects creates the stream (`nats.manageStreams`: the node, else the operator). A stream rather than a KV counter because:
 //! * a failure is one append (publish, wait for the ack), never a read-modify-write, so failures
 //!   arriving on several nodes at once never conflict, retry or get lost;
 //! * `max_age` = the window makes NATS expire each failure on its own: an exact sliding window
@@ -39,7 +41,7 @@ use std::time::{Duration, Instant};
 use async_nats::connection::State;
 use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::response::Response;
-use async_nats::jetstream::stream::{self, DiscardPolicy, RetentionPolicy, StorageType};
+use async_nats::jetstream::stream;
 use async_nats::jetstream::{self, ErrorCode};
 use futures::future::BoxFuture;
 use ring::hmac;
@@ -56,10 +58,6 @@ pub const SHARED_RETRY_AFTER: Duration = Duration::from_secs(5);
 /// map overhead per name, so a few MB at most. Beyond it, the names whose last failure is
 /// oldest are forgotten first.
 pub const LOCAL_MAX_FAILURES: usize = 50_000;
-/// Failures the shared stream holds over all user names (an empty message is about 100 bytes
-/// on disk, so about 100 MB at most). Beyond it NATS drops the oldest, which for a flood of
-/// made-up names shortens the window for everyone rather than growing without bound.
-pub const SHARED_MAX_FAILURES: i64 = 1_000_000;
 /// Shortest secret accepted in `auth.usernameKeyFile` (128 bits).
 pub const MIN_KEY_LEN: usize = 16;
 /// The HMAC key when no key file is configured. Not secret: it keeps user names out of plain
@@ -155,10 +153,18 @@ impl UserTagger {
 
 /// The cluster-wide failure log: the real one is [`JetStreamFailures`]; tests use doubles.
 pub trait SharedFailures: Send + Sync {
-    /// Failures recorded for `user` within the window.
-    fn count(&self, user: UserTag) -> BoxFuture<'_, Result<u64, SharedCounterError>>;
-    /// Records one failure for `user`.
-    fn record(&self, user: UserTag) -> BoxFuture<'_, Result<(), SharedCounterError>>;
+    /// Failures recorded for `user` of `domain` within the window.
+    fn count<'a>(
+        &'a self,
+        domain: &'a str,
+        user: UserTag,
+    ) -> BoxFuture<'a, Result<u64, SharedCounterError>>;
+    /// Records one failure for `user` of `domain`.
+    fn record<'a>(
+        &'a self,
+        domain: &'a str,
+        user: UserTag,
+    ) -> BoxFuture<'a, Result<(), SharedCounterError>>;
 }
 
 /// This node's own failure log: per user name the times of its last failures, at most
@@ -332,15 +338,15 @@ impl UserFailureLimit {
     }
 
     /// Whether `user` has used up its failures: AUTH for it is refused without checking the
-    /// password.
-    pub async fn is_locked(&self, user: UserTag) -> bool {
+    /// password. `domain` is where the shared log counts it (one of the node's domains).
+    pub async fn is_locked(&self, domain: &str, user: UserTag) -> bool {
         if self.local.count(user, Instant::now()) as u64 >= self.limit {
             return true;
         }
         let Some(shared) = self.usable_shared() else {
             return false;
         };
-        match tokio::time::timeout(self.shared_timeout, shared.count(user)).await {
+        match tokio::time::timeout(self.shared_timeout, shared.count(domain, user)).await {
             Ok(Ok(n)) => {
                 self.shared_ok();
                 n >= self.limit
@@ -356,13 +362,14 @@ impl UserFailureLimit {
         }
     }
 
-    /// Records a failed login of `user`, locally and (when usable) in the shared log.
-    pub async fn record_failure(&self, user: UserTag) {
+    /// Records a failed login of `user`, locally and (when usable) in `domain`'s part of the
+    /// shared log.
+    pub async fn record_failure(&self, domain: &str, user: UserTag) {
         self.local.record(user, Instant::now());
         let Some(shared) = self.usable_shared() else {
             return;
         };
-        match tokio::time::timeout(self.shared_timeout, shared.record(user)).await {
+        match tokio::time::timeout(self.shared_timeout, shared.record(domain, user)).await {
             Ok(Ok(())) => self.shared_ok(),
             Ok(Err(error)) => self.shared_failed(&error),
             Err(_) => self.shared_failed(&SharedCounterError::TimedOut(self.shared_timeout)),
@@ -414,7 +421,10 @@ pub struct JetStreamFailures {
     client: async_nats::Client,
     js: jetstream::Context,
     config: stream::Config,
+    /// The queue's subject prefix; failure subjects derive from it per domain.
     subject_prefix: String,
+    /// Create the stream (`nats.manageStreams`), or only wait for it.
+    manage: bool,
     setup: StreamSetup,
 }
 
@@ -428,7 +438,8 @@ impl JetStreamFailures {
             client,
             js,
             config: failure_stream_config(nats, auth),
-            subject_prefix: failure_subject_prefix(nats),
+            subject_prefix: nats.subject_prefix.clone(),
+            manage: nats.manage_streams,
             setup: StreamSetup::new(),
         })
     }
@@ -441,10 +452,19 @@ impl JetStreamFailures {
                 &self.client,
                 &cancel,
                 || async {
-                    self.js
-                        .create_or_update_stream(self.config.clone())
-                        .await
-                        .map(drop)
+                    if self.manage {
+                        self.js
+                            .create_or_update_stream(self.config.clone())
+                            .await
+                            .map(drop)
+                            .map_err(|e| e.to_string())
+                    } else {
+                        self.js
+                            .get_stream(&self.config.name)
+                            .await
+                            .map(drop)
+                            .map_err(|e| format!("waiting for the operator to create it: {e}"))
+                    }
                 },
                 || tracing::info!(stream = %self.config.name, "AUTH failure stream ready"),
                 |error| tracing::error!(stream = %self.config.name, %error, "AUTH failure stream setup failed; retrying (failed logins are limited per node until then)"),
@@ -452,8 +472,11 @@ impl JetStreamFailures {
             .await;
     }
 
-    fn subject(&self, user: UserTag) -> String {
-        format!("{}.{user}", self.subject_prefix)
+    fn subject(&self, domain: &str, user: UserTag) -> String {
+        format!(
+            "{}.{user}",
+            kubemail_queue::auth_failure_subject_prefix(&self.subject_prefix, domain)
+        )
     }
 
     fn ready(&self) -> Result<(), SharedCounterError> {
@@ -485,10 +508,14 @@ struct SubjectCountState {
 }
 
 impl SharedFailures for JetStreamFailures {
-    fn count(&self, user: UserTag) -> BoxFuture<'_, Result<u64, SharedCounterError>> {
+    fn count<'a>(
+        &'a self,
+        domain: &'a str,
+        user: UserTag,
+    ) -> BoxFuture<'a, Result<u64, SharedCounterError>> {
         Box::pin(async move {
             self.ready()?;
-            let subject = self.subject(user);
+            let subject = self.subject(domain, user);
             let reply: Response<SubjectCounts> = self
                 .js
                 .request(
@@ -513,12 +540,16 @@ impl SharedFailures for JetStreamFailures {
         })
     }
 
-    fn record(&self, user: UserTag) -> BoxFuture<'_, Result<(), SharedCounterError>> {
+    fn record<'a>(
+        &'a self,
+        domain: &'a str,
+        user: UserTag,
+    ) -> BoxFuture<'a, Result<(), SharedCounterError>> {
         Box::pin(async move {
             self.ready()?;
             let ack = self
                 .js
-                .publish(self.subject(user), bytes::Bytes::new())
+                .publish(self.subject(domain, user), bytes::Bytes::new())
                 .await
                 .map_err(SharedCounterError::RecordFailure)?;
             ack.await.map_err(|e| {
@@ -532,44 +563,17 @@ impl SharedFailures for JetStreamFailures {
     }
 }
 
-/// The stream that holds failures: one empty message per failure, one subject per user tag,
-/// each message expiring after the window.
-pub fn failure_stream_config(nats: &NatsConfig, auth: &AuthConfig) -> stream::Config {
-    let window = auth.failures_per_user_window.0;
-    stream::Config {
-        name: format!("{}_AUTH_FAILURES", nats.stream),
-        description: Some(
-            "kubemail failed AUTH attempts, one subject per keyed hash of the user name".to_owned(),
-        ),
-        subjects: vec![format!("{}.*", failure_subject_prefix(nats))],
-        retention: RetentionPolicy::Limits,
-        storage: StorageType::File,
-        // Full: forget the oldest failures (a shorter window), never refuse to record.
-        discard: DiscardPolicy::Old,
-        max_age: window,
-        max_messages_per_subject: i64::from(auth.failures_per_user.max(1)),
-        max_messages: SHARED_MAX_FAILURES,
-        max_bytes: -1,
-        max_message_size: -1,
-        // No message ids are sent; the smallest window keeps the server's dedupe table small.
-        duplicate_window: window.min(Duration::from_secs(1)),
-        num_replicas: nats.replicas as usize,
-        ..Default::default()
-    }
-}
-
-/// `<nats.subjectPrefix>-auth-failures`: next to the queue's subjects, never under them
-/// (`kubemail.queue.>` does not match `kubemail.queue-auth-failures.x`).
-pub fn failure_subject_prefix(nats: &NatsConfig) -> String {
-    format!("{}-auth-failures", nats.subject_prefix)
-}
+pub use kubemail_queue::streams::{SHARED_MAX_FAILURES, failure_stream_config};
 
 #[cfg(test)]
 mod tests {
+    use async_nats::jetstream::stream::{DiscardPolicy, RetentionPolicy};
+
     use super::*;
     use crate::config::HumanDuration;
 
     const HOUR: Duration = Duration::from_secs(3600);
+    const D: &str = "example.test";
 
     fn auth_config(limit: u32, window: Duration) -> AuthConfig {
         AuthConfig {
@@ -587,10 +591,18 @@ mod tests {
     struct Down;
 
     impl SharedFailures for Down {
-        fn count(&self, _: UserTag) -> BoxFuture<'_, Result<u64, SharedCounterError>> {
+        fn count<'a>(
+            &'a self,
+            _: &'a str,
+            _: UserTag,
+        ) -> BoxFuture<'a, Result<u64, SharedCounterError>> {
             Box::pin(async { Err(SharedCounterError::NotConnected) })
         }
-        fn record(&self, _: UserTag) -> BoxFuture<'_, Result<(), SharedCounterError>> {
+        fn record<'a>(
+            &'a self,
+            _: &'a str,
+            _: UserTag,
+        ) -> BoxFuture<'a, Result<(), SharedCounterError>> {
             Box::pin(async { Err(SharedCounterError::NotConnected) })
         }
     }
@@ -599,10 +611,18 @@ mod tests {
     struct Hung;
 
     impl SharedFailures for Hung {
-        fn count(&self, _: UserTag) -> BoxFuture<'_, Result<u64, SharedCounterError>> {
+        fn count<'a>(
+            &'a self,
+            _: &'a str,
+            _: UserTag,
+        ) -> BoxFuture<'a, Result<u64, SharedCounterError>> {
             Box::pin(std::future::pending())
         }
-        fn record(&self, _: UserTag) -> BoxFuture<'_, Result<(), SharedCounterError>> {
+        fn record<'a>(
+            &'a self,
+            _: &'a str,
+            _: UserTag,
+        ) -> BoxFuture<'a, Result<(), SharedCounterError>> {
             Box::pin(std::future::pending())
         }
     }
@@ -612,11 +632,19 @@ mod tests {
     struct Shared(LocalFailures);
 
     impl SharedFailures for Shared {
-        fn count(&self, user: UserTag) -> BoxFuture<'_, Result<u64, SharedCounterError>> {
+        fn count<'a>(
+            &'a self,
+            _: &'a str,
+            user: UserTag,
+        ) -> BoxFuture<'a, Result<u64, SharedCounterError>> {
             let n = self.0.count(user, Instant::now()) as u64;
             Box::pin(async move { Ok(n) })
         }
-        fn record(&self, user: UserTag) -> BoxFuture<'_, Result<(), SharedCounterError>> {
+        fn record<'a>(
+            &'a self,
+            _: &'a str,
+            user: UserTag,
+        ) -> BoxFuture<'a, Result<(), SharedCounterError>> {
             self.0.record(user, Instant::now());
             Box::pin(async { Ok(()) })
         }
@@ -728,16 +756,16 @@ mod tests {
         );
         let alice = limit.tag("alice@example.test");
         for _ in 0..3 {
-            assert!(!limit.is_locked(alice).await);
-            limit.record_failure(alice).await;
+            assert!(!limit.is_locked(D, alice).await);
+            limit.record_failure(D, alice).await;
         }
-        assert!(limit.is_locked(alice).await);
+        assert!(limit.is_locked(D, alice).await);
         assert!(
-            !limit.is_locked(limit.tag("bob@example.test")).await,
+            !limit.is_locked(D, limit.tag("bob@example.test")).await,
             "other users are not affected"
         );
         tokio::time::sleep(Duration::from_millis(350)).await;
-        assert!(!limit.is_locked(alice).await, "the window passed");
+        assert!(!limit.is_locked(D, alice).await, "the window passed");
     }
 
     #[tokio::test]
@@ -753,13 +781,13 @@ mod tests {
             .collect();
         let alice = nodes[0].tag("alice@example.test");
         for i in 0..4 {
-            assert!(!nodes[i % 2].is_locked(alice).await, "attempt {i}");
-            nodes[i % 2].record_failure(alice).await;
+            assert!(!nodes[i % 2].is_locked(D, alice).await, "attempt {i}");
+            nodes[i % 2].record_failure(D, alice).await;
         }
         // Each node saw only two failures itself; together they reached the limit.
         assert_eq!(nodes[0].local.count(alice, Instant::now()), 2);
-        assert!(nodes[0].is_locked(alice).await);
-        assert!(nodes[1].is_locked(alice).await);
+        assert!(nodes[0].is_locked(D, alice).await);
+        assert!(nodes[1].is_locked(D, alice).await);
     }
 
     #[tokio::test]
@@ -769,14 +797,14 @@ mod tests {
         limit.attach_shared(Arc::new(Down));
         let alice = limit.tag("alice@example.test");
         assert!(
-            !limit.is_locked(alice).await,
+            !limit.is_locked(D, alice).await,
             "an unreachable counter locks nobody out"
         );
-        limit.record_failure(alice).await;
-        assert!(!limit.is_locked(alice).await);
-        limit.record_failure(alice).await;
+        limit.record_failure(D, alice).await;
+        assert!(!limit.is_locked(D, alice).await);
+        limit.record_failure(D, alice).await;
         assert!(
-            limit.is_locked(alice).await,
+            limit.is_locked(D, alice).await,
             "this node's own failures still count"
         );
     }
@@ -791,12 +819,12 @@ mod tests {
         limit.attach_shared(Arc::new(Hung));
         let alice = limit.tag("alice@example.test");
         let t = tokio::time::Instant::now();
-        assert!(!limit.is_locked(alice).await);
+        assert!(!limit.is_locked(D, alice).await);
         assert_eq!(t.elapsed(), Duration::from_millis(2500));
         // Within the retry pause nothing waits for it.
         let t = tokio::time::Instant::now();
-        limit.record_failure(alice).await;
-        assert!(!limit.is_locked(alice).await);
+        limit.record_failure(D, alice).await;
+        assert!(!limit.is_locked(D, alice).await);
         assert_eq!(t.elapsed(), Duration::ZERO);
     }
 
@@ -805,7 +833,7 @@ mod tests {
         let nats = NatsConfig::default();
         let config = failure_stream_config(&nats, &auth_config(20, HOUR));
         assert_eq!(config.name, "KUBEMAIL_AUTH_FAILURES");
-        assert_eq!(config.subjects, ["kubemail.queue-auth-failures.*"]);
+        assert_eq!(config.subjects, ["kubemail.queue-auth-failures.>"]);
         assert_eq!(config.max_age, HOUR);
         assert_eq!(config.max_messages_per_subject, 20);
         assert_eq!(config.max_messages, SHARED_MAX_FAILURES);

@@ -18,9 +18,12 @@
 //! * [`message`]: the message header helpers both sides use (header lookup, the header
 //!   section, the hop count; the Received, Message-ID and Date builders);
 //! * [`dkim`]: DKIM signing at acceptance; [`authres`]: SPF/DKIM/DMARC of inbound mail;
-//! * [`dns`]: the resolver seam (hickory-resolver and a zone-text test double);
+//! * [`dns`]: the resolver seam (hickory-resolver and a zone-text test double), with the
+//!   DNSSEC status DANE needs;
+//! * [`memory`]: the node-wide budget of message bytes in memory;
+//! * [`mta_sts_server`]: the HTTPS listener serving our own domains' MTA-STS policies;
 //! * [`node`]: start-up and shutdown of the whole node; [`reload`]: swapping in a changed
-//!   config file's domains without a restart;
+//!   config file's domains without a restart; [`clock`]: the wall clock as a seam;
 //! * [`admin`], [`metrics`], [`telemetry`] (the `kubemail-telemetry` crate), [`shutdown`]:
 //!   operations.
 
@@ -28,11 +31,14 @@ pub mod admin;
 pub mod auth;
 pub mod auth_limits;
 pub mod authres;
+pub mod clock;
 pub mod delivery;
 pub mod dkim;
 pub mod dns;
+pub mod memory;
 pub mod message;
 pub mod metrics;
+pub mod mta_sts_server;
 pub mod node;
 pub mod queue;
 pub mod reload;

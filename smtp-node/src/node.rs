@@ -11,6 +11,7 @@ use crate::admin::{self, Readiness};
 use crate::auth::Authenticator;
 use crate::auth_limits::JetStreamFailures;
 use crate::authres::InboundVerifier;
+use crate::clock::Clock;
 use crate::config::NodeConfig;
 use crate::delivery::{Delivery, DeliveryContext, DeliverySettings};
 use crate::dkim::DkimSigner;
@@ -43,15 +44,24 @@ pub enum NodeError {
     BuildResolver(#[from] crate::dns::BuildResolverError),
     #[error("cannot set up delivery")]
     StartDelivery(#[from] crate::delivery::StartDeliveryError),
+    #[error("cannot bind the MTA-STS listener {address}")]
+    BindMtaSts {
+        address: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Checks everything `check-config` can check without the network: the config itself
-/// (already validated by [`NodeConfig::load`]), the certificate and key, the users files.
+/// (already validated by [`NodeConfig::load`]), the certificate and key, the users files, the
+/// NATS credentials and CA files.
 pub fn check(config: &NodeConfig) -> Result<(), NodeError> {
     if let Some(tls) = &config.tls {
         TlsServer::load(tls)?;
     }
     Authenticator::load(config)?;
+    crate::queue::connect::options(&config.nats, "check-config")
+        .map_err(crate::queue::jetstream::ConnectError::from)?;
     load_dkim(config)?;
     crate::delivery::tls::ClientTls::new(config.delivery.tls.extra_ca_file.as_deref())
         .map_err(crate::delivery::StartDeliveryError::from)?;
@@ -74,9 +84,14 @@ pub struct ConfigSource {
 }
 
 /// Runs the node until `shutdown` is stopped (by the caller, on SIGTERM), then drains open
-/// sessions for up to `shutdown.drainTimeout`.
-pub async fn run(config: NodeConfig, shutdown: Shutdown) -> Result<(), NodeError> {
-    run_from(config, None, shutdown).await
+/// sessions for up to `shutdown.drainTimeout`. `clock` is the wall clock of what is dated by
+/// calendar day (TLS-RPT).
+pub async fn run(
+    config: NodeConfig,
+    shutdown: Shutdown,
+    clock: Arc<dyn Clock>,
+) -> Result<(), NodeError> {
+    run_from(config, None, shutdown, clock).await
 }
 
 /// Like [`run`]; with a `source` the node also reloads the file when it changes (see
@@ -85,6 +100,7 @@ pub async fn run_from(
     config: NodeConfig,
     source: Option<ConfigSource>,
     shutdown: Shutdown,
+    clock: Arc<dyn Clock>,
 ) -> Result<(), NodeError> {
     let config = Arc::new(config);
     let background = CancellationToken::new();
@@ -113,7 +129,12 @@ pub async fn run_from(
     tokio::spawn(auth.clone().watch(generation.clone()));
 
     let dkim = load_dkim(&config)?;
-    let resolver = HickoryResolver::new(&config.dns)?;
+    let dane = &config.delivery.tls.dane;
+    let resolver = if dane.enabled {
+        HickoryResolver::with_dnssec(&config.dns, dane.trust_anchor_file.as_deref())?
+    } else {
+        HickoryResolver::new(&config.dns)?
+    };
     let inbound_auth = config.inbound_auth.enabled.then(|| {
         Arc::new(InboundVerifier::new(
             resolver.authenticator(),
@@ -122,8 +143,14 @@ pub async fn run_from(
         ))
     });
 
-    let queue = JetStreamQueue::connect(&config.nats).await?;
+    let domains: Vec<String> = config.domains.iter().map(|d| d.name.clone()).collect();
+    let queue = JetStreamQueue::connect(&config.nats, &domains).await?;
     tokio::spawn(queue.clone().run_setup(background.clone()));
+    tokio::spawn(
+        queue
+            .clone()
+            .run_sweeper(crate::queue::sweeper::INTERVAL, background.clone()),
+    );
     // Failed logins per user name are counted cluster-wide over the same connection.
     let auth_failures = JetStreamFailures::new(queue.client().clone(), &config.nats, &config.auth);
     tokio::spawn(auth_failures.clone().run_setup(background.clone()));
@@ -135,8 +162,8 @@ pub async fn run_from(
         Arc::new(resolver),
         dkim.clone(),
         shutdown.clone(),
+        clock,
     )?;
-    let domains: Vec<String> = config.domains.iter().map(|d| d.name.clone()).collect();
     let delivery = Delivery::start(Arc::new(delivery), &domains);
     tokio::spawn(crate::queue::sampler::run(
         queue.jetstream().clone(),
@@ -147,6 +174,23 @@ pub async fn run_from(
     ));
 
     let listeners = server::bind_listeners(&config).await?;
+    if let (Some(server), Some(tls)) = (&config.mta_sts_server, &tls) {
+        let hosts = crate::mta_sts_server::policy_hosts(&config.domains);
+        let https = tls.https_config(hosts.keys().cloned().collect())?;
+        let socket = tokio::net::TcpListener::bind(server.address)
+            .await
+            .map_err(|source| NodeError::BindMtaSts {
+                address: server.address,
+                source,
+            })?;
+        tracing::info!(address = %server.address, hosts = hosts.len(), "serving MTA-STS policies");
+        tokio::spawn(crate::mta_sts_server::serve(
+            socket,
+            https,
+            std::sync::Arc::new(hosts),
+            background.clone(),
+        ));
+    }
     let admin_socket = admin::bind(config.admin.address).await?;
     let readiness = Readiness::new(queue.clone(), shutdown.accept_token().clone());
     readiness.set_listeners_bound();

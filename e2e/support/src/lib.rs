@@ -3,6 +3,7 @@
 //! the `e2e` crate.
 
 pub mod knot;
+pub mod nats;
 pub mod ports;
 pub mod smtp_sink;
 pub mod wait;

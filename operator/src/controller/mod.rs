@@ -61,6 +61,8 @@ pub struct Config {
     pub probe_ehlo_name: String,
     /// What shapes the children.
     pub build: BuildConfig,
+    /// How the operator and the nodes reach NATS (authentication, TLS, NetworkPolicy).
+    pub nats: crate::nats::NatsSettings,
 }
 
 /// Shared by every reconcile.
@@ -191,6 +193,16 @@ pub enum Error {
     Build(#[source] mail_domain::build::BuildError),
     #[error("cannot delete the JetStream consumer")]
     DeleteConsumer(#[source] crate::queue::QueueError),
+    #[error("cannot use the NATS account Secret {name}")]
+    NatsAccount {
+        name: String,
+        #[source]
+        source: crate::nats::trust::TrustError,
+    },
+    #[error("cannot set up the domain's JetStream objects")]
+    ManageNats(#[source] crate::nats::ManageError),
+    #[error("cannot mint NATS credentials")]
+    MintCredentials(#[source] crate::nats::jwt::JwtError),
     #[error("{0}")]
     CleanupPending(String),
     #[error("the {0} task panicked")]
@@ -215,6 +227,9 @@ impl Error {
             Self::RenderUsers(_) => "render_users",
             Self::Build(_) => "build",
             Self::DeleteConsumer(_) => "delete_consumer",
+            Self::NatsAccount { .. } => "nats_account",
+            Self::ManageNats(_) => "manage_nats",
+            Self::MintCredentials(_) => "mint_credentials",
             Self::CleanupPending(_) => "cleanup_pending",
             Self::BlockingTaskFailed(_) => "blocking_task",
             Self::StoresNotReady => "stores_not_ready",
@@ -308,6 +323,13 @@ impl Context {
                 .map(Some)
                 .collect()
         }
+    }
+
+    /// How to reach NATS now: the URL, the CA (the configured one, else with a bundled NATS
+    /// the operator's own CA) and the account keys (read from their Secret at each call, so
+    /// a rotated signing key is used at once).
+    pub async fn nats_access(&self) -> Result<crate::nats::NatsAccess, Error> {
+        crate::nats::access(self).await
     }
 
     /// Whether a CRD is installed and established (cached briefly).
@@ -430,12 +452,13 @@ pub fn condition_with(
     }
 }
 
-/// Runs both controllers until `stop` fires.
+/// Runs both controllers (and, for a bundled NATS, its bootstrap) until `stop` fires.
 pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
     ctx.domains.clear();
     tokio::join!(
         mail_domain::run(ctx.clone(), stop.clone()),
         mail_pool::run(ctx.clone(), stop.clone()),
-        relay::run(ctx, stop),
+        relay::run(ctx.clone(), stop.clone()),
+        crate::nats::settings::run_bootstrap(ctx, stop),
     );
 }

@@ -25,12 +25,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::ErrorCode;
-use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer, pull};
+use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::context::ConsumerInfoErrorKind;
 use async_nats::jetstream::stream::{ConsumerErrorKind, Stream};
 use futures::StreamExt as _;
 use kubemail_queue::names::consumer_filters;
-use kubemail_queue::{consumer_name, is_legacy_consumer, legacy_consumer_name, subject};
+use kubemail_queue::{consumer_name, is_legacy_consumer, legacy_consumer_name};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
@@ -58,6 +58,12 @@ pub enum ConsumerError {
         #[source]
         source: async_nats::jetstream::stream::ConsumerError,
     },
+    #[error("consumer {name} is not there (yet): {source}")]
+    OpenConsumer {
+        name: String,
+        #[source]
+        source: async_nats::jetstream::stream::ConsumerError,
+    },
     #[error("cannot inspect the legacy consumer {name}: {source}")]
     InspectLegacyConsumer {
         name: String,
@@ -72,21 +78,19 @@ pub enum ConsumerError {
     },
 }
 
-/// The consumer configuration of `domain`.
-pub fn consumer_config(nats: &NatsConfig, domain: &str, config: &ConsumerConfig) -> pull::Config {
+pub use kubemail_queue::streams::consumer_config;
+
+/// Opens the consumer that someone else (the operator) created (`nats.manageStreams:
+/// false`): the node's credentials may read it, not create it.
+pub async fn open_consumer(
+    js: &async_nats::jetstream::Context,
+    nats: &NatsConfig,
+    domain: &str,
+) -> Result<PullConsumer, ConsumerError> {
     let name = consumer_name(domain);
-    pull::Config {
-        durable_name: Some(name.clone()),
-        name: Some(name),
-        description: Some(format!("kubemail delivery workers of {domain}")),
-        filter_subject: subject(&nats.subject_prefix, domain),
-        deliver_policy: DeliverPolicy::All,
-        ack_policy: AckPolicy::Explicit,
-        ack_wait: config.ack_wait.0,
-        max_deliver: i64::from(config.max_deliver),
-        max_ack_pending: i64::from(config.max_ack_pending),
-        ..Default::default()
-    }
+    js.get_consumer_from_stream(&name, &nats.stream)
+        .await
+        .map_err(|source| ConsumerError::OpenConsumer { name, source })
 }
 
 /// Creates the consumer, or updates it to the current settings; replaces this domain's
@@ -209,7 +213,12 @@ pub async fn run_until(ctx: Arc<DeliveryContext>, domain: String, stop: Cancella
     let mut delay = Duration::from_millis(200);
     'setup: loop {
         let consumer = loop {
-            match ensure_consumer(&ctx.js, &ctx.nats, &domain, &ctx.config.consumer).await {
+            let consumer = if ctx.nats.manage_streams {
+                ensure_consumer(&ctx.js, &ctx.nats, &domain, &ctx.config.consumer).await
+            } else {
+                open_consumer(&ctx.js, &ctx.nats, &domain).await
+            };
+            match consumer {
                 Ok(c) => {
                     tracing::info!(%domain, consumer = %consumer_name(&domain), "delivery consumer ready");
                     break c;
@@ -302,6 +311,8 @@ pub async fn run_until(ctx: Arc<DeliveryContext>, domain: String, stop: Cancella
 
 #[cfg(test)]
 mod tests {
+    use async_nats::jetstream::consumer::AckPolicy;
+
     use super::*;
 
     #[test]

@@ -5,6 +5,7 @@
 //! * [`worker`]: one entry from pull to ack: route, deliver, decide, republish, bounce;
 //! * [`route`]: which destination each recipient goes to;
 //! * [`mx`]: MX resolution and ordering; [`address_policy`]: which addresses may be reached;
+//! * [`policy`]: outbound transport security: MTA-STS, DANE, overrides, REQUIRETLS, TLS-RPT;
 //! * [`client`]: the SMTP/LMTP client (its wire syntax is [`crate::protocol::client`]);
 //!   [`tls`]: client TLS;
 //! * [`relay`]: smarthosts; [`limits`]: per-destination connection caps and reuse;
@@ -23,6 +24,7 @@ pub mod limits;
 pub mod metrics;
 pub mod mx;
 pub mod outcome;
+pub mod policy;
 pub mod relay;
 pub mod retry;
 pub mod route;
@@ -40,6 +42,7 @@ use self::limits::ConnectionPool;
 use self::relay::Relay;
 use self::route::{DomainRouting, RoutingTable};
 use self::tls::ClientTls;
+use crate::clock::Clock;
 use crate::config::DeliveryConfig;
 use crate::config::NatsConfig;
 use crate::dkim::DkimSigner;
@@ -99,12 +102,18 @@ pub struct DeliveryContext {
     pub shutdown: Shutdown,
     /// What depends on the node's domains; swapped whole by a config reload.
     domains: RwLock<Arc<DomainTable>>,
+    /// MTA-STS, DANE and the overrides of `delivery.tls`.
+    pub policies: policy::Policies,
+    /// TLS-RPT results and reports.
+    pub tlsrpt: Arc<policy::tlsrpt::TlsRpt>,
     bodies: Mutex<HashMap<String, ObjectStore>>,
 }
 
 /// The per-domain side of delivery: routes, relays, DKIM keys. A worker takes the current
 /// table once per entry, so one entry is handled with one consistent set.
 pub struct DomainTable {
+    /// The domains' names, as configured.
+    pub names: Vec<String>,
     pub routing: RoutingTable,
     pub relays: HashMap<String, Arc<Relay>>,
     pub signer: Option<Arc<DkimSigner>>,
@@ -131,6 +140,7 @@ impl DomainTable {
             })
             .collect();
         Self {
+            names: domains.iter().map(|d| d.name.clone()).collect(),
             routing: RoutingTable::new(domains.to_vec()),
             relays,
             signer,
@@ -139,13 +149,14 @@ impl DomainTable {
 }
 
 impl DeliveryContext {
-    /// Builds the context; touches no network.
+    /// Builds the context; touches no network. `clock` dates the TLS-RPT results and reports.
     pub fn new(
         settings: DeliverySettings,
         client: async_nats::Client,
         resolver: Arc<dyn Resolver>,
         signer: Option<Arc<DkimSigner>>,
         shutdown: Shutdown,
+        clock: Arc<dyn Clock>,
     ) -> Result<Self, StartDeliveryError> {
         let d = &settings.delivery;
         let policy = AddressPolicy::new(&d.allowed_networks, &d.blocked_networks)
@@ -154,6 +165,19 @@ impl DeliveryContext {
         let table = DomainTable::new(&settings.domains, signer, None);
         let mut js = async_nats::jetstream::new(client);
         js.set_timeout(settings.nats.publish_timeout.0);
+        let mta_sts = Arc::new(policy::mta_sts::MtaSts::new(
+            d.tls.mta_sts.clone(),
+            resolver.clone(),
+            policy.clone(),
+            tls.clone(),
+            js.clone(),
+        ));
+        let policies = policy::Policies::new(d.tls.clone(), d.mx_port, resolver.clone(), mta_sts);
+        let tlsrpt = Arc::new(policy::tlsrpt::TlsRpt::new(
+            d.tls.reports.clone(),
+            js.clone(),
+            clock,
+        ));
         Ok(Self {
             hostname: settings.hostname,
             pool: Arc::new(ConnectionPool::new(d.connections.clone())),
@@ -165,6 +189,8 @@ impl DeliveryContext {
             js,
             shutdown,
             domains: RwLock::new(Arc::new(table)),
+            policies,
+            tlsrpt,
             bodies: Mutex::new(HashMap::new()),
         })
     }
@@ -233,6 +259,23 @@ impl Delivery {
                     .clone()
                     .run_reaper(delivery.ctx.shutdown.stop_token().clone()),
             );
+            let ctx = delivery.ctx.clone();
+            let stop = ctx.shutdown.stop_token().clone();
+            tokio::spawn(ctx.policies.mta_sts.clone().run_refresh(stop.clone()));
+            // The report task reads the current domains and DKIM keys at each check, so a
+            // reload's domains are reported on (and signed for) too.
+            let report_ctx = ctx.clone();
+            let domains_ctx = ctx.clone();
+            tokio::spawn(ctx.tlsrpt.clone().run(
+                move || policy::tlsrpt::ReportContextOwned {
+                    hostname: report_ctx.hostname.clone(),
+                    subject_prefix: report_ctx.nats.subject_prefix.clone(),
+                    resolver: report_ctx.resolver.clone(),
+                    signer: report_ctx.domains().signer.clone(),
+                },
+                move || domains_ctx.domains().names.clone(),
+                stop,
+            ));
         } else {
             tracing::info!("delivery is disabled on this node");
         }

@@ -18,7 +18,8 @@ use crate::auth::Authenticator;
 use crate::authres::InboundVerifier;
 use crate::config::{ListenerConfig, NodeConfig};
 use crate::dkim::DkimSigner;
-use crate::queue::Queue;
+use crate::memory::MessageMemory;
+use crate::queue::{ContentHistory, Queue};
 use crate::shutdown::Shutdown;
 use crate::tls::TlsServer;
 use limits::ConnectionLimits;
@@ -54,6 +55,10 @@ pub struct ServerContext {
     pub shutdown: Shutdown,
     pub limits: ConnectionLimits,
     pub checks: MessageChecks,
+    /// Message bytes in memory, shared by every session ([`crate::memory`]).
+    pub memory: MessageMemory,
+    /// Contents accepted lately: the generation in each new entry's `Nats-Msg-Id`.
+    pub content: Arc<ContentHistory>,
     next_session: Arc<AtomicU64>,
 }
 
@@ -108,6 +113,8 @@ impl ServerContext {
         checks: MessageChecks,
     ) -> Arc<Self> {
         let limits = ConnectionLimits::new(config.max_connections, config.max_connections_per_ip);
+        let memory = MessageMemory::from_config(&config);
+        let content = ContentHistory::new(config.nats.duplicate_window.0);
         Arc::new(Self {
             config,
             tls,
@@ -116,13 +123,16 @@ impl ServerContext {
             shutdown,
             limits,
             checks,
+            memory,
+            content: Arc::new(content),
             next_session: Arc::new(AtomicU64::new(1)),
         })
     }
 
     /// The next generation after a config reload: `config`, users and message checks are new;
     /// the TLS server (whose domain table is swapped in place), the queue, shutdown, the
-    /// connection counts and the session numbering carry over. The connection caps stay those
+    /// connection counts, the memory budget, the content history and the session numbering
+    /// carry over. The connection caps stay those
     /// of the first generation (a change of `maxConnections` needs a restart).
     pub fn successor(
         &self,
@@ -138,6 +148,8 @@ impl ServerContext {
             shutdown: self.shutdown.clone(),
             limits: self.limits.clone(),
             checks,
+            memory: self.memory.clone(),
+            content: self.content.clone(),
             next_session: self.next_session.clone(),
         })
     }

@@ -9,6 +9,7 @@ use std::fmt::Debug;
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{ApiResource, DeleteParams, DynamicObject, Patch, PatchParams};
 use kube::{Api, Resource, ResourceExt};
@@ -73,7 +74,7 @@ pub async fn apply(
 
 /// A pooled MailDomain's children: its key material, DNS and the hand-over to its pool (the
 /// pool's nodes serve it). Children of a dedicated past (Deployment, Service, PDB, node
-/// config) are deleted.
+/// config, NATS Secret, NetworkPolicy) are deleted.
 pub async fn apply_pooled(
     ctx: &Context,
     md: &MailDomain,
@@ -110,6 +111,16 @@ pub async fn apply_pooled(
         )
         .await?;
         delete(&config_maps, &names::node_config(&name)).await?;
+        delete(
+            &Api::<Secret>::namespaced(client.clone(), &ns),
+            &names::nats_secret(&name),
+        )
+        .await?;
+        delete(
+            &Api::<NetworkPolicy>::namespaced(client.clone(), &ns),
+            &names::network_policy(&name),
+        )
+        .await?;
     }
     Ok(())
 }

@@ -318,19 +318,25 @@ async fn run_pipeline(
     };
     let children = build::build(md, v, &provisioned, &observed, &ctx.config.build, now)
         .map_err(Error::Build)?;
-    let (deployment, observed) = match &pool {
+    let (deployment, observed, nats_due) = match &pool {
+        // The pool's nodes serve it: their NATS credentials, objects and NetworkPolicy are
+        // the pool's.
         Some(_) => {
             apply::apply_pooled(ctx, md, &children, refs).await?;
-            (Deployment::default(), observed)
+            (Deployment::default(), observed, None)
         }
         None => {
+            // NATS objects, credentials and NetworkPolicy first: the Deployment mounts the
+            // Secret.
+            let nats_due =
+                crate::nats::domain::reconcile(ctx, md, &children.node_config, now).await?;
             let applied = apply::apply(ctx, md, &children, refs).await?;
             // The Service may have just been created: use the addresses the server reports now.
             let observed = Observed {
                 addresses: load_balancer_addresses(Some(&applied.service)),
                 ..observed
             };
-            (applied.deployment, observed)
+            (applied.deployment, observed, nats_due)
         }
     };
     let pool_view = pool.as_ref().map(|p| p.view(md));
@@ -364,6 +370,7 @@ async fn run_pipeline(
         }
     };
     consider(provisioned.dkim.next_event);
+    consider(nats_due);
     match &provisioned.tls {
         provision::TlsMaterial::OperatorCa { leaf, .. } => {
             consider(Some(crate::certs::renew_after(
@@ -475,7 +482,7 @@ async fn cleanup(md: &MailDomain, ctx: &Context) -> Result<Action, Error> {
             return Ok(false);
         }
         queue::delete_consumer(
-            &ctx.config.build.nats_url,
+            &ctx.nats_access().await?,
             &ctx.config.build.nats_stream,
             &md.spec.domain,
             ctx.config.nats_timeout,

@@ -30,6 +30,8 @@ pub const MTA_STS_KEY: &str = "mta-sts.txt";
 pub const SMTP_PORT: u16 = 2525;
 pub const SUBMISSION_PORT: u16 = 2587;
 pub const SUBMISSIONS_PORT: u16 = 2465;
+/// The node's HTTPS port for its MTA-STS policy (the Service maps 443 onto it).
+pub const MTA_STS_PORT: u16 = 8443;
 /// The node's admin HTTP port (`/healthz`, `/readyz`, `/metrics`).
 pub const ADMIN_PORT: u16 = 8080;
 /// Where the pods mount what the operator renders.
@@ -38,6 +40,8 @@ pub const TLS_DIR: &str = "/etc/kubemail/tls";
 pub const DKIM_DIR: &str = "/etc/kubemail/dkim";
 pub const USERS_DIR: &str = "/etc/kubemail/users";
 pub const RELAY_DIR: &str = "/etc/kubemail/relay";
+/// The NATS credentials file and CA of the nodes.
+pub const NATS_DIR: &str = "/etc/kubemail/nats";
 
 // The children's names, one place for all of them.
 
@@ -54,6 +58,16 @@ pub fn users_secret(md: &str) -> String {
     // Not `<md>-users`: that is the natural name of the user's own source Secret.
     format!("{md}-users-hashed")
 }
+/// The nodes' NATS credentials and CA.
+pub fn nats_secret(md: &str) -> String {
+    format!("{md}-nats")
+}
+
+/// The NetworkPolicy of the domain's pods.
+pub fn network_policy(md: &str) -> String {
+    md.to_owned()
+}
+
 pub fn dns_config(md: &str) -> String {
     format!("{md}-dns")
 }

@@ -177,7 +177,8 @@ fn operator_certificate(
     now: UnixSeconds,
     validity: std::time::Duration,
 ) -> Result<TlsMaterial, Error> {
-    let (leaf, issued) = operator_leaf_with_reason(ca, &v.hostname, existing, now, validity)?;
+    let names = v.certificate_names();
+    let (leaf, issued) = operator_leaf_with_reason(ca, &names, existing, now, validity)?;
     Ok(TlsMaterial::OperatorCa {
         leaf,
         ca_cert_pem: ca.cert_pem.clone(),
@@ -194,12 +195,14 @@ pub fn operator_leaf(
     now: UnixSeconds,
     validity: std::time::Duration,
 ) -> Result<IssuedCert, Error> {
-    operator_leaf_with_reason(ca, hostname, existing, now, validity).map(|(leaf, _)| leaf)
+    operator_leaf_with_reason(ca, &[hostname.to_owned()], existing, now, validity)
+        .map(|(leaf, _)| leaf)
 }
 
+/// The leaf for `names` (the first is the subject), and why it was (re)issued, if it was.
 fn operator_leaf_with_reason(
     ca: &CaBundle,
-    hostname: &str,
+    names: &[String],
     existing: Option<&Secret>,
     now: UnixSeconds,
     validity: std::time::Duration,
@@ -210,7 +213,7 @@ fn operator_leaf_with_reason(
         (Some(cert), Some(_)) => certs::inspect_leaf(cert, &ca.cert_pem),
         _ => None,
     };
-    let reason = certs::renewal(info.as_ref(), stored_cert.is_some(), hostname, now);
+    let reason = certs::renewal_for(info.as_ref(), stored_cert.is_some(), names, now);
     Ok(match (reason, info, stored_cert, stored_key) {
         (None, Some(info), Some(cert), Some(key)) => (
             IssuedCert {
@@ -222,7 +225,7 @@ fn operator_leaf_with_reason(
             None,
         ),
         (reason, ..) => (
-            certs::issue_leaf(ca, hostname, now, validity).map_err(Error::IssueCertificate)?,
+            certs::issue_leaf_for(ca, names, now, validity).map_err(Error::IssueCertificate)?,
             Some(reason.unwrap_or(RenewReason::Missing)),
         ),
     })

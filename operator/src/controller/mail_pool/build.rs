@@ -35,7 +35,9 @@ use crate::controller::mail_domain::build::{
     BuildConfig, BuildError, NodePods, SecretMount, base_node_config, node_deployment, node_pdb,
     node_service,
 };
-use crate::controller::mail_domain::names::{CHECKSUM_ANNOTATION, NODE_CONFIG_KEY, TLS_DIR};
+use crate::controller::mail_domain::names::{
+    CHECKSUM_ANNOTATION, NATS_DIR, NODE_CONFIG_KEY, TLS_DIR,
+};
 use crate::controller::{MANAGED_BY, MANAGED_BY_LABEL};
 use crate::crd::mail_pool::{AttachedDomain, MailPool};
 use crate::users::USERNAME_KEY_KEY;
@@ -129,9 +131,13 @@ pub fn build(
     let mut sorted: Vec<&PooledDomain> = domains.iter().collect();
     sorted.sort_by(|a, b| a.config.name.cmp(&b.config.name));
 
+    // The reply inbox and the memory budget are the pool's, not its domains': both are read
+    // at start-up, and attaching a domain must not roll the pods.
     let mut node = base_node_config(
         &pool.spec.hostname,
         Some(Path::new(TLS_DIR).join(USERNAME_KEY_KEY)),
+        kubemail_queue::pool_inbox_prefix(&namespace, &name),
+        kubemail_config::DEFAULT_MAX_MESSAGE_SIZE,
         config,
     )?;
     // What the pods read only at start-up: the config without its domains.
@@ -207,6 +213,16 @@ pub fn build(
         path: TLS_DIR.to_owned(),
         optional: false,
     }];
+    // The pool's NATS credentials (for every attached domain) and CA: the content changes
+    // as domains attach, the mount never.
+    if config.nats_auth || config.nats_tls {
+        mounts.push(SecretMount {
+            volume: "nats".to_owned(),
+            secret: contract::nats_secret(&name),
+            path: NATS_DIR.to_owned(),
+            optional: false,
+        });
+    }
     for i in 0..SHARDS {
         mounts.push(SecretMount {
             volume: format!("domains-{i}"),
@@ -228,6 +244,7 @@ pub fn build(
         selector(&name),
         pool.spec.service.type_,
         &pool.spec.service.annotations,
+        false,
         meta(contract::nodes(&name)),
     );
     let pdb = node_pdb(selector(&name), meta(contract::nodes(&name)));
@@ -312,6 +329,7 @@ mod tests {
                 },
                 inbound: None,
                 relay: None,
+                mta_sts_policy: None,
                 dkim: DkimConfig {
                     keys: vec![DkimKeyConfig {
                         selector: "kubemail1".into(),

@@ -51,6 +51,14 @@ pub fn node_config(pool: &str) -> String {
 pub fn node_secret(pool: &str) -> String {
     format!("mailpool-{pool}-node")
 }
+/// The pool's NATS credentials (covering every attached domain) and CA.
+pub fn nats_secret(pool: &str) -> String {
+    format!("mailpool-{pool}-nats")
+}
+/// The NetworkPolicy of the pool's pods.
+pub fn network_policy(pool: &str) -> String {
+    format!("mailpool-{pool}")
+}
 /// Shard `i` of the domains' files.
 pub fn shard_secret(pool: &str, i: u32) -> String {
     format!("mailpool-{pool}-domains-{i}")

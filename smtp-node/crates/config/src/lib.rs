@@ -17,7 +17,7 @@
 //!
 //! The modules follow the sections of the file: [`listener`], [`tls`], [`nats`], [`domain`]
 //! (per-domain settings: limits, inbound target, relay, DKIM), [`timeouts`], [`auth`],
-//! [`admin`], [`shutdown`], [`dns`], [`delivery`] and [`inbound_auth`]; [`units`] holds the
+//! [`admin`], [`shutdown`], [`dns`], [`delivery`], [`inbound_auth`] and [`limits`]; [`units`] holds the
 //! value formats and [`network`] the CIDR networks of the delivery address policy. Each
 //! section checks its own fields. Two more contracts between the operator and the node live
 //! here: the users file ([`users_file`]) and the site-wide overlay of node settings
@@ -29,6 +29,7 @@ pub mod delivery;
 pub mod dns;
 pub mod domain;
 pub mod inbound_auth;
+pub mod limits;
 pub mod listener;
 pub mod nats;
 pub mod network;
@@ -36,6 +37,7 @@ pub mod overlay;
 pub mod shutdown;
 pub mod timeouts;
 pub mod tls;
+pub mod tls_policy;
 pub mod units;
 pub mod users_file;
 
@@ -58,6 +60,7 @@ pub use crate::domain::{
     RelayAuth, RelayConfig, RelayTls, validate_domain_name,
 };
 pub use crate::inbound_auth::{DmarcMode, InboundAuthConfig};
+pub use crate::limits::{DEFAULT_MESSAGE_BYTES_IN_MEMORY, MIN_MESSAGE_BYTES_IN_MEMORY, NodeLimits};
 pub use crate::listener::{BareLineEndings, ListenerConfig, ListenerKind};
 pub use crate::nats::{DEFAULT_NATS_URL, NATS_URL_ENV, NatsConfig};
 pub use crate::network::Network;
@@ -65,6 +68,9 @@ pub use crate::overlay::NodeConfigOverlay;
 pub use crate::shutdown::ShutdownConfig;
 pub use crate::timeouts::Timeouts;
 pub use crate::tls::TlsConfig;
+pub use crate::tls_policy::{
+    DaneConfig, MtaStsConfig, MtaStsServerConfig, TlsPolicyMode, TlsPolicyOverride, TlsRptConfig,
+};
 pub use crate::units::{ByteSize, HumanDuration};
 
 /// Why a config file could not be used.
@@ -120,6 +126,9 @@ pub struct NodeConfig {
     /// Failed commands (syntax, sequence, unknown, refused) before `421 4.7.0` and disconnect.
     #[serde(default = "default_max_errors_per_session")]
     pub max_errors_per_session: u32,
+    /// Node-wide limits: message bytes in memory.
+    #[serde(default)]
+    pub limits: NodeLimits,
     /// Authentication limits.
     #[serde(default)]
     pub auth: AuthConfig,
@@ -144,6 +153,10 @@ pub struct NodeConfig {
     /// sessions. Listeners, NATS, admin and delivery settings still need a restart.
     #[serde(default = "default_config_reload_interval")]
     pub config_reload_interval: HumanDuration,
+    /// The HTTPS listener serving the domains' own MTA-STS policies (`domains[].mtaStsPolicy`).
+    /// Unset: none is served.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mta_sts_server: Option<MtaStsServerConfig>,
 }
 
 impl NodeConfig {
@@ -161,6 +174,7 @@ impl NodeConfig {
             max_connections: default_max_connections(),
             max_connections_per_ip: default_max_connections_per_ip(),
             max_errors_per_session: default_max_errors_per_session(),
+            limits: NodeLimits::default(),
             auth: AuthConfig::default(),
             admin: AdminConfig::default(),
             shutdown: ShutdownConfig::default(),
@@ -168,6 +182,7 @@ impl NodeConfig {
             delivery: DeliveryConfig::default(),
             inbound_auth: InboundAuthConfig::default(),
             config_reload_interval: default_config_reload_interval(),
+            mta_sts_server: None,
         }
     }
 
@@ -207,8 +222,14 @@ impl NodeConfig {
         if let Some(creds) = &mut self.nats.credentials_file {
             resolve(creds);
         }
+        if let Some(ca) = &mut self.nats.ca_file {
+            resolve(ca);
+        }
         if let Some(ca) = &mut self.delivery.tls.extra_ca_file {
             resolve(ca);
+        }
+        if let Some(anchor) = &mut self.delivery.tls.dane.trust_anchor_file {
+            resolve(anchor);
         }
         if let Some(key) = &mut self.auth.username_key_file {
             resolve(key);
@@ -334,6 +355,21 @@ impl NodeConfig {
             errors.push("maxErrorsPerSession: must be at least 1".to_owned());
         }
         self.auth.validate(&mut errors);
+        if let Some(server) = &self.mta_sts_server {
+            if self.tls.is_none() {
+                errors.push(
+                    "mtaStsServer: needs a tls section (its certificate must name mta-sts.<domain>)"
+                        .to_owned(),
+                );
+            }
+            if addresses.contains(&server.address) || server.address == self.admin.address {
+                errors.push(format!(
+                    "mtaStsServer.address: {} is used by another listener",
+                    server.address
+                ));
+            }
+        }
+        self.limits.validate(self.max_message_size(), &mut errors);
         if errors.is_empty() {
             Ok(())
         } else {
@@ -411,6 +447,7 @@ domains:
         assert_eq!(c.domains[0].limits.max_message_size.0, 25 * 1024 * 1024);
         assert_eq!(c.domains[0].limits.max_recipients, 100);
         assert_eq!(c.nats.stream, "KUBEMAIL");
+        assert!(c.nats.group_commit, "group commit is on unless turned off");
         assert_eq!(c.listeners[0].bare_line_endings, BareLineEndings::Reject);
         assert!(!c.listeners[0].requires_tls());
         assert!(c.domains[0].has_recipient("BOB"));
@@ -484,6 +521,30 @@ maxConnectionsPerIp: 0
         ] {
             assert!(err.contains(needle), "missing {needle:?} in:\n{err}");
         }
+    }
+
+    #[test]
+    fn the_memory_budget_must_hold_the_largest_message() {
+        let c = NodeConfig::from_yaml(MINIMAL).unwrap();
+        assert_eq!(c.limits, NodeLimits::default());
+        assert_eq!(c.limits.message_bytes_in_memory, None, "sized by the node");
+        assert_eq!(c.limits.memory_wait.0, Duration::from_secs(10));
+        let yaml = format!("{MINIMAL}limits: {{ messageBytesInMemory: 16Mi, memoryWait: 0s }}\n");
+        let err = NodeConfig::from_yaml(&yaml)
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        for needle in [
+            "limits.messageBytesInMemory: 16777216 must be at least twice the largest maxMessageSize (26214400)",
+            "limits.memoryWait",
+        ] {
+            assert!(err.contains(needle), "missing {needle:?} in:\n{err}");
+        }
+        let yaml = format!("{MINIMAL}limits: {{ messageBytesInMemory: 50Mi, memoryWait: 30s }}\n");
+        let c = NodeConfig::from_yaml(&yaml).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.limits.message_bytes_in_memory, Some(ByteSize(50 << 20)));
     }
 
     #[test]

@@ -17,8 +17,9 @@ use serde::{Deserialize, Deserializer};
 
 use crate::{
     AdminConfig, AuthConfig, ByteSize, ClientTimeouts, ConnectionConfig, ConsumerConfig,
-    DeliveryConfig, DmarcMode, DnsConfig, HumanDuration, InboundAuthConfig, MxTlsPolicy,
-    NodeConfig, OutboundTlsConfig, RetryConfig, ShutdownConfig, Timeouts,
+    DaneConfig, DeliveryConfig, DmarcMode, DnsConfig, HumanDuration, InboundAuthConfig,
+    MtaStsConfig, MxTlsPolicy, NodeConfig, NodeLimits, OutboundTlsConfig, RetryConfig,
+    ShutdownConfig, Timeouts, TlsPolicyOverride, TlsRptConfig,
 };
 
 /// Declares the overlay of one config section: a struct with an `Option` of every field, and
@@ -87,8 +88,9 @@ overlay! {
             dns: DnsOverlay,
             delivery: DeliveryOverlay,
             inbound_auth: InboundAuthOverlay,
+            limits: LimitsOverlay,
         }
-        keep { hostname, listeners, tls, nats, domains }
+        keep { hostname, listeners, tls, nats, domains, mta_sts_server }
     }
 }
 
@@ -205,7 +207,14 @@ overlay! {
 overlay! {
     /// Overlay of [`OutboundTlsConfig`].
     OutboundTlsOverlay => OutboundTlsConfig {
-        set { mx: MxTlsPolicy, extra_ca_file: Option<PathBuf> }
+        set {
+            mx: MxTlsPolicy,
+            extra_ca_file: Option<PathBuf>,
+            mta_sts: MtaStsConfig,
+            dane: DaneConfig,
+            policies: Vec<TlsPolicyOverride>,
+            reports: TlsRptConfig,
+        }
     }
 }
 
@@ -220,6 +229,16 @@ overlay! {
     /// Overlay of [`InboundAuthConfig`].
     InboundAuthOverlay => InboundAuthConfig {
         set { enabled: bool, dmarc: DmarcMode, timeout: HumanDuration }
+    }
+}
+
+overlay! {
+    /// Overlay of [`NodeLimits`].
+    LimitsOverlay => NodeLimits {
+        set {
+            message_bytes_in_memory: Option<ByteSize>,
+            memory_wait: HumanDuration,
+        }
     }
 }
 
@@ -300,6 +319,7 @@ delivery:
   consumer: { maxDeliver: 6 }
   retry: { delayWarning: 4h }
 inboundAuth: { dmarc: enforce }
+limits: { messageBytesInMemory: 256Mi }
 "#,
         )
         .unwrap();
@@ -327,6 +347,12 @@ inboundAuth: { dmarc: enforce }
         assert_eq!(c.delivery.retry.max_backoff.0, Duration::from_secs(7200));
         assert_eq!(c.inbound_auth.dmarc, DmarcMode::Enforce);
         assert!(c.inbound_auth.enabled);
+        assert_eq!(c.limits.message_bytes_in_memory, Some(ByteSize(256 << 20)));
+        assert_eq!(
+            c.limits.memory_wait,
+            NodeLimits::default().memory_wait,
+            "kept"
+        );
         c.validate().unwrap();
     }
 

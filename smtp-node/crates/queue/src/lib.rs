@@ -7,8 +7,12 @@
 //! One JetStream stream (`nats.stream`, default [`DEFAULT_STREAM`]) with file storage,
 //! work-queue retention, `discard: new` (a full stream refuses new mail, which the client sees
 //! as `452 4.3.1`, instead of silently dropping queued mail), no `max_age` (mail never expires
-//! inside NATS; the 5-day lifetime is the delivery side's business) and a duplicate window
-//! for `Nats-Msg-Id`. The node creates and checks it (`kubemail_smtp_node::queue::stream`).
+//! inside NATS; the 5-day lifetime is the delivery side's business), a duplicate window
+//! for `Nats-Msg-Id`, atomic batch publishes allowed (`allow_atomic`, nats-server 2.12+: a
+//! node writes the entries of many transactions as one batch, all or none, synced once), and
+//! `nats.replicas` replicas. Whoever manages the JetStream objects creates and checks it: the
+//! operator when NATS is authenticated (the nodes' credentials may not create streams, see
+//! [`permissions`]), else the node (`kubemail_smtp_node::queue::stream`, `nats.manageStreams`).
 //!
 //! # Subjects
 //! [`subject`]: `<nats.subjectPrefix>.<lower-cased domain>` (default
@@ -37,7 +41,9 @@
 //!   retries, while a DSN entry carries the failing attempt's context), `Kubemail-Auth-User`,
 //!   `Kubemail-Client-Ip`, `Kubemail-Helo`, `Kubemail-Body-Type` (`8BITMIME`),
 //!   `Kubemail-Smtputf8` (`true`), `Kubemail-Dsn-Envid`, `Kubemail-Dsn-Ret`,
-//!   `Kubemail-Body-Ref`, `Kubemail-Body-Size` (octets of the body, inline or stored).
+//!   `Kubemail-Body-Ref`, `Kubemail-Body-Size` (octets of the body, inline or stored),
+//!   `Kubemail-Require-Tls` (`true`: REQUIRETLS, RFC 8689), `Kubemail-Tls-Optional` (`true`:
+//!   the message says `TLS-Required: No` and carries no REQUIRETLS).
 //!
 //! An optional header is written only when its value is present and not empty, and read back
 //! as absent when it is missing or empty. Values never contain control characters (they would
@@ -48,12 +54,14 @@
 //! # Large bodies
 //! NATS refuses messages above the server's `max_payload` (1 MiB by default). A body larger
 //! than `nats.inlineBodyLimit` (or than `max_payload` minus 64 KiB of header room) is first
-//! stored in the JetStream object store bucket `nats.bodyBucket` (default
-//! [`DEFAULT_BODY_BUCKET`]) under [`QueueEntry::body_object_name`] (`<queue id>.<domain>`);
+//! stored in the domain's JetStream object store bucket [`body_bucket`] (`nats.bodyBucket`,
+//! default [`DEFAULT_BODY_BUCKET`], a `-` and the encoded domain) under [`QueueEntry::body_object_name`] (`<queue id>.<domain>`);
 //! the queue entry then has an empty payload and `Kubemail-Body-Ref: <bucket>/<object name>`
 //! ([`body_ref`]). The object is written (and acknowledged) before the entry, so an entry
 //! never refers to a missing body. The delivery side deletes the object after the last
-//! recipient is done.
+//! recipient is done. Once its entry is stored, the node marks the object (its description
+//! says a stored entry refers to it); an unmarked object that is more than an hour old and
+//! that no entry refers to (its entry was never stored) is deleted by the node's sweeper.
 //!
 //! # Delivery state
 //! Each MailDomain has one durable pull consumer, [`consumer_name`], filtered on its
@@ -74,22 +82,38 @@
 //!
 //! # Message ids
 //! `Nats-Msg-Id` makes a repeated publish (a retry after a lost acknowledgement) a no-op:
-//! * a new entry: `<queue id>.<domain>` ([`QueueEntry::entry_id`]);
-//! * a retry: `<queue id>.<domain>.a<attempts>` ([`QueueEntry::msg_id`] gives both);
+//! * a new entry: `c<digest>.<domain>`, or `c<digest>-<n>.<domain>` for the n-th repeat,
+//!   where the digest (128 bits of SHA-256, in hex) covers what the client sent: the
+//!   authenticated user, the reverse path, the MAIL parameters that reach the entry, the
+//!   message as received, and the entry's domain and recipients; `n` counts how often the
+//!   accepting node answered `250` to that content within the duplicate window. A client that
+//!   retries a transaction it was told failed (`451`) although the stream had stored it sends
+//!   the same octets again, gets the same id, and the second entry is dropped; a message sent
+//!   again after its `250` is a new one. Entries written by earlier nodes used
+//!   `<queue id>.<domain>`;
+//! * a retry: `<queue id>.<domain>.a<attempts>` ([`QueueEntry::entry_id`] is `<queue id>.<domain>`;
+//!   [`QueueEntry::msg_id`] gives the retry id, or the entry id for no attempt);
 //! * bounces and delay notices are ordinary outbound entries with the null sender `<>` on
 //!   the same subject and a queue id of their own; their id derives from the entry they
 //!   report on, `<queue id>.<domain>.bounce<attempts>` / `.delay<attempts>`
 //!   ([`QueueEntry::notice_msg_id`]), so the same report is queued once.
 
+pub mod credentials;
 pub mod headers;
 pub mod names;
+pub mod permissions;
+pub mod streams;
 
 mod entry;
 mod rfc3339;
 
 pub use entry::{Direction, EntryError, Notice, QueueEntry, QueueId};
 pub use names::{
-    DEFAULT_BODY_BUCKET, DEFAULT_STREAM, DEFAULT_SUBJECT_PREFIX, body_ref, consumer_name,
-    is_legacy_consumer, legacy_consumer_name, split_body_ref, subject,
+    DEFAULT_BODY_BUCKET, DEFAULT_STREAM, DEFAULT_SUBJECT_PREFIX, MTA_STS_CACHE_BUCKET,
+    TLSRPT_CLAIMS_BUCKET, TLSRPT_STREAM, auth_failure_stream, auth_failure_subject_prefix,
+    auth_failure_subjects, body_bucket, body_ref, consumer_name, domain_token, inbox_prefix,
+    is_legacy_consumer, legacy_consumer_name, pool_inbox_prefix, split_body_ref, subject,
+    tlsrpt_claim_key, tlsrpt_day_filter, tlsrpt_subject,
 };
+pub use permissions::{Permissions, QueueNames, node_permissions, node_permissions_with_inbox};
 pub use rfc3339::{parse_rfc3339, rfc3339};

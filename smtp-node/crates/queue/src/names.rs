@@ -23,6 +23,55 @@ pub const DEFAULT_SUBJECT_PREFIX: &str = "kubemail.queue";
 /// The default object store bucket of large bodies (`nats.bodyBucket`).
 pub const DEFAULT_BODY_BUCKET: &str = "KUBEMAIL_BODIES";
 
+/// The JetStream KV bucket of MTA-STS policies of *remote* domains (RFC 8461), shared by every
+/// node of every MailDomain: what a remote domain publishes is public and not tenant data, and
+/// one fetch serves the whole cluster. Key: the remote domain, lower case (its dots are valid
+/// in KV keys); value: JSON of the policy, its id and when it was fetched. Max age per entry:
+/// none (each entry carries its own `max_age`). A node needs the bucket's subjects
+/// `$KV.KUBEMAIL_MTA_STS.>` for publish and subscribe, and the JetStream API calls
+/// `$JS.API.STREAM.INFO.KV_KUBEMAIL_MTA_STS`, `$JS.API.STREAM.CREATE.KV_KUBEMAIL_MTA_STS`,
+/// `$JS.API.DIRECT.GET.KV_KUBEMAIL_MTA_STS.>` (and `$JS.API.STREAM.MSG.GET.KV_KUBEMAIL_MTA_STS`).
+pub const MTA_STS_CACHE_BUCKET: &str = "KUBEMAIL_MTA_STS";
+
+/// The JetStream stream of TLS-RPT results (RFC 8460): one message per policy outcome of an
+/// outbound session, on [`tlsrpt_subject`], kept for a few days (`max_age`) until the daily
+/// report of that day is sent. Per sending domain, so a node needs only its own domains'
+/// subjects: `kubemail.tlsrpt.<domain token>.>` (publish, and an ordered consumer filtered on
+/// it: `$JS.API.CONSUMER.CREATE.KUBEMAIL_TLSRPT.>`, `$JS.API.STREAM.INFO.KUBEMAIL_TLSRPT`,
+/// `$JS.API.STREAM.CREATE.KUBEMAIL_TLSRPT`, and the consumer's deliver subject `_INBOX.>`).
+pub const TLSRPT_STREAM: &str = "KUBEMAIL_TLSRPT";
+
+/// The JetStream KV bucket where one node claims a day's report of a sending domain
+/// ([`tlsrpt_claim_key`]), so it is sent once. A node needs `$KV.KUBEMAIL_TLSRPT_CLAIMS.<domain
+/// token>.>` and the bucket's JetStream API calls as for [`MTA_STS_CACHE_BUCKET`].
+pub const TLSRPT_CLAIMS_BUCKET: &str = "KUBEMAIL_TLSRPT_CLAIMS";
+
+/// A domain as one subject token: lower case, dots as `_` (injective for valid domain
+/// names, which have no `_`; see the module doc).
+pub fn domain_token(domain: &str) -> String {
+    domain.to_ascii_lowercase().replace('.', "_")
+}
+
+/// The subject of a TLS-RPT result: `kubemail.tlsrpt.<sending domain>.<day>.<recipient
+/// domain>`, domains as [`domain_token`]s and the UTC day as `YYYYMMDD`.
+pub fn tlsrpt_subject(sending_domain: &str, day: &str, recipient_domain: &str) -> String {
+    format!(
+        "kubemail.tlsrpt.{}.{day}.{}",
+        domain_token(sending_domain),
+        domain_token(recipient_domain)
+    )
+}
+
+/// The filter of every TLS-RPT result of `sending_domain` on `day`.
+pub fn tlsrpt_day_filter(sending_domain: &str, day: &str) -> String {
+    format!("kubemail.tlsrpt.{}.{day}.*", domain_token(sending_domain))
+}
+
+/// The claim key of `sending_domain`'s reports for `day`.
+pub fn tlsrpt_claim_key(sending_domain: &str, day: &str) -> String {
+    format!("{}.{day}", domain_token(sending_domain))
+}
+
 /// Longest consumer name: well below the 255 bytes a file name may have, since the name is a
 /// directory of the JetStream file store.
 pub const MAX_CONSUMER_NAME_LEN: usize = 200;
@@ -40,21 +89,81 @@ pub fn subject(prefix: &str, domain: &str) -> String {
 /// The durable consumer of `domain` (a valid domain name, any case): `kubemail-` and the
 /// domain with dots as underscores, hashed when long (see the module doc).
 pub fn consumer_name(domain: &str) -> String {
+    domain_name_token(CONSUMER_PREFIX, domain)
+}
+
+/// The object store bucket of `domain`'s large bodies: `<base>-` and the domain encoded as in
+/// [`consumer_name`] (dots as underscores, hashed when long), e.g. `KUBEMAIL_BODIES-example_com`.
+/// Collision-free for the same reason, and one bucket per domain so that a domain's NATS
+/// credentials can be limited to its own bodies.
+pub fn body_bucket(base: &str, domain: &str) -> String {
+    domain_name_token(&format!("{base}-"), domain)
+}
+
+/// The stream of failed AUTH attempts, next to the queue stream `stream`.
+pub fn auth_failure_stream(stream: &str) -> String {
+    format!("{stream}_AUTH_FAILURES")
+}
+
+/// Every subject of the AUTH-failure stream: `<prefix>-auth-failures.>`, next to the queue's
+/// subjects, never under them (`kubemail.queue.>` does not match `kubemail.queue-auth-failures.x`).
+pub fn auth_failure_subjects(prefix: &str) -> String {
+    format!("{prefix}-auth-failures.>")
+}
+
+/// The AUTH-failure subjects of `domain` are `<this>.<user tag>`:
+/// `<prefix>-auth-failures.<lower-cased domain>`. A tag is one token, so `<this>.*` matches
+/// this domain's failures and no other domain's (a domain's tokens are fixed, and another
+/// domain with one more label would need one more token).
+pub fn auth_failure_subject_prefix(prefix: &str, domain: &str) -> String {
+    format!("{prefix}-auth-failures.{}", domain.to_ascii_lowercase())
+}
+
+/// The reply-inbox prefix of the nodes that serve `domains` (`_INBOX_` and 24 hex digits of
+/// the SHA-256 of the sorted, lower-cased, comma-joined domains). Their NATS credentials may
+/// subscribe to `<this>.>` only, so no other tenant's nodes can read their JetStream replies.
+/// Not a secret: the permission is what protects it.
+pub fn inbox_prefix<S: AsRef<str>>(domains: &[S]) -> String {
+    let mut sorted: Vec<String> = domains
+        .iter()
+        .map(|d| d.as_ref().to_ascii_lowercase())
+        .collect();
+    sorted.sort();
+    sorted.dedup();
+    let digest = Sha256::digest(sorted.join(",").as_bytes());
+    let hex: String = digest.iter().take(12).map(|b| format!("{b:02x}")).collect();
+    format!("_INBOX_{hex}")
+}
+
+/// The reply-inbox prefix of the nodes of MailPool `name` in `namespace`: like
+/// [`inbox_prefix`], but fixed for the pool, so attaching a domain (which changes what the
+/// nodes' credentials cover) does not change what the running nodes subscribe to. The hashed
+/// text holds `:` and `/`, which no list of domain names does, so it is never the prefix of a
+/// set of domains.
+pub fn pool_inbox_prefix(namespace: &str, name: &str) -> String {
+    let digest = Sha256::digest(format!("mailpool:{namespace}/{name}").as_bytes());
+    let hex: String = digest.iter().take(12).map(|b| format!("{b:02x}")).collect();
+    format!("_INBOX_{hex}")
+}
+
+/// `prefix` and the domain as one NATS name token (see the module doc).
+fn domain_name_token(prefix: &str, domain: &str) -> String {
     let domain = domain.to_ascii_lowercase();
     let encoded = domain.replace('.', "_");
-    if CONSUMER_PREFIX.len() + encoded.len() <= MAX_CONSUMER_NAME_LEN {
-        return format!("{CONSUMER_PREFIX}{encoded}");
+    if prefix.len() + encoded.len() <= MAX_CONSUMER_NAME_LEN {
+        return format!("{prefix}{encoded}");
     }
-    let mut readable = String::with_capacity(HASHED_PREFIX_LEN);
+    let room = MAX_CONSUMER_NAME_LEN.saturating_sub(prefix.len() + 1 + 64);
+    let mut readable = String::with_capacity(room);
     for c in encoded.chars() {
-        if readable.len() + c.len_utf8() > HASHED_PREFIX_LEN {
+        if readable.len() + c.len_utf8() > room {
             break;
         }
         readable.push(c);
     }
     let digest = Sha256::digest(domain.as_bytes());
     let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
-    format!("{CONSUMER_PREFIX}{readable}-{hex}")
+    format!("{prefix}{readable}-{hex}")
 }
 
 /// The consumer name of earlier versions, `kubemail-` and the domain with dots as dashes
@@ -130,6 +239,21 @@ mod tests {
             Some(("B", "q1.example.com"))
         );
         assert_eq!(split_body_ref("no-slash"), None);
+        assert_eq!(
+            body_bucket("KUBEMAIL_BODIES", "Mail.Example.com"),
+            "KUBEMAIL_BODIES-mail_example_com"
+        );
+        assert_ne!(body_bucket("B", "a-b.c"), body_bucket("B", "a.b-c"));
+        assert_eq!(
+            auth_failure_subject_prefix("kubemail.queue", "Example.COM"),
+            "kubemail.queue-auth-failures.example.com"
+        );
+        assert_eq!(
+            inbox_prefix(&["b.example", "A.example"]),
+            inbox_prefix(&["a.example", "b.example", "a.example"])
+        );
+        assert_ne!(inbox_prefix(&["a.example"]), inbox_prefix(&["b.example"]));
+        assert!(inbox_prefix(&["a.example"]).starts_with("_INBOX_"));
         assert_eq!(split_body_ref("/object"), None);
     }
 

@@ -13,20 +13,21 @@ use std::path::{Path, PathBuf};
 
 use kubemail_config::{
     ByteSize, DkimConfig, DkimKeyConfig, DomainConfig, DomainLimits, InboundTarget, InboundTls,
-    ListenerConfig, ListenerKind, NatsConfig, NodeConfig, NodeConfigOverlay, RelayAuth,
-    RelayConfig, TlsConfig,
+    ListenerConfig, ListenerKind, MtaStsServerConfig, NatsConfig, NodeConfig, NodeConfigOverlay,
+    RelayAuth, RelayConfig, TlsConfig, TlsPolicyMode, TlsPolicyOverride,
 };
 
 use super::{BuildConfig, BuildError};
 use crate::certs::{TLS_CERT_KEY, TLS_KEY_KEY};
 use crate::controller::mail_domain::names::{
-    ADMIN_PORT, DKIM_DIR, RELAY_DIR, SMTP_PORT, SUBMISSION_PORT, SUBMISSIONS_PORT, TLS_DIR,
-    USERS_DIR,
+    ADMIN_PORT, DKIM_DIR, MTA_STS_PORT, NATS_DIR, RELAY_DIR, SMTP_PORT, SUBMISSION_PORT,
+    SUBMISSIONS_PORT, TLS_DIR, USERS_DIR,
 };
 use crate::controller::mail_domain::validate::{Limits, RelayResolution, ValidatedDomain};
-use crate::crd::mail_domain::{ForwardProtocol, ForwardSpec, ForwardTls};
+use crate::crd::mail_domain::{ForwardProtocol, ForwardSpec, ForwardTls, TlsPolicyRuleMode};
 use crate::crd::relay::{RelaySpec, RelayTls};
 use crate::dkim;
+use crate::nats::credentials::{CA_KEY, CREDENTIALS_KEY};
 use crate::users::{USERNAME_KEY_KEY, USERS_FILE_KEY};
 
 /// Node config fields each MailDomain and the operator's flags decide; an overlay may not set
@@ -100,19 +101,18 @@ impl TryFrom<&Limits> for DomainLimits {
 }
 
 /// The node-wide part of a node configuration (no domains): listeners on the container
-/// ports, the default certificate in [`TLS_DIR`], NATS, the admin endpoint, the key of the
-/// shared AUTH failure count when `username_key` names it, then the site overlay.
+/// ports, the default certificate in [`TLS_DIR`], NATS (with authenticated NATS, reply inbox
+/// `inbox_prefix`), the admin endpoint, the key of the shared AUTH failure count when
+/// `username_key` names it, the in-memory message budget for messages of up to
+/// `max_message_size` bytes, then the site overlay.
 pub fn base_node_config(
     hostname: &str,
     username_key: Option<PathBuf>,
+    inbox_prefix: String,
+    max_message_size: u64,
     config: &BuildConfig,
 ) -> Result<NodeConfig, BuildError> {
-    let ip: IpAddr = config.listen_host.parse().map_err(|_| {
-        BuildError::NodeConfig(format!(
-            "the node listen host {:?} is not an IP address",
-            config.listen_host
-        ))
-    })?;
+    let ip = listen_ip(config)?;
     let listener = |name: &str, kind, port| ListenerConfig {
         name: name.to_owned(),
         kind,
@@ -137,11 +137,26 @@ pub fn base_node_config(
         url: config.nats_url.clone(),
         stream: config.nats_stream.clone(),
         subject_prefix: config.nats_subject_prefix.clone(),
+        replicas: config.nats_replicas,
         ..NatsConfig::default()
     };
+    // Authenticated NATS: the operator mints credentials for the domains these nodes serve
+    // and manages the JetStream objects, which the credentials may not create.
+    if config.nats_auth {
+        node.nats.credentials_file = Some(Path::new(NATS_DIR).join(CREDENTIALS_KEY));
+        node.nats.inbox_prefix = Some(inbox_prefix);
+        node.nats.manage_streams = false;
+    }
+    if config.nats_tls {
+        node.nats.ca_file = Some(Path::new(NATS_DIR).join(CA_KEY));
+        node.nats.require_tls = true;
+    }
     node.admin.address = SocketAddr::new(ip, ADMIN_PORT);
     // Set before the overlay, so a site-wide `auth` section can still choose its own key.
     node.auth.username_key_file = username_key;
+    // Also before the overlay (a site may size it); the Deployment's memory limit is derived
+    // from what the node config ends up with.
+    node.limits.message_bytes_in_memory = Some(ByteSize(message_memory(max_message_size)));
     if let Some(overlay) = &config.node_overlay {
         overlay.apply_to(&mut node);
     }
@@ -159,6 +174,8 @@ pub fn node_config(
     let mut node = base_node_config(
         &v.hostname,
         has_users.then(|| Path::new(USERS_DIR).join(USERNAME_KEY_KEY)),
+        kubemail_queue::inbox_prefix(&[&v.domain]),
+        v.limits.max_message_size,
         config,
     )?;
 
@@ -176,6 +193,10 @@ pub fn node_config(
             .transpose()
             .map_err(out_of_range)?,
         relay: None,
+        mta_sts_policy: v
+            .mta_sts
+            .as_ref()
+            .map(|sts| crate::dns_records::mta_sts_policy(sts, &v.hostname)),
         dkim: DkimConfig {
             keys: signing
                 .iter()
@@ -198,10 +219,40 @@ pub fn node_config(
             node.delivery.enabled = false;
         }
     }
+    if v.mta_sts.is_some() {
+        node.mta_sts_server = Some(MtaStsServerConfig {
+            address: SocketAddr::new(listen_ip(config)?, MTA_STS_PORT),
+        });
+    }
+    // The MailDomain's own rules win over a site-wide overlay's.
+    if !v.outbound_tls_policies.is_empty() {
+        node.delivery.tls.policies = v
+            .outbound_tls_policies
+            .iter()
+            .map(|p| TlsPolicyOverride {
+                domain: p.domain.clone(),
+                mode: match p.mode {
+                    TlsPolicyRuleMode::Verify => TlsPolicyMode::Verify,
+                    TlsPolicyRuleMode::Dane => TlsPolicyMode::Dane,
+                    TlsPolicyRuleMode::None => TlsPolicyMode::None,
+                },
+            })
+            .collect();
+    }
     node.domains = vec![domain];
     node.validate()
         .map_err(|e| BuildError::NodeConfig(e.to_string()))?;
     Ok(node)
+}
+
+/// The address the nodes' listeners bind (`--node-listen-host`).
+fn listen_ip(config: &BuildConfig) -> Result<IpAddr, BuildError> {
+    config.listen_host.parse().map_err(|_| {
+        BuildError::NodeConfig(format!(
+            "the node listen host {:?} is not an IP address",
+            config.listen_host
+        ))
+    })
 }
 
 /// The ConfigMap text of `node`: a header naming its MailDomain, then every field.
@@ -227,6 +278,14 @@ pub enum OverlayError {
     ReservedField(&'static str),
     #[error("it is not a valid node config overlay")]
     Invalid(#[source] serde_yaml::Error),
+}
+
+/// Message bytes a node may hold in memory (`limits.messageBytesInMemory`): four of the
+/// domain's largest messages (twice what the node needs for one, whose buffer briefly exists
+/// twice while it grows), and never less than 256 MiB for many ordinary ones at once.
+pub fn message_memory(max_message_size: u64) -> u64 {
+    const FLOOR: u64 = 256 << 20;
+    max_message_size.saturating_mul(4).max(FLOOR)
 }
 
 /// Reads the site-wide node config overlay (`--node-config-overlay`) at start-up. Fields that

@@ -21,8 +21,9 @@ use kubemail_config::NodeConfig;
 
 use super::BuildConfig;
 use crate::controller::mail_domain::names::{
-    self, ADMIN_PORT, CHECKSUM_ANNOTATION, CONFIG_DIR, DKIM_DIR, NODE_CONFIG_KEY, RELAY_DIR,
-    SMTP_PORT, SUBMISSION_PORT, SUBMISSIONS_PORT, TLS_DIR, USERS_DIR, labels, selector_labels,
+    self, ADMIN_PORT, CHECKSUM_ANNOTATION, CONFIG_DIR, DKIM_DIR, MTA_STS_PORT, NODE_CONFIG_KEY,
+    RELAY_DIR, SMTP_PORT, SUBMISSION_PORT, SUBMISSIONS_PORT, TLS_DIR, USERS_DIR, labels,
+    selector_labels,
 };
 use crate::controller::mail_domain::validate::{RelayResolution, ValidatedDomain};
 
@@ -35,6 +36,10 @@ const PRE_STOP_SLEEP_SECONDS: i64 = 5;
 const GRACE_SLACK_SECONDS: i64 = 10;
 /// Secret files readable by owner and group (fsGroup) only.
 const SECRET_MODE: i32 = 0o440;
+/// Memory of a node besides message bodies: the process, idle connections, TLS sessions, the
+/// NATS client's buffers, delivery. The container's limit is this plus the node's budget for
+/// message bytes, so the budget keeps the node below its limit.
+const NODE_BASE_MEMORY: u64 = 256 << 20;
 
 /// What differs between the pods of a MailDomain and those of a MailPool.
 #[derive(Debug, Clone)]
@@ -86,6 +91,9 @@ pub(super) fn deployment(
         && let Some(auth) = &spec.auth
     {
         secrets.push(secret("relay", auth.secret_ref.name.clone(), RELAY_DIR));
+    }
+    if config.nats_auth || config.nats_tls {
+        secrets.push(secret("nats", names::nats_secret(&v.name), names::NATS_DIR));
     }
     let pods = NodePods {
         replicas: v.replicas,
@@ -225,12 +233,18 @@ pub fn node_deployment(
             }
             env
         }),
-        ports: Some(vec![
-            port("smtp", SMTP_PORT),
-            port("submission", SUBMISSION_PORT),
-            port("submissions", SUBMISSIONS_PORT),
-            port("admin", ADMIN_PORT),
-        ]),
+        ports: Some({
+            let mut ports = vec![
+                port("smtp", SMTP_PORT),
+                port("submission", SUBMISSION_PORT),
+                port("submissions", SUBMISSIONS_PORT),
+                port("admin", ADMIN_PORT),
+            ];
+            if node.mta_sts_server.is_some() {
+                ports.push(port("mta-sts", MTA_STS_PORT));
+            }
+            ports
+        }),
         readiness_probe: Some(http_probe("/readyz", 5, 0)),
         liveness_probe: Some(http_probe("/healthz", 10, 10)),
         lifecycle: Some(Lifecycle {
@@ -247,6 +261,10 @@ pub fn node_deployment(
                 ("cpu".to_owned(), Quantity("100m".to_owned())),
                 ("memory".to_owned(), Quantity("128Mi".to_owned())),
             ])),
+            limits: Some(BTreeMap::from([(
+                "memory".to_owned(),
+                Quantity(memory_limit(node)),
+            )])),
             ..Default::default()
         }),
         security_context: Some(SecurityContext {
@@ -312,6 +330,15 @@ pub fn node_deployment(
 }
 
 /// One pod at a time may be disrupted: drains proceed, and the rest keep receiving mail.
+/// The container's memory limit: the node's message memory budget plus the rest.
+fn memory_limit(node: &NodeConfig) -> String {
+    let budget = node
+        .limits
+        .message_bytes_in_memory
+        .map_or(kubemail_config::DEFAULT_MESSAGE_BYTES_IN_MEMORY, |b| b.0);
+    format!("{}Mi", (budget + NODE_BASE_MEMORY).div_ceil(1 << 20))
+}
+
 pub(super) fn pdb(v: &ValidatedDomain, metadata: ObjectMeta) -> PodDisruptionBudget {
     node_pdb(selector_labels(&v.name), metadata)
 }
