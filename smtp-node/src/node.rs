@@ -215,6 +215,7 @@ pub async fn run_from(
                 cell.clone(),
                 delivery,
                 auth_failures,
+                queue.clone(),
                 generation,
                 background.clone(),
             );

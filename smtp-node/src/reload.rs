@@ -9,8 +9,15 @@
 //!                                  ├─► domain certificates (SNI table of the TlsServer)
 //!                                  ├─► delivery domain table (routes, relays, signer)
 //!                                  ├─► delivery pull loops (start added domains, stop removed)
+//!                                  ├─► body buckets of added domains (set up in the background)
 //!                                  └─► queue depth sampler (the domains' gauges)
 //! ```
+//!
+//! The NATS credentials file (`nats.credentialsFile`) is watched the same way: when its content
+//! changes (a pool's credentials re-minted for the domains now attached), the node reconnects
+//! to NATS, which reads the file again, so the new permissions apply without a restart.
+//! Publishes waiting for an acknowledgement across the reconnection are retried by the client
+//! or answered with a temporary error; nothing accepted is lost.
 //!
 //! Sessions already open keep the context they started with; nothing is restarted, no socket
 //! closes and no queued entry is touched. A file that does not load (invalid YAML, a key that
@@ -33,6 +40,7 @@ use crate::delivery::Delivery;
 use crate::delivery::route::DomainRouting;
 use crate::dkim::DkimSigner;
 use crate::metrics::{self, DomainLabels};
+use crate::queue::jetstream::JetStreamQueue;
 use crate::server::{ContextCell, MessageChecks};
 
 /// Why a changed config file was not applied.
@@ -66,6 +74,9 @@ pub struct Reloader {
     cell: Arc<ContextCell>,
     delivery: Delivery,
     auth_failures: Arc<JetStreamFailures>,
+    queue: Arc<JetStreamQueue>,
+    /// The content of the NATS credentials file the connection was made with.
+    credentials: Option<[u8; 32]>,
     /// Stops the users-file watcher and the queue sampler of the current generation.
     generation: CancellationToken,
     background: CancellationToken,
@@ -82,10 +93,12 @@ impl Reloader {
         cell: Arc<ContextCell>,
         delivery: Delivery,
         auth_failures: Arc<JetStreamFailures>,
+        queue: Arc<JetStreamQueue>,
         generation: CancellationToken,
         background: CancellationToken,
     ) -> Self {
         let digest = std::fs::read(&path).ok().map(|b| sha256(&b));
+        let credentials = credentials_digest(&config);
         Self {
             path,
             listen_ip,
@@ -95,6 +108,8 @@ impl Reloader {
             cell,
             delivery,
             auth_failures,
+            queue,
+            credentials,
             generation,
             background,
         }
@@ -110,6 +125,7 @@ impl Reloader {
                 _ = self.background.cancelled() => return,
                 _ = ticker.tick() => {}
             }
+            self.reconnect_if_credentials_changed().await;
             let Ok(bytes) = std::fs::read(&self.path) else {
                 // Mid-swap or briefly missing: look again at the next tick.
                 continue;
@@ -140,6 +156,23 @@ impl Reloader {
                     }
                 }
             }
+        }
+    }
+
+    /// Reconnects to NATS when the credentials file's content changed, so the connection
+    /// carries the new permissions (a domain just attached). An unreadable file (mid-swap)
+    /// waits for the next tick.
+    async fn reconnect_if_credentials_changed(&mut self) {
+        let Some(digest) = credentials_digest(&self.config) else {
+            return;
+        };
+        if Some(digest) == self.credentials {
+            return;
+        }
+        self.credentials = Some(digest);
+        tracing::info!("the NATS credentials changed; reconnecting with them");
+        if let Err(error) = self.queue.client().force_reconnect().await {
+            tracing::warn!(%error, "cannot reconnect to NATS; the client keeps trying");
         }
     }
 
@@ -187,6 +220,7 @@ impl Reloader {
         self.delivery.context().set_domains(&routing, signer);
         let names: Vec<String> = config.domains.iter().map(|d| d.name.clone()).collect();
         let (added, removed) = self.delivery.set_domains(&names);
+        self.queue.set_domains(&names, self.background.clone());
         for domain in &removed {
             let labels = DomainLabels {
                 domain: domain.clone(),
@@ -211,6 +245,12 @@ impl Reloader {
             domains,
         })
     }
+}
+
+/// SHA-256 of the NATS credentials file `config` names, if it names one and it can be read.
+fn credentials_digest(config: &NodeConfig) -> Option<[u8; 32]> {
+    let path = config.nats.credentials_file.as_ref()?;
+    std::fs::read(path).ok().map(|b| sha256(&b))
 }
 
 fn sha256(bytes: &[u8]) -> [u8; 32] {

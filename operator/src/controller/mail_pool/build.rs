@@ -24,7 +24,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::Resource;
 use kube::api::ObjectMeta;
-use kubemail_config::DomainConfig;
+use kubemail_config::{DomainConfig, NodeConfig};
 use sha2::{Digest, Sha256};
 
 use super::contract::{
@@ -70,6 +70,8 @@ pub struct PoolChildren {
     pub pdb: PodDisruptionBudget,
     /// The domains in the node config, sorted.
     pub attached: Vec<AttachedDomain>,
+    /// The node config in `config_map` (what the nodes' NATS credentials must cover).
+    pub node: NodeConfig,
 }
 
 /// Labels every child of `pool` carries.
@@ -260,6 +262,7 @@ pub fn build(
         service,
         pdb,
         attached,
+        node,
     })
 }
 
@@ -441,6 +444,50 @@ mod tests {
             shards
                 .iter()
                 .all(|v| v.secret.as_ref().unwrap().optional == Some(true))
+        );
+    }
+
+    #[test]
+    fn with_authenticated_nats_the_pool_mounts_one_credential_and_keeps_its_inbox() {
+        let mut cfg = config();
+        cfg.nats_auth = true;
+        cfg.nats_tls = true;
+        let a = domain("tenant-a", "shop", "a.test");
+        let b = domain("tenant-b", "blog", "b.test");
+        let one = build(&pool(), std::slice::from_ref(&a), &material(), &cfg).unwrap();
+        let two = build(&pool(), &[a, b], &material(), &cfg).unwrap();
+        // The credentials cover exactly the domains in the node config.
+        assert_eq!(
+            contract::served_domains(&two.attached),
+            ["a.test", "b.test"]
+        );
+        let served: Vec<&str> = two.node.domains.iter().map(|d| d.name.as_str()).collect();
+        assert_eq!(served, ["a.test", "b.test"]);
+        // One reply inbox for the pool, whatever is attached; the operator manages the objects.
+        let inbox = kubemail_queue::pool_inbox_prefix("mail", "shared");
+        for c in [&one, &two] {
+            assert_eq!(c.node.nats.inbox_prefix.as_deref(), Some(inbox.as_str()));
+            assert!(!c.node.nats.manage_streams);
+            assert_eq!(
+                c.node.nats.credentials_file.as_deref(),
+                Some(Path::new(NATS_DIR).join("nats.creds").as_path())
+            );
+        }
+        // The pool's NATS Secret is mounted from the start: attaching changes no pod spec.
+        assert_eq!(
+            serde_json::to_value(&one.deployment).unwrap(),
+            serde_json::to_value(&two.deployment).unwrap()
+        );
+        let spec = one.deployment.spec.unwrap().template.spec.unwrap();
+        let nats = spec
+            .volumes
+            .unwrap()
+            .into_iter()
+            .find(|v| v.name == "nats")
+            .unwrap();
+        assert_eq!(
+            nats.secret.unwrap().secret_name.as_deref(),
+            Some("mailpool-shared-nats")
         );
     }
 

@@ -149,8 +149,6 @@ pub async fn reconcile(pool: Arc<MailPool>, ctx: Arc<Context>) -> Result<Action,
     let domains = attached_domains(&ctx, &pool, &ns).await?;
     tracing::Span::current().record("domains", domains.len());
     let material = pool_material(&ctx, &pool, &ns, now).await?;
-    // Seam for per-pool NATS credentials: they are minted for `contract::served_domains` of
-    // what is built here, and mounted like the default certificate (the node Secret).
     let children = match build::build(&pool, &domains, &material, &ctx.config.build) {
         Ok(c) => c,
         Err(e) => {
@@ -180,6 +178,24 @@ pub async fn reconcile(pool: Arc<MailPool>, ctx: Arc<Context>) -> Result<Action,
                 .map(|_| ()),
         )?;
     }
+    // The nodes' NATS objects, credentials and NetworkPolicy before the config that names a
+    // new domain: by the time a node serves it, its consumer and body bucket exist and the
+    // mounted credentials (one for every attached domain) cover it.
+    let nats_due = crate::nats::domain::reconcile_nodes(
+        &ctx,
+        &crate::nats::domain::Nodes {
+            namespace: ns.clone(),
+            labels: build::labels(&pool.name_any()),
+            owner: pool_owner(&pool)?,
+            secret: contract::nats_secret(&pool.name_any()),
+            network_policy: contract::network_policy(&pool.name_any()),
+            selector: build::selector(&pool.name_any()),
+            user: format!("kubemail-pool:{ns}/{}", pool.name_any()),
+            node: &children.node,
+        },
+        now,
+    )
+    .await?;
     let config_maps: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ns);
     let name = children.config_map.name_any();
     apply(
@@ -246,7 +262,24 @@ pub async fn reconcile(pool: Arc<MailPool>, ctx: Arc<Context>) -> Result<Action,
         "mp/{}",
         pool.object_ref(&()).uid.unwrap_or_default()
     ));
-    Ok(Action::requeue(ctx.config.resync))
+    // Wake up for the credentials' renewal, at the latest after the resync interval.
+    let next = nats_due.map_or(ctx.config.resync, |t| {
+        ctx.config.resync.min(Duration::from_secs(
+            u64::try_from((t - now).max(1)).unwrap_or(1),
+        ))
+    });
+    Ok(Action::requeue(next))
+}
+
+/// The owner reference the pool's children carry.
+fn pool_owner(
+    pool: &MailPool,
+) -> Result<k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference, Error> {
+    let mut owner = pool.controller_owner_ref(&()).ok_or(Error::Build(
+        crate::controller::mail_domain::build::BuildError::MissingUid,
+    ))?;
+    owner.block_owner_deletion = Some(true);
+    Ok(owner)
 }
 
 /// Transient errors retry with a growing delay; the failure is counted.
