@@ -3,7 +3,9 @@
 //! tenant's mail reaches only its own forward target, a user of one tenant cannot send as the
 //! other's domain, a namespace the pool does not admit gets `NotAllowedByPool`, and a domain
 //! attached to the running pool is served without a pod restart and without dropping an open
-//! SMTP session.
+//! SMTP session. The local cluster's NATS is authenticated: the pool's nodes run on one
+//! credential the operator mints for every attached domain, re-minted (and picked up by the
+//! running node) when a domain attaches.
 //!
 //! Needs `e2e/local-cluster up` and its env, the `smtp-node` binary built, and python3.
 
@@ -27,6 +29,7 @@ use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
 use kube::api::{ListParams, ObjectMeta, Patch, PatchParams};
 use kube::{Api, Client};
 use kubemail_operator::crd::MailPool;
+use kubemail_operator::nats::jwt::{self, UserNats};
 use serde_json::json;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
@@ -143,6 +146,44 @@ impl Smtp {
             "From: <sender@elsewhere.test>\r\nSubject: {subject}\r\n\r\n{subject}\r\n."
         ))
         .await
+    }
+}
+
+/// The queue subjects the pool's NATS credentials may publish to (the local cluster's NATS
+/// is authenticated, so the pool must have them).
+async fn pool_credential_subjects(client: &Client, ns: &str) -> Vec<String> {
+    assert!(
+        std::env::var("NATS_ACCOUNT_DIR").is_ok(),
+        "the local cluster's env names its NATS account (authenticated NATS)"
+    );
+    let secret = Api::<Secret>::namespaced(client.clone(), ns)
+        .get("mailpool-shared-nats")
+        .await
+        .expect("the pool's NATS Secret");
+    let creds = String::from_utf8(secret.data.unwrap()["nats.creds"].0.clone()).unwrap();
+    let (jwt, _) = kubemail_queue::credentials::parse(&creds).unwrap();
+    jwt::decode::<UserNats>(&jwt).unwrap().nats.publish.allow
+}
+
+/// Sends one message to `rcpt` on a new session, retrying while the node answers with a
+/// temporary error (a domain just attached: its body bucket and credentials on their way).
+async fn send_when_ready(mx: SocketAddr, rcpt: &str, subject: &str, op: &Operator) {
+    let start = Instant::now();
+    loop {
+        let mut s = Smtp::connect(mx).await;
+        s.cmd("EHLO client.test").await;
+        let reply = s.send("x@elsewhere.test", rcpt, subject).await;
+        s.cmd("QUIT").await;
+        if reply.starts_with("250") {
+            eprintln!("{rcpt} accepted mail {:?} after it was first tried", start.elapsed());
+            return;
+        }
+        assert!(
+            reply.starts_with('4') && start.elapsed() < ATTACH_TIMEOUT,
+            "mail for {rcpt} not accepted within {ATTACH_TIMEOUT:?}: {reply}\noperator logs:\n{}",
+            op.logs()
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
 
@@ -374,6 +415,24 @@ async fn two_tenants_share_a_pool_each_with_its_own_mail_and_a_domain_attaches_l
                 .is_none()
         );
     }
+    // One NATS credential for the pool's nodes, covering exactly the attached domains; no
+    // per-domain credential in the tenants' namespaces.
+    let subjects = pool_credential_subjects(&client, p).await;
+    let queue_subject = |d: &str| kubemail_queue::subject(&opts.subject_prefix, d);
+    for domain in ["a-pool.test", "b-pool.test"] {
+        assert!(subjects.contains(&queue_subject(domain)), "{domain}: {subjects:?}");
+    }
+    assert!(!subjects.contains(&queue_subject("c-pool.test")), "{subjects:?}");
+    for (ns, name) in [(a, "shop"), (b, "blog")] {
+        assert!(
+            Api::<Secret>::namespaced(client.clone(), ns)
+                .get_opt(&format!("{name}-nats"))
+                .await
+                .unwrap()
+                .is_none(),
+            "a pooled domain has no NATS credential of its own"
+        );
+    }
     let pool = pools.get("shared").await.unwrap();
     let status = pool.status.clone().unwrap();
     assert_eq!(status.attached_domains, 2, "{status:?}");
@@ -502,6 +561,12 @@ async fn two_tenants_share_a_pool_each_with_its_own_mail_and_a_domain_attaches_l
         "late-pool.test served {:?} after its MailDomain was applied",
         attached_at.elapsed()
     );
+    // The credential was re-minted for the new domain and the running node uses it: mail
+    // for the new domain goes through the queue to its target.
+    let subjects = pool_credential_subjects(&client, p).await;
+    assert!(subjects.contains(&queue_subject("late-pool.test")), "{subjects:?}");
+    send_when_ready(mx, "dan@late-pool.test", "for-the-late-domain", &op).await;
+    wait_kept(&kept_a, "for-the-late-domain", "the attached domain's mail").await;
     let reply = open.data("across-the-reload").await;
     assert!(
         reply.starts_with("250"),
