@@ -175,7 +175,10 @@ async fn send_when_ready(mx: SocketAddr, rcpt: &str, subject: &str, op: &Operato
         let reply = s.send("x@elsewhere.test", rcpt, subject).await;
         s.cmd("QUIT").await;
         if reply.starts_with("250") {
-            eprintln!("{rcpt} accepted mail {:?} after it was first tried", start.elapsed());
+            eprintln!(
+                "{rcpt} accepted mail {:?} after it was first tried",
+                start.elapsed()
+            );
             return;
         }
         assert!(
@@ -420,9 +423,15 @@ async fn two_tenants_share_a_pool_each_with_its_own_mail_and_a_domain_attaches_l
     let subjects = pool_credential_subjects(&client, p).await;
     let queue_subject = |d: &str| kubemail_queue::subject(&opts.subject_prefix, d);
     for domain in ["a-pool.test", "b-pool.test"] {
-        assert!(subjects.contains(&queue_subject(domain)), "{domain}: {subjects:?}");
+        assert!(
+            subjects.contains(&queue_subject(domain)),
+            "{domain}: {subjects:?}"
+        );
     }
-    assert!(!subjects.contains(&queue_subject("c-pool.test")), "{subjects:?}");
+    assert!(
+        !subjects.contains(&queue_subject("c-pool.test")),
+        "{subjects:?}"
+    );
     for (ns, name) in [(a, "shop"), (b, "blog")] {
         assert!(
             Api::<Secret>::namespaced(client.clone(), ns)
@@ -564,7 +573,10 @@ async fn two_tenants_share_a_pool_each_with_its_own_mail_and_a_domain_attaches_l
     // The credential was re-minted for the new domain and the running node uses it: mail
     // for the new domain goes through the queue to its target.
     let subjects = pool_credential_subjects(&client, p).await;
-    assert!(subjects.contains(&queue_subject("late-pool.test")), "{subjects:?}");
+    assert!(
+        subjects.contains(&queue_subject("late-pool.test")),
+        "{subjects:?}"
+    );
     send_when_ready(mx, "dan@late-pool.test", "for-the-late-domain", &op).await;
     wait_kept(&kept_a, "for-the-late-domain", "the attached domain's mail").await;
     let reply = open.data("across-the-reload").await;
