@@ -769,19 +769,17 @@ async fn stored_messages(
 ) -> std::collections::HashMap<String, Vec<Vec<u8>>> {
     let client = async_nats::connect(url).await.expect("connect");
     let js = async_nats::jetstream::new(client);
-    let store = js
-        .get_object_store(&node.bucket)
-        .await
-        .expect("body bucket");
     let mut out: std::collections::HashMap<String, Vec<Vec<u8>>> = Default::default();
     for e in node.entries(url).await {
         let mut body = e.payload.clone();
-        if let Some((_, name)) = e
+        // The reference names the bucket (per domain) and the object in it.
+        if let Some((bucket, name)) = e
             .headers
             .get("Kubemail-Body-Ref")
             .and_then(|r| r.split_once('/'))
         {
             use tokio::io::AsyncReadExt as _;
+            let store = js.get_object_store(bucket).await.expect("body bucket");
             let mut object = store.get(name).await.expect("body object");
             body.clear();
             object.read_to_end(&mut body).await.expect("read body");

@@ -212,7 +212,8 @@ async fn maildomain_reconciles_into_ready_children_idempotently_scales_and_is_fi
         .iter()
         .map(|p| p.port)
         .collect();
-    assert_eq!(ports, [25, 465, 587]);
+    // 443 serves the MTA-STS policy the domain publishes (`mtaSts.mode: testing`).
+    assert_eq!(ports, [25, 465, 587, 443]);
     assert_eq!(service.spec.unwrap().type_.as_deref(), Some("ClusterIP"));
     let pdb: PodDisruptionBudget = get(&client, n, "example-com").await;
     assert_owned(&pdb.metadata, &md, "the PodDisruptionBudget");
@@ -251,7 +252,8 @@ async fn maildomain_reconciles_into_ready_children_idempotently_scales_and_is_fi
         .collect();
     assert_eq!(
         types,
-        ["MX", "TXT", "TXT", "TXT", "TXT", "TXT"],
+        // MX, SPF, two DKIM keys, DMARC, the policy host's CNAME and the MTA-STS record.
+        ["MX", "TXT", "TXT", "TXT", "TXT", "CNAME", "TXT"],
         "{:?}",
         status.dns_records
     );

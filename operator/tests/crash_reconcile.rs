@@ -32,7 +32,8 @@ use common::maildomain::{
     secret_data, snapshot, text, wait_condition_by,
 };
 use common::{
-    Operator, OperatorOptions, TestNamespace, client, delete_stream, install_crds, wait_for,
+    Operator, OperatorOptions, TestNamespace, client, delete_stream, install_crds,
+    nats_authenticated, wait_for,
 };
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::ByteString;
@@ -415,7 +416,13 @@ async fn killed_during_first_reconcile(prefix: &str, point: KillPoint) {
         ..
     } = &point
     {
-        create_quota(&quotas, resource, limit).await;
+        // With NATS authentication the operator also writes the nodes' credentials Secret,
+        // right after the CA: one more Secret fits before the refused one.
+        let limit = match (*resource, nats_authenticated()) {
+            ("secrets", true) => (limit.parse::<u32>().expect("a count") + 1).to_string(),
+            _ => (*limit).to_owned(),
+        };
+        create_quota(&quotas, resource, &limit).await;
     }
 
     // Two replicas: the leader, and a standby that takes over once the Lease expires.
@@ -657,6 +664,7 @@ async fn verify_converged(client: &Client, ns: &str, md: &MailDomain, crash: &Cr
                 format!("{NAME}-users-hashed")
             ]
             .into_iter()
+            .chain(nats_authenticated().then(|| format!("{NAME}-nats")))
         ),
         "the Secrets after convergence"
     );

@@ -411,6 +411,12 @@ pub fn nats_security_args() -> Vec<String> {
     args
 }
 
+/// Whether the local cluster's NATS requires credentials (the operator then mints a
+/// credentials Secret per MailDomain).
+pub fn nats_authenticated() -> bool {
+    std::env::var_os("NATS_ACCOUNT_DIR").is_some()
+}
+
 /// A client of the local cluster's NATS with the test user's credentials (`NATS_CREDS`) and
 /// its CA (`NATS_CA`) when the env names them.
 pub async fn nats_connect() -> Option<async_nats::Client> {

@@ -369,7 +369,7 @@ async fn one_by_one(shared: &Shared, messages: Vec<Outgoing>) -> Outcomes {
         };
         match ack.await {
             Ok(ack) => {
-                tracing::debug!(stream = %ack.stream, sequence = ack.sequence, duplicate = ack.duplicate, "queued");
+                tracing::debug!(stream = %ack.stream, sequence = ack.sequence, duplicate = ack.duplicate, "stored");
                 Ok(Stored {
                     duplicate: ack.duplicate,
                 })
