@@ -1,6 +1,8 @@
 //! The MailPool controller (shared SMTP nodes): collects the MailDomains attached to a pool,
 //! copies their key material into the pool's namespace and renders one node config for all of
-//! them; the nodes reload it without a restart.
+//! them; the nodes reload it without a restart. With authenticated NATS the pool's nodes get
+//! one credential for all attached domains, and the operator makes the domains' JetStream
+//! objects, before the config that names them (`crate::nats::domain::reconcile_nodes`).
 //!
 //! ```text
 //! MailDomains with poolRef ─► attach rules ─► <md>-pool hand-over + Secrets ─► build (pure)
