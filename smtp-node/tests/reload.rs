@@ -1,7 +1,8 @@
 //! Config reload against the real binary and a real nats-server: a domain attached to the
 //! config file of a running node is served within seconds (recipients, its own certificate by
-//! SNI, a delivery consumer), a session open across the reload carries on to `250`, a
-//! detached domain stops being served, and a broken file changes nothing.
+//! SNI, a delivery consumer, a body bucket for its large messages), a session open across the
+//! reload carries on to `250`, a detached domain stops being served, and a broken file
+//! changes nothing.
 
 // Tests may unwrap: a panic is a test failure with its message.
 #![allow(clippy::unwrap_used)]
@@ -13,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer};
-use common::{Nats, Node, Raw, RawTcp, http_get};
+use common::{Nats, Node, Raw, RawTcp, http_get, send_message};
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 
@@ -177,6 +178,44 @@ async fn attaching_and_detaching_domains_reloads_without_touching_an_open_sessio
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+
+    // A message too large to go inline goes to the added domain's own body bucket, which the
+    // reload set up (until then the node answers 4xx, never loses it).
+    let large = format!(
+        "Subject: large for new\r\n\r\n{}",
+        "0123456789abcdef\r\n".repeat(80_000)
+    );
+    let start = Instant::now();
+    loop {
+        let mut c = RawTcp::connect(node.ports.mx).await;
+        c.expect("220").await;
+        c.cmd("EHLO client.test", "250").await;
+        let reply = send_message(
+            &mut c,
+            "sender@elsewhere.test",
+            "carol@new.test",
+            large.as_bytes(),
+        )
+        .await;
+        if reply.starts_with("250") {
+            break;
+        }
+        assert!(
+            reply.starts_with('4') && start.elapsed() < SERVED_WITHIN,
+            "a large message for new.test: {reply}; log:\n{}",
+            node.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        node.messages()
+            .await
+            .iter()
+            .any(|m| m.header("Kubemail-Body-Ref").is_some_and(
+                |r| r.starts_with(&kubemail_queue::body_bucket(&node.bucket, "new.test"))
+            ) && m.body.len() > 1_000_000),
+        "the large message is queued with its body in new.test's bucket"
+    );
 
     // The open session carries on, with the settings it started with.
     open.cmd("DATA", "354").await;
