@@ -8,7 +8,7 @@ KUBEMAIL_CACHE ?= $(HOME)/.cache/kubemail
 CARGO_TARGET_DIR ?= $(KUBEMAIL_CACHE)/target
 export KUBEMAIL_CACHE CARGO_TARGET_DIR
 
-.PHONY: setup build images demo test test-unit lint down status bench fuzz hostile
+.PHONY: setup build images demo test test-unit lint down status bench bench-operator fuzz hostile
 
 setup: ## install Debian/Python peers and build the pinned Go tools (cached)
 	e2e/tools/setup.sh
@@ -49,6 +49,16 @@ test: setup build
 # bench-results.json (about 10 minutes; BENCH_ARGS=--smoke for a short harness check).
 bench: setup
 	e2e/bench/run.sh $(BENCH_ARGS)
+
+# The operator at scale on the local cluster: 500 MailDomains applied at once, time to all
+# Ready, API requests, operator peak RSS and CPU; writes BENCHMARKS.md's "Operator at scale"
+# section. BENCH_DOMAINS, BENCH_REPLICAS, BENCH_DKIM, BENCH_CONCURRENCY: see e2e/bench/operator.sh.
+bench-operator: setup build
+	e2e/local-cluster up || { e2e/local-cluster down; exit 1; }
+	set +e; set -a; . .kubemail-local/env; set +a; \
+	e2e/bench/operator.sh; rc=$$?; \
+	e2e/local-cluster down; \
+	exit $$rc
 
 # Long fuzzing of the SMTP node's parsers with libFuzzer on stable Rust (smtp-node/fuzz):
 # FUZZ_SECONDS per target (default 120), FUZZ_JOBS targets at once; prints the executions.

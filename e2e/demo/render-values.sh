@@ -56,7 +56,7 @@ operator:
 YAML
 env_entry() { printf '    - name: %s\n      value: "%s"\n' "$1" "$2"; }
 extra=$(
-  [ -z "${KUBEMAIL_WATCH_NAMESPACE:-}" ] || env_entry KUBEMAIL_WATCH_NAMESPACE "$KUBEMAIL_WATCH_NAMESPACE"
+  [ -z "${KUBEMAIL_WATCH_NAMESPACE:-}" ] || env_entry KUBEMAIL_WATCH_NAMESPACES "$KUBEMAIL_WATCH_NAMESPACE"
   [ -z "${KUBEMAIL_NATS_STREAM:-}" ] || env_entry KUBEMAIL_NATS_STREAM "$KUBEMAIL_NATS_STREAM"
   [ -z "${KUBEMAIL_NATS_SUBJECT_PREFIX:-}" ] || env_entry KUBEMAIL_NATS_SUBJECT_PREFIX "$KUBEMAIL_NATS_SUBJECT_PREFIX"
   true

@@ -185,3 +185,90 @@ fn values_schema_refuses_an_even_nats_replica_count() {
         "the refusal names the value: {stderr}"
     );
 }
+
+/// The RBAC objects of a rendered chart: (kind, namespace, name, rules).
+fn rbac(out: &str) -> Vec<(String, String, String, serde_yaml::Value)> {
+    out.split("\n---")
+        .filter_map(|d| serde_yaml::from_str::<serde_yaml::Value>(d).ok())
+        .filter(|d| matches!(d["kind"].as_str(), Some("ClusterRole" | "Role")))
+        .map(|d| {
+            let s = |v: &serde_yaml::Value| v.as_str().unwrap_or_default().to_owned();
+            (
+                s(&d["kind"]),
+                s(&d["metadata"]["namespace"]),
+                s(&d["metadata"]["name"]),
+                d["rules"].clone(),
+            )
+        })
+        .collect()
+}
+
+fn grants(rules: &serde_yaml::Value, resource: &str) -> bool {
+    rules.as_sequence().into_iter().flatten().any(|r| {
+        r["resources"]
+            .as_sequence()
+            .into_iter()
+            .flatten()
+            .any(|x| x.as_str() == Some(resource))
+    })
+}
+
+#[test]
+fn watch_namespaces_give_roles_there_and_no_cluster_wide_secret_access() {
+    let chart = chart();
+    let render = |extra: &[&str]| {
+        let mut args = vec![
+            "template",
+            "kubemail",
+            chart.as_str(),
+            "--namespace",
+            "kubemail-system",
+            "--kube-version",
+            KUBE_VERSION,
+        ];
+        args.extend_from_slice(extra);
+        run_ok(&tool("helm"), &args)
+    };
+    // Default: one ClusterRole with everything.
+    let cluster_mode = rbac(&render(&[]));
+    let cluster_role = cluster_mode
+        .iter()
+        .find(|(kind, ..)| kind == "ClusterRole")
+        .expect("a ClusterRole");
+    assert!(grants(&cluster_role.3, "secrets"), "{cluster_role:?}");
+
+    let out = render(&["--set", "operator.watchNamespaces={team-a,team-b}"]);
+    let objects = rbac(&out);
+    for (kind, ns, name, rules) in &objects {
+        if kind == "ClusterRole" {
+            for namespaced in ["secrets", "configmaps", "deployments", "maildomains"] {
+                assert!(
+                    !grants(rules, namespaced),
+                    "ClusterRole {name} grants {namespaced} in namespaced mode"
+                );
+            }
+        } else if ns == "kubemail-system" {
+            assert!(
+                name.ends_with("-ca") || name.ends_with("-leader-election"),
+                "only the CA and the Lease in the operator's own namespace: {name}"
+            );
+        }
+    }
+    for ns in ["team-a", "team-b"] {
+        let role = objects
+            .iter()
+            .find(|(kind, n, ..)| kind == "Role" && n == ns)
+            .unwrap_or_else(|| panic!("no Role in {ns}: {objects:?}"));
+        for resource in ["secrets", "maildomains", "deployments", "events"] {
+            assert!(grants(&role.3, resource), "Role in {ns} lacks {resource}");
+        }
+        assert!(
+            out.contains(&format!("namespace: {ns}\n")),
+            "a RoleBinding in {ns}"
+        );
+    }
+    assert!(
+        out.contains("name: KUBEMAIL_WATCH_NAMESPACES\n              value: \"team-a,team-b\""),
+        "the operator is told which namespaces to watch"
+    );
+}

@@ -18,9 +18,21 @@ pub struct Args {
     #[arg(long, env = "KUBECONFIG", value_name = "FILE")]
     pub kubeconfig: Option<String>,
 
-    /// Watch only this namespace (default: every namespace).
-    #[arg(long, env = "KUBEMAIL_WATCH_NAMESPACE", value_name = "NAMESPACE")]
-    pub watch_namespace: Option<String>,
+    /// Watch only these namespaces, comma separated (default: every namespace). With a list
+    /// the operator needs Roles in those namespaces only, no cluster-wide access to Secrets.
+    #[arg(
+        long = "watch-namespaces",
+        visible_alias = "watch-namespace",
+        env = "KUBEMAIL_WATCH_NAMESPACES",
+        value_name = "NAMESPACE,...",
+        value_delimiter = ','
+    )]
+    pub watch_namespaces: Vec<String>,
+
+    /// Reconciles that may run at once over all controllers (each costs API calls and, for a
+    /// new domain, an RSA key generation); a new leader starts at most this many at a time.
+    #[arg(long, env = "KUBEMAIL_RECONCILE_CONCURRENCY", default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub reconcile_concurrency: u16,
 
     /// The operator's own namespace: its leader Lease and CA Secret live there.
     #[arg(long, env = "POD_NAMESPACE", default_value = "kubemail-system")]
@@ -228,5 +240,20 @@ mod tests {
         assert_eq!(a.lease_duration, Duration::from_secs(30));
         assert_eq!(a.certificate_validity, Duration::from_secs(90 * 86400));
         assert!(a.node_image.starts_with("kubemail/smtp-node:"));
+        assert!(a.watch_namespaces.is_empty(), "every namespace by default");
+        assert_eq!(a.reconcile_concurrency, 8);
+    }
+
+    #[test]
+    fn watch_namespaces_take_a_list_and_the_old_singular_flag() {
+        let a = Args::try_parse_from(["kubemail-operator", "--watch-namespaces", "team-a,team-b"])
+            .unwrap();
+        assert_eq!(a.watch_namespaces, ["team-a", "team-b"]);
+        let a = Args::try_parse_from(["kubemail-operator", "--watch-namespace", "mail"]).unwrap();
+        assert_eq!(a.watch_namespaces, ["mail"]);
+        assert!(
+            Args::try_parse_from(["kubemail-operator", "--reconcile-concurrency", "0"]).is_err(),
+            "at least one reconcile must be able to run"
+        );
     }
 }

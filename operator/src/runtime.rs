@@ -87,7 +87,8 @@ pub async fn run_until(args: Args, shutdown: CancellationToken) -> Result<(), Ru
     let ctx = Arc::new(Context::new(
         client.clone(),
         controller::Config {
-            watch_namespace: args.watch_namespace.clone(),
+            watch_namespaces: args.watch_namespaces.clone(),
+            reconcile_concurrency: args.reconcile_concurrency,
             operator_namespace: args.namespace.clone(),
             ca_secret_name: args.ca_secret.clone(),
             certificate_validity: args.certificate_validity,

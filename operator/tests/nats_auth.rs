@@ -55,13 +55,9 @@ impl SecureNats {
         std::fs::write(&cert, &leaf.cert_pem).unwrap();
         std::fs::write(&key, leaf.key_pem.expose()).unwrap();
         let tls = format!("tls {{\n  cert_file: {cert:?}\n  key_file: {key:?}\n  timeout: 2\n}}\n");
-        // Room for the user JWTs in the CONNECT line, as the chart's nats.conf gives them.
         let cluster = NatsCluster::start(
             servers,
-            &format!(
-                "max_control_line: 65536\n{}\n{tls}",
-                trust.resolver_config(now).unwrap()
-            ),
+            &format!("{}\n{tls}", trust.resolver_config(now).unwrap()),
             jetstream_extra,
         );
         Self {
@@ -92,11 +88,20 @@ impl SecureNats {
         creds: &str,
         domains: &[&str],
     ) -> Result<(async_nats::Client, Arc<Mutex<Vec<String>>>), async_nats::ConnectError> {
+        self.node_with_inbox(creds, &inbox_prefix(domains)).await
+    }
+
+    /// Like [`SecureNats::node`], with the reply inbox `inbox`.
+    async fn node_with_inbox(
+        &self,
+        creds: &str,
+        inbox: &str,
+    ) -> Result<(async_nats::Client, Arc<Mutex<Vec<String>>>), async_nats::ConnectError> {
         let errors = Arc::new(Mutex::new(Vec::new()));
         let seen = errors.clone();
         let client = async_nats::ConnectOptions::with_credentials(creds)
             .unwrap()
-            .custom_inbox_prefix(inbox_prefix(domains))
+            .custom_inbox_prefix(inbox)
             .tls_client_config(client_tls(&self.ca_pem).unwrap())
             .require_tls(true)
             .connection_timeout(Duration::from_secs(5))
@@ -473,6 +478,66 @@ async fn a_domains_credentials_reach_its_own_queue_objects_and_nothing_else() {
     let counts = subject_counts(&admin, "KUBEMAIL").await;
     assert_eq!(counts.get("kubemail.queue.b.example"), Some(&1));
     assert!(admin.get_stream("KUBEMAIL_AUTH_FAILURES").await.is_ok());
+}
+
+/// A MailPool's nodes run on one credential for all their domains, with the pool's fixed
+/// reply inbox: with 500 domains (the pool size the operator is benchmarked with) the server
+/// still takes the user, the first and the last domain's entries are acknowledged, and a
+/// domain the pool does not serve stays out of reach.
+#[tokio::test]
+async fn a_pools_one_credential_for_500_domains_reaches_each_of_them() {
+    let nats = SecureNats::start(1, "");
+    let config = NatsConfig::default();
+    let domains: Vec<String> = (0..500).map(|i| format!("d{i}.pool.example")).collect();
+    let (first, last) = (domains[0].clone(), domains[499].clone());
+    nats.operator()
+        .ensure(
+            &config,
+            &AuthConfig::default(),
+            &ConsumerConfig::default(),
+            &[first.clone(), last.clone(), B.to_owned()],
+        )
+        .await
+        .expect("the operator creates the stream, consumers and buckets");
+    let inbox = kubemail_queue::pool_inbox_prefix("platform", "shared");
+    let permissions =
+        kubemail_queue::node_permissions_with_inbox(&QueueNames::default(), &domains, &inbox);
+    let minted = credentials::mint_user(
+        &nats.keys,
+        "kubemail-pool:platform/shared",
+        &permissions,
+        kubemail_operator::timestamps::now(),
+        3600,
+    )
+    .unwrap();
+    eprintln!(
+        "credentials for {} domains: {} bytes",
+        domains.len(),
+        minted.creds.len()
+    );
+    let (client, errors) = nats
+        .node_with_inbox(&minted.creds, &inbox)
+        .await
+        .expect("the pool's credential connects");
+    let mut js = jetstream::new(client);
+    js.set_timeout(DENIED_WAIT);
+    for domain in [&first, &last] {
+        js.publish(subject(&config.subject_prefix, domain), "entry".into())
+            .await
+            .unwrap()
+            .await
+            .unwrap_or_else(|e| panic!("{domain}'s entry is acknowledged: {e}"));
+        js.get_object_store(body_bucket(&config.body_bucket, domain))
+            .await
+            .unwrap_or_else(|e| panic!("{domain}'s body bucket: {e}"));
+    }
+    let denied = js
+        .publish(subject(&config.subject_prefix, B), "entry".into())
+        .await
+        .unwrap()
+        .await;
+    assert!(denied.is_err(), "a domain outside the pool: {denied:?}");
+    violation(&errors, &subject(&config.subject_prefix, B)).await;
 }
 
 #[tokio::test]

@@ -10,7 +10,7 @@
 //!   capability parsing and command and DATA encoding);
 //! * [`session`]: the per-connection state machine, one file per verb;
 //! * [`server`]: listeners, accept loops, connection caps, PROXY protocol, implicit TLS;
-//! * [`tls`]: rustls configuration with certificate reload;
+//! * [`tls`]: rustls configuration with certificate reload and per-domain certificates by SNI;
 //! * [`auth`]: submission users, login throttling, sender and rate policy; [`auth_limits`]:
 //!   the cluster-wide per-user limit on failed logins;
 //! * [`queue`]: the queue contract and its JetStream implementation;
@@ -25,7 +25,8 @@
 //!   DNSSEC status DANE needs;
 //! * [`memory`]: the node-wide budget of message bytes in memory;
 //! * [`mta_sts_server`]: the HTTPS listener serving our own domains' MTA-STS policies;
-//! * [`node`]: start-up and shutdown of the whole node; [`clock`]: the wall clock as a seam;
+//! * [`node`]: start-up and shutdown of the whole node; [`reload`]: swapping in a changed
+//!   config file's domains without a restart; [`clock`]: the wall clock as a seam;
 //! * [`admin`], [`metrics`], [`telemetry`] (the `kubemail-telemetry` crate), [`shutdown`]:
 //!   operations.
 
@@ -44,6 +45,7 @@ pub mod metrics;
 pub mod mta_sts_server;
 pub mod node;
 pub mod queue;
+pub mod reload;
 pub mod server;
 pub mod session;
 pub mod shutdown;

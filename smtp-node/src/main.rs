@@ -180,7 +180,11 @@ fn run(
             }
             None => Arc::new(SystemClock),
         };
-        node::run(config, shutdown, clock).await
+        let source = node::ConfigSource {
+            path: file.to_owned(),
+            listen_ip,
+        };
+        node::run_from(config, Some(source), shutdown, clock).await
     });
     let result = result.map_err(anyhow::Error::from);
     if let Err(e) = &result {

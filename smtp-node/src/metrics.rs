@@ -93,6 +93,10 @@ pub struct Metrics {
     pub message_memory_bytes: Gauge,
     pub nats_connected: Gauge,
     pub tls_reload_failures: Counter,
+    /// Changed config files applied ([`crate::reload`]).
+    pub config_reloads: Counter,
+    /// Changed config files refused (the previous config stays).
+    pub config_reload_failures: Counter,
     pub tls_handshakes: Family<TlsLabels, Counter>,
     pub dkim_signatures: Family<DkimLabels, Counter>,
     /// Entries in the queue per domain, sampled from JetStream ([`crate::queue::sampler`]).
@@ -131,6 +135,8 @@ impl Metrics {
             message_memory_bytes: Gauge::default(),
             nats_connected: Gauge::default(),
             tls_reload_failures: Counter::default(),
+            config_reloads: Counter::default(),
+            config_reload_failures: Counter::default(),
             tls_handshakes: Family::default(),
             dkim_signatures: Family::default(),
             queue_messages: Family::default(),
@@ -209,6 +215,16 @@ impl Metrics {
             "tls_reload_failures",
             "Certificate changes that could not be loaded",
             m.tls_reload_failures.clone(),
+        );
+        registry.register(
+            "config_reloads",
+            "Changed config files applied without a restart",
+            m.config_reloads.clone(),
+        );
+        registry.register(
+            "config_reload_failures",
+            "Changed config files that could not be applied (the previous config stays)",
+            m.config_reload_failures.clone(),
         );
         registry.register(
             "tls_handshakes",

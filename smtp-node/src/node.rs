@@ -13,11 +13,12 @@ use crate::auth_limits::JetStreamFailures;
 use crate::authres::InboundVerifier;
 use crate::clock::Clock;
 use crate::config::NodeConfig;
-use crate::delivery::{DeliveryContext, DeliverySettings};
+use crate::delivery::{Delivery, DeliveryContext, DeliverySettings};
 use crate::dkim::DkimSigner;
 use crate::dns::HickoryResolver;
 use crate::queue::jetstream::JetStreamQueue;
-use crate::server::{self, MessageChecks, ServerContext};
+use crate::reload::Reloader;
+use crate::server::{self, ContextCell, MessageChecks, ServerContext};
 use crate::shutdown::Shutdown;
 use crate::tls::TlsServer;
 
@@ -74,11 +75,30 @@ fn load_dkim(config: &NodeConfig) -> Result<Option<Arc<DkimSigner>>, NodeError> 
     Ok((!signer.is_empty()).then(|| Arc::new(signer)))
 }
 
+/// Where the node's config came from, so that a changed file can be reloaded.
+#[derive(Debug, Clone)]
+pub struct ConfigSource {
+    pub path: std::path::PathBuf,
+    /// `--listen-ip`, applied to every reloaded config as to the first.
+    pub listen_ip: Option<std::net::IpAddr>,
+}
+
 /// Runs the node until `shutdown` is stopped (by the caller, on SIGTERM), then drains open
 /// sessions for up to `shutdown.drainTimeout`. `clock` is the wall clock of what is dated by
 /// calendar day (TLS-RPT).
 pub async fn run(
     config: NodeConfig,
+    shutdown: Shutdown,
+    clock: Arc<dyn Clock>,
+) -> Result<(), NodeError> {
+    run_from(config, None, shutdown, clock).await
+}
+
+/// Like [`run`]; with a `source` the node also reloads the file when it changes (see
+/// [`crate::reload`]).
+pub async fn run_from(
+    config: NodeConfig,
+    source: Option<ConfigSource>,
     shutdown: Shutdown,
     clock: Arc<dyn Clock>,
 ) -> Result<(), NodeError> {
@@ -88,6 +108,13 @@ pub async fn run(
     let tls = match &config.tls {
         Some(tls_config) => {
             let tls = TlsServer::load(tls_config)?;
+            for (hostname, error) in
+                tls.set_domain_certificates(config.domains.iter().filter_map(|d| d.tls.as_ref()))
+            {
+                // One tenant's broken certificate must not keep the others' mail out.
+                crate::metrics::global().tls_reload_failures.inc();
+                tracing::error!(%hostname, %error, "cannot load a domain's certificate; its clients get the default one");
+            }
             tokio::spawn(
                 tls.clone()
                     .watch(tls_config.reload_interval.0, background.clone()),
@@ -97,7 +124,9 @@ pub async fn run(
         None => None,
     };
     let auth = Arc::new(Authenticator::load(&config)?);
-    tokio::spawn(auth.clone().watch(background.clone()));
+    // The tasks a config reload replaces stop with their generation.
+    let generation = background.child_token();
+    tokio::spawn(auth.clone().watch(generation.clone()));
 
     let dkim = load_dkim(&config)?;
     let dane = &config.delivery.tls.dane;
@@ -125,7 +154,7 @@ pub async fn run(
     // Failed logins per user name are counted cluster-wide over the same connection.
     let auth_failures = JetStreamFailures::new(queue.client().clone(), &config.nats, &config.auth);
     tokio::spawn(auth_failures.clone().run_setup(background.clone()));
-    auth.attach_shared_failures(auth_failures);
+    auth.attach_shared_failures(auth_failures.clone());
 
     let delivery = DeliveryContext::new(
         DeliverySettings::from_config(&config),
@@ -142,13 +171,13 @@ pub async fn run(
         config.admin.queue_sample_interval.0,
         background.clone(),
     ));
-    crate::delivery::start(delivery.clone(), &domains);
+    let delivery = Delivery::start(delivery, &domains);
     tokio::spawn(crate::queue::sampler::run(
         queue.jetstream().clone(),
         config.nats.clone(),
         domains.clone(),
         config.admin.queue_sample_interval.0,
-        background.clone(),
+        generation.clone(),
     ));
 
     let listeners = server::bind_listeners(&config).await?;
@@ -177,7 +206,7 @@ pub async fn run(
     let checks = MessageChecks {
         dkim,
         inbound_auth,
-        suppression: Some(delivery.suppression.clone()),
+        suppression: Some(delivery.context().suppression.clone()),
     };
     let ctx = ServerContext::with_checks(
         config.clone(),
@@ -187,8 +216,28 @@ pub async fn run(
         shutdown.clone(),
         checks,
     );
-    tracing::info!(hostname = %config.hostname, "smtp node started");
-    server::run(listeners, ctx).await;
+    let cell = ContextCell::new(ctx);
+    match source {
+        Some(source) => {
+            let reloader = Reloader::new(
+                source.path,
+                source.listen_ip,
+                config.clone(),
+                cell.clone(),
+                delivery,
+                auth_failures,
+                queue.clone(),
+                generation,
+                background.clone(),
+            );
+            tokio::spawn(reloader.run());
+        }
+        // Without a file to watch the domains never change: dropping the handle leaves the
+        // pull loops running until the node's stop signal.
+        None => drop(delivery),
+    }
+    tracing::info!(hostname = %config.hostname, domains = domains.len(), "smtp node started");
+    server::run(listeners, cell).await;
 
     tracing::info!(drain = ?config.shutdown.drain_timeout.0, "draining sessions and deliveries");
     let drained = shutdown.drain(config.shutdown.drain_timeout.0).await;

@@ -7,8 +7,12 @@
 //! TLS 1.3 resumption uses one stateless ticket per handshake, so nothing is kept per client.
 //! The certificate sits behind a [`ResolvesServerCert`] that reads an `RwLock`, so a reload
 //! swaps the key for every later handshake while handshakes already running keep the one they
-//! started with.
+//! started with. A node serving many domains also holds one certificate per domain, chosen by
+//! the client's SNI (the domain's MX host name); a client without SNI, or asking for another
+//! name, gets the node's default certificate. The domain table is swapped as a whole when the
+//! node's config changes ([`TlsServer::set_domain_certificates`]).
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::SystemTime;
@@ -22,7 +26,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::TlsConfig;
+use crate::config::{DomainTls, TlsConfig};
 
 /// Why the certificate could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -61,11 +65,32 @@ pub struct TlsInfo {
     pub cipher: String,
 }
 
-/// The node's TLS server side: an acceptor whose certificate can be swapped at run time.
+/// The node's TLS server side: an acceptor whose certificates can be swapped at run time.
 #[derive(Clone)]
 pub struct TlsServer {
     acceptor: TlsAcceptor,
+    /// The default certificate.
     resolver: Arc<ReloadingResolver>,
+    sni: Arc<SniResolver>,
+}
+
+/// Domain certificates by lower-case SNI host name, over the default one.
+#[derive(Debug)]
+struct SniResolver {
+    default: Arc<ReloadingResolver>,
+    domains: RwLock<HashMap<String, Arc<ReloadingResolver>>>,
+}
+
+impl ResolvesServerCert for SniResolver {
+    fn resolve(&self, client_hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        if let Some(name) = client_hello.server_name() {
+            let domains = self.domains.read().unwrap_or_else(|e| e.into_inner());
+            if let Some(domain) = domains.get(&name.to_ascii_lowercase()) {
+                return Some(domain.key());
+            }
+        }
+        Some(self.default.key())
+    }
 }
 
 impl TlsServer {
@@ -76,21 +101,20 @@ impl TlsServer {
             .cipher_suites
             .sort_by_key(|suite| cipher_suite_rank(suite.suite()));
         let provider = Arc::new(provider);
-        let key = load_certified_key(&config.cert_file, &config.key_file, &provider)?;
-        let resolver = Arc::new(ReloadingResolver {
-            cert_file: config.cert_file.clone(),
-            key_file: config.key_file.clone(),
-            provider: provider.clone(),
-            current: RwLock::new(Loaded {
-                key: Arc::new(key),
-                stamp: file_stamp(&config.cert_file, &config.key_file),
-            }),
+        let resolver = Arc::new(ReloadingResolver::load(
+            &config.cert_file,
+            &config.key_file,
+            provider.clone(),
+        )?);
+        let sni = Arc::new(SniResolver {
+            default: resolver.clone(),
+            domains: RwLock::new(HashMap::new()),
         });
         let mut server = ServerConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
             .map_err(TlsError::BuildConfig)?
             .with_no_client_auth()
-            .with_cert_resolver(resolver.clone());
+            .with_cert_resolver(sni.clone());
         // Our order, not the client's: rustls clients (and others) list AES-256-GCM-SHA384
         // first, whose SHA-384 key schedule has no hardware help on most x86 (6% of the
         // node's CPU in the STARTTLS-per-message benchmark, issue 8), while AES-128-GCM-SHA256
@@ -105,7 +129,68 @@ impl TlsServer {
         Ok(Self {
             acceptor: TlsAcceptor::from(Arc::new(server)),
             resolver,
+            sni,
         })
+    }
+
+    /// Replaces the table of domain certificates with `domains`' (as one swap: a handshake
+    /// sees the old table or the new one). Certificates whose files are unchanged are kept
+    /// as loaded; a domain whose files cannot be loaded is left out (its clients get the
+    /// default certificate) and its error returned.
+    pub fn set_domain_certificates<'a>(
+        &self,
+        domains: impl IntoIterator<Item = &'a DomainTls>,
+    ) -> Vec<(String, TlsError)> {
+        let mut errors = Vec::new();
+        let old = self
+            .sni
+            .domains
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let mut table = HashMap::new();
+        for d in domains {
+            let name = d.hostname.to_ascii_lowercase();
+            let kept = old
+                .get(&name)
+                .filter(|r| r.cert_file == d.cert_file && r.key_file == d.key_file);
+            let resolver = match kept {
+                Some(r) => {
+                    if let Err(e) = r.reload_if_changed() {
+                        errors.push((name.clone(), e));
+                    }
+                    r.clone()
+                }
+                None => match ReloadingResolver::load(
+                    &d.cert_file,
+                    &d.key_file,
+                    self.resolver.provider.clone(),
+                ) {
+                    Ok(r) => Arc::new(r),
+                    Err(e) => {
+                        errors.push((name, e));
+                        continue;
+                    }
+                },
+            };
+            table.insert(name, resolver);
+        }
+        *self.sni.domains.write().unwrap_or_else(|e| e.into_inner()) = table;
+        errors
+    }
+
+    /// The SNI names that have a certificate of their own, sorted.
+    pub fn domain_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .sni
+            .domains
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .cloned()
+            .collect();
+        names.sort();
+        names
     }
 
     /// A configuration for HTTPS with the same (reloading) certificate that answers only
@@ -150,6 +235,24 @@ impl TlsServer {
                 Err(error) => {
                     crate::metrics::global().tls_reload_failures.inc();
                     tracing::error!(%error, "TLS certificate changed but cannot be loaded; keeping the previous one");
+                }
+            }
+            let domains: Vec<(String, Arc<ReloadingResolver>)> = self
+                .sni
+                .domains
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            for (hostname, resolver) in domains {
+                match resolver.reload_if_changed() {
+                    Ok(true) => tracing::info!(%hostname, "reloaded a domain's TLS certificate"),
+                    Ok(false) => {}
+                    Err(error) => {
+                        crate::metrics::global().tls_reload_failures.inc();
+                        tracing::error!(%hostname, %error, "a domain's TLS certificate changed but cannot be loaded; keeping the previous one");
+                    }
                 }
             }
         }
@@ -220,6 +323,31 @@ impl std::fmt::Debug for ReloadingResolver {
 }
 
 impl ReloadingResolver {
+    fn load(
+        cert_file: &Path,
+        key_file: &Path,
+        provider: Arc<CryptoProvider>,
+    ) -> Result<Self, TlsError> {
+        let key = load_certified_key(cert_file, key_file, &provider)?;
+        Ok(Self {
+            cert_file: cert_file.to_owned(),
+            key_file: key_file.to_owned(),
+            provider,
+            current: RwLock::new(Loaded {
+                key: Arc::new(key),
+                stamp: file_stamp(cert_file, key_file),
+            }),
+        })
+    }
+
+    fn key(&self) -> Arc<CertifiedKey> {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .key
+            .clone()
+    }
+
     fn reload_if_changed(&self) -> Result<bool, TlsError> {
         let stamp = file_stamp(&self.cert_file, &self.key_file);
         {
@@ -239,8 +367,7 @@ impl ReloadingResolver {
 
 impl ResolvesServerCert for ReloadingResolver {
     fn resolve(&self, _client_hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        let current = self.current.read().unwrap_or_else(|e| e.into_inner());
-        Some(current.key.clone())
+        Some(self.key())
     }
 }
 
@@ -427,5 +554,82 @@ mod tests {
         std::fs::write(&other_key, other.signing_key.serialize_pem()).unwrap();
         let err = TlsServer::load(&config(cert, other_key)).err().unwrap();
         assert!(err.to_string().contains("does not fit"), "{err}");
+    }
+
+    /// Whether a client that trusts `roots` completes a handshake asking for `name` by SNI
+    /// (the served certificate must be valid for `name`).
+    async fn handshake_as(server: &TlsServer, roots: &rustls::RootCertStore, name: &str) -> bool {
+        let client = Arc::new(
+            rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots.clone())
+            .with_no_client_auth(),
+        );
+        let (a, b) = tokio::io::duplex(1 << 16);
+        let acceptor = server.acceptor().clone();
+        let serving = tokio::spawn(async move { acceptor.accept(a).await.is_ok() });
+        let connector = tokio_rustls::TlsConnector::from(client);
+        let name = rustls_pki_types::ServerName::try_from(name.to_owned()).unwrap();
+        let ok = connector.connect(name, b).await.is_ok();
+        let _ = serving.await;
+        ok
+    }
+
+    #[tokio::test]
+    async fn domain_certificates_are_served_by_sni_and_swapped_as_a_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        let mut make = |name: &str| {
+            let sub = dir.path().join(name);
+            std::fs::create_dir_all(&sub).unwrap();
+            let (cert, key) = write_cert(&sub, name);
+            for c in CertificateDer::pem_file_iter(&cert).unwrap() {
+                roots.add(c.unwrap()).unwrap();
+            }
+            (cert, key)
+        };
+        let (pool_cert, pool_key) = make("pool.test");
+        let (a_cert, a_key) = make("mx.a.test");
+        let (b_cert, b_key) = make("mx.b.test");
+        let server = TlsServer::load(&config(pool_cert, pool_key)).unwrap();
+        assert!(handshake_as(&server, &roots, "pool.test").await);
+        assert!(
+            !handshake_as(&server, &roots, "mx.a.test").await,
+            "no domain certificate yet: the default one does not fit mx.a.test"
+        );
+
+        let a = DomainTls {
+            hostname: "MX.A.test".into(),
+            cert_file: a_cert,
+            key_file: a_key,
+        };
+        let broken = DomainTls {
+            hostname: "mx.broken.test".into(),
+            cert_file: dir.path().join("missing.pem"),
+            key_file: dir.path().join("missing-key.pem"),
+        };
+        let errors = server.set_domain_certificates([&a, &broken]);
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].0, "mx.broken.test");
+        assert_eq!(server.domain_names(), ["mx.a.test"]);
+        assert!(handshake_as(&server, &roots, "mx.a.test").await);
+        assert!(
+            handshake_as(&server, &roots, "pool.test").await,
+            "others get the default"
+        );
+
+        // Attach b, detach a: one swap.
+        let b = DomainTls {
+            hostname: "mx.b.test".into(),
+            cert_file: b_cert,
+            key_file: b_key,
+        };
+        assert!(server.set_domain_certificates([&b]).is_empty());
+        assert_eq!(server.domain_names(), ["mx.b.test"]);
+        assert!(handshake_as(&server, &roots, "mx.b.test").await);
+        assert!(!handshake_as(&server, &roots, "mx.a.test").await);
     }
 }

@@ -42,18 +42,33 @@ pub const COUNT_EVERY: Duration = Duration::from_secs(30);
 /// Who the operator is in the queue's audit log.
 const ACTOR: &str = "kubemail-operator";
 
-/// Runs the DeliveryPause controller until `stop` fires.
+/// Runs the DeliveryPause controller until `stop` fires, one controller per watched namespace.
 pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
+    let scopes = ctx.scopes();
+    futures::future::join_all(
+        scopes
+            .into_iter()
+            .map(|ns| run_in(ctx.clone(), ns, stop.clone())),
+    )
+    .await;
+}
+
+async fn run_in(ctx: Arc<Context>, ns: Option<String>, stop: CancellationToken) {
     let client = ctx.client.clone();
-    let ns = ctx.config.watch_namespace.clone();
     Controller::new(
         api_for::<DeliveryPause>(&client, ns.as_deref()),
         watcher::Config::default().any_semantic(),
     )
+    .with_config(
+        kube::runtime::controller::Config::default().concurrency(ctx.config.reconcile_concurrency),
+    )
     .graceful_shutdown_on(stop.cancelled_owned())
-    .run(reconcile, error_policy, ctx)
+    .run(reconcile, error_policy, ctx.clone())
     .for_each(|_| async {})
-    .instrument(info_span!("deliverypauses.kubemail.io"))
+    .instrument(info_span!(
+        "deliverypauses.kubemail.io",
+        namespace = ns.as_deref().unwrap_or("*")
+    ))
     .await;
 }
 

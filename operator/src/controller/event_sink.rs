@@ -20,9 +20,10 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::api::{Patch, PatchParams};
+use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -83,32 +84,50 @@ impl Dispatchers {
     }
 }
 
-/// Runs the EventSink controller until `stop` fires; then stops every dispatcher.
+/// Runs the EventSink controller until `stop` fires (one controller per watched namespace);
+/// then stops every dispatcher.
 pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
     if !crate::controller::wait_for_crd(&ctx, "eventsinks.kubemail.io", &stop).await {
         return;
     }
+    let scopes = ctx.scopes();
+    futures::future::join_all(
+        scopes
+            .into_iter()
+            .map(|ns| run_in(ctx.clone(), ns, stop.clone())),
+    )
+    .await;
+    ctx.sinks.stop_all();
+}
+
+async fn run_in(ctx: Arc<Context>, ns: Option<String>, stop: CancellationToken) {
     let client = ctx.client.clone();
-    let ns = ctx.config.watch_namespace.clone();
     let controller = Controller::new(
         api_for::<EventSink>(&client, ns.as_deref()),
         watcher::Config::default().any_semantic(),
+    )
+    .with_config(
+        kube::runtime::controller::Config::default().concurrency(ctx.config.reconcile_concurrency),
     );
     let secrets = controller.store();
     let domains = controller.store();
+    // Metadata only, like the MailDomain controller: a name is all the mapping needs, and no
+    // Secret's data is cached.
+    let secret_events = watcher(
+        api_for::<PartialObjectMeta<Secret>>(&client, ns.as_deref()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .touched_objects();
     controller
-        .watches(
-            api_for::<Secret>(&client, ns.as_deref()),
-            watcher::Config::default(),
-            move |secret: Secret| {
-                referrers(&secrets, &secret, |s: &EventSink, name| {
-                    s.spec
-                        .webhook
-                        .as_ref()
-                        .is_some_and(|w| w.secret_ref.name == name)
-                })
-            },
-        )
+        .watches_stream(secret_events, move |secret: PartialObjectMeta<Secret>| {
+            referrers(&secrets, &secret, |s: &EventSink, name| {
+                s.spec
+                    .webhook
+                    .as_ref()
+                    .is_some_and(|w| w.secret_ref.name == name)
+            })
+        })
         .watches(
             api_for::<MailDomain>(&client, ns.as_deref()),
             watcher::Config::default(),
@@ -121,9 +140,11 @@ pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
         .graceful_shutdown_on(stop.cancelled_owned())
         .run(reconcile, error_policy, ctx.clone())
         .for_each(|_| async {})
-        .instrument(info_span!("eventsinks.kubemail.io"))
+        .instrument(info_span!(
+            "eventsinks.kubemail.io",
+            namespace = ns.as_deref().unwrap_or("*")
+        ))
         .await;
-    ctx.sinks.stop_all();
 }
 
 #[instrument(

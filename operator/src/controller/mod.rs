@@ -6,6 +6,7 @@
 pub mod delivery_pause;
 pub mod event_sink;
 pub mod mail_domain;
+pub mod mail_pool;
 pub mod relay;
 pub mod suppression;
 
@@ -20,9 +21,11 @@ use k8s_openapi::jiff::Timestamp;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client, Resource, ResourceExt};
+use tokio::sync::{Semaphore, SemaphorePermit};
 use tokio_util::sync::CancellationToken;
 
 use self::mail_domain::build::BuildConfig;
+use crate::crd::mail_domain::MailDomain;
 use crate::metrics::Metrics;
 use crate::timestamps::UnixSeconds;
 use crate::users::UsersCache;
@@ -32,14 +35,18 @@ pub const FIELD_MANAGER: &str = "kubemail-operator";
 /// `app.kubernetes.io/managed-by` on everything the operator makes.
 pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
 pub const MANAGED_BY: &str = "kubemail-operator";
+/// How long a reconcile waits for the MailDomain stores' first complete lists.
+const STORE_READY_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a CRD lookup is trusted before asking the API server again.
 const CRD_CACHE_TTL: Duration = Duration::from_secs(10);
 
 /// Operator settings the controllers use.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// Watch only this namespace; `None`: all namespaces.
-    pub watch_namespace: Option<String>,
+    /// Watch only these namespaces; empty: all namespaces.
+    pub watch_namespaces: Vec<String>,
+    /// Reconciles that may run at once, over every controller and namespace.
+    pub reconcile_concurrency: u16,
     /// The operator's own namespace: the CA Secret lives there.
     pub operator_namespace: String,
     /// Name of the CA Secret.
@@ -72,7 +79,70 @@ pub struct Context {
     pub backoff: Backoff,
     /// The webhook dispatchers of EventSinks.
     pub sinks: event_sink::Dispatchers,
+    /// Every MailDomain the running controllers see (one store per watched namespace): what
+    /// domain ownership is decided on.
+    pub domains: DomainIndex,
+    /// Bounds the reconciles running at once (see [`Config::reconcile_concurrency`]).
+    reconcile_slots: Semaphore,
     crds: Mutex<HashMap<String, (bool, Instant)>>,
+}
+
+/// The MailDomain reflector stores of the running controllers, one per watched namespace (or
+/// one for all namespaces), read together.
+#[derive(Default)]
+pub struct DomainIndex {
+    stores: Mutex<Vec<Store<MailDomain>>>,
+}
+
+impl DomainIndex {
+    /// Forgets the stores of a previous leadership term.
+    pub fn clear(&self) {
+        self.stores
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+    }
+
+    /// Adds the store of one running controller.
+    pub fn add(&self, store: Store<MailDomain>) {
+        self.stores
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(store);
+    }
+
+    /// Every MailDomain the stores hold now, without waiting (for watch mappers, which must
+    /// not block).
+    pub fn snapshot(&self) -> Vec<Arc<MailDomain>> {
+        self.stores
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .flat_map(|s| s.state())
+            .collect()
+    }
+
+    /// Every MailDomain of every store, once each store has its first complete list (so a
+    /// claim is never judged against a half-read cluster). A store that has no complete list
+    /// within [`STORE_READY_TIMEOUT`] fails the reconcile (retried with backoff) rather than
+    /// holding it, and its reconcile slot, indefinitely.
+    pub async fn all(&self) -> Result<Vec<Arc<MailDomain>>, Error> {
+        let stores = self
+            .stores
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let mut out = Vec::new();
+        for store in stores {
+            match tokio::time::timeout(STORE_READY_TIMEOUT, store.wait_until_ready()).await {
+                Ok(Ok(())) => out.extend(store.state()),
+                // A store whose writer is gone belongs to a stopped controller: skip it.
+                Ok(Err(_)) => {}
+                Err(_) => return Err(Error::StoresNotReady),
+            }
+        }
+        Ok(out)
+    }
 }
 
 /// Why a reconcile failed. Every message names the action that failed, never a secret.
@@ -151,6 +221,8 @@ pub enum Error {
     },
     #[error("the {0} task panicked")]
     BlockingTaskFailed(&'static str),
+    #[error("the MailDomains of the watched namespaces are not all listed yet")]
+    StoresNotReady,
     #[error("finalizer failed")]
     Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
 }
@@ -176,6 +248,7 @@ impl Error {
             Self::CleanupPending(_) => "cleanup_pending",
             Self::Nats { .. } => "nats",
             Self::BlockingTaskFailed(_) => "blocking_task",
+            Self::StoresNotReady => "stores_not_ready",
             Self::Finalizer(inner) => match inner.as_ref() {
                 kube::runtime::finalizer::Error::ApplyFailed(e)
                 | kube::runtime::finalizer::Error::CleanupFailed(e) => e.metric_label(),
@@ -238,11 +311,34 @@ impl Context {
             client,
             recorder,
             metrics,
-            config,
             users_cache: UsersCache::default(),
             backoff: Backoff::default(),
             sinks: event_sink::Dispatchers::default(),
+            domains: DomainIndex::default(),
+            reconcile_slots: Semaphore::new(usize::from(config.reconcile_concurrency.max(1))),
+            config,
             crds: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Waits for one of the reconcile slots; the reconcile runs while the permit lives.
+    pub async fn reconcile_slot(&self) -> Option<SemaphorePermit<'_>> {
+        // The semaphore is never closed, so `None` does not happen; a reconcile without a
+        // permit would only exceed the bound, never stall.
+        self.reconcile_slots.acquire().await.ok()
+    }
+
+    /// The namespaces to watch, each as one controller scope: `[None]` for all namespaces.
+    pub fn scopes(&self) -> Vec<Option<String>> {
+        if self.config.watch_namespaces.is_empty() {
+            vec![None]
+        } else {
+            self.config
+                .watch_namespaces
+                .iter()
+                .cloned()
+                .map(Some)
+                .collect()
         }
     }
 
@@ -310,6 +406,12 @@ pub async fn wait_for_crd(ctx: &Context, name: &str, stop: &CancellationToken) -
             _ = tokio::time::sleep(Duration::from_secs(60)) => {}
         }
     }
+}
+
+/// Label selector of every child the operator makes: the watches of ConfigMaps, Deployments,
+/// Services and PDBs list only these, not every such object of the cluster.
+pub fn managed_by_selector() -> String {
+    format!("{MANAGED_BY_LABEL}={MANAGED_BY}")
 }
 
 /// An API for `K` in one namespace or all.
@@ -394,8 +496,10 @@ pub fn condition_with(
 
 /// Runs every controller (and, for a bundled NATS, its bootstrap) until `stop` fires.
 pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
+    ctx.domains.clear();
     tokio::join!(
         mail_domain::run(ctx.clone(), stop.clone()),
+        mail_pool::run(ctx.clone(), stop.clone()),
         relay::run(ctx.clone(), stop.clone()),
         event_sink::run(ctx.clone(), stop.clone()),
         suppression::run(ctx.clone(), stop.clone()),

@@ -32,16 +32,28 @@ pub const CONTROLLER: &str = "suppression";
 /// The finalizer: the entries live in NATS, out of reach of owner references.
 pub const FINALIZER: &str = "suppressions.kubemail.io";
 
-/// Runs the Suppression controller until `stop` fires.
+/// Runs the Suppression controller until `stop` fires, one controller per watched namespace.
 pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
     if !crate::controller::wait_for_crd(&ctx, "suppressions.kubemail.io", &stop).await {
         return;
     }
+    let scopes = ctx.scopes();
+    futures::future::join_all(
+        scopes
+            .into_iter()
+            .map(|ns| run_in(ctx.clone(), ns, stop.clone())),
+    )
+    .await;
+}
+
+async fn run_in(ctx: Arc<Context>, ns: Option<String>, stop: CancellationToken) {
     let client = ctx.client.clone();
-    let ns = ctx.config.watch_namespace.clone();
     let controller = Controller::new(
         api_for::<Suppression>(&client, ns.as_deref()),
         watcher::Config::default().any_semantic(),
+    )
+    .with_config(
+        kube::runtime::controller::Config::default().concurrency(ctx.config.reconcile_concurrency),
     );
     let store = controller.store();
     controller
@@ -55,9 +67,12 @@ pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
             },
         )
         .graceful_shutdown_on(stop.cancelled_owned())
-        .run(reconcile, error_policy, ctx)
+        .run(reconcile, error_policy, ctx.clone())
         .for_each(|_| async {})
-        .instrument(info_span!("suppressions.kubemail.io"))
+        .instrument(info_span!(
+            "suppressions.kubemail.io",
+            namespace = ns.as_deref().unwrap_or("*")
+        ))
         .await;
 }
 

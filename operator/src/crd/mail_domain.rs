@@ -30,6 +30,11 @@ const DURATION_RULE: &str = "self.matches('^([0-9]+(d|h|m|s))+$')";
     derive = "PartialEq",
     shortname = "md",
     shortname = "maildomain",
+    scale(
+        spec_replicas_path = ".spec.replicas",
+        status_replicas_path = ".status.replicas",
+        label_selector_path = ".status.selector"
+    ),
     category = "kubemail",
     doc = "A mail domain served by kubemail SMTP nodes.",
     printcolumn(name = "Domain", type_ = "string", json_path = ".spec.domain"),
@@ -76,7 +81,9 @@ pub struct MailDomainSpec {
     ))]
     pub hostname: Option<String>,
 
-    /// Number of SMTP node pods.
+    /// Number of SMTP node pods. Also set through the scale subresource (`kubectl scale
+    /// maildomain/<name> --replicas=N`, a HorizontalPodAutoscaler); scale the MailDomain, not
+    /// its Deployment, which the operator keeps at this number.
     #[serde(default = "default_replicas")]
     #[schemars(range(min = 0, max = 50))]
     pub replicas: i32,
@@ -136,6 +143,24 @@ pub struct MailDomainSpec {
     /// Delivery of this domain's queue.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delivery: Option<DeliverySpec>,
+    /// Serve the domain on this MailPool's shared nodes instead of a Deployment of its own.
+    /// The pool decides which namespaces may attach (`Accepted` condition); `replicas` and
+    /// `service` are then the pool's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool_ref: Option<PoolRef>,
+}
+
+/// A MailPool, by name and namespace.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PoolRef {
+    /// Name of the MailPool.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// Its namespace; absent: the MailDomain's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63))]
+    pub namespace: Option<String>,
 }
 
 /// How the domain's queued mail is delivered.
@@ -534,6 +559,13 @@ pub struct MailDomainStatus {
     /// SMTP node pods that are ready.
     #[serde(default)]
     pub ready_replicas: i32,
+    /// SMTP node pods that exist (the scale subresource's `status.replicas`).
+    #[serde(default)]
+    pub replicas: i32,
+    /// Label selector of the domain's pods (the scale subresource's `status.selector`, which
+    /// a HorizontalPodAutoscaler uses to find the pods' metrics).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
     /// DKIM selectors published in DNS.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub selectors: Vec<String>,
@@ -546,7 +578,8 @@ pub struct MailDomainStatus {
     /// Exactly the DNS records to publish.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub dns_records: Vec<DnsRecord>,
-    /// `Ready`, `DkimKeyReady`, `CertificateReady`, `DnsRecordsReady`, `RelayResolved`.
+    /// `Ready`, `DkimKeyReady`, `CertificateReady`, `DnsRecordsReady`, `RelayResolved`, and
+    /// `Accepted` (whether the MailPool of `spec.poolRef` lets it attach).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "conditions_schema")]
     pub conditions: Vec<Condition>,

@@ -1,5 +1,5 @@
-//! The custom resources of kubemail (`kubemail.io/v1alpha1`): [`MailDomain`], [`Relay`],
-//! [`EventSink`], [`Suppression`] and [`DeliveryPause`],
+//! The custom resources of kubemail (`kubemail.io/v1alpha1`): [`MailDomain`], [`MailPool`],
+//! [`Relay`], [`EventSink`], [`Suppression`] and [`DeliveryPause`],
 //! their shared schema pieces (object references, the condition list) and the YAML that
 //! `crdgen` writes into `crds/`.
 //!
@@ -12,6 +12,7 @@
 pub mod delivery_pause;
 pub mod event_sink;
 pub mod mail_domain;
+pub mod mail_pool;
 pub mod relay;
 pub mod suppression;
 
@@ -23,6 +24,7 @@ use serde::{Deserialize, Serialize};
 pub use self::delivery_pause::{DeliveryPause, DeliveryPauseSpec, DeliveryPauseStatus};
 pub use self::event_sink::{EventSink, EventSinkSpec, EventSinkStatus};
 pub use self::mail_domain::{MailDomain, MailDomainSpec, MailDomainStatus};
+pub use self::mail_pool::{MailPool, MailPoolSpec, MailPoolStatus};
 pub use self::relay::{Relay, RelaySpec, RelayStatus};
 pub use self::suppression::{Suppression, SuppressionSpec, SuppressionStatus};
 
@@ -72,6 +74,7 @@ pub fn crds() -> Vec<(&'static str, CustomResourceDefinition)> {
     vec![
         ("deliverypauses.kubemail.io.yaml", DeliveryPause::crd()),
         ("maildomains.kubemail.io.yaml", MailDomain::crd()),
+        ("mailpools.kubemail.io.yaml", MailPool::crd()),
         ("relays.kubemail.io.yaml", Relay::crd()),
         ("eventsinks.kubemail.io.yaml", EventSink::crd()),
         ("suppressions.kubemail.io.yaml", Suppression::crd()),

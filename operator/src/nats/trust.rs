@@ -33,6 +33,9 @@ pub const ACCOUNT_KEY: &str = "account.pub";
 pub const SIGNING_KEY_KEY: &str = "signing-key.nk";
 /// Secret key holding the server configuration fragment (bundled NATS).
 pub const RESOLVER_CONFIG_KEY: &str = "resolver.conf";
+/// The longest protocol line (bytes) the servers of this chain take: a MailPool's nodes send
+/// one user JWT with the permissions of all its domains in their CONNECT.
+pub const MAX_CONTROL_LINE: u32 = 4 << 20;
 const OPERATOR_SEED_KEY: &str = "operator.nk";
 const SYSTEM_SEED_KEY: &str = "system-account.nk";
 const ACCOUNT_SEED_KEY: &str = "account.nk";
@@ -169,7 +172,9 @@ impl Trust {
         })
     }
 
-    /// The nats-server configuration of this chain: include it from the server's config.
+    /// The nats-server configuration of this chain: include it from the server's config. It
+    /// also raises the longest protocol line the server takes (4 KiB by default) to
+    /// [`MAX_CONTROL_LINE`], for the user JWTs of large MailPools.
     pub fn resolver_config(&self, now: UnixSeconds) -> Result<String, TrustError> {
         let operator = jwt::encode(
             &self.operator,
@@ -220,7 +225,10 @@ impl Trust {
              operator: {operator}\n\
              system_account: {system_pub}\n\
              resolver: MEMORY\n\
-             resolver_preload: {{\n  {system_pub}: {system}\n  {account_pub}: {kubemail}\n}}\n",
+             resolver_preload: {{\n  {system_pub}: {system}\n  {account_pub}: {kubemail}\n}}\n\
+             # A MailPool's nodes connect with one user JWT carrying the permissions of every\n\
+             # domain attached to the pool (about 1.4 KiB each): room for over 2,500 domains.\n\
+             max_control_line: {MAX_CONTROL_LINE}\n",
             system_pub = self.system.public_key(),
             account_pub = self.account.public_key(),
         ))

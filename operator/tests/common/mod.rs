@@ -53,13 +53,7 @@ pub fn nats_url() -> String {
 pub async fn install_crds(client: &Client) {
     let api: Api<CustomResourceDefinition> = Api::all(client.clone());
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds");
-    for file in [
-        "maildomains.kubemail.io.yaml",
-        "relays.kubemail.io.yaml",
-        "eventsinks.kubemail.io.yaml",
-        "suppressions.kubemail.io.yaml",
-        "deliverypauses.kubemail.io.yaml",
-    ] {
+    for (file, _) in kubemail_operator::crd::crds() {
         let text = std::fs::read_to_string(dir.join(file)).expect("read CRD");
         let crd: CustomResourceDefinition = serde_yaml::from_str(&text).expect("parse CRD");
         let name = crd.metadata.name.clone().expect("CRD name");
@@ -215,6 +209,8 @@ pub struct OperatorOptions {
     pub nats_stream: String,
     pub subject_prefix: String,
     pub extra_args: Vec<String>,
+    /// Kubeconfig of the operator; `None`: the test's own (`$KUBECONFIG`, cluster admin).
+    pub kubeconfig: Option<String>,
 }
 
 impl OperatorOptions {
@@ -225,6 +221,7 @@ impl OperatorOptions {
             nats_stream: ns.nats_stream(),
             subject_prefix: ns.subject_prefix(),
             extra_args: Vec::new(),
+            kubeconfig: None,
         }
     }
 }
@@ -233,7 +230,10 @@ impl Operator {
     /// Starts `kubemail-operator` watching only the test namespace (which also holds its Lease
     /// and CA) and waits for its admin endpoint.
     pub fn start(opts: &OperatorOptions) -> Self {
-        let kubeconfig = std::env::var("KUBECONFIG").expect("KUBECONFIG");
+        let kubeconfig = opts
+            .kubeconfig
+            .clone()
+            .unwrap_or_else(|| std::env::var("KUBECONFIG").expect("KUBECONFIG"));
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_kubemail-operator"));
         cmd.args([
             "--kubeconfig",

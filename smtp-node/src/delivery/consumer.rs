@@ -32,6 +32,7 @@ use futures::StreamExt as _;
 use kubemail_queue::names::consumer_filters;
 use kubemail_queue::{consumer_name, is_legacy_consumer, legacy_consumer_name};
 use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
 
 use super::DeliveryContext;
 use crate::config::ConsumerConfig;
@@ -204,6 +205,12 @@ async fn remove_legacy_consumer(
 /// stops.
 pub async fn run(ctx: Arc<DeliveryContext>, domain: String) {
     let stop = ctx.shutdown.stop_token().clone();
+    run_until(ctx, domain, stop).await;
+}
+
+/// Like [`run`], until `stop` fires (a child of the node's stop signal, cancelled on its own
+/// when the domain is removed by a config reload).
+pub async fn run_until(ctx: Arc<DeliveryContext>, domain: String, stop: CancellationToken) {
     // No entry before the pauses in force are known (see `super::pause`).
     ctx.pauses.wait_loaded(PAUSES_LOAD_LIMIT).await;
     let slots = Arc::new(Semaphore::new(ctx.config.concurrency.max(1) as usize));

@@ -39,9 +39,10 @@ pub mod tls;
 pub mod worker;
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use async_nats::jetstream::object_store::ObjectStore;
+use tokio_util::sync::CancellationToken;
 
 use self::address_policy::AddressPolicy;
 use self::limits::ConnectionPool;
@@ -95,19 +96,24 @@ impl DeliverySettings {
                 })
                 .collect(),
             events: config.events.clone(),
-            retry_by_domain: config
-                .domains
-                .iter()
-                .filter(|d| !d.retry_intervals.is_empty())
-                .map(|d| {
-                    (
-                        d.name.to_ascii_lowercase(),
-                        config.delivery.retry.for_domain(&d.retry_intervals),
-                    )
-                })
-                .collect(),
+            retry_by_domain: retry_by_domain(config),
         }
     }
+}
+
+/// The domains of `config` with a retry schedule of their own (`retryIntervals`).
+pub fn retry_by_domain(config: &crate::config::NodeConfig) -> HashMap<String, RetryConfig> {
+    config
+        .domains
+        .iter()
+        .filter(|d| !d.retry_intervals.is_empty())
+        .map(|d| {
+            (
+                d.name.to_ascii_lowercase(),
+                config.delivery.retry.for_domain(&d.retry_intervals),
+            )
+        })
+        .collect()
 }
 
 /// Everything a worker uses, shared by all workers of the node.
@@ -115,15 +121,14 @@ pub struct DeliveryContext {
     pub hostname: String,
     pub config: DeliveryConfig,
     pub nats: NatsConfig,
-    pub routing: RoutingTable,
-    pub relays: HashMap<String, Relay>,
     pub resolver: Arc<dyn Resolver>,
     pub policy: AddressPolicy,
     pub tls: ClientTls,
     pub pool: Arc<ConnectionPool>,
-    pub signer: Option<Arc<DkimSigner>>,
     pub js: async_nats::jetstream::Context,
     pub shutdown: Shutdown,
+    /// What depends on the node's domains; swapped whole by a config reload.
+    domains: RwLock<Arc<DomainTable>>,
     /// MTA-STS, DANE and the overrides of `delivery.tls`.
     pub policies: policy::Policies,
     /// TLS-RPT results and reports.
@@ -138,8 +143,50 @@ pub struct DeliveryContext {
     pub shaper: Arc<shaping::Shaper>,
     /// Marks of entries operators replaced.
     pub replaced: admin::ReplacedMarks,
-    retry_by_domain: HashMap<String, RetryConfig>,
     bodies: Mutex<HashMap<String, ObjectStore>>,
+}
+
+/// The per-domain side of delivery: routes, relays, DKIM keys. A worker takes the current
+/// table once per entry, so one entry is handled with one consistent set.
+pub struct DomainTable {
+    /// The domains' names, as configured.
+    pub names: Vec<String>,
+    pub routing: RoutingTable,
+    pub relays: HashMap<String, Arc<Relay>>,
+    pub signer: Option<Arc<DkimSigner>>,
+    /// Domains with a retry schedule of their own.
+    pub retry: HashMap<String, RetryConfig>,
+}
+
+impl DomainTable {
+    /// The table of `domains`, keeping the relays of `previous` whose settings are unchanged
+    /// (their rate limiters carry on).
+    fn new(
+        domains: &[DomainRouting],
+        signer: Option<Arc<DkimSigner>>,
+        retry: HashMap<String, RetryConfig>,
+        previous: Option<&DomainTable>,
+    ) -> Self {
+        let relays = domains
+            .iter()
+            .filter_map(|dom| {
+                let config = dom.relay.clone()?;
+                let name = dom.name.to_ascii_lowercase();
+                let kept = previous
+                    .and_then(|p| p.relays.get(&name))
+                    .filter(|r| r.config == config)
+                    .cloned();
+                Some((name, kept.unwrap_or_else(|| Arc::new(Relay::new(config)))))
+            })
+            .collect();
+        Self {
+            names: domains.iter().map(|d| d.name.clone()).collect(),
+            routing: RoutingTable::new(domains.to_vec()),
+            relays,
+            signer,
+            retry,
+        }
+    }
 }
 
 impl DeliveryContext {
@@ -156,15 +203,12 @@ impl DeliveryContext {
         let policy = AddressPolicy::new(&d.allowed_networks, &d.blocked_networks)
             .map_err(StartDeliveryError::Networks)?;
         let tls = ClientTls::new(d.tls.extra_ca_file.as_deref())?;
-        let relays = settings
-            .domains
-            .iter()
-            .filter_map(|dom| {
-                dom.relay
-                    .clone()
-                    .map(|r| (dom.name.to_ascii_lowercase(), Relay::new(r)))
-            })
-            .collect();
+        let table = DomainTable::new(
+            &settings.domains,
+            signer,
+            settings.retry_by_domain.clone(),
+            None,
+        );
         let mut js = async_nats::jetstream::new(client);
         js.set_timeout(settings.nats.publish_timeout.0);
         let mta_sts = Arc::new(policy::mta_sts::MtaSts::new(
@@ -202,19 +246,16 @@ impl DeliveryContext {
             pauses: pause::Pauses::new(),
             shaper,
             replaced: admin::ReplacedMarks::default(),
-            retry_by_domain: settings.retry_by_domain,
             hostname: settings.hostname,
             pool: Arc::new(ConnectionPool::new(d.connections.clone())),
             config: settings.delivery,
             nats: settings.nats,
-            routing: RoutingTable::new(settings.domains.clone()),
-            relays,
             resolver,
             policy,
             tls,
-            signer,
             js,
             shutdown,
+            domains: RwLock::new(Arc::new(table)),
             policies,
             tlsrpt,
             bodies: Mutex::new(HashMap::new()),
@@ -223,10 +264,35 @@ impl DeliveryContext {
 
     /// The retry schedule of `domain`'s entries.
     pub fn retry_config(&self, domain: &str) -> RetryConfig {
-        self.retry_by_domain
+        self.domains()
+            .retry
             .get(&domain.to_ascii_lowercase())
             .cloned()
             .unwrap_or_else(|| self.config.retry.clone())
+    }
+
+    /// The current per-domain table.
+    pub fn domains(&self) -> Arc<DomainTable> {
+        self.domains
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Swaps in the table of `domains` (a config reload); entries already being handled
+    /// finish with the table they started with.
+    pub fn set_domains(
+        &self,
+        domains: &[DomainRouting],
+        signer: Option<Arc<DkimSigner>>,
+        retry: HashMap<String, RetryConfig>,
+    ) {
+        let previous = self.domains();
+        let table = DomainTable::new(domains, signer, retry, Some(&previous));
+        *self
+            .domains
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(table);
     }
 
     /// The object store `bucket`, opened once.
@@ -251,50 +317,98 @@ impl DeliveryContext {
     }
 }
 
-/// Starts one pull loop per domain and the connection reaper; they run until the node's
-/// stop signal. Returns the tasks' handles.
-pub fn start(ctx: Arc<DeliveryContext>, domains: &[String]) -> Vec<tokio::task::JoinHandle<()>> {
-    let mut tasks = Vec::new();
-    for domain in domains {
-        metrics::global().init_domain(domain);
-        crate::events::metrics::global().init_domain(domain);
+/// The delivery side of a running node: the connection reaper and one pull loop per domain,
+/// started and stopped as the configured domains change.
+pub struct Delivery {
+    ctx: Arc<DeliveryContext>,
+    consumers: HashMap<String, CancellationToken>,
+}
+
+impl Delivery {
+    /// Starts the connection reaper and a pull loop for each of `domains`; they run until the
+    /// node's stop signal (or, for a domain, until it is removed).
+    pub fn start(ctx: Arc<DeliveryContext>, domains: &[String]) -> Self {
+        let mut delivery = Self {
+            ctx,
+            consumers: HashMap::new(),
+        };
+        if delivery.ctx.config.enabled {
+            tokio::spawn(
+                delivery
+                    .ctx
+                    .pool
+                    .clone()
+                    .run_reaper(delivery.ctx.shutdown.stop_token().clone()),
+            );
+            let ctx = delivery.ctx.clone();
+            let stop = ctx.shutdown.stop_token().clone();
+            tokio::spawn(pause::run_watch(
+                ctx.js.clone(),
+                ctx.pauses.clone(),
+                stop.clone(),
+            ));
+            tokio::spawn(ctx.shaper.clone().run_renewal(stop.clone()));
+            tokio::spawn(ctx.policies.mta_sts.clone().run_refresh(stop.clone()));
+            // The report task reads the current domains and DKIM keys at each check, so a
+            // reload's domains are reported on (and signed for) too.
+            let report_ctx = ctx.clone();
+            let domains_ctx = ctx.clone();
+            tokio::spawn(ctx.tlsrpt.clone().run(
+                move || policy::tlsrpt::ReportContextOwned {
+                    hostname: report_ctx.hostname.clone(),
+                    subject_prefix: report_ctx.nats.subject_prefix.clone(),
+                    resolver: report_ctx.resolver.clone(),
+                    signer: report_ctx.domains().signer.clone(),
+                },
+                move || domains_ctx.domains().names.clone(),
+                stop,
+            ));
+        } else {
+            tracing::info!("delivery is disabled on this node");
+        }
+        delivery.set_domains(domains);
+        delivery
     }
-    if !ctx.config.enabled {
-        tracing::info!("delivery is disabled on this node");
-        return tasks;
+
+    /// The shared context (its domain table is swapped by [`DeliveryContext::set_domains`]).
+    pub fn context(&self) -> &Arc<DeliveryContext> {
+        &self.ctx
     }
-    tasks.push(tokio::spawn(
-        ctx.pool
-            .clone()
-            .run_reaper(ctx.shutdown.stop_token().clone()),
-    ));
-    tasks.push(tokio::spawn(pause::run_watch(
-        ctx.js.clone(),
-        ctx.pauses.clone(),
-        ctx.shutdown.stop_token().clone(),
-    )));
-    tasks.push(tokio::spawn(
-        ctx.shaper
-            .clone()
-            .run_renewal(ctx.shutdown.stop_token().clone()),
-    ));
-    for domain in domains {
-        tasks.push(tokio::spawn(consumer::run(ctx.clone(), domain.clone())));
+
+    /// Runs pull loops for exactly `domains`: new ones start, removed ones stop pulling (their
+    /// entries in flight finish; anything pulled but not started is redelivered by JetStream
+    /// after the ack wait, to whichever node serves the domain then). Returns (started,
+    /// stopped).
+    pub fn set_domains(&mut self, domains: &[String]) -> (Vec<String>, Vec<String>) {
+        let wanted: std::collections::BTreeSet<String> =
+            domains.iter().map(|d| d.to_ascii_lowercase()).collect();
+        let mut stopped = Vec::new();
+        self.consumers.retain(|domain, stop| {
+            let keep = wanted.contains(domain);
+            if !keep {
+                stop.cancel();
+                stopped.push(domain.clone());
+            }
+            keep
+        });
+        let mut started = Vec::new();
+        for domain in wanted {
+            if self.consumers.contains_key(&domain) {
+                continue;
+            }
+            metrics::global().init_domain(&domain);
+            crate::events::metrics::global().init_domain(&domain);
+            let stop = self.ctx.shutdown.stop_token().child_token();
+            if self.ctx.config.enabled {
+                tokio::spawn(consumer::run_until(
+                    self.ctx.clone(),
+                    domain.clone(),
+                    stop.clone(),
+                ));
+            }
+            self.consumers.insert(domain.clone(), stop);
+            started.push(domain);
+        }
+        (started, stopped)
     }
-    let stop = ctx.shutdown.stop_token().clone();
-    tasks.push(tokio::spawn(
-        ctx.policies.mta_sts.clone().run_refresh(stop.clone()),
-    ));
-    let report_ctx = ctx.clone();
-    tasks.push(tokio::spawn(ctx.tlsrpt.clone().run(
-        move || policy::tlsrpt::ReportContextOwned {
-            hostname: report_ctx.hostname.clone(),
-            subject_prefix: report_ctx.nats.subject_prefix.clone(),
-            resolver: report_ctx.resolver.clone(),
-            signer: report_ctx.signer.clone(),
-        },
-        domains.to_vec(),
-        stop,
-    )));
-    tasks
 }

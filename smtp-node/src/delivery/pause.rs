@@ -275,10 +275,13 @@ async fn destination_hosts(
         )
         .await
         .unwrap_or_default(),
-        Route::Relay { domain } => match ctx.relays.get(domain) {
-            Some(relay) => relay.targets().await.unwrap_or_default(),
-            None => Vec::new(),
-        },
+        Route::Relay { domain } => {
+            let relay = ctx.domains().relays.get(domain).cloned();
+            match relay {
+                Some(relay) => relay.targets().await.unwrap_or_default(),
+                None => Vec::new(),
+            }
+        }
         Route::Inbound { .. } | Route::Unroutable { .. } => Vec::new(),
     };
     targets.into_iter().map(|t| (t.host, t.addr.ip())).collect()

@@ -287,6 +287,7 @@ async fn attempt(
         }
     };
     let groups = ctx
+        .domains()
         .routing
         .group(entry.direction, &entry.domain, &entry.recipients);
     let (groups, paused) = pause::split(ctx, entry, groups).await;
@@ -472,7 +473,8 @@ async fn deliver_route(
             .await
         }
         Route::Relay { domain } => {
-            let Some(relay) = ctx.relays.get(domain) else {
+            let table = ctx.domains();
+            let Some(relay) = table.relays.get(domain) else {
                 return deferred(
                     EnhancedCode(4, 3, 5),
                     format!("no relay is configured for {domain}"),
@@ -533,7 +535,12 @@ async fn deliver_route(
             .await
         }
         Route::Inbound { domain } => {
-            let Some(target) = ctx.routing.domain(domain).and_then(|d| d.inbound.clone()) else {
+            let Some(target) = ctx
+                .domains()
+                .routing
+                .domain(domain)
+                .and_then(|d| d.inbound.clone())
+            else {
                 return deferred(
                     EnhancedCode(4, 3, 5),
                     format!("no inbound target is configured for {domain}"),
@@ -1148,7 +1155,7 @@ async fn publish_dsn(
         unique: unique.as_str(),
     });
     let mut message = dsn.message;
-    if let Some(signer) = &ctx.signer {
+    if let Some(signer) = &ctx.domains().signer {
         match signer.sign(&message, Some(&entry.domain)) {
             Ok(Some(headers)) => {
                 let mut signed = headers.into_bytes();

@@ -62,13 +62,17 @@ pub enum ConnectError {
     },
 }
 
+/// The longest pause between attempts to set up an added domain's body bucket.
+const DOMAIN_SETUP_RETRY_MAX: Duration = Duration::from_secs(10);
+
 /// The JetStream-backed queue.
 pub struct JetStreamQueue {
     client: async_nats::Client,
     js: jetstream::Context,
     nats: NatsConfig,
-    /// The domains this node serves (lower case): one body bucket each.
-    domains: Vec<String>,
+    /// The domains this node serves (lower case): one body bucket each. A config reload
+    /// replaces the list ([`JetStreamQueue::set_domains`]).
+    domains: RwLock<Vec<String>>,
     bodies: RwLock<HashMap<String, ObjectStore>>,
     setup: Arc<StreamSetup>,
     /// Whether the stream takes atomic batches (known after set-up).
@@ -123,7 +127,7 @@ impl JetStreamQueue {
             client,
             js,
             nats: nats.clone(),
-            domains: domains.iter().map(|d| d.to_ascii_lowercase()).collect(),
+            domains: RwLock::new(domains.iter().map(|d| d.to_ascii_lowercase()).collect()),
             bodies: RwLock::new(HashMap::new()),
             setup,
             atomic,
@@ -168,17 +172,89 @@ impl JetStreamQueue {
         self.atomic
             .store(atomic && self.nats.group_commit, Ordering::Relaxed);
         let mut bodies = HashMap::new();
-        for domain in &self.domains {
-            let bucket = if self.nats.manage_streams {
-                ensure_body_bucket(&self.js, &self.nats, domain).await?
-            } else {
-                check_consumer(&self.js, &self.nats, domain).await?;
-                open_body_bucket(&self.js, &self.nats, domain).await?
-            };
-            bodies.insert(domain.clone(), bucket);
+        for domain in self.domains() {
+            let bucket = self.domain_bucket(&domain).await?;
+            bodies.insert(domain, bucket);
         }
         *self.bodies.write().unwrap_or_else(|e| e.into_inner()) = bodies;
         Ok(())
+    }
+
+    /// `domain`'s body bucket: created (or updated) with `nats.manageStreams`, else opened
+    /// after checking that the operator made the domain's consumer.
+    async fn domain_bucket(&self, domain: &str) -> Result<ObjectStore, super::stream::SetupError> {
+        if self.nats.manage_streams {
+            ensure_body_bucket(&self.js, &self.nats, domain).await
+        } else {
+            check_consumer(&self.js, &self.nats, domain).await?;
+            open_body_bucket(&self.js, &self.nats, domain).await
+        }
+    }
+
+    /// The domains this node serves now (lower case).
+    fn domains(&self) -> Vec<String> {
+        self.domains
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The node's domains changed (a config reload): removed domains' buckets are let go, and
+    /// added domains' buckets are set up in the background, retried (with a growing pause, at
+    /// most [`DOMAIN_SETUP_RETRY_MAX`]) until they work or `cancel` fires: their objects may
+    /// not exist yet, or the node's credentials may not cover them until the next
+    /// reconnection. Mail for an added domain is refused with a temporary error until then;
+    /// the other domains are not touched.
+    pub fn set_domains(self: &Arc<Self>, domains: &[String], cancel: CancellationToken) {
+        let wanted: Vec<String> = domains.iter().map(|d| d.to_ascii_lowercase()).collect();
+        let added: Vec<String> = {
+            let mut current = self.domains.write().unwrap_or_else(|e| e.into_inner());
+            let added = wanted
+                .iter()
+                .filter(|d| !current.contains(d))
+                .cloned()
+                .collect();
+            *current = wanted.clone();
+            added
+        };
+        self.bodies
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|domain, _| wanted.contains(domain));
+        for domain in added {
+            let queue = self.clone();
+            let cancel = cancel.clone();
+            tokio::spawn(async move {
+                let mut pause = Duration::from_millis(200);
+                loop {
+                    // Detached again before it was set up: nothing to do.
+                    if !queue.domains().contains(&domain) {
+                        return;
+                    }
+                    match queue.domain_bucket(&domain).await {
+                        Ok(bucket) => {
+                            if queue.domains().contains(&domain) {
+                                queue
+                                    .bodies
+                                    .write()
+                                    .unwrap_or_else(|e| e.into_inner())
+                                    .insert(domain.clone(), bucket);
+                                tracing::info!(%domain, "body bucket of an added domain ready");
+                            }
+                            return;
+                        }
+                        Err(error) => {
+                            tracing::warn!(%domain, %error, "cannot set up an added domain's body bucket; retrying");
+                        }
+                    }
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = tokio::time::sleep(pause) => {}
+                    }
+                    pause = (pause * 2).min(DOMAIN_SETUP_RETRY_MAX);
+                }
+            });
+        }
     }
 
     /// Removes body objects no entry refers to, every `interval`, until `cancel`. Only with
@@ -385,13 +461,13 @@ impl JetStreamQueue {
                 Err(GetStreamErrorKind::JetStream(e)) if e.error_code() == ErrorCode::STREAM_NOT_FOUND
             );
         }
-        let Some(domain) = self.domains.first() else {
+        let Some(domain) = self.domains().into_iter().next() else {
             return false;
         };
         matches!(
             self.js
                 .get_consumer_from_stream::<async_nats::jetstream::consumer::pull::Config, _, _>(
-                    kubemail_queue::consumer_name(domain),
+                    kubemail_queue::consumer_name(&domain),
                     &self.nats.stream,
                 )
                 .await

@@ -7,7 +7,9 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-/// Counts open connections per client IP.
+/// Counts open connections per client IP. A clone shares the counts (a config reload hands
+/// the same limits to the next generation of the server context).
+#[derive(Clone)]
 pub struct ConnectionLimits {
     total: Arc<Semaphore>,
     per_ip: Arc<Mutex<HashMap<IpAddr, u32>>>,

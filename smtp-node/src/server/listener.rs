@@ -16,7 +16,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tracing::Instrument;
 
 use super::prefixed::PrefixedStream;
-use super::{BoundListener, ConnectionInfo, ServerContext};
+use super::{BoundListener, ConnectionInfo, ContextCell, ServerContext};
 use crate::config::{ListenerConfig, ListenerKind};
 use crate::metrics::{self, ListenerLabels, ReasonLabels};
 use crate::protocol::{EnhancedCode, Reply};
@@ -26,10 +26,11 @@ const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// Time allowed to write a refusal before closing.
 const REFUSAL_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Accepts connections until shutdown.
-pub async fn accept_loop(bound: BoundListener, ctx: Arc<ServerContext>) {
+/// Accepts connections until shutdown; each one is served with the cell's context of the
+/// moment it arrived.
+pub async fn accept_loop(bound: BoundListener, cell: Arc<ContextCell>) {
     let BoundListener { config, socket } = bound;
-    let stop = ctx.shutdown.accept_token().clone();
+    let stop = cell.current().shutdown.accept_token().clone();
     let mut backoff = Duration::from_millis(10);
     loop {
         let accepted = tokio::select! {
@@ -49,6 +50,7 @@ pub async fn accept_loop(bound: BoundListener, ctx: Arc<ServerContext>) {
             }
         };
         let _ = tcp.set_nodelay(true);
+        let ctx = cell.current();
         metrics::global()
             .connections
             .get_or_create(&ListenerLabels {

@@ -9,6 +9,7 @@ pub mod proxy;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::RwLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::net::TcpListener;
@@ -59,8 +60,38 @@ pub struct ServerContext {
     /// Message bytes in memory, shared by every session ([`crate::memory`]).
     pub memory: MessageMemory,
     /// Contents accepted lately: the generation in each new entry's `Nats-Msg-Id`.
-    pub content: ContentHistory,
-    next_session: AtomicU64,
+    pub content: Arc<ContentHistory>,
+    next_session: Arc<AtomicU64>,
+}
+
+/// The context that new connections get. A config reload puts a new one in; sessions already
+/// running keep the one they started with, so a reload never touches an open session.
+pub struct ContextCell {
+    current: RwLock<Arc<ServerContext>>,
+}
+
+impl ContextCell {
+    pub fn new(ctx: Arc<ServerContext>) -> Arc<Self> {
+        Arc::new(Self {
+            current: RwLock::new(ctx),
+        })
+    }
+
+    /// The context of the next connection.
+    pub fn current(&self) -> Arc<ServerContext> {
+        self.current
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Makes `ctx` the context of every later connection.
+    pub fn replace(&self, ctx: Arc<ServerContext>) {
+        *self
+            .current
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = ctx;
+    }
 }
 
 impl ServerContext {
@@ -95,8 +126,33 @@ impl ServerContext {
             limits,
             checks,
             memory,
-            content,
-            next_session: AtomicU64::new(1),
+            content: Arc::new(content),
+            next_session: Arc::new(AtomicU64::new(1)),
+        })
+    }
+
+    /// The next generation after a config reload: `config`, users and message checks are new;
+    /// the TLS server (whose domain table is swapped in place), the queue, shutdown, the
+    /// connection counts, the memory budget, the content history and the session numbering
+    /// carry over. The connection caps stay those
+    /// of the first generation (a change of `maxConnections` needs a restart).
+    pub fn successor(
+        &self,
+        config: Arc<NodeConfig>,
+        auth: Arc<Authenticator>,
+        checks: MessageChecks,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            config,
+            tls: self.tls.clone(),
+            auth,
+            queue: self.queue.clone(),
+            shutdown: self.shutdown.clone(),
+            limits: self.limits.clone(),
+            checks,
+            memory: self.memory.clone(),
+            content: self.content.clone(),
+            next_session: self.next_session.clone(),
         })
     }
 
@@ -149,15 +205,16 @@ pub async fn bind_listeners(config: &NodeConfig) -> Result<Vec<BoundListener>, S
     Ok(bound)
 }
 
-/// Runs the accept loops until shutdown stops them. Sessions keep running in the shutdown
-/// tracker; wait for them with [`Shutdown::drain`].
-pub async fn run(listeners: Vec<BoundListener>, ctx: Arc<ServerContext>) {
+/// Runs the accept loops until shutdown stops them; each connection gets the cell's current
+/// context. Sessions keep running in the shutdown tracker; wait for them with
+/// [`Shutdown::drain`].
+pub async fn run(listeners: Vec<BoundListener>, cell: Arc<ContextCell>) {
     // Tracked, so that a graceful stop waits for every socket to be closed before it tells the
     // sessions (see `Shutdown::stop_gracefully`).
-    let loops = ctx.shutdown.listeners().clone();
+    let loops = cell.current().shutdown.listeners().clone();
     let mut handles = Vec::with_capacity(listeners.len());
     for l in listeners {
-        handles.push(loops.spawn(listener::accept_loop(l, ctx.clone())));
+        handles.push(loops.spawn(listener::accept_loop(l, cell.clone())));
     }
     for handle in handles {
         let _ = handle.await;

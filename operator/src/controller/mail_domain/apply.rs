@@ -9,6 +9,7 @@ use std::fmt::Debug;
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{ApiResource, DeleteParams, DynamicObject, Patch, PatchParams};
 use kube::{Api, Resource, ResourceExt};
@@ -18,6 +19,7 @@ use serde::de::DeserializeOwned;
 use super::build::Children;
 use super::dereference::Dereferenced;
 use super::names::{self, certificate_resource, dns_endpoint_resource};
+use crate::controller::mail_pool::contract as pool_contract;
 use crate::controller::{Context, Error, FIELD_MANAGER};
 use crate::crd::mail_domain::MailDomain;
 
@@ -38,9 +40,112 @@ pub async fn apply(
     let ns = md.namespace().ok_or(Error::MissingNamespace)?;
     let client = &ctx.client;
     let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
-
     ssa(&config_maps, &children.node_config).await?;
+    apply_material(ctx, md, children, refs).await?;
+    // Back from a pool (its status still says how the pool took it): the hand-over goes.
+    let was_pooled = md.status.as_ref().is_some_and(|s| {
+        s.conditions
+            .iter()
+            .any(|c| c.type_ == super::status::ACCEPTED)
+    });
+    if was_pooled {
+        delete(&config_maps, &pool_contract::pool_domain(&md.name_any())).await?;
+    }
+    let service = ssa(
+        &Api::<Service>::namespaced(client.clone(), &ns),
+        &children.service,
+    )
+    .await?;
+    ssa(
+        &Api::<PodDisruptionBudget>::namespaced(client.clone(), &ns),
+        &children.pdb,
+    )
+    .await?;
+    let deployment = ssa(
+        &Api::<Deployment>::namespaced(client.clone(), &ns),
+        &children.deployment,
+    )
+    .await?;
+    Ok(Applied {
+        deployment,
+        service,
+    })
+}
+
+/// A pooled MailDomain's children: its key material, DNS and the hand-over to its pool (the
+/// pool's nodes serve it). Children of a dedicated past (Deployment, Service, PDB, node
+/// config, NATS Secret, NetworkPolicy) are deleted.
+pub async fn apply_pooled(
+    ctx: &Context,
+    md: &MailDomain,
+    children: &Children,
+    refs: &Dereferenced,
+) -> Result<(), Error> {
+    let ns = md.namespace().ok_or(Error::MissingNamespace)?;
+    let client = &ctx.client;
+    let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    apply_material(ctx, md, children, refs).await?;
+    match &children.pool_domain {
+        Some(handover) => {
+            ssa(&config_maps, handover).await?;
+        }
+        None => delete(&config_maps, &pool_contract::pool_domain(&md.name_any())).await?,
+    }
+    if let Some(service) = &refs.service
+        && owned_by(service.owner_references(), md)
+    {
+        let name = md.name_any();
+        delete(
+            &Api::<Deployment>::namespaced(client.clone(), &ns),
+            &names::deployment(&name),
+        )
+        .await?;
+        delete(
+            &Api::<Service>::namespaced(client.clone(), &ns),
+            &names::service(&name),
+        )
+        .await?;
+        delete(
+            &Api::<PodDisruptionBudget>::namespaced(client.clone(), &ns),
+            &names::pdb(&name),
+        )
+        .await?;
+        delete(&config_maps, &names::node_config(&name)).await?;
+        delete(
+            &Api::<Secret>::namespaced(client.clone(), &ns),
+            &names::nats_secret(&name),
+        )
+        .await?;
+        delete(
+            &Api::<NetworkPolicy>::namespaced(client.clone(), &ns),
+            &names::network_policy(&name),
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// Takes a pooled MailDomain off its pool (the pool stops serving it at its next pass).
+pub async fn detach(ctx: &Context, md: &MailDomain) -> Result<(), Error> {
+    let ns = md.namespace().ok_or(Error::MissingNamespace)?;
+    delete(
+        &Api::<ConfigMap>::namespaced(ctx.client.clone(), &ns),
+        &pool_contract::pool_domain(&md.name_any()),
+    )
+    .await
+}
+
+/// The Secrets (or cert-manager Certificate) and the DNS children both kinds share.
+async fn apply_material(
+    ctx: &Context,
+    md: &MailDomain,
+    children: &Children,
+    refs: &Dereferenced,
+) -> Result<(), Error> {
+    let ns = md.namespace().ok_or(Error::MissingNamespace)?;
+    let client = &ctx.client;
+    let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
     ssa(&secrets, &children.dkim_secret).await?;
     if let Some(tls) = &children.tls_secret {
         ssa(&secrets, tls).await?;
@@ -76,25 +181,7 @@ pub async fn apply(
     if let Some(endpoint) = &children.dns_endpoint {
         ssa_dynamic(ctx, &ns, &dns_endpoint_resource(), endpoint).await?;
     }
-    let service = ssa(
-        &Api::<Service>::namespaced(client.clone(), &ns),
-        &children.service,
-    )
-    .await?;
-    ssa(
-        &Api::<PodDisruptionBudget>::namespaced(client.clone(), &ns),
-        &children.pdb,
-    )
-    .await?;
-    let deployment = ssa(
-        &Api::<Deployment>::namespaced(client.clone(), &ns),
-        &children.deployment,
-    )
-    .await?;
-    Ok(Applied {
-        deployment,
-        service,
-    })
+    Ok(())
 }
 
 /// Whether `refs` holds a controller reference to `md`.

@@ -131,3 +131,13 @@ pub fn selector_labels(md_name: &str) -> BTreeMap<String, String> {
         ("app.kubernetes.io/instance".to_owned(), md_name.to_owned()),
     ])
 }
+
+/// [`selector_labels`] as a label selector string (`k=v,k=v`), the form of a scale
+/// subresource's `status.selector`.
+pub fn selector_string(md_name: &str) -> String {
+    selector_labels(md_name)
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}

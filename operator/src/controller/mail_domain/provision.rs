@@ -177,15 +177,44 @@ fn operator_certificate(
     now: UnixSeconds,
     validity: std::time::Duration,
 ) -> Result<TlsMaterial, Error> {
+    let names = v.certificate_names();
+    let (leaf, issued) = operator_leaf_with_reason(ca, &names, existing, now, validity)?;
+    Ok(TlsMaterial::OperatorCa {
+        leaf,
+        ca_cert_pem: ca.cert_pem.clone(),
+        issued,
+    })
+}
+
+/// The certificate for `hostname` from the operator's CA: the one stored in `existing`
+/// (`tls.crt`, `tls.key`) while it needs no renewal, else a new one.
+pub fn operator_leaf(
+    ca: &CaBundle,
+    hostname: &str,
+    existing: Option<&Secret>,
+    now: UnixSeconds,
+    validity: std::time::Duration,
+) -> Result<IssuedCert, Error> {
+    operator_leaf_with_reason(ca, &[hostname.to_owned()], existing, now, validity)
+        .map(|(leaf, _)| leaf)
+}
+
+/// The leaf for `names` (the first is the subject), and why it was (re)issued, if it was.
+fn operator_leaf_with_reason(
+    ca: &CaBundle,
+    names: &[String],
+    existing: Option<&Secret>,
+    now: UnixSeconds,
+    validity: std::time::Duration,
+) -> Result<(IssuedCert, Option<RenewReason>), Error> {
     let stored_cert = existing.and_then(|s| secret_text(s, TLS_CERT_KEY));
     let stored_key = existing.and_then(|s| secret_text(s, TLS_KEY_KEY));
     let info = match (&stored_cert, &stored_key) {
         (Some(cert), Some(_)) => certs::inspect_leaf(cert, &ca.cert_pem),
         _ => None,
     };
-    let names = v.certificate_names();
-    let reason = certs::renewal_for(info.as_ref(), stored_cert.is_some(), &names, now);
-    let (leaf, issued) = match (reason, info, stored_cert, stored_key) {
+    let reason = certs::renewal_for(info.as_ref(), stored_cert.is_some(), names, now);
+    Ok(match (reason, info, stored_cert, stored_key) {
         (None, Some(info), Some(cert), Some(key)) => (
             IssuedCert {
                 cert_pem: cert,
@@ -196,14 +225,9 @@ fn operator_certificate(
             None,
         ),
         (reason, ..) => (
-            certs::issue_leaf_for(ca, &names, now, validity).map_err(Error::IssueCertificate)?,
+            certs::issue_leaf_for(ca, names, now, validity).map_err(Error::IssueCertificate)?,
             Some(reason.unwrap_or(RenewReason::Missing)),
         ),
-    };
-    Ok(TlsMaterial::OperatorCa {
-        leaf,
-        ca_cert_pem: ca.cert_pem.clone(),
-        issued,
     })
 }
 

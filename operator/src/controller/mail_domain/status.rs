@@ -27,6 +27,19 @@ pub const DKIM_KEY_READY: &str = "DkimKeyReady";
 pub const CERTIFICATE_READY: &str = "CertificateReady";
 pub const DNS_RECORDS_READY: &str = "DnsRecordsReady";
 pub const RELAY_RESOLVED: &str = "RelayResolved";
+pub const ACCEPTED: &str = "Accepted";
+
+/// How a pooled MailDomain stands with its MailPool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolView {
+    /// `<namespace>/<name>` of the pool.
+    pub pool: String,
+    /// The pool lists this MailDomain among the domains its nodes serve.
+    pub attached: bool,
+    pub ready_replicas: i32,
+    pub replicas: i32,
+    pub selector: Option<String>,
+}
 
 /// A Kubernetes event to publish about the MailDomain.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,6 +57,8 @@ pub struct StatusInputs<'a> {
     pub children: &'a Children,
     pub deployment: &'a Deployment,
     pub observed: &'a Observed,
+    /// With `spec.poolRef`: the pool's view, which replaces `deployment`.
+    pub pool: Option<&'a PoolView>,
 }
 
 /// The new status and the events describing what changed. Pure.
@@ -58,6 +73,7 @@ pub fn compute(
         children,
         deployment,
         observed,
+        pool,
     } = inputs;
     let previous = md.status.clone().unwrap_or_default();
     let prev = &previous.conditions;
@@ -287,12 +303,29 @@ pub fn compute(
     };
 
     let status = deployment.status.clone().unwrap_or_default();
-    let ready_replicas = status.ready_replicas.unwrap_or(0);
+    let (ready_replicas, replicas, pods_ready, selector) = match pool {
+        Some(p) => (
+            p.ready_replicas,
+            p.replicas,
+            p.attached && p.ready_replicas > 0,
+            p.selector.clone(),
+        ),
+        None => {
+            let ready_replicas = status.ready_replicas.unwrap_or(0);
+            let updated = status.updated_replicas.unwrap_or(0);
+            let rolled_out = deployment.metadata.generation.unwrap_or(0)
+                <= status.observed_generation.unwrap_or(0);
+            (
+                ready_replicas,
+                status.replicas.unwrap_or(0),
+                rolled_out
+                    && ready_replicas >= v.replicas
+                    && (v.replicas == 0 || updated >= v.replicas),
+                Some(names::selector_string(&v.name)),
+            )
+        }
+    };
     let updated = status.updated_replicas.unwrap_or(0);
-    let rolled_out =
-        deployment.metadata.generation.unwrap_or(0) <= status.observed_generation.unwrap_or(0);
-    let pods_ready =
-        rolled_out && ready_replicas >= v.replicas && (v.replicas == 0 || updated >= v.replicas);
     let ready = if relay.status != "True" {
         cond(READY, false, "RelayNotResolved", relay.message.clone())
     } else if cert_status_false(&certificate) {
@@ -301,6 +334,32 @@ pub fn compute(
             false,
             "CertificateNotReady",
             certificate.message.clone(),
+        )
+    } else if let Some(p) = pool.filter(|_| !pods_ready) {
+        let (reason, message) = if p.attached {
+            (
+                "PodsNotReady",
+                format!("no node of MailPool {} is ready yet", p.pool),
+            )
+        } else {
+            (
+                "NotYetAttached",
+                format!(
+                    "waiting for MailPool {} to serve the domain (it picks up the hand-over within seconds)",
+                    p.pool
+                ),
+            )
+        };
+        cond(READY, false, reason, message)
+    } else if let Some(p) = pool {
+        cond(
+            READY,
+            true,
+            "Ready",
+            format!(
+                "attached to MailPool {} ({} of {} SMTP node pods ready); its nodes serve the domain once they reload their config, within the kubelet's volume sync (up to about a minute) and a few seconds",
+                p.pool, p.ready_replicas, p.replicas
+            ),
         )
     } else if !pods_ready {
         cond(
@@ -321,7 +380,15 @@ pub fn compute(
         )
     };
 
-    let conditions = vec![ready, dkim, certificate, dns, relay];
+    let mut conditions = vec![ready, dkim, certificate, dns, relay];
+    if let Some(p) = pool {
+        conditions.push(cond(
+            ACCEPTED,
+            true,
+            "Accepted",
+            format!("attached to MailPool {}", p.pool),
+        ));
+    }
     for c in &conditions {
         let before = prev.iter().find(|p| p.type_ == c.type_);
         if before.map(|b| b.status.as_str()) != Some(c.status.as_str()) {
@@ -344,6 +411,8 @@ pub fn compute(
         MailDomainStatus {
             observed_generation: generation,
             ready_replicas,
+            replicas,
+            selector,
             selectors: published,
             signing_selectors: children.signing_selectors.clone(),
             certificate: Some(cert_status),
@@ -362,6 +431,55 @@ pub fn invalid(
     now: UnixSeconds,
 ) -> (MailDomainStatus, Vec<DomainEvent>) {
     not_ready(md, invalid.reason, &invalid.message, now)
+}
+
+/// The status of a pooled MailDomain its pool does not accept: `Accepted` and `Ready` false
+/// with the attach reason (`PoolNotFound`, `NotAllowedByPool`).
+pub fn not_accepted(
+    md: &MailDomain,
+    reason: &str,
+    message: &str,
+    now: UnixSeconds,
+) -> (MailDomainStatus, Vec<DomainEvent>) {
+    let (mut status, events) = not_ready(md, reason, message, now);
+    let accepted = condition(
+        &status.conditions,
+        ACCEPTED,
+        false,
+        reason,
+        message.to_owned(),
+        md.metadata.generation,
+        now,
+    );
+    status.conditions.retain(|c| c.type_ != ACCEPTED);
+    status.conditions.push(accepted);
+    status.ready_replicas = 0;
+    status.replicas = 0;
+    (status, events)
+}
+
+/// The status of a later claim of a domain (see [`super::ownership`]): `Ready` false with
+/// reason `DomainConflict`, and nothing that describes served mail (no DNS records, no
+/// selectors, no certificate, no ready pods), since this MailDomain serves none.
+pub fn conflict(
+    md: &MailDomain,
+    message: &str,
+    now: UnixSeconds,
+) -> (MailDomainStatus, Vec<DomainEvent>) {
+    let (status, events) = not_ready(md, super::ownership::DOMAIN_CONFLICT, message, now);
+    let ready = status
+        .conditions
+        .into_iter()
+        .filter(|c| c.type_ == READY)
+        .collect();
+    (
+        MailDomainStatus {
+            observed_generation: status.observed_generation,
+            conditions: ready,
+            ..MailDomainStatus::default()
+        },
+        events,
+    )
 }
 
 /// The status when a reconcile failed half-way (transient): `Ready` false, reason

@@ -15,9 +15,10 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Patch, PatchParams};
+use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType};
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -32,32 +33,50 @@ use crate::timestamps::{self, UnixSeconds, parse_duration, parse_rfc3339, rfc333
 /// Metric label of this controller.
 pub const CONTROLLER: &str = "relay";
 
-/// Runs the Relay controller until `stop` fires.
+/// Runs the Relay controller until `stop` fires, one controller per watched namespace.
 pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
+    let scopes = ctx.scopes();
+    futures::future::join_all(
+        scopes
+            .into_iter()
+            .map(|ns| run_in(ctx.clone(), ns, stop.clone())),
+    )
+    .await;
+}
+
+async fn run_in(ctx: Arc<Context>, ns: Option<String>, stop: CancellationToken) {
     let client = ctx.client.clone();
-    let ns = ctx.config.watch_namespace.clone();
     let controller = Controller::new(
         api_for::<Relay>(&client, ns.as_deref()),
         watcher::Config::default().any_semantic(),
+    )
+    .with_config(
+        kube::runtime::controller::Config::default().concurrency(ctx.config.reconcile_concurrency),
     );
     let store = controller.store();
+    // Metadata only, like the MailDomain controller: a name is all the mapping needs.
+    let secrets = watcher(
+        api_for::<PartialObjectMeta<Secret>>(&client, ns.as_deref()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .touched_objects();
     controller
-        .watches(
-            api_for::<Secret>(&client, ns.as_deref()),
-            watcher::Config::default(),
-            move |secret: Secret| {
-                referrers(&store, &secret, |r: &Relay, name| {
-                    r.spec
-                        .auth
-                        .as_ref()
-                        .is_some_and(|a| a.secret_ref.name == name)
-                })
-            },
-        )
+        .watches_stream(secrets, move |secret: PartialObjectMeta<Secret>| {
+            referrers(&store, &secret, |r: &Relay, name| {
+                r.spec
+                    .auth
+                    .as_ref()
+                    .is_some_and(|a| a.secret_ref.name == name)
+            })
+        })
         .graceful_shutdown_on(stop.cancelled_owned())
         .run(reconcile, error_policy, ctx)
         .for_each(|_| async {})
-        .instrument(info_span!("relays.kubemail.io"))
+        .instrument(info_span!(
+            "relays.kubemail.io",
+            namespace = ns.as_deref().unwrap_or("*")
+        ))
         .await;
 }
 
@@ -112,6 +131,7 @@ pub fn validate(
 )]
 async fn reconcile(relay: Arc<Relay>, ctx: Arc<Context>) -> Result<Action, Error> {
     crate::telemetry::record_trace_id();
+    let _slot = ctx.reconcile_slot().await;
     let _timer = ctx.metrics.reconcile_started(CONTROLLER);
     let ns = relay.namespace().ok_or(Error::MissingNamespace)?;
     tracing::Span::current().record("namespace", field::display(&ns));

@@ -56,6 +56,24 @@ pub struct DomainConfig {
     /// repeating until the lifetime ends. Empty: `delivery.retry.intervals`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub retry_intervals: Vec<HumanDuration>,
+    /// This domain's own certificate, served to clients that ask for `hostname` by SNI (a
+    /// node serving many domains); others get the node's `tls` certificate. Re-read when the
+    /// files change, like the node's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<DomainTls>,
+}
+
+/// A domain's certificate, chosen by SNI.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DomainTls {
+    /// The host name clients connect to for this domain (its MX target, e.g. `mx.example.com`),
+    /// matched against the TLS server name indication, case-insensitively.
+    pub hostname: String,
+    /// Certificate chain, leaf first (PEM).
+    pub cert_file: PathBuf,
+    /// Private key (PEM).
+    pub key_file: PathBuf,
 }
 
 /// Per-domain limits.
@@ -238,6 +256,11 @@ impl DomainConfig {
         }
         if let Some(relay) = &self.relay {
             relay.validate(&format!("{path}.relay"), errors);
+        }
+        if let Some(tls) = &self.tls
+            && let Err(e) = validate_domain_name(&tls.hostname)
+        {
+            errors.push(format!("{path}.tls.hostname: {e}"));
         }
         if let Some(policy) = &self.mta_sts_policy
             && (!policy.starts_with("version: STSv1") || policy.len() > 64 * 1024)

@@ -57,8 +57,8 @@ pub use crate::delivery::{
 pub use crate::dns::{DNS_SERVER_ENV, DnsConfig};
 pub use crate::domain::{
     DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_MAX_RECIPIENTS, DkimConfig, DkimKeyConfig, DomainConfig,
-    DomainLimits, ForwardProtocol, InboundTarget, InboundTls, MAX_MESSAGE_SIZE_CEILING, RelayAuth,
-    RelayConfig, RelayTls, validate_domain_name,
+    DomainLimits, DomainTls, ForwardProtocol, InboundTarget, InboundTls, MAX_MESSAGE_SIZE_CEILING,
+    RelayAuth, RelayConfig, RelayTls, validate_domain_name,
 };
 pub use crate::events::{BounceClass, ClassificationRule, EventsConfig, SuppressionConfig};
 pub use crate::inbound_auth::{DmarcMode, InboundAuthConfig};
@@ -149,6 +149,12 @@ pub struct NodeConfig {
     /// SPF, DKIM and DMARC checks of mail arriving on MX listeners.
     #[serde(default)]
     pub inbound_auth: InboundAuthConfig,
+    /// How often the node looks at its config file; a changed file (by content) swaps the
+    /// domains (users, DKIM keys, certificates, limits, routes, delivery consumers) and the
+    /// per-session settings for new sessions, without a restart and without touching open
+    /// sessions. Listeners, NATS, admin and delivery settings still need a restart.
+    #[serde(default = "default_config_reload_interval")]
+    pub config_reload_interval: HumanDuration,
     /// The HTTPS listener serving the domains' own MTA-STS policies (`domains[].mtaStsPolicy`).
     /// Unset: none is served.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -180,6 +186,7 @@ impl NodeConfig {
             dns: DnsConfig::default(),
             delivery: DeliveryConfig::default(),
             inbound_auth: InboundAuthConfig::default(),
+            config_reload_interval: default_config_reload_interval(),
             mta_sts_server: None,
             events: EventsConfig::default(),
         }
@@ -243,6 +250,10 @@ impl NodeConfig {
             }
             for key in &mut domain.dkim.keys {
                 resolve(&mut key.key_file);
+            }
+            if let Some(tls) = &mut domain.tls {
+                resolve(&mut tls.cert_file);
+                resolve(&mut tls.key_file);
             }
         }
     }
@@ -310,11 +321,28 @@ impl NodeConfig {
         }
         self.nats.validate(&mut errors);
         let mut domain_names = HashSet::new();
+        let mut sni_names = HashSet::new();
         for (i, d) in self.domains.iter().enumerate() {
             d.validate(&format!("domains[{i}]"), &mut errors);
             if !domain_names.insert(d.name.as_str()) {
                 errors.push(format!("domains[{i}].name: duplicate domain {:?}", d.name));
             }
+            if let Some(tls) = &d.tls {
+                if self.tls.is_none() {
+                    errors.push(format!(
+                        "domains[{i}].tls: a domain certificate needs the node's tls section (the default certificate)"
+                    ));
+                }
+                if !sni_names.insert(tls.hostname.to_ascii_lowercase()) {
+                    errors.push(format!(
+                        "domains[{i}].tls.hostname: {:?} is another domain's too",
+                        tls.hostname
+                    ));
+                }
+            }
+        }
+        if self.config_reload_interval.0.is_zero() {
+            errors.push("configReloadInterval: must be greater than 0".to_owned());
         }
         self.delivery.validate(&mut errors);
         self.dns.validate(&mut errors);
@@ -374,6 +402,12 @@ impl NodeConfig {
 }
 
 // Postfix smtpd_min_data_rate.
+// Five seconds: a new domain of a shared pool is served within seconds of its ConfigMap
+// reaching the pod (the kubelet's own sync adds up to a minute), for one stat and one read.
+fn default_config_reload_interval() -> HumanDuration {
+    HumanDuration::from_secs(5)
+}
+
 fn default_min_data_rate() -> u64 {
     500
 }

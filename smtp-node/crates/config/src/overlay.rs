@@ -79,6 +79,7 @@ overlay! {
             max_connections: u32,
             max_connections_per_ip: u32,
             max_errors_per_session: u32,
+            config_reload_interval: HumanDuration,
         }
         merge {
             timeouts: TimeoutsOverlay,

@@ -155,7 +155,8 @@ pub use names::{
     TLSRPT_CLAIMS_BUCKET, TLSRPT_STREAM, auth_failure_stream, auth_failure_subject_prefix,
     auth_failure_subjects, body_bucket, body_ref, consumer_name, domain_token, held_subject,
     inbox_prefix, is_held_subject, is_legacy_consumer, legacy_consumer_name, pause_key,
-    replaced_key, split_body_ref, subject, tlsrpt_claim_key, tlsrpt_day_filter, tlsrpt_subject,
+    pool_inbox_prefix, replaced_key, split_body_ref, subject, tlsrpt_claim_key, tlsrpt_day_filter,
+    tlsrpt_subject,
 };
-pub use permissions::{Permissions, QueueNames, node_permissions};
+pub use permissions::{Permissions, QueueNames, node_permissions, node_permissions_with_inbox};
 pub use rfc3339::{parse_rfc3339, rfc3339};

@@ -242,6 +242,17 @@ pub fn inbox_prefix<S: AsRef<str>>(domains: &[S]) -> String {
     format!("_INBOX_{hex}")
 }
 
+/// The reply-inbox prefix of the nodes of MailPool `name` in `namespace`: like
+/// [`inbox_prefix`], but fixed for the pool, so attaching a domain (which changes what the
+/// nodes' credentials cover) does not change what the running nodes subscribe to. The hashed
+/// text holds `:` and `/`, which no list of domain names does, so it is never the prefix of a
+/// set of domains.
+pub fn pool_inbox_prefix(namespace: &str, name: &str) -> String {
+    let digest = Sha256::digest(format!("mailpool:{namespace}/{name}").as_bytes());
+    let hex: String = digest.iter().take(12).map(|b| format!("{b:02x}")).collect();
+    format!("_INBOX_{hex}")
+}
+
 /// `prefix` and the domain as one NATS name token (see the module doc).
 fn domain_name_token(prefix: &str, domain: &str) -> String {
     let domain = domain.to_ascii_lowercase();

@@ -79,6 +79,16 @@ pub struct Permissions {
 
 /// The permissions of the nodes that serve `domains` (see the module doc).
 pub fn node_permissions<S: AsRef<str>>(names: &QueueNames, domains: &[S]) -> Permissions {
+    node_permissions_with_inbox(names, domains, &inbox_prefix(domains))
+}
+
+/// [`node_permissions`] with the reply inbox `inbox` (a pool's nodes use one that stays the
+/// same while domains attach and detach: [`crate::pool_inbox_prefix`]).
+pub fn node_permissions_with_inbox<S: AsRef<str>>(
+    names: &QueueNames,
+    domains: &[S],
+    inbox: &str,
+) -> Permissions {
     let stream = &names.stream;
     let mut publish = Vec::new();
     let failures = auth_failure_stream(stream);
@@ -189,7 +199,7 @@ pub fn node_permissions<S: AsRef<str>>(names: &QueueNames, domains: &[S]) -> Per
     publish.dedup();
     Permissions {
         publish,
-        subscribe: vec![format!("{}.>", inbox_prefix(domains))],
+        subscribe: vec![format!("{inbox}.>")],
     }
 }
 
@@ -217,6 +227,20 @@ pub fn operator_permissions(inbox: &str) -> Permissions {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pool_keeps_its_inbox_while_its_domains_change() {
+        let inbox = crate::pool_inbox_prefix("platform", "shared");
+        let one = node_permissions_with_inbox(&QueueNames::default(), &["a.test"], &inbox);
+        let two =
+            node_permissions_with_inbox(&QueueNames::default(), &["a.test", "b.test"], &inbox);
+        assert_eq!(one.subscribe, vec![format!("{inbox}.>")]);
+        assert_eq!(one.subscribe, two.subscribe);
+        assert!(two.publish.contains(&"kubemail.queue.b.test".to_owned()));
+        assert!(!one.publish.contains(&"kubemail.queue.b.test".to_owned()));
+        assert_ne!(inbox, crate::pool_inbox_prefix("platform", "other"));
+        assert_ne!(inbox, inbox_prefix(&["a.test"]));
+    }
 
     #[test]
     fn a_domain_gets_its_own_names_only() {

@@ -121,12 +121,12 @@ impl TlsRpt {
         }
     }
 
-    /// Every `checkInterval`, sends the previous day's reports of `domains` (once per
-    /// cluster), until `stop`.
+    /// Every `checkInterval`, sends the previous day's reports of the node's current
+    /// `domains` (once per cluster), until `stop`.
     pub async fn run(
         self: Arc<Self>,
         ctx: impl Fn() -> ReportContextOwned + Send + Sync + 'static,
-        domains: Vec<String>,
+        domains: impl Fn() -> Vec<String> + Send + Sync + 'static,
         stop: tokio_util::sync::CancellationToken,
     ) {
         if !self.config.enabled {
@@ -139,7 +139,7 @@ impl TlsRpt {
             }
             let owned = ctx();
             let day = day_of(self.clock.now() - Duration::from_secs(86_400));
-            for domain in &domains {
+            for domain in &domains() {
                 match self.send_day(&owned.borrow(), domain, &day).await {
                     Ok(0) => {}
                     Ok(n) => tracing::info!(%domain, %day, reports = n, "queued TLS-RPT reports"),

@@ -9,7 +9,7 @@
 //! integers) with `TryFrom`, refusing what the node's types cannot hold.
 
 use std::net::{IpAddr, SocketAddr};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use kubemail_config::{
     ByteSize, DkimConfig, DkimKeyConfig, DomainConfig, DomainLimits, InboundTarget, InboundTls,
@@ -100,20 +100,19 @@ impl TryFrom<&Limits> for DomainLimits {
     }
 }
 
-/// The node configuration of `v`'s nodes. `has_users`: the users Secret is mounted;
-/// `signing`: the DKIM selectors that sign now.
-pub fn node_config(
-    v: &ValidatedDomain,
-    has_users: bool,
-    signing: &[String],
+/// The node-wide part of a node configuration (no domains): listeners on the container
+/// ports, the default certificate in [`TLS_DIR`], NATS (with authenticated NATS, reply inbox
+/// `inbox_prefix`), the admin endpoint, the key of the shared AUTH failure count when
+/// `username_key` names it, the in-memory message budget for messages of up to
+/// `max_message_size` bytes, then the site overlay.
+pub fn base_node_config(
+    hostname: &str,
+    username_key: Option<PathBuf>,
+    inbox_prefix: String,
+    max_message_size: u64,
     config: &BuildConfig,
 ) -> Result<NodeConfig, BuildError> {
-    let ip: IpAddr = config.listen_host.parse().map_err(|_| {
-        BuildError::NodeConfig(format!(
-            "the node listen host {:?} is not an IP address",
-            config.listen_host
-        ))
-    })?;
+    let ip = listen_ip(config)?;
     let listener = |name: &str, kind, port| ListenerConfig {
         name: name.to_owned(),
         kind,
@@ -123,7 +122,7 @@ pub fn node_config(
         require_tls: None,
     };
     let mut node = NodeConfig::new(
-        v.hostname.clone(),
+        hostname.to_owned(),
         vec![
             listener("mx", ListenerKind::Mx, SMTP_PORT),
             listener("submission", ListenerKind::Submission, SUBMISSION_PORT),
@@ -145,7 +144,7 @@ pub fn node_config(
     // and manages the JetStream objects, which the credentials may not create.
     if config.nats_auth {
         node.nats.credentials_file = Some(Path::new(NATS_DIR).join(CREDENTIALS_KEY));
-        node.nats.inbox_prefix = Some(kubemail_queue::inbox_prefix(&[&v.domain]));
+        node.nats.inbox_prefix = Some(inbox_prefix);
         node.nats.manage_streams = false;
     }
     if config.nats_tls {
@@ -153,16 +152,32 @@ pub fn node_config(
         node.nats.require_tls = true;
     }
     node.admin.address = SocketAddr::new(ip, ADMIN_PORT);
-    if has_users {
-        // Set before the overlay, so a site-wide `auth` section can still choose its own key.
-        node.auth.username_key_file = Some(Path::new(USERS_DIR).join(USERNAME_KEY_KEY));
-    }
+    // Set before the overlay, so a site-wide `auth` section can still choose its own key.
+    node.auth.username_key_file = username_key;
     // Also before the overlay (a site may size it); the Deployment's memory limit is derived
     // from what the node config ends up with.
-    node.limits.message_bytes_in_memory = Some(ByteSize(message_memory(v.limits.max_message_size)));
+    node.limits.message_bytes_in_memory = Some(ByteSize(message_memory(max_message_size)));
     if let Some(overlay) = &config.node_overlay {
         overlay.apply_to(&mut node);
     }
+    Ok(node)
+}
+
+/// The node configuration of `v`'s nodes. `has_users`: the users Secret is mounted;
+/// `signing`: the DKIM selectors that sign now.
+pub fn node_config(
+    v: &ValidatedDomain,
+    has_users: bool,
+    signing: &[String],
+    config: &BuildConfig,
+) -> Result<NodeConfig, BuildError> {
+    let mut node = base_node_config(
+        &v.hostname,
+        has_users.then(|| Path::new(USERS_DIR).join(USERNAME_KEY_KEY)),
+        kubemail_queue::inbox_prefix(&[&v.domain]),
+        v.limits.max_message_size,
+        config,
+    )?;
 
     let mut domain = DomainConfig {
         name: v.domain.clone(),
@@ -196,6 +211,7 @@ pub fn node_config(
                 })
                 .collect(),
         },
+        tls: None,
     };
     match &v.relay {
         RelayResolution::Direct => {}
@@ -210,7 +226,7 @@ pub fn node_config(
     }
     if v.mta_sts.is_some() {
         node.mta_sts_server = Some(MtaStsServerConfig {
-            address: SocketAddr::new(ip, MTA_STS_PORT),
+            address: SocketAddr::new(listen_ip(config)?, MTA_STS_PORT),
         });
     }
     // The MailDomain's own rules win over a site-wide overlay's.
@@ -232,6 +248,16 @@ pub fn node_config(
     node.validate()
         .map_err(|e| BuildError::NodeConfig(e.to_string()))?;
     Ok(node)
+}
+
+/// The address the nodes' listeners bind (`--node-listen-host`).
+fn listen_ip(config: &BuildConfig) -> Result<IpAddr, BuildError> {
+    config.listen_host.parse().map_err(|_| {
+        BuildError::NodeConfig(format!(
+            "the node listen host {:?} is not an IP address",
+            config.listen_host
+        ))
+    })
 }
 
 /// The ConfigMap text of `node`: a header naming its MailDomain, then every field.

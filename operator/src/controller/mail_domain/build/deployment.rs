@@ -41,12 +41,75 @@ const SECRET_MODE: i32 = 0o440;
 /// message bytes, so the budget keeps the node below its limit.
 const NODE_BASE_MEMORY: u64 = 256 << 20;
 
+/// What differs between the pods of a MailDomain and those of a MailPool.
+#[derive(Debug, Clone)]
+pub struct NodePods {
+    pub replicas: i32,
+    /// Labels of the pods (a superset of `selector`).
+    pub labels: BTreeMap<String, String>,
+    pub selector: BTreeMap<String, String>,
+    /// Pod template annotations (a checksum that rolls the pods when it changes).
+    pub annotations: BTreeMap<String, String>,
+    /// The ConfigMap holding `node.yaml`, mounted at [`CONFIG_DIR`].
+    pub config_map: String,
+    pub secrets: Vec<SecretMount>,
+}
+
+/// A Secret the pods mount read-only.
+#[derive(Debug, Clone)]
+pub struct SecretMount {
+    pub volume: String,
+    pub secret: String,
+    pub path: String,
+    /// The pod starts without it (a pool's shards that hold no domain yet).
+    pub optional: bool,
+}
+
 /// The Deployment of the domain's nodes; `checksum` rolls the pods when what they read at
 /// start-up changes.
 pub(super) fn deployment(
     v: &ValidatedDomain,
     metadata: ObjectMeta,
     checksum: &str,
+    node: &NodeConfig,
+    config: &BuildConfig,
+) -> Deployment {
+    let secret = |volume: &str, secret: String, path: &str| SecretMount {
+        volume: volume.to_owned(),
+        secret,
+        path: path.to_owned(),
+        optional: false,
+    };
+    let mut secrets = vec![
+        secret("tls", names::tls_secret(&v.name), TLS_DIR),
+        secret("dkim", names::dkim_secret(&v.name), DKIM_DIR),
+    ];
+    if v.users.is_some() {
+        secrets.push(secret("users", names::users_secret(&v.name), USERS_DIR));
+    }
+    if let RelayResolution::Resolved { spec, .. } = &v.relay
+        && let Some(auth) = &spec.auth
+    {
+        secrets.push(secret("relay", auth.secret_ref.name.clone(), RELAY_DIR));
+    }
+    if config.nats_auth || config.nats_tls {
+        secrets.push(secret("nats", names::nats_secret(&v.name), names::NATS_DIR));
+    }
+    let pods = NodePods {
+        replicas: v.replicas,
+        labels: labels(&v.name),
+        selector: selector_labels(&v.name),
+        annotations: BTreeMap::from([(CHECKSUM_ANNOTATION.to_owned(), checksum.to_owned())]),
+        config_map: names::node_config(&v.name),
+        secrets,
+    };
+    node_deployment(&pods, metadata, node, config)
+}
+
+/// The Deployment of SMTP node pods described by `pods`.
+pub fn node_deployment(
+    pods: &NodePods,
+    metadata: ObjectMeta,
     node: &NodeConfig,
     config: &BuildConfig,
 ) -> Deployment {
@@ -100,36 +163,24 @@ pub(super) fn deployment(
         ..Default::default()
     };
 
-    let mut mounts = vec![
-        mount("config", CONFIG_DIR),
-        mount("tls", TLS_DIR),
-        mount("dkim", DKIM_DIR),
-    ];
-    let mut volumes = vec![
-        Volume {
-            name: "config".to_owned(),
-            config_map: Some(ConfigMapVolumeSource {
-                name: names::node_config(&v.name),
-                ..Default::default()
-            }),
+    let mut mounts = vec![mount("config", CONFIG_DIR)];
+    let mut volumes = vec![Volume {
+        name: "config".to_owned(),
+        config_map: Some(ConfigMapVolumeSource {
+            name: pods.config_map.clone(),
             ..Default::default()
-        },
-        secret_volume("tls", names::tls_secret(&v.name)),
-        secret_volume("dkim", names::dkim_secret(&v.name)),
-    ];
-    if v.users.is_some() {
-        mounts.push(mount("users", USERS_DIR));
-        volumes.push(secret_volume("users", names::users_secret(&v.name)));
-    }
-    if let RelayResolution::Resolved { spec, .. } = &v.relay
-        && let Some(auth) = &spec.auth
-    {
-        mounts.push(mount("relay", RELAY_DIR));
-        volumes.push(secret_volume("relay", auth.secret_ref.name.clone()));
-    }
-    if config.nats_auth || config.nats_tls {
-        mounts.push(mount("nats", names::NATS_DIR));
-        volumes.push(secret_volume("nats", names::nats_secret(&v.name)));
+        }),
+        ..Default::default()
+    }];
+    for m in &pods.secrets {
+        mounts.push(mount(&m.volume, &m.path));
+        let mut volume = secret_volume(&m.volume, m.secret.clone());
+        if m.optional
+            && let Some(source) = volume.secret.as_mut()
+        {
+            source.optional = Some(true);
+        }
+        volumes.push(volume);
     }
     mounts.push(VolumeMount {
         name: "tmp".to_owned(),
@@ -230,13 +281,12 @@ pub(super) fn deployment(
         ..Default::default()
     };
 
-    let pod_labels = labels(&v.name);
     Deployment {
         metadata,
         spec: Some(DeploymentSpec {
-            replicas: Some(v.replicas),
+            replicas: Some(pods.replicas),
             selector: LabelSelector {
-                match_labels: Some(selector_labels(&v.name)),
+                match_labels: Some(pods.selector.clone()),
                 ..Default::default()
             },
             // Surge first: a rolling update never lowers the number of nodes taking mail.
@@ -249,11 +299,8 @@ pub(super) fn deployment(
             }),
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
-                    labels: Some(pod_labels),
-                    annotations: Some(BTreeMap::from([(
-                        CHECKSUM_ANNOTATION.to_owned(),
-                        checksum.to_owned(),
-                    )])),
+                    labels: Some(pods.labels.clone()),
+                    annotations: (!pods.annotations.is_empty()).then(|| pods.annotations.clone()),
                     ..Default::default()
                 }),
                 spec: Some(PodSpec {
@@ -293,12 +340,17 @@ fn memory_limit(node: &NodeConfig) -> String {
 }
 
 pub(super) fn pdb(v: &ValidatedDomain, metadata: ObjectMeta) -> PodDisruptionBudget {
+    node_pdb(selector_labels(&v.name), metadata)
+}
+
+/// The PodDisruptionBudget of the nodes selected by `selector`.
+pub fn node_pdb(selector: BTreeMap<String, String>, metadata: ObjectMeta) -> PodDisruptionBudget {
     PodDisruptionBudget {
         metadata,
         spec: Some(PodDisruptionBudgetSpec {
             max_unavailable: Some(IntOrString::Int(1)),
             selector: Some(LabelSelector {
-                match_labels: Some(selector_labels(&v.name)),
+                match_labels: Some(selector),
                 ..Default::default()
             }),
             ..Default::default()

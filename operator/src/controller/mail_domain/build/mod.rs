@@ -23,10 +23,11 @@
 pub mod config;
 mod deployment;
 mod dns;
+mod pooled;
 mod secrets;
 mod service;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -41,10 +42,13 @@ use kube::api::{DynamicObject, ObjectMeta};
 use kubemail_config::NodeConfigOverlay;
 use sha2::{Digest, Sha256};
 
-pub use self::config::{OverlayError, load_node_overlay, node_config};
+pub use self::config::{OverlayError, base_node_config, load_node_overlay, node_config};
+pub use self::deployment::{NodePods, SecretMount, node_deployment, node_pdb};
+pub use self::service::node_service;
 use crate::controller::mail_domain::names::{self, NODE_CONFIG_KEY, labels};
 use crate::controller::mail_domain::provision::Provisioned;
 use crate::controller::mail_domain::validate::ValidatedDomain;
+use crate::controller::mail_pool::contract as pool_contract;
 use crate::crd::mail_domain::{DnsRecord, MailDomain};
 use crate::dkim;
 use crate::timestamps::UnixSeconds;
@@ -105,6 +109,9 @@ pub struct Children {
     pub dns_config: ConfigMap,
     pub dns_endpoint: Option<DynamicObject>,
     pub dns_records: Vec<DnsRecord>,
+    /// With `spec.poolRef`: the hand-over to the pool (`None` while the relay is unusable);
+    /// the node ConfigMap, Deployment, Service and PDB above are then not applied.
+    pub pool_domain: Option<ConfigMap>,
     /// Selectors the nodes sign with now.
     pub signing_selectors: Vec<String>,
     pub checksum: String,
@@ -187,6 +194,10 @@ pub fn build(
     let service = service::service(v, meta(names::service(&v.name)));
     let pdb = deployment::pdb(v, meta(names::pdb(&v.name)));
     let dns = dns::dns(v, p, observed, meta);
+    let pool_domain = match &md.spec.pool_ref {
+        Some(_) => pooled::pool_domain(v, &node, meta(pool_contract::pool_domain(&v.name)))?,
+        None => None,
+    };
 
     Ok(Children {
         node_config,
@@ -200,6 +211,7 @@ pub fn build(
         dns_config: dns.config,
         dns_endpoint: dns.endpoint,
         dns_records: dns.records,
+        pool_domain,
         signing_selectors: signing,
         checksum,
     })

@@ -26,7 +26,7 @@ use crate::dns_records;
 
 const NOW: i64 = 1_800_000_000;
 
-pub(super) fn config() -> BuildConfig {
+pub(crate) fn config() -> BuildConfig {
     BuildConfig {
         node_image: "kubemail/smtp-node:0.1.0".into(),
         listen_host: "0.0.0.0".into(),
