@@ -56,10 +56,6 @@ pub const SHARED_RETRY_AFTER: Duration = Duration::from_secs(5);
 /// map overhead per name, so a few MB at most. Beyond it, the names whose last failure is
 /// oldest are forgotten first.
 pub const LOCAL_MAX_FAILURES: usize = 50_000;
-/// Failures the shared stream holds over all user names (an empty message is about 100 bytes
-/// on disk, so about 100 MB at most). Beyond it NATS drops the oldest, which for a flood of
-/// made-up names shortens the window for everyone rather than growing without bound.
-pub const SHARED_MAX_FAILURES: i64 = 1_000_000;
 /// Shortest secret accepted in `auth.usernameKeyFile` (128 bits).
 pub const MIN_KEY_LEN: usize = 16;
 /// The HMAC key when no key file is configured. Not secret: it keeps user names out of plain
@@ -356,9 +352,14 @@ impl UserFailureLimit {
         }
     }
 
-    /// Records a failed login of `user`, locally and (when usable) in the shared log.
-    pub async fn record_failure(&self, user: UserTag) {
+    /// Records a failed login of `user`, locally and, for a user name that exists (`known`),
+    /// in the shared log when it is usable. Unknown names stay local: written, a flood of
+    /// made-up names would grow the shared stream without bound.
+    pub async fn record_failure(&self, user: UserTag, known: bool) {
         self.local.record(user, Instant::now());
+        if !known {
+            return;
+        }
         let Some(shared) = self.usable_shared() else {
             return;
         };
@@ -544,11 +545,13 @@ pub fn failure_stream_config(nats: &NatsConfig, auth: &AuthConfig) -> stream::Co
         subjects: vec![format!("{}.*", failure_subject_prefix(nats))],
         retention: RetentionPolicy::Limits,
         storage: StorageType::File,
-        // Full: forget the oldest failures (a shorter window), never refuse to record.
+        // A subject at its limit forgets its own oldest failure: the newest `limit` ones say
+        // whether and until when the user is locked. No stream-wide cap: it would evict other
+        // users' failures.
         discard: DiscardPolicy::Old,
         max_age: window,
         max_messages_per_subject: i64::from(auth.failures_per_user.max(1)),
-        max_messages: SHARED_MAX_FAILURES,
+        max_messages: -1,
         max_bytes: -1,
         max_message_size: -1,
         // No message ids are sent; the smallest window keeps the server's dedupe table small.
@@ -729,7 +732,7 @@ mod tests {
         let alice = limit.tag("alice@example.test");
         for _ in 0..3 {
             assert!(!limit.is_locked(alice).await);
-            limit.record_failure(alice).await;
+            limit.record_failure(alice, true).await;
         }
         assert!(limit.is_locked(alice).await);
         assert!(
@@ -754,12 +757,28 @@ mod tests {
         let alice = nodes[0].tag("alice@example.test");
         for i in 0..4 {
             assert!(!nodes[i % 2].is_locked(alice).await, "attempt {i}");
-            nodes[i % 2].record_failure(alice).await;
+            nodes[i % 2].record_failure(alice, true).await;
         }
         // Each node saw only two failures itself; together they reached the limit.
         assert_eq!(nodes[0].local.count(alice, Instant::now()), 2);
         assert!(nodes[0].is_locked(alice).await);
         assert!(nodes[1].is_locked(alice).await);
+    }
+
+    #[tokio::test]
+    async fn unknown_names_are_limited_locally_but_never_written_to_the_shared_log() {
+        let config = auth_config(2, HOUR);
+        let shared = Arc::new(Shared(LocalFailures::new(2, HOUR, 100)));
+        let limit = UserFailureLimit::with_tagger(&config, UserTagger::new(BUILTIN_KEY));
+        limit.attach_shared(shared.clone());
+        let nobody = limit.tag("nobody@example.test");
+        limit.record_failure(nobody, false).await;
+        limit.record_failure(nobody, false).await;
+        assert!(limit.is_locked(nobody).await, "this node still limits it");
+        assert_eq!(shared.0.held(), 0, "nothing written for a made-up name");
+        let alice = limit.tag("alice@example.test");
+        limit.record_failure(alice, true).await;
+        assert_eq!(shared.0.held(), 1, "a real user's failure is shared");
     }
 
     #[tokio::test]
@@ -772,9 +791,9 @@ mod tests {
             !limit.is_locked(alice).await,
             "an unreachable counter locks nobody out"
         );
-        limit.record_failure(alice).await;
+        limit.record_failure(alice, true).await;
         assert!(!limit.is_locked(alice).await);
-        limit.record_failure(alice).await;
+        limit.record_failure(alice, true).await;
         assert!(
             limit.is_locked(alice).await,
             "this node's own failures still count"
@@ -795,7 +814,7 @@ mod tests {
         assert_eq!(t.elapsed(), Duration::from_millis(2500));
         // Within the retry pause nothing waits for it.
         let t = tokio::time::Instant::now();
-        limit.record_failure(alice).await;
+        limit.record_failure(alice, true).await;
         assert!(!limit.is_locked(alice).await);
         assert_eq!(t.elapsed(), Duration::ZERO);
     }
@@ -808,7 +827,9 @@ mod tests {
         assert_eq!(config.subjects, ["kubemail.queue-auth-failures.*"]);
         assert_eq!(config.max_age, HOUR);
         assert_eq!(config.max_messages_per_subject, 20);
-        assert_eq!(config.max_messages, SHARED_MAX_FAILURES);
+        // No stream-wide cap that could evict another user's failures.
+        assert_eq!(config.max_messages, -1);
+        assert_eq!(config.max_bytes, -1);
         assert_eq!(config.discard, DiscardPolicy::Old);
         assert_eq!(config.retention, RetentionPolicy::Limits);
         assert!(config.duplicate_window <= config.max_age);

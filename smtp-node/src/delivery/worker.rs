@@ -803,6 +803,7 @@ async fn publish_dsn(
         auth_user: None,
         client_ip: None,
         helo: None,
+        sender_auth: None,
         eight_bit: dsn.eight_bit,
         smtputf8: false,
         dsn_envid: None,

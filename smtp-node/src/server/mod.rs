@@ -76,7 +76,11 @@ impl ServerContext {
         shutdown: Shutdown,
         checks: MessageChecks,
     ) -> Arc<Self> {
-        let limits = ConnectionLimits::new(config.max_connections, config.max_connections_per_ip);
+        let limits = ConnectionLimits::new(
+            config.max_connections,
+            config.max_connections_per_ip,
+            config.client_ipv6_prefix,
+        );
         Arc::new(Self {
             config,
             tls,

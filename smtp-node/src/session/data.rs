@@ -15,7 +15,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::Instrument;
 
 use super::{End, Next, Session, Transaction};
-use crate::config::ListenerKind;
+use crate::config::{ListenerKind, NulBytes};
 use crate::message::{ReceivedInfo, header_value, new_message_id, received_header};
 use crate::metrics::{self, ListenerLabels, ReasonLabels};
 use crate::protocol::{BodyType, DataProgress, DataReceiver, EnhancedCode, MAX_TEXT_LINE, Reply};
@@ -88,6 +88,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let span = tx.span.clone();
         record_envelope(&span, &tx);
         span.record("smtp.message_size", body.len());
+        // No NUL passes as it is (RFC 5322 3.5 allows none): a downstream that drops NUL bytes
+        // would read `<CRLF><NUL>.<CRLF>` as the end of the data.
+        let body = if memchr::memchr(0, &body).is_none() {
+            body
+        } else if self.conn.listener.nul_bytes == NulBytes::Strip {
+            crate::message::without_nul(body)
+        } else {
+            self.tx = Some(tx);
+            self.reject_message(
+                Reply::new(
+                    554,
+                    EnhancedCode(5, 6, 0),
+                    "Message contains NUL characters",
+                ),
+                "nul_bytes",
+            );
+            return Ok(Next::Continue);
+        };
         if crate::message::received_count(&body) > crate::message::MAX_RECEIVED_HEADERS {
             self.tx = Some(tx);
             self.reject_message(
@@ -127,6 +145,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 span.record("smtp.reply_code", 250);
                 span.record("smtp.outcome", "queued");
                 span.in_scope(|| tracing::info!(size, recipients = tx.recipients.len(), "queued"));
+                // A message got through: the client is not just holding its slot.
+                self.junk = 0;
                 self.reply(Reply::ok(format!("Ok: queued as {}", tx.queue_id)));
             }
             Err(error) => {
@@ -238,6 +258,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             auth_user: self.user.as_ref().map(|u| u.name.clone()),
             client_ip: Some(self.conn.remote.ip()),
             helo: self.helo.as_ref().map(|h| h.name.clone()),
+            sender_auth: None,
             eight_bit: tx.params.body == Some(BodyType::EightBitMime),
             smtputf8: tx.params.smtputf8,
             dsn_envid: tx.params.envid.clone(),

@@ -57,6 +57,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             return Ok(Next::Continue);
         };
         if tx.recipients.contains(&to) {
+            self.junk_command()?;
             self.reply(Reply::new(
                 250,
                 EnhancedCode(2, 1, 5),
@@ -66,7 +67,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
         if tx.recipients.len() >= limit {
             // RFC 5321 4.5.3.1.10: 452, and the recipients so far stay valid. Not counted as an
-            // error: a client with many recipients is expected to hit it.
+            // error (a client with many recipients is expected to hit it), but as junk.
+            self.junk_command()?;
             self.reply(Reply::too_many_recipients());
             return Ok(Next::Continue);
         }

@@ -18,6 +18,7 @@ pub const DSN_ENVID: &str = "Kubemail-Dsn-Envid";
 pub const DSN_RET: &str = "Kubemail-Dsn-Ret";
 pub const BODY_REF: &str = "Kubemail-Body-Ref";
 pub const BODY_SIZE: &str = "Kubemail-Body-Size";
+pub const SENDER_AUTH: &str = "Kubemail-Sender-Auth";
 
 // The delivery state, written when an entry is republished after an attempt.
 pub const ATTEMPTS: &str = "Kubemail-Attempts";

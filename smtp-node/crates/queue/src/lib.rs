@@ -37,7 +37,10 @@
 //!   retries, while a DSN entry carries the failing attempt's context), `Kubemail-Auth-User`,
 //!   `Kubemail-Client-Ip`, `Kubemail-Helo`, `Kubemail-Body-Type` (`8BITMIME`),
 //!   `Kubemail-Smtputf8` (`true`), `Kubemail-Dsn-Envid`, `Kubemail-Dsn-Ret`,
-//!   `Kubemail-Body-Ref`, `Kubemail-Body-Size` (octets of the body, inline or stored).
+//!   `Kubemail-Body-Ref`, `Kubemail-Body-Size` (octets of the body, inline or stored),
+//!   `Kubemail-Sender-Auth` (inbound mail: `spf`, `dkim`, `spf,dkim` or `none`, how the
+//!   envelope sender was authenticated at acceptance; [`SenderAuth`]: only a sender that
+//!   passed gets a DSN).
 //!
 //! An optional header is written only when its value is present and not empty, and read back
 //! as absent when it is missing or empty. Values never contain control characters (they would
@@ -87,7 +90,7 @@ pub mod names;
 mod entry;
 mod rfc3339;
 
-pub use entry::{Direction, EntryError, Notice, QueueEntry, QueueId};
+pub use entry::{Direction, EntryError, Notice, QueueEntry, QueueId, SenderAuth};
 pub use names::{
     DEFAULT_BODY_BUCKET, DEFAULT_STREAM, DEFAULT_SUBJECT_PREFIX, body_ref, consumer_name,
     is_legacy_consumer, legacy_consumer_name, split_body_ref, subject,
