@@ -18,6 +18,7 @@
 //! * [`message`]: the message header helpers both sides use (header lookup, the header
 //!   section, the hop count; the Received, Message-ID and Date builders);
 //! * [`dkim`]: DKIM signing at acceptance; [`authres`]: SPF/DKIM/DMARC of inbound mail;
+//!   [`recipient_check`]: RCPT-time recipient probes of catch-all domains' inbound targets;
 //! * [`dns`]: the resolver seam (hickory-resolver and a zone-text test double);
 //! * [`node`]: start-up and shutdown of the whole node;
 //! * [`admin`], [`metrics`], [`telemetry`] (the `kubemail-telemetry` crate), [`shutdown`]:
@@ -34,6 +35,7 @@ pub mod message;
 pub mod metrics;
 pub mod node;
 pub mod queue;
+pub mod recipient_check;
 pub mod server;
 pub mod session;
 pub mod shutdown;

@@ -16,6 +16,7 @@ use crate::delivery::{DeliveryContext, DeliverySettings};
 use crate::dkim::DkimSigner;
 use crate::dns::HickoryResolver;
 use crate::queue::jetstream::JetStreamQueue;
+use crate::recipient_check::RecipientCheck;
 use crate::server::{self, MessageChecks, ServerContext};
 use crate::shutdown::Shutdown;
 use crate::tls::TlsServer;
@@ -94,6 +95,11 @@ pub async fn run(config: NodeConfig, shutdown: Shutdown) -> Result<(), NodeError
         ))
     });
 
+    // The recipient probes speak to inbound targets as delivery does (same CA settings).
+    let recipient_tls =
+        crate::delivery::tls::ClientTls::new(config.delivery.tls.extra_ca_file.as_deref())
+            .map_err(crate::delivery::StartDeliveryError::from)?;
+
     let queue = JetStreamQueue::connect(&config.nats).await?;
     tokio::spawn(queue.clone().run_setup(background.clone()));
     // Failed logins per user name are counted cluster-wide over the same connection.
@@ -124,7 +130,18 @@ pub async fn run(config: NodeConfig, shutdown: Shutdown) -> Result<(), NodeError
     readiness.set_listeners_bound();
     let admin_task = tokio::spawn(admin::serve(admin_socket, readiness, background.clone()));
 
-    let checks = MessageChecks { dkim, inbound_auth };
+    let recipients = config.recipient_verification.enabled.then(|| {
+        Arc::new(RecipientCheck::new(
+            config.recipient_verification.clone(),
+            &config.hostname,
+            recipient_tls,
+        ))
+    });
+    let checks = MessageChecks {
+        dkim,
+        inbound_auth,
+        recipients,
+    };
     let ctx = ServerContext::with_checks(
         config.clone(),
         tls,

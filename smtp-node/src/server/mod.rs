@@ -18,6 +18,7 @@ use crate::authres::InboundVerifier;
 use crate::config::{ListenerConfig, NodeConfig};
 use crate::dkim::DkimSigner;
 use crate::queue::Queue;
+use crate::recipient_check::RecipientCheck;
 use crate::shutdown::Shutdown;
 use crate::tls::TlsServer;
 use limits::ConnectionLimits;
@@ -34,13 +35,16 @@ pub enum ServerError {
     },
 }
 
-/// Checks and changes applied to every message at the end of data.
+/// Checks and changes applied to every transaction: recipients at RCPT, messages at the end
+/// of data.
 #[derive(Default)]
 pub struct MessageChecks {
     /// Signs submitted mail of our domains.
     pub dkim: Option<Arc<DkimSigner>>,
     /// Evaluates SPF/DKIM/DMARC of mail arriving on MX listeners.
     pub inbound_auth: Option<Arc<InboundVerifier>>,
+    /// Asks catch-all domains' inbound targets about each recipient at RCPT.
+    pub recipients: Option<Arc<RecipientCheck>>,
 }
 
 /// What every session shares.

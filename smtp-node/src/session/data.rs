@@ -11,6 +11,7 @@
 use std::time::SystemTime;
 
 use bytes::{Bytes, BytesMut};
+use kubemail_queue::SenderAuth;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::Instrument;
 
@@ -118,15 +119,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             );
             return Ok(Next::Continue);
         }
-        let body = match self.check_inbound(&tx, body).instrument(span.clone()).await {
-            Ok(body) => body,
+        if let Some(reply) = self.check_author(&body) {
+            self.tx = Some(tx);
+            self.reject_message(reply, "from_not_allowed");
+            return Ok(Next::Continue);
+        }
+        let (body, sender_auth) = match self.check_inbound(&tx, body).instrument(span.clone()).await
+        {
+            Ok(checked) => checked,
             Err(reply) => {
                 self.tx = Some(tx);
                 self.reject_message(reply, "dmarc_reject");
                 return Ok(Next::Continue);
             }
         };
-        let entries = self.build_entries(&tx, body);
+        let entries = self.build_entries(&tx, body, sender_auth);
         let size = entries.first().map_or(0, |e| e.body.len());
         let limit = self.ctx.config.timeouts.data_termination.0;
         let queue = self.ctx.queue.clone();
@@ -172,19 +179,47 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         Ok(Next::Continue)
     }
 
-    /// For mail arriving on an MX listener: removes `Authentication-Results` headers that
-    /// claim to be ours, evaluates SPF, DKIM and DMARC, and adds our own header. `Err` is the
-    /// refusal when DMARC is enforced and fails with a `reject` policy.
-    async fn check_inbound(&self, tx: &Transaction, body: Bytes) -> Result<Bytes, Reply> {
+    /// Submission: every `From:` mailbox must be an address the user may send as (the same
+    /// rule as MAIL FROM), or the message would carry our DKIM signature for someone else's
+    /// address. `Some` is the refusal. A message without `From:` claims no author.
+    fn check_author(&self, body: &[u8]) -> Option<Reply> {
+        let user = self.user.as_ref()?;
+        let refuse = |text: String| {
+            tracing::info!(user = %user.name, "From: header not allowed for the user");
+            Some(Reply::new(550, EnhancedCode(5, 7, 1), text))
+        };
+        match crate::dkim::author_addresses(body) {
+            None => refuse("From: header cannot be read; send one address per mailbox".to_owned()),
+            Some(addresses) => addresses
+                .iter()
+                .find(|a| !self.sender_allowed(a))
+                .and_then(|a| {
+                    refuse(format!(
+                        "From: header address <{a}> is not one the authenticated user may send as"
+                    ))
+                }),
+        }
+    }
+
+    /// Removes `Authentication-Results` headers that claim to be ours from every message
+    /// (MX and submission); for mail arriving on an MX listener also evaluates SPF, DKIM and
+    /// DMARC and adds our own header. Returns the message and, when the checks ran, how the
+    /// envelope sender was authenticated. `Err` is the refusal when DMARC is enforced and
+    /// fails with a `reject` policy.
+    async fn check_inbound(
+        &self,
+        tx: &Transaction,
+        body: Bytes,
+    ) -> Result<(Bytes, Option<SenderAuth>), Reply> {
+        let hostname = &self.ctx.config.hostname;
+        let body = crate::authres::strip_forged_bytes(body, hostname);
         let Some(verifier) = self.ctx.checks.inbound_auth.clone() else {
-            return Ok(body);
+            return Ok((body, None));
         };
         if self.user.is_some() || self.conn.listener.kind != ListenerKind::Mx || !verifier.enabled()
         {
-            return Ok(body);
+            return Ok((body, None));
         }
-        let hostname = &self.ctx.config.hostname;
-        let body = crate::authres::strip_forged(&body, hostname);
         let mail_from = tx.from.to_string();
         let helo = self.helo.as_ref().map_or("", |h| h.name.as_str());
         let check = tracing::info_span!("inbound.auth_check", dmarc = tracing::field::Empty);
@@ -200,19 +235,28 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             .instrument(check.clone())
             .await;
         check.record("dmarc", verdict.dmarc);
-        tracing::info!(dmarc = verdict.dmarc, "inbound authentication checked");
+        tracing::info!(
+            dmarc = verdict.dmarc,
+            sender_auth = verdict.sender_auth.as_str(),
+            "inbound authentication checked"
+        );
         if let Some(reply) = verdict.reject {
             return Err(reply);
         }
         let mut out = BytesMut::with_capacity(verdict.header.len() + body.len());
         out.extend_from_slice(verdict.header.as_bytes());
         out.extend_from_slice(&body);
-        Ok(out.freeze())
+        Ok((out.freeze(), Some(verdict.sender_auth)))
     }
 
     /// The queue entries of a transaction: one outbound entry on the user's domain, or one
     /// inbound entry per recipient domain (see [`crate::queue`]).
-    fn build_entries(&self, tx: &Transaction, body: Bytes) -> Vec<QueuedMessage> {
+    fn build_entries(
+        &self,
+        tx: &Transaction,
+        body: Bytes,
+        sender_auth: Option<SenderAuth>,
+    ) -> Vec<QueuedMessage> {
         let config = &self.ctx.config;
         let submission = self.user.is_some();
         let single = (tx.recipients.len() == 1).then(|| tx.recipients[0].to_string());
@@ -258,7 +302,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             auth_user: self.user.as_ref().map(|u| u.name.clone()),
             client_ip: Some(self.conn.remote.ip()),
             helo: self.helo.as_ref().map(|h| h.name.clone()),
-            sender_auth: None,
+            sender_auth,
             eight_bit: tx.params.body == Some(BodyType::EightBitMime),
             smtputf8: tx.params.smtputf8,
             dsn_envid: tx.params.envid.clone(),
@@ -324,9 +368,9 @@ fn record_envelope(span: &tracing::Span, tx: &Transaction) {
     span.record("smtp.rcpt_to", rcpts.join(",").as_str());
 }
 
-/// Puts DKIM signatures in front of a submitted message. A signing failure (a broken key)
-/// is logged and the message goes out unsigned: that hurts its reception, losing it would be
-/// worse.
+/// Puts DKIM signatures of the user's own domain in front of a submitted message (never of
+/// another domain, whatever `From:` says). A signing failure (a broken key) is logged and the
+/// message goes out unsigned: that hurts its reception, losing it would be worse.
 fn sign(
     signer: &crate::dkim::DkimSigner,
     message: BytesMut,
@@ -334,7 +378,7 @@ fn sign(
     span: &tracing::Span,
 ) -> Bytes {
     let _signing = tracing::info_span!(parent: span, "dkim.sign", domain = user_domain).entered();
-    match signer.sign(&message, Some(user_domain)) {
+    match signer.sign_for(&message, user_domain) {
         Ok(Some(headers)) => {
             let mut signed = BytesMut::with_capacity(headers.len() + message.len());
             signed.extend_from_slice(headers.as_bytes());

@@ -210,7 +210,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             Command::Ehlo(name) => self.handle_ehlo(name, true),
             Command::Helo(name) => self.handle_ehlo(name, false),
             Command::Mail { from, params } => self.handle_mail(from, params),
-            Command::Rcpt { to, params } => self.handle_rcpt(to, params),
+            // Boxed like the other verbs that may wait (a recipient check).
+            Command::Rcpt { to, params } => Box::pin(self.handle_rcpt(to, params)).await,
             // The verbs that wait for more input or for other tasks run boxed, so that the
             // future of an idle session stays small (issue 8: memory per idle connection).
             Command::Data => Box::pin(self.handle_data()).await,
@@ -268,6 +269,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         match self.conn.listener.bare_line_endings {
             BareLineEndings::Reject => BareEolPolicy::Reject,
             BareLineEndings::Normalize => BareEolPolicy::Normalize,
+        }
+    }
+
+    /// Whether the authenticated user may use `address` as a sender (MAIL FROM, `From:`):
+    /// its domain's `allowedSenders` say, else its own domain only.
+    fn sender_allowed(&self, address: &str) -> bool {
+        let Some(user) = &self.user else {
+            return true;
+        };
+        match self.user_domain() {
+            Some(domain) => domain.sender_allowed(&user.name, address),
+            None => address
+                .rsplit_once('@')
+                .is_some_and(|(_, d)| user.may_send_as(d)),
         }
     }
 

@@ -172,13 +172,18 @@ pub struct DkimKeyConfig {
 }
 
 impl DomainConfig {
-    /// Whether `local_part` is a recipient of this domain.
+    /// Whether `local_part` is a recipient of this domain (listed, or the domain is
+    /// catch-all).
     pub fn has_recipient(&self, local_part: &str) -> bool {
-        self.catch_all
-            || self.recipients.iter().any(|r| {
-                let local = r.rsplit_once('@').map_or(r.as_str(), |(l, _)| l);
-                local.eq_ignore_ascii_case(local_part)
-            })
+        self.catch_all || self.lists_recipient(local_part)
+    }
+
+    /// Whether `local_part` is one of the listed `recipients`.
+    pub fn lists_recipient(&self, local_part: &str) -> bool {
+        self.recipients.iter().any(|r| {
+            let local = r.rsplit_once('@').map_or(r.as_str(), |(l, _)| l);
+            local.eq_ignore_ascii_case(local_part)
+        })
     }
 
     /// The sender patterns of the user `user` (a full address of this domain, as
