@@ -117,8 +117,11 @@ pub fn node_config(
         name: name.to_owned(),
         kind,
         address: SocketAddr::new(ip, port),
-        proxy_protocol: false,
+        // The Service's load balancer sends PROXY headers to every port, or to none.
+        proxy_protocol: v.proxy_protocol.is_some(),
+        trusted_proxies: v.proxy_protocol.clone().unwrap_or_default(),
         bare_line_endings: Default::default(),
+        nul_bytes: Default::default(),
         require_tls: None,
     };
     let mut node = NodeConfig::new(
@@ -153,6 +156,7 @@ pub fn node_config(
         recipients: v.inbound.recipients.clone(),
         catch_all: v.inbound.catch_all,
         users_file: has_users.then(|| Path::new(USERS_DIR).join(USERS_FILE_KEY)),
+        allowed_senders: Default::default(),
         limits: DomainLimits::try_from(&v.limits).map_err(out_of_range)?,
         inbound: v
             .inbound
