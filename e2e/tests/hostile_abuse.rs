@@ -730,7 +730,7 @@ fn backscatter_unknown_recipients_are_refused_at_rcpt_and_forged_senders_get_no_
     let case = Case::begin(
         "R2-1",
         "MX mail from a forged sender (SPF -all) and from an SPF-passing one to a domain without an inbound target, and to a catch-all domain whose LMTP store knows bob, refuses others, is busy for busy@ and accepts gone@ at RCPT but refuses it after the data",
-        "550 5.1.1 at RCPT for the domain without a target and for unknown catch-all recipients (the second time from the cache), 451 4.4.3 for busy@; after delivery fails for gone@, no DSN to the forged sender, one DSN to the SPF-passing sender with only the original's header",
+        "550 5.1.1 at RCPT for the domain without a target and for unknown catch-all recipients (the second time from the cache), 451 4.4.3 for busy@; after delivery fails for gone@, no DSN to the forged sender, one DSN to the SPF-passing sender with only the original's header (long run: 200 made-up recipients asked twice cost the store 200 probes)",
     );
     let store = MailStore::start(&["bob"], &["gone"]);
     let sink_port = free_port_on(&[ip(1)]);
@@ -841,6 +841,48 @@ fn backscatter_unknown_recipients_are_refused_at_rcpt_and_forged_senders_get_no_
         "both messages at the store",
         || (store.messages().len() >= 2).then_some(()),
     );
+    // Long run (after the deliveries, whose RCPTs the store counts too): a dictionary of
+    // made-up recipients, asked twice. Each address costs the store one probe, the second
+    // round none; sessions of 10 stay under maxErrorsPerSession.
+    let dictionary = scale(0usize, 200);
+    if dictionary > 0 {
+        let before = store.rcpt_commands();
+        let refused = rt.block_on(async {
+            let mut refused = 0;
+            for _round in 0..2 {
+                for chunk in 0..dictionary / 10 {
+                    let mut c = SmtpTcp::connect_from(ip(1), mx, "dictionary")
+                        .await
+                        .expect("connect");
+                    c.verbose = false;
+                    c.greeting("220").await;
+                    c.expect("EHLO dict.forged.test", "250").await;
+                    c.expect("MAIL FROM:<x@forged.test>", "250").await;
+                    for i in 0..10 {
+                        let rcpt = format!("RCPT TO:<guess{}@catch.test>", chunk * 10 + i);
+                        if c.cmd(&rcpt, Duration::from_secs(20))
+                            .await
+                            .is_some_and(|r| r.starts_with("550 5.1.1"))
+                        {
+                            refused += 1;
+                        }
+                    }
+                    let _ = c.cmd("QUIT", Duration::from_secs(5)).await;
+                }
+            }
+            refused
+        });
+        let probes = store.rcpt_commands() - before;
+        case.note(format!(
+            "dictionary of {dictionary}, asked twice: {refused} refused, {probes} store RCPTs"
+        ));
+        assert_eq!(refused, 2 * dictionary);
+        assert_eq!(
+            probes, dictionary,
+            "one probe per address, the second round cached"
+        );
+    }
+
     let dsn = wait_until(Duration::from_secs(60), "the DSN to a@sender.test", || {
         sink.transactions()
             .into_iter()
@@ -1527,8 +1569,8 @@ fn junk_commands_past_the_limit_close_the_session() {
 fn nul_in_data_is_refused_or_stripped_and_never_ends_a_message_early() {
     let case = Case::begin(
         "R2-9",
-        "DATA with <CRLF><NUL>.<CRLF> followed by an SMTP command, on the default MX listener and on a nulBytes: strip listener whose domain delivers to smtp-sink",
-        "554 5.6.0 and nothing queued by default; with strip, 250, and the sink receives the whole message, text after the dot line included, without NUL",
+        "DATA (and BDAT) with <CRLF><NUL>.<CRLF> followed by an SMTP command, on the default MX listener and on a nulBytes: strip listener whose domain delivers to smtp-sink",
+        "554 5.6.0 and nothing queued by default, for DATA and BDAT; with strip, 250, and the sink receives the whole message, text after the dot line included, without NUL",
     );
     let sink_port = free_port_on(&[ip(1)]);
     let sink = Sink::start(ip(1), sink_port, &[]);
@@ -1564,6 +1606,18 @@ fn nul_in_data_is_refused_or_stripped_and_never_ends_a_message_early() {
         let refused = c
             .send_mail("a@relay.invalid", "bob@example.test", &text("NUL-REFUSED"))
             .await;
+        // BDAT is no way around it.
+        let chunk = "Subject: NUL-BDAT\r\n\r\nx\r\n\0.\r\ny\r\n";
+        c.expect("MAIL FROM:<a@relay.invalid>", "250").await;
+        c.expect("RCPT TO:<bob@example.test>", "250").await;
+        c.send(format!("BDAT {} LAST\r\n{chunk}", chunk.len()).as_bytes())
+            .await
+            .expect("BDAT");
+        let bdat = c.reply(Duration::from_secs(30)).await;
+        assert!(
+            bdat.as_deref().is_some_and(|r| r.starts_with("554 5.6.0")),
+            "BDAT with NUL: {bdat:?}"
+        );
         let queued = node.entries(&nats.url()).await.len();
         let mut c = SmtpTcp::connect(strip_addr, "strip")
             .await

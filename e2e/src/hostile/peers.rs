@@ -196,7 +196,8 @@ impl Drop for Silent {
 /// start with `busy` (a store that cannot say now) and `550 5.1.1` for anything else. Local
 /// parts in `gone` pass RCPT but fail after the data with `550 5.1.1` (a mailbox deleted
 /// between the recipient check and the delivery). Counts RCPT commands and keeps every
-/// message it took. At most 200 connections, each read bounded by 30 s; stops on drop.
+/// message it took. At most [`MAIL_STORE_MAX_CONNECTIONS`], each read bounded by 30 s;
+/// stops on drop.
 pub struct MailStore {
     pub addr: SocketAddr,
     rcpts: Arc<AtomicUsize>,
@@ -204,6 +205,9 @@ pub struct MailStore {
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
+
+/// Connections a [`MailStore`] serves in its life (a recipient check costs one).
+pub const MAIL_STORE_MAX_CONNECTIONS: usize = 2000;
 
 /// What the store knows (local parts, lower case).
 #[derive(Clone)]
@@ -227,7 +231,7 @@ impl MailStore {
         let (r, m, s) = (rcpts.clone(), messages.clone(), stop.clone());
         let thread = std::thread::spawn(move || {
             let mut served = 0;
-            while !s.load(Ordering::Relaxed) && served < 200 {
+            while !s.load(Ordering::Relaxed) && served < MAIL_STORE_MAX_CONNECTIONS {
                 match listener.accept() {
                     Ok((conn, _)) => {
                         served += 1;
