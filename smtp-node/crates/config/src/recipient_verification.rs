@@ -20,7 +20,8 @@ const MAX_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 /// speaks). A `2xx` lets the recipient in, a `5xx` is passed on as `550 5.1.1`, and a
 /// temporary failure, a timeout or an unreachable target is answered `451 4.4.3` (the sender
 /// retries; nothing is accepted that might bounce later). Answers are remembered per address
-/// for `positiveTtl` / `negativeTtl`; temporary failures are not remembered.
+/// for `positiveTtl` / `negativeTtl`; temporary failures are not remembered. Local parts listed
+/// in the domain's `recipients` are accepted without asking.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RecipientVerificationConfig {
