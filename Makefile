@@ -8,13 +8,20 @@ KUBEMAIL_CACHE ?= $(HOME)/.cache/kubemail
 CARGO_TARGET_DIR ?= $(KUBEMAIL_CACHE)/target
 export KUBEMAIL_CACHE CARGO_TARGET_DIR
 
-.PHONY: setup build demo test test-unit lint down status bench fuzz hostile
+.PHONY: setup build images demo test test-unit lint down status bench fuzz hostile
 
 setup: ## install Debian/Python peers and build the pinned Go tools (cached)
 	e2e/tools/setup.sh
 
 build:
 	cargo build --workspace --bins
+
+# OCI image archives of the operator and the SMTP node from one release build, without a
+# container runtime: $(IMAGES_DIR)/operator.tar and smtp-node.tar, byte-identical for the same
+# commit. The local cluster builds them too and runs its pods from them (e2e/images/README.md).
+IMAGES_DIR ?= $(CARGO_TARGET_DIR)/oci-images
+images:
+	e2e/images/build.sh $(IMAGES_DIR)
 
 demo: setup build ## bring the local cluster up, install kubemail, send a message; leave it running
 	e2e/local-cluster up || { e2e/local-cluster down; exit 1; }

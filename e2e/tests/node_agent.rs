@@ -518,3 +518,248 @@ async fn pod_service_account_reaches_the_api_from_inside_the_pod() {
     );
     ns.delete().await;
 }
+
+/// A test image in the agent's image store, removed when dropped. Unlike kubemail's images it
+/// has a shell and coreutils (the host's, with the libraries they load), so the container can
+/// report what it sees.
+struct StoreImage {
+    reference: String,
+    archive: std::path::PathBuf,
+}
+
+impl Drop for StoreImage {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.archive);
+    }
+}
+
+fn shell_image(store: &std::path::Path) -> StoreImage {
+    use kubemail_e2e::image_build::{Program, Recipe, write_image};
+    use kubemail_e2e::oci::ContainerConfig;
+    let name = cluster::unique_name("shell");
+    let reference = format!("kubemail-test/{name}:1");
+    let path = "/usr/local/bin:/usr/bin:/bin";
+    let program = |tool: &str| Program {
+        host_path: kubemail_e2e::agent::process::find_on_path(tool, path)
+            .unwrap_or_else(|| panic!("host {tool}")),
+        image_path: format!("/bin/{tool}"),
+        strip_debug: false,
+    };
+    let recipe = Recipe {
+        names: vec![reference.clone()],
+        created: 1_700_000_000,
+        programs: ["sh", "cat", "id", "touch", "sleep"]
+            .into_iter()
+            .map(program)
+            .collect(),
+        files: vec![
+            (
+                "/etc/passwd".into(),
+                b"root:x:0:0:root:/root:/bin/sh\napp:x:1234:1234::/home/app:/bin/sh\n".to_vec(),
+                0o644,
+            ),
+            (
+                "/etc/group".into(),
+                b"root:x:0:\napp:x:1234:\nextra:x:2345:app\n".to_vec(),
+                0o644,
+            ),
+        ],
+        // The user's own directory: only a read-only root can refuse it writes.
+        dirs: vec![("/work".into(), 0o755, 1234, 1234)],
+        config: ContainerConfig {
+            // Numeric, as runAsNonRoot needs to verify it; the name comes from /etc/passwd.
+            user: Some("1234".into()),
+            env: Some(vec![
+                "PATH=/bin".into(),
+                "IMAGE_VAR=from-image".into(),
+                "SHARED=image".into(),
+            ]),
+            entrypoint: Some(vec!["/bin/sh".into(), "-c".into()]),
+            cmd: Some(vec!["echo cmd: default; exec sleep 3600".into()]),
+            working_dir: Some("/work".into()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let archive = store.join(format!("{name}.tar"));
+    write_image(&recipe, &archive).expect("write the test image into the store");
+    StoreImage { reference, archive }
+}
+
+async fn wait_for_log(
+    cluster: &TestCluster,
+    ns: &str,
+    pod: &str,
+    container: &str,
+    last: &str,
+) -> String {
+    let path = cluster.pod_log(ns, pod, container);
+    wait_for(&format!("{last:?} in {}", path.display()), WAIT, || async {
+        let log = std::fs::read_to_string(&path).map_err(|e| e.to_string())?;
+        if log.contains(last) {
+            Ok(log)
+        } else {
+            Err(format!("{log:?}"))
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn pod_runs_from_its_image_root_as_the_image_user_with_env_volumes_and_read_only_root() {
+    let cluster = TestCluster::connect().await;
+    let store = cluster
+        .image_store
+        .clone()
+        .expect("the node agent runs without an image store; start it with e2e/local-cluster up");
+    let image = shell_image(&store);
+    let ns = cluster.namespace("agent-image").await;
+    let cm: ConfigMap =
+        serde_json::from_value(json!({"metadata": {"name": "cfg"}, "data": {"key": "cm-value"}}))
+            .unwrap();
+    let secret: Secret = serde_json::from_value(
+        json!({"metadata": {"name": "sec"}, "stringData": {"key": "secret-value"}}),
+    )
+    .unwrap();
+    ns.api::<ConfigMap>()
+        .create(&PostParams::default(), &cm)
+        .await
+        .expect("create configmap");
+    ns.api::<Secret>()
+        .create(&PostParams::default(), &secret)
+        .await
+        .expect("create secret");
+    let script = r#"
+        echo "id: $(id -u) $(id -g) $(id -G)"
+        echo "env: $IMAGE_VAR $SHARED $POD_VAR $HOME $PATH"
+        echo "pwd: $(pwd)"
+        echo "files: $(cat /etc/app/key) $(cat /etc/secret/key)"
+        if touch /work/written 2>/dev/null; then echo "root: writable"; else echo "root: read-only"; fi
+        if touch /scratch/written 2>/dev/null; then echo "scratch: writable"; else echo "scratch: read-only"; fi
+        if [ -e /etc/os-release ] || [ -e /usr/bin/env ]; then echo "host: visible"; else echo "host: hidden"; fi
+        echo "done"
+        exec sleep 3600
+    "#;
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "imaged"},
+        "spec": {
+            "terminationGracePeriodSeconds": 2,
+            "securityContext": {"fsGroup": 3456, "runAsNonRoot": true},
+            "containers": [
+                {
+                    "name": "main", "image": image.reference, "args": [script],
+                    "env": [{"name": "SHARED", "value": "pod"}, {"name": "POD_VAR", "value": "pod-only"}],
+                    "securityContext": {"readOnlyRootFilesystem": true, "allowPrivilegeEscalation": false},
+                    "readinessProbe": {"exec": {"command": ["/bin/touch", "/scratch/probed"]}, "periodSeconds": 1},
+                    "volumeMounts": [
+                        {"name": "cfg", "mountPath": "/etc/app", "readOnly": true},
+                        {"name": "sec", "mountPath": "/etc/secret"},
+                        {"name": "scratch", "mountPath": "/scratch"}
+                    ]
+                },
+                {"name": "defaults", "image": image.reference}
+            ],
+            "volumes": [
+                {"name": "cfg", "configMap": {"name": "cfg"}},
+                {"name": "sec", "secret": {"secretName": "sec", "defaultMode": 0o400}},
+                {"name": "scratch", "emptyDir": {}}
+            ]
+        }
+    }))
+    .unwrap();
+    let pods = ns.pods();
+    pods.create(&PostParams::default(), &pod)
+        .await
+        .expect("create pod");
+
+    let log = wait_for_log(&cluster, &ns.name, "imaged", "main", "done\n").await;
+    let line = |prefix: &str| {
+        log.lines()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no {prefix:?} line in {log:?}"))
+            .to_string()
+    };
+    let ids: Vec<u32> = line("id: ")["id: ".len()..]
+        .split_whitespace()
+        .map(|n| n.parse().expect("numeric id"))
+        .collect();
+    assert_eq!(
+        &ids[..2],
+        [1234, 1234],
+        "uid and gid of the image user: {log:?}"
+    );
+    let groups: BTreeSet<u32> = ids[2..].iter().copied().collect();
+    assert_eq!(
+        groups,
+        BTreeSet::from([1234, 2345, 3456]),
+        "primary, the image's extra group and the pod's fsGroup: {log:?}"
+    );
+    assert_eq!(
+        line("env: "),
+        "env: from-image pod pod-only /home/app /bin",
+        "image env under the pod's, HOME from the image's passwd"
+    );
+    assert_eq!(line("pwd: "), "pwd: /work", "the image's working directory");
+    assert_eq!(
+        line("files: "),
+        "files: cm-value secret-value",
+        "volumes inside the image root; the 0400 Secret readable through fsGroup"
+    );
+    assert_eq!(line("root: "), "root: read-only");
+    assert_eq!(line("scratch: "), "scratch: writable");
+    assert_eq!(line("host: "), "host: hidden", "nothing of the host's root");
+
+    // The second container has no command or args: the image's entrypoint and cmd.
+    let defaults = wait_for_log(&cluster, &ns.name, "imaged", "defaults", "cmd: default\n").await;
+    assert_eq!(defaults, "cmd: default\n");
+
+    // The exec probe ran inside the root as the image user and made the pod Ready.
+    let running = wait_for("pod imaged Ready", WAIT, || async {
+        let p = pods.get("imaged").await.map_err(|e| e.to_string())?;
+        if is_ready(&p) {
+            Ok(p)
+        } else {
+            Err(format!("phase {:?}, not Ready", phase(&p)))
+        }
+    })
+    .await;
+    let uid = running.metadata.uid.clone().expect("uid");
+    let probed = cluster.pod_volume(&uid, "scratch").join("probed");
+    let owner = std::os::unix::fs::MetadataExt::uid(
+        &std::fs::metadata(&probed).unwrap_or_else(|e| panic!("{}: {e}", probed.display())),
+    );
+    assert_eq!(owner, 1234, "the probe ran as the image user");
+    let pid = container_pid(&running, "main").expect("main pid");
+    assert_eq!(process_cmdline(pid).as_deref(), Some("sleep 3600"));
+
+    // runAsNonRoot with an explicit root user: refused before anything runs.
+    let root_pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "as-root"},
+        "spec": {
+            "securityContext": {"runAsNonRoot": true, "runAsUser": 0},
+            "containers": [{"name": "main", "image": image.reference}]
+        }
+    }))
+    .unwrap();
+    pods.create(&PostParams::default(), &root_pod)
+        .await
+        .expect("create pod");
+    let waiting = wait_for("as-root to be refused", WAIT, || async {
+        let p = pods.get("as-root").await.map_err(|e| e.to_string())?;
+        let waiting = p
+            .status
+            .as_ref()
+            .and_then(|s| s.container_statuses.as_ref())
+            .and_then(|c| c.first())
+            .and_then(|c| c.state.as_ref())
+            .and_then(|s| s.waiting.clone())
+            .filter(|w| w.reason.as_deref() == Some("CreateContainerConfigError"));
+        waiting.ok_or_else(|| format!("status {:?}", p.status))
+    })
+    .await;
+    assert_eq!(
+        waiting.message.as_deref(),
+        Some("container has runAsNonRoot and image will run as root")
+    );
+    ns.delete().await;
+}

@@ -121,7 +121,9 @@ build_tools() {
   log "go tools ready in $((SECONDS - t0))s under $TOOLS"
 }
 
-APT_PACKAGES=(swaks libnet-ssleay-perl libio-socket-ssl-perl postfix openssl python3-venv curl iproute2 procps knot testssl.sh)
+# binutils (objcopy) packs the images, skopeo inspects them in the tests and pushes them;
+# knot-dnssecutils (kzonesign) signs the DNSSEC test zones.
+APT_PACKAGES=(swaks libnet-ssleay-perl libio-socket-ssl-perl postfix openssl python3-venv curl iproute2 procps knot knot-dnssecutils testssl.sh binutils skopeo)
 install_apt() {
   local missing=() p
   for p in "${APT_PACKAGES[@]}"; do
@@ -143,12 +145,15 @@ install_python() {
   local hash venv
   hash=$(sha256sum "$here/requirements.txt" | cut -c1-12)
   venv=$CACHE/venv-$hash
-  if [ ! -x "$venv/bin/dkimverify" ]; then
+  # The marker is written only after every package installed, so an interrupted install is
+  # redone rather than leaving a venv without some of the peers.
+  if [ ! -f "$venv/.kubemail-complete" ]; then
     local t0=$SECONDS
     rm -rf "$venv"
     python3 -m venv "$venv"
     "$venv/bin/pip" install -q -r "$here/requirements.txt" >"$CACHE/logs/pip.log" 2>&1 \
       || { tail -n 30 "$CACHE/logs/pip.log" >&2; return 1; }
+    touch "$venv/.kubemail-complete"
     log "python peers installed in $((SECONDS - t0))s"
   fi
   echo "$venv"

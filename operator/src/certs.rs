@@ -82,7 +82,7 @@ impl RenewReason {
         match self {
             Self::Missing => "no certificate yet",
             Self::Unreadable => "the stored certificate cannot be read",
-            Self::HostnameChanged => "the host name changed",
+            Self::HostnameChanged => "the host name (or the MTA-STS policy host) changed",
             Self::CaChanged => "the operator CA changed",
             Self::DueForRenewal => "two thirds of its lifetime have passed",
         }
@@ -118,12 +118,23 @@ pub fn issue_leaf(
     now: UnixSeconds,
     validity: Duration,
 ) -> Result<IssuedCert, CertError> {
+    issue_leaf_for(ca, &[hostname.to_owned()], now, validity)
+}
+
+/// Issues a server certificate for `names` (the first is also the common name: the node's
+/// host name; then `mta-sts.<domain>` when the domain publishes MTA-STS).
+pub fn issue_leaf_for(
+    ca: &CaBundle,
+    names: &[String],
+    now: UnixSeconds,
+    validity: Duration,
+) -> Result<IssuedCert, CertError> {
+    let hostname = names.first().map(String::as_str).unwrap_or_default();
     let ca_key = KeyPair::from_pem(ca.key_pem.expose()).map_err(CertError::ReadCa)?;
     let issuer = Issuer::from_ca_cert_pem(&ca.cert_pem, ca_key).map_err(CertError::ReadCa)?;
     let key =
         KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(CertError::GenerateKey)?;
-    let mut params =
-        CertificateParams::new(vec![hostname.to_owned()]).map_err(CertError::SignCertificate)?;
+    let mut params = CertificateParams::new(names.to_vec()).map_err(CertError::SignCertificate)?;
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, hostname);
     params.distinguished_name = dn;
@@ -187,6 +198,16 @@ pub fn renewal(
     hostname: &str,
     now: UnixSeconds,
 ) -> Option<RenewReason> {
+    renewal_for(leaf, stored_present, &[hostname.to_owned()], now)
+}
+
+/// [`renewal`] for a certificate that must carry exactly `names`.
+pub fn renewal_for(
+    leaf: Option<&LeafInfo>,
+    stored_present: bool,
+    names: &[String],
+    now: UnixSeconds,
+) -> Option<RenewReason> {
     let Some(leaf) = leaf else {
         return Some(if stored_present {
             RenewReason::Unreadable
@@ -196,7 +217,7 @@ pub fn renewal(
     };
     if !leaf.signed_by_ca {
         Some(RenewReason::CaChanged)
-    } else if leaf.dns_names.len() != 1 || leaf.dns_names[0] != hostname {
+    } else if leaf.dns_names != names {
         Some(RenewReason::HostnameChanged)
     } else if now >= renew_after(leaf.not_before, leaf.not_after) {
         Some(RenewReason::DueForRenewal)

@@ -59,8 +59,8 @@ pub struct DnsInputs<'a> {
     pub tls_rpt: Option<&'a str>,
 }
 
-/// The records, in a fixed order: MX, A, AAAA, SPF, DKIM (by selector), DMARC, MTA-STS,
-/// TLS-RPT.
+/// The records, in a fixed order: MX, A, AAAA, SPF, DKIM (by selector), DMARC, MTA-STS
+/// (the policy host's A/AAAA or CNAME, then the TXT record), TLS-RPT.
 pub fn records(inputs: &DnsInputs<'_>) -> Vec<DnsRecord> {
     let apex = absolute(inputs.domain);
     let host = absolute(inputs.hostname);
@@ -90,6 +90,15 @@ pub fn records(inputs: &DnsInputs<'_>) -> Vec<DnsRecord> {
         dmarc_value(inputs.dmarc),
     ));
     if let Some(sts) = inputs.mta_sts {
+        // The policy host (RFC 8461 3.3) is served by the nodes: their addresses, or the MX
+        // host's name while the addresses are unknown.
+        let policy_host = format!("mta-sts.{apex}");
+        if inputs.addresses.is_empty() {
+            out.push(rr(&policy_host, "CNAME", host.clone()));
+        } else {
+            out.extend(v4.iter().map(|a| rr(&policy_host, "A", a.to_string())));
+            out.extend(v6.iter().map(|a| rr(&policy_host, "AAAA", a.to_string())));
+        }
         let policy = mta_sts_policy(sts, inputs.hostname);
         out.push(rr(
             &format!("_mta-sts.{apex}"),

@@ -136,7 +136,7 @@ fn check(spec: &str, addresses: &[&str], tamper: bool) -> (bool, String) {
 const FULL: &str = "  domain: example.com
   spf: { include: [_spf.example.net, spf.protection.example.org], ip4: [198.51.100.0/24] }
   dmarc: { policy: reject, subdomainPolicy: quarantine, rua: 'mailto:dmarc@example.com, https://r.example.com/d', adkim: strict }
-  mtaSts: { mode: enforce, maxAge: 14d }
+  mtaSts: { mode: testing, maxAge: 14d }
   tlsRpt: { rua: 'mailto:tls-reports@example.com' }
 ";
 

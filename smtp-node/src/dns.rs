@@ -8,10 +8,20 @@
 //!   `mail_auth::MessageAuthenticator` for SPF/DKIM/DMARC ([`crate::authres`]).
 //! * [`ZoneResolver`]: a test double that answers from zone-file text (the subset of RFC 1035
 //!   master file syntax that test zones use), plus a `SERVFAIL` pseudo-type to simulate a
-//!   broken zone. Unit tests use it; integration tests run a real DNS server (knotd) instead.
+//!   broken zone and `SECURE` / `BOGUS` pseudo-types that give a name's answers that DNSSEC
+//!   status. Unit tests use it; integration tests run a real DNS server (knotd) instead.
+//!
+//! DANE (RFC 7672) needs to know whether an answer is DNSSEC-*secure*, *insecure* (no chain of
+//! trust: an unsigned zone) or *bogus* (a chain that should validate and does not: an attack
+//! or a broken zone, never to be read as insecure). The `*_validated` and [`Resolver::tlsa`]
+//! lookups say so ([`Validated`]); the real resolver answers them through a second, validating
+//! hickory resolver (feature `dnssec-ring`) whose trust anchor is configurable
+//! (`delivery.tls.dane.trustAnchorFile`, the IANA root keys by default), so the tests use a
+//! zone signed by their own Knot DNS. Everything else keeps the plain lookups.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::path::{Path, PathBuf};
 
 pub use crate::config::DnsConfig;
 use futures::future::BoxFuture;
@@ -22,6 +32,8 @@ use hickory_resolver::config::{
 };
 use hickory_resolver::net::NetError;
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use hickory_resolver::proto::dnssec::{Proof, TrustAnchors};
+use hickory_resolver::proto::op::ResponseCode;
 use hickory_resolver::proto::rr::{RData, RecordType};
 
 /// Longest CNAME chain the zone double follows (real resolvers use similar small limits).
@@ -53,6 +65,42 @@ impl DnsError {
     }
 }
 
+/// The DNSSEC status of an answer (RFC 4035 4.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dnssec {
+    /// A chain of signatures from a trust anchor proves it.
+    Secure,
+    /// No chain of trust reaches it (an unsigned zone), or the resolver does not validate.
+    Insecure,
+    /// A chain should exist and does not validate: an attack or a broken zone.
+    Bogus,
+}
+
+/// Records with the DNSSEC status of their answer. A bogus answer carries no records.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Validated<T> {
+    pub records: T,
+    pub dnssec: Dnssec,
+}
+
+impl<T> Validated<T> {
+    fn insecure(records: T) -> Self {
+        Self {
+            records,
+            dnssec: Dnssec::Insecure,
+        }
+    }
+}
+
+/// One TLSA record (RFC 6698 2.1): certificate usage, selector, matching type, data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsaRecord {
+    pub usage: u8,
+    pub selector: u8,
+    pub matching: u8,
+    pub data: Vec<u8>,
+}
+
 /// The DNS lookups delivery needs. `Ok(vec![])` means the name exists but has no record of
 /// that type (NODATA).
 pub trait Resolver: Send + Sync + 'static {
@@ -62,12 +110,42 @@ pub trait Resolver: Send + Sync + 'static {
     fn ips<'a>(&'a self, host: &'a str) -> BoxFuture<'a, Result<Vec<IpAddr>, DnsError>>;
     /// TXT records of `name`, each with its character-strings concatenated.
     fn txt<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Vec<String>, DnsError>>;
+
+    /// MX records of `domain` with their DNSSEC status. A resolver that does not validate
+    /// answers with the plain lookup, insecure.
+    fn mx_validated<'a>(
+        &'a self,
+        domain: &'a str,
+    ) -> BoxFuture<'a, Result<Validated<Vec<MxRecord>>, DnsError>> {
+        Box::pin(async move { self.mx(domain).await.map(Validated::insecure) })
+    }
+
+    /// Addresses of `host` with their DNSSEC status (secure only when every address RRset
+    /// that exists is).
+    fn ips_validated<'a>(
+        &'a self,
+        host: &'a str,
+    ) -> BoxFuture<'a, Result<Validated<Vec<IpAddr>>, DnsError>> {
+        Box::pin(async move { self.ips(host).await.map(Validated::insecure) })
+    }
+
+    /// TLSA records of `name` (`_25._tcp.<mx host>`) with their DNSSEC status. A resolver
+    /// that does not validate has none (TLSA records count only when secure).
+    fn tlsa<'a>(
+        &'a self,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<Validated<Vec<TlsaRecord>>, DnsError>> {
+        let _ = name;
+        Box::pin(async move { Ok(Validated::insecure(Vec::new())) })
+    }
 }
 
 /// The real resolver (hickory-resolver).
 #[derive(Clone)]
 pub struct HickoryResolver {
     inner: TokioResolver,
+    /// The DNSSEC-validating twin of `inner`, for DANE; `None`: DANE is off.
+    validating: Option<TokioResolver>,
 }
 
 /// Why the resolver could not be built.
@@ -77,12 +155,85 @@ pub enum BuildResolverError {
     ReadSystemConfig(#[source] NetError),
     #[error("cannot build the DNS resolver: {0}")]
     Build(#[source] NetError),
+    #[error("cannot read the DNSSEC trust anchor file {path}: {reason}")]
+    ReadTrustAnchor { path: PathBuf, reason: String },
 }
 
 impl HickoryResolver {
     /// Builds a resolver for `config`: its nameservers (UDP with TCP fallback) or, when none
     /// are given, the system's.
     pub fn new(config: &DnsConfig) -> Result<Self, BuildResolverError> {
+        Ok(Self {
+            inner: build(config, None)?,
+            validating: None,
+        })
+    }
+
+    /// The same, plus a DNSSEC-validating twin trusting `trust_anchor_file` (DNSKEY records)
+    /// or, when `None`, the IANA root keys.
+    pub fn with_dnssec(
+        config: &DnsConfig,
+        trust_anchor_file: Option<&Path>,
+    ) -> Result<Self, BuildResolverError> {
+        let anchors = match trust_anchor_file {
+            Some(path) => {
+                TrustAnchors::from_file(path).map_err(|e| BuildResolverError::ReadTrustAnchor {
+                    path: path.to_owned(),
+                    reason: e.to_string(),
+                })?
+            }
+            None => TrustAnchors::default(),
+        };
+        Ok(Self {
+            inner: build(config, None)?,
+            validating: Some(build(config, Some(anchors))?),
+        })
+    }
+
+    /// The same resolver, as mail-auth's authenticator (SPF, DKIM, DMARC lookups).
+    pub fn authenticator(&self) -> mail_auth::MessageAuthenticator {
+        mail_auth::MessageAuthenticator(self.inner.clone())
+    }
+
+    /// A lookup through the validating resolver: the records of `kind` and their status.
+    async fn validated(
+        &self,
+        resolver: &TokioResolver,
+        name: &str,
+        kind: RecordType,
+    ) -> Result<Validated<Vec<RData>>, DnsError> {
+        match resolver.lookup(fqdn(name), kind).await {
+            Ok(lookup) => {
+                let answers: Vec<_> = lookup
+                    .answers()
+                    .iter()
+                    .filter(|r| r.record_type() == kind)
+                    .collect();
+                let dnssec = if answers.iter().any(|r| r.proof == Proof::Bogus) {
+                    Dnssec::Bogus
+                } else if !answers.is_empty() && answers.iter().all(|r| r.proof == Proof::Secure) {
+                    Dnssec::Secure
+                } else {
+                    Dnssec::Insecure
+                };
+                let records = if dnssec == Dnssec::Bogus {
+                    Vec::new()
+                } else {
+                    answers.into_iter().map(|r| r.data.clone()).collect()
+                };
+                Ok(Validated { records, dnssec })
+            }
+            Err(e) => classify_validated(name, &e),
+        }
+    }
+}
+
+/// A hickory resolver for `config`, validating DNSSEC with `anchors` when given.
+fn build(
+    config: &DnsConfig,
+    anchors: Option<TrustAnchors>,
+) -> Result<TokioResolver, BuildResolverError> {
+    {
         let (resolver_config, mut opts) = if config.nameservers.is_empty() {
             hickory_resolver::system_conf::read_system_conf()
                 .map_err(BuildResolverError::ReadSystemConfig)?
@@ -110,17 +261,41 @@ impl HickoryResolver {
         opts.use_hosts_file = ResolveHosts::Never;
         opts.ip_strategy = LookupIpStrategy::Ipv4AndIpv6;
         opts.try_tcp_on_error = true;
-        let inner =
+        let mut builder =
             TokioResolver::builder_with_config(resolver_config, TokioRuntimeProvider::default())
-                .with_options(opts)
-                .build()
-                .map_err(BuildResolverError::Build)?;
-        Ok(Self { inner })
+                .with_options(opts);
+        if let Some(anchors) = anchors {
+            builder = builder.with_trust_anchor(std::sync::Arc::new(anchors));
+        }
+        builder.build().map_err(BuildResolverError::Build)
     }
+}
 
-    /// The same resolver, as mail-auth's authenticator (SPF, DKIM, DMARC lookups).
-    pub fn authenticator(&self) -> mail_auth::MessageAuthenticator {
-        mail_auth::MessageAuthenticator(self.inner.clone())
+/// A failed validating lookup: bogus proofs become a bogus answer; a proven (or insecure)
+/// absence an empty one; the rest as [`classify`].
+fn classify_validated<T: Default>(name: &str, error: &NetError) -> Result<Validated<T>, DnsError> {
+    let empty = |dnssec| {
+        Ok(Validated {
+            records: T::default(),
+            dnssec,
+        })
+    };
+    match error {
+        NetError::Dns(hickory_resolver::net::DnsError::DnssecBogus) => empty(Dnssec::Bogus),
+        NetError::Dns(hickory_resolver::net::DnsError::Nsec {
+            proof, response, ..
+        }) => match proof {
+            Proof::Bogus | Proof::Indeterminate => empty(Dnssec::Bogus),
+            _ if response.response_code == ResponseCode::NXDomain => Err(DnsError::NxDomain {
+                name: name.to_owned(),
+            }),
+            Proof::Secure => empty(Dnssec::Secure),
+            _ => empty(Dnssec::Insecure),
+        },
+        other => match classify(name, other) {
+            None => empty(Dnssec::Insecure),
+            Some(e) => Err(e),
+        },
     }
 }
 
@@ -197,6 +372,96 @@ impl Resolver for HickoryResolver {
             }
         })
     }
+
+    fn mx_validated<'a>(
+        &'a self,
+        domain: &'a str,
+    ) -> BoxFuture<'a, Result<Validated<Vec<MxRecord>>, DnsError>> {
+        Box::pin(async move {
+            let Some(validating) = &self.validating else {
+                return self.mx(domain).await.map(Validated::insecure);
+            };
+            let v = self.validated(validating, domain, RecordType::MX).await?;
+            Ok(Validated {
+                records: v
+                    .records
+                    .iter()
+                    .filter_map(|r| match r {
+                        RData::MX(mx) => Some(MxRecord {
+                            preference: mx.preference,
+                            exchange: normalise_name(&mx.exchange.to_ascii()),
+                        }),
+                        _ => None,
+                    })
+                    .collect(),
+                dnssec: v.dnssec,
+            })
+        })
+    }
+
+    fn ips_validated<'a>(
+        &'a self,
+        host: &'a str,
+    ) -> BoxFuture<'a, Result<Validated<Vec<IpAddr>>, DnsError>> {
+        Box::pin(async move {
+            let Some(validating) = &self.validating else {
+                return self.ips(host).await.map(Validated::insecure);
+            };
+            let a = self.validated(validating, host, RecordType::A).await?;
+            let aaaa = self.validated(validating, host, RecordType::AAAA).await?;
+            let statuses = [&a, &aaaa];
+            let dnssec = if statuses.iter().any(|v| v.dnssec == Dnssec::Bogus) {
+                Dnssec::Bogus
+            } else if statuses.iter().any(|v| v.dnssec == Dnssec::Secure)
+                && statuses
+                    .iter()
+                    .all(|v| v.dnssec == Dnssec::Secure || v.records.is_empty())
+            {
+                Dnssec::Secure
+            } else {
+                Dnssec::Insecure
+            };
+            let records = a
+                .records
+                .iter()
+                .chain(aaaa.records.iter())
+                .filter_map(|r| match r {
+                    RData::A(a) => Some(IpAddr::V4(a.0)),
+                    RData::AAAA(a) => Some(IpAddr::V6(a.0)),
+                    _ => None,
+                })
+                .collect();
+            Ok(Validated { records, dnssec })
+        })
+    }
+
+    fn tlsa<'a>(
+        &'a self,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<Validated<Vec<TlsaRecord>>, DnsError>> {
+        Box::pin(async move {
+            let Some(validating) = &self.validating else {
+                return Ok(Validated::insecure(Vec::new()));
+            };
+            let v = self.validated(validating, name, RecordType::TLSA).await?;
+            Ok(Validated {
+                records: v
+                    .records
+                    .iter()
+                    .filter_map(|r| match r {
+                        RData::TLSA(t) => Some(TlsaRecord {
+                            usage: t.cert_usage.into(),
+                            selector: t.selector.into(),
+                            matching: t.matching.into(),
+                            data: t.cert_data.clone(),
+                        }),
+                        _ => None,
+                    })
+                    .collect(),
+                dnssec: v.dnssec,
+            })
+        })
+    }
 }
 
 /// Lower case, no trailing dot ("." itself becomes the empty string).
@@ -211,8 +476,13 @@ enum ZoneRecord {
     Mx(MxRecord),
     Txt(String),
     Cname(String),
+    Tlsa(TlsaRecord),
     /// Pseudo-record: every lookup of this name fails temporarily.
     ServFail,
+    /// Pseudo-record: this name's answers are DNSSEC-secure.
+    Secure,
+    /// Pseudo-record: this name's answers are DNSSEC-bogus.
+    Bogus,
 }
 
 /// Why zone text could not be parsed.
@@ -228,8 +498,10 @@ pub struct ZoneParseError {
 /// Supported syntax: `$ORIGIN`, `$TTL` (ignored), `@`, relative and absolute owner names, a
 /// blank owner (repeat the previous one), optional TTL and class `IN`, parentheses within
 /// one line, the types `A`, `AAAA`,
-/// `MX`, `TXT` (one or more quoted strings), `CNAME`, and the pseudo-type `SERVFAIL`;
-/// comments after `;`. Names are case-insensitive.
+/// `MX`, `TXT` (one or more quoted strings), `CNAME`, `TLSA` (usage, selector, matching
+/// type, hex data), and the pseudo-types `SERVFAIL`, `SECURE` and `BOGUS` (the DNSSEC status
+/// of the name's answers; without either they are insecure); comments after `;`. Names are
+/// case-insensitive.
 #[derive(Debug, Clone, Default)]
 pub struct ZoneResolver {
     records: HashMap<String, Vec<ZoneRecord>>,
@@ -327,7 +599,32 @@ impl ZoneResolver {
                     need(1)?;
                     ZoneRecord::Cname(absolute(&data[0], &origin))
                 }
+                "TLSA" => {
+                    need(4)?;
+                    let number = |i: usize| {
+                        data[i]
+                            .parse::<u8>()
+                            .map_err(|_| err(format!("invalid TLSA field {:?}", data[i])))
+                    };
+                    let hex = data[3..].concat();
+                    let bytes = (0..hex.len())
+                        .step_by(2)
+                        .map(|i| {
+                            hex.get(i..i + 2)
+                                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                                .ok_or_else(|| err(format!("invalid TLSA data {hex:?}")))
+                        })
+                        .collect::<Result<Vec<u8>, _>>()?;
+                    ZoneRecord::Tlsa(TlsaRecord {
+                        usage: number(0)?,
+                        selector: number(1)?,
+                        matching: number(2)?,
+                        data: bytes,
+                    })
+                }
                 "SERVFAIL" => ZoneRecord::ServFail,
+                "SECURE" => ZoneRecord::Secure,
+                "BOGUS" => ZoneRecord::Bogus,
                 // Other types (SOA, NS, ...) do not matter to mail routing.
                 _ => continue,
             };
@@ -366,7 +663,74 @@ impl ZoneResolver {
     }
 }
 
+impl ZoneResolver {
+    /// The DNSSEC status the zone gives `records`.
+    fn status(records: &[ZoneRecord]) -> Dnssec {
+        if records.contains(&ZoneRecord::Bogus) {
+            Dnssec::Bogus
+        } else if records.contains(&ZoneRecord::Secure) {
+            Dnssec::Secure
+        } else {
+            Dnssec::Insecure
+        }
+    }
+
+    /// `pick`ed records of `name` with the name's status; bogus answers carry none.
+    fn validated<T>(
+        &self,
+        name: &str,
+        pick: impl Fn(&ZoneRecord) -> Option<T>,
+    ) -> Result<Validated<Vec<T>>, DnsError> {
+        self.resolve(name).map(|records| {
+            let dnssec = Self::status(records);
+            let records = if dnssec == Dnssec::Bogus {
+                Vec::new()
+            } else {
+                records.iter().filter_map(pick).collect()
+            };
+            Validated { records, dnssec }
+        })
+    }
+}
+
 impl Resolver for ZoneResolver {
+    fn mx_validated<'a>(
+        &'a self,
+        domain: &'a str,
+    ) -> BoxFuture<'a, Result<Validated<Vec<MxRecord>>, DnsError>> {
+        let result = self.validated(domain, |r| match r {
+            ZoneRecord::Mx(mx) => Some(mx.clone()),
+            _ => None,
+        });
+        Box::pin(async move { result })
+    }
+
+    fn ips_validated<'a>(
+        &'a self,
+        host: &'a str,
+    ) -> BoxFuture<'a, Result<Validated<Vec<IpAddr>>, DnsError>> {
+        let result = self.validated(host, |r| match r {
+            ZoneRecord::A(ip) => Some(*ip),
+            _ => None,
+        });
+        Box::pin(async move { result })
+    }
+
+    fn tlsa<'a>(
+        &'a self,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<Validated<Vec<TlsaRecord>>, DnsError>> {
+        let result = match self.validated(name, |r| match r {
+            ZoneRecord::Tlsa(t) => Some(t.clone()),
+            _ => None,
+        }) {
+            // No TLSA name at all is an empty (insecure) answer for DANE's purposes.
+            Err(DnsError::NxDomain { .. }) => Ok(Validated::insecure(Vec::new())),
+            other => other,
+        };
+        Box::pin(async move { result })
+    }
+
     fn mx<'a>(&'a self, domain: &'a str) -> BoxFuture<'a, Result<Vec<MxRecord>, DnsError>> {
         let result = self.resolve(domain).map(|records| {
             records

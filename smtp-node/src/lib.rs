@@ -19,8 +19,10 @@
 //!   section, the hop count; the Received, Message-ID and Date builders);
 //! * [`dkim`]: DKIM signing at acceptance; [`authres`]: SPF/DKIM/DMARC of inbound mail;
 //!   [`recipient_check`]: RCPT-time recipient probes of catch-all domains' inbound targets;
-//! * [`dns`]: the resolver seam (hickory-resolver and a zone-text test double);
-//! * [`node`]: start-up and shutdown of the whole node;
+//! * [`dns`]: the resolver seam (hickory-resolver and a zone-text test double), with the
+//!   DNSSEC status DANE needs;
+//! * [`mta_sts_server`]: the HTTPS listener serving our own domains' MTA-STS policies;
+//! * [`node`]: start-up and shutdown of the whole node; [`clock`]: the wall clock as a seam;
 //! * [`admin`], [`metrics`], [`telemetry`] (the `kubemail-telemetry` crate), [`shutdown`]:
 //!   operations.
 
@@ -28,11 +30,13 @@ pub mod admin;
 pub mod auth;
 pub mod auth_limits;
 pub mod authres;
+pub mod clock;
 pub mod delivery;
 pub mod dkim;
 pub mod dns;
 pub mod message;
 pub mod metrics;
+pub mod mta_sts_server;
 pub mod node;
 pub mod queue;
 pub mod recipient_check;

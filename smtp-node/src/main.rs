@@ -4,11 +4,16 @@
 use std::io::Read;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::SystemTime;
 
 use clap::{Parser, Subcommand};
+use kubemail_smtp_node::clock::{Clock, StartedClock, SystemClock};
 use kubemail_smtp_node::config::NodeConfig;
 use kubemail_smtp_node::shutdown::{self, Shutdown};
 use kubemail_smtp_node::{auth, metrics, node, telemetry};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
 
 /// kubemail SMTP node: receives mail, queues it in NATS JetStream and delivers it.
 #[derive(Parser, Debug)]
@@ -22,6 +27,12 @@ struct Args {
     /// (ports unchanged). For pods that share a network namespace, e.g. `--listen-ip $(POD_IP)`.
     #[arg(long, env = "SMTP_NODE_LISTEN_IP", value_name = "IP")]
     listen_ip: Option<std::net::IpAddr>,
+
+    /// Run the wall clock that dates TLS-RPT results and reports from this RFC 3339 instant
+    /// (it advances in real time from there) instead of the system time: for drills and tests
+    /// that need a day to end. Timers and certificates keep the system time.
+    #[arg(long, env = "SMTP_NODE_CLOCK_START", value_name = "RFC3339", value_parser = parse_instant, hide = true)]
+    clock_start: Option<SystemTime>,
 
     #[command(subcommand)]
     command: Option<Command>,
@@ -60,7 +71,7 @@ fn main() -> ExitCode {
             }
         }
         None => match args.config {
-            Some(file) => run(&file, args.listen_ip),
+            Some(file) => run(&file, args.listen_ip, args.clock_start),
             None => {
                 eprintln!("error: --config FILE (or SMTP_NODE_CONFIG) is required; see --help");
                 ExitCode::from(2)
@@ -104,7 +115,18 @@ fn hash_password() -> ExitCode {
     }
 }
 
-fn run(file: &std::path::Path, listen_ip: Option<std::net::IpAddr>) -> ExitCode {
+/// An RFC 3339 date and time, e.g. `2026-11-28T00:00:30Z`.
+fn parse_instant(text: &str) -> Result<SystemTime, String> {
+    OffsetDateTime::parse(text, &Rfc3339)
+        .map(SystemTime::from)
+        .map_err(|e| format!("not an RFC 3339 date and time: {e}"))
+}
+
+fn run(
+    file: &std::path::Path,
+    listen_ip: Option<std::net::IpAddr>,
+    clock_start: Option<SystemTime>,
+) -> ExitCode {
     let log_format = telemetry::LogFormat::from_env();
     let config = match NodeConfig::load(file) {
         Ok(mut c) => {
@@ -151,7 +173,14 @@ fn run(file: &std::path::Path, listen_ip: Option<std::net::IpAddr>) -> ExitCode 
             tracing::info!("shutdown signal received");
             stopper.stop_gracefully().await;
         });
-        node::run(config, shutdown).await
+        let clock: Arc<dyn Clock> = match clock_start {
+            Some(start) => {
+                tracing::warn!(start = %OffsetDateTime::from(start), "the TLS-RPT clock starts at a given instant, not at the system time");
+                Arc::new(StartedClock::new(start))
+            }
+            None => Arc::new(SystemClock),
+        };
+        node::run(config, shutdown, clock).await
     });
     let result = result.map_err(anyhow::Error::from);
     if let Err(e) = &result {

@@ -11,6 +11,7 @@ use crate::admin::{self, Readiness};
 use crate::auth::Authenticator;
 use crate::auth_limits::JetStreamFailures;
 use crate::authres::InboundVerifier;
+use crate::clock::Clock;
 use crate::config::NodeConfig;
 use crate::delivery::{DeliveryContext, DeliverySettings};
 use crate::dkim::DkimSigner;
@@ -43,6 +44,12 @@ pub enum NodeError {
     BuildResolver(#[from] crate::dns::BuildResolverError),
     #[error("cannot set up delivery")]
     StartDelivery(#[from] crate::delivery::StartDeliveryError),
+    #[error("cannot bind the MTA-STS listener {address}")]
+    BindMtaSts {
+        address: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Checks everything `check-config` can check without the network: the config itself
@@ -66,8 +73,13 @@ fn load_dkim(config: &NodeConfig) -> Result<Option<Arc<DkimSigner>>, NodeError> 
 }
 
 /// Runs the node until `shutdown` is stopped (by the caller, on SIGTERM), then drains open
-/// sessions for up to `shutdown.drainTimeout`.
-pub async fn run(config: NodeConfig, shutdown: Shutdown) -> Result<(), NodeError> {
+/// sessions for up to `shutdown.drainTimeout`. `clock` is the wall clock of what is dated by
+/// calendar day (TLS-RPT).
+pub async fn run(
+    config: NodeConfig,
+    shutdown: Shutdown,
+    clock: Arc<dyn Clock>,
+) -> Result<(), NodeError> {
     let config = Arc::new(config);
     let background = CancellationToken::new();
 
@@ -86,7 +98,12 @@ pub async fn run(config: NodeConfig, shutdown: Shutdown) -> Result<(), NodeError
     tokio::spawn(auth.clone().watch(background.clone()));
 
     let dkim = load_dkim(&config)?;
-    let resolver = HickoryResolver::new(&config.dns)?;
+    let dane = &config.delivery.tls.dane;
+    let resolver = if dane.enabled {
+        HickoryResolver::with_dnssec(&config.dns, dane.trust_anchor_file.as_deref())?
+    } else {
+        HickoryResolver::new(&config.dns)?
+    };
     let inbound_auth = config.inbound_auth.enabled.then(|| {
         Arc::new(InboundVerifier::new(
             resolver.authenticator(),
@@ -113,6 +130,7 @@ pub async fn run(config: NodeConfig, shutdown: Shutdown) -> Result<(), NodeError
         Arc::new(resolver),
         dkim.clone(),
         shutdown.clone(),
+        clock,
     )?;
     let domains: Vec<String> = config.domains.iter().map(|d| d.name.clone()).collect();
     crate::delivery::start(Arc::new(delivery), &domains);
@@ -125,6 +143,23 @@ pub async fn run(config: NodeConfig, shutdown: Shutdown) -> Result<(), NodeError
     ));
 
     let listeners = server::bind_listeners(&config).await?;
+    if let (Some(server), Some(tls)) = (&config.mta_sts_server, &tls) {
+        let hosts = crate::mta_sts_server::policy_hosts(&config.domains);
+        let https = tls.https_config(hosts.keys().cloned().collect())?;
+        let socket = tokio::net::TcpListener::bind(server.address)
+            .await
+            .map_err(|source| NodeError::BindMtaSts {
+                address: server.address,
+                source,
+            })?;
+        tracing::info!(address = %server.address, hosts = hosts.len(), "serving MTA-STS policies");
+        tokio::spawn(crate::mta_sts_server::serve(
+            socket,
+            https,
+            std::sync::Arc::new(hosts),
+            background.clone(),
+        ));
+    }
     let admin_socket = admin::bind(config.admin.address).await?;
     let readiness = Readiness::new(queue.clone(), shutdown.accept_token().clone());
     readiness.set_listeners_bound();

@@ -24,6 +24,7 @@ use crate::config::{
     RecipientVerificationConfig,
 };
 use crate::delivery::client::{ConnectOptions, Protocol, SmtpClient, TlsPolicy};
+use crate::delivery::policy::Check;
 use crate::delivery::relay::resolve_configured;
 use crate::delivery::tls::ClientTls;
 use crate::metrics::{self, ResultLabels};
@@ -149,6 +150,10 @@ async fn probe(check: &RecipientCheck, target: &InboundTarget, recipient: &str) 
             credentials: None,
             timeouts: &timeouts,
             tls_config: &check.tls,
+            // A configured target: no MTA-STS or DANE policy applies.
+            check: &Check::None,
+            enforce: false,
+            next_hop: &target.host,
         };
         let mut client = match SmtpClient::connect(&options).await {
             Ok(c) => c,

@@ -108,6 +108,22 @@ impl TlsServer {
         })
     }
 
+    /// A configuration for HTTPS with the same (reloading) certificate that answers only
+    /// for the SNI names `names` (the MTA-STS policy hosts, [`crate::mta_sts_server`]).
+    pub fn https_config(&self, names: Vec<String>) -> Result<Arc<ServerConfig>, TlsError> {
+        let resolver = Arc::new(SniOnly {
+            names,
+            inner: self.resolver.clone(),
+        });
+        let mut server = ServerConfig::builder_with_provider(self.resolver.provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .map_err(TlsError::BuildConfig)?
+            .with_no_client_auth()
+            .with_cert_resolver(resolver);
+        server.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(Arc::new(server))
+    }
+
     /// The acceptor to run handshakes with.
     pub fn acceptor(&self) -> &TlsAcceptor {
         &self.acceptor
@@ -225,6 +241,24 @@ impl ResolvesServerCert for ReloadingResolver {
     fn resolve(&self, _client_hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         let current = self.current.read().unwrap_or_else(|e| e.into_inner());
         Some(current.key.clone())
+    }
+}
+
+/// The node's certificate, only for clients that ask for one of `names` (lower case).
+#[derive(Debug)]
+struct SniOnly {
+    names: Vec<String>,
+    inner: Arc<ReloadingResolver>,
+}
+
+impl ResolvesServerCert for SniOnly {
+    fn resolve(&self, client_hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let sni = client_hello.server_name()?.to_ascii_lowercase();
+        if self.names.contains(&sni) {
+            self.inner.resolve(client_hello)
+        } else {
+            None
+        }
     }
 }
 

@@ -11,7 +11,7 @@ use std::time::Duration;
 use common::{Nats, Node, queue_is_empty, unique};
 use delivery_support::{
     DEFERRED, DELIVERED, Knot, Setup, Sink, configure, counter, dkim_verify, example_zone, metrics,
-    parse_dsn, remote_zone, submit, wait_until,
+    parse_dsn, remote_zone, sink_message, submit, wait_until,
 };
 
 const DROPPED: &str =
@@ -256,13 +256,6 @@ async fn a_long_deferral_sends_the_sender_one_delay_notice() {
 
 /// The message of an smtp-sink dump: without its `X-` envelope lines, with the CRLF line
 /// endings it had on the wire.
-fn sink_message(dump: &str) -> Vec<u8> {
-    let message: Vec<&str> = dump.lines().skip_while(|l| l.starts_with("X-")).collect();
-    let mut text = message.join("\r\n");
-    text.push_str("\r\n");
-    text.into_bytes()
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_bounce_is_never_bounced() {
     let nats = Nats::start();

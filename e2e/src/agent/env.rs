@@ -1,7 +1,9 @@
-//! A container's environment, resolved the way the kubelet does it: image-like defaults, the
-//! `KUBERNETES_SERVICE_*` variables of the API server, then `envFrom` sources in order, then
-//! `env` (whose values may refer to earlier variables with `$(NAME)`), including `valueFrom`
-//! ConfigMap/Secret keys and the downward API. Pure: all objects come in a [`PodObjects`].
+//! A container's environment, resolved the way the kubelet and the runtime do it: the image's
+//! `Env` (for host-run containers the host's PATH and HOME stand in), the `KUBERNETES_SERVICE_*`
+//! variables of the API server, then `envFrom` sources in order, then `env` (whose values may
+//! refer to earlier variables with `$(NAME)`), including `valueFrom` ConfigMap/Secret keys and
+//! the downward API; a later definition of a name replaces an earlier one, as the runtime lets
+//! the container's env override the image's. Pure: all objects come in a [`PodObjects`].
 
 use std::net::IpAddr;
 
@@ -53,9 +55,9 @@ pub struct EnvInputs<'a> {
     pub host_ip: IpAddr,
     pub api_server_host: &'a str,
     pub api_server_port: u16,
-    /// PATH for containers: the host's, as the "image" is the host.
-    pub path: &'a str,
-    pub home: &'a str,
+    /// What the image sets (its `Env`), or for a container run from the host, the host's PATH
+    /// and HOME: the base the pod's variables are laid over.
+    pub base: &'a [(String, String)],
     pub allocatable: Allocatable,
     pub objects: &'a PodObjects,
 }
@@ -96,8 +98,9 @@ pub fn container_env(container: &Container, inputs: &EnvInputs<'_>) -> Result<En
     let pod = inputs.pod;
     let namespace = pod.metadata.namespace.clone().unwrap_or_default();
     let mut env = Env::default();
-    env.set("PATH", inputs.path.to_string());
-    env.set("HOME", inputs.home.to_string());
+    for (name, value) in inputs.base {
+        env.set(name, value.clone());
+    }
     env.set("HOSTNAME", hostname(pod));
     let (host, port) = (inputs.api_server_host, inputs.api_server_port);
     env.set("KUBERNETES_SERVICE_HOST", host.to_string());
@@ -482,6 +485,16 @@ mod tests {
         }
     }
 
+    fn host_base() -> &'static [(String, String)] {
+        static BASE: std::sync::OnceLock<Vec<(String, String)>> = std::sync::OnceLock::new();
+        BASE.get_or_init(|| {
+            vec![
+                ("PATH".into(), "/usr/bin:/bin".into()),
+                ("HOME".into(), "/root".into()),
+            ]
+        })
+    }
+
     fn inputs<'a>(pod: &'a Pod, objects: &'a PodObjects) -> EnvInputs<'a> {
         EnvInputs {
             pod,
@@ -489,8 +502,7 @@ mod tests {
             host_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
             api_server_host: "127.0.0.1",
             api_server_port: 16443,
-            path: "/usr/bin:/bin",
-            home: "/root",
+            base: host_base(),
             allocatable: Allocatable {
                 cpu_millis: 2000,
                 memory_bytes: 8 << 30,
@@ -514,6 +526,40 @@ mod tests {
         assert_eq!(env.get("HOSTNAME"), Some("web-1"));
         assert_eq!(env.get("PATH"), Some("/usr/bin:/bin"));
         assert_eq!(env.get("POD_IP"), None);
+    }
+
+    #[test]
+    fn image_env_is_the_base_and_the_pod_overrides_it() {
+        let pod = pod(json!([{"name": "c", "env": [
+            {"name": "MODE", "value": "pod"},
+            {"name": "BOTH", "value": "$(IMAGE_ONLY)-pod"}
+        ]}]));
+        let objects = objects();
+        let base = vec![
+            ("PATH".to_string(), "/usr/local/bin:/bin".to_string()),
+            ("MODE".to_string(), "image".to_string()),
+            ("IMAGE_ONLY".to_string(), "img".to_string()),
+        ];
+        let inputs = EnvInputs {
+            base: &base,
+            ..inputs(&pod, &objects)
+        };
+        let container = pod.spec.as_ref().unwrap().containers[0].clone();
+        let env = container_env(&container, &inputs).unwrap();
+        assert_eq!(env.get("PATH"), Some("/usr/local/bin:/bin"));
+        assert_eq!(env.get("MODE"), Some("pod"));
+        assert_eq!(env.get("IMAGE_ONLY"), Some("img"));
+        assert_eq!(env.get("BOTH"), Some("img-pod"));
+        assert_eq!(
+            env.get("HOME"),
+            None,
+            "the runtime adds HOME from the image's passwd"
+        );
+        assert_eq!(
+            env.vars().iter().filter(|(n, _)| n == "MODE").count(),
+            1,
+            "one definition per name"
+        );
     }
 
     #[test]

@@ -1,12 +1,18 @@
 //! The node agent, a test-only "process kubelet": it registers a Node, binds pending pods to it
 //! (there is no kube-scheduler), and runs every container of every pod bound to it as a local
 //! process with the pod's env, volumes (bind-mounted in a private mount namespace) and its own
-//! loopback address, reporting status like a kubelet. This module owns the run loop: the pod
-//! watch, one [`pod_runner`] task per pod, the node heartbeat, the readiness file and shutdown.
+//! loopback address, reporting status like a kubelet. Containers whose image is in the local
+//! image store ([`image_store`], what `make images` writes) run inside that image's root
+//! filesystem as the image's (or the pod's) user; other images run their command from the host.
+//! This module owns the run loop: the pod watch, one [`pod_runner`] task per pod, the node
+//! heartbeat, the readiness file and shutdown.
 
 pub mod binding;
+pub mod container_exec;
 pub mod env;
+pub mod identity;
 pub mod image;
+pub mod image_store;
 pub mod ip_pool;
 pub mod node;
 pub mod objects;
@@ -34,6 +40,7 @@ use tokio_util::task::TaskTracker;
 
 use self::env::Allocatable;
 use self::image::ImageMap;
+use self::image_store::ImageStore;
 use self::ip_pool::{IpPool, LoopbackRange};
 use self::pod_runner::{PodUpdate, WorkerExit};
 use self::process::HostTools;
@@ -72,6 +79,12 @@ pub enum AgentError {
     },
     #[error("find host tools")]
     HostTools(#[source] process::ProcessError),
+    #[error(
+        "container-exec helper {path} not found (build it: cargo build -p kubemail-e2e --bin container-exec)"
+    )]
+    ContainerExecMissing { path: PathBuf },
+    #[error("read the image store")]
+    ImageStore(#[source] image_store::StoreError),
     #[error("register the node")]
     RegisterNode(#[source] node::NodeError),
     #[error("the pod watch ended")]
@@ -88,7 +101,14 @@ pub struct AgentConfig {
     /// What pods get as `KUBERNETES_SERVICE_HOST`/`_PORT`; default: from the kubeconfig URL.
     pub api_server_host: Option<String>,
     pub api_server_port: Option<u16>,
+    /// Developer shortcut: images run as these host binaries (empty unless asked for).
     pub image_map: ImageMap,
+    /// Directory of OCI image archives containers run from (`make images` output).
+    pub image_store: Option<PathBuf>,
+    /// Where unpacked image roots are kept; default `<state-dir>/images`.
+    pub image_cache: Option<PathBuf>,
+    /// The `container-exec` helper; default: next to the running executable.
+    pub container_exec: Option<PathBuf>,
     pub pod_ip_range: LoopbackRange,
     /// Upper bound on each pod's grace period when the agent itself stops.
     pub max_shutdown_grace: Duration,
@@ -102,6 +122,8 @@ pub(crate) struct Context {
     pub api_server_host: String,
     pub api_server_port: u16,
     pub images: ImageMap,
+    pub store: Option<Arc<ImageStore>>,
+    pub container_exec: PathBuf,
     pub ip_pool: Mutex<IpPool>,
     pub host_ip: IpAddr,
     pub tools: HostTools,
@@ -157,6 +179,28 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     let path_var = std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into());
     let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
     let tools = HostTools::find(&path_var).map_err(AgentError::HostTools)?;
+    let container_exec = config
+        .container_exec
+        .clone()
+        .unwrap_or_else(default_container_exec);
+    let store = match &config.image_store {
+        Some(dir) => {
+            if !container_exec.is_file() {
+                return Err(AgentError::ContainerExecMissing {
+                    path: container_exec,
+                });
+            }
+            let cache = config
+                .image_cache
+                .clone()
+                .unwrap_or_else(|| state_dir.join("images"));
+            let store = ImageStore::new(absolute(dir), absolute(&cache));
+            let references = store.references().map_err(AgentError::ImageStore)?;
+            tracing::info!(store = %store.dir().display(), images = ?references, "image store");
+            Some(Arc::new(store))
+        }
+        None => None,
+    };
     let host_ip = IpAddr::V4(Ipv4Addr::LOCALHOST);
     let ctx = Arc::new(Context {
         client: client.clone(),
@@ -165,6 +209,8 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         api_server_host,
         api_server_port,
         images: config.image_map.clone(),
+        store,
+        container_exec,
         ip_pool: Mutex::new(IpPool::new(config.pod_ip_range)),
         host_ip,
         tools,
@@ -175,11 +221,18 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         max_shutdown_grace: config.max_shutdown_grace,
     });
 
-    let since = node::register(&client, &config.node_name, host_ip, &state_dir)
-        .await
-        .map_err(AgentError::RegisterNode)?;
+    let store_dir = ctx.store.as_ref().map(|s| s.dir().to_path_buf());
+    let since = node::register(
+        &client,
+        &config.node_name,
+        host_ip,
+        &state_dir,
+        store_dir.as_deref(),
+    )
+    .await
+    .map_err(AgentError::RegisterNode)?;
     tracing::info!(node = %config.node_name, state_dir = %state_dir.display(), api_server = %format!("{}:{}", ctx.api_server_host, ctx.api_server_port),
-        pod_ip_range = %config.pod_ip_range, images = ctx.images.iter().count(), "node registered");
+        pod_ip_range = %config.pod_ip_range, mapped_images = ctx.images.iter().count(), image_store = ctx.store.is_some(), "node registered");
 
     let tracker = TaskTracker::new();
     let workers_cancel = shutdown.child_token();
@@ -445,6 +498,14 @@ async fn client_config(kubeconfig: Option<&Path>) -> Result<Config, AgentError> 
         }
         None => Config::infer().await.map_err(AgentError::InferConfig),
     }
+}
+
+/// `container-exec` next to the running executable (cargo puts both bins in one directory).
+fn default_container_exec() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|d| d.join("container-exec")))
+        .unwrap_or_else(|| PathBuf::from("container-exec"))
 }
 
 fn absolute(path: &Path) -> PathBuf {

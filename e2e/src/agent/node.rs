@@ -21,6 +21,9 @@ use super::env::Allocatable;
 /// Annotation with the agent's state directory (pod logs under `pods/<ns>_<name>/`, volumes
 /// under `pods/<uid>/volumes/`), so tests find them from the pod's node.
 pub const STATE_DIR_ANNOTATION: &str = "kubemail.io/agent-state-dir";
+/// Annotation with the agent's image store directory (absent without one), so tests can add
+/// images of their own.
+pub const IMAGE_STORE_ANNOTATION: &str = "kubemail.io/agent-image-store";
 /// The kubelet's version line this agent stands in for (the control plane is v1.36.3).
 pub const KUBELET_VERSION: &str = "v1.36.3";
 const LEASE_NAMESPACE: &str = "kube-node-lease";
@@ -151,6 +154,7 @@ pub async fn register(
     node: &str,
     host_ip: IpAddr,
     state_dir: &Path,
+    image_store: Option<&Path>,
 ) -> Result<Timestamp, NodeError> {
     let api: Api<Node> = Api::all(client.clone());
     let reg_err = |source| NodeError::Register {
@@ -166,10 +170,16 @@ pub async fn register(
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
     .collect();
-    let annotations = BTreeMap::from([(
+    let mut annotations = BTreeMap::from([(
         STATE_DIR_ANNOTATION.to_string(),
         state_dir.display().to_string(),
     )]);
+    if let Some(store) = image_store {
+        annotations.insert(
+            IMAGE_STORE_ANNOTATION.to_string(),
+            store.display().to_string(),
+        );
+    }
     let existing = api.get_opt(node).await.map_err(reg_err)?;
     let since = match &existing {
         None => {
@@ -188,8 +198,15 @@ pub async fn register(
             Timestamp::now()
         }
         Some(existing) => {
-            let patch =
-                serde_json::json!({"metadata": {"labels": labels, "annotations": annotations}});
+            let mut patched: serde_json::Map<String, serde_json::Value> = annotations
+                .iter()
+                .map(|(k, v)| (k.clone(), serde_json::Value::from(v.as_str())))
+                .collect();
+            // A merge patch removes the store annotation of an earlier run with null.
+            patched
+                .entry(IMAGE_STORE_ANNOTATION)
+                .or_insert(serde_json::Value::Null);
+            let patch = serde_json::json!({"metadata": {"labels": labels, "annotations": patched}});
             api.patch(node, &PatchParams::default(), &Patch::Merge(&patch))
                 .await
                 .map_err(reg_err)?;

@@ -21,10 +21,11 @@ use tokio_util::sync::CancellationToken;
 
 use super::Context;
 use super::env::{self, EnvInputs};
-use super::image;
+use super::identity;
+use super::image::{self, ContainerImage};
 use super::objects::{self, PodObjects, TokenCache};
 use super::probes::{self, ProbeKind, ProbeReport, ProbeTarget};
-use super::process::{self, ContainerTag, LaunchSpec, ProcessExit};
+use super::process::{self, ContainerTag, LaunchSpec, ProcessExit, RootSpec};
 use super::status::{self, ContainerView, PodView, RunState, Termination};
 use super::volumes::{self, VolumeInputs, VolumePlan};
 
@@ -144,6 +145,8 @@ struct Slot {
     kill_deadline: Option<Instant>,
     started_instant: Option<Instant>,
     env: Vec<(String, String)>,
+    /// uid and gid of a container from an image (for exec probes).
+    run_as: Option<(u32, u32)>,
     /// Finished for good (completed init container, or not restarted by policy).
     done: bool,
 }
@@ -179,6 +182,7 @@ impl Slot {
             kill_deadline: None,
             started_instant: None,
             env: Vec::new(),
+            run_as: None,
             done: false,
         }
     }
@@ -417,14 +421,21 @@ impl PodWorker {
             objects: &self.objects,
         };
         let base = self.pod_dir().join("volumes");
+        let fs_group = self
+            .pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.security_context.as_ref())
+            .and_then(|c| c.fs_group)
+            .and_then(|g| u32::try_from(g).ok());
         for v in &volumes {
             let plan = volumes::plan_volume(v, &inputs)
                 .map_err(|e| format!("MountVolume.SetUp failed for volume {:?}: {e}", v.name))?;
             if refresh && !matches!(plan, VolumePlan::Files(_)) {
                 continue;
             }
-            let dir =
-                volumes::materialise(&base.join(&v.name), &plan).map_err(|e| error_chain(&e))?;
+            let dir = volumes::materialise(&base.join(&v.name), &plan, fs_group)
+                .map_err(|e| error_chain(&e))?;
             self.volume_dirs.insert(v.name.clone(), dir);
         }
         Ok(())
@@ -459,7 +470,10 @@ impl PodWorker {
             slot.restart_at = None;
             slot.spec.clone()
         };
-        let launch = self.launch_spec(&spec);
+        let launch = match self.container_image(&spec).await {
+            Ok(image) => self.launch_spec(&spec, &image),
+            Err(e) => Err(e),
+        };
         let slot_generation;
         let result = match launch {
             Err((reason, message)) => Err((reason, message)),
@@ -469,6 +483,10 @@ impl PodWorker {
                     slot.generation += 1;
                     slot_generation = slot.generation;
                     slot.env = launch.env.clone();
+                    slot.run_as = launch
+                        .root
+                        .as_ref()
+                        .map(|r| (r.identity.uid, r.identity.gid));
                     ContainerTag {
                         init,
                         index,
@@ -513,6 +531,7 @@ impl PodWorker {
                     pid: launched.pid,
                     env: slot.env.clone(),
                     nsenter,
+                    run_as: slot.run_as,
                 };
                 if init {
                     // Init containers have no probes; they just have to finish.
@@ -541,38 +560,168 @@ impl PodWorker {
         }
     }
 
+    /// Where `spec`'s program comes from: the developer's image map first (it is only set when
+    /// asked for), then the image store (unpacking the image the first time), else the host.
+    async fn container_image(
+        &self,
+        spec: &Container,
+    ) -> Result<ContainerImage, (&'static str, String)> {
+        let name = spec.image.clone().unwrap_or_default();
+        if let Some(binary) = self.ctx.images.lookup(&name) {
+            return Ok(ContainerImage::Mapped(binary.to_path_buf()));
+        }
+        let Some(store) = self.ctx.store.clone() else {
+            return Ok(ContainerImage::Host);
+        };
+        let key = self.key();
+        let lookup = tokio::task::spawn_blocking(move || {
+            let Some(hit) = store.find(&name)? else {
+                return Ok(None);
+            };
+            if !hit.exact {
+                tracing::info!(pod = %key, image = %name, using = %hit.reference,
+                    "tag not in the image store; using the local build of that repository");
+            }
+            store.unpacked(&hit).map(Some)
+        })
+        .await
+        .map_err(|e| ("ErrImagePull", format!("image store task failed: {e}")))?;
+        match lookup {
+            Ok(Some(unpacked)) => Ok(ContainerImage::Store(unpacked)),
+            Ok(None) => Ok(ContainerImage::Host),
+            Err(e) => Err(("ErrImagePull", error_chain(&e))),
+        }
+    }
+
     /// Env, argv and mounts for `spec`, or the waiting reason and message.
-    fn launch_spec(&self, spec: &Container) -> Result<LaunchSpec, (&'static str, String)> {
+    fn launch_spec(
+        &self,
+        spec: &Container,
+        image: &ContainerImage,
+    ) -> Result<LaunchSpec, (&'static str, String)> {
+        let config_err = |message: String| ("CreateContainerConfigError", message);
+        let host_base;
+        let image_base;
+        let base: &[(String, String)] = match image {
+            ContainerImage::Store(unpacked) => {
+                image_base = unpacked.config.env_pairs();
+                &image_base
+            }
+            ContainerImage::Mapped(_) | ContainerImage::Host => {
+                host_base = vec![
+                    ("PATH".to_string(), self.ctx.path_var.clone()),
+                    ("HOME".to_string(), self.ctx.home.clone()),
+                ];
+                &host_base
+            }
+        };
         let inputs = EnvInputs {
             pod: &self.pod,
             pod_ip: self.ip,
             host_ip: self.ctx.host_ip,
             api_server_host: &self.ctx.api_server_host,
             api_server_port: self.ctx.api_server_port,
-            path: &self.ctx.path_var,
-            home: &self.ctx.home,
+            base,
             allocatable: self.ctx.allocatable,
             objects: &self.objects,
         };
-        let env = env::container_env(spec, &inputs)
-            .map_err(|e| ("CreateContainerConfigError", e.to_string()))?;
-        let argv = image::container_argv(spec, &self.ctx.images, |s| env.expand(s))
+        let mut env = env::container_env(spec, &inputs).map_err(|e| config_err(e.to_string()))?;
+        let argv = image::container_argv(spec, image, |s| env.expand(s))
             .map_err(|e| ("CreateContainerError", e.to_string()))?;
-        let mounts = volumes::container_mounts(spec, &self.volume_dirs, &env)
-            .map_err(|e| ("CreateContainerConfigError", error_chain(&e)))?;
+        let mut mounts = volumes::container_mounts(spec, &self.volume_dirs, &env)
+            .map_err(|e| config_err(error_chain(&e)))?;
+        let hostname = env::hostname(&self.pod);
+        let (root, working_dir) = match image {
+            ContainerImage::Store(unpacked) => {
+                let pod_sc = self
+                    .pod
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.security_context.as_ref());
+                let identity = identity::resolve(
+                    unpacked.config.user.as_deref(),
+                    &unpacked.read_file("/etc/passwd"),
+                    &unpacked.read_file("/etc/group"),
+                    pod_sc,
+                    spec.security_context.as_ref(),
+                )
+                .map_err(|e| config_err(e.to_string()))?;
+                // The runtime sets HOME from the image's passwd when nobody else did.
+                if env.get("HOME").is_none() {
+                    env.set("HOME", identity.home.clone());
+                }
+                // First, so a volume the pod mounts over /etc hides them rather than
+                // receiving them.
+                let etc = self.etc_files(&hostname).map_err(config_err)?;
+                mounts.splice(0..0, etc);
+                let working_dir = spec
+                    .working_dir
+                    .clone()
+                    .filter(|w| !w.is_empty())
+                    .or_else(|| unpacked.config.working_dir.clone())
+                    .filter(|w| !w.is_empty())
+                    .unwrap_or_else(|| "/".to_string());
+                let root = RootSpec {
+                    image_rootfs: unpacked.rootfs.clone(),
+                    read_only: spec
+                        .security_context
+                        .as_ref()
+                        .and_then(|c| c.read_only_root_filesystem)
+                        == Some(true),
+                    identity,
+                    exec_helper: self.ctx.container_exec.clone(),
+                };
+                (Some(root), Some(working_dir))
+            }
+            ContainerImage::Mapped(_) | ContainerImage::Host => (None, spec.working_dir.clone()),
+        };
         Ok(LaunchSpec {
             argv,
             env: env.vars().to_vec(),
             mounts,
-            working_dir: spec.working_dir.clone(),
-            hostname: env::hostname(&self.pod),
+            working_dir,
+            hostname,
             mask_dirs: self.ctx.mask_dirs.clone(),
             log_path: self
                 .ctx
                 .log_dir(&self.namespace, &self.name)
                 .join(format!("{}.log", spec.name)),
             pid_path: self.pod_dir().join(format!("{}.pid", spec.name)),
+            root,
         })
+    }
+
+    /// `/etc/hosts`, `/etc/hostname` and `/etc/resolv.conf` for a container with a root of its
+    /// own, as the kubelet provides them: a hosts file naming the pod's address, and the
+    /// host's resolver configuration (there is no cluster DNS here).
+    fn etc_files(&self, hostname: &str) -> Result<Vec<volumes::BindMount>, String> {
+        let dir = self.pod_dir().join("etc");
+        let ip = self.ip.unwrap_or(self.ctx.host_ip);
+        let hosts = format!(
+            "# Kubernetes-managed hosts file.\n127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n{ip}\t{hostname}\n"
+        );
+        let resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+        let files = [
+            ("hosts", hosts),
+            ("hostname", format!("{hostname}\n")),
+            ("resolv.conf", resolv),
+        ];
+        let write_err = |e: std::io::Error| format!("write {}: {e}", dir.display());
+        std::fs::create_dir_all(&dir).map_err(write_err)?;
+        let mut mounts = Vec::new();
+        for (name, contents) in files {
+            let path = dir.join(name);
+            if std::fs::read_to_string(&path).ok().as_deref() != Some(contents.as_str()) {
+                std::fs::write(&path, &contents).map_err(write_err)?;
+            }
+            mounts.push(volumes::BindMount {
+                source: path,
+                target: format!("/etc/{name}"),
+                read_only: false,
+                is_file: true,
+            });
+        }
+        Ok(mounts)
     }
 
     fn slot_mut(&mut self, init: bool, index: usize) -> &mut Slot {
@@ -693,6 +842,7 @@ impl PodWorker {
                     pid,
                     env: slot.env.clone(),
                     nsenter,
+                    run_as: slot.run_as,
                 };
                 if let Some(cancel) = slot.probe_cancel.clone() {
                     spawn_post_startup_probes(slot, target, probes_tx, cancel);

@@ -1,7 +1,8 @@
 //! Startup, readiness and liveness probes against the pod's address. httpGet speaks a minimal
 //! HTTP/1.1 GET (success: status 200–399, as the kubelet); tcpSocket connects; exec runs the
-//! command inside the container's mount namespace through `nsenter`. HTTPS and gRPC probes are
-//! checked as plain TCP connects (the agent carries no TLS/gRPC client). The threshold logic
+//! command inside the container's mount namespace through `nsenter` (inside its root and as its
+//! user when it runs from an image). HTTPS and gRPC probes are checked as plain TCP connects
+//! (the agent carries no TLS/gRPC client). The threshold logic
 //! (initial state, success/failure thresholds) lives in [`ProbeTracker`], free of I/O.
 
 use std::collections::HashMap;
@@ -52,6 +53,9 @@ pub struct ProbeTarget {
     pub pid: u32,
     pub env: Vec<(String, String)>,
     pub nsenter: PathBuf,
+    /// uid and gid of a container that runs from an image: exec probes then run inside its
+    /// root, in its working directory, as that user.
+    pub run_as: Option<(u32, u32)>,
 }
 
 /// Counts consecutive results against a probe's thresholds and says when the verdict flips.
@@ -324,9 +328,18 @@ async fn exec_in_container(command: &[String], target: &ProbeTarget) -> Result<(
     if command.is_empty() {
         return Err("exec probe has no command".into());
     }
-    let output = tokio::process::Command::new(&target.nsenter)
+    let mut nsenter = tokio::process::Command::new(&target.nsenter);
+    nsenter
         .arg(format!("--target={}", target.pid))
-        .args(["--mount", "--uts", "--"])
+        .args(["--mount", "--uts"]);
+    if let Some((uid, gid)) = target.run_as {
+        nsenter
+            .args(["--root", "--wd"])
+            .arg(format!("--setuid={uid}"))
+            .arg(format!("--setgid={gid}"));
+    }
+    let output = nsenter
+        .arg("--")
         .args(command)
         .env_clear()
         .envs(target.env.iter().map(|(k, v)| (k, v)))
@@ -410,6 +423,7 @@ mod tests {
             pid: std::process::id(),
             env: vec![],
             nsenter: "/usr/bin/nsenter".into(),
+            run_as: None,
         }
     }
 

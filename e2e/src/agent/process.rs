@@ -6,6 +6,14 @@
 //! container's main process (reported as `proc://<pid>`). The process leads its own process
 //! group; stopping a container signals the whole group. No `unsafe`/pre_exec is needed: the
 //! namespaces come from util-linux's `unshare`.
+//!
+//! A container that runs from an image gets a root of its own in that namespace, as a runtime
+//! builds one: an overlay of the unpacked image (never written) under a writable layer on a
+//! tmpfs that lives as long as the container, `/proc`, a small `/dev` with the usual device
+//! nodes, `/sys` read-only, the pod's volumes bound at their mountPaths resolved inside the
+//! root (an image symlink never leads a mount outside it), the root remounted read-only for
+//! `readOnlyRootFilesystem`, and finally `container-exec`, which chroots into it, changes to
+//! the working directory, takes the container's user and groups and execs the program.
 
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
@@ -17,10 +25,29 @@ use nix::unistd::Pid;
 use tokio::process::Command;
 use tokio::sync::mpsc;
 
+use super::identity::Identity;
 use super::volumes::BindMount;
 
 /// `$0` of the wrapper shell; shows up in `ps` for the instant before the exec.
 const WRAPPER_NAME: &str = "kubemail-container";
+/// Where an image container's root is assembled inside its mount namespace: a tmpfs holding the
+/// overlay's writable layer (`upper`, `work`) and the root itself (`merged`).
+const ROOT_BASE: &str = "/run/kubemail-agent-root";
+const ROOT_DIR: &str = "/run/kubemail-agent-root/merged";
+/// Cap on what a container may write to its root filesystem (memory-backed, like a small
+/// emptyDir); untouched with readOnlyRootFilesystem.
+const ROOT_LAYER_SIZE: &str = "256m";
+/// Device nodes a container's `/dev` gets from the host, as runc's defaults.
+const DEVICES: [&str; 6] = ["null", "zero", "full", "random", "urandom", "tty"];
+/// Symlinks a container's `/dev` has.
+const DEV_LINKS: [(&str, &str); 4] = [
+    ("fd", "/proc/self/fd"),
+    ("stdin", "/proc/self/fd/0"),
+    ("stdout", "/proc/self/fd/1"),
+    ("stderr", "/proc/self/fd/2"),
+];
+/// Symlinks followed when resolving a path inside an image root (as the kernel's limit).
+const MAX_SYMLINKS: usize = 40;
 
 /// Why a container process could not be started.
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +70,8 @@ pub enum ProcessError {
     NoPid,
     #[error("container has an empty command")]
     EmptyArgv,
+    #[error("image root {path} contains ',' or ':', which overlayfs options cannot carry")]
+    UnsupportedRootPath { path: PathBuf },
 }
 
 /// Absolute paths of the host programs the agent uses, found once on the agent's PATH so a
@@ -55,6 +84,7 @@ pub struct HostTools {
     pub mount: PathBuf,
     pub mkdir: PathBuf,
     pub hostname: PathBuf,
+    pub ln: PathBuf,
 }
 
 impl HostTools {
@@ -69,6 +99,7 @@ impl HostTools {
             mount: find("mount")?,
             mkdir: find("mkdir")?,
             hostname: find("hostname")?,
+            ln: find("ln")?,
         })
     }
 }
@@ -107,6 +138,21 @@ pub struct LaunchSpec {
     /// `<container>.pid` holds the pid (read by `e2e/local-cluster down` as a last resort);
     /// `<container>.pidstart` the process start time, to recognise the process after a restart.
     pub pid_path: PathBuf,
+    /// Set when the container runs from an image: mount targets and the working directory are
+    /// then paths inside that root.
+    pub root: Option<RootSpec>,
+}
+
+/// How a container from an image gets its root and its user.
+#[derive(Debug, Clone)]
+pub struct RootSpec {
+    /// The unpacked image: the read-only lower layer of the container's root.
+    pub image_rootfs: PathBuf,
+    /// `readOnlyRootFilesystem`.
+    pub read_only: bool,
+    pub identity: Identity,
+    /// The `container-exec` helper on the host.
+    pub exec_helper: PathBuf,
 }
 
 /// A started process.
@@ -126,16 +172,20 @@ pub fn shell_quote(s: &str) -> String {
 }
 
 /// The `sh -c` script run inside the new namespaces: mounts, hostname, working dir, exec.
+/// For a container from an image it reads the image's symlinks to place mounts inside its root.
 pub fn launch_script(tools: &HostTools, spec: &LaunchSpec) -> String {
     let q = |p: &Path| shell_quote(&p.to_string_lossy());
     let mkdir = q(&tools.mkdir);
     let mount = q(&tools.mount);
     let mut lines = vec!["set -e".to_string()];
-    for dir in &spec.mask_dirs {
-        let d = q(dir);
-        lines.push(format!(
-            "if [ -d {d} ]; then {mount} -t tmpfs -o size=64k,mode=0700 kubemail-mask {d}; fi"
-        ));
+    // In a root of its own the host's directories are not there to hide.
+    if spec.root.is_none() {
+        for dir in &spec.mask_dirs {
+            let d = q(dir);
+            lines.push(format!(
+                "if [ -d {d} ]; then {mount} -t tmpfs -o size=64k,mode=0700 kubemail-mask {d}; fi"
+            ));
+        }
     }
     // Every source is first bound into a private staging tmpfs, and the targets are bound from
     // there: a mountPath such as `/tmp` must not hide the sources of later binds when the
@@ -156,10 +206,19 @@ pub fn launch_script(tools: &HostTools, spec: &LaunchSpec) -> String {
         }
         lines.push(format!("{mount} --bind -- {} {}", q(&m.source), stage(i)));
     }
+    if let Some(root) = &spec.root {
+        lines.extend(root_lines(tools, root));
+    }
+    // Where a path of the container is on the host (inside the namespace).
+    let host_path = |path: &str| match &spec.root {
+        None => path.to_string(),
+        Some(root) => format!("{ROOT_DIR}{}", resolve_in_root(&root.image_rootfs, path)),
+    };
     for (i, m) in spec.mounts.iter().enumerate() {
-        let target = shell_quote(&m.target);
+        let target_path = host_path(&m.target);
+        let target = shell_quote(&target_path);
         if m.is_file {
-            let parent = Path::new(&m.target).parent().unwrap_or(Path::new("/"));
+            let parent = Path::new(&target_path).parent().unwrap_or(Path::new("/"));
             lines.push(format!(
                 "if [ ! -e {target} ]; then {mkdir} -p -- {}; : > {target}; fi",
                 q(parent)
@@ -173,7 +232,7 @@ pub fn launch_script(tools: &HostTools, spec: &LaunchSpec) -> String {
     for m in spec.mounts.iter().filter(|m| m.read_only) {
         lines.push(format!(
             "{mount} -o remount,bind,ro -- {}",
-            shell_quote(&m.target)
+            shell_quote(&host_path(&m.target))
         ));
     }
     if !spec.hostname.is_empty() {
@@ -183,12 +242,153 @@ pub fn launch_script(tools: &HostTools, spec: &LaunchSpec) -> String {
             shell_quote(&spec.hostname)
         ));
     }
-    if let Some(wd) = spec.working_dir.as_deref().filter(|w| !w.is_empty()) {
-        lines.push(format!("{mkdir} -p -- {}", shell_quote(wd)));
-        lines.push(format!("cd {}", shell_quote(wd)));
+    let working_dir = spec.working_dir.as_deref().filter(|w| !w.is_empty());
+    match &spec.root {
+        None => {
+            if let Some(wd) = working_dir {
+                lines.push(format!("{mkdir} -p -- {}", shell_quote(wd)));
+                lines.push(format!("cd {}", shell_quote(wd)));
+            }
+            lines.push("exec \"$@\"".to_string());
+        }
+        Some(root) => {
+            // Runtimes create a missing working directory; it has to exist before the root
+            // turns read-only.
+            let wd = working_dir.unwrap_or("/");
+            lines.push(format!("{mkdir} -p -- {}", shell_quote(&host_path(wd))));
+            if root.read_only {
+                lines.push(format!(
+                    "{mount} -o remount,bind,ro -- {}",
+                    shell_quote(ROOT_DIR)
+                ));
+            }
+            let id = &root.identity;
+            let mut exec = format!(
+                "exec {} --root {} --workdir {} --uid {} --gid {}",
+                q(&root.exec_helper),
+                shell_quote(ROOT_DIR),
+                shell_quote(wd),
+                id.uid,
+                id.gid
+            );
+            if !id.groups.is_empty() {
+                let groups: Vec<String> = id.groups.iter().map(u32::to_string).collect();
+                exec.push_str(&format!(" --groups {}", groups.join(",")));
+            }
+            if id.no_new_privs {
+                exec.push_str(" --no-new-privs");
+            }
+            exec.push_str(" -- \"$@\"");
+            lines.push(exec);
+        }
     }
-    lines.push("exec \"$@\"".to_string());
     lines.join("\n")
+}
+
+/// Assembles an image container's root at [`ROOT_DIR`]: overlay, /proc, /dev, /sys.
+fn root_lines(tools: &HostTools, root: &RootSpec) -> Vec<String> {
+    let q = |p: &Path| shell_quote(&p.to_string_lossy());
+    let mkdir = q(&tools.mkdir);
+    let mount = q(&tools.mount);
+    let ln = q(&tools.ln);
+    let base = shell_quote(ROOT_BASE);
+    let r = |sub: &str| shell_quote(&format!("{ROOT_DIR}{sub}"));
+    let mut lines = vec![
+        format!("{mkdir} -p -- {base}"),
+        format!("{mount} -t tmpfs -o size={ROOT_LAYER_SIZE},mode=0755 kubemail-root {base}"),
+        format!(
+            "{mkdir} -p -- {} {} {}",
+            shell_quote(&format!("{ROOT_BASE}/upper")),
+            shell_quote(&format!("{ROOT_BASE}/work")),
+            r("")
+        ),
+        format!(
+            "{mount} -t overlay -o {} kubemail-rootfs {}",
+            shell_quote(&format!(
+                "lowerdir={},upperdir={ROOT_BASE}/upper,workdir={ROOT_BASE}/work",
+                root.image_rootfs.display()
+            )),
+            r("")
+        ),
+        format!("{mkdir} -p -- {}", r("/proc")),
+        format!(
+            "{mount} -t proc -o nosuid,nodev,noexec kubemail-proc {}",
+            r("/proc")
+        ),
+        format!("{mkdir} -p -- {}", r("/dev")),
+        format!(
+            "{mount} -t tmpfs -o nosuid,mode=0755,size=64k kubemail-dev {}",
+            r("/dev")
+        ),
+    ];
+    for dev in DEVICES {
+        let target = r(&format!("/dev/{dev}"));
+        lines.push(format!(": > {target}"));
+        lines.push(format!(
+            "{mount} --bind -- {} {target}",
+            shell_quote(&format!("/dev/{dev}"))
+        ));
+    }
+    for (name, target) in DEV_LINKS {
+        lines.push(format!(
+            "{ln} -s -- {} {}",
+            shell_quote(target),
+            r(&format!("/dev/{name}"))
+        ));
+    }
+    lines.push(format!("{mkdir} -p -- {}", r("/dev/shm")));
+    lines.push(format!(
+        "{mount} -t tmpfs -o nosuid,nodev,noexec,mode=1777,size=64m kubemail-shm {}",
+        r("/dev/shm")
+    ));
+    lines.push(format!("{mkdir} -p -- {}", r("/sys")));
+    lines.push(format!(
+        "{mount} -t sysfs -o ro,nosuid,nodev,noexec kubemail-sys {}",
+        r("/sys")
+    ));
+    lines
+}
+
+/// `path` (absolute, as seen by the container) resolved inside `root`: every symlink the image
+/// has on the way is followed as the container would see it, and `..` stops at the root, so the
+/// result never leaves `root`. Components that do not exist yet are kept as written.
+pub fn resolve_in_root(root: &Path, path: &str) -> String {
+    let mut resolved: Vec<String> = Vec::new();
+    let mut pending: std::collections::VecDeque<String> = path
+        .split('/')
+        .filter(|c| !c.is_empty())
+        .map(String::from)
+        .collect();
+    let mut followed = 0;
+    while let Some(component) = pending.pop_front() {
+        match component.as_str() {
+            "." => continue,
+            ".." => {
+                resolved.pop();
+                continue;
+            }
+            _ => {}
+        }
+        let on_disk = root.join(resolved.join("/")).join(&component);
+        let link = std::fs::symlink_metadata(&on_disk)
+            .ok()
+            .filter(|m| m.file_type().is_symlink())
+            .and_then(|_| std::fs::read_link(&on_disk).ok());
+        match link {
+            Some(target) if followed < MAX_SYMLINKS => {
+                followed += 1;
+                let target = target.to_string_lossy().into_owned();
+                if target.starts_with('/') {
+                    resolved.clear();
+                }
+                for part in target.split('/').filter(|c| !c.is_empty()).rev() {
+                    pending.push_front(part.to_string());
+                }
+            }
+            _ => resolved.push(component),
+        }
+    }
+    format!("/{}", resolved.join("/"))
 }
 
 /// Arguments of `unshare` that run `script` and then the container's argv.
@@ -214,6 +414,14 @@ pub fn launch(
 ) -> Result<Launched, ProcessError> {
     if spec.argv.is_empty() {
         return Err(ProcessError::EmptyArgv);
+    }
+    if let Some(root) = &spec.root {
+        let text = root.image_rootfs.to_string_lossy();
+        if text.contains([',', ':']) {
+            return Err(ProcessError::UnsupportedRootPath {
+                path: root.image_rootfs.clone(),
+            });
+        }
     }
     let log = open_log(&spec.log_path)?;
     let log_err = log.try_clone().map_err(|source| ProcessError::OpenLog {
@@ -409,6 +617,7 @@ mod tests {
             mount: "/bin/mount".into(),
             mkdir: "/bin/mkdir".into(),
             hostname: "/bin/hostname".into(),
+            ln: "/bin/ln".into(),
         }
     }
 
@@ -422,6 +631,7 @@ mod tests {
             mask_dirs: vec![],
             log_path: "/tmp/x.log".into(),
             pid_path: "/tmp/x.pid".into(),
+            root: None,
         }
     }
 
@@ -482,6 +692,99 @@ mod tests {
             ]
         );
         assert_eq!(&args[7..], ["kubemail-container", "sleep", "1"]);
+    }
+
+    #[test]
+    fn paths_resolve_inside_the_image_root() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        std::fs::create_dir_all(root.join("etc/kubemail")).unwrap();
+        std::os::unix::fs::symlink("/etc/kubemail", root.join("cfg")).unwrap();
+        std::os::unix::fs::symlink("../../../..", root.join("etc/up")).unwrap();
+        std::os::unix::fs::symlink("kubemail", root.join("etc/rel")).unwrap();
+        std::os::unix::fs::symlink("loop", root.join("loop")).unwrap();
+        let r = |p: &str| resolve_in_root(root, p);
+        assert_eq!(r("/cfg/config"), "/etc/kubemail/config");
+        assert_eq!(r("/etc/rel/x"), "/etc/kubemail/x");
+        assert_eq!(
+            r("/etc/up/etc/passwd"),
+            "/etc/passwd",
+            "never above the root"
+        );
+        assert_eq!(r("/../../tmp"), "/tmp");
+        assert_eq!(r("/new/dir/./x"), "/new/dir/x");
+        assert_eq!(r("/"), "/");
+        assert_eq!(r("/loop/x"), "/loop/x", "a symlink loop ends as written");
+    }
+
+    #[test]
+    fn image_root_script_mounts_inside_the_root_then_execs_the_helper() {
+        let tmp = tempfile::tempdir().unwrap();
+        let rootfs = tmp.path().join("rootfs");
+        std::fs::create_dir_all(rootfs.join("etc/kubemail")).unwrap();
+        std::os::unix::fs::symlink("/etc/kubemail", rootfs.join("cfg")).unwrap();
+        let mut spec = spec(
+            vec![BindMount {
+                source: "/s/cfg".into(),
+                target: "/cfg/config".into(),
+                read_only: true,
+                is_file: false,
+            }],
+            Some("/work"),
+        );
+        spec.mask_dirs = vec!["/root/.kube".into()];
+        spec.root = Some(RootSpec {
+            image_rootfs: rootfs.clone(),
+            read_only: true,
+            identity: Identity {
+                uid: 65532,
+                gid: 65532,
+                groups: vec![65532, 5],
+                home: "/".into(),
+                no_new_privs: true,
+            },
+            exec_helper: "/opt/container-exec".into(),
+        });
+        let script = launch_script(&fake_tools(), &spec);
+        let lines: Vec<&str> = script.lines().collect();
+        let at = |needle: &str| {
+            lines
+                .iter()
+                .position(|l| *l == needle)
+                .unwrap_or_else(|| panic!("no line {needle:?} in:\n{script}"))
+        };
+        assert!(
+            !script.contains(".kube"),
+            "no host dirs to mask in an image root"
+        );
+        let overlay = at(&format!(
+            "'/bin/mount' -t overlay -o 'lowerdir={},upperdir=/run/kubemail-agent-root/upper,workdir=/run/kubemail-agent-root/work' kubemail-rootfs '/run/kubemail-agent-root/merged'",
+            rootfs.display()
+        ));
+        at(
+            "'/bin/mount' -t proc -o nosuid,nodev,noexec kubemail-proc '/run/kubemail-agent-root/merged/proc'",
+        );
+        at("'/bin/mount' --bind -- '/dev/null' '/run/kubemail-agent-root/merged/dev/null'");
+        at("'/bin/ln' -s -- '/proc/self/fd' '/run/kubemail-agent-root/merged/dev/fd'");
+        let bind = at(
+            "'/bin/mount' --bind -- '/run/kubemail-agent-stage/0' '/run/kubemail-agent-root/merged/etc/kubemail/config'",
+        );
+        let ro_volume = at(
+            "'/bin/mount' -o remount,bind,ro -- '/run/kubemail-agent-root/merged/etc/kubemail/config'",
+        );
+        let wd = at("'/bin/mkdir' -p -- '/run/kubemail-agent-root/merged/work'");
+        let ro_root = at("'/bin/mount' -o remount,bind,ro -- '/run/kubemail-agent-root/merged'");
+        assert!(overlay < bind && bind < ro_volume && ro_volume < wd && wd < ro_root);
+        assert_eq!(
+            lines.last().copied(),
+            Some(
+                "exec '/opt/container-exec' --root '/run/kubemail-agent-root/merged' --workdir '/work' --uid 65532 --gid 65532 --groups 65532,5 --no-new-privs -- \"$@\""
+            )
+        );
+        assert!(
+            !script.contains("\ncd "),
+            "the helper changes directory inside the root"
+        );
     }
 
     #[test]

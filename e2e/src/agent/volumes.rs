@@ -4,7 +4,10 @@
 //! empty directory there; hostPath is the host path itself. Each container then sees them at its
 //! `volumeMounts` through bind mounts in its own mount namespace (see `process.rs`).
 //! Planning is pure; writing is done atomically (temp file + rename) so a refresh never shows a
-//! half-written file to a running container.
+//! half-written file to a running container. With a pod `fsGroup`, the kubelet's volume
+//! ownership rules apply: emptyDir and file volumes belong to that group, files get group read
+//! (and emptyDir group write), directories the setgid bit, so a non-root container can read a
+//! Secret of mode 0440.
 
 use std::collections::{BTreeSet, HashMap};
 use std::io::Write;
@@ -22,6 +25,12 @@ use super::objects::{PodObjects, token_key};
 pub const DEFAULT_FILE_MODE: u32 = 0o644;
 /// emptyDir is world-writable in Kubernetes so any container user can write to it.
 const EMPTY_DIR_MODE: u32 = 0o777;
+/// Bits the kubelet adds for `fsGroup`: group read on files of read-only volumes (ConfigMap,
+/// Secret, downwardAPI, projected), group read-write on emptyDir, setgid and group search on
+/// directories.
+const FS_GROUP_RO: u32 = 0o440;
+const FS_GROUP_RW: u32 = 0o660;
+const FS_GROUP_DIR: u32 = 0o2000 | 0o110;
 
 /// Why a volume could not be prepared or mounted.
 #[derive(Debug, thiserror::Error)]
@@ -210,9 +219,13 @@ pub fn plan_volume(volume: &Volume, inputs: &VolumeInputs<'_>) -> Result<VolumeP
     })
 }
 
-/// Writes `plan` into `dir` (files atomically, removing files no longer in the plan) and
-/// returns the host directory that containers bind-mount.
-pub fn materialise(dir: &Path, plan: &VolumePlan) -> Result<PathBuf, VolumeError> {
+/// Writes `plan` into `dir` (files atomically, removing files no longer in the plan), owned by
+/// `fs_group` when the pod has one, and returns the host directory that containers bind-mount.
+pub fn materialise(
+    dir: &Path,
+    plan: &VolumePlan,
+    fs_group: Option<u32>,
+) -> Result<PathBuf, VolumeError> {
     let write_err = |source| VolumeError::Write {
         dir: dir.to_path_buf(),
         source,
@@ -220,7 +233,12 @@ pub fn materialise(dir: &Path, plan: &VolumePlan) -> Result<PathBuf, VolumeError
     match plan {
         VolumePlan::EmptyDir => {
             std::fs::create_dir_all(dir).map_err(write_err)?;
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(EMPTY_DIR_MODE))
+            let mut mode = EMPTY_DIR_MODE;
+            if let Some(gid) = fs_group {
+                std::os::unix::fs::chown(dir, None, Some(gid)).map_err(write_err)?;
+                mode |= FS_GROUP_RW | FS_GROUP_DIR;
+            }
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
                 .map_err(write_err)?;
             Ok(dir.to_path_buf())
         }
@@ -231,13 +249,32 @@ pub fn materialise(dir: &Path, plan: &VolumePlan) -> Result<PathBuf, VolumeError
         VolumePlan::Files(files) => {
             std::fs::create_dir_all(dir).map_err(write_err)?;
             for f in files {
-                write_if_changed(&dir.join(&f.path), &f.data, f.mode).map_err(write_err)?;
+                let mode = f.mode | fs_group.map_or(0, |_| FS_GROUP_RO);
+                write_if_changed(&dir.join(&f.path), &f.data, mode, fs_group).map_err(write_err)?;
             }
             let wanted: BTreeSet<PathBuf> = files.iter().map(|f| dir.join(&f.path)).collect();
             remove_stale(dir, &wanted).map_err(write_err)?;
+            if let Some(gid) = fs_group {
+                own_dirs(dir, gid).map_err(write_err)?;
+            }
             Ok(dir.to_path_buf())
         }
     }
+}
+
+/// Gives `dir` and every directory below it to group `gid` with the fsGroup directory bits.
+fn own_dirs(dir: &Path, gid: u32) -> std::io::Result<()> {
+    let meta = std::fs::symlink_metadata(dir)?;
+    if !meta.is_dir() {
+        return Ok(());
+    }
+    std::os::unix::fs::chown(dir, None, Some(gid))?;
+    let mode = meta.permissions().mode() & 0o7777 | FS_GROUP_RO | FS_GROUP_DIR;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))?;
+    for entry in std::fs::read_dir(dir)? {
+        own_dirs(&entry?.path(), gid)?;
+    }
+    Ok(())
 }
 
 /// The bind mounts of `container`: each volumeMount's host directory (or subPath inside it,
@@ -452,9 +489,11 @@ fn check_relative(volume: &str, path: &str) -> Result<(), VolumeError> {
     }
 }
 
-fn write_if_changed(path: &Path, data: &[u8], mode: u32) -> std::io::Result<()> {
+fn write_if_changed(path: &Path, data: &[u8], mode: u32, gid: Option<u32>) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
     if let Ok(meta) = std::fs::metadata(path)
         && meta.permissions().mode() & 0o7777 == mode
+        && gid.is_none_or(|g| meta.gid() == g)
         && std::fs::read(path).is_ok_and(|old| old == data)
     {
         return Ok(());
@@ -469,6 +508,9 @@ fn write_if_changed(path: &Path, data: &[u8], mode: u32) -> std::io::Result<()> 
     {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(data)?;
+        if let Some(gid) = gid {
+            std::os::unix::fs::fchown(&f, None, Some(gid))?;
+        }
         f.set_permissions(std::fs::Permissions::from_mode(mode))?;
     }
     std::fs::rename(&tmp, path)
@@ -691,7 +733,12 @@ mod tests {
             data: d.as_bytes().to_vec(),
             mode: 0o640,
         };
-        materialise(&dir, &VolumePlan::Files(vec![f("a", "1"), f("sub/b", "2")])).unwrap();
+        materialise(
+            &dir,
+            &VolumePlan::Files(vec![f("a", "1"), f("sub/b", "2")]),
+            None,
+        )
+        .unwrap();
         assert_eq!(std::fs::read_to_string(dir.join("sub/b")).unwrap(), "2");
         let mode = std::fs::metadata(dir.join("a"))
             .unwrap()
@@ -699,17 +746,43 @@ mod tests {
             .mode()
             & 0o777;
         assert_eq!(mode, 0o640);
-        materialise(&dir, &VolumePlan::Files(vec![f("a", "changed")])).unwrap();
+        materialise(&dir, &VolumePlan::Files(vec![f("a", "changed")]), None).unwrap();
         assert_eq!(std::fs::read_to_string(dir.join("a")).unwrap(), "changed");
         assert!(
             !dir.join("sub").exists(),
             "stale files and empty dirs are removed"
         );
-        let e = materialise(&tmp.path().join("e"), &VolumePlan::EmptyDir).unwrap();
+        let e = materialise(&tmp.path().join("e"), &VolumePlan::EmptyDir, None).unwrap();
         assert_eq!(
             std::fs::metadata(e).unwrap().permissions().mode() & 0o777,
             0o777
         );
+    }
+
+    /// Needs root (chown to another group), as the agent itself.
+    #[test]
+    fn fs_group_owns_volume_files_with_group_read() {
+        use std::os::unix::fs::MetadataExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("secret");
+        let secret = PlannedFile {
+            path: "tls/key.pem".into(),
+            data: b"k".to_vec(),
+            mode: 0o400,
+        };
+        materialise(&dir, &VolumePlan::Files(vec![secret.clone()]), Some(4321)).unwrap();
+        let key = std::fs::metadata(dir.join("tls/key.pem")).unwrap();
+        assert_eq!((key.gid(), key.mode() & 0o7777), (4321, 0o440));
+        let sub = std::fs::metadata(dir.join("tls")).unwrap();
+        assert_eq!(sub.gid(), 4321);
+        assert_eq!(sub.mode() & 0o2000, 0o2000, "setgid directory");
+        let before = key.ino();
+        materialise(&dir, &VolumePlan::Files(vec![secret]), Some(4321)).unwrap();
+        let again = std::fs::metadata(dir.join("tls/key.pem")).unwrap();
+        assert_eq!(again.ino(), before, "an unchanged file is not rewritten");
+        let e = materialise(&tmp.path().join("e"), &VolumePlan::EmptyDir, Some(4321)).unwrap();
+        let e = std::fs::metadata(e).unwrap();
+        assert_eq!((e.gid(), e.mode() & 0o7777), (4321, 0o2777));
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! `node-agent`: the test-only "process kubelet" of kubemail's local cluster. Registers a Node,
-//! binds pending pods to it and runs their containers as local processes until SIGTERM.
+//! binds pending pods to it and runs their containers as local processes (from the local image
+//! store's root filesystems where it has the image) until SIGTERM.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -30,8 +31,19 @@ struct Args {
     /// KUBERNETES_SERVICE_PORT given to pods (default: the kubeconfig server's port).
     #[arg(long, env = "KUBEMAIL_API_SERVER_PORT")]
     api_server_port: Option<u16>,
-    /// `image=path`: run containers of this image (repository, tag ignored) with the local
-    /// binary at path. Repeatable; the env var takes a comma-separated list.
+    /// Directory of OCI image archives (`make images` output): containers of those images run
+    /// inside the image's root filesystem. Other images run their command from the host.
+    #[arg(long, env = "KUBEMAIL_IMAGE_STORE")]
+    image_store: Option<PathBuf>,
+    /// Where unpacked image roots are cached (default: <state-dir>/images).
+    #[arg(long, env = "KUBEMAIL_IMAGE_CACHE")]
+    image_cache: Option<PathBuf>,
+    /// The container-exec helper (default: next to this executable).
+    #[arg(long, env = "KUBEMAIL_CONTAINER_EXEC")]
+    container_exec: Option<PathBuf>,
+    /// Developer shortcut, off unless given: `image=path` runs containers of this image
+    /// (repository, tag ignored) as the host binary at path instead of from the image store.
+    /// Repeatable; the env var takes a comma-separated list.
     #[arg(long = "image-map", env = "KUBEMAIL_IMAGE_MAP", value_delimiter = ',')]
     image_map: Vec<String>,
     /// Loopback range pod addresses come from (one address per pod).
@@ -70,6 +82,9 @@ async fn main() -> ExitCode {
         api_server_host: args.api_server_host,
         api_server_port: args.api_server_port,
         image_map,
+        image_store: args.image_store,
+        image_cache: args.image_cache,
+        container_exec: args.container_exec,
         pod_ip_range: args.pod_ip_range,
         max_shutdown_grace: Duration::from_secs(args.max_shutdown_grace_seconds),
     };

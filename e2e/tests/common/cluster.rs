@@ -12,7 +12,7 @@ use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use kube::api::{DeleteParams, ListParams, ObjectMeta, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client, Config};
-use kubemail_e2e::agent::node::STATE_DIR_ANNOTATION;
+use kubemail_e2e::agent::node::{IMAGE_STORE_ANNOTATION, STATE_DIR_ANNOTATION};
 use kubemail_e2e::local_env::workspace_root;
 
 /// Default bound on every wait in these tests.
@@ -27,6 +27,8 @@ pub struct TestCluster {
     pub node_name: String,
     /// The agent's state directory, from its Node's annotation.
     pub agent_state_dir: PathBuf,
+    /// The agent's image store (`make images` output), when it runs with one.
+    pub image_store: Option<PathBuf>,
 }
 
 impl TestCluster {
@@ -55,17 +57,19 @@ impl TestCluster {
                 kubeconfig.display()
             ),
         }
-        let (node_name, agent_state_dir) = live_agent_node(&client).await.unwrap_or_else(|why| {
-            panic!(
-                "no node agent is running against {}: {why}; run `e2e/local-cluster up`",
-                kubeconfig.display()
-            )
-        });
+        let (node_name, agent_state_dir, image_store) =
+            live_agent_node(&client).await.unwrap_or_else(|why| {
+                panic!(
+                    "no node agent is running against {}: {why}; run `e2e/local-cluster up`",
+                    kubeconfig.display()
+                )
+            });
         TestCluster {
             client,
             kubeconfig,
             node_name,
             agent_state_dir,
+            image_store,
         }
     }
 
@@ -286,7 +290,7 @@ async fn client_for(kubeconfig: &Path) -> Client {
 }
 
 /// The node of a live agent: Ready, with a recent heartbeat and the state-dir annotation.
-async fn live_agent_node(client: &Client) -> Result<(String, PathBuf), String> {
+async fn live_agent_node(client: &Client) -> Result<(String, PathBuf, Option<PathBuf>), String> {
     let nodes = Api::<Node>::all(client.clone())
         .list(&ListParams::default())
         .await
@@ -317,7 +321,13 @@ async fn live_agent_node(client: &Client) -> Result<(String, PathBuf), String> {
                 })
         });
         if fresh {
-            return Ok((name, PathBuf::from(dir)));
+            let store = node
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(IMAGE_STORE_ANNOTATION))
+                .map(PathBuf::from);
+            return Ok((name, PathBuf::from(dir), store));
         }
         seen.push(format!(
             "{name}: not Ready or heartbeat older than {}s",

@@ -45,6 +45,11 @@ const DURATION_RULE: &str = "self.matches('^([0-9]+(d|h|m|s))+$')";
         "size(self.metadata.name) <= 50 && self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')"
     ).message(
         "metadata.name must be a DNS label of at most 50 characters that starts with a letter, e.g. example-com: it also names the domain's Service, Deployment and Secrets"
+    ),
+    validation = Rule::new(
+        "!has(self.spec.mtaSts) || self.spec.mtaSts.mode != 'enforce' || (has(self.spec.tls) && has(self.spec.tls.issuerRef))"
+    ).message(
+        "spec.mtaSts.mode enforce needs spec.tls.issuerRef: senders cannot verify a certificate of the operator's own CA, so an enforced policy would stop mail to this domain"
     )
 )]
 #[serde(rename_all = "camelCase")]
@@ -123,6 +128,46 @@ pub struct MailDomainSpec {
     /// DNS record settings.
     #[serde(default)]
     pub dns: DnsSpec,
+
+    /// Outbound TLS: fixed policies for recipient domains that need them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outbound_tls: Option<OutboundTlsSpec>,
+}
+
+/// Outbound TLS settings of the domain's nodes.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OutboundTlsSpec {
+    /// Fixed TLS policies for recipient domains, instead of what their DNS says (MTA-STS,
+    /// DANE): e.g. a partner that must always get verified TLS.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 500))]
+    pub policies: Vec<TlsPolicyRule>,
+}
+
+/// A fixed TLS policy for one recipient domain.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TlsPolicyRule {
+    /// The recipient domain (lower case, no trailing dot).
+    #[schemars(length(min = 1, max = 253))]
+    #[x_kube(validation = Rule::new(DOMAIN_NAME_RULE).message(
+        "spec.outboundTls.policies[].domain must be a lower-case domain name such as partner.example"
+    ))]
+    pub domain: String,
+    /// `verify`: STARTTLS with a certificate valid for the MX host name, else defer. `dane`:
+    /// only MX hosts with matching DNSSEC-signed TLSA records (needs DANE enabled on the
+    /// nodes). `none`: opportunistic TLS, no MTA-STS or DANE.
+    pub mode: TlsPolicyRuleMode,
+}
+
+/// Mode of a [`TlsPolicyRule`].
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsPolicyRuleMode {
+    Verify,
+    Dane,
+    None,
 }
 
 /// The Service exposing ports 25, 465 and 587.

@@ -46,6 +46,7 @@ use tracing::Instrument as _;
 
 use super::mx::Target;
 use super::outcome::{Diagnostic, RecipientOutcome};
+use super::policy::{self, Check, verify::TlsFailure};
 use super::tls::{ClientTls, server_name};
 use crate::config::ClientTimeouts;
 use crate::protocol::client::{
@@ -108,6 +109,12 @@ pub struct ConnectOptions<'a> {
     pub credentials: Option<&'a Credentials>,
     pub timeouts: &'a ClientTimeouts,
     pub tls_config: &'a ClientTls,
+    /// What the server's chain must satisfy after the handshake (MTA-STS, DANE).
+    pub check: &'a Check,
+    /// A failed `check` refuses the host (`false`: record it and carry on).
+    pub enforce: bool,
+    /// The recipient domain: DANE-TA's second reference identifier (RFC 7672 3.2.2).
+    pub next_hop: &'a str,
 }
 
 /// Why a connection or a command failed. Every variant is temporary for the message: the
@@ -148,6 +155,8 @@ pub enum ClientError {
     Tls(String),
     #[error("TLS is required but {0}")]
     TlsUnavailable(String),
+    #[error("TLS policy not met: {0}")]
+    TlsPolicy(TlsFailure),
     #[error("the server sent plaintext after its STARTTLS reply (response injection)")]
     StartTlsInjection,
     #[error("authentication failed: {0}")]
@@ -170,6 +179,7 @@ impl ClientError {
             }
             Self::Tls(_) | Self::StartTlsInjection => EnhancedCode(4, 7, 5),
             Self::TlsUnavailable(_) => EnhancedCode(4, 7, 10),
+            Self::TlsPolicy(_) => EnhancedCode(4, 7, 5),
             Self::Auth(_) => EnhancedCode(4, 7, 8),
         };
         let mut d = Diagnostic::local(status, self.to_string());
@@ -194,6 +204,8 @@ pub struct Outgoing<'a> {
     pub eight_bit: bool,
     /// `SMTPUTF8` was declared at acceptance.
     pub smtputf8: bool,
+    /// `REQUIRETLS` was declared at acceptance (passed on where the server supports it).
+    pub require_tls: bool,
 }
 
 /// A plaintext or TLS stream.
@@ -258,6 +270,11 @@ pub struct SmtpClient {
     helo: String,
     timeouts: ClientTimeouts,
     tls: Option<crate::tls::TlsInfo>,
+    /// The server's certificate was verified (WebPKI or DANE), so the connection may carry
+    /// mail that must only travel verified.
+    verified: bool,
+    /// The chain check failed without being enforced (MTA-STS testing).
+    tls_failure: Option<TlsFailure>,
     /// Messages sent (for the reuse limit).
     messages: u32,
     /// False after an error left the session in an unknown state.
@@ -289,6 +306,8 @@ impl SmtpClient {
             helo: options.helo.to_owned(),
             timeouts: t.clone(),
             tls: None,
+            verified: false,
+            tls_failure: None,
             messages: 0,
             usable: true,
         };
@@ -341,6 +360,17 @@ impl SmtpClient {
     /// TLS details when TLS is active.
     pub fn tls_info(&self) -> Option<&crate::tls::TlsInfo> {
         self.tls.as_ref()
+    }
+
+    /// Whether the server's certificate was verified (a verified handshake, or the policy
+    /// check passed).
+    pub fn is_verified(&self) -> bool {
+        self.verified
+    }
+
+    /// The failed, not enforced, policy check of this connection.
+    pub fn tls_failure(&self) -> Option<&TlsFailure> {
+        self.tls_failure.as_ref()
     }
 
     /// Whether the connection can carry another transaction.
@@ -719,6 +749,32 @@ impl SmtpClient {
             })?
             .map_err(|e| ClientError::Tls(e.to_string()))?;
         let (_, conn) = stream.get_ref();
+        self.verified = verify;
+        if *options.check != Check::None {
+            let certs = conn.peer_certificates().unwrap_or_default();
+            let host = self.target.host.as_str();
+            let result = match options.check {
+                Check::None => Ok(()),
+                Check::WebPki => policy::verify::webpki(options.tls_config, certs, host),
+                Check::Dane(records) => policy::verify::dane(
+                    options.tls_config,
+                    records,
+                    certs,
+                    &[host, options.next_hop],
+                ),
+            };
+            match result {
+                Ok(()) => self.verified = true,
+                Err(failure) if options.enforce => {
+                    self.usable = false;
+                    return Err(ClientError::TlsPolicy(failure));
+                }
+                Err(failure) => {
+                    tracing::info!(reason = %failure, "TLS policy check failed (not enforced)");
+                    self.tls_failure = Some(failure);
+                }
+            }
+        }
         self.tls = Some(crate::tls::TlsInfo {
             version: crate::tls::version_name(conn.protocol_version()),
             cipher: conn
@@ -941,6 +997,7 @@ pub fn mail_params(caps: &Capabilities, msg: &Outgoing<'_>) -> MailParams {
         size: caps.size.map(|_| msg.body.len() as u64),
         body: (is_eight_bit(msg) && caps.eight_bit_mime).then_some(BodyType::EightBitMime),
         smtputf8: needs_smtputf8(msg) && caps.smtputf8,
+        requiretls: msg.require_tls && caps.requiretls,
         ..MailParams::default()
     }
 }
@@ -1082,6 +1139,9 @@ mod tests {
             credentials,
             timeouts: &timeouts,
             tls_config: &tls_config,
+            check: &Check::None,
+            enforce: false,
+            next_hop: "fake.test",
         })
         .await
     }
@@ -1093,6 +1153,7 @@ mod tests {
             body,
             eight_bit: false,
             smtputf8: false,
+            require_tls: false,
         }
     }
 

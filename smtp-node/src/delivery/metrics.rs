@@ -34,6 +34,19 @@ pub struct RemoteLabels {
     pub result: &'static str,
 }
 
+/// A TLS policy type and an RFC 8460 result.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TlsResultLabels {
+    pub policy: &'static str,
+    pub result: &'static str,
+}
+
+/// A result.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultOnlyLabels {
+    pub result: &'static str,
+}
+
 /// Distinct remote domains with a series of their own, per process. Enough for the
 /// destinations that matter (the big mailbox providers and regular partners) while keeping
 /// the series count of a bulk sender bounded.
@@ -58,6 +71,10 @@ pub struct DeliveryMetrics {
     pub retries: Family<DomainLabels, Counter>,
     /// Recipients by result and remote domain.
     pub remote: Family<RemoteLabels, Counter>,
+    /// Outbound TLS sessions by policy type and RFC 8460 result.
+    pub tls_results: Family<TlsResultLabels, Counter>,
+    /// TLS-RPT report mails: `sent`, `failed`.
+    pub tls_reports: Family<ResultOnlyLabels, Counter>,
     remote_domains: Mutex<HashSet<String>>,
 }
 
@@ -76,6 +93,8 @@ impl DeliveryMetrics {
             malformed: Family::default(),
             retries: Family::default(),
             remote: Family::default(),
+            tls_results: Family::default(),
+            tls_reports: Family::default(),
             remote_domains: Mutex::new(HashSet::new()),
         }
     }
@@ -117,6 +136,30 @@ impl DeliveryMetrics {
             "Recipients by delivery result and recipient domain (bounded; later domains count as other)",
             self.remote.clone(),
         );
+        registry.register(
+            "tls_policy_results",
+            "Outbound TLS sessions by policy type (sts, tlsa, no-policy-found) and RFC 8460 result",
+            self.tls_results.clone(),
+        );
+        registry.register(
+            "tls_reports",
+            "TLS-RPT (RFC 8460) report mails queued or failed",
+            self.tls_reports.clone(),
+        );
+    }
+
+    /// Counts one outbound TLS session outcome.
+    pub fn count_tls_result(&self, policy: &'static str, result: &'static str) {
+        self.tls_results
+            .get_or_create(&TlsResultLabels { policy, result })
+            .inc();
+    }
+
+    /// Counts one TLS-RPT report mail.
+    pub fn count_tls_report(&self, result: &'static str) {
+        self.tls_reports
+            .get_or_create(&ResultOnlyLabels { result })
+            .inc();
     }
 
     /// Creates the series of `domain` at zero, so that they exist (for rates and alerts)

@@ -5,6 +5,7 @@
 //! * [`worker`]: one entry from pull to ack: route, deliver, decide, republish, bounce;
 //! * [`route`]: which destination each recipient goes to;
 //! * [`mx`]: MX resolution and ordering; [`address_policy`]: which addresses may be reached;
+//! * [`policy`]: outbound transport security: MTA-STS, DANE, overrides, REQUIRETLS, TLS-RPT;
 //! * [`client`]: the SMTP/LMTP client (its wire syntax is [`crate::protocol::client`]);
 //!   [`tls`]: client TLS;
 //! * [`relay`]: smarthosts; [`limits`]: per-destination connection caps and reuse;
@@ -23,6 +24,7 @@ pub mod limits;
 pub mod metrics;
 pub mod mx;
 pub mod outcome;
+pub mod policy;
 pub mod relay;
 pub mod retry;
 pub mod route;
@@ -39,6 +41,7 @@ use self::limits::ConnectionPool;
 use self::relay::Relay;
 use self::route::{DomainRouting, RoutingTable};
 use self::tls::ClientTls;
+use crate::clock::Clock;
 use crate::config::DeliveryConfig;
 use crate::config::NatsConfig;
 use crate::dkim::DkimSigner;
@@ -99,17 +102,22 @@ pub struct DeliveryContext {
     pub signer: Option<Arc<DkimSigner>>,
     pub js: async_nats::jetstream::Context,
     pub shutdown: Shutdown,
+    /// MTA-STS, DANE and the overrides of `delivery.tls`.
+    pub policies: policy::Policies,
+    /// TLS-RPT results and reports.
+    pub tlsrpt: Arc<policy::tlsrpt::TlsRpt>,
     bodies: Mutex<HashMap<String, ObjectStore>>,
 }
 
 impl DeliveryContext {
-    /// Builds the context; touches no network.
+    /// Builds the context; touches no network. `clock` dates the TLS-RPT results and reports.
     pub fn new(
         settings: DeliverySettings,
         client: async_nats::Client,
         resolver: Arc<dyn Resolver>,
         signer: Option<Arc<DkimSigner>>,
         shutdown: Shutdown,
+        clock: Arc<dyn Clock>,
     ) -> Result<Self, StartDeliveryError> {
         let d = &settings.delivery;
         let policy = AddressPolicy::new(&d.allowed_networks, &d.blocked_networks)
@@ -126,6 +134,19 @@ impl DeliveryContext {
             .collect();
         let mut js = async_nats::jetstream::new(client);
         js.set_timeout(settings.nats.publish_timeout.0);
+        let mta_sts = Arc::new(policy::mta_sts::MtaSts::new(
+            d.tls.mta_sts.clone(),
+            resolver.clone(),
+            policy.clone(),
+            tls.clone(),
+            js.clone(),
+        ));
+        let policies = policy::Policies::new(d.tls.clone(), d.mx_port, resolver.clone(), mta_sts);
+        let tlsrpt = Arc::new(policy::tlsrpt::TlsRpt::new(
+            d.tls.reports.clone(),
+            js.clone(),
+            clock,
+        ));
         Ok(Self {
             hostname: settings.hostname,
             pool: Arc::new(ConnectionPool::new(d.connections.clone())),
@@ -139,6 +160,8 @@ impl DeliveryContext {
             signer,
             js,
             shutdown,
+            policies,
+            tlsrpt,
             bodies: Mutex::new(HashMap::new()),
         })
     }
@@ -184,5 +207,20 @@ pub fn start(ctx: Arc<DeliveryContext>, domains: &[String]) -> Vec<tokio::task::
     for domain in domains {
         tasks.push(tokio::spawn(consumer::run(ctx.clone(), domain.clone())));
     }
+    let stop = ctx.shutdown.stop_token().clone();
+    tasks.push(tokio::spawn(
+        ctx.policies.mta_sts.clone().run_refresh(stop.clone()),
+    ));
+    let report_ctx = ctx.clone();
+    tasks.push(tokio::spawn(ctx.tlsrpt.clone().run(
+        move || policy::tlsrpt::ReportContextOwned {
+            hostname: report_ctx.hostname.clone(),
+            subject_prefix: report_ctx.nats.subject_prefix.clone(),
+            resolver: report_ctx.resolver.clone(),
+            signer: report_ctx.signer.clone(),
+        },
+        domains.to_vec(),
+        stop,
+    )));
     tasks
 }

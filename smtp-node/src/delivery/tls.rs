@@ -7,11 +7,13 @@
 //!   name the certificate should carry (MX records are unauthenticated), and the alternative
 //!   to unverified TLS is plaintext, not verified TLS (RFC 7435 "opportunistic security";
 //!   Postfix `smtp_tls_security_level = may` does the same). Credentials are never sent over
-//!   an unverified connection.
+//!   an unverified connection. MTA-STS and DANE (see [`super::policy`]) also hand-shake with
+//!   this configuration and then check the chain the server sent before saying EHLO.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
@@ -33,11 +35,15 @@ pub enum ClientTlsError {
     Build(#[source] rustls::Error),
 }
 
-/// The two client configurations.
+/// The two client configurations, and the WebPKI verifier of the verified one for checks
+/// after a handshake (MTA-STS, DANE-TA; see [`super::policy::verify`]).
 #[derive(Clone)]
 pub struct ClientTls {
     verified: Arc<ClientConfig>,
     unverified: Arc<ClientConfig>,
+    webpki: Arc<WebPkiServerVerifier>,
+    provider: Arc<CryptoProvider>,
+    roots: Arc<RootCertStore>,
 }
 
 impl ClientTls {
@@ -61,22 +67,44 @@ impl ClientTls {
                 });
             }
         }
+        let roots = Arc::new(roots);
+        let webpki = WebPkiServerVerifier::builder_with_provider(roots.clone(), provider.clone())
+            .build()
+            .map_err(|e| ClientTlsError::Build(rustls::Error::General(e.to_string())))?;
         let versions = [&rustls::version::TLS13, &rustls::version::TLS12];
         let verified = ClientConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&versions)
             .map_err(ClientTlsError::Build)?
-            .with_root_certificates(roots)
+            .with_root_certificates(roots.clone())
             .with_no_client_auth();
         let unverified = ClientConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&versions)
             .map_err(ClientTlsError::Build)?
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AcceptAnyCertificate(provider)))
+            .with_custom_certificate_verifier(Arc::new(AcceptAnyCertificate(provider.clone())))
             .with_no_client_auth();
         Ok(Self {
             verified: Arc::new(verified),
             unverified: Arc::new(unverified),
+            webpki,
+            provider,
+            roots,
         })
+    }
+
+    /// The WebPKI verifier with the trusted roots (Mozilla's and `extraCaFile`).
+    pub fn webpki(&self) -> &WebPkiServerVerifier {
+        &self.webpki
+    }
+
+    /// The crypto provider of both configurations.
+    pub fn provider(&self) -> Arc<CryptoProvider> {
+        self.provider.clone()
+    }
+
+    /// The trusted roots (for the MTA-STS policy fetch).
+    pub fn roots(&self) -> Arc<RootCertStore> {
+        self.roots.clone()
     }
 
     /// The configuration for a connection that must (`true`) or need not verify the peer.

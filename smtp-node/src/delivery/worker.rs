@@ -42,9 +42,11 @@ use super::limits::Checkout;
 use super::metrics::{self, DomainLabels};
 use super::mx::{self, Target};
 use super::outcome::{self, Diagnostic, Disposition, PlanInput, RecipientOutcome};
+use super::policy::tlsrpt::SessionResult;
+use super::policy::{Check, MessageTls, Planned, ReportPolicy, ResultType};
 use super::relay;
 use super::route::Route;
-use crate::config::{ForwardProtocol, InboundTls, MxTlsPolicy};
+use crate::config::{ForwardProtocol, InboundTls};
 use crate::protocol::EnhancedCode;
 use crate::queue::{Direction, EntryError, Notice, QueueEntry, QueueId};
 use crate::telemetry::propagation;
@@ -381,21 +383,46 @@ async fn deliver_route(
                     );
                 }
             };
-            let (tls, verify) = match ctx.config.tls.mx {
-                MxTlsPolicy::Opportunistic => (TlsPolicy::Opportunistic, false),
-                MxTlsPolicy::Required => (TlsPolicy::Required, true),
+            // Choose the TLS policy for these targets (MTA-STS, DANE, overrides, REQUIRETLS).
+            let message = MessageTls {
+                require_tls: entry.require_tls,
+                tls_optional: entry.tls_optional,
+            };
+            let planned = match ctx.policies.plan(domain, targets, message).await {
+                Ok(p) => p,
+                Err(refusal) => {
+                    tracing::info!(%domain, reason = %refusal.diagnostic.summary(), "no MX host meets the TLS policy");
+                    if let Some((report, result)) = refusal.report {
+                        record_tls(
+                            ctx,
+                            entry,
+                            &report,
+                            result,
+                            None,
+                            Some(refusal.diagnostic.text.clone()),
+                        )
+                        .await;
+                    }
+                    return all(
+                        rcpts,
+                        if refusal.permanent {
+                            RecipientOutcome::Failed(refusal.diagnostic)
+                        } else {
+                            RecipientOutcome::Deferred(refusal.diagnostic)
+                        },
+                    );
+                }
             };
             send_via(
                 ctx,
                 entry,
                 route,
-                &targets,
+                &planned,
                 Protocol::Smtp,
-                tls,
-                verify,
                 None,
                 rcpts,
                 body,
+                domain,
             )
             .await
         }
@@ -431,19 +458,32 @@ async fn deliver_route(
                     );
                 }
             };
-            relay.wait_for_turn().await;
             let verify = relay.config.verify_certificate;
+            if entry.require_tls && (relay.tls_policy() == TlsPolicy::Opportunistic || !verify) {
+                // RFC 8689 4.2.1: a REQUIRETLS message needs verified TLS to the relay too.
+                return all(
+                    rcpts,
+                    RecipientOutcome::Failed(Diagnostic::local(
+                        EnhancedCode(5, 7, 10),
+                        format!(
+                            "REQUIRETLS: the relay {} is not used with verified TLS",
+                            relay.config.name
+                        ),
+                    )),
+                );
+            }
+            relay.wait_for_turn().await;
+            let planned = uniform(targets, relay.tls_policy(), verify);
             send_via(
                 ctx,
                 entry,
                 route,
-                &targets,
+                &planned,
                 Protocol::Smtp,
-                relay.tls_policy(),
-                verify,
                 credentials.as_ref(),
                 rcpts,
                 body,
+                domain,
             )
             .await
         }
@@ -478,8 +518,9 @@ async fn deliver_route(
                 InboundTls::Required => (TlsPolicy::Required, true),
                 InboundTls::None => (TlsPolicy::None, false),
             };
+            let planned = uniform(targets, tls, verify);
             send_via(
-                ctx, entry, route, &targets, protocol, tls, verify, None, rcpts, body,
+                ctx, entry, route, &planned, protocol, None, rcpts, body, domain,
             )
             .await
         }
@@ -487,20 +528,20 @@ async fn deliver_route(
 }
 
 /// Sends to the first target that takes the transaction; reuses an idle connection to the
-/// same destination first. Recipients are deferred with the last error when no target
-/// works.
+/// same destination first (when it is as protected as this message needs). Recipients are
+/// deferred with the last error when no target works; bounced when every target failed the
+/// message's REQUIRETLS demands.
 #[allow(clippy::too_many_arguments)]
 async fn send_via(
     ctx: &DeliveryContext,
     entry: &QueueEntry,
     route: &Route,
-    targets: &[Target],
+    targets: &[Planned],
     protocol: Protocol,
-    tls: TlsPolicy,
-    verify_certificate: bool,
     credentials: Option<&Credentials>,
     rcpts: &[String],
     body: &Bytes,
+    next_hop: &str,
 ) -> Vec<(String, RecipientOutcome)> {
     let outgoing = Outgoing {
         mail_from: &entry.mail_from,
@@ -508,14 +549,25 @@ async fn send_via(
         body,
         eight_bit: entry.eight_bit,
         smtputf8: entry.smtputf8,
+        require_tls: entry.require_tls,
     };
     let zip = |outcomes: Vec<RecipientOutcome>| -> Vec<(String, RecipientOutcome)> {
         rcpts.iter().cloned().zip(outcomes).collect()
     };
+    // REQUIRETLS is a relaying matter (RFC 8689 4.2); the final hop to our own store is not.
+    let require_tls = entry.require_tls && !matches!(route, Route::Inbound { .. });
+    let must_verify = require_tls || targets.iter().any(|p| p.enforce);
     let mut last: Option<Diagnostic> = None;
+    let mut only_requiretls_failures = true;
     let permit = match ctx.pool.checkout(route).await {
         Checkout::Reused(mut client, permit) => {
-            if client.reset().await.is_ok() {
+            let fits = !must_verify
+                || (client.is_verified()
+                    && targets
+                        .iter()
+                        .any(|p| p.target.host == client.target().host)
+                    && (!require_tls || client.capabilities().requiretls));
+            if fits && client.reset().await.is_ok() {
                 match client.send(&outgoing).await {
                     Ok(outcomes) => {
                         log_outcomes(client.target(), rcpts, &outcomes, true);
@@ -525,6 +577,7 @@ async fn send_via(
                     Err(e) => {
                         tracing::info!(host = %client.target().host, error = %e, "reused connection failed");
                         last = Some(e.diagnostic(&client.target().host));
+                        only_requiretls_failures = false;
                         client.quit().await;
                     }
                 }
@@ -535,25 +588,86 @@ async fn send_via(
         }
         Checkout::Fresh(permit) => permit,
     };
-    for target in targets {
+    for planned in targets {
+        let target = &planned.target;
         let options = ConnectOptions {
             target,
             helo: &ctx.hostname,
             protocol,
-            tls,
-            verify_certificate,
+            tls: planned.tls,
+            verify_certificate: planned.verify_certificate,
             credentials,
             timeouts: &ctx.config.timeouts,
             tls_config: &ctx.tls,
+            check: &planned.check,
+            enforce: planned.enforce,
+            next_hop,
         };
         let mut client = match connect(&options).await {
             Ok(c) => c,
             Err(e) => {
                 tracing::info!(host = %target.host, addr = %target.addr, error = %e, "cannot use host");
+                if let Some(report) = &planned.report {
+                    let result = match &e {
+                        ClientError::TlsPolicy(f) => Some(f.result),
+                        ClientError::TlsUnavailable(_) => Some(ResultType::StarttlsNotSupported),
+                        ClientError::Tls(_) | ClientError::StartTlsInjection => {
+                            Some(ResultType::ValidationFailure)
+                        }
+                        _ => None,
+                    };
+                    if let Some(result) = result {
+                        record_tls(
+                            ctx,
+                            entry,
+                            report,
+                            result,
+                            Some(target),
+                            Some(e.to_string()),
+                        )
+                        .await;
+                    }
+                }
                 last = Some(e.diagnostic(&target.host));
+                only_requiretls_failures = false;
                 continue;
             }
         };
+        if let Some(report) = &planned.report {
+            let (result, reason) = match (client.tls_failure(), planned.known_failure) {
+                (Some(f), _) => (f.result, Some(f.reason.clone())),
+                (None, Some(known)) => (known, None),
+                (None, None) if client.tls_info().is_none() => {
+                    (ResultType::StarttlsNotSupported, None)
+                }
+                (None, None) => (ResultType::Success, None),
+            };
+            record_tls(ctx, entry, report, result, Some(target), reason).await;
+        }
+        if require_tls {
+            // RFC 8689 4.2.1: verified TLS, and a server that promises to keep it up.
+            let refusal = if !client.is_verified() {
+                Some((
+                    EnhancedCode(5, 7, 10),
+                    "the server's certificate was not verified",
+                ))
+            } else if !client.capabilities().requiretls {
+                Some((
+                    EnhancedCode(5, 7, 30),
+                    "the server does not support REQUIRETLS",
+                ))
+            } else {
+                None
+            };
+            if let Some((status, why)) = refusal {
+                tracing::info!(host = %target.host, reason = why, "REQUIRETLS not satisfied");
+                let mut d = Diagnostic::local(status, format!("REQUIRETLS: {why}"));
+                d.remote_mta = Some(target.host.clone());
+                last = Some(d);
+                client.quit().await;
+                continue;
+            }
+        }
         match client.send(&outgoing).await {
             Ok(outcomes) => {
                 log_outcomes(target, rcpts, &outcomes, false);
@@ -563,14 +677,65 @@ async fn send_via(
             Err(e) => {
                 tracing::info!(host = %target.host, addr = %target.addr, error = %e, "transaction failed; trying the next host");
                 last = Some(e.diagnostic(&target.host));
+                only_requiretls_failures = false;
                 client.quit().await;
             }
         }
     }
     drop(permit);
-    let d = last
-        .unwrap_or_else(|| Diagnostic::local(EnhancedCode(4, 4, 1), "no host could be reached"));
-    all(rcpts, RecipientOutcome::Deferred(d))
+    match last {
+        Some(d) if require_tls && only_requiretls_failures && d.status.0 == 5 => {
+            all(rcpts, RecipientOutcome::Failed(d))
+        }
+        last => {
+            let d = last.unwrap_or_else(|| {
+                Diagnostic::local(EnhancedCode(4, 4, 1), "no host could be reached")
+            });
+            all(rcpts, RecipientOutcome::Deferred(d))
+        }
+    }
+}
+
+/// The same TLS settings for every target (relays, inbound targets).
+fn uniform(targets: Vec<Target>, tls: TlsPolicy, verify: bool) -> Vec<Planned> {
+    targets
+        .into_iter()
+        .map(|target| Planned {
+            target,
+            tls,
+            verify_certificate: verify,
+            check: Check::None,
+            enforce: false,
+            report: None,
+            known_failure: None,
+        })
+        .collect()
+}
+
+/// Records one TLS-RPT session result of the entry's sending domain.
+async fn record_tls(
+    ctx: &DeliveryContext,
+    entry: &QueueEntry,
+    report: &ReportPolicy,
+    result: ResultType,
+    target: Option<&Target>,
+    reason: Option<String>,
+) {
+    ctx.tlsrpt
+        .record(
+            &entry.domain,
+            SessionResult {
+                policy: report.clone(),
+                result,
+                sending_mta_ip: None,
+                receiving_mx_hostname: target.map(|t| t.host.clone()),
+                receiving_ip: target.map(|t| t.addr.ip().to_string()),
+                failure_reason_code: reason
+                    .filter(|_| result != ResultType::Success)
+                    .map(|r| r.chars().take(200).collect()),
+            },
+        )
+        .await;
 }
 
 /// Connects; for opportunistic TLS a failed handshake is retried once in plaintext (the
@@ -784,7 +949,12 @@ async fn publish_dsn(
         to: &entry.mail_from,
         queue_id: entry.queue_id.as_str(),
         envid: entry.dsn_envid.as_deref(),
-        ret: entry.dsn_ret.as_deref(),
+        // RFC 8689 5: a REQUIRETLS message's bounce carries its headers only.
+        ret: if entry.require_tls {
+            Some("HDRS")
+        } else {
+            entry.dsn_ret.as_deref()
+        },
         arrival: entry.accepted_at,
         now,
         recipients,
@@ -829,6 +999,9 @@ async fn publish_dsn(
         dsn_ret: None,
         body_ref: None,
         body_size: Some(message.len() as u64),
+        // RFC 8689 5: the notice about a REQUIRETLS message travels under REQUIRETLS too.
+        require_tls: entry.require_tls,
+        tls_optional: false,
         attempts: 0,
         not_before: None,
         last_error: None,

@@ -274,6 +274,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             date: SystemTime::now(),
         });
         let mut message_id = header_value(&body, "Message-ID");
+        // RFC 8689 5: `TLS-Required: No` asks for delivery even where a policy would hold the
+        // message back; REQUIRETLS on the same message wins over it.
+        let tls_optional = !tx.params.requiretls
+            && header_value(&body, "TLS-Required")
+                .is_some_and(|v| v.trim().eq_ignore_ascii_case("no"));
         let mut full = BytesMut::with_capacity(received.len() + body.len() + 64);
         full.extend_from_slice(received.as_bytes());
         if submission && message_id.is_none() {
@@ -309,6 +314,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             dsn_ret: tx.params.ret.clone(),
             body_ref: None,
             body_size: None,
+            require_tls: tx.params.requiretls,
+            tls_optional,
             attempts: 0,
             not_before: None,
             last_error: None,

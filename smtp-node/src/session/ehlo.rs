@@ -1,7 +1,8 @@
 //! EHLO and HELO: greet the client, reset any transaction (RFC 5321 4.1.4), and list the
 //! extensions this session offers. STARTTLS is listed only on a plaintext connection with a
 //! certificate; AUTH only on submission listeners, and there only once TLS is up when the
-//! listener requires TLS (RFC 4954 4; Postfix `smtpd_tls_auth_only`).
+//! listener requires TLS (RFC 4954 4; Postfix `smtpd_tls_auth_only`); REQUIRETLS only inside
+//! TLS (RFC 8689).
 
 use tokio::io::{AsyncRead, AsyncWrite};
 
@@ -41,6 +42,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         ];
         if self.tls.is_none() && self.ctx.tls.is_some() {
             caps.push("STARTTLS".to_owned());
+        }
+        // RFC 8689 4.1: offered only where the session itself is protected by TLS.
+        if self.tls.is_some() {
+            caps.push("REQUIRETLS".to_owned());
         }
         if self.auth_offered() {
             caps.push("AUTH PLAIN LOGIN".to_owned());

@@ -1,7 +1,8 @@
 //! MAIL FROM: starts a transaction once the session may send mail (greeted; TLS and AUTH
 //! where the listener requires them), the declared SIZE fits, the parameters are ones we
 //! advertised, an authenticated user uses a sender it may use (its domain's `allowedSenders`,
-//! else any address of its own domain) and is within its message rate.
+//! else any address of its own domain) and is within its message rate. REQUIRETLS (RFC 8689)
+//! is taken only over TLS.
 
 use tokio::io::{AsyncRead, AsyncWrite};
 
@@ -42,11 +43,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             self.error_reply(Reply::param_not_recognized("BODY=BINARYMIME not supported"))?;
             return Ok(Next::Continue);
         }
+        if params.requiretls && self.tls.is_none() {
+            // RFC 8689 4.1: REQUIRETLS is only offered, and only accepted, over TLS.
+            self.error_reply(Reply::new(
+                530,
+                EnhancedCode(5, 7, 10),
+                "REQUIRETLS needs an encrypted session",
+            ))?;
+            return Ok(Next::Continue);
+        }
         if params.envid.is_some() || params.ret.is_some() {
             self.error_reply(Reply::param_not_recognized("DSN parameters not supported"))?;
             return Ok(Next::Continue);
         }
-        if (params.smtputf8 || params.size.is_some() || params.body.is_some()) && !self.esmtp() {
+        if (params.smtputf8 || params.size.is_some() || params.body.is_some() || params.requiretls)
+            && !self.esmtp()
+        {
             self.error_reply(Reply::param_not_recognized("ESMTP parameters need EHLO"))?;
             return Ok(Next::Continue);
         }

@@ -17,6 +17,7 @@ use serde_json::{Value, json};
 use crate::common::{
     PASSWORD, START_TIMEOUT, USER, free_port, loopback, require_tool, smtplib, wait_for_port,
 };
+pub use kubemail_test_support::knot::Dnssec;
 pub use kubemail_test_support::wait::wait_until;
 
 /// The node's host name in the test config (`tests/common`).
@@ -77,19 +78,39 @@ fn kill(child: &mut Option<Child>) {
 pub struct Knot {
     child: Option<Child>,
     pub port: u16,
+    /// The trust anchor (DNSKEY of `test.`) of a server started with signed zones.
+    pub trust_anchor_file: Option<PathBuf>,
     dir: tempfile::TempDir,
 }
 
 impl Knot {
     /// Starts knotd with `zones`: (origin, records relative to it). SOA and NS are added.
     pub fn start(zones: &[(&str, String)]) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let prepared = kubemail_test_support::knot::prepare(dir.path(), zones);
+        Self::serve(dir, &prepared, None)
+    }
+
+    /// Starts knotd with DNSSEC: `test.` signed, each zone signed (or broken, or left
+    /// unsigned) as its [`Dnssec`] says; [`Knot::trust_anchor_file`] holds `test.`'s key.
+    pub fn start_signed(zones: &[(&str, String, Dnssec)]) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let signed = kubemail_test_support::knot::prepare_signed(dir.path(), zones);
+        let anchor = dir.path().join("trust-anchor.key");
+        std::fs::write(&anchor, &signed.trust_anchor).expect("trust anchor");
+        Self::serve(dir, &signed.prepared, Some(anchor))
+    }
+
+    fn serve(
+        dir: tempfile::TempDir,
+        prepared: &kubemail_test_support::knot::Prepared,
+        trust_anchor_file: Option<PathBuf>,
+    ) -> Self {
         let knotd = PathBuf::from("/usr/sbin/knotd");
         assert!(
             knotd.is_file(),
             "/usr/sbin/knotd is missing: the delivery tests need Knot DNS (Debian package knot)"
         );
-        let dir = tempfile::tempdir().expect("tempdir");
-        let prepared = kubemail_test_support::knot::prepare(dir.path(), zones);
         let conf_path = dir.path().join("knot.conf");
         let (child, port) = spawn_on_free_port("knotd", |port| {
             std::fs::write(&conf_path, prepared.config(port)).expect("knot.conf");
@@ -106,6 +127,7 @@ impl Knot {
         let knot = Self {
             child: Some(child),
             port,
+            trust_anchor_file,
             dir,
         };
         wait_until(Duration::from_secs(20), "knotd to serve its zones", || {
@@ -340,6 +362,15 @@ impl Sink {
     }
 }
 
+/// The message of an smtp-sink dump: without the envelope's `X-` lines, with CRLF line ends
+/// again (smtp-sink writes LF).
+pub fn sink_message(dump: &str) -> Vec<u8> {
+    let message: Vec<&str> = dump.lines().skip_while(|l| l.starts_with("X-")).collect();
+    let mut text = message.join("\r\n");
+    text.push_str("\r\n");
+    text.into_bytes()
+}
+
 fn sink_command(template: &str, options: &[&str], port: u16) -> Child {
     let binary = PathBuf::from("/usr/sbin/smtp-sink");
     assert!(
@@ -431,7 +462,7 @@ pub fn submit(submission: std::net::SocketAddr, to: &[&str], subject: &str, body
     assert_eq!(send.code, 250, "submission refused: {steps:?}");
 }
 
-fn venv_python() -> PathBuf {
+pub fn venv_python() -> PathBuf {
     let dkimverify = require_tool("dkimverify");
     let python = dkimverify.with_file_name("python3");
     assert!(
@@ -442,7 +473,7 @@ fn venv_python() -> PathBuf {
     python
 }
 
-fn run_python(script: &str, args: &[&str], input: &[u8]) -> Value {
+pub fn run_python(script: &str, args: &[&str], input: &[u8]) -> Value {
     let mut child = Command::new(venv_python())
         .arg(clients_dir().join(script))
         .args(args)

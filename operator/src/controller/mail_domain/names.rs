@@ -30,6 +30,8 @@ pub const MTA_STS_KEY: &str = "mta-sts.txt";
 pub const SMTP_PORT: u16 = 2525;
 pub const SUBMISSION_PORT: u16 = 2587;
 pub const SUBMISSIONS_PORT: u16 = 2465;
+/// The node's HTTPS port for its MTA-STS policy (the Service maps 443 onto it).
+pub const MTA_STS_PORT: u16 = 8443;
 /// The node's admin HTTP port (`/healthz`, `/readyz`, `/metrics`).
 pub const ADMIN_PORT: u16 = 8080;
 /// Where the pods mount what the operator renders.

@@ -183,7 +183,8 @@ fn operator_certificate(
         (Some(cert), Some(_)) => certs::inspect_leaf(cert, &ca.cert_pem),
         _ => None,
     };
-    let reason = certs::renewal(info.as_ref(), stored_cert.is_some(), &v.hostname, now);
+    let names = v.certificate_names();
+    let reason = certs::renewal_for(info.as_ref(), stored_cert.is_some(), &names, now);
     let (leaf, issued) = match (reason, info, stored_cert, stored_key) {
         (None, Some(info), Some(cert), Some(key)) => (
             IssuedCert {
@@ -195,7 +196,7 @@ fn operator_certificate(
             None,
         ),
         (reason, ..) => (
-            certs::issue_leaf(ca, &v.hostname, now, validity).map_err(Error::IssueCertificate)?,
+            certs::issue_leaf_for(ca, &names, now, validity).map_err(Error::IssueCertificate)?,
             Some(reason.unwrap_or(RenewReason::Missing)),
         ),
     };

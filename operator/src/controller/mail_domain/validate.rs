@@ -13,7 +13,7 @@ use kubemail_config::{ByteSize, MAX_MESSAGE_SIZE_CEILING, validate_domain_name};
 
 use super::dereference::Dereferenced;
 use crate::crd::mail_domain::{
-    DmarcSpec, InboundSpec, IssuerRef, MailDomain, ServiceType, SpfSpec,
+    DmarcSpec, InboundSpec, IssuerRef, MailDomain, MtaStsMode, ServiceType, SpfSpec, TlsPolicyRule,
 };
 use crate::crd::relay::{Relay, RelaySpec};
 use crate::dkim::RotationPolicy;
@@ -91,6 +91,20 @@ pub struct ValidatedDomain {
     pub users: Option<UsersSource>,
     pub limits: Limits,
     pub ttl: i32,
+    /// Fixed outbound TLS policies per recipient domain.
+    pub outbound_tls_policies: Vec<TlsPolicyRule>,
+}
+
+impl ValidatedDomain {
+    /// The names the nodes' certificate carries: the host name, and `mta-sts.<domain>` when
+    /// the nodes serve the domain's MTA-STS policy.
+    pub fn certificate_names(&self) -> Vec<String> {
+        let mut names = vec![self.hostname.clone()];
+        if self.mta_sts.is_some() {
+            names.push(format!("mta-sts.{}", self.domain));
+        }
+        names
+    }
 }
 
 /// Why a spec cannot be reconciled as it stands.
@@ -170,6 +184,21 @@ pub fn validate(md: &MailDomain, refs: &Dereferenced) -> Result<ValidatedDomain,
             })
         })
         .transpose()?;
+
+    if mta_sts
+        .as_ref()
+        .is_some_and(|s| s.mode == MtaStsMode::Enforce)
+        && spec
+            .tls
+            .as_ref()
+            .and_then(|t| t.issuer_ref.as_ref())
+            .is_none()
+    {
+        return Err(Invalid::new(
+            "MtaStsEnforceNeedsPublicCertificate",
+            "spec.mtaSts.mode enforce needs a certificate senders can verify: set spec.tls.issuerRef (cert-manager with a public CA); the operator's own CA is trusted by nobody else, so senders would refuse to deliver",
+        ));
+    }
 
     let max_message_size: ByteSize =
         spec.limits.max_message_size.parse().map_err(|e: String| {
@@ -305,6 +334,11 @@ pub fn validate(md: &MailDomain, refs: &Dereferenced) -> Result<ValidatedDomain,
             messages_per_minute_per_user: spec.limits.messages_per_minute_per_user,
         },
         ttl: spec.dns.ttl,
+        outbound_tls_policies: spec
+            .outbound_tls
+            .as_ref()
+            .map(|o| o.policies.clone())
+            .unwrap_or_default(),
     })
 }
 

@@ -10,6 +10,7 @@ use crate::network::Network;
 use crate::timeouts::{
     default_five_minutes, default_ten_minutes, default_three_minutes, default_two_minutes,
 };
+use crate::tls_policy::{DaneConfig, MtaStsConfig, TlsPolicyOverride, TlsRptConfig};
 use crate::units::{ByteSize, HumanDuration};
 
 /// The node-wide delivery settings.
@@ -131,6 +132,10 @@ pub struct ConnectionConfig {
 }
 
 /// TLS policy towards MX hosts (relays and inbound targets have their own).
+///
+/// Precedence for a recipient domain (README "Outbound TLS policy"): a `policies` entry for
+/// it; else DANE where its MX hosts have DNSSEC-signed TLSA records (RFC 8461 2: DANE wins
+/// over MTA-STS); else its MTA-STS policy; else `mx`.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct OutboundTlsConfig {
@@ -143,6 +148,19 @@ pub struct OutboundTlsConfig {
     /// verified MX connections (a private smarthost CA, or a test CA).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub extra_ca_file: Option<PathBuf>,
+    /// MTA-STS of recipient domains (RFC 8461).
+    #[serde(default)]
+    pub mta_sts: MtaStsConfig,
+    /// DANE (RFC 7672) with a DNSSEC-validating resolver.
+    #[serde(default)]
+    pub dane: DaneConfig,
+    /// Fixed policies for some recipient domains (a partner that must always get verified
+    /// TLS), instead of what their DNS says.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub policies: Vec<TlsPolicyOverride>,
+    /// Daily TLS-RPT reports (RFC 8460).
+    #[serde(default)]
+    pub reports: TlsRptConfig,
 }
 
 /// How MX connections use TLS.
@@ -286,6 +304,11 @@ impl DeliveryConfig {
         }
         if c.max_ack_pending == 0 {
             errors.push("delivery.consumer.maxAckPending: must be at least 1".to_owned());
+        }
+        self.tls.mta_sts.validate(errors);
+        crate::tls_policy::validate_overrides(&self.tls.policies, &self.tls.dane, errors);
+        if self.tls.reports.check_interval.0.is_zero() {
+            errors.push("delivery.tls.reports.checkInterval: must be greater than 0".to_owned());
         }
         let t = &self.timeouts;
         for (name, value) in [

@@ -57,6 +57,10 @@ pub struct DomainConfig {
     /// DKIM keys that sign this domain's outbound mail at acceptance.
     #[serde(default, skip_serializing_if = "DkimConfig::is_empty")]
     pub dkim: DkimConfig,
+    /// This domain's MTA-STS policy file (RFC 8461 3.2), served by `mtaStsServer` at
+    /// `https://mta-sts.<name>/.well-known/mta-sts.txt` exactly as written here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mta_sts_policy: Option<String>,
 }
 
 /// Per-domain limits.
@@ -289,6 +293,13 @@ impl DomainConfig {
                     errors.push(format!("{path}.allowedSenders[{user:?}][{j}]: {e}"));
                 }
             }
+        }
+        if let Some(policy) = &self.mta_sts_policy
+            && (!policy.starts_with("version: STSv1") || policy.len() > 64 * 1024)
+        {
+            errors.push(format!(
+                "{path}.mtaStsPolicy: must be an MTA-STS policy starting with \"version: STSv1\" (at most 64 KiB)"
+            ));
         }
         let mut selectors = HashSet::new();
         for (j, key) in self.dkim.keys.iter().enumerate() {

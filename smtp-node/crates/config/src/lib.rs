@@ -38,6 +38,7 @@ pub mod recipient_verification;
 pub mod shutdown;
 pub mod timeouts;
 pub mod tls;
+pub mod tls_policy;
 pub mod units;
 pub mod users_file;
 
@@ -68,6 +69,9 @@ pub use crate::recipient_verification::RecipientVerificationConfig;
 pub use crate::shutdown::ShutdownConfig;
 pub use crate::timeouts::Timeouts;
 pub use crate::tls::TlsConfig;
+pub use crate::tls_policy::{
+    DaneConfig, MtaStsConfig, MtaStsServerConfig, TlsPolicyMode, TlsPolicyOverride, TlsRptConfig,
+};
 pub use crate::units::{ByteSize, HumanDuration};
 
 /// Why a config file could not be used.
@@ -157,6 +161,10 @@ pub struct NodeConfig {
     /// SPF, DKIM and DMARC checks of mail arriving on MX listeners.
     #[serde(default)]
     pub inbound_auth: InboundAuthConfig,
+    /// The HTTPS listener serving the domains' own MTA-STS policies (`domains[].mtaStsPolicy`).
+    /// Unset: none is served.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mta_sts_server: Option<MtaStsServerConfig>,
 }
 
 impl NodeConfig {
@@ -183,6 +191,7 @@ impl NodeConfig {
             dns: DnsConfig::default(),
             delivery: DeliveryConfig::default(),
             inbound_auth: InboundAuthConfig::default(),
+            mta_sts_server: None,
         }
     }
 
@@ -224,6 +233,9 @@ impl NodeConfig {
         }
         if let Some(ca) = &mut self.delivery.tls.extra_ca_file {
             resolve(ca);
+        }
+        if let Some(anchor) = &mut self.delivery.tls.dane.trust_anchor_file {
+            resolve(anchor);
         }
         if let Some(key) = &mut self.auth.username_key_file {
             resolve(key);
@@ -339,6 +351,20 @@ impl NodeConfig {
         }
         self.recipient_verification.validate(&mut errors);
         self.auth.validate(&mut errors);
+        if let Some(server) = &self.mta_sts_server {
+            if self.tls.is_none() {
+                errors.push(
+                    "mtaStsServer: needs a tls section (its certificate must name mta-sts.<domain>)"
+                        .to_owned(),
+                );
+            }
+            if addresses.contains(&server.address) || server.address == self.admin.address {
+                errors.push(format!(
+                    "mtaStsServer.address: {} is used by another listener",
+                    server.address
+                ));
+            }
+        }
         if errors.is_empty() {
             Ok(())
         } else {

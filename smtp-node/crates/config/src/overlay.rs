@@ -17,9 +17,9 @@ use serde::{Deserialize, Deserializer};
 
 use crate::{
     AdminConfig, AuthConfig, ByteSize, ClientTimeouts, ConnectionConfig, ConsumerConfig,
-    DeliveryConfig, DmarcMode, DnsConfig, HumanDuration, InboundAuthConfig, MxTlsPolicy,
-    NodeConfig, OutboundTlsConfig, RecipientVerificationConfig, RetryConfig, ShutdownConfig,
-    Timeouts,
+    DaneConfig, DeliveryConfig, DmarcMode, DnsConfig, HumanDuration, InboundAuthConfig,
+    MtaStsConfig, MxTlsPolicy, NodeConfig, OutboundTlsConfig, RecipientVerificationConfig,
+    RetryConfig, ShutdownConfig, Timeouts, TlsPolicyOverride, TlsRptConfig,
 };
 
 /// Declares the overlay of one config section: a struct with an `Option` of every field, and
@@ -91,7 +91,7 @@ overlay! {
             delivery: DeliveryOverlay,
             inbound_auth: InboundAuthOverlay,
         }
-        keep { hostname, listeners, tls, nats, domains }
+        keep { hostname, listeners, tls, nats, domains, mta_sts_server }
     }
 }
 
@@ -224,7 +224,14 @@ overlay! {
 overlay! {
     /// Overlay of [`OutboundTlsConfig`].
     OutboundTlsOverlay => OutboundTlsConfig {
-        set { mx: MxTlsPolicy, extra_ca_file: Option<PathBuf> }
+        set {
+            mx: MxTlsPolicy,
+            extra_ca_file: Option<PathBuf>,
+            mta_sts: MtaStsConfig,
+            dane: DaneConfig,
+            policies: Vec<TlsPolicyOverride>,
+            reports: TlsRptConfig,
+        }
     }
 }
 

@@ -81,6 +81,8 @@ pub struct MailParams {
     pub envid: Option<String>,
     /// `RET=FULL|HDRS` (RFC 3461 §4.3), upper-cased.
     pub ret: Option<String>,
+    /// `REQUIRETLS` (RFC 8689 §3): the message must only travel over verified TLS.
+    pub requiretls: bool,
 }
 
 /// The `BODY=` parameter.
@@ -407,6 +409,15 @@ fn parse_mail_params(s: &str) -> Result<MailParams, CommandError> {
                 seen_smtputf8 = true;
                 params.smtputf8 = true;
             }
+            "REQUIRETLS" => {
+                if value.is_some() {
+                    return Err(syntax("REQUIRETLS takes no value"));
+                }
+                if params.requiretls {
+                    return Err(syntax("Duplicate REQUIRETLS parameter"));
+                }
+                params.requiretls = true;
+            }
             "AUTH" => {
                 let v = required("AUTH", value)?;
                 if v != "<>" && (v.len() > MAX_AUTH_PARAM || !is_xtext(v)) {
@@ -679,6 +690,17 @@ mod tests {
                     },
                 ),
             ),
+            // RFC 8689: REQUIRETLS takes no value.
+            (
+                "MAIL FROM:<a@b.test> requiretls",
+                mail(
+                    "a@b.test",
+                    MailParams {
+                        requiretls: true,
+                        ..Default::default()
+                    },
+                ),
+            ),
             // EXT-08: DSN parameters.
             (
                 "MAIL FROM:<a@b.test> RET=hdrs ENVID=QQ314159",
@@ -933,6 +955,14 @@ mod tests {
             (
                 b"MAIL FROM:<a@b.test> SMTPUTF8 smtputf8",
                 s("Duplicate SMTPUTF8 parameter"),
+            ),
+            (
+                b"MAIL FROM:<a@b.test> REQUIRETLS REQUIRETLS",
+                s("Duplicate REQUIRETLS parameter"),
+            ),
+            (
+                b"MAIL FROM:<a@b.test> REQUIRETLS=YES",
+                s("REQUIRETLS takes no value"),
             ),
             (
                 b"MAIL FROM:<a@b.test> BODY=7BIT BODY=8BITMIME",

@@ -177,6 +177,10 @@ pub struct QueueEntry {
     pub body_ref: Option<String>,
     /// Octets of the body, inline or stored.
     pub body_size: Option<u64>,
+    /// `REQUIRETLS` was given (RFC 8689): never sent without verified TLS.
+    pub require_tls: bool,
+    /// The message has `TLS-Required: No` (RFC 8689 5): no MTA-STS or DANE enforcement.
+    pub tls_optional: bool,
     /// Delivery attempts made so far.
     pub attempts: u32,
     /// No attempt before this time.
@@ -263,6 +267,12 @@ impl QueueEntry {
         if self.smtputf8 {
             h.insert(headers::SMTPUTF8, "true");
         }
+        if self.require_tls {
+            h.insert(headers::REQUIRE_TLS, "true");
+        }
+        if self.tls_optional {
+            h.insert(headers::TLS_OPTIONAL, "true");
+        }
         if let Some(size) = self.body_size {
             h.insert(headers::BODY_SIZE, size.to_string());
         }
@@ -329,6 +339,9 @@ impl QueueEntry {
             body_ref: get(headers::BODY_REF),
             // A size hint only (buffer capacity): unreadable means unknown.
             body_size: get(headers::BODY_SIZE).and_then(|v| v.parse().ok()),
+            require_tls: get(headers::REQUIRE_TLS).is_some_and(|v| v.eq_ignore_ascii_case("true")),
+            tls_optional: get(headers::TLS_OPTIONAL)
+                .is_some_and(|v| v.eq_ignore_ascii_case("true")),
             attempts,
             not_before,
             last_error: get(headers::LAST_ERROR),

@@ -38,9 +38,10 @@
 //!   `Kubemail-Client-Ip`, `Kubemail-Helo`, `Kubemail-Body-Type` (`8BITMIME`),
 //!   `Kubemail-Smtputf8` (`true`), `Kubemail-Dsn-Envid`, `Kubemail-Dsn-Ret`,
 //!   `Kubemail-Body-Ref`, `Kubemail-Body-Size` (octets of the body, inline or stored),
-//!   `Kubemail-Sender-Auth` (inbound mail: `spf`, `dkim`, `spf,dkim` or `none`, how the
-//!   envelope sender was authenticated at acceptance; [`SenderAuth`]: only a sender that
-//!   passed gets a DSN).
+//!   `Kubemail-Require-Tls` (`true`: REQUIRETLS, RFC 8689), `Kubemail-Tls-Optional` (`true`:
+//!   the message says `TLS-Required: No` and carries no REQUIRETLS), `Kubemail-Sender-Auth`
+//!   (inbound mail: `spf`, `dkim`, `spf,dkim` or `none`, how the envelope sender was
+//!   authenticated at acceptance; [`SenderAuth`]: only a sender that passed gets a DSN).
 //!
 //! An optional header is written only when its value is present and not empty, and read back
 //! as absent when it is missing or empty. Values never contain control characters (they would
@@ -92,7 +93,9 @@ mod rfc3339;
 
 pub use entry::{Direction, EntryError, Notice, QueueEntry, QueueId, SenderAuth};
 pub use names::{
-    DEFAULT_BODY_BUCKET, DEFAULT_STREAM, DEFAULT_SUBJECT_PREFIX, body_ref, consumer_name,
-    is_legacy_consumer, legacy_consumer_name, split_body_ref, subject,
+    DEFAULT_BODY_BUCKET, DEFAULT_STREAM, DEFAULT_SUBJECT_PREFIX, MTA_STS_CACHE_BUCKET,
+    TLSRPT_CLAIMS_BUCKET, TLSRPT_STREAM, body_ref, consumer_name, domain_token, is_legacy_consumer,
+    legacy_consumer_name, split_body_ref, subject, tlsrpt_claim_key, tlsrpt_day_filter,
+    tlsrpt_subject,
 };
 pub use rfc3339::{parse_rfc3339, rfc3339};

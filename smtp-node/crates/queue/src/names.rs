@@ -23,6 +23,55 @@ pub const DEFAULT_SUBJECT_PREFIX: &str = "kubemail.queue";
 /// The default object store bucket of large bodies (`nats.bodyBucket`).
 pub const DEFAULT_BODY_BUCKET: &str = "KUBEMAIL_BODIES";
 
+/// The JetStream KV bucket of MTA-STS policies of *remote* domains (RFC 8461), shared by every
+/// node of every MailDomain: what a remote domain publishes is public and not tenant data, and
+/// one fetch serves the whole cluster. Key: the remote domain, lower case (its dots are valid
+/// in KV keys); value: JSON of the policy, its id and when it was fetched. Max age per entry:
+/// none (each entry carries its own `max_age`). A node needs the bucket's subjects
+/// `$KV.KUBEMAIL_MTA_STS.>` for publish and subscribe, and the JetStream API calls
+/// `$JS.API.STREAM.INFO.KV_KUBEMAIL_MTA_STS`, `$JS.API.STREAM.CREATE.KV_KUBEMAIL_MTA_STS`,
+/// `$JS.API.DIRECT.GET.KV_KUBEMAIL_MTA_STS.>` (and `$JS.API.STREAM.MSG.GET.KV_KUBEMAIL_MTA_STS`).
+pub const MTA_STS_CACHE_BUCKET: &str = "KUBEMAIL_MTA_STS";
+
+/// The JetStream stream of TLS-RPT results (RFC 8460): one message per policy outcome of an
+/// outbound session, on [`tlsrpt_subject`], kept for a few days (`max_age`) until the daily
+/// report of that day is sent. Per sending domain, so a node needs only its own domains'
+/// subjects: `kubemail.tlsrpt.<domain token>.>` (publish, and an ordered consumer filtered on
+/// it: `$JS.API.CONSUMER.CREATE.KUBEMAIL_TLSRPT.>`, `$JS.API.STREAM.INFO.KUBEMAIL_TLSRPT`,
+/// `$JS.API.STREAM.CREATE.KUBEMAIL_TLSRPT`, and the consumer's deliver subject `_INBOX.>`).
+pub const TLSRPT_STREAM: &str = "KUBEMAIL_TLSRPT";
+
+/// The JetStream KV bucket where one node claims a day's report of a sending domain
+/// ([`tlsrpt_claim_key`]), so it is sent once. A node needs `$KV.KUBEMAIL_TLSRPT_CLAIMS.<domain
+/// token>.>` and the bucket's JetStream API calls as for [`MTA_STS_CACHE_BUCKET`].
+pub const TLSRPT_CLAIMS_BUCKET: &str = "KUBEMAIL_TLSRPT_CLAIMS";
+
+/// A domain as one subject token: lower case, dots as `_` (injective for valid domain
+/// names, which have no `_`; see the module doc).
+pub fn domain_token(domain: &str) -> String {
+    domain.to_ascii_lowercase().replace('.', "_")
+}
+
+/// The subject of a TLS-RPT result: `kubemail.tlsrpt.<sending domain>.<day>.<recipient
+/// domain>`, domains as [`domain_token`]s and the UTC day as `YYYYMMDD`.
+pub fn tlsrpt_subject(sending_domain: &str, day: &str, recipient_domain: &str) -> String {
+    format!(
+        "kubemail.tlsrpt.{}.{day}.{}",
+        domain_token(sending_domain),
+        domain_token(recipient_domain)
+    )
+}
+
+/// The filter of every TLS-RPT result of `sending_domain` on `day`.
+pub fn tlsrpt_day_filter(sending_domain: &str, day: &str) -> String {
+    format!("kubemail.tlsrpt.{}.{day}.*", domain_token(sending_domain))
+}
+
+/// The claim key of `sending_domain`'s reports for `day`.
+pub fn tlsrpt_claim_key(sending_domain: &str, day: &str) -> String {
+    format!("{}.{day}", domain_token(sending_domain))
+}
+
 /// Longest consumer name: well below the 255 bytes a file name may have, since the name is a
 /// directory of the JetStream file store.
 pub const MAX_CONSUMER_NAME_LEN: usize = 200;

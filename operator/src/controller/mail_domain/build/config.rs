@@ -13,18 +13,18 @@ use std::path::Path;
 
 use kubemail_config::{
     ByteSize, DkimConfig, DkimKeyConfig, DomainConfig, DomainLimits, InboundTarget, InboundTls,
-    ListenerConfig, ListenerKind, NatsConfig, NodeConfig, NodeConfigOverlay, RelayAuth,
-    RelayConfig, TlsConfig,
+    ListenerConfig, ListenerKind, MtaStsServerConfig, NatsConfig, NodeConfig, NodeConfigOverlay,
+    RelayAuth, RelayConfig, TlsConfig, TlsPolicyMode, TlsPolicyOverride,
 };
 
 use super::{BuildConfig, BuildError};
 use crate::certs::{TLS_CERT_KEY, TLS_KEY_KEY};
 use crate::controller::mail_domain::names::{
-    ADMIN_PORT, DKIM_DIR, RELAY_DIR, SMTP_PORT, SUBMISSION_PORT, SUBMISSIONS_PORT, TLS_DIR,
-    USERS_DIR,
+    ADMIN_PORT, DKIM_DIR, MTA_STS_PORT, RELAY_DIR, SMTP_PORT, SUBMISSION_PORT, SUBMISSIONS_PORT,
+    TLS_DIR, USERS_DIR,
 };
 use crate::controller::mail_domain::validate::{Limits, RelayResolution, ValidatedDomain};
-use crate::crd::mail_domain::{ForwardProtocol, ForwardSpec, ForwardTls};
+use crate::crd::mail_domain::{ForwardProtocol, ForwardSpec, ForwardTls, TlsPolicyRuleMode};
 use crate::crd::relay::{RelaySpec, RelayTls};
 use crate::dkim;
 use crate::users::{USERNAME_KEY_KEY, USERS_FILE_KEY};
@@ -166,6 +166,10 @@ pub fn node_config(
             .transpose()
             .map_err(out_of_range)?,
         relay: None,
+        mta_sts_policy: v
+            .mta_sts
+            .as_ref()
+            .map(|sts| crate::dns_records::mta_sts_policy(sts, &v.hostname)),
         dkim: DkimConfig {
             keys: signing
                 .iter()
@@ -186,6 +190,26 @@ pub fn node_config(
         RelayResolution::NotFound { .. } | RelayResolution::NotReady { .. } => {
             node.delivery.enabled = false;
         }
+    }
+    if v.mta_sts.is_some() {
+        node.mta_sts_server = Some(MtaStsServerConfig {
+            address: SocketAddr::new(ip, MTA_STS_PORT),
+        });
+    }
+    // The MailDomain's own rules win over a site-wide overlay's.
+    if !v.outbound_tls_policies.is_empty() {
+        node.delivery.tls.policies = v
+            .outbound_tls_policies
+            .iter()
+            .map(|p| TlsPolicyOverride {
+                domain: p.domain.clone(),
+                mode: match p.mode {
+                    TlsPolicyRuleMode::Verify => TlsPolicyMode::Verify,
+                    TlsPolicyRuleMode::Dane => TlsPolicyMode::Dane,
+                    TlsPolicyRuleMode::None => TlsPolicyMode::None,
+                },
+            })
+            .collect();
     }
     node.domains = vec![domain];
     node.validate()

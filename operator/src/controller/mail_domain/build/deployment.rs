@@ -21,8 +21,9 @@ use kubemail_config::NodeConfig;
 
 use super::BuildConfig;
 use crate::controller::mail_domain::names::{
-    self, ADMIN_PORT, CHECKSUM_ANNOTATION, CONFIG_DIR, DKIM_DIR, NODE_CONFIG_KEY, RELAY_DIR,
-    SMTP_PORT, SUBMISSION_PORT, SUBMISSIONS_PORT, TLS_DIR, USERS_DIR, labels, selector_labels,
+    self, ADMIN_PORT, CHECKSUM_ANNOTATION, CONFIG_DIR, DKIM_DIR, MTA_STS_PORT, NODE_CONFIG_KEY,
+    RELAY_DIR, SMTP_PORT, SUBMISSION_PORT, SUBMISSIONS_PORT, TLS_DIR, USERS_DIR, labels,
+    selector_labels,
 };
 use crate::controller::mail_domain::validate::{RelayResolution, ValidatedDomain};
 
@@ -173,12 +174,18 @@ pub(super) fn deployment(
             }
             env
         }),
-        ports: Some(vec![
-            port("smtp", SMTP_PORT),
-            port("submission", SUBMISSION_PORT),
-            port("submissions", SUBMISSIONS_PORT),
-            port("admin", ADMIN_PORT),
-        ]),
+        ports: Some({
+            let mut ports = vec![
+                port("smtp", SMTP_PORT),
+                port("submission", SUBMISSION_PORT),
+                port("submissions", SUBMISSIONS_PORT),
+                port("admin", ADMIN_PORT),
+            ];
+            if node.mta_sts_server.is_some() {
+                ports.push(port("mta-sts", MTA_STS_PORT));
+            }
+            ports
+        }),
         readiness_probe: Some(http_probe("/readyz", 5, 0)),
         liveness_probe: Some(http_probe("/healthz", 10, 10)),
         lifecycle: Some(Lifecycle {

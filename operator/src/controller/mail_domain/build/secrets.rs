@@ -92,7 +92,7 @@ pub(super) fn tls(
                 "spec": {
                     "secretName": names::tls_secret(&v.name),
                     "commonName": v.hostname,
-                    "dnsNames": [v.hostname],
+                    "dnsNames": v.certificate_names(),
                     "issuerRef": {
                         "name": issuer.name,
                         "kind": match issuer.kind {

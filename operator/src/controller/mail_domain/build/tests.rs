@@ -52,7 +52,7 @@ pub(super) const FULL: &str = "  domain: example.com
   replicas: 2
   spf: { include: [_spf.example.net] }
   dmarc: { policy: quarantine, rua: 'mailto:dmarc@example.com' }
-  mtaSts: { mode: enforce }
+  mtaSts: { mode: testing }
   tlsRpt: { rua: 'mailto:tls@example.com' }
   inbound: { recipients: [postmaster, bob] }
   submission: { usersSecretRef: { name: example-com-users-src } }
@@ -520,7 +520,8 @@ fn deployment_runs_the_node_safely_with_probes_pod_ip_and_a_long_enough_grace() 
             ("smtp".into(), 2525),
             ("submission".into(), 2587),
             ("submissions".into(), 2465),
-            ("admin".into(), 8080)
+            ("admin".into(), 8080),
+            ("mta-sts".into(), 8443)
         ]
     );
     let mounts: Vec<(&str, &str)> = container
@@ -576,6 +577,7 @@ fn service_maps_the_mail_ports_and_the_pdb_allows_one_down() {
             (25, IntOrString::String("smtp".into())),
             (465, IntOrString::String("submissions".into())),
             (587, IntOrString::String("submission".into())),
+            (443, IntOrString::String("mta-sts".into())),
         ]
     );
     let pdb = c.pdb.spec.as_ref().unwrap();
@@ -690,6 +692,8 @@ fn dns_records_are_exactly_what_the_domain_needs() {
                 "TXT",
                 "v=DMARC1; p=quarantine; rua=mailto:dmarc@example.com; adkim=r; aspf=r"
             ),
+            rr("mta-sts.example.com.", "A", "203.0.113.7"),
+            rr("mta-sts.example.com.", "AAAA", "2001:db8::7"),
             rr("_mta-sts.example.com.", "TXT", &format!("v=STSv1; id={id}")),
             rr(
                 "_smtp._tls.example.com.",
@@ -809,7 +813,7 @@ fn cert_manager_and_external_dns_children_when_asked_for_and_installed() {
         json!({
             "secretName": "example-com-tls",
             "commonName": "mx.example.com",
-            "dnsNames": ["mx.example.com"],
+            "dnsNames": ["mx.example.com", "mta-sts.example.com"],
             "issuerRef": { "name": "letsencrypt", "kind": "ClusterIssuer", "group": "cert-manager.io" },
             "privateKey": { "algorithm": "ECDSA", "size": 256, "rotationPolicy": "Always" },
             "usages": ["digital signature", "server auth"],
@@ -852,5 +856,105 @@ fn invalid_references_and_durations_are_reported_with_a_reason() {
     assert_eq!(
         validate(&short, &refs()).unwrap_err().reason,
         "DkimRotationTooShort"
+    );
+}
+
+#[test]
+fn the_mta_sts_policy_is_served_on_443_under_a_certificate_for_its_host() {
+    let (_, v, c) = full();
+    assert_eq!(
+        v.certificate_names(),
+        ["mx.example.com", "mta-sts.example.com"]
+    );
+    let node = NodeConfig::from_yaml(&data_text(&c.node_config, NODE_CONFIG_KEY)).unwrap();
+    let policy = dns_records::mta_sts_policy(v.mta_sts.as_ref().unwrap(), "mx.example.com");
+    assert_eq!(
+        node.domains[0].mta_sts_policy.as_deref(),
+        Some(policy.as_str())
+    );
+    assert_eq!(
+        node.mta_sts_server.as_ref().map(|s| s.address.port()),
+        Some(8443)
+    );
+    let container = &c
+        .deployment
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .as_ref()
+        .unwrap()
+        .containers[0];
+    assert!(
+        container
+            .ports
+            .as_ref()
+            .unwrap()
+            .iter()
+            .any(|p| p.name.as_deref() == Some("mta-sts") && p.container_port == 8443),
+        "{:?}",
+        container.ports
+    );
+
+    // Without MTA-STS: no listener, no port, one certificate name.
+    let plain = md(&FULL.replace("  mtaSts: { mode: testing }\n", ""));
+    let v = validate(&plain, &refs()).unwrap();
+    assert_eq!(v.certificate_names(), ["mx.example.com"]);
+    let c = build(&plain, &v, &provisioned(true), &observed(), &config(), NOW).unwrap();
+    let node = NodeConfig::from_yaml(&data_text(&c.node_config, NODE_CONFIG_KEY)).unwrap();
+    assert!(node.mta_sts_server.is_none() && node.domains[0].mta_sts_policy.is_none());
+    assert_eq!(c.service.spec.unwrap().ports.unwrap().len(), 3);
+}
+
+#[test]
+fn enforce_needs_a_certificate_senders_can_verify() {
+    let enforce = FULL.replace("mtaSts: { mode: testing }", "mtaSts: { mode: enforce }");
+    let e = validate(&md(&enforce), &refs()).unwrap_err();
+    assert_eq!(e.reason, "MtaStsEnforceNeedsPublicCertificate");
+    assert!(e.message.contains("spec.tls.issuerRef"), "{}", e.message);
+
+    let public =
+        format!("{enforce}  tls: {{ issuerRef: {{ name: letsencrypt, kind: ClusterIssuer }} }}\n");
+    let mut r = refs();
+    r.cert_manager_installed = true;
+    let m = md(&public);
+    let v = validate(&m, &r).unwrap();
+    let c = build(&m, &v, &provisioned(true), &observed(), &config(), NOW).unwrap();
+    let cert = c.certificate.expect("a cert-manager Certificate");
+    assert_eq!(
+        cert.data["spec"]["dnsNames"],
+        json!(["mx.example.com", "mta-sts.example.com"])
+    );
+}
+
+#[test]
+fn outbound_tls_policies_reach_the_node_config() {
+    let spec = format!(
+        "{FULL}  outboundTls: {{ policies: [{{ domain: partner.example, mode: verify }}, {{ domain: legacy.example, mode: none }}] }}\n"
+    );
+    let m = md(&spec);
+    let v = validate(&m, &refs()).unwrap();
+    let c = build(&m, &v, &provisioned(true), &observed(), &config(), NOW).unwrap();
+    let node = NodeConfig::from_yaml(&data_text(&c.node_config, NODE_CONFIG_KEY)).unwrap();
+    let got: Vec<(String, kubemail_config::TlsPolicyMode)> = node
+        .delivery
+        .tls
+        .policies
+        .iter()
+        .map(|p| (p.domain.clone(), p.mode))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (
+                "partner.example".to_owned(),
+                kubemail_config::TlsPolicyMode::Verify
+            ),
+            (
+                "legacy.example".to_owned(),
+                kubemail_config::TlsPolicyMode::None
+            ),
+        ]
     );
 }

@@ -234,6 +234,9 @@ fn write_mail_params(out: &mut Vec<u8>, params: &MailParams) -> Result<(), Encod
     if params.smtputf8 {
         push(out, &[" SMTPUTF8"]);
     }
+    if params.requiretls {
+        push(out, &[" REQUIRETLS"]);
+    }
     if let Some(ret) = &params.ret {
         let ret = ret.to_ascii_uppercase();
         if ret != "FULL" && ret != "HDRS" {
@@ -537,6 +540,7 @@ mod tests {
                 auth: Some("alice+40example.test".into()),
                 envid: Some("id+2B1".into()),
                 ret: Some("FULL".into()),
+                requiretls: true,
             },
             MailParams {
                 body: Some(BodyType::SevenBit),
