@@ -6,7 +6,11 @@
 #   e2e/bench/run.sh --smoke                 short run that checks the harness
 #   e2e/bench/run.sh --scenarios accept,tls  only some benchmarks
 #   e2e/bench/run.sh --keep                  keep the work directory (logs, queues)
-# See `bench --help` (target/release/bench) for the rest.
+#   e2e/bench/run.sh --background-load 0     no second, loaded run of accept and relay
+#   e2e/bench/run.sh --no-pin                generator and servers share every CPU
+# See `bench --help` (target/release/bench) for the rest. By default the load generator and
+# the servers under test are pinned to separate CPUs, and accept-and-queue and relay run a
+# second time beside 2 busy loops (a load average around 2), reported apart.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 cache=${KUBEMAIL_CACHE:-$HOME/.cache/kubemail}
@@ -24,4 +28,5 @@ echo "load average at start: $(cut -d' ' -f1-3 /proc/loadavg) (representative ru
 export BENCH_SMTP_NODE=${BENCH_SMTP_NODE:-$CARGO_TARGET_DIR/release/smtp-node}
 export BENCH_MARKDOWN=${BENCH_MARKDOWN:-$root/BENCHMARKS.md}
 export BENCH_JSON=${BENCH_JSON:-$root/bench-results.json}
+export BENCH_BACKGROUND_LOAD=${BENCH_BACKGROUND_LOAD:-2}
 exec "$CARGO_TARGET_DIR/release/bench" "$@"

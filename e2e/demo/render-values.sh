@@ -16,11 +16,28 @@ if [ -z "${NATS_URL:-}" ] || [ -z "${DNS_SERVER:-}" ] || [ -z "${MAILPIT_SMTP:-}
 fi
 : "${NATS_URL:?}" "${DNS_SERVER:?}" "${MAILPIT_SMTP:?}"
 mx_port=${MAILPIT_SMTP##*:}
+# The local cluster's NATS is authenticated and serves TLS (e2e/local-cluster plays its
+# administrator): hand the chart the account keys and the CA.
+nats_security() {
+  if [ -n "${NATS_ACCOUNT_DIR:-}" ] && [ -f "$NATS_ACCOUNT_DIR/account.pub" ]; then
+    printf '  auth:\n    enabled: true\n    account: "%s"\n    signingKeySeed: "%s"\n' \
+      "$(cat "$NATS_ACCOUNT_DIR/account.pub")" "$(cat "$NATS_ACCOUNT_DIR/signing-key.nk")"
+  else
+    printf '  auth:\n    enabled: false\n'
+  fi
+  if [ -n "${NATS_CA:-}" ] && [ -f "$NATS_CA" ]; then
+    printf '  tls:\n    enabled: true\n    caCert: |\n'
+    sed 's/^/      /' "$NATS_CA"
+  else
+    printf '  tls:\n    enabled: false\n'
+  fi
+}
 cat <<YAML
 # rendered by e2e/demo/render-values.sh from $env_file (see values-local.yaml for the why)
 nats:
   enabled: false
   url: "$NATS_URL"
+$(nats_security)
 node:
   bindPodIp: true
   config:

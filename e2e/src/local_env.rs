@@ -64,6 +64,38 @@ impl LocalEnv {
         })
     }
 
+    /// A NATS client of the local cluster's NATS with the test user's credentials
+    /// (`NATS_CREDS`, every permission) over TLS verified with `NATS_CA`, as far as the env
+    /// file names them.
+    pub async fn nats_connect(&self) -> Result<async_nats::Client, async_nats::ConnectError> {
+        let mut options = match self
+            .var("NATS_CREDS")
+            .or(std::env::var("NATS_CREDS").ok().as_deref())
+        {
+            Some(path) => async_nats::ConnectOptions::with_credentials_file(path)
+                .await
+                .map_err(|e| {
+                    async_nats::ConnectError::with_source(async_nats::ConnectErrorKind::Io, e)
+                })?,
+            None => async_nats::ConnectOptions::new(),
+        };
+        if let Some(ca) = self.var("NATS_CA") {
+            options = options
+                .add_root_certificates(PathBuf::from(ca))
+                .require_tls(true);
+        }
+        options
+            .connection_timeout(std::time::Duration::from_secs(5))
+            .connect(
+                self.nats_url
+                    .split(',')
+                    .map(str::trim)
+                    .map(str::to_owned)
+                    .collect::<Vec<_>>(),
+            )
+            .await
+    }
+
     /// Any other variable of the env file (e.g. `KUBEMAIL_AGENT_STATE`).
     pub fn var(&self, name: &str) -> Option<&str> {
         self.vars.get(name).map(String::as_str)

@@ -3,8 +3,9 @@
 //! records pointing at loopback, and a mail loop; then the second round (R2-*): backscatter,
 //! IPv6 prefixes and AUTH floods, forged `Authentication-Results`, DKIM for a foreign
 //! `From:`, PROXY headers from untrusted peers, junk commands, NUL in DATA and IPv6 forms of
-//! blocked IPv4 addresses. Against the real `smtp-node` binary; every
-//! loop bounded in count and time; all traffic on 127.0.0.0/8.
+//! blocked IPv4 addresses; and many near-limit messages against the node's memory budget.
+//! Against the real `smtp-node` binary; every loop bounded in count and time; all traffic on
+//! 127.0.0.0/8.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -1755,5 +1756,214 @@ fn ssrf_aaaa_records_embedding_loopback_and_private_ipv4_are_refused() {
     case.pass(format!(
         "all {} embedded forms refused before any connection",
         aaaa.len()
+    ));
+}
+
+/// The node's peak resident memory so far (`VmHWM` of `/proc/<pid>/status`), in KiB.
+fn vm_hwm_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// A near-limit message of client `k`: every line names the client and its number, so a
+/// stored copy that lost, doubled or mixed up octets does not compare equal.
+fn big_message(k: usize, size: usize) -> String {
+    let mut m = format!("From: <load@relay.invalid>\r\nSubject: MEM-{k}\r\n\r\n");
+    let mut i = 0u64;
+    while m.len() < size {
+        m.push_str(&format!("{k:03}-{i:08} {}\r\n", "x".repeat(80)));
+        i += 1;
+    }
+    m
+}
+
+/// Sends `message` once; `trickle` first sends its first 20 KiB at about 1 KiB/s (twice the
+/// minimum data rate). Returns the reply to the final dot (`None`: connection lost).
+async fn send_big(mx: SocketAddr, label: &str, message: &str, trickle: bool) -> Option<String> {
+    let mut c = SmtpTcp::connect(mx, label).await.ok()?;
+    c.verbose = false;
+    c.reply(Duration::from_secs(10)).await?;
+    c.cmd("EHLO load.test", Duration::from_secs(10)).await?;
+    c.cmd("MAIL FROM:<load@relay.invalid>", Duration::from_secs(10))
+        .await?;
+    c.cmd("RCPT TO:<bob@example.test>", Duration::from_secs(10))
+        .await?;
+    let data = c.cmd("DATA", Duration::from_secs(30)).await?;
+    if !data.starts_with("354") {
+        return Some(data);
+    }
+    let mut rest = message.as_bytes();
+    if trickle {
+        for _ in 0..20 {
+            let (head, tail) = rest.split_at(1024);
+            c.send_quiet(head).await.ok()?;
+            rest = tail;
+            tokio::time::sleep(Duration::from_millis(1000)).await;
+        }
+    }
+    for chunk in rest.chunks(64 * 1024) {
+        c.send_quiet(chunk).await.ok()?;
+    }
+    c.send_quiet(b".\r\n").await.ok()?;
+    c.reply(Duration::from_secs(60)).await
+}
+
+/// Every stored message of `node`, bodies read from the object store where they are there,
+/// by `Subject:` token.
+async fn stored_messages(
+    url: &str,
+    node: &Node,
+) -> std::collections::HashMap<String, Vec<Vec<u8>>> {
+    let client = async_nats::connect(url).await.expect("connect");
+    let js = async_nats::jetstream::new(client);
+    let mut out: std::collections::HashMap<String, Vec<Vec<u8>>> = Default::default();
+    for e in node.entries(url).await {
+        let mut body = e.payload.clone();
+        // The reference names the bucket (per domain) and the object in it.
+        if let Some((bucket, name)) = e
+            .headers
+            .get("Kubemail-Body-Ref")
+            .and_then(|r| r.split_once('/'))
+        {
+            use tokio::io::AsyncReadExt as _;
+            let store = js.get_object_store(bucket).await.expect("body bucket");
+            let mut object = store.get(name).await.expect("body object");
+            body.clear();
+            object.read_to_end(&mut body).await.expect("read body");
+        }
+        let text = String::from_utf8_lossy(&body[..body.len().min(4096)]).into_owned();
+        let token = text
+            .lines()
+            .find_map(|l| l.strip_prefix("Subject: "))
+            .unwrap_or_default()
+            .to_owned();
+        out.entry(token).or_default().push(body);
+    }
+    out
+}
+
+/// Hostile finding 2: many honest, near-limit messages at once (some trickling at the
+/// minimum data rate) against a node whose message memory budget holds only a few of them.
+#[test]
+fn memory_budget_holds_under_many_near_limit_messages() {
+    const BUDGET_MIB: u64 = 32;
+    const OVERHEAD_MIB: u64 = 64;
+    let case = Case::begin(
+        "MEM-02",
+        "20 concurrent 7.5 MiB messages (maxMessageSize 8Mi), 4 of them trickling, against limits.messageBytesInMemory 32Mi",
+        "peak RSS (VmHWM) stays below the RSS at start + 32 MiB + 64 MiB; sessions without room wait and get 452 4.3.1, retry and are accepted; every 250 is in the stream octet for octet",
+    );
+    let nats = Nats::single(NatsOptions::default());
+    let node = Node::start(&nats.url(), |c, _| {
+        c["domains"][0]["limits"] = json!({ "maxMessageSize": "8Mi" });
+        c["limits"] =
+            json!({ "messageBytesInMemory": format!("{BUDGET_MIB}Mi"), "memoryWait": "3s" });
+        c["nats"]["publishTimeout"] = json!("10s");
+    });
+    let rt = runtime();
+    let rss_before = node.rss_kib();
+    let mx = node.ports.mx;
+    let clients = 20usize;
+    let messages: Vec<Arc<String>> = (0..clients)
+        .map(|k| Arc::new(big_message(k, 7_500_000)))
+        .collect();
+    let started = Instant::now();
+    let results = rt.block_on(async {
+        let tasks: Vec<_> = messages
+            .iter()
+            .enumerate()
+            .map(|(k, m)| {
+                let m = m.clone();
+                tokio::spawn(async move {
+                    let mut replies = Vec::new();
+                    let deadline = Instant::now() + Duration::from_secs(180);
+                    // A refused client tries again, as real ones do; bounded in time.
+                    while Instant::now() < deadline {
+                        let reply =
+                            send_big(mx, &format!("mem-{k}"), &m, k < 4 && replies.is_empty())
+                                .await
+                                .unwrap_or_else(|| "lost".to_owned());
+                        let ok = reply.starts_with("250");
+                        replies.push(reply);
+                        if ok {
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                    }
+                    (k, replies)
+                })
+            })
+            .collect();
+        let mut out = Vec::new();
+        for t in tasks {
+            out.push(t.await.expect("client task"));
+        }
+        out
+    });
+    let hwm = vm_hwm_kib(node.pid());
+    let refusals: Vec<String> = results
+        .iter()
+        .flat_map(|(_, r)| r.iter().filter(|r| !r.starts_with("250")))
+        .map(|r| r.chars().take(9).collect())
+        .collect();
+    case.note(format!(
+        "{} messages in {:.1}s; {} refusals before acceptance ({:?}...)",
+        clients,
+        started.elapsed().as_secs_f64(),
+        refusals.len(),
+        refusals.iter().take(5).collect::<Vec<_>>()
+    ));
+    case.note(format!(
+        "node RSS {} MiB at start, peak (VmHWM) {} MiB; limit {} MiB",
+        rss_before / 1024,
+        hwm / 1024,
+        (rss_before / 1024) + BUDGET_MIB + OVERHEAD_MIB
+    ));
+    assert!(
+        refusals
+            .iter()
+            .all(|r| r.starts_with("452 4.3.1") || r.starts_with("lost")),
+        "only 452 4.3.1 while waiting for memory: {refusals:?}"
+    );
+    assert!(
+        hwm <= rss_before + (BUDGET_MIB + OVERHEAD_MIB) * 1024,
+        "peak RSS {} MiB exceeds start {} MiB + budget {BUDGET_MIB} MiB + {OVERHEAD_MIB} MiB",
+        hwm / 1024,
+        rss_before / 1024
+    );
+    let stored = rt.block_on(stored_messages(&nats.url(), &node));
+    for (k, replies) in &results {
+        assert!(
+            replies.last().is_some_and(|r| r.starts_with("250")),
+            "MEM-{k} never accepted: {replies:?}"
+        );
+        let copies = stored.get(&format!("MEM-{k}")).cloned().unwrap_or_default();
+        assert_eq!(copies.len(), 1, "MEM-{k}: one stored copy");
+        let original = messages[*k].as_bytes();
+        let copy = &copies[0];
+        assert!(
+            copy.ends_with(original) && copy.starts_with(b"Received: "),
+            "MEM-{k}: the stored message is our Received header and the message octet for octet ({} stored, {} sent)",
+            copy.len(),
+            original.len()
+        );
+        assert!(
+            !copy[..copy.len() - original.len()]
+                .windows(9)
+                .any(|w| w == b"Subject: "),
+            "MEM-{k}: nothing but our header in front"
+        );
+    }
+    case.pass(format!(
+        "peak RSS {} MiB (start {} MiB, budget {BUDGET_MIB} MiB); all {clients} accepted intact after {} refusals",
+        hwm / 1024,
+        rss_before / 1024,
+        refusals.len()
     ));
 }

@@ -892,3 +892,227 @@ fn wait_ready_within(node: &mut Node, limit: Duration) -> bool {
     }
     false
 }
+
+/// One client of the atomicity case: a transaction for two local domains (two queue entries),
+/// its ~20 KiB body above the node's inline limit (so it goes through the object store).
+async fn two_domain_transaction(mx: SocketAddr, token: &str) -> Option<String> {
+    let mut c = SmtpTcp::connect(mx, token).await.ok()?;
+    c.verbose = false;
+    c.reply(Duration::from_secs(10)).await?;
+    c.cmd("EHLO atom.test", Duration::from_secs(10)).await?;
+    c.cmd("MAIL FROM:<atom@relay.invalid>", Duration::from_secs(10))
+        .await?;
+    c.cmd("RCPT TO:<bob@example.test>", Duration::from_secs(10))
+        .await?;
+    c.cmd("RCPT TO:<carol@other.test>", Duration::from_secs(10))
+        .await?;
+    let data = c.cmd("DATA", Duration::from_secs(10)).await?;
+    if !data.starts_with("354") {
+        return Some(data);
+    }
+    c.send_quiet(atom_message(token).as_bytes()).await.ok()?;
+    c.send_quiet(b".\r\n").await.ok()?;
+    c.reply(Duration::from_secs(30)).await
+}
+
+fn atom_message(token: &str) -> String {
+    let mut m = message(token);
+    for i in 0..200 {
+        m.push_str(&format!("{token} line {i:04} {}\r\n", "a".repeat(80)));
+    }
+    m
+}
+
+/// Hostile finding 8: the entries of one message are published as one unit, a client's retry
+/// of a transaction the stream had stored anyway is not queued twice, and no body object is
+/// left that no entry refers to. nats-server is SIGKILLed mid-transaction while clients send
+/// two-domain transactions with large bodies; every client sends each message that did not
+/// get a 250 again, the same octets, once the server is back.
+#[test]
+fn enqueue_atomicity_with_nats_killed_mid_transaction() {
+    use kubemail_smtp_node::config::NatsConfig;
+    let case = Case::begin(
+        "ATOM-08",
+        "nats-server SIGKILLed while 12 clients send two-domain transactions (bodies in the object store); refused ones are retried",
+        "every message is in the stream exactly once per domain (never half, never twice); after a sweep no body object lacks its entry, and every entry's body is there",
+    );
+    let mut nats = Nats::single(NatsOptions::default());
+    let node = Node::start(&nats.url(), |c, _| {
+        c["domains"]
+            .as_array_mut()
+            .expect("domains")
+            .push(json!({ "name": "other.test", "recipients": ["carol"] }));
+        c["nats"]["inlineBodyLimit"] = json!("8Ki");
+        c["nats"]["publishTimeout"] = json!("2s");
+    });
+    let rt = runtime();
+    let mx = node.ports.mx;
+    let stop = Arc::new(AtomicBool::new(false));
+    let retry = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..12)
+        .map(|k| {
+            let (stop, retry) = (stop.clone(), retry.clone());
+            rt.spawn(async move {
+                let mut sent: Vec<(String, Vec<String>)> = Vec::new();
+                let mut n = 0;
+                while !stop.load(Ordering::Relaxed) && n < scale(40, 400) {
+                    let token = format!("ATOM-{k}-{n}");
+                    n += 1;
+                    let reply = two_domain_transaction(mx, &token)
+                        .await
+                        .unwrap_or_else(|| "lost".to_owned());
+                    sent.push((token, vec![reply]));
+                }
+                while !retry.load(Ordering::Relaxed) {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                let deadline = Instant::now() + Duration::from_secs(90);
+                for (token, replies) in &mut sent {
+                    while !replies.last().is_some_and(|r| r.starts_with("250"))
+                        && Instant::now() < deadline
+                    {
+                        let reply = two_domain_transaction(mx, token)
+                            .await
+                            .unwrap_or_else(|| "lost".to_owned());
+                        if !reply.starts_with("250") {
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                        }
+                        replies.push(reply);
+                    }
+                }
+                sent
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(1500));
+    case.note("SIGKILL nats-server mid-load");
+    nats.kill(0);
+    std::thread::sleep(Duration::from_secs(2));
+    stop.store(true, Ordering::Relaxed);
+    nats.restart(0);
+    nats.wait_jetstream(Duration::from_secs(30));
+    case.note("nats-server restarted; clients retry what was refused");
+    retry.store(true, Ordering::Relaxed);
+    let mut sent = Vec::new();
+    for c in clients {
+        sent.extend(rt.block_on(c).expect("client task"));
+    }
+    let refused = sent.iter().filter(|(_, r)| r.len() > 1).count();
+    case.note(format!(
+        "{} transactions, {refused} refused or lost at first and sent again",
+        sent.len()
+    ));
+    assert!(
+        refused > 0,
+        "the kill refused nothing: not a test of anything"
+    );
+    for (token, replies) in &sent {
+        assert!(
+            replies.last().is_some_and(|r| r.starts_with("250")),
+            "{token} never accepted: {replies:?}"
+        );
+    }
+
+    // The orphans a failed publish left: what the node's sweeper removes after its grace
+    // period, swept here at once.
+    let url = nats.url();
+    let nats_config = NatsConfig {
+        url: url.clone(),
+        stream: node.stream.clone(),
+        subject_prefix: node.subject_prefix.clone(),
+        body_bucket: node.bucket.clone(),
+        ..NatsConfig::default()
+    };
+    let (swept, objects, entries) = rt.block_on(async {
+        use futures::StreamExt as _;
+        use tokio::io::AsyncReadExt as _;
+        let client = async_nats::connect(&url).await.expect("connect");
+        let js = async_nats::jetstream::new(client);
+        // One body bucket per domain: sweep and list each.
+        let mut swept = 0;
+        let mut names = BTreeSet::new();
+        let mut stores = HashMap::new();
+        for domain in ["example.test", "other.test"] {
+            let bucket = kubemail_queue::body_bucket(&node.bucket, domain);
+            let store = js.get_object_store(&bucket).await.expect("bucket");
+            swept += kubemail_smtp_node::queue::sweeper::sweep(
+                &js,
+                &nats_config,
+                domain,
+                &store,
+                Duration::ZERO,
+            )
+            .await
+            .expect("sweep");
+            let mut list = store.list().await.expect("list");
+            while let Some(info) = list.next().await {
+                let info = info.expect("object info");
+                if !info.deleted {
+                    names.insert(format!("{bucket}/{}", info.name));
+                }
+            }
+            stores.insert(bucket, store);
+        }
+        let entries = node.entries(&url).await;
+        let mut bodies = Vec::new();
+        for e in &entries {
+            let reference = e.headers.get("Kubemail-Body-Ref").cloned();
+            let body = match reference.as_deref().and_then(|r| r.split_once('/')) {
+                Some((bucket, name)) => {
+                    let store = stores.get(bucket).expect("the entry's domain bucket");
+                    let mut object = store.get(name).await.expect("an entry's body object");
+                    let mut body = Vec::new();
+                    object.read_to_end(&mut body).await.expect("read body");
+                    body
+                }
+                None => e.payload.clone(),
+            };
+            bodies.push((e.headers.clone(), reference, body));
+        }
+        (swept, names, bodies)
+    });
+    let mut per_token: HashMap<String, Vec<String>> = HashMap::new();
+    let mut referenced = BTreeSet::new();
+    for (headers, reference, body) in &entries {
+        let text = String::from_utf8_lossy(body);
+        let token = text
+            .lines()
+            .find_map(|l| l.strip_prefix("Subject: "))
+            .expect("subject")
+            .to_owned();
+        assert!(
+            text.ends_with(&atom_message(&token)),
+            "{token}: the stored body is the message"
+        );
+        per_token
+            .entry(token)
+            .or_default()
+            .push(headers.get("Kubemail-Domain").cloned().unwrap_or_default());
+        if let Some(r) = reference {
+            referenced.insert(r.clone());
+        }
+    }
+    for (token, _) in &sent {
+        let mut domains = per_token.get(token).cloned().unwrap_or_default();
+        domains.sort();
+        assert_eq!(
+            domains,
+            ["example.test", "other.test"],
+            "{token}: one entry per domain, never half a transaction, never a duplicate"
+        );
+    }
+    let unreferenced: Vec<&String> = objects.difference(&referenced).collect();
+    case.note(format!(
+        "{} entries; {} body objects, {swept} orphans removed by the sweep",
+        entries.len(),
+        objects.len()
+    ));
+    assert!(
+        unreferenced.is_empty(),
+        "body objects no entry refers to after the sweep: {unreferenced:?}"
+    );
+    case.pass(format!(
+        "{} transactions stored exactly once per domain; {swept} orphaned bodies swept; none left",
+        sent.len()
+    ));
+}

@@ -20,9 +20,7 @@ fn unique(prefix: &str) -> String {
 #[tokio::test]
 async fn jetstream_publish_with_ack_is_consumed_back() {
     let env = LocalEnv::load().expect("local cluster env");
-    let client = async_nats::connect(&env.nats_url)
-        .await
-        .expect("connect to NATS");
+    let client = env.nats_connect().await.expect("connect to NATS");
     let js = jetstream::new(client);
     let name = unique("E2E_SMOKE_");
     let subject = format!("e2e.smoke.{name}");

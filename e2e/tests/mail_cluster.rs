@@ -16,6 +16,8 @@
 mod cluster;
 #[path = "common/mail.rs"]
 mod mail;
+#[path = "common/queue_security.rs"]
+mod queue_security;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -355,6 +357,9 @@ async fn helm_installed_kubemail_serves_signs_scales_survives_pod_loss_and_unins
     );
     eprintln!("[inbound] Authentication-Results: {ar}");
 
+    // --- queue security: the domain's NATS credentials reach its queue only ----------------
+    queue_security::check(&env, &client, &n, MD, DOMAIN, &stream, &format!("kmcl.{n}")).await;
+
     // --- scale 1 -> 3: three serving nodes, each accepts mail --------------------------------
     patch_replicas(&mds, 3).await;
     wait_md_ready(&mds, 3).await;
@@ -448,9 +453,7 @@ async fn helm_installed_kubemail_serves_signs_scales_survives_pod_loss_and_unins
 
     // --- deleting the MailDomain removes its children and its queue consumer -----------------
     let consumer = kubemail_queue::consumer_name(DOMAIN);
-    let nats = async_nats::connect(&env.nats_url)
-        .await
-        .expect("connect to NATS");
+    let nats = env.nats_connect().await.expect("connect to NATS");
     let js = async_nats::jetstream::new(nats);
     assert!(
         js.get_consumer_from_stream::<async_nats::jetstream::consumer::pull::Config, _, _>(
@@ -640,7 +643,7 @@ impl Cleanup {
     }
 
     fn delete_stream(&self) {
-        let (url, stream) = (self.nats_url.clone(), self.stream.clone());
+        let (_url, stream) = (self.nats_url.clone(), self.stream.clone());
         let _ = std::thread::spawn(move || {
             let Ok(rt) = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -649,8 +652,9 @@ impl Cleanup {
                 return;
             };
             rt.block_on(async move {
+                let Ok(env) = LocalEnv::load() else { return };
                 if let Ok(Ok(c)) =
-                    tokio::time::timeout(Duration::from_secs(5), async_nats::connect(url)).await
+                    tokio::time::timeout(Duration::from_secs(5), env.nats_connect()).await
                 {
                     let _ = async_nats::jetstream::new(c).delete_stream(&stream).await;
                 }

@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 
 use crate::telemetry::LogFormat;
 
@@ -107,6 +107,104 @@ pub struct Args {
     /// Log format.
     #[arg(long, env = "KUBEMAIL_LOG_FORMAT", value_enum, default_value = "auto")]
     pub log_format: LogFormat,
+
+    /// CA certificate(s) (PEM file) that sign the NATS server certificate: the operator and
+    /// the nodes then require TLS and verify the server. Unset with --nats-bootstrap: the
+    /// operator's own CA.
+    #[arg(long, env = "KUBEMAIL_NATS_CA_FILE", value_name = "FILE")]
+    pub nats_ca_file: Option<std::path::PathBuf>,
+
+    /// Secret (in --namespace) with the NATS account's public key (`account.pub`) and the
+    /// seed of its signing key (`signing-key.nk`). Set: NATS is authenticated, the operator
+    /// creates the JetStream objects and mints each MailDomain's node credentials.
+    #[arg(long, env = "KUBEMAIL_NATS_ACCOUNT_SECRET", value_name = "NAME")]
+    pub nats_account_secret: Option<String>,
+
+    /// Directory holding the account keys as files (`account.pub`, `signing-key.nk`), e.g. a
+    /// mounted Secret; instead of --nats-account-secret. Read at every use.
+    #[arg(
+        long,
+        env = "KUBEMAIL_NATS_ACCOUNT_DIR",
+        value_name = "DIR",
+        conflicts_with = "nats_account_secret"
+    )]
+    pub nats_account_dir: Option<std::path::PathBuf>,
+
+    /// The chart's bundled NATS: create the trust chain in --nats-account-secret (when set)
+    /// if it is missing, and issue the NATS server certificate into --nats-tls-secret from
+    /// the operator's CA (when --nats-server-names are given).
+    #[arg(long, env = "KUBEMAIL_NATS_BOOTSTRAP")]
+    pub nats_bootstrap: bool,
+
+    /// Secret (in --namespace) of the bundled NATS' server certificate.
+    #[arg(
+        long,
+        env = "KUBEMAIL_NATS_TLS_SECRET",
+        default_value = "kubemail-nats-tls"
+    )]
+    pub nats_tls_secret: String,
+
+    /// Names in the bundled NATS' server certificate, comma separated.
+    #[arg(long, env = "KUBEMAIL_NATS_SERVER_NAMES", value_delimiter = ',')]
+    pub nats_server_names: Vec<String>,
+
+    /// Replicas of the queue stream, the body buckets and the AUTH-failure stream (1-5).
+    #[arg(long, env = "KUBEMAIL_NATS_REPLICAS", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=5))]
+    pub nats_replicas: u32,
+
+    /// Lifetime of the nodes' NATS credentials (renewed at half).
+    #[arg(long, env = "KUBEMAIL_NATS_CREDENTIALS_VALIDITY", default_value = "7d", value_parser = duration)]
+    pub nats_credentials_validity: Duration,
+
+    /// Make a NetworkPolicy per MailDomain for its pods.
+    #[arg(long, env = "KUBEMAIL_NETWORK_POLICY")]
+    pub network_policy: bool,
+
+    /// Namespace of the NATS pods (NetworkPolicy egress). Unset: NATS outside the cluster,
+    /// any address on the NATS port.
+    #[arg(
+        long,
+        env = "KUBEMAIL_NETWORK_POLICY_NATS_NAMESPACE",
+        value_name = "NAMESPACE"
+    )]
+    pub network_policy_nats_namespace: Option<String>,
+
+    /// Labels of the NATS pods, `k=v,k=v` (with --network-policy-nats-namespace).
+    #[arg(
+        long,
+        env = "KUBEMAIL_NETWORK_POLICY_NATS_LABELS",
+        value_delimiter = ','
+    )]
+    pub network_policy_nats_labels: Vec<String>,
+
+    /// Peers that may reach the nodes' admin port (metrics), a JSON list of NetworkPolicy
+    /// peers, e.g. `[{"namespaceSelector":{"matchLabels":{"kubernetes.io/metadata.name":"monitoring"}}}]`.
+    #[arg(
+        long,
+        env = "KUBEMAIL_NETWORK_POLICY_METRICS_FROM",
+        default_value = "[]"
+    )]
+    pub network_policy_metrics_from: String,
+
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Tools besides running the operator.
+#[derive(Subcommand, Debug, Clone)]
+pub enum Command {
+    /// Plays the NATS administrator for a NATS outside the chart (the local test cluster):
+    /// writes a new trust chain into DIR: `resolver.conf` (include it in nats-server's
+    /// config), `account.pub` and `signing-key.nk` (the operator's account Secret), and
+    /// `admin.creds` (a user of the account with every permission, for tests and inspection).
+    NatsTrust {
+        /// Directory to write to (created; existing files are replaced).
+        #[arg(long, value_name = "DIR")]
+        out: std::path::PathBuf,
+        /// Lifetime of `admin.creds`.
+        #[arg(long, default_value = "30d", value_parser = duration)]
+        admin_validity: Duration,
+    },
 }
 
 fn duration(text: &str) -> Result<Duration, String> {

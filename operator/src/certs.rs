@@ -129,17 +129,38 @@ pub fn issue_leaf_for(
     now: UnixSeconds,
     validity: Duration,
 ) -> Result<IssuedCert, CertError> {
-    let hostname = names.first().map(String::as_str).unwrap_or_default();
+    issue_server_certificate(ca, names, now, validity, false)
+}
+
+/// Issues a server certificate for several names (DNS names, or IP addresses where a name
+/// parses as one; the first is the common name), valid for `validity` from `now`. With
+/// `client_auth` it may also authenticate as a client (NATS routes: each server presents it
+/// to the other).
+pub fn issue_server_certificate(
+    ca: &CaBundle,
+    names: &[String],
+    now: UnixSeconds,
+    validity: Duration,
+    client_auth: bool,
+) -> Result<IssuedCert, CertError> {
     let ca_key = KeyPair::from_pem(ca.key_pem.expose()).map_err(CertError::ReadCa)?;
     let issuer = Issuer::from_ca_cert_pem(&ca.cert_pem, ca_key).map_err(CertError::ReadCa)?;
     let key =
         KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(CertError::GenerateKey)?;
     let mut params = CertificateParams::new(names.to_vec()).map_err(CertError::SignCertificate)?;
     let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, hostname);
+    dn.push(
+        DnType::CommonName,
+        names.first().map(String::as_str).unwrap_or("kubemail"),
+    );
     params.distinguished_name = dn;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    if client_auth {
+        params
+            .extended_key_usages
+            .push(ExtendedKeyUsagePurpose::ClientAuth);
+    }
     params.use_authority_key_identifier_extension = true;
     let not_before = now - CLOCK_SKEW_ALLOWANCE;
     let not_after = now + crate::timestamps::seconds(validity);

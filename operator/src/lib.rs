@@ -25,6 +25,7 @@ pub mod dkim;
 pub mod dns_records;
 pub mod leader;
 pub mod metrics;
+pub mod nats;
 pub mod queue;
 pub mod runtime;
 pub mod telemetry;

@@ -3,11 +3,24 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use kubemail_operator::args::Args;
+use kubemail_operator::args::{Args, Command};
 use kubemail_operator::{controller, runtime, telemetry};
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(Command::NatsTrust {
+        out,
+        admin_validity,
+    }) = &args.command
+    {
+        return match kubemail_operator::nats::tools::write_trust(out, *admin_validity) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {}", controller::chain(&e));
+                ExitCode::FAILURE
+            }
+        };
+    }
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {

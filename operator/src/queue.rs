@@ -16,15 +16,13 @@ use async_nats::jetstream::ErrorCode;
 use async_nats::jetstream::context::{ConsumerInfoErrorKind, GetStreamErrorKind};
 use async_nats::jetstream::stream::ConsumerErrorKind;
 
+use crate::nats::NatsAccess;
+
 /// Why the consumer could not be removed.
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
-    #[error("cannot connect to NATS at {url}")]
-    ConnectNats {
-        url: String,
-        #[source]
-        source: async_nats::ConnectError,
-    },
+    #[error("cannot connect to NATS")]
+    ConnectNats(#[source] crate::nats::ManageError),
     #[error("cannot look up stream {stream}")]
     GetStream {
         stream: String,
@@ -58,31 +56,22 @@ pub fn consumer_name(domain: &str) -> String {
 /// Deletes the domain's consumer, and its consumer of the legacy name. `Ok(false)` when
 /// there was nothing to delete (no stream, no consumer), so the finalizer is idempotent.
 pub async fn delete_consumer(
-    url: &str,
+    access: &NatsAccess,
     stream: &str,
     domain: &str,
     timeout: Duration,
 ) -> Result<bool, QueueError> {
-    tokio::time::timeout(timeout, delete_consumers(url, stream, domain, timeout))
+    tokio::time::timeout(timeout, delete_consumers(access, stream, domain))
         .await
         .map_err(|_| QueueError::TimedOut(timeout))?
 }
 
 async fn delete_consumers(
-    url: &str,
+    access: &NatsAccess,
     stream_name: &str,
     domain: &str,
-    timeout: Duration,
 ) -> Result<bool, QueueError> {
-    let client = async_nats::ConnectOptions::new()
-        .connection_timeout(timeout)
-        .name("kubemail-operator")
-        .connect(url)
-        .await
-        .map_err(|source| QueueError::ConnectNats {
-            url: url.to_owned(),
-            source,
-        })?;
+    let client = access.connect().await.map_err(QueueError::ConnectNats)?;
     let js = jetstream::new(client);
     let stream = match js.get_stream(stream_name).await {
         Ok(s) => s,
@@ -145,6 +134,19 @@ async fn legacy_consumer_of(
         return Ok(None);
     }
     Ok(Some(legacy))
+}
+
+/// Deletes `domain`'s consumer of the legacy name when the stream has one with exactly the
+/// domain's subject as its filter; whether it did.
+pub async fn remove_legacy_consumer(
+    stream: &jetstream::stream::Stream,
+    stream_name: &str,
+    domain: &str,
+) -> Result<bool, QueueError> {
+    match legacy_consumer_of(stream, stream_name, domain).await? {
+        Some(legacy) => delete_one(stream, stream_name, &legacy).await,
+        None => Ok(false),
+    }
 }
 
 /// Deletes one consumer; `Ok(false)` when it did not exist.

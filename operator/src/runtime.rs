@@ -46,6 +46,10 @@ pub enum RunError {
     Admin(#[from] crate::admin::AdminError),
     #[error("cannot listen for signals")]
     Signals(#[source] std::io::Error),
+    #[error("cannot read the NATS CA file {0}")]
+    ReadNatsCa(String, #[source] std::io::Error),
+    #[error("--network-policy-metrics-from is not a JSON list of NetworkPolicy peers")]
+    MetricsFrom(#[source] serde_json::Error),
     #[error("cannot load the node config overlay {0}")]
     LoadNodeOverlay(
         String,
@@ -69,6 +73,7 @@ pub async fn run_until(args: Args, shutdown: CancellationToken) -> Result<(), Ru
         ),
         None => None,
     };
+    let nats = nats_settings(&args)?;
     let client = client(args.kubeconfig.as_deref()).await?;
     let metrics = Arc::new(Metrics::new());
     let admin = AdminServer::bind(args.admin_address, metrics.clone()).await?;
@@ -100,7 +105,12 @@ pub async fn run_until(args: Args, shutdown: CancellationToken) -> Result<(), Ru
                 nats_url: args.nats_url.clone(),
                 nats_stream: args.nats_stream.clone(),
                 nats_subject_prefix: args.nats_subject_prefix.clone(),
+                nats_replicas: args.nats_replicas,
+                nats_auth: nats.authenticated(),
+                nats_tls: nats.tls(),
+                network_policy: nats.network_policy.clone(),
             },
+            nats,
         },
         metrics.clone(),
         identity.clone(),
@@ -159,6 +169,59 @@ pub async fn run_until(args: Args, shutdown: CancellationToken) -> Result<(), Ru
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The NATS settings of the flags.
+fn nats_settings(args: &Args) -> Result<crate::nats::NatsSettings, RunError> {
+    let ca_pem = match &args.nats_ca_file {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .map_err(|e| RunError::ReadNatsCa(path.display().to_string(), e))?,
+        ),
+        None => None,
+    };
+    let network_policy = if args.network_policy {
+        let labels = args
+            .network_policy_nats_labels
+            .iter()
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+            .collect();
+        Some(crate::nats::NetworkPolicySettings {
+            nats_pods: args
+                .network_policy_nats_namespace
+                .clone()
+                .map(|ns| (ns, labels)),
+            nats_port: nats_port(&args.nats_url),
+            metrics_from: serde_json::from_str(&args.network_policy_metrics_from)
+                .map_err(RunError::MetricsFrom)?,
+        })
+    } else {
+        None
+    };
+    Ok(crate::nats::NatsSettings {
+        url: args.nats_url.clone(),
+        ca_pem,
+        account_secret: args.nats_account_secret.clone(),
+        account_dir: args.nats_account_dir.clone(),
+        bootstrap: args.nats_bootstrap.then(|| crate::nats::Bootstrap {
+            tls_secret: args.nats_tls_secret.clone(),
+            server_names: args.nats_server_names.clone(),
+            certificate_validity: args.certificate_validity,
+        }),
+        credentials_validity: args.nats_credentials_validity,
+        replicas: args.nats_replicas,
+        network_policy,
+    })
+}
+
+/// The port of the first NATS URL (4222 when it names none).
+fn nats_port(url: &str) -> u16 {
+    url.split(',')
+        .next()
+        .and_then(|u| u.trim().rsplit_once(':'))
+        .and_then(|(_, port)| port.trim_end_matches('/').parse().ok())
+        .unwrap_or(4222)
 }
 
 async fn lost(leading: &mut watch::Receiver<bool>) {

@@ -155,7 +155,8 @@ async fn maildomain_reconciles_into_ready_children_idempotently_scales_and_is_fi
     assert_eq!(tls.type_.as_deref(), Some("kubernetes.io/tls"));
     let leaf =
         certs::inspect_leaf(&text(&tls, "tls.crt"), &text(&tls, "ca.crt")).expect("a certificate");
-    assert_eq!(leaf.dns_names, ["mx.example.com"]);
+    // The host name, and the MTA-STS policy host because the domain publishes MTA-STS.
+    assert_eq!(leaf.dns_names, ["mx.example.com", "mta-sts.example.com"]);
     assert!(leaf.signed_by_ca, "the leaf is signed by the operator CA");
     let ca: Secret = get(&client, n, "kubemail-ca").await;
     assert_eq!(text(&ca, "tls.crt"), text(&tls, "ca.crt"));

@@ -83,6 +83,10 @@ fn check(spec: &str, addresses: &[&str], tamper: bool) -> (bool, String) {
         nats_url: "nats://127.0.0.1:4222".into(),
         nats_stream: "KUBEMAIL".into(),
         nats_subject_prefix: "kubemail.queue".into(),
+        nats_replicas: 1,
+        nats_auth: false,
+        nats_tls: false,
+        network_policy: None,
     };
     let children = build::build(&md, &v, &p, &observed, &config, now).expect("build");
 

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::consumer::{AckPolicy, pull};
 use async_nats::jetstream::stream::{self, RetentionPolicy, StorageType};
+use kubemail_operator::nats::NatsAccess;
 use kubemail_operator::queue::{consumer_name, delete_consumer};
 use kubemail_test_support::ports::free_port;
 use kubemail_test_support::wait::wait_for_port;
@@ -98,9 +99,14 @@ async fn the_finalizer_deletes_both_names_of_its_domain_and_nothing_else() {
     let nats = NatsServer::start();
     let url = nats.url();
     assert!(
-        !delete_consumer(&url, STREAM, "example.com", TIMEOUT)
-            .await
-            .unwrap(),
+        !delete_consumer(
+            &NatsAccess::plain(&url, TIMEOUT),
+            STREAM,
+            "example.com",
+            TIMEOUT
+        )
+        .await
+        .unwrap(),
         "no stream: nothing to delete"
     );
     let stream = queue_stream(&url).await;
@@ -110,22 +116,37 @@ async fn the_finalizer_deletes_both_names_of_its_domain_and_nothing_else() {
     add_consumer(&stream, &example, "t.queue.example.com").await;
 
     assert!(
-        delete_consumer(&url, STREAM, "mail.corp.com", TIMEOUT)
-            .await
-            .unwrap()
+        delete_consumer(
+            &NatsAccess::plain(&url, TIMEOUT),
+            STREAM,
+            "mail.corp.com",
+            TIMEOUT
+        )
+        .await
+        .unwrap()
     );
     assert!(!exists(&stream, "kubemail-mail-corp-com").await);
     assert!(exists(&stream, &example).await, "other domains keep theirs");
     assert!(
-        !delete_consumer(&url, STREAM, "mail.corp.com", TIMEOUT)
-            .await
-            .unwrap(),
+        !delete_consumer(
+            &NatsAccess::plain(&url, TIMEOUT),
+            STREAM,
+            "mail.corp.com",
+            TIMEOUT
+        )
+        .await
+        .unwrap(),
         "a second run finds nothing"
     );
     assert!(
-        delete_consumer(&url, STREAM, "example.com", TIMEOUT)
-            .await
-            .unwrap()
+        delete_consumer(
+            &NatsAccess::plain(&url, TIMEOUT),
+            STREAM,
+            "example.com",
+            TIMEOUT
+        )
+        .await
+        .unwrap()
     );
     assert!(!exists(&stream, &example).await);
 
@@ -133,18 +154,28 @@ async fn the_finalizer_deletes_both_names_of_its_domain_and_nothing_else() {
     // domain's filter. Deleting mail.corp.com must leave it.
     add_consumer(&stream, "kubemail-mail-corp-com", "t.queue.mail-corp.com").await;
     assert!(
-        !delete_consumer(&url, STREAM, "mail.corp.com", TIMEOUT)
-            .await
-            .unwrap()
+        !delete_consumer(
+            &NatsAccess::plain(&url, TIMEOUT),
+            STREAM,
+            "mail.corp.com",
+            TIMEOUT
+        )
+        .await
+        .unwrap()
     );
     assert!(
         exists(&stream, "kubemail-mail-corp-com").await,
         "another domain's consumer survives"
     );
     assert!(
-        delete_consumer(&url, STREAM, "mail-corp.com", TIMEOUT)
-            .await
-            .unwrap()
+        delete_consumer(
+            &NatsAccess::plain(&url, TIMEOUT),
+            STREAM,
+            "mail-corp.com",
+            TIMEOUT
+        )
+        .await
+        .unwrap()
     );
     assert!(!exists(&stream, "kubemail-mail-corp-com").await);
 
@@ -154,7 +185,7 @@ async fn the_finalizer_deletes_both_names_of_its_domain_and_nothing_else() {
     let hashed = consumer_name(&longest);
     add_consumer(&stream, &hashed, &format!("t.queue.{longest}")).await;
     assert!(
-        delete_consumer(&url, STREAM, &longest, TIMEOUT)
+        delete_consumer(&NatsAccess::plain(&url, TIMEOUT), STREAM, &longest, TIMEOUT)
             .await
             .unwrap()
     );

@@ -122,6 +122,8 @@ pub struct Authenticator {
     /// Password checks that may run at once.
     verifications: Arc<Semaphore>,
     verification_wait: Duration,
+    /// Our domains (lower case), in config order: where failed logins are counted.
+    domains: Vec<String>,
 }
 
 #[derive(Clone)]
@@ -180,6 +182,11 @@ impl Authenticator {
             ipv6_prefix: config.client_ipv6_prefix,
             verifications: Arc::new(Semaphore::new(config.auth.verification_slots())),
             verification_wait: config.auth.verification_wait.0,
+            domains: config
+                .domains
+                .iter()
+                .map(|d| d.name.to_ascii_lowercase())
+                .collect(),
         })
     }
 
@@ -204,16 +211,17 @@ impl Authenticator {
         // Known or not, every name is limited alike: the replies tell nothing about which
         // names exist.
         let tag = self.per_user.tag(&key);
-        if self.per_user.is_locked(tag).await {
-            tracing::debug!(user_tag = %tag, "user name over its failure limit");
-            return AuthOutcome::RateLimited(LimitedBy::User);
-        }
         let entry = self
             .users
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .get(&key)
             .cloned();
+        let counted_in = self.failure_domain(&key, entry.as_ref());
+        if self.per_user.is_locked(&counted_in, tag).await {
+            tracing::debug!(user_tag = %tag, "user name over its failure limit");
+            return AuthOutcome::RateLimited(LimitedBy::User);
+        }
         let hash = entry
             .as_ref()
             .map(|e| e.hash.clone())
@@ -243,7 +251,9 @@ impl Authenticator {
             }),
             known => {
                 self.record_failure(client);
-                self.per_user.record_failure(tag, known.is_some()).await;
+                self.per_user
+                    .record_failure(&counted_in, tag, known.is_some())
+                    .await;
                 AuthOutcome::Failure
             }
         }
@@ -256,6 +266,22 @@ impl Authenticator {
             Some(limiter) => limiter.check_key(&user.name).is_ok(),
             None => true,
         }
+    }
+
+    /// The domain whose part of the shared failure log counts a login name: the user's
+    /// domain, else the domain after its `@` when we serve it, else our first domain (a name
+    /// no domain of ours knows can never log in; it is limited all the same, so the replies
+    /// do not tell names apart, though only this node records its failures).
+    fn failure_domain(&self, key: &str, entry: Option<&UserEntry>) -> String {
+        if let Some(entry) = entry {
+            return entry.domain.clone();
+        }
+        if let Some((_, domain)) = key.rsplit_once('@')
+            && self.domains.iter().any(|d| d == domain)
+        {
+            return domain.to_owned();
+        }
+        self.domains.first().cloned().unwrap_or_default()
     }
 
     fn is_blocked(&self, ip: IpAddr) -> bool {

@@ -4,13 +4,19 @@
 //! addresses (which the per-IP limit in [`crate::auth`] cannot see) is stopped too.
 //!
 //! The nodes are stateless, so the cluster-wide count lives in NATS JetStream, in a stream of
-//! its own (`<nats.stream>_AUTH_FAILURES`) with one subject per user name and one empty message
-//! per failure. A stream rather than a KV counter because:
+//! its own (`<nats.stream>_AUTH_FAILURES`) with one subject per domain and user name
+//! (`<prefix>-auth-failures.<domain>.<tag>`, so a domain's NATS credentials can add failures
+//! for its own users only) and one empty message per failure. Whoever manages the JetStream
+//! objects creates the stream (`nats.manageStreams`: the node, else the operator). A stream
+//! rather than a KV counter because:
 //! * a failure is one append (publish, wait for the ack), never a read-modify-write, so failures
 //!   arriving on several nodes at once never conflict, retry or get lost;
 //! * `max_age` = the window makes NATS expire each failure on its own: an exact sliding window
 //!   with no clean-up job; `max_messages_per_subject` = the limit bounds what one user name
-//!   holds, and `max_messages` what the whole stream holds;
+//!   holds. There is no stream-wide cap, which would let a flood evict real users' failures
+//!   and shorten their lockout; instead only failures of user names that exist are written
+//!   (made-up names are limited by this node alone), so the stream holds at most the limit
+//!   times the number of users;
 //! * the count is the subject's message count in one `STREAM.INFO` request with a subject
 //!   filter: a successful login costs one read and no write.
 //!
@@ -39,7 +45,7 @@ use std::time::{Duration, Instant};
 use async_nats::connection::State;
 use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::response::Response;
-use async_nats::jetstream::stream::{self, DiscardPolicy, RetentionPolicy, StorageType};
+use async_nats::jetstream::stream;
 use async_nats::jetstream::{self, ErrorCode};
 use futures::future::BoxFuture;
 use ring::hmac;
@@ -151,10 +157,18 @@ impl UserTagger {
 
 /// The cluster-wide failure log: the real one is [`JetStreamFailures`]; tests use doubles.
 pub trait SharedFailures: Send + Sync {
-    /// Failures recorded for `user` within the window.
-    fn count(&self, user: UserTag) -> BoxFuture<'_, Result<u64, SharedCounterError>>;
-    /// Records one failure for `user`.
-    fn record(&self, user: UserTag) -> BoxFuture<'_, Result<(), SharedCounterError>>;
+    /// Failures recorded for `user` of `domain` within the window.
+    fn count<'a>(
+        &'a self,
+        domain: &'a str,
+        user: UserTag,
+    ) -> BoxFuture<'a, Result<u64, SharedCounterError>>;
+    /// Records one failure for `user` of `domain`.
+    fn record<'a>(
+        &'a self,
+        domain: &'a str,
+        user: UserTag,
+    ) -> BoxFuture<'a, Result<(), SharedCounterError>>;
 }
 
 /// This node's own failure log: per user name the times of its last failures, at most
@@ -328,15 +342,15 @@ impl UserFailureLimit {
     }
 
     /// Whether `user` has used up its failures: AUTH for it is refused without checking the
-    /// password.
-    pub async fn is_locked(&self, user: UserTag) -> bool {
+    /// password. `domain` is where the shared log counts it (one of the node's domains).
+    pub async fn is_locked(&self, domain: &str, user: UserTag) -> bool {
         if self.local.count(user, Instant::now()) as u64 >= self.limit {
             return true;
         }
         let Some(shared) = self.usable_shared() else {
             return false;
         };
-        match tokio::time::timeout(self.shared_timeout, shared.count(user)).await {
+        match tokio::time::timeout(self.shared_timeout, shared.count(domain, user)).await {
             Ok(Ok(n)) => {
                 self.shared_ok();
                 n >= self.limit
@@ -353,9 +367,9 @@ impl UserFailureLimit {
     }
 
     /// Records a failed login of `user`, locally and, for a user name that exists (`known`),
-    /// in the shared log when it is usable. Unknown names stay local: written, a flood of
-    /// made-up names would grow the shared stream without bound.
-    pub async fn record_failure(&self, user: UserTag, known: bool) {
+    /// in `domain`'s part of the shared log when it is usable. Unknown names stay local:
+    /// written, a flood of made-up names would grow the shared stream without bound.
+    pub async fn record_failure(&self, domain: &str, user: UserTag, known: bool) {
         self.local.record(user, Instant::now());
         if !known {
             return;
@@ -363,7 +377,7 @@ impl UserFailureLimit {
         let Some(shared) = self.usable_shared() else {
             return;
         };
-        match tokio::time::timeout(self.shared_timeout, shared.record(user)).await {
+        match tokio::time::timeout(self.shared_timeout, shared.record(domain, user)).await {
             Ok(Ok(())) => self.shared_ok(),
             Ok(Err(error)) => self.shared_failed(&error),
             Err(_) => self.shared_failed(&SharedCounterError::TimedOut(self.shared_timeout)),
@@ -415,7 +429,10 @@ pub struct JetStreamFailures {
     client: async_nats::Client,
     js: jetstream::Context,
     config: stream::Config,
+    /// The queue's subject prefix; failure subjects derive from it per domain.
     subject_prefix: String,
+    /// Create the stream (`nats.manageStreams`), or only wait for it.
+    manage: bool,
     setup: StreamSetup,
 }
 
@@ -429,7 +446,8 @@ impl JetStreamFailures {
             client,
             js,
             config: failure_stream_config(nats, auth),
-            subject_prefix: failure_subject_prefix(nats),
+            subject_prefix: nats.subject_prefix.clone(),
+            manage: nats.manage_streams,
             setup: StreamSetup::new(),
         })
     }
@@ -442,10 +460,19 @@ impl JetStreamFailures {
                 &self.client,
                 &cancel,
                 || async {
-                    self.js
-                        .create_or_update_stream(self.config.clone())
-                        .await
-                        .map(drop)
+                    if self.manage {
+                        self.js
+                            .create_or_update_stream(self.config.clone())
+                            .await
+                            .map(drop)
+                            .map_err(|e| e.to_string())
+                    } else {
+                        self.js
+                            .get_stream(&self.config.name)
+                            .await
+                            .map(drop)
+                            .map_err(|e| format!("waiting for the operator to create it: {e}"))
+                    }
                 },
                 || tracing::info!(stream = %self.config.name, "AUTH failure stream ready"),
                 |error| tracing::error!(stream = %self.config.name, %error, "AUTH failure stream setup failed; retrying (failed logins are limited per node until then)"),
@@ -453,8 +480,11 @@ impl JetStreamFailures {
             .await;
     }
 
-    fn subject(&self, user: UserTag) -> String {
-        format!("{}.{user}", self.subject_prefix)
+    fn subject(&self, domain: &str, user: UserTag) -> String {
+        format!(
+            "{}.{user}",
+            kubemail_queue::auth_failure_subject_prefix(&self.subject_prefix, domain)
+        )
     }
 
     fn ready(&self) -> Result<(), SharedCounterError> {
@@ -486,10 +516,14 @@ struct SubjectCountState {
 }
 
 impl SharedFailures for JetStreamFailures {
-    fn count(&self, user: UserTag) -> BoxFuture<'_, Result<u64, SharedCounterError>> {
+    fn count<'a>(
+        &'a self,
+        domain: &'a str,
+        user: UserTag,
+    ) -> BoxFuture<'a, Result<u64, SharedCounterError>> {
         Box::pin(async move {
             self.ready()?;
-            let subject = self.subject(user);
+            let subject = self.subject(domain, user);
             let reply: Response<SubjectCounts> = self
                 .js
                 .request(
@@ -514,12 +548,16 @@ impl SharedFailures for JetStreamFailures {
         })
     }
 
-    fn record(&self, user: UserTag) -> BoxFuture<'_, Result<(), SharedCounterError>> {
+    fn record<'a>(
+        &'a self,
+        domain: &'a str,
+        user: UserTag,
+    ) -> BoxFuture<'a, Result<(), SharedCounterError>> {
         Box::pin(async move {
             self.ready()?;
             let ack = self
                 .js
-                .publish(self.subject(user), bytes::Bytes::new())
+                .publish(self.subject(domain, user), bytes::Bytes::new())
                 .await
                 .map_err(SharedCounterError::RecordFailure)?;
             ack.await.map_err(|e| {
@@ -533,46 +571,17 @@ impl SharedFailures for JetStreamFailures {
     }
 }
 
-/// The stream that holds failures: one empty message per failure, one subject per user tag,
-/// each message expiring after the window.
-pub fn failure_stream_config(nats: &NatsConfig, auth: &AuthConfig) -> stream::Config {
-    let window = auth.failures_per_user_window.0;
-    stream::Config {
-        name: format!("{}_AUTH_FAILURES", nats.stream),
-        description: Some(
-            "kubemail failed AUTH attempts, one subject per keyed hash of the user name".to_owned(),
-        ),
-        subjects: vec![format!("{}.*", failure_subject_prefix(nats))],
-        retention: RetentionPolicy::Limits,
-        storage: StorageType::File,
-        // A subject at its limit forgets its own oldest failure: the newest `limit` ones say
-        // whether and until when the user is locked. No stream-wide cap: it would evict other
-        // users' failures.
-        discard: DiscardPolicy::Old,
-        max_age: window,
-        max_messages_per_subject: i64::from(auth.failures_per_user.max(1)),
-        max_messages: -1,
-        max_bytes: -1,
-        max_message_size: -1,
-        // No message ids are sent; the smallest window keeps the server's dedupe table small.
-        duplicate_window: window.min(Duration::from_secs(1)),
-        num_replicas: nats.replicas as usize,
-        ..Default::default()
-    }
-}
-
-/// `<nats.subjectPrefix>-auth-failures`: next to the queue's subjects, never under them
-/// (`kubemail.queue.>` does not match `kubemail.queue-auth-failures.x`).
-pub fn failure_subject_prefix(nats: &NatsConfig) -> String {
-    format!("{}-auth-failures", nats.subject_prefix)
-}
+pub use kubemail_queue::streams::failure_stream_config;
 
 #[cfg(test)]
 mod tests {
+    use async_nats::jetstream::stream::{DiscardPolicy, RetentionPolicy};
+
     use super::*;
     use crate::config::HumanDuration;
 
     const HOUR: Duration = Duration::from_secs(3600);
+    const D: &str = "example.test";
 
     fn auth_config(limit: u32, window: Duration) -> AuthConfig {
         AuthConfig {
@@ -590,10 +599,18 @@ mod tests {
     struct Down;
 
     impl SharedFailures for Down {
-        fn count(&self, _: UserTag) -> BoxFuture<'_, Result<u64, SharedCounterError>> {
+        fn count<'a>(
+            &'a self,
+            _: &'a str,
+            _: UserTag,
+        ) -> BoxFuture<'a, Result<u64, SharedCounterError>> {
             Box::pin(async { Err(SharedCounterError::NotConnected) })
         }
-        fn record(&self, _: UserTag) -> BoxFuture<'_, Result<(), SharedCounterError>> {
+        fn record<'a>(
+            &'a self,
+            _: &'a str,
+            _: UserTag,
+        ) -> BoxFuture<'a, Result<(), SharedCounterError>> {
             Box::pin(async { Err(SharedCounterError::NotConnected) })
         }
     }
@@ -602,10 +619,18 @@ mod tests {
     struct Hung;
 
     impl SharedFailures for Hung {
-        fn count(&self, _: UserTag) -> BoxFuture<'_, Result<u64, SharedCounterError>> {
+        fn count<'a>(
+            &'a self,
+            _: &'a str,
+            _: UserTag,
+        ) -> BoxFuture<'a, Result<u64, SharedCounterError>> {
             Box::pin(std::future::pending())
         }
-        fn record(&self, _: UserTag) -> BoxFuture<'_, Result<(), SharedCounterError>> {
+        fn record<'a>(
+            &'a self,
+            _: &'a str,
+            _: UserTag,
+        ) -> BoxFuture<'a, Result<(), SharedCounterError>> {
             Box::pin(std::future::pending())
         }
     }
@@ -615,11 +640,19 @@ mod tests {
     struct Shared(LocalFailures);
 
     impl SharedFailures for Shared {
-        fn count(&self, user: UserTag) -> BoxFuture<'_, Result<u64, SharedCounterError>> {
+        fn count<'a>(
+            &'a self,
+            _: &'a str,
+            user: UserTag,
+        ) -> BoxFuture<'a, Result<u64, SharedCounterError>> {
             let n = self.0.count(user, Instant::now()) as u64;
             Box::pin(async move { Ok(n) })
         }
-        fn record(&self, user: UserTag) -> BoxFuture<'_, Result<(), SharedCounterError>> {
+        fn record<'a>(
+            &'a self,
+            _: &'a str,
+            user: UserTag,
+        ) -> BoxFuture<'a, Result<(), SharedCounterError>> {
             self.0.record(user, Instant::now());
             Box::pin(async { Ok(()) })
         }
@@ -731,16 +764,16 @@ mod tests {
         );
         let alice = limit.tag("alice@example.test");
         for _ in 0..3 {
-            assert!(!limit.is_locked(alice).await);
-            limit.record_failure(alice, true).await;
+            assert!(!limit.is_locked(D, alice).await);
+            limit.record_failure(D, alice, true).await;
         }
-        assert!(limit.is_locked(alice).await);
+        assert!(limit.is_locked(D, alice).await);
         assert!(
-            !limit.is_locked(limit.tag("bob@example.test")).await,
+            !limit.is_locked(D, limit.tag("bob@example.test")).await,
             "other users are not affected"
         );
         tokio::time::sleep(Duration::from_millis(350)).await;
-        assert!(!limit.is_locked(alice).await, "the window passed");
+        assert!(!limit.is_locked(D, alice).await, "the window passed");
     }
 
     #[tokio::test]
@@ -756,13 +789,13 @@ mod tests {
             .collect();
         let alice = nodes[0].tag("alice@example.test");
         for i in 0..4 {
-            assert!(!nodes[i % 2].is_locked(alice).await, "attempt {i}");
-            nodes[i % 2].record_failure(alice, true).await;
+            assert!(!nodes[i % 2].is_locked(D, alice).await, "attempt {i}");
+            nodes[i % 2].record_failure(D, alice, true).await;
         }
         // Each node saw only two failures itself; together they reached the limit.
         assert_eq!(nodes[0].local.count(alice, Instant::now()), 2);
-        assert!(nodes[0].is_locked(alice).await);
-        assert!(nodes[1].is_locked(alice).await);
+        assert!(nodes[0].is_locked(D, alice).await);
+        assert!(nodes[1].is_locked(D, alice).await);
     }
 
     #[tokio::test]
@@ -772,12 +805,15 @@ mod tests {
         let limit = UserFailureLimit::with_tagger(&config, UserTagger::new(BUILTIN_KEY));
         limit.attach_shared(shared.clone());
         let nobody = limit.tag("nobody@example.test");
-        limit.record_failure(nobody, false).await;
-        limit.record_failure(nobody, false).await;
-        assert!(limit.is_locked(nobody).await, "this node still limits it");
+        limit.record_failure(D, nobody, false).await;
+        limit.record_failure(D, nobody, false).await;
+        assert!(
+            limit.is_locked(D, nobody).await,
+            "this node still limits it"
+        );
         assert_eq!(shared.0.held(), 0, "nothing written for a made-up name");
         let alice = limit.tag("alice@example.test");
-        limit.record_failure(alice, true).await;
+        limit.record_failure(D, alice, true).await;
         assert_eq!(shared.0.held(), 1, "a real user's failure is shared");
     }
 
@@ -788,14 +824,14 @@ mod tests {
         limit.attach_shared(Arc::new(Down));
         let alice = limit.tag("alice@example.test");
         assert!(
-            !limit.is_locked(alice).await,
+            !limit.is_locked(D, alice).await,
             "an unreachable counter locks nobody out"
         );
-        limit.record_failure(alice, true).await;
-        assert!(!limit.is_locked(alice).await);
-        limit.record_failure(alice, true).await;
+        limit.record_failure(D, alice, true).await;
+        assert!(!limit.is_locked(D, alice).await);
+        limit.record_failure(D, alice, true).await;
         assert!(
-            limit.is_locked(alice).await,
+            limit.is_locked(D, alice).await,
             "this node's own failures still count"
         );
     }
@@ -810,12 +846,12 @@ mod tests {
         limit.attach_shared(Arc::new(Hung));
         let alice = limit.tag("alice@example.test");
         let t = tokio::time::Instant::now();
-        assert!(!limit.is_locked(alice).await);
+        assert!(!limit.is_locked(D, alice).await);
         assert_eq!(t.elapsed(), Duration::from_millis(2500));
         // Within the retry pause nothing waits for it.
         let t = tokio::time::Instant::now();
-        limit.record_failure(alice, true).await;
-        assert!(!limit.is_locked(alice).await);
+        limit.record_failure(D, alice, true).await;
+        assert!(!limit.is_locked(D, alice).await);
         assert_eq!(t.elapsed(), Duration::ZERO);
     }
 
@@ -824,7 +860,7 @@ mod tests {
         let nats = NatsConfig::default();
         let config = failure_stream_config(&nats, &auth_config(20, HOUR));
         assert_eq!(config.name, "KUBEMAIL_AUTH_FAILURES");
-        assert_eq!(config.subjects, ["kubemail.queue-auth-failures.*"]);
+        assert_eq!(config.subjects, ["kubemail.queue-auth-failures.>"]);
         assert_eq!(config.max_age, HOUR);
         assert_eq!(config.max_messages_per_subject, 20);
         // No stream-wide cap that could evict another user's failures.

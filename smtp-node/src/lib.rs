@@ -21,6 +21,7 @@
 //!   [`recipient_check`]: RCPT-time recipient probes of catch-all domains' inbound targets;
 //! * [`dns`]: the resolver seam (hickory-resolver and a zone-text test double), with the
 //!   DNSSEC status DANE needs;
+//! * [`memory`]: the node-wide budget of message bytes in memory;
 //! * [`mta_sts_server`]: the HTTPS listener serving our own domains' MTA-STS policies;
 //! * [`node`]: start-up and shutdown of the whole node; [`clock`]: the wall clock as a seam;
 //! * [`admin`], [`metrics`], [`telemetry`] (the `kubemail-telemetry` crate), [`shutdown`]:
@@ -34,6 +35,7 @@ pub mod clock;
 pub mod delivery;
 pub mod dkim;
 pub mod dns;
+pub mod memory;
 pub mod message;
 pub mod metrics;
 pub mod mta_sts_server;

@@ -116,19 +116,6 @@ pub fn header_value(message: &[u8], name: &str) -> Option<String> {
     None
 }
 
-/// `message` without its NUL bytes (a copy only when there are some).
-pub fn without_nul(message: bytes::Bytes) -> bytes::Bytes {
-    if memchr::memchr(0, &message).is_none() {
-        return message;
-    }
-    message
-        .iter()
-        .copied()
-        .filter(|&b| b != 0)
-        .collect::<Vec<u8>>()
-        .into()
-}
-
 /// RFC 5321 §6.3: counting `Received:` fields is the loop test MTAs use; the RFC asks for a
 /// large limit ("at least 100"). A message that already passed this many hops is looping.
 pub const MAX_RECEIVED_HEADERS: usize = 100;

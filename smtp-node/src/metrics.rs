@@ -86,6 +86,13 @@ pub struct Metrics {
     pub recipient_checks: Family<ResultLabels, Counter>,
     pub queue_publish: Family<ResultLabels, Counter>,
     pub queue_publish_seconds: Histogram,
+    /// Messages per JetStream commit (an atomic batch, or one publish).
+    pub queue_commit_messages: Histogram,
+    /// Body objects deleted because no queue entry refers to them (a failed or duplicate
+    /// publish, or found by the sweeper).
+    pub queue_orphan_bodies_deleted: Counter,
+    /// Message bytes held in memory now ([`crate::memory`]).
+    pub message_memory_bytes: Gauge,
     pub nats_connected: Gauge,
     pub tls_reload_failures: Counter,
     pub tls_handshakes: Family<TlsLabels, Counter>,
@@ -121,6 +128,10 @@ impl Metrics {
             queue_publish: Family::default(),
             // 1 ms .. ~16 s: a publish on loopback takes about a millisecond, a timeout many seconds.
             queue_publish_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
+            // 1 .. 512 messages per commit.
+            queue_commit_messages: Histogram::new(exponential_buckets(1.0, 2.0, 10)),
+            queue_orphan_bodies_deleted: Counter::default(),
+            message_memory_bytes: Gauge::default(),
             nats_connected: Gauge::default(),
             tls_reload_failures: Counter::default(),
             tls_handshakes: Family::default(),
@@ -181,6 +192,21 @@ impl Metrics {
             "queue_publish_seconds",
             "Time from end of data to JetStream acknowledgement",
             m.queue_publish_seconds.clone(),
+        );
+        registry.register(
+            "queue_commit_messages",
+            "Messages per JetStream commit (group commit: one atomic batch, one fsync)",
+            m.queue_commit_messages.clone(),
+        );
+        registry.register(
+            "queue_orphan_bodies_deleted",
+            "Body objects deleted because no queue entry refers to them",
+            m.queue_orphan_bodies_deleted.clone(),
+        );
+        registry.register(
+            "message_memory_bytes",
+            "Message bytes held in memory by sessions and the publisher (limits.messageBytesInMemory)",
+            m.message_memory_bytes.clone(),
         );
         registry.register(
             "nats_connected",

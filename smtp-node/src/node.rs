@@ -53,12 +53,15 @@ pub enum NodeError {
 }
 
 /// Checks everything `check-config` can check without the network: the config itself
-/// (already validated by [`NodeConfig::load`]), the certificate and key, the users files.
+/// (already validated by [`NodeConfig::load`]), the certificate and key, the users files, the
+/// NATS credentials and CA files.
 pub fn check(config: &NodeConfig) -> Result<(), NodeError> {
     if let Some(tls) = &config.tls {
         TlsServer::load(tls)?;
     }
     Authenticator::load(config)?;
+    crate::queue::connect::options(&config.nats, "check-config")
+        .map_err(crate::queue::jetstream::ConnectError::from)?;
     load_dkim(config)?;
     crate::delivery::tls::ClientTls::new(config.delivery.tls.extra_ca_file.as_deref())
         .map_err(crate::delivery::StartDeliveryError::from)?;
@@ -117,8 +120,14 @@ pub async fn run(
         crate::delivery::tls::ClientTls::new(config.delivery.tls.extra_ca_file.as_deref())
             .map_err(crate::delivery::StartDeliveryError::from)?;
 
-    let queue = JetStreamQueue::connect(&config.nats).await?;
+    let domains: Vec<String> = config.domains.iter().map(|d| d.name.clone()).collect();
+    let queue = JetStreamQueue::connect(&config.nats, &domains).await?;
     tokio::spawn(queue.clone().run_setup(background.clone()));
+    tokio::spawn(
+        queue
+            .clone()
+            .run_sweeper(crate::queue::sweeper::INTERVAL, background.clone()),
+    );
     // Failed logins per user name are counted cluster-wide over the same connection.
     let auth_failures = JetStreamFailures::new(queue.client().clone(), &config.nats, &config.auth);
     tokio::spawn(auth_failures.clone().run_setup(background.clone()));
@@ -132,7 +141,6 @@ pub async fn run(
         shutdown.clone(),
         clock,
     )?;
-    let domains: Vec<String> = config.domains.iter().map(|d| d.name.clone()).collect();
     crate::delivery::start(Arc::new(delivery), &domains);
     tokio::spawn(crate::queue::sampler::run(
         queue.jetstream().clone(),

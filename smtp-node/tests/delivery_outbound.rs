@@ -221,7 +221,7 @@ async fn a_large_body_comes_from_the_object_store_and_is_deleted_after_delivery(
     let client = async_nats::connect(nats.url()).await.expect("nats");
     let js = async_nats::jetstream::new(client);
     let store = js
-        .get_object_store(&node.bucket)
+        .get_object_store(node.body_bucket())
         .await
         .expect("body bucket");
     let deadline = std::time::Instant::now() + Duration::from_secs(10);

@@ -6,6 +6,7 @@
 mod common;
 mod delivery_support;
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::{AckPolicy, pull};
@@ -50,9 +51,12 @@ async fn accepted_message_is_in_the_stream_byte_for_byte() {
     let e = &entries[0];
     assert_eq!(e.subject, format!("{}.example.test", node.subject_prefix));
     assert_eq!(e.header("Kubemail-Queue-Id"), Some(queue_id.as_str()));
-    assert_eq!(
-        e.header("Nats-Msg-Id"),
-        Some(format!("{queue_id}.example.test").as_str())
+    // The de-duplication id is the content's (a client's retry has the same), not the
+    // queue id's (a retry gets a new one).
+    let msg_id = e.header("Nats-Msg-Id").expect("Nats-Msg-Id");
+    assert!(
+        msg_id.starts_with('c') && msg_id.ends_with(".example.test") && msg_id.len() == 46,
+        "{msg_id}"
     );
     assert_eq!(
         e.header("Kubemail-Mail-From"),
@@ -234,7 +238,14 @@ async fn twenty_mib_message_goes_through_the_object_store() {
     let e = &entries[0];
     assert_eq!(
         e.header("Kubemail-Body-Ref"),
-        Some(format!("{}/{}", node.bucket, e.header("Nats-Msg-Id").unwrap()).as_str())
+        Some(
+            format!(
+                "{}/{}.example.test",
+                node.body_bucket(),
+                e.header("Kubemail-Queue-Id").unwrap()
+            )
+            .as_str()
+        )
     );
     let stored = e.body_str();
     let (_, rest) = stored
@@ -282,7 +293,7 @@ async fn stream_settings_never_drop_queued_mail() {
     assert!(config.duplicate_window >= Duration::from_secs(120));
     assert_eq!(config.subjects, [format!("{}.>", node.subject_prefix)]);
     assert!(
-        js.get_object_store(&node.bucket).await.is_ok(),
+        js.get_object_store(node.body_bucket()).await.is_ok(),
         "body bucket exists"
     );
 }
@@ -493,5 +504,256 @@ async fn a_legacy_named_consumer_that_is_not_the_domains_own_is_never_deleted() 
     assert_eq!(
         consumer_filter(&node, &kubemail_queue::consumer_name("example.test")).await,
         None
+    );
+}
+
+/// One client of the group-commit durability test: sends `count` messages tagged
+/// `gc-<client>-<n>` as fast as it is answered, then, once `retry` is set, sends every message
+/// that did not get a `250` again, the same octets, until it does (a real client's retry).
+/// Returns (token, replies in order) per message.
+async fn group_commit_client(
+    addr: std::net::SocketAddr,
+    client: usize,
+    count: usize,
+    retry: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Vec<(String, Vec<String>)> {
+    use std::sync::atomic::Ordering;
+    let message = |token: &str| {
+        format!("From: load@remote.test\r\nSubject: {token}\r\n\r\nbody of {token}\r\n")
+            .into_bytes()
+    };
+    let mut c: Option<RawTcp> = None;
+    let mut out: Vec<(String, Vec<String>)> = Vec::new();
+    let attempt = async |c: &mut Option<RawTcp>, body: &[u8]| -> String {
+        if c.is_none() {
+            let mut fresh = RawTcp::connect(addr).await;
+            fresh.expect("220").await;
+            fresh.cmd("EHLO client.test", "250").await;
+            *c = Some(fresh);
+        }
+        let conn = c.as_mut().expect("connected");
+        conn.cmd("MAIL FROM:<load@remote.test>", "250").await;
+        conn.cmd("RCPT TO:<bob@example.test>", "250").await;
+        conn.cmd("DATA", "354").await;
+        conn.send(body).await;
+        conn.send(b".\r\n").await;
+        match conn.reply_within(Duration::from_secs(30)).await {
+            Some(r) => r,
+            None => {
+                *c = None;
+                "lost".to_owned()
+            }
+        }
+    };
+    for n in 0..count {
+        let token = format!("gc-{client}-{n}");
+        let reply = attempt(&mut c, &message(&token)).await;
+        out.push((token, vec![reply]));
+    }
+    while !retry.load(Ordering::Relaxed) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    for (token, replies) in &mut out {
+        while !replies.last().is_some_and(|r| r.starts_with("250")) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{token} never accepted: {replies:?}"
+            );
+            let reply = attempt(&mut c, &message(token)).await;
+            if !reply.starts_with("250") {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            replies.push(reply);
+        }
+    }
+    out
+}
+
+/// Group commit under a crash: many sessions' entries travel in atomic batches; nats-server is
+/// SIGKILLed while batches are in flight and started again. Every message answered `250` is in
+/// the stream afterwards, and every message that was refused (`451`) or lost its connection
+/// and was then sent again is in it exactly once, also when the server had stored it before
+/// the kill (its retry carries the same `Nats-Msg-Id`).
+#[tokio::test]
+async fn nats_killed_mid_batch_keeps_every_250_and_duplicates_no_retry() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let mut nats = Nats::start();
+    let node = Node::start_with(&nats.url(), true, |c| {
+        c["nats"]["publishTimeout"] = json!("2s");
+    });
+    let retry = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..40)
+        .map(|k| tokio::spawn(group_commit_client(node.ports.mx, k, 40, retry.clone())))
+        .collect();
+    // Let the batches flow, then kill the server under them.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    nats.stop();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    nats.restart();
+    retry.store(true, Ordering::Relaxed);
+    let mut results = Vec::new();
+    for c in clients {
+        results.extend(c.await.expect("client task"));
+    }
+    let accepted_first_time = results
+        .iter()
+        .filter(|(_, r)| r[0].starts_with("250"))
+        .count();
+    let retried = results.iter().filter(|(_, r)| r.len() > 1).count();
+    assert!(
+        retried > 0,
+        "the kill must have refused some messages: {accepted_first_time} accepted at once"
+    );
+    let entries = node.messages().await;
+    let mut per_token: HashMap<String, usize> = HashMap::new();
+    for e in &entries {
+        let body = e.body_str();
+        let token = body
+            .lines()
+            .find_map(|l| l.strip_prefix("Subject: "))
+            .expect("subject")
+            .to_owned();
+        *per_token.entry(token).or_default() += 1;
+    }
+    for (token, replies) in &results {
+        assert_eq!(
+            per_token.get(token).copied().unwrap_or(0),
+            1,
+            "{token} must be in the stream exactly once (replies {replies:?})"
+        );
+    }
+    assert_eq!(entries.len(), results.len(), "nothing else in the stream");
+    // The entries did travel in groups: fewer commits than messages.
+    let metrics = http_get(node.ports.admin, "/metrics");
+    let commits: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("kubemail_smtp_queue_commit_messages_count "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("commit histogram");
+    assert!(
+        commits < results.len() as f64,
+        "{commits} commits for {} messages",
+        results.len()
+    );
+}
+
+/// The sweeper deletes a body object no entry refers to and keeps (and marks) one an entry
+/// refers to, even when its mark is missing (a node that died between the publish and the
+/// mark).
+#[tokio::test]
+async fn the_sweeper_deletes_only_bodies_no_entry_refers_to() {
+    use kubemail_smtp_node::config::NatsConfig;
+    use kubemail_smtp_node::queue::sweeper;
+    use kubemail_smtp_node::queue::{Direction, QueueEntry, QueueId};
+    let nats = Nats::shared();
+    let node = Node::start(&nats.url());
+    let client = async_nats::connect(nats.url()).await.expect("connect");
+    let js = async_nats::jetstream::new(client);
+    let store = js
+        .get_object_store(node.body_bucket())
+        .await
+        .expect("bucket");
+    let queue_id = QueueId::new();
+    let referenced = format!("{queue_id}.example.test");
+    let orphan = format!("{}.example.test", QueueId::new());
+    for name in [&referenced, &orphan] {
+        let mut body: &[u8] = b"Subject: big\r\n\r\nbody\r\n";
+        store.put(name.as_str(), &mut body).await.expect("put");
+    }
+    let entry = QueueEntry {
+        queue_id,
+        mail_from: "a@remote.test".to_owned(),
+        recipients: vec!["bob@example.test".to_owned()],
+        direction: Direction::Inbound,
+        domain: "example.test".to_owned(),
+        accepted_at: std::time::SystemTime::now(),
+        message_id: None,
+        traceparent: None,
+        auth_user: None,
+        client_ip: None,
+        helo: None,
+        sender_auth: None,
+        eight_bit: false,
+        smtputf8: false,
+        dsn_envid: None,
+        dsn_ret: None,
+        body_ref: Some(format!("{}/{referenced}", node.body_bucket())),
+        body_size: Some(22),
+        attempts: 0,
+        not_before: None,
+        last_error: None,
+        delay_warned: false,
+        require_tls: false,
+        tls_optional: false,
+        admin: Default::default(),
+    };
+    // Entries of another domain come first in the stream; the sweeper reads past them.
+    for _ in 0..3 {
+        let mut other = entry.clone();
+        other.domain = "other.test".to_owned();
+        other.body_ref = None;
+        js.publish_with_headers(
+            format!("{}.other.test", node.subject_prefix),
+            other.to_headers(&other.entry_id()),
+            "x".into(),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("ack");
+    }
+    js.publish_with_headers(
+        format!("{}.example.test", node.subject_prefix),
+        entry.to_headers(&entry.entry_id()),
+        bytes::Bytes::new(),
+    )
+    .await
+    .expect("publish")
+    .await
+    .expect("ack");
+    let config = NatsConfig {
+        url: nats.url(),
+        stream: node.stream.clone(),
+        subject_prefix: node.subject_prefix.clone(),
+        body_bucket: node.bucket.clone(),
+        ..NatsConfig::default()
+    };
+    // Younger than the grace period: nothing is touched.
+    let deleted = sweeper::sweep(
+        &js,
+        &config,
+        "example.test",
+        &store,
+        Duration::from_secs(3600),
+    )
+    .await
+    .expect("sweep");
+    assert_eq!(deleted, 0);
+    assert!(store.info(&orphan).await.is_ok_and(|i| !i.deleted));
+    let deleted = sweeper::sweep(&js, &config, "example.test", &store, Duration::ZERO)
+        .await
+        .expect("sweep");
+    assert_eq!(deleted, 1);
+    assert!(
+        store.info(&orphan).await.is_ok_and(|i| i.deleted),
+        "the orphan is gone"
+    );
+    let kept = store
+        .info(&referenced)
+        .await
+        .expect("the referenced body stays");
+    assert_eq!(
+        kept.description.as_deref(),
+        Some(sweeper::MARK),
+        "and is marked, so later sweeps leave it alone"
+    );
+    let entries = node.messages().await;
+    assert!(
+        entries
+            .iter()
+            .any(|e| e.body_str() == "Subject: big\r\n\r\nbody\r\n"),
+        "the entry still finds its body"
     );
 }

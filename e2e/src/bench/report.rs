@@ -3,20 +3,27 @@
 //! every repetition, for tools).
 //!
 //! Each table row is the median repetition of one system (by msg/s; the range over the
-//! repetitions is shown next to it), so every figure in a row comes from the same run.
+//! repetitions is shown next to it), so every figure in a row comes from the same run. The
+//! headline benchmarks also get a ratio per repetition (each kubemail repetition against the
+//! Postfix repetition run next to it) with their median and spread, and, when the run had a
+//! second, loaded part (`--background-load`), the same for that part. A run that started on
+//! a busy machine says so on every ratio it prints.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use super::loadgen::{LatencySummary, Security};
 use super::runner::{BUSY_LOAD, BenchResults};
 use super::scenario::{Measurement, Outcome, ScenarioId, System};
 
-/// Accept-and-queue and relay target: kubemail (class D) at least this many times Postfix.
-const THROUGHPUT_TARGET: f64 = 2.0;
+/// Accept-and-queue target: kubemail (class D) at least this many times Postfix.
+const ACCEPT_TARGET: f64 = 3.0;
+/// Relay target.
+const RELAY_TARGET: f64 = 2.5;
 /// TLS churn target ratio.
 const TLS_TARGET: f64 = 3.0;
 /// Server CPU per message of smtp-node alone (NATS excluded), accept-and-queue.
-const CPU_TARGET_US: f64 = 120.0;
+const CPU_TARGET_US: f64 = 60.0;
 /// Latency targets at 50% of kubemail's own maximum.
 const P99_TARGET_MS: f64 = 10.0;
 const P999_TARGET_MS: f64 = 30.0;
@@ -58,7 +65,18 @@ pub fn markdown(results: &BenchResults) -> String {
          | nats-server | {nats} |\n\
          | Postfix | {postfix} (Debian package) |\n\
          | Queues and logs | {mount} (kubemail's JetStream store and Postfix's queue on the same disk) |\n\
-         | Open-files limit | {nofile} |\n",
+         | Open-files limit | {nofile} |\n\
+         | CPU pinning | {pinning} |\n\
+         | Background load | {background} |\n",
+        pinning = meta.cpu_pinning,
+        background = match (meta.background_load, meta.load_at_background_start) {
+            (0, _) => "none (no loaded run)".to_owned(),
+            (n, Some(l)) => format!(
+                "{n} busy loops for the second run of benchmarks 1 and 2 (load average {:.2} {:.2} {:.2} when it started)",
+                l[0], l[1], l[2]
+            ),
+            (n, None) => format!("{n} busy loops for the second run of benchmarks 1 and 2"),
+        },
         date = meta.date_utc,
         mins = meta.duration_secs / 60.0,
         cpu = meta.cpu_model,
@@ -81,12 +99,28 @@ pub fn markdown(results: &BenchResults) -> String {
     md.push_str(METHOD);
     let _ = writeln!(
         md,
-        "Repetitions: {} per system for benchmarks 1, 2 and 5 (the order of the systems rotates \
-         each repetition; a row is the median repetition by msg/s, the range is in brackets); \
-         one run per row for 3 and 4.\n",
-        p.repetitions
+        "Repetitions: {} per system for benchmarks 1 and 2, {} for 5 (the order of the systems \
+         rotates each repetition; a row is the median repetition by msg/s, the range is in \
+         brackets); one run per row for 3 and 4. Benchmarks 1 and 2 also list the ratio of each \
+         kubemail repetition to the Postfix repetition run next to it, with their median and \
+         spread.\n",
+        p.headline_repetitions, p.repetitions
     );
-    let ms = &results.measurements;
+    // Every ratio of a run that started on a busy machine carries the warning.
+    let mark = if meta.busy {
+        format!(
+            " (busy machine: load {:.2} at start)",
+            meta.load_at_start[0]
+        )
+    } else {
+        String::new()
+    };
+    let (idle, loaded): (Vec<Measurement>, Vec<Measurement>) = results
+        .measurements
+        .iter()
+        .cloned()
+        .partition(|m| m.background_load == 0);
+    let ms = &idle;
     for scenario in ScenarioId::ALL {
         let rows: Vec<&Measurement> = ms.iter().filter(|m| m.scenario == scenario).collect();
         if rows.is_empty() {
@@ -103,7 +137,7 @@ pub fn markdown(results: &BenchResults) -> String {
                      check_client_access static:HOLD`) after writing and fsyncing it; kubemail's are in \
                      the JetStream stream. The check column compares the queue with what the client saw \
                      accepted.\n\
-                     Targets: kubemail (sync always) ≥ {THROUGHPUT_TARGET}× Postfix msg/s; smtp-node ≤ \
+                     Targets: kubemail (sync always) ≥ {ACCEPT_TARGET}× Postfix msg/s; smtp-node ≤ \
                      {CPU_TARGET_US} µs CPU per message (NATS excluded).\n",
                     p.accept.sessions,
                     p.accept.message_size,
@@ -111,8 +145,9 @@ pub fn markdown(results: &BenchResults) -> String {
                     p.accept.warmup,
                     p.accept.max_secs
                 );
-                throughput_table(&mut md, ms, scenario);
-                verdict_throughput(&mut md, ms, scenario, THROUGHPUT_TARGET);
+                throughput_table(&mut md, ms, scenario, &mark);
+                verdict_throughput(&mut md, ms, scenario, ACCEPT_TARGET, &mark);
+                per_repetition(&mut md, ms, scenario, ACCEPT_TARGET, &mark);
                 if let Some(row) = median_row(ms, scenario, System::KubemailSyncAlways, None)
                     && let Some(node) = row.0.cpu_us_per_msg_by_role.get("smtp-node")
                 {
@@ -122,6 +157,18 @@ pub fn markdown(results: &BenchResults) -> String {
                         met(*node <= CPU_TARGET_US)
                     );
                 }
+                md.push('\n');
+                loaded_part(&mut md, &loaded, scenario, ACCEPT_TARGET, &mark);
+            }
+            ScenarioId::AcceptR3 => {
+                let _ = writeln!(
+                    md,
+                    "Benchmark 1 (same load) with kubemail on three JetStream servers on this \
+                     machine, the queue stream R3 and `sync_interval: always`: a `250` means the \
+                     message is fsynced on a quorum of two of the three servers (the production \
+                     durability class, surviving the loss of a server). Postfix as in benchmark 1.\n"
+                );
+                throughput_table(&mut md, ms, scenario, &mark);
                 md.push('\n');
             }
             ScenarioId::Relay => {
@@ -135,12 +182,14 @@ pub fn markdown(results: &BenchResults) -> String {
                      microseconds), DKIM Ed25519 signing, relay to the sink; Postfix: \
                      `relayhost = [127.0.0.1]:<sink>`, no DKIM (no milter installed), its default \
                      delivery concurrency. Time limit {} s.\n\
-                     Target: kubemail (sync always) ≥ {THROUGHPUT_TARGET}× Postfix.\n",
+                     Target: kubemail (sync always) ≥ {RELAY_TARGET}× Postfix.\n",
                     p.relay.sessions, p.relay.messages, p.relay.message_size, p.relay.max_secs
                 );
-                throughput_table(&mut md, ms, scenario);
-                verdict_throughput(&mut md, ms, scenario, THROUGHPUT_TARGET);
+                throughput_table(&mut md, ms, scenario, &mark);
+                verdict_throughput(&mut md, ms, scenario, RELAY_TARGET, &mark);
+                per_repetition(&mut md, ms, scenario, RELAY_TARGET, &mark);
                 md.push('\n');
+                loaded_part(&mut md, &loaded, scenario, RELAY_TARGET, &mark);
             }
             ScenarioId::Latency => {
                 let _ = writeln!(
@@ -202,8 +251,8 @@ pub fn markdown(results: &BenchResults) -> String {
                      Target: kubemail (sync always) ≥ {TLS_TARGET}× Postfix.\n",
                     p.tls.sessions, p.tls.message_size, p.tls.messages, p.tls.warmup
                 );
-                throughput_table(&mut md, ms, scenario);
-                verdict_throughput(&mut md, ms, scenario, TLS_TARGET);
+                throughput_table(&mut md, ms, scenario, &mark);
+                verdict_throughput(&mut md, ms, scenario, TLS_TARGET, &mark);
                 md.push('\n');
             }
         }
@@ -217,8 +266,10 @@ const METHOD: &str = "\
 ## How it was measured
 
 - Everything runs on this one machine in one run: the load generator (`e2e` crate, `loadgen`), the \
-servers and smtp-sink share the CPUs, so a server that needs less CPU also leaves more to the \
-generator. Every server instance is started fresh for each row (own directory, free loopback \
+servers and smtp-sink. Unless `--no-pin` is given, the generator and smtp-sink run on one half of \
+the CPUs and the servers under test on the other (`taskset`; see the CPU pinning row above), so neither \
+takes the other's CPU time; otherwise they share the CPUs, and a server that needs less CPU also \
+leaves more to the generator. Every server instance is started fresh for each row (own directory, free loopback \
 ports) and stopped afterwards.
 - **Durability classes.** *D* = the message is fsynced before the 250 reply: Postfix (it fsyncs \
 each queue file) and kubemail with JetStream `sync_interval: always`. *F* = kubemail with JetStream \
@@ -238,7 +289,8 @@ share them): the highest sum, sampled every 250 ms, for both; it is the fairer f
 many-process server.
 - **Settings.** kubemail: its production defaults, with `maxConnections`/`maxConnectionsPerIp` \
 raised to the benchmark's connection count and the per-user message rate limit lifted; logs at \
-`info` to a file. Postfix 3.7 from Debian in its own `postfix -c DIR` instance (own \
+`info` to a file; in class F `nats.groupCommit: false` (atomic batches share a sync that class F \
+does not make, and their staging only costs the server). Postfix 3.7 from Debian in its own `postfix -c DIR` instance (own \
 `queue_directory`, `data_directory` and log file through postlogd, all services unchrooted, the \
 system instance untouched): the per-client anvil limits set to 0 (one client address generates \
 all the load), `default_process_limit` = connections + 100, the same ECDSA certificate, \
@@ -250,8 +302,11 @@ report alone (`target/release/bench --help` lists the rest).
 - **Microbenchmarks** (criterion, not part of this run): `cargo bench -p kubemail-smtp-node` runs \
 `smtp-node/benches/protocol.rs` (command framing and parsing of a pipelined batch; end-of-data \
 scanning with dot-unstuffing of 5 KiB, 100 KiB and 1 MiB messages, whole and cut into 16 KiB and \
-1460-byte reads) and `smtp-node/benches/dkim.rs` (signing a 10 KiB message with Ed25519 and with \
-RSA-2048); `--bench protocol` or a filter such as `-- data/` runs a part. Criterion keeps its \
+1460-byte reads), `smtp-node/benches/dkim.rs` (signing a 10 KiB message with Ed25519 and with \
+RSA-2048) and `smtp-node/benches/enqueue.rs` (a whole transaction through a session into a \
+queue that drops it, MX and submission with DKIM, with heap allocations per message counted; \
+the NATS headers of an entry, its content digest, a group of 100 entries made ready as one \
+atomic batch); `--bench protocol` or a filter such as `-- data/` runs a part. Criterion keeps its \
 history and reports in `criterion/` of the cargo target directory.
 
 ";
@@ -259,18 +314,20 @@ history and reports in `criterion/` of the cargo target directory.
 const NOT_COVERED: &str = "\
 ## Not covered here
 
-- A microbenchmark of the enqueue path (building the JetStream message with its headers).
 - Postfix with DKIM (OpenDKIM milter) in the relay benchmark; Exim and Haraka as further peers.
 - JetStream R3 (three servers) and sharded streams; kill -9 durability checks under load.
 ";
 
-fn throughput_table(md: &mut String, ms: &[Measurement], scenario: ScenarioId) {
+fn throughput_table(md: &mut String, ms: &[Measurement], scenario: ScenarioId, mark: &str) {
     md.push_str(
         "| System | Durability | msg/s [range] | p50 ms | p99 ms | p99.9 ms | server CPU µs/msg | smtp-node / nats-server µs/msg | peak RSS / PSS MiB | vs Postfix | check |\n\
          |---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     let postfix = median_row(ms, scenario, System::Postfix, None).and_then(|r| r.0.msgs_per_sec);
-    for system in System::ALL {
+    for system in System::ALL
+        .into_iter()
+        .chain([System::KubemailR3SyncAlways])
+    {
         for variant in variants(ms, scenario, system) {
             let Some((m, lo, hi, n)) = median_row(ms, scenario, system, Some(&variant)) else {
                 continue;
@@ -299,7 +356,9 @@ fn throughput_table(md: &mut String, ms: &[Measurement], scenario: ScenarioId) {
                 "—".to_owned()
             };
             let ratio = match (m.msgs_per_sec, postfix) {
-                (Some(a), Some(b)) if b > 0.0 && system.is_kubemail() => format!("{:.2}×", a / b),
+                (Some(a), Some(b)) if b > 0.0 && system.is_kubemail() => {
+                    format!("{:.2}×{mark}", a / b)
+                }
                 (_, _) if system == System::Postfix => "1×".to_owned(),
                 _ => "—".to_owned(),
             };
@@ -320,7 +379,13 @@ fn throughput_table(md: &mut String, ms: &[Measurement], scenario: ScenarioId) {
     md.push('\n');
 }
 
-fn verdict_throughput(md: &mut String, ms: &[Measurement], scenario: ScenarioId, target: f64) {
+fn verdict_throughput(
+    md: &mut String,
+    ms: &[Measurement],
+    scenario: ScenarioId,
+    target: f64,
+    mark: &str,
+) {
     let km =
         median_row(ms, scenario, System::KubemailSyncAlways, None).and_then(|r| r.0.msgs_per_sec);
     let kf = median_row(ms, scenario, System::KubemailDefault, None).and_then(|r| r.0.msgs_per_sec);
@@ -329,7 +394,7 @@ fn verdict_throughput(md: &mut String, ms: &[Measurement], scenario: ScenarioId,
         (Some(k), Some(p)) if p > 0.0 => {
             let _ = writeln!(
                 md,
-                "- kubemail (sync always) / Postfix = {:.2}×, target ≥ {target}×: **{}**.",
+                "- kubemail (sync always) / Postfix = {:.2}×{mark}, target ≥ {target}×: **{}**.",
                 k / p,
                 met(k / p >= target)
             );
@@ -346,10 +411,120 @@ fn verdict_throughput(md: &mut String, ms: &[Measurement], scenario: ScenarioId,
     {
         let _ = writeln!(
             md,
-            "- kubemail (JetStream defaults, class F) / Postfix = {:.2}× (different durability class; not a like-for-like comparison).",
+            "- kubemail (JetStream defaults, class F) / Postfix = {:.2}×{mark} (different durability class; not a like-for-like comparison).",
             k / p
         );
     }
+}
+
+/// Each kubemail repetition against the Postfix repetition run next to it (same repetition
+/// number: the systems alternate within a repetition), for both kubemail rows; then the
+/// median ratio and the spread.
+fn per_repetition(
+    md: &mut String,
+    ms: &[Measurement],
+    scenario: ScenarioId,
+    target: f64,
+    mark: &str,
+) {
+    let rate = |system: System, rep: u32| {
+        ms.iter()
+            .find(|m| {
+                m.scenario == scenario
+                    && m.system == system
+                    && m.repetition == rep
+                    && m.outcome == Outcome::Ok
+            })
+            .and_then(|m| m.msgs_per_sec)
+    };
+    let mut reps: Vec<u32> = ms
+        .iter()
+        .filter(|m| m.scenario == scenario)
+        .map(|m| m.repetition)
+        .collect();
+    reps.sort_unstable();
+    reps.dedup();
+    if reps.is_empty() {
+        return;
+    }
+    md.push_str(
+        "\n| Repetition | Postfix msg/s | kubemail (sync always) msg/s | ratio | kubemail (JetStream defaults) msg/s | ratio |\n\
+         |---|---|---|---|---|---|\n",
+    );
+    let mut ratios: BTreeMap<System, Vec<f64>> = BTreeMap::new();
+    for &rep in &reps {
+        let pf = rate(System::Postfix, rep);
+        let mut cells = Vec::new();
+        for system in [System::KubemailSyncAlways, System::KubemailDefault] {
+            let km = rate(system, rep);
+            let ratio = match (km, pf) {
+                (Some(k), Some(p)) if p > 0.0 => {
+                    ratios.entry(system).or_default().push(k / p);
+                    format!("{:.2}×{mark}", k / p)
+                }
+                _ => "—".to_owned(),
+            };
+            cells.push(format!("{} | {ratio}", opt(km, 0)));
+        }
+        let _ = writeln!(
+            md,
+            "| {rep} | {} | {} | {} |",
+            opt(pf, 0),
+            cells[0],
+            cells[1]
+        );
+    }
+    md.push('\n');
+    for (system, mut rs) in ratios {
+        rs.sort_by(f64::total_cmp);
+        let median = rs[rs.len() / 2];
+        let (lo, hi) = (rs[0], rs[rs.len() - 1]);
+        let verdict = if system == System::KubemailSyncAlways {
+            format!(", target ≥ {target}×: **{}**", met(median >= target))
+        } else {
+            " (class F)".to_owned()
+        };
+        let _ = writeln!(
+            md,
+            "- {} / Postfix per repetition: median {median:.2}×{mark}, spread {lo:.2}–{hi:.2}× over {} repetitions{verdict}.",
+            system.label(),
+            rs.len()
+        );
+    }
+}
+
+/// The headline benchmark again, run beside busy loops: its table, verdict and ratios.
+fn loaded_part(
+    md: &mut String,
+    loaded: &[Measurement],
+    scenario: ScenarioId,
+    target: f64,
+    mark: &str,
+) {
+    let rows: Vec<Measurement> = loaded
+        .iter()
+        .filter(|m| m.scenario == scenario)
+        .cloned()
+        .collect();
+    let Some(n) = rows.first().map(|m| m.background_load) else {
+        return;
+    };
+    let _ = writeln!(
+        md,
+        "### The same beside {n} busy loops (load average around {n})\n"
+    );
+    throughput_table(md, &rows, scenario, mark);
+    verdict_throughput(md, &rows, scenario, target, mark);
+    per_repetition(md, &rows, scenario, target, mark);
+    if let Some(row) = median_row(&rows, scenario, System::KubemailSyncAlways, None)
+        && let Some(node) = row.0.cpu_us_per_msg_by_role.get("smtp-node")
+    {
+        let _ = writeln!(
+            md,
+            "- smtp-node CPU per message (sync always, loaded): {node:.0} µs."
+        );
+    }
+    md.push('\n');
 }
 
 fn latency_table(md: &mut String, rows: &[&Measurement]) {
@@ -592,4 +767,121 @@ fn opt(v: Option<f64>, decimals: usize) -> String {
 
 fn met(ok: bool) -> &'static str {
     if ok { "met" } else { "not met" }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::runner::RunMeta;
+    use crate::bench::scenario::Params;
+
+    fn row(system: System, rep: u32, rate: f64, background_load: u32) -> Measurement {
+        Measurement {
+            scenario: ScenarioId::AcceptAndQueue,
+            system,
+            variant: "100 sessions".to_owned(),
+            repetition: rep,
+            outcome: Outcome::Ok,
+            msgs_per_sec: Some(rate),
+            latency: None,
+            txn_latency: None,
+            cpu_us_per_msg: None,
+            cpu_us_per_msg_by_role: BTreeMap::new(),
+            peak_rss_kib: None,
+            peak_pss_kib: None,
+            verified: None,
+            load: None,
+            idle: None,
+            notes: Vec::new(),
+            background_load,
+        }
+    }
+
+    fn results(busy: bool, measurements: Vec<Measurement>) -> BenchResults {
+        BenchResults {
+            meta: RunMeta {
+                date_utc: "2026-12-06 00:00:00".to_owned(),
+                cpu_model: "test".to_owned(),
+                cpus: 2,
+                memory_gib: 1.0,
+                kernel: "6".to_owned(),
+                load_at_start: [if busy { 2.3 } else { 0.2 }, 0.0, 0.0],
+                load_at_end: [0.0; 3],
+                busy,
+                smoke: false,
+                commit: "abc".to_owned(),
+                smtp_node_version: "x".to_owned(),
+                nats_server_version: "x".to_owned(),
+                postfix_version: "x".to_owned(),
+                work_dir_mount: "x".to_owned(),
+                open_files_limit: 1024,
+                duration_secs: 60.0,
+                cpu_pinning: "load generator and smtp-sink on CPU 0; servers under test on CPU 1"
+                    .to_owned(),
+                background_load: 2,
+                load_at_background_start: Some([2.1, 1.0, 0.5]),
+            },
+            params: Params::full(),
+            measurements,
+        }
+    }
+
+    /// Repetition r: Postfix 1000 + 100 r msg/s, kubemail (sync always) 3 × 1000 + 200 r.
+    fn runs(background_load: u32) -> Vec<Measurement> {
+        (0..5)
+            .flat_map(|r| {
+                let r_f = f64::from(r);
+                [
+                    row(System::Postfix, r, 1000.0 + 100.0 * r_f, background_load),
+                    row(
+                        System::KubemailSyncAlways,
+                        r,
+                        3000.0 + 200.0 * r_f,
+                        background_load,
+                    ),
+                ]
+            })
+            .collect()
+    }
+
+    #[test]
+    fn each_repetition_is_compared_with_the_postfix_run_next_to_it() {
+        let mut ms = runs(0);
+        ms.extend(runs(2).into_iter().map(|mut m| {
+            m.msgs_per_sec = m.msgs_per_sec.map(|r| r / 2.0);
+            m
+        }));
+        let md = markdown(&results(false, ms));
+        // Repetition 4: 3800 / 1400.
+        assert!(md.contains("| 4 | 1400 | 3800 | 2.71× |"), "{md}");
+        assert!(md.contains("| 0 | 1000 | 3000 | 3.00× |"), "{md}");
+        // Ratios 3.00, 2.91, 2.83, 2.77, 2.71: median 2.83, below the 3× target.
+        assert!(
+            md.contains("per repetition: median 2.83×, spread 2.71–3.00× over 5 repetitions, target ≥ 3×: **not met**"),
+            "{md}"
+        );
+        assert!(md.contains("### The same beside 2 busy loops"), "{md}");
+        assert!(
+            md.contains("| CPU pinning | load generator and smtp-sink on CPU 0"),
+            "{md}"
+        );
+        assert!(
+            !md.contains("busy machine:"),
+            "an idle run carries no warning"
+        );
+    }
+
+    #[test]
+    fn a_run_started_on_a_busy_machine_says_so_on_every_ratio() {
+        let md = markdown(&results(true, runs(0)));
+        let ratios = md.matches("× (busy machine: load 2.30 at start)").count();
+        // The table's ratio column, the verdict, five repetitions, the per-repetition median.
+        assert!(ratios >= 8, "{ratios} marked ratios in:\n{md}");
+        for line in md
+            .lines()
+            .filter(|l| l.contains('×') && l.contains("/ Postfix"))
+        {
+            assert!(line.contains("busy machine"), "unmarked ratio: {line}");
+        }
+    }
 }

@@ -3,10 +3,18 @@
 //! selected scenario against every system, repetitions alternating the order of the systems
 //! so slow drift on a shared machine does not favour one of them. Everything runs in one
 //! work directory on one disk, removed at the end unless asked to keep it.
+//!
+//! Steadier numbers on a shared machine: [`pin_cpus`] puts the load generator (this
+//! process, and the smtp-sink it starts) on one half of the CPUs and every server under test
+//! on the other (`taskset`), so the generator and the server do not take each other's CPU;
+//! with `--background-load N` the headline benchmarks run a second time beside N busy loops
+//! ([`BusyLoops`]), the "load average around N" case, reported apart from the idle run.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
@@ -23,6 +31,11 @@ const BENCH_USER: &str = "bench@bench.test";
 pub const BUSY_LOAD: f64 = 1.0;
 /// File descriptors the runner keeps for itself besides the idle connections.
 const FD_HEADROOM: u64 = 500;
+/// How long the busy loops run before the loaded repetitions start: the 1-minute load
+/// average needs about that long to approach their number.
+const BACKGROUND_SETTLE: Duration = Duration::from_secs(60);
+/// The busy loops stop by themselves after this long, whatever happens to the run.
+const BACKGROUND_MAX: Duration = Duration::from_secs(3600);
 
 /// Why a run could not start.
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +70,10 @@ pub struct RunOptions {
     pub idle_postfix_count: Option<usize>,
     pub markdown: Option<PathBuf>,
     pub json: Option<PathBuf>,
+    /// Busy loops for the second, loaded run of the headline benchmarks (0: no such run).
+    pub background_load: u32,
+    /// How the CPUs were split ([`pin_cpus`]), for the report.
+    pub cpu_pinning: String,
 }
 
 /// The machine and the conditions of the run.
@@ -79,6 +96,11 @@ pub struct RunMeta {
     pub work_dir_mount: String,
     pub open_files_limit: u64,
     pub duration_secs: f64,
+    /// Which CPUs the load generator and the servers ran on.
+    pub cpu_pinning: String,
+    /// Busy loops of the loaded run (0: none), and the load average when it started.
+    pub background_load: u32,
+    pub load_at_background_start: Option<[f64; 3]>,
 }
 
 /// Everything a run produced.
@@ -100,6 +122,7 @@ pub async fn run(opts: RunOptions) -> Result<BenchResults, RunError> {
     };
     if let Some(r) = opts.repetitions {
         params.repetitions = r.max(1);
+        params.headline_repetitions = r.max(1);
     }
     if let Some(n) = opts.idle_count {
         params.idle.count = n;
@@ -163,7 +186,16 @@ pub async fn run(opts: RunOptions) -> Result<BenchResults, RunError> {
     if !opts.keep_work_dir {
         peers::register_dir(&work_dir);
     }
-    let result = run_in(&opts, &params, &work_dir, &nats_server, &smtp_sink).await;
+    let mut background_start = None;
+    let result = run_in(
+        &opts,
+        &params,
+        &work_dir,
+        &nats_server,
+        &smtp_sink,
+        &mut background_start,
+    )
+    .await;
     if !opts.keep_work_dir {
         let _ = std::fs::remove_dir_all(&work_dir);
         peers::unregister_dir(&work_dir);
@@ -173,7 +205,7 @@ pub async fn run(opts: RunOptions) -> Result<BenchResults, RunError> {
     let meta = RunMeta {
         date_utc: utc_now(),
         cpu_model: cpu_model(),
-        cpus: std::thread::available_parallelism().map_or(0, usize::from),
+        cpus: machine_cpus(),
         memory_gib: mem_total_kib() as f64 / 1024.0 / 1024.0,
         kernel: read_trimmed("/proc/sys/kernel/osrelease"),
         load_at_start,
@@ -190,6 +222,9 @@ pub async fn run(opts: RunOptions) -> Result<BenchResults, RunError> {
             .unwrap_or_else(|| "unknown".to_owned()),
         open_files_limit,
         duration_secs: started.elapsed().as_secs_f64(),
+        cpu_pinning: opts.cpu_pinning.clone(),
+        background_load: opts.background_load,
+        load_at_background_start: background_start,
     };
     let results = BenchResults {
         meta,
@@ -211,6 +246,7 @@ async fn run_in(
     work_dir: &Path,
     nats_server: &Path,
     smtp_sink: &Path,
+    background_start: &mut Option<[f64; 3]>,
 ) -> Result<Vec<Measurement>, RunError> {
     let shared = work_dir.join("shared");
     peers::create_dir(&shared)?;
@@ -253,13 +289,22 @@ async fn run_in(
         eprintln!("== {}", scenario.title());
         match scenario {
             ScenarioId::AcceptAndQueue => {
-                for_each_alternating(params.repetitions, &System::ALL, &mut out, |s, rep| {
+                let reps = params.headline_repetitions;
+                for_each_alternating(reps, &System::ALL, &mut out, |s, rep| {
                     scenario::accept_and_queue(&env, s, &params.accept, rep)
                 })
                 .await;
             }
+            ScenarioId::AcceptR3 => {
+                let systems = [System::KubemailR3SyncAlways, System::Postfix];
+                for_each_alternating(params.repetitions, &systems, &mut out, |s, rep| {
+                    scenario::accept_and_queue_r3(&env, s, &params.accept, rep)
+                })
+                .await;
+            }
             ScenarioId::Relay => {
-                for_each_alternating(params.repetitions, &System::ALL, &mut out, |s, rep| {
+                let reps = params.headline_repetitions;
+                for_each_alternating(reps, &System::ALL, &mut out, |s, rep| {
                     scenario::relay(&env, s, &params.relay, rep)
                 })
                 .await;
@@ -282,7 +327,131 @@ async fn run_in(
             }
         }
     }
+    let headline: Vec<ScenarioId> = [ScenarioId::AcceptAndQueue, ScenarioId::Relay]
+        .into_iter()
+        .filter(|s| opts.scenarios.contains(s))
+        .collect();
+    if opts.background_load > 0 && !headline.is_empty() {
+        let n = opts.background_load;
+        eprintln!(
+            "== background load: {n} busy loops, {}s to settle",
+            BACKGROUND_SETTLE.as_secs()
+        );
+        let busy = BusyLoops::start(n, BACKGROUND_MAX);
+        tokio::time::sleep(BACKGROUND_SETTLE).await;
+        *background_start = Some(load_average());
+        let reps = params.headline_repetitions;
+        let mut loaded = Vec::new();
+        let env = &env;
+        for id in headline {
+            eprintln!("== {} (background load {n})", id.title());
+            for_each_alternating(reps, &System::ALL, &mut loaded, |s, rep| async move {
+                match id {
+                    ScenarioId::Relay => scenario::relay(env, s, &params.relay, rep).await,
+                    _ => scenario::accept_and_queue(env, s, &params.accept, rep).await,
+                }
+            })
+            .await;
+        }
+        drop(busy);
+        for mut m in loaded {
+            m.background_load = n;
+            out.push(m);
+        }
+    }
     Ok(out)
+}
+
+/// Splits the CPUs this process may use: the lower half for the load generator (this
+/// process: call it before any thread is started, so every thread inherits it; the sink it
+/// starts inherits it too), the upper half for the servers under test ([`peers::server_command`]).
+/// With fewer than two CPUs, or when `pin` is false, nothing is pinned. Returns what was done,
+/// for the report.
+pub fn pin_cpus(pin: bool) -> String {
+    use nix::sched::{CpuSet, sched_getaffinity, sched_setaffinity};
+    use nix::unistd::Pid;
+    let Ok(all) = sched_getaffinity(Pid::from_raw(0)) else {
+        return "not pinned (the CPU affinity could not be read)".to_owned();
+    };
+    let cpus: Vec<usize> = (0..CpuSet::count())
+        .filter(|&c| all.is_set(c).unwrap_or(false))
+        .collect();
+    if !pin {
+        return format!(
+            "not pinned (--no-pin): everything shares {} CPUs",
+            cpus.len()
+        );
+    }
+    if cpus.len() < 2 {
+        return "not pinned: one CPU".to_owned();
+    }
+    let (generator, servers) = cpus.split_at(cpus.len() / 2);
+    let mut set = CpuSet::new();
+    for &c in generator {
+        let _ = set.set(c);
+    }
+    if let Err(e) = sched_setaffinity(Pid::from_raw(0), &set) {
+        return format!("not pinned ({e})");
+    }
+    let list = |cs: &[usize]| {
+        cs.iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    peers::pin_servers(list(servers));
+    format!(
+        "load generator and smtp-sink on CPU {}; servers under test (smtp-node, nats-server, Postfix) on CPU {} (taskset)",
+        list(generator),
+        list(servers)
+    )
+}
+
+/// N threads that spin until dropped (or until their time limit): the busy neighbours of the
+/// loaded run. They may run on every CPU, like a compiler next door would.
+pub struct BusyLoops {
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl BusyLoops {
+    pub fn start(n: u32, max: Duration) -> Self {
+        use nix::sched::{CpuSet, sched_setaffinity};
+        use nix::unistd::Pid;
+        let stop = Arc::new(AtomicBool::new(false));
+        let threads = (0..n)
+            .map(|_| {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    // This thread only: back to every CPU the machine has.
+                    let mut all = CpuSet::new();
+                    for c in 0..machine_cpus() {
+                        let _ = all.set(c);
+                    }
+                    let _ = sched_setaffinity(Pid::from_raw(0), &all);
+                    let deadline = Instant::now() + max;
+                    let mut x: u64 = 1;
+                    while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                        for _ in 0..100_000 {
+                            x = std::hint::black_box(
+                                x.wrapping_mul(6364136223846793005).wrapping_add(1),
+                            );
+                        }
+                    }
+                })
+            })
+            .collect();
+        Self { stop, threads }
+    }
+}
+
+impl Drop for BusyLoops {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
 }
 
 /// Runs `f` for every system `repetitions` times, rotating the order each repetition.
@@ -476,6 +645,15 @@ fn utc_now() -> String {
         now.minute(),
         now.second()
     )
+}
+
+/// CPUs of the machine (not of this process, which may be pinned to some).
+fn machine_cpus() -> usize {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .map(|t| t.lines().filter(|l| l.starts_with("processor")).count())
+        .ok()
+        .filter(|&n| n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from))
 }
 
 fn cpu_model() -> String {

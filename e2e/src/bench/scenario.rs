@@ -56,6 +56,9 @@ pub enum System {
     KubemailDefault,
     /// Postfix (fsyncs every queue file before 250).
     Postfix,
+    /// kubemail on three JetStream servers, the queue stream R3, `sync_interval: always`: the
+    /// production durability class (benchmark 1b only).
+    KubemailR3SyncAlways,
 }
 
 impl System {
@@ -70,6 +73,9 @@ impl System {
             Self::KubemailSyncAlways => "kubemail, JetStream sync_interval: always",
             Self::KubemailDefault => "kubemail, JetStream defaults",
             Self::Postfix => "Postfix",
+            Self::KubemailR3SyncAlways => {
+                "kubemail, 3 JetStream servers, stream R3, sync_interval: always"
+            }
         }
     }
 
@@ -77,6 +83,7 @@ impl System {
     pub fn durability(self) -> &'static str {
         match self {
             Self::KubemailSyncAlways | Self::Postfix => "D: fsync before 250",
+            Self::KubemailR3SyncAlways => "D3: fsync on a quorum (2 of 3 servers) before 250",
             Self::KubemailDefault => {
                 "F: no fsync per message (JetStream default, fsync every 2 min)"
             }
@@ -93,6 +100,7 @@ impl System {
 #[serde(rename_all = "camelCase")]
 pub enum ScenarioId {
     AcceptAndQueue,
+    AcceptR3,
     Relay,
     Latency,
     IdleConnections,
@@ -100,8 +108,9 @@ pub enum ScenarioId {
 }
 
 impl ScenarioId {
-    pub const ALL: [ScenarioId; 5] = [
+    pub const ALL: [ScenarioId; 6] = [
         ScenarioId::AcceptAndQueue,
+        ScenarioId::AcceptR3,
         ScenarioId::Relay,
         ScenarioId::Latency,
         ScenarioId::IdleConnections,
@@ -112,6 +121,7 @@ impl ScenarioId {
     pub fn key(self) -> &'static str {
         match self {
             Self::AcceptAndQueue => "accept",
+            Self::AcceptR3 => "accept-r3",
             Self::Relay => "relay",
             Self::Latency => "latency",
             Self::IdleConnections => "idle",
@@ -122,6 +132,7 @@ impl ScenarioId {
     pub fn title(self) -> &'static str {
         match self {
             Self::AcceptAndQueue => "1. Accept-and-queue",
+            Self::AcceptR3 => "1b. Accept-and-queue on three JetStream servers (R3)",
             Self::Relay => "2. End-to-end relay into smtp-sink",
             Self::Latency => "3. Latency at a fixed offered rate",
             Self::IdleConnections => "4. Idle connections after EHLO",
@@ -176,7 +187,10 @@ pub struct IdleParams {
 /// Everything a full run does.
 #[derive(Debug, Clone, Serialize)]
 pub struct Params {
+    /// Repetitions per system of the TLS churn benchmark.
     pub repetitions: u32,
+    /// Repetitions per system of the headline benchmarks (accept-and-queue, relay).
+    pub headline_repetitions: u32,
     pub accept: LoadParams,
     pub relay: LoadParams,
     pub latency: LatencyParams,
@@ -189,6 +203,7 @@ impl Params {
     pub fn full() -> Self {
         Self {
             repetitions: 3,
+            headline_repetitions: 5,
             accept: LoadParams {
                 sessions: 100,
                 messages: 15_000,
@@ -232,6 +247,7 @@ impl Params {
     pub fn smoke() -> Self {
         Self {
             repetitions: 1,
+            headline_repetitions: 1,
             accept: LoadParams {
                 messages: 2_000,
                 warmup: 200,
@@ -318,6 +334,8 @@ pub struct Measurement {
     pub load: Option<LoadReport>,
     pub idle: Option<IdleResult>,
     pub notes: Vec<String>,
+    /// Busy loops running beside the benchmark (`--background-load`); 0 for the idle run.
+    pub background_load: u32,
 }
 
 impl Measurement {
@@ -339,6 +357,7 @@ impl Measurement {
             load: None,
             idle: None,
             notes: Vec::new(),
+            background_load: 0,
         }
     }
 
@@ -446,13 +465,25 @@ impl Env {
                     inner: Inner::Postfix(postfix),
                 })
             }
-            System::KubemailSyncAlways | System::KubemailDefault => {
-                let durability = if system == System::KubemailSyncAlways {
-                    Durability::SyncAlways
-                } else {
+            System::KubemailSyncAlways | System::KubemailDefault | System::KubemailR3SyncAlways => {
+                let durability = if system == System::KubemailDefault {
                     Durability::Default
+                } else {
+                    Durability::SyncAlways
                 };
-                let nats = NatsServer::start(&self.nats_server, &dir.join("nats"), durability)?;
+                let (nats, nats_replicas) = if system == System::KubemailR3SyncAlways {
+                    let cluster = NatsServer::start_cluster(
+                        &self.nats_server,
+                        &dir.join("nats"),
+                        3,
+                        durability,
+                    )?;
+                    (cluster, 3)
+                } else {
+                    let server =
+                        NatsServer::start(&self.nats_server, &dir.join("nats"), durability)?;
+                    (server, 1)
+                };
                 let relay = setup.relay_sink.map(|sink_port| RelayOptions {
                     sink_port,
                     dkim_key: self.dkim_key.clone(),
@@ -462,14 +493,16 @@ impl Env {
                     binary: self.smtp_node.clone(),
                     dir: dir.join("node"),
                     nats_url: nats.url(),
+                    nats_replicas,
                     pki: self.pki.clone(),
                     max_connections: setup.max_connections,
                     relay,
                     features: self.features,
                     dns_blackhole: self.dns_blackhole,
+                    synced_writes: durability == Durability::SyncAlways,
                 })?;
                 Ok(Sut {
-                    processes: kubemail::processes(node.pid(), nats.pid()),
+                    processes: kubemail::processes(node.pid(), &nats.pids()),
                     plain: node.mx,
                     starttls: node.starttls,
                     submission: node.submission,
@@ -692,6 +725,19 @@ async fn verify_stored(
 }
 
 /// Benchmark 1: accept-and-queue throughput.
+/// Benchmark 1b: benchmark 1 against three JetStream servers with the queue stream R3 and
+/// `sync_interval: always` (every acknowledged message fsynced on a quorum), beside Postfix.
+pub async fn accept_and_queue_r3(
+    env: &Env,
+    system: System,
+    p: &LoadParams,
+    rep: u32,
+) -> Measurement {
+    let mut m = accept_and_queue(env, system, p, rep).await;
+    m.scenario = ScenarioId::AcceptR3;
+    m
+}
+
 pub async fn accept_and_queue(env: &Env, system: System, p: &LoadParams, rep: u32) -> Measurement {
     let variant = format!("{} sessions, {} B, plain", p.sessions, p.message_size);
     let mut m = Measurement::new(ScenarioId::AcceptAndQueue, system, &variant, rep);

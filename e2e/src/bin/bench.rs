@@ -29,7 +29,8 @@ struct Args {
     /// Scenarios to run (accept, relay, latency, idle, tls), comma separated; default: all.
     #[arg(long, env = "BENCH_SCENARIOS", value_delimiter = ',')]
     scenarios: Vec<String>,
-    /// Repetitions per system for accept, relay and tls (default 3, smoke 1).
+    /// Repetitions per system for accept, relay and tls (default 5 for accept and relay, 3
+    /// for tls; smoke 1).
     #[arg(long, env = "BENCH_REPETITIONS")]
     repetitions: Option<u32>,
     /// Plain idle connections to hold (default 10000, smoke 1000).
@@ -48,6 +49,13 @@ struct Args {
     /// Keep the work directory (logs, queues) after the run.
     #[arg(long, env = "BENCH_KEEP")]
     keep: bool,
+    /// Run accept-and-queue and relay a second time beside N busy loops (a load average
+    /// around N) and report both runs; 0: only the idle run.
+    #[arg(long, env = "BENCH_BACKGROUND_LOAD", default_value_t = 0)]
+    background_load: u32,
+    /// Do not pin the load generator and the servers to separate CPUs.
+    #[arg(long, env = "BENCH_NO_PIN")]
+    no_pin: bool,
 }
 
 fn main() -> ExitCode {
@@ -66,6 +74,9 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // Before the runtime starts its threads: they inherit the generator's CPUs.
+    let cpu_pinning = runner::pin_cpus(!args.no_pin);
+    eprintln!("CPU pinning: {cpu_pinning}");
     let opts = RunOptions {
         smtp_node: args.smtp_node,
         work_dir: args.work_dir,
@@ -78,6 +89,8 @@ fn main() -> ExitCode {
         idle_postfix_count: args.idle_postfix_connections,
         markdown: Some(args.markdown.clone()),
         json: Some(args.json.clone()),
+        background_load: args.background_load,
+        cpu_pinning,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

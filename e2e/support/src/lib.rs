@@ -3,6 +3,8 @@
 //! the `e2e` crate.
 
 pub mod knot;
+pub mod nats;
 pub mod ports;
+pub mod scripted_sink;
 pub mod smtp_sink;
 pub mod wait;

@@ -2,6 +2,7 @@
 //! settings, caches), the reconcile [`Error`], condition bookkeeping, and [`run`], which runs
 //! both controllers until told to stop (the leader elector decides when).
 
+pub mod delivery_pause;
 pub mod mail_domain;
 pub mod relay;
 
@@ -54,6 +55,8 @@ pub struct Config {
     pub probe_ehlo_name: String,
     /// What shapes the children.
     pub build: BuildConfig,
+    /// How the operator and the nodes reach NATS (authentication, TLS, NetworkPolicy).
+    pub nats: crate::nats::NatsSettings,
 }
 
 /// Shared by every reconcile.
@@ -121,6 +124,18 @@ pub enum Error {
     Build(#[source] mail_domain::build::BuildError),
     #[error("cannot delete the JetStream consumer")]
     DeleteConsumer(#[source] crate::queue::QueueError),
+    #[error("cannot use the NATS account Secret {name}")]
+    NatsAccount {
+        name: String,
+        #[source]
+        source: crate::nats::trust::TrustError,
+    },
+    #[error("cannot set up the domain's JetStream objects")]
+    ManageNats(#[source] crate::nats::ManageError),
+    #[error("cannot mint NATS credentials")]
+    MintCredentials(#[source] crate::nats::jwt::JwtError),
+    #[error("cannot write the delivery pause")]
+    Pause(#[source] kubemail_queue_admin::AdminError),
     #[error("{0}")]
     CleanupPending(String),
     #[error("the {0} task panicked")]
@@ -143,6 +158,10 @@ impl Error {
             Self::RenderUsers(_) => "render_users",
             Self::Build(_) => "build",
             Self::DeleteConsumer(_) => "delete_consumer",
+            Self::NatsAccount { .. } => "nats_account",
+            Self::ManageNats(_) => "manage_nats",
+            Self::MintCredentials(_) => "mint_credentials",
+            Self::Pause(_) => "pause",
             Self::CleanupPending(_) => "cleanup_pending",
             Self::BlockingTaskFailed(_) => "blocking_task",
             Self::Finalizer(inner) => match inner.as_ref() {
@@ -212,6 +231,13 @@ impl Context {
             backoff: Backoff::default(),
             crds: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// How to reach NATS now: the URL, the CA (the configured one, else with a bundled NATS
+    /// the operator's own CA) and the account keys (read from their Secret at each call, so
+    /// a rotated signing key is used at once).
+    pub async fn nats_access(&self) -> Result<crate::nats::NatsAccess, Error> {
+        crate::nats::access(self).await
     }
 
     /// Whether a CRD is installed and established (cached briefly).
@@ -328,10 +354,12 @@ pub fn condition_with(
     }
 }
 
-/// Runs both controllers until `stop` fires.
+/// Runs the controllers (and, for a bundled NATS, its bootstrap) until `stop` fires.
 pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
     tokio::join!(
         mail_domain::run(ctx.clone(), stop.clone()),
-        relay::run(ctx, stop),
+        relay::run(ctx.clone(), stop.clone()),
+        delivery_pause::run(ctx.clone(), stop.clone()),
+        crate::nats::settings::run_bootstrap(ctx, stop),
     );
 }

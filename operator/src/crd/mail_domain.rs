@@ -132,6 +132,25 @@ pub struct MailDomainSpec {
     /// Outbound TLS: fixed policies for recipient domains that need them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outbound_tls: Option<OutboundTlsSpec>,
+
+    /// Delivery of this domain's queue.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delivery: Option<DeliverySpec>,
+}
+
+/// How the domain's queued mail is delivered.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DeliverySpec {
+    /// The waits between delivery attempts of a deferred message, in order (`[5m, 15m, 1h,
+    /// 4h]`), the last one repeating until the queue lifetime ends. Empty: the node default
+    /// (the message's age, between 5 minutes and about an hour).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 50), inner(length(max = 32)))]
+    #[x_kube(validation = Rule::new("self.all(d, d.matches('^([0-9]+(d|h|m|s))+$'))").message(
+        "spec.delivery.retryIntervals must be durations such as 5m, 1h or 1h30m"
+    ))]
+    pub retry_intervals: Vec<String>,
 }
 
 /// Outbound TLS settings of the domain's nodes.

@@ -1,4 +1,5 @@
-//! The custom resources of kubemail (`kubemail.io/v1alpha1`): [`MailDomain`] and [`Relay`],
+//! The custom resources of kubemail (`kubemail.io/v1alpha1`): [`MailDomain`], [`Relay`] and
+//! [`DeliveryPause`],
 //! their shared schema pieces (object references, the condition list) and the YAML that
 //! `crdgen` writes into `crds/`.
 //!
@@ -8,6 +9,7 @@
 //! (`x-kubernetes-validations`), so the API server refuses a bad object at admission with a
 //! message a person can act on.
 
+pub mod delivery_pause;
 pub mod mail_domain;
 pub mod relay;
 
@@ -16,6 +18,7 @@ use kube::CustomResourceExt;
 use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
 use serde::{Deserialize, Serialize};
 
+pub use self::delivery_pause::{DeliveryPause, DeliveryPauseSpec, DeliveryPauseStatus};
 pub use self::mail_domain::{MailDomain, MailDomainSpec, MailDomainStatus};
 pub use self::relay::{Relay, RelaySpec, RelayStatus};
 
@@ -63,6 +66,7 @@ pub(crate) fn conditions_schema(_: &mut SchemaGenerator) -> Schema {
 /// Every CRD of the operator with the file name it has under `crds/`.
 pub fn crds() -> Vec<(&'static str, CustomResourceDefinition)> {
     vec![
+        ("deliverypauses.kubemail.io.yaml", DeliveryPause::crd()),
         ("maildomains.kubemail.io.yaml", MailDomain::crd()),
         ("relays.kubemail.io.yaml", Relay::crd()),
     ]

@@ -15,7 +15,7 @@ use kubemail_operator::crd::MailDomain;
 use kubemail_operator::queue::consumer_name;
 use serde_json::{Value, json};
 
-use super::{Operator, TEST_MANAGER, TestNamespace, nats_url};
+use super::{Operator, TEST_MANAGER, TestNamespace};
 
 /// The ConfigMap Kubernetes puts in every namespace (not the operator's).
 pub const ROOT_CA_CONFIG_MAP: &str = "kube-root-ca.crt";
@@ -216,7 +216,7 @@ pub async fn snapshot(client: &Client, ns: &str, name: &str) -> BTreeMap<String,
 /// nodes' delivery workers would, so a test can watch the finalizer delete it. Returns the
 /// JetStream context to look for it afterwards.
 pub async fn ensure_delivery_consumer(ns: &TestNamespace, domain: &str) -> jetstream::Context {
-    let js = jetstream::new(async_nats::connect(nats_url()).await.expect("NATS"));
+    let js = jetstream::new(super::nats_connect().await.expect("NATS"));
     let stream = js
         .get_or_create_stream(stream::Config {
             name: ns.nats_stream(),

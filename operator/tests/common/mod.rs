@@ -53,7 +53,11 @@ pub fn nats_url() -> String {
 pub async fn install_crds(client: &Client) {
     let api: Api<CustomResourceDefinition> = Api::all(client.clone());
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds");
-    for file in ["maildomains.kubemail.io.yaml", "relays.kubemail.io.yaml"] {
+    for file in [
+        "maildomains.kubemail.io.yaml",
+        "relays.kubemail.io.yaml",
+        "deliverypauses.kubemail.io.yaml",
+    ] {
         let text = std::fs::read_to_string(dir.join(file)).expect("read CRD");
         let crd: CustomResourceDefinition = serde_yaml::from_str(&text).expect("parse CRD");
         let name = crd.metadata.name.clone().expect("CRD name");
@@ -261,6 +265,15 @@ impl Operator {
             // The local cluster's pods share one network namespace: each node binds its pod IP.
             "--node-bind-pod-ip",
         ])
+        // A test that sets its own NATS security flags (the bundled-NATS bootstrap) gets
+        // none of the local cluster's.
+        .args(
+            if opts.extra_args.iter().any(|a| a.starts_with("--nats-")) {
+                Vec::new()
+            } else {
+                nats_security_args()
+            },
+        )
         .args(&opts.extra_args)
         .env("RUST_LOG", "info,kube_runtime=warn,kube_client=warn")
         .env("KUBEMAIL_LOG_FORMAT", "text")
@@ -383,9 +396,41 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
     head.starts_with("HTTP/1.1 200").then(|| rest.to_owned())
 }
 
+/// The operator flags for the local cluster's authenticated, TLS-only NATS (the account keys
+/// and CA that `e2e/local-cluster` made, named in its env file); none for a bare NATS.
+pub fn nats_security_args() -> Vec<String> {
+    let mut args = Vec::new();
+    if let Ok(dir) = std::env::var("NATS_ACCOUNT_DIR") {
+        args.extend(["--nats-account-dir".to_owned(), dir]);
+    }
+    if let Ok(ca) = std::env::var("NATS_CA") {
+        args.extend(["--nats-ca-file".to_owned(), ca]);
+    }
+    args
+}
+
+/// A client of the local cluster's NATS with the test user's credentials (`NATS_CREDS`) and
+/// its CA (`NATS_CA`) when the env names them.
+pub async fn nats_connect() -> Option<async_nats::Client> {
+    let mut options = match std::env::var("NATS_CREDS") {
+        Ok(path) => async_nats::ConnectOptions::with_credentials_file(path)
+            .await
+            .ok()?,
+        Err(_) => async_nats::ConnectOptions::new(),
+    };
+    if let Ok(ca) = std::env::var("NATS_CA") {
+        options = options.add_root_certificates(ca.into()).require_tls(true);
+    }
+    options
+        .connection_timeout(Duration::from_secs(5))
+        .connect(nats_url().split(',').map(str::to_owned).collect::<Vec<_>>())
+        .await
+        .ok()
+}
+
 /// Deletes a JetStream stream if it exists (test clean-up).
 pub async fn delete_stream(name: &str) {
-    if let Ok(client) = async_nats::connect(nats_url()).await {
+    if let Some(client) = nats_connect().await {
         let js = async_nats::jetstream::new(client);
         let _ = js.delete_stream(name).await;
     }

@@ -25,12 +25,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::ErrorCode;
-use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer, pull};
+use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::context::ConsumerInfoErrorKind;
 use async_nats::jetstream::stream::{ConsumerErrorKind, Stream};
 use futures::StreamExt as _;
 use kubemail_queue::names::consumer_filters;
-use kubemail_queue::{consumer_name, is_legacy_consumer, legacy_consumer_name, subject};
+use kubemail_queue::{consumer_name, is_legacy_consumer, legacy_consumer_name};
 use tokio::sync::Semaphore;
 
 use super::DeliveryContext;
@@ -39,6 +39,8 @@ use crate::config::NatsConfig;
 
 /// How long one pull request waits for entries before it is renewed.
 const PULL_EXPIRES: Duration = Duration::from_secs(5);
+/// Longest wait for the delivery pauses to be read before pulling anyway.
+const PAUSES_LOAD_LIMIT: Duration = Duration::from_secs(10);
 /// Longest pause between attempts to set up the consumer or to pull after errors.
 const RETRY_MAX: Duration = Duration::from_secs(10);
 
@@ -57,6 +59,12 @@ pub enum ConsumerError {
         #[source]
         source: async_nats::jetstream::stream::ConsumerError,
     },
+    #[error("consumer {name} is not there (yet): {source}")]
+    OpenConsumer {
+        name: String,
+        #[source]
+        source: async_nats::jetstream::stream::ConsumerError,
+    },
     #[error("cannot inspect the legacy consumer {name}: {source}")]
     InspectLegacyConsumer {
         name: String,
@@ -71,21 +79,19 @@ pub enum ConsumerError {
     },
 }
 
-/// The consumer configuration of `domain`.
-pub fn consumer_config(nats: &NatsConfig, domain: &str, config: &ConsumerConfig) -> pull::Config {
+pub use kubemail_queue::streams::consumer_config;
+
+/// Opens the consumer that someone else (the operator) created (`nats.manageStreams:
+/// false`): the node's credentials may read it, not create it.
+pub async fn open_consumer(
+    js: &async_nats::jetstream::Context,
+    nats: &NatsConfig,
+    domain: &str,
+) -> Result<PullConsumer, ConsumerError> {
     let name = consumer_name(domain);
-    pull::Config {
-        durable_name: Some(name.clone()),
-        name: Some(name),
-        description: Some(format!("kubemail delivery workers of {domain}")),
-        filter_subject: subject(&nats.subject_prefix, domain),
-        deliver_policy: DeliverPolicy::All,
-        ack_policy: AckPolicy::Explicit,
-        ack_wait: config.ack_wait.0,
-        max_deliver: i64::from(config.max_deliver),
-        max_ack_pending: i64::from(config.max_ack_pending),
-        ..Default::default()
-    }
+    js.get_consumer_from_stream(&name, &nats.stream)
+        .await
+        .map_err(|source| ConsumerError::OpenConsumer { name, source })
 }
 
 /// Creates the consumer, or updates it to the current settings; replaces this domain's
@@ -198,11 +204,18 @@ async fn remove_legacy_consumer(
 /// stops.
 pub async fn run(ctx: Arc<DeliveryContext>, domain: String) {
     let stop = ctx.shutdown.stop_token().clone();
+    // No entry before the pauses in force are known (see `super::pause`).
+    ctx.pauses.wait_loaded(PAUSES_LOAD_LIMIT).await;
     let slots = Arc::new(Semaphore::new(ctx.config.concurrency.max(1) as usize));
     let mut delay = Duration::from_millis(200);
     'setup: loop {
         let consumer = loop {
-            match ensure_consumer(&ctx.js, &ctx.nats, &domain, &ctx.config.consumer).await {
+            let consumer = if ctx.nats.manage_streams {
+                ensure_consumer(&ctx.js, &ctx.nats, &domain, &ctx.config.consumer).await
+            } else {
+                open_consumer(&ctx.js, &ctx.nats, &domain).await
+            };
+            match consumer {
                 Ok(c) => {
                     tracing::info!(%domain, consumer = %consumer_name(&domain), "delivery consumer ready");
                     break c;
@@ -295,6 +308,8 @@ pub async fn run(ctx: Arc<DeliveryContext>, domain: String) {
 
 #[cfg(test)]
 mod tests {
+    use async_nats::jetstream::consumer::AckPolicy;
+
     use super::*;
 
     #[test]

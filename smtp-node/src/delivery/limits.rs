@@ -18,19 +18,39 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 use super::client::SmtpClient;
 use super::route::Route;
+use super::shaping::Lease;
 use crate::config::ConnectionConfig;
 
 /// The connection a delivery starts with.
 pub enum Checkout {
     /// An idle connection to reuse (check it with RSET first).
-    Reused(Box<SmtpClient>, OwnedSemaphorePermit),
+    Reused(Box<SmtpClient>, Slot),
     /// Permission to open a new connection.
-    Fresh(OwnedSemaphorePermit),
+    Fresh(Slot),
+}
+
+/// The right to one open connection to a destination: this node's permit and, when the
+/// destination has a cluster-wide connection limit, its lease ([`super::shaping`]). Both
+/// are given back when the connection closes.
+pub struct Slot {
+    _permit: OwnedSemaphorePermit,
+    lease: Option<Lease>,
+}
+
+impl Slot {
+    /// Whether it holds a cluster-wide lease already.
+    pub fn has_lease(&self) -> bool {
+        self.lease.is_some()
+    }
+
+    pub fn set_lease(&mut self, lease: Option<Lease>) {
+        self.lease = lease;
+    }
 }
 
 struct Idle {
     client: SmtpClient,
-    permit: OwnedSemaphorePermit,
+    permit: Slot,
     since: Instant,
 }
 
@@ -82,7 +102,7 @@ impl ConnectionPool {
             tokio::select! {
                 permit = dest.permits.clone().acquire_owned() => {
                     match permit {
-                        Ok(p) => return Checkout::Fresh(p),
+                        Ok(permit) => return Checkout::Fresh(Slot { _permit: permit, lease: None }),
                         // The semaphore is never closed; should it be, do not spin.
                         Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
                     }
@@ -94,7 +114,7 @@ impl ConnectionPool {
 
     /// Returns a connection after a transaction: kept for reuse when it is still good and
     /// has not carried too many messages, closed otherwise.
-    pub async fn checkin(&self, route: &Route, client: SmtpClient, permit: OwnedSemaphorePermit) {
+    pub async fn checkin(&self, route: &Route, client: SmtpClient, permit: Slot) {
         let reusable = client.is_usable()
             && client.messages_sent() < self.config.max_messages_per_connection.max(1);
         if !reusable {

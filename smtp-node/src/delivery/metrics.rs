@@ -10,6 +10,7 @@ use std::sync::{Mutex, OnceLock};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
@@ -75,6 +76,12 @@ pub struct DeliveryMetrics {
     pub tls_results: Family<TlsResultLabels, Counter>,
     /// TLS-RPT report mails: `sent`, `failed`.
     pub tls_reports: Family<ResultOnlyLabels, Counter>,
+    /// Recipients held back by a delivery pause (counted at every check).
+    pub paused: Family<DomainLabels, Counter>,
+    /// Messages per minute in force per shaping destination (0: no limit).
+    pub shaping_rate: Family<super::shaping::DestinationLabels, Gauge>,
+    /// `421` / `4.7.x` answers per shaping destination.
+    pub shaping_throttled: Family<super::shaping::DestinationLabels, Counter>,
     remote_domains: Mutex<HashSet<String>>,
 }
 
@@ -95,6 +102,9 @@ impl DeliveryMetrics {
             remote: Family::default(),
             tls_results: Family::default(),
             tls_reports: Family::default(),
+            paused: Family::default(),
+            shaping_rate: Family::default(),
+            shaping_throttled: Family::default(),
             remote_domains: Mutex::new(HashSet::new()),
         }
     }
@@ -145,6 +155,21 @@ impl DeliveryMetrics {
             "tls_reports",
             "TLS-RPT (RFC 8460) report mails queued or failed",
             self.tls_reports.clone(),
+        );
+        registry.register(
+            "delivery_paused_recipients",
+            "Recipients held back by a delivery pause, counted at every check",
+            self.paused.clone(),
+        );
+        registry.register(
+            "delivery_shaping_messages_per_minute",
+            "Messages per minute in force per shaping destination after back-off (0: no limit)",
+            self.shaping_rate.clone(),
+        );
+        registry.register(
+            "delivery_shaping_throttled",
+            "421 and 4.7.x answers per shaping destination",
+            self.shaping_throttled.clone(),
         );
     }
 

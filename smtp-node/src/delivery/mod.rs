@@ -11,12 +11,15 @@
 //! * [`relay`]: smarthosts; [`limits`]: per-destination connection caps and reuse;
 //! * [`outcome`]: typed results and the entry decision; [`retry`]: the schedule;
 //! * [`dsn`]: bounces and delay notices;
+//! * [`admin`]: what operators' actions on the queue mean to a worker; [`pause`]: delivery
+//!   pauses; [`shaping`]: cluster-wide connection and rate limits per destination;
 //! * [`metrics`]: counters and latencies. The settings are in [`crate::config`].
 //!
 //! Entries are read and written with the queue contract's one codec,
 //! [`kubemail_queue::QueueEntry`] (envelope and retry state in the entry's headers).
 
 pub mod address_policy;
+pub mod admin;
 pub mod client;
 pub mod consumer;
 pub mod dsn;
@@ -24,10 +27,12 @@ pub mod limits;
 pub mod metrics;
 pub mod mx;
 pub mod outcome;
+pub mod pause;
 pub mod policy;
 pub mod relay;
 pub mod retry;
 pub mod route;
+pub mod shaping;
 pub mod tls;
 pub mod worker;
 
@@ -42,8 +47,7 @@ use self::relay::Relay;
 use self::route::{DomainRouting, RoutingTable};
 use self::tls::ClientTls;
 use crate::clock::Clock;
-use crate::config::DeliveryConfig;
-use crate::config::NatsConfig;
+use crate::config::{DeliveryConfig, NatsConfig, RetryConfig};
 use crate::dkim::DkimSigner;
 use crate::dns::Resolver;
 use crate::shutdown::Shutdown;
@@ -66,6 +70,8 @@ pub struct DeliverySettings {
     pub nats: NatsConfig,
     /// Our domains with their inbound targets and relays.
     pub domains: Vec<DomainRouting>,
+    /// Domains with a retry schedule of their own (`retryIntervals`).
+    pub retry_by_domain: HashMap<String, RetryConfig>,
 }
 
 impl DeliverySettings {
@@ -82,6 +88,17 @@ impl DeliverySettings {
                     name: d.name.clone(),
                     inbound: d.inbound.clone(),
                     relay: d.relay.clone(),
+                })
+                .collect(),
+            retry_by_domain: config
+                .domains
+                .iter()
+                .filter(|d| !d.retry_intervals.is_empty())
+                .map(|d| {
+                    (
+                        d.name.to_ascii_lowercase(),
+                        config.delivery.retry.for_domain(&d.retry_intervals),
+                    )
                 })
                 .collect(),
         }
@@ -106,6 +123,13 @@ pub struct DeliveryContext {
     pub policies: policy::Policies,
     /// TLS-RPT results and reports.
     pub tlsrpt: Arc<policy::tlsrpt::TlsRpt>,
+    /// Delivery pauses in force.
+    pub pauses: Arc<pause::Pauses>,
+    /// Cluster-wide connection and rate limits.
+    pub shaper: Arc<shaping::Shaper>,
+    /// Marks of entries operators replaced.
+    pub replaced: admin::ReplacedMarks,
+    retry_by_domain: HashMap<String, RetryConfig>,
     bodies: Mutex<HashMap<String, ObjectStore>>,
 }
 
@@ -147,7 +171,18 @@ impl DeliveryContext {
             js.clone(),
             clock,
         ));
+        let shaper = shaping::Shaper::new(
+            d.shaping.clone(),
+            js.clone(),
+            // Objects a node creates itself are R1, as for the TLS policy cache.
+            1,
+            &settings.hostname,
+        );
         Ok(Self {
+            pauses: pause::Pauses::new(),
+            shaper,
+            replaced: admin::ReplacedMarks::default(),
+            retry_by_domain: settings.retry_by_domain,
             hostname: settings.hostname,
             pool: Arc::new(ConnectionPool::new(d.connections.clone())),
             config: settings.delivery,
@@ -164,6 +199,14 @@ impl DeliveryContext {
             tlsrpt,
             bodies: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// The retry schedule of `domain`'s entries.
+    pub fn retry_config(&self, domain: &str) -> RetryConfig {
+        self.retry_by_domain
+            .get(&domain.to_ascii_lowercase())
+            .cloned()
+            .unwrap_or_else(|| self.config.retry.clone())
     }
 
     /// The object store `bucket`, opened once.
@@ -203,6 +246,16 @@ pub fn start(ctx: Arc<DeliveryContext>, domains: &[String]) -> Vec<tokio::task::
         ctx.pool
             .clone()
             .run_reaper(ctx.shutdown.stop_token().clone()),
+    ));
+    tasks.push(tokio::spawn(pause::run_watch(
+        ctx.js.clone(),
+        ctx.pauses.clone(),
+        ctx.shutdown.stop_token().clone(),
+    )));
+    tasks.push(tokio::spawn(
+        ctx.shaper
+            .clone()
+            .run_renewal(ctx.shutdown.stop_token().clone()),
     ));
     for domain in domains {
         tasks.push(tokio::spawn(consumer::run(ctx.clone(), domain.clone())));

@@ -175,7 +175,11 @@ pub struct Plan {
 #[derive(Debug, Clone, Copy)]
 pub struct PlanInput<'a> {
     pub retry: &'a RetryConfig,
+    /// When the message was accepted, moved by the time it spent held or paused: the start
+    /// of its lifetime.
     pub accepted_at: SystemTime,
+    /// The number of this attempt (1 = the first).
+    pub attempt: u32,
     pub now: SystemTime,
     pub null_sender: bool,
     /// The sender may get delivery status notifications: false for inbound mail whose
@@ -207,6 +211,7 @@ pub fn plan(outcomes: Vec<(String, RecipientOutcome)>, input: PlanInput<'_>) -> 
             lifetime,
             input.accepted_at,
             input.now,
+            input.attempt,
             input.jitter,
         ) {
             RetryDecision::Expired => {
@@ -275,6 +280,7 @@ mod tests {
             null_sender,
             may_notify: true,
             delay_warned: false,
+            attempt: 1,
             jitter: 0.0,
         }
     }

@@ -1,6 +1,8 @@
 //! The retry schedule: when a deferred message is tried again, and when it expires.
 //!
-//! Like Postfix's queue manager, the wait before the next attempt is the message's age,
+//! With `retry.intervals` (node-wide, or a domain's `retryIntervals`) the waits are that list
+//! in order, its last value repeating. Without, like Postfix's queue manager, the wait before
+//! the next attempt is the message's age,
 //! clamped to `[minBackoff, maxBackoff]`: with the defaults that is 5, 5, 10, 20, 40 minutes,
 //! then every ~67 minutes, a doubling schedule that needs no attempt counter (RFC 5321
 //! 4.5.4.1 asks for at least 30 minutes between retries to one destination but explicitly
@@ -36,23 +38,22 @@ pub fn lifetime(config: &RetryConfig, null_sender: bool) -> Duration {
     }
 }
 
-/// The next attempt for a message accepted at `accepted_at`, at `now`. `jitter` is a random
-/// number in `[0, 1)`.
+/// The next attempt for a message accepted at `accepted_at` (moved by the time it spent held
+/// or paused), after its attempt number `attempts` (1 = the first) failed at `now`. `jitter`
+/// is a random number in `[0, 1)`.
 pub fn next_attempt(
     config: &RetryConfig,
     lifetime: Duration,
     accepted_at: SystemTime,
     now: SystemTime,
+    attempts: u32,
     jitter: f64,
 ) -> RetryDecision {
     let age = now.duration_since(accepted_at).unwrap_or(Duration::ZERO);
     if age >= lifetime {
         return RetryDecision::Expired;
     }
-    let base = age.clamp(
-        config.min_backoff.0,
-        config.max_backoff.0.max(config.min_backoff.0),
-    );
+    let base = config.base_wait(attempts, age);
     let wait = base.mul_f64(1.0 + JITTER * jitter.clamp(0.0, 1.0));
     let expiry = accepted_at + lifetime;
     RetryDecision::RetryAt((now + wait).min(expiry))
@@ -89,7 +90,7 @@ mod tests {
 
     fn wait_after(config: &RetryConfig, age: u64) -> u64 {
         let lifetime = config.lifetime.0;
-        match next_attempt(config, lifetime, at(0), at(age), 0.0) {
+        match next_attempt(config, lifetime, at(0), at(age), 1, 0.0) {
             RetryDecision::RetryAt(t) => t.duration_since(at(age)).unwrap().as_secs(),
             RetryDecision::Expired => u64::MAX,
         }
@@ -129,20 +130,47 @@ mod tests {
     fn jitter_adds_at_most_ten_percent_and_never_passes_expiry() {
         let config = RetryConfig::default();
         let lifetime = config.lifetime.0;
-        let RetryDecision::RetryAt(t) = next_attempt(&config, lifetime, at(0), at(0), 0.999) else {
+        let RetryDecision::RetryAt(t) = next_attempt(&config, lifetime, at(0), at(0), 1, 0.999)
+        else {
             panic!()
         };
         let w = t.duration_since(at(0)).unwrap().as_secs();
         assert!((300..=330).contains(&w), "{w}");
         let near_end = lifetime.as_secs() - 10;
         assert_eq!(
-            next_attempt(&config, lifetime, at(0), at(near_end), 0.5),
+            next_attempt(&config, lifetime, at(0), at(near_end), 9, 0.5),
             RetryDecision::RetryAt(at(lifetime.as_secs()))
         );
         assert_eq!(
-            next_attempt(&config, lifetime, at(0), at(lifetime.as_secs()), 0.5),
+            next_attempt(&config, lifetime, at(0), at(lifetime.as_secs()), 9, 0.5),
             RetryDecision::Expired
         );
+    }
+
+    #[test]
+    fn a_list_of_intervals_is_followed_in_order() {
+        let config = RetryConfig {
+            intervals: vec![
+                HumanDuration::from_secs(60),
+                HumanDuration::from_secs(300),
+                HumanDuration::from_secs(3600),
+            ],
+            ..RetryConfig::default()
+        };
+        let lifetime = config.lifetime.0;
+        let mut now = 0u64;
+        let mut waits = Vec::new();
+        for attempt in 1..=5 {
+            let RetryDecision::RetryAt(t) =
+                next_attempt(&config, lifetime, at(0), at(now), attempt, 0.0)
+            else {
+                panic!("expired early")
+            };
+            let w = t.duration_since(at(now)).unwrap().as_secs();
+            waits.push(w);
+            now += w;
+        }
+        assert_eq!(waits, [60, 300, 3600, 3600, 3600]);
     }
 
     #[test]
@@ -153,7 +181,7 @@ mod tests {
     }
 
     fn wait_after_with(config: &RetryConfig, accepted: SystemTime, now: SystemTime) -> u64 {
-        match next_attempt(config, config.lifetime.0, accepted, now, 0.0) {
+        match next_attempt(config, config.lifetime.0, accepted, now, 1, 0.0) {
             RetryDecision::RetryAt(t) => t.duration_since(now).unwrap().as_secs(),
             RetryDecision::Expired => u64::MAX,
         }

@@ -46,10 +46,12 @@ use super::policy::tlsrpt::SessionResult;
 use super::policy::{Check, MessageTls, Planned, ReportPolicy, ResultType};
 use super::relay;
 use super::route::Route;
+use super::{admin, pause, shaping};
 use crate::config::{ForwardProtocol, InboundTls};
 use crate::protocol::EnhancedCode;
 use crate::queue::{Direction, EntryError, Notice, QueueEntry, QueueId};
 use crate::telemetry::propagation;
+use kubemail_queue::Action;
 
 /// An entry that comes back this much before its retry time is attempted anyway.
 const NOT_BEFORE_SLACK: Duration = Duration::from_millis(250);
@@ -127,7 +129,14 @@ async fn process(
 ) {
     let started = Instant::now();
     let max_deliver = ctx.config.consumer.max_deliver;
-    let (body, outcomes) = if is_poison(delivered, max_deliver) {
+    let mut paused = Vec::new();
+    let (body, outcomes) = if entry.admin.cancelled {
+        // Deleted by an operator with a notice: bounce every recipient, attempt nothing.
+        let body = with_progress(ctx, message, load_body(ctx, message, &entry))
+            .await
+            .ok();
+        (body, admin::cancelled_outcomes(&entry))
+    } else if is_poison(delivered, max_deliver) {
         tracing::error!(
             delivered,
             max_deliver,
@@ -167,7 +176,10 @@ async fn process(
             }
         };
         match result {
-            Ok(done) => done,
+            Ok((body, outcomes, held_back)) => {
+                paused = held_back;
+                (body, outcomes)
+            }
             Err(_panic) => {
                 tracing::error!("delivery attempt panicked; the entry will be retried");
                 ack(message, AckKind::Nak(Some(local_retry(ctx)))).await;
@@ -181,7 +193,7 @@ async fn process(
             domain: domain.to_owned(),
         })
         .observe(started.elapsed().as_secs_f64());
-    let finish = finish(ctx, domain, message, &entry, body, outcomes);
+    let finish = finish(ctx, domain, message, &entry, body, outcomes, paused);
     with_progress(ctx, message, finish).await;
 }
 
@@ -217,12 +229,17 @@ async fn with_progress<T>(
     }
 }
 
-/// One attempt: the body (if it could be read) and one outcome per recipient.
+/// One attempt: the body (if it could be read), one outcome per recipient attempted, and the
+/// recipients a delivery pause holds back (not attempted).
 async fn attempt(
     ctx: &DeliveryContext,
     message: &Message,
     entry: &QueueEntry,
-) -> (Option<Bytes>, Vec<(String, RecipientOutcome)>) {
+) -> (
+    Option<Bytes>,
+    Vec<(String, RecipientOutcome)>,
+    Vec<pause::Paused>,
+) {
     let body = match load_body(ctx, message, entry).await {
         Ok(b) => b,
         Err(BodyError::Missing(what)) => {
@@ -231,7 +248,11 @@ async fn attempt(
                 EnhancedCode(5, 3, 0),
                 "the message body was lost from the queue store",
             );
-            return (None, all(&entry.recipients, RecipientOutcome::Failed(d)));
+            return (
+                None,
+                all(&entry.recipients, RecipientOutcome::Failed(d)),
+                Vec::new(),
+            );
         }
         Err(BodyError::Unavailable(what)) => {
             tracing::warn!(%what, "cannot read the message body now");
@@ -239,17 +260,22 @@ async fn attempt(
                 EnhancedCode(4, 3, 0),
                 format!("cannot read the message body: {what}"),
             );
-            return (None, all(&entry.recipients, RecipientOutcome::Deferred(d)));
+            return (
+                None,
+                all(&entry.recipients, RecipientOutcome::Deferred(d)),
+                Vec::new(),
+            );
         }
     };
     let groups = ctx
         .routing
         .group(entry.direction, &entry.domain, &entry.recipients);
+    let (groups, paused) = pause::split(ctx, entry, groups).await;
     let deliveries = groups
         .iter()
         .map(|(route, rcpts)| deliver_group(ctx, entry, route, rcpts, &body));
     let results = futures::future::join_all(deliveries).await;
-    (Some(body), results.into_iter().flatten().collect())
+    (Some(body), results.into_iter().flatten().collect(), paused)
 }
 
 #[derive(Debug)]
@@ -559,7 +585,11 @@ async fn send_via(
     let must_verify = require_tls || targets.iter().any(|p| p.enforce);
     let mut last: Option<Diagnostic> = None;
     let mut only_requiretls_failures = true;
-    let permit = match ctx.pool.checkout(route).await {
+    // Cluster-wide connection and rate limits of this destination (`super::shaping`).
+    let hosts: Vec<&str> = targets.iter().map(|p| p.target.host.as_str()).collect();
+    let dest = ctx.shaper.destination(route, &hosts);
+    let dest = dest.as_ref();
+    let mut permit = match ctx.pool.checkout(route).await {
         Checkout::Reused(mut client, permit) => {
             let fits = !must_verify
                 || (client.is_verified()
@@ -568,15 +598,23 @@ async fn send_via(
                         .any(|p| p.target.host == client.target().host)
                     && (!require_tls || client.capabilities().requiretls));
             if fits && client.reset().await.is_ok() {
+                if let Err(d) = shaping::before_send(&ctx.shaper, dest).await {
+                    ctx.pool.checkin(route, *client, permit).await;
+                    return all(rcpts, RecipientOutcome::Deferred(d));
+                }
                 match client.send(&outgoing).await {
                     Ok(outcomes) => {
                         log_outcomes(client.target(), rcpts, &outcomes, true);
+                        shaping::after(&ctx.shaper, dest, outcomes.iter().filter_map(diagnostic))
+                            .await;
                         ctx.pool.checkin(route, *client, permit).await;
                         return zip(outcomes);
                     }
                     Err(e) => {
                         tracing::info!(host = %client.target().host, error = %e, "reused connection failed");
-                        last = Some(e.diagnostic(&client.target().host));
+                        let d = e.diagnostic(&client.target().host);
+                        shaping::after(&ctx.shaper, dest, [&d]).await;
+                        last = Some(d);
                         only_requiretls_failures = false;
                         client.quit().await;
                     }
@@ -588,6 +626,9 @@ async fn send_via(
         }
         Checkout::Fresh(permit) => permit,
     };
+    if let Err(d) = shaping::connect_slot(&ctx.shaper, dest, &mut permit).await {
+        return all(rcpts, RecipientOutcome::Deferred(d));
+    }
     for planned in targets {
         let target = &planned.target;
         let options = ConnectOptions {
@@ -628,7 +669,9 @@ async fn send_via(
                         .await;
                     }
                 }
-                last = Some(e.diagnostic(&target.host));
+                let d = e.diagnostic(&target.host);
+                shaping::after(&ctx.shaper, dest, [&d]).await;
+                last = Some(d);
                 only_requiretls_failures = false;
                 continue;
             }
@@ -668,15 +711,22 @@ async fn send_via(
                 continue;
             }
         }
+        if let Err(d) = shaping::before_send(&ctx.shaper, dest).await {
+            ctx.pool.checkin(route, client, permit).await;
+            return all(rcpts, RecipientOutcome::Deferred(d));
+        }
         match client.send(&outgoing).await {
             Ok(outcomes) => {
                 log_outcomes(target, rcpts, &outcomes, false);
+                shaping::after(&ctx.shaper, dest, outcomes.iter().filter_map(diagnostic)).await;
                 ctx.pool.checkin(route, client, permit).await;
                 return zip(outcomes);
             }
             Err(e) => {
                 tracing::info!(host = %target.host, addr = %target.addr, error = %e, "transaction failed; trying the next host");
-                last = Some(e.diagnostic(&target.host));
+                let d = e.diagnostic(&target.host);
+                shaping::after(&ctx.shaper, dest, [&d]).await;
+                last = Some(d);
                 only_requiretls_failures = false;
                 client.quit().await;
             }
@@ -693,6 +743,14 @@ async fn send_via(
             });
             all(rcpts, RecipientOutcome::Deferred(d))
         }
+    }
+}
+
+/// The diagnostic of a recipient that was not delivered.
+fn diagnostic(outcome: &RecipientOutcome) -> Option<&Diagnostic> {
+    match outcome {
+        RecipientOutcome::Delivered { .. } => None,
+        RecipientOutcome::Deferred(d) | RecipientOutcome::Failed(d) => Some(d),
     }
 }
 
@@ -770,7 +828,8 @@ fn log_outcomes(target: &Target, rcpts: &[String], outcomes: &[RecipientOutcome]
     }
 }
 
-/// Acts on the outcomes: bounce, delay notice, republish, ack.
+/// Acts on the outcomes: bounce, delay notice, republish (with the recipients a pause holds
+/// back), ack.
 async fn finish(
     ctx: &DeliveryContext,
     domain: &str,
@@ -778,13 +837,41 @@ async fn finish(
     entry: &QueueEntry,
     body: Option<Bytes>,
     outcomes: Vec<(String, RecipientOutcome)>,
+    paused: Vec<pause::Paused>,
 ) {
     let now = SystemTime::now();
+    if !paused.is_empty() {
+        metrics::global()
+            .paused
+            .get_or_create(&DomainLabels {
+                domain: domain.to_owned(),
+            })
+            .inc_by(paused.len() as u64);
+    }
+    if outcomes.is_empty() && !paused.is_empty() {
+        // Only paused recipients: no attempt was made, none is counted.
+        let at = pause::next_check(ctx, &paused, None, now);
+        let next = pause::waiting_entry(entry, entry.recipients.clone(), &paused, at, now);
+        let sequence = message.info().map(|i| i.stream_sequence).unwrap_or(0);
+        tracing::Span::current().record("delivery.outcome", "paused");
+        tracing::info!(pause = %paused[0].pause, recipients = paused.len(), next_check = ?at.duration_since(now).unwrap_or_default(), "held back by a delivery pause");
+        republish(
+            ctx,
+            message,
+            entry,
+            next,
+            &entry.action_msg_id(Action::Pause, sequence),
+        )
+        .await;
+        return;
+    }
+    let retry = ctx.retry_config(&entry.domain);
     let plan = outcome::plan(
         outcomes,
         PlanInput {
-            retry: &ctx.config.retry,
-            accepted_at: entry.accepted_at,
+            retry: &retry,
+            accepted_at: entry.accepted_at + entry.admin.suspended,
+            attempt: entry.attempts + 1,
             now,
             null_sender: entry.is_null_sender(),
             may_notify: may_notify(entry),
@@ -839,7 +926,7 @@ async fn finish(
     }
     let mut delay_warned = entry.delay_warned;
     if plan.delay_notice {
-        let until = entry.accepted_at + super::retry::lifetime(&ctx.config.retry, false);
+        let until = entry.expires_at(super::retry::lifetime(&retry, false));
         match publish_dsn(
             ctx,
             entry,
@@ -856,35 +943,52 @@ async fn finish(
             }
         }
     }
-    match plan.disposition {
-        Disposition::Deferred {
-            retry_after,
-            retry_at,
-        } => {
-            let next = QueueEntry {
-                recipients: plan.deferred.iter().map(|(r, _)| r.clone()).collect(),
-                attempts: entry.attempts + 1,
-                not_before: Some(retry_at),
-                last_error: plan.deferred.first().map(|(_, d)| d.summary()),
-                delay_warned,
-                ..entry.clone()
-            };
-            let headers = next.to_headers(&next.msg_id());
-            if let Err(error) = publish(ctx, &entry.domain, headers, message.payload.clone()).await
-            {
-                tracing::error!(%error, "cannot queue the retry; the entry will be retried as a whole");
-                ack(message, AckKind::Nak(Some(local_retry(ctx)))).await;
-                return;
-            }
-            m.retries
-                .get_or_create(&DomainLabels {
-                    domain: domain.to_owned(),
-                })
-                .inc();
-            tracing::Span::current().record("delivery.retry_in_seconds", retry_after.as_secs());
-            tracing::info!(remaining = next.recipients.len(), retry_in = ?retry_after, "deferred");
-            confirm_ack(message, AckKind::Ack).await;
+    let retry_at = match plan.disposition {
+        Disposition::Deferred { retry_at, .. } => Some(retry_at),
+        Disposition::Done | Disposition::Failed => None,
+    };
+    if retry_at.is_some() || !paused.is_empty() {
+        let mut recipients: Vec<String> = plan.deferred.iter().map(|(r, _)| r.clone()).collect();
+        recipients.extend(paused.iter().map(|p| p.recipient.clone()));
+        let mut next = QueueEntry {
+            recipients,
+            attempts: entry.attempts + 1,
+            not_before: retry_at,
+            last_error: plan
+                .deferred
+                .first()
+                .map(|(_, d)| d.summary())
+                .or_else(|| entry.last_error.clone()),
+            delay_warned,
+            ..entry.clone()
+        };
+        next.admin.paused_by = None;
+        if let Some((_, d)) = plan.deferred.first() {
+            next.admin.log_attempt(now, &d.summary());
         }
+        if !paused.is_empty() {
+            let at = pause::next_check(ctx, &paused, retry_at, now);
+            let recipients = next.recipients.clone();
+            next = pause::waiting_entry(&next, recipients, &paused, at, now);
+        }
+        let retry_in = next
+            .not_before
+            .and_then(|t| t.duration_since(now).ok())
+            .unwrap_or_default();
+        if !republish(ctx, message, entry, next.clone(), &next.msg_id()).await {
+            return;
+        }
+        m.retries
+            .get_or_create(&DomainLabels {
+                domain: domain.to_owned(),
+            })
+            .inc();
+        tracing::Span::current().record("delivery.retry_in_seconds", retry_in.as_secs());
+        tracing::info!(remaining = next.recipients.len(), paused = paused.len(), retry_in = ?retry_in, "deferred");
+        return;
+    }
+    match plan.disposition {
+        Disposition::Deferred { .. } => {}
         Disposition::Done => {
             if confirm_ack(message, AckKind::Ack).await {
                 delete_body(ctx, entry).await;
@@ -907,6 +1011,33 @@ pub fn may_notify(entry: &QueueEntry) -> bool {
         Direction::Outbound => true,
         Direction::Inbound => entry.sender_auth.is_some_and(|a| a.verified()),
     }
+}
+
+/// Publishes `next` (the rest of `entry`) as `msg_id` and acks the old entry; returns
+/// whether that happened. When an operator replaced or deleted the old entry during the
+/// attempt, its replacement is the entry from now on and nothing is republished.
+async fn republish(
+    ctx: &DeliveryContext,
+    message: &Message,
+    entry: &QueueEntry,
+    next: QueueEntry,
+    msg_id: &str,
+) -> bool {
+    if admin::replaced_meanwhile(ctx, message, entry).await {
+        tracing::info!(
+            "the entry was changed by an operator during the attempt; keeping their version"
+        );
+        confirm_ack(message, AckKind::Ack).await;
+        return false;
+    }
+    let headers = next.to_headers(msg_id);
+    if let Err(error) = publish(ctx, &entry.domain, headers, message.payload.clone()).await {
+        tracing::error!(%error, "cannot queue the retry; the entry will be retried as a whole");
+        ack(message, AckKind::Nak(Some(local_retry(ctx)))).await;
+        return false;
+    }
+    confirm_ack(message, AckKind::Ack).await;
+    true
 }
 
 /// Records the attempt's result on its span: what a reader of the trace looks for first.
@@ -1006,8 +1137,12 @@ async fn publish_dsn(
         not_before: None,
         last_error: None,
         delay_warned: false,
+        admin: Default::default(),
     };
     let (notice, tag) = match kind {
+        // An operator's delete has an id of its own: the entry's attempt may have queued a
+        // bounce of the same attempt number.
+        DsnKind::Failure if entry.admin.cancelled => (Notice::Cancel, "cancel"),
         DsnKind::Failure => (Notice::Bounce, "bounce"),
         DsnKind::Delay => (Notice::Delay, "delay"),
     };

@@ -6,20 +6,31 @@
 //! `/readyz` fails and every DATA gets `451 4.3.0`. A publish is only attempted while the
 //! connection is up; otherwise the client would buffer it and send it after a reconnect, long
 //! after the client was told `451` (a certain duplicate when it retries).
+//!
+//! An enqueue stores large bodies in the object store first (in the session's task), then
+//! hands its entries to the [`commit`](super::commit) task, which publishes them with the
+//! entries of other sessions in one atomic batch. Body objects that no entry refers to are
+//! removed: at once when the entry is known not to be stored (an error answer, or never
+//! sent, and no earlier batch of it went unanswered); otherwise (a timeout, a crash, an entry
+//! the stream already had) by the [`sweeper`](super::sweeper), which looks at the entries. An object whose entry is stored is marked so
+//! (its description), so the sweeper need not look for it.
 
-use std::sync::{Arc, OnceLock};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use async_nats::connection::State;
-use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::object_store::ObjectStore;
 use async_nats::jetstream::{self, ErrorCode};
 use futures::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
+use super::commit::{Committer, Outgoing, Stored};
 use super::setup::StreamSetup;
-use super::stream::{ensure_body_bucket, ensure_queue_stream};
-use super::{EnqueueError, Queue, QueuedMessage};
+use super::stream::{check_consumer, ensure_body_bucket, ensure_queue_stream, open_body_bucket};
+use super::{EnqueueError, Queue, QueuedMessage, sweeper};
 use crate::config::NatsConfig;
 use crate::metrics::{self, ResultLabels};
 
@@ -39,12 +50,8 @@ const FULL_CODES: [ErrorCode; 5] = [
 /// Why the NATS client could not be created.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
-    #[error("cannot read NATS credentials file {path}")]
-    ReadCredentials {
-        path: std::path::PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("cannot set up the NATS connection")]
+    Options(#[from] super::connect::OptionsError),
     #[error("cannot connect to NATS at {url}: {source}")]
     Connect {
         url: String,
@@ -58,27 +65,21 @@ pub struct JetStreamQueue {
     client: async_nats::Client,
     js: jetstream::Context,
     nats: NatsConfig,
-    bodies: OnceLock<ObjectStore>,
-    setup: StreamSetup,
+    /// The domains this node serves (lower case): one body bucket each.
+    domains: Vec<String>,
+    bodies: RwLock<HashMap<String, ObjectStore>>,
+    setup: Arc<StreamSetup>,
+    /// Whether the stream takes atomic batches (known after set-up).
+    atomic: Arc<AtomicBool>,
+    committer: Committer,
 }
 
 impl JetStreamQueue {
     /// Creates the client. Returns at once; the connection is made (and re-made) in the
     /// background. Call [`JetStreamQueue::run_setup`] to create the stream.
-    pub async fn connect(nats: &NatsConfig) -> Result<Arc<Self>, ConnectError> {
-        let options = match &nats.credentials_file {
-            Some(path) => async_nats::ConnectOptions::with_credentials_file(path)
-                .await
-                .map_err(|source| ConnectError::ReadCredentials {
-                    path: path.clone(),
-                    source,
-                })?,
-            None => async_nats::ConnectOptions::new(),
-        };
-        let client = options
-            .name("kubemail-smtp-node")
+    pub async fn connect(nats: &NatsConfig, domains: &[String]) -> Result<Arc<Self>, ConnectError> {
+        let client = super::connect::options(nats, "kubemail-smtp-node")?
             .retry_on_initial_connect()
-            .connection_timeout(Duration::from_secs(5))
             .event_callback(|event| async move {
                 match event {
                     async_nats::Event::Connected => {
@@ -108,12 +109,18 @@ impl JetStreamQueue {
             })?;
         let mut js = jetstream::new(client.clone());
         js.set_timeout(nats.publish_timeout.0);
+        let setup = Arc::new(StreamSetup::new());
+        let atomic = Arc::new(AtomicBool::new(false));
+        let committer = Committer::start(client.clone(), js.clone(), atomic.clone());
         Ok(Arc::new(Self {
             client,
             js,
             nats: nats.clone(),
-            bodies: OnceLock::new(),
-            setup: StreamSetup::new(),
+            domains: domains.iter().map(|d| d.to_ascii_lowercase()).collect(),
+            bodies: RwLock::new(HashMap::new()),
+            setup,
+            atomic,
+            committer,
         }))
     }
 
@@ -129,17 +136,76 @@ impl JetStreamQueue {
                 &self.client,
                 &cancel,
                 || self.setup_once(),
-                || tracing::info!(stream = %self.nats.stream, bucket = %self.nats.body_bucket, "queue ready"),
+                || tracing::info!(stream = %self.nats.stream, buckets = %self.nats.body_bucket, managed = self.nats.manage_streams, "queue ready"),
                 |error| tracing::error!(%error, "queue setup failed; retrying"),
             )
             .await;
     }
 
+    /// With `nats.manageStreams`, creates or updates the stream and every domain's body
+    /// bucket; without, only opens what the operator made, so the node is not ready (and
+    /// answers `451`) until the objects exist.
     async fn setup_once(&self) -> Result<(), super::stream::SetupError> {
-        ensure_queue_stream(&self.js, &self.nats).await?;
-        let bucket = ensure_body_bucket(&self.js, &self.nats).await?;
-        let _ = self.bodies.set(bucket);
+        let atomic = if self.nats.manage_streams {
+            let atomic = ensure_queue_stream(&self.js, &self.nats).await?;
+            if !atomic && self.nats.group_commit {
+                tracing::warn!(stream = %self.nats.stream, "the stream takes no atomic batches (nats-server before 2.12?): every message is its own write");
+            }
+            atomic
+        } else {
+            // The operator creates the stream with `allow_atomic`; should the server refuse a
+            // batch after all, the committer publishes the group message by message.
+            true
+        };
+        self.atomic
+            .store(atomic && self.nats.group_commit, Ordering::Relaxed);
+        let mut bodies = HashMap::new();
+        for domain in &self.domains {
+            let bucket = if self.nats.manage_streams {
+                ensure_body_bucket(&self.js, &self.nats, domain).await?
+            } else {
+                check_consumer(&self.js, &self.nats, domain).await?;
+                open_body_bucket(&self.js, &self.nats, domain).await?
+            };
+            bodies.insert(domain.clone(), bucket);
+        }
+        *self.bodies.write().unwrap_or_else(|e| e.into_inner()) = bodies;
         Ok(())
+    }
+
+    /// Removes body objects no entry refers to, every `interval`, until `cancel`. Only with
+    /// `nats.manageStreams`: reading the entries needs more than a node's own credentials.
+    pub async fn run_sweeper(self: Arc<Self>, interval: Duration, cancel: CancellationToken) {
+        if !self.nats.manage_streams {
+            return;
+        }
+        sweeper::run(
+            &self.js,
+            &self.nats,
+            || self.all_bodies(),
+            interval,
+            &cancel,
+        )
+        .await;
+    }
+
+    /// Every set-up body bucket, by domain.
+    fn all_bodies(&self) -> Vec<(String, ObjectStore)> {
+        self.bodies
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(domain, store)| (domain.clone(), store.clone()))
+            .collect()
+    }
+
+    /// `domain`'s body bucket, once set up.
+    fn bodies_of(&self, domain: &str) -> Option<ObjectStore> {
+        self.bodies
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&domain.to_ascii_lowercase())
+            .cloned()
     }
 
     /// The NATS client (for tests and the delivery side).
@@ -163,53 +229,164 @@ impl JetStreamQueue {
         configured.min(server)
     }
 
-    #[tracing::instrument(
-        name = "queue.publish",
-        skip_all,
-        fields(
-            otel.kind = "producer",
-            messaging.system = "nats",
-            messaging.destination.name = %kubemail_queue::subject(&self.nats.subject_prefix, &message.entry.domain),
-            queue_id = %message.entry.queue_id,
-            domain = %message.entry.domain,
-            size = message.body.len(),
-        )
-    )]
-    async fn publish(&self, message: &QueuedMessage) -> Result<(), EnqueueError> {
-        let mut entry = message.entry.clone();
-        entry.body_size = Some(message.body.len() as u64);
-        let payload = if message.body.len() > self.inline_limit() {
-            let store = self
-                .bodies
-                .get()
-                .ok_or_else(|| EnqueueError::Unavailable("body bucket not set up".to_owned()))?;
+    /// The NATS message of one entry; a large body goes to the object store first (its
+    /// object name is returned with the message).
+    async fn prepare(
+        &self,
+        message: QueuedMessage,
+    ) -> Result<(Outgoing, Option<(String, String)>), EnqueueError> {
+        let QueuedMessage {
+            mut entry,
+            body,
+            msg_id,
+        } = message;
+        entry.body_size = Some(body.len() as u64);
+        let (payload, object) = if body.len() > self.inline_limit() {
+            let store = self.bodies_of(&entry.domain).ok_or_else(|| {
+                EnqueueError::Unavailable(format!("body bucket of {} not set up", entry.domain))
+            })?;
             let object = entry.body_object_name();
-            let mut reader: &[u8] = &message.body;
+            let mut reader: &[u8] = &body;
             store
                 .put(object.as_str(), &mut reader)
                 .await
                 .map_err(|e| classify(&e, "store body"))?;
-            entry.body_ref = Some(kubemail_queue::body_ref(&self.nats.body_bucket, &object));
-            bytes::Bytes::new()
+            entry.body_ref = Some(kubemail_queue::body_ref(
+                &kubemail_queue::body_bucket(&self.nats.body_bucket, &entry.domain),
+                &object,
+            ));
+            (bytes::Bytes::new(), Some((entry.domain.clone(), object)))
         } else {
-            message.body.clone()
+            (body, None)
         };
         let subject = kubemail_queue::subject(&self.nats.subject_prefix, &entry.domain);
-        let ack = self
-            .js
-            .publish_with_headers(subject, entry.to_headers(&entry.msg_id()), payload)
-            .await
-            .map_err(|e| classify(&e, "publish"))?
-            .await
-            .map_err(|e| {
-                if e.kind() == PublishErrorKind::StreamNotFound {
-                    tracing::error!(stream = %self.nats.stream, "queue stream missing; setting it up again");
-                    self.setup.lost();
+        Ok((Outgoing::new(subject, entry, msg_id, payload), object))
+    }
+
+    /// Publishes the entries of one transaction; `Ok` once every one is stored.
+    async fn publish(&self, entries: Vec<QueuedMessage>) -> Result<(), EnqueueError> {
+        if self.client.connection_state() != State::Connected {
+            return Err(EnqueueError::Unavailable(
+                "not connected to NATS".to_owned(),
+            ));
+        }
+        if !self.setup.is_done() {
+            return Err(EnqueueError::Unavailable(
+                "queue stream not set up yet".to_owned(),
+            ));
+        }
+        let mut outgoing = Vec::with_capacity(entries.len());
+        let mut objects = Vec::with_capacity(entries.len());
+        for entry in entries {
+            match self.prepare(entry).await {
+                Ok((message, object)) => {
+                    outgoing.push(message);
+                    objects.push(object);
                 }
-                classify(&e, "wait for acknowledgement")
-            })?;
-        tracing::debug!(stream = %ack.stream, sequence = ack.sequence, duplicate = ack.duplicate, "queued");
-        Ok(())
+                Err(error) => {
+                    self.forget_bodies(objects.into_iter().flatten().collect());
+                    return Err(error);
+                }
+            }
+        }
+        // The committer's own waits are bounded by the publish timeout; this bounds the
+        // queueing in front of it too.
+        let limit = self.nats.publish_timeout.0 * 2;
+        let outcomes = self.committer.commit(outgoing, limit).await;
+        let mut first_error = None;
+        let mut no_stream = false;
+        let mut orphans = Vec::new();
+        let mut stored = Vec::new();
+        for (outcome, object) in outcomes.into_iter().zip(objects) {
+            match outcome {
+                // The stream had the entry already. Usually that is an earlier attempt's entry,
+                // which refers to that attempt's body and leaves this one an orphan; but it
+                // may be this very entry, stored by a batch whose answer was lost. Only the
+                // sweeper, which reads the entries, can tell.
+                Ok(Stored { duplicate: true }) => {}
+                Ok(Stored { duplicate: false }) => stored.extend(object),
+                Err(failure) => {
+                    if !failure.maybe_stored {
+                        orphans.extend(object);
+                    }
+                    no_stream |= failure.no_stream;
+                    first_error.get_or_insert(failure.error);
+                }
+            }
+        }
+        self.forget_bodies(orphans);
+        self.mark_bodies(stored);
+        // "No stream" is also what a replicated stream answers while it elects a new leader:
+        // set up again only when the server says the stream is gone.
+        if no_stream && self.stream_gone().await {
+            tracing::error!(stream = %self.nats.stream, "queue stream missing; setting it up again");
+            self.setup.lost();
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// Deletes body objects no entry refers to (in the background: the client's answer does
+    /// not wait for it; what fails here is left to the sweeper).
+    fn forget_bodies(&self, objects: Vec<(String, String)>) {
+        self.per_bucket(objects, |store, object| async move {
+            sweeper::delete_orphan(&store, &object).await;
+        });
+    }
+
+    /// Marks body objects whose entry is stored, so the sweeper leaves them alone.
+    fn mark_bodies(&self, objects: Vec<(String, String)>) {
+        self.per_bucket(objects, |store, object| async move {
+            sweeper::mark_referenced(&store, &object).await;
+        });
+    }
+
+    /// Runs `action` on each `(domain, object)` with the domain's bucket, in the background.
+    fn per_bucket<F, Fut>(&self, objects: Vec<(String, String)>, action: F)
+    where
+        F: Fn(ObjectStore, String) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send,
+    {
+        let work: Vec<(ObjectStore, String)> = objects
+            .into_iter()
+            .filter_map(|(domain, object)| Some((self.bodies_of(&domain)?, object)))
+            .collect();
+        if work.is_empty() {
+            return;
+        }
+        tokio::spawn(async move {
+            for (store, object) in work {
+                action(store, object).await;
+            }
+        });
+    }
+
+    /// Whether the server says the queue stream does not exist (not merely unreachable or
+    /// without a leader). A node that may not read the stream (`nats.manageStreams: false`)
+    /// asks for its first domain's consumer instead, which exists only on the stream.
+    async fn stream_gone(&self) -> bool {
+        use async_nats::jetstream::context::GetStreamErrorKind;
+        use async_nats::jetstream::stream::ConsumerErrorKind;
+        if self.nats.manage_streams {
+            return matches!(
+                self.js.get_stream(&self.nats.stream).await.map_err(|e| e.kind()),
+                Err(GetStreamErrorKind::JetStream(e)) if e.error_code() == ErrorCode::STREAM_NOT_FOUND
+            );
+        }
+        let Some(domain) = self.domains.first() else {
+            return false;
+        };
+        matches!(
+            self.js
+                .get_consumer_from_stream::<async_nats::jetstream::consumer::pull::Config, _, _>(
+                    kubemail_queue::consumer_name(domain),
+                    &self.nats.stream,
+                )
+                .await
+                .map_err(|e| e.kind()),
+            Err(ConsumerErrorKind::JetStream(e))
+                if e.error_code() == ErrorCode::STREAM_NOT_FOUND
+                    || e.error_code() == ErrorCode::CONSUMER_NOT_FOUND
+        )
     }
 }
 
@@ -217,23 +394,20 @@ impl Queue for JetStreamQueue {
     fn enqueue(&self, entries: Vec<QueuedMessage>) -> BoxFuture<'_, Result<(), EnqueueError>> {
         Box::pin(async move {
             let started = Instant::now();
-            let result = async {
-                if self.client.connection_state() != State::Connected {
-                    return Err(EnqueueError::Unavailable(
-                        "not connected to NATS".to_owned(),
-                    ));
-                }
-                if !self.setup.is_done() {
-                    return Err(EnqueueError::Unavailable(
-                        "queue stream not set up yet".to_owned(),
-                    ));
-                }
-                for entry in &entries {
-                    self.publish(entry).await?;
-                }
-                Ok(())
-            }
-            .await;
+            let span = match entries.first() {
+                Some(first) => tracing::info_span!(
+                    "queue.publish",
+                    otel.kind = "producer",
+                    messaging.system = "nats",
+                    messaging.destination.name = %kubemail_queue::subject(&self.nats.subject_prefix, &first.entry.domain),
+                    messaging.batch.message_count = entries.len(),
+                    queue_id = %first.entry.queue_id,
+                    domain = %first.entry.domain,
+                    size = first.body.len(),
+                ),
+                None => tracing::Span::none(),
+            };
+            let result = self.publish(entries).instrument(span).await;
             let m = metrics::global();
             m.queue_publish_seconds
                 .observe(started.elapsed().as_secs_f64());
@@ -255,7 +429,7 @@ impl Queue for JetStreamQueue {
 }
 
 /// Maps an async-nats error to the reply class: "no room" is `452`, everything else `451`.
-fn classify(error: &(dyn std::error::Error + 'static), action: &str) -> EnqueueError {
+pub(super) fn classify(error: &(dyn std::error::Error + 'static), action: &str) -> EnqueueError {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
     let mut text = String::new();
     while let Some(e) = source {

@@ -9,6 +9,9 @@
 //!   attempt, so this is the age of the longest-waiting entry rather than a scan of all of
 //!   them; it rises steadily when delivery stops or a destination keeps deferring.
 //!
+//! With `nats.manageStreams: false` (the operator's NATS credentials) the depth comes from
+//! the domain's consumer and the age is not sampled (the node may not read the shared stream).
+//!
 //! Every replica of a domain samples the same stream and reports the same values: alert on
 //! `max by (domain)`. A failed sample (NATS away) keeps the previous values and is logged at
 //! debug level (the `nats_connected` gauge already says NATS is away).
@@ -72,6 +75,9 @@ pub async fn sample(
     nats: &NatsConfig,
     domain: &str,
 ) -> Result<QueueSample, String> {
+    if !nats.manage_streams {
+        return sample_consumer(js, nats, domain).await;
+    }
     let subject = kubemail_queue::subject(&nats.subject_prefix, domain);
     let stream = js
         .get_stream_no_info(&nats.stream)
@@ -106,6 +112,30 @@ pub async fn sample(
     Ok(QueueSample {
         messages,
         head_accepted_at: Some(accepted),
+    })
+}
+
+/// The depth as the domain's consumer sees it (waiting plus handed out), for a node whose NATS
+/// credentials may read its own consumer but not the shared stream (whose per-subject counts
+/// and messages belong to every domain). The head entry is not readable that way: the age
+/// gauge then stays 0.
+async fn sample_consumer(
+    js: &jetstream::Context,
+    nats: &NatsConfig,
+    domain: &str,
+) -> Result<QueueSample, String> {
+    let name = kubemail_queue::consumer_name(domain);
+    let mut consumer: jetstream::consumer::PullConsumer = js
+        .get_consumer_from_stream(&name, &nats.stream)
+        .await
+        .map_err(|e| format!("consumer {name}: {e}"))?;
+    let info = consumer
+        .info()
+        .await
+        .map_err(|e| format!("consumer {name}: {e}"))?;
+    Ok(QueueSample {
+        messages: info.num_pending + info.num_ack_pending as u64,
+        head_accepted_at: None,
     })
 }
 

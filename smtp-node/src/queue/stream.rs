@@ -1,21 +1,25 @@
 //! Creation and checking of the JetStream stream and object store bucket that hold the queue.
 //!
-//! The settings are chosen so that queued mail is never dropped silently
-//! (catalogue JS-CFG-01..05):
+//! The configurations are the queue contract's (`kubemail_queue::streams`); the node creates
+//! the objects only with `nats.manageStreams` (else the operator does, and the node only
+//! checks that they exist). The settings are chosen so that queued mail is never dropped
+//! silently (catalogue JS-CFG-01..05):
 //! * file storage, work-queue retention (a message leaves the stream when a worker acks it);
 //! * `discard: new`: a full stream refuses the publish, the client gets `452 4.3.1` and keeps
 //!   the message; `discard: old` would delete the oldest queued mail;
 //! * `max_age: 0`: nothing expires inside NATS (the 5-day queue lifetime and its bounce are
 //!   the delivery side's job; an age limit here would lose mail without a bounce);
-//! * a duplicate window for `Nats-Msg-Id`.
+//! * a duplicate window for `Nats-Msg-Id`;
+//! * atomic batch publishes allowed (`allow_atomic`, nats-server 2.12+): the group commit of
+//!   [`super::commit`] writes many sessions' entries as one batch, synced once.
 //!
 //! An existing stream is updated to these settings where NATS allows it; one whose retention
 //! or storage differs (both fixed at creation) is refused with a clear error.
 
 use std::time::Duration;
 
-use async_nats::jetstream::object_store::{self, ObjectStore};
-use async_nats::jetstream::stream::{self, DiscardPolicy, RetentionPolicy, StorageType};
+use async_nats::jetstream::object_store::ObjectStore;
+use async_nats::jetstream::stream::{RetentionPolicy, StorageType};
 use async_nats::jetstream::{Context, ErrorCode};
 
 use crate::config::NatsConfig;
@@ -49,50 +53,33 @@ pub enum SetupError {
         "stream {stream} exists with {what}; it cannot be changed in place: delete it or set nats.stream to another name"
     )]
     IncompatibleStream { stream: String, what: String },
+    #[error("stream {stream} has no leader yet")]
+    NoLeader { stream: String },
     #[error("cannot create object store bucket {bucket}: {source}")]
     CreateBucket {
         bucket: String,
         #[source]
         source: async_nats::jetstream::context::CreateObjectStoreError,
     },
+    #[error("object store bucket {bucket} is not there (yet): {source}")]
+    OpenBucket {
+        bucket: String,
+        #[source]
+        source: async_nats::jetstream::context::ObjectStoreError,
+    },
+    #[error("delivery consumer {consumer} is not there (yet): {source}")]
+    MissingConsumer {
+        consumer: String,
+        #[source]
+        source: async_nats::jetstream::stream::ConsumerError,
+    },
 }
 
-/// The stream configuration the queue needs.
-pub fn queue_stream_config(nats: &NatsConfig) -> stream::Config {
-    stream::Config {
-        name: nats.stream.clone(),
-        description: Some("kubemail mail queue: one subject per MailDomain".to_owned()),
-        subjects: vec![format!("{}.>", nats.subject_prefix)],
-        retention: RetentionPolicy::WorkQueue,
-        storage: StorageType::File,
-        discard: DiscardPolicy::New,
-        max_age: Duration::ZERO,
-        max_bytes: nats
-            .max_bytes
-            .map_or(-1, |b| i64::try_from(b.0).unwrap_or(i64::MAX)),
-        max_messages: -1,
-        max_messages_per_subject: -1,
-        max_message_size: -1,
-        duplicate_window: nats.duplicate_window.0,
-        num_replicas: nats.replicas as usize,
-        ..Default::default()
-    }
-}
+pub use kubemail_queue::streams::{body_bucket_config, queue_stream_config};
 
-/// The object store configuration for large bodies.
-pub fn body_bucket_config(nats: &NatsConfig) -> object_store::Config {
-    object_store::Config {
-        bucket: nats.body_bucket.clone(),
-        description: Some("kubemail message bodies too large for one NATS message".to_owned()),
-        max_age: Duration::ZERO,
-        storage: StorageType::File,
-        num_replicas: nats.replicas as usize,
-        ..Default::default()
-    }
-}
-
-/// Creates the queue stream, or brings an existing one to the required settings.
-pub async fn ensure_queue_stream(js: &Context, nats: &NatsConfig) -> Result<(), SetupError> {
+/// Creates the queue stream, or brings an existing one to the required settings. Returns
+/// whether the stream takes atomic batches (a server older than 2.12 ignores the setting).
+pub async fn ensure_queue_stream(js: &Context, nats: &NatsConfig) -> Result<bool, SetupError> {
     let desired = queue_stream_config(nats);
     let existing = match js.get_stream(&desired.name).await {
         Ok(mut s) => Some(
@@ -109,15 +96,16 @@ pub async fn ensure_queue_stream(js: &Context, nats: &NatsConfig) -> Result<(), 
             });
         }
     };
-    match existing {
+    let atomic = match existing {
         None => {
-            js.create_stream(desired.clone())
-                .await
-                .map_err(|source| SetupError::CreateStream {
+            let created = js.create_stream(desired.clone()).await.map_err(|source| {
+                SetupError::CreateStream {
                     stream: desired.name.clone(),
                     source,
-                })?;
+                }
+            })?;
             tracing::info!(stream = %desired.name, "created queue stream");
+            created.cached_info().config.allow_atomic_publish
         }
         Some(current) => {
             if current.retention != RetentionPolicy::WorkQueue {
@@ -132,15 +120,7 @@ pub async fn ensure_queue_stream(js: &Context, nats: &NatsConfig) -> Result<(), 
                     what: format!("storage {:?} (needs File)", current.storage),
                 });
             }
-            let differs = current.discard != desired.discard
-                || current.max_age != desired.max_age
-                || current.duplicate_window != desired.duplicate_window
-                || current.max_bytes != desired.max_bytes
-                || !desired
-                    .subjects
-                    .iter()
-                    .all(|s| current.subjects.contains(s));
-            if differs {
+            if kubemail_queue::streams::queue_stream_differs(&current, &desired) {
                 let mut update = desired.clone();
                 // Keep subjects other tools added; add ours.
                 for s in &current.subjects {
@@ -148,33 +128,87 @@ pub async fn ensure_queue_stream(js: &Context, nats: &NatsConfig) -> Result<(), 
                         update.subjects.push(s.clone());
                     }
                 }
-                js.update_stream(update)
-                    .await
-                    .map_err(|source| SetupError::UpdateStream {
-                        stream: desired.name.clone(),
-                        source,
-                    })?;
+                let updated =
+                    js.update_stream(update)
+                        .await
+                        .map_err(|source| SetupError::UpdateStream {
+                            stream: desired.name.clone(),
+                            source,
+                        })?;
                 tracing::info!(stream = %desired.name, "updated queue stream settings");
+                updated.config.allow_atomic_publish
+            } else {
+                current.allow_atomic_publish
             }
         }
+    };
+    // A replicated stream takes a moment after creation (or a server's loss) to elect its
+    // leader; publishes meanwhile find no stream. Not ready until it has one.
+    let mut stream =
+        js.get_stream(&desired.name)
+            .await
+            .map_err(|source| SetupError::GetStream {
+                stream: desired.name.clone(),
+                source,
+            })?;
+    let led = stream
+        .info()
+        .await
+        .map(|i| i.cluster.as_ref().is_none_or(|c| c.leader.is_some()))
+        .unwrap_or(false);
+    if !led {
+        return Err(SetupError::NoLeader {
+            stream: desired.name,
+        });
     }
-    Ok(())
+    Ok(atomic)
 }
 
-/// Opens the body bucket, creating it when missing.
+/// Opens `domain`'s body bucket, creating it when missing.
 pub async fn ensure_body_bucket(
     js: &Context,
     nats: &NatsConfig,
+    domain: &str,
 ) -> Result<ObjectStore, SetupError> {
-    if let Ok(store) = js.get_object_store(&nats.body_bucket).await {
+    let config = body_bucket_config(nats, domain);
+    if let Ok(store) = js.get_object_store(&config.bucket).await {
         return Ok(store);
     }
-    js.create_object_store(body_bucket_config(nats))
+    let bucket = config.bucket.clone();
+    js.create_object_store(config)
         .await
-        .map_err(|source| SetupError::CreateBucket {
-            bucket: nats.body_bucket.clone(),
-            source,
-        })
+        .map_err(|source| SetupError::CreateBucket { bucket, source })
+}
+
+/// Opens `domain`'s body bucket, which someone else (the operator) creates
+/// (`nats.manageStreams: false`).
+pub async fn open_body_bucket(
+    js: &Context,
+    nats: &NatsConfig,
+    domain: &str,
+) -> Result<ObjectStore, SetupError> {
+    let bucket = kubemail_queue::body_bucket(&nats.body_bucket, domain);
+    js.get_object_store(&bucket)
+        .await
+        .map_err(|source| SetupError::OpenBucket { bucket, source })
+}
+
+/// Checks that `domain`'s durable consumer exists, which someone else (the operator) creates
+/// (`nats.manageStreams: false`): it exists only on the queue stream, so this also says the
+/// stream is there, asked with the one request a domain's credentials may make about it.
+pub async fn check_consumer(
+    js: &Context,
+    nats: &NatsConfig,
+    domain: &str,
+) -> Result<(), SetupError> {
+    let consumer = kubemail_queue::consumer_name(domain);
+    js.get_consumer_from_stream::<async_nats::jetstream::consumer::pull::Config, _, _>(
+        &consumer,
+        &nats.stream,
+    )
+    .await
+    .map(drop)
+    .map_err(|source| SetupError::MissingConsumer { consumer, source })
 }
 
 fn is_not_found(e: &async_nats::jetstream::context::GetStreamError) -> bool {
@@ -187,6 +221,8 @@ fn is_not_found(e: &async_nats::jetstream::context::GetStreamError) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use async_nats::jetstream::stream::DiscardPolicy;
+
     use super::*;
     use crate::config::ByteSize;
 
@@ -207,9 +243,10 @@ mod tests {
             "JS-CFG-03"
         );
         assert!(c.duplicate_window >= Duration::from_secs(120), "JS-CFG-04");
+        assert!(c.allow_atomic_publish, "group commit writes atomic batches");
         assert_eq!(c.max_bytes, 1 << 30);
-        let b = body_bucket_config(&nats);
-        assert_eq!(b.bucket, "KUBEMAIL_BODIES");
+        let b = body_bucket_config(&nats, "example.com");
+        assert_eq!(b.bucket, "KUBEMAIL_BODIES-example_com");
         assert!(b.max_age.is_zero());
         assert_eq!(b.storage, StorageType::File);
     }

@@ -17,7 +17,8 @@ use crate::auth::Authenticator;
 use crate::authres::InboundVerifier;
 use crate::config::{ListenerConfig, NodeConfig};
 use crate::dkim::DkimSigner;
-use crate::queue::Queue;
+use crate::memory::MessageMemory;
+use crate::queue::{ContentHistory, Queue};
 use crate::recipient_check::RecipientCheck;
 use crate::shutdown::Shutdown;
 use crate::tls::TlsServer;
@@ -57,6 +58,10 @@ pub struct ServerContext {
     pub shutdown: Shutdown,
     pub limits: ConnectionLimits,
     pub checks: MessageChecks,
+    /// Message bytes in memory, shared by every session ([`crate::memory`]).
+    pub memory: MessageMemory,
+    /// Contents accepted lately: the generation in each new entry's `Nats-Msg-Id`.
+    pub content: ContentHistory,
     next_session: AtomicU64,
 }
 
@@ -85,6 +90,8 @@ impl ServerContext {
             config.max_connections_per_ip,
             config.client_ipv6_prefix,
         );
+        let memory = MessageMemory::from_config(&config);
+        let content = ContentHistory::new(config.nats.duplicate_window.0);
         Arc::new(Self {
             config,
             tls,
@@ -93,6 +100,8 @@ impl ServerContext {
             shutdown,
             limits,
             checks,
+            memory,
+            content,
             next_session: AtomicU64::new(1),
         })
     }

@@ -1,7 +1,9 @@
-//! DATA, and the end of every transaction (DATA or the last BDAT chunk): check inbound mail
-//! (SPF/DKIM/DMARC into `Authentication-Results`, DMARC enforcement), add our headers,
-//! DKIM-sign submitted mail, hand the message to the queue, and answer `250` only once the
-//! queue acknowledged it.
+//! DATA, and the end of every transaction (DATA or the last BDAT chunk): refuse or strip NUL
+//! bytes, check a submitted message's `From:` against the user, remove forged
+//! `Authentication-Results`, check inbound mail (SPF/DKIM/DMARC into `Authentication-Results`,
+//! DMARC enforcement, the sender's verdict into the queue entries), add our headers,
+//! DKIM-sign submitted mail for the user's domain, hand the message to the queue, and answer
+//! `250` only once the queue acknowledged it.
 //!
 //! End-of-data detection, dot-unstuffing, line and size limits and the bare CR/LF policy are
 //! [`crate::protocol::DataReceiver`]'s; the receiver reads to the real `<CRLF>.<CRLF>` even
@@ -10,17 +12,19 @@
 
 use std::time::SystemTime;
 
-use bytes::{Bytes, BytesMut};
 use kubemail_queue::SenderAuth;
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::time::Instant;
 use tracing::Instrument;
 
+use super::body::{self, Assembled};
 use super::{End, Next, Session, Transaction};
 use crate::config::{ListenerKind, NulBytes};
+use crate::memory::Reservation;
 use crate::message::{ReceivedInfo, header_value, new_message_id, received_header};
 use crate::metrics::{self, ListenerLabels, ReasonLabels};
 use crate::protocol::{BodyType, DataProgress, DataReceiver, EnhancedCode, MAX_TEXT_LINE, Reply};
-use crate::queue::{Direction, EnqueueError, QueueEntry, QueuedMessage};
+use crate::queue::{ContentId, Direction, EnqueueError, QueueEntry, QueuedMessage};
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     pub(super) async fn handle_data(&mut self) -> Result<Next, End> {
@@ -39,20 +43,71 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
             Some(_) => {}
         }
+        let limit = self.size_limit();
+        let memory = self.ctx.memory.clone();
+        let mut held = memory.reservation();
+        let first = body::first_capacity(limit);
+        if held
+            .grow_to(first as u64, Instant::now() + memory.wait())
+            .await
+            .is_err()
+        {
+            self.reject_message(insufficient_storage(), "memory_full");
+            return Ok(Next::Continue);
+        }
         self.reply(Reply::start_mail_input());
-        let mut receiver =
-            DataReceiver::new(self.bare_eol_policy(), self.size_limit(), MAX_TEXT_LINE);
+        let mut receiver = DataReceiver::with_buffer(
+            self.bare_eol_policy(),
+            limit,
+            MAX_TEXT_LINE,
+            body::buffer(first),
+        );
         let mut budget = self.data_budget(self.ctx.config.timeouts.data_init.0);
+        // Set when the budget had no room for the rest: the data is still read to its end
+        // (the session stays in step), but not stored, and the answer is `452 4.3.1`.
+        let mut short_of_memory = false;
         loop {
-            if receiver.feed(&mut self.rbuf) == DataProgress::Done {
+            if !short_of_memory {
+                // One feed stores at most twice what it consumes (see `stored_mut`).
+                let spare = 2 * self.rbuf.len();
+                let grown = body::ensure_spare(
+                    receiver.stored_mut(),
+                    spare,
+                    body::ceiling(limit, spare),
+                    &mut held,
+                    Instant::now() + memory.wait(),
+                )
+                .await;
+                if grown.is_err() {
+                    tracing::info!(held = held.bytes(), "no room in the message memory budget");
+                    short_of_memory = true;
+                    *receiver.stored_mut() = bytes::BytesMut::new();
+                    held.shrink_to(0);
+                }
+            }
+            let done = receiver.feed(&mut self.rbuf) == DataProgress::Done;
+            if short_of_memory {
+                receiver.stored_mut().clear();
+            } else if receiver.error().is_some() {
+                // The receiver dropped the message on a violation.
+                held.shrink_to(receiver.stored_mut().capacity() as u64);
+            }
+            if done {
                 break;
             }
             self.fill_data(&mut budget).await?;
         }
-        match receiver.finish() {
+        match receiver.finish_buffer() {
+            Ok(_) if short_of_memory => {
+                self.reject_message(insufficient_storage(), "memory_full");
+                Ok(Next::Continue)
+            }
             // Boxed: inbound checks and the queue publish make this the largest future of a
             // session; inline, every idle session's task would carry its space (issue 8).
-            Ok(body) => Box::pin(self.complete_transaction(body)).await,
+            Ok(buf) => {
+                let message = Assembled::new(buf, body::HEADROOM);
+                Box::pin(self.complete_transaction(message, held)).await
+            }
             Err(error) => {
                 self.reject_message(error.reply(), reason_of(&error));
                 Ok(Next::Continue)
@@ -80,34 +135,41 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         self.reply(reply);
     }
 
-    /// Queues the complete message and answers. The transaction ends either way.
-    pub(super) async fn complete_transaction(&mut self, body: Bytes) -> Result<Next, End> {
+    /// Queues the complete message and answers. The transaction ends either way. `held` is
+    /// the message's share of the memory budget, given back once the queue has answered.
+    pub(super) async fn complete_transaction(
+        &mut self,
+        mut message: Assembled,
+        held: Reservation,
+    ) -> Result<Next, End> {
         let Some(tx) = self.tx.take() else {
             self.reply(Reply::bad_sequence("No transaction"));
             return Ok(Next::Continue);
         };
         let span = tx.span.clone();
         record_envelope(&span, &tx);
-        span.record("smtp.message_size", body.len());
+        span.record("smtp.message_size", message.message().len());
         // No NUL passes as it is (RFC 5322 3.5 allows none): a downstream that drops NUL bytes
-        // would read `<CRLF><NUL>.<CRLF>` as the end of the data.
-        let body = if memchr::memchr(0, &body).is_none() {
-            body
-        } else if self.conn.listener.nul_bytes == NulBytes::Strip {
-            crate::message::without_nul(body)
-        } else {
-            self.tx = Some(tx);
-            self.reject_message(
-                Reply::new(
-                    554,
-                    EnhancedCode(5, 6, 0),
-                    "Message contains NUL characters",
-                ),
-                "nul_bytes",
-            );
-            return Ok(Next::Continue);
-        };
-        if crate::message::received_count(&body) > crate::message::MAX_RECEIVED_HEADERS {
+        // would read `<CRLF><NUL>.<CRLF>` as the end of the data. Only a message that has
+        // some is copied.
+        if memchr::memchr(0, message.message()).is_some() {
+            if self.conn.listener.nul_bytes == NulBytes::Strip {
+                message = Assembled::copy_without_nul(message.message());
+            } else {
+                self.tx = Some(tx);
+                self.reject_message(
+                    Reply::new(
+                        554,
+                        EnhancedCode(5, 6, 0),
+                        "Message contains NUL characters",
+                    ),
+                    "nul_bytes",
+                );
+                return Ok(Next::Continue);
+            }
+        }
+        if crate::message::received_count(message.message()) > crate::message::MAX_RECEIVED_HEADERS
+        {
             self.tx = Some(tx);
             self.reject_message(
                 Reply::new(
@@ -119,21 +181,29 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             );
             return Ok(Next::Continue);
         }
-        if let Some(reply) = self.check_author(&body) {
+        if let Some(reply) = self.check_author(message.message()) {
             self.tx = Some(tx);
             self.reject_message(reply, "from_not_allowed");
             return Ok(Next::Continue);
         }
-        let (body, sender_auth) = match self.check_inbound(&tx, body).instrument(span.clone()).await
+        // Before anything is added: what the client sent is what its retry sends again.
+        let content = self.content_id(&tx, message.message());
+        let sender_auth = match self
+            .check_inbound(&tx, &mut message)
+            .instrument(span.clone())
+            .await
         {
-            Ok(checked) => checked,
+            Ok(sender_auth) => sender_auth,
             Err(reply) => {
                 self.tx = Some(tx);
                 self.reject_message(reply, "dmarc_reject");
                 return Ok(Next::Continue);
             }
         };
-        let entries = self.build_entries(&tx, body, sender_auth);
+        // A copy made above (NUL bytes or a stripped field removed, a field larger than the
+        // headroom) replaced the buffer it was made from, so `held` still covers the message.
+        let generation = self.ctx.content.generation(&content);
+        let entries = self.build_entries(&tx, message, &content, generation, sender_auth);
         let size = entries.first().map_or(0, |e| e.body.len());
         let limit = self.ctx.config.timeouts.data_termination.0;
         let queue = self.ctx.queue.clone();
@@ -141,9 +211,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             .instrument(span.clone())
             .await
             .unwrap_or_else(|_| Err(EnqueueError::Unavailable("timed out".to_owned())));
+        // The queue has the message (or refused it): its memory may go to another session.
+        drop(held);
         let listener = self.conn.listener.name.clone();
         match result {
             Ok(()) => {
+                self.ctx.content.accepted(&content);
                 let m = metrics::global();
                 m.messages_accepted
                     .get_or_create(&ListenerLabels { listener })
@@ -159,14 +232,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             Err(error) => {
                 span.in_scope(|| tracing::warn!(%error, "queueing failed"));
                 let (reply, reason) = match error {
-                    EnqueueError::Full(_) => (
-                        Reply::new(
-                            452,
-                            EnhancedCode(4, 3, 1),
-                            "Insufficient system storage, try again later",
-                        ),
-                        "queue_full",
-                    ),
+                    EnqueueError::Full(_) => (insufficient_storage(), "queue_full"),
                     EnqueueError::Unavailable(_) => (
                         Reply::local_error("Queue unavailable, try again later"),
                         "queue_unavailable",
@@ -182,13 +248,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// Submission: every `From:` mailbox must be an address the user may send as (the same
     /// rule as MAIL FROM), or the message would carry our DKIM signature for someone else's
     /// address. `Some` is the refusal. A message without `From:` claims no author.
-    fn check_author(&self, body: &[u8]) -> Option<Reply> {
+    fn check_author(&self, message: &[u8]) -> Option<Reply> {
         let user = self.user.as_ref()?;
         let refuse = |text: String| {
             tracing::info!(user = %user.name, "From: header not allowed for the user");
             Some(Reply::new(550, EnhancedCode(5, 7, 1), text))
         };
-        match crate::dkim::author_addresses(body) {
+        match crate::dkim::author_addresses(message) {
             None => refuse("From: header cannot be read; send one address per mailbox".to_owned()),
             Some(addresses) => addresses
                 .iter()
@@ -203,29 +269,32 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
 
     /// Removes `Authentication-Results` headers that claim to be ours from every message
     /// (MX and submission); for mail arriving on an MX listener also evaluates SPF, DKIM and
-    /// DMARC and adds our own header. Returns the message and, when the checks ran, how the
-    /// envelope sender was authenticated. `Err` is the refusal when DMARC is enforced and
-    /// fails with a `reject` policy.
+    /// DMARC and adds our own header. Returns, when the checks ran, how the envelope sender
+    /// was authenticated. `Err` is the refusal when DMARC is enforced and fails with a
+    /// `reject` policy.
     async fn check_inbound(
         &self,
         tx: &Transaction,
-        body: Bytes,
-    ) -> Result<(Bytes, Option<SenderAuth>), Reply> {
+        message: &mut Assembled,
+    ) -> Result<Option<SenderAuth>, Reply> {
         let hostname = &self.ctx.config.hostname;
-        let body = crate::authres::strip_forged_bytes(body, hostname);
+        // Only a message with such a field is copied; most have none.
+        if let Some(stripped) = crate::authres::without_forged(message.message(), hostname) {
+            *message = Assembled::copy_of(&stripped);
+        }
         let Some(verifier) = self.ctx.checks.inbound_auth.clone() else {
-            return Ok((body, None));
+            return Ok(None);
         };
         if self.user.is_some() || self.conn.listener.kind != ListenerKind::Mx || !verifier.enabled()
         {
-            return Ok((body, None));
+            return Ok(None);
         }
         let mail_from = tx.from.to_string();
         let helo = self.helo.as_ref().map_or("", |h| h.name.as_str());
         let check = tracing::info_span!("inbound.auth_check", dmarc = tracing::field::Empty);
         let verdict = verifier
             .verify(
-                &body,
+                message.message(),
                 crate::authres::Transaction {
                     client_ip: self.conn.remote.ip(),
                     helo,
@@ -243,18 +312,45 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if let Some(reply) = verdict.reject {
             return Err(reply);
         }
-        let mut out = BytesMut::with_capacity(verdict.header.len() + body.len());
-        out.extend_from_slice(verdict.header.as_bytes());
-        out.extend_from_slice(&body);
-        Ok((out.freeze(), Some(verdict.sender_auth)))
+        message.prepend(verdict.header.as_bytes());
+        Ok(Some(verdict.sender_auth))
+    }
+
+    /// The digest a retry of this transaction shares with it (see [`ContentId`]).
+    fn content_id(&self, tx: &Transaction, message: &[u8]) -> ContentId {
+        let mut params: Vec<&str> = Vec::new();
+        if tx.params.body == Some(BodyType::EightBitMime) {
+            params.push("BODY=8BITMIME");
+        }
+        if tx.params.smtputf8 {
+            params.push("SMTPUTF8");
+        }
+        if let Some(envid) = &tx.params.envid {
+            params.push("ENVID");
+            params.push(envid);
+        }
+        if let Some(ret) = &tx.params.ret {
+            params.push("RET");
+            params.push(ret);
+        }
+        let from = tx.from.to_string();
+        ContentId::new(
+            self.user.as_ref().map(|u| u.name.as_str()),
+            &from,
+            &params,
+            message,
+        )
     }
 
     /// The queue entries of a transaction: one outbound entry on the user's domain, or one
-    /// inbound entry per recipient domain (see [`crate::queue`]).
+    /// inbound entry per recipient domain (see [`crate::queue`]). Our header fields go into
+    /// the message's headroom; the entries share the one buffer.
     fn build_entries(
         &self,
         tx: &Transaction,
-        body: Bytes,
+        mut message: Assembled,
+        content: &ContentId,
+        generation: u32,
         sender_auth: Option<SenderAuth>,
     ) -> Vec<QueuedMessage> {
         let config = &self.ctx.config;
@@ -273,24 +369,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             single_recipient: single.as_deref(),
             date: SystemTime::now(),
         });
-        let mut message_id = header_value(&body, "Message-ID");
+        let mut message_id = header_value(message.message(), "Message-ID");
         // RFC 8689 5: `TLS-Required: No` asks for delivery even where a policy would hold the
         // message back; REQUIRETLS on the same message wins over it.
         let tls_optional = !tx.params.requiretls
-            && header_value(&body, "TLS-Required")
+            && header_value(message.message(), "TLS-Required")
                 .is_some_and(|v| v.trim().eq_ignore_ascii_case("no"));
-        let mut full = BytesMut::with_capacity(received.len() + body.len() + 64);
-        full.extend_from_slice(received.as_bytes());
         if submission && message_id.is_none() {
             let id = new_message_id(&config.hostname);
-            full.extend_from_slice(format!("Message-ID: {id}\r\n").as_bytes());
+            message.prepend(format!("Message-ID: {id}\r\n").as_bytes());
             message_id = Some(id);
         }
-        full.extend_from_slice(&body);
-        let full = match (&self.user, &self.ctx.checks.dkim) {
-            (Some(user), Some(signer)) => sign(signer, full, &user.domain, &tx.span),
-            _ => full.freeze(),
-        };
+        message.prepend(received.as_bytes());
+        if let (Some(user), Some(signer)) = (&self.user, &self.ctx.checks.dkim)
+            && let Some(signatures) = sign(signer, message.message(), &user.domain, &tx.span)
+        {
+            message.prepend(signatures.as_bytes());
+        }
+        let full = message.freeze();
         if let Some(id) = &message_id {
             tx.span.record("message_id", id.as_str());
         }
@@ -320,9 +416,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             not_before: None,
             last_error: None,
             delay_warned: false,
+            admin: Default::default(),
         };
         let all: Vec<String> = tx.recipients.iter().map(|r| r.to_string()).collect();
         if let Some(user) = &self.user {
+            let msg_id = content.msg_id(&user.domain, &all, generation);
             return vec![QueuedMessage {
                 entry: QueueEntry {
                     recipients: all,
@@ -331,6 +429,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     ..base
                 },
                 body: full,
+                msg_id,
             }];
         }
         // Inbound: group by recipient domain (lower case already), in order of first
@@ -346,6 +445,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         groups
             .into_iter()
             .map(|(domain, recipients)| QueuedMessage {
+                msg_id: content.msg_id(&domain, &recipients, generation),
                 entry: QueueEntry {
                     recipients,
                     domain,
@@ -375,31 +475,35 @@ fn record_envelope(span: &tracing::Span, tx: &Transaction) {
     span.record("smtp.rcpt_to", rcpts.join(",").as_str());
 }
 
-/// Puts DKIM signatures of the user's own domain in front of a submitted message (never of
-/// another domain, whatever `From:` says). A signing failure (a broken key) is logged and the
-/// message goes out unsigned: that hurts its reception, losing it would be worse.
+/// The DKIM signatures of the user's own domain to put in front of a submitted message (never
+/// of another domain, whatever `From:` says). A signing failure (a broken key) is logged and
+/// the message goes out unsigned: that hurts its reception, losing it would be worse.
 fn sign(
     signer: &crate::dkim::DkimSigner,
-    message: BytesMut,
+    message: &[u8],
     user_domain: &str,
     span: &tracing::Span,
-) -> Bytes {
+) -> Option<String> {
     let _signing = tracing::info_span!(parent: span, "dkim.sign", domain = user_domain).entered();
-    match signer.sign_for(&message, user_domain) {
-        Ok(Some(headers)) => {
-            let mut signed = BytesMut::with_capacity(headers.len() + message.len());
-            signed.extend_from_slice(headers.as_bytes());
-            signed.extend_from_slice(&message);
-            signed.freeze()
-        }
-        Ok(None) => message.freeze(),
+    match signer.sign_for(message, user_domain) {
+        Ok(headers) => headers,
         Err(error) => {
             span.in_scope(
                 || tracing::error!(%error, "DKIM signing failed; queueing the message unsigned"),
             );
-            message.freeze()
+            None
         }
     }
+}
+
+/// `452 4.3.1`: the queue is full, or the node has no memory left for the message (RFC 3463
+/// X.3.1 "mail system full"); the client keeps the message and tries again later.
+pub(super) fn insufficient_storage() -> Reply {
+    Reply::new(
+        452,
+        EnhancedCode(4, 3, 1),
+        "Insufficient system storage, try again later",
+    )
 }
 
 /// Metric label for a refused message.

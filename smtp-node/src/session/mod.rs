@@ -21,6 +21,7 @@
 
 mod auth;
 mod bdat;
+mod body;
 mod data;
 mod ehlo;
 mod io;

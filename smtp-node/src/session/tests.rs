@@ -627,3 +627,115 @@ async fn forged_authentication_results_are_removed_from_submissions_too() {
         "{body}"
     );
 }
+
+/// Two sessions of one node with a 2 MiB message memory budget (1 MiB messages).
+async fn two_clients_sharing_a_small_memory_budget() -> (Client, Client) {
+    let yaml = r#"
+hostname: mx.example.test
+listeners:
+  - { name: mx, kind: mx, address: "127.0.0.1:25" }
+domains:
+  - name: example.test
+    recipients: [bob]
+    limits: { maxMessageSize: 1Mi }
+    inbound: { host: 127.0.0.1, port: 24 }
+limits: { messageBytesInMemory: 2Mi, memoryWait: 300ms }
+timeouts: { dataBlock: 20s, dataInit: 20s }
+"#;
+    let config = NodeConfig::from_yaml(yaml).unwrap();
+    config.validate().unwrap();
+    let auth = Arc::new(Authenticator::load(&config).unwrap());
+    let queue = Arc::new(MemoryQueue::new());
+    let shutdown = Shutdown::new();
+    let listener = Arc::new(config.listeners[0].clone());
+    let ctx = ServerContext::new(
+        Arc::new(config),
+        None,
+        auth,
+        queue.clone(),
+        shutdown.clone(),
+    );
+    let mut clients = Vec::new();
+    for id in 1..=2 {
+        let (client, server) = tokio::io::duplex(1 << 16);
+        let conn = ConnectionInfo {
+            session_id: id,
+            remote: SocketAddr::from(([192, 0, 2, 7], 40000 + id as u16)),
+            local: SocketAddr::from(([127, 0, 0, 1], 25)),
+            listener: listener.clone(),
+        };
+        let task = tokio::spawn(super::serve(PrefixedStream::new(server), conn, ctx.clone()));
+        let mut c = Client {
+            io: client,
+            buf: Vec::new(),
+            queue: queue.clone(),
+            shutdown: shutdown.clone(),
+            task,
+            _dir: tempfile::tempdir().unwrap(),
+        };
+        c.expect("220").await;
+        c.cmd("EHLO client.test", "250-").await;
+        c.cmd("MAIL FROM:<a@remote.test>", "250").await;
+        c.cmd("RCPT TO:<bob@example.test>", "250").await;
+        clients.push(c);
+    }
+    let b = clients.pop().unwrap();
+    let a = clients.pop().unwrap();
+    (a, b)
+}
+
+/// `n` octets of message text in 100-octet lines.
+fn lines(n: usize) -> Vec<u8> {
+    let line = format!("{}\r\n", "m".repeat(98));
+    line.repeat(n / 100).into_bytes()
+}
+
+#[tokio::test]
+async fn past_the_memory_budget_a_message_waits_then_gets_452_and_the_session_stays_in_step() {
+    let (mut a, mut b) = two_clients_sharing_a_small_memory_budget().await;
+    a.cmd("DATA", "354").await;
+    a.send(b"Subject: a\r\n\r\n").await;
+    a.send(&lines(900_000)).await;
+    // A holds about 1 MiB of the 2 (its buffer grew while the pipe drained); B's message
+    // needs more than the rest while it grows.
+    b.cmd("DATA", "354").await;
+    b.send(b"Subject: b\r\n\r\n").await;
+    b.send(&lines(900_000)).await;
+    b.send(b".\r\n").await;
+    b.expect("452 4.3.1").await;
+    a.send(b".\r\n").await;
+    a.expect("250 2.0.0").await;
+    // A's memory is back: B's retry (in the same session, which stayed in step) goes through.
+    b.cmd("MAIL FROM:<a@remote.test>", "250").await;
+    b.cmd("RCPT TO:<bob@example.test>", "250").await;
+    b.cmd("DATA", "354").await;
+    b.send(b"Subject: b\r\n\r\n").await;
+    b.send(&lines(900_000)).await;
+    b.send(b".\r\n").await;
+    b.expect("250 2.0.0").await;
+    let entries = a.queue.entries();
+    assert_eq!(entries.len(), 2);
+    assert!(entries.iter().all(|e| e.body.len() > 900_000));
+}
+
+#[tokio::test]
+async fn a_bdat_chunk_without_room_is_refused_with_452() {
+    let (mut a, mut b) = two_clients_sharing_a_small_memory_budget().await;
+    let big = lines(1_040_000);
+    a.send(format!("BDAT {}\r\n", big.len()).as_bytes()).await;
+    a.send(&big).await;
+    a.expect("250 2.0.0").await;
+    let first = lines(600_000);
+    b.send(format!("BDAT {}\r\n", first.len()).as_bytes()).await;
+    b.send(&first).await;
+    b.expect("250 2.0.0").await;
+    // B's message grows past what A leaves free: the chunk is read and refused.
+    let second = lines(400_000);
+    b.send(format!("BDAT {} LAST\r\n", second.len()).as_bytes())
+        .await;
+    b.send(&second).await;
+    b.expect("452 4.3.1").await;
+    b.cmd("NOOP", "250").await;
+    a.cmd("BDAT 0 LAST", "250 2.0.0 Ok: queued").await;
+    assert_eq!(a.queue.entries().len(), 1);
+}

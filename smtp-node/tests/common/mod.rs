@@ -397,6 +397,11 @@ impl Node {
         self.spawn(true);
     }
 
+    /// The body bucket of example.test (one bucket per domain, named from `nats.bodyBucket`).
+    pub fn body_bucket(&self) -> String {
+        kubemail_queue::body_bucket(&self.bucket, "example.test")
+    }
+
     /// Every queue entry in this node's stream.
     pub async fn messages(&self) -> Vec<QueuedEntry> {
         read_stream(&self.nats_url, &self.stream, &self.bucket).await
@@ -479,7 +484,11 @@ pub async fn read_stream(url: &str, stream: &str, bucket: &str) -> Vec<QueuedEnt
         let mut body = m.payload.to_vec();
         if let Some(reference) = headers.get("Kubemail-Body-Ref").and_then(|v| v.first()) {
             let (b, name) = reference.split_once('/').expect("bucket/name");
-            assert_eq!(b, bucket);
+            // One bucket per domain: `<bodyBucket>-<domain>`.
+            assert!(
+                b.starts_with(&format!("{bucket}-")),
+                "{b} is not of {bucket}"
+            );
             let store = js.get_object_store(b).await.expect("body bucket");
             let mut object = store.get(name).await.expect("body object");
             body.clear();

@@ -52,6 +52,8 @@ pub struct NodeFeatures {
     pub inbound_auth: bool,
     /// A `dns` section (resolver settings).
     pub dns: bool,
+    /// `nats.groupCommit` (atomic batches of many sessions' entries).
+    pub group_commit: bool,
 }
 
 impl NodeFeatures {
@@ -70,10 +72,17 @@ impl NodeFeatures {
                 reason: e.to_string(),
             })?;
         let has = |key: &str| schema.get("properties").and_then(|p| p.get(key)).is_some();
+        let nats_has = |key: &str| {
+            schema
+                .pointer("/$defs/NatsConfig/properties")
+                .and_then(|p| p.get(key))
+                .is_some()
+        };
         Ok(Self {
             delivery: has("delivery"),
             inbound_auth: has("inboundAuth"),
             dns: has("dns"),
+            group_commit: nats_has("groupCommit"),
         })
     }
 }
@@ -84,6 +93,8 @@ pub struct KubemailOptions {
     pub binary: PathBuf,
     pub dir: PathBuf,
     pub nats_url: String,
+    /// Replicas of the queue stream (3 on a three-server cluster).
+    pub nats_replicas: u32,
     pub pki: PkiFiles,
     /// Concurrent connections allowed (all from 127.0.0.1).
     pub max_connections: u32,
@@ -91,6 +102,9 @@ pub struct KubemailOptions {
     pub features: NodeFeatures,
     /// A loopback address where nothing listens, used as the node's DNS server.
     pub dns_blackhole: SocketAddr,
+    /// Whether the JetStream server syncs every write (`sync_interval: always`); without,
+    /// group commit is turned off (`nats.groupCommit: false`): it has no fsync to share.
+    pub synced_writes: bool,
 }
 
 /// A running node.
@@ -130,7 +144,7 @@ impl Kubemail {
             what: "smtp-node".to_owned(),
             source,
         };
-        let mut child = Command::new(&opts.binary)
+        let mut child = super::server_command(&opts.binary)
             .arg("--config")
             .arg(&config_path)
             .env_remove("RUST_LOG")
@@ -194,18 +208,19 @@ impl Kubemail {
     }
 }
 
-/// The server processes of a kubemail system: the node and its nats-server.
-pub fn processes(node_pid: u32, nats_pid: u32) -> ServerProcesses {
-    ServerProcesses::Pids(vec![
-        ("smtp-node".to_owned(), node_pid),
-        ("nats-server".to_owned(), nats_pid),
-    ])
+/// The server processes of a kubemail system: the node and its nats-server(s) (CPU is added
+/// up per role).
+pub fn processes(node_pid: u32, nats_pids: &[u32]) -> ServerProcesses {
+    let mut pids = vec![("smtp-node".to_owned(), node_pid)];
+    pids.extend(nats_pids.iter().map(|p| ("nats-server".to_owned(), *p)));
+    ServerProcesses::Pids(pids)
 }
 
 /// Messages currently in the queue stream.
 pub async fn queued(nats_url: &str) -> Result<u64, PeerError> {
     let err = |e: &dyn std::fmt::Display| PeerError::Queue(e.to_string());
-    let client = tokio::time::timeout(Duration::from_secs(10), async_nats::connect(nats_url))
+    let urls: Vec<String> = nats_url.split(',').map(str::to_owned).collect();
+    let client = tokio::time::timeout(Duration::from_secs(10), async_nats::connect(urls))
         .await
         .map_err(|e| err(&e))?
         .map_err(|e| err(&e))?;
@@ -256,12 +271,15 @@ fn config_json(
             "certFile": opts.pki.chain.display().to_string(),
             "keyFile": opts.pki.key.display().to_string(),
         },
-        "nats": { "url": opts.nats_url, "publishTimeout": "30s" },
+        "nats": { "url": opts.nats_url, "publishTimeout": "30s", "replicas": opts.nats_replicas },
         "maxConnections": opts.max_connections,
         "maxConnectionsPerIp": opts.max_connections,
         "admin": { "address": admin.to_string() },
         "shutdown": { "drainTimeout": "5s" },
     });
+    if opts.features.group_commit && !opts.synced_writes {
+        config["nats"]["groupCommit"] = json!(false);
+    }
     if let (Some(relay), Some(submission)) = (&opts.relay, submission) {
         listeners.push(json!({
             "name": "submission", "kind": "submission", "address": submission.to_string(),
@@ -299,7 +317,7 @@ fn config_json(
 }
 
 /// Status code of a plain HTTP/1.1 GET (three admin endpoints need no HTTP client).
-fn http_status(addr: SocketAddr, path: &str) -> Option<u16> {
+pub(crate) fn http_status(addr: SocketAddr, path: &str) -> Option<u16> {
     use std::io::{Read as _, Write as _};
     let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;

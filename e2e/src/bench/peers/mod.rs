@@ -12,8 +12,8 @@ pub mod sink;
 
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::Child;
-use std::sync::Mutex;
+use std::process::{Child, Command};
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
@@ -36,6 +36,28 @@ enum Live {
 }
 
 static LIVE: Mutex<Vec<Live>> = Mutex::new(Vec::new());
+
+/// The CPUs (a `taskset -c` list) the servers under test are pinned to, when the run pins.
+static SERVER_CPUS: OnceLock<String> = OnceLock::new();
+
+/// Pins every server under test started from now on (smtp-node, nats-server, Postfix and
+/// what its master forks) to `cpus`, a `taskset -c` list such as `"1"`.
+pub fn pin_servers(cpus: String) {
+    let _ = SERVER_CPUS.set(cpus);
+}
+
+/// A command that starts a server under test: under `taskset -c <cpus>` when the run pins
+/// servers (taskset execs the program, so the pid is the server's own), else as is.
+pub fn server_command(program: impl AsRef<std::ffi::OsStr>) -> Command {
+    match SERVER_CPUS.get() {
+        Some(cpus) => {
+            let mut c = Command::new("taskset");
+            c.arg("-c").arg(cpus).arg(program);
+            c
+        }
+        None => Command::new(program),
+    }
+}
 
 fn register(item: Live) {
     if let Ok(mut live) = LIVE.lock() {

@@ -221,7 +221,8 @@ pub fn version() -> Option<String> {
 }
 
 fn postfix_command(conf_dir: &Path, action: &str) -> Result<(), PeerError> {
-    let out = Command::new(POSTFIX)
+    // The master inherits the pinning, and every process it forks inherits it from the master.
+    let out = super::server_command(POSTFIX)
         .arg("-c")
         .arg(conf_dir)
         .arg(action)

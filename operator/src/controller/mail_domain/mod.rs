@@ -224,6 +224,8 @@ async fn run_pipeline(
     };
     let children = build::build(md, v, &provisioned, &observed, &ctx.config.build, now)
         .map_err(Error::Build)?;
+    // NATS objects, credentials and NetworkPolicy first: the Deployment mounts the Secret.
+    let nats_due = crate::nats::domain::reconcile(ctx, md, &children.node_config, now).await?;
     let applied = apply::apply(ctx, md, &children, refs).await?;
     // The Service may have just been created: use the addresses the server reports now.
     let observed = Observed {
@@ -259,6 +261,7 @@ async fn run_pipeline(
         }
     };
     consider(provisioned.dkim.next_event);
+    consider(nats_due);
     match &provisioned.tls {
         provision::TlsMaterial::OperatorCa { leaf, .. } => {
             consider(Some(crate::certs::renew_after(
@@ -333,7 +336,7 @@ async fn cleanup(md: &MailDomain, ctx: &Context) -> Result<Action, Error> {
             )));
         }
         queue::delete_consumer(
-            &ctx.config.build.nats_url,
+            &ctx.nats_access().await?,
             &ctx.config.build.nats_stream,
             &md.spec.domain,
             ctx.config.nats_timeout,

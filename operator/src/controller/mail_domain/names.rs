@@ -40,6 +40,8 @@ pub const TLS_DIR: &str = "/etc/kubemail/tls";
 pub const DKIM_DIR: &str = "/etc/kubemail/dkim";
 pub const USERS_DIR: &str = "/etc/kubemail/users";
 pub const RELAY_DIR: &str = "/etc/kubemail/relay";
+/// The NATS credentials file and CA of the nodes.
+pub const NATS_DIR: &str = "/etc/kubemail/nats";
 
 // The children's names, one place for all of them.
 
@@ -56,6 +58,16 @@ pub fn users_secret(md: &str) -> String {
     // Not `<md>-users`: that is the natural name of the user's own source Secret.
     format!("{md}-users-hashed")
 }
+/// The nodes' NATS credentials and CA.
+pub fn nats_secret(md: &str) -> String {
+    format!("{md}-nats")
+}
+
+/// The NetworkPolicy of the domain's pods.
+pub fn network_policy(md: &str) -> String {
+    md.to_owned()
+}
+
 pub fn dns_config(md: &str) -> String {
     format!("{md}-dns")
 }

@@ -93,6 +93,8 @@ pub struct ValidatedDomain {
     pub ttl: i32,
     /// Fixed outbound TLS policies per recipient domain.
     pub outbound_tls_policies: Vec<TlsPolicyRule>,
+    /// The waits between delivery attempts (empty: the node default).
+    pub retry_intervals: Vec<Duration>,
 }
 
 impl ValidatedDomain {
@@ -142,6 +144,20 @@ pub fn validate(md: &MailDomain, refs: &Dereferenced) -> Result<ValidatedDomain,
     };
     let publish_ahead = duration("spec.dkim.publishAhead", &spec.dkim.publish_ahead)?;
     let retain_after = duration("spec.dkim.retainAfter", &spec.dkim.retain_after)?;
+    let retry_intervals = spec
+        .delivery
+        .as_ref()
+        .map(|d| d.retry_intervals.as_slice())
+        .unwrap_or_default()
+        .iter()
+        .map(|t| duration("spec.delivery.retryIntervals", t))
+        .collect::<Result<Vec<Duration>, Invalid>>()?;
+    if let Some(short) = retry_intervals.iter().find(|d| d.as_secs() < 1) {
+        return Err(Invalid::new(
+            "InvalidDuration",
+            format!("spec.delivery.retryIntervals: {short:?} is shorter than a second"),
+        ));
+    }
     let rotate_every = spec
         .dkim
         .rotate_every
@@ -339,6 +355,7 @@ pub fn validate(md: &MailDomain, refs: &Dereferenced) -> Result<ValidatedDomain,
             .as_ref()
             .map(|o| o.policies.clone())
             .unwrap_or_default(),
+        retry_intervals,
     })
 }
 

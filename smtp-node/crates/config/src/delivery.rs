@@ -2,6 +2,7 @@
 //! SMTP client timeouts, connection reuse, TLS towards MX hosts and the JetStream consumer.
 
 use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -54,6 +55,147 @@ pub struct DeliveryConfig {
     /// larger originals are returned as headers only.
     #[serde(default = "default_bounce_size_limit")]
     pub bounce_size_limit: ByteSize,
+    /// How often an entry held back by a delivery pause is looked at again: after a pause
+    /// ends (deleted or expired) its mail goes out within this time.
+    #[serde(default = "default_pause_check_interval")]
+    pub pause_check_interval: HumanDuration,
+    /// Per-destination connection and rate limits shared by every node.
+    #[serde(default)]
+    pub shaping: ShapingConfig,
+}
+
+/// Per-destination traffic shaping, enforced across every node through JetStream KV: a
+/// connection needs one of the destination's `maxConnections` leases, a message needs a
+/// send time from its `messagesPerMinute`. A destination is the first rule whose
+/// `domains` or `mxHosts` match (user rules first, then the built-in providers), else the
+/// recipient domain with the `default` limits. A `421` or `4.7.x` answer halves the
+/// destination's rate (for every node); each `backoff.recoverAfter` without one doubles it
+/// back, up to the configured rate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ShapingConfig {
+    /// Enforce the limits cluster-wide. `false`: only this node's
+    /// `connections.perDestination`, no rates, no back-off.
+    #[serde(default = "crate::default_true")]
+    pub enabled: bool,
+    /// Longest wait for a connection slot or a send time; after it the entry is put back
+    /// for a few seconds, without counting an attempt.
+    #[serde(default = "default_max_wait")]
+    pub max_wait: HumanDuration,
+    /// Limits of destinations no rule names.
+    #[serde(default)]
+    pub default: ShapingLimits,
+    /// Named destinations, matched in order before the built-in providers.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub destinations: Vec<ShapingRule>,
+    /// Match the big providers' MX hosts with built-in rules ([`builtin_rules`]) after
+    /// `destinations`.
+    #[serde(default = "crate::default_true")]
+    pub builtin_providers: bool,
+    /// Reaction to `421` and `4.7.x` answers.
+    #[serde(default)]
+    pub backoff: BackoffConfig,
+}
+
+/// Connection and rate limits of a destination, over all nodes.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ShapingLimits {
+    /// Connections open to it at once (busy or idle). Unset: no cluster-wide limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<u32>,
+    /// Messages sent to it per minute. Unset: no limit until it answers `421`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub messages_per_minute: Option<u32>,
+}
+
+/// A named destination: a provider's MX hosts or a set of recipient domains.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ShapingRule {
+    /// Its name (letters, digits, `-`): the key of its shared state and its metrics label.
+    pub name: String,
+    /// Recipient domains (`example.com`, or `*.example.com` for its subdomains).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub domains: Vec<String>,
+    /// MX host names, same patterns (`*.google.com` is every Gmail MX).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mx_hosts: Vec<String>,
+    /// Connections open to it at once over all nodes. Unset: no cluster-wide limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<u32>,
+    /// Messages sent to it per minute over all nodes. Unset: no limit until it answers `421`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub messages_per_minute: Option<u32>,
+}
+
+impl ShapingRule {
+    /// Its limits.
+    pub fn limits(&self) -> ShapingLimits {
+        ShapingLimits {
+            max_connections: self.max_connections,
+            messages_per_minute: self.messages_per_minute,
+        }
+    }
+}
+
+/// The automatic back-off after `421` / `4.7.x` answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BackoffConfig {
+    /// Time without such an answer after which the rate is doubled again.
+    #[serde(default = "default_recover_after")]
+    pub recover_after: HumanDuration,
+    /// The rate a destination without `messagesPerMinute` starts from when it first answers
+    /// `421`.
+    #[serde(default = "default_unlimited_rate")]
+    pub initial_messages_per_minute: u32,
+    /// The rate never goes below this.
+    #[serde(default = "default_min_rate")]
+    pub min_messages_per_minute: u32,
+}
+
+impl Default for ShapingConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            max_wait: default_max_wait(),
+            default: ShapingLimits::default(),
+            destinations: Vec::new(),
+            builtin_providers: true,
+            backoff: BackoffConfig::default(),
+        }
+    }
+}
+
+impl Default for BackoffConfig {
+    fn default() -> Self {
+        Self {
+            recover_after: default_recover_after(),
+            initial_messages_per_minute: default_unlimited_rate(),
+            min_messages_per_minute: default_min_rate(),
+        }
+    }
+}
+
+/// The built-in provider rules: starting points from the providers' published sender
+/// guidelines (connection counts they tolerate from one sending cluster without `421`s);
+/// rates are left to the back-off. Override one by a `destinations` rule of the same MX
+/// hosts.
+pub fn builtin_rules() -> Vec<ShapingRule> {
+    let rule = |name: &str, mx: &[&str], connections: u32| ShapingRule {
+        name: name.to_owned(),
+        domains: Vec::new(),
+        mx_hosts: mx.iter().map(|m| (*m).to_owned()).collect(),
+        max_connections: Some(connections),
+        messages_per_minute: None,
+    };
+    vec![
+        rule("gmail", &["*.google.com", "*.googlemail.com"], 20),
+        rule("microsoft", &["*.protection.outlook.com"], 10),
+        rule("yahoo", &["*.yahoodns.net"], 5),
+        rule("icloud", &["*.mail.icloud.com"], 5),
+    ]
 }
 
 /// When to try again and when to give up.
@@ -77,6 +219,87 @@ pub struct RetryConfig {
     /// Unset: never (Postfix `delay_warning_time` 0).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delay_warning: Option<HumanDuration>,
+    /// The waits between attempts, in order (`["5m", "15m", "1h", "4h"]`), the last one
+    /// repeating until the lifetime ends; a domain's `retryIntervals` replace them. Empty:
+    /// the message's age clamped to `[minBackoff, maxBackoff]`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub intervals: Vec<HumanDuration>,
+}
+
+impl RetryConfig {
+    /// The wait after attempt number `attempts` (1 = the first attempt) of a message that is
+    /// `age` old, before jitter: `intervals[attempts - 1]` (the last one repeating), or the
+    /// age clamped to `[minBackoff, maxBackoff]`.
+    pub fn base_wait(&self, attempts: u32, age: Duration) -> Duration {
+        match self.intervals.as_slice() {
+            [] => age.clamp(
+                self.min_backoff.0,
+                self.max_backoff.0.max(self.min_backoff.0),
+            ),
+            list => {
+                let i = (attempts.max(1) as usize - 1).min(list.len() - 1);
+                list[i].0
+            }
+        }
+    }
+
+    /// The attempt times still planned for a message accepted at `accepted_at` (plus its
+    /// time held or paused, `suspended`) whose next attempt (number `attempts + 1`) is at
+    /// `next`, without jitter, up to the end of its lifetime (the last attempt exactly
+    /// there). At most `limit` times.
+    pub fn planned(
+        &self,
+        accepted_at: SystemTime,
+        suspended: Duration,
+        attempts: u32,
+        next: SystemTime,
+        null_sender: bool,
+        limit: usize,
+    ) -> Vec<SystemTime> {
+        let lifetime = if null_sender {
+            self.bounce_lifetime.0
+        } else {
+            self.lifetime.0
+        };
+        let start = accepted_at + suspended;
+        let end = start + lifetime;
+        let mut out = Vec::new();
+        let mut at = next;
+        // The number of the attempt at `at`; the wait after it depends on it.
+        let mut n = attempts + 1;
+        while out.len() < limit {
+            let t = at.min(end);
+            out.push(t);
+            if t >= end {
+                break;
+            }
+            let age = t.duration_since(start).unwrap_or(Duration::ZERO);
+            at = t + self.base_wait(n, age).max(Duration::from_secs(1));
+            n += 1;
+        }
+        out
+    }
+
+    /// This config with a domain's own intervals, when it has some.
+    pub fn for_domain(&self, intervals: &[HumanDuration]) -> Self {
+        if intervals.is_empty() {
+            self.clone()
+        } else {
+            Self {
+                intervals: intervals.to_vec(),
+                ..self.clone()
+            }
+        }
+    }
+}
+
+/// Checks a list of retry intervals: every wait at least a second.
+pub fn validate_intervals(path: &str, intervals: &[HumanDuration], errors: &mut Vec<String>) {
+    for (i, d) in intervals.iter().enumerate() {
+        if d.0 < Duration::from_secs(1) {
+            errors.push(format!("{path}[{i}]: must be at least 1s"));
+        }
+    }
 }
 
 /// SMTP client timeouts; RFC 5321 4.5.3.2 gives the minimums for the SMTP phases.
@@ -208,6 +431,8 @@ impl Default for DeliveryConfig {
             tls: OutboundTlsConfig::default(),
             consumer: ConsumerConfig::default(),
             bounce_size_limit: default_bounce_size_limit(),
+            pause_check_interval: default_pause_check_interval(),
+            shaping: ShapingConfig::default(),
         }
     }
 }
@@ -220,6 +445,7 @@ impl Default for RetryConfig {
             lifetime: default_lifetime(),
             bounce_lifetime: default_lifetime(),
             delay_warning: None,
+            intervals: Vec::new(),
         }
     }
 }
@@ -289,6 +515,11 @@ impl DeliveryConfig {
             errors
                 .push("delivery.retry.lifetime/bounceLifetime: must be greater than 0".to_owned());
         }
+        validate_intervals("delivery.retry.intervals", &r.intervals, errors);
+        if self.pause_check_interval.0 < Duration::from_secs(1) {
+            errors.push("delivery.pauseCheckInterval: must be at least 1s".to_owned());
+        }
+        self.shaping.validate(errors);
         if self.connections.per_destination == 0 {
             errors.push("delivery.connections.perDestination: must be at least 1".to_owned());
         }
@@ -326,6 +557,83 @@ impl DeliveryConfig {
             }
         }
     }
+}
+
+impl ShapingConfig {
+    fn validate(&self, errors: &mut Vec<String>) {
+        if self.max_wait.0.is_zero() {
+            errors.push("delivery.shaping.maxWait: must be greater than 0".to_owned());
+        }
+        let limits = |path: &str, l: &ShapingLimits, errors: &mut Vec<String>| {
+            if l.max_connections == Some(0) {
+                errors.push(format!(
+                    "{path}.maxConnections: must be at least 1 (or unset)"
+                ));
+            }
+            if l.messages_per_minute == Some(0) {
+                errors.push(format!(
+                    "{path}.messagesPerMinute: must be at least 1 (or unset)"
+                ));
+            }
+        };
+        limits("delivery.shaping.default", &self.default, errors);
+        let mut names = std::collections::HashSet::new();
+        for (i, r) in self.destinations.iter().enumerate() {
+            let path = format!("delivery.shaping.destinations[{i}]");
+            let name_ok = !r.name.is_empty()
+                && r.name.len() <= 63
+                && r.name
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+            if !name_ok {
+                errors.push(format!(
+                    "{path}.name: {:?} must be 1-63 lower-case letters, digits and '-'",
+                    r.name
+                ));
+            }
+            if !names.insert(r.name.as_str()) {
+                errors.push(format!("{path}.name: {:?} is used twice", r.name));
+            }
+            if r.domains.is_empty() && r.mx_hosts.is_empty() {
+                errors.push(format!("{path}: name at least one of domains and mxHosts"));
+            }
+            for p in r.domains.iter().chain(&r.mx_hosts) {
+                let bare = p.strip_prefix("*.").unwrap_or(p);
+                if crate::domain::validate_domain_name(&bare.to_ascii_lowercase()).is_err() {
+                    errors.push(format!(
+                        "{path}: {p:?} is not a host name or *.name pattern"
+                    ));
+                }
+            }
+            limits(&path, &r.limits(), errors);
+        }
+        let b = &self.backoff;
+        if b.recover_after.0 < Duration::from_secs(1) {
+            errors.push("delivery.shaping.backoff.recoverAfter: must be at least 1s".to_owned());
+        }
+        if b.min_messages_per_minute == 0 || b.initial_messages_per_minute == 0 {
+            errors.push(
+                "delivery.shaping.backoff: minMessagesPerMinute and initialMessagesPerMinute must be at least 1"
+                    .to_owned(),
+            );
+        }
+    }
+}
+
+fn default_pause_check_interval() -> HumanDuration {
+    HumanDuration::from_secs(60)
+}
+fn default_max_wait() -> HumanDuration {
+    HumanDuration::from_secs(60)
+}
+fn default_recover_after() -> HumanDuration {
+    HumanDuration::from_secs(60)
+}
+fn default_unlimited_rate() -> u32 {
+    120
+}
+fn default_min_rate() -> u32 {
+    2
 }
 
 fn default_concurrency() -> u32 {
@@ -368,4 +676,91 @@ fn default_max_deliver() -> u32 {
 }
 fn default_max_ack_pending() -> u32 {
     20_000
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(secs: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(secs)
+    }
+
+    #[test]
+    fn intervals_replace_the_age_based_schedule_and_the_last_one_repeats() {
+        let age_based = RetryConfig::default();
+        assert_eq!(
+            age_based.base_wait(3, Duration::from_secs(10)),
+            Duration::from_secs(300)
+        );
+        let listed = RetryConfig {
+            intervals: vec![HumanDuration::from_secs(60), HumanDuration::from_secs(600)],
+            lifetime: HumanDuration::from_secs(3600),
+            ..RetryConfig::default()
+        };
+        assert_eq!(listed.base_wait(1, Duration::ZERO), Duration::from_secs(60));
+        assert_eq!(
+            listed.base_wait(2, Duration::ZERO),
+            Duration::from_secs(600)
+        );
+        assert_eq!(
+            listed.base_wait(9, Duration::ZERO),
+            Duration::from_secs(600)
+        );
+        // Accepted at 0, one attempt made, the next one at 60 s: then every 600 s, the last
+        // one exactly at the end of the hour.
+        let plan = listed.planned(at(0), Duration::ZERO, 1, at(60), false, 100);
+        let secs: Vec<u64> = plan
+            .iter()
+            .map(|t| t.duration_since(at(0)).unwrap_or_default().as_secs())
+            .collect();
+        assert_eq!(secs, [60, 660, 1260, 1860, 2460, 3060, 3600]);
+        // Time held or paused moves the end; `limit` caps the list.
+        let later = listed.planned(at(0), Duration::from_secs(600), 1, at(60), false, 100);
+        assert_eq!(later.last(), Some(&at(4200)));
+        assert_eq!(
+            listed
+                .planned(at(0), Duration::ZERO, 1, at(60), false, 2)
+                .len(),
+            2
+        );
+        assert_eq!(
+            listed.for_domain(&[]).intervals,
+            listed.intervals,
+            "no domain intervals: the node's"
+        );
+        assert_eq!(
+            age_based
+                .for_domain(&[HumanDuration::from_secs(5)])
+                .intervals,
+            [HumanDuration::from_secs(5)]
+        );
+    }
+
+    #[test]
+    fn shaping_rules_are_checked() {
+        let mut config = DeliveryConfig::default();
+        config.shaping.destinations = builtin_rules();
+        let mut errors = Vec::new();
+        config.validate(&mut errors);
+        assert!(errors.is_empty(), "{errors:?}");
+        config.shaping.destinations.push(ShapingRule {
+            name: "Bad Name".into(),
+            domains: Vec::new(),
+            mx_hosts: vec!["not a host".into()],
+            max_connections: Some(0),
+            messages_per_minute: None,
+        });
+        config.retry.intervals = vec![HumanDuration(Duration::from_millis(10))];
+        config.validate(&mut errors);
+        let all = errors.join("\n");
+        for needle in [
+            "destinations[4].name",
+            "\"not a host\"",
+            "destinations[4].maxConnections",
+            "delivery.retry.intervals[0]",
+        ] {
+            assert!(all.contains(needle), "{needle} missing in:\n{all}");
+        }
+    }
 }

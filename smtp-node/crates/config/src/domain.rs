@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::units::ByteSize;
+use crate::units::{ByteSize, HumanDuration};
 
 /// Default message size limit: 25 MiB, what large providers accept.
 pub const DEFAULT_MAX_MESSAGE_SIZE: u64 = 25 * 1024 * 1024;
@@ -61,6 +61,10 @@ pub struct DomainConfig {
     /// `https://mta-sts.<name>/.well-known/mta-sts.txt` exactly as written here.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mta_sts_policy: Option<String>,
+    /// This domain's retry schedule: the waits between attempts, in order, the last one
+    /// repeating until the lifetime ends. Empty: `delivery.retry.intervals`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retry_intervals: Vec<HumanDuration>,
 }
 
 /// Per-domain limits.
@@ -248,6 +252,11 @@ impl DomainConfig {
                 ));
             }
         }
+        crate::delivery::validate_intervals(
+            &format!("{path}.retryIntervals"),
+            &self.retry_intervals,
+            errors,
+        );
         let limits = &self.limits;
         if limits.max_message_size.0 < 1024 || limits.max_message_size.0 > MAX_MESSAGE_SIZE_CEILING
         {

@@ -17,8 +17,8 @@
 //!
 //! The modules follow the sections of the file: [`listener`], [`tls`], [`nats`], [`domain`]
 //! (per-domain settings: limits, inbound target, relay, DKIM), [`timeouts`], [`auth`],
-//! [`admin`], [`shutdown`], [`dns`], [`delivery`], [`inbound_auth`] and
-//! [`recipient_verification`]; [`units`] holds the
+//! [`admin`], [`shutdown`], [`dns`], [`delivery`], [`inbound_auth`],
+//! [`recipient_verification`] and [`limits`]; [`units`] holds the
 //! value formats and [`network`] the CIDR networks of the delivery address policy. Each
 //! section checks its own fields. Two more contracts between the operator and the node live
 //! here: the users file ([`users_file`]) and the site-wide overlay of node settings
@@ -30,6 +30,7 @@ pub mod delivery;
 pub mod dns;
 pub mod domain;
 pub mod inbound_auth;
+pub mod limits;
 pub mod listener;
 pub mod nats;
 pub mod network;
@@ -51,8 +52,8 @@ use serde::{Deserialize, Serialize};
 pub use crate::admin::AdminConfig;
 pub use crate::auth::{AuthConfig, MAX_AUTH_FAILURES_PER_USER};
 pub use crate::delivery::{
-    ClientTimeouts, ConnectionConfig, ConsumerConfig, DeliveryConfig, MxTlsPolicy,
-    OutboundTlsConfig, RetryConfig,
+    BackoffConfig, ClientTimeouts, ConnectionConfig, ConsumerConfig, DeliveryConfig, MxTlsPolicy,
+    OutboundTlsConfig, RetryConfig, ShapingConfig, ShapingLimits, ShapingRule, builtin_rules,
 };
 pub use crate::dns::{DNS_SERVER_ENV, DnsConfig};
 pub use crate::domain::{
@@ -61,6 +62,7 @@ pub use crate::domain::{
     RelayConfig, RelayTls, validate_domain_name,
 };
 pub use crate::inbound_auth::{DmarcMode, InboundAuthConfig};
+pub use crate::limits::{DEFAULT_MESSAGE_BYTES_IN_MEMORY, MIN_MESSAGE_BYTES_IN_MEMORY, NodeLimits};
 pub use crate::listener::{BareLineEndings, ListenerConfig, ListenerKind, NulBytes};
 pub use crate::nats::{DEFAULT_NATS_URL, NATS_URL_ENV, NatsConfig};
 pub use crate::network::Network;
@@ -143,6 +145,9 @@ pub struct NodeConfig {
     /// Probing the inbound target of catch-all domains for each recipient at RCPT time.
     #[serde(default)]
     pub recipient_verification: RecipientVerificationConfig,
+    /// Node-wide limits: message bytes in memory.
+    #[serde(default)]
+    pub limits: NodeLimits,
     /// Authentication limits.
     #[serde(default)]
     pub auth: AuthConfig,
@@ -185,6 +190,7 @@ impl NodeConfig {
             max_errors_per_session: default_max_errors_per_session(),
             max_junk_commands: default_max_junk_commands(),
             recipient_verification: RecipientVerificationConfig::default(),
+            limits: NodeLimits::default(),
             auth: AuthConfig::default(),
             admin: AdminConfig::default(),
             shutdown: ShutdownConfig::default(),
@@ -230,6 +236,9 @@ impl NodeConfig {
         }
         if let Some(creds) = &mut self.nats.credentials_file {
             resolve(creds);
+        }
+        if let Some(ca) = &mut self.nats.ca_file {
+            resolve(ca);
         }
         if let Some(ca) = &mut self.delivery.tls.extra_ca_file {
             resolve(ca);
@@ -365,6 +374,7 @@ impl NodeConfig {
                 ));
             }
         }
+        self.limits.validate(self.max_message_size(), &mut errors);
         if errors.is_empty() {
             Ok(())
         } else {
@@ -444,6 +454,7 @@ domains:
         assert_eq!(c.domains[0].limits.max_message_size.0, 25 * 1024 * 1024);
         assert_eq!(c.domains[0].limits.max_recipients, 100);
         assert_eq!(c.nats.stream, "KUBEMAIL");
+        assert!(c.nats.group_commit, "group commit is on unless turned off");
         assert_eq!(c.listeners[0].bare_line_endings, BareLineEndings::Reject);
         assert!(!c.listeners[0].requires_tls());
         assert!(c.domains[0].has_recipient("BOB"));
@@ -517,6 +528,30 @@ maxConnectionsPerIp: 0
         ] {
             assert!(err.contains(needle), "missing {needle:?} in:\n{err}");
         }
+    }
+
+    #[test]
+    fn the_memory_budget_must_hold_the_largest_message() {
+        let c = NodeConfig::from_yaml(MINIMAL).unwrap();
+        assert_eq!(c.limits, NodeLimits::default());
+        assert_eq!(c.limits.message_bytes_in_memory, None, "sized by the node");
+        assert_eq!(c.limits.memory_wait.0, Duration::from_secs(10));
+        let yaml = format!("{MINIMAL}limits: {{ messageBytesInMemory: 16Mi, memoryWait: 0s }}\n");
+        let err = NodeConfig::from_yaml(&yaml)
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        for needle in [
+            "limits.messageBytesInMemory: 16777216 must be at least twice the largest maxMessageSize (26214400)",
+            "limits.memoryWait",
+        ] {
+            assert!(err.contains(needle), "missing {needle:?} in:\n{err}");
+        }
+        let yaml = format!("{MINIMAL}limits: {{ messageBytesInMemory: 50Mi, memoryWait: 30s }}\n");
+        let c = NodeConfig::from_yaml(&yaml).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.limits.message_bytes_in_memory, Some(ByteSize(50 << 20)));
     }
 
     #[test]

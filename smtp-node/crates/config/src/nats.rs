@@ -26,9 +26,28 @@ pub struct NatsConfig {
     /// Queue subjects are `<subjectPrefix>.<domain>`.
     #[serde(default = "default_subject_prefix")]
     pub subject_prefix: String,
-    /// NATS credentials file (JWT + NKey), if the server requires one.
+    /// NATS credentials file (user JWT + NKey seed), if the server requires one. Read again at
+    /// every (re)connection, so a rotated file is picked up when the old JWT expires.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials_file: Option<PathBuf>,
+    /// CA certificate(s) (PEM) that sign the NATS server's certificate. Set: the connection
+    /// must use TLS and the server certificate is verified against these.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    /// Refuse a NATS server that does not offer TLS (implied by `caFile`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub require_tls: bool,
+    /// Prefix of this node's reply subjects (`<prefix>.<id>`); the NATS credentials may allow
+    /// subscribing to this prefix only. Unset: NATS' `_INBOX`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inbox_prefix: Option<String>,
+    /// Whether the node creates and updates the JetStream objects it uses (the queue stream,
+    /// its domains' consumers and body buckets, the AUTH-failure stream). True for a node on
+    /// its own (developer mode, tests); the operator renders false, creates them itself and
+    /// gives the node credentials that may not. When false, the node waits for the objects
+    /// to exist (not ready, `451 4.3.0`) instead of creating them.
+    #[serde(default = "default_true")]
+    pub manage_streams: bool,
     /// How long to wait for the JetStream acknowledgement before answering `451 4.3.0`.
     #[serde(default = "default_publish_timeout")]
     pub publish_timeout: HumanDuration,
@@ -42,13 +61,21 @@ pub struct NatsConfig {
     /// Window within which a repeated `Nats-Msg-Id` is dropped as a duplicate.
     #[serde(default = "default_duplicate_window")]
     pub duplicate_window: HumanDuration,
-    /// Object store bucket for bodies too large to publish inline.
+    /// Object store buckets for bodies too large to publish inline: one per domain,
+    /// `<bodyBucket>-<domain with dots as underscores>`.
     #[serde(default = "default_body_bucket")]
     pub body_bucket: String,
     /// Bodies larger than this (or than the server's max payload minus headroom for headers)
     /// go to the object store.
     #[serde(default = "default_inline_body_limit")]
     pub inline_body_limit: ByteSize,
+    /// Write the entries of sessions that finish together as one JetStream atomic batch,
+    /// synced once (group commit). It pays where the server syncs every write
+    /// (`sync_interval: always`, the durability the `250` is meant to stand for); a single
+    /// server that does not sync each write only pays for the batch's staging: turn it off
+    /// there.
+    #[serde(default = "crate::default_true")]
+    pub group_commit: bool,
 }
 
 /// The built-in defaults, without looking at the environment: what the operator renders
@@ -60,12 +87,17 @@ impl Default for NatsConfig {
             stream: default_stream(),
             subject_prefix: default_subject_prefix(),
             credentials_file: None,
+            ca_file: None,
+            require_tls: false,
+            inbox_prefix: None,
+            manage_streams: true,
             publish_timeout: default_publish_timeout(),
             replicas: default_replicas(),
             max_bytes: None,
             duplicate_window: default_duplicate_window(),
             body_bucket: default_body_bucket(),
             inline_body_limit: default_inline_body_limit(),
+            group_commit: true,
         }
     }
 }
@@ -123,6 +155,20 @@ impl NatsConfig {
         if !(1..=5).contains(&nats.replicas) {
             errors.push(format!("nats.replicas: {} must be 1 to 5", nats.replicas));
         }
+        if let Some(prefix) = &nats.inbox_prefix {
+            let ok = !prefix.is_empty()
+                && prefix.split('.').all(|token| {
+                    !token.is_empty()
+                        && token
+                            .bytes()
+                            .all(|b| b.is_ascii_graphic() && b != b'*' && b != b'>')
+                });
+            if !ok {
+                errors.push(format!(
+                    "nats.inboxPrefix: {prefix:?} must be dot-separated non-empty tokens without wildcards"
+                ));
+            }
+        }
         if nats.inline_body_limit.0 < 1024 {
             errors.push("nats.inlineBodyLimit: must be at least 1Ki".to_owned());
         }
@@ -150,6 +196,9 @@ fn default_publish_timeout() -> HumanDuration {
 // NATS' own default; our publisher does not retry on its own, so 2 min covers its horizon.
 fn default_duplicate_window() -> HumanDuration {
     HumanDuration::from_secs(120)
+}
+fn default_true() -> bool {
+    true
 }
 fn default_replicas() -> u32 {
     1

@@ -18,8 +18,9 @@ use serde::{Deserialize, Deserializer};
 use crate::{
     AdminConfig, AuthConfig, ByteSize, ClientTimeouts, ConnectionConfig, ConsumerConfig,
     DaneConfig, DeliveryConfig, DmarcMode, DnsConfig, HumanDuration, InboundAuthConfig,
-    MtaStsConfig, MxTlsPolicy, NodeConfig, OutboundTlsConfig, RecipientVerificationConfig,
-    RetryConfig, ShutdownConfig, Timeouts, TlsPolicyOverride, TlsRptConfig,
+    MtaStsConfig, MxTlsPolicy, NodeConfig, NodeLimits, OutboundTlsConfig,
+    RecipientVerificationConfig, RetryConfig, ShapingConfig, ShutdownConfig, Timeouts,
+    TlsPolicyOverride, TlsRptConfig,
 };
 
 /// Declares the overlay of one config section: a struct with an `Option` of every field, and
@@ -90,6 +91,7 @@ overlay! {
             dns: DnsOverlay,
             delivery: DeliveryOverlay,
             inbound_auth: InboundAuthOverlay,
+            limits: LimitsOverlay,
         }
         keep { hostname, listeners, tls, nats, domains, mta_sts_server }
     }
@@ -170,6 +172,8 @@ overlay! {
             allowed_networks: Vec<String>,
             blocked_networks: Vec<String>,
             bounce_size_limit: ByteSize,
+            pause_check_interval: HumanDuration,
+            shaping: ShapingConfig,
         }
         merge {
             retry: RetryOverlay,
@@ -190,6 +194,7 @@ overlay! {
             lifetime: HumanDuration,
             bounce_lifetime: HumanDuration,
             delay_warning: Option<HumanDuration>,
+            intervals: Vec<HumanDuration>,
         }
     }
 }
@@ -246,6 +251,16 @@ overlay! {
     /// Overlay of [`InboundAuthConfig`].
     InboundAuthOverlay => InboundAuthConfig {
         set { enabled: bool, dmarc: DmarcMode, timeout: HumanDuration }
+    }
+}
+
+overlay! {
+    /// Overlay of [`NodeLimits`].
+    LimitsOverlay => NodeLimits {
+        set {
+            message_bytes_in_memory: Option<ByteSize>,
+            memory_wait: HumanDuration,
+        }
     }
 }
 
@@ -331,6 +346,7 @@ delivery:
   consumer: { maxDeliver: 6 }
   retry: { delayWarning: 4h }
 inboundAuth: { dmarc: enforce }
+limits: { messageBytesInMemory: 256Mi }
 "#,
         )
         .unwrap();
@@ -365,6 +381,12 @@ inboundAuth: { dmarc: enforce }
         assert_eq!(c.delivery.retry.max_backoff.0, Duration::from_secs(7200));
         assert_eq!(c.inbound_auth.dmarc, DmarcMode::Enforce);
         assert!(c.inbound_auth.enabled);
+        assert_eq!(c.limits.message_bytes_in_memory, Some(ByteSize(256 << 20)));
+        assert_eq!(
+            c.limits.memory_wait,
+            NodeLimits::default().memory_wait,
+            "kept"
+        );
         c.validate().unwrap();
     }
 

@@ -146,16 +146,55 @@ impl DataReceiver {
     /// including CRLF (normally [`MAX_TEXT_LINE`](super::MAX_TEXT_LINE)).
     pub fn new(policy: BareEolPolicy, max_size: u64, max_line: usize) -> Self {
         let capacity = usize::try_from(max_size.min(INITIAL_CAPACITY)).unwrap_or(0);
+        Self::with_buffer(
+            policy,
+            max_size,
+            max_line,
+            BytesMut::with_capacity(capacity),
+        )
+    }
+
+    /// A receiver that appends the message to `out`, after what `out` holds already: a caller
+    /// can reserve room in front of the message (to prepend header fields without copying
+    /// it) and size the buffer itself (to account for its memory). What `out` holds is never
+    /// examined nor counted against `max_size`.
+    pub fn with_buffer(
+        policy: BareEolPolicy,
+        max_size: u64,
+        max_line: usize,
+        out: BytesMut,
+    ) -> Self {
         Self {
             policy,
             max_size,
             max_line,
             state: State::LineStart,
-            out: BytesMut::with_capacity(capacity),
+            out,
             line_len: 0,
             size: 0,
             received: 0,
             error: None,
+        }
+    }
+
+    /// The buffer the message is stored in. One [`DataReceiver::feed`] appends at most twice
+    /// the octets it consumes (a normalised bare CR or LF becomes CRLF), so a caller that
+    /// reserves that much spare capacity before feeding knows the buffer will not reallocate.
+    /// The caller may also take bytes from it (to stream them elsewhere) or replace it; the
+    /// receiver only ever appends. After a violation it is empty and stays so.
+    pub fn stored_mut(&mut self) -> &mut BytesMut {
+        &mut self.out
+    }
+
+    /// As [`DataReceiver::finish`], but the whole buffer: what it held before the message (see
+    /// [`DataReceiver::with_buffer`]), then the message.
+    pub fn finish_buffer(self) -> Result<BytesMut, DataError> {
+        if self.state != State::Done {
+            return Err(DataError::Incomplete);
+        }
+        match self.error {
+            Some(e) => Err(e),
+            None => Ok(self.out),
         }
     }
 
@@ -246,13 +285,7 @@ impl DataReceiver {
     /// After [`DataProgress::Done`]: the message (dot-unstuffed, CRLF line endings, without the
     /// final `.<CRLF>`), or the first violation. Before `Done`: [`DataError::Incomplete`].
     pub fn finish(self) -> Result<Bytes, DataError> {
-        if self.state != State::Done {
-            return Err(DataError::Incomplete);
-        }
-        match self.error {
-            Some(e) => Err(e),
-            None => Ok(self.out.freeze()),
-        }
+        self.finish_buffer().map(BytesMut::freeze)
     }
 
     /// Wire octets consumed so far, including stuffing dots and the terminator.
@@ -654,6 +687,30 @@ mod tests {
             assert_eq!(ref_result, want, "reference disagrees: {policy:?} {show:?}");
             assert_eq!(ref_consumed, input.len() - rest.len(), "{show:?}");
         }
+    }
+
+    /// A caller's prefix stays in front and is not counted; twice the input as spare room is
+    /// enough for one feed, even when every octet is a bare LF normalised to CRLF.
+    #[test]
+    fn a_callers_buffer_keeps_its_prefix_and_never_reallocates_with_room_reserved() {
+        let mut out = BytesMut::with_capacity(16);
+        out.extend_from_slice(b"HEADROOM");
+        let mut rx = DataReceiver::with_buffer(Normalize, 8, LINE, out);
+        let mut input = BytesMut::from(&b"\n\n\n\r\n"[..]);
+        let spare = 2 * input.len();
+        rx.stored_mut().reserve(spare);
+        let (ptr, capacity) = (rx.stored_mut().as_ptr(), rx.stored_mut().capacity());
+        assert_eq!(rx.feed(&mut input), DataProgress::NeedMore);
+        assert_eq!(rx.stored_mut().as_ptr(), ptr, "no reallocation");
+        assert_eq!(rx.stored_mut().capacity(), capacity);
+        let mut end = BytesMut::from(&b".\r\n"[..]);
+        assert_eq!(rx.feed(&mut end), DataProgress::Done);
+        let stored = rx.finish_buffer().unwrap();
+        assert_eq!(
+            &stored[..],
+            b"HEADROOM\r\n\r\n\r\n\r\n",
+            "8 octets: not too large"
+        );
     }
 
     /// FUZZ-02 / SMUG-12 / PIPE-02: identical results however the input is split.

@@ -3,7 +3,7 @@
 
 use std::fmt;
 use std::net::IpAddr;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use async_nats::HeaderMap;
 
@@ -78,6 +78,8 @@ pub enum Notice {
     Bounce,
     /// The "delayed" notice.
     Delay,
+    /// The bounce of an entry an operator deleted with a notice.
+    Cancel,
 }
 
 impl Notice {
@@ -85,6 +87,7 @@ impl Notice {
         match self {
             Self::Bounce => "bounce",
             Self::Delay => "delay",
+            Self::Cancel => "cancel",
         }
     }
 }
@@ -129,6 +132,73 @@ impl SenderAuth {
         }
         auth
     }
+}
+
+/// An operator's action on an entry ([`QueueEntry::action_msg_id`]): each replaces the entry
+/// by a new one and deletes the old one from the stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Deliverable at once (`Kubemail-Not-Before` cleared).
+    Retry,
+    /// Moved to the held subject.
+    Hold,
+    /// Moved back from the held subject, deliverable at once.
+    Release,
+    /// Returned to the sender by the next worker.
+    Cancel,
+    /// Put back by a worker to wait for a delivery pause (not an operator's action, but the
+    /// same kind of replacement: same attempts, so it needs an id of its own).
+    Pause,
+}
+
+impl Action {
+    pub fn tag(self) -> &'static str {
+        match self {
+            Self::Retry => "retry",
+            Self::Hold => "hold",
+            Self::Release => "release",
+            Self::Cancel => "cancel",
+            Self::Pause => "pause",
+        }
+    }
+}
+
+/// Attempts kept in `Kubemail-Attempt-Log` (the newest).
+pub const MAX_ATTEMPT_LOG: usize = 10;
+/// Characters of a reply kept in the attempt log.
+const MAX_LOGGED_REPLY: usize = 300;
+
+/// One attempt in the attempt log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttemptRecord {
+    pub at: SystemTime,
+    /// What the attempt ended with (the remote's reply or our own diagnostic).
+    pub reply: String,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct AttemptJson {
+    at: String,
+    reply: String,
+}
+
+/// What operators and pauses did to an entry, and its recent attempts; empty (the default)
+/// on a new entry.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct AdminState {
+    /// The last attempts that deferred it (at most [`MAX_ATTEMPT_LOG`], oldest first).
+    pub attempt_log: Vec<AttemptRecord>,
+    /// Time spent held or waiting for a pause: added to the lifetime, so mail that was only
+    /// held back is never bounced for its age.
+    pub suspended: Duration,
+    /// The pause the entry waits for ([`crate::pause::Pause::key`]).
+    pub paused_by: Option<String>,
+    /// When the entry was put on hold (set only on the held subject).
+    pub held_at: Option<SystemTime>,
+    /// Why it was put on hold.
+    pub hold_reason: Option<String>,
+    /// An operator deleted it with a notice: the next worker bounces every recipient.
+    pub cancelled: bool,
 }
 
 /// Why headers are not a usable queue entry.
@@ -189,6 +259,18 @@ pub struct QueueEntry {
     pub last_error: Option<String>,
     /// A "delayed" notice was sent already.
     pub delay_warned: bool,
+    /// Holds, pauses and cancellation.
+    pub admin: AdminState,
+}
+
+impl AdminState {
+    /// Adds an attempt to the log, dropping the oldest beyond [`MAX_ATTEMPT_LOG`].
+    pub fn log_attempt(&mut self, at: SystemTime, reply: &str) {
+        let reply: String = clean(reply.trim()).chars().take(MAX_LOGGED_REPLY).collect();
+        self.attempt_log.push(AttemptRecord { at, reply });
+        let extra = self.attempt_log.len().saturating_sub(MAX_ATTEMPT_LOG);
+        self.attempt_log.drain(..extra);
+    }
 }
 
 impl QueueEntry {
@@ -211,6 +293,25 @@ impl QueueEntry {
     /// The `Nats-Msg-Id` of a notice about this entry's current attempt.
     pub fn notice_msg_id(&self, notice: Notice) -> String {
         format!("{}.{}{}", self.entry_id(), notice.tag(), self.attempts)
+    }
+
+    /// The `Nats-Msg-Id` of the entry that replaces the stream message `sequence` (this entry)
+    /// after an operator's `action`: `<entry id>.a<attempts>.<action><sequence>`. Derived from
+    /// the replaced message, so repeating the same action on it (a retried command) is
+    /// dropped as a duplicate, while a later action on the replacement gets a new id.
+    pub fn action_msg_id(&self, action: Action, sequence: u64) -> String {
+        format!(
+            "{}.a{}.{}{sequence}",
+            self.entry_id(),
+            self.attempts,
+            action.tag()
+        )
+    }
+
+    /// The end of this entry's lifetime of `lifetime`: acceptance plus the time it spent
+    /// held or paused.
+    pub fn expires_at(&self, lifetime: Duration) -> SystemTime {
+        self.accepted_at + self.admin.suspended + lifetime
     }
 
     /// The object store name of this entry's body when it is too large to go inline.
@@ -285,6 +386,39 @@ impl QueueEntry {
         if self.delay_warned {
             h.insert(headers::DELAY_WARNED, "true");
         }
+        let a = &self.admin;
+        if !a.suspended.is_zero() {
+            h.insert(headers::SUSPENDED, a.suspended.as_secs().to_string());
+        }
+        for (name, value) in [
+            (headers::PAUSED_BY, &a.paused_by),
+            (headers::HOLD_REASON, &a.hold_reason),
+        ] {
+            if let Some(v) = value.as_deref().map(header_text)
+                && !v.is_empty()
+            {
+                h.insert(name, v);
+            }
+        }
+        if let Some(t) = a.held_at {
+            h.insert(headers::HELD_AT, rfc3339(t));
+        }
+        if a.cancelled {
+            h.insert(headers::CANCEL, "bounce");
+        }
+        if !a.attempt_log.is_empty() {
+            let log: Vec<AttemptJson> = a
+                .attempt_log
+                .iter()
+                .map(|r| AttemptJson {
+                    at: rfc3339(r.at),
+                    reply: clean(&r.reply),
+                })
+                .collect();
+            if let Ok(json) = serde_json::to_string(&log) {
+                h.insert(headers::ATTEMPT_LOG, json);
+            }
+        }
         h
     }
 
@@ -346,6 +480,31 @@ impl QueueEntry {
             not_before,
             last_error: get(headers::LAST_ERROR),
             delay_warned: get(headers::DELAY_WARNED).is_some_and(|v| v == "true"),
+            admin: AdminState {
+                // Unreadable means none: the entry may then expire early, never late.
+                suspended: get(headers::SUSPENDED)
+                    .and_then(|v| v.parse().ok())
+                    .map(Duration::from_secs)
+                    .unwrap_or_default(),
+                paused_by: get(headers::PAUSED_BY),
+                held_at: get(headers::HELD_AT).and_then(|v| parse_rfc3339(&v)),
+                hold_reason: get(headers::HOLD_REASON),
+                cancelled: get(headers::CANCEL).is_some_and(|v| v == "bounce"),
+                // Informational: an unreadable log is dropped rather than the entry.
+                attempt_log: get(headers::ATTEMPT_LOG)
+                    .and_then(|v| serde_json::from_str::<Vec<AttemptJson>>(&v).ok())
+                    .map(|list| {
+                        list.into_iter()
+                            .filter_map(|r| {
+                                Some(AttemptRecord {
+                                    at: parse_rfc3339(&r.at)?,
+                                    reply: r.reply,
+                                })
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+            },
         })
     }
 }

@@ -32,3 +32,18 @@ pub const DELAY_WARNED: &str = "Kubemail-Delay-Warned";
 
 /// JetStream's de-duplication id.
 pub const NATS_MSG_ID: &str = "Nats-Msg-Id";
+
+// What operators and pauses did to the entry (`crate::AdminState`).
+/// Seconds the entry spent held or paused so far; they do not count towards its lifetime.
+pub const SUSPENDED: &str = "Kubemail-Suspended";
+/// The pause ([`crate::pause::Pause::key`]) the entry is waiting for.
+pub const PAUSED_BY: &str = "Kubemail-Paused-By";
+/// When the entry was put on hold (only on the held subject).
+pub const HELD_AT: &str = "Kubemail-Held-At";
+/// Why it was put on hold, as the operator gave it.
+pub const HOLD_REASON: &str = "Kubemail-Hold-Reason";
+/// The last attempts' results: a JSON array of `{"at": RFC 3339, "reply": text}`, oldest
+/// first, at most [`crate::MAX_ATTEMPT_LOG`] of them.
+pub const ATTEMPT_LOG: &str = "Kubemail-Attempt-Log";
+/// `bounce`: deleted by an operator; the next worker returns it to the sender.
+pub const CANCEL: &str = "Kubemail-Cancel";

@@ -46,6 +46,109 @@ pub const TLSRPT_STREAM: &str = "KUBEMAIL_TLSRPT";
 /// token>.>` and the bucket's JetStream API calls as for [`MTA_STS_CACHE_BUCKET`].
 pub const TLSRPT_CLAIMS_BUCKET: &str = "KUBEMAIL_TLSRPT_CLAIMS";
 
+/// The subject token that sets held entries apart: `_` never occurs in a domain name, so
+/// `<prefix>._held.<domain>` is no domain's queue subject and no delivery consumer reads it.
+pub const HELD_TOKEN: &str = "_held";
+
+/// The held subject of `domain`: `<prefix>._held.<lower-cased domain>`. Entries put on hold
+/// wait here (in the queue stream, covered by its `<prefix>.>` subjects) until released.
+pub fn held_subject(prefix: &str, domain: &str) -> String {
+    format!("{prefix}.{HELD_TOKEN}.{}", domain.to_ascii_lowercase())
+}
+
+/// Whether `subject` is a held subject under `prefix`.
+pub fn is_held_subject(prefix: &str, subject: &str) -> bool {
+    subject
+        .strip_prefix(prefix)
+        .and_then(|rest| rest.strip_prefix('.'))
+        .and_then(|rest| rest.strip_prefix(HELD_TOKEN))
+        .is_some_and(|rest| rest.starts_with('.'))
+}
+
+/// The JetStream KV bucket of delivery pauses (`DeliveryPause` resources), written by the
+/// operator and watched by every node. Key: [`pause_key`]; value: JSON of a
+/// [`crate::pause::Pause`]; history 1, no max age (a pause's expiry is in its value). Nodes
+/// only read it ([`crate::permissions`]).
+pub const PAUSES_BUCKET: &str = "KUBEMAIL_PAUSES";
+
+/// The key of the pause `name` in `namespace`: `<namespace>.<name>`. A namespace is one DNS
+/// label (no dots), so the first dot separates the two and keys never collide.
+pub fn pause_key(namespace: &str, name: &str) -> String {
+    format!("{namespace}.{name}")
+}
+
+/// The JetStream KV bucket of per-destination connection leases, shared by every node:
+/// key [`lease_key`], value the holder; the bucket's `max_age` is [`SHAPING_LEASE_TIME`],
+/// holders renew their leases every third of it, so the slot of a crashed node frees itself.
+/// Remote destinations are not tenant data (all tenants share the cluster's addresses, which
+/// is what a receiving MTA limits), so every node uses the whole bucket.
+pub const SHAPING_LEASES_BUCKET: &str = "KUBEMAIL_SHAPING_LEASES";
+
+/// How long a connection lease lives without renewal.
+pub const SHAPING_LEASE_TIME: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The JetStream KV bucket of per-destination rate state (the next free send time) and
+/// 421 back-off, shared by every node: keys [`rate_key`] and [`backoff_key`], updated with
+/// compare-and-set.
+pub const SHAPING_BUCKET: &str = "KUBEMAIL_SHAPING";
+
+/// The JetStream KV bucket where an operator's action marks the queue entry it replaced
+/// ([`replaced_key`]), so that a worker attempting that entry at the same moment does not
+/// republish it (it answers by setting the mark to `yielded`). Kept an hour.
+pub const REPLACED_BUCKET: &str = "KUBEMAIL_REPLACED";
+
+/// The mark of stream message `sequence` of `domain`'s queue: `<domain token>.<sequence>`,
+/// so a node's credentials reach only its own domains' marks.
+pub fn replaced_key(domain: &str, sequence: u64) -> String {
+    format!("{}.{sequence}", domain_token(domain))
+}
+
+/// Connection slot `slot` of `destination` (a [`destination_token`]).
+pub fn lease_key(destination: &str, slot: u32) -> String {
+    format!("{slot}.{destination}")
+}
+
+/// The rate state of `destination`.
+pub fn rate_key(destination: &str) -> String {
+    format!("rate.{destination}")
+}
+
+/// The 421 back-off state of `destination`.
+pub fn backoff_key(destination: &str) -> String {
+    format!("backoff.{destination}")
+}
+
+/// A shaping destination as KV key tokens: `d.<domain>` for a recipient domain (or a relay
+/// host), `g.<group>` for a named group of MX hosts. Both lower case; dots stay (valid in
+/// keys), other characters outside `[a-z0-9-_]` become `_`.
+pub fn destination_token(kind: DestinationKind, name: &str) -> String {
+    let name: String = name
+        .to_ascii_lowercase()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '.' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let kind = match kind {
+        DestinationKind::Domain => "d",
+        DestinationKind::Group => "g",
+    };
+    format!("{kind}.{}", name.trim_matches('.'))
+}
+
+/// What a shaping destination is named after.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DestinationKind {
+    /// A recipient domain, a relay or an inbound host.
+    Domain,
+    /// A configured group of MX hosts (e.g. every Gmail MX).
+    Group,
+}
+
 /// A domain as one subject token: lower case, dots as `_` (injective for valid domain
 /// names, which have no `_`; see the module doc).
 pub fn domain_token(domain: &str) -> String {
@@ -89,21 +192,70 @@ pub fn subject(prefix: &str, domain: &str) -> String {
 /// The durable consumer of `domain` (a valid domain name, any case): `kubemail-` and the
 /// domain with dots as underscores, hashed when long (see the module doc).
 pub fn consumer_name(domain: &str) -> String {
+    domain_name_token(CONSUMER_PREFIX, domain)
+}
+
+/// The object store bucket of `domain`'s large bodies: `<base>-` and the domain encoded as in
+/// [`consumer_name`] (dots as underscores, hashed when long), e.g. `KUBEMAIL_BODIES-example_com`.
+/// Collision-free for the same reason, and one bucket per domain so that a domain's NATS
+/// credentials can be limited to its own bodies.
+pub fn body_bucket(base: &str, domain: &str) -> String {
+    domain_name_token(&format!("{base}-"), domain)
+}
+
+/// The stream of failed AUTH attempts, next to the queue stream `stream`.
+pub fn auth_failure_stream(stream: &str) -> String {
+    format!("{stream}_AUTH_FAILURES")
+}
+
+/// Every subject of the AUTH-failure stream: `<prefix>-auth-failures.>`, next to the queue's
+/// subjects, never under them (`kubemail.queue.>` does not match `kubemail.queue-auth-failures.x`).
+pub fn auth_failure_subjects(prefix: &str) -> String {
+    format!("{prefix}-auth-failures.>")
+}
+
+/// The AUTH-failure subjects of `domain` are `<this>.<user tag>`:
+/// `<prefix>-auth-failures.<lower-cased domain>`. A tag is one token, so `<this>.*` matches
+/// this domain's failures and no other domain's (a domain's tokens are fixed, and another
+/// domain with one more label would need one more token).
+pub fn auth_failure_subject_prefix(prefix: &str, domain: &str) -> String {
+    format!("{prefix}-auth-failures.{}", domain.to_ascii_lowercase())
+}
+
+/// The reply-inbox prefix of the nodes that serve `domains` (`_INBOX_` and 24 hex digits of
+/// the SHA-256 of the sorted, lower-cased, comma-joined domains). Their NATS credentials may
+/// subscribe to `<this>.>` only, so no other tenant's nodes can read their JetStream replies.
+/// Not a secret: the permission is what protects it.
+pub fn inbox_prefix<S: AsRef<str>>(domains: &[S]) -> String {
+    let mut sorted: Vec<String> = domains
+        .iter()
+        .map(|d| d.as_ref().to_ascii_lowercase())
+        .collect();
+    sorted.sort();
+    sorted.dedup();
+    let digest = Sha256::digest(sorted.join(",").as_bytes());
+    let hex: String = digest.iter().take(12).map(|b| format!("{b:02x}")).collect();
+    format!("_INBOX_{hex}")
+}
+
+/// `prefix` and the domain as one NATS name token (see the module doc).
+fn domain_name_token(prefix: &str, domain: &str) -> String {
     let domain = domain.to_ascii_lowercase();
     let encoded = domain.replace('.', "_");
-    if CONSUMER_PREFIX.len() + encoded.len() <= MAX_CONSUMER_NAME_LEN {
-        return format!("{CONSUMER_PREFIX}{encoded}");
+    if prefix.len() + encoded.len() <= MAX_CONSUMER_NAME_LEN {
+        return format!("{prefix}{encoded}");
     }
-    let mut readable = String::with_capacity(HASHED_PREFIX_LEN);
+    let room = MAX_CONSUMER_NAME_LEN.saturating_sub(prefix.len() + 1 + 64);
+    let mut readable = String::with_capacity(room);
     for c in encoded.chars() {
-        if readable.len() + c.len_utf8() > HASHED_PREFIX_LEN {
+        if readable.len() + c.len_utf8() > room {
             break;
         }
         readable.push(c);
     }
     let digest = Sha256::digest(domain.as_bytes());
     let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
-    format!("{CONSUMER_PREFIX}{readable}-{hex}")
+    format!("{prefix}{readable}-{hex}")
 }
 
 /// The consumer name of earlier versions, `kubemail-` and the domain with dots as dashes
@@ -179,6 +331,48 @@ mod tests {
             Some(("B", "q1.example.com"))
         );
         assert_eq!(split_body_ref("no-slash"), None);
+        assert_eq!(
+            body_bucket("KUBEMAIL_BODIES", "Mail.Example.com"),
+            "KUBEMAIL_BODIES-mail_example_com"
+        );
+        assert_ne!(body_bucket("B", "a-b.c"), body_bucket("B", "a.b-c"));
+        assert_eq!(
+            auth_failure_subject_prefix("kubemail.queue", "Example.COM"),
+            "kubemail.queue-auth-failures.example.com"
+        );
+        assert_eq!(
+            inbox_prefix(&["b.example", "A.example"]),
+            inbox_prefix(&["a.example", "b.example", "a.example"])
+        );
+        assert_ne!(inbox_prefix(&["a.example"]), inbox_prefix(&["b.example"]));
+        assert!(inbox_prefix(&["a.example"]).starts_with("_INBOX_"));
+        assert_eq!(
+            held_subject("kubemail.queue", "Example.COM"),
+            "kubemail.queue._held.example.com"
+        );
+        assert!(is_held_subject(
+            "kubemail.queue",
+            "kubemail.queue._held.example.com"
+        ));
+        assert!(!is_held_subject(
+            "kubemail.queue",
+            "kubemail.queue.example.com"
+        ));
+        assert!(!is_held_subject(
+            "kubemail.queue",
+            "kubemail.queue._heldx.a"
+        ));
+        assert_eq!(pause_key("mail", "gmail-421"), "mail.gmail-421");
+        assert_eq!(
+            destination_token(DestinationKind::Domain, "Remote.Test"),
+            "d.remote.test"
+        );
+        assert_eq!(
+            destination_token(DestinationKind::Group, "gmail"),
+            "g.gmail"
+        );
+        assert_eq!(lease_key("g.gmail", 3), "3.g.gmail");
+        assert_eq!(replaced_key("Mail.Example.com", 42), "mail_example_com.42");
         assert_eq!(split_body_ref("/object"), None);
     }
 

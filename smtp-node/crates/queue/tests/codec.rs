@@ -8,7 +8,9 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, SystemTime};
 
 use async_nats::HeaderMap;
-use kubemail_queue::{Direction, EntryError, Notice, QueueEntry, QueueId, SenderAuth, headers};
+use kubemail_queue::{
+    Action, AdminState, Direction, EntryError, Notice, QueueEntry, QueueId, SenderAuth, headers,
+};
 use proptest::prelude::*;
 
 /// Headers as a sorted list, so a failing comparison shows what differs.
@@ -100,6 +102,7 @@ fn accepted() -> QueueEntry {
         not_before: None,
         last_error: None,
         delay_warned: false,
+        admin: Default::default(),
     }
 }
 
@@ -155,6 +158,7 @@ fn retry() -> QueueEntry {
         not_before: Some(at(1_795_824_541, 0)),
         last_error: Some("mx.example.net: 451 4.7.1 greylisted, try again later".into()),
         delay_warned: true,
+        admin: Default::default(),
     }
 }
 
@@ -200,6 +204,63 @@ fn message_ids_of_retries_and_notices() {
         e.msg_id(),
         "q42.example.com.a3",
         "the domain is lower-cased"
+    );
+}
+
+#[test]
+fn operators_actions_and_their_state_travel_in_the_entry() {
+    let mut e = retry();
+    assert_eq!(
+        e.action_msg_id(Action::Retry, 77),
+        "q42.example.com.a2.retry77"
+    );
+    assert_eq!(
+        e.action_msg_id(Action::Hold, 77),
+        "q42.example.com.a2.hold77"
+    );
+    assert_eq!(e.notice_msg_id(Notice::Cancel), "q42.example.com.cancel2");
+    e.admin = AdminState {
+        attempt_log: Vec::new(),
+        suspended: Duration::from_secs(3600),
+        paused_by: Some("mail.remote-421".into()),
+        held_at: Some(at(1_795_830_000, 0)),
+        hold_reason: Some("customer asked".into()),
+        cancelled: true,
+    };
+    let h = e.to_headers(&e.msg_id());
+    assert_eq!(h.get(headers::SUSPENDED).unwrap().as_str(), "3600");
+    assert_eq!(
+        h.get(headers::PAUSED_BY).unwrap().as_str(),
+        "mail.remote-421"
+    );
+    assert_eq!(
+        h.get(headers::HELD_AT).unwrap().as_str(),
+        "2026-11-28T01:40:00Z"
+    );
+    assert_eq!(h.get(headers::CANCEL).unwrap().as_str(), "bounce");
+    assert_eq!(QueueEntry::from_headers(&h).unwrap(), e);
+    // The attempt log keeps the newest ten, one line each.
+    for i in 0..12u64 {
+        e.admin.log_attempt(
+            at(1_795_830_000 + i, 0),
+            &format!("451 4.7.1 try {i}\r\nlater"),
+        );
+    }
+    assert_eq!(e.admin.attempt_log.len(), 10);
+    assert_eq!(e.admin.attempt_log[0].reply, "451 4.7.1 try 2??later");
+    let h = e.to_headers(&e.msg_id());
+    assert!(
+        h.get(headers::ATTEMPT_LOG)
+            .unwrap()
+            .as_str()
+            .starts_with(r#"[{"at":"2026-11-28T01:40:02Z","reply":"451 4.7.1 try 2??later"}"#)
+    );
+    assert_eq!(QueueEntry::from_headers(&h).unwrap(), e);
+    // Held and paused time extends the lifetime.
+    let lifetime = Duration::from_secs(5 * 86400);
+    assert_eq!(
+        e.expires_at(lifetime),
+        e.accepted_at + lifetime + Duration::from_secs(3600)
     );
 }
 
@@ -400,7 +461,24 @@ fn entry() -> impl Strategy<Value = QueueEntry> {
         any::<bool>(),
         proptest::option::of((any::<bool>(), any::<bool>())),
     );
-    (envelope, rest).prop_map(
+    let admin = (
+        0u64..10_000_000,
+        proptest::option::of(text()),
+        proptest::option::of(time()),
+        proptest::option::of(text()),
+        any::<bool>(),
+    )
+        .prop_map(
+            |(suspended, paused_by, held_at, hold_reason, cancelled)| AdminState {
+                attempt_log: Vec::new(),
+                suspended: Duration::from_secs(suspended),
+                paused_by,
+                held_at,
+                hold_reason,
+                cancelled,
+            },
+        );
+    (envelope, rest, admin).prop_map(
         |(
             (
                 queue_id,
@@ -429,6 +507,7 @@ fn entry() -> impl Strategy<Value = QueueEntry> {
                 delay_warned,
                 sender_auth,
             ),
+            admin,
         )| QueueEntry {
             queue_id: QueueId::from(queue_id),
             mail_from,
@@ -454,6 +533,7 @@ fn entry() -> impl Strategy<Value = QueueEntry> {
             not_before,
             last_error,
             delay_warned,
+            admin,
         },
     )
 }

@@ -490,14 +490,7 @@ impl MtaSts {
                     Ok(store) => Some(store),
                     Err(_) => match self
                         .js
-                        .create_key_value(kv::Config {
-                            bucket: bucket.to_owned(),
-                            description: "MTA-STS policies of remote domains (RFC 8461)".to_owned(),
-                            history: 1,
-                            max_value_size: 128 * 1024,
-                            storage: async_nats::jetstream::stream::StorageType::File,
-                            ..Default::default()
-                        })
+                        .create_key_value(kubemail_queue::streams::mta_sts_cache_config(1))
                         .await
                     {
                         Ok(store) => Some(store),

@@ -37,8 +37,6 @@ use crate::dkim::DkimSigner;
 use crate::dns::Resolver;
 use crate::queue::{Direction, QueueEntry, QueueId};
 
-/// How long results are kept: the day itself, the day its report is sent, and a spare.
-const RESULTS_MAX_AGE: Duration = Duration::from_secs(3 * 86_400);
 /// Most results read for one day's report of one sending domain.
 const MAX_RESULTS_PER_DAY: u64 = 1_000_000;
 
@@ -294,13 +292,7 @@ impl TlsRpt {
     async fn stream(&self) -> Option<&stream::Stream> {
         self.stream
             .get_or_init(|| async {
-                let config = stream::Config {
-                    name: kubemail_queue::TLSRPT_STREAM.to_owned(),
-                    subjects: vec!["kubemail.tlsrpt.>".to_owned()],
-                    max_age: RESULTS_MAX_AGE,
-                    storage: stream::StorageType::File,
-                    ..Default::default()
-                };
+                let config = kubemail_queue::streams::tlsrpt_stream_config(1);
                 match self.js.get_or_create_stream(config).await {
                     Ok(s) => Some(s),
                     Err(error) => {
@@ -321,14 +313,7 @@ impl TlsRpt {
                     Ok(s) => Some(s),
                     Err(_) => self
                         .js
-                        .create_key_value(kv::Config {
-                            bucket: bucket.to_owned(),
-                            description: "TLS-RPT report claims (RFC 8460)".to_owned(),
-                            history: 1,
-                            max_age: Duration::from_secs(7 * 86_400),
-                            storage: stream::StorageType::File,
-                            ..Default::default()
-                        })
+                        .create_key_value(kubemail_queue::streams::tlsrpt_claims_config(1))
                         .await
                         .inspect_err(|error| tracing::warn!(%error, "no TLS-RPT claims bucket"))
                         .ok(),
@@ -611,6 +596,7 @@ async fn queue_report(
         not_before: None,
         last_error: None,
         delay_warned: false,
+        admin: Default::default(),
     };
     let msg_id = format!("tlsrpt.{report_id}.{to}");
     let subject = kubemail_queue::subject(ctx.subject_prefix, sending_domain);

@@ -20,13 +20,14 @@ use kubemail_config::{
 use super::{BuildConfig, BuildError};
 use crate::certs::{TLS_CERT_KEY, TLS_KEY_KEY};
 use crate::controller::mail_domain::names::{
-    ADMIN_PORT, DKIM_DIR, MTA_STS_PORT, RELAY_DIR, SMTP_PORT, SUBMISSION_PORT, SUBMISSIONS_PORT,
-    TLS_DIR, USERS_DIR,
+    ADMIN_PORT, DKIM_DIR, MTA_STS_PORT, NATS_DIR, RELAY_DIR, SMTP_PORT, SUBMISSION_PORT,
+    SUBMISSIONS_PORT, TLS_DIR, USERS_DIR,
 };
 use crate::controller::mail_domain::validate::{Limits, RelayResolution, ValidatedDomain};
 use crate::crd::mail_domain::{ForwardProtocol, ForwardSpec, ForwardTls, TlsPolicyRuleMode};
 use crate::crd::relay::{RelaySpec, RelayTls};
 use crate::dkim;
+use crate::nats::credentials::{CA_KEY, CREDENTIALS_KEY};
 use crate::users::{USERNAME_KEY_KEY, USERS_FILE_KEY};
 
 /// Node config fields each MailDomain and the operator's flags decide; an overlay may not set
@@ -140,13 +141,28 @@ pub fn node_config(
         url: config.nats_url.clone(),
         stream: config.nats_stream.clone(),
         subject_prefix: config.nats_subject_prefix.clone(),
+        replicas: config.nats_replicas,
         ..NatsConfig::default()
     };
+    // Authenticated NATS: the operator mints credentials for the domains these nodes serve
+    // and manages the JetStream objects, which the credentials may not create.
+    if config.nats_auth {
+        node.nats.credentials_file = Some(Path::new(NATS_DIR).join(CREDENTIALS_KEY));
+        node.nats.inbox_prefix = Some(kubemail_queue::inbox_prefix(&[&v.domain]));
+        node.nats.manage_streams = false;
+    }
+    if config.nats_tls {
+        node.nats.ca_file = Some(Path::new(NATS_DIR).join(CA_KEY));
+        node.nats.require_tls = true;
+    }
     node.admin.address = SocketAddr::new(ip, ADMIN_PORT);
     if has_users {
         // Set before the overlay, so a site-wide `auth` section can still choose its own key.
         node.auth.username_key_file = Some(Path::new(USERS_DIR).join(USERNAME_KEY_KEY));
     }
+    // Also before the overlay (a site may size it); the Deployment's memory limit is derived
+    // from what the node config ends up with.
+    node.limits.message_bytes_in_memory = Some(ByteSize(message_memory(v.limits.max_message_size)));
     if let Some(overlay) = &config.node_overlay {
         overlay.apply_to(&mut node);
     }
@@ -166,6 +182,11 @@ pub fn node_config(
             .transpose()
             .map_err(out_of_range)?,
         relay: None,
+        retry_intervals: v
+            .retry_intervals
+            .iter()
+            .map(|d| kubemail_config::HumanDuration(*d))
+            .collect(),
         mta_sts_policy: v
             .mta_sts
             .as_ref()
@@ -240,6 +261,14 @@ pub enum OverlayError {
     ReservedField(&'static str),
     #[error("it is not a valid node config overlay")]
     Invalid(#[source] serde_yaml::Error),
+}
+
+/// Message bytes a node may hold in memory (`limits.messageBytesInMemory`): four of the
+/// domain's largest messages (twice what the node needs for one, whose buffer briefly exists
+/// twice while it grows), and never less than 256 MiB for many ordinary ones at once.
+pub fn message_memory(max_message_size: u64) -> u64 {
+    const FLOOR: u64 = 256 << 20;
+    max_message_size.saturating_mul(4).max(FLOOR)
 }
 
 /// Reads the site-wide node config overlay (`--node-config-overlay`) at start-up. Fields that

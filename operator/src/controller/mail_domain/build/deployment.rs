@@ -36,6 +36,10 @@ const PRE_STOP_SLEEP_SECONDS: i64 = 5;
 const GRACE_SLACK_SECONDS: i64 = 10;
 /// Secret files readable by owner and group (fsGroup) only.
 const SECRET_MODE: i32 = 0o440;
+/// Memory of a node besides message bodies: the process, idle connections, TLS sessions, the
+/// NATS client's buffers, delivery. The container's limit is this plus the node's budget for
+/// message bytes, so the budget keeps the node below its limit.
+const NODE_BASE_MEMORY: u64 = 256 << 20;
 
 /// The Deployment of the domain's nodes; `checksum` rolls the pods when what they read at
 /// start-up changes.
@@ -123,6 +127,10 @@ pub(super) fn deployment(
         mounts.push(mount("relay", RELAY_DIR));
         volumes.push(secret_volume("relay", auth.secret_ref.name.clone()));
     }
+    if config.nats_auth || config.nats_tls {
+        mounts.push(mount("nats", names::NATS_DIR));
+        volumes.push(secret_volume("nats", names::nats_secret(&v.name)));
+    }
     mounts.push(VolumeMount {
         name: "tmp".to_owned(),
         mount_path: "/tmp".to_owned(),
@@ -202,6 +210,10 @@ pub(super) fn deployment(
                 ("cpu".to_owned(), Quantity("100m".to_owned())),
                 ("memory".to_owned(), Quantity("128Mi".to_owned())),
             ])),
+            limits: Some(BTreeMap::from([(
+                "memory".to_owned(),
+                Quantity(memory_limit(node)),
+            )])),
             ..Default::default()
         }),
         security_context: Some(SecurityContext {
@@ -271,6 +283,15 @@ pub(super) fn deployment(
 }
 
 /// One pod at a time may be disrupted: drains proceed, and the rest keep receiving mail.
+/// The container's memory limit: the node's message memory budget plus the rest.
+fn memory_limit(node: &NodeConfig) -> String {
+    let budget = node
+        .limits
+        .message_bytes_in_memory
+        .map_or(kubemail_config::DEFAULT_MESSAGE_BYTES_IN_MEMORY, |b| b.0);
+    format!("{}Mi", (budget + NODE_BASE_MEMORY).div_ceil(1 << 20))
+}
+
 pub(super) fn pdb(v: &ValidatedDomain, metadata: ObjectMeta) -> PodDisruptionBudget {
     PodDisruptionBudget {
         metadata,

@@ -50,7 +50,7 @@ use crate::dkim;
 use crate::timestamps::UnixSeconds;
 
 /// Operator-wide settings that shape the children.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BuildConfig {
     /// SMTP node image.
     pub node_image: String,
@@ -69,6 +69,15 @@ pub struct BuildConfig {
     pub nats_stream: String,
     /// Queue subjects are `<prefix>.<domain>`.
     pub nats_subject_prefix: String,
+    /// Replicas of the queue's JetStream objects.
+    pub nats_replicas: u32,
+    /// NATS is authenticated: nodes get credentials from the domain's NATS Secret and leave
+    /// the JetStream objects to the operator.
+    pub nats_auth: bool,
+    /// NATS connections use TLS: nodes verify the server with `ca.crt` of that Secret.
+    pub nats_tls: bool,
+    /// A NetworkPolicy for the domain's pods.
+    pub network_policy: Option<crate::nats::NetworkPolicySettings>,
 }
 
 /// Observed facts the children depend on.

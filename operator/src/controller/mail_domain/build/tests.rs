@@ -36,6 +36,10 @@ pub(super) fn config() -> BuildConfig {
         nats_url: "nats://nats.kubemail-system:4222".into(),
         nats_stream: "KUBEMAIL".into(),
         nats_subject_prefix: "kubemail.queue".into(),
+        nats_replicas: 1,
+        nats_auth: false,
+        nats_tls: false,
+        network_policy: None,
     }
 }
 
@@ -428,6 +432,61 @@ fn bind_pod_ip_starts_nodes_on_their_pod_ip_without_changing_the_config() {
     );
     let (_, _, plain) = full();
     assert_eq!(c.checksum, plain.checksum, "the node config is the same");
+}
+
+#[test]
+fn the_memory_limit_holds_the_nodes_message_memory_budget() {
+    let (_, _, c) = full();
+    let node = NodeConfig::from_yaml(&data_text(&c.node_config, NODE_CONFIG_KEY)).unwrap();
+    node.validate().unwrap();
+    let budget = node.limits.message_bytes_in_memory.expect("budget set").0;
+    assert!(budget >= 2 * node.max_message_size(), "the node's own rule");
+    let pod = c
+        .deployment
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .as_ref()
+        .unwrap();
+    let limits = pod.containers[0]
+        .resources
+        .as_ref()
+        .unwrap()
+        .limits
+        .as_ref()
+        .unwrap();
+    assert_eq!(
+        limits["memory"].0,
+        format!("{}Mi", (budget >> 20) + 256),
+        "budget plus the rest of the node"
+    );
+    // A site overlay that sizes the budget moves the limit with it.
+    let md = md(FULL);
+    let v = validate(&md, &refs()).unwrap();
+    let cfg = BuildConfig {
+        node_overlay: Some(parse_node_overlay("limits: {messageBytesInMemory: 1Gi}\n").unwrap()),
+        ..config()
+    };
+    let c = build(&md, &v, &provisioned(true), &observed(), &cfg, NOW).unwrap();
+    let pod = c
+        .deployment
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .as_ref()
+        .unwrap();
+    let limits = pod.containers[0]
+        .resources
+        .as_ref()
+        .unwrap()
+        .limits
+        .as_ref()
+        .unwrap();
+    assert_eq!(limits["memory"].0, "1280Mi");
 }
 
 #[test]
@@ -860,6 +919,66 @@ fn invalid_references_and_durations_are_reported_with_a_reason() {
 }
 
 #[test]
+fn authenticated_nats_gives_nodes_credentials_tls_and_no_stream_management() {
+    let (_, v, plain) = full();
+    let plain_node: NodeConfig =
+        serde_yaml::from_str(&data_text(&plain.node_config, NODE_CONFIG_KEY)).unwrap();
+    assert!(
+        plain_node.nats.manage_streams,
+        "a bare NATS: the nodes manage"
+    );
+    assert!(plain_node.nats.credentials_file.is_none());
+
+    let md = md(FULL);
+    let cfg = BuildConfig {
+        nats_auth: true,
+        nats_tls: true,
+        nats_replicas: 3,
+        ..config()
+    };
+    let c = build(&md, &v, &provisioned(true), &observed(), &cfg, NOW).unwrap();
+    let node: NodeConfig =
+        serde_yaml::from_str(&data_text(&c.node_config, NODE_CONFIG_KEY)).unwrap();
+    assert!(
+        !node.nats.manage_streams,
+        "the operator manages the JetStream objects"
+    );
+    assert_eq!(node.nats.replicas, 3);
+    assert!(node.nats.require_tls);
+    assert_eq!(
+        node.nats.credentials_file.as_deref(),
+        Some(std::path::Path::new("/etc/kubemail/nats/nats.creds"))
+    );
+    assert_eq!(
+        node.nats.ca_file.as_deref(),
+        Some(std::path::Path::new("/etc/kubemail/nats/ca.crt"))
+    );
+    assert_eq!(
+        node.nats.inbox_prefix.as_deref(),
+        Some(kubemail_queue::inbox_prefix(&[v.domain.as_str()]).as_str())
+    );
+    let pod = c.deployment.spec.unwrap().template.spec.unwrap();
+    let volume = pod
+        .volumes
+        .unwrap()
+        .into_iter()
+        .find(|vol| vol.name == "nats")
+        .unwrap();
+    assert_eq!(
+        volume.secret.unwrap().secret_name.as_deref(),
+        Some("example-com-nats")
+    );
+    assert!(
+        pod.containers[0]
+            .volume_mounts
+            .as_ref()
+            .unwrap()
+            .iter()
+            .any(|m| m.name == "nats" && m.mount_path == "/etc/kubemail/nats")
+    );
+}
+
+#[test]
 fn the_mta_sts_policy_is_served_on_443_under_a_certificate_for_its_host() {
     let (_, v, c) = full();
     assert_eq!(
@@ -956,5 +1075,32 @@ fn outbound_tls_policies_reach_the_node_config() {
                 kubemail_config::TlsPolicyMode::None
             ),
         ]
+    );
+}
+
+#[test]
+fn the_retry_schedule_reaches_the_node_config() {
+    let spec = format!("{FULL}  delivery: {{ retryIntervals: [5m, 1h30m, 4h] }}\n");
+    let m = md(&spec);
+    let v = validate(&m, &refs()).unwrap();
+    let c = build(&m, &v, &provisioned(true), &observed(), &config(), NOW).unwrap();
+    let node = NodeConfig::from_yaml(&data_text(&c.node_config, NODE_CONFIG_KEY)).unwrap();
+    let secs: Vec<u64> = node.domains[0]
+        .retry_intervals
+        .iter()
+        .map(|d| d.0.as_secs())
+        .collect();
+    assert_eq!(secs, [300, 5400, 14400]);
+    // Without the section the node's own schedule applies.
+    let (_, _, plain) = full();
+    let node = NodeConfig::from_yaml(&data_text(&plain.node_config, NODE_CONFIG_KEY)).unwrap();
+    assert!(node.domains[0].retry_intervals.is_empty());
+    let bad = format!("{FULL}  delivery: {{ retryIntervals: [soon] }}\n");
+    let e = validate(&md(&bad), &refs()).unwrap_err();
+    assert_eq!(e.reason, "InvalidDuration");
+    assert!(
+        e.message.contains("spec.delivery.retryIntervals"),
+        "{}",
+        e.message
     );
 }
