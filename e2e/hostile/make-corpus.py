@@ -146,7 +146,8 @@ write("config", "minimal.yaml",
       "hostname: mx.example.test\nlisteners:\n- name: mx\n  kind: mx\n  address: 127.0.0.1:2525\n")
 write("config", "full.yaml", """hostname: mx.example.test
 listeners:
-- {name: mx, kind: mx, address: "127.0.0.1:2525", bareLineEndings: normalize, proxyProtocol: true}
+- {name: mx, kind: mx, address: "127.0.0.1:2525", bareLineEndings: normalize, proxyProtocol: true,
+  trustedProxies: ["10.0.0.0/8", "2001:db8::1"], nulBytes: strip}
 - {name: sub, kind: submission, address: "[::1]:5870", requireTls: true}
 - {name: smtps, kind: implicitTls, address: "127.0.0.1:4650"}
 tls: {certFile: c.pem, keyFile: k.pem, reloadInterval: 1h 30m}
@@ -158,6 +159,7 @@ domains:
   recipients: [bob, postmaster@example.test]
   catchAll: false
   usersFile: users
+  allowedSenders: {alice: [alice@example.test, "*@lists.example.test"]}
   limits: {maxMessageSize: 1Gi, maxRecipients: 100, messagesPerMinutePerUser: 60}
   inbound: {host: dovecot, port: 24, protocol: lmtp, tls: none}
   relay: {name: sg, host: smtp.relay.invalid, port: 587, tls: startTlsRequired,
@@ -168,7 +170,10 @@ minDataRate: 500
 maxConnections: 1000
 maxConnectionsPerIp: 20
 maxErrorsPerSession: 20
-auth: {maxFailuresPerSession: 3, failuresPerIpPerMinute: 10}
+maxJunkCommands: 100
+clientIpv6Prefix: 64
+recipientVerification: {enabled: true, positiveTtl: 1h, negativeTtl: 10m, timeout: 10s, maxConcurrent: 16, cacheSize: 10000}
+auth: {maxFailuresPerSession: 3, failuresPerIpPerMinute: 10, maxConcurrentVerifications: 4, verificationWait: 5s}
 admin: {address: "127.0.0.1:8080"}
 shutdown: {drainTimeout: 30s}
 dns: {nameservers: ["127.0.0.1:5353"], timeout: 2s, attempts: 2}

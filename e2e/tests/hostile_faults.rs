@@ -938,10 +938,12 @@ fn enqueue_atomicity_with_nats_killed_mid_transaction() {
     );
     let mut nats = Nats::single(NatsOptions::default());
     let node = Node::start(&nats.url(), |c, _| {
-        c["domains"]
-            .as_array_mut()
-            .expect("domains")
-            .push(json!({ "name": "other.test", "recipients": ["carol"] }));
+        c["domains"].as_array_mut().expect("domains").push(json!({
+            "name": "other.test",
+            "recipients": ["carol"],
+            // RCPT refuses a domain without an inbound target; nothing is delivered here.
+            "inbound": { "host": "127.0.0.1", "port": 9, "protocol": "smtp" },
+        }));
         c["nats"]["inlineBodyLimit"] = json!("8Ki");
         c["nats"]["publishTimeout"] = json!("2s");
     });

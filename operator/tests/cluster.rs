@@ -436,6 +436,27 @@ async fn invalid_maildomains_are_refused_at_admission_with_the_cel_message() {
     let m = refused(create("example.com", json!({ "domain": "example.com" })).await);
     assert!(m.contains("metadata.name must be a DNS label"), "{m}");
 
+    let m = refused(
+        create(
+            "bad",
+            json!({ "domain": "example.com", "service": { "proxyProtocol": { "enabled": true } } }),
+        )
+        .await,
+    );
+    assert!(
+        m.contains(
+            "spec.service.proxyProtocol.trustedCidrs must list the load balancer's networks"
+        ),
+        "{m}"
+    );
+    create(
+        "proxied",
+        json!({ "domain": "example.net", "replicas": 0,
+                "service": { "proxyProtocol": { "enabled": true, "trustedCidrs": ["10.0.0.0/8"] } } }),
+    )
+    .await
+    .expect("PROXY protocol with trusted networks is accepted");
+
     create("good", json!({ "domain": "example.com", "replicas": 0 }))
         .await
         .expect("a valid MailDomain is accepted");

@@ -36,6 +36,7 @@ fn entry(id: &str, paused_by: Option<&str>) -> QueueEntry {
         auth_user: None,
         client_ip: None,
         helo: None,
+        sender_auth: None,
         eight_bit: false,
         smtputf8: false,
         dsn_envid: None,

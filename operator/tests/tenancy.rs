@@ -134,6 +134,7 @@ async fn queue_waiting_mail(js: &jetstream::Context, prefix: &str, domain: &str)
         last_error: None,
         delay_warned: false,
         admin: Default::default(),
+        sender_auth: None,
     };
     js.publish_with_headers(
         kubemail_queue::subject(prefix, domain),

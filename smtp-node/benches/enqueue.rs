@@ -65,7 +65,7 @@ impl Queue for NullQueue {
 
 /// A message of about `size` octets, dot-stuffed and terminated as it travels after DATA.
 fn wire_message(size: usize) -> Vec<u8> {
-    let mut m = b"From: sender@example.test\r\nTo: bob@example.test\r\nSubject: bench\r\nMessage-ID: <bench@example.test>\r\n\r\n".to_vec();
+    let mut m = b"From: alice@example.test\r\nTo: bob@example.test\r\nSubject: bench\r\nMessage-ID: <bench@example.test>\r\n\r\n".to_vec();
     while m.len() < size {
         m.extend_from_slice(
             b"Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod t\r\n",
@@ -99,6 +99,7 @@ listeners:
 domains:
   - name: example.test
     recipients: [bob]
+    inbound: {{ host: 127.0.0.1, port: 24 }}
     usersFile: {users}
     limits: {{ messagesPerMinutePerUser: 100000000 }}
     dkim:
@@ -125,6 +126,7 @@ inboundAuth: {{ enabled: false }}
                 dkim: Some(Arc::new(dkim)),
                 inbound_auth: None,
                 suppression: None,
+                recipients: None,
             },
         );
         let (client, server) = tokio::io::duplex(1 << 16);
@@ -234,6 +236,7 @@ fn entry(domain: &str) -> QueueEntry {
         auth_user: None,
         client_ip: Some("192.0.2.7".parse().expect("ip")),
         helo: Some("client.remote.test".to_owned()),
+        sender_auth: None,
         eight_bit: false,
         smtputf8: false,
         dsn_envid: None,

@@ -6,8 +6,16 @@
 //! rate (the domain's `messagesPerMinutePerUser`).
 //!
 //! Passwords are checked by [`users_file::verify_password`] on a blocking thread (they are
-//! deliberately slow). An unknown user is checked against a dummy hash, so unknown user and
-//! wrong password cost the same time and get the same reply. Nothing here logs a password.
+//! deliberately slow, argon2 about 19 MiB each), at most `auth.maxConcurrentVerifications` at
+//! once; an AUTH that finds no free slot within `auth.verificationWait` gets `454 4.7.0`
+//! without a check, so a flood of AUTH commands queues instead of exhausting memory and the
+//! blocking pool. An unknown user is checked against a dummy hash, so unknown user and wrong
+//! password cost the same time and get the same reply. Nothing here logs a password.
+//!
+//! The per-IP limits key on the client ([`client_key`]: an IPv6 prefix, not each address of
+//! it). Failures of unknown user names are counted by this node only, never written to the
+//! shared per-user counter, so made-up names cannot fill it; the writes a client can cause
+//! for real names are bounded by its own failure limit.
 //!
 //! The per-user failure limit is cluster-wide (JetStream). The per-IP and message-rate
 //! counters are per node: several replicas each apply them, so their cluster-wide rate is at
@@ -22,11 +30,13 @@ use std::time::{Duration, Instant, SystemTime};
 
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth_limits::{SharedFailures, UserFailureLimit, UsernameKeyError};
 use crate::config::NodeConfig;
 use crate::config::users_file::{self, verify_password};
+use crate::server::limits::client_key;
 
 /// Hashes a password for a users file (`smtp-node hash-password`); the format is
 /// [`users_file`]'s, shared with the operator.
@@ -79,6 +89,9 @@ pub enum AuthOutcome {
     Failure,
     /// Too many recent failures: `454 4.7.0`, credentials not checked.
     RateLimited(LimitedBy),
+    /// No password check could start within `auth.verificationWait`: `454 4.7.0`,
+    /// credentials not checked, nothing counted.
+    Busy,
 }
 
 /// Which failure limit refused a login.
@@ -104,6 +117,11 @@ pub struct Authenticator {
     blocked: Mutex<HashMap<IpAddr, Instant>>,
     per_user: UserFailureLimit,
     message_rates: HashMap<String, DefaultKeyedRateLimiter<String>>,
+    /// IPv6 clients are keyed by this many leading bits.
+    ipv6_prefix: u8,
+    /// Password checks that may run at once.
+    verifications: Arc<Semaphore>,
+    verification_wait: Duration,
     /// Our domains (lower case), in config order: where failed logins are counted.
     domains: Vec<String>,
 }
@@ -161,6 +179,9 @@ impl Authenticator {
             blocked: Mutex::new(HashMap::new()),
             per_user: UserFailureLimit::new(&config.auth)?,
             message_rates,
+            ipv6_prefix: config.client_ipv6_prefix,
+            verifications: Arc::new(Semaphore::new(config.auth.verification_slots())),
+            verification_wait: config.auth.verification_wait.0,
             domains: config
                 .domains
                 .iter()
@@ -180,9 +201,10 @@ impl Authenticator {
         self.per_user.attach_shared(shared);
     }
 
-    /// Checks a login. Records failures against `ip` and against the user name.
+    /// Checks a login. Records failures against `ip`'s client and against the user name.
     pub async fn authenticate(&self, ip: IpAddr, username: &str, password: &str) -> AuthOutcome {
-        if self.is_blocked(ip) {
+        let client = client_key(ip, self.ipv6_prefix);
+        if self.is_blocked(client) {
             return AuthOutcome::RateLimited(LimitedBy::ClientIp);
         }
         let key = username.trim().to_ascii_lowercase();
@@ -204,18 +226,34 @@ impl Authenticator {
             .as_ref()
             .map(|e| e.hash.clone())
             .unwrap_or_else(|| dummy_hash().clone());
+        let slot = tokio::time::timeout(
+            self.verification_wait,
+            self.verifications.clone().acquire_owned(),
+        )
+        .await;
+        let Ok(Ok(slot)) = slot else {
+            tracing::debug!(wait = ?self.verification_wait, "no free password check slot");
+            return AuthOutcome::Busy;
+        };
         let password = password.to_owned();
-        let valid = tokio::task::spawn_blocking(move || verify_password(&password, &hash))
-            .await
-            .unwrap_or(false);
+        // The slot goes with the check: a session that is dropped meanwhile does not free it
+        // before the blocking thread is done.
+        let valid = tokio::task::spawn_blocking(move || {
+            let _slot = slot;
+            verify_password(&password, &hash)
+        })
+        .await
+        .unwrap_or(false);
         match entry {
             Some(entry) if valid => AuthOutcome::Success(AuthenticatedUser {
                 name: key,
                 domain: entry.domain,
             }),
-            _ => {
-                self.record_failure(ip);
-                self.per_user.record_failure(&counted_in, tag).await;
+            known => {
+                self.record_failure(client);
+                self.per_user
+                    .record_failure(&counted_in, tag, known.is_some())
+                    .await;
                 AuthOutcome::Failure
             }
         }
@@ -232,8 +270,8 @@ impl Authenticator {
 
     /// The domain whose part of the shared failure log counts a login name: the user's
     /// domain, else the domain after its `@` when we serve it, else our first domain (a name
-    /// no domain of ours knows can never log in; it is counted all the same, so the replies
-    /// do not tell names apart).
+    /// no domain of ours knows can never log in; it is limited all the same, so the replies
+    /// do not tell names apart, though only this node records its failures).
     fn failure_domain(&self, key: &str, entry: Option<&UserEntry>) -> String {
         if let Some(entry) = entry {
             return entry.domain.clone();
@@ -364,6 +402,7 @@ mod tests {
     use super::*;
 
     const LOCAL: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+    const USER_ALICE: &str = "alice@example.test";
 
     fn authenticator(users: &str, failures_per_minute: u32) -> (Authenticator, tempfile::TempDir) {
         authenticator_with(
@@ -446,6 +485,67 @@ auth: {auth}
         let other: IpAddr = "127.0.0.2".parse().unwrap();
         assert!(matches!(
             auth.authenticate(other, "alice@example.test", "pw").await,
+            AuthOutcome::Success(_)
+        ));
+    }
+
+    #[tokio::test]
+    async fn failures_per_client_count_a_whole_ipv6_prefix() {
+        let argon = hash_password("pw").unwrap();
+        let (auth, _dir) = authenticator(&format!("alice:{argon}\n"), 2);
+        for last in 1..=3u16 {
+            let ip = IpAddr::from([0x2001, 0xdb8, 0, 7, 0, 0, 0, last]);
+            assert_eq!(
+                auth.authenticate(ip, "alice", "bad").await,
+                AuthOutcome::Failure
+            );
+        }
+        // A fourth address of the same /64 is the same client: over its budget.
+        let same = IpAddr::from([0x2001, 0xdb8, 0, 7, 0xffff, 0, 0, 1]);
+        assert_eq!(
+            auth.authenticate(same, "alice@example.test", "pw").await,
+            AuthOutcome::RateLimited(LimitedBy::ClientIp)
+        );
+        let next = IpAddr::from([0x2001, 0xdb8, 0, 8, 0, 0, 0, 1]);
+        assert!(matches!(
+            auth.authenticate(next, "alice@example.test", "pw").await,
+            AuthOutcome::Success(_)
+        ));
+    }
+
+    #[tokio::test]
+    async fn password_checks_beyond_the_slots_wait_then_get_busy() {
+        let argon = hash_password("pw").unwrap();
+        let (auth, _dir) = authenticator_with(
+            &format!("alice:{argon}\n"),
+            "{ failuresPerIpPerMinute: 100, maxConcurrentVerifications: 1, verificationWait: 10ms }",
+        );
+        let auth = Arc::new(auth);
+        // An argon2 check takes far longer than 10 ms: of several at once, one runs and the
+        // others find no slot in time.
+        let tries: Vec<_> = (0..4u8)
+            .map(|i| {
+                let auth = auth.clone();
+                tokio::spawn(async move {
+                    auth.authenticate(IpAddr::from([127, 0, 0, i]), USER_ALICE, "pw")
+                        .await
+                })
+            })
+            .collect();
+        let mut outcomes = Vec::new();
+        for t in tries {
+            outcomes.push(t.await.unwrap());
+        }
+        let busy = outcomes.iter().filter(|o| **o == AuthOutcome::Busy).count();
+        let ok = outcomes
+            .iter()
+            .filter(|o| matches!(o, AuthOutcome::Success(_)))
+            .count();
+        assert!(busy >= 1 && ok >= 1, "{outcomes:?}");
+        assert_eq!(busy + ok, 4, "{outcomes:?}");
+        // A busy refusal counted nothing: the slot is free again and the login works.
+        assert!(matches!(
+            auth.authenticate(LOCAL, USER_ALICE, "pw").await,
             AuthOutcome::Success(_)
         ));
     }

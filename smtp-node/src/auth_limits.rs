@@ -7,12 +7,16 @@
 //! its own (`<nats.stream>_AUTH_FAILURES`) with one subject per domain and user name
 //! (`<prefix>-auth-failures.<domain>.<tag>`, so a domain's NATS credentials can add failures
 //! for its own users only) and one empty message per failure. Whoever manages the JetStream
-//! objects creates the stream (`nats.manageStreams`: the node, else the operator). A stream rather than a KV counter because:
+//! objects creates the stream (`nats.manageStreams`: the node, else the operator). A stream
+//! rather than a KV counter because:
 //! * a failure is one append (publish, wait for the ack), never a read-modify-write, so failures
 //!   arriving on several nodes at once never conflict, retry or get lost;
 //! * `max_age` = the window makes NATS expire each failure on its own: an exact sliding window
 //!   with no clean-up job; `max_messages_per_subject` = the limit bounds what one user name
-//!   holds, and `max_messages` what the whole stream holds;
+//!   holds. There is no stream-wide cap, which would let a flood evict real users' failures
+//!   and shorten their lockout; instead only failures of user names that exist are written
+//!   (made-up names are limited by this node alone), so the stream holds at most the limit
+//!   times the number of users;
 //! * the count is the subject's message count in one `STREAM.INFO` request with a subject
 //!   filter: a successful login costs one read and no write.
 //!
@@ -362,10 +366,14 @@ impl UserFailureLimit {
         }
     }
 
-    /// Records a failed login of `user`, locally and (when usable) in `domain`'s part of the
-    /// shared log.
-    pub async fn record_failure(&self, domain: &str, user: UserTag) {
+    /// Records a failed login of `user`, locally and, for a user name that exists (`known`),
+    /// in `domain`'s part of the shared log when it is usable. Unknown names stay local:
+    /// written, a flood of made-up names would grow the shared stream without bound.
+    pub async fn record_failure(&self, domain: &str, user: UserTag, known: bool) {
         self.local.record(user, Instant::now());
+        if !known {
+            return;
+        }
         let Some(shared) = self.usable_shared() else {
             return;
         };
@@ -563,7 +571,7 @@ impl SharedFailures for JetStreamFailures {
     }
 }
 
-pub use kubemail_queue::streams::{SHARED_MAX_FAILURES, failure_stream_config};
+pub use kubemail_queue::streams::failure_stream_config;
 
 #[cfg(test)]
 mod tests {
@@ -757,7 +765,7 @@ mod tests {
         let alice = limit.tag("alice@example.test");
         for _ in 0..3 {
             assert!(!limit.is_locked(D, alice).await);
-            limit.record_failure(D, alice).await;
+            limit.record_failure(D, alice, true).await;
         }
         assert!(limit.is_locked(D, alice).await);
         assert!(
@@ -782,12 +790,31 @@ mod tests {
         let alice = nodes[0].tag("alice@example.test");
         for i in 0..4 {
             assert!(!nodes[i % 2].is_locked(D, alice).await, "attempt {i}");
-            nodes[i % 2].record_failure(D, alice).await;
+            nodes[i % 2].record_failure(D, alice, true).await;
         }
         // Each node saw only two failures itself; together they reached the limit.
         assert_eq!(nodes[0].local.count(alice, Instant::now()), 2);
         assert!(nodes[0].is_locked(D, alice).await);
         assert!(nodes[1].is_locked(D, alice).await);
+    }
+
+    #[tokio::test]
+    async fn unknown_names_are_limited_locally_but_never_written_to_the_shared_log() {
+        let config = auth_config(2, HOUR);
+        let shared = Arc::new(Shared(LocalFailures::new(2, HOUR, 100)));
+        let limit = UserFailureLimit::with_tagger(&config, UserTagger::new(BUILTIN_KEY));
+        limit.attach_shared(shared.clone());
+        let nobody = limit.tag("nobody@example.test");
+        limit.record_failure(D, nobody, false).await;
+        limit.record_failure(D, nobody, false).await;
+        assert!(
+            limit.is_locked(D, nobody).await,
+            "this node still limits it"
+        );
+        assert_eq!(shared.0.held(), 0, "nothing written for a made-up name");
+        let alice = limit.tag("alice@example.test");
+        limit.record_failure(D, alice, true).await;
+        assert_eq!(shared.0.held(), 1, "a real user's failure is shared");
     }
 
     #[tokio::test]
@@ -800,9 +827,9 @@ mod tests {
             !limit.is_locked(D, alice).await,
             "an unreachable counter locks nobody out"
         );
-        limit.record_failure(D, alice).await;
+        limit.record_failure(D, alice, true).await;
         assert!(!limit.is_locked(D, alice).await);
-        limit.record_failure(D, alice).await;
+        limit.record_failure(D, alice, true).await;
         assert!(
             limit.is_locked(D, alice).await,
             "this node's own failures still count"
@@ -823,7 +850,7 @@ mod tests {
         assert_eq!(t.elapsed(), Duration::from_millis(2500));
         // Within the retry pause nothing waits for it.
         let t = tokio::time::Instant::now();
-        limit.record_failure(D, alice).await;
+        limit.record_failure(D, alice, true).await;
         assert!(!limit.is_locked(D, alice).await);
         assert_eq!(t.elapsed(), Duration::ZERO);
     }
@@ -836,7 +863,9 @@ mod tests {
         assert_eq!(config.subjects, ["kubemail.queue-auth-failures.>"]);
         assert_eq!(config.max_age, HOUR);
         assert_eq!(config.max_messages_per_subject, 20);
-        assert_eq!(config.max_messages, SHARED_MAX_FAILURES);
+        // No stream-wide cap that could evict another user's failures.
+        assert_eq!(config.max_messages, -1);
+        assert_eq!(config.max_bytes, -1);
         assert_eq!(config.discard, DiscardPolicy::Old);
         assert_eq!(config.retention, RetentionPolicy::Limits);
         assert!(config.duplicate_window <= config.max_age);

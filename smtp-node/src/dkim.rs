@@ -1,11 +1,14 @@
 //! DKIM signing of outbound mail (RFC 6376, RFC 8463) with mail-auth.
 //!
-//! Mail whose author domain (the `From:` header) is one of ours is signed at acceptance,
-//! before it is queued, with every key configured for that domain — typically one
-//! RSA-SHA256 key of 2048 bits or more (ring refuses smaller ones) and one Ed25519-SHA256 key
-//! (RFC 8463; a second signature, since many verifiers still lack Ed25519). When the author
-//! domain is not ours, the envelope sender's domain signs instead (it still builds that
-//! domain's reputation). Choices, following catalogue 6.2:
+//! Submitted mail is signed at acceptance, before it is queued, with every key configured for
+//! the *authenticated user's* domain — typically one RSA-SHA256 key of 2048 bits or more (ring
+//! refuses smaller ones) and one Ed25519-SHA256 key (RFC 8463; a second signature, since many
+//! verifiers still lack Ed25519). Never with another domain's keys because `From:` names it:
+//! a node serving several domains would otherwise give any of their users an aligned
+//! signature for every other one. The session refuses a `From:` the user may not use
+//! ([`author_addresses`] reads it), so a signed message's author is one its sender owns.
+//! Delivery status notifications are signed for the domain they come from. Choices,
+//! following catalogue 6.2:
 //!
 //! * `c=relaxed/relaxed`: survives the header re-folding and whitespace changes common in
 //!   transit;
@@ -156,34 +159,11 @@ impl DkimSigner {
         self.domains.is_empty()
     }
 
-    /// The domain that signs `message`: the `From:` domain if it has keys, else
-    /// `envelope_domain` if it has keys.
-    pub fn signing_domain<'a>(
-        &'a self,
-        message: &[u8],
-        envelope_domain: Option<&str>,
-    ) -> Option<&'a str> {
-        let candidates = [
-            author_domain(message),
-            envelope_domain.map(str::to_ascii_lowercase),
-        ];
-        candidates
-            .into_iter()
-            .flatten()
-            .find_map(|d| self.domains.get_key_value(&d).map(|(k, _)| k.as_str()))
-    }
-
     /// The `DKIM-Signature` header fields (CRLF-terminated) to put in front of `message`,
-    /// one per key of the signing domain; `None` when no domain of ours signs it.
-    pub fn sign(
-        &self,
-        message: &[u8],
-        envelope_domain: Option<&str>,
-    ) -> Result<Option<String>, DkimError> {
-        let Some(domain) = self.signing_domain(message, envelope_domain) else {
-            return Ok(None);
-        };
-        let Some(keys) = self.domains.get(domain) else {
+    /// one per key of `domain`, whatever the message's `From:` says; `None` when `domain`
+    /// has no keys.
+    pub fn sign_for(&self, message: &[u8], domain: &str) -> Result<Option<String>, DkimError> {
+        let Some((domain, keys)) = self.domains.get_key_value(&domain.to_ascii_lowercase()) else {
             return Ok(None);
         };
         let mut headers = String::new();
@@ -301,6 +281,33 @@ fn der_tlv(tag: u8, content: &[u8]) -> Vec<u8> {
     out
 }
 
+/// The addresses of every mailbox of every `From:` field of `message` (RFC 5322 3.6.2),
+/// parsed with mail-parser: `Some(empty)` when there is no `From:` field, `None` when a field
+/// holds anything that is not a mailbox with a usable address (what one reader takes for the
+/// address another may not: see [`mailbox_domain`]).
+pub fn author_addresses(message: &[u8]) -> Option<Vec<String>> {
+    let Some(parsed) = MessageParser::new().parse_headers(header_section(message)) else {
+        return Some(Vec::new());
+    };
+    let mut out = Vec::new();
+    for field in parsed.header_values(HeaderName::From) {
+        let HeaderValue::Address(from) = field else {
+            return None;
+        };
+        let mut any = false;
+        for mailbox in from.iter() {
+            let address = mailbox.address.as_deref()?;
+            mailbox_domain(address)?;
+            out.push(address.to_owned());
+            any = true;
+        }
+        if !any {
+            return None;
+        }
+    }
+    Some(out)
+}
+
 /// The author domain of `message` (RFC 7489 §3.1.1: the domain of the `From:` header's
 /// address), lower case and without a trailing dot; `None` when the message has no single one.
 ///
@@ -388,7 +395,10 @@ mod tests {
     fn signs_with_the_rfc_8463_key_and_the_expected_tags() {
         let dir = tempfile::tempdir().unwrap();
         let signer = signer_with_ed25519(dir.path());
-        let header = signer.sign(MESSAGE.as_bytes(), None).unwrap().unwrap();
+        let header = signer
+            .sign_for(MESSAGE.as_bytes(), "football.example.com")
+            .unwrap()
+            .unwrap();
         let unfolded = header.replace("\r\n", "").replace(['\t', ' '], "");
         assert!(header.starts_with("DKIM-Signature:"), "{header}");
         assert!(unfolded.contains("a=ed25519-sha256"), "{header}");
@@ -422,22 +432,52 @@ mod tests {
     }
 
     #[test]
-    fn signs_only_for_our_domains() {
+    fn signs_for_the_given_domain_only() {
         let dir = tempfile::tempdir().unwrap();
         let signer = signer_with_ed25519(dir.path());
         let other = MESSAGE.replace("joe@football.example.com", "joe@elsewhere.test");
-        assert!(signer.sign(other.as_bytes(), None).unwrap().is_none());
+        let header = signer
+            .sign_for(other.as_bytes(), "Football.Example.com")
+            .unwrap()
+            .unwrap();
+        assert!(
+            header
+                .replace(['\r', '\n', '\t', ' '], "")
+                .contains("d=football.example.com"),
+            "the given domain signs, whatever From: says: {header}"
+        );
         assert!(
             signer
-                .sign(other.as_bytes(), Some("Football.Example.com"))
+                .sign_for(MESSAGE.as_bytes(), "elsewhere.test")
                 .unwrap()
-                .is_some(),
-            "the envelope domain signs when the author domain is not ours"
+                .is_none(),
+            "a From: of a domain with keys does not make another domain's message signed"
         );
-        assert_eq!(
-            signer.signing_domain(MESSAGE.as_bytes(), Some("x.test")),
-            Some("football.example.com")
-        );
+    }
+
+    #[test]
+    fn author_addresses_of_hostile_from_headers() {
+        let cases: [(&str, Option<&[&str]>); 7] = [
+            ("From: A <a@good.test>", Some(&["a@good.test"])),
+            (
+                "From: a@good.test, \"B\" <b@other.test>",
+                Some(&["a@good.test", "b@other.test"]),
+            ),
+            (
+                "From: a@good.test\r\nFrom: b@evil.test",
+                Some(&["a@good.test", "b@evil.test"]),
+            ),
+            ("Subject: no author", Some(&[])),
+            ("From: Evil <a@evil.test> <a@good.test>", None),
+            ("From: undisclosed-recipients:;", None),
+            ("From: just text", None),
+        ];
+        for (headers, want) in cases {
+            let msg = format!("{headers}\r\nTo: x@y.test\r\n\r\nFrom: body@evil.test\r\n");
+            let got = author_addresses(msg.as_bytes());
+            let want = want.map(|w| w.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>());
+            assert_eq!(got, want, "{headers:?}");
+        }
     }
 
     #[test]

@@ -21,6 +21,7 @@
 //! * [`message`]: the message header helpers both sides use (header lookup, the header
 //!   section, the hop count; the Received, Message-ID and Date builders);
 //! * [`dkim`]: DKIM signing at acceptance; [`authres`]: SPF/DKIM/DMARC of inbound mail;
+//!   [`recipient_check`]: RCPT-time recipient probes of catch-all domains' inbound targets;
 //! * [`dns`]: the resolver seam (hickory-resolver and a zone-text test double), with the
 //!   DNSSEC status DANE needs;
 //! * [`memory`]: the node-wide budget of message bytes in memory;
@@ -45,6 +46,7 @@ pub mod metrics;
 pub mod mta_sts_server;
 pub mod node;
 pub mod queue;
+pub mod recipient_check;
 pub mod reload;
 pub mod server;
 pub mod session;

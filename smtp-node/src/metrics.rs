@@ -82,6 +82,8 @@ pub struct Metrics {
     /// Calls to the cluster-wide per-user AUTH failure count ([`crate::auth_limits`]) that
     /// failed; while it fails each node limits only the failures it saw itself.
     pub auth_shared_counter_errors: Counter,
+    /// RCPT-time recipient checks of catch-all domains ([`crate::recipient_check`]).
+    pub recipient_checks: Family<ResultLabels, Counter>,
     pub queue_publish: Family<ResultLabels, Counter>,
     pub queue_publish_seconds: Histogram,
     /// Messages per JetStream commit (an atomic batch, or one publish).
@@ -126,6 +128,7 @@ impl Metrics {
             message_bytes: Counter::default(),
             auth: Family::default(),
             auth_shared_counter_errors: Counter::default(),
+            recipient_checks: Family::default(),
             queue_publish: Family::default(),
             // 1 ms .. ~16 s: a publish on loopback takes about a millisecond, a timeout many seconds.
             queue_publish_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
@@ -151,7 +154,7 @@ impl Metrics {
         );
         registry.register(
             "connections_refused",
-            "SMTP connections refused at connect (limits, shutdown, PROXY errors)",
+            "SMTP connections refused at connect (limits, shutdown, PROXY errors, untrusted PROXY peers)",
             m.connections_refused.clone(),
         );
         registry.register(
@@ -180,6 +183,11 @@ impl Metrics {
             "auth_shared_counter_errors",
             "Failed calls to the cluster-wide per-user AUTH failure count in JetStream",
             m.auth_shared_counter_errors.clone(),
+        );
+        registry.register(
+            "recipient_checks",
+            "RCPT-time recipient checks against catch-all domains' inbound targets, by result (exists, unknown, try_later, cached_exists, cached_unknown)",
+            m.recipient_checks.clone(),
         );
         registry.register(
             "queue_publish",

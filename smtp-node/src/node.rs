@@ -17,6 +17,7 @@ use crate::delivery::{Delivery, DeliveryContext, DeliverySettings};
 use crate::dkim::DkimSigner;
 use crate::dns::HickoryResolver;
 use crate::queue::jetstream::JetStreamQueue;
+use crate::recipient_check::RecipientCheck;
 use crate::reload::Reloader;
 use crate::server::{self, ContextCell, MessageChecks, ServerContext};
 use crate::shutdown::Shutdown;
@@ -143,6 +144,11 @@ pub async fn run_from(
         ))
     });
 
+    // The recipient probes speak to inbound targets as delivery does (same CA settings).
+    let recipient_tls =
+        crate::delivery::tls::ClientTls::new(config.delivery.tls.extra_ca_file.as_deref())
+            .map_err(crate::delivery::StartDeliveryError::from)?;
+
     let domains: Vec<String> = config.domains.iter().map(|d| d.name.clone()).collect();
     let queue = JetStreamQueue::connect(&config.nats, &domains).await?;
     tokio::spawn(queue.clone().run_setup(background.clone()));
@@ -203,9 +209,17 @@ pub async fn run_from(
     readiness.set_listeners_bound();
     let admin_task = tokio::spawn(admin::serve(admin_socket, readiness, background.clone()));
 
+    let recipients = config.recipient_verification.enabled.then(|| {
+        Arc::new(RecipientCheck::new(
+            config.recipient_verification.clone(),
+            &config.hostname,
+            recipient_tls,
+        ))
+    });
     let checks = MessageChecks {
         dkim,
         inbound_auth,
+        recipients,
         suppression: Some(delivery.context().suppression.clone()),
     };
     let ctx = ServerContext::with_checks(

@@ -205,6 +205,7 @@ impl Reloader {
             dkim: signer.clone(),
             inbound_auth: current.checks.inbound_auth.clone(),
             suppression: current.checks.suppression.clone(),
+            recipients: current.checks.recipients.clone(),
         };
         self.cell
             .replace(current.successor(config.clone(), auth, checks));

@@ -674,6 +674,7 @@ async fn the_sweeper_deletes_only_bodies_no_entry_refers_to() {
         auth_user: None,
         client_ip: None,
         helo: None,
+        sender_auth: None,
         eight_bit: false,
         smtputf8: false,
         dsn_envid: None,

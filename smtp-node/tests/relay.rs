@@ -14,7 +14,7 @@ async fn open_relay_address_forms_are_refused_on_mx() {
         c["domains"]
             .as_array_mut()
             .unwrap()
-            .push(json!({ "name": "catchall.test", "catchAll": true }));
+            .push(json!({ "name": "catchall.test", "catchAll": true, "inbound": { "host": "127.0.0.1", "port": 9 } }));
         // Every refused RCPT counts as an error; allow the whole list in one session.
         c["maxErrorsPerSession"] = json!(100);
     });

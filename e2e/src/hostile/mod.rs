@@ -1,13 +1,13 @@
 //! The hostile-input suite: what the internet will throw at an SMTP node, as tests that run
-//! in CI (short) and on demand (`make hostile`, `make fuzz`: long). Catalogue:
-//! `shared/reference/reliability-security-catalogue.md`.
+//! in CI (short) and on demand (`make hostile`, `make fuzz`: long). `e2e/hostile/README.md`
+//! lists the cases and every finding with its fix.
 //!
 //! * [`fuzz`]: fuzz targets for every parser that takes untrusted bytes, and their bounded
 //!   stable-Rust runs (the libFuzzer crate `smtp-node/fuzz` runs the same targets long);
 //! * [`report`]: what each case sent and got, printed as it happens;
 //! * [`process`], [`nats`], [`node`], [`peers`]: the real parts (nats-server clusters, the
-//!   `smtp-node` binary, Knot DNS, Postfix's smtp-sink, scripted remote MX hosts), started on
-//!   loopback and stopped on drop;
+//!   `smtp-node` binary, Knot DNS, Postfix's smtp-sink, scripted remote MX hosts and a
+//!   scripted LMTP mail store), started on loopback and stopped on drop;
 //! * [`smtp`]: a raw SMTP client that records the dialogue.
 //!
 //! Every load loop is bounded in count and time, and everything talks to 127.0.0.0/8 only.

@@ -99,11 +99,16 @@ impl Node {
                 "name": "example.test",
                 "recipients": ["postmaster", "bob"],
                 "usersFile": "dev-users",
+                // A domain receives mail only with an inbound target; nothing listens here
+                // unless a case puts a peer there.
+                "inbound": { "host": "127.0.0.1", "port": 9, "protocol": "smtp" },
             }],
             "admin": { "address": ports.admin.to_string() },
             "shutdown": { "drainTimeout": "5s" },
             "delivery": { "enabled": false },
             "inboundAuth": { "enabled": false },
+            // Cases that probe recipients turn it on with a peer as the inbound target.
+            "recipientVerification": { "enabled": false },
         });
         customize(&mut config, &ports);
         let config_path = dir.path().join("config.yaml");

@@ -1,12 +1,14 @@
 //! The remote side of the hostile cases: Knot DNS serving zones the case writes (MX records
 //! pointing wherever the case wants), Postfix's `smtp-sink` as a remote MX with its fault
 //! options (`-q .` drops the connection after the final dot, `-W cmd:delay` stalls a reply),
-//! and a silent server that accepts connections and never speaks. All on 127.x addresses.
+//! a silent server that accepts connections and never speaks, and a scripted LMTP mail store
+//! that knows its mailboxes. All on 127.x addresses.
 
+use std::io::{BufRead as _, BufReader, Write as _};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::process::{Command, Stdio};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::process::{Proc, free_port, require_tool, wait_until};
@@ -184,5 +186,167 @@ impl Drop for Silent {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+// ---- a mail store that knows its mailboxes -------------------------------------------------
+
+/// A scripted LMTP server (RFC 2033) on `127.0.0.1`, the inbound target of a catch-all domain:
+/// `RCPT` is answered `250` for the local parts it knows, `451 4.3.0` for local parts that
+/// start with `busy` (a store that cannot say now) and `550 5.1.1` for anything else. Local
+/// parts in `gone` pass RCPT but fail after the data with `550 5.1.1` (a mailbox deleted
+/// between the recipient check and the delivery). Counts RCPT commands and keeps every
+/// message it took. At most [`MAIL_STORE_MAX_CONNECTIONS`], each read bounded by 30 s;
+/// stops on drop.
+pub struct MailStore {
+    pub addr: SocketAddr,
+    rcpts: Arc<AtomicUsize>,
+    messages: Arc<Mutex<Vec<String>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Connections a [`MailStore`] serves in its life (a recipient check costs one).
+pub const MAIL_STORE_MAX_CONNECTIONS: usize = 2000;
+
+/// What the store knows (local parts, lower case).
+#[derive(Clone)]
+struct Mailboxes {
+    exist: Vec<String>,
+    gone: Vec<String>,
+}
+
+impl MailStore {
+    pub fn start(exist: &[&str], gone: &[&str]) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind mail store");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let addr = listener.local_addr().expect("local addr");
+        let boxes = Mailboxes {
+            exist: exist.iter().map(|s| s.to_ascii_lowercase()).collect(),
+            gone: gone.iter().map(|s| s.to_ascii_lowercase()).collect(),
+        };
+        let rcpts = Arc::new(AtomicUsize::new(0));
+        let messages = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (r, m, s) = (rcpts.clone(), messages.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let mut served = 0;
+            while !s.load(Ordering::Relaxed) && served < MAIL_STORE_MAX_CONNECTIONS {
+                match listener.accept() {
+                    Ok((conn, _)) => {
+                        served += 1;
+                        let (boxes, r, m) = (boxes.clone(), r.clone(), m.clone());
+                        std::thread::spawn(move || {
+                            let _ = serve_lmtp(conn, &boxes, &r, &m);
+                        });
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        });
+        Self {
+            addr,
+            rcpts,
+            messages,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// RCPT commands received so far (recipient checks and deliveries).
+    pub fn rcpt_commands(&self) -> usize {
+        self.rcpts.load(Ordering::Relaxed)
+    }
+
+    /// The messages taken so far, as received (dot-unstuffed, CRLF line ends).
+    pub fn messages(&self) -> Vec<String> {
+        self.messages
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+impl Drop for MailStore {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn serve_lmtp(
+    conn: TcpStream,
+    boxes: &Mailboxes,
+    rcpts: &AtomicUsize,
+    messages: &Mutex<Vec<String>>,
+) -> std::io::Result<()> {
+    conn.set_nonblocking(false)?;
+    conn.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut out = conn.try_clone()?;
+    let mut lines = BufReader::new(conn);
+    out.write_all(b"220 store.test LMTP\r\n")?;
+    // Per transaction: the accepted recipients, and whether each is gone.
+    let mut accepted: Vec<bool> = Vec::new();
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if lines.read_line(&mut line)? == 0 {
+            return Ok(());
+        }
+        let upper = line.trim_end().to_ascii_uppercase();
+        let reply: String = if upper.starts_with("LHLO") || upper.starts_with("EHLO") {
+            "250-store.test\r\n250 ENHANCEDSTATUSCODES\r\n".into()
+        } else if upper.starts_with("MAIL") || upper.starts_with("RSET") {
+            accepted.clear();
+            "250 2.0.0 ok\r\n".into()
+        } else if let Some(rest) = upper.strip_prefix("RCPT TO:<") {
+            rcpts.fetch_add(1, Ordering::Relaxed);
+            let local = rest.split('@').next().unwrap_or("").to_ascii_lowercase();
+            if local.starts_with("busy") {
+                "451 4.3.0 mailbox store busy, try again later\r\n".into()
+            } else if boxes.exist.contains(&local) || boxes.gone.contains(&local) {
+                accepted.push(boxes.gone.contains(&local));
+                "250 2.1.5 ok\r\n".into()
+            } else {
+                "550 5.1.1 no such mailbox\r\n".into()
+            }
+        } else if upper == "DATA" {
+            out.write_all(b"354 go ahead\r\n")?;
+            let mut message = String::new();
+            loop {
+                line.clear();
+                if lines.read_line(&mut line)? == 0 {
+                    return Ok(());
+                }
+                if line == ".\r\n" {
+                    break;
+                }
+                message.push_str(line.strip_prefix('.').unwrap_or(&line));
+            }
+            messages
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(message);
+            accepted
+                .drain(..)
+                .map(|gone| {
+                    if gone {
+                        "550 5.1.1 mailbox deleted\r\n"
+                    } else {
+                        "250 2.0.0 delivered\r\n"
+                    }
+                })
+                .collect()
+        } else if upper == "QUIT" {
+            out.write_all(b"221 2.0.0 bye\r\n")?;
+            return Ok(());
+        } else if upper == "NOOP" {
+            "250 2.0.0 ok\r\n".into()
+        } else {
+            "500 5.5.1 unknown command\r\n".into()
+        };
+        out.write_all(reply.as_bytes())?;
     }
 }

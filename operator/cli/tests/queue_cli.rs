@@ -90,6 +90,7 @@ fn entry(i: usize, now: SystemTime) -> (QueueEntry, bool) {
         auth_user: None,
         client_ip: None,
         helo: None,
+        sender_auth: None,
         eight_bit: false,
         smtputf8: false,
         dsn_envid: None,

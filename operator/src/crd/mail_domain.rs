@@ -224,6 +224,28 @@ pub struct ServiceSpec {
     /// Extra annotations for the Service (load-balancer settings of the cloud provider).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub annotations: BTreeMap<String, String>,
+    /// PROXY protocol from the load balancer in front of the Service (when it sends one,
+    /// e.g. with the cloud provider's proxy-protocol annotation): the nodes then see the
+    /// real client address on ports 25, 465 and 587.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy_protocol: Option<ProxyProtocolSpec>,
+}
+
+/// The PROXY protocol settings of the nodes' SMTP ports.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!self.enabled || (has(self.trustedCidrs) && size(self.trustedCidrs) > 0)").message(
+    "spec.service.proxyProtocol.trustedCidrs must list the load balancer's networks when enabled is true: anyone else reaching the ports could claim any client address"
+))]
+pub struct ProxyProtocolSpec {
+    /// Expect a PROXY protocol v1 or v2 header on every connection.
+    #[serde(default)]
+    pub enabled: bool,
+    /// The networks the load balancer connects from (CIDR, e.g. `10.0.0.0/8`, or single
+    /// addresses). A connection from anywhere else is closed without a greeting.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub trusted_cidrs: Vec<String>,
 }
 
 /// Kubernetes Service type.
@@ -464,10 +486,12 @@ pub struct InboundSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 10000), inner(length(max = 320)))]
     pub recipients: Vec<String>,
-    /// Accept every local part (recipient checks happen downstream).
+    /// Accept every local part the forward server accepts: the nodes ask it about each
+    /// recipient at RCPT time (cached), so mail for nobody is refused, not bounced later.
     #[serde(default)]
     pub catch_all: bool,
-    /// Hand inbound mail to this server. Absent: the node keeps it queued.
+    /// Hand inbound mail to this server. Absent: the domain receives no mail; its recipients
+    /// are refused at RCPT (`550 5.1.1`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub forward: Option<ForwardSpec>,
 }

@@ -5,8 +5,12 @@
 //! would make our workers open SMTP sessions to NATS, the kube-apiserver or a cloud metadata
 //! service from inside the cluster. So every address that came from the DNS is checked
 //! against a list of blocked ranges (loopback, private, shared/CGNAT, link-local, multicast,
-//! reserved, documentation, IPv6 ULA and link-local, and IPv4 embedded in IPv6 is checked as
-//! IPv4) before connecting. The config can add ranges (`blockedNetworks`: the cluster's own
+//! reserved, documentation, IPv6 ULA and link-local) before connecting. An IPv6 address that
+//! carries an IPv4 address reaches that one through a translator or tunnel, so the embedded
+//! address is checked as IPv4 too: IPv4-mapped `::ffff:a.b.c.d`, IPv4-compatible `::a.b.c.d`,
+//! NAT64 `64:ff9b::/96` and the local-use `64:ff9b:1::/48` (RFC 8215, every RFC 6052 layout
+//! that fits the address), 6to4 `2002::/16` and Teredo `2001::/32` (its server and its
+//! obfuscated client address). The config can add ranges (`blockedNetworks`: the cluster's own
 //! ranges if they are public) and punch holes (`allowedNetworks`: tests allow `127.0.0.0/8`).
 //!
 //! Configured destinations (a domain's inbound target, a relay) are trusted configuration and
@@ -92,13 +96,12 @@ impl AddressPolicy {
         if self.allowed.iter().any(|n| n.contains(ip)) {
             return Ok(());
         }
-        // IPv4-mapped (::ffff:a.b.c.d) and NAT64 (64:ff9b::a.b.c.d) addresses reach the
-        // embedded IPv4 address: judge that one too.
-        if let IpAddr::V6(v6) = ip
-            && let Some(v4) = embedded_ipv4(v6)
-        {
-            self.check(IpAddr::V4(v4))
-                .map_err(|r| Refused { ip, ..r })?;
+        // Translated and tunnelled forms reach the embedded IPv4 address: judge that too.
+        if let IpAddr::V6(v6) = ip {
+            for v4 in embedded_ipv4(v6) {
+                self.check(IpAddr::V4(v4))
+                    .map_err(|r| Refused { ip, ..r })?;
+            }
         }
         match self.blocked.iter().find(|(n, _)| n.contains(ip)) {
             Some((n, reason)) => Err(Refused {
@@ -111,18 +114,66 @@ impl AddressPolicy {
     }
 }
 
-fn embedded_ipv4(v6: Ipv6Addr) -> Option<Ipv4Addr> {
-    if let Some(v4) = v6.to_ipv4_mapped() {
-        return Some(v4);
-    }
+/// The IPv4 addresses `v6` may lead to (none for an ordinary IPv6 address).
+fn embedded_ipv4(v6: Ipv6Addr) -> Vec<Ipv4Addr> {
+    let bits = u128::from(v6);
+    // The 32 bits of `bits` that start `from` bits after the top.
+    let at = |from: u32| Ipv4Addr::from((bits >> (96 - from)) as u32);
     let s = v6.segments();
+    if let Some(v4) = v6.to_ipv4_mapped() {
+        return vec![v4];
+    }
+    // IPv4-compatible ::a.b.c.d (RFC 4291 2.5.5.1, deprecated but still routed by some
+    // stacks); `::` and `::1` are blocked as they are.
+    if s[..6] == [0; 6] && bits > 1 {
+        return vec![at(96)];
+    }
     // RFC 6052 well-known NAT64 prefix 64:ff9b::/96.
     if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
-        let [a, b] = s[6].to_be_bytes();
-        let [c, d] = s[7].to_be_bytes();
-        return Some(Ipv4Addr::new(a, b, c, d));
+        return vec![at(96)];
     }
-    None
+    // RFC 8215 local-use NAT64 64:ff9b:1::/48: the operator picks the prefix length (48, 56,
+    // 64 or 96), which the address does not tell. Every layout whose reserved suffix bits
+    // are zero is possible; all of them must be harmless.
+    if s[..3] == [0x64, 0xff9b, 1] {
+        let u_octet_free = |v: u128| v & (0xff << 56) == 0;
+        let mut out = Vec::new();
+        // /96: bits 96..128.
+        if bits & (((1u128 << 48) - 1) << 32) == 0 {
+            out.push(at(96));
+        }
+        // /64: bits 72..104, suffix 104..128 zero.
+        if u_octet_free(bits) && bits & 0xff_ffff == 0 {
+            out.push(at(72));
+        }
+        // /56: bits 56..64 and 72..96, suffix 96..128 zero.
+        if u_octet_free(bits) && bits as u32 == 0 {
+            let hi = ((bits >> 64) & 0xff) as u32;
+            let lo = ((bits >> 32) & 0xff_ffff) as u32;
+            out.push(Ipv4Addr::from((hi << 24) | lo));
+        }
+        // /48: bits 48..64 and 72..88, suffix 88..128 zero.
+        if u_octet_free(bits) && bits & ((1u128 << 40) - 1) == 0 {
+            let hi = ((bits >> 64) & 0xffff) as u32;
+            let lo = ((bits >> 40) & 0xffff) as u32;
+            out.push(Ipv4Addr::from((hi << 16) | lo));
+        }
+        if out.is_empty() {
+            // No layout fits: judge it as the /96 form, the usual one.
+            out.push(at(96));
+        }
+        return out;
+    }
+    // 6to4 (RFC 3056): 2002:a.b.c.d::/48.
+    if s[0] == 0x2002 {
+        return vec![at(16)];
+    }
+    // Teredo (RFC 4380): 2001:0:<server>:<flags>:<port>:<client XOR 0xffffffff>.
+    if s[..2] == [0x2001, 0] {
+        let client = Ipv4Addr::from(!(bits as u32));
+        return vec![at(32), client];
+    }
+    Vec::new()
 }
 
 #[cfg(test)]
@@ -171,6 +222,57 @@ mod tests {
         let e = p.check(ip("127.0.0.1")).unwrap_err();
         assert_eq!(e.range, "127.0.0.0/8");
         assert!(e.to_string().contains("loopback"), "{e}");
+    }
+
+    #[test]
+    fn ipv4_behind_translators_and_tunnels_is_judged_as_ipv4() {
+        let p = AddressPolicy::new(&[], &[]).unwrap();
+        for (blocked, why) in [
+            ("::127.0.0.1", "IPv4-compatible loopback"),
+            ("::10.1.2.3", "IPv4-compatible private"),
+            ("::169.254.169.254", "IPv4-compatible metadata"),
+            ("64:ff9b:1::a9fe:a9fe", "local NAT64 /96, metadata"),
+            ("64:ff9b:1::7f00:1", "local NAT64 /96, loopback"),
+            ("64:ff9b:1:0:a:0:0:0", "local NAT64 /64 layout of 10.0.0.0"),
+            ("64:ff9b:1:7f:0:1::", "local NAT64 /56 layout of 127.0.0.1"),
+            (
+                "64:ff9b:1:7f00:0:1::",
+                "local NAT64 /48 layout of 127.0.0.1",
+            ),
+            ("2002:7f00:1::1", "6to4 of 127.0.0.1"),
+            ("2002:a9fe:a9fe::", "6to4 of the metadata address"),
+            ("2002:c0a8:101:1::1", "6to4 of 192.168.1.1"),
+            ("2001:0:7f00:1::1", "Teredo server 127.0.0.1"),
+            (
+                "2001:0:4136:e378:8000:63bf:80ff:fffe",
+                "Teredo client 127.0.0.1",
+            ),
+            (
+                "2001:0:4136:e378:8000:63bf:f5ff:fffe",
+                "Teredo client 10.0.0.1",
+            ),
+        ] {
+            let e = p.check(ip(blocked)).err();
+            assert!(e.is_some(), "{blocked} ({why}) must be refused");
+            assert_eq!(
+                e.unwrap().ip,
+                ip(blocked),
+                "the refusal names the address asked for"
+            );
+        }
+        for allowed in [
+            "64:ff9b:1::808:808",
+            "64:ff9b:1:8:8:808::",
+            "2002:808:808::1",
+            "2001:0:4136:e378:8000:63bf:f7f7:f7f7",
+            "::8.8.8.8",
+            "2a00:1450:4001:81d::200e",
+        ] {
+            assert!(p.check(ip(allowed)).is_ok(), "{allowed} must be allowed");
+        }
+        // An allowed IPv4 range covers its embedded forms too (as for mapped addresses).
+        let lo = AddressPolicy::new(&["127.0.0.0/8".into()], &[]).unwrap();
+        assert!(lo.check(ip("2002:7f00:1::1")).is_ok());
     }
 
     #[test]

@@ -399,6 +399,31 @@ impl SmtpClient {
         }
     }
 
+    /// Asks whether the server would take mail for `recipient`: `MAIL FROM:<>`,
+    /// `RCPT TO:<recipient>`, then `RSET` (no data is ever sent). The reply to RCPT, or to
+    /// MAIL when that was refused. Used for recipient verification at RCPT time
+    /// ([`crate::recipient_check`]).
+    pub async fn probe_recipient(&mut self, recipient: &str) -> Result<Reply, ClientError> {
+        let params = MailParams::default();
+        let mail = ClientCommand::Mail {
+            from: "",
+            params: &params,
+        };
+        let mail_reply = self.command(&mail, self.timeouts.mail.0, "MAIL").await?;
+        if mail_reply.code != 250 {
+            let _ = self.reset().await;
+            return Ok(mail_reply);
+        }
+        let no_params = RcptParams::default();
+        let rcpt = ClientCommand::Rcpt {
+            to: recipient,
+            params: &no_params,
+        };
+        let reply = self.command(&rcpt, self.timeouts.rcpt.0, "RCPT").await?;
+        let _ = self.reset().await;
+        Ok(reply)
+    }
+
     /// QUIT and close; errors are irrelevant at this point.
     pub async fn quit(mut self) {
         if self.usable {

@@ -8,7 +8,8 @@
 //! and per recipient `Final-Recipient`, `Action`, `Status`, `Remote-MTA`, `Diagnostic-Code`,
 //! `Last-Attempt-Date` (and `Will-Retry-Until` for delays), and the original message as
 //! `message/rfc822`, or only its header as `text/rfc822-headers` when the sender asked for
-//! `RET=HDRS` or the message is larger than the bounce size limit. All lines end in CRLF.
+//! `RET=HDRS`, the message is larger than the bounce size limit, or the DSN goes to a sender
+//! outside our domains. All lines end in CRLF.
 
 use std::time::SystemTime;
 
@@ -45,6 +46,8 @@ pub struct DsnInput<'a> {
     pub retry_until: Option<SystemTime>,
     /// The original message, if it is still available.
     pub original: Option<&'a [u8]>,
+    /// Return only the original's header: the DSN goes to a sender outside our domains.
+    pub headers_only: bool,
     pub original_message_id: Option<&'a str>,
     /// Largest original returned whole (bigger ones: headers only).
     pub size_limit: usize,
@@ -202,7 +205,8 @@ pub fn build(input: &DsnInput<'_>) -> Dsn {
     let mut out = m.into_bytes();
     let mut eight_bit = false;
     if let Some(original) = input.original {
-        let headers_only = input.ret.is_some_and(|r| r.eq_ignore_ascii_case("HDRS"))
+        let headers_only = input.headers_only
+            || input.ret.is_some_and(|r| r.eq_ignore_ascii_case("HDRS"))
             || original.len() > input.size_limit
             || input.kind == DsnKind::Delay;
         let (content_type, content) = if headers_only {
@@ -304,6 +308,7 @@ mod tests {
             recipients,
             retry_until: Some(SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_432_000)),
             original,
+            headers_only: false,
             original_message_id: Some("<m1@example.test>"),
             size_limit: 50_000,
             unique: "0190abc",
@@ -348,6 +353,14 @@ mod tests {
         assert!(
             text.contains("Content-Type: text/rfc822-headers\r\n\r\nFrom: alice@example.test\r\n"),
             "{text}"
+        );
+        assert!(!text.contains("Hello."), "{text}");
+        let mut i = input(DsnKind::Failure, &rcpts, Some(ORIGINAL));
+        i.headers_only = true;
+        let text = String::from_utf8(build(&i).message).unwrap();
+        assert!(
+            text.contains("Content-Type: text/rfc822-headers\r\n\r\nFrom: alice@example.test\r\n"),
+            "an outside sender gets the header only: {text}"
         );
         assert!(!text.contains("Hello."), "{text}");
         let mut i = input(DsnKind::Failure, &rcpts, Some(ORIGINAL));

@@ -11,7 +11,8 @@
 //! recipients are republished with their retry time and the entry is acked (so the delivered
 //! ones are never sent again; the republished entry is nak'd with the remaining delay when a
 //! worker pulls it early); `Failed` (every recipient failed) → term, after the bounce is
-//! queued. A null sender is never bounced: its failures are only logged.
+//! queued. A null sender is never bounced: its failures are only logged; nor is a sender that
+//! may not be notified (inbound mail from a sender that passed neither SPF nor DKIM).
 
 use std::time::{Duration, SystemTime};
 
@@ -224,6 +225,9 @@ pub struct PlanInput<'a> {
     pub attempt: u32,
     pub now: SystemTime,
     pub null_sender: bool,
+    /// The sender may get delivery status notifications: false for inbound mail whose
+    /// sender was not authenticated at acceptance (it may be forged: backscatter).
+    pub may_notify: bool,
     pub delay_warned: bool,
     /// Random number in `[0, 1)` for the retry jitter.
     pub jitter: f64,
@@ -261,13 +265,14 @@ pub fn plan(outcomes: Vec<(String, RecipientOutcome)>, input: PlanInput<'_>) -> 
                     retry_after: at.duration_since(input.now).unwrap_or(Duration::ZERO),
                     retry_at: at,
                 };
-                delay_notice = retry::delay_warning_due(
-                    input.retry,
-                    input.accepted_at,
-                    input.now,
-                    input.null_sender,
-                    input.delay_warned,
-                );
+                delay_notice = input.may_notify
+                    && retry::delay_warning_due(
+                        input.retry,
+                        input.accepted_at,
+                        input.now,
+                        input.null_sender,
+                        input.delay_warned,
+                    );
             }
         }
     }
@@ -275,7 +280,7 @@ pub fn plan(outcomes: Vec<(String, RecipientOutcome)>, input: PlanInput<'_>) -> 
         disposition = Disposition::Failed;
     }
     Plan {
-        bounce: !failed.is_empty() && !input.null_sender,
+        bounce: !failed.is_empty() && !input.null_sender && input.may_notify,
         delivered,
         failed,
         deferred,
@@ -316,6 +321,7 @@ mod tests {
             accepted_at: at(0),
             now: at(now),
             null_sender,
+            may_notify: true,
             delay_warned: false,
             attempt: 1,
             jitter: 0.0,
@@ -383,6 +389,27 @@ mod tests {
         let p = plan(outcomes(vec![("a@r.test", perm())]), input(&retry, 1, true));
         assert_eq!(p.disposition, Disposition::Failed);
         assert!(!p.bounce, "a bounce is never bounced");
+    }
+
+    #[test]
+    fn unauthenticated_inbound_senders_get_no_notification() {
+        let retry = RetryConfig {
+            lifetime: HumanDuration::from_secs(100),
+            delay_warning: Some(HumanDuration::from_secs(50)),
+            ..RetryConfig::default()
+        };
+        let quiet = |now| PlanInput {
+            may_notify: false,
+            ..input(&retry, now, false)
+        };
+        let p = plan(outcomes(vec![("a@r.test", perm())]), quiet(1));
+        assert_eq!(p.disposition, Disposition::Failed);
+        assert_eq!(p.failed.len(), 1, "the failure is still reported in logs");
+        assert!(!p.bounce, "no bounce to a sender that may be forged");
+        let p = plan(outcomes(vec![("a@r.test", temp())]), quiet(60));
+        assert!(!p.delay_notice, "no delay notice either");
+        let p = plan(outcomes(vec![("a@r.test", temp())]), quiet(100));
+        assert!(!p.bounce, "nor a bounce at expiry");
     }
 
     #[test]

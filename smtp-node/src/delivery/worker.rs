@@ -922,6 +922,7 @@ async fn finish(
             attempt: entry.attempts + 1,
             now,
             null_sender: entry.is_null_sender(),
+            may_notify: may_notify(entry),
             delay_warned: entry.delay_warned,
             jitter: rand::random::<f64>(),
         },
@@ -975,8 +976,12 @@ async fn finish(
             batch.dsn_sent(rcpt, "failure");
         }
     } else {
-        // A null sender: nobody to tell (a bounce is never bounced).
+        // A null sender (a bounce is never bounced), or one that was not authenticated and
+        // may be forged: nobody to tell.
         m.count(domain, "dropped", plan.failed.len());
+        if !plan.failed.is_empty() && !entry.is_null_sender() {
+            tracing::warn!(sender = %entry.mail_from, "no bounce: the sender passed neither SPF nor DKIM when the message was accepted");
+        }
     }
     let mut delay_warned = entry.delay_warned;
     if plan.delay_notice {
@@ -1072,6 +1077,17 @@ async fn finish(
     }
 }
 
+/// Whether the entry's sender may get delivery status notifications: always for submitted
+/// mail (our own user); for inbound mail only when its sender passed SPF or an aligned DKIM
+/// signature at acceptance, since anyone can put someone else's address in MAIL FROM and a
+/// bounce would then spam that victim (backscatter).
+pub fn may_notify(entry: &QueueEntry) -> bool {
+    match entry.direction {
+        Direction::Outbound => true,
+        Direction::Inbound => entry.sender_auth.is_some_and(|a| a.verified()),
+    }
+}
+
 /// Publishes `next` (the rest of `entry`) as `msg_id` and acks the old entry; returns
 /// whether that happened. When an operator replaced or deleted the old entry during the
 /// attempt, its replacement is the entry from now on and nothing is republished.
@@ -1150,13 +1166,16 @@ async fn publish_dsn(
         recipients,
         retry_until,
         original,
+        // The whole original goes back only to our own senders; anyone else gets its
+        // header (a DSN must never carry content to an address that did not write it).
+        headers_only: !sender_is_local(ctx, &entry.mail_from),
         original_message_id: entry.message_id.as_deref(),
         size_limit: usize::try_from(ctx.config.bounce_size_limit.0).unwrap_or(usize::MAX),
         unique: unique.as_str(),
     });
     let mut message = dsn.message;
     if let Some(signer) = &ctx.domains().signer {
-        match signer.sign(&message, Some(&entry.domain)) {
+        match signer.sign_for(&message, &entry.domain) {
             Ok(Some(headers)) => {
                 let mut signed = headers.into_bytes();
                 signed.extend_from_slice(&message);
@@ -1179,6 +1198,7 @@ async fn publish_dsn(
         auth_user: None,
         client_ip: None,
         helo: None,
+        sender_auth: None,
         eight_bit: dsn.eight_bit,
         smtputf8: false,
         dsn_envid: None,
@@ -1222,6 +1242,16 @@ async fn publish_dsn(
         .inc();
     tracing::info!(kind = tag, to = %entry.mail_from, recipients = recipients.len(), "queued a delivery status notification");
     Ok(())
+}
+
+/// Whether `sender` is an address of one of our domains.
+fn sender_is_local(ctx: &DeliveryContext, sender: &str) -> bool {
+    sender.rsplit_once('@').is_some_and(|(_, d)| {
+        ctx.domains()
+            .routing
+            .domain(d.trim_end_matches('.'))
+            .is_some()
+    })
 }
 
 /// Why a publish failed after every attempt.

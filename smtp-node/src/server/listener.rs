@@ -4,7 +4,9 @@
 //!
 //! Over a cap the client gets `421 4.7.0` and the connection is closed. On the implicit-TLS
 //! port nothing is written before TLS, so an over-cap connection is just closed (a handshake
-//! per refused connection would be the costliest answer under a flood).
+//! per refused connection would be the costliest answer under a flood). On a PROXY listener a
+//! peer outside `trustedProxies` is closed before anything is read or written: its header
+//! could name any client address, and a greeting would only invite it to try.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -84,6 +86,11 @@ async fn handle_connection(
     let local = tcp.local_addr().unwrap_or(listener.address);
     let mut stream = PrefixedStream::new(tcp);
     let remote = if listener.proxy_protocol {
+        if !listener.trusts_proxy(peer.ip()) {
+            refused(&listener, "untrusted_proxy");
+            tracing::warn!(listener = %listener.name, %peer, "PROXY header from a peer outside trustedProxies; closing");
+            return;
+        }
         let timeout = ctx.config.timeouts.tls_handshake.0;
         match super::proxy::read_proxy_header(&mut stream, timeout).await {
             Ok(Some(source)) => source,

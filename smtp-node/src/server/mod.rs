@@ -20,6 +20,7 @@ use crate::config::{ListenerConfig, NodeConfig};
 use crate::dkim::DkimSigner;
 use crate::memory::MessageMemory;
 use crate::queue::{ContentHistory, Queue};
+use crate::recipient_check::RecipientCheck;
 use crate::shutdown::Shutdown;
 use crate::tls::TlsServer;
 use limits::ConnectionLimits;
@@ -36,7 +37,8 @@ pub enum ServerError {
     },
 }
 
-/// Checks and changes applied to every message at the end of data.
+/// Checks and changes applied to every transaction: recipients at RCPT, messages at the end
+/// of data.
 #[derive(Default)]
 pub struct MessageChecks {
     /// Signs submitted mail of our domains.
@@ -45,6 +47,8 @@ pub struct MessageChecks {
     pub inbound_auth: Option<Arc<InboundVerifier>>,
     /// Refuses suppressed recipients at `RCPT TO` on submission (when configured).
     pub suppression: Option<Arc<crate::suppression::Suppression>>,
+    /// Asks catch-all domains' inbound targets about each recipient at RCPT.
+    pub recipients: Option<Arc<RecipientCheck>>,
 }
 
 /// What every session shares.
@@ -114,7 +118,11 @@ impl ServerContext {
         shutdown: Shutdown,
         checks: MessageChecks,
     ) -> Arc<Self> {
-        let limits = ConnectionLimits::new(config.max_connections, config.max_connections_per_ip);
+        let limits = ConnectionLimits::new(
+            config.max_connections,
+            config.max_connections_per_ip,
+            config.client_ipv6_prefix,
+        );
         let memory = MessageMemory::from_config(&config);
         let content = ContentHistory::new(config.nats.duplicate_window.0);
         Arc::new(Self {

@@ -2,7 +2,8 @@
 //!
 //! Refused before TLS where the listener requires it (`530 5.7.0`, credentials not looked
 //! at), after a successful AUTH and inside a transaction (`503 5.5.1`), and while the client
-//! IP or the user name is over its failure budget (`454 4.7.0`, the password not checked). A
+//! or the user name is over its failure budget or no password check slot is free in time
+//! (`454 4.7.0`, the password not checked). A
 //! failure is `535 5.7.8`; after `auth.maxFailuresPerSession` failures the session ends with
 //! `421 4.7.0`. Neither the payload, the password nor a user name that failed is ever logged,
 //! and none counts as a protocol error.
@@ -98,6 +99,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 };
                 m.auth.get_or_create(&ResultLabels { result }).inc();
                 tracing::warn!("authentication failure limit reached for this {scope}");
+                self.reply(Reply::new(
+                    454,
+                    EnhancedCode(4, 7, 0),
+                    "Temporary authentication failure, try again later",
+                ));
+                Ok(Next::Continue)
+            }
+            AuthOutcome::Busy => {
+                m.auth.get_or_create(&ResultLabels { result: "busy" }).inc();
+                tracing::warn!("no free password check slot; AUTH refused for now");
                 self.reply(Reply::new(
                     454,
                     EnhancedCode(4, 7, 0),

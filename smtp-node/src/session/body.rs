@@ -90,6 +90,15 @@ impl Assembled {
         Self::new(buf, HEADROOM)
     }
 
+    /// A copy of `message` without its NUL octets, with the usual headroom.
+    pub(super) fn copy_without_nul(message: &[u8]) -> Self {
+        let mut buf = buffer(HEADROOM + message.len());
+        for part in message.split(|&b| b == 0) {
+            buf.extend_from_slice(part);
+        }
+        Self::new(buf, HEADROOM)
+    }
+
     /// A message checked after it was frozen: `whole[HEADROOM..]` was handed to a check that
     /// returned `checked`. When the check changed nothing, the buffer is taken back without a
     /// copy (the check's view is dropped, so the buffer has one owner again).
@@ -168,6 +177,15 @@ mod tests {
         assert_eq!(m.message().len(), 13 + HEADROOM + 1 + 6);
         assert!(m.message().starts_with(b"Received: y\r\nxxx"));
         assert!(m.message().ends_with(b"xbody\r\n"));
+    }
+
+    #[test]
+    fn nul_octets_are_left_out_of_the_copy() {
+        let m = Assembled::copy_of(b"a\0b\r\n\0.\r\n\0");
+        let mut copy = Assembled::copy_without_nul(m.message());
+        assert_eq!(copy.message(), b"ab\r\n.\r\n");
+        copy.prepend(b"Received: x\r\n");
+        assert_eq!(copy.message(), b"Received: x\r\nab\r\n.\r\n");
     }
 
     #[test]

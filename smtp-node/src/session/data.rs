@@ -1,7 +1,9 @@
-//! DATA, and the end of every transaction (DATA or the last BDAT chunk): check inbound mail
-//! (SPF/DKIM/DMARC into `Authentication-Results`, DMARC enforcement), add our headers,
-//! DKIM-sign submitted mail, hand the message to the queue, and answer `250` only once the
-//! queue acknowledged it.
+//! DATA, and the end of every transaction (DATA or the last BDAT chunk): refuse or strip NUL
+//! bytes, check a submitted message's `From:` against the user, remove forged
+//! `Authentication-Results`, check inbound mail (SPF/DKIM/DMARC into `Authentication-Results`,
+//! DMARC enforcement, the sender's verdict into the queue entries), add our headers,
+//! DKIM-sign submitted mail for the user's domain, hand the message to the queue, and answer
+//! `250` only once the queue acknowledged it.
 //!
 //! End-of-data detection, dot-unstuffing, line and size limits and the bare CR/LF policy are
 //! [`crate::protocol::DataReceiver`]'s; the receiver reads to the real `<CRLF>.<CRLF>` even
@@ -10,13 +12,14 @@
 
 use std::time::SystemTime;
 
+use kubemail_queue::SenderAuth;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
 use tracing::Instrument;
 
 use super::body::{self, Assembled};
 use super::{End, Next, Session, Transaction};
-use crate::config::ListenerKind;
+use crate::config::{ListenerKind, NulBytes};
 use crate::memory::Reservation;
 use crate::message::{ReceivedInfo, header_value, new_message_id, received_header};
 use crate::metrics::{self, ListenerLabels, ReasonLabels};
@@ -146,6 +149,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let span = tx.span.clone();
         record_envelope(&span, &tx);
         span.record("smtp.message_size", message.message().len());
+        // No NUL passes as it is (RFC 5322 3.5 allows none): a downstream that drops NUL bytes
+        // would read `<CRLF><NUL>.<CRLF>` as the end of the data. Only a message that has
+        // some is copied.
+        if memchr::memchr(0, message.message()).is_some() {
+            if self.conn.listener.nul_bytes == NulBytes::Strip {
+                message = Assembled::copy_without_nul(message.message());
+            } else {
+                self.tx = Some(tx);
+                self.reject_message(
+                    Reply::new(
+                        554,
+                        EnhancedCode(5, 6, 0),
+                        "Message contains NUL characters",
+                    ),
+                    "nul_bytes",
+                );
+                return Ok(Next::Continue);
+            }
+        }
         if crate::message::received_count(message.message()) > crate::message::MAX_RECEIVED_HEADERS
         {
             self.tx = Some(tx);
@@ -159,21 +181,29 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             );
             return Ok(Next::Continue);
         }
+        if let Some(reply) = self.check_author(message.message()) {
+            self.tx = Some(tx);
+            self.reject_message(reply, "from_not_allowed");
+            return Ok(Next::Continue);
+        }
         // Before anything is added: what the client sent is what its retry sends again.
         let content = self.content_id(&tx, message.message());
-        if let Err(reply) = self
+        let sender_auth = match self
             .check_inbound(&tx, &mut message)
             .instrument(span.clone())
             .await
         {
-            self.tx = Some(tx);
-            self.reject_message(reply, "dmarc_reject");
-            return Ok(Next::Continue);
-        }
-        // A copy made above (a stripped field, a field larger than the headroom) replaced the
-        // buffer it was made from, so `held` still covers the message.
+            Ok(sender_auth) => sender_auth,
+            Err(reply) => {
+                self.tx = Some(tx);
+                self.reject_message(reply, "dmarc_reject");
+                return Ok(Next::Continue);
+            }
+        };
+        // A copy made above (NUL bytes or a stripped field removed, a field larger than the
+        // headroom) replaced the buffer it was made from, so `held` still covers the message.
         let generation = self.ctx.content.generation(&content);
-        let entries = self.build_entries(&tx, message, &content, generation);
+        let entries = self.build_entries(&tx, message, &content, generation, sender_auth);
         let size = entries.first().map_or(0, |e| e.body.len());
         let limit = self.ctx.config.timeouts.data_termination.0;
         let queue = self.ctx.queue.clone();
@@ -195,6 +225,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 span.record("smtp.reply_code", 250);
                 span.record("smtp.outcome", "queued");
                 span.in_scope(|| tracing::info!(size, recipients = tx.recipients.len(), "queued"));
+                // A message got through: the client is not just holding its slot.
+                self.junk = 0;
                 self.reply(Reply::ok(format!("Ok: queued as {}", tx.queue_id)));
             }
             Err(error) => {
@@ -213,24 +245,49 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         Ok(Next::Continue)
     }
 
-    /// For mail arriving on an MX listener: removes `Authentication-Results` headers that
-    /// claim to be ours, evaluates SPF, DKIM and DMARC, and adds our own header. `Err` is the
-    /// refusal when DMARC is enforced and fails with a `reject` policy.
-    async fn check_inbound(&self, tx: &Transaction, message: &mut Assembled) -> Result<(), Reply> {
+    /// Submission: every `From:` mailbox must be an address the user may send as (the same
+    /// rule as MAIL FROM), or the message would carry our DKIM signature for someone else's
+    /// address. `Some` is the refusal. A message without `From:` claims no author.
+    fn check_author(&self, message: &[u8]) -> Option<Reply> {
+        let user = self.user.as_ref()?;
+        let refuse = |text: String| {
+            tracing::info!(user = %user.name, "From: header not allowed for the user");
+            Some(Reply::new(550, EnhancedCode(5, 7, 1), text))
+        };
+        match crate::dkim::author_addresses(message) {
+            None => refuse("From: header cannot be read; send one address per mailbox".to_owned()),
+            Some(addresses) => addresses
+                .iter()
+                .find(|a| !self.sender_allowed(a))
+                .and_then(|a| {
+                    refuse(format!(
+                        "From: header address <{a}> is not one the authenticated user may send as"
+                    ))
+                }),
+        }
+    }
+
+    /// Removes `Authentication-Results` headers that claim to be ours from every message
+    /// (MX and submission); for mail arriving on an MX listener also evaluates SPF, DKIM and
+    /// DMARC and adds our own header. Returns, when the checks ran, how the envelope sender
+    /// was authenticated. `Err` is the refusal when DMARC is enforced and fails with a
+    /// `reject` policy.
+    async fn check_inbound(
+        &self,
+        tx: &Transaction,
+        message: &mut Assembled,
+    ) -> Result<Option<SenderAuth>, Reply> {
+        let hostname = &self.ctx.config.hostname;
+        // Only a message with such a field is copied; most have none.
+        if let Some(stripped) = crate::authres::without_forged(message.message(), hostname) {
+            *message = Assembled::copy_of(&stripped);
+        }
         let Some(verifier) = self.ctx.checks.inbound_auth.clone() else {
-            return Ok(());
+            return Ok(None);
         };
         if self.user.is_some() || self.conn.listener.kind != ListenerKind::Mx || !verifier.enabled()
         {
-            return Ok(());
-        }
-        let hostname = &self.ctx.config.hostname;
-        // Stripping copies the message; most messages have no such field to strip.
-        if has_auth_results(message.message()) {
-            let stripped = crate::authres::strip_forged(message.message(), hostname);
-            if stripped.len() != message.message().len() {
-                *message = Assembled::copy_of(&stripped);
-            }
+            return Ok(None);
         }
         let mail_from = tx.from.to_string();
         let helo = self.helo.as_ref().map_or("", |h| h.name.as_str());
@@ -247,12 +304,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             .instrument(check.clone())
             .await;
         check.record("dmarc", verdict.dmarc);
-        tracing::info!(dmarc = verdict.dmarc, "inbound authentication checked");
+        tracing::info!(
+            dmarc = verdict.dmarc,
+            sender_auth = verdict.sender_auth.as_str(),
+            "inbound authentication checked"
+        );
         if let Some(reply) = verdict.reject {
             return Err(reply);
         }
         message.prepend(verdict.header.as_bytes());
-        Ok(())
+        Ok(Some(verdict.sender_auth))
     }
 
     /// The digest a retry of this transaction shares with it (see [`ContentId`]).
@@ -290,6 +351,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         mut message: Assembled,
         content: &ContentId,
         generation: u32,
+        sender_auth: Option<SenderAuth>,
     ) -> Vec<QueuedMessage> {
         let config = &self.ctx.config;
         let submission = self.user.is_some();
@@ -341,6 +403,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             auth_user: self.user.as_ref().map(|u| u.name.clone()),
             client_ip: Some(self.conn.remote.ip()),
             helo: self.helo.as_ref().map(|h| h.name.clone()),
+            sender_auth,
             eight_bit: tx.params.body == Some(BodyType::EightBitMime),
             smtputf8: tx.params.smtputf8,
             dsn_envid: tx.params.envid.clone(),
@@ -412,9 +475,9 @@ fn record_envelope(span: &tracing::Span, tx: &Transaction) {
     span.record("smtp.rcpt_to", rcpts.join(",").as_str());
 }
 
-/// The DKIM signatures to put in front of a submitted message. A signing failure (a broken
-/// key) is logged and the message goes out unsigned: that hurts its reception, losing it
-/// would be worse.
+/// The DKIM signatures of the user's own domain to put in front of a submitted message (never
+/// of another domain, whatever `From:` says). A signing failure (a broken key) is logged and
+/// the message goes out unsigned: that hurts its reception, losing it would be worse.
 fn sign(
     signer: &crate::dkim::DkimSigner,
     message: &[u8],
@@ -422,7 +485,7 @@ fn sign(
     span: &tracing::Span,
 ) -> Option<String> {
     let _signing = tracing::info_span!(parent: span, "dkim.sign", domain = user_domain).entered();
-    match signer.sign(message, Some(user_domain)) {
+    match signer.sign_for(message, user_domain) {
         Ok(headers) => headers,
         Err(error) => {
             span.in_scope(
@@ -441,15 +504,6 @@ pub(super) fn insufficient_storage() -> Reply {
         EnhancedCode(4, 3, 1),
         "Insufficient system storage, try again later",
     )
-}
-
-/// Whether the header section has an `Authentication-Results` field at all (only then can
-/// one claim to be ours).
-fn has_auth_results(message: &[u8]) -> bool {
-    const NAME: &[u8] = b"authentication-results";
-    crate::message::header_section(message)
-        .split(|&b| b == b'\n')
-        .any(|line| line.len() > NAME.len() && line[..NAME.len()].eq_ignore_ascii_case(NAME))
 }
 
 /// Metric label for a refused message.

@@ -11,6 +11,9 @@ use crate::protocol::Reply;
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     pub(super) fn handle_ehlo(&mut self, name: String, esmtp: bool) -> Result<Next, End> {
+        if self.helo.is_some() {
+            self.junk_command()?;
+        }
         self.reset_transaction();
         let hostname = self.ctx.config.hostname.clone();
         self.helo = Some(Helo {

@@ -10,7 +10,7 @@ use tokio::time::Instant;
 
 use super::{End, Session};
 use crate::metrics;
-use crate::protocol::{LineEvent, MAX_AUTH_LINE, Reply};
+use crate::protocol::{EnhancedCode, LineEvent, MAX_AUTH_LINE, Reply};
 
 /// Free buffer space requested before a read of message data (DATA, BDAT): large reads keep
 /// the reads per message few.
@@ -100,6 +100,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if self.errors >= self.ctx.config.max_errors_per_session {
             tracing::info!(errors = self.errors, "too many errors; closing");
             self.reply(Reply::too_many_errors());
+            return Err(End::Closed);
+        }
+        Ok(())
+    }
+
+    /// Counts a command that does not move a transaction forward (before it is answered);
+    /// past `maxJunkCommands` since the last accepted message the session is closed with
+    /// `421 4.7.0` instead of the answer.
+    pub(super) fn junk_command(&mut self) -> Result<(), End> {
+        self.junk += 1;
+        if self.junk > self.ctx.config.max_junk_commands {
+            tracing::info!(junk = self.junk, "too many junk commands; closing");
+            self.reply(Reply::new(
+                421,
+                EnhancedCode(4, 7, 0),
+                format!(
+                    "{} Too many commands without a message, closing connection",
+                    self.ctx.config.hostname
+                ),
+            ));
             return Err(End::Closed);
         }
         Ok(())

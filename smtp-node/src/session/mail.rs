@@ -1,7 +1,8 @@
 //! MAIL FROM: starts a transaction once the session may send mail (greeted; TLS and AUTH
 //! where the listener requires them), the declared SIZE fits, the parameters are ones we
-//! advertised, an authenticated user uses a sender of its own domain and is within its
-//! message rate. REQUIRETLS (RFC 8689) is taken only over TLS.
+//! advertised, an authenticated user uses a sender it may use (its domain's `allowedSenders`,
+//! else any address of its own domain) and is within its message rate. REQUIRETLS (RFC 8689)
+//! is taken only over TLS.
 
 use tokio::io::{AsyncRead, AsyncWrite};
 
@@ -65,33 +66,35 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             self.error_reply(Reply::message_too_large())?;
             return Ok(Next::Continue);
         }
-        if let Some(user) = &self.user {
-            if let ReversePath::Address(a) = &from
-                && !user.may_send_as(a.domain())
-            {
-                tracing::info!(user = %user.name, "sender domain not owned by the user");
-                self.error_reply(Reply::new(
-                    553,
-                    EnhancedCode(5, 7, 1),
-                    format!("Sender address <{a}> not owned by the authenticated user"),
-                ))?;
-                return Ok(Next::Continue);
+        if let ReversePath::Address(a) = &from
+            && !self.sender_allowed(&a.to_string())
+        {
+            if let Some(user) = &self.user {
+                tracing::info!(user = %user.name, "sender address not allowed for the user");
             }
-            if !self.ctx.auth.allow_message(user) {
-                tracing::info!(user = %user.name, "message rate limit reached");
-                metrics::global()
-                    .auth
-                    .get_or_create(&ResultLabels {
-                        result: "message_rate_limited",
-                    })
-                    .inc();
-                self.reply(Reply::new(
-                    451,
-                    EnhancedCode(4, 7, 1),
-                    "Message rate limit exceeded, try again later",
-                ));
-                return Ok(Next::Continue);
-            }
+            self.error_reply(Reply::new(
+                553,
+                EnhancedCode(5, 7, 1),
+                format!("Sender address <{a}> not owned by the authenticated user"),
+            ))?;
+            return Ok(Next::Continue);
+        }
+        if let Some(user) = &self.user
+            && !self.ctx.auth.allow_message(user)
+        {
+            tracing::info!(user = %user.name, "message rate limit reached");
+            metrics::global()
+                .auth
+                .get_or_create(&ResultLabels {
+                    result: "message_rate_limited",
+                })
+                .inc();
+            self.reply(Reply::new(
+                451,
+                EnhancedCode(4, 7, 1),
+                "Message rate limit exceeded, try again later",
+            ));
+            return Ok(Next::Continue);
         }
         let queue_id = QueueId::new();
         let span = self.transaction_span(&queue_id, &from);

@@ -13,7 +13,10 @@
 //! Policy decisions in brief: PIPELINING is allowed everywhere (only `<CRLF>.<CRLF>` ends DATA,
 //! so a pipelined second transaction is just a second transaction); replies carry enhanced
 //! status codes after EHLO (and a closing `421` always); every 5xx answer to a command counts towards
-//! `maxErrorsPerSession`; bare CR/LF in a command is always refused (the listener's
+//! `maxErrorsPerSession`; commands that do not move a transaction forward (NOOP, RSET, HELP,
+//! VRFY, a repeated HELO/EHLO, a duplicate RCPT, a RCPT over the limit) count towards
+//! `maxJunkCommands` until a message is accepted, so an idle client cannot keep its slot
+//! with them forever; bare CR/LF in a command is always refused (the listener's
 //! `bareLineEndings: normalize` applies to message content only).
 
 mod auth;
@@ -112,6 +115,8 @@ pub(crate) struct Session<S> {
     user: Option<AuthenticatedUser>,
     tx: Option<Transaction>,
     errors: u32,
+    /// Commands since the last accepted message that did not move a transaction forward.
+    junk: u32,
     auth_failures: u32,
     /// The first command is timed by `timeouts.greeting`, later ones by `timeouts.command`.
     commands_seen: bool,
@@ -132,6 +137,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             user: None,
             tx: None,
             errors: 0,
+            junk: 0,
             auth_failures: 0,
             commands_seen: false,
         }
@@ -205,23 +211,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             Command::Ehlo(name) => self.handle_ehlo(name, true),
             Command::Helo(name) => self.handle_ehlo(name, false),
             Command::Mail { from, params } => self.handle_mail(from, params),
+            // Boxed like the other verbs that may wait (a recipient check).
             Command::Rcpt { to, params } => {
                 if let Some(reply) = self.suppression_refusal(&to).await {
                     self.error_reply(reply)?;
                     return Ok(Next::Continue);
                 }
-                self.handle_rcpt(to, params)
+                Box::pin(self.handle_rcpt(to, params)).await
             }
             // The verbs that wait for more input or for other tasks run boxed, so that the
             // future of an idle session stays small (issue 8: memory per idle connection).
             Command::Data => Box::pin(self.handle_data()).await,
             Command::Bdat { size, last } => Box::pin(self.handle_bdat(size, last)).await,
             Command::Rset => {
+                self.junk_command()?;
                 self.reset_transaction();
                 self.reply(Reply::ok("Ok"));
                 Ok(Next::Continue)
             }
             Command::Noop => {
+                self.junk_command()?;
                 self.reply(Reply::ok("Ok"));
                 Ok(Next::Continue)
             }
@@ -233,10 +242,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 Ok(Next::Close)
             }
             Command::Vrfy(_) => {
+                self.junk_command()?;
                 self.reply(Reply::cannot_vrfy());
                 Ok(Next::Continue)
             }
             Command::Help(_) => {
+                self.junk_command()?;
                 self.reply(Reply::new(
                     214,
                     EnhancedCode(2, 0, 0),
@@ -265,6 +276,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         match self.conn.listener.bare_line_endings {
             BareLineEndings::Reject => BareEolPolicy::Reject,
             BareLineEndings::Normalize => BareEolPolicy::Normalize,
+        }
+    }
+
+    /// Whether the authenticated user may use `address` as a sender (MAIL FROM, `From:`):
+    /// its domain's `allowedSenders` say, else its own domain only.
+    fn sender_allowed(&self, address: &str) -> bool {
+        let Some(user) = &self.user else {
+            return true;
+        };
+        match self.user_domain() {
+            Some(domain) => domain.sender_allowed(&user.name, address),
+            None => address
+                .rsplit_once('@')
+                .is_some_and(|(_, d)| user.may_send_as(d)),
         }
     }
 

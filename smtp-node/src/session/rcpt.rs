@@ -2,8 +2,14 @@
 //!
 //! * Authenticated clients (submission) may send to any domain.
 //! * Everyone else may only send to recipients that exist in a local domain: the domain must
-//!   be configured (else `554 5.7.1 Relay access denied`) and the local part listed or the
-//!   domain catch-all (else `550 5.1.1`). Address literals are never local. A local part that
+//!   be configured (else `554 5.7.1 Relay access denied`), have an inbound target (else
+//!   `550 5.1.1`: nothing would ever deliver the mail, which would wait in the queue and
+//!   bounce days later), and the local part be listed (else `550 5.1.1`) or, on a catch-all
+//!   domain, be accepted by the inbound target when asked ([`crate::recipient_check`]:
+//!   `550 5.1.1` when it refuses, `451 4.4.3` when it cannot say now). Recipients are checked
+//!   here so that mail for nobody is refused in the dialogue, never accepted and bounced to a
+//!   sender address that may be forged (backscatter). Address literals are never local. A
+//!   local part that
 //!   carries sender-specified routing (`%`, `!`, or a quoted `@`) is refused with `554 5.7.1`
 //!   even on a catch-all domain, so none of the classic relay tricks (percent hack, bang
 //!   paths, quoted local parts, source routes, trailing dots) can reach another host: the
@@ -18,12 +24,17 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::{End, Next, Session};
 use crate::protocol::{Address, EnhancedCode, RcptParams, Reply};
+use crate::recipient_check::Verdict;
 
 /// Characters that would route a local part onward if anything interpreted them.
 const ROUTING_CHARACTERS: [char; 3] = ['%', '!', '@'];
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
-    pub(super) fn handle_rcpt(&mut self, to: Address, params: RcptParams) -> Result<Next, End> {
+    pub(super) async fn handle_rcpt(
+        &mut self,
+        to: Address,
+        params: RcptParams,
+    ) -> Result<Next, End> {
         let Some(tx) = &self.tx else {
             self.error_reply(Reply::bad_sequence("Need MAIL before RCPT"))?;
             return Ok(Next::Continue);
@@ -50,9 +61,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
         };
         if self.user.is_none()
-            && let Some(reply) = self.inbound_policy(&to)
+            && let Some(reply) = self.inbound_policy(&to).await
         {
-            self.error_reply(reply)?;
+            if reply.code >= 500 {
+                self.error_reply(reply)?;
+            } else {
+                self.reply(reply);
+            }
             return Ok(Next::Continue);
         }
         let limit = self.recipient_limit(&to);
@@ -60,6 +75,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             return Ok(Next::Continue);
         };
         if tx.recipients.contains(&to) {
+            self.junk_command()?;
             self.reply(Reply::new(
                 250,
                 EnhancedCode(2, 1, 5),
@@ -69,7 +85,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
         if tx.recipients.len() >= limit {
             // RFC 5321 4.5.3.1.10: 452, and the recipients so far stay valid. Not counted as an
-            // error: a client with many recipients is expected to hit it.
+            // error (a client with many recipients is expected to hit it), but as junk.
+            self.junk_command()?;
             self.reply(Reply::too_many_recipients());
             return Ok(Next::Continue);
         }
@@ -105,8 +122,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         Address::new("postmaster", &domain.name).ok()
     }
 
-    /// Unauthenticated (MX) recipients: local and existing only. `None` means accepted.
-    fn inbound_policy(&self, to: &Address) -> Option<Reply> {
+    /// Unauthenticated (MX) recipients: local, deliverable and existing only. `None` means
+    /// accepted.
+    async fn inbound_policy(&self, to: &Address) -> Option<Reply> {
         if to.ip_literal().is_some() {
             return Some(relay_denied());
         }
@@ -117,16 +135,36 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let Some(domain) = self.ctx.config.domain(to.domain()) else {
             return Some(relay_denied());
         };
-        if !domain.has_recipient(to.local_part()) {
+        let Some(target) = &domain.inbound else {
             return Some(Reply::new(
                 550,
                 EnhancedCode(5, 1, 1),
-                "Recipient address rejected: User unknown",
+                format!(
+                    "Recipient address rejected: {} does not receive mail here (no inbound target)",
+                    domain.name
+                ),
             ));
+        };
+        if !domain.has_recipient(to.local_part()) {
+            return Some(user_unknown());
         }
         let declared = self.tx.as_ref().and_then(|t| t.params.size);
         if declared.is_some_and(|size| size > domain.limits.max_message_size.0) {
             return Some(Reply::message_too_large());
+        }
+        if domain.catch_all
+            && !domain.lists_recipient(to.local_part())
+            && let Some(check) = self.ctx.checks.recipients.as_ref().filter(|c| c.enabled())
+        {
+            return match check.verify(target, &to.to_string()).await {
+                Verdict::Exists => None,
+                Verdict::Unknown => Some(user_unknown()),
+                Verdict::TryLater(_) => Some(Reply::new(
+                    451,
+                    EnhancedCode(4, 4, 3),
+                    "Recipient address verification failed temporarily, try again later",
+                )),
+            };
         }
         None
     }
@@ -149,6 +187,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         };
         limit as usize
     }
+}
+
+fn user_unknown() -> Reply {
+    Reply::new(
+        550,
+        EnhancedCode(5, 1, 1),
+        "Recipient address rejected: User unknown",
+    )
 }
 
 fn relay_denied() -> Reply {

@@ -22,14 +22,21 @@ listeners:
   - { name: mx, kind: mx, address: "127.0.0.1:25" }
   - { name: sub, kind: submission, address: "127.0.0.1:587", requireTls: false }
   - { name: norm, kind: mx, address: "127.0.0.1:26", bareLineEndings: normalize }
+  - { name: strip, kind: mx, address: "127.0.0.1:27", nulBytes: strip }
 domains:
   - name: example.test
     recipients: [bob, postmaster]
     usersFile: USERS
     limits: { maxMessageSize: 2048, maxRecipients: 3, messagesPerMinutePerUser: 100 }
+    inbound: { host: 127.0.0.1, port: 24 }
+    allowedSenders: { carol: [carol@example.test, "*@lists.example.test"] }
   - name: other.test
     catchAll: true
+    inbound: { host: 127.0.0.1, port: 24 }
+  - name: outbound-only.test
+    recipients: [postmaster]
 maxErrorsPerSession: 10
+maxJunkCommands: 5
 timeouts: { command: 30s, dataBlock: 20s, dataInit: 20s }
 "#;
 
@@ -47,7 +54,7 @@ async fn connect(listener: usize) -> Client {
     let users = dir.path().join("users");
     // bcrypt cost 4 keeps the unit tests fast; the format is what matters here.
     let hash = bcrypt::hash("secret", 4).unwrap();
-    std::fs::write(&users, format!("alice:{hash}\n")).unwrap();
+    std::fs::write(&users, format!("alice:{hash}\ncarol:{hash}\n")).unwrap();
     let yaml = CONFIG.replace("USERS", &users.display().to_string());
     let config = NodeConfig::from_yaml(&yaml).unwrap();
     config.validate().unwrap();
@@ -304,10 +311,10 @@ async fn bare_line_endings_are_refused_and_nothing_is_smuggled() {
         let r = c.reply().await;
         let entries = c.queue.entries();
         if ending.contains(&0) {
-            // NUL is content, not a line ending: one message, with the "smuggled" text as body.
-            assert!(r.starts_with("250 2.0.0"), "{ending:?}: {r}");
-            assert_eq!(entries.len(), 1);
-            assert_eq!(entries[0].entry.mail_from, "a@remote.test");
+            // NUL is no line ending: one message, with the "smuggled" text as body, refused
+            // as a whole for its NUL (a NUL-dropping downstream would end it early).
+            assert!(r.starts_with("554 5.6.0"), "{ending:?}: {r}");
+            assert!(entries.is_empty(), "{ending:?}: nothing queued");
         } else {
             assert!(r.starts_with("550 5.6.0"), "{ending:?}: {r}");
             assert!(
@@ -488,6 +495,139 @@ async fn idle_clients_time_out() {
     c.expect("421 4.4.2").await;
 }
 
+#[tokio::test]
+async fn domains_without_an_inbound_target_refuse_recipients_at_rcpt() {
+    let mut c = connect(0).await;
+    c.cmd("EHLO client.test", "250-").await;
+    c.cmd("MAIL FROM:<a@remote.test>", "250").await;
+    let r = c
+        .cmd("RCPT TO:<postmaster@outbound-only.test>", "550 5.1.1")
+        .await;
+    assert!(r.contains("no inbound target"), "{r}");
+    c.cmd("RCPT TO:<bob@example.test>", "250 2.1.5").await;
+}
+
+#[tokio::test]
+async fn nul_bytes_are_refused_or_stripped_before_queueing() {
+    for (listener, want) in [(0, "554 5.6.0"), (3, "250 2.0.0")] {
+        let mut c = connect(listener).await;
+        c.cmd("EHLO client.test", "250-").await;
+        c.cmd("MAIL FROM:<a@remote.test>", "250").await;
+        c.cmd("RCPT TO:<bob@example.test>", "250").await;
+        c.cmd("DATA", "354").await;
+        c.send(b"Subject: nul\r\n\r\nbefore\r\n\x00.\r\nafter\x00\r\n.\r\n")
+            .await;
+        c.expect(want).await;
+        let entries = c.queue.entries();
+        if listener == 0 {
+            assert!(entries.is_empty());
+        } else {
+            let body = &entries[0].body;
+            assert!(!body.contains(&0), "{body:?}");
+            assert!(body.ends_with(b"\r\nbefore\r\n.\r\nafter\r\n"), "{body:?}");
+        }
+        // BDAT gets the same treatment.
+        c.cmd("MAIL FROM:<a@remote.test>", "250").await;
+        c.cmd("RCPT TO:<bob@example.test>", "250").await;
+        c.send(b"BDAT 10 LAST\r\nx\r\n\x00.\r\ny\r\n").await;
+        c.expect(want).await;
+    }
+}
+
+#[tokio::test]
+async fn junk_commands_end_the_session_until_a_message_goes_through() {
+    let mut c = connect(0).await;
+    c.cmd("EHLO client.test", "250-").await;
+    // maxJunkCommands 5: NOOP, RSET, VRFY, HELP and a second EHLO are junk...
+    c.cmd("NOOP", "250").await;
+    c.cmd("RSET", "250").await;
+    c.cmd("VRFY bob", "252").await;
+    c.cmd("HELP", "214").await;
+    c.cmd("EHLO client.test", "250-").await;
+    // ...and a message resets the count.
+    c.cmd("MAIL FROM:<a@remote.test>", "250").await;
+    c.cmd("RCPT TO:<bob@example.test>", "250").await;
+    c.cmd("DATA", "354").await;
+    c.send(b"Subject: x\r\n\r\nhi\r\n.\r\n").await;
+    c.expect("250 2.0.0").await;
+    c.cmd("MAIL FROM:<a@remote.test>", "250").await;
+    c.cmd("RCPT TO:<bob@example.test>", "250").await;
+    // Duplicate recipients and recipients over the limit are junk too.
+    c.cmd("RCPT TO:<bob@example.test>", "250 2.1.5").await;
+    c.cmd("RCPT TO:<postmaster@example.test>", "250").await;
+    c.cmd("RCPT TO:<x@other.test>", "250").await;
+    c.cmd("RCPT TO:<y@other.test>", "452 4.5.3").await;
+    c.cmd("NOOP", "250").await;
+    c.cmd("NOOP", "250").await;
+    c.cmd("NOOP", "250").await;
+    c.cmd("NOOP", "421 4.7.0").await;
+    assert!(c.closed().await);
+}
+
+/// Logs in as `user` (password `secret`) on the submission listener.
+async fn submit_as(user: &str) -> Client {
+    use base64::Engine as _;
+    let mut c = connect(1).await;
+    c.cmd("EHLO client.test", "250-").await;
+    let plain = base64::engine::general_purpose::STANDARD.encode(format!("\0{user}\0secret"));
+    c.cmd(&format!("AUTH PLAIN {plain}"), "235").await;
+    c
+}
+
+#[tokio::test]
+async fn submitted_from_headers_must_be_addresses_the_user_may_send_as() {
+    let mut c = submit_as("alice@example.test").await;
+    for (from, want) in [
+        ("From: Alice <alice@example.test>", "250 2.0.0"),
+        ("From: CEO <ceo@other.test>", "550 5.7.1"),
+        ("From: a@example.test, b@other.test", "550 5.7.1"),
+        ("From: Evil <a@other.test> <a@example.test>", "550 5.7.1"),
+        ("Subject: no From at all", "250 2.0.0"),
+    ] {
+        c.cmd("MAIL FROM:<alice@example.test>", "250").await;
+        c.cmd("RCPT TO:<far@away.test>", "250").await;
+        c.cmd("DATA", "354").await;
+        c.send(format!("{from}\r\nTo: far@away.test\r\n\r\nhi\r\n.\r\n").as_bytes())
+            .await;
+        let r = c.expect(want).await;
+        if want.starts_with("550") {
+            assert!(r.contains("From: header"), "{r}");
+        }
+    }
+    assert_eq!(c.queue.entries().len(), 2);
+    // carol has a list: her own address and a list domain, nothing else of example.test.
+    let mut c = submit_as("carol@example.test").await;
+    c.cmd("MAIL FROM:<alice@example.test>", "553 5.7.1").await;
+    c.cmd("MAIL FROM:<news@lists.example.test>", "250").await;
+    c.cmd("RCPT TO:<far@away.test>", "250").await;
+    c.cmd("DATA", "354").await;
+    c.send(b"From: news@lists.example.test\r\n\r\nhi\r\n.\r\n")
+        .await;
+    c.expect("250 2.0.0").await;
+    c.cmd("MAIL FROM:<carol@example.test>", "250").await;
+    c.cmd("RCPT TO:<far@away.test>", "250").await;
+    c.cmd("DATA", "354").await;
+    c.send(b"From: alice@example.test\r\n\r\nhi\r\n.\r\n").await;
+    c.expect("550 5.7.1").await;
+}
+
+#[tokio::test]
+async fn forged_authentication_results_are_removed_from_submissions_too() {
+    let mut c = submit_as("alice@example.test").await;
+    c.cmd("MAIL FROM:<alice@example.test>", "250").await;
+    // A local recipient: the message never passes the MX checks.
+    c.cmd("RCPT TO:<bob@example.test>", "250").await;
+    c.cmd("DATA", "354").await;
+    c.send(b"Authentication-Results: (x) mx.example.test; dmarc=pass\r\nAuthentication-Results:\r\n mx.example.test; spf=pass\r\nAuthentication-Results: other.test; spf=fail\r\nFrom: alice@example.test\r\n\r\nhi\r\n.\r\n").await;
+    c.expect("250 2.0.0").await;
+    let body = String::from_utf8(c.queue.entries()[0].body.to_vec()).unwrap();
+    assert!(!body.contains("mx.example.test; "), "{body}");
+    assert!(
+        body.contains("Authentication-Results: other.test; spf=fail\r\n"),
+        "{body}"
+    );
+}
+
 /// Two sessions of one node with a 2 MiB message memory budget (1 MiB messages).
 async fn two_clients_sharing_a_small_memory_budget() -> (Client, Client) {
     let yaml = r#"
@@ -498,6 +638,7 @@ domains:
   - name: example.test
     recipients: [bob]
     limits: { maxMessageSize: 1Mi }
+    inbound: { host: 127.0.0.1, port: 24 }
 limits: { messageBytesInMemory: 2Mi, memoryWait: 300ms }
 timeouts: { dataBlock: 20s, dataInit: 20s }
 "#;

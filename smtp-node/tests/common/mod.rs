@@ -249,7 +249,7 @@ impl Node {
             "listeners": [
                 { "name": "mx", "kind": "mx", "address": ports.mx.to_string() },
                 { "name": "mxnorm", "kind": "mx", "address": ports.mx_normalize.to_string(), "bareLineEndings": "normalize" },
-                { "name": "mxproxy", "kind": "mx", "address": ports.mx_proxy.to_string(), "proxyProtocol": true },
+                { "name": "mxproxy", "kind": "mx", "address": ports.mx_proxy.to_string(), "proxyProtocol": true, "trustedProxies": ["127.0.0.0/8"] },
                 { "name": "submission", "kind": "submission", "address": ports.submission.to_string() },
                 { "name": "submissions", "kind": "implicitTls", "address": ports.implicit_tls.to_string() },
             ],
@@ -265,13 +265,17 @@ impl Node {
                 "name": "example.test",
                 "recipients": ["postmaster", "bob"],
                 "usersFile": "dev-users",
+                // A domain receives mail only with an inbound target; nothing listens here
+                // (delivery tests that deliver inbound set a real one).
+                "inbound": { "host": "127.0.0.1", "port": 9, "protocol": "smtp" },
             }],
             "admin": { "address": ports.admin.to_string() },
             "shutdown": { "drainTimeout": "10s" },
             // The receiving-side tests read entries back from the stream: no worker may take
-            // them, and no check may reach out to a DNS server.
+            // them, and no check may reach out to a DNS server or an inbound target.
             "delivery": { "enabled": false },
             "inboundAuth": { "enabled": false },
+            "recipientVerification": { "enabled": false },
         });
         customize(&mut config);
         let config_path = dir.path().join("config.yaml");

@@ -78,6 +78,8 @@ pub struct ValidatedDomain {
     pub replicas: i32,
     pub service_type: ServiceType,
     pub service_annotations: std::collections::BTreeMap<String, String>,
+    /// Networks trusted to send the PROXY header; `None`: no PROXY protocol.
+    pub proxy_protocol: Option<Vec<String>>,
     pub tls: TlsSource,
     pub dkim: RotationPolicy,
     pub spf: SpfSpec,
@@ -277,6 +279,27 @@ pub fn validate(md: &MailDomain, refs: &Dereferenced) -> Result<ValidatedDomain,
         }
     };
 
+    let proxy_protocol = match spec.service.proxy_protocol.as_ref().filter(|p| p.enabled) {
+        None => None,
+        Some(p) => {
+            if p.trusted_cidrs.is_empty() {
+                return Err(Invalid::new(
+                    "InvalidProxyProtocol",
+                    "spec.service.proxyProtocol.trustedCidrs must list the load balancer's networks when enabled is true",
+                ));
+            }
+            for (i, cidr) in p.trusted_cidrs.iter().enumerate() {
+                if let Err(e) = kubemail_config::Network::parse(cidr) {
+                    return Err(Invalid::new(
+                        "InvalidProxyProtocol",
+                        format!("spec.service.proxyProtocol.trustedCidrs[{i}]: {e}"),
+                    ));
+                }
+            }
+            Some(p.trusted_cidrs.clone())
+        }
+    };
+
     let relay = resolve_relay(md, refs.relay.as_ref());
     let relay_lookups = usize::from(matches!(
         &relay,
@@ -305,6 +328,7 @@ pub fn validate(md: &MailDomain, refs: &Dereferenced) -> Result<ValidatedDomain,
         replicas: spec.replicas,
         service_type: spec.service.type_,
         service_annotations: spec.service.annotations.clone(),
+        proxy_protocol,
         tls,
         dkim: RotationPolicy {
             base: spec.dkim.selector.clone(),

@@ -140,6 +140,12 @@ pub fn build(
         Some(Path::new(TLS_DIR).join(USERNAME_KEY_KEY)),
         kubemail_queue::pool_inbox_prefix(&namespace, &name),
         kubemail_config::DEFAULT_MAX_MESSAGE_SIZE,
+        pool.spec
+            .service
+            .proxy_protocol
+            .as_ref()
+            .filter(|p| p.enabled)
+            .map(|p| p.trusted_cidrs.as_slice()),
         config,
     )?;
     // What the pods read only at start-up: the config without its domains.
@@ -325,6 +331,7 @@ mod tests {
                 recipients: vec!["bob".into()],
                 catch_all: false,
                 users_file: Some("users".into()),
+                allowed_senders: Default::default(),
                 limits: DomainLimits {
                     max_message_size: kubemail_config::ByteSize(1 << 20),
                     max_recipients: 10,

@@ -19,6 +19,9 @@ const MAX_AUTH_FAILURE_WINDOW: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Range of `auth.sharedCounterTimeout`: every AUTH may wait that long for NATS.
 const MIN_SHARED_COUNTER_TIMEOUT: Duration = Duration::from_millis(100);
 const MAX_SHARED_COUNTER_TIMEOUT: Duration = Duration::from_secs(30);
+/// Range of `auth.verificationWait`: the session holds its connection slot while it waits.
+const MIN_VERIFICATION_WAIT: Duration = Duration::from_millis(10);
+const MAX_VERIFICATION_WAIT: Duration = Duration::from_secs(60);
 
 /// Authentication limits.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -27,8 +30,9 @@ pub struct AuthConfig {
     /// Failed AUTH attempts in one session before `421 4.7.0` and disconnect.
     #[serde(default = "default_auth_failures_per_session")]
     pub max_failures_per_session: u32,
-    /// Failed AUTH attempts per client IP per minute, over all sessions; above it AUTH gets
-    /// `454 4.7.0` until the rate falls. Counted by each node on its own.
+    /// Failed AUTH attempts per client per minute, over all sessions; above it AUTH gets
+    /// `454 4.7.0` until the rate falls. A client is an IPv4 address or an IPv6 prefix of
+    /// `clientIpv6Prefix` bits. Counted by each node on its own.
     #[serde(default = "default_auth_failures_per_ip")]
     pub failures_per_ip_per_minute: u32,
     /// Failed AUTH attempts for one user name within `failuresPerUserWindow`, from any client
@@ -38,15 +42,19 @@ pub struct AuthConfig {
     /// failures is older than the window. This stops guessing spread over many addresses,
     /// which the per-IP limit cannot see. The price: someone who guesses often enough keeps
     /// that user from logging in, so keep it well above what a client with a stale password
-    /// causes. Unknown user names are counted like real ones, so the replies do not tell them
-    /// apart; a successful login does not clear earlier failures. 1 to 1000.
+    /// causes. A successful login does not clear earlier failures. 1 to 1000.
+    ///
+    /// Unknown user names are limited alike by each node (so one node's replies do not tell
+    /// them apart) but are never written to the shared counter: a flood of made-up names can
+    /// neither grow it nor push real users' failures out of it.
     ///
     /// The shared counter is the JetStream stream `<nats.stream>_AUTH_FAILURES` (subjects
     /// `<nats.subjectPrefix>-auth-failures.<keyed hash of the user name>`, no password, no
-    /// plain user name), created by the node; nodes sharing it should use the same window and
-    /// limit, as the stream keeps those of the node that set it up last. While NATS cannot
-    /// answer, logins are not refused for that reason: each node then counts only its own
-    /// failures.
+    /// plain user name, at most `failuresPerUser` messages per subject and no stream-wide cap
+    /// that could evict another user's), created by the node; nodes sharing it should use the
+    /// same window and limit, as the stream keeps those of the node that set it up last. While
+    /// NATS cannot answer, logins are not refused for that reason: each node then counts only
+    /// its own failures.
     #[serde(default = "default_auth_failures_per_user")]
     pub failures_per_user: u32,
     /// The sliding window of `failuresPerUser`, 1 s to 7 days.
@@ -58,6 +66,15 @@ pub struct AuthConfig {
     /// store fsyncs every write on slow disks.
     #[serde(default = "default_auth_shared_counter_timeout")]
     pub shared_counter_timeout: HumanDuration,
+    /// Password checks running at once on this node. Each argon2 check takes about 19 MiB and
+    /// a CPU core for a moment, so a flood of AUTH commands must queue rather than run all at
+    /// once. Unset: the number of CPUs the node may use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrent_verifications: Option<u32>,
+    /// Longest an AUTH waits for a free password check; then it gets `454 4.7.0 Temporary
+    /// authentication failure` (the password not checked, no failure counted). 10 ms to 60 s.
+    #[serde(default = "default_verification_wait")]
+    pub verification_wait: HumanDuration,
     /// A file of at least 16 secret bytes (the same on every node) that keys the hash of user
     /// names in the shared counter, so that whoever can read the NATS stream cannot test
     /// guessed names against it. Unset: a built-in key, which keeps names out of plain sight
@@ -74,6 +91,8 @@ impl Default for AuthConfig {
             failures_per_user: default_auth_failures_per_user(),
             failures_per_user_window: default_auth_failures_per_user_window(),
             shared_counter_timeout: default_auth_shared_counter_timeout(),
+            max_concurrent_verifications: None,
+            verification_wait: default_verification_wait(),
             username_key_file: None,
         }
     }
@@ -107,6 +126,28 @@ impl AuthConfig {
                 humantime::format_duration(timeout)
             ));
         }
+        if self.max_concurrent_verifications == Some(0) {
+            errors.push(
+                "auth.maxConcurrentVerifications: must be at least 1 (or unset for the number of CPUs)"
+                    .to_owned(),
+            );
+        }
+        let wait = self.verification_wait.0;
+        if !(MIN_VERIFICATION_WAIT..=MAX_VERIFICATION_WAIT).contains(&wait) {
+            errors.push(format!(
+                "auth.verificationWait: {} must be between 10ms and 60s",
+                humantime::format_duration(wait)
+            ));
+        }
+    }
+
+    /// The number of password checks that may run at once: `maxConcurrentVerifications`, or
+    /// the CPUs this process may use.
+    pub fn verification_slots(&self) -> usize {
+        match self.max_concurrent_verifications {
+            Some(n) => n.max(1) as usize,
+            None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        }
     }
 }
 
@@ -126,4 +167,8 @@ fn default_auth_failures_per_user_window() -> HumanDuration {
 }
 fn default_auth_shared_counter_timeout() -> HumanDuration {
     HumanDuration::from_secs(1)
+}
+// A check takes well under a second on a healthy node; five seconds of queue is a flood.
+fn default_verification_wait() -> HumanDuration {
+    HumanDuration::from_secs(5)
 }

@@ -2,7 +2,7 @@
 //! submission users, limits, the inbound target (LMTP or SMTP), the relay for outbound mail and
 //! the DKIM keys that sign it.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
 
 use schemars::JsonSchema;
@@ -34,11 +34,20 @@ pub struct DomainConfig {
     /// argon2 PHC string or a bcrypt hash. Re-read when it changes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub users_file: Option<PathBuf>,
+    /// Sender addresses each submission user may use, in MAIL FROM and in the `From:` header
+    /// (like Postfix's `smtpd_sender_login_maps`): the user (a local part or an address of
+    /// this domain, as in the users file) mapped to a list of patterns, each an address
+    /// (`team@example.com`) or `*@<domain>` (any address of that domain). A user not listed
+    /// may use any address of this domain. Other senders are refused: `553 5.7.1` at MAIL,
+    /// `550 5.7.1` for the `From:` header. Whatever the sender, mail is DKIM-signed only for
+    /// this domain.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub allowed_senders: BTreeMap<String, Vec<String>>,
     /// Limits for this domain.
     #[serde(default)]
     pub limits: DomainLimits,
-    /// Where mail for this domain's recipients is delivered (LMTP or SMTP). Unset: mail for
-    /// it is accepted and queued but waits (deferred) until a target is configured.
+    /// Where mail for this domain's recipients is delivered (LMTP or SMTP). Unset: the domain
+    /// receives no mail; its recipients are refused at RCPT with `550 5.1.1`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub inbound: Option<InboundTarget>,
     /// Smarthost for this domain's outbound mail. Unset: direct delivery to the recipients'
@@ -189,13 +198,49 @@ pub struct DkimKeyConfig {
 }
 
 impl DomainConfig {
-    /// Whether `local_part` is a recipient of this domain.
+    /// Whether `local_part` is a recipient of this domain (listed, or the domain is
+    /// catch-all).
     pub fn has_recipient(&self, local_part: &str) -> bool {
-        self.catch_all
-            || self.recipients.iter().any(|r| {
-                let local = r.rsplit_once('@').map_or(r.as_str(), |(l, _)| l);
-                local.eq_ignore_ascii_case(local_part)
-            })
+        self.catch_all || self.lists_recipient(local_part)
+    }
+
+    /// Whether `local_part` is one of the listed `recipients`.
+    pub fn lists_recipient(&self, local_part: &str) -> bool {
+        self.recipients.iter().any(|r| {
+            let local = r.rsplit_once('@').map_or(r.as_str(), |(l, _)| l);
+            local.eq_ignore_ascii_case(local_part)
+        })
+    }
+
+    /// The sender patterns of the user `user` (a full address of this domain, as
+    /// authentication names it), or `None` when it has no list and may use any address of
+    /// this domain.
+    pub fn sender_patterns(&self, user: &str) -> Option<&[String]> {
+        self.allowed_senders.iter().find_map(|(key, patterns)| {
+            let same = match key.rsplit_once('@') {
+                Some(_) => key.eq_ignore_ascii_case(user),
+                None => user.rsplit_once('@').is_some_and(|(local, domain)| {
+                    local.eq_ignore_ascii_case(key) && domain.eq_ignore_ascii_case(&self.name)
+                }),
+            };
+            same.then_some(patterns.as_slice())
+        })
+    }
+
+    /// Whether the user `user` of this domain may use `address` as a sender (MAIL FROM or a
+    /// `From:` mailbox): its patterns when it has a list, else any address of this domain.
+    pub fn sender_allowed(&self, user: &str, address: &str) -> bool {
+        let Some((_, domain)) = address.rsplit_once('@') else {
+            return false;
+        };
+        let domain = domain.strip_suffix('.').unwrap_or(domain);
+        match self.sender_patterns(user) {
+            None => domain.eq_ignore_ascii_case(&self.name),
+            Some(patterns) => patterns.iter().any(|p| match p.strip_prefix("*@") {
+                Some(d) => d.eq_ignore_ascii_case(domain),
+                None => p.eq_ignore_ascii_case(address),
+            }),
+        }
     }
 
     /// Checks this domain's settings; `path` names it in messages (`domains[0]`).
@@ -261,6 +306,25 @@ impl DomainConfig {
             && let Err(e) = validate_domain_name(&tls.hostname)
         {
             errors.push(format!("{path}.tls.hostname: {e}"));
+        }
+        for (user, patterns) in &self.allowed_senders {
+            let user_ok = match user.rsplit_once('@') {
+                Some((local, domain)) => {
+                    !local.is_empty() && domain.eq_ignore_ascii_case(&self.name)
+                }
+                None => !user.is_empty(),
+            };
+            if !user_ok {
+                errors.push(format!(
+                    "{path}.allowedSenders: {user:?} is not a user of domain {:?}",
+                    self.name
+                ));
+            }
+            for (j, pattern) in patterns.iter().enumerate() {
+                if let Err(e) = validate_sender_pattern(pattern) {
+                    errors.push(format!("{path}.allowedSenders[{user:?}][{j}]: {e}"));
+                }
+            }
         }
         if let Some(policy) = &self.mta_sts_policy
             && (!policy.starts_with("version: STSv1") || policy.len() > 64 * 1024)
@@ -330,6 +394,17 @@ impl RelayConfig {
             ));
         }
     }
+}
+
+/// Checks one `allowedSenders` pattern: `local@domain` or `*@domain`.
+fn validate_sender_pattern(pattern: &str) -> Result<(), String> {
+    let Some((local, domain)) = pattern.rsplit_once('@') else {
+        return Err(format!("{pattern:?} must be an address or *@<domain>"));
+    };
+    if local.is_empty() || local.bytes().any(|b| b <= b' ' || b == 0x7f) {
+        return Err(format!("{pattern:?} has no usable local part"));
+    }
+    validate_domain_name(&domain.to_ascii_lowercase())
 }
 
 /// Checks an RFC 1035 host/domain name the way the node compares them: lower case, LDH labels,

@@ -17,10 +17,11 @@
 //!
 //! The modules follow the sections of the file: [`listener`], [`tls`], [`nats`], [`domain`]
 //! (per-domain settings: limits, inbound target, relay, DKIM), [`timeouts`], [`auth`],
-//! [`admin`], [`shutdown`], [`dns`], [`delivery`], [`inbound_auth`], [`limits`] and [`events`];
-//! [`units`] holds the value formats and [`network`] the CIDR networks of the delivery address
-//! policy. Each section checks its own fields. Two more contracts between the operator and the
-//! node live here: the users file ([`users_file`]) and the site-wide overlay of node settings
+//! [`admin`], [`shutdown`], [`dns`], [`delivery`], [`inbound_auth`],
+//! [`recipient_verification`], [`limits`] and [`events`]; [`units`] holds the value formats
+//! and [`network`] the CIDR networks of the delivery address policy. Each section checks its
+//! own fields. Two more contracts between the operator and the node live here: the users file
+//! ([`users_file`]) and the site-wide overlay of node settings
 //! ([`overlay`]). Every public item is re-exported at the crate root.
 
 pub mod admin;
@@ -35,6 +36,7 @@ pub mod listener;
 pub mod nats;
 pub mod network;
 pub mod overlay;
+pub mod recipient_verification;
 pub mod shutdown;
 pub mod timeouts;
 pub mod tls;
@@ -63,10 +65,11 @@ pub use crate::domain::{
 pub use crate::events::{BounceClass, ClassificationRule, EventsConfig, SuppressionConfig};
 pub use crate::inbound_auth::{DmarcMode, InboundAuthConfig};
 pub use crate::limits::{DEFAULT_MESSAGE_BYTES_IN_MEMORY, MIN_MESSAGE_BYTES_IN_MEMORY, NodeLimits};
-pub use crate::listener::{BareLineEndings, ListenerConfig, ListenerKind};
+pub use crate::listener::{BareLineEndings, ListenerConfig, ListenerKind, NulBytes};
 pub use crate::nats::{DEFAULT_NATS_URL, NATS_URL_ENV, NatsConfig};
 pub use crate::network::Network;
 pub use crate::overlay::NodeConfigOverlay;
+pub use crate::recipient_verification::RecipientVerificationConfig;
 pub use crate::shutdown::ShutdownConfig;
 pub use crate::timeouts::Timeouts;
 pub use crate::tls::TlsConfig;
@@ -122,12 +125,28 @@ pub struct NodeConfig {
     /// Concurrent SMTP connections over all listeners; more get `421 4.7.0`.
     #[serde(default = "default_max_connections")]
     pub max_connections: u32,
-    /// Concurrent SMTP connections from one client IP; more get `421 4.7.0`.
+    /// Concurrent SMTP connections from one client (an IPv4 address or an IPv6 prefix of
+    /// `clientIpv6Prefix` bits); more get `421 4.7.0`.
     #[serde(default = "default_max_connections_per_ip")]
     pub max_connections_per_ip: u32,
+    /// The IPv6 prefix length that makes one client for the per-client limits
+    /// (`maxConnectionsPerIp`, `auth.failuresPerIpPerMinute`): a single host is usually given
+    /// a whole /64, so counting each address on its own would leave it unlimited. IPv4
+    /// addresses always count one by one. 32 to 128 (128: every IPv6 address on its own).
+    #[serde(default = "default_client_ipv6_prefix")]
+    pub client_ipv6_prefix: u8,
     /// Failed commands (syntax, sequence, unknown, refused) before `421 4.7.0` and disconnect.
     #[serde(default = "default_max_errors_per_session")]
     pub max_errors_per_session: u32,
+    /// Commands that do not move a transaction forward (NOOP, RSET, HELP, VRFY, a repeated
+    /// HELO/EHLO, a duplicate RCPT, a RCPT over the recipient limit) a session may send
+    /// between accepted messages; past it the session gets `421 4.7.0` and is closed, so that
+    /// one connection cannot hold a slot forever (Postfix `smtpd_junk_command_limit`).
+    #[serde(default = "default_max_junk_commands")]
+    pub max_junk_commands: u32,
+    /// Probing the inbound target of catch-all domains for each recipient at RCPT time.
+    #[serde(default)]
+    pub recipient_verification: RecipientVerificationConfig,
     /// Node-wide limits: message bytes in memory.
     #[serde(default)]
     pub limits: NodeLimits,
@@ -178,7 +197,10 @@ impl NodeConfig {
             min_data_rate: default_min_data_rate(),
             max_connections: default_max_connections(),
             max_connections_per_ip: default_max_connections_per_ip(),
+            client_ipv6_prefix: default_client_ipv6_prefix(),
             max_errors_per_session: default_max_errors_per_session(),
+            max_junk_commands: default_max_junk_commands(),
+            recipient_verification: RecipientVerificationConfig::default(),
             limits: NodeLimits::default(),
             auth: AuthConfig::default(),
             admin: AdminConfig::default(),
@@ -305,6 +327,7 @@ impl NodeConfig {
                     l.address
                 ));
             }
+            l.validate(&format!("listeners[{i}]"), &mut errors);
             if self.tls.is_none() && l.requires_tls() {
                 let why = if l.kind == ListenerKind::ImplicitTls {
                     "kind implicitTls"
@@ -360,6 +383,16 @@ impl NodeConfig {
         if self.max_errors_per_session == 0 {
             errors.push("maxErrorsPerSession: must be at least 1".to_owned());
         }
+        if self.max_junk_commands == 0 {
+            errors.push("maxJunkCommands: must be at least 1".to_owned());
+        }
+        if !(32..=128).contains(&self.client_ipv6_prefix) {
+            errors.push(format!(
+                "clientIpv6Prefix: {} must be between 32 and 128",
+                self.client_ipv6_prefix
+            ));
+        }
+        self.recipient_verification.validate(&mut errors);
         self.auth.validate(&mut errors);
         self.events.validate(&mut errors);
         if let Some(server) = &self.mta_sts_server {
@@ -421,6 +454,14 @@ fn default_max_connections_per_ip() -> u32 {
 // Postfix smtpd_hard_error_limit.
 fn default_max_errors_per_session() -> u32 {
     20
+}
+// Postfix smtpd_junk_command_limit.
+fn default_max_junk_commands() -> u32 {
+    100
+}
+// RFC 6177: a site (and often a single host) gets a /64 or more.
+fn default_client_ipv6_prefix() -> u8 {
+    64
 }
 pub(crate) fn default_true() -> bool {
     true
@@ -726,6 +767,97 @@ inboundAuth: {{ dmarc: enforce }}
         let mut errors = Vec::new();
         relay.validate("domains[0].relay", &mut errors);
         assert!(errors[0].contains("domains[0].relay.tls"), "{errors:?}");
+    }
+
+    #[test]
+    fn hostile_client_limits_have_defaults_and_bounds() {
+        let c = NodeConfig::from_yaml(MINIMAL).unwrap();
+        assert_eq!(c.max_junk_commands, 100);
+        assert_eq!(c.client_ipv6_prefix, 64);
+        assert_eq!(c.listeners[0].nul_bytes, NulBytes::Reject);
+        assert!(c.recipient_verification.enabled);
+        assert_eq!(c.auth.max_concurrent_verifications, None);
+        assert!(c.auth.verification_slots() >= 1);
+        assert_eq!(c.auth.verification_wait.0, Duration::from_secs(5));
+        let yaml = format!(
+            "{MINIMAL}maxJunkCommands: 0\nclientIpv6Prefix: 16\nauth: {{ maxConcurrentVerifications: 0, verificationWait: 2m }}\nrecipientVerification: {{ positiveTtl: 0s, maxConcurrent: 0 }}\n"
+        );
+        let err = NodeConfig::from_yaml(&yaml)
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        for needle in [
+            "maxJunkCommands",
+            "clientIpv6Prefix: 16",
+            "auth.maxConcurrentVerifications",
+            "auth.verificationWait: 2m",
+            "recipientVerification.positiveTtl",
+            "recipientVerification.maxConcurrent",
+        ] {
+            assert!(err.contains(needle), "missing {needle:?} in:\n{err}");
+        }
+    }
+
+    #[test]
+    fn proxy_protocol_requires_trusted_proxies() {
+        let yaml = r#"
+hostname: mx.example.test
+listeners:
+  - { name: lb, kind: mx, address: "127.0.0.1:2525", proxyProtocol: true }
+  - { name: lb2, kind: mx, address: "127.0.0.1:2526", proxyProtocol: true, trustedProxies: ["10.0.0.0/8", "bogus"] }
+  - { name: lb3, kind: mx, address: "127.0.0.1:2527", proxyProtocol: true, trustedProxies: ["10.0.0.0/8", "2001:db8::1"], nulBytes: strip }
+"#;
+        let c = NodeConfig::from_yaml(yaml).unwrap();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("listeners[0].trustedProxies: required when proxyProtocol is on"),
+            "{err}"
+        );
+        assert!(err.contains("listeners[1].trustedProxies[1]"), "{err}");
+        assert!(!err.contains("listeners[2]"), "{err}");
+        let lb = &c.listeners[2];
+        assert_eq!(lb.nul_bytes, NulBytes::Strip);
+        assert!(lb.trusts_proxy("10.1.2.3".parse().unwrap()));
+        assert!(lb.trusts_proxy("::ffff:10.1.2.3".parse().unwrap()));
+        assert!(lb.trusts_proxy("2001:db8::1".parse().unwrap()));
+        assert!(!lb.trusts_proxy("2001:db8::2".parse().unwrap()));
+        assert!(!lb.trusts_proxy("192.0.2.1".parse().unwrap()));
+        assert!(!c.listeners[0].trusts_proxy("10.1.2.3".parse().unwrap()));
+    }
+
+    #[test]
+    fn allowed_senders_narrow_or_widen_what_a_user_may_send_as() {
+        let yaml = format!(
+            "{MINIMAL}    allowedSenders:\n      alice: [alice@example.test, \"*@lists.example.test\", team@other.test]\n"
+        );
+        let c = NodeConfig::from_yaml(&yaml).unwrap();
+        c.validate().unwrap();
+        let d = &c.domains[0];
+        let alice = "alice@example.test";
+        assert!(d.sender_allowed(alice, "Alice@Example.test"));
+        assert!(d.sender_allowed(alice, "news@lists.example.test"));
+        assert!(d.sender_allowed(alice, "team@other.test"));
+        assert!(
+            !d.sender_allowed(alice, "bob@example.test"),
+            "listed: only the list"
+        );
+        assert!(!d.sender_allowed(alice, "x@other.test"));
+        // A user without a list may use any address of the domain, and only that.
+        assert!(d.sender_allowed("bob@example.test", "anyone@example.test"));
+        assert!(!d.sender_allowed("bob@example.test", "bob@example.test.evil"));
+        assert!(!d.sender_allowed("bob@example.test", "no-domain"));
+        let bad = format!(
+            "{MINIMAL}    allowedSenders:\n      carol@other.test: [x@example.test]\n      dave: [\"@example.test\", \"*@Bad_Domain\"]\n"
+        );
+        let err = NodeConfig::from_yaml(&bad)
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("\"carol@other.test\" is not a user"), "{err}");
+        assert!(err.contains("allowedSenders[\"dave\"][0]"), "{err}");
+        assert!(err.contains("allowedSenders[\"dave\"][1]"), "{err}");
     }
 
     #[test]

@@ -19,8 +19,8 @@ use crate::{
     AdminConfig, AuthConfig, ByteSize, ClassificationRule, ClientTimeouts, ConnectionConfig,
     ConsumerConfig, DaneConfig, DeliveryConfig, DmarcMode, DnsConfig, EventsConfig, HumanDuration,
     InboundAuthConfig, MtaStsConfig, MxTlsPolicy, NodeConfig, NodeLimits, OutboundTlsConfig,
-    RetryConfig, ShapingConfig, ShutdownConfig, SuppressionConfig, Timeouts, TlsPolicyOverride,
-    TlsRptConfig,
+    RecipientVerificationConfig, RetryConfig, ShapingConfig, ShutdownConfig, SuppressionConfig,
+    Timeouts, TlsPolicyOverride, TlsRptConfig,
 };
 
 /// Declares the overlay of one config section: a struct with an `Option` of every field, and
@@ -78,11 +78,14 @@ overlay! {
             min_data_rate: u64,
             max_connections: u32,
             max_connections_per_ip: u32,
+            client_ipv6_prefix: u8,
             max_errors_per_session: u32,
             config_reload_interval: HumanDuration,
+            max_junk_commands: u32,
         }
         merge {
             timeouts: TimeoutsOverlay,
+            recipient_verification: RecipientVerificationOverlay,
             auth: AuthOverlay,
             admin: AdminOverlay,
             shutdown: ShutdownOverlay,
@@ -119,7 +122,23 @@ overlay! {
             failures_per_user: u32,
             failures_per_user_window: HumanDuration,
             shared_counter_timeout: HumanDuration,
+            max_concurrent_verifications: Option<u32>,
+            verification_wait: HumanDuration,
             username_key_file: Option<PathBuf>,
+        }
+    }
+}
+
+overlay! {
+    /// Overlay of [`RecipientVerificationConfig`].
+    RecipientVerificationOverlay => RecipientVerificationConfig {
+        set {
+            enabled: bool,
+            positive_ttl: HumanDuration,
+            negative_ttl: HumanDuration,
+            timeout: HumanDuration,
+            max_concurrent: u32,
+            cache_size: u32,
         }
     }
 }
@@ -306,7 +325,9 @@ mod tests {
                 kind: ListenerKind::Mx,
                 address: "127.0.0.1:2525".parse().unwrap(),
                 proxy_protocol: false,
+                trusted_proxies: Vec::new(),
                 bare_line_endings: Default::default(),
+                nul_bytes: Default::default(),
                 require_tls: None,
             }],
         );
@@ -357,8 +378,11 @@ mod tests {
         let overlay = NodeConfigOverlay::from_yaml(
             r#"
 maxConnections: 50
+maxJunkCommands: 20
+clientIpv6Prefix: 56
 timeouts: { command: 1m }
-auth: { failuresPerUser: 5, usernameKeyFile: null }
+recipientVerification: { negativeTtl: 1m }
+auth: { failuresPerUser: 5, maxConcurrentVerifications: 2, usernameKeyFile: null }
 admin: { address: "127.0.0.1:9090" }
 shutdown: { drainTimeout: 1m }
 dns: { nameservers: ["127.0.0.1:15353"] }
@@ -379,6 +403,13 @@ limits: { messageBytesInMemory: 256Mi }
         overlay.apply_to(&mut c);
         assert_eq!(c.max_connections, 50);
         assert_eq!(c.max_connections_per_ip, 50, "kept");
+        assert_eq!((c.max_junk_commands, c.client_ipv6_prefix), (20, 56));
+        assert_eq!(
+            c.recipient_verification.negative_ttl.0,
+            Duration::from_secs(60)
+        );
+        assert!(c.recipient_verification.enabled, "kept");
+        assert_eq!(c.auth.max_concurrent_verifications, Some(2));
         assert_eq!(c.timeouts.command.0, Duration::from_secs(60));
         assert_eq!(c.auth.failures_per_user, 5);
         assert_eq!(c.auth.username_key_file, None, "null unsets");

@@ -183,6 +183,7 @@ mod tests {
                 auth_user: None,
                 client_ip: None,
                 helo: None,
+                sender_auth: None,
                 eight_bit: false,
                 smtputf8: false,
                 dsn_envid: None,

@@ -92,6 +92,48 @@ impl Notice {
     }
 }
 
+/// What authenticated the envelope sender of an inbound message when it was accepted: an SPF
+/// pass for its domain, or a DKIM signature that passed for a domain aligned with it
+/// (relaxed alignment, RFC 7489 3.1.1). Only such a sender ever gets a delivery status
+/// notification for unauthenticated (MX) mail; anyone else could be a forged address that
+/// the notification would spam (backscatter).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct SenderAuth {
+    pub spf: bool,
+    pub dkim: bool,
+}
+
+impl SenderAuth {
+    /// Whether the sender passed either check.
+    pub fn verified(self) -> bool {
+        self.spf || self.dkim
+    }
+
+    /// The `Kubemail-Sender-Auth` value: `spf`, `dkim`, `spf,dkim` or `none`.
+    pub fn as_str(self) -> &'static str {
+        match (self.spf, self.dkim) {
+            (true, true) => "spf,dkim",
+            (true, false) => "spf",
+            (false, true) => "dkim",
+            (false, false) => "none",
+        }
+    }
+
+    /// Reads a `Kubemail-Sender-Auth` value; unknown methods are ignored (a newer writer may
+    /// add some), so they never count as a pass.
+    pub fn parse(value: &str) -> Self {
+        let mut auth = Self::default();
+        for method in value.split(',').map(str::trim) {
+            if method.eq_ignore_ascii_case("spf") {
+                auth.spf = true;
+            } else if method.eq_ignore_ascii_case("dkim") {
+                auth.dkim = true;
+            }
+        }
+        auth
+    }
+}
+
 /// An operator's action on an entry ([`QueueEntry::action_msg_id`]): each replaces the entry
 /// by a new one and deletes the old one from the stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -190,6 +232,9 @@ pub struct QueueEntry {
     pub client_ip: Option<IpAddr>,
     /// The client's EHLO/HELO name.
     pub helo: Option<String>,
+    /// Inbound mail: how the envelope sender was authenticated at acceptance (`None`: not
+    /// checked, which counts as not authenticated).
+    pub sender_auth: Option<SenderAuth>,
     /// `BODY=8BITMIME` was given.
     pub eight_bit: bool,
     /// `SMTPUTF8` was given.
@@ -314,6 +359,9 @@ impl QueueEntry {
         if let Some(ip) = self.client_ip {
             h.insert(headers::CLIENT_IP, ip.to_string());
         }
+        if let Some(auth) = self.sender_auth {
+            h.insert(headers::SENDER_AUTH, auth.as_str());
+        }
         if self.eight_bit {
             h.insert(headers::BODY_TYPE, "8BITMIME");
         }
@@ -417,6 +465,7 @@ impl QueueEntry {
             // Informational: an unreadable address is dropped rather than the entry.
             client_ip: get(headers::CLIENT_IP).and_then(|v| v.parse().ok()),
             helo: get(headers::HELO),
+            sender_auth: get(headers::SENDER_AUTH).map(|v| SenderAuth::parse(&v)),
             eight_bit: get(headers::BODY_TYPE).is_some_and(|v| v.eq_ignore_ascii_case("8BITMIME")),
             smtputf8: get(headers::SMTPUTF8).is_some_and(|v| v.eq_ignore_ascii_case("true")),
             dsn_envid: get(headers::DSN_ENVID),

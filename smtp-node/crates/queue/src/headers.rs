@@ -18,6 +18,7 @@ pub const DSN_ENVID: &str = "Kubemail-Dsn-Envid";
 pub const DSN_RET: &str = "Kubemail-Dsn-Ret";
 pub const BODY_REF: &str = "Kubemail-Body-Ref";
 pub const BODY_SIZE: &str = "Kubemail-Body-Size";
+pub const SENDER_AUTH: &str = "Kubemail-Sender-Auth";
 /// REQUIRETLS was given (RFC 8689).
 pub const REQUIRE_TLS: &str = "Kubemail-Require-Tls";
 /// The message carries `TLS-Required: No` (RFC 8689 5) and no REQUIRETLS.

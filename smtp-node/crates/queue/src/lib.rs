@@ -43,7 +43,9 @@
 //!   `Kubemail-Smtputf8` (`true`), `Kubemail-Dsn-Envid`, `Kubemail-Dsn-Ret`,
 //!   `Kubemail-Body-Ref`, `Kubemail-Body-Size` (octets of the body, inline or stored),
 //!   `Kubemail-Require-Tls` (`true`: REQUIRETLS, RFC 8689), `Kubemail-Tls-Optional` (`true`:
-//!   the message says `TLS-Required: No` and carries no REQUIRETLS).
+//!   the message says `TLS-Required: No` and carries no REQUIRETLS), `Kubemail-Sender-Auth`
+//!   (inbound mail: `spf`, `dkim`, `spf,dkim` or `none`, how the envelope sender was
+//!   authenticated at acceptance; [`SenderAuth`]: only a sender that passed gets a DSN).
 //!
 //! An optional header is written only when its value is present and not empty, and read back
 //! as absent when it is missing or empty. Values never contain control characters (they would
@@ -147,7 +149,7 @@ mod rfc3339;
 
 pub use entry::{
     Action, AdminState, AttemptRecord, Direction, EntryError, MAX_ATTEMPT_LOG, Notice, QueueEntry,
-    QueueId,
+    QueueId, SenderAuth,
 };
 pub use names::{
     DEFAULT_BODY_BUCKET, DEFAULT_STREAM, DEFAULT_SUBJECT_PREFIX, MTA_STS_CACHE_BUCKET,

@@ -21,12 +21,6 @@ use crate::names::{
 };
 use crate::permissions::QueueNames;
 
-/// Failures the shared AUTH-failure stream holds over all user names (an empty message is
-/// about 100 bytes on disk, so about 100 MB at most). Beyond it NATS drops the oldest, which
-/// for a flood of made-up names shortens the window for everyone rather than growing without
-/// bound.
-pub const SHARED_MAX_FAILURES: i64 = 1_000_000;
-
 impl From<&NatsConfig> for QueueNames {
     fn from(nats: &NatsConfig) -> Self {
         Self {
@@ -110,11 +104,15 @@ pub fn failure_stream_config(nats: &NatsConfig, auth: &AuthConfig) -> stream::Co
         subjects: vec![auth_failure_subjects(&nats.subject_prefix)],
         retention: RetentionPolicy::Limits,
         storage: StorageType::File,
-        // Full: forget the oldest failures (a shorter window), never refuse to record.
+        // A subject at its limit forgets its own oldest failure: the newest `limit` ones say
+        // whether and until when the user is locked. No stream-wide cap: it would let a flood
+        // evict other users' failures and shorten a real lockout. The stream stays bounded
+        // because nodes write failures only for user names that exist (at most `limit` each
+        // per domain).
         discard: DiscardPolicy::Old,
         max_age: window,
         max_messages_per_subject: i64::from(auth.failures_per_user.max(1)),
-        max_messages: SHARED_MAX_FAILURES,
+        max_messages: -1,
         max_bytes: -1,
         max_message_size: -1,
         // No message ids are sent; the smallest window keeps the server's dedupe table small.
@@ -319,6 +317,10 @@ mod tests {
             f.subjects,
             vec!["kubemail.queue-auth-failures.>".to_owned()]
         );
+        assert_eq!(f.max_messages_per_subject, 20);
+        // No stream-wide cap that could evict another user's failures.
+        assert_eq!(f.max_messages, -1);
+        assert_eq!(f.max_bytes, -1);
         let r1 = queue_stream_config(&NatsConfig::default());
         assert!(queue_stream_differs(&r1, &c), "R1 -> R3 is an update");
         assert!(!queue_stream_differs(&c, &c));

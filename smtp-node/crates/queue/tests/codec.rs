@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 
 use async_nats::HeaderMap;
 use kubemail_queue::{
-    Action, AdminState, Direction, EntryError, Notice, QueueEntry, QueueId, headers,
+    Action, AdminState, Direction, EntryError, Notice, QueueEntry, QueueId, SenderAuth, headers,
 };
 use proptest::prelude::*;
 
@@ -89,6 +89,7 @@ fn accepted() -> QueueEntry {
         auth_user: Some("alice@example.com".into()),
         client_ip: Some("2001:db8::7".parse().unwrap()),
         helo: Some("laptop.example.com".into()),
+        sender_auth: None,
         eight_bit: true,
         smtputf8: true,
         dsn_envid: Some("ENV+2B1".into()),
@@ -141,6 +142,7 @@ fn retry() -> QueueEntry {
         auth_user: None,
         client_ip: Some(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1))),
         helo: Some("mx.remote.example".into()),
+        sender_auth: None,
         eight_bit: false,
         smtputf8: false,
         dsn_envid: None,
@@ -279,6 +281,40 @@ fn absent_and_empty_optional_headers_read_as_none_and_are_not_written() {
     assert!(written.get(headers::HELO).is_none());
     assert!(written.get(headers::LAST_ERROR).is_none());
     assert!(written.get(headers::BODY_SIZE).is_none());
+}
+
+#[test]
+fn the_sender_authentication_verdict_travels_and_unknown_methods_never_pass() {
+    // Entries written before the header existed have no verdict: not authenticated.
+    assert_eq!(retry().sender_auth, None);
+    for (value, spf, dkim) in [
+        ("spf", true, false),
+        ("dkim", false, true),
+        ("spf,dkim", true, true),
+        ("none", false, false),
+        ("arc, DKIM", false, true),
+        ("bimi", false, false),
+    ] {
+        let mut h = header_map(RETRY);
+        h.insert(headers::SENDER_AUTH, value);
+        let e = QueueEntry::from_headers(&h).unwrap();
+        assert_eq!(e.sender_auth, Some(SenderAuth { spf, dkim }), "{value}");
+        assert_eq!(e.sender_auth.is_some_and(SenderAuth::verified), spf || dkim);
+        let written = e.to_headers(&e.msg_id());
+        let back = QueueEntry::from_headers(&written).unwrap();
+        assert_eq!(back.sender_auth, e.sender_auth, "{value}");
+    }
+    let mut e = retry();
+    e.sender_auth = Some(SenderAuth {
+        spf: false,
+        dkim: true,
+    });
+    assert_eq!(
+        e.to_headers(&e.msg_id())
+            .get(headers::SENDER_AUTH)
+            .map(|v| v.as_str().to_owned()),
+        Some("dkim".to_owned())
+    );
 }
 
 #[test]
@@ -423,6 +459,7 @@ fn entry() -> impl Strategy<Value = QueueEntry> {
         proptest::option::of(time()),
         proptest::option::of(text()),
         any::<bool>(),
+        proptest::option::of((any::<bool>(), any::<bool>())),
     );
     let admin = (
         0u64..10_000_000,
@@ -468,6 +505,7 @@ fn entry() -> impl Strategy<Value = QueueEntry> {
                 not_before,
                 last_error,
                 delay_warned,
+                sender_auth,
             ),
             admin,
         )| QueueEntry {
@@ -482,6 +520,7 @@ fn entry() -> impl Strategy<Value = QueueEntry> {
             auth_user,
             client_ip,
             helo,
+            sender_auth: sender_auth.map(|(spf, dkim)| SenderAuth { spf, dkim }),
             eight_bit,
             smtputf8,
             dsn_envid,

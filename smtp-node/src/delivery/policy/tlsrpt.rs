@@ -535,7 +535,7 @@ fn report_mail(
     ));
     let mut message = m.into_bytes();
     if let Some(signer) = ctx.signer {
-        match signer.sign(&message, Some(sending_domain)) {
+        match signer.sign_for(&message, sending_domain) {
             Ok(Some(headers)) => {
                 let mut signed = headers.into_bytes();
                 signed.extend_from_slice(&message);
@@ -583,6 +583,7 @@ async fn queue_report(
         auth_user: None,
         client_ip: None,
         helo: None,
+        sender_auth: None,
         eight_bit: false,
         smtputf8: false,
         dsn_envid: None,

@@ -104,12 +104,14 @@ impl TryFrom<&Limits> for DomainLimits {
 /// ports, the default certificate in [`TLS_DIR`], NATS (with authenticated NATS, reply inbox
 /// `inbox_prefix`), the admin endpoint, the key of the shared AUTH failure count when
 /// `username_key` names it, the in-memory message budget for messages of up to
-/// `max_message_size` bytes, then the site overlay.
+/// `max_message_size` bytes, PROXY protocol on every listener from the `proxy_from` networks
+/// when the Service's load balancer sends it, then the site overlay.
 pub fn base_node_config(
     hostname: &str,
     username_key: Option<PathBuf>,
     inbox_prefix: String,
     max_message_size: u64,
+    proxy_from: Option<&[String]>,
     config: &BuildConfig,
 ) -> Result<NodeConfig, BuildError> {
     let ip = listen_ip(config)?;
@@ -117,8 +119,11 @@ pub fn base_node_config(
         name: name.to_owned(),
         kind,
         address: SocketAddr::new(ip, port),
-        proxy_protocol: false,
+        // The Service's load balancer sends PROXY headers to every port, or to none.
+        proxy_protocol: proxy_from.is_some(),
+        trusted_proxies: proxy_from.map(<[String]>::to_vec).unwrap_or_default(),
         bare_line_endings: Default::default(),
+        nul_bytes: Default::default(),
         require_tls: None,
     };
     let mut node = NodeConfig::new(
@@ -176,6 +181,7 @@ pub fn node_config(
         has_users.then(|| Path::new(USERS_DIR).join(USERNAME_KEY_KEY)),
         kubemail_queue::inbox_prefix(&[&v.domain]),
         v.limits.max_message_size,
+        v.proxy_protocol.as_deref(),
         config,
     )?;
 
@@ -184,6 +190,7 @@ pub fn node_config(
         recipients: v.inbound.recipients.clone(),
         catch_all: v.inbound.catch_all,
         users_file: has_users.then(|| Path::new(USERS_DIR).join(USERS_FILE_KEY)),
+        allowed_senders: Default::default(),
         limits: DomainLimits::try_from(&v.limits).map_err(out_of_range)?,
         inbound: v
             .inbound

@@ -662,6 +662,59 @@ fn service_maps_the_mail_ports_and_the_pdb_allows_one_down() {
 }
 
 #[test]
+fn proxy_protocol_of_the_service_reaches_every_listener_with_its_trusted_networks() {
+    let (_, _, c) = full();
+    let node = NodeConfig::from_yaml(&data_text(&c.node_config, NODE_CONFIG_KEY)).unwrap();
+    assert!(
+        node.listeners
+            .iter()
+            .all(|l| !l.proxy_protocol && l.trusted_proxies.is_empty()),
+        "off unless asked for"
+    );
+    let proxied = md(&FULL.replace(
+        "  replicas: 2\n",
+        "  replicas: 2\n  service: { proxyProtocol: { enabled: true, trustedCidrs: [10.0.0.0/8, \"2001:db8::/32\"] } }\n",
+    ));
+    let v = validate(&proxied, &refs()).unwrap();
+    let c = build(
+        &proxied,
+        &v,
+        &provisioned(true),
+        &observed(),
+        &config(),
+        NOW,
+    )
+    .unwrap();
+    let node = NodeConfig::from_yaml(&data_text(&c.node_config, NODE_CONFIG_KEY)).unwrap();
+    node.validate().unwrap();
+    assert_eq!(node.listeners.len(), 3);
+    for l in &node.listeners {
+        assert!(l.proxy_protocol, "{}", l.name);
+        assert_eq!(
+            l.trusted_proxies,
+            ["10.0.0.0/8", "2001:db8::/32"],
+            "{}",
+            l.name
+        );
+    }
+    for (bad, needle) in [
+        ("{ enabled: true }", "must list the load balancer"),
+        (
+            "{ enabled: true, trustedCidrs: [10.0.0.0/33] }",
+            "trustedCidrs[0]",
+        ),
+    ] {
+        let md = md(&FULL.replace(
+            "  replicas: 2\n",
+            &format!("  replicas: 2\n  service: {{ proxyProtocol: {bad} }}\n"),
+        ));
+        let err = validate(&md, &refs()).unwrap_err();
+        assert_eq!(err.reason, "InvalidProxyProtocol");
+        assert!(err.message.contains(needle), "{}", err.message);
+    }
+}
+
+#[test]
 fn dns_records_are_exactly_what_the_domain_needs() {
     let (_, v, c) = full();
     let policy = dns_records::mta_sts_policy(v.mta_sts.as_ref().unwrap(), "mx.example.com");

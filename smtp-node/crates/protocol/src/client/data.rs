@@ -5,11 +5,13 @@
 //! Stored messages have CRLF line endings only (the [`crate::data`] invariant), and for them
 //! [`encode_data`] is plain dot-stuffing. It still turns a stray bare CR or LF into CRLF, so
 //! that a message from any other source cannot put a `<LF>.<LF>` or `<CR>.<CR>` on the wire
-//! that a lenient server downstream would take for the end of the data.
+//! that a lenient server downstream would take for the end of the data. A line whose first
+//! byte other than NUL is `.` is stuffed too: a server that drops NUL bytes would otherwise
+//! read `<NUL>.` as a lone dot, the end of the data, and the rest of the message as commands.
 
 /// The message as DATA sends it: CRLF line endings only (a bare CR or LF becomes CRLF), every
-/// line starting with `.` stuffed with another `.`, a final CRLF if missing, and the
-/// terminating `.<CRLF>`.
+/// line starting with `.` (after any NUL bytes) stuffed with another `.`, a final CRLF if
+/// missing, and the terminating `.<CRLF>`.
 pub fn encode_data(body: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(body.len() + body.len() / 64 + 5);
     let mut at_line_start = true;
@@ -30,7 +32,7 @@ pub fn encode_data(body: &[u8]) -> Vec<u8> {
                 at_line_start = true;
             }
             _ => {
-                if at_line_start && b == b'.' {
+                if at_line_start && starts_with_dot_after_nuls(&body[i..]) {
                     out.push(b'.');
                 }
                 out.push(b);
@@ -44,6 +46,12 @@ pub fn encode_data(body: &[u8]) -> Vec<u8> {
     }
     out.extend_from_slice(b".\r\n");
     out
+}
+
+/// Whether `rest` (the rest of a line and what follows) starts with `.` once leading NUL bytes
+/// are dropped.
+fn starts_with_dot_after_nuls(rest: &[u8]) -> bool {
+    rest.iter().find(|&&b| b != 0) == Some(&b'.')
 }
 
 #[cfg(test)]
@@ -103,6 +111,75 @@ mod tests {
             }
         }
         assert_eq!(encode_data(b"a\n.\nb"), b"a\r\n..\r\nb\r\n.\r\n");
+    }
+
+    #[test]
+    fn a_dot_behind_nul_bytes_is_stuffed() {
+        assert_eq!(
+            encode_data(b"a\r\n\0.\r\nb\r\n"),
+            b"a\r\n.\0.\r\nb\r\n.\r\n"
+        );
+        assert_eq!(encode_data(b"\0\0.\0"), b".\0\0.\0\r\n.\r\n");
+        // NUL bytes elsewhere, or a dot that is not first, change nothing.
+        assert_eq!(encode_data(b"\0a.\r\n"), b"\0a.\r\n.\r\n");
+        assert_eq!(encode_data(b"\0\r\n"), b"\0\r\n.\r\n");
+    }
+
+    /// What a lenient server makes of our DATA: NUL bytes dropped, a bare CR or LF taken for
+    /// a line end. The lines it reads.
+    fn lenient_lines(wire: &[u8]) -> Vec<Vec<u8>> {
+        let without_nul: Vec<u8> = wire.iter().copied().filter(|&b| b != 0).collect();
+        let mut lines = Vec::new();
+        let mut line = Vec::new();
+        let mut i = 0;
+        while i < without_nul.len() {
+            match without_nul[i] {
+                b'\r' | b'\n' => {
+                    if without_nul[i] == b'\r' && without_nul.get(i + 1) == Some(&b'\n') {
+                        i += 1;
+                    }
+                    lines.push(std::mem::take(&mut line));
+                }
+                b => line.push(b),
+            }
+            i += 1;
+        }
+        if !line.is_empty() {
+            lines.push(line);
+        }
+        lines
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+
+        /// For any body, the only line a NUL-dropping, bare-CR/LF-tolerant downstream reads
+        /// as `.` is our terminator, the last line.
+        #[test]
+        fn no_body_puts_an_early_end_of_data_on_the_wire(
+            body in proptest::collection::vec(
+                proptest::prop_oneof![
+                    proptest::strategy::Just(0u8),
+                    proptest::strategy::Just(b'.'),
+                    proptest::strategy::Just(b'\r'),
+                    proptest::strategy::Just(b'\n'),
+                    proptest::strategy::Just(b'a'),
+                    proptest::prelude::any::<u8>(),
+                ],
+                0..200,
+            )
+        ) {
+            let wire = encode_data(&body);
+            let lines = lenient_lines(&wire);
+            let dots: Vec<usize> = lines
+                .iter()
+                .enumerate()
+                .filter(|(_, l)| l.as_slice() == b".")
+                .map(|(i, _)| i)
+                .collect();
+            proptest::prop_assert_eq!(dots, vec![lines.len() - 1], "{:?}", String::from_utf8_lossy(&wire));
+            proptest::prop_assert!(wire.ends_with(b"\r\n.\r\n") || wire == b".\r\n");
+        }
     }
 
     #[test]
