@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Writes the seed corpora of the fuzz targets into e2e/hostile/corpus/<target>/.
 
-Seeds come from the reliability & security catalogue (SYN-09, LIM-*, SIZE-04, EXT-09/15,
+Seeds come from known hostile inputs (SYN-09, LIM-*, SIZE-04, EXT-09/15,
 OR-01..16, SMUG-01..13, DOT-01, AUTH-07, TLS-CLI-01/04) and from known crash inputs of mail
 crates (mail-parser #21/#145/#155, mailparse #41/#130, smtp-proto PR #12, lettre
 RUSTSEC-2021-0069 / RUSTSEC-2026-0561). Re-run after editing; files with other names in the
@@ -27,7 +27,7 @@ def write(target, name, data):
 
 
 # ---- addresses (text between the angle brackets) ------------------------------------------
-OPEN_RELAY = [  # nmap smtp-open-relay.nse, catalogue OR-01..16 (recipient forms)
+OPEN_RELAY = [  # nmap smtp-open-relay.nse (recipient forms)
     f"relaytest@{D}", f"relaytest%{D}@{IP}", f"relaytest%{D}@{SRV}", f'"relaytest@{D}"',
     f'"relaytest%{D}"', f"relaytest@{D}@{IP}", f'"relaytest@{D}"@{IP}', f"relaytest@{D}@{SRV}",
     f"@{IP}:relaytest@{D}", f"@{SRV}:relaytest@{D}", f"{D}!relaytest", f"{D}!relaytest@{IP}",
@@ -82,7 +82,7 @@ write("command", "utf8-invalid", b"EHLO \xff\xfe\r\nMAIL FROM:<\xc3(@b>\r\n")
 
 # ---- DATA ---------------------------------------------------------------------------------
 SECOND = "MAIL FROM:<smuggled@relay.invalid>\r\nRCPT TO:<bob@example.test>\r\nDATA\r\nsmuggled\r\n.\r\n"
-SMUGGLING = {  # catalogue SMUG-01..11 (hannob/smtpsmug, SEC Consult scanner)
+SMUGGLING = {  # (hannob/smtpsmug, SEC Consult scanner)
     "smug-01-lf-dot-lf": "\n.\n", "smug-02-cr-dot-cr": "\r.\r", "smug-03-cr-dot-lf": "\r.\n",
     "smug-04-lf-dot-cr": "\n.\r", "smug-05-lf-dot-crlf": "\n.\r\n", "smug-06-crlf-dot-lf": "\r\n.\n",
     "smug-07-cr-dot-crlf": "\r.\r\n", "smug-08-crlf-dot-cr": "\r\n.\r",

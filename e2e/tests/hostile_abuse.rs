@@ -1,4 +1,4 @@
-//! Abuse resistance (catalogue §5, AUTH-05/06, MX-06, LOOP-01): a connection flood from one
+//! Abuse resistance: a connection flood from one
 //! address, AUTH brute force across reconnects, slowloris clients, a 1 GiB DATA stream, MX
 //! records pointing at loopback, and a mail loop; then the second round (R2-*): backscatter,
 //! IPv6 prefixes and AUTH floods, forged `Authentication-Results`, DKIM for a foreign
@@ -274,7 +274,7 @@ fn auth_brute_force_rate_limit_and_lockout() {
 
 /// AUTH-06b (was finding F3): the AUTH failure limit was per client IP only (and per node, in
 /// memory), so a guesser that stays under the per-IP limit on each of many addresses was
-/// never slowed down for the targeted user (catalogue AUTH-06: "Also a per-username limit, to
+/// never slowed down for the targeted user (AUTH-06: "Also a per-username limit, to
 /// stop distributed guessing ... counters are cluster-wide"). Now `auth.failuresPerUser`
 /// counts a user name's failures over all addresses and all nodes sharing the NATS server.
 #[test]

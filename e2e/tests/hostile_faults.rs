@@ -1,4 +1,4 @@
-//! Fault injection (catalogue §7.3, TMO-05/06): every case holds the node to one rule,
+//! Fault injection: every case holds the node to one rule,
 //! **no accepted message lost, no `250` without a durable acknowledgement**. A message the
 //! node answered `250` must be in the queue stream (or at its destination) after the fault;
 //! a message that got a `4xx` or a dropped connection may be there or not (the client retries;

@@ -1,5 +1,5 @@
-//! Short fuzz runs of every target (catalogue §9) on stable Rust: each target's seed corpus
-//! (catalogue vectors and known crash inputs of mail crates, `e2e/hostile/corpus/`), then
+//! Short fuzz runs of every target on stable Rust: each target's seed corpus
+//! (known hostile vectors and known crash inputs of mail crates, `e2e/hostile/corpus/`), then
 //! seeded mutations for a bounded number of executions and seconds. `make fuzz` runs the same
 //! targets under libFuzzer for as long as asked.
 

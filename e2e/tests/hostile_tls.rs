@@ -1,4 +1,4 @@
-//! TLS scan of a running node with testssl.sh (catalogue §3.4): implicit TLS (465) and
+//! TLS scan of a running node with testssl.sh: implicit TLS (465) and
 //! STARTTLS on submission (587), the real `smtp-node` binary on loopback with a certificate
 //! chain from a test CA (rcgen). The suite fails when anything regresses: SSLv2/SSLv3/TLS 1.0/
 //! TLS 1.1 offered, a weak cipher category (NULL, aNULL, EXPORT, LOW, 3DES/IDEA, obsolete CBC)

@@ -1,4 +1,4 @@
-//! The operator killed in the middle of its work (issue 9, fault injection): SIGKILL, so no
+//! The operator killed in the middle of its work: SIGKILL, so no
 //! clean-up runs and the Lease is not released. The rule: **nothing is lost or left
 //! inconsistent**. A standby replica takes over once the dead leader's Lease has expired and
 //! converges the domain to `Ready` with exactly the children it needs; a DKIM key, CA or

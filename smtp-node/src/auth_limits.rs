@@ -1,4 +1,4 @@
-//! The per-user limit on failed logins (catalogue AUTH-06): at most `auth.failuresPerUser`
+//! The per-user limit on failed logins: at most `auth.failuresPerUser`
 //! failed AUTH attempts for one user name in any `auth.failuresPerUserWindow`, counted over
 //! every client address and every node of the cluster, so that guessing spread over many
 //! addresses (which the per-IP limit in [`crate::auth`] cannot see) is stopped too.

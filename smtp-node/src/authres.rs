@@ -412,7 +412,7 @@ fn dmarc_label(r: &DmarcResult) -> &'static str {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)] // tests may unwrap (see notes/common.md)
+#[allow(clippy::unwrap_used)] // tests may unwrap
 mod tests {
     use std::time::Duration;
 

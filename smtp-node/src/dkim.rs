@@ -7,8 +7,7 @@
 //! a node serving several domains would otherwise give any of their users an aligned
 //! signature for every other one. The session refuses a `From:` the user may not use
 //! ([`author_addresses`] reads it), so a signed message's author is one its sender owns.
-//! Delivery status notifications are signed for the domain they come from. Choices,
-//! following catalogue 6.2:
+//! Delivery status notifications are signed for the domain they come from. Choices:
 //!
 //! * `c=relaxed/relaxed`: survives the header re-folding and whitespace changes common in
 //!   transit;
@@ -358,7 +357,7 @@ fn mailbox_domain(address: &str) -> Option<String> {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)] // tests may unwrap (see notes/common.md)
+#[allow(clippy::unwrap_used)] // tests may unwrap
 mod tests {
     use super::*;
     use crate::config::DkimKeyConfig;
@@ -405,7 +404,7 @@ mod tests {
         assert!(unfolded.contains("c=relaxed/relaxed"), "{header}");
         assert!(unfolded.contains("d=football.example.com"), "{header}");
         assert!(unfolded.contains("s=brisbane"), "{header}");
-        // RFC 8463 A.3 body hash of this body (catalogue DKIM-KAT-06).
+        // RFC 8463 A.3 body hash of this body.
         assert!(
             unfolded.contains("bh=2jUSOH9NhtVGCQWNr9BrIAPreKQjO6Sn7XIkfJVOzv8="),
             "{header}"

@@ -117,7 +117,7 @@ impl TlsServer {
             .with_cert_resolver(sni.clone());
         // Our order, not the client's: rustls clients (and others) list AES-256-GCM-SHA384
         // first, whose SHA-384 key schedule has no hardware help on most x86 (6% of the
-        // node's CPU in the STARTTLS-per-message benchmark, issue 8), while AES-128-GCM-SHA256
+        // node's CPU in the STARTTLS-per-message benchmark), while AES-128-GCM-SHA256
         // is just as safe and its SHA-256 runs on the SHA extensions.
         server.ignore_client_order = true;
         // Stateless, rotating tickets (ChaCha20-Poly1305, keys replaced every 6 hours), one

@@ -1,4 +1,4 @@
-//! The per-user limit on failed logins (catalogue AUTH-06) against real nats-server and
+//! The per-user limit on failed logins against real nats-server and
 //! `smtp-node` processes: two nodes that share a NATS server (replicas of one MailDomain)
 //! share the count, and a node whose NATS is gone still lets the right password in while it
 //! limits the failures it saw itself.

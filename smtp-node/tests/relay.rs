@@ -1,4 +1,4 @@
-//! Open relay (catalogue §4): on the MX port without AUTH every address form of nmap's
+//! Open relay: on the MX port without AUTH every address form of nmap's
 //! `smtp-open-relay` list, plus the same tricks aimed at our own (even catch-all) domains,
 //! is refused with a 5xx; local recipients that exist are accepted, unknown ones get 550.
 

@@ -1,4 +1,4 @@
-//! SMTP smuggling (catalogue §2): only `<CRLF>.<CRLF>` ends DATA, however the bytes are split
+//! SMTP smuggling: only `<CRLF>.<CRLF>` ends DATA, however the bytes are split
 //! across TCP reads. For every malformed end-of-data followed by a complete second
 //! transaction from `smuggled@`, at most the one legitimate message may reach the stream, and
 //! never one from `smuggled@`.

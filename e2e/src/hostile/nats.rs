@@ -1,7 +1,7 @@
 //! nats-server for the hostile cases: one server, or a 3-server JetStream cluster on loopback
 //! (`cluster {}` with routes between the three), each with its own store directory, every
 //! server with `sync_interval: always` (fsync before each acknowledgement, the promise the
-//! node's `250` relies on; catalogue §7.1, JS-CFG-10). Servers can be killed and restarted on
+//! node's `250` relies on). Servers can be killed and restarted on
 //! the same ports and stores, and a store can be given a size limit.
 //!
 //! Reading a stream back ([`read_stream`]) uses direct gets by sequence, so it does not

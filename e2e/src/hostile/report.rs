@@ -1,4 +1,4 @@
-//! How a hostile case reports: a header with the catalogue ID and the expectation, the
+//! How a hostile case reports: a header with the case ID and the expectation, the
 //! dialogue lines of [`super::smtp`], notes of what was measured, and one verdict line.
 //! `make hostile` runs the cases with `--nocapture`, so this is its output.
 

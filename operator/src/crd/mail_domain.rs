@@ -658,7 +658,7 @@ fn default_algorithms() -> Vec<DkimAlgorithm> {
 fn default_publish_ahead() -> String {
     "48h".to_owned()
 }
-// RFC 6376 gives no number; 7 days covers queued and retried mail (catalogue DKIM-07).
+// RFC 6376 gives no number; 7 days covers queued and retried mail.
 fn default_retain_after() -> String {
     "7d".to_owned()
 }

@@ -1,4 +1,4 @@
-//! Which IP addresses delivery may connect to (catalogue MX-06, SSRF).
+//! Which IP addresses delivery may connect to.
 //!
 //! MX and address records are controlled by whoever owns the recipient domain. Without a
 //! check, a hostile domain whose MX points at `127.0.0.1`, `10.96.0.1` or `169.254.169.254`
@@ -177,7 +177,7 @@ fn embedded_ipv4(v6: Ipv6Addr) -> Vec<Ipv4Addr> {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)] // tests may unwrap (see notes/common.md)
+#[allow(clippy::unwrap_used)] // tests may unwrap
 mod tests {
     use super::*;
 

@@ -13,7 +13,7 @@
 //!   mixed-code reply is a temporary error of that host, never a panic.
 //! * **STARTTLS** (RFC 3207): after `220` to STARTTLS nothing may be buffered; plaintext
 //!   bytes that arrived with the `220` would otherwise be read as the post-TLS EHLO reply
-//!   (catalogue TLS-CLI-01, response injection), so the connection is dropped. EHLO is sent
+//!, so the connection is dropped. EHLO is sent
 //!   again inside TLS and the old capabilities are forgotten. When TLS is required and not
 //!   offered, refused or failing, the host is given up (deferred), never used in plaintext
 //!   (TLS-CLI-02/03). Credentials are sent only inside TLS (TLS-CLI-05).
@@ -25,7 +25,7 @@
 //!   (an 8-bit body cannot be downgraded without breaking its DKIM signature).
 //! * **Data transparency**: the message is written with CRLF line endings only (a stray
 //!   bare CR or LF becomes CRLF) and every line starting with `.` is dot-stuffed, so nothing
-//!   in the message can end the data early downstream (catalogue SMUG-OUT-01/02).
+//!   in the message can end the data early downstream.
 //! * **Results per recipient**: RCPT replies decide for each recipient; the reply after the
 //!   data decides for all accepted ones (LMTP: one reply per accepted recipient, RFC 2033).
 //!
@@ -524,7 +524,7 @@ impl SmtpClient {
                     None
                 } else if reply.code == 552 {
                     // RFC 5321 4.5.3.1.10: "552 too many recipients" is to be treated as
-                    // temporary (catalogue DUR-13).
+                    // temporary.
                     Some(RecipientOutcome::Deferred(Diagnostic::from_reply(
                         reply,
                         Some(host.clone()),
@@ -1055,7 +1055,7 @@ fn unreachable_outcome(host: &str) -> RecipientOutcome {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)] // tests may unwrap (see notes/common.md)
+#[allow(clippy::unwrap_used)] // tests may unwrap
 mod tests {
     use tokio::io::AsyncBufReadExt as _;
     use tokio::net::TcpListener;
@@ -1230,7 +1230,7 @@ mod tests {
 
     #[tokio::test]
     async fn starttls_response_injection_is_refused() {
-        // Catalogue TLS-CLI-01: plaintext "EHLO reply" lines sent with the 220.
+        // Plaintext "EHLO reply" lines sent with the 220.
         let (addr, _server) = fake_server("220 fake ESMTP\r\n", |line| {
             Some(match line {
                 l if l.starts_with("EHLO") => "250-fake\r\n250 STARTTLS\r\n".into(),
@@ -1248,7 +1248,7 @@ mod tests {
 
     #[tokio::test]
     async fn required_tls_without_starttls_defers_and_never_sends_credentials() {
-        // Catalogue TLS-CLI-02/03/05: a server hiding STARTTLS gets neither mail nor secrets.
+        // A server hiding STARTTLS gets neither mail nor secrets.
         let (addr, server) = fake_server("220 fake ESMTP\r\n", |line| {
             Some(match line {
                 l if l.starts_with("EHLO") => "250-fake\r\n250 AUTH PLAIN LOGIN\r\n".into(),
@@ -1286,7 +1286,6 @@ mod tests {
 
     #[tokio::test]
     async fn odd_greetings_and_garbage_are_temporary_errors() {
-        // Catalogue TLS-CLI-04.
         for greeting in [
             "554 go away\r\n",
             "421 busy\r\n",

@@ -3,7 +3,7 @@
 //! Every replica of a domain uses the same durable consumer
 //! ([`kubemail_queue::consumer_name`], which the operator's finalizer deletes), filtered on
 //! the domain's subject, so the server hands each queue entry to one worker at a time and
-//! adding replicas adds delivery capacity. Settings (catalogue JS-CFG-06..09): explicit acks,
+//! adding replicas adds delivery capacity. Settings: explicit acks,
 //! a finite `max_deliver` (poison messages, see [`super::worker`]), a bounded
 //! `max_ack_pending`, and an `ack_wait` that a long delivery extends with progress acks.
 //!

@@ -2,7 +2,7 @@
 //! bounce for failed recipients and the optional "delayed" notice. Pure: facts in, message
 //! bytes out.
 //!
-//! Shape (catalogue DSN-01): sent with the null reverse path (so it is never bounced
+//! Shape: sent with the null reverse path (so it is never bounced
 //! itself), `Auto-Submitted: auto-replied` (RFC 3834), three parts: a human-readable text, a
 //! `message/delivery-status` with `Reporting-MTA`, `Arrival-Date`, `Original-Envelope-Id`
 //! and per recipient `Final-Recipient`, `Action`, `Status`, `Remote-MTA`, `Diagnostic-Code`,
@@ -265,7 +265,7 @@ fn ascii(s: &str) -> String {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)] // tests may unwrap (see notes/common.md)
+#[allow(clippy::unwrap_used)] // tests may unwrap
 mod tests {
     use std::time::Duration;
 

@@ -199,7 +199,7 @@ fn take_idle(dest: &Destination) -> Option<Idle> {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)] // tests may unwrap (see notes/common.md)
+#[allow(clippy::unwrap_used)] // tests may unwrap
 mod tests {
     use super::*;
     use crate::config::HumanDuration;

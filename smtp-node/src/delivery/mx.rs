@@ -213,7 +213,7 @@ fn address_literal(domain: &str) -> Option<Option<IpAddr>> {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)] // tests may unwrap (see notes/common.md)
+#[allow(clippy::unwrap_used)] // tests may unwrap
 mod tests {
     use rand::SeedableRng;
     use rand::rngs::StdRng;

@@ -290,7 +290,7 @@ pub fn plan(outcomes: Vec<(String, RecipientOutcome)>, input: PlanInput<'_>) -> 
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)] // tests may unwrap (see notes/common.md)
+#[allow(clippy::unwrap_used)] // tests may unwrap
 mod tests {
     use super::*;
     use crate::config::HumanDuration;

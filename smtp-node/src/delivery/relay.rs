@@ -97,7 +97,7 @@ fn read_secret(path: &Path) -> Result<String, ReadCredentialsError> {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)] // tests may unwrap (see notes/common.md)
+#[allow(clippy::unwrap_used)] // tests may unwrap
 mod tests {
     use std::time::{Duration, Instant};
 

@@ -160,7 +160,7 @@ impl RoutingTable {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)] // tests may unwrap (see notes/common.md)
+#[allow(clippy::unwrap_used)] // tests may unwrap
 mod tests {
     use super::*;
     use crate::config::{ForwardProtocol, InboundTls, RelayTls};

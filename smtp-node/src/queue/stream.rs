@@ -3,7 +3,7 @@
 //! The configurations are the queue contract's (`kubemail_queue::streams`); the node creates
 //! the objects only with `nats.manageStreams` (else the operator does, and the node only
 //! checks that they exist). The settings are chosen so that queued mail is never dropped
-//! silently (catalogue JS-CFG-01..05):
+//! silently:
 //! * file storage, work-queue retention (a message leaves the stream when a worker acks it);
 //! * `discard: new`: a full stream refuses the publish, the client gets `452 4.3.1` and keeps
 //!   the message; `discard: old` would delete the oldest queued mail;

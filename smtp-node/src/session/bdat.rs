@@ -1,5 +1,5 @@
 //! BDAT (CHUNKING, RFC 3030). The announced octets are always consumed, even when the
-//! command is refused, so chunk content is never read as commands (catalogue EXT-13). The
+//! command is refused, so chunk content is never read as commands. The
 //! assembled message gets the same line-ending and line-length checks as DATA, so BDAT is no
 //! way around the smuggling defence.
 //!

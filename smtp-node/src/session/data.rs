@@ -103,7 +103,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 Ok(Next::Continue)
             }
             // Boxed: inbound checks and the queue publish make this the largest future of a
-            // session; inline, every idle session's task would carry its space (issue 8).
+            // session; inline, every idle session's task would carry its space.
             Ok(buf) => {
                 let message = Assembled::new(buf, body::HEADROOM);
                 Box::pin(self.complete_transaction(message, held)).await

@@ -227,7 +227,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// Gives back the buffers a finished exchange made grow, before a session waits for its
     /// next command with nothing buffered: a message transfer leaves a 16 KiB read buffer and
     /// an EHLO reply a few hundred bytes of write buffer, and an idle session should hold
-    /// neither (memory per idle connection, issue 8). Both are allocated again on demand.
+    /// neither (memory per idle connection). Both are allocated again on demand.
     pub(super) fn release_buffers(&mut self) {
         if self.rbuf.is_empty() {
             self.rbuf = BytesMut::new();

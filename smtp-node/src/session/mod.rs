@@ -103,7 +103,7 @@ impl From<std::io::Error> for End {
 pub(crate) struct Session<S> {
     /// Boxed: a TLS stream is about 1.3 KB, and the future that serves a connection reserves
     /// space for its TLS session whether or not the client starts TLS; behind a box, a
-    /// plaintext connection does not pay for it (memory per idle connection, issue 8).
+    /// plaintext connection does not pay for it (memory per idle connection).
     stream: Box<S>,
     rbuf: BytesMut,
     wbuf: Vec<u8>,
@@ -220,7 +220,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 Box::pin(self.handle_rcpt(to, params)).await
             }
             // The verbs that wait for more input or for other tasks run boxed, so that the
-            // future of an idle session stays small (issue 8: memory per idle connection).
+            // future of an idle session stays small (memory per idle connection).
             Command::Data => Box::pin(self.handle_data()).await,
             Command::Bdat { size, last } => Box::pin(self.handle_bdat(size, last)).await,
             Command::Rset => {

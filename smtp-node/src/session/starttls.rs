@@ -2,7 +2,7 @@
 //!
 //! After `220 2.0.0 Ready to start TLS` the plaintext [`Session`] ends. Whatever the client
 //! pipelined after `STARTTLS` is still in the read buffer: plaintext there is discarded
-//! unseen (CVE-2011-0411, catalogue TLS-INJ-01), while bytes that start a TLS record (a
+//! unseen (CVE-2011-0411), while bytes that start a TLS record (a
 //! ClientHello sent without waiting, TLS-INJ-02) go to rustls. A new session on the TLS
 //! stream starts with nothing of the old one: no HELO, no AUTH, no transaction.
 

@@ -6,7 +6,7 @@
 //! also holds minimised crash reproducers once found), then mutates seeds until its budget
 //! of executions or time is spent. The mutations are libFuzzer's basic ones (bit flips, byte
 //! inserts and erases, copies, splices, dictionary tokens from `e2e/hostile/dict/`) plus the
-//! catalogue's trick of mapping bytes onto an SMTP alphabet so that random input reaches
+//! trick of mapping bytes onto an SMTP alphabet so that random input reaches
 //! deep grammar. There is no coverage feedback: this is the regression and smoke half; the
 //! search is libFuzzer's. The generator is seeded, so a failure reproduces with the same
 //! seed, and the failing input is written to a file named in the panic message.
@@ -196,7 +196,7 @@ impl Rng {
     }
 }
 
-/// The RFC 5321 alphabet of the catalogue (§9), plus the bytes of the smuggling sequences.
+/// The RFC 5321 alphabet, plus the bytes of the smuggling sequences.
 const SMTP_ALPHABET: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyz:=-<>,;@.\"\\[] \r\n\0+";
 
 /// Applies one to four random mutations.

@@ -1,5 +1,5 @@
 //! The fuzz targets: one function per parser of the SMTP node that faces untrusted bytes,
-//! each taking arbitrary input and panicking when a property is violated (catalogue §9).
+//! each taking arbitrary input and panicking when a property is violated.
 //!
 //! This file is the single definition of the targets. It is compiled twice: here, for the
 //! bounded runs `cargo test` does on stable ([`super::run_target`]), and by the separate

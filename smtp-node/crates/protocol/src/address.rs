@@ -1,5 +1,5 @@
 //! Mailbox and path syntax of MAIL FROM / RCPT TO (RFC 5321 §4.1.2, RFC 6531 §3.3), with the
-//! normalisations the relay decision depends on (catalogue §4, open relay).
+//! normalisations the relay decision depends on.
 //!
 //! Choices, each pinned by a test below:
 //! * **Source routes** (`<@a,@b:user@c>`) are accepted syntactically and the route is
@@ -21,7 +21,7 @@
 //!   quoted and unquoted spellings of the same mailbox compare equal (RFC 5321 §4.1.2); Display
 //!   quotes again when needed.
 //! * **Address literals** `[192.0.2.1]` and `[IPv6:2001:db8::1]` are parsed and canonicalised
-//!   (the session decides whether to accept them; catalogue OR-18); general literals
+//!   (the session decides whether to accept them); general literals
 //!   (`[tag:content]`) have no registered tags and are refused.
 //! * **Limits** (RFC 5321 §4.5.3.1): local part 64 octets as sent, domain 255 octets, whole
 //!   path 256 octets including the angle brackets and any source route.
@@ -97,7 +97,7 @@ pub enum AddressError {
 
 impl AddressError {
     /// The reply for a refused MAIL FROM path: `501 5.1.7` (bad sender mailbox syntax), or
-    /// `553 5.6.7` for a non-ASCII address without SMTPUTF8 (catalogue LIM-06, EXT-05).
+    /// `553 5.6.7` for a non-ASCII address without SMTPUTF8.
     pub fn sender_reply(&self) -> Reply {
         match self {
             Self::NonAscii => Reply::non_ascii_address(format!("Sender address rejected: {self}")),
@@ -724,7 +724,7 @@ mod tests {
     }
 
     /// The relay decision is made on `domain()`; no spelling of a remote mailbox may produce a
-    /// local domain, and no spelling of a local one a remote domain (catalogue OR-01..17).
+    /// local domain, and no spelling of a local one a remote domain.
     #[test]
     fn relay_relevant_domains() {
         let local = "local.test";

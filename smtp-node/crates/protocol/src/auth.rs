@@ -3,7 +3,7 @@
 //! rate limits and the "AUTH only after TLS" rule belong to the session and `crate::auth`.
 //!
 //! Credentials are plain `String`s that never appear in `Debug` output, so a stray `{:?}` in a
-//! log line cannot leak a password (catalogue AUTH-14).
+//! log line cannot leak a password.
 
 use std::fmt;
 
@@ -50,7 +50,7 @@ pub enum SaslError {
 }
 
 impl SaslError {
-    /// The reply for this error (RFC 4954 §4, §6; catalogue AUTH-07):
+    /// The reply for this error (RFC 4954 §4, §6):
     /// `Cancelled` → `501 5.7.0`, `BadBase64` and `Malformed` → `501 5.5.2`.
     pub fn reply(&self) -> Reply {
         match self {

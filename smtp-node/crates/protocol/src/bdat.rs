@@ -1,6 +1,6 @@
 //! CHUNKING (RFC 3030): reading exactly the announced number of octets of a BDAT chunk, and
 //! checking the assembled message's line endings so that BDAT cannot bypass the rules DATA
-//! enforces (catalogue EXT-13..17).
+//! enforces.
 //!
 //! BDAT data is length-delimited: no dot-stuffing, and `\r\n.\r\n` inside a chunk is plain
 //! content (EXT-14). The receiver never allocates from the announced size (EXT-15): it moves
@@ -77,7 +77,7 @@ impl BdatReceiver {
 /// * [`BareEolPolicy::Normalize`]: each bare CR or LF is rewritten to CRLF.
 ///
 /// A message whose last line has no CRLF is returned as is (RFC 3030 allows it); whoever
-/// sends it on with DATA appends the CRLF before the terminator (catalogue DOT-03). A CR at
+/// sends it on with DATA appends the CRLF before the terminator. A CR at
 /// the very end is bare. The message is returned unchanged (no copy) when it needs no rewrite.
 pub fn check_bdat_message(
     message: Bytes,

@@ -6,10 +6,10 @@
 //! * runs of spaces between words and trailing spaces are tolerated (common client habits that
 //!   carry no ambiguity);
 //! * `MAIL FROM: <a@b>` with spaces after the colon is **accepted**, like Postfix does, because
-//!   deployed clients send it and the path is still delimited unambiguously (catalogue SYN-08);
+//!   deployed clients send it and the path is still delimited unambiguously;
 //!   `MAIL FROM :<a@b>` and a path without angle brackets (`MAIL FROM:a@b`) are refused;
 //! * after the closing `>` only the end of line or a space and parameters may follow, so
-//!   `MAIL FROM:<>>>>>` is a syntax error, not a null path (catalogue SYN-09);
+//!   `MAIL FROM:<>>>>>` is a syntax error, not a null path;
 //! * unknown MAIL/RCPT parameters get `555`, duplicates and bad values `501`;
 //! * NUL and other control characters anywhere, invalid UTF-8 anywhere, and non-ASCII outside
 //!   an address path (or free text of NOOP/VRFY/HELP) are syntax errors;
@@ -44,7 +44,7 @@ pub enum Command {
     /// `DATA`.
     Data,
     /// `BDAT <size> [LAST]` (RFC 3030). The session must read `size` octets next, even when it
-    /// refuses the command, or they would be taken as commands (catalogue EXT-13).
+    /// refuses the command, or they would be taken as commands.
     Bdat { size: u64, last: bool },
     /// `RSET`.
     Rset,

@@ -1,6 +1,6 @@
 //! DATA phase: finds the end of the message, dot-unstuffs it, and enforces line-ending, line
 //! length and size rules while the bytes stream in. This is the SMTP smuggling defence
-//! (CVE-2023-51764/51765/51766; catalogue §2), so the rules are strict and exact:
+//! (CVE-2023-51764/51765/51766), so the rules are strict and exact:
 //!
 //! * **Only `<CRLF>.<CRLF>` ends the data** (RFC 5321 §4.1.1.4). The CRLF of the DATA command
 //!   counts, so the data may start with `.<CRLF>` (an empty message). `\n.\n`, `\r.\r`,
@@ -42,7 +42,7 @@ use super::{EnhancedCode, Reply};
 /// What to do with a bare CR or bare LF inside the message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BareEolPolicy {
-    /// Refuse the message (`550 5.6.0`). Recommended on port 25 (catalogue §2).
+    /// Refuse the message (`550 5.6.0`). Recommended on port 25.
     Reject,
     /// Store each bare CR / LF as CRLF (Postfix `smtpd_forbid_bare_newline = normalize`).
     Normalize,
@@ -61,14 +61,14 @@ pub enum DataError {
     #[error("message exceeds the size limit")]
     TooLarge,
     /// [`DataReceiver::finish`] was called before the end of data was seen (a caller bug, or
-    /// a connection that closed mid-DATA: the transaction must be discarded, catalogue SYN-20).
+    /// a connection that closed mid-DATA: the transaction must be discarded).
     #[error("message is incomplete")]
     Incomplete,
 }
 
 impl DataError {
     /// The reply to the end of DATA (or of the last BDAT chunk) for this error:
-    /// * `BareLineEnding`: `550 5.6.0` (catalogue §2 recommendation; X.6.0 "other media error"
+    /// * `BareLineEnding`: `550 5.6.0` (X.6.0 "other media error"
     ///   because the content, not the protocol, is at fault),
     /// * `LineTooLong`: `554 5.6.0` (RFC 5321 §4.5.3.1.10 allows a permanent failure; the line
     ///   is content, so X.6.0 as well),
@@ -398,7 +398,7 @@ mod tests {
         run(&[input], policy, BIG, LINE)
     }
 
-    /// The straightforward model the fast scanner must agree with (catalogue FUZZ-04): find
+    /// The straightforward model the fast scanner must agree with: find
     /// the first CRLF.CRLF on the wire (with the DATA command's CRLF in front), then process
     /// the message one wire line and one octet at a time. Returns the result (None when
     /// incomplete) and the number of octets that belong to the DATA phase.

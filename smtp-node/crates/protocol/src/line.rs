@@ -4,7 +4,7 @@
 //! treated as line endings). A line with a bare LF ending, or with a bare CR inside, is
 //! reported as an event instead of a line, so the session can refuse it rather than guess. An
 //! over-long line is reported once and then skipped up to its end, so its tail is never run as
-//! a command (the classic "line too long" resynchronisation, catalogue LIM-02), and the reader
+//! a command (the classic "line too long" resynchronisation), and the reader
 //! never holds more than `max` bytes of one line.
 //!
 //! Lines are delimited by LF: the bytes up to and including the next LF form one line, and the

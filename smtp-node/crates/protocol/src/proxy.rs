@@ -1,5 +1,5 @@
 //! HAProxy PROXY protocol, versions 1 (text) and 2 (binary), as sent by load balancers in
-//! front of the SMTP node so that it sees the real client address (catalogue OR-20, OR-21).
+//! front of the SMTP node so that it sees the real client address.
 //!
 //! Only the header parser lives here. Whether a header is required, and from which peers it
 //! is trusted, is the listener's decision: the spec requires that a listener configured for

@@ -2,7 +2,7 @@
 //! and their serialisation (RFC 5321 §4.2, RFC 2034).
 //!
 //! The constructors at the bottom are the replies a session sends for protocol-level events,
-//! with the codes the reliability catalogue recommends; policy replies (relay denied, unknown
+//! with the codes the RFCs and deployed MTAs use; policy replies (relay denied, unknown
 //! user, ...) are built by the session with [`Reply::new`].
 
 use std::fmt;
@@ -161,7 +161,7 @@ impl Reply {
     }
 
     /// `535 5.7.8 Authentication credentials invalid` (RFC 4954 §6). The same reply for an
-    /// unknown user and a wrong password, so it is no user oracle (catalogue AUTH-04).
+    /// unknown user and a wrong password, so it is no user oracle.
     pub fn auth_failed() -> Self {
         Self::new(
             535,
@@ -184,7 +184,7 @@ impl Reply {
         )
     }
 
-    /// `504 5.5.4 Unrecognized authentication type` (RFC 4954 §4, catalogue AUTH-11).
+    /// `504 5.5.4 Unrecognized authentication type` (RFC 4954 §4).
     pub fn auth_mechanism_not_supported() -> Self {
         Self::new(
             504,
@@ -193,7 +193,7 @@ impl Reply {
         )
     }
 
-    /// `500 5.5.6 Authentication exchange line is too long` (RFC 4954 §4, catalogue AUTH-07).
+    /// `500 5.5.6 Authentication exchange line is too long` (RFC 4954 §4).
     pub fn auth_line_too_long() -> Self {
         Self::new(
             500,
@@ -211,7 +211,7 @@ impl Reply {
         )
     }
 
-    /// `500 5.5.1 Command unrecognized` (RFC 5321 §4.2.4, catalogue SYN-10).
+    /// `500 5.5.1 Command unrecognized` (RFC 5321 §4.2.4).
     pub fn unknown_command() -> Self {
         Self::new(500, EnhancedCode(5, 5, 1), "Command unrecognized")
     }
@@ -231,13 +231,13 @@ impl Reply {
         Self::new(555, EnhancedCode(5, 5, 4), text)
     }
 
-    /// `503 5.5.1 <text>`: bad sequence of commands (RFC 5321 §4.1.4, catalogue SYN-04..06).
+    /// `503 5.5.1 <text>`: bad sequence of commands (RFC 5321 §4.1.4).
     pub fn bad_sequence(text: impl Into<String>) -> Self {
         Self::new(503, EnhancedCode(5, 5, 1), text)
     }
 
     /// `500 5.5.2 Line too long`: a command line over the limit (RFC 5321 §4.5.3.1.10 gives
-    /// "500 Line too long"; catalogue LIM-02). X.5.2 is "syntax error"; X.5.6 is reserved for
+    /// "500 Line too long"). X.5.2 is "syntax error"; X.5.6 is reserved for
     /// the AUTH exchange ([`Reply::auth_line_too_long`]).
     pub fn line_too_long() -> Self {
         Self::new(500, EnhancedCode(5, 5, 2), "Line too long")
@@ -249,7 +249,7 @@ impl Reply {
     }
 
     /// `554 5.5.0 SMTP protocol synchronization error`: the client sent commands it had to
-    /// wait for a reply to (catalogue PIPE-03/PIPE-04, Postfix's wording).
+    /// wait for a reply to.
     pub fn sync_error() -> Self {
         Self::new(
             554,
@@ -267,18 +267,18 @@ impl Reply {
         )
     }
 
-    /// `452 4.5.3 Too many recipients` (RFC 5321 §4.5.3.1.10, catalogue LIM-08).
+    /// `452 4.5.3 Too many recipients` (RFC 5321 §4.5.3.1.10).
     pub fn too_many_recipients() -> Self {
         Self::new(452, EnhancedCode(4, 5, 3), "Too many recipients")
     }
 
-    /// `553 5.6.7 <text>`: non-ASCII address without SMTPUTF8 (RFC 6531 §3.6, catalogue EXT-05).
+    /// `553 5.6.7 <text>`: non-ASCII address without SMTPUTF8 (RFC 6531 §3.6).
     pub fn non_ascii_address(text: impl Into<String>) -> Self {
         Self::new(553, EnhancedCode(5, 6, 7), text)
     }
 
     /// `252 2.5.0 Cannot VRFY user, but will accept message and attempt delivery`: VRFY answer
-    /// that reveals nothing (RFC 5321 §3.5.3, §7.3; catalogue SYN-15).
+    /// that reveals nothing (RFC 5321 §3.5.3, §7.3).
     pub fn cannot_vrfy() -> Self {
         Self::new(
             252,
@@ -292,17 +292,17 @@ impl Reply {
         Self::new(451, EnhancedCode(4, 3, 0), text)
     }
 
-    /// `421 4.3.0 Server shutting down.` (RFC 5321 §3.8, catalogue SHUT-01).
+    /// `421 4.3.0 Server shutting down.` (RFC 5321 §3.8).
     pub fn shutting_down() -> Self {
         Self::new(421, EnhancedCode(4, 3, 0), "Server shutting down.")
     }
 
-    /// `421 4.4.2 Timeout waiting for input` (RFC 5321 §4.5.3.2.7, catalogue TMO-01).
+    /// `421 4.4.2 Timeout waiting for input` (RFC 5321 §4.5.3.2.7).
     pub fn timeout() -> Self {
         Self::new(421, EnhancedCode(4, 4, 2), "Timeout waiting for input")
     }
 
-    /// `421 4.7.0 Too many errors`: closing a session that keeps failing (catalogue SYN-18).
+    /// `421 4.7.0 Too many errors`: closing a session that keeps failing.
     pub fn too_many_errors() -> Self {
         Self::new(421, EnhancedCode(4, 7, 0), "Too many errors")
     }

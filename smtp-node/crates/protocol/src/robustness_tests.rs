@@ -1,4 +1,4 @@
-//! No-panic tests for every parser on pseudo-random input (catalogue §9, FUZZ-01..03): a few
+//! No-panic tests for every parser on pseudo-random input: a few
 //! thousand byte strings per parser, raw and mapped onto an SMTP-ish alphabet so that the
 //! generator reaches deep grammar, from a fixed seed so failures reproduce. This is the
 //! stable-Rust stand-in for the cargo-fuzz targets, bounded in count and size.
@@ -46,7 +46,7 @@ impl XorShift {
 const ROUNDS: usize = 3000;
 const MAX_LEN: usize = 300;
 
-/// Seeds from the catalogue (SYN-09, OR-01..16, SMUG-*) so that the generator starts near the
+/// Seeds from known hostile inputs (null paths, open-relay address forms, smuggling sequences) so that the generator starts near the
 /// interesting corners.
 const SEEDS: &[&[u8]] = &[
     b"MAIL FROM:<>>>>>",

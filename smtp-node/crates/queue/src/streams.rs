@@ -68,7 +68,7 @@ pub fn body_bucket_config(nats: &NatsConfig, domain: &str) -> object_store::Conf
     }
 }
 
-/// The durable pull consumer of `domain` (catalogue JS-CFG-06..09): explicit acks, a finite
+/// The durable pull consumer of `domain`: explicit acks, a finite
 /// `max_deliver`, a bounded `max_ack_pending`, an `ack_wait` that workers extend with
 /// progress acks, and the stream's replica count (`num_replicas: 0`).
 pub fn consumer_config(nats: &NatsConfig, domain: &str, config: &ConsumerConfig) -> pull::Config {

@@ -343,7 +343,7 @@ impl<E: SpanExporter + 'static> Worker<E> {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)] // tests may unwrap (see notes/common.md)
+#[allow(clippy::unwrap_used)] // tests may unwrap
 mod tests {
     use std::sync::Mutex;
 

@@ -1,6 +1,6 @@
 //! The message as DATA sends it (RFC 5321 §4.1.1.4, §4.5.2): the transparency rule that keeps
 //! anything in a message from ending the data early at the next hop (the outbound half of the
-//! SMTP smuggling defence, catalogue SMUG-OUT-01/02).
+//! SMTP smuggling defence).
 //!
 //! Stored messages have CRLF line endings only (the [`crate::data`] invariant), and for them
 //! [`encode_data`] is plain dot-stuffing. It still turns a stray bare CR or LF into CRLF, so
@@ -85,7 +85,7 @@ mod tests {
 
     #[test]
     fn normalises_bare_line_endings_so_nothing_ends_the_data_early() {
-        // Every smuggling sequence of the catalogue (2.1) must come out as one message
+        // Every known smuggling sequence must come out as one message
         // whose only end-of-data is the final one.
         let cases: [&[u8]; 6] = [
             b"a\n.\nb\r\n",
