@@ -13,7 +13,7 @@
 //!   mixed-code reply is a temporary error of that host, never a panic.
 //! * **STARTTLS** (RFC 3207): after `220` to STARTTLS nothing may be buffered; plaintext
 //!   bytes that arrived with the `220` would otherwise be read as the post-TLS EHLO reply
-//!, so the connection is dropped. EHLO is sent
+//!   (a response injection), so the connection is dropped. EHLO is sent
 //!   again inside TLS and the old capabilities are forgotten. When TLS is required and not
 //!   offered, refused or failing, the host is given up (deferred), never used in plaintext
 //!   (TLS-CLI-02/03). Credentials are sent only inside TLS (TLS-CLI-05).
