@@ -170,6 +170,70 @@ async fn a_held_message_is_delivered_by_no_replica_until_released() {
     assert_eq!(remote.count(&subject), 1, "delivered once");
     assert!(entries(&q).await.is_empty(), "the queue is empty");
     assert_eq!(inbound.received().len(), 0, "no DSN for a held message");
+
+    // Each action is an event of the message's domain, naming what was done and by whom.
+    let actions = queue_action_events(&a, &deferred.entry.domain).await;
+    let done: Vec<(&str, &str, Option<&str>)> = actions
+        .iter()
+        .map(|e| {
+            (
+                e["data"]["action"]["name"].as_str().unwrap_or(""),
+                e["data"]["action"]["actor"].as_str().unwrap_or(""),
+                e["data"]["action"]["reason"].as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        done,
+        [
+            ("hold", "queue-ops-test", Some("customer asked")),
+            ("release", "queue-ops-test", None)
+        ],
+        "{actions:?}"
+    );
+    for e in &actions {
+        assert_eq!(e["type"], "io.kubemail.delivery.queue_action", "{e}");
+        assert_eq!(
+            e["data"]["queueId"],
+            deferred.entry.queue_id.to_string(),
+            "{e}"
+        );
+        assert_eq!(
+            e["data"]["action"]["recipients"],
+            json!(["carol@remote.test"]),
+            "{e}"
+        );
+    }
+}
+
+/// The `queue_action` events of `domain` in the events stream, oldest first.
+async fn queue_action_events(node: &Node, domain: &str) -> Vec<serde_json::Value> {
+    use kubemail_queue::events::{EVENTS_STREAM, EventType, event_subject};
+    let client = async_nats::connect(&node.nats_url).await.expect("nats");
+    let js = async_nats::jetstream::new(client);
+    let stream = js
+        .get_stream(EVENTS_STREAM)
+        .await
+        .expect("the events stream");
+    let consumer = stream
+        .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig {
+            filter_subject: event_subject(domain, EventType::QueueAction),
+            ..Default::default()
+        })
+        .await
+        .expect("an ordered consumer");
+    let pending = consumer.cached_info().num_pending;
+    let mut messages = consumer.messages().await.expect("messages");
+    let mut out = Vec::new();
+    while (out.len() as u64) < pending {
+        let m = tokio::time::timeout(Duration::from_secs(10), messages.try_next())
+            .await
+            .expect("the events in time")
+            .expect("an event")
+            .expect("not the end");
+        out.push(serde_json::from_slice(&m.payload).expect("JSON"));
+    }
+    out
 }
 
 #[tokio::test(flavor = "multi_thread")]

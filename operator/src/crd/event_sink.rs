@@ -51,7 +51,7 @@ pub struct EventSinkSpec {
     pub mail_domain_ref: LocalObjectReference,
     /// Only these event types; empty: every type.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 8))]
+    #[schemars(length(max = 9))]
     pub types: Vec<SinkEventType>,
     /// POST every event to this URL. Absent: the operator only keeps a durable NATS
     /// consumer (named in the status) for a client of your own.
@@ -71,6 +71,7 @@ pub enum SinkEventType {
     Suppressed,
     Complaint,
     DsnSent,
+    QueueAction,
 }
 
 impl SinkEventType {
@@ -86,6 +87,7 @@ impl SinkEventType {
             Self::Suppressed => T::Suppressed,
             Self::Complaint => T::Complaint,
             Self::DsnSent => T::DsnSent,
+            Self::QueueAction => T::QueueAction,
         }
     }
 }

@@ -10,7 +10,8 @@
 //!   and no worker yielded (a worker finished it in that moment), the replacement is deleted
 //!   again: an action never adds a second live entry.
 //! * A dry run reads and decides exactly the same way and changes nothing.
-//! * Every change is logged (target `kubemail::audit`) with the actor.
+//! * Every change is logged (target `kubemail::audit`) with the actor and published as a
+//!   `queue_action` event (best effort: no events stream, no event).
 
 use std::time::{Duration, SystemTime};
 
@@ -21,6 +22,9 @@ use kubemail_queue::{Action, QueueEntry, held_subject, is_held_subject, replaced
 use serde::Serialize;
 
 use crate::{AdminError, Filter, Queue};
+
+/// How long an action waits for its event to be stored.
+const EVENT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What to do with the selected entries.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -168,17 +172,16 @@ impl Queue {
         }
         let Some((next, action, to_held)) = plan else {
             // Silent delete.
-            return self.delete_silently(sequence, &entry).await.map(|gone| {
-                outcome(
-                    &entry,
-                    if gone {
-                        Result_::Gone
-                    } else {
-                        Result_::Changed
-                    },
-                    None,
-                )
-            });
+            let gone = self.delete_silently(sequence, &entry).await?;
+            if !gone {
+                self.publish_event(&entry, sequence, kind).await;
+            }
+            let result = if gone {
+                Result_::Gone
+            } else {
+                Result_::Changed
+            };
+            return Ok(outcome(&entry, result, None));
         };
         let target = if to_held {
             held_subject(&self.prefix, &entry.domain)
@@ -209,6 +212,7 @@ impl Queue {
                 if yielded(&marks, &entry.domain, sequence).await {
                     // A worker attempted it meanwhile and left the entry to our replacement.
                     tracing::info!(target: "kubemail::audit", actor = %self.actor, action = kind.name(), queue_id = %entry.queue_id, domain = %entry.domain, sequence, new_sequence = ack.sequence, "queue entry changed (a worker yielded it)");
+                    self.publish_event(&entry, sequence, kind).await;
                     return Ok(outcome(&entry, Result_::Changed, Some(ack.sequence)));
                 }
                 // A worker finished the old entry while we replaced it: take the
@@ -231,7 +235,57 @@ impl Queue {
             new_sequence = ack.sequence,
             "queue entry changed"
         );
+        self.publish_event(&entry, sequence, kind).await;
         Ok(outcome(&entry, Result_::Changed, Some(ack.sequence)))
+    }
+
+    /// Publishes the `queue_action` event of a change (best effort: the audit log line is
+    /// written whatever happens; a cluster without the events stream gets none).
+    async fn publish_event(&self, entry: &QueueEntry, sequence: u64, kind: &Kind) {
+        use kubemail_queue::events::{
+            EventType, QueueActionInfo, event_subject, queue_action_event,
+        };
+        let event = queue_action_event(
+            entry,
+            sequence,
+            QueueActionInfo {
+                name: kind.name().to_owned(),
+                actor: self.actor.clone(),
+                recipients: entry.recipients.clone(),
+                reason: match kind {
+                    Kind::Hold { reason } => reason.clone(),
+                    _ => None,
+                },
+            },
+            SystemTime::now(),
+        );
+        let payload = match serde_json::to_vec(&event) {
+            Ok(p) => p,
+            Err(error) => {
+                tracing::warn!(%error, "cannot encode the queue action event");
+                return;
+            }
+        };
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", event.id.as_str());
+        let subject = event_subject(&entry.domain, EventType::QueueAction);
+        let sent = async {
+            self.js
+                .publish_with_headers(subject, headers, payload.into())
+                .await
+                .map_err(|e| e.to_string())?
+                .await
+                .map_err(|e| e.to_string())
+        };
+        match tokio::time::timeout(EVENT_TIMEOUT, sent).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => {
+                tracing::warn!(%error, queue_id = %entry.queue_id, "the queue action event was not published")
+            }
+            Err(_) => {
+                tracing::warn!(queue_id = %entry.queue_id, "the queue action event was not published in time")
+            }
+        }
     }
 
     /// Deletes message `sequence` and its stored body; returns true when it was gone

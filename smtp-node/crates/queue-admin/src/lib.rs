@@ -16,8 +16,8 @@
 //! * [`pauses`]: delivery pauses in the KV bucket the nodes watch, and how many entries each
 //!   holds back.
 //!
-//! Every action is logged (target `kubemail::audit`) with who did it; there is no events
-//! stream yet to publish it on.
+//! Every action is logged (target `kubemail::audit`) with who did it and published as a
+//! `queue_action` delivery event of the message's domain.
 
 pub mod actions;
 pub mod filter;

@@ -74,10 +74,13 @@ pub enum EventType {
     Complaint,
     /// We queued a DSN (a bounce or a delay notice) to the sender.
     DsnSent,
+    /// A person or tool changed the queued message (`kubectl kubemail queue retry`, `hold`,
+    /// `release`, `delete`): one event per message, naming the action and who took it.
+    QueueAction,
 }
 
 impl EventType {
-    pub const ALL: [Self; 8] = [
+    pub const ALL: [Self; 9] = [
         Self::Received,
         Self::Delivered,
         Self::Deferred,
@@ -86,6 +89,7 @@ impl EventType {
         Self::Suppressed,
         Self::Complaint,
         Self::DsnSent,
+        Self::QueueAction,
     ];
 
     /// The subject token and the end of the CloudEvents type.
@@ -99,6 +103,7 @@ impl EventType {
             Self::Suppressed => "suppressed",
             Self::Complaint => "complaint",
             Self::DsnSent => "dsn_sent",
+            Self::QueueAction => "queue_action",
         }
     }
 
@@ -219,6 +224,57 @@ pub struct EventData {
     /// The DSN we queued (`dsn_sent`): `failure` or `delay`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dsn_kind: Option<String>,
+    /// What was done to the queued message (`queue_action`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub action: Option<QueueActionInfo>,
+}
+
+/// A change an operator made to a queued message.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct QueueActionInfo {
+    /// `retry`, `hold`, `release`, `delete` or `delete-with-dsn`.
+    pub name: String,
+    /// Who did it (for `kubectl kubemail`: the kubeconfig user and context).
+    pub actor: String,
+    /// The recipients of the entry the action changed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub recipients: Vec<String>,
+    /// Why (a hold's reason).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// The `queue_action` event of `action` on `entry` (stream message `sequence`) by `actor`:
+/// one per message, from `/kubemail/queue-admin`, its id unique to the action on that stream
+/// message (a repeat of the same publish is dropped as a duplicate, two actions are two
+/// events).
+pub fn queue_action_event(
+    entry: &crate::QueueEntry,
+    sequence: u64,
+    action: QueueActionInfo,
+    time: std::time::SystemTime,
+) -> CloudEvent {
+    let data = EventData {
+        domain: entry.domain.clone(),
+        queue_id: entry.queue_id.to_string(),
+        message_id: entry.message_id.clone(),
+        direction: Some(
+            match entry.direction {
+                crate::Direction::Inbound => "inbound",
+                crate::Direction::Outbound => "outbound",
+            }
+            .to_owned(),
+        ),
+        sender: entry.mail_from.clone(),
+        attempt: entry.attempts,
+        action: Some(action),
+        ..Default::default()
+    };
+    let mut event = CloudEvent::new(EventType::QueueAction, "queue-admin", time, data);
+    let name = event.data.action.as_ref().map_or("", |a| a.name.as_str());
+    event.id = format!("{}-{sequence}-{}", event.data.queue_id, name);
+    event
 }
 
 /// The server a delivery talked to.
