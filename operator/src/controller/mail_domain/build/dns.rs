@@ -25,8 +25,10 @@ pub(super) fn dns(
     v: &ValidatedDomain,
     p: &Provisioned,
     observed: &Observed,
+    serves_mta_sts: bool,
     meta: impl Fn(String) -> ObjectMeta,
 ) -> DnsChildren {
+    let mta_sts = v.mta_sts.as_ref().filter(|_| serves_mta_sts);
     let relay_include = match &v.relay {
         RelayResolution::Resolved { spf_include, .. } => spf_include.as_deref(),
         _ => None,
@@ -41,14 +43,14 @@ pub(super) fn dns(
         relay_include,
         dkim_keys: &published,
         dmarc: &v.dmarc,
-        mta_sts: v.mta_sts.as_ref(),
+        mta_sts,
         tls_rpt: v.tls_rpt.as_deref(),
     });
     let mut data = BTreeMap::from([(
         ZONE_KEY.to_owned(),
         dns_records::zone_fragment(&v.domain, &format!("{}/{}", v.namespace, v.name), &records),
     )]);
-    if let Some(sts) = &v.mta_sts {
+    if let Some(sts) = mta_sts {
         data.insert(
             MTA_STS_KEY.to_owned(),
             dns_records::mta_sts_policy(sts, &v.hostname),

@@ -193,7 +193,9 @@ pub fn build(
     );
     let service = service::service(v, meta(names::service(&v.name)));
     let pdb = deployment::pdb(v, meta(names::pdb(&v.name)));
-    let dns = dns::dns(v, p, observed, meta);
+    // A pool's nodes do not serve MTA-STS policies: a pooled domain publishes none, rather
+    // than a record whose policy cannot be fetched.
+    let dns = dns::dns(v, p, observed, md.spec.pool_ref.is_none(), meta);
     let pool_domain = match &md.spec.pool_ref {
         Some(_) => pooled::pool_domain(v, &node, meta(pool_contract::pool_domain(&v.name)))?,
         None => None,

@@ -1104,3 +1104,34 @@ fn the_retry_schedule_reaches_the_node_config() {
         e.message
     );
 }
+
+#[test]
+fn a_pooled_domain_publishes_no_mta_sts_it_cannot_serve() {
+    let (mut md, _, dedicated) = full();
+    let has_sts = |c: &Children| {
+        c.dns_records
+            .iter()
+            .any(|r| r.name.starts_with("_mta-sts.") || r.name.starts_with("mta-sts."))
+    };
+    assert!(
+        has_sts(&dedicated),
+        "a dedicated domain serves and publishes its policy"
+    );
+    md.spec.pool_ref = Some(crate::crd::mail_domain::PoolRef {
+        name: "shared".into(),
+        namespace: None,
+    });
+    let v = validate(&md, &refs()).unwrap();
+    let pooled = build(&md, &v, &provisioned(true), &observed(), &config(), NOW).unwrap();
+    assert!(!has_sts(&pooled), "{:?}", pooled.dns_records);
+    assert!(
+        !pooled
+            .dns_config
+            .data
+            .as_ref()
+            .unwrap()
+            .contains_key("mta-sts.txt")
+    );
+    // Everything else is still published.
+    assert!(pooled.dns_records.iter().any(|r| r.type_ == "MX"));
+}
