@@ -35,6 +35,7 @@ pub mod admin;
 pub mod auth;
 pub mod auth_limits;
 pub mod authres;
+pub mod backoff;
 pub mod clock;
 pub mod delivery;
 pub mod dkim;

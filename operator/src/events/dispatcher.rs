@@ -17,6 +17,7 @@
 //! * **`410 Gone`** pauses the sink: the dispatcher stops with the event unacknowledged, the
 //!   sink's status says `Healthy=False` (`Gone`), and a change of the sink's spec resumes it.
 
+use backon::{BackoffBuilder as _, ExponentialBuilder};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -263,7 +264,11 @@ async fn deliver(
         .ok()
         .and_then(|v| v["id"].as_str().map(str::to_owned))
         .unwrap_or_default();
-    let mut backoff = MIN_BACKOFF;
+    let mut delays = ExponentialBuilder::new()
+        .with_min_delay(MIN_BACKOFF)
+        .with_max_delay(target.max_backoff.max(MIN_BACKOFF))
+        .without_max_times()
+        .build();
     loop {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -297,6 +302,7 @@ async fn deliver(
             Ok(response) => format!("the sink answered {}", response.status()),
             Err(e) => format!("cannot reach the sink: {}", without_url(&e)),
         };
+        let backoff = delays.next().unwrap_or(target.max_backoff.max(MIN_BACKOFF));
         tracing::info!(event = %id, error = %error, retry_in = ?backoff, "event not delivered; retrying");
         health.update(|h| h.last_error = Some((SystemTime::now(), error)));
         // While an event is stuck the backlog is what the sink's owner looks at.
@@ -304,7 +310,6 @@ async fn deliver(
         if !wait_holding(message, backoff, stop).await {
             return Delivered::Stopped;
         }
-        backoff = (backoff * 2).min(target.max_backoff.max(MIN_BACKOFF));
     }
 }
 

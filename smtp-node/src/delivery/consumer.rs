@@ -214,7 +214,8 @@ pub async fn run_until(ctx: Arc<DeliveryContext>, domain: String, stop: Cancella
     // No entry before the pauses in force are known (see `super::pause`).
     ctx.pauses.wait_loaded(PAUSES_LOAD_LIMIT).await;
     let slots = Arc::new(Semaphore::new(ctx.config.concurrency.max(1) as usize));
-    let mut delay = Duration::from_millis(200);
+    let first_delay = Duration::from_millis(200);
+    let mut delay = crate::backoff::delays(first_delay, RETRY_MAX);
     'setup: loop {
         let consumer = loop {
             let consumer = if ctx.nats.manage_streams {
@@ -233,11 +234,10 @@ pub async fn run_until(ctx: Arc<DeliveryContext>, domain: String, stop: Cancella
             }
             tokio::select! {
                 _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(delay) => {}
+                _ = tokio::time::sleep(delay.next_delay()) => {}
             }
-            delay = (delay * 2).min(RETRY_MAX);
         };
-        delay = Duration::from_millis(200);
+        delay = crate::backoff::delays(first_delay, RETRY_MAX);
         loop {
             // Wait for at least one free slot, then ask for as many entries as are free.
             let first = tokio::select! {
@@ -264,9 +264,8 @@ pub async fn run_until(ctx: Arc<DeliveryContext>, domain: String, stop: Cancella
                     drop(permits);
                     tokio::select! {
                         _ = stop.cancelled() => return,
-                        _ = tokio::time::sleep(delay) => {}
+                        _ = tokio::time::sleep(delay.next_delay()) => {}
                     }
-                    delay = (delay * 2).min(RETRY_MAX);
                     continue 'setup;
                 }
             };
@@ -301,14 +300,13 @@ pub async fn run_until(ctx: Arc<DeliveryContext>, domain: String, stop: Cancella
                         drop(permits);
                         tokio::select! {
                             _ = stop.cancelled() => return,
-                            _ = tokio::time::sleep(delay) => {}
+                            _ = tokio::time::sleep(delay.next_delay()) => {}
                         }
-                        delay = (delay * 2).min(RETRY_MAX);
                         continue 'setup;
                     }
                 }
             }
-            delay = Duration::from_millis(200);
+            delay = crate::backoff::delays(first_delay, RETRY_MAX);
         }
     }
 }

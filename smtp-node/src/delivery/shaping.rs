@@ -176,7 +176,8 @@ impl Shaper {
             }
         };
         let started = tokio::time::Instant::now();
-        let mut pause = Duration::from_millis(50);
+        let mut pause =
+            crate::backoff::delays(Duration::from_millis(50), Duration::from_millis(500));
         loop {
             for slot in 0..max {
                 let key = lease_key(&dest.token, slot);
@@ -207,8 +208,7 @@ impl Shaper {
                     waited,
                 });
             }
-            tokio::time::sleep(pause.min(self.config.max_wait.0 - waited)).await;
-            pause = (pause * 2).min(Duration::from_millis(500));
+            tokio::time::sleep(pause.next_delay().min(self.config.max_wait.0 - waited)).await;
         }
     }
 

@@ -1275,7 +1275,8 @@ async fn publish(
     payload: Bytes,
 ) -> Result<(), PublishError> {
     let subject = kubemail_queue::subject(&ctx.nats.subject_prefix, domain);
-    let mut pause = PUBLISH_BACKOFF;
+    // Doubling; the attempts are few enough that no cap is reached.
+    let mut pause = crate::backoff::delays(PUBLISH_BACKOFF, PUBLISH_BACKOFF * 64);
     let mut last = String::new();
     for attempt in 1..=PUBLISH_ATTEMPTS {
         let result = async {
@@ -1302,8 +1303,7 @@ async fn publish(
             }
         }
         if attempt < PUBLISH_ATTEMPTS {
-            tokio::time::sleep(pause).await;
-            pause *= 2;
+            tokio::time::sleep(pause.next_delay()).await;
         }
     }
     Err(PublishError {

@@ -225,7 +225,8 @@ impl JetStreamQueue {
             let queue = self.clone();
             let cancel = cancel.clone();
             tokio::spawn(async move {
-                let mut pause = Duration::from_millis(200);
+                let mut pause =
+                    crate::backoff::delays(Duration::from_millis(200), DOMAIN_SETUP_RETRY_MAX);
                 loop {
                     // Detached again before it was set up: nothing to do.
                     if !queue.domains().contains(&domain) {
@@ -249,9 +250,8 @@ impl JetStreamQueue {
                     }
                     tokio::select! {
                         _ = cancel.cancelled() => return,
-                        _ = tokio::time::sleep(pause) => {}
+                        _ = tokio::time::sleep(pause.next_delay()) => {}
                     }
-                    pause = (pause * 2).min(DOMAIN_SETUP_RETRY_MAX);
                 }
             });
         }

@@ -54,7 +54,7 @@ impl StreamSetup {
         Fut: Future<Output = Result<(), E>>,
     {
         loop {
-            let mut delay = RETRY_FIRST;
+            let mut delay = crate::backoff::delays(RETRY_FIRST, RETRY_MAX);
             while !self.is_done() {
                 if client.connection_state() == State::Connected {
                     match attempt().await {
@@ -68,9 +68,8 @@ impl StreamSetup {
                 }
                 tokio::select! {
                     _ = cancel.cancelled() => return,
-                    _ = tokio::time::sleep(delay) => {}
+                    _ = tokio::time::sleep(delay.next_delay()) => {}
                 }
-                delay = (delay * 2).min(RETRY_MAX);
             }
             tokio::select! {
                 _ = cancel.cancelled() => return,

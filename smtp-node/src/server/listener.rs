@@ -33,7 +33,8 @@ const REFUSAL_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
 pub async fn accept_loop(bound: BoundListener, cell: Arc<ContextCell>) {
     let BoundListener { config, socket } = bound;
     let stop = cell.current().shutdown.accept_token().clone();
-    let mut backoff = Duration::from_millis(10);
+    let first = Duration::from_millis(10);
+    let mut backoff = crate::backoff::delays(first, ACCEPT_BACKOFF_MAX);
     loop {
         let accepted = tokio::select! {
             _ = stop.cancelled() => break,
@@ -41,13 +42,12 @@ pub async fn accept_loop(bound: BoundListener, cell: Arc<ContextCell>) {
         };
         let (tcp, peer) = match accepted {
             Ok(x) => {
-                backoff = Duration::from_millis(10);
+                backoff = crate::backoff::delays(first, ACCEPT_BACKOFF_MAX);
                 x
             }
             Err(error) => {
                 tracing::warn!(listener = %config.name, %error, "accept failed");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
+                tokio::time::sleep(backoff.next_delay()).await;
                 continue;
             }
         };
