@@ -29,3 +29,25 @@ fn committed_crds_match_the_rust_types() {
     expected.sort();
     assert_eq!(present, expected, "crds/ holds files crdgen does not write");
 }
+
+/// Short names must not collide with those of widely installed projects: `kubectl get md`
+/// on a cluster with Cluster API would otherwise list its MachineDeployments (and `mp` its
+/// MachinePools), whichever CRD the discovery cache ranks first.
+#[test]
+fn short_names_collide_with_no_common_resource() {
+    // Kubernetes built-ins, Cluster API, cert-manager, Prometheus operator, Argo, Knative.
+    const TAKEN: &[&str] = &[
+        "cm", "svc", "ns", "po", "deploy", "sts", "ds", "rs", "pv", "pvc", "sa", "ep", "ing",
+        "netpol", "pdb", "hpa", "crd", "md", "mp", "mhc", "ms", "cc", "kcp", "cert", "certs", "cr",
+        "crs", "issuer", "ci", "smon", "pmon", "prom", "am", "app", "apps", "ksvc", "rt", "kn",
+    ];
+    for (_, crd) in kubemail_operator::crd::crds() {
+        for short in crd.spec.names.short_names.clone().unwrap_or_default() {
+            assert!(
+                !TAKEN.contains(&short.as_str()),
+                "{} has the short name {short}, which another common resource uses",
+                crd.spec.names.kind
+            );
+        }
+    }
+}

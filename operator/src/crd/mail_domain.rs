@@ -28,7 +28,7 @@ const DURATION_RULE: &str = "self.matches('^([0-9]+(d|h|m|s))+$')";
     namespaced,
     status = "MailDomainStatus",
     derive = "PartialEq",
-    shortname = "md",
+    shortname = "mdomain",
     shortname = "maildomain",
     scale(
         spec_replicas_path = ".spec.replicas",

@@ -25,7 +25,7 @@ use super::{DOMAIN_NAME_RULE, conditions_schema};
     namespaced,
     status = "MailPoolStatus",
     derive = "PartialEq",
-    shortname = "mp",
+    shortname = "mpool",
     shortname = "mailpool",
     category = "kubemail",
     doc = "SMTP nodes shared by many MailDomains (a platform team's Gateway for mail).",
