@@ -211,3 +211,99 @@ async fn a_pause_reaches_the_nodes_bucket_counts_what_it_holds_expires_and_is_fi
     );
     delete_stream(&ns.nats_stream()).await;
 }
+
+/// A tenant's pause (in a namespace other than the operator's) holds back only that
+/// namespace's MailDomains: without one it is refused and never reaches the nodes' bucket;
+/// with one it is written limited to that domain.
+#[tokio::test]
+async fn a_tenants_pause_reaches_only_the_mail_domains_of_its_namespace() {
+    let client = client().await;
+    install_crds(&client).await;
+    let platform = TestNamespace::create(&client, "pause-op").await;
+    let tenant = TestNamespace::create(&client, "pause-tenant").await;
+    let t = tenant.name.clone();
+    let mut options = OperatorOptions::for_namespace(&platform, "pause-scope");
+    options.extra_args = vec!["--watch-namespaces".into(), t.clone()];
+    let _op = Operator::start(&options);
+    let api: Api<DeliveryPause> = Api::namespaced(client.clone(), &t);
+    let js = jetstream::new(nats_connect().await.expect("NATS"));
+    let key = format!("{t}.everything-to-gmail");
+
+    api.patch(
+        "everything-to-gmail",
+        &PatchParams::apply(TEST_MANAGER).force(),
+        &Patch::Apply(json!({
+            "apiVersion": "kubemail.io/v1alpha1", "kind": "DeliveryPause",
+            "metadata": { "name": "everything-to-gmail" },
+            "spec": { "recipientDomains": ["gmail.com"] },
+        })),
+    )
+    .await
+    .unwrap();
+    wait_for(
+        "the pause refused for want of MailDomains",
+        Duration::from_secs(60),
+        || async {
+            let dp = api.get("everything-to-gmail").await.ok()?;
+            (condition(&dp) == Some(("False".into(), "NoMailDomains".into()))).then_some(())
+        },
+    )
+    .await;
+    assert!(
+        stored(&js, &key).await.is_none(),
+        "a tenant's pause without MailDomains must not reach the nodes"
+    );
+
+    // A MailDomain of the tenant: the pause now holds back exactly that domain.
+    common::maildomain::apply_md(
+        &client,
+        &t,
+        "shop",
+        json!({ "domain": "shop.pause.test", "replicas": 0, "inbound": { "recipients": ["postmaster"] } }),
+    )
+    .await;
+    wait_for(
+        "the pause active for the tenant's domain",
+        Duration::from_secs(90),
+        || async {
+            let dp = api.get("everything-to-gmail").await.ok()?;
+            (condition(&dp) == Some(("True".into(), "Active".into()))).then_some(())
+        },
+    )
+    .await;
+    let record = stored(&js, &key)
+        .await
+        .expect("the pause in the nodes' bucket");
+    assert_eq!(
+        record["fromDomains"],
+        json!(["shop.pause.test"]),
+        "{record}"
+    );
+    assert_eq!(record["recipientDomains"], json!(["gmail.com"]), "{record}");
+
+    api.delete("everything-to-gmail", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_for("the pause deleted", Duration::from_secs(60), || async {
+        api.get_opt("everything-to-gmail")
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    assert!(stored(&js, &key).await.is_none());
+
+    // The MailDomain goes while the operator runs, so its finalizer does not hold the namespace.
+    let domains: Api<kubemail_operator::crd::MailDomain> = Api::namespaced(client.clone(), &t);
+    domains
+        .delete("shop", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_for(
+        "the MailDomain deleted",
+        Duration::from_secs(90),
+        || async { domains.get_opt("shop").await.ok()?.is_none().then_some(()) },
+    )
+    .await;
+}
