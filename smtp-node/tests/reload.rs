@@ -94,6 +94,19 @@ async fn starttls_as(node: &Node, sni: &str, root: &Path) -> bool {
     }
 }
 
+/// Whether an entry `matches` is in the queue within 5 s. Delivery attempts entries (the
+/// harness's inbound target is a closed port) and queues them again as deferred, and a read of
+/// the stream can fall between the two, so one read is not enough.
+async fn eventually_queued(node: &Node, matches: impl Fn(&common::QueuedEntry) -> bool) -> bool {
+    for _ in 0..20 {
+        if node.messages().await.iter().any(&matches) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    false
+}
+
 fn metric(node: &Node, name: &str) -> f64 {
     http_get(node.ports.admin, "/metrics")
         .lines()
@@ -108,8 +121,8 @@ async fn attaching_and_detaching_domains_reloads_without_touching_an_open_sessio
     let nats = Nats::shared();
     let node = Node::start_with(&nats.url(), true, |c| {
         c["configReloadInterval"] = "1s".into();
-        // Pull loops run, so a new domain's consumer appears; nothing here has a target, so
-        // entries would only wait.
+        // Pull loops run, so a new domain's consumer appears; the harness's inbound target
+        // is a closed port, so entries only wait.
         c["delivery"] = serde_json::json!({ "enabled": true });
     });
     let cert = rcgen::generate_simple_self_signed(vec!["mx.new.test".to_owned()]).unwrap();
@@ -134,13 +147,20 @@ async fn attaching_and_detaching_domains_reloads_without_touching_an_open_sessio
     assert!(!starttls_as(&node, "mx.new.test", &cert_file).await);
 
     // Attach new.test with its own certificate.
+    // RCPT refuses a domain without an inbound target: the new one gets the first one's.
     let mut config = read_config(&node);
+    let inbound = config["domains"][0]["inbound"].clone();
+    assert!(
+        inbound.is_object(),
+        "the harness domain has an inbound target"
+    );
     config["domains"]
         .as_array_mut()
         .unwrap()
         .push(serde_json::json!({
             "name": "new.test",
             "catchAll": true,
+            "inbound": inbound,
             "tls": { "hostname": "mx.new.test", "certFile": "new.crt", "keyFile": "new.key" },
         }));
     write_config(&node, &config);
@@ -208,12 +228,10 @@ async fn attaching_and_detaching_domains_reloads_without_touching_an_open_sessio
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert!(
-        node.messages()
-            .await
-            .iter()
-            .any(|m| m.header("Kubemail-Body-Ref").is_some_and(
-                |r| r.starts_with(&kubemail_queue::body_bucket(&node.bucket, "new.test"))
-            ) && m.body.len() > 1_000_000),
+        eventually_queued(&node, |m| m.header("Kubemail-Body-Ref").is_some_and(
+            |r| r.starts_with(&kubemail_queue::body_bucket(&node.bucket, "new.test"))
+        ) && m.body.len() > 1_000_000)
+        .await,
         "the large message is queued with its body in new.test's bucket"
     );
 
@@ -224,9 +242,8 @@ async fn attaching_and_detaching_domains_reloads_without_touching_an_open_sessio
     let reply = open.reply().await;
     assert!(reply.starts_with("250"), "{reply}");
     open.cmd("QUIT", "221").await;
-    let queued = node.messages().await;
     assert!(
-        queued.iter().any(|m| m.body_str().contains("still here")),
+        eventually_queued(&node, |m| m.body_str().contains("still here")).await,
         "the message of the open session is queued"
     );
 
