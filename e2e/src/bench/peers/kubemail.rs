@@ -263,6 +263,9 @@ fn config_json(
     let mut domain = json!({
         "name": DOMAIN,
         "catchAll": true,
+        // RCPT refuses a domain without an inbound target. Accept-and-queue never delivers
+        // (delivery is off) and relaying sends to the relay, so nothing listens here.
+        "inbound": { "host": "127.0.0.1", "port": 9, "protocol": "smtp" },
         "limits": { "messagesPerMinutePerUser": UNLIMITED_PER_MINUTE },
     });
     let mut config = json!({
