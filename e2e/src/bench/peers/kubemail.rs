@@ -54,6 +54,8 @@ pub struct NodeFeatures {
     pub dns: bool,
     /// `nats.groupCommit` (atomic batches of many sessions' entries).
     pub group_commit: bool,
+    /// A `recipientVerification` section (catch-all recipients checked with the target).
+    pub recipient_verification: bool,
 }
 
 impl NodeFeatures {
@@ -83,6 +85,7 @@ impl NodeFeatures {
             inbound_auth: has("inboundAuth"),
             dns: has("dns"),
             group_commit: nats_has("groupCommit"),
+            recipient_verification: has("recipientVerification"),
         })
     }
 }
@@ -304,6 +307,11 @@ fn config_json(
     } else if opts.features.delivery {
         // Accept-and-queue: messages stay queued, as Postfix's stay in its hold queue.
         config["delivery"] = json!({ "enabled": false });
+    }
+    if opts.features.recipient_verification {
+        // Postfix's benchmark instance accepts any recipient without asking a mail store;
+        // compare like with like (the inbound target above is nothing to ask).
+        config["recipientVerification"] = json!({ "enabled": false });
     }
     if opts.features.inbound_auth {
         // Postfix checks no SPF/DKIM/DMARC without milters; compare like with like.
