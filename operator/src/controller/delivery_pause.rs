@@ -16,7 +16,6 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use futures::StreamExt;
-use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
@@ -24,11 +23,10 @@ use kube::runtime::watcher;
 use kube::{Api, Resource, ResourceExt};
 use kubemail_queue::pause::Pause;
 use kubemail_queue_admin::{Queue, pauses};
-use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, field, info_span, instrument};
 
-use crate::controller::{Context, Error, FIELD_MANAGER, api_for, condition};
+use crate::controller::{Context, Error, api_for, apply_status, condition};
 use crate::crd::MailDomain;
 use crate::crd::delivery_pause::{DeliveryPause, DeliveryPauseStatus};
 use crate::timestamps::{self, UnixSeconds, parse_duration, parse_rfc3339, rfc3339};
@@ -373,34 +371,8 @@ async fn publish(
     previous: &DeliveryPauseStatus,
     status: DeliveryPauseStatus,
 ) -> Result<(), Error> {
-    if dp.status.as_ref() == Some(&status) {
+    if !apply_status(ctx, dp, dp.status.as_ref(), &status).await? {
         return Ok(());
-    }
-    let ns = dp.namespace().ok_or(Error::MissingNamespace)?;
-    let api: Api<DeliveryPause> = Api::namespaced(ctx.client.clone(), &ns);
-    let patch = json!({
-        "apiVersion": DeliveryPause::api_version(&()),
-        "kind": DeliveryPause::kind(&()),
-        "status": status,
-    });
-    match tokio::time::timeout(
-        ctx.config.status_patch_timeout,
-        api.patch_status(
-            &dp.name_any(),
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&patch),
-        ),
-    )
-    .await
-    {
-        Ok(Ok(_)) => {}
-        Ok(Err(source)) => {
-            return Err(Error::PatchStatus {
-                name: dp.name_any(),
-                source,
-            });
-        }
-        Err(_) => return Err(Error::PatchStatusTimedOut(dp.name_any())),
     }
     for c in &status.conditions {
         let before = previous.conditions.iter().find(|p| p.type_ == c.type_);

@@ -19,19 +19,15 @@ use std::time::{Duration, SystemTime};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
-use kube::api::{Patch, PatchParams};
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Api, Resource, ResourceExt};
-use serde_json::json;
+use kube::{Api, ResourceExt};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, field, info_span, instrument};
 
-use crate::controller::{
-    Context, Error, FIELD_MANAGER, api_for, condition, condition_with, referrers,
-};
+use crate::controller::{Context, Error, api_for, condition, condition_with, referrers};
 use crate::crd::MailDomain;
 use crate::crd::event_sink::{EventSink, EventSinkStatus};
 use crate::events::dispatcher::{
@@ -593,33 +589,9 @@ async fn cleanup(sink: &EventSink, ctx: &Arc<Context>) -> Result<Action, Error> 
 }
 
 async fn publish(ctx: &Context, sink: &EventSink, status: EventSinkStatus) -> Result<(), Error> {
-    if sink.status.as_ref() == Some(&status) {
-        return Ok(());
-    }
-    let ns = sink.namespace().ok_or(Error::MissingNamespace)?;
-    let api: Api<EventSink> = Api::namespaced(ctx.client.clone(), &ns);
-    let patch = json!({
-        "apiVersion": EventSink::api_version(&()),
-        "kind": EventSink::kind(&()),
-        "status": status,
-    });
-    match tokio::time::timeout(
-        ctx.config.status_patch_timeout,
-        api.patch_status(
-            &sink.name_any(),
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&patch),
-        ),
-    )
-    .await
-    {
-        Ok(Ok(_)) => Ok(()),
-        Ok(Err(source)) => Err(Error::PatchStatus {
-            name: sink.name_any(),
-            source,
-        }),
-        Err(_) => Err(Error::PatchStatusTimedOut(sink.name_any())),
-    }
+    crate::controller::apply_status(ctx, sink, sink.status.as_ref(), &status)
+        .await
+        .map(|_| ())
 }
 
 fn error_policy(sink: Arc<EventSink>, error: &Error, ctx: Arc<Context>) -> Action {

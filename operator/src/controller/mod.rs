@@ -408,6 +408,51 @@ pub async fn wait_for_crd(ctx: &Context, name: &str, stop: &CancellationToken) -
     }
 }
 
+/// Server-side applies `status` to `object`'s status subresource (field manager
+/// [`FIELD_MANAGER`], within `status_patch_timeout`). Returns false, without a request, when
+/// the object's `current` status already equals it.
+pub async fn apply_status<K, S>(
+    ctx: &Context,
+    object: &K,
+    current: Option<&S>,
+    status: &S,
+) -> Result<bool, Error>
+where
+    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+    S: serde::Serialize + PartialEq,
+{
+    if current == Some(status) {
+        return Ok(false);
+    }
+    let ns = object.namespace().ok_or(Error::MissingNamespace)?;
+    let api: Api<K> = Api::namespaced(ctx.client.clone(), &ns);
+    let patch = serde_json::json!({
+        "apiVersion": K::api_version(&()),
+        "kind": K::kind(&()),
+        "status": status,
+    });
+    match tokio::time::timeout(
+        ctx.config.status_patch_timeout,
+        api.patch_status(
+            &object.name_any(),
+            &kube::api::PatchParams::apply(FIELD_MANAGER).force(),
+            &kube::api::Patch::Apply(&patch),
+        ),
+    )
+    .await
+    {
+        Ok(Ok(_)) => Ok(true),
+        Ok(Err(source)) => Err(Error::PatchStatus {
+            name: object.name_any(),
+            source,
+        }),
+        Err(_) => Err(Error::PatchStatusTimedOut(object.name_any())),
+    }
+}
+
 /// Label selector of every child the operator makes: the watches of ConfigMaps, Deployments,
 /// Services and PDBs list only these, not every such object of the cluster.
 pub fn managed_by_selector() -> String {

@@ -12,17 +12,15 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use futures::StreamExt;
-use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::watcher;
-use kube::{Api, Resource, ResourceExt};
+use kube::{Api, ResourceExt};
 use kubemail_queue::suppression::{SuppressionEntry, SuppressionList, SuppressionReason};
-use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, field, info_span, instrument};
 
-use crate::controller::{Context, Error, FIELD_MANAGER, api_for, condition, referrers};
+use crate::controller::{Context, Error, api_for, condition, referrers};
 use crate::crd::MailDomain;
 use crate::crd::suppression::{Suppression, SuppressionAction, SuppressionStatus};
 use crate::timestamps;
@@ -274,33 +272,9 @@ async fn publish(
     object: &Suppression,
     status: SuppressionStatus,
 ) -> Result<(), Error> {
-    if object.status.as_ref() == Some(&status) {
-        return Ok(());
-    }
-    let ns = object.namespace().ok_or(Error::MissingNamespace)?;
-    let api: Api<Suppression> = Api::namespaced(ctx.client.clone(), &ns);
-    let patch = json!({
-        "apiVersion": Suppression::api_version(&()),
-        "kind": Suppression::kind(&()),
-        "status": status,
-    });
-    match tokio::time::timeout(
-        ctx.config.status_patch_timeout,
-        api.patch_status(
-            &object.name_any(),
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&patch),
-        ),
-    )
-    .await
-    {
-        Ok(Ok(_)) => Ok(()),
-        Ok(Err(source)) => Err(Error::PatchStatus {
-            name: object.name_any(),
-            source,
-        }),
-        Err(_) => Err(Error::PatchStatusTimedOut(object.name_any())),
-    }
+    crate::controller::apply_status(ctx, object, object.status.as_ref(), &status)
+        .await
+        .map(|_| ())
 }
 
 fn error_policy(object: Arc<Suppression>, error: &Error, ctx: Arc<Context>) -> Action {

@@ -9,16 +9,14 @@
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
-use kube::api::{Patch, PatchParams};
 use kube::runtime::events::{Event, EventType};
-use kube::{Api, Resource, ResourceExt};
-use serde_json::json;
+use kube::Resource;
 
 use super::build::{Children, Observed};
 use super::names;
 use super::provision::{Provisioned, TlsMaterial};
 use super::validate::{Invalid, RelayResolution, ValidatedDomain};
-use crate::controller::{Context, Error, FIELD_MANAGER, condition};
+use crate::controller::{Context, Error, condition};
 use crate::crd::mail_domain::{CertificateStatus, MailDomain, MailDomainStatus, ServiceType};
 use crate::timestamps::{UnixSeconds, rfc3339};
 
@@ -554,34 +552,7 @@ pub async fn publish(
     status: MailDomainStatus,
     events: Vec<DomainEvent>,
 ) -> Result<(), Error> {
-    let ns = md.namespace().ok_or(Error::MissingNamespace)?;
-    if md.status.as_ref() != Some(&status) {
-        let api: Api<MailDomain> = Api::namespaced(ctx.client.clone(), &ns);
-        let patch = json!({
-            "apiVersion": MailDomain::api_version(&()),
-            "kind": MailDomain::kind(&()),
-            "status": status,
-        });
-        let result = tokio::time::timeout(
-            ctx.config.status_patch_timeout,
-            api.patch_status(
-                &md.name_any(),
-                &PatchParams::apply(FIELD_MANAGER).force(),
-                &Patch::Apply(&patch),
-            ),
-        )
-        .await;
-        match result {
-            Ok(Ok(_)) => {}
-            Ok(Err(source)) => {
-                return Err(Error::PatchStatus {
-                    name: md.name_any(),
-                    source,
-                });
-            }
-            Err(_) => return Err(Error::PatchStatusTimedOut(md.name_any())),
-        }
-    }
+    crate::controller::apply_status(ctx, md, md.status.as_ref(), &status).await?;
     let reference = md.object_ref(&());
     for e in events {
         let event = Event {

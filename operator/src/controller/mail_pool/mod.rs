@@ -30,7 +30,6 @@ use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Resource, ResourceExt};
-use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, field, info_span, instrument};
 
@@ -499,31 +498,7 @@ async fn publish_status(
     pool: &MailPool,
     status: MailPoolStatus,
 ) -> Result<(), Error> {
-    if pool.status.as_ref() == Some(&status) {
-        return Ok(());
-    }
-    let ns = pool.namespace().ok_or(Error::MissingNamespace)?;
-    let api: Api<MailPool> = Api::namespaced(ctx.client.clone(), &ns);
-    let patch = json!({
-        "apiVersion": MailPool::api_version(&()),
-        "kind": MailPool::kind(&()),
-        "status": status,
-    });
-    match tokio::time::timeout(
-        ctx.config.status_patch_timeout,
-        api.patch_status(
-            &pool.name_any(),
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&patch),
-        ),
-    )
-    .await
-    {
-        Ok(Ok(_)) => Ok(()),
-        Ok(Err(source)) => Err(Error::PatchStatus {
-            name: pool.name_any(),
-            source,
-        }),
-        Err(_) => Err(Error::PatchStatusTimedOut(pool.name_any())),
-    }
+    crate::controller::apply_status(ctx, pool, pool.status.as_ref(), &status)
+        .await
+        .map(|_| ())
 }

@@ -14,19 +14,15 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::{Patch, PatchParams};
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Resource, ResourceExt};
-use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, field, info_span, instrument};
 
-use crate::controller::{
-    Context, Error, FIELD_MANAGER, api_for, condition, condition_with, referrers,
-};
+use crate::controller::{Context, Error, api_for, condition, condition_with, referrers};
 use crate::crd::relay::{ProbeResult, Relay, RelayStatus};
 use crate::timestamps::{self, UnixSeconds, parse_duration, parse_rfc3339, rfc3339};
 
@@ -265,34 +261,8 @@ async fn publish(
     previous: &RelayStatus,
     status: RelayStatus,
 ) -> Result<(), Error> {
-    if relay.status.as_ref() == Some(&status) {
+    if !crate::controller::apply_status(ctx, relay, relay.status.as_ref(), &status).await? {
         return Ok(());
-    }
-    let ns = relay.namespace().ok_or(Error::MissingNamespace)?;
-    let api: Api<Relay> = Api::namespaced(ctx.client.clone(), &ns);
-    let patch = json!({
-        "apiVersion": Relay::api_version(&()),
-        "kind": Relay::kind(&()),
-        "status": status,
-    });
-    match tokio::time::timeout(
-        ctx.config.status_patch_timeout,
-        api.patch_status(
-            &relay.name_any(),
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&patch),
-        ),
-    )
-    .await
-    {
-        Ok(Ok(_)) => {}
-        Ok(Err(source)) => {
-            return Err(Error::PatchStatus {
-                name: relay.name_any(),
-                source,
-            });
-        }
-        Err(_) => return Err(Error::PatchStatusTimedOut(relay.name_any())),
     }
     for c in &status.conditions {
         let before = previous.conditions.iter().find(|p| p.type_ == c.type_);
