@@ -342,6 +342,21 @@ impl Context {
         }
     }
 
+    /// Runs `run_in` once per watched namespace (once for all namespaces without a list)
+    /// until every one has returned: how each controller starts.
+    pub async fn in_every_scope<F, Fut>(self: &Arc<Self>, stop: &CancellationToken, run_in: F)
+    where
+        F: Fn(Arc<Context>, Option<String>, CancellationToken) -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
+        futures::future::join_all(
+            self.scopes()
+                .into_iter()
+                .map(|ns| run_in(self.clone(), ns, stop.clone())),
+        )
+        .await;
+    }
+
     /// How to reach NATS now: the URL, the CA (the configured one, else with a bundled NATS
     /// the operator's own CA) and the account keys (read from their Secret at each call, so
     /// a rotated signing key is used at once).

@@ -35,13 +35,7 @@ pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
     if !crate::controller::wait_for_crd(&ctx, "suppressions.kubemail.io", &stop).await {
         return;
     }
-    let scopes = ctx.scopes();
-    futures::future::join_all(
-        scopes
-            .into_iter()
-            .map(|ns| run_in(ctx.clone(), ns, stop.clone())),
-    )
-    .await;
+    ctx.in_every_scope(&stop, run_in).await;
 }
 
 async fn run_in(ctx: Arc<Context>, ns: Option<String>, stop: CancellationToken) {

@@ -9,8 +9,8 @@
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
-use kube::runtime::events::{Event, EventType};
 use kube::Resource;
+use kube::runtime::events::{Event, EventType};
 
 use super::build::{Children, Observed};
 use super::names;

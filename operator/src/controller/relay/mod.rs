@@ -31,13 +31,7 @@ pub const CONTROLLER: &str = "relay";
 
 /// Runs the Relay controller until `stop` fires, one controller per watched namespace.
 pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
-    let scopes = ctx.scopes();
-    futures::future::join_all(
-        scopes
-            .into_iter()
-            .map(|ns| run_in(ctx.clone(), ns, stop.clone())),
-    )
-    .await;
+    ctx.in_every_scope(&stop, run_in).await;
 }
 
 async fn run_in(ctx: Arc<Context>, ns: Option<String>, stop: CancellationToken) {
