@@ -36,7 +36,7 @@ use tokio_util::sync::CancellationToken;
 use crate::auth_limits::{SharedFailures, UserFailureLimit, UsernameKeyError};
 use crate::config::NodeConfig;
 use crate::config::users_file::{self, verify_password};
-use crate::server::limits::client_key;
+use crate::connection::limits::client_key;
 
 /// Hashes a password for a users file (`smtp-node hash-password`); the format is
 /// [`users_file`]'s, shared with the operator.

@@ -13,13 +13,14 @@ use crate::auth_limits::JetStreamFailures;
 use crate::authres::InboundVerifier;
 use crate::clock::Clock;
 use crate::config::NodeConfig;
+use crate::context::{ContextCell, MessageChecks, ServerContext};
 use crate::delivery::{Delivery, DeliveryContext, DeliverySettings};
 use crate::dkim::DkimSigner;
 use crate::dns::HickoryResolver;
 use crate::queue::jetstream::JetStreamQueue;
 use crate::recipient_check::RecipientCheck;
 use crate::reload::Reloader;
-use crate::server::{self, ContextCell, MessageChecks, ServerContext};
+use crate::server;
 use crate::shutdown::Shutdown;
 use crate::tls::TlsServer;
 

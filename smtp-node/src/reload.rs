@@ -36,12 +36,12 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::Authenticator;
 use crate::auth_limits::JetStreamFailures;
 use crate::config::NodeConfig;
+use crate::context::{ContextCell, MessageChecks};
 use crate::delivery::Delivery;
 use crate::delivery::route::DomainRouting;
 use crate::dkim::DkimSigner;
 use crate::metrics::{self, DomainLabels};
 use crate::queue::jetstream::JetStreamQueue;
-use crate::server::{ContextCell, MessageChecks};
 
 /// Why a changed config file was not applied.
 #[derive(Debug, thiserror::Error)]

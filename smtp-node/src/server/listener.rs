@@ -17,9 +17,11 @@ use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tracing::Instrument;
 
-use super::prefixed::PrefixedStream;
-use super::{BoundListener, ConnectionInfo, ContextCell, ServerContext};
+use super::BoundListener;
 use crate::config::{ListenerConfig, ListenerKind};
+use crate::connection::ConnectionInfo;
+use crate::connection::prefixed::PrefixedStream;
+use crate::context::{ContextCell, ServerContext};
 use crate::metrics::{self, ListenerLabels, ReasonLabels};
 use crate::protocol::{EnhancedCode, Reply};
 

@@ -12,9 +12,10 @@ use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::{End, Next, Plain, Session};
+use crate::connection::ConnectionInfo;
+use crate::connection::prefixed::PrefixedStream;
+use crate::context::ServerContext;
 use crate::protocol::Reply;
-use crate::server::prefixed::PrefixedStream;
-use crate::server::{ConnectionInfo, ServerContext};
 use crate::tls::connection_info;
 
 /// First octet of a TLS handshake record (RFC 8446 5.1, content type 22).

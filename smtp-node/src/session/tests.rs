@@ -10,10 +10,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 
 use crate::auth::Authenticator;
 use crate::config::NodeConfig;
+use crate::connection::ConnectionInfo;
+use crate::connection::prefixed::PrefixedStream;
+use crate::context::ServerContext;
 use crate::queue::memory::MemoryQueue;
 use crate::queue::{Direction, EnqueueError};
-use crate::server::prefixed::PrefixedStream;
-use crate::server::{ConnectionInfo, ServerContext};
 use crate::shutdown::Shutdown;
 
 const CONFIG: &str = r#"
