@@ -32,6 +32,7 @@ use kubemail_smtp_node::connection::ConnectionInfo;
 use kubemail_smtp_node::connection::prefixed::PrefixedStream;
 use kubemail_smtp_node::context::{MessageChecks, ServerContext};
 use kubemail_smtp_node::dkim::DkimSigner;
+use kubemail_smtp_node::metrics::Metrics;
 use kubemail_smtp_node::queue::commit::{BATCH_ID, BATCH_SEQUENCE, Outgoing};
 use kubemail_smtp_node::queue::{
     ContentId, Direction, EnqueueError, Queue, QueueEntry, QueueId, QueuedMessage,
@@ -129,6 +130,7 @@ inboundAuth: {{ enabled: false }}
                 suppression: None,
                 recipients: None,
             },
+            Metrics::new(),
         );
         let (client, server) = tokio::io::duplex(1 << 16);
         let conn = ConnectionInfo {

@@ -197,8 +197,12 @@ impl Authenticator {
 
     /// Counts failed logins per user name in `shared` (all nodes) from now on, besides this
     /// node's own count.
-    pub fn attach_shared_failures(&self, shared: Arc<dyn SharedFailures>) {
-        self.per_user.attach_shared(shared);
+    pub fn attach_shared_failures(
+        &self,
+        shared: Arc<dyn SharedFailures>,
+        errors: prometheus_client::metrics::counter::Counter,
+    ) {
+        self.per_user.attach_shared(shared, errors);
     }
 
     /// Checks a login. Records failures against `ip`'s client and against the user name.

@@ -13,6 +13,7 @@ use crate::config::NodeConfig;
 use crate::connection::limits::ConnectionLimits;
 use crate::dkim::DkimSigner;
 use crate::memory::MessageMemory;
+use crate::metrics::Metrics;
 use crate::queue::{ContentHistory, Queue};
 use crate::recipient_check::RecipientCheck;
 use crate::shutdown::Shutdown;
@@ -46,6 +47,8 @@ pub struct ServerContext {
     pub memory: MessageMemory,
     /// Contents accepted lately: the generation in each new entry's `Nats-Msg-Id`.
     pub content: Arc<ContentHistory>,
+    /// The node's metrics.
+    pub metrics: Arc<Metrics>,
     next_session: Arc<AtomicU64>,
 }
 
@@ -86,8 +89,17 @@ impl ServerContext {
         auth: Arc<Authenticator>,
         queue: Arc<dyn Queue>,
         shutdown: Shutdown,
+        metrics: Arc<Metrics>,
     ) -> Arc<Self> {
-        Self::with_checks(config, tls, auth, queue, shutdown, MessageChecks::default())
+        Self::with_checks(
+            config,
+            tls,
+            auth,
+            queue,
+            shutdown,
+            MessageChecks::default(),
+            metrics,
+        )
     }
 
     /// A context whose sessions also DKIM-sign and check mail as `checks` say.
@@ -98,13 +110,14 @@ impl ServerContext {
         queue: Arc<dyn Queue>,
         shutdown: Shutdown,
         checks: MessageChecks,
+        metrics: Arc<Metrics>,
     ) -> Arc<Self> {
         let limits = ConnectionLimits::new(
             config.max_connections,
             config.max_connections_per_ip,
             config.client_ipv6_prefix,
         );
-        let memory = MessageMemory::from_config(&config);
+        let memory = MessageMemory::from_config(&config, metrics.message_memory_bytes.clone());
         let content = ContentHistory::new(config.nats.duplicate_window.0);
         Arc::new(Self {
             config,
@@ -116,13 +129,14 @@ impl ServerContext {
             checks,
             memory,
             content: Arc::new(content),
+            metrics,
             next_session: Arc::new(AtomicU64::new(1)),
         })
     }
 
     /// The next generation after a config reload: `config`, users and message checks are new;
     /// the TLS server (whose domain table is swapped in place), the queue, shutdown, the
-    /// connection counts, the memory budget, the content history and the session numbering
+    /// connection counts, the memory budget, the content history, the metrics and the session numbering
     /// carry over. The connection caps stay those
     /// of the first generation (a change of `maxConnections` needs a restart).
     pub fn successor(
@@ -141,6 +155,7 @@ impl ServerContext {
             checks,
             memory: self.memory.clone(),
             content: self.content.clone(),
+            metrics: self.metrics.clone(),
             next_session: self.next_session.clone(),
         })
     }
