@@ -246,15 +246,15 @@ pub fn build(
         annotations: BTreeMap::from([(CHECKSUM_ANNOTATION.to_owned(), restart_checksum)]),
         config_map: contract::node_config(&name),
         secrets: mounts,
+        shape: pool.spec.pod.clone(),
     };
-    let deployment = node_deployment(&pods, meta(contract::nodes(&name)), &node, config);
+    let deployment = node_deployment(&pods, meta(contract::nodes(&name)), &node, config)?;
     let service = node_service(
         selector(&name),
-        pool.spec.service.type_,
-        &pool.spec.service.annotations,
+        &pool.spec.service,
         false,
         meta(contract::nodes(&name)),
-    );
+    )?;
     let pdb = node_pdb(selector(&name), meta(contract::nodes(&name)));
     Ok(PoolChildren {
         config_map: ConfigMap {
@@ -314,6 +314,7 @@ mod tests {
                 hostname: "mx.pool.test".into(),
                 replicas: 3,
                 service: Default::default(),
+                pod: Default::default(),
                 allowed_domains: Default::default(),
             },
         );

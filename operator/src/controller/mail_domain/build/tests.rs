@@ -96,7 +96,7 @@ fn key(selector: &str, algorithm: DkimAlgorithm, public: &str) -> DkimKey {
     }
 }
 
-fn provisioned(users: bool) -> Provisioned {
+pub(super) fn provisioned(users: bool) -> Provisioned {
     Provisioned {
         dkim: DkimKeys {
             keys: vec![
@@ -122,7 +122,7 @@ fn provisioned(users: bool) -> Provisioned {
     }
 }
 
-fn observed() -> Observed {
+pub(super) fn observed() -> Observed {
     Observed {
         addresses: vec![
             "203.0.113.7".parse().unwrap(),
