@@ -266,4 +266,75 @@ mod tests {
         m.forget_domain("mail", "example-com");
         assert!(!m.encode().contains("maildomain=\"example-com\""));
     }
+
+    /// The gauge carries the notAfter of the certificate in the domain's TLS Secret, as
+    /// cert-manager or the operator's CA wrote it, and goes with the domain.
+    #[test]
+    fn certificate_expiry_is_the_served_certificates_not_after() {
+        use std::collections::BTreeMap;
+        use std::time::Duration;
+
+        use k8s_openapi::ByteString;
+        use k8s_openapi::api::core::v1::Secret;
+
+        use crate::certs::{self, TLS_CERT_KEY};
+        use crate::controller::mail_domain::provision::TlsMaterial;
+
+        const NOW: i64 = 1_800_000_000;
+        let ca = certs::new_ca(NOW).unwrap();
+        let leaf =
+            certs::issue_leaf(&ca, "mx.example.com", NOW, Duration::from_secs(90 * 86400)).unwrap();
+        let expected = NOW + 90 * 86400;
+        assert_eq!(leaf.not_after, expected);
+        // cert-manager's Secret: the leaf followed by its issuer, as cert-manager writes it.
+        let secret = Secret {
+            data: Some(BTreeMap::from([(
+                TLS_CERT_KEY.to_owned(),
+                ByteString(format!("{}{}", leaf.cert_pem, ca.cert_pem).into_bytes()),
+            )])),
+            ..Default::default()
+        };
+        let cert_manager = TlsMaterial::CertManager {
+            ready: true,
+            reason: "Ready".into(),
+            message: String::new(),
+            not_after: None,
+        };
+        assert_eq!(cert_manager.not_after(Some(&secret)), Some(expected));
+        assert_eq!(cert_manager.not_after(None), None, "not issued yet");
+        let operator_ca = TlsMaterial::OperatorCa {
+            leaf,
+            ca_cert_pem: ca.cert_pem.clone(),
+            issued: None,
+        };
+        assert_eq!(operator_ca.not_after(None), Some(expected));
+
+        let m = Metrics::new();
+        m.set_certificate_expiry("mail", "example-com", cert_manager.not_after(Some(&secret)));
+        let text = m.encode();
+        assert!(
+            text.contains(&format!(
+                "kubemail_certificate_expiry_timestamp_seconds{{namespace=\"mail\",maildomain=\"example-com\"}} {expected}"
+            )),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE kubemail_certificate_expiry_timestamp_seconds gauge"),
+            "{text}"
+        );
+        assert_eq!(text.matches("# EOF").count(), 1, "one exposition: {text}");
+        assert!(text.trim_end().ends_with("# EOF"), "{text}");
+        // A certificate that is not known (any more) leaves no stale series.
+        m.set_certificate_expiry("mail", "example-com", None);
+        assert!(
+            !m.encode()
+                .contains("kubemail_certificate_expiry_timestamp_seconds{")
+        );
+        m.set_certificate_expiry("mail", "example-com", Some(expected));
+        m.forget_domain("mail", "example-com");
+        assert!(
+            !m.encode()
+                .contains("kubemail_certificate_expiry_timestamp_seconds{")
+        );
+    }
 }

@@ -12,9 +12,9 @@ use k8s_openapi::api::apps::v1::{
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
     EnvVarSource, HTTPGetAction, Lifecycle, LifecycleHandler, LocalObjectReference,
-    ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
-    ResourceRequirements, SeccompProfile, SecretVolumeSource, SecurityContext, SleepAction,
-    TopologySpreadConstraint, Volume, VolumeMount,
+    ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements,
+    SeccompProfile, SecretVolumeSource, SecurityContext, SleepAction, TopologySpreadConstraint,
+    Volume, VolumeMount,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -329,8 +329,7 @@ pub fn node_deployment(
                     volumes: Some(volumes),
                     node_selector: (!shape.node_selector.is_empty())
                         .then(|| shape.node_selector.clone()),
-                    tolerations: (!shape.tolerations.is_empty())
-                        .then(|| shape.tolerations.clone()),
+                    tolerations: (!shape.tolerations.is_empty()).then(|| shape.tolerations.clone()),
                     affinity: shape.affinity.clone(),
                     priority_class_name: shape.priority_class_name.clone(),
                     image_pull_secrets: (!shape.image_pull_secrets.is_empty()).then(|| {

@@ -23,11 +23,11 @@
 pub mod config;
 mod deployment;
 mod dns;
+#[cfg(test)]
+mod pod_tests;
 mod pooled;
 mod secrets;
 mod service;
-#[cfg(test)]
-mod pod_tests;
 #[cfg(test)]
 pub(crate) mod tests;
 

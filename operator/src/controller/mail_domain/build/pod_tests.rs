@@ -52,7 +52,10 @@ fn by_default_pods_spread_softly_over_hosts_and_zones_and_nothing_else_is_set() 
     assert_eq!(pod.image_pull_secrets, None);
     let spread = pod.topology_spread_constraints.as_ref().unwrap();
     let keys: Vec<&str> = spread.iter().map(|c| c.topology_key.as_str()).collect();
-    assert_eq!(keys, ["kubernetes.io/hostname", "topology.kubernetes.io/zone"]);
+    assert_eq!(
+        keys,
+        ["kubernetes.io/hostname", "topology.kubernetes.io/zone"]
+    );
     for c in spread {
         assert_eq!(c.max_skew, 1);
         assert_eq!(c.when_unsatisfiable, "ScheduleAnyway");
@@ -157,7 +160,10 @@ fn resources_the_node_cannot_run_in_are_refused_with_a_reason() {
     )
     .unwrap_err();
     assert_eq!(above.reason(), "InvalidPodResources");
-    assert!(above.to_string().contains("requests.memory (1Gi)"), "{above}");
+    assert!(
+        above.to_string().contains("requests.memory (1Gi)"),
+        "{above}"
+    );
 
     let garbage = children("  pod: { resources: { limits: { cpu: lots } } }\n").unwrap_err();
     assert_eq!(garbage.reason(), "InvalidPodResources");
@@ -181,7 +187,10 @@ fn load_balancer_class_source_ranges_and_traffic_policy_reach_the_service() {
     );
     assert_eq!(
         spec.load_balancer_source_ranges,
-        Some(vec!["198.51.100.0/24".to_owned(), "2001:db8::/48".to_owned()])
+        Some(vec![
+            "198.51.100.0/24".to_owned(),
+            "2001:db8::/48".to_owned()
+        ])
     );
     assert_eq!(spec.external_traffic_policy.as_deref(), Some("Cluster"));
 
@@ -216,7 +225,8 @@ fn a_bad_source_range_is_a_condition_not_an_apply_error() {
         let invalid = validate(&md, &refs()).unwrap_err();
         assert_eq!(invalid.reason, "InvalidLoadBalancerSourceRanges", "{bad}");
         assert!(
-            invalid.message.contains("loadBalancerSourceRanges[1]") && invalid.message.contains(needle),
+            invalid.message.contains("loadBalancerSourceRanges[1]")
+                && invalid.message.contains(needle),
             "{bad}: {}",
             invalid.message
         );

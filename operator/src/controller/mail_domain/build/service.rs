@@ -60,10 +60,7 @@ pub fn node_service(
             type_: Some(type_.to_owned()),
             selector: Some(selector),
             external_traffic_policy: external_policy,
-            load_balancer_class: spec
-                .load_balancer_class
-                .clone()
-                .filter(|_| load_balancer),
+            load_balancer_class: spec.load_balancer_class.clone().filter(|_| load_balancer),
             load_balancer_source_ranges: (load_balancer
                 && !spec.load_balancer_source_ranges.is_empty())
             .then(|| spec.load_balancer_source_ranges.clone()),
