@@ -47,3 +47,39 @@ pub struct PodShape {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
 }
+
+impl PodShape {
+    /// This shape with every field it leaves unset taken from `defaults` (the operator's
+    /// site-wide `--node-pod-defaults`). Field by field, not deep: `resources` given here
+    /// replaces the default `resources` as a whole.
+    pub fn or(&self, defaults: &PodShape) -> PodShape {
+        fn pick<T: Clone>(own: &T, default: &T, unset: impl Fn(&T) -> bool) -> T {
+            if unset(own) { default } else { own }.clone()
+        }
+        PodShape {
+            node_selector: pick(
+                &self.node_selector,
+                &defaults.node_selector,
+                BTreeMap::is_empty,
+            ),
+            tolerations: pick(&self.tolerations, &defaults.tolerations, Vec::is_empty),
+            affinity: pick(&self.affinity, &defaults.affinity, Option::is_none),
+            priority_class_name: pick(
+                &self.priority_class_name,
+                &defaults.priority_class_name,
+                Option::is_none,
+            ),
+            image_pull_secrets: pick(
+                &self.image_pull_secrets,
+                &defaults.image_pull_secrets,
+                Vec::is_empty,
+            ),
+            topology_spread_constraints: pick(
+                &self.topology_spread_constraints,
+                &defaults.topology_spread_constraints,
+                Option::is_none,
+            ),
+            resources: pick(&self.resources, &defaults.resources, Option::is_none),
+        }
+    }
+}

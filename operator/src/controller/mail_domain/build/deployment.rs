@@ -128,7 +128,8 @@ pub fn node_deployment(
     node: &NodeConfig,
     config: &BuildConfig,
 ) -> Result<Deployment, BuildError> {
-    let resources = resources(node, pods.shape.resources.as_ref())?;
+    let shape = pods.shape.or(&config.pod_defaults);
+    let resources = resources(node, shape.resources.as_ref())?;
     // The node's own drain deadline, the preStop sleep before it, and some slack.
     let grace_seconds = i64::try_from(node.shutdown.drain_timeout.0.as_secs())
         .unwrap_or(i64::MAX / 2)
@@ -287,7 +288,6 @@ pub fn node_deployment(
         ..Default::default()
     };
 
-    let shape = &pods.shape;
     Ok(Deployment {
         metadata,
         spec: Some(DeploymentSpec {
@@ -341,7 +341,7 @@ pub fn node_deployment(
                             })
                             .collect()
                     }),
-                    topology_spread_constraints: topology_spread(shape, &pods.selector),
+                    topology_spread_constraints: topology_spread(&shape, &pods.selector),
                     ..Default::default()
                 }),
             },

@@ -67,6 +67,9 @@ pub struct BuildConfig {
     pub bind_pod_ip: bool,
     /// Site-wide settings merged into every node config (see [`load_node_overlay`]).
     pub node_overlay: Option<NodeConfigOverlay>,
+    /// Site-wide defaults of `spec.pod` (`--node-pod-defaults`): each field applies where
+    /// the MailDomain or MailPool leaves it unset.
+    pub pod_defaults: crate::crd::PodShape,
     /// OTLP endpoint passed to the nodes as `OTEL_EXPORTER_OTLP_ENDPOINT`.
     pub otlp_endpoint: Option<String>,
     /// NATS URL(s) the nodes use.

@@ -246,3 +246,45 @@ fn a_pooled_domain_is_not_judged_by_pod_and_load_balancer_settings_it_does_not_u
     let v = validate(&md, &refs()).unwrap();
     build(&md, &v, &provisioned(true), &observed(), &config(), NOW).unwrap();
 }
+
+#[test]
+fn site_defaults_fill_what_the_resource_leaves_unset() {
+    let cfg = BuildConfig {
+        pod_defaults: serde_json::from_str(
+            r#"{"priorityClassName":"mail-default","nodeSelector":{"pool":"default"},
+                "topologySpreadConstraints":[{"maxSkew":3,"topologyKey":"topology.kubernetes.io/zone","whenUnsatisfiable":"DoNotSchedule"}],
+                "resources":{"limits":{"cpu":"4"}}}"#,
+        )
+        .unwrap(),
+        ..config()
+    };
+    let md = md(&format!(
+        "{FULL}  pod: {{ nodeSelector: {{ pool: mail }}, topologySpreadConstraints: [] }}\n"
+    ));
+    let v = validate(&md, &refs()).unwrap();
+    let c = build(&md, &v, &provisioned(true), &observed(), &cfg, NOW).unwrap();
+    let spec = pod(&c);
+    assert_eq!(spec.priority_class_name.as_deref(), Some("mail-default"));
+    assert_eq!(
+        spec.node_selector,
+        Some(BTreeMap::from([("pool".into(), "mail".into())])),
+        "the resource's own value wins"
+    );
+    assert_eq!(
+        spec.topology_spread_constraints, None,
+        "an explicit empty list wins over the default spread"
+    );
+    assert_eq!(quantity(&resources(&c).limits, "cpu"), "4");
+
+    // Without a spread of its own, the site's spread, selecting this domain's pods.
+    let md2 = super::tests::md(FULL);
+    let v = validate(&md2, &refs()).unwrap();
+    let c = build(&md2, &v, &provisioned(true), &observed(), &cfg, NOW).unwrap();
+    let spread = pod(&c).topology_spread_constraints.clone().unwrap();
+    assert_eq!(spread.len(), 1);
+    assert_eq!(spread[0].max_skew, 3);
+    assert_eq!(
+        spread[0].label_selector.as_ref().unwrap().match_labels,
+        Some(selector_labels("example-com"))
+    );
+}

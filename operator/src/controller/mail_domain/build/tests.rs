@@ -32,6 +32,7 @@ pub(crate) fn config() -> BuildConfig {
         listen_host: "0.0.0.0".into(),
         bind_pod_ip: false,
         node_overlay: None,
+        pod_defaults: Default::default(),
         otlp_endpoint: None,
         nats_url: "nats://nats.kubemail-system:4222".into(),
         nats_stream: "KUBEMAIL".into(),
