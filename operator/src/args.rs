@@ -80,6 +80,16 @@ pub struct Args {
     #[arg(long, env = "KUBEMAIL_NODE_CONFIG_OVERLAY", value_name = "FILE")]
     pub node_config_overlay: Option<std::path::PathBuf>,
 
+    /// Site-wide defaults of every MailDomain's and MailPool's `spec.pod`, as JSON (e.g.
+    /// `{"priorityClassName":"mail","tolerations":[...]}`); a field the resource sets wins.
+    #[arg(
+        long,
+        env = "KUBEMAIL_NODE_POD_DEFAULTS",
+        value_name = "JSON",
+        default_value = "{}"
+    )]
+    pub node_pod_defaults: String,
+
     /// OTLP (gRPC) endpoint the SMTP nodes export their traces to; absent: nodes export nothing.
     #[arg(long, env = "KUBEMAIL_NODE_OTLP_ENDPOINT", value_name = "URL")]
     pub node_otlp_endpoint: Option<String>,

@@ -206,6 +206,14 @@ pub fn inspect_leaf(cert_pem: &str, ca_cert_pem: &str) -> Option<LeafInfo> {
     })
 }
 
+/// The end of validity (`notAfter`) of the first certificate of a PEM chain (the leaf, as
+/// `tls.crt` holds it); `None` when it is not a readable certificate.
+pub fn certificate_not_after(cert_pem: &str) -> Option<UnixSeconds> {
+    let (_, pem) = parse_x509_pem(cert_pem.as_bytes()).ok()?;
+    let cert = pem.parse_x509().ok()?;
+    Some(cert.validity().not_after.timestamp())
+}
+
 /// When a certificate valid from `not_before` to `not_after` is renewed: after two thirds of
 /// its lifetime.
 pub fn renew_after(not_before: UnixSeconds, not_after: UnixSeconds) -> UnixSeconds {

@@ -10,7 +10,13 @@
 //! kubemail_operator_leader
 //! kubemail_operator_maildomain_ready_replicas{maildomain_namespace="mail",maildomain="example-com"}
 //! kubemail_operator_otel_spans_dropped_total{reason="export_failed"}
+//! kubemail_certificate_expiry_timestamp_seconds{namespace="mail",maildomain="example-com"}
 //! ```
+//!
+//! The certificate expiry gauge has no `kubemail_operator_` prefix and names the domain's
+//! namespace `namespace`: the chart's expiry alert is written against exactly that name and
+//! those labels. A scrape keeps that label only with `honorLabels: true`; otherwise
+//! Prometheus renames it `exported_namespace`.
 
 use std::time::Instant;
 
@@ -20,6 +26,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
+
+use crate::timestamps::UnixSeconds;
 
 /// Labels of per-controller metrics.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -35,6 +43,13 @@ pub struct DomainLabels {
     pub maildomain: String,
 }
 
+/// Labels of the certificate expiry gauge.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CertificateLabels {
+    pub namespace: String,
+    pub maildomain: String,
+}
+
 /// Labels of the failure counter.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ErrorLabels {
@@ -47,6 +62,9 @@ type HistogramFamily = Family<ControllerLabels, Histogram, fn() -> Histogram>;
 /// Every metric of the operator and the registry that serves them.
 pub struct Metrics {
     registry: Registry,
+    /// Metrics whose names carry no `kubemail_operator_` prefix.
+    unprefixed: Registry,
+    certificate_expiry: Family<CertificateLabels, Gauge>,
     reconciles: Family<ControllerLabels, Counter>,
     failures: Family<ErrorLabels, Counter>,
     duration: HistogramFamily,
@@ -104,8 +122,18 @@ impl Metrics {
             ready_replicas.clone(),
         );
         crate::telemetry::export_metrics().register(&mut registry);
+        let mut unprefixed = Registry::default();
+        let certificate_expiry = Family::<CertificateLabels, Gauge>::default();
+        unprefixed.register_with_unit(
+            "kubemail_certificate_expiry_timestamp",
+            "End of validity (notAfter) of each MailDomain's serving certificate, in seconds since the epoch (leader only)",
+            Unit::Seconds,
+            certificate_expiry.clone(),
+        );
         Self {
             registry,
+            unprefixed,
+            certificate_expiry,
             reconciles,
             failures,
             duration,
@@ -151,18 +179,45 @@ impl Metrics {
             .set(i64::from(ready));
     }
 
+    /// Records when the serving certificate of a MailDomain expires; `None` (not known yet,
+    /// e.g. cert-manager has not issued it) drops the series.
+    pub fn set_certificate_expiry(
+        &self,
+        namespace: &str,
+        maildomain: &str,
+        not_after: Option<UnixSeconds>,
+    ) {
+        let labels = CertificateLabels {
+            namespace: namespace.to_owned(),
+            maildomain: maildomain.to_owned(),
+        };
+        match not_after {
+            Some(t) => {
+                self.certificate_expiry.get_or_create(&labels).set(t);
+            }
+            None => {
+                self.certificate_expiry.remove(&labels);
+            }
+        }
+    }
+
     /// Drops the series of a deleted MailDomain.
     pub fn forget_domain(&self, namespace: &str, maildomain: &str) {
         self.ready_replicas.remove(&DomainLabels {
             maildomain_namespace: namespace.to_owned(),
             maildomain: maildomain.to_owned(),
         });
+        self.set_certificate_expiry(namespace, maildomain, None);
     }
 
     /// OpenMetrics text of every metric.
     pub fn encode(&self) -> String {
+        use prometheus_client::encoding::text::{encode_eof, encode_registry};
         let mut out = String::new();
-        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+        let encoded = encode_registry(&mut out, &self.registry)
+            .and_then(|()| encode_registry(&mut out, &self.unprefixed))
+            .and_then(|()| encode_eof(&mut out));
+        if encoded.is_err() {
             out.clear();
         }
         out
@@ -210,5 +265,76 @@ mod tests {
         );
         m.forget_domain("mail", "example-com");
         assert!(!m.encode().contains("maildomain=\"example-com\""));
+    }
+
+    /// The gauge carries the notAfter of the certificate in the domain's TLS Secret, as
+    /// cert-manager or the operator's CA wrote it, and goes with the domain.
+    #[test]
+    fn certificate_expiry_is_the_served_certificates_not_after() {
+        use std::collections::BTreeMap;
+        use std::time::Duration;
+
+        use k8s_openapi::ByteString;
+        use k8s_openapi::api::core::v1::Secret;
+
+        use crate::certs::{self, TLS_CERT_KEY};
+        use crate::controller::mail_domain::provision::TlsMaterial;
+
+        const NOW: i64 = 1_800_000_000;
+        let ca = certs::new_ca(NOW).unwrap();
+        let leaf =
+            certs::issue_leaf(&ca, "mx.example.com", NOW, Duration::from_secs(90 * 86400)).unwrap();
+        let expected = NOW + 90 * 86400;
+        assert_eq!(leaf.not_after, expected);
+        // cert-manager's Secret: the leaf followed by its issuer, as cert-manager writes it.
+        let secret = Secret {
+            data: Some(BTreeMap::from([(
+                TLS_CERT_KEY.to_owned(),
+                ByteString(format!("{}{}", leaf.cert_pem, ca.cert_pem).into_bytes()),
+            )])),
+            ..Default::default()
+        };
+        let cert_manager = TlsMaterial::CertManager {
+            ready: true,
+            reason: "Ready".into(),
+            message: String::new(),
+            not_after: None,
+        };
+        assert_eq!(cert_manager.not_after(Some(&secret)), Some(expected));
+        assert_eq!(cert_manager.not_after(None), None, "not issued yet");
+        let operator_ca = TlsMaterial::OperatorCa {
+            leaf,
+            ca_cert_pem: ca.cert_pem.clone(),
+            issued: None,
+        };
+        assert_eq!(operator_ca.not_after(None), Some(expected));
+
+        let m = Metrics::new();
+        m.set_certificate_expiry("mail", "example-com", cert_manager.not_after(Some(&secret)));
+        let text = m.encode();
+        assert!(
+            text.contains(&format!(
+                "kubemail_certificate_expiry_timestamp_seconds{{namespace=\"mail\",maildomain=\"example-com\"}} {expected}"
+            )),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE kubemail_certificate_expiry_timestamp_seconds gauge"),
+            "{text}"
+        );
+        assert_eq!(text.matches("# EOF").count(), 1, "one exposition: {text}");
+        assert!(text.trim_end().ends_with("# EOF"), "{text}");
+        // A certificate that is not known (any more) leaves no stale series.
+        m.set_certificate_expiry("mail", "example-com", None);
+        assert!(
+            !m.encode()
+                .contains("kubemail_certificate_expiry_timestamp_seconds{")
+        );
+        m.set_certificate_expiry("mail", "example-com", Some(expected));
+        m.forget_domain("mail", "example-com");
+        assert!(
+            !m.encode()
+                .contains("kubemail_certificate_expiry_timestamp_seconds{")
+        );
     }
 }

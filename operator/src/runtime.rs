@@ -50,6 +50,8 @@ pub enum RunError {
     ReadNatsCa(String, #[source] std::io::Error),
     #[error("--network-policy-metrics-from is not a JSON list of NetworkPolicy peers")]
     MetricsFrom(#[source] serde_json::Error),
+    #[error("--node-pod-defaults is not a JSON object of spec.pod fields")]
+    PodDefaults(#[source] serde_json::Error),
     #[error("cannot load the node config overlay {0}")]
     LoadNodeOverlay(
         String,
@@ -73,6 +75,8 @@ pub async fn run_until(args: Args, shutdown: CancellationToken) -> Result<(), Ru
         ),
         None => None,
     };
+    let pod_defaults =
+        serde_json::from_str(&args.node_pod_defaults).map_err(RunError::PodDefaults)?;
     let nats = nats_settings(&args)?;
     let client = client(args.kubeconfig.as_deref()).await?;
     let metrics = Arc::new(Metrics::new());
@@ -102,6 +106,7 @@ pub async fn run_until(args: Args, shutdown: CancellationToken) -> Result<(), Ru
                 listen_host: args.node_listen_host.clone(),
                 bind_pod_ip: args.node_bind_pod_ip,
                 node_overlay,
+                pod_defaults,
                 otlp_endpoint: args.node_otlp_endpoint.clone(),
                 nats_url: args.nats_url.clone(),
                 nats_stream: args.nats_stream.clone(),

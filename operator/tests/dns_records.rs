@@ -79,6 +79,7 @@ fn check(spec: &str, addresses: &[&str], tamper: bool) -> (bool, String) {
         listen_host: "0.0.0.0".into(),
         bind_pod_ip: false,
         node_overlay: None,
+        pod_defaults: Default::default(),
         otlp_endpoint: None,
         nats_url: "nats://127.0.0.1:4222".into(),
         nats_stream: "KUBEMAIL".into(),

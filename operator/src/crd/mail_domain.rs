@@ -10,6 +10,7 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use super::pod::PodShape;
 use super::{DOMAIN_NAME_RULE, LocalObjectReference, conditions_schema};
 
 /// CEL for a list of DMARC/TLS-RPT report URIs: `mailto:` or `https://`, comma separated.
@@ -43,9 +44,45 @@ const DURATION_RULE: &str = "self.matches('^([0-9]+(d|h|m|s))+$')";
         type_ = "string",
         json_path = ".status.conditions[?(@.type==\"Ready\")].status"
     ),
+    printcolumn(
+        name = "Reason",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].reason"
+    ),
+    printcolumn(
+        name = "DNS",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"DnsPublished\")].status"
+    ),
+    printcolumn(name = "Address", type_ = "string", json_path = ".status.addresses[0]"),
     printcolumn(name = "Replicas", type_ = "integer", json_path = ".spec.replicas"),
-    printcolumn(name = "Ready Replicas", type_ = "integer", json_path = ".status.readyReplicas"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    printcolumn(
+        name = "Ready Replicas",
+        type_ = "integer",
+        json_path = ".status.readyReplicas",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Hostname",
+        type_ = "string",
+        json_path = ".spec.hostname",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Message",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].message",
+        priority = 1
+    ),
+    // A string, not a date: kubectl shows a date column as the time since, and a future one
+    // as `<invalid>`.
+    printcolumn(
+        name = "Certificate Expiry",
+        type_ = "string",
+        json_path = ".status.certificate.notAfter",
+        priority = 1
+    ),
     validation = Rule::new(
         "size(self.metadata.name) <= 50 && self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')"
     ).message(
@@ -91,6 +128,10 @@ pub struct MailDomainSpec {
     /// The Service in front of the nodes.
     #[serde(default)]
     pub service: ServiceSpec,
+
+    /// Scheduling and resources of the SMTP node pods.
+    #[serde(default)]
+    pub pod: PodShape,
 
     /// TLS certificate. Absent or without `issuerRef`: issued by the operator's own CA.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -144,8 +185,8 @@ pub struct MailDomainSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delivery: Option<DeliverySpec>,
     /// Serve the domain on this MailPool's shared nodes instead of a Deployment of its own.
-    /// The pool decides which namespaces may attach (`Accepted` condition); `replicas` and
-    /// `service` are then the pool's.
+    /// The pool decides which namespaces may attach (`Accepted` condition); `replicas`,
+    /// `service` and `pod` are then the pool's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pool_ref: Option<PoolRef>,
 }
@@ -215,7 +256,7 @@ pub enum TlsPolicyRuleMode {
 }
 
 /// The Service exposing ports 25, 465 and 587.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ServiceSpec {
     /// Service type.
@@ -229,6 +270,35 @@ pub struct ServiceSpec {
     /// real client address on ports 25, 465 and 587.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub proxy_protocol: Option<ProxyProtocolSpec>,
+    /// The load-balancer implementation that serves the Service (`spec.loadBalancerClass`,
+    /// e.g. `service.k8s.aws/nlb`); absent: the cluster's default. Immutable once set on the
+    /// Service (Kubernetes refuses a change; delete the Service to move it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub load_balancer_class: Option<String>,
+    /// Client networks the load balancer admits (CIDR, e.g. `198.51.100.0/24`); empty: any.
+    /// Usually empty for port 25, which the whole Internet must reach; useful for a
+    /// submission-only domain.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64), inner(length(max = 64)))]
+    #[x_kube(validation = Rule::new("self.all(c, isCIDR(c))").message(
+        "spec.service.loadBalancerSourceRanges entries must be CIDR ranges such as 198.51.100.0/24 or 2001:db8::/48"
+    ))]
+    pub load_balancer_source_ranges: Vec<String>,
+    /// `Local` (the default) keeps the client address, which SPF checks and per-client
+    /// limits depend on, by sending traffic only to nodes that run a pod. `Cluster` spreads
+    /// it over every node but hides the client address: use it only with `proxyProtocol`.
+    /// Not used with `type: ClusterIP`.
+    #[serde(default)]
+    pub external_traffic_policy: ExternalTrafficPolicy,
+}
+
+/// `externalTrafficPolicy` of the Service.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub enum ExternalTrafficPolicy {
+    #[default]
+    Local,
+    Cluster,
 }
 
 /// The PROXY protocol settings of the nodes' SMTP ports.
@@ -586,6 +656,10 @@ pub struct MailDomainStatus {
     /// SMTP node pods that exist (the scale subresource's `status.replicas`).
     #[serde(default)]
     pub replicas: i32,
+    /// The load-balancer IP addresses of the Service the domain's mail arrives on (the
+    /// pool's with `spec.poolRef`): the MX host's A/AAAA records.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<String>,
     /// Label selector of the domain's pods (the scale subresource's `status.selector`, which
     /// a HorizontalPodAutoscaler uses to find the pods' metrics).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -14,6 +14,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::mail_domain::ServiceSpec;
+use super::pod::PodShape;
 use super::{DOMAIN_NAME_RULE, conditions_schema};
 
 /// SMTP nodes shared by the MailDomains that attach to them.
@@ -40,10 +41,27 @@ use super::{DOMAIN_NAME_RULE, conditions_schema};
         type_ = "string",
         json_path = ".status.conditions[?(@.type==\"Ready\")].status"
     ),
+    printcolumn(
+        name = "Reason",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].reason"
+    ),
+    printcolumn(name = "Address", type_ = "string", json_path = ".status.addresses[0]"),
     printcolumn(name = "Replicas", type_ = "integer", json_path = ".spec.replicas"),
-    printcolumn(name = "Ready Replicas", type_ = "integer", json_path = ".status.readyReplicas"),
     printcolumn(name = "Domains", type_ = "integer", json_path = ".status.attachedDomains"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    printcolumn(
+        name = "Ready Replicas",
+        type_ = "integer",
+        json_path = ".status.readyReplicas",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Message",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].message",
+        priority = 1
+    ),
     validation = Rule::new(
         "size(self.metadata.name) <= 40 && self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')"
     ).message(
@@ -68,6 +86,10 @@ pub struct MailPoolSpec {
     /// The Service in front of the nodes (one load balancer for every attached domain).
     #[serde(default)]
     pub service: ServiceSpec,
+
+    /// Scheduling and resources of the SMTP node pods.
+    #[serde(default)]
+    pub pod: PodShape,
 
     /// Which MailDomains may attach.
     #[serde(default)]
@@ -150,6 +172,10 @@ pub struct MailPoolStatus {
     /// SMTP node pods that are ready.
     #[serde(default)]
     pub ready_replicas: i32,
+    /// The load-balancer IP addresses of the pool's Service: the A/AAAA records of the
+    /// attached domains' MX host.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<String>,
     /// Label selector of the nodes (the scale subresource's `status.selector`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selector: Option<String>,

@@ -13,6 +13,7 @@ pub mod delivery_pause;
 pub mod event_sink;
 pub mod mail_domain;
 pub mod mail_pool;
+pub mod pod;
 pub mod relay;
 pub mod suppression;
 
@@ -25,6 +26,7 @@ pub use self::delivery_pause::{DeliveryPause, DeliveryPauseSpec, DeliveryPauseSt
 pub use self::event_sink::{EventSink, EventSinkSpec, EventSinkStatus};
 pub use self::mail_domain::{MailDomain, MailDomainSpec, MailDomainStatus};
 pub use self::mail_pool::{MailPool, MailPoolSpec, MailPoolStatus};
+pub use self::pod::PodShape;
 pub use self::relay::{Relay, RelaySpec, RelayStatus};
 pub use self::suppression::{Suppression, SuppressionSpec, SuppressionStatus};
 

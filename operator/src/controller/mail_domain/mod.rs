@@ -264,7 +264,7 @@ async fn apply_domain(md: &MailDomain, ctx: &Context) -> Result<Action, Error> {
         }
         Err(Error::Build(e)) => {
             let invalid = validate::Invalid {
-                reason: "InvalidSpec",
+                reason: e.reason(),
                 message: e.to_string(),
                 retry_after: None,
             };
@@ -352,6 +352,11 @@ async fn run_pipeline(
         &md.namespace().unwrap_or_default(),
         &md.name_any(),
         ready_replicas,
+    );
+    ctx.metrics.set_certificate_expiry(
+        &md.namespace().unwrap_or_default(),
+        &md.name_any(),
+        provisioned.tls.not_after(refs.tls_secret.as_ref()),
     );
 
     // Wake up for the next scheduled change (key rotation, certificate renewal), at the

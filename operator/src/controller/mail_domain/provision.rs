@@ -52,6 +52,19 @@ pub enum TlsMaterial {
     },
 }
 
+impl TlsMaterial {
+    /// When the certificate the nodes serve expires: the operator's leaf (the one this
+    /// reconcile writes into the TLS Secret), or what cert-manager wrote into `tls_secret`.
+    pub fn not_after(&self, tls_secret: Option<&Secret>) -> Option<UnixSeconds> {
+        match self {
+            Self::OperatorCa { leaf, .. } => Some(leaf.not_after),
+            Self::CertManager { .. } => tls_secret
+                .and_then(|s| secret_text(s, TLS_CERT_KEY))
+                .and_then(|pem| certs::certificate_not_after(&pem)),
+        }
+    }
+}
+
 /// Makes or reuses the DKIM keys, the certificate and the users file.
 pub async fn provision(
     ctx: &Context,

@@ -410,6 +410,7 @@ pub fn compute(
             observed_generation: generation,
             ready_replicas,
             replicas,
+            addresses: observed.addresses.iter().map(ToString::to_string).collect(),
             selector,
             selectors: published,
             signing_selectors: children.signing_selectors.clone(),

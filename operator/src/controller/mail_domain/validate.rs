@@ -6,6 +6,7 @@
 //! operator can know (durations relative to each other, referenced objects, installed CRDs)
 //! and re-checks names with the node's own rule, so the node never gets a config it refuses.
 
+use std::net::IpAddr;
 use std::time::Duration;
 
 use kube::ResourceExt;
@@ -13,8 +14,10 @@ use kubemail_config::{ByteSize, MAX_MESSAGE_SIZE_CEILING, validate_domain_name};
 
 use super::dereference::Dereferenced;
 use crate::crd::mail_domain::{
-    DmarcSpec, InboundSpec, IssuerRef, MailDomain, MtaStsMode, ServiceType, SpfSpec, TlsPolicyRule,
+    DmarcSpec, InboundSpec, IssuerRef, MailDomain, MtaStsMode, ServiceSpec, ServiceType, SpfSpec,
+    TlsPolicyRule,
 };
+use crate::crd::pod::PodShape;
 use crate::crd::relay::{Relay, RelaySpec};
 use crate::dkim::RotationPolicy;
 use crate::dns_records::{MAX_SPF_LOOKUPS, MtaSts};
@@ -77,7 +80,11 @@ pub struct ValidatedDomain {
     pub hostname: String,
     pub replicas: i32,
     pub service_type: ServiceType,
-    pub service_annotations: std::collections::BTreeMap<String, String>,
+    /// The Service settings (type, annotations, load balancer), checked.
+    pub service: ServiceSpec,
+    /// Scheduling and resources of the node pods (resources are checked against the node's
+    /// memory budget when the Deployment is built).
+    pub pod: PodShape,
     /// Networks trusted to send the PROXY header; `None`: no PROXY protocol.
     pub proxy_protocol: Option<Vec<String>>,
     pub tls: TlsSource,
@@ -300,6 +307,20 @@ pub fn validate(md: &MailDomain, refs: &Dereferenced) -> Result<ValidatedDomain,
         }
     };
 
+    // A pooled domain runs on the pool's pods behind the pool's Service: its own pod and
+    // load-balancer settings are not used, so they cannot make it invalid either.
+    let (service, pod) = if spec.pool_ref.is_some() {
+        let service = ServiceSpec {
+            load_balancer_source_ranges: Vec::new(),
+            ..spec.service.clone()
+        };
+        (service, PodShape::default())
+    } else {
+        check_source_ranges(&spec.service)
+            .map_err(|message| Invalid::new("InvalidLoadBalancerSourceRanges", message))?;
+        (spec.service.clone(), spec.pod.clone())
+    };
+
     let relay = resolve_relay(md, refs.relay.as_ref());
     let relay_lookups = usize::from(matches!(
         &relay,
@@ -327,7 +348,8 @@ pub fn validate(md: &MailDomain, refs: &Dereferenced) -> Result<ValidatedDomain,
         hostname,
         replicas: spec.replicas,
         service_type: spec.service.type_,
-        service_annotations: spec.service.annotations.clone(),
+        service,
+        pod,
         proxy_protocol,
         tls,
         dkim: RotationPolicy {
@@ -357,6 +379,36 @@ pub fn validate(md: &MailDomain, refs: &Dereferenced) -> Result<ValidatedDomain,
             .unwrap_or_default(),
         retry_intervals,
     })
+}
+
+/// Checks `loadBalancerSourceRanges`: every entry a CIDR range (`198.51.100.0/24`), as
+/// Kubernetes wants it. The CRD refuses most bad entries at admission; this catches what
+/// was stored before that rule, so the person sees a condition instead of a failed apply.
+pub fn check_source_ranges(spec: &ServiceSpec) -> Result<(), String> {
+    for (i, range) in spec.load_balancer_source_ranges.iter().enumerate() {
+        parse_cidr(range).map_err(|why| {
+            format!(
+                "spec.service.loadBalancerSourceRanges[{i}] ({range:?}) {why}; write a CIDR range such as 198.51.100.0/24 or 2001:db8::/48"
+            )
+        })?;
+    }
+    Ok(())
+}
+
+/// An `address/prefix` pair with the prefix in range for the address family.
+fn parse_cidr(text: &str) -> Result<(IpAddr, u8), &'static str> {
+    let (address, prefix) = text
+        .split_once('/')
+        .ok_or("is not a CIDR range: the /prefix is missing")?;
+    let address: IpAddr = address.parse().map_err(|_| "has no valid IP address")?;
+    let prefix: u8 = prefix
+        .parse()
+        .map_err(|_| "has a prefix length that is not a number")?;
+    let max = if address.is_ipv4() { 32 } else { 128 };
+    if prefix > max {
+        return Err("has a prefix length too long for its address family");
+    }
+    Ok((address, prefix))
 }
 
 fn resolve_relay(md: &MailDomain, relay: Option<&Relay>) -> RelayResolution {

@@ -116,6 +116,7 @@ mod tests {
                 hostname: "mx.pool.test".into(),
                 replicas: 2,
                 service: Default::default(),
+                pod: Default::default(),
                 allowed_domains: AllowedDomains {
                     namespaces: AllowedNamespaces { from, selector },
                 },

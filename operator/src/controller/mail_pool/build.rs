@@ -246,15 +246,15 @@ pub fn build(
         annotations: BTreeMap::from([(CHECKSUM_ANNOTATION.to_owned(), restart_checksum)]),
         config_map: contract::node_config(&name),
         secrets: mounts,
+        shape: pool.spec.pod.clone(),
     };
-    let deployment = node_deployment(&pods, meta(contract::nodes(&name)), &node, config);
+    let deployment = node_deployment(&pods, meta(contract::nodes(&name)), &node, config)?;
     let service = node_service(
         selector(&name),
-        pool.spec.service.type_,
-        &pool.spec.service.annotations,
+        &pool.spec.service,
         false,
         meta(contract::nodes(&name)),
-    );
+    )?;
     let pdb = node_pdb(selector(&name), meta(contract::nodes(&name)));
     Ok(PoolChildren {
         config_map: ConfigMap {
@@ -314,6 +314,7 @@ mod tests {
                 hostname: "mx.pool.test".into(),
                 replicas: 3,
                 service: Default::default(),
+                pod: Default::default(),
                 allowed_domains: Default::default(),
             },
         );
@@ -534,5 +535,67 @@ mod tests {
             annotations(&moved),
             "a NATS change needs a restart"
         );
+    }
+
+    #[test]
+    fn the_pools_pod_shape_and_load_balancer_reach_its_deployment_and_service() {
+        let mut p = pool();
+        p.spec.pod = serde_yaml::from_str(
+            "{ nodeSelector: { pool: mail }, priorityClassName: mail-critical, topologySpreadConstraints: [] }",
+        )
+        .unwrap();
+        p.spec.service = serde_yaml::from_str(
+            "{ loadBalancerClass: x.example/lb, loadBalancerSourceRanges: [198.51.100.0/24] }",
+        )
+        .unwrap();
+        let children = build(&p, &[], &material(), &config()).unwrap();
+        let pod = children
+            .deployment
+            .spec
+            .as_ref()
+            .unwrap()
+            .template
+            .spec
+            .as_ref()
+            .unwrap();
+        assert_eq!(
+            pod.node_selector,
+            Some(BTreeMap::from([("pool".into(), "mail".into())]))
+        );
+        assert_eq!(pod.priority_class_name.as_deref(), Some("mail-critical"));
+        assert_eq!(pod.topology_spread_constraints, None, "explicitly none");
+        let service = children.service.spec.as_ref().unwrap();
+        assert_eq!(service.load_balancer_class.as_deref(), Some("x.example/lb"));
+        assert_eq!(
+            service.load_balancer_source_ranges,
+            Some(vec!["198.51.100.0/24".to_owned()])
+        );
+
+        // The default spread selects the pool's pods, not a domain's.
+        let children = build(&pool(), &[], &material(), &config()).unwrap();
+        let spread = children
+            .deployment
+            .spec
+            .unwrap()
+            .template
+            .spec
+            .unwrap()
+            .topology_spread_constraints
+            .unwrap();
+        assert_eq!(
+            spread[0].label_selector.as_ref().unwrap().match_labels,
+            Some(selector("shared"))
+        );
+
+        // What Kubernetes or the node would refuse is a reason on the pool's Ready condition.
+        let mut bad = pool();
+        bad.spec.service.load_balancer_source_ranges = vec!["198.51.100.0".into()];
+        let err = build(&bad, &[], &material(), &config()).unwrap_err();
+        assert_eq!(err.reason(), "InvalidLoadBalancerSourceRanges");
+        let mut small = pool();
+        small.spec.pod =
+            serde_yaml::from_str("{ resources: { limits: { memory: 64Mi } } }").unwrap();
+        let err = build(&small, &[], &material(), &config()).unwrap_err();
+        assert_eq!(err.reason(), "InvalidPodResources");
     }
 }

@@ -35,6 +35,7 @@ use tracing::{Instrument, field, info_span, instrument};
 
 use self::build::{PoolMaterial, PooledDomain};
 use self::contract::{DOMAIN_KEY, FILES_KEY, Files};
+use crate::controller::mail_domain::build::load_balancer_addresses;
 use crate::controller::mail_domain::names::DOMAIN_LABEL;
 use crate::controller::mail_domain::ownership::{self, Ownership};
 use crate::controller::mail_domain::provision;
@@ -148,7 +149,7 @@ pub async fn reconcile(pool: Arc<MailPool>, ctx: Arc<Context>) -> Result<Action,
         Ok(c) => c,
         Err(e) => {
             let message = crate::controller::chain(&e);
-            publish_status(&ctx, &pool, not_ready(&pool, "InvalidSpec", &message, now)).await?;
+            publish_status(&ctx, &pool, not_ready(&pool, e.reason(), &message, now)).await?;
             return Ok(Action::await_change());
         }
     };
@@ -202,14 +203,14 @@ pub async fn reconcile(pool: Arc<MailPool>, ctx: Arc<Context>) -> Result<Action,
             .map(|_| ()),
     )?;
     let name = children.service.name_any();
-    apply(
-        "Service",
-        name.clone(),
-        Api::<Service>::namespaced(ctx.client.clone(), &ns)
-            .patch(&name, &ssa, &Patch::Apply(&children.service))
-            .await
-            .map(|_| ()),
-    )?;
+    let service = Api::<Service>::namespaced(ctx.client.clone(), &ns)
+        .patch(&name, &ssa, &Patch::Apply(&children.service))
+        .await
+        .map_err(|source| Error::ApplyChild {
+            kind: "Service".into(),
+            name: name.clone(),
+            source,
+        })?;
     apply(
         "PodDisruptionBudget",
         name.clone(),
@@ -235,6 +236,10 @@ pub async fn reconcile(pool: Arc<MailPool>, ctx: Arc<Context>) -> Result<Action,
         observed_generation: pool.metadata.generation,
         replicas: d.replicas.unwrap_or(0),
         ready_replicas,
+        addresses: load_balancer_addresses(Some(&service))
+            .iter()
+            .map(ToString::to_string)
+            .collect(),
         selector: Some(build::selector_string(&pool.name_any())),
         attached_domains: i32::try_from(children.attached.len()).unwrap_or(i32::MAX),
         domains: children.attached,

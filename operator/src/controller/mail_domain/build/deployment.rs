@@ -1,5 +1,8 @@
 //! The Deployment of a domain's SMTP nodes and the PodDisruptionBudget that keeps all but
-//! one of them up during voluntary disruptions.
+//! one of them up during voluntary disruptions. `spec.pod` shapes where the pods run (node
+//! selection, tolerations, affinity, priority, topology spread: by default over hosts and
+//! zones) and their resources, merged over defaults whose memory limit holds the node's
+//! message memory budget.
 
 use std::collections::BTreeMap;
 
@@ -8,9 +11,10 @@ use k8s_openapi::api::apps::v1::{
 };
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
-    EnvVarSource, HTTPGetAction, Lifecycle, LifecycleHandler, ObjectFieldSelector,
-    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile,
-    SecretVolumeSource, SecurityContext, SleepAction, Volume, VolumeMount,
+    EnvVarSource, HTTPGetAction, Lifecycle, LifecycleHandler, LocalObjectReference,
+    ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements,
+    SeccompProfile, SecretVolumeSource, SecurityContext, SleepAction, TopologySpreadConstraint,
+    Volume, VolumeMount,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -19,13 +23,14 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::ObjectMeta;
 use kubemail_config::NodeConfig;
 
-use super::BuildConfig;
+use super::{BuildConfig, BuildError};
 use crate::controller::mail_domain::names::{
     self, ADMIN_PORT, CHECKSUM_ANNOTATION, CONFIG_DIR, DKIM_DIR, MTA_STS_PORT, NODE_CONFIG_KEY,
     RELAY_DIR, SMTP_PORT, SUBMISSION_PORT, SUBMISSIONS_PORT, TLS_DIR, USERS_DIR, labels,
     selector_labels,
 };
 use crate::controller::mail_domain::validate::{RelayResolution, ValidatedDomain};
+use crate::crd::pod::PodShape;
 
 /// Non-root user and group of the node (the distroless `nonroot` ids).
 const NODE_UID: i64 = 65532;
@@ -40,6 +45,12 @@ const SECRET_MODE: i32 = 0o440;
 /// NATS client's buffers, delivery. The container's limit is this plus the node's budget for
 /// message bytes, so the budget keeps the node below its limit.
 const NODE_BASE_MEMORY: u64 = 256 << 20;
+/// Requests of the node container unless `spec.pod.resources` says otherwise: an idle node
+/// needs little, and the memory limit (not the request) is what holds the message budget.
+const DEFAULT_CPU_REQUEST: &str = "100m";
+const DEFAULT_MEMORY_REQUEST: &str = "128Mi";
+/// The failure domains the pods spread over by default: nodes, then zones.
+const DEFAULT_SPREAD_KEYS: [&str; 2] = ["kubernetes.io/hostname", "topology.kubernetes.io/zone"];
 
 /// What differs between the pods of a MailDomain and those of a MailPool.
 #[derive(Debug, Clone)]
@@ -53,6 +64,8 @@ pub struct NodePods {
     /// The ConfigMap holding `node.yaml`, mounted at [`CONFIG_DIR`].
     pub config_map: String,
     pub secrets: Vec<SecretMount>,
+    /// Scheduling and resources (`spec.pod`).
+    pub shape: PodShape,
 }
 
 /// A Secret the pods mount read-only.
@@ -73,7 +86,7 @@ pub(super) fn deployment(
     checksum: &str,
     node: &NodeConfig,
     config: &BuildConfig,
-) -> Deployment {
+) -> Result<Deployment, BuildError> {
     let secret = |volume: &str, secret: String, path: &str| SecretMount {
         volume: volume.to_owned(),
         secret,
@@ -102,17 +115,21 @@ pub(super) fn deployment(
         annotations: BTreeMap::from([(CHECKSUM_ANNOTATION.to_owned(), checksum.to_owned())]),
         config_map: names::node_config(&v.name),
         secrets,
+        shape: v.pod.clone(),
     };
     node_deployment(&pods, metadata, node, config)
 }
 
-/// The Deployment of SMTP node pods described by `pods`.
+/// The Deployment of SMTP node pods described by `pods`; an error when `pods.shape` asks
+/// for resources the node cannot run in.
 pub fn node_deployment(
     pods: &NodePods,
     metadata: ObjectMeta,
     node: &NodeConfig,
     config: &BuildConfig,
-) -> Deployment {
+) -> Result<Deployment, BuildError> {
+    let shape = pods.shape.or(&config.pod_defaults);
+    let resources = resources(node, shape.resources.as_ref())?;
     // The node's own drain deadline, the preStop sleep before it, and some slack.
     let grace_seconds = i64::try_from(node.shutdown.drain_timeout.0.as_secs())
         .unwrap_or(i64::MAX / 2)
@@ -256,17 +273,7 @@ pub fn node_deployment(
             }),
             ..Default::default()
         }),
-        resources: Some(ResourceRequirements {
-            requests: Some(BTreeMap::from([
-                ("cpu".to_owned(), Quantity("100m".to_owned())),
-                ("memory".to_owned(), Quantity("128Mi".to_owned())),
-            ])),
-            limits: Some(BTreeMap::from([(
-                "memory".to_owned(),
-                Quantity(memory_limit(node)),
-            )])),
-            ..Default::default()
-        }),
+        resources: Some(resources),
         security_context: Some(SecurityContext {
             allow_privilege_escalation: Some(false),
             read_only_root_filesystem: Some(true),
@@ -281,7 +288,7 @@ pub fn node_deployment(
         ..Default::default()
     };
 
-    Deployment {
+    Ok(Deployment {
         metadata,
         spec: Some(DeploymentSpec {
             replicas: Some(pods.replicas),
@@ -320,25 +327,183 @@ pub fn node_deployment(
                     }),
                     containers: vec![container],
                     volumes: Some(volumes),
+                    node_selector: (!shape.node_selector.is_empty())
+                        .then(|| shape.node_selector.clone()),
+                    tolerations: (!shape.tolerations.is_empty()).then(|| shape.tolerations.clone()),
+                    affinity: shape.affinity.clone(),
+                    priority_class_name: shape.priority_class_name.clone(),
+                    image_pull_secrets: (!shape.image_pull_secrets.is_empty()).then(|| {
+                        shape
+                            .image_pull_secrets
+                            .iter()
+                            .map(|r| LocalObjectReference {
+                                name: r.name.clone(),
+                            })
+                            .collect()
+                    }),
+                    topology_spread_constraints: topology_spread(&shape, &pods.selector),
                     ..Default::default()
                 }),
             },
             ..Default::default()
         }),
         ..Default::default()
-    }
+    })
 }
 
-/// One pod at a time may be disrupted: drains proceed, and the rest keep receiving mail.
-/// The container's memory limit: the node's message memory budget plus the rest.
-fn memory_limit(node: &NodeConfig) -> String {
+/// The pods' topology spread: the default over [`DEFAULT_SPREAD_KEYS`], none for an explicit
+/// empty list, or the constraints given, each without a `labelSelector` selecting these pods.
+fn topology_spread(
+    shape: &PodShape,
+    selector: &BTreeMap<String, String>,
+) -> Option<Vec<TopologySpreadConstraint>> {
+    let own_pods = || LabelSelector {
+        match_labels: Some(selector.clone()),
+        ..Default::default()
+    };
+    let constraints: Vec<TopologySpreadConstraint> = match &shape.topology_spread_constraints {
+        None => DEFAULT_SPREAD_KEYS
+            .iter()
+            .map(|key| TopologySpreadConstraint {
+                max_skew: 1,
+                topology_key: (*key).to_owned(),
+                // Soft: a single-node or single-zone cluster still runs every replica.
+                when_unsatisfiable: "ScheduleAnyway".to_owned(),
+                label_selector: Some(own_pods()),
+                // Spread each rollout's ReplicaSet on its own, so the old pods being
+                // replaced do not skew where the new ones go.
+                match_label_keys: Some(vec!["pod-template-hash".to_owned()]),
+                ..Default::default()
+            })
+            .collect(),
+        Some(given) => given
+            .iter()
+            .cloned()
+            .map(|mut c| {
+                c.label_selector.get_or_insert_with(own_pods);
+                c
+            })
+            .collect(),
+    };
+    (!constraints.is_empty()).then_some(constraints)
+}
+
+/// The node container's requests and limits: `wanted` (from `spec.pod.resources`) merged
+/// over the defaults, whose memory limit is the node's message memory budget plus
+/// [`NODE_BASE_MEMORY`]. Refused: a quantity Kubernetes cannot read, a memory limit below
+/// that sum (the node would be OOM-killed before its budget makes it refuse mail), and a
+/// request above its limit. A default request above a limit given is lowered to the limit.
+fn resources(
+    node: &NodeConfig,
+    wanted: Option<&ResourceRequirements>,
+) -> Result<ResourceRequirements, BuildError> {
     let budget = node
         .limits
         .message_bytes_in_memory
         .map_or(kubemail_config::DEFAULT_MESSAGE_BYTES_IN_MEMORY, |b| b.0);
-    format!("{}Mi", (budget + NODE_BASE_MEMORY).div_ceil(1 << 20))
+    let needed = budget + NODE_BASE_MEMORY;
+    let needed_mib = needed.div_ceil(1 << 20);
+    let given_requests = wanted.and_then(|w| w.requests.clone()).unwrap_or_default();
+    let given_limits = wanted.and_then(|w| w.limits.clone()).unwrap_or_default();
+    let value = |field: &str, name: &str, q: &Quantity| {
+        parse_quantity(&q.0).ok_or_else(|| {
+            BuildError::PodResources(format!(
+                "spec.pod.resources.{field}.{name} ({:?}) is not a Kubernetes quantity such as 512Mi, 1Gi or 250m",
+                q.0
+            ))
+        })
+    };
+    for (name, q) in &given_requests {
+        value("requests", name, q)?;
+    }
+    for (name, q) in &given_limits {
+        value("limits", name, q)?;
+    }
+
+    let mut requests = BTreeMap::from([
+        ("cpu".to_owned(), Quantity(DEFAULT_CPU_REQUEST.to_owned())),
+        (
+            "memory".to_owned(),
+            Quantity(DEFAULT_MEMORY_REQUEST.to_owned()),
+        ),
+    ]);
+    requests.extend(given_requests.clone());
+    let mut limits = BTreeMap::from([("memory".to_owned(), Quantity(format!("{needed_mib}Mi")))]);
+    limits.extend(given_limits);
+
+    if let Some(limit) = limits.get("memory")
+        && value("limits", "memory", limit)? < needed as f64
+    {
+        return Err(BuildError::PodResources(format!(
+            "spec.pod.resources.limits.memory ({}) is below {needed_mib}Mi: the node keeps up to {}Mi of message data in memory (4 times spec.limits.maxMessageSize, at least 256Mi, or the site's limits.messageBytesInMemory) and needs {}Mi besides; raise the limit or lower spec.limits.maxMessageSize",
+            limit.0,
+            budget.div_ceil(1 << 20),
+            NODE_BASE_MEMORY >> 20
+        )));
+    }
+    for (name, request) in &mut requests {
+        let Some(limit) = limits.get(name) else {
+            continue;
+        };
+        if value("requests", name, request)? <= value("limits", name, limit)? {
+            continue;
+        }
+        if given_requests.contains_key(name) {
+            return Err(BuildError::PodResources(format!(
+                "spec.pod.resources.requests.{name} ({}) is above limits.{name} ({}); Kubernetes refuses a request above its limit",
+                request.0, limit.0
+            )));
+        }
+        *request = limit.clone();
+    }
+    Ok(ResourceRequirements {
+        requests: Some(requests),
+        limits: Some(limits),
+        claims: wanted.and_then(|w| w.claims.clone()),
+    })
 }
 
+/// The value of a Kubernetes quantity (`512Mi`, `1.5G`, `250m`, `1e9`) in base units, or
+/// `None` when Kubernetes would not read it. A float is exact enough to compare limits.
+fn parse_quantity(text: &str) -> Option<f64> {
+    let text = text.trim();
+    let digits_end = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '+' || c == '-'))
+        .unwrap_or(text.len());
+    let (number, suffix) = text.split_at(digits_end);
+    let unsigned = number.strip_prefix(['+', '-']).unwrap_or(number);
+    if unsigned.is_empty()
+        || unsigned == "."
+        || unsigned.contains(['+', '-'])
+        || unsigned.matches('.').count() > 1
+    {
+        return None;
+    }
+    let number: f64 = number.parse().ok()?;
+    let factor = match suffix {
+        "" => 1.0,
+        "m" => 1e-3,
+        "k" => 1e3,
+        "M" => 1e6,
+        "G" => 1e9,
+        "T" => 1e12,
+        "P" => 1e15,
+        "E" => 1e18,
+        "Ki" => 1024f64,
+        "Mi" => 1024f64.powi(2),
+        "Gi" => 1024f64.powi(3),
+        "Ti" => 1024f64.powi(4),
+        "Pi" => 1024f64.powi(5),
+        "Ei" => 1024f64.powi(6),
+        exponent => {
+            let power: i32 = exponent.strip_prefix(['e', 'E'])?.parse().ok()?;
+            10f64.powi(power)
+        }
+    };
+    Some(number * factor)
+}
+
+/// One pod at a time may be disrupted: drains proceed, and the rest keep receiving mail.
 pub(super) fn pdb(v: &ValidatedDomain, metadata: ObjectMeta) -> PodDisruptionBudget {
     node_pdb(selector_labels(&v.name), metadata)
 }
@@ -356,5 +521,32 @@ pub fn node_pdb(selector: BTreeMap<String, String>, metadata: ObjectMeta) -> Pod
             ..Default::default()
         }),
         ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_quantity;
+
+    #[test]
+    fn quantities_read_as_kubernetes_reads_them() {
+        for (text, value) in [
+            ("512Mi", 512.0 * 1024.0 * 1024.0),
+            ("1.5Gi", 1.5 * 1024.0 * 1024.0 * 1024.0),
+            ("250m", 0.25),
+            ("2", 2.0),
+            ("1k", 1e3),
+            ("1G", 1e9),
+            ("1E", 1e18),
+            ("1e9", 1e9),
+            ("5E-1", 0.5),
+            ("+3", 3.0),
+            ("536870912", 536_870_912.0),
+        ] {
+            assert_eq!(parse_quantity(text), Some(value), "{text}");
+        }
+        for bad in ["", "Mi", "1.2.3", "1MB", "1e", "1 Gi", "lots", "--1", "."] {
+            assert_eq!(parse_quantity(bad), None, "{bad}");
+        }
     }
 }

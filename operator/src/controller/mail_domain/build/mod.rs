@@ -23,6 +23,8 @@
 pub mod config;
 mod deployment;
 mod dns;
+#[cfg(test)]
+mod pod_tests;
 mod pooled;
 mod secrets;
 mod service;
@@ -65,6 +67,9 @@ pub struct BuildConfig {
     pub bind_pod_ip: bool,
     /// Site-wide settings merged into every node config (see [`load_node_overlay`]).
     pub node_overlay: Option<NodeConfigOverlay>,
+    /// Site-wide defaults of `spec.pod` (`--node-pod-defaults`): each field applies where
+    /// the MailDomain or MailPool leaves it unset.
+    pub pod_defaults: crate::crd::PodShape,
     /// OTLP endpoint passed to the nodes as `OTEL_EXPORTER_OTLP_ENDPOINT`.
     pub otlp_endpoint: Option<String>,
     /// NATS URL(s) the nodes use.
@@ -117,13 +122,28 @@ pub struct Children {
     pub checksum: String,
 }
 
-/// Why the children cannot be built (a spec the node would refuse).
+/// Why the children cannot be built (a spec the node or Kubernetes would refuse).
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
     #[error("the node configuration would be invalid: {0}")]
     NodeConfig(String),
     #[error("the MailDomain has no uid yet")]
     MissingUid,
+    #[error("{0}")]
+    PodResources(String),
+    #[error("{0}")]
+    Service(String),
+}
+
+impl BuildError {
+    /// The CamelCase reason of the `Ready=False` condition that reports it.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::NodeConfig(_) | Self::MissingUid => "InvalidSpec",
+            Self::PodResources(_) => "InvalidPodResources",
+            Self::Service(_) => "InvalidLoadBalancerSourceRanges",
+        }
+    }
 }
 
 /// Load-balancer IP addresses of a Service, sorted. Host-name ingress points (some clouds)
@@ -190,8 +210,8 @@ pub fn build(
         &checksum,
         &node,
         config,
-    );
-    let service = service::service(v, meta(names::service(&v.name)));
+    )?;
+    let service = service::service(v, meta(names::service(&v.name)))?;
     let pdb = deployment::pdb(v, meta(names::pdb(&v.name)));
     // A pool's nodes do not serve MTA-STS policies: a pooled domain publishes none, rather
     // than a record whose policy cannot be fetched.

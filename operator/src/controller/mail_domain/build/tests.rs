@@ -32,6 +32,7 @@ pub(crate) fn config() -> BuildConfig {
         listen_host: "0.0.0.0".into(),
         bind_pod_ip: false,
         node_overlay: None,
+        pod_defaults: Default::default(),
         otlp_endpoint: None,
         nats_url: "nats://nats.kubemail-system:4222".into(),
         nats_stream: "KUBEMAIL".into(),
@@ -96,7 +97,7 @@ fn key(selector: &str, algorithm: DkimAlgorithm, public: &str) -> DkimKey {
     }
 }
 
-fn provisioned(users: bool) -> Provisioned {
+pub(super) fn provisioned(users: bool) -> Provisioned {
     Provisioned {
         dkim: DkimKeys {
             keys: vec![
@@ -122,7 +123,7 @@ fn provisioned(users: bool) -> Provisioned {
     }
 }
 
-fn observed() -> Observed {
+pub(super) fn observed() -> Observed {
     Observed {
         addresses: vec![
             "203.0.113.7".parse().unwrap(),
