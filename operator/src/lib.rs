@@ -22,6 +22,7 @@ pub mod certs;
 pub mod controller;
 pub mod crd;
 pub mod dkim;
+pub mod dns_check;
 pub mod dns_records;
 pub mod events;
 pub mod leader;

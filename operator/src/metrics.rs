@@ -1,7 +1,8 @@
 //! Prometheus metrics of the operator (prometheus-client, OpenMetrics text on `/metrics`):
 //! reconcile runs, failures by error kind, reconcile durations, whether this replica leads, the
 //! ready SMTP node pods of each MailDomain (for a "no ready nodes" alert) and the trace spans
-//! the OTLP exporter sent or dropped.
+//! the OTLP exporter sent or dropped, and the DNS records of each MailDomain not published as
+//! computed.
 //!
 //! ```text
 //! kubemail_operator_reconciles_total{controller="maildomain"}
@@ -10,6 +11,7 @@
 //! kubemail_operator_leader
 //! kubemail_operator_maildomain_ready_replicas{maildomain_namespace="mail",maildomain="example-com"}
 //! kubemail_operator_otel_spans_dropped_total{reason="export_failed"}
+//! kubemail_operator_maildomain_dns_records_not_as_expected{maildomain_namespace="mail",maildomain="example-com"}
 //! ```
 
 use std::time::Instant;
@@ -52,6 +54,7 @@ pub struct Metrics {
     duration: HistogramFamily,
     leader: Gauge,
     ready_replicas: Family<DomainLabels, Gauge>,
+    dns_not_as_expected: Family<DomainLabels, Gauge>,
 }
 
 /// Observes one reconcile's duration when dropped.
@@ -104,6 +107,12 @@ impl Metrics {
             ready_replicas.clone(),
         );
         crate::telemetry::export_metrics().register(&mut registry);
+        let dns_not_as_expected = Family::<DomainLabels, Gauge>::default();
+        registry.register(
+            "maildomain_dns_records_not_as_expected",
+            "DNS records of each MailDomain that the last DNS check found missing, drifted, conflicting or unresolvable (leader only)",
+            dns_not_as_expected.clone(),
+        );
         Self {
             registry,
             reconciles,
@@ -111,6 +120,7 @@ impl Metrics {
             duration,
             leader,
             ready_replicas,
+            dns_not_as_expected,
         }
     }
 
@@ -153,10 +163,22 @@ impl Metrics {
 
     /// Drops the series of a deleted MailDomain.
     pub fn forget_domain(&self, namespace: &str, maildomain: &str) {
-        self.ready_replicas.remove(&DomainLabels {
+        let labels = DomainLabels {
             maildomain_namespace: namespace.to_owned(),
             maildomain: maildomain.to_owned(),
-        });
+        };
+        self.ready_replicas.remove(&labels);
+        self.dns_not_as_expected.remove(&labels);
+    }
+
+    /// Records how many DNS records of a MailDomain the last check found not as expected.
+    pub fn set_dns_not_as_expected(&self, namespace: &str, maildomain: &str, records: usize) {
+        self.dns_not_as_expected
+            .get_or_create(&DomainLabels {
+                maildomain_namespace: namespace.to_owned(),
+                maildomain: maildomain.to_owned(),
+            })
+            .set(i64::try_from(records).unwrap_or(i64::MAX));
     }
 
     /// OpenMetrics text of every metric.
@@ -207,6 +229,12 @@ mod tests {
         assert!(
             text.contains("kubemail_operator_otel_spans_dropped_total"),
             "{text}"
+        );
+        m.set_dns_not_as_expected("mail", "example-com", 3);
+        assert!(
+            m.encode().contains("kubemail_operator_maildomain_dns_records_not_as_expected{maildomain_namespace=\"mail\",maildomain=\"example-com\"} 3"),
+            "{}",
+            m.encode()
         );
         m.forget_domain("mail", "example-com");
         assert!(!m.encode().contains("maildomain=\"example-com\""));

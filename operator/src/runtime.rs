@@ -112,6 +112,13 @@ pub async fn run_until(args: Args, shutdown: CancellationToken) -> Result<(), Ru
                 network_policy: nats.network_policy.clone(),
             },
             nats,
+            dns_check: controller::dns_check::DnsCheckConfig {
+                interval: args.dns_check_interval,
+                resolver: crate::dns_check::resolve::ResolverSettings {
+                    nameservers: args.dns_check_nameservers.clone(),
+                    timeout: args.dns_check_timeout,
+                },
+            },
         },
         metrics.clone(),
         identity.clone(),
