@@ -21,6 +21,7 @@ pub mod args;
 pub mod certs;
 pub mod controller;
 pub mod crd;
+pub mod diagnose;
 pub mod dkim;
 pub mod dns_check;
 pub mod dns_records;

@@ -367,6 +367,12 @@ impl Context {
         crate::nats::access(self).await
     }
 
+    /// An error with its causes and, when a cause is recognised, what to do about it
+    /// (see [`crate::diagnose`]).
+    pub fn explain(&self, error: &(dyn std::error::Error + 'static)) -> String {
+        crate::diagnose::explain(error, &crate::diagnose::Hints::from_config(&self.config))
+    }
+
     /// Whether a CRD is installed and established (cached briefly).
     pub async fn crd_installed(&self, name: &str) -> Result<bool, Error> {
         {
