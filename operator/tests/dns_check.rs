@@ -7,20 +7,18 @@
 // Tests may unwrap: a panic is a test failure with its message.
 #![allow(clippy::unwrap_used)]
 
-use std::net::{IpAddr, SocketAddr};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+mod knot;
+
+use std::net::IpAddr;
 use std::time::Duration;
 
+use knot::Knot;
 use kubemail_operator::crd::mail_domain::{
     DkimAlgorithm, DmarcSpec, DnsRecord, MtaStsMode, SpfPolicy, SpfSpec,
 };
 use kubemail_operator::dns_check::resolve::{Resolver, ResolverSettings};
 use kubemail_operator::dns_check::{self, Problem};
 use kubemail_operator::dns_records::{self, DnsInputs, MtaSts, PublishedKey};
-use kubemail_test_support::knot;
-use kubemail_test_support::ports::free_port;
-use kubemail_test_support::wait::wait_until;
 
 const DOMAIN: &str = "example.test";
 /// Long enough to be split into several TXT strings, as a 2048-bit RSA key is.
@@ -64,75 +62,6 @@ fn expected() -> Vec<DnsRecord> {
     })
 }
 
-/// knotd serving `example.test` with `records` (zone-file lines), killed on drop.
-struct Knot {
-    child: Child,
-    port: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl Knot {
-    fn start(records: String) -> Self {
-        let knotd = Path::new("/usr/sbin/knotd");
-        assert!(
-            knotd.is_file(),
-            "/usr/sbin/knotd is missing (Debian package knot)"
-        );
-        let dir = tempfile::tempdir().unwrap();
-        let prepared = knot::prepare(dir.path(), &[(DOMAIN, records)]);
-        for _ in 0..5 {
-            let port = free_port();
-            let conf = dir.path().join("knot.conf");
-            std::fs::write(&conf, prepared.config(port)).unwrap();
-            let log = std::fs::File::create(dir.path().join("knot.log")).unwrap();
-            let mut child = Command::new(knotd)
-                .arg("-c")
-                .arg(&conf)
-                .stdin(Stdio::null())
-                .stdout(log.try_clone().unwrap())
-                .stderr(log)
-                .spawn()
-                .unwrap();
-            let served = wait_until(Duration::from_secs(20), "knotd to serve its zones", || {
-                if prepared.serves_all(port) {
-                    Some(true)
-                } else if matches!(child.try_wait(), Ok(Some(_))) {
-                    // Exited early: another process took the port; try another.
-                    Some(false)
-                } else {
-                    None
-                }
-            });
-            if served {
-                return Self {
-                    child,
-                    port,
-                    _dir: dir,
-                };
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        let log = std::fs::read_to_string(dir.path().join("knot.log")).unwrap_or_default();
-        panic!("knotd did not start on a free port after 5 attempts:\n{log}");
-    }
-
-    fn resolver(&self) -> Resolver {
-        Resolver::new(&ResolverSettings {
-            nameservers: vec![SocketAddr::from(([127, 0, 0, 1], self.port))],
-            timeout: Duration::from_secs(2),
-        })
-        .unwrap()
-    }
-}
-
-impl Drop for Knot {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// The zone lines of the operator's zone fragment for `records` (without `$ORIGIN` and
 /// comments, which the harness writes itself).
 fn zone_lines(records: &[DnsRecord]) -> Vec<String> {
@@ -143,11 +72,19 @@ fn zone_lines(records: &[DnsRecord]) -> Vec<String> {
         .collect()
 }
 
+fn resolver(knot: &Knot) -> Resolver {
+    Resolver::new(&ResolverSettings {
+        nameservers: vec![knot.addr()],
+        timeout: Duration::from_secs(2),
+    })
+    .unwrap()
+}
+
 async fn check(
     knot: &Knot,
     expected: &[DnsRecord],
 ) -> (Vec<dns_check::Finding>, dns_check::Verdict) {
-    let resolver = knot.resolver();
+    let resolver = resolver(knot);
     let answers = resolver.lookup_all(&dns_check::queries(expected)).await;
     let findings = dns_check::compare(expected, &answers);
     let verdict = dns_check::verdict(expected.len(), &findings, resolver.description());
@@ -159,7 +96,7 @@ async fn the_operators_zone_fragment_published_as_is_is_published() {
     let expected = expected();
     let types: Vec<&str> = expected.iter().map(|r| r.type_.as_str()).collect();
     assert_eq!(types, ["MX", "A", "TXT", "TXT", "TXT", "A", "TXT", "TXT"]);
-    let knot = Knot::start(zone_lines(&expected).join("\n"));
+    let knot = Knot::start(DOMAIN, &zone_lines(&expected).join("\n"));
     let (findings, verdict) = check(&knot, &expected).await;
     assert_eq!(findings, [], "{}", verdict.message);
     assert!(verdict.published);
@@ -168,7 +105,7 @@ async fn the_operators_zone_fragment_published_as_is_is_published() {
         verdict.message,
         format!(
             "all 8 records are published as computed (looked up through 127.0.0.1:{})",
-            knot.port
+            knot.addr().port()
         )
     );
 }
@@ -187,7 +124,7 @@ async fn a_missing_mx_a_stale_dkim_key_and_a_second_spf_record_are_found() {
         .filter(|l| !l.contains("\tMX\t"))
         .collect();
     lines.push("example.test.\t60\tIN\tTXT\t\"v=spf1 include:_spf.old-provider.test ~all\"".into());
-    let knot = Knot::start(lines.join("\n"));
+    let knot = Knot::start(DOMAIN, &lines.join("\n"));
 
     let (findings, verdict) = check(&knot, &expected).await;
     let got: Vec<(&str, &str, &str)> = findings
