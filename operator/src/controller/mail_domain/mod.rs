@@ -501,7 +501,7 @@ async fn cleanup(md: &MailDomain, ctx: &Context) -> Result<Action, Error> {
             let now = timestamps::now();
             let (status, events) = match &e {
                 Error::CleanupPending(message) => status::terminating(md, message, now),
-                _ => status::cleanup_failed(md, &crate::controller::chain(&e), now),
+                _ => status::cleanup_failed(md, &ctx.explain(&e), now),
             };
             if let Err(patch_error) = status::publish(ctx, md, status, events).await {
                 tracing::warn!(error = %patch_error, "cannot report the cleanup state");
