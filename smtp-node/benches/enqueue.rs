@@ -28,13 +28,15 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use futures::future::BoxFuture;
 use kubemail_smtp_node::auth::Authenticator;
 use kubemail_smtp_node::config::NodeConfig;
+use kubemail_smtp_node::connection::ConnectionInfo;
+use kubemail_smtp_node::connection::prefixed::PrefixedStream;
+use kubemail_smtp_node::context::{MessageChecks, ServerContext};
 use kubemail_smtp_node::dkim::DkimSigner;
+use kubemail_smtp_node::metrics::Metrics;
 use kubemail_smtp_node::queue::commit::{BATCH_ID, BATCH_SEQUENCE, Outgoing};
 use kubemail_smtp_node::queue::{
     ContentId, Direction, EnqueueError, Queue, QueueEntry, QueueId, QueuedMessage,
 };
-use kubemail_smtp_node::server::prefixed::PrefixedStream;
-use kubemail_smtp_node::server::{ConnectionInfo, MessageChecks, ServerContext};
 use kubemail_smtp_node::session::serve;
 use kubemail_smtp_node::shutdown::Shutdown;
 use stats_alloc::{INSTRUMENTED_SYSTEM, Region, StatsAlloc};
@@ -128,6 +130,7 @@ inboundAuth: {{ enabled: false }}
                 suppression: None,
                 recipients: None,
             },
+            Metrics::new(),
         );
         let (client, server) = tokio::io::duplex(1 << 16);
         let conn = ConnectionInfo {

@@ -16,6 +16,7 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use tokio_util::sync::CancellationToken;
 
+use crate::metrics::Metrics;
 use crate::queue::Queue;
 
 /// What `/readyz` looks at.
@@ -66,12 +67,12 @@ pub enum AdminError {
     ServeAdmin(#[source] std::io::Error),
 }
 
-/// The admin routes.
-pub fn router(readiness: Arc<Readiness>) -> Router {
+/// The admin routes; `/metrics` shows `metrics`.
+pub fn router(readiness: Arc<Readiness>, metrics: Arc<Metrics>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
+        .route("/metrics", get(move || exposition(metrics.clone())))
         .with_state(readiness)
 }
 
@@ -86,9 +87,10 @@ pub async fn bind(address: SocketAddr) -> Result<tokio::net::TcpListener, AdminE
 pub async fn serve(
     listener: tokio::net::TcpListener,
     readiness: Arc<Readiness>,
+    metrics: Arc<Metrics>,
     cancel: CancellationToken,
 ) -> Result<(), AdminError> {
-    axum::serve(listener, router(readiness))
+    axum::serve(listener, router(readiness, metrics))
         .with_graceful_shutdown(async move { cancel.cancelled().await })
         .await
         .map_err(AdminError::ServeAdmin)
@@ -104,13 +106,13 @@ async fn readyz(State(readiness): State<Arc<Readiness>>) -> impl IntoResponse {
     }
 }
 
-async fn metrics() -> impl IntoResponse {
+async fn exposition(metrics: Arc<Metrics>) -> impl IntoResponse {
     (
         [(
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        crate::metrics::global().encode(),
+        metrics.encode(),
     )
 }
 
@@ -141,7 +143,12 @@ mod tests {
         let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let cancel = CancellationToken::new();
-        let server = tokio::spawn(serve(listener, readiness.clone(), cancel.clone()));
+        let server = tokio::spawn(serve(
+            listener,
+            readiness.clone(),
+            Metrics::new(),
+            cancel.clone(),
+        ));
 
         assert!(get(addr, "/healthz").await.starts_with("HTTP/1.1 200"));
         let r = get(addr, "/readyz").await;

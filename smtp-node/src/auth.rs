@@ -36,7 +36,7 @@ use tokio_util::sync::CancellationToken;
 use crate::auth_limits::{SharedFailures, UserFailureLimit, UsernameKeyError};
 use crate::config::NodeConfig;
 use crate::config::users_file::{self, verify_password};
-use crate::server::limits::client_key;
+use crate::connection::limits::client_key;
 
 /// Hashes a password for a users file (`smtp-node hash-password`); the format is
 /// [`users_file`]'s, shared with the operator.
@@ -197,8 +197,12 @@ impl Authenticator {
 
     /// Counts failed logins per user name in `shared` (all nodes) from now on, besides this
     /// node's own count.
-    pub fn attach_shared_failures(&self, shared: Arc<dyn SharedFailures>) {
-        self.per_user.attach_shared(shared);
+    pub fn attach_shared_failures(
+        &self,
+        shared: Arc<dyn SharedFailures>,
+        errors: prometheus_client::metrics::counter::Counter,
+    ) {
+        self.per_user.attach_shared(shared, errors);
     }
 
     /// Checks a login. Records failures against `ip`'s client and against the user name.

@@ -48,6 +48,7 @@ use async_nats::jetstream::response::Response;
 use async_nats::jetstream::stream;
 use async_nats::jetstream::{self, ErrorCode};
 use futures::future::BoxFuture;
+use prometheus_client::metrics::counter::Counter;
 use ring::hmac;
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
@@ -295,6 +296,8 @@ pub struct UserFailureLimit {
     limit: u64,
     local: LocalFailures,
     shared: OnceLock<Arc<dyn SharedFailures>>,
+    /// Failed calls to `shared` (`auth_shared_counter_errors`).
+    shared_errors: OnceLock<Counter>,
     shared_timeout: Duration,
     shared_health: Mutex<SharedHealth>,
 }
@@ -326,14 +329,17 @@ impl UserFailureLimit {
                 LOCAL_MAX_FAILURES,
             ),
             shared: OnceLock::new(),
+            shared_errors: OnceLock::new(),
             shared_timeout: auth.shared_counter_timeout.0,
             shared_health: Mutex::new(SharedHealth::default()),
         }
     }
 
     /// Uses `shared` as the cluster-wide log from now on (once; later calls are ignored).
-    pub fn attach_shared(&self, shared: Arc<dyn SharedFailures>) {
+    /// Its failed calls are counted in `errors`.
+    pub fn attach_shared(&self, shared: Arc<dyn SharedFailures>, errors: Counter) {
         let _ = self.shared.set(shared);
+        let _ = self.shared_errors.set(errors);
     }
 
     /// The tag of a login name.
@@ -408,7 +414,9 @@ impl UserFailureLimit {
     }
 
     fn shared_failed(&self, error: &SharedCounterError) {
-        crate::metrics::global().auth_shared_counter_errors.inc();
+        if let Some(errors) = self.shared_errors.get() {
+            errors.inc();
+        }
         let mut health = self.health();
         health.skip_until = Some(Instant::now() + SHARED_RETRY_AFTER);
         if !health.degraded {
@@ -783,7 +791,7 @@ mod tests {
         let nodes: Vec<UserFailureLimit> = (0..2)
             .map(|_| {
                 let l = UserFailureLimit::with_tagger(&config, UserTagger::new(BUILTIN_KEY));
-                l.attach_shared(shared.clone());
+                l.attach_shared(shared.clone(), Counter::default());
                 l
             })
             .collect();
@@ -803,7 +811,7 @@ mod tests {
         let config = auth_config(2, HOUR);
         let shared = Arc::new(Shared(LocalFailures::new(2, HOUR, 100)));
         let limit = UserFailureLimit::with_tagger(&config, UserTagger::new(BUILTIN_KEY));
-        limit.attach_shared(shared.clone());
+        limit.attach_shared(shared.clone(), Counter::default());
         let nobody = limit.tag("nobody@example.test");
         limit.record_failure(D, nobody, false).await;
         limit.record_failure(D, nobody, false).await;
@@ -821,7 +829,7 @@ mod tests {
     async fn shared_counter_down_fails_open_but_local_limit_holds() {
         let limit =
             UserFailureLimit::with_tagger(&auth_config(2, HOUR), UserTagger::new(BUILTIN_KEY));
-        limit.attach_shared(Arc::new(Down));
+        limit.attach_shared(Arc::new(Down), Counter::default());
         let alice = limit.tag("alice@example.test");
         assert!(
             !limit.is_locked(D, alice).await,
@@ -843,7 +851,7 @@ mod tests {
             ..auth_config(5, HOUR)
         };
         let limit = UserFailureLimit::with_tagger(&config, UserTagger::new(BUILTIN_KEY));
-        limit.attach_shared(Arc::new(Hung));
+        limit.attach_shared(Arc::new(Hung), Counter::default());
         let alice = limit.tag("alice@example.test");
         let t = tokio::time::Instant::now();
         assert!(!limit.is_locked(D, alice).await);

@@ -28,6 +28,8 @@ use mail_auth::common::crypto::{DkimKey, Ed25519Key, RsaKey, Sha256};
 use mail_auth::common::headers::HeaderWriter as _;
 use mail_auth::dkim::{Canonicalization, Done};
 use mail_parser::{HeaderName, HeaderValue, MessageParser};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use rustls_pki_types::PrivateKeyDer;
 use rustls_pki_types::pem::PemObject as _;
 
@@ -100,6 +102,8 @@ struct Key {
 #[derive(Default)]
 pub struct DkimSigner {
     domains: HashMap<String, Vec<Key>>,
+    /// Signatures made, by domain, algorithm and result (`dkim_signatures`).
+    signatures: Family<crate::metrics::DkimLabels, Counter>,
 }
 
 impl std::fmt::Debug for DkimSigner {
@@ -150,12 +154,20 @@ impl DkimSigner {
                 });
             }
         }
-        Ok(Self { domains: map })
+        Ok(Self {
+            domains: map,
+            signatures: Family::default(),
+        })
     }
 
     /// Whether any key is configured.
     pub fn is_empty(&self) -> bool {
         self.domains.is_empty()
+    }
+
+    /// Counts the signatures it makes in `signatures` (the node's `dkim_signatures`).
+    pub fn counted_in(self, signatures: Family<crate::metrics::DkimLabels, Counter>) -> Self {
+        Self { signatures, ..self }
     }
 
     /// The `DKIM-Signature` header fields (CRLF-terminated) to put in front of `message`,
@@ -172,8 +184,7 @@ impl DkimSigner {
             let result =
                 std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| key.signer.sign(message)));
             let signed = matches!(result, Ok(Ok(_)));
-            crate::metrics::global()
-                .dkim_signatures
+            self.signatures
                 .get_or_create(&crate::metrics::DkimLabels {
                     domain: domain.to_owned(),
                     algorithm: key.algorithm.as_str(),

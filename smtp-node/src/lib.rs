@@ -9,7 +9,11 @@
 //!   `kubemail-smtp-protocol` (commands, replies, DATA/BDAT framing; the client's reply and
 //!   capability parsing and command and DATA encoding);
 //! * [`session`]: the per-connection state machine, one file per verb;
-//! * [`server`]: listeners, accept loops, connection caps, PROXY protocol, implicit TLS;
+//! * [`server`]: listeners, accept loops, PROXY protocol, implicit TLS; it hands each
+//!   connection to a session;
+//! * [`context`]: what every session shares (config generation, queue, checks, budgets), a
+//!   leaf below both [`server`] and [`session`]; [`connection`]: one connection's addresses,
+//!   the connection caps and the read-ahead stream;
 //! * [`tls`]: rustls configuration with certificate reload and per-domain certificates by SNI;
 //! * [`auth`]: submission users, login throttling, sender and rate policy; [`auth_limits`]:
 //!   the cluster-wide per-user limit on failed logins;
@@ -37,6 +41,8 @@ pub mod auth_limits;
 pub mod authres;
 pub mod backoff;
 pub mod clock;
+pub mod connection;
+pub mod context;
 pub mod delivery;
 pub mod dkim;
 pub mod dns;

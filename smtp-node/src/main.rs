@@ -149,6 +149,8 @@ fn run(
             return ExitCode::FAILURE;
         }
     };
+    // Built once here: the OTLP exporter and every part of the node count into it.
+    let metrics = metrics::Metrics::new();
     // The OTLP exporter runs on the runtime, so telemetry starts inside its context.
     let telemetry = {
         let _context = runtime.enter();
@@ -158,7 +160,7 @@ fn run(
             service_version: env!("CARGO_PKG_VERSION"),
             attributes: telemetry::node_attributes(&domains),
             log_format,
-            export_metrics: metrics::global().otel.clone(),
+            export_metrics: metrics.otel.clone(),
         })
     };
     let result = runtime.block_on(async {
@@ -184,7 +186,7 @@ fn run(
             path: file.to_owned(),
             listen_ip,
         };
-        node::run_from(config, Some(source), shutdown, clock).await
+        node::run_from(config, Some(source), shutdown, clock, metrics).await
     });
     let result = result.map_err(anyhow::Error::from);
     if let Err(e) = &result {

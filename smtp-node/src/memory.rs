@@ -18,8 +18,9 @@ use std::time::Duration;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
+use prometheus_client::metrics::gauge::Gauge;
+
 use crate::config::{DEFAULT_MESSAGE_BYTES_IN_MEMORY, NodeConfig};
-use crate::metrics;
 
 /// The unit of the budget.
 const UNIT: u64 = 1024;
@@ -44,6 +45,8 @@ pub struct MessageMemory {
     permits: Arc<Semaphore>,
     total_units: u64,
     wait: Duration,
+    /// Bytes held now (`message_memory_bytes`).
+    held: Gauge,
 }
 
 impl MessageMemory {
@@ -54,11 +57,13 @@ impl MessageMemory {
             permits: Arc::new(Semaphore::new(units as usize)),
             total_units: units,
             wait,
+            held: Gauge::default(),
         }
     }
 
-    /// The budget `config` asks for, sized from the container's memory limit when unset.
-    pub fn from_config(config: &NodeConfig) -> Self {
+    /// The budget `config` asks for, sized from the container's memory limit when unset; the
+    /// bytes held are shown in `held`.
+    pub fn from_config(config: &NodeConfig, held: Gauge) -> Self {
         let bytes = match config.limits.message_bytes_in_memory {
             Some(size) => size.0,
             None => {
@@ -75,7 +80,10 @@ impl MessageMemory {
             }
         };
         tracing::info!(bytes, "message memory budget");
-        Self::new(bytes, config.limits.memory_wait.0)
+        Self {
+            held,
+            ..Self::new(bytes, config.limits.memory_wait.0)
+        }
     }
 
     /// The budget in bytes.
@@ -99,6 +107,7 @@ impl MessageMemory {
             permits: self.permits.clone(),
             total_units: self.total_units,
             held_units: 0,
+            gauge: self.held.clone(),
         }
     }
 }
@@ -109,6 +118,7 @@ pub struct Reservation {
     permits: Arc<Semaphore>,
     total_units: u64,
     held_units: u64,
+    gauge: Gauge,
 }
 
 impl Reservation {
@@ -134,9 +144,7 @@ impl Reservation {
                 // Held by the count in `held_units` and given back in `shrink_to` / drop.
                 permit.forget();
                 self.held_units = want;
-                metrics::global()
-                    .message_memory_bytes
-                    .inc_by(i64::from(more) * UNIT as i64);
+                self.gauge.inc_by(i64::from(more) * UNIT as i64);
                 Ok(())
             }
             // The semaphore is never closed; a timeout is the usual way here.
@@ -154,9 +162,7 @@ impl Reservation {
         self.held_units = keep;
         // `give` units were taken from this semaphore, so they fit its permit range.
         self.permits.add_permits(give as usize);
-        metrics::global()
-            .message_memory_bytes
-            .dec_by(give as i64 * UNIT as i64);
+        self.gauge.dec_by(give as i64 * UNIT as i64);
     }
 }
 

@@ -1,10 +1,15 @@
 //! Prometheus metrics of the SMTP node, served as text on `/metrics` by [`crate::admin`].
 //!
-//! One process-wide [`Metrics`] (like a `static` registry) so that every layer can count
-//! without threading a handle through each call. Label values are small closed sets (listener
-//! names from the config, reply classes, fixed reasons), never addresses or user input.
+//! One [`Metrics`] with one [`Registry`] is built at start-up ([`Metrics::new`], in `main`)
+//! and handed to the parts that count: the sessions through their
+//! [`crate::context::ServerContext`], the queue, delivery, events and the admin endpoint
+//! through their constructors. The delivery and events sides register their own families
+//! ([`crate::delivery::metrics`], [`crate::events::metrics`]) into the same registry. Every
+//! test builds its own, so no two tests share counts. Label values are small closed sets
+//! (listener names from the config, reply classes, fixed reasons), never addresses or user
+//! input.
 
-use std::sync::OnceLock;
+use std::sync::Arc;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -107,17 +112,19 @@ pub struct Metrics {
     pub queue_oldest_age_seconds: Family<DomainLabels, Gauge>,
     /// Spans exported and dropped by the OTLP exporter ([`crate::telemetry::export`]).
     pub otel: crate::telemetry::ExportMetrics,
-}
-
-/// The process-wide metrics.
-pub fn global() -> &'static Metrics {
-    static METRICS: OnceLock<Metrics> = OnceLock::new();
-    METRICS.get_or_init(Metrics::new)
+    /// The delivery side's families.
+    pub delivery: crate::delivery::metrics::DeliveryMetrics,
+    /// Delivery events, bounce classes and suppression.
+    pub events: crate::events::metrics::EventMetrics,
 }
 
 impl Metrics {
-    fn new() -> Self {
+    /// Every metric of the node, registered in one new registry.
+    pub fn new() -> Arc<Self> {
         let mut registry = Registry::with_prefix("kubemail_smtp");
+        let delivery = crate::delivery::metrics::DeliveryMetrics::new();
+        // Both sides count by remote domain within one bound.
+        let events = crate::events::metrics::EventMetrics::new(delivery.remote_domains());
         let m = Self {
             connections: Family::default(),
             connections_refused: Family::default(),
@@ -145,6 +152,8 @@ impl Metrics {
             queue_messages: Family::default(),
             queue_oldest_age_seconds: Family::default(),
             otel: crate::telemetry::ExportMetrics::default(),
+            delivery,
+            events,
             registry: Registry::default(),
         };
         registry.register(
@@ -255,9 +264,9 @@ impl Metrics {
             m.queue_oldest_age_seconds.clone(),
         );
         m.otel.register(&mut registry);
-        crate::delivery::metrics::global().register(&mut registry);
-        crate::events::metrics::global().register(&mut registry);
-        Self { registry, ..m }
+        m.delivery.register(&mut registry);
+        m.events.register(&mut registry);
+        Arc::new(Self { registry, ..m })
     }
 
     /// The text exposition format.
@@ -270,13 +279,7 @@ impl Metrics {
 
     /// Counts a TLS handshake; `version` is `None` when it failed.
     pub fn tls_handshake(&self, side: &'static str, version: Option<&str>) {
-        self.tls_handshakes
-            .get_or_create(&TlsLabels {
-                side,
-                version: version.unwrap_or("none").to_owned(),
-                result: if version.is_some() { "ok" } else { "failed" },
-            })
-            .inc();
+        count_tls_handshake(&self.tls_handshakes, side, version);
     }
 
     /// Counts a reply by its class.
@@ -296,13 +299,28 @@ impl Metrics {
     }
 }
 
+/// Counts a TLS handshake of `side` in `family`; `version` is `None` when it failed.
+pub fn count_tls_handshake(
+    family: &Family<TlsLabels, Counter>,
+    side: &'static str,
+    version: Option<&str>,
+) {
+    family
+        .get_or_create(&TlsLabels {
+            side,
+            version: version.unwrap_or("none").to_owned(),
+            result: if version.is_some() { "ok" } else { "failed" },
+        })
+        .inc();
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn encodes_registered_metrics() {
-        let m = global();
+        let m = Metrics::new();
         m.reply("mx", 250);
         m.auth
             .get_or_create(&ResultLabels { result: "success" })

@@ -13,13 +13,15 @@ use crate::auth_limits::JetStreamFailures;
 use crate::authres::InboundVerifier;
 use crate::clock::Clock;
 use crate::config::NodeConfig;
+use crate::context::{ContextCell, MessageChecks, ServerContext};
 use crate::delivery::{Delivery, DeliveryContext, DeliverySettings};
 use crate::dkim::DkimSigner;
 use crate::dns::HickoryResolver;
+use crate::metrics::Metrics;
 use crate::queue::jetstream::JetStreamQueue;
 use crate::recipient_check::RecipientCheck;
 use crate::reload::Reloader;
-use crate::server::{self, ContextCell, MessageChecks, ServerContext};
+use crate::server;
 use crate::shutdown::Shutdown;
 use crate::tls::TlsServer;
 
@@ -70,10 +72,10 @@ pub fn check(config: &NodeConfig) -> Result<(), NodeError> {
 }
 
 /// The DKIM keys of every domain; `None` when no domain has one.
-fn load_dkim(config: &NodeConfig) -> Result<Option<Arc<DkimSigner>>, NodeError> {
+fn load_dkim(config: &NodeConfig) -> Result<Option<DkimSigner>, NodeError> {
     let signer = DkimSigner::load(config.domains.iter().map(|d| (d.name.as_str(), &d.dkim)))?;
     tracing::info!(keys = ?signer, "DKIM keys loaded");
-    Ok((!signer.is_empty()).then(|| Arc::new(signer)))
+    Ok((!signer.is_empty()).then_some(signer))
 }
 
 /// Where the node's config came from, so that a changed file can be reloaded.
@@ -86,13 +88,14 @@ pub struct ConfigSource {
 
 /// Runs the node until `shutdown` is stopped (by the caller, on SIGTERM), then drains open
 /// sessions for up to `shutdown.drainTimeout`. `clock` is the wall clock of what is dated by
-/// calendar day (TLS-RPT).
+/// calendar day (TLS-RPT); everything counts in `metrics`, which `/metrics` shows.
 pub async fn run(
     config: NodeConfig,
     shutdown: Shutdown,
     clock: Arc<dyn Clock>,
+    metrics: Arc<Metrics>,
 ) -> Result<(), NodeError> {
-    run_from(config, None, shutdown, clock).await
+    run_from(config, None, shutdown, clock, metrics).await
 }
 
 /// Like [`run`]; with a `source` the node also reloads the file when it changes (see
@@ -102,6 +105,7 @@ pub async fn run_from(
     source: Option<ConfigSource>,
     shutdown: Shutdown,
     clock: Arc<dyn Clock>,
+    metrics: Arc<Metrics>,
 ) -> Result<(), NodeError> {
     let config = Arc::new(config);
     let background = CancellationToken::new();
@@ -113,13 +117,14 @@ pub async fn run_from(
                 tls.set_domain_certificates(config.domains.iter().filter_map(|d| d.tls.as_ref()))
             {
                 // One tenant's broken certificate must not keep the others' mail out.
-                crate::metrics::global().tls_reload_failures.inc();
+                metrics.tls_reload_failures.inc();
                 tracing::error!(%hostname, %error, "cannot load a domain's certificate; its clients get the default one");
             }
-            tokio::spawn(
-                tls.clone()
-                    .watch(tls_config.reload_interval.0, background.clone()),
-            );
+            tokio::spawn(tls.clone().watch(
+                tls_config.reload_interval.0,
+                background.clone(),
+                metrics.tls_reload_failures.clone(),
+            ));
             Some(tls)
         }
         None => None,
@@ -129,7 +134,8 @@ pub async fn run_from(
     let generation = background.child_token();
     tokio::spawn(auth.clone().watch(generation.clone()));
 
-    let dkim = load_dkim(&config)?;
+    let dkim = load_dkim(&config)?
+        .map(|signer| Arc::new(signer.counted_in(metrics.dkim_signatures.clone())));
     let dane = &config.delivery.tls.dane;
     let resolver = if dane.enabled {
         HickoryResolver::with_dnssec(&config.dns, dane.trust_anchor_file.as_deref())?
@@ -147,10 +153,11 @@ pub async fn run_from(
     // The recipient probes speak to inbound targets as delivery does (same CA settings).
     let recipient_tls =
         crate::delivery::tls::ClientTls::new(config.delivery.tls.extra_ca_file.as_deref())
-            .map_err(crate::delivery::StartDeliveryError::from)?;
+            .map_err(crate::delivery::StartDeliveryError::from)?
+            .counted_in(metrics.tls_handshakes.clone());
 
     let domains: Vec<String> = config.domains.iter().map(|d| d.name.clone()).collect();
-    let queue = JetStreamQueue::connect(&config.nats, &domains).await?;
+    let queue = JetStreamQueue::connect(&config.nats, &domains, metrics.clone()).await?;
     tokio::spawn(queue.clone().run_setup(background.clone()));
     tokio::spawn(
         queue
@@ -160,7 +167,10 @@ pub async fn run_from(
     // Failed logins per user name are counted cluster-wide over the same connection.
     let auth_failures = JetStreamFailures::new(queue.client().clone(), &config.nats, &config.auth);
     tokio::spawn(auth_failures.clone().run_setup(background.clone()));
-    auth.attach_shared_failures(auth_failures.clone());
+    auth.attach_shared_failures(
+        auth_failures.clone(),
+        metrics.auth_shared_counter_errors.clone(),
+    );
 
     let delivery = DeliveryContext::new(
         DeliverySettings::from_config(&config),
@@ -169,6 +179,7 @@ pub async fn run_from(
         dkim.clone(),
         shutdown.clone(),
         clock,
+        metrics.clone(),
     )?;
     let delivery = Arc::new(delivery);
     queue.attach_events(delivery.events.clone());
@@ -184,6 +195,7 @@ pub async fn run_from(
         domains.clone(),
         config.admin.queue_sample_interval.0,
         generation.clone(),
+        metrics.clone(),
     ));
 
     let listeners = server::bind_listeners(&config).await?;
@@ -207,13 +219,19 @@ pub async fn run_from(
     let admin_socket = admin::bind(config.admin.address).await?;
     let readiness = Readiness::new(queue.clone(), shutdown.accept_token().clone());
     readiness.set_listeners_bound();
-    let admin_task = tokio::spawn(admin::serve(admin_socket, readiness, background.clone()));
+    let admin_task = tokio::spawn(admin::serve(
+        admin_socket,
+        readiness,
+        metrics.clone(),
+        background.clone(),
+    ));
 
     let recipients = config.recipient_verification.enabled.then(|| {
         Arc::new(RecipientCheck::new(
             config.recipient_verification.clone(),
             &config.hostname,
             recipient_tls,
+            metrics.recipient_checks.clone(),
         ))
     });
     let checks = MessageChecks {
@@ -229,6 +247,7 @@ pub async fn run_from(
         queue.clone(),
         shutdown.clone(),
         checks,
+        metrics,
     );
     let cell = ContextCell::new(ctx);
     match source {

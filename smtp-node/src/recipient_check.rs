@@ -17,6 +17,8 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use tokio::sync::Semaphore;
 
 use crate::config::{
@@ -27,7 +29,7 @@ use crate::delivery::client::{ConnectOptions, Protocol, SmtpClient, TlsPolicy};
 use crate::delivery::policy::Check;
 use crate::delivery::relay::resolve_configured;
 use crate::delivery::tls::ClientTls;
-use crate::metrics::{self, ResultLabels};
+use crate::metrics::ResultLabels;
 
 /// What the inbound target said about a recipient.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,11 +49,19 @@ pub struct RecipientCheck {
     tls: ClientTls,
     slots: Semaphore,
     cache: Mutex<Cache>,
+    /// Checks by result (`recipient_checks`).
+    results: Family<ResultLabels, Counter>,
 }
 
 impl RecipientCheck {
-    /// A verifier with `config`; `hostname` is what the probes say in LHLO/EHLO.
-    pub fn new(config: RecipientVerificationConfig, hostname: &str, tls: ClientTls) -> Self {
+    /// A verifier with `config`; `hostname` is what the probes say in LHLO/EHLO; checks are
+    /// counted in `results`.
+    pub fn new(
+        config: RecipientVerificationConfig,
+        hostname: &str,
+        tls: ClientTls,
+        results: Family<ResultLabels, Counter>,
+    ) -> Self {
         let capacity = config.cache_size.max(1) as usize;
         Self {
             slots: Semaphore::new(config.max_concurrent.max(1) as usize),
@@ -59,7 +69,12 @@ impl RecipientCheck {
             hostname: hostname.to_owned(),
             tls,
             cache: Mutex::new(Cache::new(capacity)),
+            results,
         }
+    }
+
+    fn count(&self, result: &'static str) {
+        self.results.get_or_create(&ResultLabels { result }).inc();
     }
 
     /// Whether the recipients of a catch-all domain are probed.
@@ -71,7 +86,7 @@ impl RecipientCheck {
     pub async fn verify(&self, target: &InboundTarget, recipient: &str) -> Verdict {
         let key = recipient.to_ascii_lowercase();
         if let Some(exists) = self.cached(&key) {
-            count(if exists {
+            self.count(if exists {
                 "cached_exists"
             } else {
                 "cached_unknown"
@@ -94,15 +109,15 @@ impl RecipientCheck {
         };
         match &verdict {
             Verdict::Exists => {
-                count("exists");
+                self.count("exists");
                 self.remember(key, true, self.config.positive_ttl.0);
             }
             Verdict::Unknown => {
-                count("unknown");
+                self.count("unknown");
                 self.remember(key, false, self.config.negative_ttl.0);
             }
             Verdict::TryLater(why) => {
-                count("try_later");
+                self.count("try_later");
                 tracing::info!(host = %target.host, reason = %why, "recipient check failed temporarily");
             }
         }
@@ -187,13 +202,6 @@ fn probe_timeouts(limit: Duration) -> ClientTimeouts {
         data_block: t,
         data_termination: t,
     }
-}
-
-fn count(result: &'static str) {
-    metrics::global()
-        .recipient_checks
-        .get_or_create(&ResultLabels { result })
-        .inc();
 }
 
 /// Remembered answers, oldest forgotten first beyond `capacity`.
@@ -311,6 +319,7 @@ mod tests {
             },
             "mx.example.test",
             ClientTls::new(None).unwrap(),
+            Family::default(),
         )
     }
 
@@ -344,6 +353,18 @@ mod tests {
         // A temporary failure is not remembered.
         let _ = check.verify(&target, "busy@catch.test").await;
         assert_eq!(connections.load(Ordering::Relaxed), 4);
+        let counted = |result| check.results.get_or_create(&ResultLabels { result }).get();
+        assert_eq!(
+            [
+                "exists",
+                "unknown",
+                "try_later",
+                "cached_exists",
+                "cached_unknown"
+            ]
+            .map(counted),
+            [1, 1, 2, 1, 1]
+        );
     }
 
     #[tokio::test]

@@ -36,12 +36,12 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::Authenticator;
 use crate::auth_limits::JetStreamFailures;
 use crate::config::NodeConfig;
+use crate::context::{ContextCell, MessageChecks};
 use crate::delivery::Delivery;
 use crate::delivery::route::DomainRouting;
 use crate::dkim::DkimSigner;
-use crate::metrics::{self, DomainLabels};
+use crate::metrics::DomainLabels;
 use crate::queue::jetstream::JetStreamQueue;
-use crate::server::{ContextCell, MessageChecks};
 
 /// Why a changed config file was not applied.
 #[derive(Debug, thiserror::Error)]
@@ -139,7 +139,7 @@ impl Reloader {
                 Ok(applied) => {
                     self.digest = Some(digest);
                     self.failed = None;
-                    metrics::global().config_reloads.inc();
+                    self.cell.current().metrics.config_reloads.inc();
                     tracing::info!(
                         domains = applied.domains,
                         added = ?applied.added,
@@ -151,7 +151,7 @@ impl Reloader {
                 Err(error) => {
                     if self.failed != Some(digest) {
                         self.failed = Some(digest);
-                        metrics::global().config_reload_failures.inc();
+                        self.cell.current().metrics.config_reload_failures.inc();
                         tracing::error!(error = %chain(&error), "the changed config cannot be applied; keeping the previous one and trying again");
                     }
                 }
@@ -186,20 +186,25 @@ impl Reloader {
         let config = Arc::new(config);
         // Everything that can fail first, so a bad file changes nothing.
         let auth = Arc::new(Authenticator::load(&config)?);
-        let signer = DkimSigner::load(config.domains.iter().map(|d| (d.name.as_str(), &d.dkim)))?;
-        let signer = (!signer.is_empty()).then(|| Arc::new(signer));
         let current = self.cell.current();
+        let metrics = current.metrics.clone();
+        let signer = DkimSigner::load(config.domains.iter().map(|d| (d.name.as_str(), &d.dkim)))?
+            .counted_in(metrics.dkim_signatures.clone());
+        let signer = (!signer.is_empty()).then(|| Arc::new(signer));
         if let Some(tls) = &current.tls {
             for (hostname, error) in
                 tls.set_domain_certificates(config.domains.iter().filter_map(|d| d.tls.as_ref()))
             {
-                metrics::global().tls_reload_failures.inc();
+                metrics.tls_reload_failures.inc();
                 tracing::error!(%hostname, %error, "cannot load a domain's certificate; its clients get the default one");
             }
         }
 
         let generation = self.background.child_token();
-        auth.attach_shared_failures(self.auth_failures.clone());
+        auth.attach_shared_failures(
+            self.auth_failures.clone(),
+            metrics.auth_shared_counter_errors.clone(),
+        );
         tokio::spawn(auth.clone().watch(generation.clone()));
         let checks = MessageChecks {
             dkim: signer.clone(),
@@ -231,8 +236,8 @@ impl Reloader {
             let labels = DomainLabels {
                 domain: domain.clone(),
             };
-            metrics::global().queue_messages.remove(&labels);
-            metrics::global().queue_oldest_age_seconds.remove(&labels);
+            metrics.queue_messages.remove(&labels);
+            metrics.queue_oldest_age_seconds.remove(&labels);
         }
         tokio::spawn(crate::queue::sampler::run(
             self.delivery.context().js.clone(),
@@ -240,6 +245,7 @@ impl Reloader {
             names,
             config.admin.queue_sample_interval.0,
             generation.clone(),
+            metrics.clone(),
         ));
         self.generation.cancel();
         self.generation = generation;

@@ -14,6 +14,7 @@
 //! The list is advisory for availability: when it cannot be read in time, mail is sent as if
 //! it were empty (logged), rather than held back.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use async_nats::jetstream;
@@ -22,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{BounceClass, SuppressionConfig};
 use crate::delivery::outcome::{Diagnostic, RecipientOutcome};
+use crate::metrics::Metrics;
 use crate::protocol::EnhancedCode;
 use crate::queue::{Direction, QueueEntry};
 
@@ -33,15 +35,17 @@ pub struct Suppression {
     js: jetstream::Context,
     config: SuppressionConfig,
     list: tokio::sync::OnceCell<SuppressionList>,
+    metrics: Arc<Metrics>,
 }
 
 impl Suppression {
     /// Touches no network: the bucket is opened (or created) at first use.
-    pub fn new(js: jetstream::Context, config: SuppressionConfig) -> Self {
+    pub fn new(js: jetstream::Context, config: SuppressionConfig, metrics: Arc<Metrics>) -> Self {
         Self {
             js,
             config,
             list: tokio::sync::OnceCell::new(),
+            metrics,
         }
     }
 
@@ -117,7 +121,8 @@ impl Suppression {
             }
         }
         if !suppressed.is_empty() {
-            crate::events::metrics::global()
+            self.metrics
+                .events
                 .suppressed
                 .get_or_create(&crate::events::metrics::DomainLabels {
                     domain: entry.domain.clone(),
@@ -160,7 +165,8 @@ impl Suppression {
         match tokio::time::timeout(LOOKUP_TIMEOUT, list.put(&entry)).await {
             Ok(Ok(())) => {
                 tracing::info!(recipient = %address, reason = reason.as_str(), "added to the suppression list");
-                crate::events::metrics::global()
+                self.metrics
+                    .events
                     .suppression_added
                     .get_or_create(&crate::events::metrics::ReasonLabels {
                         domain: domain.to_ascii_lowercase(),
@@ -195,7 +201,8 @@ impl Suppression {
             for domain in &domains {
                 match tokio::time::timeout(interval, list.count(domain)).await {
                     Ok(Ok(n)) => {
-                        crate::events::metrics::global()
+                        self.metrics
+                            .events
                             .suppression_entries
                             .get_or_create(&crate::events::metrics::DomainLabels {
                                 domain: domain.to_ascii_lowercase(),

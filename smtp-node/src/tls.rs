@@ -220,8 +220,14 @@ impl TlsServer {
         self.resolver.reload_if_changed()
     }
 
-    /// Polls the files every `config.reloadInterval` until `cancel` fires.
-    pub async fn watch(self, interval: std::time::Duration, cancel: CancellationToken) {
+    /// Polls the files every `config.reloadInterval` until `cancel` fires; a changed file that
+    /// cannot be loaded counts in `reload_failures`.
+    pub async fn watch(
+        self,
+        interval: std::time::Duration,
+        cancel: CancellationToken,
+        reload_failures: prometheus_client::metrics::counter::Counter,
+    ) {
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -233,7 +239,7 @@ impl TlsServer {
                 Ok(true) => tracing::info!("reloaded TLS certificate"),
                 Ok(false) => {}
                 Err(error) => {
-                    crate::metrics::global().tls_reload_failures.inc();
+                    reload_failures.inc();
                     tracing::error!(%error, "TLS certificate changed but cannot be loaded; keeping the previous one");
                 }
             }
@@ -250,7 +256,7 @@ impl TlsServer {
                     Ok(true) => tracing::info!(%hostname, "reloaded a domain's TLS certificate"),
                     Ok(false) => {}
                     Err(error) => {
-                        crate::metrics::global().tls_reload_failures.inc();
+                        reload_failures.inc();
                         tracing::error!(%hostname, %error, "a domain's TLS certificate changed but cannot be loaded; keeping the previous one");
                     }
                 }

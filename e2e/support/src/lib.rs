@@ -3,6 +3,7 @@
 //! the `e2e` crate.
 
 pub mod knot;
+pub mod module_graph;
 pub mod nats;
 pub mod ports;
 pub mod scripted_sink;

@@ -722,7 +722,9 @@ impl SmtpClient {
     ) -> Result<(), ClientError> {
         let result = self.handshake(options, verify).await;
         let version = self.tls.as_ref().map(|t| t.version.as_str());
-        crate::metrics::global().tls_handshake("client", version.filter(|_| result.is_ok()));
+        options
+            .tls_config
+            .count_handshake(version.filter(|_| result.is_ok()));
         if let (Ok(()), Some(tls)) = (&result, &self.tls) {
             let span = tracing::Span::current();
             span.record("tls.protocol.version", tls.version.as_str());

@@ -5,7 +5,7 @@
 //! are counted as `other`.
 
 use std::collections::HashSet;
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -82,7 +82,7 @@ pub struct DeliveryMetrics {
     pub shaping_rate: Family<super::shaping::DestinationLabels, Gauge>,
     /// `421` / `4.7.x` answers per shaping destination.
     pub shaping_throttled: Family<super::shaping::DestinationLabels, Counter>,
-    remote_domains: Mutex<HashSet<String>>,
+    remote_domains: RemoteDomains,
 }
 
 fn attempt_histogram() -> Histogram {
@@ -90,8 +90,37 @@ fn attempt_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.005, 2.0, 18))
 }
 
+/// The remote domains that have series of their own, shared by the delivery and events
+/// families so that both stay within one bound.
+#[derive(Clone, Default)]
+pub struct RemoteDomains(Arc<Mutex<HashSet<String>>>);
+
+impl RemoteDomains {
+    /// `remote` itself while fewer than [`MAX_REMOTE_DOMAINS`] were seen, else `other`.
+    pub fn bounded(&self, remote: String) -> String {
+        let Ok(mut seen) = self.0.lock() else {
+            return "other".to_owned();
+        };
+        if seen.contains(&remote) {
+            return remote;
+        }
+        if seen.len() < MAX_REMOTE_DOMAINS {
+            seen.insert(remote.clone());
+            return remote;
+        }
+        "other".to_owned()
+    }
+}
+
+impl Default for DeliveryMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl DeliveryMetrics {
-    fn new() -> Self {
+    /// Unregistered families; [`crate::metrics::Metrics::new`] registers them.
+    pub fn new() -> Self {
         Self {
             recipients: Family::default(),
             attempt_seconds: Family::new_with_constructor(attempt_histogram),
@@ -105,7 +134,7 @@ impl DeliveryMetrics {
             paused: Family::default(),
             shaping_rate: Family::default(),
             shaping_throttled: Family::default(),
-            remote_domains: Mutex::new(HashSet::new()),
+            remote_domains: RemoteDomains::default(),
         }
     }
 
@@ -229,17 +258,12 @@ impl DeliveryMetrics {
 
     /// `remote` itself while fewer than [`MAX_REMOTE_DOMAINS`] were seen, else `other`.
     pub fn bounded_remote(&self, remote: String) -> String {
-        let Ok(mut seen) = self.remote_domains.lock() else {
-            return "other".to_owned();
-        };
-        if seen.contains(&remote) {
-            return remote;
-        }
-        if seen.len() < MAX_REMOTE_DOMAINS {
-            seen.insert(remote.clone());
-            return remote;
-        }
-        "other".to_owned()
+        self.remote_domains.bounded(remote)
+    }
+
+    /// The bound on remote-domain series, for the events side to share.
+    pub fn remote_domains(&self) -> RemoteDomains {
+        self.remote_domains.clone()
     }
 
     pub fn count(&self, domain: &str, result: &'static str, n: usize) {
@@ -254,19 +278,13 @@ impl DeliveryMetrics {
     }
 }
 
-/// The process-wide delivery metrics.
-pub fn global() -> &'static DeliveryMetrics {
-    static METRICS: OnceLock<DeliveryMetrics> = OnceLock::new();
-    METRICS.get_or_init(DeliveryMetrics::new)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn registers_and_encodes() {
-        let m = global();
+        let m = DeliveryMetrics::new();
         m.count("example.test", "delivered", 2);
         m.attempt_seconds
             .get_or_create(&DomainLabels {

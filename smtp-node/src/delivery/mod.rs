@@ -53,6 +53,7 @@ use crate::clock::Clock;
 use crate::config::{DeliveryConfig, NatsConfig, RetryConfig};
 use crate::dkim::DkimSigner;
 use crate::dns::Resolver;
+use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
 
 /// Why delivery could not start.
@@ -118,6 +119,8 @@ pub fn retry_by_domain(config: &crate::config::NodeConfig) -> HashMap<String, Re
 
 /// Everything a worker uses, shared by all workers of the node.
 pub struct DeliveryContext {
+    /// The node's metrics.
+    pub metrics: Arc<Metrics>,
     pub hostname: String,
     pub config: DeliveryConfig,
     pub nats: NatsConfig,
@@ -198,11 +201,13 @@ impl DeliveryContext {
         signer: Option<Arc<DkimSigner>>,
         shutdown: Shutdown,
         clock: Arc<dyn Clock>,
+        metrics: Arc<Metrics>,
     ) -> Result<Self, StartDeliveryError> {
         let d = &settings.delivery;
         let policy = AddressPolicy::new(&d.allowed_networks, &d.blocked_networks)
             .map_err(StartDeliveryError::Networks)?;
-        let tls = ClientTls::new(d.tls.extra_ca_file.as_deref())?;
+        let tls = ClientTls::new(d.tls.extra_ca_file.as_deref())?
+            .counted_in(metrics.tls_handshakes.clone());
         let table = DomainTable::new(
             &settings.domains,
             signer,
@@ -223,15 +228,18 @@ impl DeliveryContext {
             d.tls.reports.clone(),
             js.clone(),
             clock,
+            metrics.clone(),
         ));
         let events = Arc::new(crate::events::Events::new(
             js.clone(),
             settings.hostname.clone(),
             settings.events.clone(),
+            metrics.clone(),
         ));
         let suppression = Arc::new(crate::suppression::Suppression::new(
             js.clone(),
             settings.events.suppression.clone(),
+            metrics.clone(),
         ));
         let shaper = shaping::Shaper::new(
             d.shaping.clone(),
@@ -239,8 +247,10 @@ impl DeliveryContext {
             // Objects a node creates itself are R1, as for the TLS policy cache.
             1,
             &settings.hostname,
+            metrics.clone(),
         );
         Ok(Self {
+            metrics,
             events,
             suppression,
             pauses: pause::Pauses::new(),
@@ -396,8 +406,8 @@ impl Delivery {
             if self.consumers.contains_key(&domain) {
                 continue;
             }
-            metrics::global().init_domain(&domain);
-            crate::events::metrics::global().init_domain(&domain);
+            self.ctx.metrics.delivery.init_domain(&domain);
+            self.ctx.metrics.events.init_domain(&domain);
             let stop = self.ctx.shutdown.stop_token().child_token();
             if self.ctx.config.enabled {
                 tokio::spawn(consumer::run_until(

@@ -128,6 +128,7 @@ pub struct Shaper {
     state: OnceCell<Store>,
     /// Leases this node holds: key → revision.
     live: Mutex<HashMap<String, u64>>,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// The stored back-off of a destination.
@@ -144,6 +145,7 @@ impl Shaper {
         js: async_nats::jetstream::Context,
         replicas: u32,
         hostname: &str,
+        metrics: Arc<crate::metrics::Metrics>,
     ) -> Arc<Self> {
         Arc::new(Self {
             holder: format!("{hostname}/{}", std::process::id()),
@@ -154,6 +156,7 @@ impl Shaper {
             leases: OnceCell::new(),
             state: OnceCell::new(),
             live: Mutex::new(HashMap::new()),
+            metrics,
         })
     }
 
@@ -225,7 +228,8 @@ impl Shaper {
         let now = now_ms();
         let backoff = read_backoff(&store, &dest.token).await.0;
         let rate = self.policy.rate(dest, backoff, now);
-        super::metrics::global()
+        self.metrics
+            .delivery
             .shaping_rate
             .get_or_create(&DestinationLabels {
                 destination: dest.name.clone(),
@@ -305,7 +309,8 @@ impl Shaper {
         if !is_throttling(diagnostic) {
             return;
         }
-        super::metrics::global()
+        self.metrics
+            .delivery
             .shaping_throttled
             .get_or_create(&DestinationLabels {
                 destination: dest.name.clone(),

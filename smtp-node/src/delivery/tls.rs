@@ -13,12 +13,16 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+
+use crate::metrics::TlsLabels;
 
 /// Why the TLS client configuration could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +48,8 @@ pub struct ClientTls {
     webpki: Arc<WebPkiServerVerifier>,
     provider: Arc<CryptoProvider>,
     roots: Arc<RootCertStore>,
+    /// Handshakes made with these configurations (`tls_handshakes`, side `client`).
+    handshakes: Family<TlsLabels, Counter>,
 }
 
 impl ClientTls {
@@ -89,7 +95,18 @@ impl ClientTls {
             webpki,
             provider,
             roots,
+            handshakes: Family::default(),
         })
+    }
+
+    /// Counts its handshakes in `handshakes` (the node's `tls_handshakes`).
+    pub fn counted_in(self, handshakes: Family<TlsLabels, Counter>) -> Self {
+        Self { handshakes, ..self }
+    }
+
+    /// Counts a handshake; `version` is `None` when it failed.
+    pub fn count_handshake(&self, version: Option<&str>) {
+        crate::metrics::count_tls_handshake(&self.handshakes, "client", version);
     }
 
     /// The WebPKI verifier with the trusted roots (Mozilla's and `extraCaFile`).

@@ -75,7 +75,8 @@ pub async fn handle(ctx: &DeliveryContext, domain: &str, message: Message) {
         Ok(e) => e,
         Err(error) => {
             tracing::error!(%domain, %error, subject = %message.subject, "dropping a queue entry with unusable headers");
-            metrics::global()
+            ctx.metrics
+                .delivery
                 .malformed
                 .get_or_create(&DomainLabels {
                     domain: domain.to_owned(),
@@ -144,7 +145,8 @@ async fn process(
             max_deliver,
             "entry failed on every delivery so far; bouncing it instead of trying again"
         );
-        metrics::global()
+        ctx.metrics
+            .delivery
             .poison
             .get_or_create(&DomainLabels {
                 domain: domain.to_owned(),
@@ -197,7 +199,8 @@ async fn process(
             }
         }
     };
-    metrics::global()
+    ctx.metrics
+        .delivery
         .attempt_seconds
         .get_or_create(&DomainLabels {
             domain: domain.to_owned(),
@@ -886,7 +889,8 @@ async fn finish(
 ) {
     let now = SystemTime::now();
     if !paused.is_empty() {
-        metrics::global()
+        ctx.metrics
+            .delivery
             .paused
             .get_or_create(&DomainLabels {
                 domain: domain.to_owned(),
@@ -927,7 +931,7 @@ async fn finish(
             jitter: rand::random::<f64>(),
         },
     );
-    let m = metrics::global();
+    let m = &ctx.metrics.delivery;
     // Per remote domain first: whoever saw the per-domain totals move finds these moved too.
     for rcpt in &plan.delivered {
         m.count_remote(domain, rcpt, "delivered");
@@ -1230,7 +1234,8 @@ async fn publish_dsn(
         Bytes::from(message),
     )
     .await?;
-    metrics::global()
+    ctx.metrics
+        .delivery
         .dsns
         .get_or_create(&metrics::DomainResultLabels {
             domain: entry.domain.clone(),

@@ -51,7 +51,7 @@ pub async fn record(
     plan: &Plan,
     suppressed: &[(String, SuppressionEntry)],
 ) {
-    let m = super::metrics::global();
+    let m = &ctx.metrics.events;
     let domain = entry.domain.as_str();
     for d in delivered {
         batch.delivered(&d.recipient, &d.reply, d.peer.as_deref(), &d.mx);

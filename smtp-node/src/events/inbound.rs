@@ -176,7 +176,8 @@ pub async fn events(ctx: &DeliveryContext, entry: &QueueEntry, body: &[u8]) -> V
         ReportFormat::Arf => "arf",
     };
     tracing::info!(format, original_queue_id = %report.original_queue_id, recipients = report.recipients.len(), "received a report about one of our messages");
-    super::metrics::global()
+    ctx.metrics
+        .events
         .reports
         .get_or_create(&super::metrics::ReasonLabels {
             domain: entry.domain.to_ascii_lowercase(),
@@ -226,7 +227,9 @@ pub async fn events(ctx: &DeliveryContext, entry: &QueueEntry, body: &[u8]) -> V
         // One event per report and recipient, whatever the original's own events were.
         event.id = event_id(report_queue_id, 0, kind, &r.address);
         if let Some(class) = class {
-            super::metrics::global().count_failure(&entry.domain, &r.address, "bounced", class);
+            ctx.metrics
+                .events
+                .count_failure(&entry.domain, &r.address, "bounced", class);
         }
         let suppress = match (kind, class) {
             (EventType::Complaint, _) => Some((SuppressionReason::Complaint, None)),

@@ -2,8 +2,6 @@
 //! bounce class (per MailDomain, and per remote domain with the same bound as
 //! [`crate::delivery::metrics`]), the suppression list's additions, hits and size.
 
-use std::sync::OnceLock;
-
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -11,6 +9,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 use crate::config::BounceClass;
+use crate::delivery::metrics::RemoteDomains;
 use kubemail_queue::events::EventType;
 
 /// An event type and whether it was stored.
@@ -64,11 +63,15 @@ pub struct EventMetrics {
     pub suppression_entries: Family<DomainLabels, Gauge>,
     /// Inbound reports (DSN, ARF) about our messages, by format.
     pub reports: Family<ReasonLabels, Counter>,
+    remote_domains: RemoteDomains,
 }
 
 impl EventMetrics {
-    fn new() -> Self {
+    /// Unregistered families whose remote-domain series share `remote_domains`' bound;
+    /// [`crate::metrics::Metrics::new`] registers them.
+    pub fn new(remote_domains: RemoteDomains) -> Self {
         Self {
+            remote_domains,
             events: Family::default(),
             failures: Family::default(),
             remote_failures: Family::default(),
@@ -165,15 +168,9 @@ impl EventMetrics {
         self.remote_failures
             .get_or_create(&RemoteClassLabels {
                 domain: domain.to_owned(),
-                remote_domain: crate::delivery::metrics::global().bounded_remote(remote),
+                remote_domain: self.remote_domains.bounded(remote),
                 class: class.as_str(),
             })
             .inc();
     }
-}
-
-/// The process-wide event metrics.
-pub fn global() -> &'static EventMetrics {
-    static METRICS: OnceLock<EventMetrics> = OnceLock::new();
-    METRICS.get_or_init(EventMetrics::new)
 }

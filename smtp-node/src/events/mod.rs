@@ -16,6 +16,7 @@ pub mod attempt;
 pub mod inbound;
 pub mod metrics;
 
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use async_nats::jetstream;
@@ -26,6 +27,7 @@ use kubemail_queue::events::{
 use crate::config::{BounceClass, EventsConfig};
 use crate::delivery::classify::Classifier;
 use crate::delivery::outcome::{Diagnostic, Peer};
+use crate::metrics::Metrics;
 use crate::queue::{Direction, QueueEntry};
 use crate::telemetry::propagation;
 
@@ -36,12 +38,19 @@ pub struct Events {
     config: EventsConfig,
     classifier: Classifier,
     stream: tokio::sync::OnceCell<()>,
+    metrics: Arc<Metrics>,
 }
 
 impl Events {
     /// Touches no network: the stream is created at the first publish.
-    pub fn new(js: jetstream::Context, hostname: String, config: EventsConfig) -> Self {
+    pub fn new(
+        js: jetstream::Context,
+        hostname: String,
+        config: EventsConfig,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Self {
+            metrics,
             classifier: Classifier::new(&config.classification),
             js,
             hostname,
@@ -71,7 +80,7 @@ impl Events {
         if !self.config.enabled || events.is_empty() {
             return;
         }
-        let m = metrics::global();
+        let m = &self.metrics.events;
         let deadline = self.config.publish_timeout.0;
         let kinds: Vec<EventType> = events
             .iter()

@@ -44,7 +44,7 @@ use kubemail_queue::events::CloudEvent;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{EnqueueError, QueueEntry};
-use crate::metrics;
+use crate::metrics::Metrics;
 
 /// Most messages in one group. nats-server refuses atomic batches of more than 1000.
 pub const MAX_GROUP_MESSAGES: usize = 500;
@@ -122,6 +122,7 @@ struct Shared {
     atomic: Arc<AtomicBool>,
     /// Where the `received` events of stored entries go, once the node has attached it.
     events: Arc<OnceLock<Arc<crate::events::Events>>>,
+    metrics: Arc<Metrics>,
 }
 
 /// The handle sessions commit through; the task ends when the last handle is dropped.
@@ -138,6 +139,7 @@ impl Committer {
         js: jetstream::Context,
         atomic: Arc<AtomicBool>,
         events: Arc<OnceLock<Arc<crate::events::Events>>>,
+        metrics: Arc<Metrics>,
     ) -> Self {
         let (jobs, rx) = mpsc::channel(QUEUE_DEPTH);
         let shared = Arc::new(Shared {
@@ -145,6 +147,7 @@ impl Committer {
             js,
             atomic,
             events,
+            metrics,
         });
         tokio::spawn(run(shared, rx));
         Self { jobs }
@@ -249,9 +252,7 @@ async fn commit_group(shared: Arc<Shared>, mut group: Vec<Job>) {
             .collect(),
         None => Vec::new(),
     };
-    metrics::global()
-        .queue_commit_messages
-        .observe(total as f64);
+    shared.metrics.queue_commit_messages.observe(total as f64);
     let outcomes = if total > 1 && shared.atomic.load(Ordering::Relaxed) {
         match atomic_batch(&shared, &mut messages).await {
             Ok(()) => vec![Ok(Stored { duplicate: false }); total],

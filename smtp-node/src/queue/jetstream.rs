@@ -34,7 +34,7 @@ use super::setup::StreamSetup;
 use super::stream::{check_consumer, ensure_body_bucket, ensure_queue_stream, open_body_bucket};
 use super::{EnqueueError, Queue, QueuedMessage, sweeper};
 use crate::config::NatsConfig;
-use crate::metrics::{self, ResultLabels};
+use crate::metrics::{Metrics, ResultLabels};
 
 /// Room left for NATS headers (envelope with up to a few hundred recipients) when deciding
 /// whether a body fits into one message of the server's `max_payload`.
@@ -81,25 +81,34 @@ pub struct JetStreamQueue {
     /// Publishes the `received` events of accepted messages (set once at start-up; read by
     /// the committer).
     events: Arc<OnceLock<Arc<crate::events::Events>>>,
+    metrics: Arc<Metrics>,
 }
 
 impl JetStreamQueue {
     /// Creates the client. Returns at once; the connection is made (and re-made) in the
     /// background. Call [`JetStreamQueue::run_setup`] to create the stream.
-    pub async fn connect(nats: &NatsConfig, domains: &[String]) -> Result<Arc<Self>, ConnectError> {
+    pub async fn connect(
+        nats: &NatsConfig,
+        domains: &[String],
+        metrics: Arc<Metrics>,
+    ) -> Result<Arc<Self>, ConnectError> {
+        let connected = metrics.nats_connected.clone();
         let client = super::connect::options(nats, "kubemail-smtp-node")?
             .retry_on_initial_connect()
-            .event_callback(|event| async move {
-                match event {
-                    async_nats::Event::Connected => {
-                        metrics::global().nats_connected.set(1);
-                        tracing::info!("connected to NATS");
+            .event_callback(move |event| {
+                let connected = connected.clone();
+                async move {
+                    match event {
+                        async_nats::Event::Connected => {
+                            connected.set(1);
+                            tracing::info!("connected to NATS");
+                        }
+                        async_nats::Event::Disconnected => {
+                            connected.set(0);
+                            tracing::warn!("disconnected from NATS");
+                        }
+                        other => tracing::info!(event = %other, "NATS event"),
                     }
-                    async_nats::Event::Disconnected => {
-                        metrics::global().nats_connected.set(0);
-                        tracing::warn!("disconnected from NATS");
-                    }
-                    other => tracing::info!(event = %other, "NATS event"),
                 }
             })
             // `nats.url` may list several servers ("nats://a:4222,nats://b:4222"); the client
@@ -121,8 +130,13 @@ impl JetStreamQueue {
         let setup = Arc::new(StreamSetup::new());
         let atomic = Arc::new(AtomicBool::new(false));
         let events = Arc::new(OnceLock::new());
-        let committer =
-            Committer::start(client.clone(), js.clone(), atomic.clone(), events.clone());
+        let committer = Committer::start(
+            client.clone(),
+            js.clone(),
+            atomic.clone(),
+            events.clone(),
+            metrics.clone(),
+        );
         Ok(Arc::new(Self {
             client,
             js,
@@ -133,6 +147,7 @@ impl JetStreamQueue {
             atomic,
             committer,
             events,
+            metrics,
         }))
     }
 
@@ -269,6 +284,7 @@ impl JetStreamQueue {
             || self.all_bodies(),
             interval,
             &cancel,
+            &self.metrics.queue_orphan_bodies_deleted,
         )
         .await;
     }
@@ -417,8 +433,14 @@ impl JetStreamQueue {
     /// Deletes body objects no entry refers to (in the background: the client's answer does
     /// not wait for it; what fails here is left to the sweeper).
     fn forget_bodies(&self, objects: Vec<(String, String)>) {
-        self.per_bucket(objects, |store, object| async move {
-            sweeper::delete_orphan(&store, &object).await;
+        let deleted = self.metrics.queue_orphan_bodies_deleted.clone();
+        self.per_bucket(objects, move |store, object| {
+            let deleted = deleted.clone();
+            async move {
+                if sweeper::delete_orphan(&store, &object).await {
+                    deleted.inc();
+                }
+            }
         });
     }
 
@@ -497,7 +519,7 @@ impl Queue for JetStreamQueue {
                 None => tracing::Span::none(),
             };
             let result = self.publish(entries).instrument(span).await;
-            let m = metrics::global();
+            let m = &self.metrics;
             m.queue_publish_seconds
                 .observe(started.elapsed().as_secs_f64());
             let label = match &result {

@@ -16,6 +16,7 @@
 //! `max by (domain)`. A failed sample (NATS away) keeps the previous values and is logged at
 //! debug level (the `nats_connected` gauge already says NATS is away).
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use async_nats::jetstream;
@@ -24,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{headers, parse_rfc3339};
 use crate::config::NatsConfig;
-use crate::metrics::{self, DomainLabels};
+use crate::metrics::{DomainLabels, Metrics};
 
 /// One sample of a domain's queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,10 +42,12 @@ pub async fn run(
     domains: Vec<String>,
     interval: Duration,
     cancel: CancellationToken,
+    metrics: Arc<Metrics>,
 ) {
     // Present (as 0) from the start, so dashboards and alerts see the series.
     for domain in &domains {
         publish(
+            &metrics,
             domain,
             QueueSample {
                 messages: 0,
@@ -62,7 +65,7 @@ pub async fn run(
         }
         for domain in &domains {
             match sample(&js, &nats, domain).await {
-                Ok(s) => publish(domain, s, SystemTime::now()),
+                Ok(s) => publish(&metrics, domain, s, SystemTime::now()),
                 Err(error) => tracing::debug!(%domain, %error, "cannot sample the queue"),
             }
         }
@@ -139,8 +142,7 @@ async fn sample_consumer(
     })
 }
 
-fn publish(domain: &str, s: QueueSample, now: SystemTime) {
-    let m = metrics::global();
+fn publish(m: &Metrics, domain: &str, s: QueueSample, now: SystemTime) {
     let labels = DomainLabels {
         domain: domain.to_owned(),
     };

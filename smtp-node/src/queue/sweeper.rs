@@ -28,7 +28,7 @@ use futures::StreamExt as _;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::NatsConfig;
-use crate::metrics;
+use prometheus_client::metrics::counter::Counter;
 
 /// The description of a body object whose entry is stored.
 pub const MARK: &str = "kubemail: a stored queue entry refers to this body";
@@ -52,15 +52,16 @@ pub enum SweepError {
     ReadStream { stream: String, reason: String },
 }
 
-/// Deletes an object whose entry is known not to exist.
-pub async fn delete_orphan(store: &ObjectStore, object: &str) {
+/// Deletes an object whose entry is known not to exist; whether it was deleted.
+pub async fn delete_orphan(store: &ObjectStore, object: &str) -> bool {
     match store.delete(object).await {
         Ok(()) => {
-            metrics::global().queue_orphan_bodies_deleted.inc();
             tracing::debug!(object, "deleted a body object no entry refers to");
+            true
         }
         Err(error) => {
-            tracing::warn!(%error, object, "cannot delete a body object no entry refers to; the sweeper will")
+            tracing::warn!(%error, object, "cannot delete a body object no entry refers to; the sweeper will");
+            false
         }
     }
 }
@@ -78,13 +79,14 @@ pub async fn mark_referenced(store: &ObjectStore, object: &str) {
 }
 
 /// Sweeps every `interval` until `cancel`. `bodies` gives each domain's bucket once it is set
-/// up.
+/// up; the objects deleted are counted in `deleted_total`.
 pub async fn run(
     js: &jetstream::Context,
     nats: &NatsConfig,
     bodies: impl Fn() -> Vec<(String, ObjectStore)>,
     interval: Duration,
     cancel: &CancellationToken,
+    deleted_total: &Counter,
 ) {
     loop {
         // Up to half an interval later, at random: nodes started together sweep apart.
@@ -97,6 +99,7 @@ pub async fn run(
             match sweep(js, nats, &domain, &store, GRACE).await {
                 Ok(0) => {}
                 Ok(deleted) => {
+                    deleted_total.inc_by(deleted as u64);
                     tracing::info!(%domain, deleted, "deleted body objects no entry refers to")
                 }
                 Err(error) => tracing::warn!(%domain, %error, "body sweep failed"),
@@ -136,8 +139,9 @@ pub async fn sweep(
         if referenced.contains(&kubemail_queue::body_ref(&bucket, &object)) {
             mark_referenced(store, &object).await;
         } else {
-            delete_orphan(store, &object).await;
-            deleted += 1;
+            if delete_orphan(store, &object).await {
+                deleted += 1;
+            }
         }
     }
     Ok(deleted)

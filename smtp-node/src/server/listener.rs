@@ -17,10 +17,12 @@ use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tracing::Instrument;
 
-use super::prefixed::PrefixedStream;
-use super::{BoundListener, ConnectionInfo, ContextCell, ServerContext};
+use super::BoundListener;
 use crate::config::{ListenerConfig, ListenerKind};
-use crate::metrics::{self, ListenerLabels, ReasonLabels};
+use crate::connection::ConnectionInfo;
+use crate::connection::prefixed::PrefixedStream;
+use crate::context::{ContextCell, ServerContext};
+use crate::metrics::{ListenerLabels, Metrics, ReasonLabels};
 use crate::protocol::{EnhancedCode, Reply};
 
 /// Longest pause after failing `accept()` (for example out of file descriptors).
@@ -53,18 +55,18 @@ pub async fn accept_loop(bound: BoundListener, cell: Arc<ContextCell>) {
         };
         let _ = tcp.set_nodelay(true);
         let ctx = cell.current();
-        metrics::global()
+        ctx.metrics
             .connections
             .get_or_create(&ListenerLabels {
                 listener: config.name.clone(),
             })
             .inc();
         let Some(permit) = ctx.limits.try_total() else {
-            refused(&config, "max_connections");
+            refused(&ctx.metrics, &config, "max_connections");
             tracing::warn!(listener = %config.name, %peer, "maxConnections reached; refusing");
             ctx.shutdown
                 .tracker()
-                .spawn(refuse(tcp, config.clone(), ctx.config.hostname.clone()));
+                .spawn(refuse(tcp, config.clone(), ctx.clone()));
             continue;
         };
         let ctx2 = ctx.clone();
@@ -87,7 +89,7 @@ async fn handle_connection(
     let mut stream = PrefixedStream::new(tcp);
     let remote = if listener.proxy_protocol {
         if !listener.trusts_proxy(peer.ip()) {
-            refused(&listener, "untrusted_proxy");
+            refused(&ctx.metrics, &listener, "untrusted_proxy");
             tracing::warn!(listener = %listener.name, %peer, "PROXY header from a peer outside trustedProxies; closing");
             return;
         }
@@ -96,7 +98,7 @@ async fn handle_connection(
             Ok(Some(source)) => source,
             Ok(None) => peer,
             Err(error) => {
-                refused(&listener, "proxy_header");
+                refused(&ctx.metrics, &listener, "proxy_header");
                 tracing::warn!(listener = %listener.name, %peer, %error, "bad PROXY header; closing");
                 return;
             }
@@ -108,9 +110,9 @@ async fn handle_connection(
         // The node-wide slot is given back before the client can read the refusal, so a client
         // that saw this 421 finds the slot free.
         drop(permit);
-        refused(&listener, "max_connections_per_ip");
+        refused(&ctx.metrics, &listener, "max_connections_per_ip");
         tracing::warn!(listener = %listener.name, remote_ip = %remote.ip(), "maxConnectionsPerIp reached; refusing");
-        refuse_stream(stream, &listener, &ctx.config.hostname).await;
+        refuse_stream(stream, &listener, &ctx).await;
         return;
     };
     let conn = ConnectionInfo {
@@ -132,7 +134,8 @@ async fn handle_connection(
         trace_id = tracing::field::Empty,
     );
     crate::telemetry::propagation::record_trace_id(&span, None);
-    let active = metrics::global()
+    let active = ctx
+        .metrics
         .sessions_active
         .get_or_create(&ListenerLabels {
             listener: listener.name.clone(),
@@ -157,8 +160,8 @@ async fn handle_connection(
     drop(permit);
 }
 
-fn refused(listener: &ListenerConfig, reason: &'static str) {
-    metrics::global()
+fn refused(metrics: &Metrics, listener: &ListenerConfig, reason: &'static str) {
+    metrics
         .connections_refused
         .get_or_create(&ReasonLabels {
             listener: listener.name.clone(),
@@ -176,18 +179,18 @@ fn too_many_connections(hostname: &str) -> Vec<u8> {
     .to_bytes(true)
 }
 
-async fn refuse(tcp: TcpStream, listener: Arc<ListenerConfig>, hostname: String) {
-    refuse_stream(PrefixedStream::new(tcp), &listener, &hostname).await;
+async fn refuse(tcp: TcpStream, listener: Arc<ListenerConfig>, ctx: Arc<ServerContext>) {
+    refuse_stream(PrefixedStream::new(tcp), &listener, &ctx).await;
 }
 
 async fn refuse_stream(
     mut stream: PrefixedStream<TcpStream>,
     listener: &ListenerConfig,
-    hostname: &str,
+    ctx: &ServerContext,
 ) {
     if listener.kind != ListenerKind::ImplicitTls {
-        metrics::global().reply(&listener.name, 421);
-        let reply = too_many_connections(hostname);
+        ctx.metrics.reply(&listener.name, 421);
+        let reply = too_many_connections(&ctx.config.hostname);
         let _ = tokio::time::timeout(REFUSAL_WRITE_TIMEOUT, async {
             let _ = stream.write_all(&reply).await;
             let _ = stream.shutdown().await;

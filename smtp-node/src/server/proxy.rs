@@ -10,7 +10,7 @@ use std::time::Duration;
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
-use super::prefixed::PrefixedStream;
+use crate::connection::prefixed::PrefixedStream;
 use crate::protocol::{ProxyError, ProxyHeader, parse_proxy_header};
 
 /// A v2 header is 16 octets plus at most 65535 of addresses and TLVs; a v1 line 107 octets.

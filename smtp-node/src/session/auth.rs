@@ -13,7 +13,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use super::io::SaslLine;
 use super::{End, Next, Session};
 use crate::auth::{AuthOutcome, LimitedBy};
-use crate::metrics::{self, ResultLabels};
+use crate::metrics::ResultLabels;
 use crate::protocol::{
     EnhancedCode, Reply, SaslError, decode_login_step, decode_plain, login_challenge_password,
     login_challenge_username,
@@ -80,7 +80,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             .authenticate(ip, &credentials.user, &credentials.password)
             .await;
         drop(credentials);
-        let m = metrics::global();
+        let m = &self.ctx.metrics;
         match outcome {
             AuthOutcome::Success(user) => {
                 m.auth

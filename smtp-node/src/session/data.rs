@@ -22,7 +22,7 @@ use super::{End, Next, Session, Transaction};
 use crate::config::{ListenerKind, NulBytes};
 use crate::memory::Reservation;
 use crate::message::{ReceivedInfo, header_value, new_message_id, received_header};
-use crate::metrics::{self, ListenerLabels, ReasonLabels};
+use crate::metrics::{ListenerLabels, ReasonLabels};
 use crate::protocol::{BodyType, DataProgress, DataReceiver, EnhancedCode, MAX_TEXT_LINE, Reply};
 use crate::queue::{ContentId, Direction, EnqueueError, QueueEntry, QueuedMessage};
 
@@ -124,7 +124,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             tx.span
                 .in_scope(|| tracing::info!(reason, code = reply.code, "message refused"));
         }
-        metrics::global()
+        self.ctx
+            .metrics
             .messages_rejected
             .get_or_create(&ReasonLabels {
                 listener: self.conn.listener.name.clone(),
@@ -217,7 +218,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         match result {
             Ok(()) => {
                 self.ctx.content.accepted(&content);
-                let m = metrics::global();
+                let m = &self.ctx.metrics;
                 m.messages_accepted
                     .get_or_create(&ListenerLabels { listener })
                     .inc();

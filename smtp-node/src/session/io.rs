@@ -9,7 +9,6 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 
 use super::{End, Session};
-use crate::metrics;
 use crate::protocol::{EnhancedCode, LineEvent, MAX_AUTH_LINE, Reply};
 
 /// Free buffer space requested before a read of message data (DATA, BDAT): large reads keep
@@ -81,7 +80,7 @@ enum Wake {
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// Queues a reply (sent at the next flush).
     pub(super) fn reply(&mut self, reply: Reply) {
-        metrics::global().reply(&self.conn.listener.name, reply.code);
+        self.ctx.metrics.reply(&self.conn.listener.name, reply.code);
         if reply.code >= 400 {
             tracing::debug!(code = reply.code, text = %reply.text(), "refused");
         }

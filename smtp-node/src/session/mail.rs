@@ -7,7 +7,7 @@
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::{End, Next, Session, Transaction};
-use crate::metrics::{self, ResultLabels};
+use crate::metrics::ResultLabels;
 use crate::protocol::{BodyType, EnhancedCode, MailParams, Reply, ReversePath};
 use crate::queue::QueueId;
 use crate::telemetry::propagation as telemetry;
@@ -83,7 +83,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             && !self.ctx.auth.allow_message(user)
         {
             tracing::info!(user = %user.name, "message rate limit reached");
-            metrics::global()
+            self.ctx
+                .metrics
                 .auth
                 .get_or_create(&ResultLabels {
                     result: "message_rate_limited",

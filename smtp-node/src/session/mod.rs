@@ -38,13 +38,14 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::auth::AuthenticatedUser;
 use crate::config::{BareLineEndings, DomainConfig};
+use crate::connection::ConnectionInfo;
+use crate::connection::prefixed::PrefixedStream;
+use crate::context::ServerContext;
 use crate::protocol::{
     Address, BareEolPolicy, Command, EnhancedCode, LineReader, MailParams, Reply, ReversePath,
     parse_command,
 };
 use crate::queue::QueueId;
-use crate::server::prefixed::PrefixedStream;
-use crate::server::{ConnectionInfo, ServerContext};
 use crate::tls::TlsInfo;
 
 pub use starttls::{serve, serve_implicit_tls};

@@ -12,9 +12,10 @@ use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::{End, Next, Plain, Session};
+use crate::connection::ConnectionInfo;
+use crate::connection::prefixed::PrefixedStream;
+use crate::context::ServerContext;
 use crate::protocol::Reply;
-use crate::server::prefixed::PrefixedStream;
-use crate::server::{ConnectionInfo, ServerContext};
 use crate::tls::connection_info;
 
 /// First octet of a TLS handshake record (RFC 8446 5.1, content type 22).
@@ -73,17 +74,17 @@ where
     match tokio::time::timeout(handshake, tls.acceptor().accept(stream)).await {
         Ok(Ok(tls_stream)) => {
             let info = connection_info(tls_stream.get_ref().1);
-            crate::metrics::global().tls_handshake("server", Some(&info.version));
+            ctx.metrics.tls_handshake("server", Some(&info.version));
             tracing::debug!(version = %info.version, cipher = %info.cipher, "STARTTLS done");
             let mut session = Session::new(tls_stream, conn, ctx, Some(info));
             session.run().await;
         }
         Ok(Err(error)) => {
-            crate::metrics::global().tls_handshake("server", None);
+            ctx.metrics.tls_handshake("server", None);
             tracing::info!(%error, "STARTTLS handshake failed");
         }
         Err(_) => {
-            crate::metrics::global().tls_handshake("server", None);
+            ctx.metrics.tls_handshake("server", None);
             tracing::info!("STARTTLS handshake timed out");
         }
     }
@@ -106,17 +107,17 @@ pub async fn serve_implicit_tls<T>(
     match tokio::time::timeout(handshake, tls.acceptor().accept(stream)).await {
         Ok(Ok(tls_stream)) => {
             let info = connection_info(tls_stream.get_ref().1);
-            crate::metrics::global().tls_handshake("server", Some(&info.version));
+            ctx.metrics.tls_handshake("server", Some(&info.version));
             let mut session = Session::new(tls_stream, conn, ctx.clone(), Some(info));
             session.greet();
             session.run().await;
         }
         Ok(Err(error)) => {
-            crate::metrics::global().tls_handshake("server", None);
+            ctx.metrics.tls_handshake("server", None);
             tracing::info!(%error, "TLS handshake failed");
         }
         Err(_) => {
-            crate::metrics::global().tls_handshake("server", None);
+            ctx.metrics.tls_handshake("server", None);
             tracing::info!("TLS handshake timed out");
         }
     }

@@ -10,10 +10,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 
 use crate::auth::Authenticator;
 use crate::config::NodeConfig;
+use crate::connection::ConnectionInfo;
+use crate::connection::prefixed::PrefixedStream;
+use crate::context::ServerContext;
+use crate::metrics::Metrics;
 use crate::queue::memory::MemoryQueue;
 use crate::queue::{Direction, EnqueueError};
-use crate::server::prefixed::PrefixedStream;
-use crate::server::{ConnectionInfo, ServerContext};
 use crate::shutdown::Shutdown;
 
 const CONFIG: &str = r#"
@@ -45,6 +47,7 @@ struct Client {
     buf: Vec<u8>,
     queue: Arc<MemoryQueue>,
     shutdown: Shutdown,
+    metrics: Arc<Metrics>,
     task: tokio::task::JoinHandle<()>,
     _dir: tempfile::TempDir,
 }
@@ -62,12 +65,14 @@ async fn connect(listener: usize) -> Client {
     let queue = Arc::new(MemoryQueue::new());
     let shutdown = Shutdown::new();
     let listener_config = Arc::new(config.listeners[listener].clone());
+    let metrics = Metrics::new();
     let ctx = ServerContext::new(
         Arc::new(config),
         None,
         auth,
         queue.clone(),
         shutdown.clone(),
+        metrics.clone(),
     );
     let (client, server) = tokio::io::duplex(1 << 16);
     let conn = ConnectionInfo {
@@ -82,6 +87,7 @@ async fn connect(listener: usize) -> Client {
         buf: Vec::new(),
         queue,
         shutdown,
+        metrics,
         task,
         _dir: dir,
     };
@@ -186,6 +192,34 @@ async fn mx_accepts_local_mail_and_queues_it() {
     assert!(!body.contains("Message-ID"), "no Message-ID added on MX");
     c.cmd("QUIT", "221 2.0.0").await;
     assert!(c.closed().await);
+}
+
+#[tokio::test]
+async fn a_session_counts_into_the_metrics_of_its_context() {
+    // Every test builds its own metrics: exact counts, whatever runs beside it.
+    let mut c = connect(0).await;
+    c.cmd("EHLO client.test", "250-mx.example.test").await;
+    c.cmd("MAIL FROM:<a@remote.test>", "250 2.1.0").await;
+    c.cmd("RCPT TO:<nobody@example.test>", "550").await;
+    c.cmd("RCPT TO:<bob@example.test>", "250 2.1.5").await;
+    c.cmd("DATA", "354").await;
+    c.send(b"Subject: hi\r\n\r\nbody\r\n.\r\n").await;
+    c.expect("250 2.0.0 Ok: queued as ").await;
+    c.cmd("QUIT", "221 2.0.0").await;
+    assert!(c.closed().await);
+    let text = c.metrics.encode();
+    for line in [
+        "kubemail_smtp_messages_accepted_total{listener=\"mx\"} 1\n",
+        // Greeting, EHLO, MAIL, RCPT, 354 (3xx), queued, QUIT.
+        "kubemail_smtp_replies_total{listener=\"mx\",class=\"2xx\"} 6\n",
+        "kubemail_smtp_replies_total{listener=\"mx\",class=\"5xx\"} 1\n",
+    ] {
+        assert!(text.contains(line), "{line:?} in {text}");
+    }
+    assert!(
+        !Metrics::new().encode().contains("messages_accepted_total{"),
+        "a new context's metrics start empty"
+    );
 }
 
 #[tokio::test]
@@ -654,6 +688,7 @@ timeouts: { dataBlock: 20s, dataInit: 20s }
         auth,
         queue.clone(),
         shutdown.clone(),
+        Metrics::new(),
     );
     let mut clients = Vec::new();
     for id in 1..=2 {
@@ -670,6 +705,7 @@ timeouts: { dataBlock: 20s, dataInit: 20s }
             buf: Vec::new(),
             queue: queue.clone(),
             shutdown: shutdown.clone(),
+            metrics: ctx.metrics.clone(),
             task,
             _dir: tempfile::tempdir().unwrap(),
         };
@@ -725,6 +761,9 @@ async fn a_bdat_chunk_without_room_is_refused_with_452() {
     a.send(format!("BDAT {}\r\n", big.len()).as_bytes()).await;
     a.send(&big).await;
     a.expect("250 2.0.0").await;
+    // The node's gauge shows what A's chunk holds of the budget.
+    let held = a.metrics.message_memory_bytes.get();
+    assert!(held >= big.len() as i64, "{held} bytes held");
     let first = lines(600_000);
     b.send(format!("BDAT {}\r\n", first.len()).as_bytes()).await;
     b.send(&first).await;

@@ -513,177 +513,20 @@ async fn cleanup(md: &MailDomain, ctx: &Context) -> Result<Action, Error> {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::{BTreeMap, BTreeSet};
     use std::path::Path;
 
-    /// The parent module's own file, as a node of the graph.
-    const PARENT: &str = "mod";
+    use kubemail_test_support::module_graph::{PARENT, Source, find_cycle, module_graph, sources};
+
     const ABSOLUTE: &str = "crate::controller::mail_domain::";
 
-    /// The `.rs` files of this directory (and its subdirectories) with their module paths
-    /// below `mail_domain` (`build/config.rs` is `["build", "config"]`, `mod.rs` is `[]`).
-    fn sources(dir: &Path, prefix: &[String], out: &mut Vec<(Vec<String>, String)>) {
-        let mut entries: Vec<_> = std::fs::read_dir(dir)
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .collect();
-        entries.sort();
-        for path in entries {
-            let name = path.file_stem().unwrap().to_str().unwrap().to_owned();
-            let mut module = prefix.to_vec();
-            if path.is_dir() {
-                module.push(name);
-                sources(&path, &module, out);
-            } else if path.extension().is_some_and(|e| e == "rs") {
-                if name != "mod" {
-                    module.push(name);
-                }
-                out.push((module, std::fs::read_to_string(&path).unwrap()));
-            }
-        }
-    }
-
-    /// Which sibling modules each module refers to, through `super::…` (resolved from where it
-    /// is written) or `crate::controller::mail_domain::…`, including `{a, b}` groups. Comment
-    /// lines are skipped. An inline `mod x {` is taken to run to the end of its file (where
-    /// test modules sit), so its `super::` means the file's own module.
-    fn module_graph(files: &[(Vec<String>, String)]) -> BTreeMap<String, BTreeSet<String>> {
-        let modules: BTreeSet<&str> = files
-            .iter()
-            .filter_map(|(m, _)| m.first().map(String::as_str))
-            .collect();
-        let node = |m: &[String]| m.first().cloned().unwrap_or_else(|| PARENT.to_owned());
-        let mut graph: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-        for (module, text) in files {
-            let from = node(module);
-            graph.entry(from.clone()).or_default();
-            if module.is_empty() {
-                // The parent runs the pipeline: it uses every module it declares.
-                for m in &modules {
-                    graph
-                        .entry(from.clone())
-                        .or_default()
-                        .insert((*m).to_owned());
-                }
-            }
-            let mut here = module.clone();
-            for line in text.lines().map(str::trim) {
-                if line.starts_with("//") {
-                    continue;
-                }
-                let declaration = line.strip_prefix("pub ").unwrap_or(line);
-                if let Some(inner) = declaration.strip_prefix("mod ")
-                    && inner.ends_with('{')
-                {
-                    here.push(inner.trim_end_matches('{').trim().to_owned());
-                }
-                for target in references(line, &here) {
-                    if modules.contains(target.as_str()) && target != from {
-                        graph.entry(from.clone()).or_default().insert(target);
-                    }
-                }
-            }
-        }
-        graph
-    }
-
-    /// The first path segment below `mail_domain` of every reference on `line`, written in
-    /// module `here`.
-    fn references(line: &str, here: &[String]) -> Vec<String> {
-        let mut found = Vec::new();
-        let mut rest = line;
-        while let Some(start) = rest.find(['s', 'c']) {
-            let tail = &rest[start..];
-            let preceded_by_ident = rest[..start]
-                .chars()
-                .last()
-                .is_some_and(|c| c.is_alphanumeric() || c == '_' || c == ':');
-            let resolved = if preceded_by_ident {
-                None
-            } else if let Some(after) = tail.strip_prefix(ABSOLUTE) {
-                Some((Vec::new(), after))
-            } else if tail.starts_with("super::") {
-                let mut base = here.to_vec();
-                let mut after = tail;
-                let mut above = false;
-                while let Some(next) = after.strip_prefix("super::") {
-                    above |= base.pop().is_none();
-                    after = next;
-                }
-                (!above).then_some((base, after))
-            } else {
-                None
-            };
-            if let Some((base, after)) = resolved {
-                let segments: Vec<&str> = match after.strip_prefix('{') {
-                    Some(group) => group
-                        .split('}')
-                        .next()
-                        .unwrap_or_default()
-                        .split(',')
-                        .collect(),
-                    None => vec![after],
-                };
-                for segment in segments {
-                    let name: String = segment
-                        .trim()
-                        .chars()
-                        .take_while(|c| c.is_alphanumeric() || *c == '_')
-                        .collect();
-                    let first = base.first().cloned().unwrap_or(name);
-                    if !first.is_empty() && first != "self" {
-                        found.push(first);
-                    }
-                }
-            }
-            rest = &tail[1..];
-        }
-        found
-    }
-
-    /// A cycle in `graph`, as the modules along it, if there is one.
-    fn find_cycle(graph: &BTreeMap<String, BTreeSet<String>>) -> Option<Vec<String>> {
-        fn visit(
-            node: &str,
-            graph: &BTreeMap<String, BTreeSet<String>>,
-            path: &mut Vec<String>,
-            done: &mut BTreeSet<String>,
-        ) -> Option<Vec<String>> {
-            if let Some(i) = path.iter().position(|n| n == node) {
-                let mut cycle = path[i..].to_vec();
-                cycle.push(node.to_owned());
-                return Some(cycle);
-            }
-            if done.contains(node) {
-                return None;
-            }
-            path.push(node.to_owned());
-            for next in graph.get(node).into_iter().flatten() {
-                if let Some(cycle) = visit(next, graph, path, done) {
-                    return Some(cycle);
-                }
-            }
-            path.pop();
-            done.insert(node.to_owned());
-            None
-        }
-        let mut done = BTreeSet::new();
-        graph
-            .keys()
-            .find_map(|n| visit(n, graph, &mut Vec::new(), &mut done))
-    }
-
-    fn this_directory() -> Vec<(Vec<String>, String)> {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/controller/mail_domain");
-        let mut files = Vec::new();
-        sources(&dir, &[], &mut files);
-        files
+    fn this_directory() -> Vec<Source> {
+        sources(&Path::new(env!("CARGO_MANIFEST_DIR")).join("src/controller/mail_domain"))
     }
 
     #[test]
     fn the_pipeline_modules_import_each_other_without_cycles() {
         let files = this_directory();
-        let graph = module_graph(&files);
+        let graph = module_graph(&files, ABSOLUTE);
         assert_eq!(
             find_cycle(&graph),
             None,
@@ -705,7 +548,7 @@ mod tests {
                 .find(|(m, _)| m == &["names"])
                 .unwrap();
             names.1.insert_str(0, &format!("{edge}\n"));
-            let cycle = find_cycle(&module_graph(&with_back_edge)).expect(&edge);
+            let cycle = find_cycle(&module_graph(&with_back_edge, ABSOLUTE)).expect(&edge);
             assert!(cycle.contains(&"names".to_owned()), "{cycle:?}");
         }
         let mut nested = files.clone();
@@ -717,7 +560,7 @@ mod tests {
             .1
             .insert_str(0, &format!("use {}::status;\n", "super::super"));
         assert!(
-            find_cycle(&module_graph(&nested)).is_some(),
+            find_cycle(&module_graph(&nested, ABSOLUTE)).is_some(),
             "build -> status -> build"
         );
     }

@@ -68,6 +68,7 @@ pub struct TlsRpt {
     clock: Arc<dyn Clock>,
     stream: OnceCell<Option<stream::Stream>>,
     claims: OnceCell<Option<kv::Store>>,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// What a report needs besides the results.
@@ -80,19 +81,25 @@ pub struct ReportContext<'a> {
 }
 
 impl TlsRpt {
-    pub fn new(config: TlsRptConfig, js: jetstream::Context, clock: Arc<dyn Clock>) -> Self {
+    pub fn new(
+        config: TlsRptConfig,
+        js: jetstream::Context,
+        clock: Arc<dyn Clock>,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> Self {
         Self {
             config,
             js,
             clock,
             stream: OnceCell::new(),
             claims: OnceCell::new(),
+            metrics,
         }
     }
 
     /// Counts and records one session outcome of `sending_domain` (never fails the delivery).
     pub async fn record(&self, sending_domain: &str, result: SessionResult) {
-        crate::delivery::metrics::global().count_tls_result(
+        self.metrics.delivery.count_tls_result(
             match result.policy.policy_type {
                 PolicyType::Sts => "sts",
                 PolicyType::Tlsa => "tlsa",
@@ -177,7 +184,7 @@ impl TlsRpt {
             Err(e) => {
                 // Let the next pass (on any node) try again.
                 let _ = claims.delete(&key).await;
-                metric("failed");
+                self.metrics.delivery.count_tls_report("failed");
                 Err(e)
             }
         }
@@ -240,7 +247,7 @@ impl TlsRpt {
                     self.clock.now(),
                 )?;
                 queue_report(&self.js, ctx, sending_domain, to, mail, &report_id).await?;
-                metric("sent");
+                self.metrics.delivery.count_tls_report("sent");
                 queued += 1;
             }
         }
@@ -606,10 +613,6 @@ async fn queue_report(
         .await
         .map_err(|e| ReportError::Queue(e.to_string()))?;
     Ok(())
-}
-
-fn metric(result: &'static str) {
-    crate::delivery::metrics::global().count_tls_report(result);
 }
 
 #[cfg(test)]
