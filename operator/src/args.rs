@@ -208,6 +208,27 @@ pub struct Args {
     )]
     pub network_policy_metrics_from: String,
 
+    /// How often to look up every MailDomain's DNS records and report whether they are
+    /// published as computed (condition `DnsPublished`); a domain whose records changed is
+    /// looked up at once. `0s` turns the check off.
+    #[arg(long, env = "KUBEMAIL_DNS_CHECK_INTERVAL", default_value = "10m", value_parser = duration)]
+    pub dns_check_interval: Duration,
+
+    /// Name servers the DNS check asks, `ip` or `ip:port`, comma separated (default: the
+    /// system's, from /etc/resolv.conf).
+    #[arg(
+        long,
+        env = "KUBEMAIL_DNS_CHECK_NAMESERVERS",
+        value_name = "IP[:PORT],...",
+        value_delimiter = ',',
+        value_parser = nameserver
+    )]
+    pub dns_check_nameservers: Vec<SocketAddr>,
+
+    /// Deadline of one DNS query attempt of the check.
+    #[arg(long, env = "KUBEMAIL_DNS_CHECK_TIMEOUT", default_value = "5s", value_parser = duration)]
+    pub dns_check_timeout: Duration,
+
     #[command(subcommand)]
     pub command: Option<Command>,
 }
@@ -233,6 +254,17 @@ fn duration(text: &str) -> Result<Duration, String> {
     crate::timestamps::parse_duration(text)
 }
 
+/// `ip:port`, or `ip` for port 53.
+fn nameserver(text: &str) -> Result<SocketAddr, String> {
+    let text = text.trim();
+    text.parse::<SocketAddr>()
+        .or_else(|_| {
+            text.parse::<std::net::IpAddr>()
+                .map(|ip| SocketAddr::new(ip, 53))
+        })
+        .map_err(|_| format!("{text:?} is not an IP address or IP:port"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -252,6 +284,31 @@ mod tests {
         assert!(a.node_image.starts_with("kubemail/smtp-node:"));
         assert!(a.watch_namespaces.is_empty(), "every namespace by default");
         assert_eq!(a.reconcile_concurrency, 8);
+        assert_eq!(a.dns_check_interval, Duration::from_secs(600));
+        assert!(a.dns_check_nameservers.is_empty(), "the system resolver");
+    }
+
+    #[test]
+    fn dns_check_nameservers_take_addresses_with_or_without_port() {
+        let a = Args::try_parse_from([
+            "kubemail-operator",
+            "--dns-check-nameservers",
+            "127.0.0.1:5353,192.0.2.53",
+            "--dns-check-interval",
+            "0s",
+        ])
+        .unwrap();
+        assert_eq!(
+            a.dns_check_nameservers,
+            [
+                "127.0.0.1:5353".parse::<SocketAddr>().unwrap(),
+                "192.0.2.53:53".parse().unwrap()
+            ]
+        );
+        assert!(a.dns_check_interval.is_zero());
+        let e = Args::try_parse_from(["kubemail-operator", "--dns-check-nameservers", "ns1"])
+            .unwrap_err();
+        assert!(e.to_string().contains("not an IP address"), "{e}");
     }
 
     #[test]

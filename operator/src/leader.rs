@@ -68,14 +68,25 @@ impl LeaderElector {
 
     /// Campaigns until `cancel` fires, publishing on `leading` whether this replica leads.
     /// On cancellation a leader releases the Lease.
+    ///
+    /// A failing Lease call is logged when its explanation changes (and then every
+    /// [`REMIND_EVERY`]), with the cause and the fix; a candidate that is not leading retries
+    /// less often while the failure lasts (up to [`MAX_BACKOFF`]), a leader keeps retrying at
+    /// the retry period so as to renew in time.
     pub async fn run(mut self, leading: watch::Sender<bool>, cancel: CancellationToken) {
         let mut last_renew: Option<Instant> = None;
+        let hints = crate::diagnose::Hints {
+            operator_namespace: self.config.namespace.clone(),
+            ..Default::default()
+        };
+        let mut failing = Failing::default();
         loop {
             let attempt =
                 tokio::time::timeout(self.config.retry_period, self.try_acquire_or_renew()).await;
             let is_leader = *leading.borrow();
             match attempt {
                 Ok(Ok(true)) => {
+                    failing.recovered();
                     last_renew = Some(Instant::now());
                     if !is_leader {
                         tracing::info!(identity = %self.config.identity, lease = %self.config.name, "became leader");
@@ -83,16 +94,18 @@ impl LeaderElector {
                     }
                 }
                 Ok(Ok(false)) => {
+                    failing.recovered();
                     if is_leader {
                         tracing::warn!(identity = %self.config.identity, "lost the lease to another replica");
                         let _ = leading.send(false);
                     }
                     last_renew = None;
                 }
-                Ok(Err(e)) => {
-                    tracing::warn!(error = %e, "lease update failed");
-                }
-                Err(_) => tracing::warn!("lease update timed out"),
+                Ok(Err(e)) => failing.failed(crate::diagnose::explain(&e, &hints)),
+                Err(_) => failing.failed(format!(
+                    "the Lease {}/{} call got no answer within {:?}: the API server is slow or unreachable; check the server address in the kubeconfig (--kubeconfig / KUBECONFIG)",
+                    self.config.namespace, self.config.name, self.config.retry_period
+                )),
             }
             if *leading.borrow()
                 && last_renew.is_none_or(|t| t.elapsed() > self.config.renew_deadline)
@@ -100,16 +113,23 @@ impl LeaderElector {
                 tracing::warn!(identity = %self.config.identity, "could not renew the lease in time; stepping down");
                 let _ = leading.send(false);
             }
+            let wait = if *leading.borrow() {
+                self.config.retry_period
+            } else {
+                failing.delay(self.config.retry_period)
+            };
             tokio::select! {
                 () = cancel.cancelled() => break,
-                () = tokio::time::sleep(self.config.retry_period) => {}
+                () = tokio::time::sleep(wait) => {}
             }
         }
         if *leading.borrow() {
             let _ = leading.send(false);
             match self.release().await {
                 Ok(()) => tracing::info!(identity = %self.config.identity, "released the lease"),
-                Err(e) => tracing::warn!(error = %e, "could not release the lease"),
+                Err(e) => {
+                    tracing::warn!(error = %crate::diagnose::explain(&e, &hints), "could not release the lease")
+                }
             }
         }
     }
@@ -220,6 +240,96 @@ impl LeaderElector {
     }
 }
 
+/// Longest wait between attempts of a candidate whose Lease calls fail.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(60);
+/// A failure that lasts is logged again this often.
+pub const REMIND_EVERY: Duration = Duration::from_secs(300);
+
+/// The failure of the Lease calls, for logging on change and backing off.
+#[derive(Default)]
+struct Failing {
+    /// The explanation last logged and when.
+    logged: Option<(String, Instant)>,
+    /// Failed attempts in a row.
+    attempts: u32,
+}
+
+impl Failing {
+    fn failed(&mut self, explanation: String) {
+        self.attempts = self.attempts.saturating_add(1);
+        if log_again(self.logged.as_ref(), &explanation, Instant::now()) {
+            tracing::warn!(error = %explanation, attempts = self.attempts, "lease update failed");
+            self.logged = Some((explanation, Instant::now()));
+        } else {
+            tracing::debug!(error = %explanation, attempts = self.attempts, "lease update failed");
+        }
+    }
+
+    fn recovered(&mut self) {
+        if self.logged.take().is_some() {
+            tracing::info!(attempts = self.attempts, "lease updates work again");
+        }
+        self.attempts = 0;
+    }
+
+    /// The wait before the next attempt: the retry period, doubled per failure in a row.
+    fn delay(&self, retry_period: Duration) -> Duration {
+        backoff(retry_period, self.attempts)
+    }
+}
+
+/// Whether a failure explained as `explanation` is worth a log line: it differs from the one
+/// last logged, or that was long ago.
+fn log_again(logged: Option<&(String, Instant)>, explanation: &str, now: Instant) -> bool {
+    logged.is_none_or(|(last, at)| last != explanation || now.duration_since(*at) >= REMIND_EVERY)
+}
+
+/// `retry_period` doubled per failure in a row, at most [`MAX_BACKOFF`] (never below the
+/// retry period).
+fn backoff(retry_period: Duration, failures: u32) -> Duration {
+    retry_period
+        .saturating_mul(2u32.saturating_pow(failures.min(16)))
+        .min(MAX_BACKOFF)
+        .max(retry_period)
+}
+
 fn secs(d: Duration) -> i32 {
     i32::try_from(d.as_secs()).unwrap_or(i32::MAX).max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failing_candidates_back_off_up_to_a_minute() {
+        let p = Duration::from_secs(2);
+        assert_eq!(backoff(p, 0), p);
+        assert_eq!(backoff(p, 1), Duration::from_secs(4));
+        assert_eq!(backoff(p, 3), Duration::from_secs(16));
+        assert_eq!(backoff(p, 10), MAX_BACKOFF);
+        assert_eq!(backoff(p, u32::MAX), MAX_BACKOFF);
+    }
+
+    #[test]
+    fn the_same_failure_is_logged_once_then_as_a_reminder() {
+        let now = Instant::now();
+        let logged = ("namespace x does not exist".to_owned(), now);
+        assert!(log_again(None, "a", now));
+        assert!(!log_again(
+            Some(&logged),
+            "namespace x does not exist",
+            now + Duration::from_secs(2)
+        ));
+        assert!(log_again(
+            Some(&logged),
+            "forbidden",
+            now + Duration::from_secs(2)
+        ));
+        assert!(log_again(
+            Some(&logged),
+            "namespace x does not exist",
+            now + REMIND_EVERY
+        ));
+    }
 }

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use kubemail_operator::args::{Args, Command};
-use kubemail_operator::{controller, runtime, telemetry};
+use kubemail_operator::{controller, diagnose, runtime, telemetry};
 
 fn main() -> ExitCode {
     let args = Args::parse();
@@ -39,7 +39,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            let message = controller::chain(&e);
+            let message = diagnose::explain(&e, &diagnose::Hints::default());
             tracing::error!(error = %message, "operator failed");
             eprintln!("error: {message}");
             ExitCode::FAILURE

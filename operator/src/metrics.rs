@@ -1,7 +1,8 @@
 //! Prometheus metrics of the operator (prometheus-client, OpenMetrics text on `/metrics`):
 //! reconcile runs, failures by error kind, reconcile durations, whether this replica leads, the
 //! ready SMTP node pods of each MailDomain (for a "no ready nodes" alert) and the trace spans
-//! the OTLP exporter sent or dropped.
+//! the OTLP exporter sent or dropped, and the DNS records of each MailDomain not published as
+//! computed.
 //!
 //! ```text
 //! kubemail_operator_reconciles_total{controller="maildomain"}
@@ -10,13 +11,13 @@
 //! kubemail_operator_leader
 //! kubemail_operator_maildomain_ready_replicas{maildomain_namespace="mail",maildomain="example-com"}
 //! kubemail_operator_otel_spans_dropped_total{reason="export_failed"}
-//! kubemail_certificate_expiry_timestamp_seconds{namespace="mail",maildomain="example-com"}
+//! kubemail_operator_maildomain_dns_records_not_as_expected{maildomain_namespace="mail",maildomain="example-com"}
+//! kubemail_operator_maildomain_certificate_expiry_timestamp_seconds{maildomain_namespace="mail",maildomain="example-com"}
 //! ```
 //!
-//! The certificate expiry gauge has no `kubemail_operator_` prefix and names the domain's
-//! namespace `namespace`: the chart's expiry alert is written against exactly that name and
-//! those labels. A scrape keeps that label only with `honorLabels: true`; otherwise
-//! Prometheus renames it `exported_namespace`.
+//!
+//! The certificate expiry gauge is the serving certificate's notAfter, for an expiry alert
+//! that does not depend on who issues the certificate (the operator's CA or cert-manager).
 
 use std::time::Instant;
 
@@ -43,13 +44,6 @@ pub struct DomainLabels {
     pub maildomain: String,
 }
 
-/// Labels of the certificate expiry gauge.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct CertificateLabels {
-    pub namespace: String,
-    pub maildomain: String,
-}
-
 /// Labels of the failure counter.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ErrorLabels {
@@ -62,14 +56,13 @@ type HistogramFamily = Family<ControllerLabels, Histogram, fn() -> Histogram>;
 /// Every metric of the operator and the registry that serves them.
 pub struct Metrics {
     registry: Registry,
-    /// Metrics whose names carry no `kubemail_operator_` prefix.
-    unprefixed: Registry,
-    certificate_expiry: Family<CertificateLabels, Gauge>,
+    certificate_expiry: Family<DomainLabels, Gauge>,
     reconciles: Family<ControllerLabels, Counter>,
     failures: Family<ErrorLabels, Counter>,
     duration: HistogramFamily,
     leader: Gauge,
     ready_replicas: Family<DomainLabels, Gauge>,
+    dns_not_as_expected: Family<DomainLabels, Gauge>,
 }
 
 /// Observes one reconcile's duration when dropped.
@@ -122,23 +115,28 @@ impl Metrics {
             ready_replicas.clone(),
         );
         crate::telemetry::export_metrics().register(&mut registry);
-        let mut unprefixed = Registry::default();
-        let certificate_expiry = Family::<CertificateLabels, Gauge>::default();
-        unprefixed.register_with_unit(
-            "kubemail_certificate_expiry_timestamp",
+        let certificate_expiry = Family::<DomainLabels, Gauge>::default();
+        registry.register_with_unit(
+            "maildomain_certificate_expiry_timestamp",
             "End of validity (notAfter) of each MailDomain's serving certificate, in seconds since the epoch (leader only)",
             Unit::Seconds,
             certificate_expiry.clone(),
         );
+        let dns_not_as_expected = Family::<DomainLabels, Gauge>::default();
+        registry.register(
+            "maildomain_dns_records_not_as_expected",
+            "DNS records of each MailDomain that the last DNS check found missing, drifted, conflicting or unresolvable (leader only)",
+            dns_not_as_expected.clone(),
+        );
         Self {
             registry,
-            unprefixed,
             certificate_expiry,
             reconciles,
             failures,
             duration,
             leader,
             ready_replicas,
+            dns_not_as_expected,
         }
     }
 
@@ -187,8 +185,8 @@ impl Metrics {
         maildomain: &str,
         not_after: Option<UnixSeconds>,
     ) {
-        let labels = CertificateLabels {
-            namespace: namespace.to_owned(),
+        let labels = DomainLabels {
+            maildomain_namespace: namespace.to_owned(),
             maildomain: maildomain.to_owned(),
         };
         match not_after {
@@ -203,21 +201,29 @@ impl Metrics {
 
     /// Drops the series of a deleted MailDomain.
     pub fn forget_domain(&self, namespace: &str, maildomain: &str) {
-        self.ready_replicas.remove(&DomainLabels {
+        let labels = DomainLabels {
             maildomain_namespace: namespace.to_owned(),
             maildomain: maildomain.to_owned(),
-        });
-        self.set_certificate_expiry(namespace, maildomain, None);
+        };
+        self.ready_replicas.remove(&labels);
+        self.dns_not_as_expected.remove(&labels);
+        self.certificate_expiry.remove(&labels);
+    }
+
+    /// Records how many DNS records of a MailDomain the last check found not as expected.
+    pub fn set_dns_not_as_expected(&self, namespace: &str, maildomain: &str, records: usize) {
+        self.dns_not_as_expected
+            .get_or_create(&DomainLabels {
+                maildomain_namespace: namespace.to_owned(),
+                maildomain: maildomain.to_owned(),
+            })
+            .set(i64::try_from(records).unwrap_or(i64::MAX));
     }
 
     /// OpenMetrics text of every metric.
     pub fn encode(&self) -> String {
-        use prometheus_client::encoding::text::{encode_eof, encode_registry};
         let mut out = String::new();
-        let encoded = encode_registry(&mut out, &self.registry)
-            .and_then(|()| encode_registry(&mut out, &self.unprefixed))
-            .and_then(|()| encode_eof(&mut out));
-        if encoded.is_err() {
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
             out.clear();
         }
         out
@@ -262,6 +268,12 @@ mod tests {
         assert!(
             text.contains("kubemail_operator_otel_spans_dropped_total"),
             "{text}"
+        );
+        m.set_dns_not_as_expected("mail", "example-com", 3);
+        assert!(
+            m.encode().contains("kubemail_operator_maildomain_dns_records_not_as_expected{maildomain_namespace=\"mail\",maildomain=\"example-com\"} 3"),
+            "{}",
+            m.encode()
         );
         m.forget_domain("mail", "example-com");
         assert!(!m.encode().contains("maildomain=\"example-com\""));
@@ -314,12 +326,14 @@ mod tests {
         let text = m.encode();
         assert!(
             text.contains(&format!(
-                "kubemail_certificate_expiry_timestamp_seconds{{namespace=\"mail\",maildomain=\"example-com\"}} {expected}"
+                "kubemail_operator_maildomain_certificate_expiry_timestamp_seconds{{maildomain_namespace=\"mail\",maildomain=\"example-com\"}} {expected}"
             )),
             "{text}"
         );
         assert!(
-            text.contains("# TYPE kubemail_certificate_expiry_timestamp_seconds gauge"),
+            text.contains(
+                "# TYPE kubemail_operator_maildomain_certificate_expiry_timestamp_seconds gauge"
+            ),
             "{text}"
         );
         assert_eq!(text.matches("# EOF").count(), 1, "one exposition: {text}");
@@ -328,13 +342,13 @@ mod tests {
         m.set_certificate_expiry("mail", "example-com", None);
         assert!(
             !m.encode()
-                .contains("kubemail_certificate_expiry_timestamp_seconds{")
+                .contains("kubemail_operator_maildomain_certificate_expiry_timestamp_seconds{")
         );
         m.set_certificate_expiry("mail", "example-com", Some(expected));
         m.forget_domain("mail", "example-com");
         assert!(
             !m.encode()
-                .contains("kubemail_certificate_expiry_timestamp_seconds{")
+                .contains("kubemail_operator_maildomain_certificate_expiry_timestamp_seconds{")
         );
     }
 }

@@ -21,6 +21,7 @@ use crate::admin::AdminServer;
 use crate::args::Args;
 use crate::controller::mail_domain::build::BuildConfig;
 use crate::controller::{self, Context};
+use crate::diagnose::Hints;
 use crate::leader::{LeaderElector, LeaseConfig};
 use crate::metrics::Metrics;
 
@@ -52,6 +53,12 @@ pub enum RunError {
     MetricsFrom(#[source] serde_json::Error),
     #[error("--node-pod-defaults is not a JSON object of spec.pod fields")]
     PodDefaults(#[source] serde_json::Error),
+    #[error("cannot look up the CustomResourceDefinition {name}")]
+    ReadCrd {
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
     #[error("cannot load the node config overlay {0}")]
     LoadNodeOverlay(
         String,
@@ -117,12 +124,20 @@ pub async fn run_until(args: Args, shutdown: CancellationToken) -> Result<(), Ru
                 network_policy: nats.network_policy.clone(),
             },
             nats,
+            dns_check: controller::dns_check::DnsCheckConfig {
+                interval: args.dns_check_interval,
+                resolver: crate::dns_check::resolve::ResolverSettings {
+                    nameservers: args.dns_check_nameservers.clone(),
+                    timeout: args.dns_check_timeout,
+                },
+            },
         },
         metrics.clone(),
         identity.clone(),
     ));
 
-    if wait_for_crds(&client, &shutdown).await {
+    let hints = Hints::from_config(&ctx.config);
+    if wait_for_crds(&client, &shutdown, &hints).await {
         let (leading_tx, mut leading) = watch::channel(false);
         let lease_stop = CancellationToken::new();
         let elector = LeaderElector::new(
@@ -241,38 +256,48 @@ async fn lost(leading: &mut watch::Receiver<bool>) {
     }
 }
 
-/// Waits until the MailDomain and Relay CRDs are established; `false` on shutdown.
-async fn wait_for_crds(client: &Client, shutdown: &CancellationToken) -> bool {
+/// Waits until the operator's CRDs are established; `false` on shutdown. A failing lookup
+/// (API server unreachable, RBAC) is reported as such, with its fix, not as missing CRDs; each
+/// distinct message is logged once.
+async fn wait_for_crds(client: &Client, shutdown: &CancellationToken, hints: &Hints) -> bool {
     let api: Api<CustomResourceDefinition> = Api::all(client.clone());
-    let mut warned = false;
+    let mut last_logged = String::new();
     loop {
         let mut missing = Vec::new();
+        let mut failure = None;
         for (_, crd) in crate::crd::crds() {
             let name = crd.metadata.name.clone().unwrap_or_default();
-            let established = api
-                .get_opt(&name)
-                .await
-                .ok()
-                .flatten()
-                .and_then(|c| c.status)
-                .and_then(|s| s.conditions)
-                .is_some_and(|cs| {
-                    cs.iter()
-                        .any(|c| c.type_ == "Established" && c.status == "True")
-                });
+            let established = match api.get_opt(&name).await {
+                Ok(crd) => crd
+                    .and_then(|c| c.status)
+                    .and_then(|s| s.conditions)
+                    .is_some_and(|cs| {
+                        cs.iter()
+                            .any(|c| c.type_ == "Established" && c.status == "True")
+                    }),
+                Err(source) => {
+                    failure = Some(crate::diagnose::explain(
+                        &RunError::ReadCrd { name, source },
+                        hints,
+                    ));
+                    break;
+                }
+            };
             if !established {
                 missing.push(name);
             }
         }
-        if missing.is_empty() {
-            return true;
-        }
-        if !warned {
-            tracing::warn!(
-                missing = %missing.join(", "),
-                "waiting for the CRDs; install them with: kubectl apply --server-side -f crds/"
-            );
-            warned = true;
+        let message = match failure {
+            Some(failure) => failure,
+            None if missing.is_empty() => return true,
+            None => format!(
+                "waiting for the CRDs {}; install them with: kubectl apply --server-side -f crds/",
+                missing.join(", ")
+            ),
+        };
+        if message != last_logged {
+            tracing::warn!("{message}");
+            last_logged = message;
         }
         tokio::select! {
             () = shutdown.cancelled() => return false,

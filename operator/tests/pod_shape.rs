@@ -161,7 +161,7 @@ async fn the_pod_shape_and_load_balancer_settings_are_what_the_api_server_stores
         .unwrap();
     let leaf = certs::inspect_leaf(&text(&tls, "tls.crt"), &text(&tls, "ca.crt")).unwrap();
     let series = format!(
-        "kubemail_certificate_expiry_timestamp_seconds{{namespace=\"{n}\",maildomain=\"example-com\"}}"
+        "kubemail_operator_maildomain_certificate_expiry_timestamp_seconds{{maildomain_namespace=\"{n}\",maildomain=\"example-com\"}}"
     );
     let expiry = wait_for("the certificate expiry metric", TIMEOUT, || async {
         let v = op.metric(&series);

@@ -4,6 +4,7 @@
 //! elector decides when).
 
 pub mod delivery_pause;
+pub mod dns_check;
 pub mod event_sink;
 pub mod mail_domain;
 pub mod mail_pool;
@@ -67,6 +68,8 @@ pub struct Config {
     pub build: BuildConfig,
     /// How the operator and the nodes reach NATS (authentication, TLS, NetworkPolicy).
     pub nats: crate::nats::NatsSettings,
+    /// The `DnsPublished` check.
+    pub dns_check: dns_check::DnsCheckConfig,
 }
 
 /// Shared by every reconcile.
@@ -364,6 +367,12 @@ impl Context {
         crate::nats::access(self).await
     }
 
+    /// An error with its causes and, when a cause is recognised, what to do about it
+    /// (see [`crate::diagnose`]).
+    pub fn explain(&self, error: &(dyn std::error::Error + 'static)) -> String {
+        crate::diagnose::explain(error, &crate::diagnose::Hints::from_config(&self.config))
+    }
+
     /// Whether a CRD is installed and established (cached briefly).
     pub async fn crd_installed(&self, name: &str) -> Result<bool, Error> {
         {
@@ -564,6 +573,7 @@ pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
         event_sink::run(ctx.clone(), stop.clone()),
         suppression::run(ctx.clone(), stop.clone()),
         delivery_pause::run(ctx.clone(), stop.clone()),
+        dns_check::run(ctx.clone(), stop.clone()),
         crate::nats::settings::run_bootstrap(ctx, stop),
     );
 }

@@ -291,14 +291,25 @@ pub async fn run_bootstrap(
     if ctx.config.nats.bootstrap.is_none() {
         return;
     }
+    // A lasting failure (a missing namespace, RBAC) is logged once, not every retry.
+    let mut last_failure = String::new();
     loop {
         let now = crate::timestamps::now();
         let wait = match bootstrap(&ctx, now).await {
-            Ok(next) => next.map_or(Duration::from_secs(3600), |t| {
-                Duration::from_secs(u64::try_from((t - now).clamp(60, 3600)).unwrap_or(3600))
-            }),
+            Ok(next) => {
+                last_failure.clear();
+                next.map_or(Duration::from_secs(3600), |t| {
+                    Duration::from_secs(u64::try_from((t - now).clamp(60, 3600)).unwrap_or(3600))
+                })
+            }
             Err(error) => {
-                tracing::warn!(error = %crate::controller::chain(&error), "NATS bootstrap failed; retrying");
+                let message = ctx.explain(&error);
+                if message == last_failure {
+                    tracing::debug!(error = %message, "NATS bootstrap failed; retrying");
+                } else {
+                    tracing::warn!(error = %message, "NATS bootstrap failed; retrying every 10s");
+                    last_failure = message;
+                }
                 Duration::from_secs(10)
             }
         };

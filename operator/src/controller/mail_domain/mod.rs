@@ -235,7 +235,7 @@ pub async fn reconcile(md: Arc<MailDomain>, ctx: Arc<Context>) -> Result<Action,
 pub fn error_policy(md: Arc<MailDomain>, error: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics
         .reconcile_failed(CONTROLLER, error.metric_label());
-    tracing::warn!(name = %md.name_any(), error = %crate::controller::chain(error), "reconcile failed");
+    tracing::warn!(name = %md.name_any(), error = %ctx.explain(error), "reconcile failed");
     Action::requeue(ctx.backoff.next(&format!(
         "md/{}",
         md.object_ref(&()).uid.unwrap_or_default()
@@ -271,7 +271,7 @@ async fn apply_domain(md: &MailDomain, ctx: &Context) -> Result<Action, Error> {
             report_invalid(ctx, md, &invalid, now).await
         }
         Err(e) => {
-            let (status, events) = status::failed(md, &crate::controller::chain(&e), now);
+            let (status, events) = status::failed(md, &ctx.explain(&e), now);
             if let Err(patch_error) = status::publish(ctx, md, status, events).await {
                 tracing::warn!(error = %patch_error, "cannot report the failure in the status");
             }
@@ -506,7 +506,7 @@ async fn cleanup(md: &MailDomain, ctx: &Context) -> Result<Action, Error> {
             let now = timestamps::now();
             let (status, events) = match &e {
                 Error::CleanupPending(message) => status::terminating(md, message, now),
-                _ => status::cleanup_failed(md, &crate::controller::chain(&e), now),
+                _ => status::cleanup_failed(md, &ctx.explain(&e), now),
             };
             if let Err(patch_error) = status::publish(ctx, md, status, events).await {
                 tracing::warn!(error = %patch_error, "cannot report the cleanup state");

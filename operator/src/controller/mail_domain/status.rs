@@ -5,7 +5,9 @@
 //!
 //! Conditions: `DkimKeyReady`, `CertificateReady`, `DnsRecordsReady`, `RelayResolved`, and
 //! `Ready` (pods ready, certificate ready, relay resolved). DNS records are not part of
-//! `Ready`: the nodes serve mail whether or not a person has published them yet.
+//! `Ready`: the nodes serve mail whether or not a person has published them yet. The
+//! `DnsPublished` condition (whether DNS answers with the records) is the DNS check's
+//! (`controller::dns_check`), which writes it with a field manager of its own.
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
@@ -553,7 +555,16 @@ pub async fn publish(
     status: MailDomainStatus,
     events: Vec<DomainEvent>,
 ) -> Result<(), Error> {
-    crate::controller::apply_status(ctx, md, md.status.as_ref(), &status).await?;
+    // `DnsPublished` is the DNS check's (its own field manager): left out here, it is
+    // neither removed nor overwritten with what this reconcile read.
+    let without_dns_check = |mut s: MailDomainStatus| {
+        s.conditions
+            .retain(|c| c.type_ != crate::dns_check::DNS_PUBLISHED);
+        s
+    };
+    let current = md.status.clone().map(without_dns_check);
+    let status = without_dns_check(status);
+    crate::controller::apply_status(ctx, md, current.as_ref(), &status).await?;
     let reference = md.object_ref(&());
     for e in events {
         let event = Event {
