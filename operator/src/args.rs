@@ -215,7 +215,8 @@ pub struct Args {
     pub dns_check_interval: Duration,
 
     /// Name servers the DNS check asks, `ip` or `ip:port`, comma separated (default: the
-    /// system's, from /etc/resolv.conf).
+    /// nodes' `dns.nameservers` from --node-config-overlay, else the system's, from
+    /// /etc/resolv.conf).
     #[arg(
         long,
         env = "KUBEMAIL_DNS_CHECK_NAMESERVERS",

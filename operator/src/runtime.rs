@@ -73,6 +73,22 @@ pub async fn run(args: Args) -> Result<(), RunError> {
     run_until(args, shutdown).await
 }
 
+/// The name servers the DNS check asks: `--dns-check-nameservers`, else the nodes' own
+/// (`dns.nameservers` of the site overlay), so the check sees DNS as the nodes do; empty means
+/// the system's.
+fn dns_check_nameservers(
+    flag: &[std::net::SocketAddr],
+    overlay: Option<&kubemail_config::NodeConfigOverlay>,
+) -> Vec<std::net::SocketAddr> {
+    if !flag.is_empty() {
+        return flag.to_vec();
+    }
+    overlay
+        .and_then(|o| o.dns.as_ref())
+        .and_then(|d| d.nameservers.clone())
+        .unwrap_or_default()
+}
+
 /// Runs the operator until `shutdown` fires.
 pub async fn run_until(args: Args, shutdown: CancellationToken) -> Result<(), RunError> {
     let node_overlay = match &args.node_config_overlay {
@@ -84,6 +100,8 @@ pub async fn run_until(args: Args, shutdown: CancellationToken) -> Result<(), Ru
     };
     let pod_defaults =
         serde_json::from_str(&args.node_pod_defaults).map_err(RunError::PodDefaults)?;
+    let dns_check_nameservers =
+        dns_check_nameservers(&args.dns_check_nameservers, node_overlay.as_ref());
     let nats = nats_settings(&args)?;
     let client = client(args.kubeconfig.as_deref()).await?;
     let metrics = Arc::new(Metrics::new());
@@ -127,7 +145,7 @@ pub async fn run_until(args: Args, shutdown: CancellationToken) -> Result<(), Ru
             dns_check: controller::dns_check::DnsCheckConfig {
                 interval: args.dns_check_interval,
                 resolver: crate::dns_check::resolve::ResolverSettings {
-                    nameservers: args.dns_check_nameservers.clone(),
+                    nameservers: dns_check_nameservers,
                     timeout: args.dns_check_timeout,
                 },
             },
@@ -342,4 +360,25 @@ fn spawn_signal_handler(shutdown: CancellationToken) -> Result<(), RunError> {
         shutdown.cancel();
     });
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_dns_check_asks_the_flag_then_the_nodes_resolvers_then_the_system() {
+        let overlay = kubemail_config::NodeConfigOverlay::from_yaml(
+            "dns: {nameservers: [\"127.0.0.1:15353\"]}\n",
+        )
+        .unwrap();
+        let flag = ["192.0.2.53:53".parse().unwrap()];
+        assert_eq!(super::dns_check_nameservers(&flag, Some(&overlay)), flag);
+        assert_eq!(
+            super::dns_check_nameservers(&[], Some(&overlay)),
+            ["127.0.0.1:15353".parse().unwrap()]
+        );
+        assert!(super::dns_check_nameservers(&[], None).is_empty());
+        let without_dns =
+            kubemail_config::NodeConfigOverlay::from_yaml("maxConnections: 5\n").unwrap();
+        assert!(super::dns_check_nameservers(&[], Some(&without_dns)).is_empty());
+    }
 }
