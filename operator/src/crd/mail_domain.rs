@@ -676,7 +676,8 @@ pub struct MailDomainStatus {
     /// Exactly the DNS records to publish.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub dns_records: Vec<DnsRecord>,
-    /// `Ready`, `DkimKeyReady`, `CertificateReady`, `DnsRecordsReady`, `RelayResolved`, and
+    /// `Ready`, `DkimKeyReady`, `CertificateReady`, `DnsRecordsReady` (computed),
+    /// `DnsPublished` (DNS answers with them; does not affect `Ready`), `RelayResolved`, and
     /// `Accepted` (whether the MailPool of `spec.poolRef` lets it attach).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "conditions_schema")]
