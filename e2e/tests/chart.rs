@@ -39,6 +39,39 @@ fn yaml_files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
         .collect()
 }
 
+/// `helm template kubemail` of the chart in namespace kubemail-system with extra arguments.
+fn template(extra: &[&str]) -> String {
+    let chart = chart();
+    let mut args = vec![
+        "template",
+        "kubemail",
+        chart.as_str(),
+        "--namespace",
+        "kubemail-system",
+        "--kube-version",
+        KUBE_VERSION,
+    ];
+    args.extend_from_slice(extra);
+    run_ok(&tool("helm"), &args)
+}
+
+/// The YAML documents of a multi-document stream, without empty ones.
+fn documents(out: &str) -> Vec<serde_yaml::Value> {
+    out.split("\n---")
+        .map(|d| {
+            serde_yaml::from_str::<serde_yaml::Value>(d)
+                .unwrap_or_else(|e| panic!("rendered YAML does not parse ({e}):\n{d}"))
+        })
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+fn find<'a>(docs: &'a [serde_yaml::Value], kind: &str) -> &'a serde_yaml::Value {
+    docs.iter()
+        .find(|d| d["kind"].as_str() == Some(kind))
+        .unwrap_or_else(|| panic!("no {kind} rendered"))
+}
+
 #[test]
 fn helm_lint_is_clean() {
     let out = run_ok(&tool("helm"), &["lint", &chart(), "--strict"]);
@@ -52,19 +85,96 @@ fn helm_lint_is_clean() {
 fn chart_crds_are_the_generated_crds_byte_for_byte() {
     let root = workspace_root();
     let generated = yaml_files(&root.join("crds"));
-    let in_chart = yaml_files(&root.join("charts/kubemail/crds"));
+    let in_chart = yaml_files(&root.join("charts/kubemail/files/crds"));
     assert!(!generated.is_empty(), "crds/ holds no CRD");
     assert_eq!(
         generated.keys().collect::<Vec<_>>(),
         in_chart.keys().collect::<Vec<_>>(),
-        "charts/kubemail/crds must hold exactly the files of crds/; run e2e/tools/render-manifests.sh"
+        "charts/kubemail/files/crds must hold exactly the files of crds/; run e2e/tools/render-manifests.sh"
     );
     for (name, bytes) in &generated {
         assert!(
             in_chart[name] == *bytes,
-            "charts/kubemail/crds/{name} differs from crds/{name}; run e2e/tools/render-manifests.sh"
+            "charts/kubemail/files/crds/{name} differs from crds/{name}; run e2e/tools/render-manifests.sh"
         );
     }
+    // Helm installs a chart's crds/ directory once and never upgrades it; the CRDs are
+    // templates instead, and a crds/ directory as well would make `helm install` create them twice.
+    assert!(
+        !root.join("charts/kubemail/crds").exists(),
+        "charts/kubemail/crds/ must not exist: templates/crds.yaml renders the CRDs"
+    );
+    // What the template renders is each generated file with only labels and the keep
+    // annotation added: the schemas are crdgen's.
+    let rendered: BTreeMap<String, serde_yaml::Value> = documents(&template(&[]))
+        .into_iter()
+        .filter(|d| d["kind"].as_str() == Some("CustomResourceDefinition"))
+        .map(|d| (d["metadata"]["name"].as_str().unwrap().to_owned(), d))
+        .collect();
+    assert_eq!(rendered.len(), generated.len(), "one rendered CRD per file");
+    for bytes in generated.values() {
+        let file: serde_yaml::Value = serde_yaml::from_slice(bytes).unwrap();
+        let name = file["metadata"]["name"].as_str().unwrap().to_owned();
+        let mut got = rendered
+            .get(&name)
+            .unwrap_or_else(|| panic!("{name} is not rendered"))
+            .clone();
+        assert_eq!(
+            got["metadata"]["annotations"]["helm.sh/resource-policy"].as_str(),
+            Some("keep"),
+            "{name}: crds.keep (default true) keeps the CRD, and with it every resource, on uninstall"
+        );
+        let meta = got["metadata"].as_mapping_mut().unwrap();
+        meta.remove("labels");
+        meta.remove("annotations");
+        assert_eq!(
+            got, file,
+            "{name}: the template changed more than labels and annotations"
+        );
+    }
+}
+
+#[test]
+fn crd_values_switch_the_crds_and_their_keep_policy() {
+    let kinds = |extra: &[&str]| {
+        documents(&template(extra))
+            .into_iter()
+            .filter(|d| d["kind"].as_str() == Some("CustomResourceDefinition"))
+            .collect::<Vec<_>>()
+    };
+    assert!(
+        kinds(&["--set", "crds.enabled=false"]).is_empty(),
+        "crds.enabled=false renders no CRD"
+    );
+    let unkept = kinds(&["--set", "crds.keep=false"]);
+    assert_eq!(unkept.len(), 6, "six CRDs with crds.keep=false");
+    for crd in &unkept {
+        assert!(
+            crd["metadata"]["annotations"]["helm.sh/resource-policy"].is_null(),
+            "crds.keep=false: helm uninstall deletes {}",
+            crd["metadata"]["name"].as_str().unwrap_or_default()
+        );
+    }
+    // `helm template --include-crds` and `helm install --skip-crds` change nothing now.
+    let with_flag = run_ok(
+        &tool("helm"),
+        &[
+            "template",
+            "kubemail",
+            &chart(),
+            "--kube-version",
+            KUBE_VERSION,
+            "--skip-crds",
+        ],
+    );
+    assert_eq!(
+        documents(&with_flag)
+            .iter()
+            .filter(|d| d["kind"].as_str() == Some("CustomResourceDefinition"))
+            .count(),
+        6,
+        "the CRDs are templates, not the crds/ directory --skip-crds leaves out"
+    );
 }
 
 #[test]
@@ -277,5 +387,194 @@ fn watch_namespaces_give_roles_there_and_no_cluster_wide_secret_access() {
     assert!(
         out.contains("name: KUBEMAIL_WATCH_NAMESPACES\n              value: \"team-a,team-b\""),
         "the operator is told which namespaces to watch"
+    );
+}
+
+#[test]
+fn monitoring_objects_carry_the_labels_prometheus_selects_by() {
+    let docs = documents(&template(&[
+        "--set",
+        "serviceMonitor.enabled=true",
+        "--set",
+        "prometheusRule.enabled=true",
+        "--set",
+        "serviceMonitor.labels.release=kube-prometheus-stack",
+        "--set",
+        "podMonitor.labels.release=kps-nodes",
+        "--set",
+        "prometheusRule.labels.release=kps-rules",
+    ]));
+    for (kind, release) in [
+        ("ServiceMonitor", "kube-prometheus-stack"),
+        ("PodMonitor", "kps-nodes"),
+        ("PrometheusRule", "kps-rules"),
+    ] {
+        let labels = &find(&docs, kind)["metadata"]["labels"];
+        assert_eq!(
+            labels["release"].as_str(),
+            Some(release),
+            "{kind}: {labels:?}"
+        );
+        assert_eq!(
+            labels["app.kubernetes.io/name"].as_str(),
+            Some("kubemail"),
+            "{kind} keeps the chart's own labels"
+        );
+    }
+    // A label value must be a string: a number would render but Kubernetes refuses it.
+    let out = run(
+        &tool("helm"),
+        &[
+            "template",
+            "kubemail",
+            &chart(),
+            "--kube-version",
+            KUBE_VERSION,
+            "--set-json",
+            r#"podMonitor.labels={"release":1}"#,
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "a numeric label value must be refused"
+    );
+    assert!(stderr.contains("/podMonitor/labels"), "{stderr}");
+}
+
+/// Every alert of the rendered PrometheusRule: name -> expression.
+fn alerts(extra: &[&str]) -> BTreeMap<String, String> {
+    let mut args = vec!["--set", "prometheusRule.enabled=true"];
+    args.extend_from_slice(extra);
+    let docs = documents(&template(&args));
+    let rule = find(&docs, "PrometheusRule");
+    rule["spec"]["groups"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .flat_map(|g| g["rules"].as_sequence().unwrap().iter())
+        .map(|r| {
+            (
+                r["alert"].as_str().unwrap().to_owned(),
+                r["expr"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// PromQL functions, aggregations and keywords the rules may call with parentheses; a name
+/// outside this list is a typo Prometheus would refuse when it loads the rule.
+const PROMQL_CALLS: &[&str] = &[
+    "sum",
+    "max",
+    "min",
+    "avg",
+    "count",
+    "rate",
+    "increase",
+    "label_replace",
+    "time",
+    "on",
+    "by",
+    "ignoring",
+    "without",
+    "group_left",
+    "group_right",
+];
+
+/// A structural check of a PromQL expression (promtool is not among the pinned tools): string
+/// literals close, brackets nest and balance, every call is a known function, no template
+/// text is left, and the expression compares (an alert fires on a non-empty result).
+fn check_promql(name: &str, expr: &str) {
+    assert!(
+        !expr.contains("{{") && !expr.contains("}}"),
+        "{name}: template text left in {expr}"
+    );
+    let mut stack = Vec::new();
+    let mut chars = expr.chars().peekable();
+    let mut ident = String::new();
+    while let Some(c) = chars.next() {
+        if c.is_ascii_alphanumeric() || c == '_' || c == ':' {
+            ident.push(c);
+            continue;
+        }
+        let word = std::mem::take(&mut ident);
+        match c {
+            '"' => loop {
+                match chars.next() {
+                    Some('\\') => {
+                        chars.next();
+                    }
+                    Some('"') => break,
+                    Some(_) => {}
+                    None => panic!("{name}: unterminated string in {expr}"),
+                }
+            },
+            '(' | '[' | '{' => {
+                if c == '(' && !word.is_empty() && !word.chars().all(|c| c.is_ascii_digit()) {
+                    assert!(
+                        PROMQL_CALLS.contains(&word.as_str()),
+                        "{name}: unknown function {word}() in {expr}"
+                    );
+                }
+                stack.push(c);
+            }
+            ')' | ']' | '}' => {
+                let open = stack.pop();
+                let want = match c {
+                    ')' => '(',
+                    ']' => '[',
+                    _ => '{',
+                };
+                assert_eq!(open, Some(want), "{name}: unbalanced {c} in {expr}");
+            }
+            _ => {}
+        }
+    }
+    assert!(stack.is_empty(), "{name}: unclosed {stack:?} in {expr}");
+    assert!(
+        [" > ", " < ", " == ", " != "]
+            .iter()
+            .any(|op| expr.contains(op)),
+        "{name}: no comparison in {expr}"
+    );
+}
+
+#[test]
+fn alert_rules_are_well_formed_and_skip_domains_scaled_to_zero() {
+    let rules = alerts(&[]);
+    for (name, expr) in &rules {
+        check_promql(name, expr);
+    }
+    // A MailDomain scaled to replicas: 0 has no ready node on purpose: its Deployment's
+    // desired replicas (kube-state-metrics) take it out of the alert.
+    let no_ready = &rules["KubemailNoReadyNodes"];
+    let compact = no_ready.split_whitespace().collect::<Vec<_>>().join(" ");
+    for part in [
+        "kubemail_operator_maildomain_ready_replicas",
+        "(kubemail_operator_leader == 1)",
+        ") == 0 unless on (maildomain_namespace, maildomain)",
+        "max by (namespace, deployment) (kube_deployment_spec_replicas) == 0",
+        r#""maildomain_namespace", "$1", "namespace", "(.+)""#,
+        r#""maildomain", "$1", "deployment", "(.+)""#,
+    ] {
+        assert!(
+            compact.contains(part),
+            "KubemailNoReadyNodes lacks {part}: {compact}"
+        );
+    }
+
+    let expiry = &rules["KubemailCertificateExpiresSoon"];
+    let compact = expiry.split_whitespace().collect::<Vec<_>>().join(" ");
+    assert!(
+        compact.contains("kubemail_certificate_expiry_timestamp_seconds")
+            && compact.ends_with(") - time() < 14 * 24 * 3600"),
+        "expires within 14 days by default: {compact}"
+    );
+    let week = alerts(&["--set", "prometheusRule.certificateExpiryDays=7"]);
+    assert!(
+        week["KubemailCertificateExpiresSoon"].contains("< 7 * 24 * 3600"),
+        "{}",
+        week["KubemailCertificateExpiresSoon"]
     );
 }

@@ -118,6 +118,8 @@ build_tools() {
     build_go_install helm "$HELM_VERSION" helm.sh/helm/v3/cmd/helm
   have "cyclonus-$CYCLONUS_VERSION" || timed "cyclonus-$CYCLONUS_VERSION" \
     build_go_install cyclonus "$CYCLONUS_VERSION" github.com/mattfenwick/cyclonus/cmd/cyclonus
+  have "kubeconform-$KUBECONFORM_VERSION" || timed "kubeconform-$KUBECONFORM_VERSION" \
+    build_go_install kubeconform "$KUBECONFORM_VERSION" github.com/yannh/kubeconform/cmd/kubeconform
   have "jaeger-$JAEGER_VERSION" || timed "jaeger-$JAEGER_VERSION" \
     build_go_wrapper jaeger "$JAEGER_VERSION" github.com/jaegertracing/jaeger github.com/jaegertracing/jaeger/cmd/jaeger
   log "go tools ready in $((SECONDS - t0))s under $TOOLS"
@@ -178,6 +180,7 @@ MAILPIT_BIN=$TOOLS/mailpit-$MAILPIT_VERSION
 HELM_BIN=$TOOLS/helm-$HELM_VERSION
 JAEGER_BIN=$TOOLS/jaeger-$JAEGER_VERSION
 CYCLONUS_BIN=$TOOLS/cyclonus-$CYCLONUS_VERSION
+KUBECONFORM_BIN=$TOOLS/kubeconform-$KUBECONFORM_VERSION
 PY_VENV=$CACHE/venv-$(sha256sum "$here/requirements.txt" | cut -c1-12)
 ENV
 }
