@@ -14,6 +14,7 @@ use std::path::Path;
 
 use kubemail_e2e::local_env::workspace_root;
 use mail::{run, run_ok, tool};
+use serde::Deserialize;
 
 /// The Kubernetes version the chart is rendered for (the local cluster's, and the chart's
 /// kubeVersion constraint needs one; helm's offline default is too old).
@@ -576,5 +577,173 @@ fn alert_rules_are_well_formed_and_skip_domains_scaled_to_zero() {
         week["KubemailCertificateExpiresSoon"].contains("< 7 * 24 * 3600"),
         "{}",
         week["KubemailCertificateExpiresSoon"]
+    );
+}
+
+/// kubeconform and its offline schemas, as e2e/tools/setup.sh built them.
+struct Kubeconform {
+    bin: std::path::PathBuf,
+    /// Kubernetes' kinds: `<group>/<kind>_<version>.json`.
+    k8s: std::path::PathBuf,
+    /// Custom resources' schemas, converted from kubemail's and the third-party CRDs.
+    crds: tempfile::TempDir,
+}
+
+impl Kubeconform {
+    fn new() -> Self {
+        let root = workspace_root();
+        let env = run_ok(&root.join("e2e/tools/setup.sh"), &["--print-env"]);
+        let var = |name: &str| {
+            env.lines()
+                .find_map(|l| l.strip_prefix(&format!("{name}=")))
+                .map(std::path::PathBuf::from)
+                .unwrap_or_else(|| panic!("setup.sh --print-env has no {name}:\n{env}"))
+        };
+        let bin = var("KUBECONFORM_BIN").join("kubeconform");
+        let schemas = var("KUBE_SCHEMAS");
+        assert!(
+            bin.is_file() && schemas.join("k8s/apps/deployment_v1.json").is_file(),
+            "kubeconform or its schemas are missing; run e2e/tools/setup.sh --tools-only"
+        );
+        let crds = tempfile::tempdir().unwrap();
+        let mut args = vec![
+            root.join("e2e/tools/kube-schemas.py")
+                .to_string_lossy()
+                .into_owned(),
+            "crds".to_owned(),
+            crds.path().to_string_lossy().into_owned(),
+        ];
+        // As JSON, so the converter needs no YAML library.
+        let json = tempfile::tempdir().unwrap();
+        for dir in [root.join("crds"), schemas.join("crds")] {
+            for (name, bytes) in yaml_files(&dir) {
+                for doc in serde_yaml::Deserializer::from_slice(&bytes) {
+                    let crd = serde_json::Value::deserialize(doc).unwrap();
+                    if crd["kind"] != "CustomResourceDefinition" {
+                        continue;
+                    }
+                    let path = json.path().join(format!("{name}-{}.json", args.len()));
+                    std::fs::write(&path, serde_json::to_vec(&crd).unwrap()).unwrap();
+                    args.push(path.to_string_lossy().into_owned());
+                }
+            }
+        }
+        run_ok(
+            Path::new("python3"),
+            &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        );
+        Self {
+            bin,
+            k8s: schemas.join("k8s"),
+            crds,
+        }
+    }
+
+    /// Validates the files with -strict (unknown fields refused, no kind without a schema);
+    /// returns kubeconform's output and whether every resource was valid.
+    fn validate(&self, files: &[&Path]) -> (bool, String) {
+        let location = |dir: &Path| {
+            format!(
+                "{}/{{{{ .Group }}}}/{{{{ .ResourceKind }}}}_{{{{ .ResourceAPIVersion }}}}.json",
+                dir.display()
+            )
+        };
+        let (k8s, crds) = (location(&self.k8s), location(self.crds.path()));
+        let mut args = vec![
+            "-strict",
+            "-summary",
+            "-schema-location",
+            k8s.as_str(),
+            "-schema-location",
+            crds.as_str(),
+        ];
+        let files: Vec<String> = files
+            .iter()
+            .map(|f| f.to_string_lossy().into_owned())
+            .collect();
+        args.extend(files.iter().map(String::as_str));
+        let out = run(&self.bin, &args);
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    }
+}
+
+#[test]
+fn every_rendered_manifest_and_example_validates_strictly() {
+    let root = workspace_root();
+    let kc = Kubeconform::new();
+    let dir = tempfile::tempdir().unwrap();
+    let production = root.join("charts/kubemail/values-production.yaml");
+    let defaults = dir.path().join("defaults.yaml");
+    std::fs::write(&defaults, template(&[])).unwrap();
+    let prod = dir.path().join("production.yaml");
+    let rendered = template(&["-f", &production.to_string_lossy()]);
+    std::fs::write(&prod, &rendered).unwrap();
+
+    // The production file exercises every optional object of the chart.
+    let docs = documents(&rendered);
+    let kinds: Vec<&str> = docs.iter().filter_map(|d| d["kind"].as_str()).collect();
+    for kind in [
+        "CustomResourceDefinition",
+        "Certificate",
+        "NetworkPolicy",
+        "ServiceMonitor",
+        "PodMonitor",
+        "PrometheusRule",
+        "StatefulSet",
+        "PodDisruptionBudget",
+    ] {
+        assert!(
+            kinds.contains(&kind),
+            "values-production.yaml renders no {kind}: {kinds:?}"
+        );
+    }
+
+    let mut files = vec![
+        defaults.clone(),
+        prod.clone(),
+        root.join("manifests/install.yaml"),
+    ];
+    files.extend(
+        yaml_files(&root.join("manifests/examples"))
+            .keys()
+            .map(|f| root.join("manifests/examples").join(f)),
+    );
+    files.push(root.join("e2e/demo/maildomain.yaml"));
+    let paths: Vec<&Path> = files.iter().map(|p| p.as_path()).collect();
+    let (ok, out) = kc.validate(&paths);
+    assert!(ok, "kubeconform -strict refuses:\n{out}");
+    assert!(
+        out.contains("Invalid: 0, Errors: 0, Skipped: 0"),
+        "every resource has a schema and is valid:\n{out}"
+    );
+
+    // The validation is strict: an unknown field in a MailDomain and in a Deployment fails.
+    let example = std::fs::read_to_string(root.join("manifests/examples/maildomain.yaml")).unwrap();
+    let typo = example.replacen("\nspec:\n", "\nspec:\n  replicaz: 3\n", 1);
+    assert_ne!(typo, example, "maildomain.yaml has a top-level spec");
+    let bad = dir.path().join("typo.yaml");
+    std::fs::write(&bad, typo).unwrap();
+    let (ok, out) = kc.validate(&[&bad]);
+    assert!(
+        !ok && out.contains("replicaz"),
+        "an unknown MailDomain field passes:\n{out}"
+    );
+    let defaults_text = std::fs::read_to_string(&defaults).unwrap();
+    let typo = defaults_text.replacen(
+        "\n      containers:\n",
+        "\n      containerz: []\n      containers:\n",
+        1,
+    );
+    assert_ne!(typo, defaults_text, "the default render has a pod template");
+    std::fs::write(&bad, typo).unwrap();
+    let (ok, out) = kc.validate(&[&bad]);
+    assert!(
+        !ok && out.contains("containerz"),
+        "an unknown pod field passes:\n{out}"
     );
 }
