@@ -747,3 +747,79 @@ fn every_rendered_manifest_and_example_validates_strictly() {
         "an unknown pod field passes:\n{out}"
     );
 }
+
+#[test]
+fn helm_test_pod_sends_to_the_configured_domain_with_the_operator_image() {
+    assert!(
+        !documents(&template(&[])).iter().any(|d| d["kind"] == "Pod"),
+        "no test pod by default: the chart cannot know a domain to send to"
+    );
+    let docs = documents(&template(&[
+        "--set",
+        "test.enabled=true",
+        "--set",
+        "test.server=example-com.mail.svc:25",
+        "--set",
+        "test.from=helm-test@example.com",
+        "--set",
+        "test.to=postmaster@example.com",
+        "--set",
+        "operator.image.tag=1.2.3",
+    ]));
+    let pod = find(&docs, "Pod");
+    assert_eq!(
+        pod["metadata"]["annotations"]["helm.sh/hook"].as_str(),
+        Some("test"),
+        "only `helm test` runs it"
+    );
+    assert_eq!(pod["spec"]["restartPolicy"].as_str(), Some("Never"));
+    let c = &pod["spec"]["containers"][0];
+    assert_eq!(c["image"].as_str(), Some("kubemail/operator:1.2.3"));
+    assert_eq!(c["args"][0].as_str(), Some("smoke-send"));
+    let env: BTreeMap<&str, &str> = c["env"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|e| (e["name"].as_str().unwrap(), e["value"].as_str().unwrap()))
+        .collect();
+    assert_eq!(env["KUBEMAIL_SMOKE_SERVER"], "example-com.mail.svc:25");
+    assert_eq!(env["KUBEMAIL_SMOKE_FROM"], "helm-test@example.com");
+    assert_eq!(env["KUBEMAIL_SMOKE_TO"], "postmaster@example.com");
+
+    // Enabled without a target: refused at install, naming the value.
+    let out = run(
+        &tool("helm"),
+        &[
+            "template",
+            "kubemail",
+            &chart(),
+            "--kube-version",
+            KUBE_VERSION,
+            "--set",
+            "test.enabled=true",
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("test.server"),
+        "{out:?}"
+    );
+    // A server without a port is refused by the schema.
+    let out = run(
+        &tool("helm"),
+        &[
+            "template",
+            "kubemail",
+            &chart(),
+            "--kube-version",
+            KUBE_VERSION,
+            "--set",
+            "test.server=example-com.mail.svc",
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("/test/server"),
+        "{out:?}"
+    );
+}
