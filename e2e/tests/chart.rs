@@ -1,20 +1,24 @@
 //! The Helm chart without a cluster: `helm lint` is clean, the chart's CRDs are the generated
-//! ones byte for byte, `manifests/install.yaml` is what the chart renders today, the production
-//! options render, and values.schema.json refuses an invalid value.
-//! Needs only helm (pinned, `make setup`).
+//! ones byte for byte and rendered as templates, `manifests/install.yaml` is what the chart
+//! renders today, every object of the default and the production render validates with
+//! kubeconform -strict, the alert rules are well formed, the `helm test` pod is what it should
+//! be, and values.schema.json refuses invalid values.
+//! Needs helm, kubeconform and its offline schemas (pinned, `make setup`).
 
 // Test helpers panic on purpose: a failed step is a failed test.
 #![allow(clippy::unwrap_used)]
 
+#[path = "common/kubeconform.rs"]
+mod kubeconform;
 #[path = "common/mail.rs"]
 mod mail;
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use kubeconform::{Kubeconform, yaml_files};
 use kubemail_e2e::local_env::workspace_root;
 use mail::{run, run_ok, tool};
-use serde::Deserialize;
 
 /// The Kubernetes version the chart is rendered for (the local cluster's, and the chart's
 /// kubeVersion constraint needs one; helm's offline default is too old).
@@ -25,19 +29,6 @@ fn chart() -> String {
         .join("charts/kubemail")
         .to_string_lossy()
         .into_owned()
-}
-
-fn yaml_files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
-    std::fs::read_dir(dir)
-        .unwrap_or_else(|e| panic!("read {}: {e}", dir.display()))
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
-        .map(|p| {
-            let name = p.file_name().unwrap().to_string_lossy().into_owned();
-            (name, std::fs::read(&p).unwrap())
-        })
-        .collect()
 }
 
 /// `helm template kubemail` of the chart in namespace kubemail-system with extra arguments.
@@ -578,98 +569,6 @@ fn alert_rules_are_well_formed_and_skip_domains_scaled_to_zero() {
         "{}",
         week["KubemailCertificateExpiresSoon"]
     );
-}
-
-/// kubeconform and its offline schemas, as e2e/tools/setup.sh built them.
-struct Kubeconform {
-    bin: std::path::PathBuf,
-    /// Kubernetes' kinds: `<group>/<kind>_<version>.json`.
-    k8s: std::path::PathBuf,
-    /// Custom resources' schemas, converted from kubemail's and the third-party CRDs.
-    crds: tempfile::TempDir,
-}
-
-impl Kubeconform {
-    fn new() -> Self {
-        let root = workspace_root();
-        let env = run_ok(&root.join("e2e/tools/setup.sh"), &["--print-env"]);
-        let var = |name: &str| {
-            env.lines()
-                .find_map(|l| l.strip_prefix(&format!("{name}=")))
-                .map(std::path::PathBuf::from)
-                .unwrap_or_else(|| panic!("setup.sh --print-env has no {name}:\n{env}"))
-        };
-        let bin = var("KUBECONFORM_BIN").join("kubeconform");
-        let schemas = var("KUBE_SCHEMAS");
-        assert!(
-            bin.is_file() && schemas.join("k8s/apps/deployment_v1.json").is_file(),
-            "kubeconform or its schemas are missing; run e2e/tools/setup.sh --tools-only"
-        );
-        let crds = tempfile::tempdir().unwrap();
-        let mut args = vec![
-            root.join("e2e/tools/kube-schemas.py")
-                .to_string_lossy()
-                .into_owned(),
-            "crds".to_owned(),
-            crds.path().to_string_lossy().into_owned(),
-        ];
-        // As JSON, so the converter needs no YAML library.
-        let json = tempfile::tempdir().unwrap();
-        for dir in [root.join("crds"), schemas.join("crds")] {
-            for (name, bytes) in yaml_files(&dir) {
-                for doc in serde_yaml::Deserializer::from_slice(&bytes) {
-                    let crd = serde_json::Value::deserialize(doc).unwrap();
-                    if crd["kind"] != "CustomResourceDefinition" {
-                        continue;
-                    }
-                    let path = json.path().join(format!("{name}-{}.json", args.len()));
-                    std::fs::write(&path, serde_json::to_vec(&crd).unwrap()).unwrap();
-                    args.push(path.to_string_lossy().into_owned());
-                }
-            }
-        }
-        run_ok(
-            Path::new("python3"),
-            &args.iter().map(String::as_str).collect::<Vec<_>>(),
-        );
-        Self {
-            bin,
-            k8s: schemas.join("k8s"),
-            crds,
-        }
-    }
-
-    /// Validates the files with -strict (unknown fields refused, no kind without a schema);
-    /// returns kubeconform's output and whether every resource was valid.
-    fn validate(&self, files: &[&Path]) -> (bool, String) {
-        let location = |dir: &Path| {
-            format!(
-                "{}/{{{{ .Group }}}}/{{{{ .ResourceKind }}}}_{{{{ .ResourceAPIVersion }}}}.json",
-                dir.display()
-            )
-        };
-        let (k8s, crds) = (location(&self.k8s), location(self.crds.path()));
-        let mut args = vec![
-            "-strict",
-            "-summary",
-            "-schema-location",
-            k8s.as_str(),
-            "-schema-location",
-            crds.as_str(),
-        ];
-        let files: Vec<String> = files
-            .iter()
-            .map(|f| f.to_string_lossy().into_owned())
-            .collect();
-        args.extend(files.iter().map(String::as_str));
-        let out = run(&self.bin, &args);
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        (out.status.success(), text)
-    }
 }
 
 #[test]
