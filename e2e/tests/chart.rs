@@ -1,9 +1,10 @@
 //! The Helm chart without a cluster: `helm lint` is clean, the chart's CRDs are the generated
 //! ones byte for byte and rendered as templates, `manifests/install.yaml` is what the chart
 //! renders today, every object of the default and the production render validates with
-//! kubeconform -strict, the alert rules are well formed, the `helm test` pod is what it should
-//! be, and values.schema.json refuses invalid values.
-//! Needs helm, kubeconform and its offline schemas (pinned, `make setup`).
+//! kubeconform -strict, the alert rules are well formed and fire as intended (promtool's rule
+//! unit tests), the `helm test` pod is what it should be, and values.schema.json refuses
+//! invalid values.
+//! Needs helm, kubeconform with its offline schemas, and promtool (pinned, `make setup`).
 
 // Test helpers panic on purpose: a failed step is a failed test.
 #![allow(clippy::unwrap_used)]
@@ -720,5 +721,103 @@ fn helm_test_pod_sends_to_the_configured_domain_with_the_operator_image() {
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("/test/server"),
         "{out:?}"
+    );
+}
+
+/// promtool's unit test of the rendered rules (annotations dropped: they are text, and promtool
+/// would compare them verbatim): each case is input series and the alerts expected at a time.
+fn promtool_test(name: &str, series: &str, alert: &str, eval_time: &str, expected: &str) {
+    let docs = documents(&template(&["--set", "prometheusRule.enabled=true"]));
+    let mut groups = find(&docs, "PrometheusRule")["spec"].clone();
+    for group in groups["groups"].as_sequence_mut().unwrap() {
+        for rule in group["rules"].as_sequence_mut().unwrap() {
+            rule.as_mapping_mut().unwrap().remove("annotations");
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("rules.yaml"),
+        serde_yaml::to_string(&groups).unwrap(),
+    )
+    .unwrap();
+    let test = format!(
+        "rule_files: [rules.yaml]\nevaluation_interval: 1m\ntests:\n  - interval: 1m\n    \
+         input_series:\n{series}    alert_rule_test:\n      - eval_time: {eval_time}\n        \
+         alertname: {alert}\n        exp_alerts:\n{expected}"
+    );
+    let test_file = dir.path().join("test.yaml");
+    std::fs::write(&test_file, &test).unwrap();
+    let out = std::process::Command::new(tool("promtool"))
+        .args(["test", "rules", "test.yaml"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{name}: promtool test rules failed:\n{}{}\n{test}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn no_ready_nodes_alerts_only_for_domains_that_should_have_nodes() {
+    // Two domains without ready nodes: "down" wants 2 (alert), "parked" is scaled to 0 (none),
+    // and "unknown" has no Deployment metric (no kube-state-metrics: alert, as before).
+    let ready = |md: &str| {
+        format!(
+            "      - series: 'kubemail_operator_maildomain_ready_replicas{{namespace=\"kubemail-system\",pod=\"op-0\",maildomain_namespace=\"mail\",maildomain=\"{md}\"}}'\n        values: '0x20'\n"
+        )
+    };
+    let series = [
+        ready("down"),
+        ready("parked"),
+        ready("unknown"),
+        "      - series: 'kubemail_operator_leader{namespace=\"kubemail-system\",pod=\"op-0\"}'\n        values: '1x20'\n".to_owned(),
+        "      - series: 'kube_deployment_spec_replicas{namespace=\"mail\",deployment=\"down\",pod=\"ksm-0\"}'\n        values: '2x20'\n".to_owned(),
+        "      - series: 'kube_deployment_spec_replicas{namespace=\"mail\",deployment=\"parked\",pod=\"ksm-0\"}'\n        values: '0x20'\n".to_owned(),
+    ]
+    .concat();
+    let alert = |md: &str| {
+        format!(
+            "          - exp_labels: {{severity: critical, maildomain_namespace: mail, maildomain: {md}}}\n"
+        )
+    };
+    promtool_test(
+        "KubemailNoReadyNodes",
+        &series,
+        "KubemailNoReadyNodes",
+        "10m",
+        &[alert("down"), alert("unknown")].concat(),
+    );
+}
+
+#[test]
+fn certificate_expiry_alerts_within_fourteen_days_in_the_domains_namespace() {
+    // Expiry timestamps in seconds since the test's time zero; evaluated after 2 hours.
+    let day = 24 * 3600;
+    let series = [
+        // Scraped without honorLabels: the operator's namespace label moved aside.
+        format!(
+            "      - series: 'kubemail_certificate_expiry_timestamp_seconds{{namespace=\"kubemail-system\",exported_namespace=\"mail\",maildomain=\"soon\"}}'\n        values: '{}x180'\n",
+            10 * day
+        ),
+        format!(
+            "      - series: 'kubemail_certificate_expiry_timestamp_seconds{{namespace=\"kubemail-system\",exported_namespace=\"mail\",maildomain=\"later\"}}'\n        values: '{}x180'\n",
+            30 * day
+        ),
+        // With honorLabels: the namespace is the MailDomain's.
+        format!(
+            "      - series: 'kubemail_certificate_expiry_timestamp_seconds{{namespace=\"team-b\",maildomain=\"honored\"}}'\n        values: '{}x180'\n",
+            13 * day
+        ),
+    ]
+    .concat();
+    promtool_test(
+        "KubemailCertificateExpiresSoon",
+        &series,
+        "KubemailCertificateExpiresSoon",
+        "2h",
+        "          - exp_labels: {severity: warning, namespace: mail, maildomain: soon}\n          - exp_labels: {severity: warning, namespace: team-b, maildomain: honored}\n",
     );
 }

@@ -144,6 +144,8 @@ build_tools() {
     build_go_install helm "$HELM_VERSION" helm.sh/helm/v3/cmd/helm
   have "cyclonus-$CYCLONUS_VERSION" || timed "cyclonus-$CYCLONUS_VERSION" \
     build_go_install cyclonus "$CYCLONUS_VERSION" github.com/mattfenwick/cyclonus/cmd/cyclonus
+  have "promtool-$PROMETHEUS_VERSION" || timed "promtool-$PROMETHEUS_VERSION" \
+    build_go_install promtool "$PROMETHEUS_VERSION" github.com/prometheus/prometheus/cmd/promtool
   have "kubeconform-$KUBECONFORM_VERSION" || timed "kubeconform-$KUBECONFORM_VERSION" \
     build_go_install kubeconform "$KUBECONFORM_VERSION" github.com/yannh/kubeconform/cmd/kubeconform
   have "$(basename "$(kube_schemas_dir)")" || timed kube-schemas build_kube_schemas
@@ -208,6 +210,7 @@ HELM_BIN=$TOOLS/helm-$HELM_VERSION
 JAEGER_BIN=$TOOLS/jaeger-$JAEGER_VERSION
 CYCLONUS_BIN=$TOOLS/cyclonus-$CYCLONUS_VERSION
 KUBECONFORM_BIN=$TOOLS/kubeconform-$KUBECONFORM_VERSION
+PROMTOOL_BIN=$TOOLS/promtool-$PROMETHEUS_VERSION
 KUBE_SCHEMAS=$(kube_schemas_dir)
 PY_VENV=$CACHE/venv-$(sha256sum "$here/requirements.txt" | cut -c1-12)
 ENV
