@@ -87,16 +87,10 @@ pub async fn send(message: &SmokeMessage) -> Result<Reply, SmokeError> {
 
 /// The message text: the headers RFC 5322 requires and a line saying what it is.
 pub fn message_text(message: &SmokeMessage, date: time::OffsetDateTime) -> String {
+    let id = format!("<{}.smoke@{}>", date.unix_timestamp_nanos(), message.ehlo_name);
     let date = date
         .format(&time::format_description::well_known::Rfc2822)
         .unwrap_or_default();
-    let id = format!(
-        "<{}.smoke@{}>",
-        date.chars()
-            .filter(char::is_ascii_digit)
-            .collect::<String>(),
-        message.ehlo_name
-    );
     format!(
         "From: <{from}>\r\nTo: <{to}>\r\nSubject: {subject}\r\nDate: {date}\r\nMessage-ID: {id}\r\n\
          \r\nThis message was sent by kubemail-operator smoke-send (helm test) to check that\r\n\
@@ -355,7 +349,10 @@ mod tests {
             text.contains("\r\nDate: Thu, 01 Jan 1970 00:00:00 +0000\r\n"),
             "{text}"
         );
-        assert!(text.contains("\r\nMessage-ID: <"), "{text}");
+        assert!(
+            text.contains("\r\nMessage-ID: <0.smoke@smoke.example.test>\r\n"),
+            "{text}"
+        );
         assert!(
             !text.replace("\r\n", "").contains('\n'),
             "bare LF in {text:?}"
