@@ -87,7 +87,11 @@ pub async fn send(message: &SmokeMessage) -> Result<Reply, SmokeError> {
 
 /// The message text: the headers RFC 5322 requires and a line saying what it is.
 pub fn message_text(message: &SmokeMessage, date: time::OffsetDateTime) -> String {
-    let id = format!("<{}.smoke@{}>", date.unix_timestamp_nanos(), message.ehlo_name);
+    let id = format!(
+        "<{}.smoke@{}>",
+        date.unix_timestamp_nanos(),
+        message.ehlo_name
+    );
     let date = date
         .format(&time::format_description::well_known::Rfc2822)
         .unwrap_or_default();
