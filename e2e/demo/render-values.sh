@@ -34,6 +34,10 @@ nats_security() {
 }
 cat <<YAML
 # rendered by e2e/demo/render-values.sh from $env_file (see values-local.yaml for the why)
+# Several releases (the demo, the tests) share the local cluster and only one could own the
+# CRDs: the callers apply crds/ server-side before installing.
+crds:
+  enabled: false
 nats:
   enabled: false
   url: "$NATS_URL"

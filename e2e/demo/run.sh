@@ -28,6 +28,10 @@ step "namespace $ns"
 kubectl create namespace "$ns" --dry-run=client -o yaml | kubectl apply -f - >/dev/null
 kubectl get namespace "$ns" --no-headers
 
+step "CRDs (kubectl apply --server-side -f crds/; the local cluster's releases share them)"
+kubectl apply --server-side --force-conflicts -f "$root/crds/" >/dev/null
+kubectl wait --for=condition=Established -f "$root/crds/" --timeout="$wait_timeout" >/dev/null
+
 step "helm upgrade --install $release charts/kubemail (local values from $env_file)"
 values=$(mktemp)
 trap 'rm -f "$values"' EXIT

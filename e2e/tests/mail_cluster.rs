@@ -192,6 +192,17 @@ async fn helm_installed_kubemail_serves_signs_scales_survives_pod_loss_and_unins
         a.extend(extra.iter().map(|s| s.to_string()));
         a
     };
+    // The CRDs are shared by every release on the local cluster (render-values.sh sets
+    // crds.enabled=false), so they are applied here as a platform team would.
+    let crds = workspace_root().join("crds").to_string_lossy().into_owned();
+    k.ok(&["apply", "--server-side", "--force-conflicts", "-f", &crds]);
+    k.ok(&[
+        "wait",
+        "--for=condition=Established",
+        "-f",
+        &crds,
+        "--timeout=60s",
+    ]);
     let args = helm_args("install", &[]);
     run_ok(&helm, &args.iter().map(String::as_str).collect::<Vec<_>>());
     let op_selector =

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Renders manifests/install.yaml (plain YAML for `kubectl apply -f`) from charts/kubemail with
-# default values, and copies the generated CRDs into the chart. Run after changing the chart or
+# default values, and copies the generated CRDs into the chart (files/crds/, which
+# templates/crds.yaml renders). Run after changing the chart or
 # the CRD types (`cargo run -p kubemail-operator --bin crdgen -- --out-dir crds` first);
 # e2e/tests/chart.rs fails when the committed files are stale.
 #   e2e/tools/render-manifests.sh [OUT_FILE]    (default: manifests/install.yaml)
@@ -13,7 +14,8 @@ if [ -z "$helm" ]; then
   helm=$HELM_BIN/helm
 fi
 if [ "$out" = "$root/manifests/install.yaml" ]; then
-  cp "$root"/crds/*.yaml "$root/charts/kubemail/crds/"
+  rm -f "$root"/charts/kubemail/files/crds/*.yaml
+  cp "$root"/crds/*.yaml "$root/charts/kubemail/files/crds/"
 fi
 {
   echo "# kubemail install manifest, rendered from charts/kubemail (default values) by"
@@ -25,5 +27,5 @@ fi
   echo "  labels:"
   echo "    pod-security.kubernetes.io/enforce: restricted"
   "$helm" template kubemail "$root/charts/kubemail" --namespace kubemail-system \
-    --kube-version 1.36.3 --include-crds
+    --kube-version 1.36.3
 } > "$out"

@@ -104,6 +104,32 @@ build_go_wrapper() { # NAME VERSION MODULE PACKAGE: for modules whose go.mod has
   rm -rf "$out" && mv "$out.tmp" "$out"
 }
 
+# JSON schemas for kubeconform, without the internet: OUT/k8s/<group>/<kind>_<version>.json from
+# the pinned Kubernetes' swagger.json, and OUT/crds/ with the third-party CRDs the chart renders
+# objects of (the tests convert those together with kubemail's own CRDs).
+kube_schemas_dir() {
+  echo "$TOOLS/kube-schemas-$KUBERNETES_VERSION-prometheus-operator-$PROMETHEUS_OPERATOR_VERSION-cert-manager-$CERT_MANAGER_VERSION"
+}
+build_kube_schemas() {
+  local out tmp dl
+  out=$(kube_schemas_dir)
+  tmp=$out.tmp
+  rm -rf "$tmp" && mkdir -p "$tmp/crds"
+  module_dir() { (cd "$(mktemp -d)" && go mod download -json "$1") | sed -n 's/.*"Dir": "\([^"]*\)".*/\1/p'; }
+  dl=$(module_dir "k8s.io/kubernetes@$KUBERNETES_VERSION")
+  python3 "$here/kube-schemas.py" swagger "$dl/api/openapi-spec/swagger.json" "$tmp/k8s"
+  dl=$(module_dir "github.com/prometheus-operator/prometheus-operator@$PROMETHEUS_OPERATOR_VERSION")
+  for k in servicemonitors podmonitors prometheusrules; do
+    cp "$dl/example/prometheus-operator-crd/monitoring.coreos.com_$k.yaml" "$tmp/crds/"
+  done
+  dl=$(module_dir "github.com/cert-manager/cert-manager@$CERT_MANAGER_VERSION")
+  for k in certificates issuers clusterissuers; do
+    cp "$dl/deploy/crds/cert-manager.io_$k.yaml" "$tmp/crds/"
+  done
+  chmod -R u+w "$tmp"
+  rm -rf "$out" && mv "$tmp" "$out"
+}
+
 have() { [ -d "$TOOLS/$1" ] && [ -n "$(ls -A "$TOOLS/$1" 2>/dev/null)" ]; }
 
 build_tools() {
@@ -118,6 +144,11 @@ build_tools() {
     build_go_install helm "$HELM_VERSION" helm.sh/helm/v3/cmd/helm
   have "cyclonus-$CYCLONUS_VERSION" || timed "cyclonus-$CYCLONUS_VERSION" \
     build_go_install cyclonus "$CYCLONUS_VERSION" github.com/mattfenwick/cyclonus/cmd/cyclonus
+  have "promtool-$PROMETHEUS_VERSION" || timed "promtool-$PROMETHEUS_VERSION" \
+    build_go_install promtool "$PROMETHEUS_VERSION" github.com/prometheus/prometheus/cmd/promtool
+  have "kubeconform-$KUBECONFORM_VERSION" || timed "kubeconform-$KUBECONFORM_VERSION" \
+    build_go_install kubeconform "$KUBECONFORM_VERSION" github.com/yannh/kubeconform/cmd/kubeconform
+  have "$(basename "$(kube_schemas_dir)")" || timed kube-schemas build_kube_schemas
   have "jaeger-$JAEGER_VERSION" || timed "jaeger-$JAEGER_VERSION" \
     build_go_wrapper jaeger "$JAEGER_VERSION" github.com/jaegertracing/jaeger github.com/jaegertracing/jaeger/cmd/jaeger
   log "go tools ready in $((SECONDS - t0))s under $TOOLS"
@@ -178,6 +209,9 @@ MAILPIT_BIN=$TOOLS/mailpit-$MAILPIT_VERSION
 HELM_BIN=$TOOLS/helm-$HELM_VERSION
 JAEGER_BIN=$TOOLS/jaeger-$JAEGER_VERSION
 CYCLONUS_BIN=$TOOLS/cyclonus-$CYCLONUS_VERSION
+KUBECONFORM_BIN=$TOOLS/kubeconform-$KUBECONFORM_VERSION
+PROMTOOL_BIN=$TOOLS/promtool-$PROMETHEUS_VERSION
+KUBE_SCHEMAS=$(kube_schemas_dir)
 PY_VENV=$CACHE/venv-$(sha256sum "$here/requirements.txt" | cut -c1-12)
 ENV
 }

@@ -249,6 +249,36 @@ pub enum Command {
         #[arg(long, default_value = "30d", value_parser = duration)]
         admin_validity: Duration,
     },
+    /// Sends one test message to an SMTP server (the chart's `helm test`) and exits 0 only when
+    /// the server answers 250 after the data, i.e. a kubemail node queued it.
+    SmokeSend {
+        /// The server, host:port (e.g. the MailDomain's Service: example-com.mail.svc:25).
+        #[arg(long, env = "KUBEMAIL_SMOKE_SERVER", value_name = "HOST:PORT")]
+        server: String,
+        /// Envelope sender and From: address.
+        #[arg(long, env = "KUBEMAIL_SMOKE_FROM", value_name = "ADDRESS")]
+        from: String,
+        /// Envelope recipient and To: address: a recipient the domain accepts without AUTH.
+        #[arg(long, env = "KUBEMAIL_SMOKE_TO", value_name = "ADDRESS")]
+        to: String,
+        /// The name given in EHLO.
+        #[arg(
+            long,
+            env = "KUBEMAIL_SMOKE_EHLO",
+            default_value = "kubemail-smoke-test.invalid"
+        )]
+        ehlo: String,
+        /// The message's Subject:.
+        #[arg(
+            long,
+            env = "KUBEMAIL_SMOKE_SUBJECT",
+            default_value = "kubemail smoke test"
+        )]
+        subject: String,
+        /// Deadline for the whole transaction.
+        #[arg(long, env = "KUBEMAIL_SMOKE_TIMEOUT", default_value = "60s", value_parser = duration)]
+        timeout: Duration,
+    },
 }
 
 fn duration(text: &str) -> Result<Duration, String> {

@@ -31,6 +31,7 @@ pub mod metrics;
 pub mod nats;
 pub mod queue;
 pub mod runtime;
+pub mod smoke;
 pub mod telemetry;
 pub mod timestamps;
 pub mod users;

@@ -21,6 +21,24 @@ fn main() -> ExitCode {
             }
         };
     }
+    if let Some(Command::SmokeSend {
+        server,
+        from,
+        to,
+        ehlo,
+        subject,
+        timeout,
+    }) = &args.command
+    {
+        return smoke_send(kubemail_operator::smoke::SmokeMessage {
+            server: server.clone(),
+            from: from.clone(),
+            to: to.clone(),
+            ehlo_name: ehlo.clone(),
+            subject: subject.clone(),
+            timeout: *timeout,
+        });
+    }
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -42,6 +60,33 @@ fn main() -> ExitCode {
             let message = diagnose::explain(&e, &diagnose::Hints::default());
             tracing::error!(error = %message, "operator failed");
             eprintln!("error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `smoke-send`: one message, its final reply on stdout; no telemetry, no Kubernetes client.
+fn smoke_send(message: kubemail_operator::smoke::SmokeMessage) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(kubemail_operator::smoke::send(&message)) {
+        Ok(reply) => {
+            println!(
+                "{} accepted the message from {} to {}: {reply}",
+                message.server, message.from, message.to
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {}", controller::chain(&e));
             ExitCode::FAILURE
         }
     }

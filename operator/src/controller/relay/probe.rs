@@ -134,7 +134,8 @@ async fn probe_inner(host: &str, port: u16, tls: RelayTls, ehlo_name: &str) -> P
 
 /// Reads one (possibly multi-line) reply. `buf` holds bytes read but not yet used, and keeps
 /// whatever follows the reply. The parser bounds the buffer, and the caller the time.
-async fn read_reply<R: AsyncRead + Unpin>(
+/// `smoke-send` (crate::smoke) reads its replies with it too.
+pub(crate) async fn read_reply<R: AsyncRead + Unpin>(
     reader: &mut R,
     buf: &mut Vec<u8>,
 ) -> Result<Reply, String> {
