@@ -262,6 +262,35 @@ fn production_options_render() {
         Some(3),
         "nats.replicas=3 gives a 3-replica NATS StatefulSet"
     );
+
+    // node.podDefaults reach the operator as the JSON of --node-pod-defaults.
+    let production = workspace_root().join("charts/kubemail/values-production.yaml");
+    let out = template(&["-f", production.to_str().unwrap()]);
+    let operator = documents(&out)
+        .into_iter()
+        .find(|d| {
+            d["kind"].as_str() == Some("Deployment")
+                && d["metadata"]["name"]
+                    .as_str()
+                    .is_some_and(|n| n.ends_with("-operator"))
+        })
+        .expect("operator Deployment");
+    let env = operator["spec"]["template"]["spec"]["containers"][0]["env"]
+        .as_sequence()
+        .expect("env");
+    let defaults = env
+        .iter()
+        .find(|e| e["name"].as_str() == Some("KUBEMAIL_NODE_POD_DEFAULTS"))
+        .and_then(|e| e["value"].as_str())
+        .expect("KUBEMAIL_NODE_POD_DEFAULTS");
+    let defaults: serde_json::Value = serde_json::from_str(defaults).unwrap();
+    assert_eq!(defaults["priorityClassName"], "kubemail-nodes");
+    assert_eq!(defaults["tolerations"][0]["value"], "mail");
+    let plain = template(&[]);
+    assert!(
+        !plain.contains("KUBEMAIL_NODE_POD_DEFAULTS"),
+        "no defaults unless set"
+    );
 }
 
 #[test]

@@ -24,7 +24,7 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 use kube::api::{ApiResource, DynamicObject, GroupVersionKind};
 use kubemail_e2e::local_env::{LocalEnv, workspace_root};
-use mail::{run, run_ok, tool};
+use mail::{ReleaseCleanup, run, run_ok, tool};
 
 const STEP: Duration = Duration::from_secs(120);
 const MD: &str = "helm-test";
@@ -42,12 +42,7 @@ async fn helm_test_passes_when_the_domain_queues_the_message_and_fails_when_it_r
     let work = tempfile::tempdir().unwrap();
     let stream = format!("KMHT_{}", n.replace('-', "_").to_uppercase());
     let release = n.clone();
-    let _cleanup = Cleanup {
-        kubeconfig: kubeconfig.clone(),
-        namespace: n.clone(),
-        release: release.clone(),
-        stream: stream.clone(),
-    };
+    let _cleanup = ReleaseCleanup::new(&kubeconfig, &n, &release, MD, &stream);
     let kubectl = |args: &[&str]| {
         let mut all = vec!["--kubeconfig", kubeconfig.as_str(), "-n", n.as_str()];
         all.extend_from_slice(args);
@@ -248,72 +243,4 @@ fn text(out: &std::process::Output) -> String {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     )
-}
-
-/// Removes what a failed run left: the MailDomain's finalizer, the release, the NATS stream.
-struct Cleanup {
-    kubeconfig: String,
-    namespace: String,
-    release: String,
-    stream: String,
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        let base = ["--kubeconfig", &self.kubeconfig, "-n", &self.namespace];
-        let _ = run(
-            &tool("kubectl"),
-            &[
-                &base[..],
-                &["delete", "maildomain", "--all", "--timeout=30s"][..],
-            ]
-            .concat(),
-        );
-        let _ = run(
-            &tool("kubectl"),
-            &[
-                &base[..],
-                &[
-                    "patch",
-                    "maildomain",
-                    MD,
-                    "--type=merge",
-                    "-p",
-                    r#"{"metadata":{"finalizers":null}}"#,
-                ][..],
-            ]
-            .concat(),
-        );
-        let _ = run(
-            &tool("helm"),
-            &[
-                "uninstall",
-                &self.release,
-                "--kubeconfig",
-                &self.kubeconfig,
-                "--namespace",
-                &self.namespace,
-                "--timeout",
-                "60s",
-            ],
-        );
-        let stream = self.stream.clone();
-        let _ = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            rt.block_on(async move {
-                let Ok(env) = LocalEnv::load() else { return };
-                if let Ok(Ok(c)) =
-                    tokio::time::timeout(Duration::from_secs(5), env.nats_connect()).await
-                {
-                    let _ = async_nats::jetstream::new(c).delete_stream(&stream).await;
-                }
-            });
-        })
-        .join();
-    }
 }

@@ -32,7 +32,7 @@ use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::Api;
 use kube::api::{ApiResource, DeleteParams, DynamicObject, GroupVersionKind, Patch, PatchParams};
 use kubemail_e2e::local_env::{LocalEnv, workspace_root};
-use mail::{run, run_ok, tool};
+use mail::{ReleaseCleanup, run_ok, tool};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
@@ -113,14 +113,7 @@ async fn helm_installed_kubemail_serves_signs_scales_survives_pod_loss_and_unins
     let work = tempfile::tempdir().unwrap();
     // One queue of our own: no other test or the demo shares its subjects or the consumer.
     let stream = format!("KMCL_{}", n.replace('-', "_").to_uppercase());
-    let mut guard = Cleanup {
-        kubeconfig: kubeconfig.clone(),
-        namespace: n.clone(),
-        release: n.clone(),
-        nats_url: env.nats_url.clone(),
-        stream: stream.clone(),
-        done: false,
-    };
+    let mut guard = ReleaseCleanup::new(&kubeconfig, &n, &n, MD, &stream);
     let k = Kubectl {
         kubeconfig: kubeconfig.clone(),
         namespace: n.clone(),
@@ -633,93 +626,6 @@ impl Kubectl {
         let mut all = vec!["--kubeconfig", &self.kubeconfig, "-n", &self.namespace];
         all.extend_from_slice(args);
         run_ok(&tool("kubectl"), &all)
-    }
-}
-
-/// Removes what a failed run left: the MailDomain (while the operator can still finalize it),
-/// the release, the test's NATS stream. The namespace itself goes with TestNamespace.
-struct Cleanup {
-    kubeconfig: String,
-    namespace: String,
-    release: String,
-    nats_url: String,
-    stream: String,
-    done: bool,
-}
-
-impl Cleanup {
-    fn finish(&mut self) {
-        self.done = true;
-        self.delete_stream();
-    }
-
-    fn delete_stream(&self) {
-        let (_url, stream) = (self.nats_url.clone(), self.stream.clone());
-        let _ = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            rt.block_on(async move {
-                let Ok(env) = LocalEnv::load() else { return };
-                if let Ok(Ok(c)) =
-                    tokio::time::timeout(Duration::from_secs(5), env.nats_connect()).await
-                {
-                    let _ = async_nats::jetstream::new(c).delete_stream(&stream).await;
-                }
-            });
-        })
-        .join();
-    }
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        if self.done {
-            return;
-        }
-        let kubectl = tool("kubectl");
-        let base = ["--kubeconfig", &self.kubeconfig, "-n", &self.namespace];
-        let _ = run(
-            &kubectl,
-            &[
-                &base[..],
-                &["delete", "maildomain", "--all", "--timeout=30s"][..],
-            ]
-            .concat(),
-        );
-        // If the operator could not finalize it, the namespace would never go away.
-        let _ = run(
-            &kubectl,
-            &[
-                &base[..],
-                &[
-                    "patch",
-                    "maildomain",
-                    MD,
-                    "--type=merge",
-                    "-p",
-                    r#"{"metadata":{"finalizers":null}}"#,
-                ][..],
-            ]
-            .concat(),
-        );
-        let _ = run(
-            &tool("helm"),
-            &[
-                "uninstall",
-                &self.release,
-                "--kubeconfig",
-                &self.kubeconfig,
-                "--namespace",
-                &self.namespace,
-                "--timeout",
-                "60s",
-            ],
-        );
-        self.delete_stream();
     }
 }
 

@@ -47,7 +47,7 @@ use std::time::Duration;
 use cluster::{TestCluster, wait_for};
 use kubeconform::Kubeconform;
 use kubemail_e2e::local_env::{LocalEnv, workspace_root};
-use mail::{run, tool, tools_path};
+use mail::{ReleaseCleanup, run, tool, tools_path};
 
 const SECTION: &str = "## Install on your cluster";
 const KUBE_VERSION: &str = "1.36.3";
@@ -514,10 +514,13 @@ async fn every_command_of_the_install_section_runs() {
         values: Vec::new(),
         last_render: String::new(),
     };
-    let _cleanup = Cleanup {
-        kubeconfig: runner.kubeconfig.clone(),
-        ns: runner.ns.clone(),
-    };
+    let _cleanup = ReleaseCleanup::new(
+        &runner.kubeconfig,
+        &runner.ns,
+        &runner.ns,
+        "example-com",
+        &stream_name(&runner.ns),
+    );
     let mut reconciled = false;
     for block in &blocks {
         eprintln!(
@@ -544,76 +547,4 @@ async fn every_command_of_the_install_section_runs() {
     assert!(reconciled, "no block ran against a reconciled MailDomain");
     drop(_cleanup);
     ns.delete().await;
-}
-
-/// Removes the MailDomain (while the operator can still finalize it), the release and the
-/// NATS stream of the reconciled part.
-struct Cleanup {
-    kubeconfig: String,
-    ns: String,
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        let base = [
-            "--kubeconfig",
-            self.kubeconfig.as_str(),
-            "-n",
-            self.ns.as_str(),
-        ];
-        let _ = run(
-            &tool("kubectl"),
-            &[
-                &base[..],
-                &["delete", "maildomain", "--all", "--timeout=60s"][..],
-            ]
-            .concat(),
-        );
-        let _ = run(
-            &tool("kubectl"),
-            &[
-                &base[..],
-                &[
-                    "patch",
-                    "maildomain",
-                    "example-com",
-                    "--type=merge",
-                    "-p",
-                    r#"{"metadata":{"finalizers":null}}"#,
-                ][..],
-            ]
-            .concat(),
-        );
-        let _ = run(
-            &tool("helm"),
-            &[
-                "uninstall",
-                &self.ns,
-                "--kubeconfig",
-                &self.kubeconfig,
-                "-n",
-                &self.ns,
-                "--timeout",
-                "60s",
-            ],
-        );
-        let stream = stream_name(&self.ns);
-        let _ = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            rt.block_on(async move {
-                let Ok(env) = LocalEnv::load() else { return };
-                if let Ok(Ok(c)) =
-                    tokio::time::timeout(Duration::from_secs(5), env.nats_connect()).await
-                {
-                    let _ = async_nats::jetstream::new(c).delete_stream(&stream).await;
-                }
-            });
-        })
-        .join();
-    }
 }

@@ -92,3 +92,114 @@ pub fn run_ok(program: &Path, args: &[&str]) -> String {
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// What a test that installs a release leaves behind, removed when dropped (so also when the
+/// test fails): the namespace's MailDomains while the operator can still finalize them (and
+/// `maildomain`'s finalizer if it cannot, or the namespace would never go away), the Helm
+/// release and the test's JetStream stream. The namespace itself goes with its own guard.
+pub struct ReleaseCleanup {
+    pub kubeconfig: String,
+    pub namespace: String,
+    pub release: String,
+    pub maildomain: String,
+    pub stream: String,
+    /// `false` after [`ReleaseCleanup::finish`]: the test removed the rest itself.
+    armed: bool,
+}
+
+impl ReleaseCleanup {
+    pub fn new(
+        kubeconfig: &str,
+        namespace: &str,
+        release: &str,
+        maildomain: &str,
+        stream: &str,
+    ) -> Self {
+        Self {
+            kubeconfig: kubeconfig.to_owned(),
+            namespace: namespace.to_owned(),
+            release: release.to_owned(),
+            maildomain: maildomain.to_owned(),
+            stream: stream.to_owned(),
+            armed: true,
+        }
+    }
+
+    /// For a test that deleted its MailDomain and release itself: only the stream is left.
+    pub fn finish(&mut self) {
+        self.armed = false;
+        delete_stream(&self.stream);
+    }
+}
+
+impl Drop for ReleaseCleanup {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let kubectl = tool("kubectl");
+        let base = ["--kubeconfig", &self.kubeconfig, "-n", &self.namespace];
+        let _ = run(
+            &kubectl,
+            &[
+                &base[..],
+                &["delete", "maildomain", "--all", "--timeout=60s"][..],
+            ]
+            .concat(),
+        );
+        let _ = run(
+            &kubectl,
+            &[
+                &base[..],
+                &[
+                    "patch",
+                    "maildomain",
+                    &self.maildomain,
+                    "--type=merge",
+                    "-p",
+                    r#"{"metadata":{"finalizers":null}}"#,
+                ][..],
+            ]
+            .concat(),
+        );
+        let _ = run(
+            &tool("helm"),
+            &[
+                "uninstall",
+                &self.release,
+                "--kubeconfig",
+                &self.kubeconfig,
+                "--namespace",
+                &self.namespace,
+                "--timeout",
+                "60s",
+            ],
+        );
+        delete_stream(&self.stream);
+    }
+}
+
+/// Deletes a JetStream stream of the local cluster's NATS (best effort, within seconds), from
+/// any context: it runs on a runtime of its own, so also from `Drop` inside a test's runtime.
+pub fn delete_stream(stream: &str) {
+    let stream = stream.to_owned();
+    let _ = std::thread::spawn(move || {
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
+            return;
+        };
+        rt.block_on(async move {
+            let Ok(env) = kubemail_e2e::local_env::LocalEnv::load() else {
+                return;
+            };
+            if let Ok(Ok(c)) =
+                tokio::time::timeout(std::time::Duration::from_secs(5), env.nats_connect()).await
+            {
+                let _ = async_nats::jetstream::new(c).delete_stream(&stream).await;
+            }
+        });
+    })
+    .join();
+}
