@@ -167,14 +167,21 @@ impl Metrics {
         self.leader.set(i64::from(leading));
     }
 
-    /// Records the ready node pods of a MailDomain.
-    pub fn set_ready_replicas(&self, namespace: &str, maildomain: &str, ready: i32) {
-        self.ready_replicas
-            .get_or_create(&DomainLabels {
-                maildomain_namespace: namespace.to_owned(),
-                maildomain: maildomain.to_owned(),
-            })
-            .set(i64::from(ready));
+    /// Records the ready node pods of a MailDomain whose nodes (its own, or its pool's) are
+    /// meant to run `wanted` replicas. A domain scaled to zero on purpose has no series, so
+    /// "no ready nodes" never alerts for it, with or without kube-state-metrics.
+    pub fn set_ready_replicas(&self, namespace: &str, maildomain: &str, ready: i32, wanted: i32) {
+        let labels = DomainLabels {
+            maildomain_namespace: namespace.to_owned(),
+            maildomain: maildomain.to_owned(),
+        };
+        if wanted == 0 {
+            self.ready_replicas.remove(&labels);
+        } else {
+            self.ready_replicas
+                .get_or_create(&labels)
+                .set(i64::from(ready));
+        }
     }
 
     /// Records when the serving certificate of a MailDomain expires; `None` (not known yet,
@@ -259,12 +266,16 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("kubemail_operator_leader 1"), "{text}");
-        m.set_ready_replicas("mail", "example-com", 2);
+        m.set_ready_replicas("mail", "example-com", 2, 3);
+        m.set_ready_replicas("mail", "parked", 0, 3);
+        m.set_ready_replicas("mail", "parked", 0, 0);
         let text = m.encode();
         assert!(
             text.contains("kubemail_operator_maildomain_ready_replicas{maildomain_namespace=\"mail\",maildomain=\"example-com\"} 2"),
             "{text}"
         );
+        // Scaled to zero after it had nodes: the series goes, so no alert waits on it.
+        assert!(!text.contains("maildomain=\"parked\""), "{text}");
         assert!(
             text.contains("kubemail_operator_otel_spans_dropped_total"),
             "{text}"

@@ -348,10 +348,14 @@ async fn run_pipeline(
     );
     let ready_replicas = new_status.ready_replicas;
     status::publish(ctx, md, new_status, events).await?;
+    let wanted = pool
+        .as_ref()
+        .map_or(md.spec.replicas, |p| p.pool.spec.replicas);
     ctx.metrics.set_ready_replicas(
         &md.namespace().unwrap_or_default(),
         &md.name_any(),
         ready_replicas,
+        wanted,
     );
     ctx.metrics.set_certificate_expiry(
         &md.namespace().unwrap_or_default(),
