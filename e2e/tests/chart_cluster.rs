@@ -16,7 +16,6 @@ mod cluster;
 #[path = "common/mail.rs"]
 mod mail;
 
-use std::process::Command;
 use std::time::Duration;
 
 use cluster::{TestCluster, is_ready, list_pods, phase, wait_for};
@@ -24,7 +23,7 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 use kube::api::{ApiResource, DynamicObject, GroupVersionKind};
 use kubemail_e2e::local_env::{LocalEnv, workspace_root};
-use mail::{ReleaseCleanup, run, run_ok, tool};
+use mail::{ReleaseCleanup, apply_shared_crds, local_values, run, run_ok, tool};
 
 const STEP: Duration = Duration::from_secs(120);
 const MD: &str = "helm-test";
@@ -60,28 +59,13 @@ async fn helm_test_passes_when_the_domain_queues_the_message_and_fails_when_it_r
     };
 
     // --- install: CRDs shared by the cluster's releases, the local values -----------------
-    let crds = workspace_root().join("crds").to_string_lossy().into_owned();
-    kubectl(&["apply", "--server-side", "--force-conflicts", "-f", &crds]);
-    kubectl(&[
-        "wait",
-        "--for=condition=Established",
-        "-f",
-        &crds,
-        "--timeout=60s",
-    ]);
-    let rendered = Command::new(workspace_root().join("e2e/demo/render-values.sh"))
-        .env("KUBEMAIL_WATCH_NAMESPACE", &n)
-        .env("KUBEMAIL_NATS_STREAM", &stream)
-        .env("KUBEMAIL_NATS_SUBJECT_PREFIX", format!("kmht.{n}"))
-        .output()
-        .expect("run e2e/demo/render-values.sh");
-    assert!(
-        rendered.status.success(),
-        "render-values.sh: {}",
-        String::from_utf8_lossy(&rendered.stderr)
-    );
+    apply_shared_crds(&kubeconfig);
     let values = work.path().join("values.yaml");
-    std::fs::write(&values, &rendered.stdout).unwrap();
+    std::fs::write(
+        &values,
+        local_values(&n, &stream, &format!("kmht.{n}"), &[]),
+    )
+    .unwrap();
     let values = values.to_string_lossy().into_owned();
     let chart = workspace_root()
         .join("charts/kubemail")

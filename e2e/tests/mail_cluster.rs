@@ -22,7 +22,6 @@ mod queue_security;
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use cluster::{TestCluster, is_ready, list_pods, phase, unique_name, wait_for};
@@ -32,7 +31,7 @@ use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::Api;
 use kube::api::{ApiResource, DeleteParams, DynamicObject, GroupVersionKind, Patch, PatchParams};
 use kubemail_e2e::local_env::{LocalEnv, workspace_root};
-use mail::{ReleaseCleanup, run_ok, tool};
+use mail::{ReleaseCleanup, apply_shared_crds, local_values, run_ok, tool};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
@@ -151,20 +150,14 @@ async fn helm_installed_kubemail_serves_signs_scales_survives_pod_loss_and_unins
         });
     let helm = tool("helm");
     let values = work.path().join("values.yaml");
-    let rendered = Command::new(workspace_root().join("e2e/demo/render-values.sh"))
-        .env("HELM", &helm)
-        .env("KUBEMAIL_CHART", &chart)
-        .env("KUBEMAIL_WATCH_NAMESPACE", &n)
-        .env("KUBEMAIL_NATS_STREAM", &stream)
-        .env("KUBEMAIL_NATS_SUBJECT_PREFIX", format!("kmcl.{n}"))
-        .output()
-        .expect("run e2e/demo/render-values.sh");
-    assert!(
-        rendered.status.success(),
-        "render-values.sh: {}",
-        String::from_utf8_lossy(&rendered.stderr)
+    let helm_path = helm.to_string_lossy();
+    let rendered = local_values(
+        &n,
+        &stream,
+        &format!("kmcl.{n}"),
+        &[("HELM", &helm_path), ("KUBEMAIL_CHART", &chart)],
     );
-    std::fs::write(&values, &rendered.stdout).unwrap();
+    std::fs::write(&values, &rendered).unwrap();
     let values = values.to_string_lossy().into_owned();
     let release = n.clone();
     let helm_args = |verb: &str, extra: &[&str]| -> Vec<String> {
@@ -185,17 +178,7 @@ async fn helm_installed_kubemail_serves_signs_scales_survives_pod_loss_and_unins
         a.extend(extra.iter().map(|s| s.to_string()));
         a
     };
-    // The CRDs are shared by every release on the local cluster (render-values.sh sets
-    // crds.enabled=false), so they are applied here as a platform team would.
-    let crds = workspace_root().join("crds").to_string_lossy().into_owned();
-    k.ok(&["apply", "--server-side", "--force-conflicts", "-f", &crds]);
-    k.ok(&[
-        "wait",
-        "--for=condition=Established",
-        "-f",
-        &crds,
-        "--timeout=60s",
-    ]);
+    apply_shared_crds(&kubeconfig);
     let args = helm_args("install", &[]);
     run_ok(&helm, &args.iter().map(String::as_str).collect::<Vec<_>>());
     let op_selector =

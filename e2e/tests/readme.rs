@@ -47,7 +47,7 @@ use std::time::Duration;
 use cluster::{TestCluster, wait_for};
 use kubeconform::Kubeconform;
 use kubemail_e2e::local_env::{LocalEnv, workspace_root};
-use mail::{ReleaseCleanup, run, tool, tools_path};
+use mail::{ReleaseCleanup, apply_shared_crds, local_values, run, tool, tools_path};
 
 const SECTION: &str = "## Install on your cluster";
 const KUBE_VERSION: &str = "1.36.3";
@@ -374,30 +374,19 @@ impl Runner {
 
     async fn reconcile(&self, cluster: &TestCluster) {
         let ns = &self.ns;
-        let crds = workspace_root().join("crds").to_string_lossy().into_owned();
         let k = |args: &[&str]| {
             let mut all = vec!["--kubeconfig", self.kubeconfig.as_str()];
             all.extend_from_slice(args);
             let out = run(&tool("kubectl"), &all);
             assert!(out.status.success(), "kubectl {args:?}: {out:?}");
         };
-        k(&["apply", "--server-side", "--force-conflicts", "-f", &crds]);
-        k(&[
-            "wait",
-            "--for=condition=Established",
-            "-f",
-            &crds,
-            "--timeout=60s",
-        ]);
-        let rendered = Command::new(workspace_root().join("e2e/demo/render-values.sh"))
-            .env("KUBEMAIL_WATCH_NAMESPACE", ns)
-            .env("KUBEMAIL_NATS_STREAM", stream_name(ns))
-            .env("KUBEMAIL_NATS_SUBJECT_PREFIX", format!("kmrd.{ns}"))
-            .output()
-            .expect("run e2e/demo/render-values.sh");
-        assert!(rendered.status.success(), "render-values.sh: {rendered:?}");
+        apply_shared_crds(&self.kubeconfig);
         let values = self.path("local-values.yaml");
-        std::fs::write(&values, &rendered.stdout).unwrap();
+        std::fs::write(
+            &values,
+            local_values(ns, &stream_name(ns), &format!("kmrd.{ns}"), &[]),
+        )
+        .unwrap();
         let out = run(
             &tool("helm"),
             &[

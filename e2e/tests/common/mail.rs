@@ -203,3 +203,59 @@ pub fn delete_stream(stream: &str) {
     })
     .join();
 }
+
+/// Applies the repository's CRDs (server-side) and waits until they are established. The
+/// local cluster's releases share them (`render-values.sh` sets `crds.enabled=false`), so a
+/// test installs them as a platform team would.
+pub fn apply_shared_crds(kubeconfig: &str) {
+    let crds = workspace_root().join("crds").to_string_lossy().into_owned();
+    let kubectl = tool("kubectl");
+    run_ok(
+        &kubectl,
+        &[
+            "--kubeconfig",
+            kubeconfig,
+            "apply",
+            "--server-side",
+            "--force-conflicts",
+            "-f",
+            &crds,
+        ],
+    );
+    run_ok(
+        &kubectl,
+        &[
+            "--kubeconfig",
+            kubeconfig,
+            "wait",
+            "--for=condition=Established",
+            "-f",
+            &crds,
+            "--timeout=60s",
+        ],
+    );
+}
+
+/// The local cluster's Helm values (`e2e/demo/render-values.sh`) for a release whose operator
+/// watches only `namespace` and queues in `stream` under `subject_prefix`; `env` adds more of
+/// the script's variables. Panics with the script's error when it fails.
+pub fn local_values(
+    namespace: &str,
+    stream: &str,
+    subject_prefix: &str,
+    env: &[(&str, &str)],
+) -> Vec<u8> {
+    let rendered = Command::new(workspace_root().join("e2e/demo/render-values.sh"))
+        .envs(env.iter().copied())
+        .env("KUBEMAIL_WATCH_NAMESPACE", namespace)
+        .env("KUBEMAIL_NATS_STREAM", stream)
+        .env("KUBEMAIL_NATS_SUBJECT_PREFIX", subject_prefix)
+        .output()
+        .expect("run e2e/demo/render-values.sh");
+    assert!(
+        rendered.status.success(),
+        "render-values.sh: {}",
+        String::from_utf8_lossy(&rendered.stderr)
+    );
+    rendered.stdout
+}
