@@ -148,7 +148,9 @@ impl Queue {
 
     /// Every entry after stream sequence `after` that `filter` selects, in stream order, up
     /// to the last sequence of the stream now. One entry in memory at a time; entries with
-    /// unreadable headers are skipped (and logged).
+    /// unreadable headers are skipped (and logged). The queue moves while it is read: an
+    /// entry a node rewrites during the scan (a retry, a pause check) moves past that last
+    /// sequence and is not listed by this scan; the next one lists it.
     pub async fn scan(
         &self,
         after: u64,
