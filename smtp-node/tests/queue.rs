@@ -639,6 +639,75 @@ async fn nats_killed_mid_batch_keeps_every_250_and_duplicates_no_retry() {
     );
 }
 
+/// The `received` events of many sessions' messages go to the events stream in shared
+/// writes (atomic batches, one fsync each with `sync_interval: always`), not one write per
+/// event: every message has its one event, and the stream saw fewer writes than events.
+#[tokio::test]
+async fn received_events_of_concurrent_sessions_share_writes() {
+    use kubemail_queue::events::EVENTS_STREAM;
+    let nats = Nats::start();
+    let node = Node::start(&nats.url());
+    // Nothing is refused here; a refusal would be sent again at once.
+    let retry = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let clients: Vec<_> = (0..40)
+        .map(|k| tokio::spawn(group_commit_client(node.ports.mx, k, 10, retry.clone())))
+        .collect();
+    let mut sent = 0;
+    for c in clients {
+        for (token, replies) in c.await.expect("client task") {
+            assert!(
+                replies.iter().any(|r| r.starts_with("250")),
+                "{token}: {replies:?}"
+            );
+            sent += 1;
+        }
+    }
+    let client = async_nats::connect(nats.url()).await.expect("connect");
+    let js = async_nats::jetstream::new(client);
+    let stream = js.get_stream(EVENTS_STREAM).await.expect("events stream");
+    assert!(
+        stream.cached_info().config.allow_atomic_publish,
+        "the events stream takes atomic batches"
+    );
+    let consumer = stream
+        .create_consumer(pull::OrderedConfig {
+            filter_subject: "kubemail.events.*.received".to_owned(),
+            ..Default::default()
+        })
+        .await
+        .expect("consumer");
+    let mut messages = consumer.messages().await.expect("messages");
+    let mut queue_ids = std::collections::HashSet::new();
+    while queue_ids.len() < sent {
+        let next = tokio::time::timeout(Duration::from_secs(10), messages.next())
+            .await
+            .unwrap_or_else(|_| panic!("{} of {sent} received events", queue_ids.len()))
+            .expect("stream open")
+            .expect("message");
+        let event: serde_json::Value = serde_json::from_slice(&next.payload).expect("json");
+        let queue_id = event["data"]["queueId"]
+            .as_str()
+            .expect("queue id")
+            .to_owned();
+        assert!(queue_ids.insert(queue_id), "one received event per message");
+    }
+    let metrics = http_get(node.ports.admin, "/metrics");
+    let value = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{name} in the metrics"))
+    };
+    let writes = value("kubemail_smtp_events_commit_events_count ");
+    let events = value("kubemail_smtp_events_commit_events_sum ");
+    assert!(events >= sent as f64, "{events} events written for {sent}");
+    assert!(
+        writes < events / 2.0,
+        "{writes} writes for {events} events: the events did not share writes"
+    );
+}
+
 /// The sweeper deletes a body object no entry refers to and keeps (and marks) one an entry
 /// refers to, even when its mark is missing (a node that died between the publish and the
 /// mark).

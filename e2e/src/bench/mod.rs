@@ -7,6 +7,7 @@
 //!   holds idle connections ([`loadgen::idle`]);
 //! * [`tls`]: the ECDSA test certificates both servers use and the client's TLS settings;
 //! * [`procstat`]: CPU time and memory of the server processes, from `/proc`;
+//! * [`syncs`]: fsyncs per message, counted by `perf stat` on the syscall tracepoints;
 //! * [`peers`]: starting and stopping the systems under test and their helpers (nats-server,
 //!   smtp-node, a private Postfix instance, smtp-sink), each in its own directory on free
 //!   loopback ports;
@@ -20,4 +21,5 @@ pub mod procstat;
 pub mod report;
 pub mod runner;
 pub mod scenario;
+pub mod syncs;
 pub mod tls;

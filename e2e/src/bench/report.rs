@@ -282,6 +282,11 @@ processes over the measured run, divided by the messages. kubemail = smtp-node +
 in the next column); Postfix = the master and every process it forked (smtpd, cleanup, qmgr, \
 trivial-rewrite, postlogd, smtp, ...), plus the master's reaped-children time for processes that \
 exited during the run. The generator and the sink are not counted.
+- **fsyncs/msg**: `fsync` and `fdatasync` calls on the whole machine during the measured run \
+(counted in the kernel by `perf stat` on the syscall tracepoints; one system runs at a time and \
+the generator and the sink never sync), divided by the messages; — where perf cannot count them. \
+It shows what group commit saves: Postfix syncs each queue file, JetStream with \
+`sync_interval: always` once per write (an atomic batch is one write).
 - **Peak memory**: RSS: kubemail: the kernel's high-water mark (`VmHWM`) of smtp-node + \
 nats-server; Postfix: the highest sum of RSS over its processes, sampled every 250 ms (this counts \
 the shared libraries of every smtpd again). PSS (shared pages divided among the processes that \
@@ -320,8 +325,8 @@ const NOT_COVERED: &str = "\
 
 fn throughput_table(md: &mut String, ms: &[Measurement], scenario: ScenarioId, mark: &str) {
     md.push_str(
-        "| System | Durability | msg/s [range] | p50 ms | p99 ms | p99.9 ms | server CPU µs/msg | smtp-node / nats-server µs/msg | peak RSS / PSS MiB | vs Postfix | check |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| System | Durability | msg/s [range] | p50 ms | p99 ms | p99.9 ms | server CPU µs/msg | smtp-node / nats-server µs/msg | fsyncs/msg | peak RSS / PSS MiB | vs Postfix | check |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     let postfix = median_row(ms, scenario, System::Postfix, None).and_then(|r| r.0.msgs_per_sec);
     for system in System::ALL
@@ -335,7 +340,7 @@ fn throughput_table(md: &mut String, ms: &[Measurement], scenario: ScenarioId, m
             if let Some(reason) = unavailable(m) {
                 let _ = writeln!(
                     md,
-                    "| {} | {} | {reason} | | | | | | | | |",
+                    "| {} | {} | {reason} | | | | | | | | | |",
                     system.label(),
                     system.durability()
                 );
@@ -367,11 +372,12 @@ fn throughput_table(md: &mut String, ms: &[Measurement], scenario: ScenarioId, m
             let pss = opt(m.peak_pss_kib.map(|k| k as f64 / 1024.0), 0);
             let _ = writeln!(
                 md,
-                "| {} | {} | {}{range} | {p50} | {p99} | {p999} | {} | {split} | {rss} / {pss} | {ratio} | {} |",
+                "| {} | {} | {}{range} | {p50} | {p99} | {p999} | {} | {split} | {} | {rss} / {pss} | {ratio} | {} |",
                 system.label(),
                 system.durability(),
                 opt(m.msgs_per_sec, 0),
                 opt(m.cpu_us_per_msg, 0),
+                opt(m.syncs_per_msg, 2),
                 m.verified.clone().unwrap_or_default(),
             );
         }
@@ -786,6 +792,7 @@ mod tests {
             latency: None,
             txn_latency: None,
             cpu_us_per_msg: None,
+            syncs_per_msg: None,
             cpu_us_per_msg_by_role: BTreeMap::new(),
             peak_rss_kib: None,
             peak_pss_kib: None,

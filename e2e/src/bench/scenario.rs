@@ -33,6 +33,7 @@ use super::peers::nats::{Durability, NatsServer};
 use super::peers::postfix::{Postfix, PostfixMode, PostfixOptions};
 use super::peers::sink::Sink;
 use super::procstat::{CpuSample, MemorySample, MemorySampler, ServerProcesses};
+use super::syncs::SyncCounter;
 use super::tls::PkiFiles;
 
 /// How often the summed RSS and PSS of the server processes are sampled for their peaks.
@@ -326,6 +327,9 @@ pub struct Measurement {
     /// Due time → reply (open loop) / transaction (closed loop).
     pub txn_latency: Option<LatencySummary>,
     pub cpu_us_per_msg: Option<f64>,
+    /// fsync and fdatasync calls on the machine during the measured run, per message
+    /// ([`super::syncs`]); `None` where perf cannot count them.
+    pub syncs_per_msg: Option<f64>,
     pub cpu_us_per_msg_by_role: BTreeMap<String, f64>,
     pub peak_rss_kib: Option<u64>,
     pub peak_pss_kib: Option<u64>,
@@ -350,6 +354,7 @@ impl Measurement {
             latency: None,
             txn_latency: None,
             cpu_us_per_msg: None,
+            syncs_per_msg: None,
             cpu_us_per_msg_by_role: BTreeMap::new(),
             peak_rss_kib: None,
             peak_pss_kib: None,
@@ -512,6 +517,11 @@ impl Env {
         }
     }
 
+    /// Starts counting the machine's fsyncs for a measured run (blocking for a moment).
+    fn count_syncs(&self) -> Option<SyncCounter> {
+        tokio::task::block_in_place(|| SyncCounter::start(&self.work_dir, "syncs.csv"))
+    }
+
     fn cpu_per_msg(
         &self,
         before: &CpuSample,
@@ -529,6 +539,13 @@ impl Env {
             .collect();
         (Some(by_role.values().sum()), by_role)
     }
+}
+
+/// `count` per message; `None` without a count or a message.
+fn per_msg(count: Option<u64>, messages: u64) -> Option<f64> {
+    count
+        .filter(|_| messages > 0)
+        .map(|c| c as f64 / messages as f64)
 }
 
 /// How to set up an instance for a scenario.
@@ -674,14 +691,17 @@ async fn measured_load(
         }
     }
     let sampler = sut.peak_sampler();
+    let syncs = env.count_syncs();
     let cpu0 = sut.processes.cpu();
     let result = loadgen::run(spec).await;
     let cpu1 = sut.processes.cpu();
+    let syncs = syncs.and_then(SyncCounter::stop);
     sut.peak_memory(sampler, m);
     match result {
         Ok(report) => {
             let (cpu, by_role) = env.cpu_per_msg(&cpu0, &cpu1, report.accepted);
             m.cpu_us_per_msg = cpu;
+            m.syncs_per_msg = per_msg(syncs, report.accepted);
             m.cpu_us_per_msg_by_role = by_role;
             m.msgs_per_sec = Some(report.rate());
             m.latency = Some(report.data_latency);
@@ -809,6 +829,7 @@ pub async fn relay(env: &Env, system: System, p: &LoadParams, rep: u32) -> Measu
         spec.auth = Some(env.bench_user.clone());
     }
     let sampler = sut.peak_sampler();
+    let syncs = env.count_syncs();
     let cpu0 = sut.processes.cpu();
     let t0 = Instant::now();
     let deadline = t0 + Duration::from_secs(p.max_secs);
@@ -825,6 +846,7 @@ pub async fn relay(env: &Env, system: System, p: &LoadParams, rep: u32) -> Measu
     }
     let elapsed = t0.elapsed().as_secs_f64();
     let cpu1 = sut.processes.cpu();
+    let syncs = syncs.and_then(SyncCounter::stop);
     sut.peak_memory(sampler, &mut m);
     match result {
         Ok(report) => {
@@ -833,6 +855,7 @@ pub async fn relay(env: &Env, system: System, p: &LoadParams, rep: u32) -> Measu
             m.txn_latency = Some(report.txn_latency);
             let (cpu, by_role) = env.cpu_per_msg(&cpu0, &cpu1, received);
             m.cpu_us_per_msg = cpu;
+            m.syncs_per_msg = per_msg(syncs, received);
             m.cpu_us_per_msg_by_role = by_role;
             m.msgs_per_sec = Some(received as f64 / elapsed);
             if received < report.accepted {

@@ -316,13 +316,29 @@ pub async fn ensure_event_objects(
         streams::EVENTS_DEFAULT_MAX_BYTES,
     );
     let name = events.name.clone();
-    js.get_or_create_stream(events)
-        .await
-        .map(drop)
-        .map_err(|source| ManageError::CreateStream {
-            stream: name,
-            source,
-        })
+    let stream =
+        js.get_or_create_stream(events)
+            .await
+            .map_err(|source| ManageError::CreateStream {
+                stream: name.clone(),
+                source,
+            })?;
+    // A stream made by an earlier release takes no atomic batches: the nodes would then
+    // write every event on its own. Turned on in place (it changes nothing stored).
+    let current = &stream.cached_info().config;
+    if !current.allow_atomic_publish {
+        let update = jetstream::stream::Config {
+            allow_atomic_publish: true,
+            ..current.clone()
+        };
+        js.update_stream(update)
+            .await
+            .map_err(|source| ManageError::UpdateStream {
+                stream: name,
+                source,
+            })?;
+    }
+    Ok(())
 }
 
 /// Creates the delivery side's TLS-policy objects (MTA-STS cache, TLS-RPT results and claims)

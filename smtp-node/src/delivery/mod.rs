@@ -234,6 +234,7 @@ impl DeliveryContext {
             js.clone(),
             settings.hostname.clone(),
             settings.events.clone(),
+            settings.nats.group_commit,
             metrics.clone(),
         ));
         let suppression = Arc::new(crate::suppression::Suppression::new(

@@ -6,6 +6,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 use crate::config::BounceClass;
@@ -51,6 +52,8 @@ pub struct DomainLabels {
 pub struct EventMetrics {
     /// Events by type and result (`published`, `dropped`).
     pub events: Family<EventLabels, Counter>,
+    /// Events per write to the events stream (an atomic batch, or one publish).
+    pub commit_events: Histogram,
     /// Deferrals, bounces and expiries by class.
     pub failures: Family<ClassLabels, Counter>,
     /// Deferrals, bounces and expiries by remote domain and class.
@@ -73,6 +76,8 @@ impl EventMetrics {
         Self {
             remote_domains,
             events: Family::default(),
+            // 1 .. 512 events per write.
+            commit_events: Histogram::new(exponential_buckets(1.0, 2.0, 10)),
             failures: Family::default(),
             remote_failures: Family::default(),
             suppression_added: Family::default(),
@@ -88,6 +93,11 @@ impl EventMetrics {
             "events",
             "Delivery events by type and result (published, dropped: not confirmed by the events stream in time)",
             self.events.clone(),
+        );
+        registry.register(
+            "events_commit_events",
+            "Events per write to the events stream (the events of concurrent sessions and deliveries go as one atomic batch, one fsync)",
+            self.commit_events.clone(),
         );
         registry.register(
             "delivery_failures",

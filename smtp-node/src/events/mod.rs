@@ -5,7 +5,13 @@
 //! * [`Events::publish`]: publishes a batch and waits for the stream's acknowledgements at
 //!   most `events.publishTimeout`; never fails and never blocks mail for longer. Events not
 //!   confirmed in time (or refused) are counted as dropped in
-//!   `kubemail_smtp_events_total{result="dropped"}`.
+//!   `kubemail_smtp_events_total{result="dropped"}`. The events of every caller waiting at
+//!   the same moment (the group commits of sessions, concurrent delivery workers) go to the
+//!   stream together, through the same loop as the queue's group commit
+//!   ([`crate::queue::commit::gather`]): as one atomic batch (one write, one fsync with
+//!   `sync_interval: always`) when the stream allows them and `nats.groupCommit` is on, else
+//!   published together with the acknowledgements awaited at once. A batch the server refuses (an event it has already,
+//!   from a repeated attempt) is published again event by event; the ids make that safe.
 //! * [`Batch`]: the events of one delivery attempt, collected while the worker decides and
 //!   published once, just before the queue entry is acknowledged;
 //! * [`inbound`]: DSNs (RFC 3464) and feedback reports (RFC 5965) arriving for our domains,
@@ -16,18 +22,23 @@ pub mod attempt;
 pub mod inbound;
 pub mod metrics;
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::SystemTime;
 
+use async_nats::HeaderMap;
 use async_nats::jetstream;
+use bytes::Bytes;
 use kubemail_queue::events::{
     CloudEvent, EventData, EventType, RemoteInfo, TlsDetails, event_subject,
 };
+use tokio::sync::{mpsc, oneshot};
 
 use crate::config::{BounceClass, EventsConfig};
 use crate::delivery::classify::Classifier;
 use crate::delivery::outcome::{Diagnostic, Peer};
 use crate::metrics::Metrics;
+use crate::queue::commit::{self, Grouped};
 use crate::queue::{Direction, QueueEntry};
 use crate::telemetry::propagation;
 
@@ -38,24 +49,59 @@ pub struct Events {
     config: EventsConfig,
     classifier: Classifier,
     stream: tokio::sync::OnceCell<()>,
+    /// Whether atomic batches may be used at all (`nats.groupCommit`).
+    group_commit: bool,
+    /// Whether they are: allowed, and the events stream takes them (read when it is looked
+    /// up).
+    atomic: Arc<AtomicBool>,
+    /// The publishing task's queue, started at the first publish.
+    publisher: OnceLock<mpsc::Sender<Job>>,
     metrics: Arc<Metrics>,
 }
 
+/// Events waiting to go out: subject, headers and payload of each, and who waits.
+struct Job {
+    messages: Vec<(String, HeaderMap, Bytes)>,
+    /// Events of the job (`messages` is emptied when the group is published).
+    count: usize,
+    bytes: usize,
+    reply: oneshot::Sender<Vec<bool>>,
+}
+
+impl Grouped for Job {
+    fn messages(&self) -> usize {
+        self.count
+    }
+
+    fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
+/// Callers waiting for the publishing task before they wait on the channel too.
+const QUEUE_DEPTH: usize = 4096;
+
 impl Events {
-    /// Touches no network: the stream is created at the first publish.
+    /// Touches no network: the stream is created at the first publish. `group_commit`
+    /// (`nats.groupCommit`) allows atomic batches: they pay where the server syncs every
+    /// write, and only cost the batch's staging where it does not.
     pub fn new(
         js: jetstream::Context,
         hostname: String,
         config: EventsConfig,
+        group_commit: bool,
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
+            group_commit,
             metrics,
             classifier: Classifier::new(&config.classification),
             js,
             hostname,
             config,
             stream: tokio::sync::OnceCell::new(),
+            atomic: Arc::new(AtomicBool::new(false)),
+            publisher: OnceLock::new(),
         }
     }
 
@@ -82,63 +128,75 @@ impl Events {
         }
         let m = &self.metrics.events;
         let deadline = self.config.publish_timeout.0;
-        let kinds: Vec<EventType> = events
-            .iter()
-            .map(|e| e.event_type().unwrap_or(EventType::Received))
-            .collect();
+        let kinds: Vec<Option<EventType>> = events.iter().map(CloudEvent::event_type).collect();
+        // The events that can go out, and where each one's result belongs.
+        let mut messages = Vec::with_capacity(events.len());
+        let mut at = Vec::with_capacity(events.len());
+        for (i, event) in events.iter().enumerate() {
+            let Some(kind) = kinds[i] else { continue };
+            let Ok(payload) = serde_json::to_vec(event) else {
+                continue;
+            };
+            let mut headers = HeaderMap::new();
+            headers.insert("Nats-Msg-Id", event.id.as_str());
+            headers.insert("Content-Type", "application/cloudevents+json");
+            messages.push((
+                event_subject(&event.data.domain, kind),
+                headers,
+                Bytes::from(payload),
+            ));
+            at.push(i);
+        }
+        let n = messages.len();
         let work = async {
             if let Err(error) = self.ensure_stream().await {
                 tracing::warn!(%error, "no events stream; events are dropped");
-                return vec![false; events.len()];
+                return vec![false; n];
             }
-            let mut pending = Vec::with_capacity(events.len());
-            for event in &events {
-                let Some(kind) = event.event_type() else {
-                    pending.push(None);
-                    continue;
-                };
-                let subject = event_subject(&event.data.domain, kind);
-                let mut headers = async_nats::HeaderMap::new();
-                headers.insert("Nats-Msg-Id", event.id.as_str());
-                headers.insert("Content-Type", "application/cloudevents+json");
-                let payload = match serde_json::to_vec(event) {
-                    Ok(p) => p,
-                    Err(_) => {
-                        pending.push(None);
-                        continue;
-                    }
-                };
-                match self
-                    .js
-                    .publish_with_headers(subject, headers, payload.into())
-                    .await
-                {
-                    Ok(ack) => pending.push(Some(ack)),
-                    Err(error) => {
-                        tracing::debug!(%error, "event publish failed");
-                        pending.push(None);
-                    }
-                }
+            let (reply, answer) = oneshot::channel();
+            let bytes = messages.iter().map(|(_, _, p)| p.len()).sum();
+            let job = Job {
+                messages,
+                count: n,
+                bytes,
+                reply,
+            };
+            if self.publisher().send(job).await.is_err() {
+                return vec![false; n];
             }
-            let mut results = Vec::with_capacity(pending.len());
-            for ack in pending {
-                results.push(match ack {
-                    Some(ack) => ack.await.is_ok(),
-                    None => false,
-                });
-            }
-            results
+            answer.await.unwrap_or_else(|_| vec![false; n])
         };
-        let results = match tokio::time::timeout(deadline, work).await {
+        let sent = match tokio::time::timeout(deadline, work).await {
             Ok(r) => r,
             Err(_) => {
                 tracing::warn!(timeout = ?deadline, "events not confirmed in time; counted as dropped");
-                vec![false; kinds.len()]
+                vec![false; n]
             }
         };
-        for (kind, ok) in kinds.into_iter().zip(results) {
-            m.count_event(kind, ok);
+        let mut published = vec![false; events.len()];
+        for (i, ok) in at.into_iter().zip(sent) {
+            published[i] = ok;
         }
+        for (kind, ok) in kinds.into_iter().zip(published) {
+            m.count_event(kind.unwrap_or(EventType::Received), ok);
+        }
+    }
+
+    /// The publishing task's queue; starts the task the first time.
+    fn publisher(&self) -> &mpsc::Sender<Job> {
+        self.publisher.get_or_init(|| {
+            let (jobs, rx) = mpsc::channel(QUEUE_DEPTH);
+            let shared = Arc::new(Publisher {
+                client: self.js.client(),
+                js: self.js.clone(),
+                atomic: self.atomic.clone(),
+                metrics: self.metrics.clone(),
+            });
+            tokio::spawn(commit::gather(rx, move |group| {
+                publish_group(shared.clone(), group)
+            }));
+            jobs
+        })
     }
 
     async fn ensure_stream(&self) -> Result<(), String> {
@@ -151,15 +209,91 @@ impl Events {
                     self.config.max_age.0,
                     self.config.max_bytes.0,
                 );
-                self.js
+                let stream = self
+                    .js
                     .get_or_create_stream(config)
                     .await
-                    .map(|_| ())
-                    .map_err(|e| e.to_string())
+                    .map_err(|e| e.to_string())?;
+                self.atomic.store(
+                    self.group_commit && stream.cached_info().config.allow_atomic_publish,
+                    Ordering::Relaxed,
+                );
+                Ok::<(), String>(())
             })
             .await
             .map(|_| ())
     }
+}
+
+/// What the publishing task needs.
+struct Publisher {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    atomic: Arc<AtomicBool>,
+    metrics: Arc<Metrics>,
+}
+
+/// Publishes the events of one group and answers each caller: one atomic batch when the
+/// stream takes them, else (or when the batch is refused) every event on its own, all sent
+/// before any acknowledgement is awaited.
+async fn publish_group(shared: Arc<Publisher>, mut group: Vec<Job>) {
+    let messages: Vec<(String, HeaderMap, Bytes)> = group
+        .iter_mut()
+        .flat_map(|j| std::mem::take(&mut j.messages))
+        .collect();
+    let total = messages.len();
+    let batched = total > 1 && shared.atomic.load(Ordering::Relaxed);
+    let sent = if batched {
+        match commit::atomic_batch(&shared.client, &shared.js, messages.clone()).await {
+            Ok(()) => {
+                shared.metrics.events.commit_events.observe(total as f64);
+                vec![true; total]
+            }
+            Err(reason) => {
+                tracing::debug!(%reason, events = total, "events batch not committed; publishing one by one");
+                one_by_one(&shared, messages).await
+            }
+        }
+    } else {
+        one_by_one(&shared, messages).await
+    };
+    let mut sent = sent.into_iter();
+    for job in group {
+        let mine: Vec<bool> = sent.by_ref().take(job.count).collect();
+        // A caller that gave up waiting has dropped its receiver.
+        let _ = job.reply.send(mine);
+    }
+}
+
+/// Publishes every event on its own (each is one write), all sent before any
+/// acknowledgement is awaited; whether each was stored.
+async fn one_by_one(shared: &Publisher, messages: Vec<(String, HeaderMap, Bytes)>) -> Vec<bool> {
+    let mut pending = Vec::with_capacity(messages.len());
+    for (subject, headers, payload) in messages {
+        match shared
+            .js
+            .publish_with_headers(subject, headers, payload)
+            .await
+        {
+            Ok(ack) => pending.push(Some(ack)),
+            Err(error) => {
+                tracing::debug!(%error, "event publish failed");
+                pending.push(None);
+            }
+        }
+    }
+    let mut results = Vec::with_capacity(pending.len());
+    for ack in pending {
+        let stored = match ack {
+            Some(ack) => ack.await.is_ok(),
+            None => false,
+        };
+        if stored {
+            shared.metrics.events.commit_events.observe(1.0);
+        }
+        results.push(stored);
+    }
+    results
 }
 
 /// The `data` every event of `entry` shares.

@@ -192,10 +192,39 @@ impl Committer {
     }
 }
 
-async fn run(shared: Arc<Shared>, mut rx: mpsc::Receiver<Job>) {
+impl Grouped for Job {
+    fn messages(&self) -> usize {
+        self.count
+    }
+
+    fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
+async fn run(shared: Arc<Shared>, rx: mpsc::Receiver<Job>) {
+    gather(rx, |group| commit_group(shared.clone(), group)).await;
+}
+
+/// What [`gather`] groups: a caller's messages, never split.
+pub(crate) trait Grouped {
+    fn messages(&self) -> usize;
+    fn bytes(&self) -> usize;
+}
+
+/// The committer's loop, for the queue and the events stream alike: takes the first job that
+/// waits and every other one already waiting (up to [`MAX_GROUP_MESSAGES`] and
+/// [`MAX_GROUP_BYTES`]) and hands the group to `commit`, with at most [`MAX_IN_FLIGHT`]
+/// groups under way. Returns when every sender is gone and the last group is done.
+pub(crate) async fn gather<J, F, Fut>(mut rx: mpsc::Receiver<J>, commit: F)
+where
+    J: Grouped,
+    F: Fn(Vec<J>) -> Fut,
+    Fut: Future<Output = ()>,
+{
     let mut in_flight = FuturesUnordered::new();
     // A job taken from the channel that did not fit the group before it.
-    let mut carried: Option<Job> = None;
+    let mut carried: Option<J> = None;
     loop {
         if in_flight.len() >= MAX_IN_FLIGHT {
             in_flight.next().await;
@@ -218,21 +247,20 @@ async fn run(shared: Arc<Shared>, mut rx: mpsc::Receiver<Job>) {
                 _ = in_flight.next() => continue,
             },
         };
-        let mut count = first.messages.len();
-        let mut bytes = first.bytes;
+        let mut count = first.messages();
+        let mut bytes = first.bytes();
         let mut group = vec![first];
         while let Ok(job) = rx.try_recv() {
-            if count + job.messages.len() > MAX_GROUP_MESSAGES
-                || bytes + job.bytes > MAX_GROUP_BYTES
+            if count + job.messages() > MAX_GROUP_MESSAGES || bytes + job.bytes() > MAX_GROUP_BYTES
             {
                 carried = Some(job);
                 break;
             }
-            count += job.messages.len();
-            bytes += job.bytes;
+            count += job.messages();
+            bytes += job.bytes();
             group.push(job);
         }
-        in_flight.push(commit_group(shared.clone(), group));
+        in_flight.push(commit(group));
     }
 }
 
@@ -254,7 +282,18 @@ async fn commit_group(shared: Arc<Shared>, mut group: Vec<Job>) {
     };
     shared.metrics.queue_commit_messages.observe(total as f64);
     let outcomes = if total > 1 && shared.atomic.load(Ordering::Relaxed) {
-        match atomic_batch(&shared, &mut messages).await {
+        let parts = messages
+            .iter_mut()
+            // Taken: a failed batch makes the headers again from the entry.
+            .map(|m| {
+                (
+                    m.subject.clone(),
+                    std::mem::take(&mut m.headers),
+                    m.payload.clone(),
+                )
+            })
+            .collect();
+        match atomic_batch(&shared.client, &shared.js, parts).await {
             Ok(()) => vec![Ok(Stored { duplicate: false }); total],
             Err(reason) => {
                 tracing::debug!(%reason, messages = total, "atomic batch not committed; publishing one by one");
@@ -298,7 +337,7 @@ async fn commit_group(shared: Arc<Shared>, mut group: Vec<Job>) {
 
 /// Why an atomic batch was not committed (the group is then published one by one).
 #[derive(Debug, thiserror::Error)]
-enum BatchError {
+pub(crate) enum BatchError {
     #[error("not connected to NATS")]
     NotConnected,
     #[error("cannot send: {0}")]
@@ -315,37 +354,37 @@ enum BatchError {
 
 impl BatchError {
     /// Whether the batch may have been stored although it failed.
-    fn unknown_outcome(&self) -> bool {
+    pub(crate) fn unknown_outcome(&self) -> bool {
         matches!(self, Self::Commit { unknown: true, .. })
     }
 }
 
-/// Publishes `messages` as one atomic batch: every message but the last without a reply
-/// subject, the last with `Nats-Batch-Commit` and the batch's acknowledgement.
-async fn atomic_batch(shared: &Shared, messages: &mut [Outgoing]) -> Result<(), BatchError> {
-    if shared.client.connection_state() != State::Connected {
+/// Publishes `messages` (subject, headers, payload) as one atomic batch: every message but
+/// the last without a reply subject, the last with `Nats-Batch-Commit` and the batch's
+/// acknowledgement.
+pub(crate) async fn atomic_batch(
+    client: &async_nats::Client,
+    js: &jetstream::Context,
+    messages: Vec<(String, HeaderMap, Bytes)>,
+) -> Result<(), BatchError> {
+    if client.connection_state() != State::Connected {
         return Err(BatchError::NotConnected);
     }
     let id = uuid::Uuid::now_v7().simple().to_string();
     let n = messages.len();
     let mut ack = None;
-    for (i, m) in messages.iter_mut().enumerate() {
-        // Taken: a failed batch makes the headers again from the entry.
-        let mut headers = std::mem::take(&mut m.headers);
+    for (i, (subject, mut headers, payload)) in messages.into_iter().enumerate() {
         headers.insert(BATCH_ID, id.as_str());
         headers.insert(BATCH_SEQUENCE, (i + 1).to_string());
         if i + 1 < n {
-            shared
-                .client
-                .publish_with_headers(m.subject.clone(), headers, m.payload.clone())
+            client
+                .publish_with_headers(subject, headers, payload)
                 .await
                 .map_err(|e| BatchError::Send(e.to_string()))?;
         } else {
             headers.insert(BATCH_COMMIT, "1");
             ack = Some(
-                shared
-                    .js
-                    .publish_with_headers(m.subject.clone(), headers, m.payload.clone())
+                js.publish_with_headers(subject, headers, payload)
                     .await
                     .map_err(|e| BatchError::Send(e.to_string()))?,
             );

@@ -70,7 +70,8 @@ pub struct NatsConfig {
     #[serde(default = "default_inline_body_limit")]
     pub inline_body_limit: ByteSize,
     /// Write the entries of sessions that finish together as one JetStream atomic batch,
-    /// synced once (group commit). It pays where the server syncs every write
+    /// synced once (group commit), and likewise the delivery events of concurrent sessions
+    /// and deliveries. It pays where the server syncs every write
     /// (`sync_interval: always`, the durability the `250` is meant to stand for); a single
     /// server that does not sync each write only pays for the batch's staging: turn it off
     /// there.

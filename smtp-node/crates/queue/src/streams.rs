@@ -183,6 +183,9 @@ pub fn events_stream_config(replicas: u32, max_age: Duration, max_bytes: u64) ->
         duplicate_window: EVENTS_DUPLICATE_WINDOW,
         storage: StorageType::File,
         num_replicas: replicas as usize,
+        // The nodes publish the events of concurrent sessions and deliveries as one atomic
+        // batch: one write (one fsync with `sync_interval: always`) instead of one each.
+        allow_atomic_publish: true,
         ..Default::default()
     }
 }
