@@ -701,6 +701,7 @@ async fn received_events_of_concurrent_sessions_share_writes() {
     };
     let writes = value("kubemail_smtp_events_commit_events_count ");
     let events = value("kubemail_smtp_events_commit_events_sum ");
+    eprintln!("{events} events in {writes} writes for {sent} messages");
     assert!(events >= sent as f64, "{events} events written for {sent}");
     assert!(
         writes < events / 2.0,

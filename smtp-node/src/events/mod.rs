@@ -9,7 +9,8 @@
 //!   the same moment (the group commits of sessions, concurrent delivery workers) go to the
 //!   stream together, through the same loop as the queue's group commit
 //!   ([`crate::queue::commit::gather`]): as one atomic batch (one write, one fsync with
-//!   `sync_interval: always`) when the stream allows them and `nats.groupCommit` is on, else
+//!   `sync_interval: always`) when the stream allows them, `nats.groupCommit` is on and the
+//!   group is large enough to pay for the batch's staging ([`MIN_BATCH_EVENTS`]), else
 //!   published together with the acknowledgements awaited at once. A batch the server refuses (an event it has already,
 //!   from a repeated attempt) is published again event by event; the ids make that safe.
 //! * [`Batch`]: the events of one delivery attempt, collected while the worker decides and
@@ -80,6 +81,15 @@ impl Grouped for Job {
 
 /// Callers waiting for the publishing task before they wait on the channel too.
 const QUEUE_DEPTH: usize = 4096;
+/// Fewest events written as one atomic batch. The server stages a batch before it stores
+/// it, which for a batch of a few events costs more than the fsyncs it saves: with every
+/// group batched, the latency benchmark (`e2e/bench/run.sh --scenarios latency`) spent
+/// about 1.5 times the server CPU per message of publishing them one by one. Large groups
+/// (sessions finishing together under load) are where the shared fsync wins.
+pub const MIN_BATCH_EVENTS: usize = 16;
+/// Groups under way at once: small groups go out one by one, and a caller should not
+/// wait behind them for long.
+const MAX_IN_FLIGHT: usize = 8;
 
 impl Events {
     /// Touches no network: the stream is created at the first publish. `group_commit`
@@ -192,7 +202,7 @@ impl Events {
                 atomic: self.atomic.clone(),
                 metrics: self.metrics.clone(),
             });
-            tokio::spawn(commit::gather(rx, move |group| {
+            tokio::spawn(commit::gather(rx, MAX_IN_FLIGHT, move |group| {
                 publish_group(shared.clone(), group)
             }));
             jobs
@@ -234,15 +244,15 @@ struct Publisher {
 }
 
 /// Publishes the events of one group and answers each caller: one atomic batch when the
-/// stream takes them, else (or when the batch is refused) every event on its own, all sent
-/// before any acknowledgement is awaited.
+/// stream takes them and the group has at least [`MIN_BATCH_EVENTS`], else (or when the
+/// batch is refused) every event on its own, all sent before any acknowledgement is awaited.
 async fn publish_group(shared: Arc<Publisher>, mut group: Vec<Job>) {
     let messages: Vec<(String, HeaderMap, Bytes)> = group
         .iter_mut()
         .flat_map(|j| std::mem::take(&mut j.messages))
         .collect();
     let total = messages.len();
-    let batched = total > 1 && shared.atomic.load(Ordering::Relaxed);
+    let batched = total >= MIN_BATCH_EVENTS && shared.atomic.load(Ordering::Relaxed);
     let sent = if batched {
         match commit::atomic_batch(&shared.client, &shared.js, messages.clone()).await {
             Ok(()) => {

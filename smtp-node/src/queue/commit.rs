@@ -203,7 +203,10 @@ impl Grouped for Job {
 }
 
 async fn run(shared: Arc<Shared>, rx: mpsc::Receiver<Job>) {
-    gather(rx, |group| commit_group(shared.clone(), group)).await;
+    gather(rx, MAX_IN_FLIGHT, |group| {
+        commit_group(shared.clone(), group)
+    })
+    .await;
 }
 
 /// What [`gather`] groups: a caller's messages, never split.
@@ -214,9 +217,9 @@ pub(crate) trait Grouped {
 
 /// The committer's loop, for the queue and the events stream alike: takes the first job that
 /// waits and every other one already waiting (up to [`MAX_GROUP_MESSAGES`] and
-/// [`MAX_GROUP_BYTES`]) and hands the group to `commit`, with at most [`MAX_IN_FLIGHT`]
+/// [`MAX_GROUP_BYTES`]) and hands the group to `commit`, with at most `max_in_flight`
 /// groups under way. Returns when every sender is gone and the last group is done.
-pub(crate) async fn gather<J, F, Fut>(mut rx: mpsc::Receiver<J>, commit: F)
+pub(crate) async fn gather<J, F, Fut>(mut rx: mpsc::Receiver<J>, max_in_flight: usize, commit: F)
 where
     J: Grouped,
     F: Fn(Vec<J>) -> Fut,
@@ -226,7 +229,7 @@ where
     // A job taken from the channel that did not fit the group before it.
     let mut carried: Option<J> = None;
     loop {
-        if in_flight.len() >= MAX_IN_FLIGHT {
+        if in_flight.len() >= max_in_flight {
             in_flight.next().await;
             continue;
         }
