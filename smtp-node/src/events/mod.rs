@@ -11,8 +11,9 @@
 //!   ([`crate::queue::commit::gather`]): as one atomic batch (one write, one fsync with
 //!   `sync_interval: always`) when the stream allows them, `nats.groupCommit` is on and the
 //!   group is large enough to pay for the batch's staging ([`MIN_BATCH_EVENTS`]), else
-//!   published together with the acknowledgements awaited at once. A batch the server refuses (an event it has already,
-//!   from a repeated attempt) is published again event by event; the ids make that safe.
+//!   published together with the acknowledgements awaited at once. A batch the server
+//!   refuses (an event it has already, from a repeated attempt) is published again event by
+//!   event; the ids make that safe.
 //! * [`Batch`]: the events of one delivery attempt, collected while the worker decides and
 //!   published once, just before the queue entry is acknowledged;
 //! * [`inbound`]: DSNs (RFC 3464) and feedback reports (RFC 5965) arriving for our domains,
