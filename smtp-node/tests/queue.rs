@@ -11,7 +11,9 @@ use std::time::Duration;
 
 use async_nats::jetstream::consumer::{AckPolicy, pull};
 use common::*;
-use delivery_support::{Knot, Setup, Sink, configure, example_zone, log, wait_until};
+use delivery_support::{
+    Knot, Setup, Sink, configure, counter, example_zone, log, metrics, wait_until,
+};
 use futures::StreamExt as _;
 use serde_json::json;
 
@@ -691,16 +693,9 @@ async fn received_events_of_concurrent_sessions_share_writes() {
             .to_owned();
         assert!(queue_ids.insert(queue_id), "one received event per message");
     }
-    let metrics = http_get(node.ports.admin, "/metrics");
-    let value = |name: &str| -> f64 {
-        metrics
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or_else(|| panic!("{name} in the metrics"))
-    };
-    let writes = value("kubemail_smtp_events_commit_events_count ");
-    let events = value("kubemail_smtp_events_commit_events_sum ");
+    let metrics = metrics(&node);
+    let writes = counter(&metrics, "kubemail_smtp_events_commit_events_count ");
+    let events = counter(&metrics, "kubemail_smtp_events_commit_events_sum ");
     eprintln!("{events} events in {writes} writes for {sent} messages");
     assert!(events >= sent as f64, "{events} events written for {sent}");
     assert!(
