@@ -13,6 +13,7 @@
 //! kubemail_operator_otel_spans_dropped_total{reason="export_failed"}
 //! kubemail_operator_maildomain_dns_records_not_as_expected{maildomain_namespace="mail",maildomain="example-com"}
 //! kubemail_operator_maildomain_certificate_expiry_timestamp_seconds{maildomain_namespace="mail",maildomain="example-com"}
+//! kubemail_operator_orphan_bodies_deleted_total
 //! ```
 //!
 //!
@@ -63,6 +64,7 @@ pub struct Metrics {
     leader: Gauge,
     ready_replicas: Family<DomainLabels, Gauge>,
     dns_not_as_expected: Family<DomainLabels, Gauge>,
+    orphan_bodies_deleted: Counter,
 }
 
 /// Observes one reconcile's duration when dropped.
@@ -128,8 +130,15 @@ impl Metrics {
             "DNS records of each MailDomain that the last DNS check found missing, drifted, conflicting or unresolvable (leader only)",
             dns_not_as_expected.clone(),
         );
+        let orphan_bodies_deleted = Counter::default();
+        registry.register(
+            "orphan_bodies_deleted",
+            "Body objects no queue entry referred to, deleted by the operator's sweep (leader only)",
+            orphan_bodies_deleted.clone(),
+        );
         Self {
             registry,
+            orphan_bodies_deleted,
             certificate_expiry,
             reconciles,
             failures,
@@ -138,6 +147,11 @@ impl Metrics {
             ready_replicas,
             dns_not_as_expected,
         }
+    }
+
+    /// Counts body objects the sweep deleted.
+    pub fn orphan_bodies_deleted(&self, deleted: usize) {
+        self.orphan_bodies_deleted.inc_by(deleted as u64);
     }
 
     /// Counts a reconcile and returns the timer that measures it.

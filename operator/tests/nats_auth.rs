@@ -889,3 +889,167 @@ async fn node_credentials_watch_pauses_share_shaping_and_answer_only_their_own_m
     );
     violation(&errors, "$KV.KUBEMAIL_REPLACED.b_example.7").await;
 }
+
+/// With authenticated NATS the nodes' credentials cannot read the queue stream by sequence,
+/// so a node cannot tell an orphaned body from a queued one; the operator sweeps for them. It
+/// deletes the body no entry refers to, keeps and marks the one an entry refers to, and
+/// touches no other domain's bucket.
+#[tokio::test]
+async fn the_operator_sweeps_the_orphaned_bodies_a_nodes_credentials_cannot() {
+    use async_nats::HeaderMap;
+    use kubemail_queue::sweep::{MARK, sweep};
+    let nats = SecureNats::start(1, "");
+    let config = NatsConfig::default();
+    let domains = [A.to_owned(), B.to_owned()];
+    nats.operator()
+        .ensure(
+            &config,
+            &AuthConfig::default(),
+            &ConsumerConfig::default(),
+            &domains,
+        )
+        .await
+        .expect("the operator creates the stream, consumers and buckets");
+    // Node A stores two bodies and queues an entry that refers to one of them.
+    let (client, errors) = nats
+        .node(&node_creds(&nats.keys, &[A], 3600), &[A])
+        .await
+        .unwrap();
+    let mut js = jetstream::new(client);
+    js.set_timeout(DENIED_WAIT);
+    let bucket_a = body_bucket(&config.body_bucket, A);
+    let store = js.get_object_store(&bucket_a).await.unwrap();
+    for name in ["kept.a.example", "orphan.a.example"] {
+        let mut body: &[u8] = b"Subject: big\r\n\r\nbody\r\n";
+        store.put(name, &mut body).await.unwrap();
+    }
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        kubemail_queue::headers::BODY_REF,
+        kubemail_queue::body_ref(&bucket_a, "kept.a.example").as_str(),
+    );
+    js.publish_with_headers(subject(&config.subject_prefix, A), headers, "".into())
+        .await
+        .unwrap()
+        .await
+        .expect("the entry is stored");
+    // Node B has an unreferenced body of the same name: A's sweep must not touch it.
+    let (client_b, _) = nats
+        .node(&node_creds(&nats.keys, &[B], 3600), &[B])
+        .await
+        .unwrap();
+    let store_b = jetstream::new(client_b)
+        .get_object_store(body_bucket(&config.body_bucket, B))
+        .await
+        .unwrap();
+    let mut body: &[u8] = b"b";
+    store_b.put("orphan.a.example", &mut body).await.unwrap();
+
+    // The node cannot sweep: reading the stream is refused, and nothing is deleted.
+    let refused = sweep(&js, &config, A, &store, Duration::ZERO).await;
+    assert!(
+        refused.is_err(),
+        "a node's credentials read the queue stream: {refused:?}"
+    );
+    assert!(!store.info("orphan.a.example").await.unwrap().deleted);
+    errors.lock().unwrap().clear();
+
+    // Younger than the grace period: the operator leaves everything alone.
+    let outcomes = kubemail_operator::nats::sweep::sweep_domains(
+        &nats.operator(),
+        &config,
+        &[A.to_owned()],
+        Duration::from_secs(3600),
+    )
+    .await
+    .expect("the operator connects");
+    assert!(
+        matches!(outcomes.as_slice(), [(d, Ok(0))] if d == A),
+        "{outcomes:?}"
+    );
+    let outcomes = kubemail_operator::nats::sweep::sweep_domains(
+        &nats.operator(),
+        &config,
+        &[A.to_owned()],
+        Duration::ZERO,
+    )
+    .await
+    .expect("the operator connects");
+    assert!(
+        matches!(outcomes.as_slice(), [(d, Ok(1))] if d == A),
+        "one orphan deleted: {outcomes:?}"
+    );
+    assert!(store.info("orphan.a.example").await.unwrap().deleted);
+    let kept = store.info("kept.a.example").await.unwrap();
+    assert_eq!(kept.description.as_deref(), Some(MARK));
+    let mut read = Vec::new();
+    tokio::io::AsyncReadExt::read_to_end(
+        &mut store.get("kept.a.example").await.unwrap(),
+        &mut read,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        read, b"Subject: big\r\n\r\nbody\r\n",
+        "the queued body is intact"
+    );
+    assert!(
+        !store_b.info("orphan.a.example").await.unwrap().deleted,
+        "another domain's bucket is not swept with A"
+    );
+    // The operator's loop, as it runs beside the controllers: it finds a new orphan by
+    // itself, and keeps sweeping past a domain whose bucket is missing.
+    let mut body: &[u8] = b"later";
+    store.put("later.a.example", &mut body).await.unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let total = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = total.clone();
+    let access = nats.operator();
+    let sweeper = {
+        let stop = stop.clone();
+        let config = config.clone();
+        tokio::spawn(async move {
+            kubemail_operator::nats::sweep::run_with(
+                || async { Ok::<_, String>(access.clone()) },
+                &config,
+                || vec!["new.example".to_owned(), A.to_owned()],
+                kubemail_operator::nats::sweep::Schedule {
+                    interval: Duration::from_millis(200),
+                    grace: Duration::ZERO,
+                },
+                &stop,
+                |n| {
+                    counted.fetch_add(n, std::sync::atomic::Ordering::SeqCst);
+                },
+            )
+            .await;
+        })
+    };
+    for _ in 0..100 {
+        if store.info("later.a.example").await.unwrap().deleted {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.cancel();
+    sweeper.await.unwrap();
+    assert!(
+        store.info("later.a.example").await.unwrap().deleted,
+        "the loop swept"
+    );
+    assert_eq!(total.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert!(!store.info("kept.a.example").await.unwrap().deleted);
+    // A bucket that does not exist (a MailDomain not reconciled yet) is reported, not fatal.
+    let outcomes = kubemail_operator::nats::sweep::sweep_domains(
+        &nats.operator(),
+        &config,
+        &["new.example".to_owned(), A.to_owned()],
+        Duration::ZERO,
+    )
+    .await
+    .unwrap();
+    assert!(
+        matches!(outcomes.as_slice(), [(_, Err(_)), (_, Ok(0))]),
+        "{outcomes:?}"
+    );
+}

@@ -1,7 +1,7 @@
 //! The controllers and what they share: the [`Context`] (client, event recorder, metrics,
 //! settings, caches), the reconcile [`Error`], condition bookkeeping, and [`run`], which runs
 //! every controller (MailDomain, Relay, EventSink, Suppression) until told to stop (the leader
-//! elector decides when).
+//! elector decides when), with the DNS check and the sweep of orphaned bodies.
 
 pub mod delivery_pause;
 pub mod dns_check;
@@ -574,6 +574,7 @@ pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
         suppression::run(ctx.clone(), stop.clone()),
         delivery_pause::run(ctx.clone(), stop.clone()),
         dns_check::run(ctx.clone(), stop.clone()),
+        crate::nats::sweep::run(ctx.clone(), stop.clone()),
         crate::nats::settings::run_bootstrap(ctx, stop),
     );
 }

@@ -10,6 +10,8 @@
 //!   JetStream objects it manages because the nodes may not;
 //! * [`domain`]: the NATS step of a MailDomain's reconcile (objects, credentials Secret,
 //!   NetworkPolicy); [`network_policy`]: the NetworkPolicy of the domain's pods;
+//! * [`sweep`]: the sweep of body objects no queue entry refers to, which the nodes' own
+//!   credentials cannot do;
 //! * [`tools`]: `kubemail-operator nats-trust`, the administrator's part for a NATS outside
 //!   the chart;
 //! * [`settings`]: the operator's NATS flags, how to reach NATS, and the bootstrap of the
@@ -21,6 +23,7 @@ pub mod jetstream;
 pub mod jwt;
 pub mod network_policy;
 pub mod settings;
+pub mod sweep;
 pub mod tools;
 pub mod trust;
 

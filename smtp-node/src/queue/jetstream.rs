@@ -273,7 +273,8 @@ impl JetStreamQueue {
     }
 
     /// Removes body objects no entry refers to, every `interval`, until `cancel`. Only with
-    /// `nats.manageStreams`: reading the entries needs more than a node's own credentials.
+    /// `nats.manageStreams`: reading the entries needs more than a node's own credentials, so
+    /// with the operator's credentials the operator sweeps (`operator/src/nats/sweep.rs`).
     pub async fn run_sweeper(self: Arc<Self>, interval: Duration, cancel: CancellationToken) {
         if !self.nats.manage_streams {
             return;

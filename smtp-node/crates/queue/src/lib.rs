@@ -143,6 +143,7 @@ pub mod pause;
 pub mod permissions;
 pub mod streams;
 pub mod suppression;
+pub mod sweep;
 
 mod entry;
 mod rfc3339;

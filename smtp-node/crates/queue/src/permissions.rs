@@ -208,7 +208,10 @@ pub fn node_permissions_with_inbox<S: AsRef<str>>(
 /// what each delivery pause holds back) and its own replies. It never writes queue entries.
 /// It writes delivery pauses; for event sinks it acknowledges events it dispatched (and
 /// answers the flow control of the ordered consumer a listing uses); for `Suppression` objects
-/// and tools it writes suppression entries.
+/// and tools it writes suppression entries. For the sweep of orphaned bodies
+/// ([`crate::sweep`]) it lists body buckets (flow control of their ordered consumers) and
+/// writes body objects' metadata (`$O.*.M.>`: the mark, and the deletion marker before the
+/// chunks are purged), never a body's chunks.
 pub fn operator_permissions(inbox: &str) -> Permissions {
     let suppression = crate::suppression::SUPPRESSION_BUCKET;
     Permissions {
@@ -216,7 +219,9 @@ pub fn operator_permissions(inbox: &str) -> Permissions {
             "$JS.API.>".to_owned(),
             format!("$JS.ACK.{}.>", crate::events::EVENTS_STREAM),
             format!("$KV.{suppression}.>"),
-            format!("$JS.FC.KV_{suppression}.>"),
+            // Flow control of ordered consumers: suppression listings, body bucket listings.
+            "$JS.FC.>".to_owned(),
+            "$O.*.M.>".to_owned(),
             format!("$KV.{}.>", crate::PAUSES_BUCKET),
         ],
         subscribe: vec![format!("{inbox}.>")],

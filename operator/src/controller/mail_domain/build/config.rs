@@ -138,13 +138,7 @@ pub fn base_node_config(
         Path::new(TLS_DIR).join(TLS_CERT_KEY),
         Path::new(TLS_DIR).join(TLS_KEY_KEY),
     ));
-    node.nats = NatsConfig {
-        url: config.nats_url.clone(),
-        stream: config.nats_stream.clone(),
-        subject_prefix: config.nats_subject_prefix.clone(),
-        replicas: config.nats_replicas,
-        ..NatsConfig::default()
-    };
+    node.nats = queue_nats(config);
     // Authenticated NATS: the operator mints credentials for the domains these nodes serve
     // and manages the JetStream objects, which the credentials may not create.
     if config.nats_auth {
@@ -166,6 +160,19 @@ pub fn base_node_config(
         overlay.apply_to(&mut node);
     }
     Ok(node)
+}
+
+/// Where every node finds the queue: NATS, the stream, the subjects, the body buckets (the
+/// same for every MailDomain; a site overlay cannot change it). Credentials and TLS are added
+/// per set of nodes.
+pub fn queue_nats(config: &BuildConfig) -> NatsConfig {
+    NatsConfig {
+        url: config.nats_url.clone(),
+        stream: config.nats_stream.clone(),
+        subject_prefix: config.nats_subject_prefix.clone(),
+        replicas: config.nats_replicas,
+        ..NatsConfig::default()
+    }
 }
 
 /// The node configuration of `v`'s nodes. `has_users`: the users Secret is mounted;
