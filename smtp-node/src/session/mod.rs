@@ -212,9 +212,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             Command::Ehlo(name) => self.handle_ehlo(name, true),
             Command::Helo(name) => self.handle_ehlo(name, false),
             Command::Mail { from, params } => self.handle_mail(from, params),
-            // Boxed like the other verbs that may wait (a recipient check).
+            // Boxed like the other verbs that may wait (a suppression lookup, a recipient
+            // check): an unboxed wait here made every idle session's future 6 KiB larger.
             Command::Rcpt { to, params } => {
-                if let Some(reply) = self.suppression_refusal(&to).await {
+                if let Some(reply) = Box::pin(self.suppression_refusal(&to)).await {
                     self.error_reply(reply)?;
                     return Ok(Next::Continue);
                 }

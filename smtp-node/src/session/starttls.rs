@@ -67,6 +67,19 @@ where
         mut stream, conn, ..
     } = session;
     stream.unread(&read_ahead);
+    // Boxed: the handshake and the TLS session are several KiB of future that a plaintext
+    // session, idle or not, should not carry (memory per idle connection).
+    Box::pin(serve_after_starttls(*stream, conn, ctx)).await;
+}
+
+/// The TLS part of a plaintext connection, after `220 Ready to start TLS`.
+async fn serve_after_starttls<T>(
+    stream: PrefixedStream<T>,
+    conn: ConnectionInfo,
+    ctx: Arc<ServerContext>,
+) where
+    T: AsyncRead + AsyncWrite + Unpin + Send,
+{
     let Some(tls) = &ctx.tls else {
         return;
     };

@@ -778,3 +778,39 @@ async fn a_bdat_chunk_without_room_is_refused_with_452() {
     a.cmd("BDAT 0 LAST", "250 2.0.0 Ok: queued").await;
     assert_eq!(a.queue.entries().len(), 1);
 }
+
+/// Every idle connection holds the future that serves it, sized by the largest state of
+/// everything it awaits inline; a wait added without a box (a NATS lookup, the TLS
+/// handshake) made it 10 KiB and the idle-connection row of `make bench` 14 KiB per
+/// connection. The bound leaves room for the session itself, not for another inline wait.
+#[tokio::test]
+async fn the_future_of_a_plaintext_session_stays_small() {
+    let dir = tempfile::tempdir().unwrap();
+    let users = dir.path().join("users");
+    std::fs::write(&users, "").unwrap();
+    let yaml = CONFIG.replace("USERS", &users.display().to_string());
+    let config = NodeConfig::from_yaml(&yaml).unwrap();
+    let auth = Arc::new(Authenticator::load(&config).unwrap());
+    let listener = Arc::new(config.listeners[0].clone());
+    let ctx = ServerContext::new(
+        Arc::new(config),
+        None,
+        auth,
+        Arc::new(MemoryQueue::new()),
+        Shutdown::new(),
+        Metrics::new(),
+    );
+    let (_client, server) = tokio::io::duplex(16);
+    let conn = ConnectionInfo {
+        session_id: 1,
+        remote: SocketAddr::from(([192, 0, 2, 7], 40000)),
+        local: SocketAddr::from(([127, 0, 0, 1], 25)),
+        listener,
+    };
+    let serving = super::serve(PrefixedStream::new(server), conn, ctx);
+    let size = std::mem::size_of_val(&serving);
+    assert!(
+        size <= 3 * 1024,
+        "the future that serves a plaintext connection is {size} octets"
+    );
+}
