@@ -822,3 +822,45 @@ async fn the_sweeper_deletes_only_bodies_no_entry_refers_to() {
         "the entry still finds its body"
     );
 }
+
+/// A node that manages its own JetStream objects (`nats.manageStreams`, the default outside
+/// the operator's authenticated NATS) turns on atomic batches on an events stream made by an
+/// earlier release, as the operator does, keeping what the stream holds.
+#[tokio::test]
+async fn a_self_managing_node_turns_on_atomic_batches_on_an_earlier_events_stream() {
+    use kubemail_queue::events::EVENTS_STREAM;
+    use kubemail_queue::streams;
+    let nats = Nats::start();
+    let client = async_nats::connect(nats.url()).await.expect("connect");
+    let js = async_nats::jetstream::new(client);
+    let mut earlier = streams::events_stream_config(
+        1,
+        streams::EVENTS_DEFAULT_MAX_AGE,
+        streams::EVENTS_DEFAULT_MAX_BYTES,
+    );
+    earlier.allow_atomic_publish = false;
+    js.create_stream(earlier).await.expect("an earlier stream");
+    js.publish("kubemail.events.example_test.received", "kept".into())
+        .await
+        .expect("publish")
+        .await
+        .expect("stored");
+    let node = Node::start(&nats.url());
+    let mut c = RawTcp::connect(node.ports.mx).await;
+    c.expect("220").await;
+    c.cmd("EHLO client.test", "250").await;
+    let reply = send_message(&mut c, "a@remote.test", "bob@example.test", b"Subject: x").await;
+    assert!(reply.starts_with("250"), "{reply}");
+    let mut info = None;
+    for _ in 0..100 {
+        let mut stream = js.get_stream(EVENTS_STREAM).await.expect("events stream");
+        let now = stream.info().await.expect("info").clone();
+        if now.config.allow_atomic_publish && now.state.messages >= 2 {
+            info = Some(now);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let info = info.expect("the node turned on atomic batches and published its event");
+    assert!(info.state.messages >= 2, "the earlier event is kept");
+}

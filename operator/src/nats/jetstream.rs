@@ -62,6 +62,12 @@ pub enum ManageError {
         #[source]
         source: async_nats::jetstream::context::CreateStreamError,
     },
+    #[error("cannot ensure the events stream {stream}")]
+    EventsStream {
+        stream: String,
+        #[source]
+        source: kubemail_queue::streams::EnsureEventsError,
+    },
     #[error("cannot update stream {stream}")]
     UpdateStream {
         stream: String,
@@ -316,28 +322,12 @@ pub async fn ensure_event_objects(
         streams::EVENTS_DEFAULT_MAX_BYTES,
     );
     let name = events.name.clone();
-    let stream =
-        js.get_or_create_stream(events)
-            .await
-            .map_err(|source| ManageError::CreateStream {
-                stream: name.clone(),
-                source,
-            })?;
-    // A stream made by an earlier release takes no atomic batches: the nodes would then
-    // write every event on its own. Turned on in place (it changes nothing stored).
-    let current = &stream.cached_info().config;
-    if !current.allow_atomic_publish {
-        let update = jetstream::stream::Config {
-            allow_atomic_publish: true,
-            ..current.clone()
-        };
-        js.update_stream(update)
-            .await
-            .map_err(|source| ManageError::UpdateStream {
-                stream: name,
-                source,
-            })?;
-    }
+    streams::ensure_events_stream(js, events, true)
+        .await
+        .map_err(|source| ManageError::EventsStream {
+            stream: name,
+            source,
+        })?;
     Ok(())
 }
 

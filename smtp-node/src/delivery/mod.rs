@@ -235,6 +235,7 @@ impl DeliveryContext {
             settings.hostname.clone(),
             settings.events.clone(),
             settings.nats.group_commit,
+            settings.nats.manage_streams,
             metrics.clone(),
         ));
         let suppression = Arc::new(crate::suppression::Suppression::new(

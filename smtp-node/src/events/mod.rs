@@ -53,6 +53,9 @@ pub struct Events {
     stream: tokio::sync::OnceCell<()>,
     /// Whether atomic batches may be used at all (`nats.groupCommit`).
     group_commit: bool,
+    /// Whether this node manages its JetStream objects (`nats.manageStreams`): it then turns
+    /// on atomic batches on an events stream made by an earlier release.
+    manage_streams: bool,
     /// Whether they are: allowed, and the events stream takes them (read when it is looked
     /// up).
     atomic: Arc<AtomicBool>,
@@ -95,16 +98,19 @@ const MAX_IN_FLIGHT: usize = 8;
 impl Events {
     /// Touches no network: the stream is created at the first publish. `group_commit`
     /// (`nats.groupCommit`) allows atomic batches: they pay where the server syncs every
-    /// write, and only cost the batch's staging where it does not.
+    /// write, and only cost the batch's staging where it does not. `manage_streams`
+    /// (`nats.manageStreams`): the node may update the stream.
     pub fn new(
         js: jetstream::Context,
         hostname: String,
         config: EventsConfig,
         group_commit: bool,
+        manage_streams: bool,
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
             group_commit,
+            manage_streams,
             metrics,
             classifier: Classifier::new(&config.classification),
             js,
@@ -220,15 +226,18 @@ impl Events {
                     self.config.max_age.0,
                     self.config.max_bytes.0,
                 );
-                let stream = self
-                    .js
-                    .get_or_create_stream(config)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                self.atomic.store(
-                    self.group_commit && stream.cached_info().config.allow_atomic_publish,
-                    Ordering::Relaxed,
-                );
+                let atomic = kubemail_queue::streams::ensure_events_stream(
+                    &self.js,
+                    config,
+                    self.manage_streams,
+                )
+                .await
+                .map_err(|e| match std::error::Error::source(&e) {
+                    Some(cause) => format!("{e}: {cause}"),
+                    None => e.to_string(),
+                })?;
+                self.atomic
+                    .store(self.group_commit && atomic, Ordering::Relaxed);
                 Ok::<(), String>(())
             })
             .await

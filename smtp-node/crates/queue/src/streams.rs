@@ -190,6 +190,42 @@ pub fn events_stream_config(replicas: u32, max_age: Duration, max_bytes: u64) ->
     }
 }
 
+/// Why the events stream could not be ensured.
+#[derive(Debug, thiserror::Error)]
+pub enum EnsureEventsError {
+    #[error("cannot create or look up the events stream")]
+    Create(#[source] async_nats::jetstream::context::CreateStreamError),
+    #[error("cannot turn on atomic batches on the events stream")]
+    Update(#[source] async_nats::jetstream::context::UpdateStreamError),
+}
+
+/// Looks up the events stream, or creates it from `config`; whoever manages the JetStream
+/// objects (the operator, a node with `nats.manageStreams`) also turns on atomic batches on
+/// one made by an earlier release (it changes nothing stored), since the nodes would
+/// otherwise write every event on its own. Returns whether the stream takes atomic batches.
+pub async fn ensure_events_stream(
+    js: &async_nats::jetstream::Context,
+    config: stream::Config,
+    manage: bool,
+) -> Result<bool, EnsureEventsError> {
+    let stream = js
+        .get_or_create_stream(config)
+        .await
+        .map_err(EnsureEventsError::Create)?;
+    let current = &stream.cached_info().config;
+    if current.allow_atomic_publish || !manage {
+        return Ok(current.allow_atomic_publish);
+    }
+    let update = stream::Config {
+        allow_atomic_publish: true,
+        ..current.clone()
+    };
+    js.update_stream(update)
+        .await
+        .map_err(EnsureEventsError::Update)?;
+    Ok(true)
+}
+
 /// How long the events stream remembers an event id to drop a repeat.
 pub const EVENTS_DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 
