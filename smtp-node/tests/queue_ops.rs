@@ -377,3 +377,158 @@ async fn delete_with_a_notice_sends_exactly_one_dsn_and_a_silent_delete_none() {
     assert_eq!(remote.count(&silent), 0, "a deleted message was delivered");
     assert!(entries(&q).await.is_empty(), "nothing left in the queue");
 }
+
+/// A bulk action follows a message whose entry a worker wrote again under a later sequence
+/// while the action ran (what a delivery worker does with a paused entry at every pause
+/// check): the message is acted on once, under its new sequence, and counted once; it is
+/// not missed. Real nats-server, no worker: the rewrite is done by hand at a known moment,
+/// right after the action's first outcome, before the scan reaches the old entry. Mail
+/// accepted after the action started is left alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bulk_action_follows_an_entry_written_again_while_it_ran() {
+    use kubemail_queue::{Direction, QueueEntry, QueueId};
+    let nats = Nats::start();
+    let client = async_nats::connect(nats.url()).await.expect("nats");
+    let js = async_nats::jetstream::new(client);
+    let config = kubemail_config::NatsConfig {
+        stream: "KUBEMAIL_FOLLOW".to_owned(),
+        subject_prefix: "follow.queue".to_owned(),
+        ..Default::default()
+    };
+    js.create_stream(kubemail_queue::streams::queue_stream_config(&config))
+        .await
+        .expect("queue stream");
+    let subject = kubemail_queue::subject(&config.subject_prefix, "example.test");
+    let entry = |n: usize| QueueEntry {
+        queue_id: QueueId::new(),
+        mail_from: format!("s{n}@example.test"),
+        recipients: vec![format!("r{n}@remote.test")],
+        direction: Direction::Outbound,
+        domain: "example.test".to_owned(),
+        accepted_at: std::time::SystemTime::now(),
+        message_id: None,
+        traceparent: None,
+        auth_user: None,
+        client_ip: None,
+        helo: None,
+        sender_auth: None,
+        eight_bit: false,
+        smtputf8: false,
+        dsn_envid: None,
+        dsn_ret: None,
+        body_ref: None,
+        body_size: None,
+        attempts: 0,
+        not_before: None,
+        last_error: None,
+        delay_warned: false,
+        require_tls: false,
+        tls_optional: false,
+        admin: Default::default(),
+    };
+    let entries: Vec<QueueEntry> = (0..3).map(entry).collect();
+    let mut sequences = Vec::new();
+    for e in &entries {
+        let ack = js
+            .publish_with_headers(subject.clone(), e.to_headers(&e.entry_id()), "m".into())
+            .await
+            .expect("publish")
+            .await
+            .expect("stored");
+        sequences.push(ack.sequence);
+    }
+    let q = Queue::open(
+        js.clone(),
+        &config.stream,
+        &config.subject_prefix,
+        "queue-ops-test",
+    )
+    .await
+    .expect("open the queue");
+
+    let handle = tokio::runtime::Handle::current();
+    let mut outcomes = Vec::new();
+    let moved = entries[1].clone();
+    let (old, rewrite_js, rewrite_subject) = (sequences[1], js.clone(), subject.clone());
+    let summary = q
+        .act(
+            &Kind::Hold { reason: None },
+            Filter::default(),
+            false,
+            |o| {
+                if outcomes.is_empty() {
+                    // The worker's pause check: the second entry, written again, the old one
+                    // removed.
+                    tokio::task::block_in_place(|| {
+                        handle.block_on(async {
+                            rewrite_js
+                                .publish_with_headers(
+                                    rewrite_subject.clone(),
+                                    moved.to_headers(&format!("{}-again", moved.entry_id())),
+                                    "m".into(),
+                                )
+                                .await
+                                .expect("publish")
+                                .await
+                                .expect("stored");
+                            let stream = rewrite_js.get_stream("KUBEMAIL_FOLLOW").await.unwrap();
+                            assert!(stream.delete_message(old).await.expect("delete"));
+                            // New mail, accepted after the action started.
+                            let fresh = entry(9);
+                            rewrite_js
+                                .publish_with_headers(
+                                    rewrite_subject.clone(),
+                                    fresh.to_headers(&fresh.entry_id()),
+                                    "m".into(),
+                                )
+                                .await
+                                .expect("publish")
+                                .await
+                                .expect("stored");
+                        })
+                    });
+                }
+                outcomes.push(o.clone());
+            },
+        )
+        .await
+        .expect("hold");
+
+    assert!(
+        outcomes.iter().all(|o| o.result == Result_::Changed),
+        "{outcomes:?}"
+    );
+    assert_eq!(outcomes.len(), 3, "one outcome per message: {outcomes:?}");
+    assert!(
+        outcomes.iter().any(|o| o.result == Result_::Changed
+            && o.queue_id == moved.queue_id.to_string()
+            && o.sequence > sequences[2]),
+        "the moved entry is held under its new sequence: {outcomes:?}"
+    );
+    assert_eq!(
+        (summary.matched, summary.changed, summary.gone),
+        (3, 3, 0),
+        "{summary:?}"
+    );
+    let listed: Vec<Listed> = q
+        .scan(0, Filter::default())
+        .await
+        .expect("scan")
+        .try_collect()
+        .await
+        .expect("entries");
+    let held: Vec<String> = listed
+        .iter()
+        .filter(|l| l.held)
+        .map(|l| l.entry.queue_id.to_string())
+        .collect();
+    assert_eq!(
+        listed.iter().filter(|l| !l.held).count(),
+        1,
+        "the new mail is not held"
+    );
+    assert_eq!(held.len(), 3, "every message is held once: {held:?}");
+    for e in &entries {
+        assert!(held.contains(&e.queue_id.to_string()));
+    }
+}

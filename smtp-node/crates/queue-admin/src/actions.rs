@@ -3,7 +3,10 @@
 //! delivery workers of every replica see the result and nothing else changes the entry.
 //!
 //! * The old message is read again right before acting: an entry that a worker took
-//!   meanwhile is reported as gone, not acted on.
+//!   meanwhile is reported as gone, not acted on. A bulk action ([`Queue::act`]) then looks
+//!   for the same message (queue id and domain) written again under a later sequence while
+//!   it ran (a worker rewrites a paused entry at every pause check, and a deferred one after
+//!   each attempt) and acts on that one; only a message no longer queued stays gone.
 //! * Between the publish and the delete the old entry is marked as replaced
 //!   ([`kubemail_queue::REPLACED_BUCKET`]): a worker attempting it then does not republish it
 //!   and answers the mark with `yielded`. When the old message vanished before the delete
@@ -13,6 +16,7 @@
 //! * Every change is logged (target `kubemail::audit`) with the actor and published as a
 //!   `queue_action` event (best effort: no events stream, no event).
 
+use std::collections::HashSet;
 use std::time::{Duration, SystemTime};
 
 use async_nats::jetstream::kv::Store;
@@ -22,6 +26,51 @@ use kubemail_queue::{Action, QueueEntry, held_subject, is_held_subject, replaced
 use serde::Serialize;
 
 use crate::{AdminError, Filter, Queue};
+
+/// Scans a bulk action makes after the first for entries that moved while it ran.
+pub const FOLLOW_PASSES: usize = 3;
+
+/// What a bulk action has done so far, by message (queue id and domain).
+#[derive(Default)]
+struct Seen {
+    /// Messages acted on (changed, would change, skipped).
+    done: HashSet<(String, String)>,
+    /// Messages whose entry was gone, counted as such in the summary.
+    gone: HashSet<(String, String)>,
+    /// The replacements this action wrote: never acted on again.
+    written: HashSet<u64>,
+}
+
+impl Seen {
+    fn key(listed: &crate::Listed) -> (String, String) {
+        (
+            listed.entry.queue_id.to_string(),
+            listed.entry.domain.clone(),
+        )
+    }
+
+    /// Whether `listed` is a message the action has still to act on.
+    fn is_open(&self, listed: &crate::Listed) -> bool {
+        !self.written.contains(&listed.sequence) && !self.done.contains(&Self::key(listed))
+    }
+
+    fn record(&mut self, listed: &crate::Listed, outcome: &Outcome, summary: &mut Summary) {
+        let key = Self::key(listed);
+        if let Some(new) = outcome.new_sequence {
+            self.written.insert(new);
+        }
+        if self.gone.remove(&key) {
+            summary.replace_gone(&outcome.result);
+        } else {
+            summary.add(&outcome.result);
+        }
+        if outcome.result == Result_::Gone {
+            self.gone.insert(key);
+        } else {
+            self.done.insert(key);
+        }
+    }
+}
 
 /// How long an action waits for its event to be stored.
 const EVENT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -91,6 +140,13 @@ pub struct Summary {
 }
 
 impl Summary {
+    /// Counts the outcome of a message counted as gone before (its entry had moved).
+    fn replace_gone(&mut self, r: &Result_) {
+        self.gone = self.gone.saturating_sub(1);
+        self.matched = self.matched.saturating_sub(1);
+        self.add(r);
+    }
+
     fn add(&mut self, r: &Result_) {
         self.matched += 1;
         match r {
@@ -103,8 +159,16 @@ impl Summary {
 }
 
 impl Queue {
-    /// Applies `kind` to every entry `filter` selects (scanned once, up to the stream's end
-    /// when it starts), calling `each` with every outcome as it happens.
+    /// Applies `kind` to every entry `filter` selects (scanned up to the stream's end when it
+    /// starts), calling `each` with every outcome as it happens.
+    ///
+    /// A worker may write a selected message again under a later sequence while the action
+    /// runs (a paused entry at every pause check, a deferred one after an attempt), before
+    /// the scan reaches it or between reading and acting (then it is gone). So a further
+    /// scan looks past that end for messages accepted before the action started that it has
+    /// not acted on yet, and acts on them; new mail is left alone. Up to [`FOLLOW_PASSES`]
+    /// such scans, while one still finds an entry gone. The summary counts each message
+    /// once, by its last outcome.
     pub async fn act(
         &self,
         kind: &Kind,
@@ -112,12 +176,31 @@ impl Queue {
         dry_run: bool,
         mut each: impl FnMut(&Outcome),
     ) -> Result<Summary, AdminError> {
+        let started = SystemTime::now();
+        let (_, end) = self.extent().await?;
+        let mut seen = Seen::default();
         let mut summary = Summary::default();
-        let mut entries = self.scan(0, filter).await?;
+        let mut entries = self.scan(0, filter.clone()).await?;
         while let Some(listed) = entries.try_next().await? {
             let outcome = self.act_on(kind, listed.sequence, dry_run).await?;
-            summary.add(&outcome.result);
+            seen.record(&listed, &outcome, &mut summary);
             each(&outcome);
+        }
+        for _ in 0..FOLLOW_PASSES {
+            let mut entries = self.scan(end, filter.clone()).await?;
+            let mut gone_again = false;
+            while let Some(listed) = entries.try_next().await? {
+                if listed.entry.accepted_at >= started || !seen.is_open(&listed) {
+                    continue;
+                }
+                let outcome = self.act_on(kind, listed.sequence, dry_run).await?;
+                gone_again |= outcome.result == Result_::Gone;
+                seen.record(&listed, &outcome, &mut summary);
+                each(&outcome);
+            }
+            if !gone_again {
+                break;
+            }
         }
         Ok(summary)
     }
