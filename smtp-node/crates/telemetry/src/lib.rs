@@ -195,8 +195,14 @@ pub fn init(settings: Settings) -> Telemetry {
         Targets::new().with_default(LevelFilter::TRACE),
         |t, name| t.with_target(*name, LevelFilter::OFF),
     );
+    // Without busy/idle timings, thread attributes and context activation: each costs work
+    // on every poll of an instrumented future (a session's span is entered at every read),
+    // and nothing here reads the OpenTelemetry context other than through the span itself.
     let otel = tracing_opentelemetry::layer()
         .with_tracer(tracer)
+        .with_tracked_inactivity(false)
+        .with_threads(false)
+        .with_context_activation(false)
         .with_filter(otel_targets);
     let registry = tracing_subscriber::registry().with(filter).with(otel);
     let installed = match settings.log_format {
