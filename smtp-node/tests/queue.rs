@@ -723,7 +723,9 @@ async fn the_sweeper_deletes_only_bodies_no_entry_refers_to() {
     let queue_id = QueueId::new();
     let referenced = format!("{queue_id}.example.test");
     let orphan = format!("{}.example.test", QueueId::new());
-    for name in [&referenced, &orphan] {
+    let held_id = QueueId::new();
+    let held = format!("{held_id}.example.test");
+    for name in [&referenced, &orphan, &held] {
         let mut body: &[u8] = b"Subject: big\r\n\r\nbody\r\n";
         store.put(name.as_str(), &mut body).await.expect("put");
     }
@@ -778,6 +780,19 @@ async fn the_sweeper_deletes_only_bodies_no_entry_refers_to() {
     .expect("publish")
     .await
     .expect("ack");
+    // A held entry (no worker reads its subject) keeps its body too.
+    let mut held_entry = entry.clone();
+    held_entry.queue_id = held_id;
+    held_entry.body_ref = Some(format!("{}/{held}", node.body_bucket()));
+    js.publish_with_headers(
+        kubemail_queue::held_subject(&node.subject_prefix, "example.test"),
+        held_entry.to_headers(&held_entry.entry_id()),
+        bytes::Bytes::new(),
+    )
+    .await
+    .expect("publish")
+    .await
+    .expect("ack");
     let config = NatsConfig {
         url: nats.url(),
         stream: node.stream.clone(),
@@ -814,6 +829,9 @@ async fn the_sweeper_deletes_only_bodies_no_entry_refers_to() {
         Some(sweeper::MARK),
         "and is marked, so later sweeps leave it alone"
     );
+    let kept_held = store.info(&held).await.expect("the held entry's body");
+    assert!(!kept_held.deleted, "a held entry's body is not an orphan");
+    assert_eq!(kept_held.description.as_deref(), Some(sweeper::MARK));
     let entries = node.messages().await;
     assert!(
         entries

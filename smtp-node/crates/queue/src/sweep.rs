@@ -129,7 +129,8 @@ fn is_candidate(
         .is_some_and(|modified| now - modified >= grace)
 }
 
-/// The `Kubemail-Body-Ref` of every entry queued for `domain`.
+/// The `Kubemail-Body-Ref` of every entry queued for `domain`, held ones included (a held
+/// entry keeps its body until it is released or deleted).
 async fn referenced_bodies(
     js: &jetstream::Context,
     nats: &NatsConfig,
@@ -143,28 +144,37 @@ async fn referenced_bodies(
         .get_stream_no_info(&nats.stream)
         .await
         .map_err(|e| failed(e.to_string()))?;
-    let subject = crate::subject(&nats.subject_prefix, domain);
     let mut refs = HashSet::new();
-    let mut sequence = 1;
-    for _ in 0..MAX_SCAN {
-        let message = match stream
-            .raw_message_builder()
-            .sequence(sequence)
-            .next_by_subject(subject.clone())
-            .send()
-            .await
-        {
-            Ok(m) => m,
-            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => return Ok(refs),
-            Err(e) => return Err(failed(e.to_string())),
-        };
-        if let Some(reference) = message.headers.get(crate::headers::BODY_REF) {
-            refs.insert(reference.as_str().to_owned());
+    for subject in [
+        crate::subject(&nats.subject_prefix, domain),
+        crate::held_subject(&nats.subject_prefix, domain),
+    ] {
+        let mut sequence = 1;
+        let mut read = 0;
+        loop {
+            if read == MAX_SCAN {
+                // Too many to read: delete nothing this time.
+                return Err(failed(format!("more than {MAX_SCAN} entries on {subject}")));
+            }
+            let message = match stream
+                .raw_message_builder()
+                .sequence(sequence)
+                .next_by_subject(subject.clone())
+                .send()
+                .await
+            {
+                Ok(m) => m,
+                Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => break,
+                Err(e) => return Err(failed(e.to_string())),
+            };
+            if let Some(reference) = message.headers.get(crate::headers::BODY_REF) {
+                refs.insert(reference.as_str().to_owned());
+            }
+            sequence = message.sequence + 1;
+            read += 1;
         }
-        sequence = message.sequence + 1;
     }
-    // Too many to read: act as if everything were referenced (delete nothing this time).
-    Err(failed(format!("more than {MAX_SCAN} entries for {domain}")))
+    Ok(refs)
 }
 
 #[cfg(test)]
