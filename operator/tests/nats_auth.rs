@@ -91,6 +91,18 @@ impl SecureNats {
         self.node_with_inbox(creds, &inbox_prefix(domains)).await
     }
 
+    /// JetStream as `domain`'s nodes use it (their credentials, a denied request given
+    /// [`DENIED_WAIT`]), and the connection's server errors.
+    async fn node_js(&self, domain: &str) -> (jetstream::Context, Arc<Mutex<Vec<String>>>) {
+        let (client, errors) = self
+            .node(&node_creds(&self.keys, &[domain], 3600), &[domain])
+            .await
+            .unwrap();
+        let mut js = jetstream::new(client);
+        js.set_timeout(DENIED_WAIT);
+        (js, errors)
+    }
+
     /// Like [`SecureNats::node`], with the reply inbox `inbox`.
     async fn node_with_inbox(
         &self,
@@ -804,12 +816,7 @@ async fn node_credentials_watch_pauses_share_shaping_and_answer_only_their_own_m
         .await
         .expect("the marks bucket exists");
 
-    let (client, errors) = nats
-        .node(&node_creds(&nats.keys, &[A], 3600), &[A])
-        .await
-        .unwrap();
-    let mut js = jetstream::new(client);
-    js.set_timeout(DENIED_WAIT);
+    let (js, errors) = nats.node_js(A).await;
 
     // Pauses: followed with a pull-based ordered consumer (as the nodes do), never written.
     let stream = js
@@ -911,12 +918,7 @@ async fn the_operator_sweeps_the_orphaned_bodies_a_nodes_credentials_cannot() {
         .await
         .expect("the operator creates the stream, consumers and buckets");
     // Node A stores two bodies and queues an entry that refers to one of them.
-    let (client, errors) = nats
-        .node(&node_creds(&nats.keys, &[A], 3600), &[A])
-        .await
-        .unwrap();
-    let mut js = jetstream::new(client);
-    js.set_timeout(DENIED_WAIT);
+    let (js, errors) = nats.node_js(A).await;
     let bucket_a = body_bucket(&config.body_bucket, A);
     let store = js.get_object_store(&bucket_a).await.unwrap();
     for name in ["kept.a.example", "orphan.a.example"] {

@@ -711,7 +711,7 @@ async fn received_events_of_concurrent_sessions_share_writes() {
 async fn the_sweeper_deletes_only_bodies_no_entry_refers_to() {
     use kubemail_smtp_node::config::NatsConfig;
     use kubemail_smtp_node::queue::sweeper;
-    use kubemail_smtp_node::queue::{Direction, QueueEntry, QueueId};
+    use kubemail_smtp_node::queue::{QueueEntry, QueueId};
     let nats = Nats::shared();
     let node = Node::start(&nats.url());
     let client = async_nats::connect(nats.url()).await.expect("connect");
@@ -731,30 +731,9 @@ async fn the_sweeper_deletes_only_bodies_no_entry_refers_to() {
     }
     let entry = QueueEntry {
         queue_id,
-        mail_from: "a@remote.test".to_owned(),
-        recipients: vec!["bob@example.test".to_owned()],
-        direction: Direction::Inbound,
-        domain: "example.test".to_owned(),
-        accepted_at: std::time::SystemTime::now(),
-        message_id: None,
-        traceparent: None,
-        auth_user: None,
-        client_ip: None,
-        helo: None,
-        sender_auth: None,
-        eight_bit: false,
-        smtputf8: false,
-        dsn_envid: None,
-        dsn_ret: None,
         body_ref: Some(format!("{}/{referenced}", node.body_bucket())),
         body_size: Some(22),
-        attempts: 0,
-        not_before: None,
-        last_error: None,
-        delay_warned: false,
-        require_tls: false,
-        tls_optional: false,
-        admin: Default::default(),
+        ..queue_entry("example.test", "a@remote.test", "bob@example.test")
     };
     // Entries of another domain come first in the stream; the sweeper reads past them.
     for _ in 0..3 {

@@ -386,7 +386,7 @@ async fn delete_with_a_notice_sends_exactly_one_dsn_and_a_silent_delete_none() {
 /// accepted after the action started is left alone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bulk_action_follows_an_entry_written_again_while_it_ran() {
-    use kubemail_queue::{Direction, QueueEntry, QueueId};
+    use kubemail_queue::QueueEntry;
     let nats = Nats::start();
     let client = async_nats::connect(nats.url()).await.expect("nats");
     let js = async_nats::jetstream::new(client);
@@ -399,32 +399,14 @@ async fn a_bulk_action_follows_an_entry_written_again_while_it_ran() {
         .await
         .expect("queue stream");
     let subject = kubemail_queue::subject(&config.subject_prefix, "example.test");
-    let entry = |n: usize| QueueEntry {
-        queue_id: QueueId::new(),
-        mail_from: format!("s{n}@example.test"),
-        recipients: vec![format!("r{n}@remote.test")],
-        direction: Direction::Outbound,
-        domain: "example.test".to_owned(),
-        accepted_at: std::time::SystemTime::now(),
-        message_id: None,
-        traceparent: None,
-        auth_user: None,
-        client_ip: None,
-        helo: None,
-        sender_auth: None,
-        eight_bit: false,
-        smtputf8: false,
-        dsn_envid: None,
-        dsn_ret: None,
-        body_ref: None,
-        body_size: None,
-        attempts: 0,
-        not_before: None,
-        last_error: None,
-        delay_warned: false,
-        require_tls: false,
-        tls_optional: false,
-        admin: Default::default(),
+    let entry = |n: usize| {
+        let mut e = common::queue_entry(
+            "example.test",
+            &format!("s{n}@example.test"),
+            &format!("r{n}@remote.test"),
+        );
+        e.direction = kubemail_queue::Direction::Outbound;
+        e
     };
     let entries: Vec<QueueEntry> = (0..3).map(entry).collect();
     let mut sequences = Vec::new();

@@ -48,6 +48,39 @@ pub use kubemail_test_support::wait::wait_for_port;
 pub const START_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// `tag` with a random suffix, for names that must not meet those of another test or run.
+/// A queue entry of `domain` from `from` to `to`, accepted now, with nothing optional set
+/// (tests that write entries by hand change what they need).
+#[allow(dead_code)]
+pub fn queue_entry(domain: &str, from: &str, to: &str) -> kubemail_queue::QueueEntry {
+    kubemail_queue::QueueEntry {
+        queue_id: kubemail_queue::QueueId::new(),
+        mail_from: from.to_owned(),
+        recipients: vec![to.to_owned()],
+        direction: kubemail_queue::Direction::Inbound,
+        domain: domain.to_owned(),
+        accepted_at: std::time::SystemTime::now(),
+        message_id: None,
+        traceparent: None,
+        auth_user: None,
+        client_ip: None,
+        helo: None,
+        sender_auth: None,
+        eight_bit: false,
+        smtputf8: false,
+        dsn_envid: None,
+        dsn_ret: None,
+        body_ref: None,
+        body_size: None,
+        attempts: 0,
+        not_before: None,
+        last_error: None,
+        delay_warned: false,
+        require_tls: false,
+        tls_optional: false,
+        admin: Default::default(),
+    }
+}
+
 pub fn unique(tag: &str) -> String {
     format!("{tag}-{}", uuid::Uuid::new_v4().simple())
 }
