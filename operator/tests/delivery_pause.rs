@@ -25,31 +25,15 @@ use serde_json::{Value, json};
 
 fn entry(id: &str, paused_by: Option<&str>) -> QueueEntry {
     let mut e = QueueEntry {
-        queue_id: QueueId::from(id.to_owned()),
-        mail_from: "alice@example.com".into(),
-        recipients: vec!["carol@remote.test".into()],
-        direction: Direction::Outbound,
-        domain: "example.com".into(),
-        accepted_at: SystemTime::now(),
-        message_id: None,
-        traceparent: None,
-        auth_user: None,
-        client_ip: None,
-        helo: None,
-        sender_auth: None,
-        eight_bit: false,
-        smtputf8: false,
-        dsn_envid: None,
-        dsn_ret: None,
-        body_ref: None,
-        body_size: None,
-        require_tls: false,
-        tls_optional: false,
-        attempts: 0,
         not_before: Some(SystemTime::now() + Duration::from_secs(3600)),
-        last_error: None,
-        delay_warned: false,
-        admin: Default::default(),
+        ..QueueEntry::new(
+            QueueId::from(id.to_owned()),
+            "alice@example.com".into(),
+            vec!["carol@remote.test".into()],
+            Direction::Outbound,
+            "example.com".into(),
+            SystemTime::now(),
+        )
     };
     e.admin.paused_by = paused_by.map(str::to_owned);
     e

@@ -110,31 +110,15 @@ where
 /// the domain's consumer.
 async fn queue_waiting_mail(js: &jetstream::Context, prefix: &str, domain: &str) {
     let entry = QueueEntry {
-        queue_id: QueueId::new(),
-        mail_from: "sender@elsewhere.test".into(),
-        recipients: vec![format!("bob@{domain}")],
-        direction: Direction::Inbound,
-        domain: domain.into(),
-        accepted_at: SystemTime::now(),
-        message_id: None,
-        traceparent: None,
-        auth_user: None,
-        client_ip: None,
-        helo: None,
-        eight_bit: false,
-        smtputf8: false,
-        dsn_envid: None,
-        dsn_ret: None,
-        body_ref: None,
-        body_size: None,
-        require_tls: false,
-        tls_optional: false,
-        attempts: 0,
         not_before: Some(SystemTime::now() + Duration::from_secs(86_400)),
-        last_error: None,
-        delay_warned: false,
-        admin: Default::default(),
-        sender_auth: None,
+        ..QueueEntry::new(
+            QueueId::new(),
+            "sender@elsewhere.test".into(),
+            vec![format!("bob@{domain}")],
+            Direction::Inbound,
+            domain.into(),
+            SystemTime::now(),
+        )
     };
     js.publish_with_headers(
         kubemail_queue::subject(prefix, domain),

@@ -228,31 +228,19 @@ fn end_of_data(c: &mut Criterion) {
 
 fn entry(domain: &str) -> QueueEntry {
     QueueEntry {
-        queue_id: QueueId::new(),
-        mail_from: "sender@remote.test".to_owned(),
-        recipients: vec!["bob@example.test".to_owned()],
-        direction: Direction::Inbound,
-        domain: domain.to_owned(),
-        accepted_at: SystemTime::now(),
         message_id: Some("<bench@remote.test>".to_owned()),
         traceparent: Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".to_owned()),
-        auth_user: None,
         client_ip: Some("192.0.2.7".parse().expect("ip")),
         helo: Some("client.remote.test".to_owned()),
-        sender_auth: None,
-        eight_bit: false,
-        smtputf8: false,
-        dsn_envid: None,
-        dsn_ret: None,
-        body_ref: None,
         body_size: Some(MESSAGE_SIZE as u64),
-        attempts: 0,
-        not_before: None,
-        last_error: None,
-        delay_warned: false,
-        require_tls: false,
-        tls_optional: false,
-        admin: Default::default(),
+        ..QueueEntry::new(
+            QueueId::new(),
+            "sender@remote.test".to_owned(),
+            vec!["bob@example.test".to_owned()],
+            Direction::Inbound,
+            domain.to_owned(),
+            SystemTime::now(),
+        )
     }
 }
 

@@ -79,31 +79,20 @@ fn entry(i: usize, now: SystemTime) -> (QueueEntry, bool) {
     let deferred = i.is_multiple_of(5);
     let held = i.is_multiple_of(7);
     let e = QueueEntry {
-        queue_id: QueueId::from(format!("q{i:06}")),
-        mail_from: format!("sender{}@example.com", i % 4),
-        recipients: vec![format!("user{i}@{}", DOMAINS[i % 3])],
-        direction: Direction::Outbound,
-        domain: "example.com".into(),
-        accepted_at: now - Duration::from_secs(60 * i as u64),
         message_id: Some(format!("<m{i}@example.com>")),
         traceparent: Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into()),
-        auth_user: None,
-        client_ip: None,
-        helo: None,
-        sender_auth: None,
-        eight_bit: false,
-        smtputf8: false,
-        dsn_envid: None,
-        dsn_ret: None,
-        body_ref: None,
         body_size: Some(2048),
-        require_tls: false,
-        tls_optional: false,
         attempts: u32::from(deferred),
         not_before: deferred.then(|| now + Duration::from_secs(3600)),
         last_error: deferred.then(|| "mx.b.test said: 421 4.7.0 slow down".to_owned()),
-        delay_warned: false,
-        admin: Default::default(),
+        ..QueueEntry::new(
+            QueueId::from(format!("q{i:06}")),
+            format!("sender{}@example.com", i % 4),
+            vec![format!("user{i}@{}", DOMAINS[i % 3])],
+            Direction::Outbound,
+            "example.com".into(),
+            now - Duration::from_secs(60 * i as u64),
+        )
     };
     (e, held)
 }

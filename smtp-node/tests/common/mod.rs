@@ -52,33 +52,14 @@ pub const START_TIMEOUT: Duration = Duration::from_secs(20);
 /// (tests that write entries by hand change what they need).
 #[allow(dead_code)]
 pub fn queue_entry(domain: &str, from: &str, to: &str) -> kubemail_queue::QueueEntry {
-    kubemail_queue::QueueEntry {
-        queue_id: kubemail_queue::QueueId::new(),
-        mail_from: from.to_owned(),
-        recipients: vec![to.to_owned()],
-        direction: kubemail_queue::Direction::Inbound,
-        domain: domain.to_owned(),
-        accepted_at: std::time::SystemTime::now(),
-        message_id: None,
-        traceparent: None,
-        auth_user: None,
-        client_ip: None,
-        helo: None,
-        sender_auth: None,
-        eight_bit: false,
-        smtputf8: false,
-        dsn_envid: None,
-        dsn_ret: None,
-        body_ref: None,
-        body_size: None,
-        attempts: 0,
-        not_before: None,
-        last_error: None,
-        delay_warned: false,
-        require_tls: false,
-        tls_optional: false,
-        admin: Default::default(),
-    }
+    kubemail_queue::QueueEntry::new(
+        kubemail_queue::QueueId::new(),
+        from.to_owned(),
+        vec![to.to_owned()],
+        kubemail_queue::Direction::Inbound,
+        domain.to_owned(),
+        std::time::SystemTime::now(),
+    )
 }
 
 pub fn unique(tag: &str) -> String {

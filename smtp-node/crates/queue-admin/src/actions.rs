@@ -538,31 +538,16 @@ mod tests {
 
     fn entry() -> QueueEntry {
         QueueEntry {
-            queue_id: QueueId::from("q1".to_owned()),
-            mail_from: "alice@example.com".into(),
-            recipients: vec!["bob@remote.test".into()],
-            direction: Direction::Outbound,
-            domain: "example.com".into(),
-            accepted_at: at(0),
-            message_id: None,
-            traceparent: None,
-            auth_user: None,
-            client_ip: None,
-            helo: None,
-            sender_auth: None,
-            eight_bit: false,
-            smtputf8: false,
-            dsn_envid: None,
-            dsn_ret: None,
-            body_ref: None,
-            body_size: None,
-            require_tls: false,
-            tls_optional: false,
             attempts: 1,
             not_before: Some(at(600)),
-            last_error: None,
-            delay_warned: false,
-            admin: Default::default(),
+            ..QueueEntry::new(
+                QueueId::from("q1".to_owned()),
+                "alice@example.com".into(),
+                vec!["bob@remote.test".into()],
+                Direction::Outbound,
+                "example.com".into(),
+                at(0),
+            )
         }
     }
 

@@ -274,6 +274,46 @@ impl AdminState {
 }
 
 impl QueueEntry {
+    /// A new entry of `domain` as accepted at `accepted_at`: the envelope only, no attempt
+    /// yet, every optional header absent. Callers set what else they know with struct
+    /// update syntax (`QueueEntry { body_size: Some(n), ..QueueEntry::new(...) }`).
+    pub fn new(
+        queue_id: QueueId,
+        mail_from: String,
+        recipients: Vec<String>,
+        direction: Direction,
+        domain: String,
+        accepted_at: SystemTime,
+    ) -> Self {
+        Self {
+            queue_id,
+            mail_from,
+            recipients,
+            direction,
+            domain,
+            accepted_at,
+            message_id: None,
+            traceparent: None,
+            auth_user: None,
+            client_ip: None,
+            helo: None,
+            sender_auth: None,
+            eight_bit: false,
+            smtputf8: false,
+            dsn_envid: None,
+            dsn_ret: None,
+            body_ref: None,
+            body_size: None,
+            require_tls: false,
+            tls_optional: false,
+            attempts: 0,
+            not_before: None,
+            last_error: None,
+            delay_warned: false,
+            admin: AdminState::default(),
+        }
+    }
+
     /// `<queue id>.<domain>`: the entry's id in the contract (its first `Nats-Msg-Id`, the
     /// base of every later one).
     pub fn entry_id(&self) -> String {

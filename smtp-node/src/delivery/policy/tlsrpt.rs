@@ -579,31 +579,15 @@ async fn queue_report(
     report_id: &str,
 ) -> Result<(), ReportError> {
     let entry = QueueEntry {
-        queue_id: QueueId::new(),
-        mail_from: String::new(),
-        recipients: vec![to.to_owned()],
-        direction: Direction::Outbound,
-        domain: sending_domain.to_owned(),
-        accepted_at: SystemTime::now(),
-        message_id: None,
-        traceparent: None,
-        auth_user: None,
-        client_ip: None,
-        helo: None,
-        sender_auth: None,
-        eight_bit: false,
-        smtputf8: false,
-        dsn_envid: None,
-        dsn_ret: None,
-        body_ref: None,
         body_size: Some(message.len() as u64),
-        require_tls: false,
-        tls_optional: false,
-        attempts: 0,
-        not_before: None,
-        last_error: None,
-        delay_warned: false,
-        admin: Default::default(),
+        ..QueueEntry::new(
+            QueueId::new(),
+            String::new(),
+            vec![to.to_owned()],
+            Direction::Outbound,
+            sending_domain.to_owned(),
+            SystemTime::now(),
+        )
     };
     let msg_id = format!("tlsrpt.{report_id}.{to}");
     let subject = kubemail_queue::subject(ctx.subject_prefix, sending_domain);
