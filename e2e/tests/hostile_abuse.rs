@@ -1834,7 +1834,8 @@ async fn stored_messages(
             use tokio::io::AsyncReadExt as _;
             let store = js.get_object_store(bucket).await.expect("body bucket");
             let mut object = store.get(name).await.expect("body object");
-            body.clear();
+            // The payload (empty, or the header section of a body stored while it arrived),
+            // then the object.
             object.read_to_end(&mut body).await.expect("read body");
         }
         let text = String::from_utf8_lossy(&body[..body.len().min(4096)]).into_owned();
@@ -1846,6 +1847,135 @@ async fn stored_messages(
         out.entry(token).or_default().push(body);
     }
     out
+}
+
+/// Hostile finding 2, bodies stored while they arrive: eight near-limit messages in flight at
+/// once against a budget that holds two of them whole. Each client sends 6 MiB, waits until
+/// all eight have, then sends the rest: held whole, six of them would wait and get `452`;
+/// with their bodies going to the object store as they arrive, each session holds its header
+/// section and a few chunks, and all eight are accepted at the first try.
+#[test]
+fn near_limit_messages_in_flight_together_are_stored_while_they_arrive() {
+    const BUDGET_MIB: u64 = 16;
+    const OVERHEAD_MIB: u64 = 64;
+    const CLIENTS: usize = 8;
+    let case = Case::begin(
+        "MEM-03",
+        "8 concurrent 7.5 MiB messages (maxMessageSize 8Mi), all 6 MiB into their data at the same moment, against limits.messageBytesInMemory 16Mi (twice the largest message, the least allowed) and memoryWait 1s",
+        "every message gets 250 at its first try; peak RSS (VmHWM) stays below the RSS at start + 16 MiB + 64 MiB; every 250 is in the stream octet for octet, its body in the object store",
+    );
+    let nats = Nats::single(NatsOptions::default());
+    let node = Node::start(&nats.url(), |c, _| {
+        c["domains"][0]["limits"] = json!({ "maxMessageSize": "8Mi" });
+        c["limits"] =
+            json!({ "messageBytesInMemory": format!("{BUDGET_MIB}Mi"), "memoryWait": "1s" });
+        c["nats"]["publishTimeout"] = json!("10s");
+    });
+    let rt = runtime();
+    let rss_before = node.rss_kib();
+    let mx = node.ports.mx;
+    let messages: Vec<Arc<String>> = (0..CLIENTS)
+        .map(|k| Arc::new(big_message(k, 7_500_000)))
+        .collect();
+    let arrived = Arc::new(AtomicUsize::new(0));
+    let results: Vec<(usize, Option<String>)> = rt.block_on(async {
+        let tasks: Vec<_> = messages
+            .iter()
+            .enumerate()
+            .map(|(k, m)| {
+                let m = m.clone();
+                let arrived = arrived.clone();
+                tokio::spawn(async move {
+                    let reply = async {
+                        let mut c = SmtpTcp::connect(mx, &format!("mem3-{k}")).await.ok()?;
+                        c.verbose = false;
+                        c.reply(Duration::from_secs(10)).await?;
+                        c.cmd("EHLO load.test", Duration::from_secs(10)).await?;
+                        c.cmd("MAIL FROM:<load@relay.invalid>", Duration::from_secs(10))
+                            .await?;
+                        c.cmd("RCPT TO:<bob@example.test>", Duration::from_secs(10))
+                            .await?;
+                        let data = c.cmd("DATA", Duration::from_secs(10)).await?;
+                        if !data.starts_with("354") {
+                            return Some(data);
+                        }
+                        let (first, rest) = m.as_bytes().split_at(6 << 20);
+                        for chunk in first.chunks(64 * 1024) {
+                            c.send_quiet(chunk).await.ok()?;
+                        }
+                        // Every client this far before any goes on (bounded: a session held
+                        // up by the budget never lets its client get here).
+                        arrived.fetch_add(1, Ordering::SeqCst);
+                        let deadline = Instant::now() + Duration::from_secs(20);
+                        while arrived.load(Ordering::SeqCst) < CLIENTS && Instant::now() < deadline
+                        {
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                        for chunk in rest.chunks(64 * 1024) {
+                            c.send_quiet(chunk).await.ok()?;
+                        }
+                        c.send_quiet(b".\r\n").await.ok()?;
+                        c.reply(Duration::from_secs(60)).await
+                    }
+                    .await;
+                    (k, reply)
+                })
+            })
+            .collect();
+        let mut out = Vec::new();
+        for t in tasks {
+            out.push(t.await.expect("client task"));
+        }
+        out
+    });
+    let hwm = vm_hwm_kib(node.pid());
+    case.note(format!(
+        "{} of {CLIENTS} clients 6 MiB in at once; replies {:?}",
+        arrived.load(Ordering::SeqCst),
+        results
+            .iter()
+            .map(|(_, r)| r
+                .as_deref()
+                .map_or("lost".to_owned(), |r| r.chars().take(9).collect()))
+            .collect::<Vec<_>>()
+    ));
+    case.note(format!(
+        "node RSS {} MiB at start, peak (VmHWM) {} MiB; limit {} MiB",
+        rss_before / 1024,
+        hwm / 1024,
+        (rss_before / 1024) + BUDGET_MIB + OVERHEAD_MIB
+    ));
+    for (k, reply) in &results {
+        assert!(
+            reply.as_deref().is_some_and(|r| r.starts_with("250")),
+            "MEM-{k}: {reply:?}"
+        );
+    }
+    assert_eq!(
+        arrived.load(Ordering::SeqCst),
+        CLIENTS,
+        "all in flight together"
+    );
+    assert!(
+        hwm <= rss_before + (BUDGET_MIB + OVERHEAD_MIB) * 1024,
+        "peak RSS {} MiB exceeds start {} MiB + budget {BUDGET_MIB} MiB + {OVERHEAD_MIB} MiB",
+        hwm / 1024,
+        rss_before / 1024
+    );
+    let stored = rt.block_on(stored_messages(&nats.url(), &node));
+    for (k, m) in messages.iter().enumerate() {
+        let copies = stored.get(&format!("MEM-{k}")).cloned().unwrap_or_default();
+        assert_eq!(copies.len(), 1, "MEM-{k}: one stored copy");
+        assert!(
+            copies[0].ends_with(m.as_bytes()) && copies[0].starts_with(b"Received: "),
+            "MEM-{k}: our Received field, then the message octet for octet"
+        );
+    }
+    case.pass(format!(
+        "all {CLIENTS} accepted at the first try, in flight together; peak RSS {} MiB (start {} MiB, budget {BUDGET_MIB} MiB)",
+        hwm / 1024,
+        rss_before / 1024
+    ));
 }
 
 /// Hostile finding 2: many honest, near-limit messages at once (some trickling at the

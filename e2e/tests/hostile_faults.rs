@@ -1063,7 +1063,8 @@ fn enqueue_atomicity_with_nats_killed_mid_transaction() {
                 Some((bucket, name)) => {
                     let store = stores.get(bucket).expect("the entry's domain bucket");
                     let mut object = store.get(name).await.expect("an entry's body object");
-                    let mut body = Vec::new();
+                    // The payload (empty, or a header section), then the object.
+                    let mut body = e.payload.clone();
                     object.read_to_end(&mut body).await.expect("read body");
                     body
                 }

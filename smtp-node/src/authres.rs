@@ -90,9 +90,16 @@ impl InboundVerifier {
         self.config.enabled
     }
 
-    /// Evaluates SPF, DKIM and DMARC for `message`.
-    pub async fn verify(&self, message: &[u8], tx: Transaction<'_>) -> Verdict {
-        match tokio::time::timeout(self.config.timeout.0, self.evaluate(message, tx)).await {
+    /// Evaluates SPF, DKIM and DMARC for `message`. `body`, for a message whose body was not
+    /// kept ([`crate::dkim::BodyHash`]): `message` is the header section, and these are the
+    /// body hashes its signatures ask for, computed while the body streamed past.
+    pub async fn verify(
+        &self,
+        message: &[u8],
+        body: Option<&[crate::dkim::BodyHashValue]>,
+        tx: Transaction<'_>,
+    ) -> Verdict {
+        match tokio::time::timeout(self.config.timeout.0, self.evaluate(message, body, tx)).await {
             Ok(v) => v,
             Err(_) => Verdict {
                 header: format!(
@@ -106,13 +113,18 @@ impl InboundVerifier {
         }
     }
 
-    async fn evaluate(&self, message: &[u8], tx: Transaction<'_>) -> Verdict {
+    async fn evaluate(
+        &self,
+        message: &[u8],
+        body: Option<&[crate::dkim::BodyHashValue]>,
+        tx: Transaction<'_>,
+    ) -> Verdict {
         let helo = if tx.helo.is_empty() {
             "unknown"
         } else {
             tx.helo
         };
-        let Some(parsed) = AuthenticatedMessage::parse(message) else {
+        let Some(mut parsed) = AuthenticatedMessage::parse(message) else {
             return Verdict {
                 header: format!(
                     "Authentication-Results: {}; none (unparsable message)\r\n",
@@ -123,6 +135,18 @@ impl InboundVerifier {
                 sender_auth: SenderAuth::default(),
             };
         };
+        if let Some(streamed) = body {
+            // Each hash the signatures ask for is there; one missing (the header section
+            // changed since) keeps the empty body's hash, which fails like a changed body.
+            for (c, a, l, hash) in &mut parsed.body_hashes {
+                if let Some((.., h)) = streamed
+                    .iter()
+                    .find(|(sc, sa, sl, _)| sc == c && sa == a && sl == l)
+                {
+                    hash.clone_from(h);
+                }
+            }
+        }
         let dkim = self.authenticator.verify_dkim(&parsed).await;
         let spf = if tx.mail_from.is_empty() {
             self.authenticator
@@ -509,6 +533,7 @@ mod tests {
         let verdict = v
             .verify(
                 b"From: a@sender.test\r\nSubject: x\r\n\r\nhi\r\n",
+                None,
                 Transaction {
                     client_ip: "192.0.2.1".parse().unwrap(),
                     helo: "client.sender.test",

@@ -83,6 +83,8 @@ pub struct Metrics {
     pub messages_accepted: Family<ListenerLabels, Counter>,
     pub messages_rejected: Family<ReasonLabels, Counter>,
     pub message_bytes: Counter,
+    /// Messages whose body went to the object store while it arrived ([`crate::queue::upload`]).
+    pub message_bodies_streamed: Counter,
     pub auth: Family<ResultLabels, Counter>,
     /// Calls to the cluster-wide per-user AUTH failure count ([`crate::auth_limits`]) that
     /// failed; while it fails each node limits only the failures it saw itself.
@@ -133,6 +135,7 @@ impl Metrics {
             messages_accepted: Family::default(),
             messages_rejected: Family::default(),
             message_bytes: Counter::default(),
+            message_bodies_streamed: Counter::default(),
             auth: Family::default(),
             auth_shared_counter_errors: Counter::default(),
             recipient_checks: Family::default(),
@@ -186,6 +189,11 @@ impl Metrics {
             "message_bytes",
             "Bytes of accepted messages",
             m.message_bytes.clone(),
+        );
+        registry.register(
+            "message_bodies_streamed",
+            "Messages whose body was stored in the object store while it arrived",
+            m.message_bodies_streamed.clone(),
         );
         registry.register("auth", "AUTH attempts by result", m.auth.clone());
         registry.register(

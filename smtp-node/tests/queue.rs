@@ -209,6 +209,46 @@ async fn sigkill_right_after_250_loses_nothing() {
     assert_eq!(node.messages().await.len(), 2);
 }
 
+/// The names of the objects in `node`'s body bucket.
+async fn body_objects(nats: &Nats, node: &Node) -> Vec<String> {
+    let client = async_nats::connect(nats.url()).await.expect("connect");
+    let js = async_nats::jetstream::new(client);
+    let store = js
+        .get_object_store(node.body_bucket())
+        .await
+        .expect("bucket");
+    let mut list = store.list().await.expect("list");
+    let mut names = Vec::new();
+    while let Some(info) = list.next().await {
+        let info = info.expect("object info");
+        if !info.deleted {
+            names.push(info.name);
+        }
+    }
+    names
+}
+
+/// Waits (at most 10 s) until the body bucket holds exactly `want`.
+async fn wait_for_objects(nats: &Nats, node: &Node, want: &[String]) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut names = body_objects(nats, node).await;
+        names.sort();
+        if names == want {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "body objects {names:?}, want {want:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A message larger than an entry carries inline (`nats.inlineBodyLimit`, 512 KiB) is
+/// stored while it arrives: the entry carries the header section, the object the body
+/// after it. A message refused after its body started going to the store, or whose
+/// client goes away in the middle, leaves no object behind.
 #[tokio::test]
 async fn twenty_mib_message_goes_through_the_object_store() {
     let nats = Nats::shared();
@@ -258,6 +298,20 @@ async fn twenty_mib_message_goes_through_the_object_store() {
         e.header("Kubemail-Body-Size"),
         Some(stored.len().to_string().as_str())
     );
+    // Stored while it arrived: the entry holds our Received field and the header section.
+    assert!(
+        stored[..e.inline].starts_with("Received: ")
+            && stored[..e.inline].ends_with("\r\nSubject: big\r\n\r\n"),
+        "the entry carries the header section: {:?}",
+        &stored[..e.inline.min(2000)]
+    );
+    let streamed = "kubemail_smtp_message_bodies_streamed_total";
+    assert_eq!(counter(&metrics(&node), streamed), 1.0);
+    let kept = vec![format!(
+        "{}.example.test",
+        e.header("Kubemail-Queue-Id").unwrap()
+    )];
+    wait_for_objects(nats, &node, &kept).await;
 
     // Over the limit (25 MiB by default): declared, and undeclared (the client lies).
     c.cmd("MAIL FROM:<a@remote.test> SIZE=30000000", "552 5.3.4")
@@ -265,6 +319,7 @@ async fn twenty_mib_message_goes_through_the_object_store() {
     c.cmd("MAIL FROM:<a@remote.test> SIZE=1000", "250").await;
     c.cmd("RCPT TO:<bob@example.test>", "250").await;
     c.cmd("DATA", "354").await;
+    c.send(b"Subject: too large\r\n\r\n").await;
     let chunk = "y".repeat(998) + "\r\n";
     for _ in 0..(26 << 10) {
         c.send(chunk.as_bytes()).await;
@@ -277,6 +332,27 @@ async fn twenty_mib_message_goes_through_the_object_store() {
         1,
         "nothing of the oversized message queued"
     );
+    // Its body had started going to the store; the refusal removed it.
+    assert_eq!(counter(&metrics(&node), streamed), 2.0);
+    wait_for_objects(nats, &node, &kept).await;
+
+    // A client that goes away in the middle of a large message.
+    let mut c = RawTcp::connect(node.ports.mx).await;
+    c.expect("220").await;
+    c.cmd("EHLO client.test", "250").await;
+    c.cmd("MAIL FROM:<a@remote.test>", "250").await;
+    c.cmd("RCPT TO:<bob@example.test>", "250").await;
+    c.cmd("DATA", "354").await;
+    c.send(body.as_bytes()[..4 << 20].as_ref()).await;
+    // The body is on its way to the store when the connection drops.
+    wait_until(
+        Duration::from_secs(10),
+        "the third body going to the store",
+        || (counter(&metrics(&node), streamed) >= 3.0).then_some(()),
+    );
+    drop(c);
+    wait_for_objects(nats, &node, &kept).await;
+    assert_eq!(node.messages().await.len(), 1);
 }
 
 #[tokio::test]

@@ -331,7 +331,10 @@ async fn load_body(
         }
         Err(e) => return Err(BodyError::Unavailable(format!("{reference}: {e}"))),
     };
+    // The entry carries what comes before the object: nothing, or the header section of a
+    // body stored while it arrived.
     let mut body = Vec::with_capacity(entry.body_size.unwrap_or(0).min(64 << 20) as usize);
+    body.extend_from_slice(&message.payload);
     object
         .read_to_end(&mut body)
         .await

@@ -32,6 +32,7 @@ use tracing::Instrument as _;
 use super::commit::{Committer, Outgoing, Stored};
 use super::setup::StreamSetup;
 use super::stream::{check_consumer, ensure_body_bucket, ensure_queue_stream, open_body_bucket};
+use super::upload::BodyUpload;
 use super::{EnqueueError, Queue, QueuedMessage, sweeper};
 use crate::config::NatsConfig;
 use crate::metrics::{Metrics, ResultLabels};
@@ -346,6 +347,16 @@ impl JetStreamQueue {
             body,
             msg_id,
         } = message;
+        // Stored while it arrived: the entry carries the part in front of the object.
+        if let Some((_, object)) = entry
+            .body_ref
+            .as_deref()
+            .and_then(kubemail_queue::split_body_ref)
+        {
+            let object = Some((entry.domain.clone(), object.to_owned()));
+            let subject = kubemail_queue::subject(&self.nats.subject_prefix, &entry.domain);
+            return Ok((Outgoing::new(subject, entry, msg_id, body), object));
+        }
         entry.body_size = Some(body.len() as u64);
         let (payload, object) = if body.len() > self.inline_limit() {
             let store = self.bodies_of(&entry.domain).ok_or_else(|| {
@@ -537,6 +548,32 @@ impl Queue for JetStreamQueue {
 
     fn is_ready(&self) -> bool {
         self.setup.is_done() && self.client.connection_state() == State::Connected
+    }
+
+    fn streaming_threshold(&self) -> Option<usize> {
+        Some(self.inline_limit())
+    }
+
+    fn upload(&self, domain: &str, entry_id: String) -> Result<BodyUpload, EnqueueError> {
+        if !self.is_ready() {
+            return Err(EnqueueError::Unavailable(
+                "queue not connected or not set up".to_owned(),
+            ));
+        }
+        let store = self.bodies_of(domain).ok_or_else(|| {
+            EnqueueError::Unavailable(format!("body bucket of {domain} not set up"))
+        })?;
+        let reference = kubemail_queue::body_ref(
+            &kubemail_queue::body_bucket(&self.nats.body_bucket, domain),
+            &entry_id,
+        );
+        Ok(BodyUpload::start(
+            store,
+            domain,
+            entry_id,
+            reference,
+            self.metrics.queue_orphan_bodies_deleted.clone(),
+        ))
     }
 }
 

@@ -15,6 +15,7 @@ pub mod sampler;
 pub mod setup;
 pub mod stream;
 pub mod sweeper;
+pub mod upload;
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
@@ -24,7 +25,10 @@ pub use kubemail_queue::{
 use sha2::{Digest as _, Sha256};
 
 /// One entry handed to the queue: envelope and message bytes. The publisher fills in what
-/// only it knows: `body_size`, and `body_ref` when the body goes to the object store.
+/// only it knows: `body_size`, and `body_ref` when the body goes to the object store. An entry
+/// whose body was stored while it arrived ([`Queue::upload`]) comes with `body_ref` and
+/// `body_size` set: `body` is then the part in front of the stored object (the header
+/// section), which the entry carries.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QueuedMessage {
     pub entry: QueueEntry,
@@ -63,6 +67,16 @@ impl ContentId {
         }
         field(&mut digest, message);
         Self(digest)
+    }
+
+    /// The content of a message whose body was stored while it arrived: `new` took its header
+    /// section as the message; this adds the body's size and SHA-256 digest. A retry of the
+    /// same message is stored the same way, so it gets the same id.
+    pub fn with_stored_body(mut self, size: u64, digest: &[u8; 32]) -> Self {
+        field(&mut self.0, b"stored body");
+        field(&mut self.0, &size.to_be_bytes());
+        field(&mut self.0, digest);
+        self
     }
 
     /// The transaction's key in [`ContentHistory`].
@@ -175,6 +189,21 @@ pub trait Queue: Send + Sync + 'static {
 
     /// Whether the queue is reachable and set up (for `/readyz`).
     fn is_ready(&self) -> bool;
+
+    /// Bodies larger than this many octets are stored while they arrive ([`Self::upload`]):
+    /// the largest body an entry carries inline. `None`: this queue takes bodies only whole.
+    fn streaming_threshold(&self) -> Option<usize> {
+        None
+    }
+
+    /// Starts storing the body of the entry `entry_id` of `domain` in the object store, to
+    /// be finished before that entry is enqueued with the reference it returns.
+    fn upload(&self, domain: &str, entry_id: String) -> Result<upload::BodyUpload, EnqueueError> {
+        let _ = (domain, entry_id);
+        Err(EnqueueError::Unavailable(
+            "this queue stores no bodies apart from their entries".to_owned(),
+        ))
+    }
 }
 
 #[cfg(test)]

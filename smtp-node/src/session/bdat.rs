@@ -137,7 +137,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             // Boxed for the reason given at the DATA call site.
             Ok(checked) => {
                 let message = Assembled::from_checked(whole, checked);
-                Box::pin(self.complete_transaction(message, c.held)).await
+                Box::pin(self.complete_transaction(message, c.held, None)).await
             }
             Err(error) => {
                 self.reject_message(error.reply(), super::data::reason_of(&error));

@@ -12,14 +12,18 @@
 
 use std::time::SystemTime;
 
+use bytes::BytesMut;
+
 use kubemail_queue::SenderAuth;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
 use tracing::Instrument;
 
 use super::body::{self, Assembled};
+use super::spill::{self, Spill};
 use super::{End, Next, Session, Transaction};
 use crate::config::{ListenerKind, NulBytes};
+use crate::dkim::BodyHash;
 use crate::memory::Reservation;
 use crate::message::{ReceivedInfo, header_value, new_message_id, received_header};
 use crate::metrics::{ListenerLabels, ReasonLabels};
@@ -66,10 +70,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         // Set when the budget had no room for the rest: the data is still read to its end
         // (the session stays in step), but not stored, and the answer is `452 4.3.1`.
         let mut short_of_memory = false;
+        // A large message's body on its way to the object store, and its header section: the
+        // receiver's buffer then holds only body octets not yet handed on.
+        let threshold = self.ctx.queue.streaming_threshold();
+        let mut spilling: Option<(Spill, BytesMut)> = None;
+        // How much of the message was searched for the end of its header section.
+        let mut scanned = 0;
         loop {
-            if !short_of_memory {
-                // One feed stores at most twice what it consumes (see `stored_mut`).
-                let spare = 2 * self.rbuf.len();
+            // One feed stores at most twice what it consumes (see `stored_mut`).
+            let spare = 2 * self.rbuf.len();
+            if let Some((spill, _)) = spilling.as_mut() {
+                let stored = receiver.stored_mut();
+                if stored.len() >= spill::CHUNK || stored.capacity() - stored.len() < spare {
+                    let chunk = stored.split().freeze();
+                    *stored = BytesMut::with_capacity(spill::CHUNK + spare);
+                    spill.write(chunk).await;
+                }
+            } else if !short_of_memory {
                 let grown = body::ensure_spare(
                     receiver.stored_mut(),
                     spare,
@@ -89,8 +106,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             if short_of_memory {
                 receiver.stored_mut().clear();
             } else if receiver.error().is_some() {
-                // The receiver dropped the message on a violation.
+                // The receiver dropped the message on a violation (dropping a spill deletes
+                // what it stored).
+                spilling = None;
                 held.shrink_to(receiver.stored_mut().capacity() as u64);
+            } else if spilling.is_none()
+                && let Some(threshold) = threshold
+                && receiver.stored_mut().len().saturating_sub(body::HEADROOM) > threshold
+            {
+                spilling = self
+                    .start_spill(receiver.stored_mut(), &mut scanned, &mut held)
+                    .await;
             }
             if done {
                 break;
@@ -102,17 +128,107 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 self.reject_message(insufficient_storage(), "memory_full");
                 Ok(Next::Continue)
             }
+            Ok(rest) if spilling.is_some() => {
+                let Some((mut spill, head)) = spilling else {
+                    return Ok(Next::Continue);
+                };
+                spill.write(rest.freeze()).await;
+                let message = Assembled::new(head, body::HEADROOM);
+                Box::pin(self.complete_transaction(message, held, Some(spill))).await
+            }
             // Boxed: inbound checks and the queue publish make this the largest future of a
             // session; inline, every idle session's task would carry its space.
             Ok(buf) => {
                 let message = Assembled::new(buf, body::HEADROOM);
-                Box::pin(self.complete_transaction(message, held)).await
+                Box::pin(self.complete_transaction(message, held, None)).await
             }
             Err(error) => {
                 self.reject_message(error.reply(), reason_of(&error));
                 Ok(Next::Continue)
             }
         }
+    }
+
+    /// Starts storing the body of the message in `stored` (after the headroom) while it
+    /// arrives, once its header section is complete: `stored` keeps only body octets from then
+    /// on, and the header section (with the headroom) is returned beside the spill. `None`
+    /// (the message stays whole) while the header section goes on, when the budget has no
+    /// room for the spill's buffers, or when the object store cannot be written.
+    async fn start_spill(
+        &self,
+        stored: &mut BytesMut,
+        scanned: &mut usize,
+        held: &mut Reservation,
+    ) -> Option<(Spill, BytesMut)> {
+        let tx = self.tx.as_ref()?;
+        let message = &stored[body::HEADROOM..];
+        let Some(offset) = spill::body_offset(message, *scanned) else {
+            *scanned = message.len();
+            return None;
+        };
+        let mut domains: Vec<String> = match &self.user {
+            Some(user) => vec![user.domain.clone()],
+            None => tx
+                .recipients
+                .iter()
+                .map(|r| r.domain().to_owned())
+                .collect(),
+        };
+        domains.sort();
+        domains.dedup();
+        let spare = 2 * self.rbuf.len();
+        let head_len = body::HEADROOM + offset;
+        let needed = head_len + spill::memory(domains.len(), spare);
+        let memory = self.ctx.memory.clone();
+        // The whole message so far stays until its body is handed on.
+        let now = held.bytes().max(needed as u64 + stored.capacity() as u64);
+        if held
+            .grow_to(now, Instant::now() + memory.wait())
+            .await
+            .is_err()
+        {
+            return None;
+        }
+        let mut uploads = Vec::with_capacity(domains.len());
+        for domain in &domains {
+            let entry_id = kubemail_queue::entry_id(&tx.queue_id, domain);
+            match self.ctx.queue.upload(domain, entry_id) {
+                Ok(upload) => uploads.push(upload),
+                Err(error) => {
+                    tracing::info!(%error, "cannot store the body while it arrives; keeping it whole");
+                    return None;
+                }
+            }
+        }
+        let inbound_checks = self.user.is_none()
+            && self.conn.listener.kind == ListenerKind::Mx
+            && self
+                .ctx
+                .checks
+                .inbound_auth
+                .as_ref()
+                .is_some_and(|v| v.enabled());
+        let header_section = &stored[body::HEADROOM..head_len];
+        let verify = if inbound_checks {
+            BodyHash::requested_by(header_section)
+        } else {
+            Vec::new()
+        };
+        let sign = self.user.is_some() && self.ctx.checks.dkim.is_some();
+        let strip = self.conn.listener.nul_bytes == NulBytes::Strip;
+        let mut spill = Spill::new(uploads, strip, verify, sign);
+        let head = BytesMut::from(&stored[..head_len]);
+        let whole = std::mem::replace(stored, BytesMut::with_capacity(spill::CHUNK + spare));
+        let body = whole.freeze().slice(head_len..);
+        spill.write(body).await;
+        held.shrink_to(needed as u64);
+        self.ctx.metrics.message_bodies_streamed.inc();
+        tracing::debug!(
+            header_section = offset,
+            uploads = spill.uploads(),
+            "storing the message body while it arrives"
+        );
+        Some((spill, head))
     }
 
     /// Refuses the message of the current transaction (after its data was read) and resets.
@@ -138,10 +254,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
 
     /// Queues the complete message and answers. The transaction ends either way. `held` is
     /// the message's share of the memory budget, given back once the queue has answered.
+    /// With `spill`, `message` is the header section and the body is on its way to the object
+    /// store.
     pub(super) async fn complete_transaction(
         &mut self,
         mut message: Assembled,
         held: Reservation,
+        mut spill: Option<Spill>,
     ) -> Result<Next, End> {
         let Some(tx) = self.tx.take() else {
             self.reply(Reply::bad_sequence("No transaction"));
@@ -149,11 +268,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         };
         let span = tx.span.clone();
         record_envelope(&span, &tx);
-        span.record("smtp.message_size", message.message().len());
+        let stored_size = spill.as_ref().map_or(0, |s| s.tail().size);
+        span.record(
+            "smtp.message_size",
+            message.message().len() as u64 + stored_size,
+        );
         // No NUL passes as it is (RFC 5322 3.5 allows none): a downstream that drops NUL bytes
         // would read `<CRLF><NUL>.<CRLF>` as the end of the data. Only a message that has
-        // some is copied.
-        if memchr::memchr(0, message.message()).is_some() {
+        // some is copied (a stored body was checked on its way).
+        let head_nul = memchr::memchr(0, message.message()).is_some();
+        if head_nul || spill.as_ref().is_some_and(Spill::refuses_nul) {
             if self.conn.listener.nul_bytes == NulBytes::Strip {
                 message = Assembled::copy_without_nul(message.message());
             } else {
@@ -188,9 +312,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             return Ok(Next::Continue);
         }
         // Before anything is added: what the client sent is what its retry sends again.
-        let content = self.content_id(&tx, message.message());
+        let content = self.content_id(&tx, message.message(), spill.as_ref().map(Spill::tail));
+        let body_hashes = spill.as_mut().map(Spill::take_verify_hashes);
         let sender_auth = match self
-            .check_inbound(&tx, &mut message)
+            .check_inbound(&tx, &mut message, body_hashes.as_deref())
             .instrument(span.clone())
             .await
         {
@@ -204,25 +329,65 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         // A copy made above (NUL bytes or a stripped field removed, a field larger than the
         // headroom) replaced the buffer it was made from, so `held` still covers the message.
         let generation = self.ctx.content.generation(&content);
-        let entries = self.build_entries(&tx, message, &content, generation, sender_auth);
-        let size = entries.first().map_or(0, |e| e.body.len());
         let limit = self.ctx.config.timeouts.data_termination.0;
+        let started = Instant::now();
+        let stored = match spill {
+            Some(mut spill) => {
+                let sign = spill.take_sign_hash();
+                let result = tokio::time::timeout(limit, spill.store())
+                    .instrument(span.clone())
+                    .await
+                    .unwrap_or_else(|_| Err(EnqueueError::Unavailable("timed out".to_owned())));
+                match result {
+                    Ok(bodies) => Some(StoredTail {
+                        bodies,
+                        size: stored_size,
+                        sign,
+                    }),
+                    Err(error) => {
+                        span.in_scope(|| tracing::warn!(%error, "storing the body failed"));
+                        let (reply, reason) = refusal(error);
+                        self.tx = Some(tx);
+                        self.reject_message(reply, reason);
+                        return Ok(Next::Continue);
+                    }
+                }
+            }
+            None => None,
+        };
         let queue = self.ctx.queue.clone();
-        let result = tokio::time::timeout(limit, queue.enqueue(entries))
-            .instrument(span.clone())
-            .await
-            .unwrap_or_else(|_| Err(EnqueueError::Unavailable("timed out".to_owned())));
+        let result = match self.build_entries(
+            &tx,
+            message,
+            &content,
+            generation,
+            sender_auth,
+            stored.as_ref(),
+        ) {
+            Ok(entries) => {
+                let size = entries
+                    .first()
+                    .map_or(0, |e| e.entry.body_size.unwrap_or(e.body.len() as u64));
+                let left = limit.saturating_sub(started.elapsed());
+                tokio::time::timeout(left, queue.enqueue(entries))
+                    .instrument(span.clone())
+                    .await
+                    .unwrap_or_else(|_| Err(EnqueueError::Unavailable("timed out".to_owned())))
+                    .map(|()| size)
+            }
+            Err(error) => Err(error),
+        };
         // The queue has the message (or refused it): its memory may go to another session.
         drop(held);
         let listener = self.conn.listener.name.clone();
         match result {
-            Ok(()) => {
+            Ok(size) => {
                 self.ctx.content.accepted(&content);
                 let m = &self.ctx.metrics;
                 m.messages_accepted
                     .get_or_create(&ListenerLabels { listener })
                     .inc();
-                m.message_bytes.inc_by(size as u64);
+                m.message_bytes.inc_by(size);
                 span.record("smtp.reply_code", 250);
                 span.record("smtp.outcome", "queued");
                 span.in_scope(|| tracing::info!(size, recipients = tx.recipients.len(), "queued"));
@@ -232,13 +397,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
             Err(error) => {
                 span.in_scope(|| tracing::warn!(%error, "queueing failed"));
-                let (reply, reason) = match error {
-                    EnqueueError::Full(_) => (insufficient_storage(), "queue_full"),
-                    EnqueueError::Unavailable(_) => (
-                        Reply::local_error("Queue unavailable, try again later"),
-                        "queue_unavailable",
-                    ),
-                };
+                let (reply, reason) = refusal(error);
                 self.tx = Some(tx);
                 self.reject_message(reply, reason);
             }
@@ -277,6 +436,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         &self,
         tx: &Transaction,
         message: &mut Assembled,
+        body_hashes: Option<&[crate::dkim::BodyHashValue]>,
     ) -> Result<Option<SenderAuth>, Reply> {
         let hostname = &self.ctx.config.hostname;
         // Only a message with such a field is copied; most have none.
@@ -296,6 +456,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let verdict = verifier
             .verify(
                 message.message(),
+                body_hashes,
                 crate::authres::Transaction {
                     client_ip: self.conn.remote.ip(),
                     helo,
@@ -317,8 +478,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         Ok(Some(verdict.sender_auth))
     }
 
-    /// The digest a retry of this transaction shares with it (see [`ContentId`]).
-    fn content_id(&self, tx: &Transaction, message: &[u8]) -> ContentId {
+    /// The digest a retry of this transaction shares with it (see [`ContentId`]); `tail`, the
+    /// body stored while it arrived when `message` is the header section.
+    fn content_id(&self, tx: &Transaction, message: &[u8], tail: Option<spill::Tail>) -> ContentId {
         let mut params: Vec<&str> = Vec::new();
         if tx.params.body == Some(BodyType::EightBitMime) {
             params.push("BODY=8BITMIME");
@@ -335,17 +497,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             params.push(ret);
         }
         let from = tx.from.to_string();
-        ContentId::new(
+        let content = ContentId::new(
             self.user.as_ref().map(|u| u.name.as_str()),
             &from,
             &params,
             message,
-        )
+        );
+        match tail {
+            Some(tail) => content.with_stored_body(tail.size, &tail.digest),
+            None => content,
+        }
     }
 
     /// The queue entries of a transaction: one outbound entry on the user's domain, or one
     /// inbound entry per recipient domain (see [`crate::queue`]). Our header fields go into
-    /// the message's headroom; the entries share the one buffer.
+    /// the message's headroom; the entries share the one buffer. With `stored`, the message
+    /// is the header section and each entry refers to its domain's body object.
     fn build_entries(
         &self,
         tx: &Transaction,
@@ -353,7 +520,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         content: &ContentId,
         generation: u32,
         sender_auth: Option<SenderAuth>,
-    ) -> Vec<QueuedMessage> {
+        stored: Option<&StoredTail>,
+    ) -> Result<Vec<QueuedMessage>, EnqueueError> {
         let config = &self.ctx.config;
         let submission = self.user.is_some();
         let single = (tx.recipients.len() == 1).then(|| tx.recipients[0].to_string());
@@ -382,8 +550,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             message_id = Some(id);
         }
         message.prepend(received.as_bytes());
+        let body_hash = stored.and_then(|s| s.sign.as_ref());
         if let (Some(user), Some(signer)) = (&self.user, &self.ctx.checks.dkim)
-            && let Some(signatures) = sign(signer, message.message(), &user.domain, &tx.span)
+            && let Some(signatures) =
+                sign(signer, message.message(), body_hash, &user.domain, &tx.span)
         {
             message.prepend(signatures.as_bytes());
         }
@@ -419,19 +589,35 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             delay_warned: false,
             admin: Default::default(),
         };
+        let head_len = full.len() as u64;
+        // The entry of `domain` refers to its body object, if the body was stored.
+        let with_body = |mut entry: QueueEntry| -> Result<QueueEntry, EnqueueError> {
+            if let Some(stored) = stored {
+                let body = stored
+                    .bodies
+                    .iter()
+                    .find(|b| b.domain == entry.domain)
+                    .ok_or_else(|| {
+                        EnqueueError::Unavailable(format!("no body stored for {}", entry.domain))
+                    })?;
+                entry.body_ref = Some(body.reference.clone());
+                entry.body_size = Some(head_len + stored.size);
+            }
+            Ok(entry)
+        };
         let all: Vec<String> = tx.recipients.iter().map(|r| r.to_string()).collect();
         if let Some(user) = &self.user {
             let msg_id = content.msg_id(&user.domain, &all, generation);
-            return vec![QueuedMessage {
-                entry: QueueEntry {
+            return Ok(vec![QueuedMessage {
+                entry: with_body(QueueEntry {
                     recipients: all,
                     domain: user.domain.clone(),
                     direction: Direction::Outbound,
                     ..base
-                },
+                })?,
                 body: full,
                 msg_id,
-            }];
+            }]);
         }
         // Inbound: group by recipient domain (lower case already), in order of first
         // appearance.
@@ -445,14 +631,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
         groups
             .into_iter()
-            .map(|(domain, recipients)| QueuedMessage {
-                msg_id: content.msg_id(&domain, &recipients, generation),
-                entry: QueueEntry {
-                    recipients,
-                    domain,
-                    ..base.clone()
-                },
-                body: full.clone(),
+            .map(|(domain, recipients)| {
+                Ok(QueuedMessage {
+                    msg_id: content.msg_id(&domain, &recipients, generation),
+                    entry: with_body(QueueEntry {
+                        recipients,
+                        domain,
+                        ..base.clone()
+                    })?,
+                    body: full.clone(),
+                })
             })
             .collect()
     }
@@ -482,11 +670,16 @@ fn record_envelope(span: &tracing::Span, tx: &Transaction) {
 fn sign(
     signer: &crate::dkim::DkimSigner,
     message: &[u8],
+    stored_body: Option<&crate::dkim::BodyHashValue>,
     user_domain: &str,
     span: &tracing::Span,
 ) -> Option<String> {
     let _signing = tracing::info_span!(parent: span, "dkim.sign", domain = user_domain).entered();
-    match signer.sign_for(message, user_domain) {
+    let signed = match stored_body {
+        Some(body) => signer.sign_head_for(message, body, user_domain),
+        None => signer.sign_for(message, user_domain),
+    };
+    match signed {
         Ok(headers) => headers,
         Err(error) => {
             span.in_scope(
@@ -494,6 +687,25 @@ fn sign(
             );
             None
         }
+    }
+}
+
+/// The body of a message stored while it arrived: its objects, its size, and the body hash of
+/// our signature.
+struct StoredTail {
+    bodies: Vec<crate::queue::upload::StoredBody>,
+    size: u64,
+    sign: Option<crate::dkim::BodyHashValue>,
+}
+
+/// The answer when the queue (or the object store) did not take the message.
+fn refusal(error: EnqueueError) -> (Reply, &'static str) {
+    match error {
+        EnqueueError::Full(_) => (insufficient_storage(), "queue_full"),
+        EnqueueError::Unavailable(_) => (
+            Reply::local_error("Queue unavailable, try again later"),
+            "queue_unavailable",
+        ),
     }
 }
 

@@ -27,6 +27,7 @@ mod ehlo;
 mod io;
 mod mail;
 mod rcpt;
+mod spill;
 mod starttls;
 #[cfg(test)]
 mod tests;

@@ -25,7 +25,7 @@ def main():
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--mode", choices=["plain", "starttls", "ssl"], default="plain")
     p.add_argument("--cafile")
-    p.add_argument("--steps", required=True)
+    p.add_argument("--steps", required=True, help="JSON list of steps, or - to read it from stdin")
     args = p.parse_args()
 
     ctx = ssl.create_default_context(cafile=args.cafile)
@@ -38,7 +38,8 @@ def main():
         conn.ehlo("client.test")
         conn.starttls(context=ctx)
 
-    for step in json.loads(args.steps):
+    steps = sys.stdin.read() if args.steps == "-" else args.steps
+    for step in json.loads(steps):
         op = step[0]
         try:
             code, msg = run(conn, step)

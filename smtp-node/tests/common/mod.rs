@@ -456,6 +456,8 @@ pub struct QueuedEntry {
     pub subject: String,
     pub headers: HashMap<String, Vec<String>>,
     pub body: Vec<u8>,
+    /// Octets of `body` the entry carries itself (the rest is its body object).
+    pub inline: usize,
 }
 
 impl QueuedEntry {
@@ -496,6 +498,7 @@ pub async fn read_stream(url: &str, stream: &str, bucket: &str) -> Vec<QueuedEnt
             );
         }
         let mut body = m.payload.to_vec();
+        let inline = body.len();
         if let Some(reference) = headers.get("Kubemail-Body-Ref").and_then(|v| v.first()) {
             let (b, name) = reference.split_once('/').expect("bucket/name");
             // One bucket per domain: `<bodyBucket>-<domain>`.
@@ -505,13 +508,15 @@ pub async fn read_stream(url: &str, stream: &str, bucket: &str) -> Vec<QueuedEnt
             );
             let store = js.get_object_store(b).await.expect("body bucket");
             let mut object = store.get(name).await.expect("body object");
-            body.clear();
+            // The message is the payload (empty, or the header section of a body stored
+            // while it arrived) followed by the object.
             object.read_to_end(&mut body).await.expect("read body");
         }
         out.push(QueuedEntry {
             subject: m.subject.to_string(),
             headers,
             body,
+            inline,
         });
     }
     out
@@ -537,8 +542,18 @@ pub fn smtplib(addr: SocketAddr, mode: &str, steps: serde_json::Value) -> Vec<St
             "--cafile",
             &examples_dir().join("dev-cert.pem").display().to_string(),
         ])
-        .args(["--steps", &steps.to_string()])
-        .output()
+        // On standard input: a large message does not fit on a command line.
+        .args(["--steps", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            if let Some(mut stdin) = child.stdin.take() {
+                stdin.write_all(steps.to_string().as_bytes())?;
+            }
+            child.wait_with_output()
+        })
         .expect("run python3");
     assert!(
         output.status.success(),

@@ -23,7 +23,7 @@ pub use kubemail_test_support::wait::wait_until;
 /// The node's host name in the test config (`tests/common`).
 pub const HOSTNAME: &str = "mx.example.test";
 
-fn examples_dir() -> PathBuf {
+pub fn examples_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("examples")
 }
 

@@ -317,7 +317,7 @@ impl QueueEntry {
     /// `<queue id>.<domain>`: the entry's id in the contract (its first `Nats-Msg-Id`, the
     /// base of every later one).
     pub fn entry_id(&self) -> String {
-        format!("{}.{}", self.queue_id, self.domain.to_ascii_lowercase())
+        entry_id(&self.queue_id, &self.domain)
     }
 
     /// The `Nats-Msg-Id` to publish this entry with: [`Self::entry_id`] for a new entry,
@@ -593,4 +593,10 @@ fn clean(value: &str) -> String {
         .chars()
         .map(|c| if c.is_control() { '?' } else { c })
         .collect()
+}
+
+/// `<queue id>.<domain>`: the id of the new entry of `domain` of a transaction
+/// ([`QueueEntry::entry_id`]), also the name of its body object.
+pub fn entry_id(queue_id: &QueueId, domain: &str) -> String {
+    format!("{}.{}", queue_id, domain.to_ascii_lowercase())
 }

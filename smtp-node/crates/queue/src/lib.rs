@@ -58,9 +58,12 @@
 //! than `nats.inlineBodyLimit` (or than `max_payload` minus 64 KiB of header room) is first
 //! stored in the domain's JetStream object store bucket [`body_bucket`] (`nats.bodyBucket`,
 //! default [`DEFAULT_BODY_BUCKET`], a `-` and the encoded domain) under [`QueueEntry::body_object_name`] (`<queue id>.<domain>`);
-//! the queue entry then has an empty payload and `Kubemail-Body-Ref: <bucket>/<object name>`
-//! ([`body_ref`]). The object is written (and acknowledged) before the entry, so an entry
-//! never refers to a missing body. The delivery side deletes the object after the last
+//! the queue entry then has `Kubemail-Body-Ref: <bucket>/<object name>` ([`body_ref`]), and
+//! the message is the entry's payload followed by the object. The payload is empty when the
+//! body was stored whole at the end of data; it is the header section (with the fields the
+//! node added) when the body was stored while it arrived, and the object is the body after
+//! it. `Kubemail-Body-Size` is the size of the whole message either way. The object is
+//! written (and acknowledged) before the entry, so an entry never refers to a missing body. The delivery side deletes the object after the last
 //! recipient is done. Once its entry is stored, the node marks the object (its description
 //! says a stored entry refers to it); an unmarked object that is more than an hour old and
 //! that no entry refers to (its entry was never stored) is deleted by the node's sweeper.
@@ -150,7 +153,7 @@ mod rfc3339;
 
 pub use entry::{
     Action, AdminState, AttemptRecord, Direction, EntryError, MAX_ATTEMPT_LOG, Notice, QueueEntry,
-    QueueId, SenderAuth,
+    QueueId, SenderAuth, entry_id,
 };
 pub use names::{
     DEFAULT_BODY_BUCKET, DEFAULT_STREAM, DEFAULT_SUBJECT_PREFIX, MTA_STS_CACHE_BUCKET,
