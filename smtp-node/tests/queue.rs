@@ -355,6 +355,81 @@ async fn twenty_mib_message_goes_through_the_object_store() {
     assert_eq!(node.messages().await.len(), 1);
 }
 
+/// Sends `message` to bob@example.test with BDAT in chunks of 324,010 octets; the reply to
+/// the last chunk sent (the first that was not `250`).
+async fn send_bdat(c: &mut RawTcp, message: &[u8]) -> String {
+    c.cmd("MAIL FROM:<a@remote.test>", "250").await;
+    c.cmd("RCPT TO:<bob@example.test>", "250").await;
+    let pieces: Vec<&[u8]> = message.chunks(324_010).collect();
+    let mut reply = String::new();
+    for (k, piece) in pieces.iter().enumerate() {
+        let last = k + 1 == pieces.len();
+        let verb = format!(
+            "BDAT {}{}\r\n",
+            piece.len(),
+            if last { " LAST" } else { "" }
+        );
+        c.send(verb.as_bytes()).await;
+        c.send(piece).await;
+        reply = c.expect("").await;
+        if !reply.starts_with("250") {
+            break;
+        }
+    }
+    reply
+}
+
+/// BDAT too: a large message's body goes to the store as its chunks arrive, checked as the
+/// whole message would be (CRLFs cut between chunks are CRLFs); a bare LF found after its
+/// body started going to the store refuses the message and leaves no object behind.
+#[tokio::test]
+async fn a_large_bdat_message_is_stored_while_its_chunks_arrive() {
+    let nats = Nats::shared();
+    let node = Node::start(&nats.url());
+    let mut message = b"Subject: bdat-big\r\n\r\n".to_vec();
+    let mut i = 0u64;
+    while message.len() < 3 << 20 {
+        message.extend_from_slice(format!("{i:08} {}\r\n", "b".repeat(70)).as_bytes());
+        i += 1;
+    }
+    // Lines of 81 octets after a 21-octet header section: the second chunk ends between the
+    // CR and the LF of a line, after the body started going to the store.
+    assert_eq!(&message[648_019..648_021], b"\r\n");
+    let mut c = RawTcp::connect(node.ports.mx).await;
+    c.expect("220").await;
+    c.cmd("EHLO client.test", "250").await;
+    let reply = send_bdat(&mut c, &message).await;
+    assert!(reply.starts_with("250 2.0.0 Ok: queued"), "{reply}");
+    let entries = node.messages().await;
+    assert_eq!(entries.len(), 1);
+    let e = &entries[0];
+    let stored = e.body.as_slice();
+    assert!(stored.ends_with(&message), "the message octet for octet");
+    assert!(
+        stored[..e.inline].ends_with(b"\r\nSubject: bdat-big\r\n\r\n"),
+        "the entry carries the header section"
+    );
+    let streamed = "kubemail_smtp_message_bodies_streamed_total";
+    assert_eq!(counter(&metrics(&node), streamed), 1.0);
+    let kept = vec![format!(
+        "{}.example.test",
+        e.header("Kubemail-Queue-Id").unwrap()
+    )];
+
+    // A bare LF two megabytes in: found in the chunk that has it, after the body started
+    // going to the store.
+    let mut bad = message.clone();
+    let at = 2 << 20;
+    let cr = at + bad[at..].iter().position(|&b| b == b'\r').unwrap();
+    bad.remove(cr);
+    let reply = send_bdat(&mut c, &bad).await;
+    assert!(reply.starts_with("550 5.6.0"), "{reply}");
+    c.cmd("QUIT", "221").await;
+    assert_eq!(counter(&metrics(&node), streamed), 2.0);
+    wait_for_objects(nats, &node, &kept).await;
+    assert_eq!(node.messages().await.len(), 1);
+}
+
 #[tokio::test]
 async fn stream_settings_never_drop_queued_mail() {
     let nats = Nats::shared();

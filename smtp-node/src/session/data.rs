@@ -23,7 +23,6 @@ use super::body::{self, Assembled};
 use super::spill::{self, Spill};
 use super::{End, Next, Session, Transaction};
 use crate::config::{ListenerKind, NulBytes};
-use crate::dkim::BodyHash;
 use crate::memory::Reservation;
 use crate::message::{ReceivedInfo, header_value, new_message_id, received_header};
 use crate::metrics::{ListenerLabels, ReasonLabels};
@@ -160,74 +159,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         scanned: &mut usize,
         held: &mut Reservation,
     ) -> Option<(Spill, BytesMut)> {
-        let tx = self.tx.as_ref()?;
         let message = &stored[body::HEADROOM..];
         let Some(offset) = spill::body_offset(message, *scanned) else {
             *scanned = message.len();
             return None;
         };
-        let mut domains: Vec<String> = match &self.user {
-            Some(user) => vec![user.domain.clone()],
-            None => tx
-                .recipients
-                .iter()
-                .map(|r| r.domain().to_owned())
-                .collect(),
-        };
-        domains.sort();
-        domains.dedup();
         let spare = 2 * self.rbuf.len();
         let head_len = body::HEADROOM + offset;
-        let needed = head_len + spill::memory(domains.len(), spare);
-        let memory = self.ctx.memory.clone();
-        // The whole message so far stays until its body is handed on.
-        let now = held.bytes().max(needed as u64 + stored.capacity() as u64);
-        if held
-            .grow_to(now, Instant::now() + memory.wait())
-            .await
-            .is_err()
-        {
-            return None;
-        }
-        let mut uploads = Vec::with_capacity(domains.len());
-        for domain in &domains {
-            let entry_id = kubemail_queue::entry_id(&tx.queue_id, domain);
-            match self.ctx.queue.upload(domain, entry_id) {
-                Ok(upload) => uploads.push(upload),
-                Err(error) => {
-                    tracing::info!(%error, "cannot store the body while it arrives; keeping it whole");
-                    return None;
-                }
-            }
-        }
-        let inbound_checks = self.user.is_none()
-            && self.conn.listener.kind == ListenerKind::Mx
-            && self
-                .ctx
-                .checks
-                .inbound_auth
-                .as_ref()
-                .is_some_and(|v| v.enabled());
-        let header_section = &stored[body::HEADROOM..head_len];
-        let verify = if inbound_checks {
-            BodyHash::requested_by(header_section)
-        } else {
-            Vec::new()
-        };
-        let sign = self.user.is_some() && self.ctx.checks.dkim.is_some();
-        let strip = self.conn.listener.nul_bytes == NulBytes::Strip;
-        let mut spill = Spill::new(uploads, strip, verify, sign);
+        let (mut spill, needed) = self
+            .open_spill(&stored[body::HEADROOM..head_len], stored.capacity(), held)
+            .await?;
         let head = BytesMut::from(&stored[..head_len]);
         let whole = std::mem::replace(stored, BytesMut::with_capacity(spill::CHUNK + spare));
         let body = whole.freeze().slice(head_len..);
         spill.write(body).await;
-        held.shrink_to(needed as u64);
-        self.ctx.metrics.message_bodies_streamed.inc();
-        tracing::debug!(
-            header_section = offset,
-            uploads = spill.uploads(),
-            "storing the message body while it arrives"
-        );
+        held.shrink_to(needed);
         Some((spill, head))
     }
 

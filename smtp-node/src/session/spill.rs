@@ -13,8 +13,14 @@
 
 use bytes::{Bytes, BytesMut};
 use sha2::{Digest as _, Sha256};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::time::Instant;
 
+use super::Session;
+use super::body::HEADROOM;
+use crate::config::{ListenerKind, NulBytes};
 use crate::dkim::{BodyHash, BodyHashValue};
+use crate::memory::Reservation;
 use crate::queue::EnqueueError;
 use crate::queue::upload::{self, BodyUpload, StoredBody};
 
@@ -37,6 +43,78 @@ pub(super) fn body_offset(message: &[u8], scanned: usize) -> Option<usize> {
 /// upload's own buffer.
 pub(super) fn memory(uploads: usize, spare: usize) -> usize {
     (upload::DEPTH + 2) * (CHUNK + spare) + uploads * upload::OWN_MEMORY
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
+    /// Opens the uploads of the current transaction's message (one per destination domain),
+    /// whose header section is `header_section` and which holds `whole` octets of buffers
+    /// until its body is handed on, and takes the room a spilling session needs from the
+    /// budget. Returns the spill and that room (what `held` may shrink to once the body so
+    /// far was handed on). `None` (the message stays whole) when the budget has no room or
+    /// the object store cannot be written.
+    pub(super) async fn open_spill(
+        &self,
+        header_section: &[u8],
+        whole: usize,
+        held: &mut Reservation,
+    ) -> Option<(Spill, u64)> {
+        let tx = self.tx.as_ref()?;
+        let mut domains: Vec<String> = match &self.user {
+            Some(user) => vec![user.domain.clone()],
+            None => tx
+                .recipients
+                .iter()
+                .map(|r| r.domain().to_owned())
+                .collect(),
+        };
+        domains.sort();
+        domains.dedup();
+        let spare = 2 * self.rbuf.len();
+        let needed = (HEADROOM + header_section.len() + memory(domains.len(), spare)) as u64;
+        let budget = self.ctx.memory.clone();
+        // The message so far stays until its body is handed on.
+        let now = held.bytes().max(needed + whole as u64);
+        if held
+            .grow_to(now, Instant::now() + budget.wait())
+            .await
+            .is_err()
+        {
+            return None;
+        }
+        let mut uploads = Vec::with_capacity(domains.len());
+        for domain in &domains {
+            let entry_id = kubemail_queue::entry_id(&tx.queue_id, domain);
+            match self.ctx.queue.upload(domain, entry_id) {
+                Ok(upload) => uploads.push(upload),
+                Err(error) => {
+                    tracing::info!(%error, "cannot store the body while it arrives; keeping it whole");
+                    return None;
+                }
+            }
+        }
+        let inbound_checks = self.user.is_none()
+            && self.conn.listener.kind == ListenerKind::Mx
+            && self
+                .ctx
+                .checks
+                .inbound_auth
+                .as_ref()
+                .is_some_and(|v| v.enabled());
+        let verify = if inbound_checks {
+            BodyHash::requested_by(header_section)
+        } else {
+            Vec::new()
+        };
+        let sign = self.user.is_some() && self.ctx.checks.dkim.is_some();
+        let strip = self.conn.listener.nul_bytes == NulBytes::Strip;
+        self.ctx.metrics.message_bodies_streamed.inc();
+        tracing::debug!(
+            header_section = header_section.len(),
+            uploads = uploads.len(),
+            "storing the message body while it arrives"
+        );
+        Some((Spill::new(uploads, strip, verify, sign), needed))
+    }
 }
 
 /// The body of one message on its way to the object store.
@@ -80,10 +158,6 @@ impl Spill {
             sign: sign.then(BodyHash::ours),
             failed: None,
         }
-    }
-
-    pub(super) fn uploads(&self) -> usize {
-        self.uploads.len()
     }
 
     /// Hands the next part of the body on. A failed upload is remembered (the message is

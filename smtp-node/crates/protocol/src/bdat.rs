@@ -122,6 +122,91 @@ pub fn check_bdat_message(
     }
 }
 
+/// [`check_bdat_message`] in pieces, for a message that is passed on while it arrives: each
+/// piece is checked and appended to `out` with its line endings normalized as the whole
+/// message would be. A CR at the end of a piece waits for the next one (it may be the first
+/// half of a CRLF); [`Self::finish`] decides about a CR at the very end.
+#[derive(Debug, Clone)]
+pub struct BdatLineCheck {
+    policy: BareEolPolicy,
+    max_content: usize,
+    /// Octets of the current line so far (its content, without a line ending).
+    line_len: usize,
+    pending_cr: bool,
+}
+
+impl BdatLineCheck {
+    pub fn new(policy: BareEolPolicy, max_line: usize) -> Self {
+        Self {
+            policy,
+            max_content: max_line.saturating_sub(2),
+            line_len: 0,
+            pending_cr: false,
+        }
+    }
+
+    /// Checks the next octets of the message and appends them to `out`.
+    pub fn feed(&mut self, input: &[u8], out: &mut BytesMut) -> Result<(), DataError> {
+        let mut pos = 0;
+        if self.pending_cr && !input.is_empty() {
+            self.pending_cr = false;
+            if input[0] == b'\n' {
+                pos = 1;
+            } else if self.policy == BareEolPolicy::Reject {
+                return Err(DataError::BareLineEnding);
+            }
+            out.extend_from_slice(b"\r\n");
+        }
+        let mut carried = self.line_len;
+        let mut line_start = pos;
+        let mut copied = pos;
+        while let Some(k) = memchr::memchr2(b'\r', b'\n', &input[pos..]) {
+            let at = pos + k;
+            if carried + (at - line_start) > self.max_content {
+                return Err(DataError::LineTooLong);
+            }
+            if input[at] == b'\r' && at + 1 == input.len() {
+                out.extend_from_slice(&input[copied..at]);
+                self.pending_cr = true;
+                self.line_len = 0;
+                return Ok(());
+            }
+            let (is_crlf, next) = match input[at] {
+                b'\r' if input[at + 1] == b'\n' => (true, at + 2),
+                _ => (false, at + 1),
+            };
+            if !is_crlf {
+                if self.policy == BareEolPolicy::Reject {
+                    return Err(DataError::BareLineEnding);
+                }
+                out.extend_from_slice(&input[copied..at]);
+                out.extend_from_slice(b"\r\n");
+                copied = next;
+            }
+            carried = 0;
+            line_start = next;
+            pos = next;
+        }
+        self.line_len = carried + (input.len() - line_start);
+        if self.line_len > self.max_content {
+            return Err(DataError::LineTooLong);
+        }
+        out.extend_from_slice(&input[copied..]);
+        Ok(())
+    }
+
+    /// Ends the message: a CR at its very end is bare.
+    pub fn finish(&mut self, out: &mut BytesMut) -> Result<(), DataError> {
+        if std::mem::take(&mut self.pending_cr) {
+            if self.policy == BareEolPolicy::Reject {
+                return Err(DataError::BareLineEnding);
+            }
+            out.extend_from_slice(b"\r\n");
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // tests may unwrap
 mod tests {
@@ -235,5 +320,48 @@ mod tests {
         let message = Bytes::from_static(b"a\r\nb\r\n");
         let checked = check_bdat_message(message.clone(), Normalize, 1000).unwrap();
         assert_eq!(checked.as_ptr(), message.as_ptr());
+    }
+
+    #[test]
+    fn the_check_in_pieces_agrees_with_the_whole_message_check() {
+        // Messages of text, CR, LF and CRLF, every way of cutting them in two or three.
+        let alphabet: &[&[u8]] = &[b"ab", b"\r", b"\n", b"\r\n", b"xyz", b"\r\r"];
+        let mut messages: Vec<Vec<u8>> = vec![Vec::new()];
+        for _ in 0..4 {
+            let mut next = Vec::new();
+            for m in &messages {
+                for a in alphabet {
+                    let mut n = m.clone();
+                    n.extend_from_slice(a);
+                    next.push(n);
+                }
+            }
+            messages.extend(next);
+            messages.sort();
+            messages.dedup();
+        }
+        for policy in [Normalize, Reject] {
+            for max_line in [5, 7, usize::MAX] {
+                for m in &messages {
+                    let whole = check_bdat_message(Bytes::from(m.clone()), policy, max_line);
+                    for i in 0..=m.len() {
+                        for j in i..=m.len() {
+                            let mut check = BdatLineCheck::new(policy, max_line);
+                            let mut out = BytesMut::new();
+                            let result = check
+                                .feed(&m[..i], &mut out)
+                                .and_then(|()| check.feed(&m[i..j], &mut out))
+                                .and_then(|()| check.feed(&m[j..], &mut out))
+                                .and_then(|()| check.finish(&mut out));
+                            match (&whole, result) {
+                                (Ok(w), Ok(())) => assert_eq!(&w[..], &out[..], "{m:?} at {i},{j}"),
+                                (Err(a), Err(b)) => assert_eq!(*a, b, "{m:?} at {i},{j}"),
+                                (w, r) => panic!("{m:?} at {i},{j}: whole {w:?}, pieces {r:?}"),
+                            }
+                        }
+                    }
+                }
+            }
+        }
     }
 }

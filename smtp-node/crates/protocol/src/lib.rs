@@ -38,7 +38,7 @@ pub use auth::{
     PlainCredentials, SaslError, decode_login_step, decode_plain, login_challenge_password,
     login_challenge_username,
 };
-pub use bdat::{BdatReceiver, check_bdat_message};
+pub use bdat::{BdatLineCheck, BdatReceiver, check_bdat_message};
 pub use client::{
     Capabilities, ClientCommand, EncodeError, ReplyError, encode_data, parse_reply, status_of,
 };
