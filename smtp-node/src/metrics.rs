@@ -83,7 +83,8 @@ pub struct Metrics {
     pub messages_accepted: Family<ListenerLabels, Counter>,
     pub messages_rejected: Family<ReasonLabels, Counter>,
     pub message_bytes: Counter,
-    /// Messages whose body went to the object store while it arrived ([`crate::queue::upload`]).
+    /// Messages whose body started going to the object store while it arrived (refused ones
+    /// too; see `session::spill`).
     pub message_bodies_streamed: Counter,
     pub auth: Family<ResultLabels, Counter>,
     /// Calls to the cluster-wide per-user AUTH failure count ([`crate::auth_limits`]) that
@@ -192,7 +193,7 @@ impl Metrics {
         );
         registry.register(
             "message_bodies_streamed",
-            "Messages whose body was stored in the object store while it arrived",
+            "Messages whose body started going to the object store while it arrived",
             m.message_bodies_streamed.clone(),
         );
         registry.register("auth", "AUTH attempts by result", m.auth.clone());

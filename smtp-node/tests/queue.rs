@@ -353,6 +353,32 @@ async fn twenty_mib_message_goes_through_the_object_store() {
     drop(c);
     wait_for_objects(nats, &node, &kept).await;
     assert_eq!(node.messages().await.len(), 1);
+
+    // A header section longer than an entry carries inline: the message stays whole and
+    // goes whole to the object store at its end.
+    let mut long_head = String::from("Subject: long head\r\n");
+    for i in 0..8_000 {
+        long_head.push_str(&format!("X-Filler-{i:05}: {}\r\n", "h".repeat(80)));
+    }
+    let message = format!("{long_head}\r\n{}", &body[body.len() - (1 << 20)..]);
+    let mut c = RawTcp::connect(node.ports.mx).await;
+    c.expect("220").await;
+    c.cmd("EHLO client.test", "250").await;
+    c.cmd("MAIL FROM:<a@remote.test>", "250").await;
+    c.cmd("RCPT TO:<bob@example.test>", "250").await;
+    c.cmd("DATA", "354").await;
+    c.send(message.as_bytes()).await;
+    c.send(b".\r\n").await;
+    c.expect("250 2.0.0").await;
+    c.cmd("QUIT", "221").await;
+    assert_eq!(counter(&metrics(&node), streamed), 3.0, "not stored while it arrived");
+    let entries = node.messages().await;
+    let e = entries
+        .iter()
+        .find(|e| e.body_str().contains("Subject: long head"))
+        .expect("the long-headed message");
+    assert_eq!(e.inline, 0, "the whole message is in the object");
+    assert!(e.body_str().ends_with(&message), "intact");
 }
 
 /// Sends `message` to bob@example.test with BDAT in chunks of 324,010 octets; the reply to

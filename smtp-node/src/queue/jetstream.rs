@@ -7,9 +7,11 @@
 //! connection is up; otherwise the client would buffer it and send it after a reconnect, long
 //! after the client was told `451` (a certain duplicate when it retries).
 //!
-//! An enqueue stores large bodies in the object store first (in the session's task), then
-//! hands its entries to the [`commit`](super::commit) task, which publishes them with the
-//! entries of other sessions in one atomic batch. Body objects that no entry refers to are
+//! A body past the inline limit that the session stored while it arrived
+//! ([`Queue::upload`]) comes with its object already written; the entry carries the header
+//! section in front of it. An enqueue stores other large bodies in the object store first (in
+//! the session's task), then hands its entries to the [`commit`](super::commit) task, which
+//! publishes them with the entries of other sessions in one atomic batch. Body objects that no entry refers to are
 //! removed: at once when the entry is known not to be stored (an error answer, or never
 //! sent, and no earlier batch of it went unanswered); otherwise (a timeout, a crash, an entry
 //! the stream already had) by the [`sweeper`](super::sweeper), which looks at the entries. An

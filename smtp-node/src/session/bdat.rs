@@ -153,7 +153,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                         && c.body.len() - body::HEADROOM > threshold
                     {
                         c.tried = true;
-                        c.spill = self.start_bdat_spill(&mut c.body, &mut c.held).await;
+                        c.spill = self
+                            .start_bdat_spill(&mut c.body, threshold, &mut c.held)
+                            .await;
                     }
                     progress
                 }
@@ -226,15 +228,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     }
 
     /// Starts storing the body of the BDAT message in `body` (after the headroom, as
-    /// received) while it arrives, if its header section is complete with CRLF line endings.
-    /// `body` keeps only octets still to be checked from then on. `None`: the message stays
-    /// whole, checked at its end.
+    /// received) while it arrives, if its header section is complete with CRLF line endings
+    /// and no longer than what an entry carries inline (`threshold`). `body` keeps only octets
+    /// still to be checked from then on. `None`: the message stays whole, checked at its end.
     async fn start_bdat_spill(
         &self,
         body: &mut BytesMut,
+        threshold: usize,
         held: &mut Reservation,
     ) -> Option<Spilling> {
         let offset = spill::body_offset(&body[body::HEADROOM..], 0)?;
+        if offset > threshold {
+            return None;
+        }
         let head_len = body::HEADROOM + offset;
         let mut check = BdatLineCheck::new(self.bare_eol_policy(), MAX_TEXT_LINE);
         let mut head = BytesMut::with_capacity(head_len);

@@ -73,8 +73,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         // receiver's buffer then holds only body octets not yet handed on.
         let threshold = self.ctx.queue.streaming_threshold();
         let mut spilling: Option<(Spill, BytesMut)> = None;
-        // How much of the message was searched for the end of its header section.
-        let mut scanned = 0;
+        // How much of the message was searched for the end of its header section; `None` once
+        // the spill was tried (it is tried once).
+        let mut scanned = Some(0);
         loop {
             // One feed stores at most twice what it consumes (see `stored_mut`).
             let spare = 2 * self.rbuf.len();
@@ -114,7 +115,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 && receiver.stored_mut().len().saturating_sub(body::HEADROOM) > threshold
             {
                 spilling = self
-                    .start_spill(receiver.stored_mut(), &mut scanned, &mut held)
+                    .start_spill(receiver.stored_mut(), threshold, &mut scanned, &mut held)
                     .await;
             }
             if done {
@@ -151,19 +152,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// Starts storing the body of the message in `stored` (after the headroom) while it
     /// arrives, once its header section is complete: `stored` keeps only body octets from then
     /// on, and the header section (with the headroom) is returned beside the spill. `None`
-    /// (the message stays whole) while the header section goes on, when the budget has no
-    /// room for the spill's buffers, or when the object store cannot be written.
+    /// (the message stays whole) while the header section goes on; and for good (`scanned`
+    /// becomes `None`) when the header section is longer than what an entry carries inline
+    /// (`threshold`), when the budget has no room for the spill's buffers, or when the object
+    /// store cannot be written.
     async fn start_spill(
         &self,
         stored: &mut BytesMut,
-        scanned: &mut usize,
+        threshold: usize,
+        scanned: &mut Option<usize>,
         held: &mut Reservation,
     ) -> Option<(Spill, BytesMut)> {
         let message = &stored[body::HEADROOM..];
-        let Some(offset) = spill::body_offset(message, *scanned) else {
-            *scanned = message.len();
+        let Some(offset) = spill::body_offset(message, (*scanned)?) else {
+            *scanned = Some(message.len());
             return None;
         };
+        *scanned = None;
+        if offset > threshold {
+            return None;
+        }
         let spare = 2 * self.rbuf.len();
         let head_len = body::HEADROOM + offset;
         let (mut spill, needed) = self

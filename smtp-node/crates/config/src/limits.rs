@@ -21,7 +21,10 @@ pub struct NodeLimits {
     /// Message bytes all sessions of the node together may hold in memory: bodies being
     /// received and bodies waiting for the queue's acknowledgement. A session that finds no
     /// room waits up to `memoryWait` and then gets `452 4.3.1`; the node never takes more.
-    /// At least twice the largest `maxMessageSize` (a growing buffer briefly exists twice).
+    /// At least twice the largest `maxMessageSize` (a growing buffer briefly exists twice):
+    /// a message past the inline body limit holds only its header section and a few chunks
+    /// while its body goes to the object store, but one whose header section does not end, or
+    /// whose body cannot be stored while it arrives, is held whole.
     /// Unset: half the container's memory limit (cgroup), or 512Mi without one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message_bytes_in_memory: Option<ByteSize>,
