@@ -1783,9 +1783,20 @@ fn big_message(k: usize, size: usize) -> String {
     m
 }
 
-/// Sends `message` once; `trickle` first sends its first 20 KiB at about 1 KiB/s (twice the
-/// minimum data rate). Returns the reply to the final dot (`None`: connection lost).
-async fn send_big(mx: SocketAddr, label: &str, message: &str, trickle: bool) -> Option<String> {
+/// How a client of the memory cases sends its message.
+enum Pace {
+    /// As fast as the node reads.
+    Steady,
+    /// The first 20 KiB at about 1 KiB/s (twice the minimum data rate), then steady.
+    Trickle,
+    /// The first 6 MiB, then a wait (at most 20 s) until the count reaches the total, then
+    /// the rest: every client that far before any goes on.
+    Together(Arc<AtomicUsize>, usize),
+}
+
+/// Sends `message` once at `pace`. Returns the reply to the final dot (`None`: connection
+/// lost).
+async fn send_big(mx: SocketAddr, label: &str, message: &str, pace: Pace) -> Option<String> {
     let mut c = SmtpTcp::connect(mx, label).await.ok()?;
     c.verbose = false;
     c.reply(Duration::from_secs(10)).await?;
@@ -1799,12 +1810,27 @@ async fn send_big(mx: SocketAddr, label: &str, message: &str, trickle: bool) -> 
         return Some(data);
     }
     let mut rest = message.as_bytes();
-    if trickle {
-        for _ in 0..20 {
-            let (head, tail) = rest.split_at(1024);
-            c.send_quiet(head).await.ok()?;
+    match pace {
+        Pace::Steady => {}
+        Pace::Trickle => {
+            for _ in 0..20 {
+                let (head, tail) = rest.split_at(1024);
+                c.send_quiet(head).await.ok()?;
+                rest = tail;
+                tokio::time::sleep(Duration::from_millis(1000)).await;
+            }
+        }
+        Pace::Together(arrived, total) => {
+            let (head, tail) = rest.split_at(6 << 20);
+            for chunk in head.chunks(64 * 1024) {
+                c.send_quiet(chunk).await.ok()?;
+            }
             rest = tail;
-            tokio::time::sleep(Duration::from_millis(1000)).await;
+            arrived.fetch_add(1, Ordering::SeqCst);
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while arrived.load(Ordering::SeqCst) < total && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
         }
     }
     for chunk in rest.chunks(64 * 1024) {
@@ -1812,6 +1838,71 @@ async fn send_big(mx: SocketAddr, label: &str, message: &str, trickle: bool) -> 
     }
     c.send_quiet(b".\r\n").await.ok()?;
     c.reply(Duration::from_secs(60)).await
+}
+
+/// A node on its own NATS for the memory cases: `maxMessageSize` 8Mi, a message memory
+/// budget of `budget_mib` MiB and a wait of `wait` for room in it.
+fn budget_node(budget_mib: u64, wait: &str) -> (Nats, Node) {
+    let nats = Nats::single(NatsOptions::default());
+    let node = Node::start(&nats.url(), |c, _| {
+        c["domains"][0]["limits"] = json!({ "maxMessageSize": "8Mi" });
+        c["limits"] =
+            json!({ "messageBytesInMemory": format!("{budget_mib}Mi"), "memoryWait": wait });
+        c["nats"]["publishTimeout"] = json!("10s");
+    });
+    (nats, node)
+}
+
+/// The results of `tasks`, in order.
+async fn joined<T>(tasks: Vec<tokio::task::JoinHandle<T>>) -> Vec<T> {
+    let mut out = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        out.push(t.await.expect("client task"));
+    }
+    out
+}
+
+/// Notes the node's peak RSS and asserts it stayed below the RSS at start plus the budget
+/// plus `overhead_mib`.
+fn assert_peak_rss(case: &Case, rss_before: u64, hwm: u64, budget_mib: u64, overhead_mib: u64) {
+    case.note(format!(
+        "node RSS {} MiB at start, peak (VmHWM) {} MiB; limit {} MiB",
+        rss_before / 1024,
+        hwm / 1024,
+        (rss_before / 1024) + budget_mib + overhead_mib
+    ));
+    assert!(
+        hwm <= rss_before + (budget_mib + overhead_mib) * 1024,
+        "peak RSS {} MiB exceeds start {} MiB + budget {budget_mib} MiB + {overhead_mib} MiB",
+        hwm / 1024,
+        rss_before / 1024
+    );
+}
+
+/// Asserts that each of `messages` (`Subject: MEM-<k>`) was stored once, as our `Received`
+/// field followed by the message octet for octet.
+fn assert_stored_intact(
+    stored: &std::collections::HashMap<String, Vec<Vec<u8>>>,
+    messages: &[Arc<String>],
+) {
+    for (k, message) in messages.iter().enumerate() {
+        let copies = stored.get(&format!("MEM-{k}")).cloned().unwrap_or_default();
+        assert_eq!(copies.len(), 1, "MEM-{k}: one stored copy");
+        let original = message.as_bytes();
+        let copy = &copies[0];
+        assert!(
+            copy.ends_with(original) && copy.starts_with(b"Received: "),
+            "MEM-{k}: the stored message is our Received header and the message octet for octet ({} stored, {} sent)",
+            copy.len(),
+            original.len()
+        );
+        assert!(
+            !copy[..copy.len() - original.len()]
+                .windows(9)
+                .any(|w| w == b"Subject: "),
+            "MEM-{k}: nothing but our header in front"
+        );
+    }
 }
 
 /// Every stored message of `node`, bodies read from the object store where they are there,
@@ -1864,13 +1955,7 @@ fn near_limit_messages_in_flight_together_are_stored_while_they_arrive() {
         "8 concurrent 7.5 MiB messages (maxMessageSize 8Mi), all 6 MiB into their data at the same moment, against limits.messageBytesInMemory 16Mi (twice the largest message, the least allowed) and memoryWait 1s",
         "every message gets 250 at its first try; peak RSS (VmHWM) stays below the RSS at start + 16 MiB + 64 MiB; every 250 is in the stream octet for octet, its body in the object store",
     );
-    let nats = Nats::single(NatsOptions::default());
-    let node = Node::start(&nats.url(), |c, _| {
-        c["domains"][0]["limits"] = json!({ "maxMessageSize": "8Mi" });
-        c["limits"] =
-            json!({ "messageBytesInMemory": format!("{BUDGET_MIB}Mi"), "memoryWait": "1s" });
-        c["nats"]["publishTimeout"] = json!("10s");
-    });
+    let (nats, node) = budget_node(BUDGET_MIB, "1s");
     let rt = runtime();
     let rss_before = node.rss_kib();
     let mx = node.ports.mx;
@@ -1878,55 +1963,19 @@ fn near_limit_messages_in_flight_together_are_stored_while_they_arrive() {
         .map(|k| Arc::new(big_message(k, 7_500_000)))
         .collect();
     let arrived = Arc::new(AtomicUsize::new(0));
-    let results: Vec<(usize, Option<String>)> = rt.block_on(async {
-        let tasks: Vec<_> = messages
-            .iter()
-            .enumerate()
-            .map(|(k, m)| {
-                let m = m.clone();
-                let arrived = arrived.clone();
-                tokio::spawn(async move {
-                    let reply = async {
-                        let mut c = SmtpTcp::connect(mx, &format!("mem3-{k}")).await.ok()?;
-                        c.verbose = false;
-                        c.reply(Duration::from_secs(10)).await?;
-                        c.cmd("EHLO load.test", Duration::from_secs(10)).await?;
-                        c.cmd("MAIL FROM:<load@relay.invalid>", Duration::from_secs(10))
-                            .await?;
-                        c.cmd("RCPT TO:<bob@example.test>", Duration::from_secs(10))
-                            .await?;
-                        let data = c.cmd("DATA", Duration::from_secs(10)).await?;
-                        if !data.starts_with("354") {
-                            return Some(data);
-                        }
-                        let (first, rest) = m.as_bytes().split_at(6 << 20);
-                        for chunk in first.chunks(64 * 1024) {
-                            c.send_quiet(chunk).await.ok()?;
-                        }
-                        // Every client this far before any goes on (bounded: a session held
-                        // up by the budget never lets its client get here).
-                        arrived.fetch_add(1, Ordering::SeqCst);
-                        let deadline = Instant::now() + Duration::from_secs(20);
-                        while arrived.load(Ordering::SeqCst) < CLIENTS && Instant::now() < deadline
-                        {
-                            tokio::time::sleep(Duration::from_millis(20)).await;
-                        }
-                        for chunk in rest.chunks(64 * 1024) {
-                            c.send_quiet(chunk).await.ok()?;
-                        }
-                        c.send_quiet(b".\r\n").await.ok()?;
-                        c.reply(Duration::from_secs(60)).await
-                    }
-                    .await;
-                    (k, reply)
+    let results: Vec<Option<String>> = rt.block_on(async {
+        joined(
+            messages
+                .iter()
+                .enumerate()
+                .map(|(k, m)| {
+                    let m = m.clone();
+                    let pace = Pace::Together(arrived.clone(), CLIENTS);
+                    tokio::spawn(async move { send_big(mx, &format!("mem3-{k}"), &m, pace).await })
                 })
-            })
-            .collect();
-        let mut out = Vec::new();
-        for t in tasks {
-            out.push(t.await.expect("client task"));
-        }
-        out
+                .collect(),
+        )
+        .await
     });
     let hwm = vm_hwm_kib(node.pid());
     case.note(format!(
@@ -1934,18 +1983,12 @@ fn near_limit_messages_in_flight_together_are_stored_while_they_arrive() {
         arrived.load(Ordering::SeqCst),
         results
             .iter()
-            .map(|(_, r)| r
+            .map(|r| r
                 .as_deref()
                 .map_or("lost".to_owned(), |r| r.chars().take(9).collect()))
             .collect::<Vec<_>>()
     ));
-    case.note(format!(
-        "node RSS {} MiB at start, peak (VmHWM) {} MiB; limit {} MiB",
-        rss_before / 1024,
-        hwm / 1024,
-        (rss_before / 1024) + BUDGET_MIB + OVERHEAD_MIB
-    ));
-    for (k, reply) in &results {
+    for (k, reply) in results.iter().enumerate() {
         assert!(
             reply.as_deref().is_some_and(|r| r.starts_with("250")),
             "MEM-{k}: {reply:?}"
@@ -1956,21 +1999,9 @@ fn near_limit_messages_in_flight_together_are_stored_while_they_arrive() {
         CLIENTS,
         "all in flight together"
     );
-    assert!(
-        hwm <= rss_before + (BUDGET_MIB + OVERHEAD_MIB) * 1024,
-        "peak RSS {} MiB exceeds start {} MiB + budget {BUDGET_MIB} MiB + {OVERHEAD_MIB} MiB",
-        hwm / 1024,
-        rss_before / 1024
-    );
+    assert_peak_rss(&case, rss_before, hwm, BUDGET_MIB, OVERHEAD_MIB);
     let stored = rt.block_on(stored_messages(&nats.url(), &node));
-    for (k, m) in messages.iter().enumerate() {
-        let copies = stored.get(&format!("MEM-{k}")).cloned().unwrap_or_default();
-        assert_eq!(copies.len(), 1, "MEM-{k}: one stored copy");
-        assert!(
-            copies[0].ends_with(m.as_bytes()) && copies[0].starts_with(b"Received: "),
-            "MEM-{k}: our Received field, then the message octet for octet"
-        );
-    }
+    assert_stored_intact(&stored, &messages);
     case.pass(format!(
         "all {CLIENTS} accepted at the first try, in flight together; peak RSS {} MiB (start {} MiB, budget {BUDGET_MIB} MiB)",
         hwm / 1024,
@@ -1989,13 +2020,7 @@ fn memory_budget_holds_under_many_near_limit_messages() {
         "20 concurrent 7.5 MiB messages (maxMessageSize 8Mi), 4 of them trickling, against limits.messageBytesInMemory 32Mi",
         "peak RSS (VmHWM) stays below the RSS at start + 32 MiB + 64 MiB; sessions without room wait and get 452 4.3.1, retry and are accepted; every 250 is in the stream octet for octet",
     );
-    let nats = Nats::single(NatsOptions::default());
-    let node = Node::start(&nats.url(), |c, _| {
-        c["domains"][0]["limits"] = json!({ "maxMessageSize": "8Mi" });
-        c["limits"] =
-            json!({ "messageBytesInMemory": format!("{BUDGET_MIB}Mi"), "memoryWait": "3s" });
-        c["nats"]["publishTimeout"] = json!("10s");
-    });
+    let (nats, node) = budget_node(BUDGET_MIB, "3s");
     let rt = runtime();
     let rss_before = node.rss_kib();
     let mx = node.ports.mx;
@@ -2005,36 +2030,38 @@ fn memory_budget_holds_under_many_near_limit_messages() {
         .collect();
     let started = Instant::now();
     let results = rt.block_on(async {
-        let tasks: Vec<_> = messages
-            .iter()
-            .enumerate()
-            .map(|(k, m)| {
-                let m = m.clone();
-                tokio::spawn(async move {
-                    let mut replies = Vec::new();
-                    let deadline = Instant::now() + Duration::from_secs(180);
-                    // A refused client tries again, as real ones do; bounded in time.
-                    while Instant::now() < deadline {
-                        let reply =
-                            send_big(mx, &format!("mem-{k}"), &m, k < 4 && replies.is_empty())
+        joined(
+            messages
+                .iter()
+                .enumerate()
+                .map(|(k, m)| {
+                    let m = m.clone();
+                    tokio::spawn(async move {
+                        let mut replies = Vec::new();
+                        let deadline = Instant::now() + Duration::from_secs(180);
+                        // A refused client tries again, as real ones do; bounded in time.
+                        while Instant::now() < deadline {
+                            let pace = if k < 4 && replies.is_empty() {
+                                Pace::Trickle
+                            } else {
+                                Pace::Steady
+                            };
+                            let reply = send_big(mx, &format!("mem-{k}"), &m, pace)
                                 .await
                                 .unwrap_or_else(|| "lost".to_owned());
-                        let ok = reply.starts_with("250");
-                        replies.push(reply);
-                        if ok {
-                            break;
+                            let ok = reply.starts_with("250");
+                            replies.push(reply);
+                            if ok {
+                                break;
+                            }
+                            tokio::time::sleep(Duration::from_millis(300)).await;
                         }
-                        tokio::time::sleep(Duration::from_millis(300)).await;
-                    }
-                    (k, replies)
+                        (k, replies)
+                    })
                 })
-            })
-            .collect();
-        let mut out = Vec::new();
-        for t in tasks {
-            out.push(t.await.expect("client task"));
-        }
-        out
+                .collect(),
+        )
+        .await
     });
     let hwm = vm_hwm_kib(node.pid());
     let refusals: Vec<String> = results
@@ -2049,47 +2076,21 @@ fn memory_budget_holds_under_many_near_limit_messages() {
         refusals.len(),
         refusals.iter().take(5).collect::<Vec<_>>()
     ));
-    case.note(format!(
-        "node RSS {} MiB at start, peak (VmHWM) {} MiB; limit {} MiB",
-        rss_before / 1024,
-        hwm / 1024,
-        (rss_before / 1024) + BUDGET_MIB + OVERHEAD_MIB
-    ));
     assert!(
         refusals
             .iter()
             .all(|r| r.starts_with("452 4.3.1") || r.starts_with("lost")),
         "only 452 4.3.1 while waiting for memory: {refusals:?}"
     );
-    assert!(
-        hwm <= rss_before + (BUDGET_MIB + OVERHEAD_MIB) * 1024,
-        "peak RSS {} MiB exceeds start {} MiB + budget {BUDGET_MIB} MiB + {OVERHEAD_MIB} MiB",
-        hwm / 1024,
-        rss_before / 1024
-    );
-    let stored = rt.block_on(stored_messages(&nats.url(), &node));
+    assert_peak_rss(&case, rss_before, hwm, BUDGET_MIB, OVERHEAD_MIB);
     for (k, replies) in &results {
         assert!(
             replies.last().is_some_and(|r| r.starts_with("250")),
             "MEM-{k} never accepted: {replies:?}"
         );
-        let copies = stored.get(&format!("MEM-{k}")).cloned().unwrap_or_default();
-        assert_eq!(copies.len(), 1, "MEM-{k}: one stored copy");
-        let original = messages[*k].as_bytes();
-        let copy = &copies[0];
-        assert!(
-            copy.ends_with(original) && copy.starts_with(b"Received: "),
-            "MEM-{k}: the stored message is our Received header and the message octet for octet ({} stored, {} sent)",
-            copy.len(),
-            original.len()
-        );
-        assert!(
-            !copy[..copy.len() - original.len()]
-                .windows(9)
-                .any(|w| w == b"Subject: "),
-            "MEM-{k}: nothing but our header in front"
-        );
     }
+    let stored = rt.block_on(stored_messages(&nats.url(), &node));
+    assert_stored_intact(&stored, &messages);
     case.pass(format!(
         "peak RSS {} MiB (start {} MiB, budget {BUDGET_MIB} MiB); all {clients} accepted intact after {} refusals",
         hwm / 1024,

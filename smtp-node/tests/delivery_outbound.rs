@@ -14,16 +14,18 @@ use delivery_support::{
     metrics, parse_dsn, remote_zone, submit, wait_until,
 };
 
-#[tokio::test(flavor = "multi_thread")]
-async fn submitted_mail_reaches_the_remote_mx_with_two_valid_dkim_signatures() {
-    let nats = Nats::start();
-    let mailpit = Mailpit::start();
-    let knot = Knot::start(&[example_zone(), remote_zone("127.0.0.1")]);
-    let node = Node::start_with(&nats.url(), true, |c| {
+/// A delivering node with both DKIM keys of example.test, whose remote MX is `mailpit`.
+fn signing_node(
+    nats: &Nats,
+    knot: &Knot,
+    mailpit: &Mailpit,
+    more: impl FnOnce(&mut serde_json::Value),
+) -> Node {
+    Node::start_with(&nats.url(), true, |c| {
         configure(
             c,
             &Setup {
-                dns: &knot,
+                dns: knot,
                 mx_port: mailpit.smtp_port,
                 inbound_port: Some(mailpit.smtp_port),
                 allow_loopback: true,
@@ -31,6 +33,16 @@ async fn submitted_mail_reaches_the_remote_mx_with_two_valid_dkim_signatures() {
                 inbound_auth: None,
             },
         );
+        more(c);
+    })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn submitted_mail_reaches_the_remote_mx_with_two_valid_dkim_signatures() {
+    let nats = Nats::start();
+    let mailpit = Mailpit::start();
+    let knot = Knot::start(&[example_zone(), remote_zone("127.0.0.1")]);
+    let node = signing_node(&nats, &knot, &mailpit, |c| {
         // Long enough that the pooled connection outlives the checks between the two
         // messages on a loaded machine (the shared test setting is 2 s).
         c["delivery"]["connections"]["idleTimeout"] = serde_json::json!("60s");
@@ -119,19 +131,7 @@ async fn a_large_submitted_message_stored_while_it_arrives_is_signed_over_its_wh
     let nats = Nats::start();
     let mailpit = Mailpit::start();
     let knot = Knot::start(&[example_zone(), remote_zone("127.0.0.1")]);
-    let node = Node::start_with(&nats.url(), true, |c| {
-        configure(
-            c,
-            &Setup {
-                dns: &knot,
-                mx_port: mailpit.smtp_port,
-                inbound_port: Some(mailpit.smtp_port),
-                allow_loopback: true,
-                dkim: true,
-                inbound_auth: None,
-            },
-        );
-    });
+    let node = signing_node(&nats, &knot, &mailpit, |_| {});
     let subject = unique("large-dkim");
     // About 1.5 MiB; whitespace that relaxed canonicalization folds, empty lines at the end.
     let mut body = String::with_capacity(1_600_000);

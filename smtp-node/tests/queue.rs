@@ -209,14 +209,38 @@ async fn sigkill_right_after_250_loses_nothing() {
     assert_eq!(node.messages().await.len(), 2);
 }
 
-/// The names of the objects in `node`'s body bucket.
-async fn body_objects(nats: &Nats, node: &Node) -> Vec<String> {
+/// A new MX connection to `node` in the data phase of a message from a@remote.test to
+/// bob@example.test.
+async fn data_to_bob(node: &Node) -> RawTcp {
+    let mut c = RawTcp::connect(node.ports.mx).await;
+    c.expect("220").await;
+    c.cmd("EHLO client.test", "250").await;
+    c.cmd("MAIL FROM:<a@remote.test>", "250").await;
+    c.cmd("RCPT TO:<bob@example.test>", "250").await;
+    c.cmd("DATA", "354").await;
+    c
+}
+
+/// `node`'s body bucket and a JetStream context on `nats`.
+async fn body_store(
+    nats: &Nats,
+    node: &Node,
+) -> (
+    async_nats::jetstream::Context,
+    async_nats::jetstream::object_store::ObjectStore,
+) {
     let client = async_nats::connect(nats.url()).await.expect("connect");
     let js = async_nats::jetstream::new(client);
     let store = js
         .get_object_store(node.body_bucket())
         .await
         .expect("bucket");
+    (js, store)
+}
+
+/// The names of the objects in `node`'s body bucket.
+async fn body_objects(nats: &Nats, node: &Node) -> Vec<String> {
+    let (_, store) = body_store(nats, node).await;
     let mut list = store.list().await.expect("list");
     let mut names = Vec::new();
     while let Some(info) = list.next().await {
@@ -337,12 +361,7 @@ async fn twenty_mib_message_goes_through_the_object_store() {
     wait_for_objects(nats, &node, &kept).await;
 
     // A client that goes away in the middle of a large message.
-    let mut c = RawTcp::connect(node.ports.mx).await;
-    c.expect("220").await;
-    c.cmd("EHLO client.test", "250").await;
-    c.cmd("MAIL FROM:<a@remote.test>", "250").await;
-    c.cmd("RCPT TO:<bob@example.test>", "250").await;
-    c.cmd("DATA", "354").await;
+    let mut c = data_to_bob(&node).await;
     c.send(body.as_bytes()[..4 << 20].as_ref()).await;
     // The body is on its way to the store when the connection drops.
     wait_until(
@@ -361,17 +380,16 @@ async fn twenty_mib_message_goes_through_the_object_store() {
         long_head.push_str(&format!("X-Filler-{i:05}: {}\r\n", "h".repeat(80)));
     }
     let message = format!("{long_head}\r\n{}", &body[body.len() - (1 << 20)..]);
-    let mut c = RawTcp::connect(node.ports.mx).await;
-    c.expect("220").await;
-    c.cmd("EHLO client.test", "250").await;
-    c.cmd("MAIL FROM:<a@remote.test>", "250").await;
-    c.cmd("RCPT TO:<bob@example.test>", "250").await;
-    c.cmd("DATA", "354").await;
+    let mut c = data_to_bob(&node).await;
     c.send(message.as_bytes()).await;
     c.send(b".\r\n").await;
     c.expect("250 2.0.0").await;
     c.cmd("QUIT", "221").await;
-    assert_eq!(counter(&metrics(&node), streamed), 3.0, "not stored while it arrived");
+    assert_eq!(
+        counter(&metrics(&node), streamed),
+        3.0,
+        "not stored while it arrived"
+    );
     let entries = node.messages().await;
     let e = entries
         .iter()
@@ -891,12 +909,7 @@ async fn the_sweeper_deletes_only_bodies_no_entry_refers_to() {
     use kubemail_smtp_node::queue::{QueueEntry, QueueId};
     let nats = Nats::shared();
     let node = Node::start(&nats.url());
-    let client = async_nats::connect(nats.url()).await.expect("connect");
-    let js = async_nats::jetstream::new(client);
-    let store = js
-        .get_object_store(node.body_bucket())
-        .await
-        .expect("bucket");
+    let (js, store) = body_store(nats, &node).await;
     let queue_id = QueueId::new();
     let referenced = format!("{queue_id}.example.test");
     let orphan = format!("{}.example.test", QueueId::new());
