@@ -55,13 +55,12 @@ struct Spilling {
 }
 
 impl Spilling {
-    /// Checks and hands on what `raw` holds (emptying it); a chunk's worth at a time.
-    async fn take(&mut self, raw: &mut BytesMut) {
-        let raw = raw.split();
+    /// Checks the next octets of the message, and hands them on a chunk's worth at a time.
+    async fn take(&mut self, raw: &[u8]) {
         if self.error.is_some() {
             return;
         }
-        if let Err(error) = self.check.feed(&raw, &mut self.pending) {
+        if let Err(error) = self.check.feed(raw, &mut self.pending) {
             self.error = Some(error);
             return;
         }
@@ -147,7 +146,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 Some(c) if store => {
                     let progress = receiver.feed(&mut self.rbuf, &mut c.body);
                     if let Some(spilling) = c.spill.as_mut() {
-                        spilling.take(&mut c.body).await;
+                        let raw = c.body.split();
+                        spilling.take(&raw).await;
                     } else if !c.tried
                         && let Some(threshold) = threshold
                         && c.body.len() - body::HEADROOM > threshold
@@ -262,10 +262,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             pending: BytesMut::new(),
             error: None,
         };
+        // In chunks (the spill's room holds those on their way), so the buffer of the whole
+        // message so far is gone when `held` shrinks.
         let whole = std::mem::take(body);
         for piece in whole[head_len..].chunks(spill::CHUNK) {
-            let mut piece = BytesMut::from(piece);
-            spilling.take(&mut piece).await;
+            spilling.take(piece).await;
         }
         drop(whole);
         held.shrink_to(needed);

@@ -123,26 +123,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
             self.fill_data(&mut budget).await?;
         }
-        match receiver.finish_buffer() {
-            Ok(_) if short_of_memory => {
+        match (receiver.finish_buffer(), spilling) {
+            (Ok(_), _) if short_of_memory => {
                 self.reject_message(insufficient_storage(), "memory_full");
                 Ok(Next::Continue)
             }
-            Ok(rest) if spilling.is_some() => {
-                let Some((mut spill, head)) = spilling else {
-                    return Ok(Next::Continue);
-                };
+            (Ok(rest), Some((mut spill, head))) => {
                 spill.write(rest.freeze()).await;
                 let message = Assembled::new(head, body::HEADROOM);
                 Box::pin(self.complete_transaction(message, held, Some(spill))).await
             }
             // Boxed: inbound checks and the queue publish make this the largest future of a
             // session; inline, every idle session's task would carry its space.
-            Ok(buf) => {
+            (Ok(buf), None) => {
                 let message = Assembled::new(buf, body::HEADROOM);
                 Box::pin(self.complete_transaction(message, held, None)).await
             }
-            Err(error) => {
+            (Err(error), _) => {
                 self.reject_message(error.reply(), reason_of(&error));
                 Ok(Next::Continue)
             }
@@ -179,8 +176,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             .await?;
         let head = BytesMut::from(&stored[..head_len]);
         let whole = std::mem::replace(stored, BytesMut::with_capacity(spill::CHUNK + spare));
-        let body = whole.freeze().slice(head_len..);
-        spill.write(body).await;
+        // In chunks (the spill's room holds those on their way), so the buffer of the whole
+        // message so far is gone when `held` shrinks.
+        for piece in whole[head_len..].chunks(spill::CHUNK) {
+            spill.write(bytes::Bytes::copy_from_slice(piece)).await;
+        }
+        drop(whole);
         held.shrink_to(needed);
         Some((spill, head))
     }
@@ -222,7 +223,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         };
         let span = tx.span.clone();
         record_envelope(&span, &tx);
-        let stored_size = spill.as_ref().map_or(0, |s| s.tail().size);
+        let stored_size = spill.as_ref().map_or(0, Spill::size);
         span.record(
             "smtp.message_size",
             message.message().len() as u64 + stored_size,

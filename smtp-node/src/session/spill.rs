@@ -73,7 +73,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let needed = (HEADROOM + header_section.len() + memory(domains.len(), spare)) as u64;
         let budget = self.ctx.memory.clone();
         // The message so far stays until its body is handed on.
-        let now = held.bytes().max(needed + whole as u64);
+        let before = held.bytes();
+        let now = before.max(needed + whole as u64);
         if held
             .grow_to(now, Instant::now() + budget.wait())
             .await
@@ -88,6 +89,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 Ok(upload) => uploads.push(upload),
                 Err(error) => {
                     tracing::info!(%error, "cannot store the body while it arrives; keeping it whole");
+                    held.shrink_to(before);
                     return None;
                 }
             }
@@ -203,6 +205,11 @@ impl Spill {
     /// Whether the body has NUL octets that are not removed: the message is refused.
     pub(super) fn refuses_nul(&self) -> bool {
         self.nul && !self.strip_nul
+    }
+
+    /// Octets of the body stored so far.
+    pub(super) fn size(&self) -> u64 {
+        self.size
     }
 
     /// Size and digest of the body as stored.
