@@ -399,6 +399,67 @@ async fn twenty_mib_message_goes_through_the_object_store() {
     assert!(e.body_str().ends_with(&message), "intact");
 }
 
+/// A large message for two domains: its body goes to each domain's bucket while it arrives,
+/// and each domain's entry carries the header section and refers to its own object.
+#[tokio::test]
+async fn a_large_message_for_two_domains_is_stored_in_each_domains_bucket() {
+    let nats = Nats::shared();
+    let node = Node::start_with(&nats.url(), true, |c| {
+        c["domains"].as_array_mut().expect("domains").push(json!({
+            "name": "other.test",
+            "recipients": ["carol"],
+            "inbound": { "host": "127.0.0.1", "port": 9, "protocol": "smtp" },
+        }));
+    });
+    let mut message = String::from("Subject: two domains\r\n\r\n");
+    let mut i = 0u64;
+    while message.len() < 2 << 20 {
+        message.push_str(&format!("{i:08} {}\r\n", "d".repeat(70)));
+        i += 1;
+    }
+    let mut c = RawTcp::connect(node.ports.mx).await;
+    c.expect("220").await;
+    c.cmd("EHLO client.test", "250").await;
+    c.cmd("MAIL FROM:<a@remote.test>", "250").await;
+    c.cmd("RCPT TO:<bob@example.test>", "250").await;
+    c.cmd("RCPT TO:<carol@other.test>", "250").await;
+    c.cmd("DATA", "354").await;
+    c.send(message.as_bytes()).await;
+    c.send(b".\r\n").await;
+    c.expect("250 2.0.0").await;
+    c.cmd("QUIT", "221").await;
+    assert_eq!(
+        counter(
+            &metrics(&node),
+            "kubemail_smtp_message_bodies_streamed_total"
+        ),
+        1.0
+    );
+    let entries = node.messages().await;
+    assert_eq!(entries.len(), 2, "one entry per domain");
+    let mut buckets = Vec::new();
+    for e in &entries {
+        let domain = e.header("Kubemail-Domain").expect("domain");
+        let reference = e.header("Kubemail-Body-Ref").expect("a body object");
+        let (bucket, object) = reference.split_once('/').expect("bucket/object");
+        assert_eq!(
+            bucket,
+            kubemail_queue::body_bucket(&node.bucket, domain),
+            "{domain}'s own bucket"
+        );
+        assert!(object.ends_with(&format!(".{domain}")), "{object}");
+        buckets.push(bucket.to_owned());
+        assert!(e.body_str().ends_with(&message), "{domain}: intact");
+        assert!(
+            e.body_str()[..e.inline].ends_with("Subject: two domains\r\n\r\n"),
+            "{domain}: the entry carries the header section"
+        );
+    }
+    buckets.sort();
+    buckets.dedup();
+    assert_eq!(buckets.len(), 2);
+}
+
 /// Sends `message` to bob@example.test with BDAT in chunks of 324,010 octets; the reply to
 /// the last chunk sent (the first that was not `250`).
 async fn send_bdat(c: &mut RawTcp, message: &[u8]) -> String {

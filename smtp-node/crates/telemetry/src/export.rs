@@ -250,6 +250,9 @@ impl<E: SpanExporter + 'static> Worker<E> {
         let mut tick = tokio::time::interval(self.config.delay);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            // `recv_many` adds to what the batch holds: no more than the room left in it (at
+            // least 1: a full batch was exported below).
+            let room = self.config.max_batch.saturating_sub(batch.len()).max(1);
             tokio::select! {
                 biased;
                 message = control.recv() => match message {
@@ -272,7 +275,7 @@ impl<E: SpanExporter + 'static> Worker<E> {
                         return;
                     }
                 },
-                n = spans.recv_many(&mut batch, self.config.max_batch) => {
+                n = spans.recv_many(&mut batch, room) => {
                     if n == 0 {
                         self.export(&mut batch).await;
                         return;
@@ -401,6 +404,34 @@ mod tests {
         assert!(batches.iter().all(|&n| n <= 4), "{batches:?}");
         assert_eq!(m.exported.get(), 10);
         assert_eq!(dropped(&m, "queue_full") + dropped(&m, "export_failed"), 0);
+    }
+
+    /// Spans that arrive while a batch is partly filled never make it larger than
+    /// `max_batch` (one thread: the processor runs only when the test yields).
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_partly_filled_batch_takes_no_more_than_its_room() {
+        let exporter = Recording::default();
+        let m = ExportMetrics::default();
+        let config = BatchConfig {
+            max_batch: 4,
+            delay: Duration::from_secs(3600),
+            ..BatchConfig::default()
+        };
+        let p = provider(exporter.clone(), config, &m);
+        let tracer = p.tracer("test");
+        for _ in 0..2 {
+            tracer.start("span").end();
+        }
+        tokio::task::yield_now().await;
+        for _ in 0..4 {
+            tracer.start("span").end();
+        }
+        tokio::task::yield_now().await;
+        tokio::task::spawn_blocking(move || p.shutdown().unwrap())
+            .await
+            .unwrap();
+        let batches = exporter.batches.lock().unwrap().clone();
+        assert_eq!(batches, [4, 2]);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
