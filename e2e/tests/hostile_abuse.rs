@@ -1920,7 +1920,7 @@ async fn stored_messages(
         if let Some((bucket, name)) = e
             .headers
             .get("Kubemail-Body-Ref")
-            .and_then(|r| r.split_once('/'))
+            .and_then(|r| kubemail_queue::split_body_ref(r))
         {
             use tokio::io::AsyncReadExt as _;
             let store = js.get_object_store(bucket).await.expect("body bucket");

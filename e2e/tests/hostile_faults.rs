@@ -1059,7 +1059,10 @@ fn enqueue_atomicity_with_nats_killed_mid_transaction() {
         let mut bodies = Vec::new();
         for e in &entries {
             let reference = e.headers.get("Kubemail-Body-Ref").cloned();
-            let body = match reference.as_deref().and_then(|r| r.split_once('/')) {
+            let body = match reference
+                .as_deref()
+                .and_then(kubemail_queue::split_body_ref)
+            {
                 Some((bucket, name)) => {
                     let store = stores.get(bucket).expect("the entry's domain bucket");
                     let mut object = store.get(name).await.expect("an entry's body object");
@@ -1091,8 +1094,12 @@ fn enqueue_atomicity_with_nats_killed_mid_transaction() {
             .entry(token)
             .or_default()
             .push(headers.get("Kubemail-Domain").cloned().unwrap_or_default());
-        if let Some(r) = reference {
-            referenced.insert(r.clone());
+        // As `<bucket>/<object>`, the form of the names listed above.
+        if let Some((bucket, object)) = reference
+            .as_deref()
+            .and_then(kubemail_queue::split_body_ref)
+        {
+            referenced.insert(kubemail_queue::body_ref(bucket, object));
         }
     }
     for (token, _) in &sent {

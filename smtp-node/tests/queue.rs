@@ -305,10 +305,9 @@ async fn twenty_mib_message_goes_through_the_object_store() {
     assert_eq!(
         e.header("Kubemail-Body-Ref"),
         Some(
-            format!(
-                "{}/{}.example.test",
-                node.body_bucket(),
-                e.header("Kubemail-Queue-Id").unwrap()
+            kubemail_queue::body_ref_after_head(
+                &node.body_bucket(),
+                &format!("{}.example.test", e.header("Kubemail-Queue-Id").unwrap())
             )
             .as_str()
         )
@@ -396,6 +395,10 @@ async fn twenty_mib_message_goes_through_the_object_store() {
         .find(|e| e.body_str().contains("Subject: long head"))
         .expect("the long-headed message");
     assert_eq!(e.inline, 0, "the whole message is in the object");
+    assert!(
+        !e.header("Kubemail-Body-Ref").unwrap().contains("+head"),
+        "the plain reference of a body stored whole"
+    );
     assert!(e.body_str().ends_with(&message), "intact");
 }
 
@@ -441,7 +444,8 @@ async fn a_large_message_for_two_domains_is_stored_in_each_domains_bucket() {
     for e in &entries {
         let domain = e.header("Kubemail-Domain").expect("domain");
         let reference = e.header("Kubemail-Body-Ref").expect("a body object");
-        let (bucket, object) = reference.split_once('/').expect("bucket/object");
+        assert!(reference.contains("+head/"), "{reference}");
+        let (bucket, object) = kubemail_queue::split_body_ref(reference).expect("bucket/object");
         assert_eq!(
             bucket,
             kubemail_queue::body_bucket(&node.bucket, domain),
@@ -458,6 +462,13 @@ async fn a_large_message_for_two_domains_is_stored_in_each_domains_bucket() {
     buckets.sort();
     buckets.dedup();
     assert_eq!(buckets.len(), 2);
+    // A node of an earlier release takes the reference's bucket part as it is: it cannot open
+    // that, so it defers the message instead of delivering the object without the header
+    // section its entry carries.
+    let (js, _) = body_store(nats, &node).await;
+    let reference = entries[0].header("Kubemail-Body-Ref").expect("reference");
+    let (as_is, _) = reference.split_once('/').expect("bucket part");
+    assert!(js.get_object_store(as_is).await.is_err(), "{as_is}");
 }
 
 /// Sends `message` to bob@example.test with BDAT in chunks of 324,010 octets; the reply to
@@ -766,13 +777,14 @@ async fn a_legacy_named_consumer_that_is_not_the_domains_own_is_never_deleted() 
 }
 
 /// One client of the group-commit durability test: sends `count` messages tagged
-/// `gc-<client>-<n>` as fast as it is answered, then, once `retry` is set, sends every message
-/// that did not get a `250` again, the same octets, until it does (a real client's retry).
-/// Returns (token, replies in order) per message.
+/// `gc-<client>-<n>` as fast as it is answered (counting each answer in `answered`), then,
+/// once `retry` is set, sends every message that did not get a `250` again, the same octets,
+/// until it does (a real client's retry). Returns (token, replies in order) per message.
 async fn group_commit_client(
     addr: std::net::SocketAddr,
     client: usize,
     count: usize,
+    answered: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     retry: std::sync::Arc<std::sync::atomic::AtomicBool>,
 ) -> Vec<(String, Vec<String>)> {
     use std::sync::atomic::Ordering;
@@ -806,6 +818,7 @@ async fn group_commit_client(
     for n in 0..count {
         let token = format!("gc-{client}-{n}");
         let reply = attempt(&mut c, &message(&token)).await;
+        answered.fetch_add(1, Ordering::Relaxed);
         out.push((token, vec![reply]));
     }
     while !retry.load(Ordering::Relaxed) {
@@ -836,17 +849,30 @@ async fn group_commit_client(
 #[tokio::test]
 async fn nats_killed_mid_batch_keeps_every_250_and_duplicates_no_retry() {
     use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     let mut nats = Nats::start();
     let node = Node::start_with(&nats.url(), true, |c| {
         c["nats"]["publishTimeout"] = json!("2s");
     });
     let retry = Arc::new(AtomicBool::new(false));
+    let answered = Arc::new(AtomicUsize::new(0));
     let clients: Vec<_> = (0..40)
-        .map(|k| tokio::spawn(group_commit_client(node.ports.mx, k, 40, retry.clone())))
+        .map(|k| {
+            tokio::spawn(group_commit_client(
+                node.ports.mx,
+                k,
+                40,
+                answered.clone(),
+                retry.clone(),
+            ))
+        })
         .collect();
-    // Let the batches flow, then kill the server under them.
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    // Let the batches flow (a quarter of the 1,600 messages answered, however fast or slow
+    // the machine), then kill the server under them.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while answered.load(Ordering::Relaxed) < 400 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     nats.stop();
     tokio::time::sleep(Duration::from_secs(1)).await;
     nats.restart();
@@ -907,8 +933,17 @@ async fn received_events_of_concurrent_sessions_share_writes() {
     let node = Node::start(&nats.url());
     // Nothing is refused here; a refusal would be sent again at once.
     let retry = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let answered = std::sync::Arc::default();
     let clients: Vec<_> = (0..40)
-        .map(|k| tokio::spawn(group_commit_client(node.ports.mx, k, 10, retry.clone())))
+        .map(|k| {
+            tokio::spawn(group_commit_client(
+                node.ports.mx,
+                k,
+                10,
+                std::sync::Arc::clone(&answered),
+                retry.clone(),
+            ))
+        })
         .collect();
     let mut sent = 0;
     for c in clients {

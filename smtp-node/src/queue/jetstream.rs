@@ -565,7 +565,7 @@ impl Queue for JetStreamQueue {
         let store = self.bodies_of(domain).ok_or_else(|| {
             EnqueueError::Unavailable(format!("body bucket of {domain} not set up"))
         })?;
-        let reference = kubemail_queue::body_ref(
+        let reference = kubemail_queue::body_ref_after_head(
             &kubemail_queue::body_bucket(&self.nats.body_bucket, domain),
             &entry_id,
         );

@@ -500,7 +500,7 @@ pub async fn read_stream(url: &str, stream: &str, bucket: &str) -> Vec<QueuedEnt
         let mut body = m.payload.to_vec();
         let inline = body.len();
         if let Some(reference) = headers.get("Kubemail-Body-Ref").and_then(|v| v.first()) {
-            let (b, name) = reference.split_once('/').expect("bucket/name");
+            let (b, name) = kubemail_queue::split_body_ref(reference).expect("bucket/name");
             // One bucket per domain: `<bodyBucket>-<domain>`.
             assert!(
                 b.starts_with(&format!("{bucket}-")),

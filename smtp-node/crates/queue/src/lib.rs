@@ -60,9 +60,12 @@
 //! default [`DEFAULT_BODY_BUCKET`], a `-` and the encoded domain) under [`QueueEntry::body_object_name`] (`<queue id>.<domain>`);
 //! the queue entry then has `Kubemail-Body-Ref: <bucket>/<object name>` ([`body_ref`]), and
 //! the message is the entry's payload followed by the object. The payload is empty when the
-//! body was stored whole at the end of data; it is the header section (with the fields the
-//! node added) when the body was stored while it arrived, and the object is the body after
-//! it. `Kubemail-Body-Size` is the size of the whole message either way. The object is
+//! body was stored whole at the end of data. When the body was stored while it arrived, the
+//! payload is the header section (with the fields the node added), the object the body after
+//! it, and the reference is `<bucket>+head/<object name>` ([`body_ref_after_head`]): a node of
+//! an earlier release cannot open that bucket and defers the entry rather than deliver the
+//! object alone. [`split_body_ref`] reads both forms. `Kubemail-Body-Size` is the size of the
+//! whole message either way. The object is
 //! written (and acknowledged) before the entry, so an entry never refers to a missing body. The delivery side deletes the object after the last
 //! recipient is done. Once its entry is stored, the node marks the object (its description
 //! says a stored entry refers to it); an unmarked object that is more than an hour old and
@@ -156,13 +159,13 @@ pub use entry::{
     QueueId, SenderAuth, entry_id,
 };
 pub use names::{
-    DEFAULT_BODY_BUCKET, DEFAULT_STREAM, DEFAULT_SUBJECT_PREFIX, MTA_STS_CACHE_BUCKET,
-    PAUSES_BUCKET, REPLACED_BUCKET, SHAPING_BUCKET, SHAPING_LEASE_TIME, SHAPING_LEASES_BUCKET,
-    TLSRPT_CLAIMS_BUCKET, TLSRPT_STREAM, auth_failure_stream, auth_failure_subject_prefix,
-    auth_failure_subjects, body_bucket, body_ref, consumer_name, domain_token, held_subject,
-    inbox_prefix, is_held_subject, is_legacy_consumer, legacy_consumer_name, pause_key,
-    pool_inbox_prefix, replaced_key, split_body_ref, subject, tlsrpt_claim_key, tlsrpt_day_filter,
-    tlsrpt_subject,
+    AFTER_HEAD_MARK, DEFAULT_BODY_BUCKET, DEFAULT_STREAM, DEFAULT_SUBJECT_PREFIX,
+    MTA_STS_CACHE_BUCKET, PAUSES_BUCKET, REPLACED_BUCKET, SHAPING_BUCKET, SHAPING_LEASE_TIME,
+    SHAPING_LEASES_BUCKET, TLSRPT_CLAIMS_BUCKET, TLSRPT_STREAM, auth_failure_stream,
+    auth_failure_subject_prefix, auth_failure_subjects, body_bucket, body_ref, body_ref_after_head,
+    consumer_name, domain_token, held_subject, inbox_prefix, is_held_subject, is_legacy_consumer,
+    legacy_consumer_name, pause_key, pool_inbox_prefix, replaced_key, split_body_ref, subject,
+    tlsrpt_claim_key, tlsrpt_day_filter, tlsrpt_subject,
 };
 pub use permissions::{Permissions, QueueNames, node_permissions, node_permissions_with_inbox};
 pub use rfc3339::{parse_rfc3339, rfc3339};

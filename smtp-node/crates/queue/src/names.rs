@@ -309,12 +309,25 @@ pub fn body_ref(bucket: &str, object: &str) -> String {
     format!("{bucket}/{object}")
 }
 
-/// Bucket and object name of a `Kubemail-Body-Ref` value. Bucket names have no `/`, so the
-/// first one separates them.
+/// What follows the bucket in the `Kubemail-Body-Ref` of an entry that carries the first part
+/// of its message (the header section) in front of the object ([`body_ref_after_head`]). It
+/// makes no valid bucket name: a node of an earlier release, which would deliver the object
+/// alone (the message without its header section), cannot open the bucket and defers the
+/// message, for a node of this release to deliver.
+pub const AFTER_HEAD_MARK: &str = "+head";
+
+/// The `Kubemail-Body-Ref` value of a body stored as `object` in `bucket` whose entry carries
+/// the message's header section in front of it.
+pub fn body_ref_after_head(bucket: &str, object: &str) -> String {
+    format!("{bucket}{AFTER_HEAD_MARK}/{object}")
+}
+
+/// Bucket and object name of a `Kubemail-Body-Ref` value, of either form. Bucket names have
+/// no `/`, so the first one separates them.
 pub fn split_body_ref(reference: &str) -> Option<(&str, &str)> {
-    reference
-        .split_once('/')
-        .filter(|(bucket, object)| !bucket.is_empty() && !object.is_empty())
+    let (bucket, object) = reference.split_once('/')?;
+    let bucket = bucket.strip_suffix(AFTER_HEAD_MARK).unwrap_or(bucket);
+    (!bucket.is_empty() && !object.is_empty()).then_some((bucket, object))
 }
 
 #[cfg(test)]
@@ -346,6 +359,18 @@ mod tests {
             Some(("B", "q1.example.com"))
         );
         assert_eq!(split_body_ref("no-slash"), None);
+        // A body after the entry's header section: same bucket and object; the bucket part
+        // of the reference is no bucket name an earlier release could open.
+        let after_head = body_ref_after_head("B", "q1.example.com");
+        assert_eq!(split_body_ref(&after_head), Some(("B", "q1.example.com")));
+        let (marked, _) = after_head.split_once('/').unwrap();
+        assert!(
+            !marked
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-'),
+            "{marked}"
+        );
+        assert_eq!(split_body_ref("+head/x"), None);
         assert_eq!(
             body_bucket("KUBEMAIL_BODIES", "Mail.Example.com"),
             "KUBEMAIL_BODIES-mail_example_com"

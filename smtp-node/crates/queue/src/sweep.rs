@@ -167,8 +167,13 @@ async fn referenced_bodies(
                 Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => break,
                 Err(e) => return Err(failed(e.to_string())),
             };
-            if let Some(reference) = message.headers.get(crate::headers::BODY_REF) {
-                refs.insert(reference.as_str().to_owned());
+            // As `<bucket>/<object>`, whatever the form of the reference.
+            if let Some((bucket, object)) = message
+                .headers
+                .get(crate::headers::BODY_REF)
+                .and_then(|r| crate::split_body_ref(r.as_str()))
+            {
+                refs.insert(crate::body_ref(bucket, object));
             }
             sequence = message.sequence + 1;
             read += 1;
