@@ -11,9 +11,9 @@
 //! ([`Queue::upload`]) comes with its object already written; the entry carries the header
 //! section in front of it. An enqueue stores other large bodies in the object store first (in
 //! the session's task), then hands its entries to the [`commit`](super::commit) task, which
-//! publishes them with the entries of other sessions in one atomic batch. Body objects that no entry refers to are
-//! removed: at once when the entry is known not to be stored (an error answer, or never
-//! sent, and no earlier batch of it went unanswered); otherwise (a timeout, a crash, an entry
+//! publishes them with the entries of other sessions in one atomic batch. Body objects that
+//! no entry refers to are removed: at once when the entry is known not to be stored (an
+//! error answer, or never sent, and no earlier batch of it went unanswered); otherwise (a timeout, a crash, an entry
 //! the stream already had) by the [`sweeper`](super::sweeper), which looks at the entries. An
 //! object whose entry is stored is marked so (its description), so the sweeper need not look
 //! for it. Once [`JetStreamQueue::attach_events`] was called, the committer publishes the
@@ -349,18 +349,16 @@ impl JetStreamQueue {
             body,
             msg_id,
         } = message;
-        // Stored while it arrived: the entry carries the part in front of the object.
-        if let Some((_, object)) = entry
+        let stored = entry
             .body_ref
             .as_deref()
             .and_then(kubemail_queue::split_body_ref)
-        {
-            let object = Some((entry.domain.clone(), object.to_owned()));
-            let subject = kubemail_queue::subject(&self.nats.subject_prefix, &entry.domain);
-            return Ok((Outgoing::new(subject, entry, msg_id, body), object));
-        }
-        entry.body_size = Some(body.len() as u64);
-        let (payload, object) = if body.len() > self.inline_limit() {
+            .map(|(_, object)| object.to_owned());
+        let (payload, object) = if let Some(object) = stored {
+            // Stored while it arrived: the entry carries the part in front of the object.
+            (body, Some((entry.domain.clone(), object)))
+        } else if body.len() > self.inline_limit() {
+            entry.body_size = Some(body.len() as u64);
             let store = self.bodies_of(&entry.domain).ok_or_else(|| {
                 EnqueueError::Unavailable(format!("body bucket of {} not set up", entry.domain))
             })?;
@@ -376,6 +374,7 @@ impl JetStreamQueue {
             ));
             (bytes::Bytes::new(), Some((entry.domain.clone(), object)))
         } else {
+            entry.body_size = Some(body.len() as u64);
             (body, None)
         };
         let subject = kubemail_queue::subject(&self.nats.subject_prefix, &entry.domain);

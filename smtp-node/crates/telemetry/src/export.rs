@@ -378,12 +378,9 @@ mod tests {
             .build()
     }
 
-    fn dropped(m: &ExportMetrics, reason: &'static str) -> u64 {
-        m.dropped.get_or_create(&DropLabels { reason }).get()
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn batches_and_flushes_at_shutdown() {
+    /// A provider that exports to a recording exporter in batches of at most 4, on shutdown
+    /// only (the delay is an hour).
+    fn batching_by_four() -> (Recording, ExportMetrics, SdkTracerProvider) {
         let exporter = Recording::default();
         let m = ExportMetrics::default();
         let config = BatchConfig {
@@ -392,6 +389,16 @@ mod tests {
             ..BatchConfig::default()
         };
         let p = provider(exporter.clone(), config, &m);
+        (exporter, m, p)
+    }
+
+    fn dropped(m: &ExportMetrics, reason: &'static str) -> u64 {
+        m.dropped.get_or_create(&DropLabels { reason }).get()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn batches_and_flushes_at_shutdown() {
+        let (exporter, m, p) = batching_by_four();
         let tracer = p.tracer("test");
         for _ in 0..10 {
             tracer.start("span").end();
@@ -410,14 +417,7 @@ mod tests {
     /// `max_batch` (one thread: the processor runs only when the test yields).
     #[tokio::test(flavor = "current_thread")]
     async fn a_partly_filled_batch_takes_no_more_than_its_room() {
-        let exporter = Recording::default();
-        let m = ExportMetrics::default();
-        let config = BatchConfig {
-            max_batch: 4,
-            delay: Duration::from_secs(3600),
-            ..BatchConfig::default()
-        };
-        let p = provider(exporter.clone(), config, &m);
+        let (exporter, _metrics, p) = batching_by_four();
         let tracer = p.tracer("test");
         for _ in 0..2 {
             tracer.start("span").end();
