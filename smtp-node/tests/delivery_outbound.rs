@@ -97,7 +97,7 @@ async fn submitted_mail_reaches_the_remote_mx_with_two_valid_dkim_signatures() {
         m.contains("kubemail_smtp_delivery_attempt_seconds_bucket"),
         "{m}"
     );
-    // A second message to the same domain reuses the connection (after an RSET).
+    // A second message to the same domain reuses the pooled connection.
     let second = unique("reuse");
     submit(
         node.ports.submission,

@@ -1,5 +1,6 @@
 //! Retries and bounces against Postfix's smtp-sink as the remote MX: a remote that answers
-//! 4xx first and 250 later gets the message exactly once; a remote that answers 5xx produces
+//! 4xx first and 250 later gets the message exactly once; a pooled connection that the remote
+//! closed while idle is replaced without a deferral; a remote that answers 5xx produces
 //! one DSN to the sender, which Python's `email` package reads as a valid multipart/report;
 //! and a bounce that cannot be delivered is dropped, never bounced again.
 
@@ -102,6 +103,63 @@ async fn a_remote_answering_4xx_then_250_gets_the_message_once() {
     );
     let m = metrics(&node);
     assert_eq!(counter(&m, DELIVERED), 2.0, "{m}");
+}
+
+/// smtp-sink with `-t 1` drops a connection that sends nothing for a second. The second
+/// message finds the pooled connection back from its transaction under 2 s ago, so it is
+/// reused without an RSET first, and its MAIL meets the closed connection: nothing was
+/// committed, a new connection takes the message at once, and the remote is not counted as
+/// failing.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pooled_connection_the_remote_closed_while_idle_is_replaced_without_a_deferral() {
+    let nats = Nats::start();
+    let knot = Knot::start(&[example_zone(), remote_zone("127.0.0.1")]);
+    let sink = Sink::start(&["-t", "1"]);
+    let node = Node::start_with(&nats.url(), true, |c| {
+        configure(
+            c,
+            &Setup {
+                dns: &knot,
+                mx_port: sink.port,
+                inbound_port: None,
+                allow_loopback: true,
+                dkim: false,
+                inbound_auth: None,
+            },
+        );
+        // The pool keeps the connection; only the remote closes it.
+        c["delivery"]["connections"]["idleTimeout"] = serde_json::json!("60s");
+    });
+    let first = unique("pooled-1");
+    submit(
+        node.ports.submission,
+        &["carol@remote.test"],
+        &first,
+        "One.",
+    );
+    wait_until(Duration::from_secs(30), "the first message", || {
+        (sink.count(&first) == 1).then_some(())
+    });
+    // Past the remote's idle limit, within the time a pooled connection is used unchecked.
+    std::thread::sleep(Duration::from_millis(1500));
+    let second = unique("pooled-2");
+    submit(
+        node.ports.submission,
+        &["carol@remote.test"],
+        &second,
+        "Two.",
+    );
+    wait_until(Duration::from_secs(30), "the second message", || {
+        (sink.count(&second) == 1).then_some(())
+    });
+    let m = metrics(&node);
+    assert_eq!(counter(&m, DELIVERED), 2.0, "{m}");
+    assert_eq!(counter(&m, DEFERRED), 0.0, "{m}");
+    let log = node.log();
+    assert!(
+        !log.contains("reused connection failed"),
+        "the closed connection was taken for a failing remote: {log}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -302,12 +302,23 @@ async fn one_trace_from_acceptance_on_one_node_to_every_delivery_attempt_on_anot
     ] {
         assert!(ops.iter().any(|o| o == op), "no {op} span: {ops:?}");
     }
+    // The transaction's replies are on its send span, in order; the deferring one last.
+    let sends = trace.named("smtp.client.send");
+    assert!(
+        sends.iter().any(|r| {
+            tag_str(r, "smtp.reply_code") == "450"
+                && tag_str(r, "smtp.replies").contains("; DATA: 450 ")
+                && tag_str(r, "smtp.replies").starts_with("MAIL: 250")
+        }),
+        "the 450 reply is in the trace: {sends:?}"
+    );
+    // The connection's own replies (greeting, EHLO) are spans of their own.
     let replies = trace.named("smtp.client.reply");
     assert!(
         replies
             .iter()
-            .any(|r| tag_str(r, "smtp.reply_code") == "450"),
-        "the 450 reply is in the trace"
+            .any(|r| tag_str(r, "smtp.phase") == "greeting"),
+        "the greeting's reply span"
     );
     // The retry entry was republished by node B, in the same trace.
     assert!(

@@ -32,6 +32,7 @@
 //! The wire syntax (reply parsing, EHLO capabilities, command and DATA encoding) is the sans-IO
 //! [`crate::protocol::client`]; this module owns the socket, the timeouts and the decisions.
 
+use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -190,7 +191,27 @@ impl ClientError {
         d.remote_mta = Some(remote_mta.to_owned());
         d
     }
+
+    /// Whether the session itself is gone (closed, broken, or a 421 "closing the channel"),
+    /// rather than a server answering or a timeout: what a pooled connection that the
+    /// server closed while it was idle gives at its next command.
+    pub fn is_connection_lost(&self) -> bool {
+        match self {
+            Self::Closed { .. } | Self::Io { .. } => true,
+            Self::Rejected { reply, .. } => reply.code == 421,
+            _ => false,
+        }
+    }
 }
+
+/// A pooled connection back from a transaction more recently than this is reused without
+/// the RSET round trip that checks it first: every transaction leaves the session clean
+/// (a failed one ends with RSET, see [`SmtpClient::send`]), and a server that closed it
+/// meanwhile fails the next MAIL before anything is committed
+/// ([`ClientError::is_connection_lost`]), as a failed RSET would. Receiving MTAs keep an
+/// idle session for minutes (RFC 5321 4.5.3.2.7 asks for 5); Postfix keeps its cached
+/// connections for 2 s.
+pub const UNCHECKED_REUSE: Duration = Duration::from_secs(2);
 
 /// One message to send.
 #[derive(Debug, Clone, Copy)]
@@ -279,6 +300,9 @@ pub struct SmtpClient {
     messages: u32,
     /// False after an error left the session in an unknown state.
     usable: bool,
+    /// While [`SmtpClient::send`] runs: the transaction's replies, which go on its span as
+    /// `smtp.replies` instead of a span each.
+    transcript: Option<String>,
 }
 
 impl SmtpClient {
@@ -310,6 +334,7 @@ impl SmtpClient {
             tls_failure: None,
             messages: 0,
             usable: true,
+            transcript: None,
         };
         if options.tls == TlsPolicy::Implicit {
             client.start_tls(options, true).await?;
@@ -383,6 +408,16 @@ impl SmtpClient {
         self.messages
     }
 
+    /// Makes a pooled connection that has been idle for `idle` ready for the next
+    /// transaction: RSET (which checks that it still works) unless it came back within
+    /// [`UNCHECKED_REUSE`]. Whether the RSET was skipped.
+    pub async fn prepare_reuse(&mut self, idle: Duration) -> Result<bool, ClientError> {
+        if idle < UNCHECKED_REUSE {
+            return Ok(true);
+        }
+        self.reset().await.map(|()| false)
+    }
+
     /// RSET: checks that a reused connection still works and clears any state.
     pub async fn reset(&mut self) -> Result<(), ClientError> {
         let reply = self
@@ -435,12 +470,34 @@ impl SmtpClient {
 
     /// Sends one message. `Err` means nothing was committed (the transaction failed before
     /// the data was sent): try another host. `Ok` has one outcome per recipient, in order.
+    /// The span has the transaction's replies in order, in `smtp.replies` (`MAIL: 250 2.1.0
+    /// Ok; RCPT: 250 ...; DATA: 354 ...; end of data: 250 ...`), and in `smtp.reply_code`
+    /// the code of the last one other than an RSET's.
     #[tracing::instrument(
         name = "smtp.client.send",
         skip_all,
-        fields(otel.kind = "client", host = %self.target.host, recipients = msg.recipients.len())
+        fields(
+            otel.kind = "client",
+            host = %self.target.host,
+            recipients = msg.recipients.len(),
+            smtp.replies = tracing::field::Empty,
+            smtp.reply_code = tracing::field::Empty,
+        )
     )]
     pub async fn send(&mut self, msg: &Outgoing<'_>) -> Result<Vec<RecipientOutcome>, ClientError> {
+        self.transcript = Some(String::new());
+        let result = self.transaction(msg).await;
+        if let Some(replies) = self.transcript.take() {
+            let span = tracing::Span::current();
+            span.record("smtp.replies", replies.trim_end_matches("; "));
+        }
+        result
+    }
+
+    async fn transaction(
+        &mut self,
+        msg: &Outgoing<'_>,
+    ) -> Result<Vec<RecipientOutcome>, ClientError> {
         let host = self.target.host.clone();
         if let Some(refusal) = refusal(&self.caps, &self.target.host, msg) {
             return Ok(msg
@@ -884,6 +941,23 @@ impl SmtpClient {
         timeout: Duration,
         phase: &'static str,
     ) -> Result<Reply, ClientError> {
+        if let Some(mut transcript) = self.transcript.take() {
+            // Inside a transaction: on the `smtp.client.send` span (a span per reply would
+            // cost about as much as the rest of the delivery's tracing together).
+            let result = self.read_reply_inner(timeout, phase).await;
+            let _ = match &result {
+                Ok(reply) => {
+                    // The code of the reply that decided, not of the RSET after a refusal.
+                    if phase != "RSET" {
+                        tracing::Span::current().record("smtp.reply_code", i64::from(reply.code));
+                    }
+                    write!(transcript, "{phase}: {}; ", first_line(reply))
+                }
+                Err(e) => write!(transcript, "{phase}: {e}; "),
+            };
+            self.transcript = Some(transcript);
+            return result;
+        }
         let span = tracing::info_span!(
             "smtp.client.reply",
             smtp.phase = phase,
@@ -1302,6 +1376,97 @@ mod tests {
                 .unwrap();
             let d = err.diagnostic("mx.fake.test");
             assert_eq!(d.status.0, 4, "{greeting:?}: {err}");
+        }
+    }
+
+    fn accepting_server(line: &str) -> Option<String> {
+        Some(match line {
+            l if l.starts_with("EHLO") => "250-fake\r\n250 PIPELINING\r\n".into(),
+            "DATA" => "354 go\r\n".into(),
+            "QUIT" => "221 bye\r\n".into(),
+            _ => "250 ok\r\n".into(),
+        })
+    }
+
+    #[tokio::test]
+    async fn a_connection_back_from_a_transaction_moments_ago_is_reused_without_rset() {
+        let (addr, server) = fake_server("220 fake ESMTP\r\n", accepting_server).await;
+        let mut client = connect_to(addr, Protocol::Smtp, TlsPolicy::Opportunistic, None)
+            .await
+            .unwrap();
+        async fn send(client: &mut SmtpClient) -> &'static str {
+            let rcpts = vec!["carol@remote.test".to_owned()];
+            client.send(&message(&rcpts, b"x\r\n")).await.unwrap()[0].label()
+        }
+        assert_eq!(send(&mut client).await, "delivered");
+        assert!(
+            client.prepare_reuse(Duration::ZERO).await.unwrap(),
+            "skipped"
+        );
+        assert_eq!(send(&mut client).await, "delivered");
+        // Idle for longer: checked with RSET first.
+        assert!(!client.prepare_reuse(UNCHECKED_REUSE).await.unwrap());
+        assert_eq!(send(&mut client).await, "delivered");
+        client.quit().await;
+        let seen = server.await.unwrap();
+        let commands: Vec<&str> = seen
+            .iter()
+            .map(String::as_str)
+            .filter(|l| ["MAIL", "RSET", "QUIT"].iter().any(|c| l.starts_with(c)))
+            .map(|l| &l[..4])
+            .collect();
+        assert_eq!(commands, ["MAIL", "MAIL", "RSET", "MAIL", "QUIT"]);
+    }
+
+    #[tokio::test]
+    async fn a_pooled_connection_the_server_closed_fails_before_anything_is_committed() {
+        // Closed, or closing with a 421 the client reads as the reply to its MAIL.
+        for farewell in [None, Some("421 4.4.2 idle too long, closing\r\n")] {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let (closed_tx, closed_rx) = tokio::sync::oneshot::channel();
+            let server = tokio::spawn(async move {
+                let (stream, _) = listener.accept().await.unwrap();
+                let (read, mut write) = stream.into_split();
+                let mut lines = tokio::io::BufReader::new(read).lines();
+                write.write_all(b"220 fake ESMTP\r\n").await.unwrap();
+                let mut in_data = false;
+                while let Ok(Some(line)) = lines.next_line().await {
+                    if in_data && line != "." {
+                        continue;
+                    }
+                    let key = if in_data { "." } else { line.as_str() };
+                    let reply = accepting_server(key).unwrap();
+                    in_data = reply.starts_with("354");
+                    write.write_all(reply.as_bytes()).await.unwrap();
+                    if key == "." {
+                        break;
+                    }
+                }
+                // The first transaction is done: the server ends the idle session.
+                if let Some(farewell) = farewell {
+                    write.write_all(farewell.as_bytes()).await.unwrap();
+                }
+                drop((lines, write));
+                let _ = closed_tx.send(());
+            });
+            let mut client = connect_to(addr, Protocol::Smtp, TlsPolicy::Opportunistic, None)
+                .await
+                .unwrap();
+            let rcpts = vec!["carol@remote.test".to_owned()];
+            let first = client.send(&message(&rcpts, b"x\r\n")).await.unwrap();
+            assert_eq!(first[0].label(), "delivered");
+            assert!(client.is_usable());
+            closed_rx.await.unwrap();
+            server.await.unwrap();
+            assert!(client.prepare_reuse(Duration::ZERO).await.unwrap());
+            let err = client
+                .send(&message(&rcpts, b"x\r\n"))
+                .await
+                .err()
+                .unwrap_or_else(|| panic!("{farewell:?}: sent over a closed connection"));
+            assert!(err.is_connection_lost(), "{farewell:?}: {err}");
+            assert!(!client.is_usable(), "{farewell:?}");
         }
     }
 

@@ -6,7 +6,8 @@
 //! destination than the limit (a receiving MTA limits connections per client IP and
 //! answers 421 beyond it). A finished connection that is still good goes back to an idle
 //! list with its permit; the next delivery to the same destination reuses it (after an
-//! RSET), which saves the TCP, TLS and EHLO round trips. Idle connections are closed after
+//! RSET when it was idle for more than a moment, see [`super::client::UNCHECKED_REUSE`]),
+//! which saves the TCP, TLS and EHLO round trips. Idle connections are closed after
 //! `connections.idleTimeout` and a connection is retired after
 //! `connections.maxMessagesPerConnection` messages.
 
@@ -23,8 +24,9 @@ use crate::config::ConnectionConfig;
 
 /// The connection a delivery starts with.
 pub enum Checkout {
-    /// An idle connection to reuse (check it with RSET first).
-    Reused(Box<SmtpClient>, Slot),
+    /// An idle connection to reuse, and how long it was idle
+    /// ([`SmtpClient::prepare_reuse`] before the next transaction).
+    Reused(Box<SmtpClient>, Slot, Duration),
     /// Permission to open a new connection.
     Fresh(Slot),
 }
@@ -96,7 +98,7 @@ impl ConnectionPool {
         let dest = self.destination(route);
         loop {
             if let Some(idle) = take_idle(&dest) {
-                return Checkout::Reused(Box::new(idle.client), idle.permit);
+                return Checkout::Reused(Box::new(idle.client), idle.permit, idle.since.elapsed());
             }
             let notified = dest.returned.notified();
             tokio::select! {

@@ -627,14 +627,20 @@ async fn send_via(
     let dest = ctx.shaper.destination(route, &hosts);
     let dest = dest.as_ref();
     let mut permit = match ctx.pool.checkout(route).await {
-        Checkout::Reused(mut client, permit) => {
+        Checkout::Reused(mut client, permit, idle) => {
             let fits = !must_verify
                 || (client.is_verified()
                     && targets
                         .iter()
                         .any(|p| p.target.host == client.target().host)
                     && (!require_tls || client.capabilities().requiretls));
-            if fits && client.reset().await.is_ok() {
+            // Whether the RSET was skipped; `None`: not usable for this message.
+            let unchecked = if fits {
+                client.prepare_reuse(idle).await.ok()
+            } else {
+                None
+            };
+            if let Some(unchecked) = unchecked {
                 if let Err(d) = shaping::before_send(&ctx.shaper, dest).await {
                     ctx.pool.checkin(route, *client, permit).await;
                     return all(rcpts, RecipientOutcome::Deferred(d));
@@ -647,6 +653,12 @@ async fn send_via(
                         let outcomes = zip(outcomes, &client);
                         ctx.pool.checkin(route, *client, permit).await;
                         return outcomes;
+                    }
+                    // Gone while idle: what the skipped RSET would have found. Nothing
+                    // was committed; a new connection follows.
+                    Err(e) if unchecked && e.is_connection_lost() => {
+                        tracing::debug!(host = %client.target().host, error = %e, "pooled connection closed by the server; connecting again");
+                        client.quit().await;
                     }
                     Err(e) => {
                         tracing::info!(host = %client.target().host, error = %e, "reused connection failed");

@@ -42,7 +42,7 @@
 //! │  ├─ delivery.route
 //! │  │  ├─ delivery.mx_lookup
 //! │  │  ├─ smtp.client.connect ── smtp.client.tls, smtp.client.reply (greeting, EHLO, ...)
-//! │  │  └─ smtp.client.send ── smtp.client.reply (MAIL, RCPT, DATA, end of data)
+//! │  │  └─ smtp.client.send       (the transaction's replies in order: smtp.replies)
 //! │  └─ queue.publish         (the retry entry: it keeps the original traceparent)
 //! ├─ delivery.attempt #2      (hours later, any pod: same parent)
 //! └─ ...                      (a bounce entry's traceparent is the failing attempt's span,
