@@ -31,6 +31,7 @@ use std::time::SystemTime;
 use async_nats::HeaderMap;
 use async_nats::jetstream;
 use bytes::Bytes;
+use kubemail_queue::StaticNames;
 use kubemail_queue::events::{
     CloudEvent, EventData, EventType, RemoteInfo, TlsDetails, event_subject,
 };
@@ -154,12 +155,12 @@ impl Events {
             let Ok(payload) = serde_json::to_vec(event) else {
                 continue;
             };
-            let mut headers = HeaderMap::new();
+            let mut headers = StaticNames(HeaderMap::new());
             headers.insert("Nats-Msg-Id", event.id.as_str());
             headers.insert("Content-Type", "application/cloudevents+json");
             messages.push((
                 event_subject(&event.data.domain, kind),
-                headers,
+                headers.0,
                 Bytes::from(payload),
             ));
             at.push(i);

@@ -40,6 +40,7 @@ use async_nats::jetstream::{self, context::PublishErrorKind};
 use bytes::Bytes;
 use futures::StreamExt as _;
 use futures::stream::FuturesUnordered;
+use kubemail_queue::StaticNames;
 use kubemail_queue::events::CloudEvent;
 use tokio::sync::{mpsc, oneshot};
 
@@ -376,18 +377,19 @@ pub(crate) async fn atomic_batch(
     let id = uuid::Uuid::now_v7().simple().to_string();
     let n = messages.len();
     let mut ack = None;
-    for (i, (subject, mut headers, payload)) in messages.into_iter().enumerate() {
+    for (i, (subject, headers, payload)) in messages.into_iter().enumerate() {
+        let mut headers = StaticNames(headers);
         headers.insert(BATCH_ID, id.as_str());
         headers.insert(BATCH_SEQUENCE, (i + 1).to_string());
         if i + 1 < n {
             client
-                .publish_with_headers(subject, headers, payload)
+                .publish_with_headers(subject, headers.0, payload)
                 .await
                 .map_err(|e| BatchError::Send(e.to_string()))?;
         } else {
             headers.insert(BATCH_COMMIT, "1");
             ack = Some(
-                js.publish_with_headers(subject, headers, payload)
+                js.publish_with_headers(subject, headers.0, payload)
                     .await
                     .map_err(|e| BatchError::Send(e.to_string()))?,
             );

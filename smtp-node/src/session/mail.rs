@@ -100,7 +100,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let queue_id = QueueId::new();
         let span = self.transaction_span(&queue_id, &from);
         let traceparent = telemetry::traceparent(&span);
-        telemetry::record_trace_id(&span, telemetry::trace_id_of(&traceparent));
+        if let Some(id) = telemetry::trace_id_of(&traceparent) {
+            span.record("trace_id", id);
+        }
         span.in_scope(|| tracing::debug!(from = %from, "mail from"));
         self.tx = Some(Transaction {
             queue_id,

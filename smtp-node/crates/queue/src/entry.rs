@@ -6,6 +6,7 @@ use std::net::IpAddr;
 use std::time::{Duration, SystemTime};
 
 use async_nats::HeaderMap;
+use async_nats::header::{HeaderName, IntoHeaderValue};
 
 use crate::headers;
 use crate::rfc3339::{parse_rfc3339, rfc3339};
@@ -365,7 +366,7 @@ impl QueueEntry {
 
     /// The NATS headers of this entry, with `msg_id` as `Nats-Msg-Id`.
     pub fn to_headers(&self, msg_id: &str) -> HeaderMap {
-        let mut h = HeaderMap::new();
+        let mut h = StaticNames(HeaderMap::new());
         h.insert(headers::NATS_MSG_ID, header_text(msg_id));
         h.insert(headers::QUEUE_ID, header_text(self.queue_id.as_str()));
         h.insert(headers::MAIL_FROM, format!("<{}>", clean(&self.mail_from)));
@@ -459,7 +460,7 @@ impl QueueEntry {
                 h.insert(headers::ATTEMPT_LOG, json);
             }
         }
-        h
+        h.0
     }
 
     /// Reads an entry from its NATS headers.
@@ -599,4 +600,14 @@ fn clean(value: &str) -> String {
 /// ([`QueueEntry::entry_id`]), also the name of its body object.
 pub fn entry_id(queue_id: &QueueId, domain: &str) -> String {
     format!("{}.{}", queue_id, domain.to_ascii_lowercase())
+}
+/// A header map filled with the `'static` names of [`headers`]: a name made with
+/// [`HeaderName::from_static`] needs neither a copy nor a check, where a `&str` name gets
+/// both at every insert (an entry is written on the accept path of every message).
+pub struct StaticNames(pub HeaderMap);
+
+impl StaticNames {
+    pub fn insert(&mut self, name: &'static str, value: impl IntoHeaderValue) {
+        self.0.insert(HeaderName::from_static(name), value);
+    }
 }

@@ -156,7 +156,7 @@ mod rfc3339;
 
 pub use entry::{
     Action, AdminState, AttemptRecord, Direction, EntryError, MAX_ATTEMPT_LOG, Notice, QueueEntry,
-    QueueId, SenderAuth, entry_id,
+    QueueId, SenderAuth, StaticNames, entry_id,
 };
 pub use names::{
     AFTER_HEAD_MARK, DEFAULT_BODY_BUCKET, DEFAULT_STREAM, DEFAULT_SUBJECT_PREFIX,

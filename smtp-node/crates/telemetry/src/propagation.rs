@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 
 use opentelemetry::propagation::TextMapPropagator as _;
-use opentelemetry::trace::{SpanContext, TraceContextExt as _};
+use opentelemetry::trace::{SpanContext, TraceContextExt as _, TraceFlags};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
@@ -21,12 +21,13 @@ const TRACEPARENT: &str = "traceparent";
 /// context.
 pub fn traceparent(span: &tracing::Span) -> String {
     let cx = span.context();
-    if cx.span().span_context().is_valid() {
-        let mut carrier: HashMap<String, String> = HashMap::new();
-        TraceContextPropagator::new().inject_context(&cx, &mut carrier);
-        if let Some(tp) = carrier.remove(TRACEPARENT) {
-            return tp;
-        }
+    let otel_span = cx.span();
+    let sc = otel_span.span_context();
+    if sc.is_valid() {
+        // What the W3C propagator writes (version 00, only the sampled flag), without its
+        // map: this runs for every message.
+        let flags = (sc.trace_flags() & TraceFlags::SAMPLED).to_u8();
+        return format!("00-{}-{}-{flags:02x}", sc.trace_id(), sc.span_id());
     }
     random_traceparent()
 }
@@ -105,6 +106,10 @@ mod tests {
         with_otel(|| {
             let parent = tracing::info_span!("smtp.transaction", trace_id = tracing::field::Empty);
             let tp = traceparent(&parent);
+            // What the W3C propagator itself writes.
+            let mut carrier: HashMap<String, String> = HashMap::new();
+            TraceContextPropagator::new().inject_context(&parent.context(), &mut carrier);
+            assert_eq!(carrier.get(TRACEPARENT), Some(&tp));
             let trace = trace_id_of(&tp).unwrap().to_owned();
             assert_eq!(
                 record_trace_id(&parent, None).as_deref(),
