@@ -23,7 +23,7 @@ ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
 cd "$root"
 cargo build --release -p kubemail-smtp-node -p kubemail-e2e --bin smtp-node --bin bench --bin loadgen
-echo "load average at start: $(cut -d' ' -f1-3 /proc/loadavg) (representative runs need < 1.0)"
+echo "load average now: $(cut -d' ' -f1-3 /proc/loadavg) (representative runs need < 1.0; the runner waits up to --settle-secs, default 300, for it)"
 # Defaults through the environment so that arguments can still override them.
 export BENCH_SMTP_NODE=${BENCH_SMTP_NODE:-$CARGO_TARGET_DIR/release/smtp-node}
 export BENCH_MARKDOWN=${BENCH_MARKDOWN:-$root/BENCHMARKS.md}

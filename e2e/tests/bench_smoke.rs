@@ -4,6 +4,8 @@
 //! harness (a config the node refuses, a peer that no longer starts) is found before a
 //! `make bench` run reports nothing but failures. The figures of a smoke run mean nothing.
 
+use std::time::Duration;
+
 use kubemail_e2e::bench::runner::{RunOptions, run};
 use kubemail_e2e::bench::scenario::{Outcome, ScenarioId, System};
 use kubemail_e2e::hostile::process::smtp_node_binary;
@@ -27,6 +29,7 @@ async fn accept_and_relay_rows_measure_both_systems() {
         json: Some(json.clone()),
         background_load: 0,
         cpu_pinning: "not pinned (test)".to_owned(),
+        settle: Duration::ZERO,
     })
     .await
     .expect("the harness runs");

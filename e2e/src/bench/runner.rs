@@ -74,6 +74,9 @@ pub struct RunOptions {
     pub background_load: u32,
     /// How the CPUs were split ([`pin_cpus`]), for the report.
     pub cpu_pinning: String,
+    /// Longest wait, before the first measurement, for the 1-minute load average to fall
+    /// below [`BUSY_LOAD`] (the release build just before leaves it around 2); zero: none.
+    pub settle: Duration,
 }
 
 /// The machine and the conditions of the run.
@@ -85,6 +88,8 @@ pub struct RunMeta {
     pub memory_gib: f64,
     pub kernel: String,
     pub load_at_start: [f64; 3],
+    /// How long the run waited for the load to settle before it started measuring.
+    pub settled_secs: f64,
     pub load_at_end: [f64; 3],
     /// The 1-minute load average was above [`BUSY_LOAD`] at the start.
     pub busy: bool,
@@ -114,6 +119,14 @@ pub struct BenchResults {
 /// Runs the benchmarks and writes the reports; returns the results.
 pub async fn run(opts: RunOptions) -> Result<BenchResults, RunError> {
     let started = Instant::now();
+    let settled = tokio::task::block_in_place(|| {
+        wait_for_quiet(
+            opts.settle,
+            SETTLE_POLL,
+            || load_average()[0],
+            std::thread::sleep,
+        )
+    });
     let load_at_start = load_average();
     let mut params = if opts.smoke {
         Params::smoke()
@@ -209,6 +222,7 @@ pub async fn run(opts: RunOptions) -> Result<BenchResults, RunError> {
         memory_gib: mem_total_kib() as f64 / 1024.0 / 1024.0,
         kernel: read_trimmed("/proc/sys/kernel/osrelease"),
         load_at_start,
+        settled_secs: settled.as_secs_f64(),
         load_at_end: load_average(),
         busy: load_at_start[0] > BUSY_LOAD,
         smoke: opts.smoke,
@@ -620,6 +634,27 @@ fn raise_open_files_limit() -> u64 {
     }
 }
 
+/// How often [`wait_for_quiet`] reads the load average.
+const SETTLE_POLL: Duration = Duration::from_secs(5);
+
+/// Waits until `load` (the 1-minute load average) is below [`BUSY_LOAD`], reading it every
+/// `poll`, for at most `max`; how long it waited. A machine that stays busy is measured
+/// anyway after `max`, and the report marks every ratio.
+pub fn wait_for_quiet(
+    max: Duration,
+    poll: Duration,
+    mut load: impl FnMut() -> f64,
+    mut sleep: impl FnMut(Duration),
+) -> Duration {
+    let mut waited = Duration::ZERO;
+    while waited < max && load() >= BUSY_LOAD {
+        let step = poll.min(max - waited);
+        sleep(step);
+        waited += step;
+    }
+    waited
+}
+
 /// `/proc/loadavg`: 1, 5 and 15 minute load averages.
 pub fn load_average() -> [f64; 3] {
     let text = read_trimmed("/proc/loadavg");
@@ -731,4 +766,40 @@ fn write(path: &Path, contents: &str) -> Result<(), RunError> {
         path: path.to_owned(),
         source,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs [`wait_for_quiet`] over the 1-minute load averages `loads`, read one per poll
+    /// (the last one repeats); how long it waited and how many readings it took.
+    fn settle(loads: &[f64], max_secs: u64) -> (u64, usize) {
+        let mut readings = 0;
+        let waited = wait_for_quiet(
+            Duration::from_secs(max_secs),
+            Duration::from_secs(5),
+            || {
+                readings += 1;
+                loads[(readings - 1).min(loads.len() - 1)]
+            },
+            |_| {},
+        );
+        (waited.as_secs(), readings)
+    }
+
+    #[test]
+    fn the_run_waits_for_the_load_to_fall_below_the_busy_mark() {
+        // Quiet already: no wait.
+        assert_eq!(settle(&[0.4], 300), (0, 1));
+        // Falling after a build: starts at the first reading below the mark.
+        assert_eq!(settle(&[2.1, 1.6, 1.2, 0.9, 0.7], 300), (15, 4));
+        // Exactly at the mark is still busy.
+        assert_eq!(settle(&[1.0, 0.99], 300), (5, 2));
+        // A machine that stays busy is measured after the longest wait, the last step cut
+        // to fit.
+        assert_eq!(settle(&[3.0], 12), (12, 3));
+        // No wait asked for.
+        assert_eq!(settle(&[3.0], 0), (0, 0));
+    }
 }

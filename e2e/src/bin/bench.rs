@@ -3,12 +3,16 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::Parser;
 use kubemail_e2e::bench::peers;
 use kubemail_e2e::bench::runner::{self, RunOptions};
 use kubemail_e2e::bench::scenario::{Outcome, ScenarioId};
 use tokio::signal::unix::{SignalKind, signal};
+
+/// The longest wait for a quiet machine before a full run measures (`--settle-secs`).
+const DEFAULT_SETTLE_SECS: u64 = 300;
 
 /// Benchmarks kubemail against Postfix on this machine, in one run, and writes the reports.
 #[derive(Debug, Parser)]
@@ -56,6 +60,10 @@ struct Args {
     /// Do not pin the load generator and the servers to separate CPUs.
     #[arg(long, env = "BENCH_NO_PIN")]
     no_pin: bool,
+    /// Wait at most this many seconds, before measuring, for the 1-minute load average to
+    /// fall below 1.0 (default 300, smoke 0).
+    #[arg(long, env = "BENCH_SETTLE_SECS")]
+    settle_secs: Option<u64>,
 }
 
 fn main() -> ExitCode {
@@ -91,6 +99,11 @@ fn main() -> ExitCode {
         json: Some(args.json.clone()),
         background_load: args.background_load,
         cpu_pinning,
+        settle: Duration::from_secs(args.settle_secs.unwrap_or(if args.smoke {
+            0
+        } else {
+            DEFAULT_SETTLE_SECS
+        })),
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
