@@ -302,15 +302,30 @@ async fn one_trace_from_acceptance_on_one_node_to_every_delivery_attempt_on_anot
     ] {
         assert!(ops.iter().any(|o| o == op), "no {op} span: {ops:?}");
     }
-    // The transaction's replies are on its send span, in order; the deferring one last.
+    // The transaction's replies are on its send span, in order, with the code of the one
+    // that decided (recorded once: a second record would be a second attribute).
     let sends = trace.named("smtp.client.send");
+    let codes = |span: &Value| {
+        span["tags"].as_array().map_or(0, |t| {
+            t.iter().filter(|t| t["key"] == "smtp.reply_code").count()
+        })
+    };
     assert!(
         sends.iter().any(|r| {
             tag_str(r, "smtp.reply_code") == "450"
+                && codes(r) == 1
                 && tag_str(r, "smtp.replies").contains("; DATA: 450 ")
                 && tag_str(r, "smtp.replies").starts_with("MAIL: 250")
         }),
         "the 450 reply is in the trace: {sends:?}"
+    );
+    assert!(
+        sends.iter().any(|r| {
+            tag_str(r, "smtp.reply_code") == "250"
+                && codes(r) == 1
+                && tag_str(r, "smtp.replies").ends_with("; end of data: 250 2.0.0 Ok")
+        }),
+        "the delivering transaction: {sends:?}"
     );
     // The connection's own replies (greeting, EHLO) are spans of their own.
     let replies = trace.named("smtp.client.reply");

@@ -300,9 +300,18 @@ pub struct SmtpClient {
     messages: u32,
     /// False after an error left the session in an unknown state.
     usable: bool,
-    /// While [`SmtpClient::send`] runs: the transaction's replies, which go on its span as
-    /// `smtp.replies` instead of a span each.
-    transcript: Option<String>,
+    /// While [`SmtpClient::send`] runs: the transaction's replies, which go on its span
+    /// instead of a span each.
+    transcript: Option<Transcript>,
+}
+
+/// The replies of one transaction, for the `smtp.client.send` span.
+#[derive(Default)]
+struct Transcript {
+    /// `MAIL: 250 2.1.0 Ok; RCPT: ...`, in order.
+    replies: String,
+    /// The code of the last reply other than an RSET's (the one that decided).
+    code: Option<u16>,
 }
 
 impl SmtpClient {
@@ -485,11 +494,15 @@ impl SmtpClient {
         )
     )]
     pub async fn send(&mut self, msg: &Outgoing<'_>) -> Result<Vec<RecipientOutcome>, ClientError> {
-        self.transcript = Some(String::new());
+        self.transcript = Some(Transcript::default());
         let result = self.transaction(msg).await;
-        if let Some(replies) = self.transcript.take() {
+        if let Some(t) = self.transcript.take() {
+            // Each recorded once: a field recorded again is another attribute, not a new value.
             let span = tracing::Span::current();
-            span.record("smtp.replies", replies.trim_end_matches("; "));
+            span.record("smtp.replies", t.replies.trim_end_matches("; "));
+            if let Some(code) = t.code {
+                span.record("smtp.reply_code", i64::from(code));
+            }
         }
         result
     }
@@ -941,21 +954,21 @@ impl SmtpClient {
         timeout: Duration,
         phase: &'static str,
     ) -> Result<Reply, ClientError> {
-        if let Some(mut transcript) = self.transcript.take() {
+        if let Some(mut t) = self.transcript.take() {
             // Inside a transaction: on the `smtp.client.send` span (a span per reply would
             // cost about as much as the rest of the delivery's tracing together).
             let result = self.read_reply_inner(timeout, phase).await;
             let _ = match &result {
                 Ok(reply) => {
-                    // The code of the reply that decided, not of the RSET after a refusal.
+                    // The reply that decided, not the RSET after a refusal.
                     if phase != "RSET" {
-                        tracing::Span::current().record("smtp.reply_code", i64::from(reply.code));
+                        t.code = Some(reply.code);
                     }
-                    write!(transcript, "{phase}: {}; ", first_line(reply))
+                    write!(t.replies, "{phase}: {}; ", first_line(reply))
                 }
-                Err(e) => write!(transcript, "{phase}: {e}; "),
+                Err(e) => write!(t.replies, "{phase}: {e}; "),
             };
-            self.transcript = Some(transcript);
+            self.transcript = Some(t);
             return result;
         }
         let span = tracing::info_span!(
