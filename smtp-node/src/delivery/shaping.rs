@@ -23,7 +23,8 @@
 //! rate without a leader.
 //!
 //! **Back-off.** A `421` reply or a `4.7.x` status raises the destination's back-off level
-//! (at most once a second, whoever sees it: the level is shared in KV); each level halves the
+//! (at most once a second, whoever sees it: the level is shared in KV, and a node reads it
+//! there no more than once every 250 ms, [`BACKOFF_REFRESH`]); each level halves the
 //! rate (from `backoff.initialMessagesPerMinute` for a destination without a rate). Every
 //! `backoff.recoverAfter` without such an answer lowers the level by one, so the rate comes
 //! back step by step to the configured one.
@@ -128,7 +129,40 @@ pub struct Shaper {
     state: OnceCell<Store>,
     /// Leases this node holds: key → revision.
     live: Mutex<HashMap<String, u64>>,
+    /// Back-off levels read lately, by destination token ([`BackoffCache`]).
+    backoffs: BackoffCache,
     metrics: Arc<crate::metrics::Metrics>,
+}
+
+/// How long a back-off level read from KV is used before it is read again. Every message
+/// to a shaped destination needs the level, and a KV read per message is a NATS request per
+/// message; another replica's raised level reaches this node within this time (the level
+/// moves at most once a second, [`DEBOUNCE`]), and this node's own at once.
+const BACKOFF_REFRESH: Duration = Duration::from_millis(250);
+
+/// The back-off levels of destinations as last read or written by this node, with when.
+#[derive(Default)]
+struct BackoffCache(Mutex<HashMap<String, (Backoff, std::time::Instant)>>);
+
+impl BackoffCache {
+    /// The level of `token` when it was read or written less than [`BACKOFF_REFRESH`]
+    /// before `now`.
+    fn fresh(&self, token: &str, now: std::time::Instant) -> Option<Backoff> {
+        let map = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        map.get(token)
+            .filter(|(_, at)| now.saturating_duration_since(*at) < BACKOFF_REFRESH)
+            .map(|(b, _)| *b)
+    }
+
+    fn put(&self, token: &str, backoff: Backoff, at: std::time::Instant) {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(token.to_owned(), (backoff, at));
+    }
 }
 
 /// The stored back-off of a destination.
@@ -156,6 +190,7 @@ impl Shaper {
             leases: OnceCell::new(),
             state: OnceCell::new(),
             live: Mutex::new(HashMap::new()),
+            backoffs: BackoffCache::default(),
             metrics,
         })
     }
@@ -226,7 +261,15 @@ impl Shaper {
             }
         };
         let now = now_ms();
-        let backoff = read_backoff(&store, &dest.token).await.0;
+        let backoff = match self.backoffs.fresh(&dest.token, std::time::Instant::now()) {
+            Some(b) => b,
+            None => {
+                let read_at = std::time::Instant::now();
+                let b = read_backoff(&store, &dest.token).await.0;
+                self.backoffs.put(&dest.token, b, read_at);
+                b
+            }
+        };
         let rate = self.policy.rate(dest, backoff, now);
         self.metrics
             .delivery
@@ -321,7 +364,9 @@ impl Shaper {
         };
         let key = backoff_key(&dest.token);
         for _ in 0..CAS_ROUNDS {
+            let read_at = std::time::Instant::now();
             let (stored, revision) = read_backoff(&store, &dest.token).await;
+            self.backoffs.put(&dest.token, stored, read_at);
             let now = now_ms();
             if now.saturating_sub(stored.last_ms) < DEBOUNCE.as_millis() as u64 {
                 return;
@@ -340,6 +385,8 @@ impl Shaper {
                 store.update(&key, bytes.into(), revision).await.is_ok()
             };
             if written {
+                self.backoffs
+                    .put(&dest.token, value, std::time::Instant::now());
                 tracing::warn!(destination = %dest.name, level, reason = %diagnostic.summary(), "destination throttles us; lowering its rate");
                 return;
             }
@@ -597,6 +644,30 @@ mod tests {
         Route::Mx {
             domain: domain.into(),
         }
+    }
+
+    #[test]
+    fn a_back_off_level_is_used_for_a_moment_then_read_again() {
+        let cache = BackoffCache::default();
+        let t0 = std::time::Instant::now();
+        assert_eq!(cache.fresh("gmail", t0), None, "never read");
+        let raised = Backoff {
+            level: 2,
+            last_ms: 1,
+        };
+        cache.put("gmail", raised, t0);
+        assert_eq!(cache.fresh("gmail", t0), Some(raised));
+        let almost = t0 + BACKOFF_REFRESH - Duration::from_millis(1);
+        assert_eq!(cache.fresh("gmail", almost), Some(raised));
+        assert_eq!(cache.fresh("gmail", t0 + BACKOFF_REFRESH), None, "stale");
+        assert_eq!(cache.fresh("yahoo", t0), None, "per destination");
+        // A write (this node's own raise) replaces what was read.
+        let higher = Backoff {
+            level: 3,
+            last_ms: 2,
+        };
+        cache.put("gmail", higher, t0 + BACKOFF_REFRESH);
+        assert_eq!(cache.fresh("gmail", t0 + BACKOFF_REFRESH), Some(higher));
     }
 
     #[test]
