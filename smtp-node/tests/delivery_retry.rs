@@ -29,17 +29,7 @@ async fn a_remote_answering_4xx_then_250_gets_the_message_once() {
     // 450 to every DATA command: the recipients were accepted, the message was not.
     let mut sink = Sink::start(&["-r", "DATA"]);
     let node = Node::start_with(&nats.url(), true, |c| {
-        configure(
-            c,
-            &Setup {
-                dns: &knot,
-                mx_port: sink.port,
-                inbound_port: None,
-                allow_loopback: true,
-                dkim: false,
-                inbound_auth: None,
-            },
-        )
+        configure(c, &Setup::to_mx(&knot, sink.port))
     });
     let subject = unique("greylisted");
     submit(
@@ -116,17 +106,7 @@ async fn a_pooled_connection_the_remote_closed_while_idle_is_replaced_without_a_
     let knot = Knot::start(&[example_zone(), remote_zone("127.0.0.1")]);
     let sink = Sink::start(&["-t", "1"]);
     let node = Node::start_with(&nats.url(), true, |c| {
-        configure(
-            c,
-            &Setup {
-                dns: &knot,
-                mx_port: sink.port,
-                inbound_port: None,
-                allow_loopback: true,
-                dkim: false,
-                inbound_auth: None,
-            },
-        );
+        configure(c, &Setup::to_mx(&knot, sink.port));
         // The pool keeps the connection; only the remote closes it.
         c["delivery"]["connections"]["idleTimeout"] = serde_json::json!("60s");
     });
@@ -173,12 +153,9 @@ async fn a_5xx_remote_produces_one_dsn_that_email_reads_as_a_multipart_report() 
         configure(
             c,
             &Setup {
-                dns: &knot,
-                mx_port: remote.port,
                 inbound_port: Some(inbound.port),
-                allow_loopback: true,
                 dkim: true,
-                inbound_auth: None,
+                ..Setup::to_mx(&knot, remote.port)
             },
         )
     });
@@ -267,12 +244,8 @@ async fn a_long_deferral_sends_the_sender_one_delay_notice() {
         configure(
             c,
             &Setup {
-                dns: &knot,
-                mx_port: remote.port,
                 inbound_port: Some(inbound.port),
-                allow_loopback: true,
-                dkim: false,
-                inbound_auth: None,
+                ..Setup::to_mx(&knot, remote.port)
             },
         );
         c["delivery"]["retry"]["delayWarning"] = serde_json::json!("2s");
@@ -325,12 +298,8 @@ async fn a_bounce_is_never_bounced() {
         configure(
             c,
             &Setup {
-                dns: &knot,
-                mx_port: sink.port,
                 inbound_port: Some(sink.port),
-                allow_loopback: true,
-                dkim: false,
-                inbound_auth: None,
+                ..Setup::to_mx(&knot, sink.port)
             },
         )
     });

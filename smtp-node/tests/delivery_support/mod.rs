@@ -410,6 +410,21 @@ pub struct Setup<'a> {
     pub inbound_auth: Option<&'a str>,
 }
 
+impl<'a> Setup<'a> {
+    /// Remote MX hosts on `mx_port` (loopback allowed), no inbound target, no DKIM, no
+    /// inbound checks; the other cases change a field of this.
+    pub fn to_mx(dns: &'a Knot, mx_port: u16) -> Self {
+        Self {
+            dns,
+            mx_port,
+            inbound_port: None,
+            allow_loopback: true,
+            dkim: false,
+            inbound_auth: None,
+        }
+    }
+}
+
 /// Turns the receiving-side test config of `tests/common` into a delivering one.
 pub fn configure(config: &mut Value, s: &Setup<'_>) {
     config["dns"] = json!({ "nameservers": [s.dns.addr()], "timeout": "2s", "attempts": 2 });
