@@ -157,13 +157,30 @@ impl BackoffCache {
             .map(|(b, _)| *b)
     }
 
+    /// Keeps `backoff` for `token`. An entry is of use for [`BACKOFF_REFRESH`] only: once
+    /// there are [`BACKOFF_CACHE_PRUNE`] of them (a sender to many domains), the stale ones
+    /// go, so the map holds the destinations of the last moment, not of the node's life.
     fn put(&self, token: &str, backoff: Backoff, at: std::time::Instant) {
+        let mut map = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if map.len() >= BACKOFF_CACHE_PRUNE {
+            map.retain(|_, (_, read)| at.saturating_duration_since(*read) < BACKOFF_REFRESH);
+        }
+        map.insert(token.to_owned(), (backoff, at));
+    }
+
+    fn len(&self) -> usize {
         self.0
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(token.to_owned(), (backoff, at));
+            .len()
     }
 }
+
+/// Entries of the [`BackoffCache`] above which its stale ones are dropped.
+const BACKOFF_CACHE_PRUNE: usize = 1024;
 
 /// The stored back-off of a destination.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -668,6 +685,25 @@ mod tests {
         };
         cache.put("gmail", higher, t0 + BACKOFF_REFRESH);
         assert_eq!(cache.fresh("gmail", t0 + BACKOFF_REFRESH), Some(higher));
+    }
+
+    #[test]
+    fn the_back_off_cache_keeps_only_the_destinations_of_the_last_moment() {
+        let cache = BackoffCache::default();
+        let t0 = std::time::Instant::now();
+        for i in 0..BACKOFF_CACHE_PRUNE {
+            cache.put(&format!("domain-{i}"), Backoff::default(), t0);
+        }
+        assert_eq!(cache.len(), BACKOFF_CACHE_PRUNE);
+        // Later, a sender to yet another domain: the stale thousand go.
+        let later = t0 + BACKOFF_REFRESH;
+        cache.put("one-more", Backoff::default(), later);
+        assert_eq!(cache.len(), 1);
+        // Fresh entries stay, however many.
+        for i in 0..BACKOFF_CACHE_PRUNE {
+            cache.put(&format!("domain-{i}"), Backoff::default(), later);
+        }
+        assert_eq!(cache.len(), BACKOFF_CACHE_PRUNE + 1);
     }
 
     #[test]

@@ -601,6 +601,7 @@ fn clean(value: &str) -> String {
 pub fn entry_id(queue_id: &QueueId, domain: &str) -> String {
     format!("{}.{}", queue_id, domain.to_ascii_lowercase())
 }
+
 /// A header map filled with the `'static` names of [`headers`]: a name made with
 /// [`HeaderName::from_static`] needs neither a copy nor a check, where a `&str` name gets
 /// both at every insert (an entry is written on the accept path of every message).
