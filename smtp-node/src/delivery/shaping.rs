@@ -171,6 +171,7 @@ impl BackoffCache {
         map.insert(token.to_owned(), (backoff, at));
     }
 
+    #[cfg(test)]
     fn len(&self) -> usize {
         self.0
             .lock()
