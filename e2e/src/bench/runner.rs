@@ -794,7 +794,7 @@ mod tests {
         assert_eq!(settle(&[0.4], 300), (0, 1));
         // Falling after a build: starts at the first reading below the mark.
         assert_eq!(settle(&[2.1, 1.6, 1.2, 0.9, 0.7], 300), (15, 4));
-        // Exactly at the mark is still busy.
+        // Exactly at the mark waits: a representative run needs less than 1.0.
         assert_eq!(settle(&[1.0, 0.99], 300), (5, 2));
         // A machine that stays busy is measured after the longest wait, the last step cut
         // to fit.
