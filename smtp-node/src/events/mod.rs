@@ -156,7 +156,7 @@ impl Events {
                 continue;
             };
             let mut headers = StaticNames(HeaderMap::new());
-            headers.insert("Nats-Msg-Id", event.id.as_str());
+            headers.insert(kubemail_queue::headers::NATS_MSG_ID, event.id.as_str());
             headers.insert("Content-Type", "application/cloudevents+json");
             messages.push((
                 event_subject(&event.data.domain, kind),

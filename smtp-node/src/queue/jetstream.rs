@@ -13,10 +13,10 @@
 //! the session's task), then hands its entries to the [`commit`](super::commit) task, which
 //! publishes them with the entries of other sessions in one atomic batch. Body objects that
 //! no entry refers to are removed: at once when the entry is known not to be stored (an
-//! error answer, or never sent, and no earlier batch of it went unanswered); otherwise (a timeout, a crash, an entry
-//! the stream already had) by the [`sweeper`](super::sweeper), which looks at the entries. An
-//! object whose entry is stored is marked so (its description), so the sweeper need not look
-//! for it. Once [`JetStreamQueue::attach_events`] was called, the committer publishes the
+//! error answer, or never sent, and no earlier batch of it went unanswered); otherwise (a
+//! timeout, a crash, an entry the stream already had) by the [`sweeper`](super::sweeper),
+//! which looks at the entries. An object whose entry is stored is marked so (its
+//! description), so the sweeper need not look for it. Once [`JetStreamQueue::attach_events`] was called, the committer publishes the
 //! `received` events of every group it stored before the sessions answer `250`.
 
 use std::collections::HashMap;
