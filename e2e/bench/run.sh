@@ -6,11 +6,13 @@
 #   e2e/bench/run.sh --smoke                 short run that checks the harness
 #   e2e/bench/run.sh --scenarios accept,tls  only some benchmarks
 #   e2e/bench/run.sh --keep                  keep the work directory (logs, queues)
-#   e2e/bench/run.sh --background-load 0     no second, loaded run of accept and relay
+#   e2e/bench/run.sh --background-load 0     no loaded runs of accept and relay
+#   e2e/bench/run.sh --no-cgroup-load        only the loaded run that shares CPUs per task
 #   e2e/bench/run.sh --no-pin                generator and servers share every CPU
 # See `bench --help` (target/release/bench) for the rest. By default the load generator and
 # the servers under test are pinned to separate CPUs, and accept-and-queue and relay run a
-# second time beside 2 busy loops (a load average around 2), reported apart.
+# second time beside 2 busy loops (a load average around 2) and a third time with those loops
+# in a cgroup of their own, each reported apart.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 cache=${KUBEMAIL_CACHE:-$HOME/.cache/kubemail}

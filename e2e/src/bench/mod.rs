@@ -8,6 +8,8 @@
 //! * [`tls`]: the ECDSA test certificates both servers use and the client's TLS settings;
 //! * [`procstat`]: CPU time and memory of the server processes, from `/proc`;
 //! * [`syncs`]: fsyncs per message, counted by `perf stat` on the syscall tracepoints;
+//! * [`cgroups`]: CPU cgroups of equal weight for the generator, the servers and the busy
+//!   neighbours, for the loaded run that shares CPUs the way a Kubernetes node does;
 //! * [`peers`]: starting and stopping the systems under test and their helpers (nats-server,
 //!   smtp-node, a private Postfix instance, smtp-sink), each in its own directory on free
 //!   loopback ports;
@@ -15,6 +17,7 @@
 //! * [`runner`]: the whole run: preflight, alternating repetitions, medians;
 //! * [`report`]: `BENCHMARKS.md` and `bench-results.json`.
 
+pub mod cgroups;
 pub mod loadgen;
 pub mod peers;
 pub mod procstat;

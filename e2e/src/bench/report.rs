@@ -67,16 +67,23 @@ pub fn markdown(results: &BenchResults) -> String {
          | Queues and logs | {mount} (kubemail's JetStream store and Postfix's queue on the same disk) |\n\
          | Open-files limit | {nofile} |\n\
          | CPU pinning | {pinning} |\n\
-         | Background load | {background} |\n",
+         | Background load | {background} |\n\
+         | Background load in cgroups | {cgroups} |\n",
         pinning = meta.cpu_pinning,
         background = match (meta.background_load, meta.load_at_background_start) {
             (0, _) => "none (no loaded run)".to_owned(),
             (n, Some(l)) => format!(
-                "{n} busy loops for the second run of benchmarks 1 and 2 (load average {:.2} {:.2} {:.2} when it started)",
+                "{n} busy loops, in the servers' cgroup, for the second run of benchmarks 1 and 2 (load average {:.2} {:.2} {:.2} when it started)",
                 l[0], l[1], l[2]
             ),
-            (n, None) => format!("{n} busy loops for the second run of benchmarks 1 and 2"),
+            (n, None) => format!(
+                "{n} busy loops, in the servers' cgroup, for the second run of benchmarks 1 and 2"
+            ),
         },
+        cgroups = meta
+            .cgroup_load
+            .as_deref()
+            .unwrap_or("none (no loaded run)"),
         settled = if meta.settled_secs > 0.0 {
             format!(
                 " (after waiting {:.0} s for it to fall below {BUSY_LOAD:.1})",
@@ -507,7 +514,9 @@ fn per_repetition(
     }
 }
 
-/// The headline benchmark again, run beside busy loops: its table, verdict and ratios.
+/// The headline benchmark again, run beside busy loops: its table, verdict and ratios, for
+/// the run with the loops in the servers' cgroup and for the one with the loops in a cgroup
+/// of their own.
 fn loaded_part(
     md: &mut String,
     loaded: &[Measurement],
@@ -515,30 +524,46 @@ fn loaded_part(
     target: f64,
     mark: &str,
 ) {
-    let rows: Vec<Measurement> = loaded
-        .iter()
-        .filter(|m| m.scenario == scenario)
-        .cloned()
-        .collect();
-    let Some(n) = rows.first().map(|m| m.background_load) else {
-        return;
-    };
-    let _ = writeln!(
-        md,
-        "### The same beside {n} busy loops (load average around {n})\n"
-    );
-    throughput_table(md, &rows, scenario, mark);
-    verdict_throughput(md, &rows, scenario, target, mark);
-    per_repetition(md, &rows, scenario, target, mark);
-    if let Some(row) = median_row(&rows, scenario, System::KubemailSyncAlways, None)
-        && let Some(node) = row.0.cpu_us_per_msg_by_role.get("smtp-node")
-    {
-        let _ = writeln!(
-            md,
-            "- smtp-node CPU per message (sync always, loaded): {node:.0} µs."
-        );
+    for cgroups in [false, true] {
+        let rows: Vec<Measurement> = loaded
+            .iter()
+            .filter(|m| m.scenario == scenario && m.background_cgroups == cgroups)
+            .cloned()
+            .collect();
+        let Some(n) = rows.first().map(|m| m.background_load) else {
+            continue;
+        };
+        if cgroups {
+            let _ = writeln!(
+                md,
+                "### The same beside {n} busy loops in a cgroup of their own\n\n\
+                 The load generator, the servers under test and the {n} busy loops in three \
+                 sibling cgroups of equal CPU weight: each CPU is shared per cgroup, as between \
+                 pods with equal CPU requests on a Kubernetes node or between systemd services, \
+                 whatever number of processes each runs.\n"
+            );
+        } else {
+            let _ = writeln!(
+                md,
+                "### The same beside {n} busy loops (load average around {n})\n\n\
+                 The busy loops in the servers' cgroup: each CPU is shared per runnable task, \
+                 which gives a server of many processes (Postfix: an smtpd per connection, \
+                 cleanup, qmgr, smtp) a larger share than one of two (smtp-node, nats-server).\n"
+            );
+        }
+        throughput_table(md, &rows, scenario, mark);
+        verdict_throughput(md, &rows, scenario, target, mark);
+        per_repetition(md, &rows, scenario, target, mark);
+        if let Some(row) = median_row(&rows, scenario, System::KubemailSyncAlways, None)
+            && let Some(node) = row.0.cpu_us_per_msg_by_role.get("smtp-node")
+        {
+            let _ = writeln!(
+                md,
+                "- smtp-node CPU per message (sync always, loaded): {node:.0} µs."
+            );
+        }
+        md.push('\n');
     }
-    md.push('\n');
 }
 
 fn latency_table(md: &mut String, rows: &[&Measurement]) {
@@ -809,6 +834,7 @@ mod tests {
             idle: None,
             notes: Vec::new(),
             background_load,
+            background_cgroups: false,
         }
     }
 
@@ -836,6 +862,7 @@ mod tests {
                     .to_owned(),
                 background_load: 2,
                 load_at_background_start: Some([2.1, 1.0, 0.5]),
+                cgroup_load: Some("2 busy processes in a cgroup of their own".to_owned()),
             },
             params: Params::full(),
             measurements,
@@ -884,6 +911,51 @@ mod tests {
         assert!(
             !md.contains("busy machine:"),
             "an idle run carries no warning"
+        );
+    }
+
+    #[test]
+    fn the_run_with_busy_loops_in_their_own_cgroup_is_reported_apart() {
+        let mut ms = runs(0);
+        // Beside loops in the servers' cgroup: half the rates; in a cgroup of their own: the
+        // same Postfix rates as idle and kubemail at 3000 + 300 r.
+        ms.extend(runs(2).into_iter().map(|mut m| {
+            m.msgs_per_sec = m.msgs_per_sec.map(|r| r / 2.0);
+            m
+        }));
+        ms.extend(runs(2).into_iter().map(|mut m| {
+            m.background_cgroups = true;
+            if m.system.is_kubemail() {
+                m.msgs_per_sec = Some(3000.0 + 300.0 * f64::from(m.repetition));
+            }
+            m
+        }));
+        let md = markdown(&results(false, ms));
+        let per_task = md
+            .find("### The same beside 2 busy loops (load average around 2)")
+            .expect(&md);
+        let per_cgroup = md
+            .find("### The same beside 2 busy loops in a cgroup of their own")
+            .expect(&md);
+        assert!(per_task < per_cgroup, "{md}");
+        let cgroup_part = &md[per_cgroup..];
+        // Repetition 4: 4200 / 1400; the median of 3.00, 3.00, 3.00, 3.00, 3.00 is 3.00.
+        assert!(cgroup_part.contains("| 4 | 1400 | 4200 | 3.00× |"), "{md}");
+        assert!(
+            cgroup_part.contains(
+                "per repetition: median 3.00×, spread 3.00–3.00× over 5 repetitions, target ≥ 3×: **met**"
+            ),
+            "{md}"
+        );
+        // The per-task part keeps its own rows: repetition 4 at half the idle rates.
+        let task_part = &md[per_task..per_cgroup];
+        assert!(task_part.contains("| 4 | 700 | 1900 | 2.71× |"), "{md}");
+        assert!(!task_part.contains("4200"), "{md}");
+        assert!(
+            md.contains(
+                "| Background load in cgroups | 2 busy processes in a cgroup of their own |"
+            ),
+            "{md}"
         );
     }
 

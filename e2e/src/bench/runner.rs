@@ -8,7 +8,9 @@
 //! process, and the smtp-sink it starts) on one half of the CPUs and every server under test
 //! on the other (`taskset`), so the generator and the server do not take each other's CPU;
 //! with `--background-load N` the headline benchmarks run a second time beside N busy loops
-//! ([`BusyLoops`]), the "load average around N" case, reported apart from the idle run.
+//! ([`BusyLoops`]), the "load average around N" case, reported apart from the idle run, and
+//! a third time with the busy loops in a cgroup of their own ([`super::cgroups`]): the CPU
+//! shared per cgroup, as between the pods of a Kubernetes node, not per task.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -18,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use super::cgroups::{BusyProcesses, CpuGroups, Group};
 use super::loadgen::Security;
 use super::peers::kubemail::NodeFeatures;
 use super::peers::{self, PeerError};
@@ -34,6 +37,8 @@ const FD_HEADROOM: u64 = 500;
 /// How long the busy loops run before the loaded repetitions start: the 1-minute load
 /// average needs about that long to approach their number.
 const BACKGROUND_SETTLE: Duration = Duration::from_secs(60);
+/// The same for a smoke run, which checks the harness, not the figures.
+const SMOKE_BACKGROUND_SETTLE: Duration = Duration::from_secs(1);
 /// The busy loops stop by themselves after this long, whatever happens to the run.
 const BACKGROUND_MAX: Duration = Duration::from_secs(3600);
 
@@ -74,6 +79,9 @@ pub struct RunOptions {
     pub background_load: u32,
     /// How the CPUs were split ([`pin_cpus`]), for the report.
     pub cpu_pinning: String,
+    /// After the loaded run, run the headline benchmarks once more with the busy loops in a
+    /// cgroup of their own ([`super::cgroups`]), where the machine allows it.
+    pub cgroup_load: bool,
     /// Longest wait, before the first measurement, for the 1-minute load average to fall
     /// below [`BUSY_LOAD`] (the release build just before leaves it around 2); zero: none.
     pub settle: Duration,
@@ -106,6 +114,18 @@ pub struct RunMeta {
     /// Busy loops of the loaded run (0: none), and the load average when it started.
     pub background_load: u32,
     pub load_at_background_start: Option<[f64; 3]>,
+    /// How the per-cgroup loaded run was set up, or why it was not run; `None` when there
+    /// was no loaded run at all.
+    pub cgroup_load: Option<String>,
+}
+
+/// What the loaded runs report beside their measurements.
+#[derive(Debug, Default)]
+struct LoadedRuns {
+    /// Load average when the per-task loaded run started.
+    per_task_start: Option<[f64; 3]>,
+    /// How the per-cgroup loaded run was set up, or why it was not run.
+    per_cgroup: Option<String>,
 }
 
 /// Everything a run produced.
@@ -199,14 +219,14 @@ pub async fn run(opts: RunOptions) -> Result<BenchResults, RunError> {
     if !opts.keep_work_dir {
         peers::register_dir(&work_dir);
     }
-    let mut background_start = None;
+    let mut loaded = LoadedRuns::default();
     let result = run_in(
         &opts,
         &params,
         &work_dir,
         &nats_server,
         &smtp_sink,
-        &mut background_start,
+        &mut loaded,
     )
     .await;
     if !opts.keep_work_dir {
@@ -238,7 +258,8 @@ pub async fn run(opts: RunOptions) -> Result<BenchResults, RunError> {
         duration_secs: started.elapsed().as_secs_f64(),
         cpu_pinning: opts.cpu_pinning.clone(),
         background_load: opts.background_load,
-        load_at_background_start: background_start,
+        load_at_background_start: loaded.per_task_start,
+        cgroup_load: loaded.per_cgroup,
     };
     let results = BenchResults {
         meta,
@@ -260,7 +281,7 @@ async fn run_in(
     work_dir: &Path,
     nats_server: &Path,
     smtp_sink: &Path,
-    background_start: &mut Option<[f64; 3]>,
+    loaded: &mut LoadedRuns,
 ) -> Result<Vec<Measurement>, RunError> {
     let shared = work_dir.join("shared");
     peers::create_dir(&shared)?;
@@ -345,35 +366,110 @@ async fn run_in(
         .into_iter()
         .filter(|s| opts.scenarios.contains(s))
         .collect();
-    if opts.background_load > 0 && !headline.is_empty() {
-        let n = opts.background_load;
-        eprintln!(
-            "== background load: {n} busy loops, {}s to settle",
-            BACKGROUND_SETTLE.as_secs()
-        );
-        let busy = BusyLoops::start(n, BACKGROUND_MAX);
-        tokio::time::sleep(BACKGROUND_SETTLE).await;
-        *background_start = Some(load_average());
-        let reps = params.headline_repetitions;
-        let mut loaded = Vec::new();
-        let env = &env;
-        for id in headline {
-            eprintln!("== {} (background load {n})", id.title());
-            for_each_alternating(reps, &System::ALL, &mut loaded, |s, rep| async move {
-                match id {
-                    ScenarioId::Relay => scenario::relay(env, s, &params.relay, rep).await,
-                    _ => scenario::accept_and_queue(env, s, &params.accept, rep).await,
-                }
-            })
-            .await;
-        }
-        drop(busy);
-        for mut m in loaded {
-            m.background_load = n;
-            out.push(m);
-        }
+    if opts.background_load == 0 || headline.is_empty() {
+        return Ok(out);
     }
+    let n = opts.background_load;
+    let settle = if opts.smoke {
+        SMOKE_BACKGROUND_SETTLE
+    } else {
+        BACKGROUND_SETTLE
+    };
+    // First beside busy loops that share the servers' cgroup, so the CPU is shared per task.
+    eprintln!(
+        "== background load: {n} busy loops, {}s to settle",
+        settle.as_secs()
+    );
+    let busy = BusyLoops::start(n, BACKGROUND_MAX);
+    tokio::time::sleep(settle).await;
+    loaded.per_task_start = Some(load_average());
+    let mut measured = headline_again(&env, params, &headline, n, "").await;
+    drop(busy);
+    for m in &mut measured {
+        m.background_load = n;
+    }
+    out.append(&mut measured);
+    // Then with the generator, the servers and the busy loops in three cgroups of equal
+    // weight, so the CPU is shared per cgroup, as between the pods of a Kubernetes node.
+    if !opts.cgroup_load {
+        loaded.per_cgroup = Some("not run (--no-cgroup-load)".to_owned());
+        return Ok(out);
+    }
+    let groups = match CpuGroups::create() {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("== no per-cgroup loaded run: {e}");
+            loaded.per_cgroup = Some(format!("not run: no writable CPU cgroup ({e})"));
+            return Ok(out);
+        }
+    };
+    let all_cpus = format!("0-{}", machine_cpus().saturating_sub(1));
+    let busy = match groups
+        .enter(Group::Generator, std::process::id())
+        .and_then(|()| {
+            BusyProcesses::start(
+                n,
+                &groups.procs_file(Group::Neighbours),
+                &all_cpus,
+                BACKGROUND_MAX,
+            )
+        }) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("== no per-cgroup loaded run: {e}");
+            loaded.per_cgroup = Some(format!("not run: {e}"));
+            return Ok(out);
+        }
+    };
+    peers::servers_in_cgroup(Some(groups.procs_file(Group::Servers)));
+    eprintln!(
+        "== background load in cgroups: {n} busy processes (pids {:?}), {}s to settle",
+        busy.pids(),
+        settle.as_secs()
+    );
+    tokio::time::sleep(settle).await;
+    let start = load_average();
+    let mut measured = headline_again(&env, params, &headline, n, ", per-cgroup sharing").await;
+    peers::servers_in_cgroup(None);
+    drop(busy);
+    loaded.per_cgroup = Some(format!(
+        "{n} busy processes in a cgroup of their own, beside the load generator's and the \
+         servers' (three sibling cgroups, each {}; load average {:.2} {:.2} {:.2} when it started)",
+        groups.describe(Group::Servers),
+        start[0],
+        start[1],
+        start[2]
+    ));
+    drop(groups);
+    for m in &mut measured {
+        m.background_load = n;
+        m.background_cgroups = true;
+    }
+    out.append(&mut measured);
     Ok(out)
+}
+
+/// The headline benchmarks again, `params.headline_repetitions` each, alternating systems.
+async fn headline_again(
+    env: &Env,
+    params: &Params,
+    headline: &[ScenarioId],
+    n: u32,
+    how: &str,
+) -> Vec<Measurement> {
+    let reps = params.headline_repetitions;
+    let mut loaded = Vec::new();
+    for &id in headline {
+        eprintln!("== {} (background load {n}{how})", id.title());
+        for_each_alternating(reps, &System::ALL, &mut loaded, |s, rep| async move {
+            match id {
+                ScenarioId::Relay => scenario::relay(env, s, &params.relay, rep).await,
+                _ => scenario::accept_and_queue(env, s, &params.accept, rep).await,
+            }
+        })
+        .await;
+    }
+    loaded
 }
 
 /// Splits the CPUs this process may use: the lower half for the load generator (this

@@ -340,6 +340,9 @@ pub struct Measurement {
     pub notes: Vec<String>,
     /// Busy loops running beside the benchmark (`--background-load`); 0 for the idle run.
     pub background_load: u32,
+    /// The busy loops ran in a cgroup of their own, beside the servers' and the generator's
+    /// (the CPU shared per cgroup); false: in the same cgroup (shared per task).
+    pub background_cgroups: bool,
 }
 
 impl Measurement {
@@ -363,6 +366,7 @@ impl Measurement {
             idle: None,
             notes: Vec::new(),
             background_load: 0,
+            background_cgroups: false,
         }
     }
 

@@ -57,6 +57,10 @@ struct Args {
     /// around N) and report both runs; 0: only the idle run.
     #[arg(long, env = "BENCH_BACKGROUND_LOAD", default_value_t = 0)]
     background_load: u32,
+    /// With --background-load: skip the third run of accept and relay, the one with the busy
+    /// loops, the load generator and the servers in three cgroups of equal CPU weight.
+    #[arg(long, env = "BENCH_NO_CGROUP_LOAD")]
+    no_cgroup_load: bool,
     /// Do not pin the load generator and the servers to separate CPUs.
     #[arg(long, env = "BENCH_NO_PIN")]
     no_pin: bool,
@@ -99,6 +103,7 @@ fn main() -> ExitCode {
         json: Some(args.json.clone()),
         background_load: args.background_load,
         cpu_pinning,
+        cgroup_load: !args.no_cgroup_load,
         settle: Duration::from_secs(args.settle_secs.unwrap_or(if args.smoke {
             0
         } else {

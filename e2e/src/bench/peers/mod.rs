@@ -46,17 +46,39 @@ pub fn pin_servers(cpus: String) {
     let _ = SERVER_CPUS.set(cpus);
 }
 
+/// The `cgroup.procs` file of the cgroup that servers under test start in, while the run
+/// shares CPUs per cgroup ([`super::cgroups`]); `None` otherwise.
+static SERVER_CGROUP: Mutex<Option<PathBuf>> = Mutex::new(None);
+
+/// Starts every server under test from now on inside the cgroup whose `cgroup.procs` file is
+/// `procs` (`None`: where this process is).
+pub fn servers_in_cgroup(procs: Option<PathBuf>) {
+    if let Ok(mut g) = SERVER_CGROUP.lock() {
+        *g = procs;
+    }
+}
+
 /// A command that starts a server under test: under `taskset -c <cpus>` when the run pins
-/// servers (taskset execs the program, so the pid is the server's own), else as is.
+/// servers, and entering the servers' cgroup first when the run has one (a shell writes its
+/// pid to `cgroup.procs`, then execs), else as is. Each step execs the next, so the pid is the
+/// server's own, and whatever the server forks is in the same cgroup.
 pub fn server_command(program: impl AsRef<std::ffi::OsStr>) -> Command {
-    match SERVER_CPUS.get() {
-        Some(cpus) => {
-            let mut c = Command::new("taskset");
-            c.arg("-c").arg(cpus).arg(program);
+    let mut argv: Vec<std::ffi::OsString> = Vec::new();
+    if let Some(cpus) = SERVER_CPUS.get() {
+        argv.extend(["taskset".into(), "-c".into(), cpus.into()]);
+    }
+    argv.push(program.as_ref().to_owned());
+    let cgroup = SERVER_CGROUP.lock().ok().and_then(|g| g.clone());
+    let mut c = match cgroup {
+        Some(procs) => {
+            let mut c = Command::new("sh");
+            c.arg("-c").arg(r#"echo $$ > "$0" && exec "$@""#).arg(procs);
             c
         }
-        None => Command::new(program),
-    }
+        None => Command::new(argv.remove(0)),
+    };
+    c.args(argv);
+    c
 }
 
 fn register(item: Live) {
