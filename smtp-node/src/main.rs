@@ -15,6 +15,12 @@ use kubemail_smtp_node::{auth, metrics, node, telemetry};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
+/// mimalloc instead of the C library's allocator: a session allocates and frees small
+/// buffers at every command and message, and glibc's malloc took about a sixth of the node's
+/// CPU per accepted message. Statically linked, so the image needs no other library.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// kubemail SMTP node: receives mail, queues it in NATS JetStream and delivers it.
 #[derive(Parser, Debug)]
 #[command(version, about)]
