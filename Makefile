@@ -46,7 +46,7 @@ test: setup build
 	exit $$rc
 
 # kubemail against Postfix on this machine, same run, alternating: BENCHMARKS.md and
-# bench-results.json (about 20 minutes on two CPUs; BENCH_ARGS=--smoke for a short harness check).
+# bench-results.json (about 26 minutes on two CPUs; BENCH_ARGS=--smoke for a short harness check).
 bench: setup
 	e2e/bench/run.sh $(BENCH_ARGS)
 
