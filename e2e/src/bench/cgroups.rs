@@ -59,8 +59,8 @@ enum Version {
 #[derive(Debug)]
 pub struct CpuGroups {
     version: Version,
-    /// The hierarchy's root, where this process goes back to.
-    mount: PathBuf,
+    /// The cgroup this process was in when the groups were made, where it goes back to.
+    origin: PathBuf,
     /// `<mount>/kubemail-bench-<pid>`.
     dir: PathBuf,
 }
@@ -106,7 +106,7 @@ impl CpuGroups {
         std::fs::create_dir(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
         let groups = Self {
             version,
-            mount: mount.to_owned(),
+            origin: own_cgroup(version, mount),
             dir,
         };
         // From here on, dropping `groups` removes what was made.
@@ -165,10 +165,10 @@ impl CpuGroups {
 
 impl Drop for CpuGroups {
     fn drop(&mut self) {
-        // This process back to the hierarchy's root, then the (by now empty) groups away. A
-        // stopped process can take a moment to leave its group.
+        // This process back to where it was, then the (by now empty) groups away. A stopped
+        // process can take a moment to leave its group.
         let _ = write(
-            &self.mount.join("cgroup.procs"),
+            &self.origin.join("cgroup.procs"),
             &std::process::id().to_string(),
         );
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -230,6 +230,27 @@ impl BusyProcesses {
     }
 }
 
+/// This process's cgroup in the hierarchy mounted at `mount`, from `/proc/self/cgroup`
+/// (`0::<path>` for v2, `<id>:<controllers>:<path>` with `cpu` among the controllers for v1);
+/// the hierarchy's root when it cannot be read.
+fn own_cgroup(version: Version, mount: &Path) -> PathBuf {
+    let table = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    table
+        .lines()
+        .filter_map(|l| {
+            let mut parts = l.splitn(3, ':');
+            Some((parts.next()?, parts.next()?, parts.next()?))
+        })
+        .find(|(id, controllers, _)| match version {
+            Version::V2 => *id == "0" && controllers.is_empty(),
+            Version::V1 => controllers.split(',').any(|c| c == "cpu"),
+        })
+        .map_or_else(
+            || mount.to_owned(),
+            |(_, _, path)| mount.join(path.trim_start_matches('/')),
+        )
+}
+
 fn read(path: &Path) -> Result<String, String> {
     std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
 }
@@ -258,6 +279,16 @@ mod tests {
         };
         let dir = groups.dir.clone();
         assert!(dir.join("servers").is_dir() && dir.join("neighbours").is_dir());
+        // This process into the generator's group, and back where it was at the end.
+        let before = std::fs::read_to_string("/proc/self/cgroup").expect("own cgroups");
+        groups
+            .enter(Group::Generator, std::process::id())
+            .expect("this process into the generator's group");
+        assert!(
+            groups
+                .members(Group::Generator)
+                .contains(&std::process::id())
+        );
         for g in Group::ALL {
             let described = groups.describe(g);
             assert!(
@@ -313,5 +344,7 @@ mod tests {
         drop(busy);
         drop(groups);
         assert!(!dir.exists(), "{} is left behind", dir.display());
+        let after = std::fs::read_to_string("/proc/self/cgroup").expect("own cgroups");
+        assert_eq!(before, after, "this process is back in its own cgroups");
     }
 }
