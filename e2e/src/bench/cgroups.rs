@@ -194,14 +194,11 @@ impl BusyProcesses {
     pub fn start(n: u32, procs_file: &Path, cpus: &str, max: Duration) -> Result<Self, String> {
         let mut loops = Vec::new();
         for _ in 0..n {
-            // The shell enters the cgroup, then becomes `timeout`, which runs the loop; the
-            // SIGTERM that stops `timeout` (the child's pid) ends the loop too.
-            let child = Command::new("sh")
-                .arg("-c")
-                .arg(r#"echo $$ > "$0" && exec timeout -s KILL "$1" taskset -c "$2" sh -c 'while :; do :; done'"#)
-                .arg(procs_file)
-                .arg(max.as_secs().to_string())
-                .arg(cpus)
+            // `timeout` runs the loop; the SIGTERM that stops `timeout` (the child's pid) ends
+            // the loop too.
+            let child = command_in(procs_file)
+                .args(["timeout", "-s", "KILL", &max.as_secs().to_string()])
+                .args(["taskset", "-c", cpus, "sh", "-c", "while :; do :; done"])
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::piped())
@@ -228,6 +225,16 @@ impl BusyProcesses {
     pub fn pids(&self) -> Vec<u32> {
         self.loops.iter().map(ManagedChild::pid).collect()
     }
+}
+
+/// A command that enters the cgroup whose `cgroup.procs` file is `procs`, then runs the
+/// program and arguments added to it: a shell writes its pid there and execs them, so the
+/// program keeps the pid the command was started with and whatever it forks stays in the
+/// cgroup. A shell that cannot enter the cgroup exits with its complaint on stderr.
+pub fn command_in(procs: &Path) -> Command {
+    let mut c = Command::new("sh");
+    c.arg("-c").arg(r#"echo $$ > "$0" && exec "$@""#).arg(procs);
+    c
 }
 
 /// This process's cgroup in the hierarchy mounted at `mount`, from `/proc/self/cgroup`

@@ -59,8 +59,8 @@ pub fn servers_in_cgroup(procs: Option<PathBuf>) {
 }
 
 /// A command that starts a server under test: under `taskset -c <cpus>` when the run pins
-/// servers, and entering the servers' cgroup first when the run has one (a shell writes its
-/// pid to `cgroup.procs`, then execs), else as is. Each step execs the next, so the pid is the
+/// servers, and entering the servers' cgroup first when the run has one
+/// ([`super::cgroups::command_in`]), else as is. Each step execs the next, so the pid is the
 /// server's own, and whatever the server forks is in the same cgroup.
 pub fn server_command(program: impl AsRef<std::ffi::OsStr>) -> Command {
     let mut argv: Vec<std::ffi::OsString> = Vec::new();
@@ -70,11 +70,7 @@ pub fn server_command(program: impl AsRef<std::ffi::OsStr>) -> Command {
     argv.push(program.as_ref().to_owned());
     let cgroup = SERVER_CGROUP.lock().ok().and_then(|g| g.clone());
     let mut c = match cgroup {
-        Some(procs) => {
-            let mut c = Command::new("sh");
-            c.arg("-c").arg(r#"echo $$ > "$0" && exec "$@""#).arg(procs);
-            c
-        }
+        Some(procs) => super::cgroups::command_in(&procs),
         None => Command::new(argv.remove(0)),
     };
     c.args(argv);
