@@ -1083,16 +1083,8 @@ async fn finish(
     }
     match plan.disposition {
         Disposition::Deferred { .. } => {}
-        Disposition::Done => {
-            if confirm_ack(message, AckKind::Ack).await {
-                delete_body(ctx, entry).await;
-            }
-        }
-        Disposition::Failed => {
-            if confirm_ack(message, AckKind::Term).await {
-                delete_body(ctx, entry).await;
-            }
-        }
+        Disposition::Done => settle(ctx, message, entry, AckKind::Ack).await,
+        Disposition::Failed => settle(ctx, message, entry, AckKind::Term).await,
     }
 }
 
@@ -1349,6 +1341,19 @@ async fn delete_body(ctx: &DeliveryContext, entry: &QueueEntry) {
             }
         }
         Err(error) => tracing::warn!(%error, "cannot open the body bucket to delete a body"),
+    }
+}
+
+/// Acknowledges an entry whose every recipient is done (`kind`: ack or term). A body in the
+/// object store is deleted once the server has confirmed the ack (an entry that may still
+/// come back needs it); an inline body needs no confirmation, and the ack goes out without
+/// waiting for one: a lost ack brings the entry back after the ack wait, as an unconfirmed
+/// one would.
+async fn settle(ctx: &DeliveryContext, message: &Message, entry: &QueueEntry, kind: AckKind) {
+    if entry.body_ref.is_none() {
+        ack(message, kind).await;
+    } else if confirm_ack(message, kind).await {
+        delete_body(ctx, entry).await;
     }
 }
 
