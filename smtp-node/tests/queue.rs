@@ -923,13 +923,29 @@ async fn nats_killed_mid_batch_keeps_every_250_and_duplicates_no_retry() {
     );
 }
 
-/// The `received` events of many sessions' messages go to the events stream in shared
-/// writes (atomic batches, one fsync each with `sync_interval: always`), not one write per
-/// event: every message has its one event, and the stream saw fewer writes than events.
+/// On a synchronous events stream (replicated, or made by an earlier release) the
+/// `received` events of many sessions' messages go in shared writes (atomic batches, one
+/// fsync each with `sync_interval: always`), not one write per event: every message has its
+/// one event, and the stream saw fewer writes than events.
 #[tokio::test]
-async fn received_events_of_concurrent_sessions_share_writes() {
+async fn received_events_of_concurrent_sessions_share_writes_on_a_synchronous_stream() {
     use kubemail_queue::events::EVENTS_STREAM;
+    use kubemail_queue::streams;
     let nats = Nats::start();
+    {
+        let client = async_nats::connect(nats.url()).await.expect("connect");
+        let js = async_nats::jetstream::new(client);
+        let mut synchronous = streams::events_stream_config(
+            1,
+            streams::EVENTS_DEFAULT_MAX_AGE,
+            streams::EVENTS_DEFAULT_MAX_BYTES,
+        );
+        synchronous.persist_mode = None;
+        synchronous.allow_atomic_publish = true;
+        js.create_stream(synchronous)
+            .await
+            .expect("a synchronous events stream");
+    }
     let node = Node::start(&nats.url());
     // Nothing is refused here; a refusal would be sent again at once.
     let retry = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
@@ -1121,6 +1137,7 @@ async fn a_self_managing_node_turns_on_atomic_batches_on_an_earlier_events_strea
         streams::EVENTS_DEFAULT_MAX_AGE,
         streams::EVENTS_DEFAULT_MAX_BYTES,
     );
+    earlier.persist_mode = None;
     earlier.allow_atomic_publish = false;
     js.create_stream(earlier).await.expect("an earlier stream");
     js.publish("kubemail.events.example_test.received", "kept".into())
@@ -1146,4 +1163,67 @@ async fn a_self_managing_node_turns_on_atomic_batches_on_an_earlier_events_strea
     }
     let info = info.expect("the node turned on atomic batches and published its event");
     assert!(info.state.messages >= 2, "the earlier event is kept");
+}
+
+/// A node that manages its own JetStream objects creates the events stream asynchronous
+/// (one replica): it takes no atomic batches, every `received` event is stored, each in a
+/// write of its own (no fsync of its own), and the node does not try to turn on batches.
+#[tokio::test]
+async fn a_self_managing_node_creates_an_asynchronous_events_stream_and_stores_every_event() {
+    use kubemail_queue::events::EVENTS_STREAM;
+    use kubemail_queue::streams;
+    let nats = Nats::start();
+    let node = Node::start(&nats.url());
+    let clients: Vec<_> = (0..4)
+        .map(|k| {
+            let port = node.ports.mx;
+            tokio::spawn(async move {
+                let mut c = RawTcp::connect(port).await;
+                c.expect("220").await;
+                c.cmd("EHLO client.test", "250").await;
+                for i in 0..5 {
+                    let subject = format!("Subject: {k}-{i}");
+                    let reply = send_message(
+                        &mut c,
+                        "a@remote.test",
+                        "bob@example.test",
+                        subject.as_bytes(),
+                    )
+                    .await;
+                    assert!(reply.starts_with("250"), "{reply}");
+                }
+            })
+        })
+        .collect();
+    for c in clients {
+        c.await.expect("client task");
+    }
+    let client = async_nats::connect(nats.url()).await.expect("connect");
+    let js = async_nats::jetstream::new(client);
+    let mut stream = js.get_stream(EVENTS_STREAM).await.expect("events stream");
+    let mut info = stream.info().await.expect("info").clone();
+    for _ in 0..100 {
+        if info.state.messages >= 20 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        info = stream.info().await.expect("info").clone();
+    }
+    assert_eq!(info.state.messages, 20, "one received event per message");
+    assert!(
+        streams::is_asynchronous(&info.config),
+        "{:?}",
+        info.config.persist_mode
+    );
+    assert!(!info.config.allow_atomic_publish);
+    let metrics = metrics(&node);
+    let writes = counter(&metrics, "kubemail_smtp_events_commit_events_count ");
+    let events = counter(&metrics, "kubemail_smtp_events_commit_events_sum ");
+    assert_eq!(events, 20.0, "every event confirmed");
+    assert_eq!(writes, events, "no batches on an asynchronous stream");
+    let log = node.log();
+    assert!(
+        !log.contains("cannot turn on atomic batches") && !log.contains("no events stream"),
+        "{log}"
+    );
 }

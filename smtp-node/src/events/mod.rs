@@ -8,10 +8,14 @@
 //!   `kubemail_smtp_events_total{result="dropped"}`. The events of every caller waiting at
 //!   the same moment (the group commits of sessions, concurrent delivery workers) go to the
 //!   stream together, through the same loop as the queue's group commit
-//!   ([`crate::queue::commit::gather`]): as one atomic batch (one write, one fsync with
-//!   `sync_interval: always`) when the stream allows them, `nats.groupCommit` is on and the
-//!   group is large enough to pay for the batch's staging ([`MIN_BATCH_EVENTS`]), else
-//!   published together with the acknowledgements awaited at once. A batch the server
+//!   ([`crate::queue::commit::gather`]). On the asynchronous stream of one replica (see
+//!   [`kubemail_queue::streams::events_stream_config`]) each event is a write of its own
+//!   that the server acknowledges before writing it, so none waits for an fsync. On a
+//!   synchronous stream (replicated, or made by an earlier release) the group goes as one
+//!   atomic batch (one write, one fsync with `sync_interval: always`) when `nats.groupCommit`
+//!   is on and the group is large enough to pay for the batch's staging
+//!   ([`MIN_BATCH_EVENTS`]); otherwise the events are published together with the
+//!   acknowledgements awaited at once. A batch the server
 //!   refuses (an event it has already, from a repeated attempt) is published again event by
 //!   event; the ids make that safe.
 //! * [`Batch`]: the events of one delivery attempt, collected while the worker decides and

@@ -19,7 +19,11 @@
 //! # Guarantee
 //! At least once: the delivery worker publishes an attempt's events and waits (at most
 //! `events.publishTimeout`) for the stream's acknowledgement *before* it acknowledges the
-//! queue entry, so a crash in between repeats the events rather than losing them. A repeated
+//! queue entry, so a crash of a node in between repeats the events rather than losing them.
+//! With one replica the stream is written asynchronously
+//! ([`crate::streams::events_stream_config`]): the server acknowledges an event before it
+//! has written it, so a crash of the NATS server itself can lose the events of its last
+//! moments (the queue stream, and so the mail, syncs every write as before). A repeated
 //! event has the same `id` (derived from the queue id, the attempt, the type and the
 //! recipient), so the stream drops repeats inside its duplicate window and a receiver can
 //! drop the rest. An event whose publish is not confirmed in time is counted as dropped and

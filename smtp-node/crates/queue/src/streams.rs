@@ -12,7 +12,9 @@
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
-use async_nats::jetstream::stream::{self, DiscardPolicy, RetentionPolicy, StorageType};
+use async_nats::jetstream::stream::{
+    self, DiscardPolicy, PersistenceMode, RetentionPolicy, StorageType,
+};
 use async_nats::jetstream::{kv, object_store};
 use kubemail_config::{AuthConfig, ConsumerConfig, NatsConfig};
 
@@ -171,7 +173,18 @@ pub fn tlsrpt_claims_config(replicas: u32) -> kv::Config {
 /// The stream of delivery events ([`crate::events::EVENTS_STREAM`]): limits by age and size
 /// (`events.maxAge`, `events.maxBytes`; the oldest go first) and a duplicate window that drops
 /// a repeated event (same `Nats-Msg-Id`, the event id).
+///
+/// **Persistence.** With one replica the stream is written asynchronously (`persist_mode:
+/// async`, nats-server 2.12+): the server acknowledges an event before it has written it, so
+/// an event costs no fsync of its own where the server syncs every write (`sync_interval:
+/// always`, which stays in force for the queue). A crash of the NATS server (not of a node)
+/// can then lose the events it acknowledged in its last moments; mail is never at stake, and
+/// neither is an event across a node's crash. Such a stream takes no atomic batches (the
+/// server refuses both together). A replicated stream cannot be asynchronous: it keeps the
+/// default persistence, where every event is on a quorum before it is acknowledged, and
+/// takes atomic batches, so the events of concurrent publishers share one write.
 pub fn events_stream_config(replicas: u32, max_age: Duration, max_bytes: u64) -> stream::Config {
+    let asynchronous = replicas <= 1;
     stream::Config {
         name: crate::events::EVENTS_STREAM.to_owned(),
         description: Some("kubemail delivery events (CloudEvents)".to_owned()),
@@ -183,11 +196,15 @@ pub fn events_stream_config(replicas: u32, max_age: Duration, max_bytes: u64) ->
         duplicate_window: EVENTS_DUPLICATE_WINDOW,
         storage: StorageType::File,
         num_replicas: replicas as usize,
-        // The nodes publish the events of concurrent sessions and deliveries as one atomic
-        // batch: one write (one fsync with `sync_interval: always`) instead of one each.
-        allow_atomic_publish: true,
+        persist_mode: asynchronous.then_some(PersistenceMode::Async),
+        allow_atomic_publish: !asynchronous,
         ..Default::default()
     }
+}
+
+/// Whether a stream is written asynchronously (`persist_mode: async`).
+pub fn is_asynchronous(config: &stream::Config) -> bool {
+    config.persist_mode == Some(PersistenceMode::Async)
 }
 
 /// Why the events stream could not be ensured.
@@ -201,8 +218,11 @@ pub enum EnsureEventsError {
 
 /// Looks up the events stream, or creates it from `config`; whoever manages the JetStream
 /// objects (the operator, a node with `nats.manageStreams`) also turns on atomic batches on
-/// one made by an earlier release (it changes nothing stored), since the nodes would
-/// otherwise write every event on its own. Returns whether the stream takes atomic batches.
+/// a synchronous one made by an earlier release (it changes nothing stored), since the nodes
+/// would otherwise write and sync every event on its own. An asynchronous stream is left as
+/// it is (it cannot take batches and needs none), and so is an earlier synchronous one: the
+/// server does not change a stream's persistence. Returns whether the stream takes atomic
+/// batches.
 pub async fn ensure_events_stream(
     js: &async_nats::jetstream::Context,
     config: stream::Config,
@@ -213,7 +233,7 @@ pub async fn ensure_events_stream(
         .await
         .map_err(EnsureEventsError::Create)?;
     let current = &stream.cached_info().config;
-    if current.allow_atomic_publish || !manage {
+    if current.allow_atomic_publish || !manage || is_asynchronous(current) {
         return Ok(current.allow_atomic_publish);
     }
     let update = stream::Config {
@@ -363,5 +383,26 @@ mod tests {
         let r1 = queue_stream_config(&NatsConfig::default());
         assert!(queue_stream_differs(&r1, &c), "R1 -> R3 is an update");
         assert!(!queue_stream_differs(&c, &c));
+        // The queue is never written asynchronously, whatever the replicas.
+        assert_eq!(c.persist_mode, None);
+        assert_eq!(r1.persist_mode, None);
+    }
+
+    #[test]
+    fn one_replica_of_the_events_stream_is_written_asynchronously_and_three_take_batches() {
+        let r1 = events_stream_config(1, EVENTS_DEFAULT_MAX_AGE, EVENTS_DEFAULT_MAX_BYTES);
+        assert!(is_asynchronous(&r1));
+        assert!(
+            !r1.allow_atomic_publish,
+            "the server refuses async with batches"
+        );
+        assert_eq!(r1.storage, StorageType::File);
+        let r3 = events_stream_config(3, EVENTS_DEFAULT_MAX_AGE, EVENTS_DEFAULT_MAX_BYTES);
+        assert!(
+            !is_asynchronous(&r3),
+            "the server refuses async on replicas"
+        );
+        assert!(r3.allow_atomic_publish);
+        assert_eq!(r3.num_replicas, 3);
     }
 }
