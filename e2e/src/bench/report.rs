@@ -289,7 +289,10 @@ ports) and stopped afterwards.
 - **Durability classes.** *D* = the message is fsynced before the 250 reply: Postfix (it fsyncs \
 each queue file) and kubemail with JetStream `sync_interval: always`. *F* = kubemail with JetStream \
 defaults (fsync every 2 minutes; a power loss can lose acknowledged mail). Only rows of the same \
-class are compared; the ratio column compares every row with Postfix.
+class are compared; the ratio column compares every row with Postfix. The class is the mail's: \
+kubemail's delivery events (which Postfix has no counterpart of but its log) go to an events stream \
+that one NATS server writes asynchronously in both classes (no fsync per event; a crash of the \
+server can lose its last events, never mail).
 - **msg/s**: messages answered 2xx / wall time of the measured run. **Latency**: end of data → \
 reply, HDR histogram, 0.1% resolution.
 - **Server CPU µs/msg**: the change of `utime + stime` (`/proc/<pid>/stat`) of all server \
