@@ -923,6 +923,22 @@ async fn nats_killed_mid_batch_keeps_every_250_and_duplicates_no_retry() {
     );
 }
 
+/// Creates the events stream of one replica synchronous (as a replicated one is, and as an
+/// earlier release made it), with atomic batches as `atomic` says.
+async fn create_synchronous_events_stream(js: &async_nats::jetstream::Context, atomic: bool) {
+    use kubemail_queue::streams;
+    let mut synchronous = streams::events_stream_config(
+        1,
+        streams::EVENTS_DEFAULT_MAX_AGE,
+        streams::EVENTS_DEFAULT_MAX_BYTES,
+    );
+    synchronous.persist_mode = None;
+    synchronous.allow_atomic_publish = atomic;
+    js.create_stream(synchronous)
+        .await
+        .expect("a synchronous events stream");
+}
+
 /// On a synchronous events stream (replicated, or made by an earlier release) the
 /// `received` events of many sessions' messages go in shared writes (atomic batches, one
 /// fsync each with `sync_interval: always`), not one write per event: every message has its
@@ -930,21 +946,10 @@ async fn nats_killed_mid_batch_keeps_every_250_and_duplicates_no_retry() {
 #[tokio::test]
 async fn received_events_of_concurrent_sessions_share_writes_on_a_synchronous_stream() {
     use kubemail_queue::events::EVENTS_STREAM;
-    use kubemail_queue::streams;
     let nats = Nats::start();
     {
         let client = async_nats::connect(nats.url()).await.expect("connect");
-        let js = async_nats::jetstream::new(client);
-        let mut synchronous = streams::events_stream_config(
-            1,
-            streams::EVENTS_DEFAULT_MAX_AGE,
-            streams::EVENTS_DEFAULT_MAX_BYTES,
-        );
-        synchronous.persist_mode = None;
-        synchronous.allow_atomic_publish = true;
-        js.create_stream(synchronous)
-            .await
-            .expect("a synchronous events stream");
+        create_synchronous_events_stream(&async_nats::jetstream::new(client), true).await;
     }
     let node = Node::start(&nats.url());
     // Nothing is refused here; a refusal would be sent again at once.
@@ -1128,18 +1133,10 @@ async fn the_sweeper_deletes_only_bodies_no_entry_refers_to() {
 #[tokio::test]
 async fn a_self_managing_node_turns_on_atomic_batches_on_an_earlier_events_stream() {
     use kubemail_queue::events::EVENTS_STREAM;
-    use kubemail_queue::streams;
     let nats = Nats::start();
     let client = async_nats::connect(nats.url()).await.expect("connect");
     let js = async_nats::jetstream::new(client);
-    let mut earlier = streams::events_stream_config(
-        1,
-        streams::EVENTS_DEFAULT_MAX_AGE,
-        streams::EVENTS_DEFAULT_MAX_BYTES,
-    );
-    earlier.persist_mode = None;
-    earlier.allow_atomic_publish = false;
-    js.create_stream(earlier).await.expect("an earlier stream");
+    create_synchronous_events_stream(&js, false).await;
     js.publish("kubemail.events.example_test.received", "kept".into())
         .await
         .expect("publish")
