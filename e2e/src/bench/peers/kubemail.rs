@@ -151,7 +151,8 @@ impl Kubemail {
             .arg("--config")
             .arg(&config_path)
             .env_remove("RUST_LOG")
-            .env_remove("LOG_FORMAT")
+            // JSON lines, as the node logs in a pod (it chooses JSON inside Kubernetes).
+            .env("LOG_FORMAT", "json")
             .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
             .stdin(Stdio::null())
             .stdout(log.try_clone().map_err(spawn_error)?)

@@ -7,7 +7,10 @@
 //!   and the process runs in Kubernetes (`KUBERNETES_SERVICE_HOST` is set); text otherwise
 //!   (`LOG_FORMAT=text` forces text). The filter is `RUST_LOG` (default `info`). A JSON line
 //!   carries the fields of every span it happened in (`spans`), so each line of a session
-//!   or a delivery has its `trace_id`, `queue_id` and `message_id`.
+//!   or a delivery has its `trace_id`, `queue_id` and `message_id`; [`json`] writes them
+//!   without parsing a span's fields again for every value and every line. A thread of its
+//!   own writes the lines in batches ([`logsink`]): a line costs its logger a lock and a
+//!   copy, not a `write(2)`, and [`Telemetry::shutdown`] (or a panic) writes what is left.
 //! * **Traces** always get real OpenTelemetry ids (the `tracing-opentelemetry` layer is
 //!   always installed, so the trace id in a log line or a queue entry is the one a collector
 //!   would see). They are *exported* only when `OTEL_EXPORTER_OTLP_ENDPOINT` (or
@@ -54,6 +57,8 @@
 //! `/trace/<id>`). Log lines carry the same `trace_id`.
 
 pub mod export;
+pub mod json;
+pub mod logsink;
 pub mod propagation;
 
 use std::io::IsTerminal as _;
@@ -137,6 +142,8 @@ pub struct Settings {
 pub struct Telemetry {
     provider: SdkTracerProvider,
     exporting: bool,
+    /// The log writer thread (none when another subscriber was installed first).
+    logs: Option<logsink::LogSink>,
 }
 
 impl Telemetry {
@@ -148,9 +155,23 @@ impl Telemetry {
     /// Sends what is still queued (waiting at most a few seconds) and stops the exporter.
     /// Call it outside the async runtime (after `block_on` returned) while the runtime is
     /// still alive: the exporter runs on it.
+    /// Then writes the log lines still buffered; later lines go straight to stderr.
     pub fn shutdown(self) {
         if let Err(error) = self.provider.shutdown_with_timeout(SHUTDOWN_FLUSH_TIMEOUT) {
             tracing::debug!(%error, "trace exporter shutdown");
+        }
+        if let Some(logs) = &self.logs {
+            logs.close();
+        }
+    }
+}
+
+impl Drop for Telemetry {
+    /// An exit without [`Telemetry::shutdown`] (an early return) still writes the buffered
+    /// log lines.
+    fn drop(&mut self) {
+        if let Some(logs) = &self.logs {
+            logs.close();
         }
     }
 }
@@ -205,15 +226,14 @@ pub fn init(settings: Settings) -> Telemetry {
         .with_context_activation(false)
         .with_filter(otel_targets);
     let registry = tracing_subscriber::registry().with(filter).with(otel);
+    let logs = logsink::LogSink::stderr();
     let installed = match settings.log_format {
         LogFormat::Json => registry
             .with(
                 tracing_subscriber::fmt::layer()
-                    .json()
-                    .with_current_span(true)
-                    .with_span_list(true)
-                    .with_span_events(FmtSpan::NONE)
-                    .with_writer(std::io::stderr),
+                    .fmt_fields(json::SpanFields)
+                    .event_format(json::JsonLines)
+                    .with_writer(logs.clone()),
             )
             .try_init(),
         LogFormat::Text => registry
@@ -221,9 +241,16 @@ pub fn init(settings: Settings) -> Telemetry {
                 tracing_subscriber::fmt::layer()
                     .with_ansi(std::io::stderr().is_terminal())
                     .with_span_events(FmtSpan::NONE)
-                    .with_writer(std::io::stderr),
+                    .with_writer(logs.clone()),
             )
             .try_init(),
+    };
+    let logs = if installed.is_ok() {
+        logs.flush_before_panics();
+        Some(logs)
+    } else {
+        logs.close();
+        None
     };
     let exporting = exporting && export_problem.is_none();
     if installed.is_ok() {
@@ -241,6 +268,7 @@ pub fn init(settings: Settings) -> Telemetry {
     Telemetry {
         provider,
         exporting,
+        logs,
     }
 }
 

@@ -1,0 +1,440 @@
+//! JSON log lines written without parsing what was already written.
+//!
+//! The lines have the shape of `tracing-subscriber`'s JSON format with the current span
+//! and the span list: `{"timestamp", "level", "fields": {...}, "target", "span": {...,
+//! "name"}, "spans": [{..., "name"}, ...]}`. That format keeps each span's fields as a JSON
+//! text, parses it again for every value recorded on the span (to merge the new value in)
+//! and, for every line, once for the current span and once more for each span of the list.
+//! A mail transaction records seven values and logs a line per accepted message, so that
+//! parsing was most of what a node spent on logging.
+//!
+//! Here a span's fields are kept as a JSON object text too ([`SpanFields`]), but a new value
+//! is appended before its closing brace, and a line copies the text as it is. The one case
+//! that still merges is a field recorded twice on one span: the later value replaces the
+//! earlier one, as before.
+
+use std::fmt::{self, Write as _};
+
+use tracing::field::{Field, Visit};
+use tracing::{Event, Subscriber};
+use tracing_subscriber::field::RecordFields;
+use tracing_subscriber::fmt::format::Writer;
+use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, FormattedFields};
+use tracing_subscriber::registry::LookupSpan;
+
+/// How a span's fields are kept: a JSON object text.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SpanFields;
+
+/// The event formatter of JSON lines.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct JsonLines;
+
+impl<'w> FormatFields<'w> for SpanFields {
+    fn format_fields<R: RecordFields>(&self, mut writer: Writer<'w>, fields: R) -> fmt::Result {
+        let mut object = ObjectWriter::new(&mut writer);
+        fields.record(&mut object);
+        object.finish()
+    }
+
+    fn add_fields(
+        &self,
+        current: &'w mut FormattedFields<Self>,
+        fields: &tracing::span::Record<'_>,
+    ) -> fmt::Result {
+        let mut added = String::new();
+        let keys = {
+            let mut object = ObjectWriter::new(&mut added);
+            fields.record(&mut object);
+            let keys = std::mem::take(&mut object.keys);
+            object.finish()?;
+            keys
+        };
+        let (Some(old), Some(new)) = (object_body(&current.fields), object_body(&added)) else {
+            // Not an object (cannot happen with this formatter): keep the new values.
+            current.fields = added;
+            return Ok(());
+        };
+        if new.is_empty() {
+            return Ok(());
+        }
+        if old.is_empty() {
+            current.fields = added;
+            return Ok(());
+        }
+        let merged = if shares_a_key(old, &keys) {
+            merge(&current.fields, &added)
+        } else {
+            let mut merged = String::with_capacity(current.fields.len() + new.len() + 1);
+            merged.push('{');
+            merged.push_str(old);
+            merged.push(',');
+            merged.push_str(new);
+            merged.push('}');
+            merged
+        };
+        current.fields = merged;
+        Ok(())
+    }
+}
+
+impl<S> FormatEvent<S, SpanFields> for JsonLines
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, SpanFields>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
+        let meta = event.metadata();
+        writer.write_str("{\"timestamp\":\"")?;
+        SystemTime.format_time(&mut writer)?;
+        write!(writer, "\",\"level\":\"{}\",\"fields\":", meta.level())?;
+        {
+            let mut object = ObjectWriter::new(&mut writer);
+            event.record(&mut object);
+            object.finish()?;
+        }
+        writer.write_str(",\"target\":")?;
+        write_json_str(&mut writer, meta.target())?;
+        if let Some(scope) = ctx.event_scope() {
+            let spans: Vec<_> = scope.from_root().collect();
+            if let Some(current) = spans.last() {
+                writer.write_str(",\"span\":")?;
+                write_span(&mut writer, current)?;
+                writer.write_str(",\"spans\":[")?;
+                for (i, span) in spans.iter().enumerate() {
+                    if i > 0 {
+                        writer.write_char(',')?;
+                    }
+                    write_span(&mut writer, span)?;
+                }
+                writer.write_char(']')?;
+            }
+        }
+        writer.write_str("}\n")
+    }
+}
+
+/// `{<the span's fields>,"name":"<its name>"}`.
+fn write_span<S>(
+    writer: &mut Writer<'_>,
+    span: &tracing_subscriber::registry::SpanRef<'_, S>,
+) -> fmt::Result
+where
+    S: for<'a> LookupSpan<'a>,
+{
+    writer.write_char('{')?;
+    let extensions = span.extensions();
+    let body = extensions
+        .get::<FormattedFields<SpanFields>>()
+        .and_then(|f| object_body(&f.fields));
+    if let Some(body) = body.filter(|b| !b.is_empty()) {
+        writer.write_str(body)?;
+        writer.write_char(',')?;
+    }
+    writer.write_str("\"name\":")?;
+    write_json_str(writer, span.metadata().name())?;
+    writer.write_char('}')
+}
+
+/// What is between the braces of a JSON object text.
+fn object_body(text: &str) -> Option<&str> {
+    text.strip_prefix('{')?.strip_suffix('}')
+}
+
+/// Whether one of `keys` may be a key of `old` (an object body this module wrote). A value
+/// that contains the text `"key":` makes it say yes too, which only costs a merge.
+fn shares_a_key(old: &str, keys: &[&str]) -> bool {
+    keys.iter().any(|key| {
+        let mut quoted = String::with_capacity(key.len() + 3);
+        let _ = write_json_str(&mut quoted, key);
+        quoted.push(':');
+        old.contains(&quoted)
+    })
+}
+
+/// `current` with the values of `added`, a later value replacing an earlier one.
+fn merge(current: &str, added: &str) -> String {
+    let parse = |text: &str| match serde_json::from_str(text) {
+        Ok(serde_json::Value::Object(map)) => map,
+        _ => serde_json::Map::new(),
+    };
+    let mut map = parse(current);
+    map.extend(parse(added));
+    serde_json::Value::Object(map).to_string()
+}
+
+/// Writes the fields it visits as one JSON object.
+struct ObjectWriter<'a, W: fmt::Write> {
+    out: &'a mut W,
+    first: bool,
+    result: fmt::Result,
+    /// The keys written so far.
+    keys: Vec<&'static str>,
+}
+
+impl<'a, W: fmt::Write> ObjectWriter<'a, W> {
+    fn new(out: &'a mut W) -> Self {
+        let result = out.write_char('{');
+        Self {
+            out,
+            first: true,
+            result,
+            keys: Vec::new(),
+        }
+    }
+
+    fn finish(self) -> fmt::Result {
+        self.result?;
+        self.out.write_char('}')
+    }
+
+    /// Writes `"name":` (after a comma unless first); false when the field is skipped.
+    fn key(&mut self, field: &Field) -> bool {
+        if self.result.is_err() {
+            return false;
+        }
+        let name = field.name();
+        let name = name.strip_prefix("r#").unwrap_or(name);
+        self.keys.push(name);
+        let separator = if self.first { "" } else { "," };
+        self.first = false;
+        self.result = self
+            .out
+            .write_str(separator)
+            .and_then(|()| write_json_str(self.out, name))
+            .and_then(|()| self.out.write_char(':'));
+        self.result.is_ok()
+    }
+
+    fn raw(&mut self, field: &Field, value: fmt::Arguments<'_>) {
+        if self.key(field) {
+            self.result = self.out.write_fmt(value);
+        }
+    }
+}
+
+impl<W: fmt::Write> Visit for ObjectWriter<'_, W> {
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        if value.is_finite() {
+            self.raw(field, format_args!("{value}"));
+        } else {
+            self.raw(field, format_args!("null"));
+        }
+    }
+
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.raw(field, format_args!("{value}"));
+    }
+
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.raw(field, format_args!("{value}"));
+    }
+
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        self.raw(field, format_args!("{value}"));
+    }
+
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if self.key(field) {
+            self.result = write_json_str(self.out, value);
+        }
+    }
+
+    fn record_bytes(&mut self, field: &Field, value: &[u8]) {
+        if self.key(field) {
+            let mut result = self.out.write_char('[');
+            for (i, b) in value.iter().enumerate() {
+                let separator = if i == 0 { "" } else { "," };
+                result = result.and_then(|()| write!(self.out, "{separator}{b}"));
+            }
+            self.result = result.and_then(|()| self.out.write_char(']'));
+        }
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        if self.key(field) {
+            self.result = self.out.write_char('"').and_then(|()| {
+                write!(Escaper(self.out), "{value:?}").and_then(|()| self.out.write_char('"'))
+            });
+        }
+    }
+}
+
+/// Writes `s` as a JSON string (quotes included).
+fn write_json_str(out: &mut impl fmt::Write, s: &str) -> fmt::Result {
+    out.write_char('"')?;
+    Escaper(out).write_str(s)?;
+    out.write_char('"')
+}
+
+/// Escapes what is written through it for the inside of a JSON string.
+struct Escaper<'a, W: fmt::Write>(&'a mut W);
+
+impl<W: fmt::Write> fmt::Write for Escaper<'_, W> {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        let mut start = 0;
+        for (i, b) in s.bytes().enumerate() {
+            let escaped = match b {
+                b'"' => "\\\"",
+                b'\\' => "\\\\",
+                b'\n' => "\\n",
+                b'\r' => "\\r",
+                b'\t' => "\\t",
+                0..=0x1f => "",
+                _ => continue,
+            };
+            self.0.write_str(&s[start..i])?;
+            if escaped.is_empty() {
+                write!(self.0, "\\u{b:04x}")?;
+            } else {
+                self.0.write_str(escaped)?;
+            }
+            start = i + 1;
+        }
+        self.0.write_str(&s[start..])
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests may unwrap
+mod tests {
+    use super::*;
+    use serde_json::{Value, json};
+    use std::sync::{Arc, Mutex};
+    use tracing_subscriber::layer::SubscriberExt as _;
+
+    #[derive(Clone, Default)]
+    struct Lines(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Lines {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Lines {
+        fn parsed(&self) -> Vec<Value> {
+            let text = String::from_utf8(self.0.lock().unwrap().clone()).unwrap();
+            text.lines()
+                .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+                .collect()
+        }
+    }
+
+    /// Runs `f` with this module's layer and with `tracing-subscriber`'s own JSON layer
+    /// (current span and span list), and returns the lines of each.
+    fn both(f: impl Fn()) -> (Vec<Value>, Vec<Value>) {
+        let ours = Lines::default();
+        let theirs = Lines::default();
+        let (o, t) = (ours.clone(), theirs.clone());
+        let subscriber = tracing_subscriber::registry()
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .fmt_fields(SpanFields)
+                    .event_format(JsonLines)
+                    .with_writer(move || o.clone()),
+            )
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .with_current_span(true)
+                    .with_span_list(true)
+                    .with_writer(move || t.clone()),
+            );
+        tracing::subscriber::with_default(subscriber, f);
+        (ours.parsed(), theirs.parsed())
+    }
+
+    fn without_timestamp(mut v: Value) -> Value {
+        let ts = v["timestamp"].take();
+        assert!(ts.as_str().is_some_and(|t| t.ends_with('Z')), "{ts}");
+        v
+    }
+
+    #[test]
+    fn lines_say_what_the_json_format_of_tracing_subscriber_says() {
+        let (ours, theirs) = both(|| {
+            let session = tracing::info_span!(
+                "smtp.session",
+                id = 7u64,
+                listener = "mx",
+                remote_ip = %"127.0.0.1",
+                trace_id = tracing::field::Empty,
+            );
+            let _s = session.enter();
+            tracing::info!("connected");
+            session.record("trace_id", "4411c547");
+            let tx = tracing::info_span!(
+                "smtp.transaction",
+                queue_id = %"01a2",
+                smtp.helo = "client \"quoted\"\n",
+                smtp.rcpt_count = tracing::field::Empty,
+                smtp.outcome = tracing::field::Empty,
+                ok = true,
+                ratio = 0.5,
+                delta = -3i64,
+            );
+            tx.record("smtp.rcpt_count", 2u64);
+            tx.record("smtp.outcome", "queued");
+            tx.in_scope(|| tracing::warn!(size = 5120u64, why = ?Some("x"), "queued"));
+            tracing::info!(r#type = "raw", "outside the transaction");
+        });
+        assert_eq!(ours.len(), 3);
+        assert_eq!(theirs.len(), 3);
+        for (o, t) in ours.into_iter().zip(theirs) {
+            assert_eq!(without_timestamp(o), without_timestamp(t));
+        }
+    }
+
+    #[test]
+    fn a_field_recorded_twice_keeps_the_later_value() {
+        let (ours, theirs) = both(|| {
+            let span = tracing::info_span!(
+                "s",
+                a = 1u64,
+                outcome = tracing::field::Empty,
+                b = tracing::field::Empty
+            );
+            span.record("outcome", "first");
+            span.record("b", "x");
+            span.record("outcome", "second");
+            span.in_scope(|| tracing::info!("line"));
+        });
+        assert_eq!(
+            ours[0]["span"],
+            json!({"a": 1, "b": "x", "outcome": "second", "name": "s"})
+        );
+        assert_eq!(
+            without_timestamp(ours[0].clone()),
+            without_timestamp(theirs[0].clone())
+        );
+    }
+
+    #[test]
+    fn a_line_outside_any_span_has_neither_span_nor_spans() {
+        let (ours, _) = both(|| tracing::info!(n = 1u64, "alone"));
+        assert!(ours[0].get("span").is_none() && ours[0].get("spans").is_none());
+        assert_eq!(ours[0]["fields"], json!({"message": "alone", "n": 1}));
+        assert_eq!(ours[0]["level"], "INFO");
+    }
+
+    #[test]
+    fn control_characters_are_escaped() {
+        let mut out = String::new();
+        write_json_str(&mut out, "a\u{1}b\"c\\d\te").unwrap();
+        assert_eq!(out, r#""a\u0001b\"c\\d\te""#);
+        assert_eq!(
+            serde_json::from_str::<String>(&out).unwrap(),
+            "a\u{1}b\"c\\d\te"
+        );
+    }
+}
