@@ -63,18 +63,16 @@ impl<'w> FormatFields<'w> for SpanFields {
             current.fields = added;
             return Ok(());
         }
-        let merged = if shares_a_key(old, &keys) {
-            merge(&current.fields, &added)
-        } else {
-            let mut merged = String::with_capacity(current.fields.len() + new.len() + 1);
-            merged.push('{');
-            merged.push_str(old);
-            merged.push(',');
-            merged.push_str(new);
-            merged.push('}');
-            merged
-        };
-        current.fields = merged;
+        if shares_a_key(old, &keys) {
+            current.fields = merge(&current.fields, &added);
+            return Ok(());
+        }
+        // `{old}` becomes `{old,new}` in place.
+        let fields = &mut current.fields;
+        fields.pop();
+        fields.push(',');
+        fields.push_str(new);
+        fields.push('}');
         Ok(())
     }
 }
@@ -146,14 +144,16 @@ fn object_body(text: &str) -> Option<&str> {
     text.strip_prefix('{')?.strip_suffix('}')
 }
 
-/// Whether one of `keys` may be a key of `old` (an object body this module wrote). A value
-/// that contains the text `"key":` makes it say yes too, which only costs a merge.
+/// Whether one of `keys` may be a key of `old` (an object body this module wrote): whether
+/// `"key":` occurs in it. A value that contains that text makes it say yes too, which only
+/// costs a merge.
 fn shares_a_key(old: &str, keys: &[&str]) -> bool {
     keys.iter().any(|key| {
-        let mut quoted = String::with_capacity(key.len() + 3);
-        let _ = write_json_str(&mut quoted, key);
-        quoted.push(':');
-        old.contains(&quoted)
+        // A name that JSON escapes is looked up by a merge.
+        key.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20)
+            || old
+                .match_indices(key)
+                .any(|(at, _)| old[..at].ends_with('"') && old[at + key.len()..].starts_with("\":"))
     })
 }
 
@@ -402,8 +402,11 @@ mod tests {
                 "s",
                 a = 1u64,
                 outcome = tracing::field::Empty,
-                b = tracing::field::Empty
+                b = tracing::field::Empty,
+                c = tracing::field::Empty,
+                looks = "like \"c\":",
             );
+            span.record("c", 3u64);
             span.record("outcome", "first");
             span.record("b", "x");
             span.record("outcome", "second");
@@ -411,7 +414,7 @@ mod tests {
         });
         assert_eq!(
             ours[0]["span"],
-            json!({"a": 1, "b": "x", "outcome": "second", "name": "s"})
+            json!({"a": 1, "b": "x", "c": 3, "looks": "like \"c\":", "outcome": "second", "name": "s"})
         );
         assert_eq!(
             without_timestamp(ours[0].clone()),
