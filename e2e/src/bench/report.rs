@@ -312,8 +312,8 @@ share them): the highest sum, sampled every 250 ms, for both; it is the fairer f
 many-process server.
 - **Settings.** kubemail: its production defaults, with `maxConnections`/`maxConnectionsPerIp` \
 raised to the benchmark's connection count and the per-user message rate limit lifted; logs at \
-`info` to a file, as JSON lines (what it writes in a pod); in class F `nats.groupCommit: false` (atomic batches share a sync that class F \
-does not make, and their staging only costs the server). Postfix 3.7 from Debian in its own `postfix -c DIR` instance (own \
+`info` to a file, as JSON lines (what it writes in a pod); in class F `nats.groupCommit: false` \
+(atomic batches share a sync that class F does not make, and their staging only costs the server). Postfix 3.7 from Debian in its own `postfix -c DIR` instance (own \
 `queue_directory`, `data_directory` and log file through postlogd, all services unchrooted, the \
 system instance untouched): the per-client anvil limits set to 0 (one client address generates \
 all the load), `default_process_limit` = connections + 100, the same ECDSA certificate, \
