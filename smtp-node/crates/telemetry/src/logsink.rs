@@ -178,9 +178,8 @@ fn run(shared: &Shared, mut out: Box<dyn std::io::Write + Send>) {
         }
         shared.write_out(&mut out, &mut spare);
         if closed {
-            // `closed` is never unset: whatever came in between was written above, and
-            // later lines are written by their loggers.
-            shared.write_out(&mut out, &mut spare);
+            // `closed` is never unset and no logger appends once it is set: the write above
+            // took the last of the buffer.
             return;
         }
     }
