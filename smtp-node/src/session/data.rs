@@ -189,11 +189,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// Refuses the message of the current transaction (after its data was read) and resets.
     pub(super) fn reject_message(&mut self, reply: Reply, reason: &'static str) {
         if let Some(tx) = &self.tx {
-            record_envelope(&tx.span, tx);
-            tx.span.record("smtp.reply_code", i64::from(reply.code));
-            tx.span.record("smtp.outcome", reason);
-            tx.span
-                .in_scope(|| tracing::info!(reason, code = reply.code, "message refused"));
+            let (count, rcpts) = span_recipients(tx);
+            crate::telemetry::record_all(
+                &tx.span,
+                [
+                    ("smtp.rcpt_count", &count),
+                    ("smtp.rcpt_to", &rcpts.as_str()),
+                    ("smtp.reply_code", &i64::from(reply.code)),
+                    ("smtp.outcome", &reason),
+                ],
+            );
+            tracing::info!(parent: &tx.span, reason, code = reply.code, "message refused");
         }
         self.ctx
             .metrics
@@ -222,11 +228,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             return Ok(Next::Continue);
         };
         let span = tx.span.clone();
-        record_envelope(&span, &tx);
         let stored_size = spill.as_ref().map_or(0, Spill::size);
-        span.record(
-            "smtp.message_size",
-            message.message().len() as u64 + stored_size,
+        let (count, rcpts) = span_recipients(&tx);
+        crate::telemetry::record_all(
+            &span,
+            [
+                ("smtp.rcpt_count", &count),
+                ("smtp.rcpt_to", &rcpts.as_str()),
+                (
+                    "smtp.message_size",
+                    &(message.message().len() as u64 + stored_size),
+                ),
+            ],
         );
         // No NUL passes as it is (RFC 5322 3.5 allows none): a downstream that drops NUL bytes
         // would read `<CRLF><NUL>.<CRLF>` as the end of the data. Only a message that has
@@ -300,7 +313,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                         sign,
                     }),
                     Err(error) => {
-                        span.in_scope(|| tracing::warn!(%error, "storing the body failed"));
+                        tracing::warn!(parent: &span, %error, "storing the body failed");
                         let (reply, reason) = refusal(error);
                         self.tx = Some(tx);
                         self.reject_message(reply, reason);
@@ -343,15 +356,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     .get_or_create(&ListenerLabels { listener })
                     .inc();
                 m.message_bytes.inc_by(size);
-                span.record("smtp.reply_code", 250);
-                span.record("smtp.outcome", "queued");
-                span.in_scope(|| tracing::info!(size, recipients = tx.recipients.len(), "queued"));
+                crate::telemetry::record_all(
+                    &span,
+                    [("smtp.reply_code", &250), ("smtp.outcome", &"queued")],
+                );
+                tracing::info!(parent: &span, size, recipients = tx.recipients.len(), "queued");
                 // A message got through: the client is not just holding its slot.
                 self.junk = 0;
                 self.reply(Reply::ok(format!("Ok: queued as {}", tx.queue_id)));
             }
             Err(error) => {
-                span.in_scope(|| tracing::warn!(%error, "queueing failed"));
+                tracing::warn!(parent: &span, %error, "queueing failed");
                 let (reply, reason) = refusal(error);
                 self.tx = Some(tx);
                 self.reject_message(reply, reason);
@@ -604,19 +619,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
 /// Most recipients named in a span attribute (the count is always there).
 const SPAN_RECIPIENTS: usize = 20;
 
-/// Records the envelope on the transaction's span.
-fn record_envelope(span: &tracing::Span, tx: &Transaction) {
-    let mut rcpts: Vec<String> = tx
-        .recipients
-        .iter()
-        .take(SPAN_RECIPIENTS)
-        .map(|r| r.to_string())
-        .collect();
-    if tx.recipients.len() > SPAN_RECIPIENTS {
-        rcpts.push("...".to_owned());
+/// The recipients as the transaction's span shows them: their count and the first
+/// [`SPAN_RECIPIENTS`] of them, comma separated.
+fn span_recipients(tx: &Transaction) -> (u64, String) {
+    use std::fmt::Write as _;
+    let mut rcpts = String::new();
+    for (i, r) in tx.recipients.iter().take(SPAN_RECIPIENTS).enumerate() {
+        let separator = if i == 0 { "" } else { "," };
+        let _ = write!(rcpts, "{separator}{r}");
     }
-    span.record("smtp.rcpt_count", tx.recipients.len());
-    span.record("smtp.rcpt_to", rcpts.join(",").as_str());
+    if tx.recipients.len() > SPAN_RECIPIENTS {
+        rcpts.push_str(",...");
+    }
+    (tx.recipients.len() as u64, rcpts)
 }
 
 /// The DKIM signatures of the user's own domain to put in front of a submitted message (never
@@ -637,9 +652,7 @@ fn sign(
     match signed {
         Ok(headers) => headers,
         Err(error) => {
-            span.in_scope(
-                || tracing::error!(%error, "DKIM signing failed; queueing the message unsigned"),
-            );
+            tracing::error!(parent: span, %error, "DKIM signing failed; queueing the message unsigned");
             None
         }
     }

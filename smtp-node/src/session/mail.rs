@@ -103,7 +103,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if let Some(id) = telemetry::trace_id_of(&traceparent) {
             span.record("trace_id", id);
         }
-        span.in_scope(|| tracing::debug!(from = %from, "mail from"));
+        tracing::debug!(parent: &span, from = %from, "mail from");
         self.tx = Some(Transaction {
             queue_id,
             from,

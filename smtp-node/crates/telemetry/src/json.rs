@@ -43,36 +43,29 @@ impl<'w> FormatFields<'w> for SpanFields {
         current: &'w mut FormattedFields<Self>,
         fields: &tracing::span::Record<'_>,
     ) -> fmt::Result {
-        let mut added = String::new();
-        let keys = {
+        let text = &mut current.fields;
+        let Some(old_len) = object_body(text).map(str::len) else {
+            // Not an object (cannot happen with this formatter): keep the new values.
+            let mut added = String::new();
             let mut object = ObjectWriter::new(&mut added);
             fields.record(&mut object);
-            let keys = std::mem::take(&mut object.keys);
             object.finish()?;
-            keys
-        };
-        let (Some(old), Some(new)) = (object_body(&current.fields), object_body(&added)) else {
-            // Not an object (cannot happen with this formatter): keep the new values.
-            current.fields = added;
+            *text = added;
             return Ok(());
         };
-        if new.is_empty() {
-            return Ok(());
-        }
-        if old.is_empty() {
-            current.fields = added;
-            return Ok(());
-        }
-        if shares_a_key(old, &keys) {
-            current.fields = merge(&current.fields, &added);
-            return Ok(());
-        }
         // `{old}` becomes `{old,new}` in place.
-        let fields = &mut current.fields;
-        fields.pop();
-        fields.push(',');
-        fields.push_str(new);
-        fields.push('}');
+        text.pop();
+        let start = text.len();
+        let mut object = ObjectWriter::continuing(text, old_len == 0);
+        fields.record(&mut object);
+        let names = std::mem::take(&mut object.names);
+        object.finish()?;
+        let (old, new) = (&text[1..start], &text[start..text.len() - 1]);
+        if !old.is_empty() && names.may_be_in(old) {
+            // A key recorded again: the later value replaces the earlier one.
+            let merged = merge(&format!("{{{old}}}"), &format!("{{{}}}", &new[1..]));
+            *text = merged;
+        }
         Ok(())
     }
 }
@@ -144,17 +137,40 @@ fn object_body(text: &str) -> Option<&str> {
     text.strip_prefix('{')?.strip_suffix('}')
 }
 
-/// Whether one of `keys` may be a key of `old` (an object body this module wrote): whether
-/// `"key":` occurs in it. A value that contains that text makes it say yes too, which only
-/// costs a merge.
-fn shares_a_key(old: &str, keys: &[&str]) -> bool {
-    keys.iter().any(|key| {
-        // A name that JSON escapes is looked up by a merge.
-        key.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20)
-            || old
-                .match_indices(key)
-                .any(|(at, _)| old[..at].ends_with('"') && old[at + key.len()..].starts_with("\":"))
-    })
+/// The field names an [`ObjectWriter`] wrote, as many as fit without an allocation.
+#[derive(Default)]
+struct Names {
+    names: [&'static str; 8],
+    len: usize,
+    /// More than fit: [`Names::may_be_in`] then says yes.
+    overflow: bool,
+}
+
+impl Names {
+    fn push(&mut self, name: &'static str) {
+        match self.names.get_mut(self.len) {
+            Some(slot) => {
+                *slot = name;
+                self.len += 1;
+            }
+            None => self.overflow = true,
+        }
+    }
+
+    /// Whether one of the names may be a key of `old` (an object body this module wrote):
+    /// whether `"name":` occurs in it. A value that contains that text makes it say yes too,
+    /// which only costs a merge.
+    fn may_be_in(&self, old: &str) -> bool {
+        let old = old.as_bytes();
+        self.overflow
+            || self.names[..self.len].iter().any(|name| {
+                // A name that JSON escapes is looked up by a merge.
+                name.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20)
+                    || memchr::memmem::find_iter(old, name.as_bytes()).any(|at| {
+                        old[..at].ends_with(b"\"") && old[at + name.len()..].starts_with(b"\":")
+                    })
+            })
+    }
 }
 
 /// `current` with the values of `added`, a later value replacing an earlier one.
@@ -173,8 +189,8 @@ struct ObjectWriter<'a, W: fmt::Write> {
     out: &'a mut W,
     first: bool,
     result: fmt::Result,
-    /// The keys written so far.
-    keys: Vec<&'static str>,
+    /// The names written so far.
+    names: Names,
 }
 
 impl<'a, W: fmt::Write> ObjectWriter<'a, W> {
@@ -184,7 +200,17 @@ impl<'a, W: fmt::Write> ObjectWriter<'a, W> {
             out,
             first: true,
             result,
-            keys: Vec::new(),
+            names: Names::default(),
+        }
+    }
+
+    /// Goes on writing an object whose `{` (and `first` or more fields) are already in `out`.
+    fn continuing(out: &'a mut W, first: bool) -> Self {
+        Self {
+            out,
+            first,
+            result: Ok(()),
+            names: Names::default(),
         }
     }
 
@@ -200,7 +226,7 @@ impl<'a, W: fmt::Write> ObjectWriter<'a, W> {
         }
         let name = field.name();
         let name = name.strip_prefix("r#").unwrap_or(name);
-        self.keys.push(name);
+        self.names.push(name);
         let separator = if self.first { "" } else { "," };
         self.first = false;
         self.result = self
@@ -354,6 +380,20 @@ mod tests {
         (ours.parsed(), theirs.parsed())
     }
 
+    /// The text this module's layer writes while `f` runs.
+    fn ours_text(f: impl Fn()) -> String {
+        let ours = Lines::default();
+        let o = ours.clone();
+        let subscriber = tracing_subscriber::registry().with(
+            tracing_subscriber::fmt::layer()
+                .fmt_fields(SpanFields)
+                .event_format(JsonLines)
+                .with_writer(move || o.clone()),
+        );
+        tracing::subscriber::with_default(subscriber, f);
+        String::from_utf8(ours.0.lock().unwrap().clone()).unwrap()
+    }
+
     fn without_timestamp(mut v: Value) -> Value {
         let ts = v["timestamp"].take();
         assert!(ts.as_str().is_some_and(|t| t.ends_with('Z')), "{ts}");
@@ -397,7 +437,7 @@ mod tests {
 
     #[test]
     fn a_field_recorded_twice_keeps_the_later_value() {
-        let (ours, theirs) = both(|| {
+        let record = || {
             let span = tracing::info_span!(
                 "s",
                 a = 1u64,
@@ -411,11 +451,107 @@ mod tests {
             span.record("b", "x");
             span.record("outcome", "second");
             span.in_scope(|| tracing::info!("line"));
-        });
+        };
+        // Once in `span`, once in `spans`: a key written twice would show four times.
+        let text = ours_text(record);
+        assert_eq!(text.matches(r#""outcome":"#).count(), 2, "{text}");
+        let (ours, theirs) = both(record);
         assert_eq!(
             ours[0]["span"],
             json!({"a": 1, "b": "x", "c": 3, "looks": "like \"c\":", "outcome": "second", "name": "s"})
         );
+        assert_eq!(
+            without_timestamp(ours[0].clone()),
+            without_timestamp(theirs[0].clone())
+        );
+    }
+
+    #[test]
+    fn values_recorded_together_read_as_if_recorded_one_by_one() {
+        let record = || {
+            let span = tracing::info_span!(
+                "smtp.transaction",
+                queue_id = %"01a2",
+                smtp.rcpt_count = tracing::field::Empty,
+                smtp.rcpt_to = tracing::field::Empty,
+                smtp.message_size = tracing::field::Empty,
+                smtp.reply_code = tracing::field::Empty,
+                smtp.outcome = tracing::field::Empty,
+            );
+            crate::record_all(
+                &span,
+                [
+                    ("smtp.rcpt_count", &2u64),
+                    ("no.such.field", &"skipped"),
+                    ("smtp.rcpt_to", &"a@x.test,b@x.test"),
+                    ("smtp.message_size", &5120u64),
+                ],
+            );
+            crate::record_all(
+                &span,
+                [("smtp.reply_code", &451i64), ("smtp.outcome", &"x")],
+            );
+            // Recorded again, together with a new one: the later values win.
+            crate::record_all(
+                &span,
+                [("smtp.outcome", &"queued"), ("smtp.reply_code", &250i64)],
+            );
+            span.in_scope(|| tracing::info!("queued"));
+        };
+        let text = ours_text(record);
+        assert_eq!(text.matches(r#""smtp.outcome":"#).count(), 2, "{text}");
+        let (ours, theirs) = both(record);
+        assert_eq!(
+            ours[0]["span"],
+            json!({
+                "queue_id": "01a2", "smtp.rcpt_count": 2, "smtp.rcpt_to": "a@x.test,b@x.test",
+                "smtp.message_size": 5120, "smtp.reply_code": 250, "smtp.outcome": "queued",
+                "name": "smtp.transaction",
+            })
+        );
+        assert_eq!(
+            without_timestamp(ours[0].clone()),
+            without_timestamp(theirs[0].clone())
+        );
+    }
+
+    #[test]
+    fn more_names_than_kept_still_merge_a_repeated_one() {
+        let record = || {
+            let span = tracing::info_span!(
+                "s",
+                a = 0u64,
+                f1 = tracing::field::Empty,
+                f2 = tracing::field::Empty,
+                f3 = tracing::field::Empty,
+                f4 = tracing::field::Empty,
+                f5 = tracing::field::Empty,
+                f6 = tracing::field::Empty,
+                f7 = tracing::field::Empty,
+                f8 = tracing::field::Empty,
+            );
+            crate::record_all(
+                &span,
+                [
+                    ("f1", &1u64),
+                    ("f2", &2u64),
+                    ("f3", &3u64),
+                    ("f4", &4u64),
+                    ("f5", &5u64),
+                    ("f6", &6u64),
+                    ("f7", &7u64),
+                    ("f8", &8u64),
+                    ("a", &9u64),
+                ],
+            );
+            span.in_scope(|| tracing::info!("line"));
+        };
+        // Once in `span`, once in `spans`: a key written twice would show four times.
+        let text = ours_text(record);
+        assert_eq!(text.matches(r#""a":"#).count(), 2, "{text}");
+        let (ours, theirs) = both(record);
+        assert_eq!(ours[0]["span"]["a"], 9);
+        assert_eq!(ours[0]["span"]["f8"], 8);
         assert_eq!(
             without_timestamp(ours[0].clone()),
             without_timestamp(theirs[0].clone())
