@@ -52,31 +52,33 @@ pub fn received_header(info: &ReceivedInfo<'_>) -> String {
             protocol.push('A');
         }
     }
-    let ip = match info.client_ip {
-        IpAddr::V4(v4) => v4.to_string(),
-        IpAddr::V6(v6) => format!("IPv6:{v6}"),
+    use std::fmt::Write as _;
+    // Written into one buffer (this runs for every message); writing to a String cannot fail.
+    let mut h = String::with_capacity(256);
+    let _ = write!(h, "Received: from {} ([", sanitize(info.helo));
+    let _ = match info.client_ip {
+        IpAddr::V4(v4) => write!(h, "{v4}"),
+        IpAddr::V6(v6) => write!(h, "IPv6:{v6}"),
     };
-    let mut h = format!(
-        "Received: from {} ([{}])\r\n\tby {} (kubemail) with {} id {}",
-        sanitize(info.helo),
-        ip,
-        info.hostname,
-        protocol,
-        info.queue_id
+    let _ = write!(
+        h,
+        "])\r\n\tby {} (kubemail) with {} id {}",
+        info.hostname, protocol, info.queue_id
     );
     if let Some(trace) = info.trace_id {
-        h.push_str(&format!("\r\n\t(trace {})", sanitize(trace)));
+        let _ = write!(h, "\r\n\t(trace {})", sanitize(trace));
     }
     if let Some(tls) = info.tls {
-        h.push_str(&format!(
+        let _ = write!(
+            h,
             "\r\n\t(using {} with cipher {})",
             tls.version, tls.cipher
-        ));
+        );
     }
     if let Some(rcpt) = info.single_recipient {
-        h.push_str(&format!("\r\n\tfor <{}>", sanitize(rcpt)));
+        let _ = write!(h, "\r\n\tfor <{}>", sanitize(rcpt));
     }
-    h.push_str(&format!(";\r\n\t{}\r\n", rfc5322_date(info.date)));
+    let _ = write!(h, ";\r\n\t{}\r\n", rfc5322_date(info.date));
     h
 }
 

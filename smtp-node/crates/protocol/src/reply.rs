@@ -17,6 +17,9 @@ impl fmt::Display for EnhancedCode {
     }
 }
 
+/// The text of a reply without lines.
+static EMPTY_LINE: String = String::new();
+
 /// One SMTP reply, possibly multi-line.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reply {
@@ -68,33 +71,42 @@ impl Reply {
     /// echo client input (an address, a parameter), and a CRLF in it would let that input
     /// inject reply lines.
     pub fn write_to(&self, out: &mut Vec<u8>, with_enhanced: bool) {
+        use std::io::Write as _;
+        // Two replies go out for every message: this writes them without a temporary string.
         let code = self.code.min(999);
-        let enhanced = self
-            .enhanced
-            .filter(|_| with_enhanced)
-            .map(|e| e.to_string());
-        let empty = [String::new()];
+        let enhanced = self.enhanced.filter(|_| with_enhanced);
         let lines: &[String] = if self.lines.is_empty() {
-            &empty
+            std::slice::from_ref(&EMPTY_LINE)
         } else {
             &self.lines
         };
         for (i, text) in lines.iter().enumerate() {
-            let sep = if i + 1 == lines.len() { ' ' } else { '-' };
-            out.extend_from_slice(format!("{code:03}{sep}").as_bytes());
-            if let Some(e) = &enhanced {
-                out.extend_from_slice(e.as_bytes());
+            let sep = if i + 1 == lines.len() { b' ' } else { b'-' };
+            out.extend_from_slice(&[
+                b'0' + (code / 100) as u8,
+                b'0' + (code / 10 % 10) as u8,
+                b'0' + (code % 10) as u8,
+                sep,
+            ]);
+            if let Some(EnhancedCode(class, subject, detail)) = enhanced {
+                // Writing to a Vec cannot fail.
+                let _ = write!(out, "{class}.{subject}.{detail}");
                 if !text.is_empty() {
                     out.push(b' ');
                 }
             }
-            for c in text.chars() {
-                if c.is_control() {
-                    out.push(b' ');
-                } else {
-                    let mut utf8 = [0u8; 4];
-                    out.extend_from_slice(c.encode_utf8(&mut utf8).as_bytes());
+            // Control characters are C0 and DEL (one byte) and C1 (0xC2 0x80..0x9F).
+            if text.bytes().any(|b| b < 0x20 || b == 0x7f || b == 0xc2) {
+                for c in text.chars() {
+                    if c.is_control() {
+                        out.push(b' ');
+                    } else {
+                        let mut utf8 = [0u8; 4];
+                        out.extend_from_slice(c.encode_utf8(&mut utf8).as_bytes());
+                    }
                 }
+            } else {
+                out.extend_from_slice(text.as_bytes());
             }
             out.extend_from_slice(b"\r\n");
         }
@@ -382,6 +394,14 @@ mod tests {
                 true,
                 "553 5.6.7 é\r\n",
             ),
+            // A C1 control (U+0085) goes; U+00A2 starts with the same byte and stays.
+            (
+                Reply::new(550, EnhancedCode(5, 1, 1), "a\u{85}b\u{a2}"),
+                true,
+                "550 5.1.1 a b\u{a2}\r\n",
+            ),
+            (Reply::plain(999, "x"), false, "999 x\r\n"),
+            (Reply::plain(1234, "x"), false, "999 x\r\n"),
         ];
         for (reply, enhanced, want) in cases {
             let got = String::from_utf8(reply.to_bytes(enhanced)).unwrap();

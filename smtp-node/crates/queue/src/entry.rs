@@ -590,6 +590,11 @@ fn header_text(value: &str) -> String {
 /// Header values must not contain control characters (they would break the NATS framing).
 /// Input reaching here has passed the SMTP parser; this is a second line of defence.
 fn clean(value: &str) -> String {
+    // The control characters are C0 and DEL (one byte each) and C1 (U+0080..U+009F, encoded
+    // as 0xC2 0x80..0x9F): a value without any of those bytes is copied as it is.
+    if !value.bytes().any(|b| b < 0x20 || b == 0x7f || b == 0xc2) {
+        return value.to_owned();
+    }
     value
         .chars()
         .map(|c| if c.is_control() { '?' } else { c })

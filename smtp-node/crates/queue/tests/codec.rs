@@ -320,7 +320,8 @@ fn the_sender_authentication_verdict_travels_and_unknown_methods_never_pass() {
 #[test]
 fn control_characters_never_reach_the_wire() {
     let mut e = accepted();
-    e.helo = Some("client\r\nInjected: x".into());
+    // U+0085 is a C1 control; U+00A2 starts with the same byte (0xC2) and is not one.
+    e.helo = Some("client\r\nInjected: x\u{85}\u{a2}".into());
     e.last_error = Some("451 4.3.0 try\r\nlater".into());
     e.recipients = vec!["a\u{7f}b@x.example".into(), "c\nd@x.example".into()];
     e.mail_from = "evil\r\n@x.example".into();
@@ -332,7 +333,7 @@ fn control_characters_never_reach_the_wire() {
         }
     }
     let back = QueueEntry::from_headers(&h).unwrap();
-    assert_eq!(back.helo.as_deref(), Some("client??Injected: x"));
+    assert_eq!(back.helo.as_deref(), Some("client??Injected: x?\u{a2}"));
     assert_eq!(back.last_error.as_deref(), Some("451 4.3.0 try??later"));
     assert_eq!(back.recipients, ["a?b@x.example", "c?d@x.example"]);
     assert_eq!(back.mail_from, "evil??@x.example");
