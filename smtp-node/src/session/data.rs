@@ -575,8 +575,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
             Ok(entry)
         };
-        let all: Vec<String> = tx.recipients.iter().map(|r| r.to_string()).collect();
         if let Some(user) = &self.user {
+            let all: Vec<String> = tx.recipients.iter().map(|r| r.to_string()).collect();
             let msg_id = content.msg_id(&user.domain, &all, generation);
             return Ok(vec![QueuedMessage {
                 entry: with_body(QueueEntry {

@@ -303,27 +303,55 @@ struct Escaper<'a, W: fmt::Write>(&'a mut W);
 
 impl<W: fmt::Write> fmt::Write for Escaper<'_, W> {
     fn write_str(&mut self, s: &str) -> fmt::Result {
+        let bytes = s.as_bytes();
         let mut start = 0;
-        for (i, b) in s.bytes().enumerate() {
-            let escaped = match b {
+        let mut i = 0;
+        while i < bytes.len() {
+            // Eight bytes at a time while none of them needs an escape (most text).
+            if let Some(chunk) = bytes
+                .get(i..i + 8)
+                .and_then(|c| <[u8; 8]>::try_from(c).ok())
+                && !may_need_escape(u64::from_le_bytes(chunk))
+            {
+                i += 8;
+                continue;
+            }
+            let escaped = match bytes[i] {
                 b'"' => "\\\"",
                 b'\\' => "\\\\",
                 b'\n' => "\\n",
                 b'\r' => "\\r",
                 b'\t' => "\\t",
                 0..=0x1f => "",
-                _ => continue,
+                _ => {
+                    i += 1;
+                    continue;
+                }
             };
             self.0.write_str(&s[start..i])?;
             if escaped.is_empty() {
-                write!(self.0, "\\u{b:04x}")?;
+                write!(self.0, "\\u{:04x}", bytes[i])?;
             } else {
                 self.0.write_str(escaped)?;
             }
-            start = i + 1;
+            i += 1;
+            start = i;
         }
         self.0.write_str(&s[start..])
     }
+}
+
+/// Whether one of the eight bytes of `v` may be a quote, a backslash or a control character
+/// (below 0x20). A byte just above one of those can make it say yes too; never no wrongly.
+fn may_need_escape(v: u64) -> bool {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    // A byte below n (n <= 0x80) sets its high bit in `(v - n*ONES) & !v & HIGH`.
+    let below = |v: u64, n: u64| v.wrapping_sub(n * ONES) & !v & HIGH;
+    (below(v, 0x20)
+        | below(v ^ (u64::from(b'"') * ONES), 1)
+        | below(v ^ (u64::from(b'\\') * ONES), 1))
+        != 0
 }
 
 #[cfg(test)]
@@ -564,6 +592,24 @@ mod tests {
         assert!(ours[0].get("span").is_none() && ours[0].get("spans").is_none());
         assert_eq!(ours[0]["fields"], json!({"message": "alone", "n": 1}));
         assert_eq!(ours[0]["level"], "INFO");
+    }
+
+    #[test]
+    fn every_byte_that_needs_it_is_escaped_wherever_it_stands() {
+        // Each special character at every offset of a long string, so that it falls at each
+        // place of an eight-byte chunk and in the bytes after the last whole chunk.
+        for special in [
+            '"', '\\', '\n', '\r', '\t', '\u{1}', '\u{1f}', '\u{7f}', 'é', ' ', '!',
+        ] {
+            for at in 0..20 {
+                let mut text: String = "abcdefghijklmnopqrs".chars().take(at).collect();
+                text.push(special);
+                text.push_str("xyz0123456789");
+                let mut out = String::new();
+                write_json_str(&mut out, &text).unwrap();
+                assert_eq!(out, serde_json::to_string(&text).unwrap(), "{text:?}");
+            }
+        }
     }
 
     #[test]
